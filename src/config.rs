@@ -1,0 +1,734 @@
+//! Configuration: a TOML file (optional), `${ENV_VAR}` interpolation in its strings,
+//! environment and command-line overrides for the common settings, and the zero-config
+//! defaults. Raw serde structs (`deny_unknown_fields`) are validated into [`Config`]; every
+//! problem names its field.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+use crate::{
+    models::RawModel,
+    providers::{
+        HttpSettings,
+        openai::{self, MaxTokensField},
+    },
+};
+
+/// The default gRPC listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+
+/// A configuration problem, naming the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ConfigIssue {
+    /// Dotted path of the field, e.g. `providers.openai.base_url`.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML.
+    #[error("config file {path} is not valid toml: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Parser message with line and column.
+        message: String,
+    },
+    /// Fields are invalid.
+    #[error("invalid configuration:\n{}", .0.iter().map(|i| format!("  - {i}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<ConfigIssue>),
+}
+
+// -------------------------------------------------------------------------------------------
+// Raw file format
+// -------------------------------------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    upstream: RawUpstream,
+    #[serde(default)]
+    log: RawLog,
+    #[serde(default)]
+    providers: BTreeMap<String, RawProvider>,
+    #[serde(default)]
+    models: Vec<RawModel>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<String>,
+    max_call_duration: Option<String>,
+    default_call_timeout: Option<String>,
+    shutdown_grace: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    connect_timeout: Option<String>,
+    pool_idle_timeout: Option<String>,
+    pool_max_idle_per_host: Option<usize>,
+    stream_idle_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    level: Option<String>,
+    format: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProvider {
+    kind: Option<String>,
+    base_url: Option<String>,
+    api_key: Option<String>,
+    models: Option<Vec<String>>,
+    max_tokens_field: Option<String>,
+    developer_role: Option<bool>,
+    stream_usage: Option<bool>,
+}
+
+// -------------------------------------------------------------------------------------------
+// Validated configuration
+// -------------------------------------------------------------------------------------------
+
+/// Log output settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    /// A `tracing_subscriber::EnvFilter` directive, e.g. `info` or `llm_gateway=debug`.
+    pub filter: String,
+    /// JSON lines instead of human-readable text.
+    pub json: bool,
+}
+
+/// The kind of a configured provider.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProviderKind {
+    /// OpenAI or an OpenAI-compatible server.
+    OpenAi {
+        /// Output limit field.
+        max_tokens_field: MaxTokensField,
+        /// Whether `developer` is sent as is.
+        developer_role: bool,
+        /// Whether streams ask for usage.
+        stream_usage: bool,
+    },
+    /// The built-in offline mock.
+    Mock,
+}
+
+impl ProviderKind {
+    /// The kind's name (the registry key for prices).
+    pub fn name(&self) -> &'static str {
+        match self {
+            ProviderKind::OpenAi { .. } => openai::KIND,
+            ProviderKind::Mock => crate::providers::mock::KIND,
+        }
+    }
+}
+
+/// A configured provider.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProviderConfig {
+    /// Name callers use before the `/`.
+    pub name: String,
+    /// Kind and kind-specific settings.
+    pub kind: ProviderKind,
+    /// Base URL of the API.
+    pub base_url: String,
+    /// API key (never logged: `Debug` redacts it).
+    pub api_key: Option<String>,
+    /// When set, only these models may be called through this provider.
+    pub models: Option<Vec<String>>,
+}
+
+impl std::fmt::Debug for ProviderConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProviderConfig")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("base_url", &self.base_url)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("models", &self.models)
+            .finish()
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// The longest any call may run, whatever the caller's deadline.
+    pub max_call_duration: Duration,
+    /// The budget of a call whose caller set no deadline.
+    pub default_call_timeout: Duration,
+    /// How long in-flight calls may finish after a shutdown signal.
+    pub shutdown_grace: Duration,
+    /// Shared HTTP client settings.
+    pub http: HttpSettings,
+    /// A stream that sends nothing for this long is broken.
+    pub stream_idle_timeout: Duration,
+    /// Logging.
+    pub log: LogConfig,
+    /// Providers, in name order.
+    pub providers: Vec<ProviderConfig>,
+    /// Extra registry entries and price overrides (`provider` is a configured name).
+    pub models: Vec<RawModel>,
+}
+
+/// Settings given on the command line or in the environment; they win over the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--listen` / `LLM_GATEWAY_LISTEN`.
+    pub listen: Option<String>,
+    /// `--log-level` / `LLM_GATEWAY_LOG`.
+    pub log_level: Option<String>,
+    /// `--log-format` / `LLM_GATEWAY_LOG_FORMAT`.
+    pub log_format: Option<String>,
+}
+
+impl Config {
+    /// Loads `path` (if any), applies overrides, auto-registers providers from the
+    /// environment when the file configures none, and validates.
+    pub fn load(
+        path: Option<&Path>,
+        overrides: &Overrides,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let text = match path {
+            Some(path) => std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?,
+            None => String::new(),
+        };
+        Self::from_toml(&text, path.unwrap_or(Path::new("<none>")), overrides, env)
+    }
+
+    /// Like [`Config::load`], from TOML text.
+    pub fn from_toml(
+        text: &str,
+        path: &Path,
+        overrides: &Overrides,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut value: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        let mut issues = Vec::new();
+        interpolate_table(&mut value, "", env, &mut issues);
+        if !issues.is_empty() {
+            return Err(ConfigError::Invalid(issues));
+        }
+        let raw: RawConfig =
+            serde_path_to_error::deserialize(toml::Value::Table(value)).map_err(|e| {
+                let field = e.path().to_string();
+                ConfigError::Invalid(vec![ConfigIssue {
+                    field: if field == "." { "<root>".into() } else { field },
+                    message: e.into_inner().message().trim().to_owned(),
+                }])
+            })?;
+        validate(raw, overrides, env)
+    }
+}
+
+/// Replaces `${NAME}` and `${NAME:-default}` in every string of the table.
+fn interpolate_table(
+    table: &mut toml::Table,
+    prefix: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    issues: &mut Vec<ConfigIssue>,
+) {
+    for (key, value) in table.iter_mut() {
+        let path = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        interpolate_value(value, &path, env, issues);
+    }
+}
+
+fn interpolate_value(
+    value: &mut toml::Value,
+    path: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    issues: &mut Vec<ConfigIssue>,
+) {
+    match value {
+        toml::Value::String(s) => match interpolate(s, env) {
+            Ok(Some(new)) => *s = new,
+            Ok(None) => {}
+            Err(message) => issues.push(ConfigIssue {
+                field: path.to_owned(),
+                message,
+            }),
+        },
+        toml::Value::Array(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                interpolate_value(item, &format!("{path}[{i}]"), env, issues);
+            }
+        }
+        toml::Value::Table(table) => interpolate_table(table, path, env, issues),
+        _ => {}
+    }
+}
+
+/// Interpolates one string. `Ok(None)` when it has no `${`.
+pub fn interpolate(
+    s: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<String>, String> {
+    if !s.contains("${") {
+        return Ok(None);
+    }
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| "unterminated `${` in value".to_owned())?;
+        let expr = &after[..end];
+        let (name, default) = match expr.split_once(":-") {
+            Some((name, default)) => (name, Some(default)),
+            None => (expr, None),
+        };
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            return Err(format!("`${{{expr}}}` is not a valid environment variable reference"));
+        }
+        match (env(name).filter(|v| !v.is_empty()), default) {
+            (Some(v), _) => out.push_str(&v),
+            (None, Some(d)) => out.push_str(d),
+            (None, None) => {
+                return Err(format!("environment variable {name} is not set"));
+            }
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(Some(out))
+}
+
+/// Parses a duration such as `250ms`, `30s`, `2m` or `1h 30m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("`{s}` is not a duration ({e}); use e.g. `250ms`, `30s`, `2m`"))
+}
+
+/// Whether `name` is a valid provider name (lowercase letters, digits, `-`, `_`; 1 to 64).
+pub fn valid_provider_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+}
+
+struct Issues(Vec<ConfigIssue>);
+
+impl Issues {
+    fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigIssue {
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+
+    fn duration(&mut self, field: &str, value: Option<&str>, default: Duration) -> Duration {
+        match value.map(parse_duration) {
+            None => default,
+            Some(Ok(d)) if d > Duration::ZERO => d,
+            Some(Ok(_)) => {
+                self.push(field, "must be greater than zero");
+                default
+            }
+            Some(Err(e)) => {
+                self.push(field, e);
+                default
+            }
+        }
+    }
+}
+
+fn validate(
+    raw: RawConfig,
+    overrides: &Overrides,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    let mut issues = Issues(Vec::new());
+
+    let (listen_field, listen_text) = match &overrides.listen {
+        Some(l) => ("--listen / LLM_GATEWAY_LISTEN", l.clone()),
+        None => (
+            "server.listen",
+            raw.server.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned()),
+        ),
+    };
+    let listen = listen_text.parse().unwrap_or_else(|_| {
+        issues.push(
+            listen_field,
+            format!("`{listen_text}` is not a socket address like 127.0.0.1:50051"),
+        );
+        SocketAddr::from(([127, 0, 0, 1], 50051))
+    });
+
+    let max_call_duration = issues.duration(
+        "server.max_call_duration",
+        raw.server.max_call_duration.as_deref(),
+        Duration::from_secs(600),
+    );
+    let default_call_timeout = issues.duration(
+        "server.default_call_timeout",
+        raw.server.default_call_timeout.as_deref(),
+        Duration::from_secs(300),
+    );
+    if default_call_timeout > max_call_duration {
+        issues.push(
+            "server.default_call_timeout",
+            "must not be longer than server.max_call_duration",
+        );
+    }
+    let shutdown_grace = issues.duration(
+        "server.shutdown_grace",
+        raw.server.shutdown_grace.as_deref(),
+        Duration::from_secs(30),
+    );
+
+    let defaults = HttpSettings::default();
+    let http = HttpSettings {
+        connect_timeout: issues.duration(
+            "upstream.connect_timeout",
+            raw.upstream.connect_timeout.as_deref(),
+            defaults.connect_timeout,
+        ),
+        pool_idle_timeout: issues.duration(
+            "upstream.pool_idle_timeout",
+            raw.upstream.pool_idle_timeout.as_deref(),
+            defaults.pool_idle_timeout,
+        ),
+        pool_max_idle_per_host: raw
+            .upstream
+            .pool_max_idle_per_host
+            .unwrap_or(defaults.pool_max_idle_per_host),
+    };
+    let stream_idle_timeout = issues.duration(
+        "upstream.stream_idle_timeout",
+        raw.upstream.stream_idle_timeout.as_deref(),
+        Duration::from_secs(60),
+    );
+
+    let log_format = overrides
+        .log_format
+        .clone()
+        .or(raw.log.format)
+        .unwrap_or_else(|| "text".to_owned());
+    let json = match log_format.as_str() {
+        "text" => false,
+        "json" => true,
+        other => {
+            issues.push("log.format", format!("`{other}` is not one of: text, json"));
+            false
+        }
+    };
+    let filter = overrides
+        .log_level
+        .clone()
+        .or(raw.log.level)
+        .unwrap_or_else(|| "info".to_owned());
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&filter) {
+        issues.push("log.level", format!("`{filter}` is not a valid filter: {e}"));
+    }
+
+    let mut providers = Vec::new();
+    let raw_providers = if raw.providers.is_empty() {
+        providers_from_env(env)
+    } else {
+        raw.providers
+    };
+    for (name, p) in raw_providers {
+        let field = format!("providers.{name}");
+        if !valid_provider_name(&name) {
+            issues.push(
+                &field,
+                "provider names use lowercase letters, digits, `-` and `_` (at most 64)",
+            );
+            continue;
+        }
+        let kind_name = p.kind.clone().unwrap_or_else(|| name.clone());
+        let kind = match kind_name.as_str() {
+            "openai" | "openai-compatible" => {
+                let official = p
+                    .base_url
+                    .as_deref()
+                    .is_none_or(|u| u.starts_with("https://api.openai.com"));
+                let max_tokens_field = match p.max_tokens_field.as_deref() {
+                    None if official => MaxTokensField::MaxCompletionTokens,
+                    None | Some("max_tokens") => MaxTokensField::MaxTokens,
+                    Some("max_completion_tokens") => MaxTokensField::MaxCompletionTokens,
+                    Some(other) => {
+                        issues.push(
+                            format!("{field}.max_tokens_field"),
+                            format!("`{other}` is not one of: max_tokens, max_completion_tokens"),
+                        );
+                        MaxTokensField::MaxTokens
+                    }
+                };
+                ProviderKind::OpenAi {
+                    max_tokens_field,
+                    developer_role: p.developer_role.unwrap_or(official),
+                    stream_usage: p.stream_usage.unwrap_or(true),
+                }
+            }
+            "mock" => ProviderKind::Mock,
+            other => {
+                issues.push(
+                    format!("{field}.kind"),
+                    format!(
+                        "unknown provider kind `{other}`; known kinds: openai, openai-compatible, mock"
+                    ),
+                );
+                continue;
+            }
+        };
+        let base_url = match (&kind, p.base_url) {
+            (_, Some(url)) => url.trim_end_matches('/').to_owned(),
+            (ProviderKind::OpenAi { .. }, None) if kind_name == "openai" => {
+                openai::DEFAULT_BASE_URL.to_owned()
+            }
+            (ProviderKind::Mock, None) => String::new(),
+            (_, None) => {
+                issues.push(format!("{field}.base_url"), "is required for this kind");
+                continue;
+            }
+        };
+        if !matches!(kind, ProviderKind::Mock)
+            && !(base_url.starts_with("http://") || base_url.starts_with("https://"))
+        {
+            issues.push(
+                format!("{field}.base_url"),
+                format!("`{base_url}` must start with http:// or https://"),
+            );
+        }
+        if let Some(models) = &p.models {
+            for (i, m) in models.iter().enumerate() {
+                if m.trim().is_empty() {
+                    issues.push(format!("{field}.models[{i}]"), "must not be empty");
+                }
+            }
+        }
+        providers.push(ProviderConfig {
+            name,
+            kind,
+            base_url,
+            api_key: p.api_key.filter(|k| !k.is_empty()),
+            models: p.models,
+        });
+    }
+    if providers.is_empty() {
+        providers.push(ProviderConfig {
+            name: crate::providers::mock::KIND.to_owned(),
+            kind: ProviderKind::Mock,
+            base_url: String::new(),
+            api_key: None,
+            models: None,
+        });
+    }
+    for (i, m) in raw.models.iter().enumerate() {
+        if !providers.iter().any(|p| p.name == m.provider) {
+            issues.push(
+                format!("models[{i}].provider"),
+                format!("`{}` is not a configured provider", m.provider),
+            );
+        }
+        for (name, price) in [
+            ("input", m.input),
+            ("output", m.output),
+            ("cached_input", m.cached_input),
+            ("cache_write", m.cache_write),
+        ] {
+            if price.is_some_and(|p| !p.is_finite() || p < 0.0) {
+                issues.push(format!("models[{i}].{name}"), "must be zero or more");
+            }
+        }
+    }
+
+    if !issues.0.is_empty() {
+        return Err(ConfigError::Invalid(issues.0));
+    }
+    Ok(Config {
+        listen,
+        max_call_duration,
+        default_call_timeout,
+        shutdown_grace,
+        http,
+        stream_idle_timeout,
+        log: LogConfig { filter, json },
+        providers,
+        models: raw.models,
+    })
+}
+
+/// The providers the zero-config start registers from the environment.
+fn providers_from_env(env: &dyn Fn(&str) -> Option<String>) -> BTreeMap<String, RawProvider> {
+    let mut out = BTreeMap::new();
+    if let Some(key) = env("OPENAI_API_KEY").filter(|k| !k.is_empty()) {
+        out.insert(
+            "openai".to_owned(),
+            RawProvider {
+                kind: Some("openai".to_owned()),
+                base_url: env("OPENAI_BASE_URL").filter(|u| !u.is_empty()),
+                api_key: Some(key),
+                ..RawProvider::default()
+            },
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_of(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |name| {
+            pairs
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v).to_owned())
+        }
+    }
+
+    fn load(text: &str, env: &'static [(&'static str, &'static str)]) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("test.toml"), &Overrides::default(), &env_of(env))
+    }
+
+    fn issues(err: ConfigError) -> Vec<ConfigIssue> {
+        match err {
+            ConfigError::Invalid(issues) => issues,
+            other => panic!("expected field issues, got {other}"),
+        }
+    }
+
+    #[test]
+    fn zero_config_is_the_mock_on_loopback() {
+        let config = load("", &[]).unwrap();
+        assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(config.providers.len(), 1);
+        assert_eq!(config.providers[0].kind, ProviderKind::Mock);
+    }
+
+    #[test]
+    fn openai_from_env_with_base_url() {
+        let config = load(
+            "",
+            &[("OPENAI_API_KEY", "sk-1"), ("OPENAI_BASE_URL", "http://127.0.0.1:9/v1/")],
+        )
+        .unwrap();
+        assert_eq!(config.providers.len(), 1);
+        let p = &config.providers[0];
+        assert_eq!(p.name, "openai");
+        assert_eq!(p.base_url, "http://127.0.0.1:9/v1");
+        assert_eq!(p.api_key.as_deref(), Some("sk-1"));
+        assert!(matches!(
+            p.kind,
+            ProviderKind::OpenAi {
+                max_tokens_field: MaxTokensField::MaxTokens,
+                developer_role: false,
+                ..
+            }
+        ));
+        assert!(!format!("{p:?}").contains("sk-1"));
+    }
+
+    #[test]
+    fn file_with_interpolation() {
+        let config = load(
+            r#"
+            [server]
+            listen = "127.0.0.1:7000"
+            max_call_duration = "2m"
+            [providers.vllm]
+            kind = "openai-compatible"
+            base_url = "${VLLM_URL:-http://127.0.0.1:8000/v1}"
+            api_key = "${VLLM_KEY}"
+            models = ["llama"]
+            "#,
+            &[("VLLM_KEY", "k")],
+        )
+        .unwrap();
+        assert_eq!(config.listen.port(), 7000);
+        assert_eq!(config.max_call_duration, Duration::from_secs(120));
+        assert_eq!(config.providers[0].base_url, "http://127.0.0.1:8000/v1");
+        assert_eq!(config.providers[0].api_key.as_deref(), Some("k"));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let err = issues(load("[server]\nlisten = \"nope\"\nshutdown_grace = \"soon\"\n", &[]).unwrap_err());
+        let fields: Vec<_> = err.iter().map(|i| i.field.as_str()).collect();
+        assert_eq!(fields, vec!["server.listen", "server.shutdown_grace"]);
+
+        let err = issues(load("[server]\nlisen = \"x\"\n", &[]).unwrap_err());
+        assert_eq!(err[0].field, "server");
+        assert!(err[0].message.contains("lisen"), "{err:?}");
+
+        let err = issues(load("[providers.x]\napi_key = \"${MISSING}\"\n", &[]).unwrap_err());
+        assert_eq!(err[0].field, "providers.x.api_key");
+        assert!(err[0].message.contains("MISSING"));
+
+        let err = issues(load("[providers.x]\nkind = \"bogus\"\n", &[]).unwrap_err());
+        assert_eq!(err[0].field, "providers.x.kind");
+
+        let err = issues(
+            load("[providers.local]\nkind = \"openai-compatible\"\n", &[]).unwrap_err(),
+        );
+        assert_eq!(err[0].field, "providers.local.base_url");
+
+        let err = issues(load("[providers.\"Bad/Name\"]\nkind = \"mock\"\n", &[]).unwrap_err());
+        assert_eq!(err[0].field, "providers.Bad/Name");
+    }
+
+    #[test]
+    fn interpolation_rules() {
+        let env = env_of(&[("A", "1")]);
+        assert_eq!(interpolate("x${A}y", &env).unwrap().unwrap(), "x1y");
+        assert_eq!(interpolate("${B:-d}", &env).unwrap().unwrap(), "d");
+        assert_eq!(interpolate("plain", &env).unwrap(), None);
+        assert!(interpolate("${A", &env).is_err());
+        assert!(interpolate("${}", &env).is_err());
+    }
+}

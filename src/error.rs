@@ -1,0 +1,344 @@
+//! The gateway's error type and its one mapping to gRPC statuses.
+//!
+//! Every failure a caller can see is a [`GatewayError`]. [`GatewayError::into_status`] is the
+//! single place that picks the gRPC code (an exhaustive match, no catch-all arm) and attaches
+//! google.rpc rich details: `ErrorInfo` (domain `llmgateway`, reason from the taxonomy, the
+//! attempt trail as metadata), `BadRequest` field violations, `RetryInfo`.
+//! Messages are lowercase, say what is wrong, and never carry secrets or raw upstream bodies.
+
+use std::{collections::HashMap, time::Duration};
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::{
+    providers::{ErrorClass, ProviderError},
+    types::{AttemptOutcome, Route},
+};
+
+/// The `ErrorInfo.domain` of every gateway error.
+pub const ERROR_DOMAIN: &str = "llmgateway";
+
+/// One invalid field of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldViolation {
+    /// The field path, e.g. `messages[0].content[1].image.mime_type`.
+    pub field: String,
+    /// What is wrong with it.
+    pub description: String,
+}
+
+impl FieldViolation {
+    /// A violation of `field`.
+    pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            description: description.into(),
+        }
+    }
+}
+
+/// A failure of a call, as callers see it.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The request is invalid.
+    #[error("invalid request: {}", describe_violations(.0))]
+    InvalidArgument(Vec<FieldViolation>),
+    /// The model, policy or resource does not exist.
+    #[error("{message}")]
+    NotFound {
+        /// ErrorInfo reason, e.g. `MODEL_NOT_FOUND`.
+        reason: &'static str,
+        /// What was not found.
+        message: String,
+    },
+    /// No or bad credentials.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The credentials lack a scope.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// The gateway's own limit or budget is spent.
+    #[error("{message}")]
+    ResourceExhausted {
+        /// ErrorInfo reason.
+        reason: &'static str,
+        /// What ran out.
+        message: String,
+        /// When to come back.
+        retry_after: Option<Duration>,
+    },
+    /// A routing constraint cannot be met.
+    #[error("{message}")]
+    FailedPrecondition {
+        /// ErrorInfo reason.
+        reason: &'static str,
+        /// Which constraint.
+        message: String,
+    },
+    /// The upstream attempts failed; the class of the deciding error picks the code.
+    #[error("{error}")]
+    Upstream {
+        /// The deciding error (the last one, or the non-retryable one).
+        error: ProviderError,
+        /// Whether every failed attempt was rate limited.
+        all_rate_limited: bool,
+        /// The route taken.
+        route: Route,
+    },
+    /// The caller's deadline (or the gateway's maximum) ran out.
+    #[error("the deadline expired before the call completed")]
+    DeadlineExceeded {
+        /// The route taken.
+        route: Route,
+    },
+    /// The caller cancelled.
+    #[error("the call was cancelled")]
+    Cancelled,
+    /// The gateway cannot serve now (e.g. shutting down, every target's breaker open).
+    #[error("{message}")]
+    Unavailable {
+        /// ErrorInfo reason.
+        reason: &'static str,
+        /// Why.
+        message: String,
+        /// When to come back.
+        retry_after: Option<Duration>,
+    },
+    /// A concurrent change won (stale etag).
+    #[error("{0}")]
+    Aborted(String),
+    /// A bug.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+fn describe_violations(violations: &[FieldViolation]) -> String {
+    let mut out = String::new();
+    for (i, v) in violations.iter().enumerate() {
+        if i > 0 {
+            out.push_str("; ");
+        }
+        out.push_str(&v.field);
+        out.push_str(": ");
+        out.push_str(&v.description);
+    }
+    out
+}
+
+impl GatewayError {
+    /// A single invalid field.
+    pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self::InvalidArgument(vec![FieldViolation::new(field, description)])
+    }
+
+    /// The low-cardinality label for metrics (`ok` is never produced here).
+    pub fn label(&self) -> &'static str {
+        match self {
+            GatewayError::InvalidArgument(_) => "invalid_argument",
+            GatewayError::NotFound { .. } => "not_found",
+            GatewayError::Unauthenticated(_) => "unauthenticated",
+            GatewayError::PermissionDenied(_) => "permission_denied",
+            GatewayError::ResourceExhausted { .. } => "resource_exhausted",
+            GatewayError::FailedPrecondition { .. } => "failed_precondition",
+            GatewayError::Upstream { error, .. } => error.class.label(),
+            GatewayError::DeadlineExceeded { .. } => "deadline_exceeded",
+            GatewayError::Cancelled => "cancelled",
+            GatewayError::Unavailable { .. } => "unavailable",
+            GatewayError::Aborted(_) => "aborted",
+            GatewayError::Internal(_) => "internal",
+        }
+    }
+
+    /// The gRPC status, with rich details.
+    pub fn into_status(self) -> Status {
+        let message = self.to_string();
+        let mut details = ErrorDetails::new();
+        let code = match self {
+            GatewayError::InvalidArgument(violations) => {
+                for v in violations {
+                    details.add_bad_request_violation(v.field, v.description);
+                }
+                details.set_error_info("INVALID_ARGUMENT", ERROR_DOMAIN, HashMap::new());
+                Code::InvalidArgument
+            }
+            GatewayError::NotFound { reason, .. } => {
+                details.set_error_info(reason, ERROR_DOMAIN, HashMap::new());
+                Code::NotFound
+            }
+            GatewayError::Unauthenticated(_) => {
+                details.set_error_info("UNAUTHENTICATED", ERROR_DOMAIN, HashMap::new());
+                Code::Unauthenticated
+            }
+            GatewayError::PermissionDenied(_) => {
+                details.set_error_info("PERMISSION_DENIED", ERROR_DOMAIN, HashMap::new());
+                Code::PermissionDenied
+            }
+            GatewayError::ResourceExhausted {
+                reason,
+                retry_after,
+                ..
+            } => {
+                details.set_error_info(reason, ERROR_DOMAIN, HashMap::new());
+                if let Some(delay) = retry_after {
+                    details.set_retry_info(Some(delay));
+                }
+                Code::ResourceExhausted
+            }
+            GatewayError::FailedPrecondition { reason, .. } => {
+                details.set_error_info(reason, ERROR_DOMAIN, HashMap::new());
+                Code::FailedPrecondition
+            }
+            GatewayError::Upstream {
+                error,
+                all_rate_limited,
+                route,
+            } => {
+                details.set_error_info(error.class.reason(), ERROR_DOMAIN, route_metadata(&route));
+                if let Some(delay) = error.retry_after {
+                    details.set_retry_info(Some(delay));
+                }
+                upstream_code(error.class, all_rate_limited)
+            }
+            GatewayError::DeadlineExceeded { route } => {
+                details.set_error_info("DEADLINE_EXCEEDED", ERROR_DOMAIN, route_metadata(&route));
+                Code::DeadlineExceeded
+            }
+            GatewayError::Cancelled => Code::Cancelled,
+            GatewayError::Unavailable {
+                reason,
+                retry_after,
+                ..
+            } => {
+                details.set_error_info(reason, ERROR_DOMAIN, HashMap::new());
+                if let Some(delay) = retry_after {
+                    details.set_retry_info(Some(delay));
+                }
+                Code::Unavailable
+            }
+            GatewayError::Aborted(_) => {
+                details.set_error_info("ABORTED", ERROR_DOMAIN, HashMap::new());
+                Code::Aborted
+            }
+            GatewayError::Internal(_) => {
+                details.set_error_info("INTERNAL", ERROR_DOMAIN, HashMap::new());
+                Code::Internal
+            }
+        };
+        Status::with_error_details(code, message, details)
+    }
+}
+
+/// The gRPC code for an upstream error class.
+pub fn upstream_code(class: ErrorClass, all_rate_limited: bool) -> Code {
+    match class {
+        ErrorClass::RateLimited if all_rate_limited => Code::ResourceExhausted,
+        ErrorClass::RateLimited
+        | ErrorClass::Overloaded
+        | ErrorClass::ServerError
+        | ErrorClass::Timeout
+        | ErrorClass::Connect
+        | ErrorClass::StreamBroken
+        | ErrorClass::InvalidResponse => Code::Unavailable,
+        // The gateway's own provider credentials were refused: callers cannot fix that, and
+        // retrying does not help until an operator does.
+        ErrorClass::Authentication | ErrorClass::Permission => Code::FailedPrecondition,
+        ErrorClass::InvalidRequest
+        | ErrorClass::ContextLengthExceeded
+        | ErrorClass::ContentFiltered => Code::InvalidArgument,
+        ErrorClass::ModelNotFound => Code::NotFound,
+    }
+}
+
+/// The attempt trail as ErrorInfo metadata: `attempts` = count, `attempt.N` = one line each.
+fn route_metadata(route: &Route) -> HashMap<String, String> {
+    let mut meta = HashMap::with_capacity(route.attempts.len() + 2);
+    if let Some(policy) = &route.policy {
+        meta.insert("policy".to_owned(), policy.clone());
+    }
+    meta.insert("attempts".to_owned(), route.attempts.len().to_string());
+    for (i, a) in route.attempts.iter().enumerate() {
+        let outcome = match &a.outcome {
+            AttemptOutcome::Succeeded => "succeeded".to_owned(),
+            AttemptOutcome::Failed(reason) => format!("failed {reason}"),
+            AttemptOutcome::Cancelled => "cancelled".to_owned(),
+            AttemptOutcome::Skipped(reason) => format!("skipped {reason}"),
+        };
+        meta.insert(
+            format!("attempt.{}", i + 1),
+            format!(
+                "{}/{} {} {} after {}ms",
+                a.provider,
+                a.model,
+                a.kind.label(),
+                outcome,
+                a.latency.as_millis()
+            ),
+        );
+    }
+    meta
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{AttemptKind, AttemptRecord};
+
+    #[test]
+    fn invalid_argument_carries_field_violations() {
+        let status = GatewayError::InvalidArgument(vec![
+            FieldViolation::new("model", "must not be empty"),
+            FieldViolation::new("temperature", "must be between 0 and 2"),
+        ])
+        .into_status();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().contains("model: must not be empty"));
+        let details = status.get_error_details();
+        let bad = details.bad_request().unwrap();
+        assert_eq!(bad.field_violations.len(), 2);
+        assert_eq!(bad.field_violations[1].field, "temperature");
+    }
+
+    #[test]
+    fn upstream_errors_map_by_class() {
+        let route = Route {
+            policy: None,
+            attempts: vec![AttemptRecord {
+                provider: "openai".into(),
+                model: "gpt-4o".into(),
+                kind: AttemptKind::Primary,
+                outcome: AttemptOutcome::Failed("RATE_LIMITED"),
+                start_offset: Duration::ZERO,
+                latency: Duration::from_millis(12),
+                time_to_first_token: None,
+            }],
+        };
+        let err = ProviderError::new(ErrorClass::RateLimited, "the provider answered http 429")
+            .with_retry_after(Some(Duration::from_secs(2)));
+        let status = GatewayError::Upstream {
+            error: err,
+            all_rate_limited: true,
+            route,
+        }
+        .into_status();
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        let details = status.get_error_details();
+        let info = details.error_info().unwrap();
+        assert_eq!(info.reason, "RATE_LIMITED");
+        assert_eq!(info.domain, ERROR_DOMAIN);
+        assert_eq!(info.metadata["attempts"], "1");
+        assert!(info.metadata["attempt.1"].contains("openai/gpt-4o primary failed RATE_LIMITED"));
+        assert_eq!(
+            details.retry_info().unwrap().retry_delay,
+            Some(Duration::from_secs(2))
+        );
+        for class in ErrorClass::ALL {
+            let code = upstream_code(class, false);
+            assert_eq!(
+                class.is_retryable(),
+                code == Code::Unavailable,
+                "{class} -> {code:?}"
+            );
+        }
+    }
+}

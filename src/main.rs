@@ -1,0 +1,111 @@
+//! The `llm-gateway` binary: arguments -> config -> telemetry -> `server::run`.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::Parser;
+use llm_gateway::{
+    config::{Config, Overrides},
+    server, telemetry,
+};
+
+/// A gRPC gateway to many LLM providers. With no config file it listens on
+/// 127.0.0.1:50051, registers OpenAI when OPENAI_API_KEY is set, and otherwise serves the
+/// built-in offline `mock` provider.
+#[derive(Debug, Parser)]
+#[command(name = "llm-gateway", version, about)]
+struct Args {
+    /// A TOML config file (optional; see README for the reference).
+    #[arg(short, long, env = "LLM_GATEWAY_CONFIG")]
+    config: Option<PathBuf>,
+    /// The gRPC listen address, e.g. 0.0.0.0:50051 (overrides `server.listen`).
+    #[arg(long, env = "LLM_GATEWAY_LISTEN")]
+    listen: Option<String>,
+    /// Log filter, e.g. `info` or `llm_gateway=debug` (overrides `log.level`).
+    #[arg(long, env = "LLM_GATEWAY_LOG")]
+    log_level: Option<String>,
+    /// Log format: `text` or `json` (overrides `log.format`).
+    #[arg(long, env = "LLM_GATEWAY_LOG_FORMAT")]
+    log_format: Option<String>,
+    /// Validate the configuration, print a summary and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+#[expect(
+    clippy::print_stderr,
+    clippy::print_stdout,
+    reason = "the binary reports config problems and summaries to the terminal"
+)]
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let overrides = Overrides {
+        listen: args.listen,
+        log_level: args.log_level,
+        log_format: args.log_format,
+    };
+    let config = match Config::load(args.config.as_deref(), &overrides, &|name| {
+        std::env::var(name).ok()
+    }) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("llm-gateway: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.check_config {
+        println!("configuration is valid");
+        println!("  listen: {}", config.listen);
+        for p in &config.providers {
+            println!("  provider {}: {} {}", p.name, p.kind.name(), p.base_url);
+        }
+        return ExitCode::SUCCESS;
+    }
+    telemetry::init(&config.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("llm-gateway: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let listener = match tokio::net::TcpListener::bind(config.listen).await {
+            Ok(l) => l,
+            Err(err) => {
+                tracing::error!(addr = %config.listen, error = %err, "cannot listen");
+                return ExitCode::FAILURE;
+            }
+        };
+        match server::run(config, listener, shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                tracing::error!(error = %err, "gateway failed");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("received SIGINT"),
+        () = term => tracing::info!("received SIGTERM"),
+    }
+}

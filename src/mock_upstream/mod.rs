@@ -1,0 +1,378 @@
+//! A mock LLM provider over HTTP, speaking the providers' real wire formats, with scripted
+//! latency and faults. Tests spawn one per test on `127.0.0.1:0`; benchmarks and users run it
+//! as the `llm-gateway-mock` binary.
+//!
+//! # Behaviour
+//! Instance-wide defaults come from [`MockSettings`]. A request can script its own behaviour
+//! through `+`-separated directives appended to the model name, e.g.
+//! `gpt-4o-mini+status=429+retry_after=2`:
+//!
+//! | directive | effect |
+//! |---|---|
+//! | `status=N` | answer with HTTP status N and the provider's error body |
+//! | `retry_after=S` | add `Retry-After: S` to an error answer |
+//! | `latency=MS` | wait MS milliseconds before answering |
+//! | `chunk_delay=MS` | wait MS milliseconds between stream chunks |
+//! | `chunks=N` | split the reply into N stream chunks |
+//! | `hang` | never answer (headers are never sent) |
+//! | `stall` | stream the first chunk, then send nothing more |
+//! | `truncate` | stream half the chunks, then close without the terminal event |
+//! | `malformed` | send an event that is not valid JSON mid-stream (or a broken body) |
+//! | `stream_error` | send an in-stream error event mid-stream |
+//! | `tools` | answer with a call of the request's first tool |
+//! | `no_usage` | report no usage |
+//!
+//! [`MockStats`] counts requests, completions and cancellations (a request whose response
+//! was dropped before it completed, i.e. the client closed the connection), and keeps the
+//! last request's body and headers for assertions.
+
+mod openai;
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::{Router, routing::get};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// Instance-wide behaviour.
+#[derive(Debug, Clone)]
+pub struct MockSettings {
+    /// Latency before answering (median).
+    pub latency: Duration,
+    /// Share of requests (0..=1) that take `tail_latency` instead.
+    pub tail_ratio: f64,
+    /// The slow-tail latency.
+    pub tail_latency: Duration,
+    /// Stream chunks per reply.
+    pub chunks: usize,
+    /// Delay between stream chunks.
+    pub chunk_delay: Duration,
+    /// Share of requests (0..=1) answered with `error_status`.
+    pub error_rate: f64,
+    /// Status used for random errors.
+    pub error_status: u16,
+}
+
+impl Default for MockSettings {
+    fn default() -> Self {
+        Self {
+            latency: Duration::ZERO,
+            tail_ratio: 0.0,
+            tail_latency: Duration::ZERO,
+            chunks: 4,
+            chunk_delay: Duration::ZERO,
+            error_rate: 0.0,
+            error_status: 500,
+        }
+    }
+}
+
+/// What one request asked for (instance defaults overlaid with model directives).
+#[derive(Debug, Clone, Default)]
+pub struct Scenario {
+    /// The model name without directives.
+    pub model: String,
+    /// Error status to answer with.
+    pub status: Option<u16>,
+    /// Retry-After seconds for errors.
+    pub retry_after: Option<u64>,
+    /// Latency before answering.
+    pub latency: Duration,
+    /// Delay between chunks.
+    pub chunk_delay: Duration,
+    /// Number of chunks.
+    pub chunks: usize,
+    /// Never answer.
+    pub hang: bool,
+    /// Stall after the first chunk.
+    pub stall: bool,
+    /// Close mid-stream.
+    pub truncate: bool,
+    /// Send a malformed event.
+    pub malformed: bool,
+    /// Send an in-stream error.
+    pub stream_error: bool,
+    /// Answer with a tool call.
+    pub tools: bool,
+    /// Omit usage.
+    pub no_usage: bool,
+}
+
+impl Scenario {
+    /// Parses `model+directive+...` over the instance settings.
+    pub fn parse(model: &str, settings: &MockSettings) -> Scenario {
+        let mut parts = model.split('+');
+        let mut s = Scenario {
+            model: parts.next().unwrap_or_default().to_owned(),
+            latency: if settings.tail_ratio > 0.0 && fastrand::f64() < settings.tail_ratio {
+                settings.tail_latency
+            } else {
+                settings.latency
+            },
+            chunk_delay: settings.chunk_delay,
+            chunks: settings.chunks.max(1),
+            status: (settings.error_rate > 0.0 && fastrand::f64() < settings.error_rate)
+                .then_some(settings.error_status),
+            ..Scenario::default()
+        };
+        for directive in parts {
+            let (key, value) = directive.split_once('=').unwrap_or((directive, ""));
+            let num = value.parse::<u64>().ok();
+            match key {
+                "status" => s.status = num.and_then(|n| u16::try_from(n).ok()),
+                "retry_after" => s.retry_after = num,
+                "latency" => s.latency = Duration::from_millis(num.unwrap_or(0)),
+                "chunk_delay" => s.chunk_delay = Duration::from_millis(num.unwrap_or(0)),
+                "chunks" => s.chunks = num.map_or(1, |n| usize::try_from(n).unwrap_or(1)).max(1),
+                "hang" => s.hang = true,
+                "stall" => s.stall = true,
+                "truncate" => s.truncate = true,
+                "malformed" => s.malformed = true,
+                "stream_error" => s.stream_error = true,
+                "tools" => s.tools = true,
+                "no_usage" => s.no_usage = true,
+                _ => {}
+            }
+        }
+        s
+    }
+
+    /// Waits for the scripted latency (forever with `hang`).
+    pub async fn wait(&self) {
+        if self.hang {
+            std::future::pending::<()>().await;
+        }
+        if !self.latency.is_zero() {
+            tokio::time::sleep(self.latency).await;
+        }
+    }
+}
+
+/// Counters and the last request, shared with tests.
+#[derive(Debug, Default)]
+pub struct MockStats {
+    requests: AtomicU64,
+    completed: AtomicU64,
+    cancelled: AtomicU64,
+    changed: Notify,
+    last_body: Mutex<Option<serde_json::Value>>,
+    last_headers: Mutex<Option<http::HeaderMap>>,
+}
+
+impl MockStats {
+    /// Requests received.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::SeqCst)
+    }
+
+    /// Responses fully sent.
+    pub fn completed(&self) -> u64 {
+        self.completed.load(Ordering::SeqCst)
+    }
+
+    /// Responses dropped before completion (the client went away).
+    pub fn cancelled(&self) -> u64 {
+        self.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// The last request body.
+    pub fn last_body(&self) -> Option<serde_json::Value> {
+        self.last_body.lock().ok().and_then(|b| b.clone())
+    }
+
+    /// The last request headers.
+    pub fn last_headers(&self) -> Option<http::HeaderMap> {
+        self.last_headers.lock().ok().and_then(|h| h.clone())
+    }
+
+    /// Waits until at least `n` responses were cancelled.
+    pub async fn wait_cancelled(&self, n: u64) {
+        loop {
+            let notified = self.changed.notified();
+            if self.cancelled() >= n {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn record(&self, headers: &http::HeaderMap, body: Option<serde_json::Value>) {
+        self.requests.fetch_add(1, Ordering::SeqCst);
+        if let Ok(mut b) = self.last_body.lock() {
+            *b = body;
+        }
+        if let Ok(mut h) = self.last_headers.lock() {
+            *h = Some(headers.clone());
+        }
+        self.changed.notify_waiters();
+    }
+
+    fn snapshot(&self) -> serde_json::Value {
+        serde_json::json!({
+            "requests": self.requests(),
+            "completed": self.completed(),
+            "cancelled": self.cancelled(),
+        })
+    }
+}
+
+/// Marks a response complete, or cancelled when dropped before that.
+pub struct ResponseGuard {
+    stats: Arc<MockStats>,
+    done: bool,
+}
+
+impl ResponseGuard {
+    fn new(stats: Arc<MockStats>) -> Self {
+        Self { stats, done: false }
+    }
+
+    /// The response was fully produced.
+    pub fn complete(mut self) {
+        self.done = true;
+        self.stats.completed.fetch_add(1, Ordering::SeqCst);
+        self.stats.changed.notify_waiters();
+    }
+}
+
+impl Drop for ResponseGuard {
+    fn drop(&mut self) {
+        if !self.done {
+            self.stats.cancelled.fetch_add(1, Ordering::SeqCst);
+            self.stats.changed.notify_waiters();
+        }
+    }
+}
+
+/// Shared state of the mock server.
+#[derive(Clone)]
+pub(crate) struct MockState {
+    pub settings: Arc<MockSettings>,
+    pub stats: Arc<MockStats>,
+}
+
+/// A running mock upstream.
+pub struct MockUpstream {
+    addr: SocketAddr,
+    stats: Arc<MockStats>,
+    stop: CancellationToken,
+}
+
+impl MockUpstream {
+    /// Starts a mock on `127.0.0.1:0`.
+    pub async fn start(settings: MockSettings) -> std::io::Result<MockUpstream> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on(listener, settings)
+    }
+
+    /// Starts a mock on a bound listener.
+    pub fn start_on(
+        listener: tokio::net::TcpListener,
+        settings: MockSettings,
+    ) -> std::io::Result<MockUpstream> {
+        let addr = listener.local_addr()?;
+        let stats = Arc::new(MockStats::default());
+        let stop = CancellationToken::new();
+        let app = router(MockState {
+            settings: Arc::new(settings),
+            stats: stats.clone(),
+        });
+        let signal = stop.clone().cancelled_owned();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(signal)
+                .await;
+        });
+        Ok(MockUpstream { addr, stats, stop })
+    }
+
+    /// The listen address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The OpenAI-style base URL, e.g. `http://127.0.0.1:1234/v1`.
+    pub fn openai_base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// Counters and the last request.
+    pub fn stats(&self) -> &Arc<MockStats> {
+        &self.stats
+    }
+}
+
+impl Drop for MockUpstream {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// The mock's HTTP routes.
+pub(crate) fn router(state: MockState) -> Router {
+    Router::new()
+        .route("/mock/stats", get(stats_handler))
+        .merge(openai::routes())
+        .with_state(state)
+}
+
+async fn stats_handler(
+    axum::extract::State(state): axum::extract::State<MockState>,
+) -> axum::Json<serde_json::Value> {
+    axum::Json(state.stats.snapshot())
+}
+
+/// Splits `text` into `n` roughly equal chunks on char boundaries.
+pub fn split_chunks(text: &str, n: usize) -> Vec<String> {
+    let chars: Vec<char> = text.chars().collect();
+    let n = n.clamp(1, chars.len().max(1));
+    let size = chars.len().div_ceil(n);
+    chars
+        .chunks(size.max(1))
+        .map(|c| c.iter().collect())
+        .collect()
+}
+
+/// The mock's reply text for the last user message.
+pub fn reply_for(last_user_text: &str) -> String {
+    format!("Mock reply to: {last_user_text}")
+}
+
+/// A rough token count (words), used for mock usage.
+pub fn count_tokens(text: &str) -> u64 {
+    text.split_whitespace().count() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directives_parse() {
+        let s = Scenario::parse(
+            "gpt-4o+status=429+retry_after=2+latency=5+chunks=3+truncate",
+            &MockSettings::default(),
+        );
+        assert_eq!(s.model, "gpt-4o");
+        assert_eq!(s.status, Some(429));
+        assert_eq!(s.retry_after, Some(2));
+        assert_eq!(s.latency, Duration::from_millis(5));
+        assert_eq!(s.chunks, 3);
+        assert!(s.truncate && !s.hang);
+    }
+
+    #[test]
+    fn chunks_cover_the_text() {
+        let chunks = split_chunks("hello world", 4);
+        assert_eq!(chunks.len(), 4);
+        assert_eq!(chunks.concat(), "hello world");
+        assert!(split_chunks("", 3).is_empty());
+    }
+}

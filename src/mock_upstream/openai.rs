@@ -1,0 +1,258 @@
+//! The mock's OpenAI Chat Completions endpoint: `POST /v1/chat/completions`.
+
+use std::convert::Infallible;
+
+use axum::{
+    Router,
+    body::{Body, Bytes},
+    extract::State,
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::post,
+};
+use serde_json::{Value, json};
+
+use super::{MockState, ResponseGuard, Scenario, count_tokens, reply_for, split_chunks};
+
+pub(super) fn routes() -> Router<MockState> {
+    Router::new().route("/v1/chat/completions", post(chat_completions))
+}
+
+fn last_user_text(body: &Value) -> String {
+    let Some(messages) = body["messages"].as_array() else {
+        return String::new();
+    };
+    messages
+        .iter()
+        .rev()
+        .find(|m| m["role"] == "user")
+        .map(|m| match &m["content"] {
+            Value::String(s) => s.clone(),
+            Value::Array(parts) => parts
+                .iter()
+                .filter_map(|p| p["text"].as_str())
+                .collect::<Vec<_>>()
+                .join(" "),
+            _ => String::new(),
+        })
+        .unwrap_or_default()
+}
+
+fn input_tokens(body: &Value) -> u64 {
+    body["messages"]
+        .as_array()
+        .map(|ms| {
+            ms.iter()
+                .map(|m| match &m["content"] {
+                    Value::String(s) => count_tokens(s),
+                    Value::Array(parts) => parts
+                        .iter()
+                        .filter_map(|p| p["text"].as_str())
+                        .map(count_tokens)
+                        .sum(),
+                    _ => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn error_response(status: u16, retry_after: Option<u64>) -> Response {
+    let (kind, code, message) = match status {
+        400 => ("invalid_request_error", Value::Null, "Invalid request (mock)"),
+        401 => ("invalid_request_error", json!("invalid_api_key"), "Incorrect API key provided: sk-mock***"),
+        404 => ("invalid_request_error", json!("model_not_found"), "The model does not exist (mock)"),
+        429 => ("requests", json!("rate_limit_exceeded"), "Rate limit reached (mock)"),
+        _ => ("server_error", Value::Null, "The server had an error (mock)"),
+    };
+    let body = json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
+    let mut response = (
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        axum::Json(body),
+    )
+        .into_response();
+    if let Some(secs) = retry_after
+        && let Ok(v) = secs.to_string().parse()
+    {
+        response.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    response
+}
+
+fn tool_call(body: &Value) -> Option<(String, String)> {
+    let name = body["tools"][0]["function"]["name"].as_str()?;
+    Some((name.to_owned(), r#"{"location":"Paris","unit":"celsius"}"#.to_owned()))
+}
+
+async fn chat_completions(
+    State(state): State<MockState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let parsed: Option<Value> = serde_json::from_slice(&body).ok();
+    state.stats.record(&headers, parsed.clone());
+    let guard = ResponseGuard::new(state.stats.clone());
+    let Some(body) = parsed else {
+        guard.complete();
+        return error_response(400, None);
+    };
+    let model = body["model"].as_str().unwrap_or_default();
+    let scenario = Scenario::parse(model, &state.settings);
+    scenario.wait().await;
+    if let Some(status) = scenario.status {
+        guard.complete();
+        return error_response(status, scenario.retry_after);
+    }
+    let reply = reply_for(&last_user_text(&body));
+    let usage = json!({
+        "prompt_tokens": input_tokens(&body),
+        "completion_tokens": count_tokens(&reply),
+        "total_tokens": input_tokens(&body) + count_tokens(&reply),
+        "prompt_tokens_details": {"cached_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0}
+    });
+    let tool = if scenario.tools { tool_call(&body) } else { None };
+    if body["stream"] == true {
+        return stream_response(scenario, reply, tool, usage, guard);
+    }
+    if scenario.malformed {
+        guard.complete();
+        return (
+            [(header::CONTENT_TYPE, "application/json")],
+            "{\"id\": \"chatcmpl-mock\", \"choices\": [",
+        )
+            .into_response();
+    }
+    let message = match &tool {
+        Some((name, args)) => json!({
+            "role": "assistant",
+            "content": null,
+            "tool_calls": [{"id": "call_mock_1", "type": "function", "function": {"name": name, "arguments": args}}]
+        }),
+        None => json!({"role": "assistant", "content": reply, "refusal": null}),
+    };
+    let mut response = json!({
+        "id": "chatcmpl-mock",
+        "object": "chat.completion",
+        "created": 1_700_000_000,
+        "model": scenario.model,
+        "choices": [{
+            "index": 0,
+            "message": message,
+            "logprobs": null,
+            "finish_reason": if tool.is_some() { "tool_calls" } else { "stop" }
+        }],
+    });
+    if !scenario.no_usage {
+        response["usage"] = usage;
+    }
+    guard.complete();
+    axum::Json(response).into_response()
+}
+
+fn chunk(model: &str, delta: Value, finish: Option<&str>) -> String {
+    let chunk = json!({
+        "id": "chatcmpl-mock",
+        "object": "chat.completion.chunk",
+        "created": 1_700_000_000,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+    });
+    format!("data: {chunk}\n\n")
+}
+
+/// The events of a streamed reply, each sent after `chunk_delay`.
+fn stream_events(scenario: &Scenario, reply: &str, tool: Option<(String, String)>, usage: Value) -> Vec<String> {
+    let model = scenario.model.as_str();
+    let mut events = vec![chunk(model, json!({"role": "assistant", "content": ""}), None)];
+    let finish = match tool {
+        Some((name, args)) => {
+            events.push(chunk(
+                model,
+                json!({"tool_calls": [{"index": 0, "id": "call_mock_1", "type": "function", "function": {"name": name, "arguments": ""}}]}),
+                None,
+            ));
+            for piece in split_chunks(&args, scenario.chunks) {
+                events.push(chunk(
+                    model,
+                    json!({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}),
+                    None,
+                ));
+            }
+            "tool_calls"
+        }
+        None => {
+            for piece in split_chunks(reply, scenario.chunks) {
+                events.push(chunk(model, json!({"content": piece}), None));
+            }
+            "stop"
+        }
+    };
+    events.push(chunk(model, json!({}), Some(finish)));
+    if !scenario.no_usage {
+        let usage_chunk = json!({
+            "id": "chatcmpl-mock",
+            "object": "chat.completion.chunk",
+            "created": 1_700_000_000,
+            "model": model,
+            "choices": [],
+            "usage": usage,
+        });
+        events.push(format!("data: {usage_chunk}\n\n"));
+    }
+    events.push("data: [DONE]\n\n".to_owned());
+    events
+}
+
+fn stream_response(
+    scenario: Scenario,
+    reply: String,
+    tool: Option<(String, String)>,
+    usage: Value,
+    guard: ResponseGuard,
+) -> Response {
+    let mut events = stream_events(&scenario, &reply, tool, usage);
+    // Faults replace the second half of the stream.
+    let half = (events.len() / 2).max(2);
+    if scenario.truncate {
+        events.truncate(half);
+    } else if scenario.malformed {
+        events.truncate(half);
+        events.push("data: {\"choices\": [{\"delta\": {\"content\": \"x\"\n\n".to_owned());
+        events.push("data: [DONE]\n\n".to_owned());
+    } else if scenario.stream_error {
+        events.truncate(half);
+        events.push(
+            "data: {\"error\": {\"message\": \"The server had an error (mock)\", \"type\": \"server_error\"}}\n\n"
+                .to_owned(),
+        );
+    }
+    let stall_after = scenario.stall.then_some(2);
+    let delay = scenario.chunk_delay;
+    let state = (events.into_iter().enumerate(), Some(guard));
+    let body = futures_util::stream::unfold(state, move |(mut events, mut guard)| async move {
+        match events.next() {
+            Some((i, event)) => {
+                if stall_after.is_some_and(|n| i >= n) {
+                    std::future::pending::<()>().await;
+                }
+                if i > 0 && !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                Some((Ok::<_, Infallible>(Bytes::from(event)), (events, guard)))
+            }
+            None => {
+                if let Some(g) = guard.take() {
+                    g.complete();
+                }
+                None
+            }
+        }
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(body))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+

@@ -1,0 +1,285 @@
+//! The provider error taxonomy: every provider's statuses, error bodies and transport failures
+//! map onto one small set of classes. The class is the `ErrorInfo.reason` callers see (in
+//! UPPER_SNAKE_CASE) and the `error_class` label metrics use (in lower_snake_case).
+
+use std::{fmt, time::Duration};
+
+/// The class of an upstream failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorClass {
+    /// The provider rate-limited us (HTTP 429); may carry a retry-after.
+    RateLimited,
+    /// The provider is overloaded (HTTP 503, Anthropic 529).
+    Overloaded,
+    /// The provider failed (HTTP 5xx).
+    ServerError,
+    /// The attempt timed out (connect, first byte, or a stalled stream).
+    Timeout,
+    /// The connection to the provider could not be made or broke before an answer.
+    Connect,
+    /// A stream broke after it started: cut off, an in-stream error, or a malformed event.
+    StreamBroken,
+    /// The provider sent a response the gateway could not understand.
+    InvalidResponse,
+    /// The provider rejected the gateway's credentials (HTTP 401).
+    Authentication,
+    /// The credentials lack permission (HTTP 403).
+    Permission,
+    /// The provider rejected the request as invalid (HTTP 400, 422).
+    InvalidRequest,
+    /// The conversation is longer than the model's context window.
+    ContextLengthExceeded,
+    /// The provider's content filter refused the request or reply.
+    ContentFiltered,
+    /// The provider does not know the model (HTTP 404).
+    ModelNotFound,
+}
+
+impl ErrorClass {
+    /// Every class, for tables and docs.
+    pub const ALL: [ErrorClass; 13] = [
+        ErrorClass::RateLimited,
+        ErrorClass::Overloaded,
+        ErrorClass::ServerError,
+        ErrorClass::Timeout,
+        ErrorClass::Connect,
+        ErrorClass::StreamBroken,
+        ErrorClass::InvalidResponse,
+        ErrorClass::Authentication,
+        ErrorClass::Permission,
+        ErrorClass::InvalidRequest,
+        ErrorClass::ContextLengthExceeded,
+        ErrorClass::ContentFiltered,
+        ErrorClass::ModelNotFound,
+    ];
+
+    /// Whether another attempt (on this or another target) may succeed.
+    pub fn is_retryable(self) -> bool {
+        match self {
+            ErrorClass::RateLimited
+            | ErrorClass::Overloaded
+            | ErrorClass::ServerError
+            | ErrorClass::Timeout
+            | ErrorClass::Connect
+            | ErrorClass::StreamBroken
+            | ErrorClass::InvalidResponse => true,
+            ErrorClass::Authentication
+            | ErrorClass::Permission
+            | ErrorClass::InvalidRequest
+            | ErrorClass::ContextLengthExceeded
+            | ErrorClass::ContentFiltered
+            | ErrorClass::ModelNotFound => false,
+        }
+    }
+
+    /// The low-cardinality label for metrics and logs, e.g. `rate_limited`.
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorClass::RateLimited => "rate_limited",
+            ErrorClass::Overloaded => "overloaded",
+            ErrorClass::ServerError => "server_error",
+            ErrorClass::Timeout => "timeout",
+            ErrorClass::Connect => "connect",
+            ErrorClass::StreamBroken => "stream_broken",
+            ErrorClass::InvalidResponse => "invalid_response",
+            ErrorClass::Authentication => "authentication",
+            ErrorClass::Permission => "permission",
+            ErrorClass::InvalidRequest => "invalid_request",
+            ErrorClass::ContextLengthExceeded => "context_length_exceeded",
+            ErrorClass::ContentFiltered => "content_filtered",
+            ErrorClass::ModelNotFound => "model_not_found",
+        }
+    }
+
+    /// The `google.rpc.ErrorInfo` reason, e.g. `RATE_LIMITED`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            ErrorClass::RateLimited => "RATE_LIMITED",
+            ErrorClass::Overloaded => "OVERLOADED",
+            ErrorClass::ServerError => "SERVER_ERROR",
+            ErrorClass::Timeout => "TIMEOUT",
+            ErrorClass::Connect => "CONNECT",
+            ErrorClass::StreamBroken => "STREAM_BROKEN",
+            ErrorClass::InvalidResponse => "INVALID_RESPONSE",
+            ErrorClass::Authentication => "AUTHENTICATION",
+            ErrorClass::Permission => "PERMISSION",
+            ErrorClass::InvalidRequest => "INVALID_REQUEST",
+            ErrorClass::ContextLengthExceeded => "CONTEXT_LENGTH_EXCEEDED",
+            ErrorClass::ContentFiltered => "CONTENT_FILTERED",
+            ErrorClass::ModelNotFound => "MODEL_NOT_FOUND",
+        }
+    }
+
+    /// The class for an HTTP status that carried no more specific signal.
+    pub fn from_http_status(status: u16) -> ErrorClass {
+        match status {
+            400 | 413 | 422 => ErrorClass::InvalidRequest,
+            401 => ErrorClass::Authentication,
+            403 => ErrorClass::Permission,
+            404 => ErrorClass::ModelNotFound,
+            408 => ErrorClass::Timeout,
+            429 => ErrorClass::RateLimited,
+            503 | 529 => ErrorClass::Overloaded,
+            504 => ErrorClass::Timeout,
+            500..=599 => ErrorClass::ServerError,
+            // Other 4xx (e.g. 409) are the request's fault; 1xx-3xx are not expected here.
+            _ => ErrorClass::InvalidRequest,
+        }
+    }
+}
+
+impl fmt::Display for ErrorClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// An upstream failure, classified.
+///
+/// `message` is safe to show callers: lowercase, no secrets, no raw upstream bodies. For
+/// caller-fixable classes it may include the provider's own short error message.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{class}: {message}")]
+pub struct ProviderError {
+    /// The class.
+    pub class: ErrorClass,
+    /// A safe description.
+    pub message: String,
+    /// How long the provider asked us to wait, when it said.
+    pub retry_after: Option<Duration>,
+    /// The HTTP status, when there was one.
+    pub http_status: Option<u16>,
+}
+
+impl ProviderError {
+    /// An error of `class` with a message.
+    pub fn new(class: ErrorClass, message: impl Into<String>) -> Self {
+        Self {
+            class,
+            message: message.into(),
+            retry_after: None,
+            http_status: None,
+        }
+    }
+
+    /// Attaches a retry-after.
+    pub fn with_retry_after(mut self, retry_after: Option<Duration>) -> Self {
+        self.retry_after = retry_after;
+        self
+    }
+
+    /// Attaches the HTTP status.
+    pub fn with_status(mut self, status: u16) -> Self {
+        self.http_status = Some(status);
+        self
+    }
+
+    /// Whether another attempt may succeed.
+    pub fn is_retryable(&self) -> bool {
+        self.class.is_retryable()
+    }
+
+    /// Classifies a transport error from reqwest.
+    pub fn from_transport(err: &reqwest::Error) -> Self {
+        if err.is_timeout() {
+            ProviderError::new(ErrorClass::Timeout, "the provider did not answer in time")
+        } else if err.is_connect() {
+            ProviderError::new(ErrorClass::Connect, "could not connect to the provider")
+        } else if err.is_body() || err.is_decode() {
+            ProviderError::new(ErrorClass::StreamBroken, "the provider's response was cut off")
+        } else {
+            ProviderError::new(ErrorClass::Connect, "the connection to the provider failed")
+        }
+    }
+
+    /// A stream that ended before its terminal event.
+    pub fn truncated() -> Self {
+        ProviderError::new(
+            ErrorClass::StreamBroken,
+            "the provider's stream ended before its final event",
+        )
+    }
+
+    /// A malformed stream event.
+    pub fn malformed_event(detail: &str) -> Self {
+        ProviderError::new(
+            ErrorClass::StreamBroken,
+            format!("the provider sent a malformed stream event: {detail}"),
+        )
+    }
+}
+
+/// Parses an HTTP `Retry-After` value given in seconds (fractions allowed). HTTP dates are
+/// not used by LLM providers and are ignored.
+pub fn parse_retry_after_secs(value: &str) -> Option<Duration> {
+    let secs: f64 = value.trim().parse().ok()?;
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(86_400.0)))
+}
+
+/// Cuts an upstream error message to a length safe to show to callers.
+pub fn short_message(msg: &str) -> String {
+    const MAX: usize = 300;
+    let msg = msg.trim();
+    if msg.len() <= MAX {
+        return msg.to_owned();
+    }
+    let mut end = MAX;
+    while !msg.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &msg[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_table() {
+        let table = [
+            (400, ErrorClass::InvalidRequest, false),
+            (401, ErrorClass::Authentication, false),
+            (403, ErrorClass::Permission, false),
+            (404, ErrorClass::ModelNotFound, false),
+            (408, ErrorClass::Timeout, true),
+            (422, ErrorClass::InvalidRequest, false),
+            (429, ErrorClass::RateLimited, true),
+            (500, ErrorClass::ServerError, true),
+            (502, ErrorClass::ServerError, true),
+            (503, ErrorClass::Overloaded, true),
+            (504, ErrorClass::Timeout, true),
+            (529, ErrorClass::Overloaded, true),
+        ];
+        for (status, class, retryable) in table {
+            let got = ErrorClass::from_http_status(status);
+            assert_eq!(got, class, "status {status}");
+            assert_eq!(got.is_retryable(), retryable, "status {status}");
+        }
+    }
+
+    #[test]
+    fn labels_and_reasons_agree() {
+        for class in ErrorClass::ALL {
+            assert_eq!(class.label().to_uppercase(), class.reason());
+        }
+    }
+
+    #[test]
+    fn retry_after_parsing() {
+        assert_eq!(parse_retry_after_secs("2"), Some(Duration::from_secs(2)));
+        assert_eq!(
+            parse_retry_after_secs(" 0.5 "),
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(parse_retry_after_secs("-1"), None);
+        assert_eq!(parse_retry_after_secs("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+    }
+
+    #[test]
+    fn short_message_cuts_on_char_boundary() {
+        let long = "é".repeat(400);
+        let cut = short_message(&long);
+        assert!(cut.len() <= 303 + 3);
+        assert!(cut.ends_with("..."));
+    }
+}

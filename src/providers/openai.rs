@@ -1,0 +1,1062 @@
+//! OpenAI Chat Completions (`POST {base_url}/chat/completions`), also spoken by many
+//! OpenAI-compatible servers (vLLM, Ollama, LM Studio, Groq, ...).
+//!
+//! Non-streaming and SSE streaming with `stream_options.include_usage`, tool calls (streamed
+//! argument fragments included), response formats and images. A stream is complete only on
+//! `data: [DONE]`, or when the body ends after a chunk that carried a `finish_reason`.
+
+use std::collections::VecDeque;
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    EventStream, Provider, ProviderError, decode_json, error::short_message, read_body,
+    retry_after_header, send_json,
+    sse::{EventDecoder, SseEvent, SseStream},
+};
+use crate::{
+    providers::ErrorClass,
+    types::{
+        ChatRequest, ChatResponse, ContentPart, FinishReason, ImageDetail, ImageSource,
+        ResponseFormat, Role, StreamEvent, ToolCall, ToolCallDelta, ToolChoice, Usage,
+    },
+};
+
+/// The provider kind.
+pub const KIND: &str = "openai";
+
+/// The official API's base URL.
+pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
+
+/// Which request field carries the output token limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaxTokensField {
+    /// `max_tokens` (older, and what most compatible servers accept).
+    MaxTokens,
+    /// `max_completion_tokens` (what the official API wants today).
+    MaxCompletionTokens,
+}
+
+/// How the adapter speaks to one OpenAI-compatible endpoint.
+#[derive(Debug, Clone)]
+pub struct OpenAiConfig {
+    /// Configured name, e.g. `openai`.
+    pub name: String,
+    /// Base URL without the trailing `/chat/completions`.
+    pub base_url: String,
+    /// Bearer token; `None` for servers without auth (e.g. a local vLLM).
+    pub api_key: Option<String>,
+    /// Name of the output limit field.
+    pub max_tokens_field: MaxTokensField,
+    /// Whether the endpoint knows the `developer` role (otherwise sent as `system`).
+    pub developer_role: bool,
+    /// Whether to ask for usage in streams (`stream_options.include_usage`).
+    pub stream_usage: bool,
+}
+
+impl OpenAiConfig {
+    /// Settings for `base_url`, with quirks defaulted from whether it is the official API.
+    pub fn new(name: impl Into<String>, base_url: impl Into<String>, api_key: Option<String>) -> Self {
+        let base_url = base_url.into().trim_end_matches('/').to_owned();
+        let official = base_url.starts_with("https://api.openai.com");
+        Self {
+            name: name.into(),
+            base_url,
+            api_key,
+            max_tokens_field: if official {
+                MaxTokensField::MaxCompletionTokens
+            } else {
+                MaxTokensField::MaxTokens
+            },
+            developer_role: official,
+            stream_usage: true,
+        }
+    }
+}
+
+/// An OpenAI-compatible provider.
+pub struct OpenAi {
+    config: OpenAiConfig,
+    url: String,
+    client: reqwest::Client,
+}
+
+impl OpenAi {
+    /// A provider using the shared `client`.
+    pub fn new(config: OpenAiConfig, client: reqwest::Client) -> Self {
+        let url = format!("{}/chat/completions", config.base_url);
+        Self {
+            config,
+            url,
+            client,
+        }
+    }
+
+    fn post(&self) -> reqwest::RequestBuilder {
+        let builder = self.client.post(&self.url);
+        match &self.config.api_key {
+            Some(key) => builder.bearer_auth(key),
+            None => builder,
+        }
+    }
+}
+
+#[async_trait]
+impl Provider for OpenAi {
+    fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    async fn chat(
+        &self,
+        model: &str,
+        request: &ChatRequest,
+    ) -> Result<ChatResponse, ProviderError> {
+        let body = build_request(&self.config, model, request, false)?;
+        let response = send_json(self.post(), body, map_error).await?;
+        let bytes = read_body(response).await?;
+        parse_response(&bytes, model)
+    }
+
+    async fn chat_stream(
+        &self,
+        model: &str,
+        request: &ChatRequest,
+    ) -> Result<EventStream, ProviderError> {
+        let body = build_request(&self.config, model, request, true)?;
+        let response = send_json(self.post(), body, map_error).await?;
+        Ok(Box::pin(SseStream::new(response, ChunkDecoder::default())))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Serialize)]
+struct WireRequest<'a> {
+    model: &'a str,
+    messages: Vec<WireMessage<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_completion_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    stop: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    presence_penalty: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    frequency_penalty: Option<f64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tools: Vec<WireTool<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_choice: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parallel_tool_calls: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_format: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<&'a str>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
+#[derive(Serialize)]
+struct WireMessage<'a> {
+    role: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<WireContent<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tool_calls: Vec<WireToolCall<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_call_id: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum WireContent<'a> {
+    Text(&'a str),
+    Owned(String),
+    Parts(Vec<WirePart<'a>>),
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum WirePart<'a> {
+    Text { text: &'a str },
+    ImageUrl { image_url: WireImageUrl<'a> },
+}
+
+#[derive(Serialize)]
+struct WireImageUrl<'a> {
+    url: std::borrow::Cow<'a, str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct WireToolCall<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: WireFunctionCall<'a>,
+}
+
+#[derive(Serialize)]
+struct WireFunctionCall<'a> {
+    name: &'a str,
+    arguments: &'a str,
+}
+
+#[derive(Serialize)]
+struct WireTool<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: WireFunction<'a>,
+}
+
+#[derive(Serialize)]
+struct WireFunction<'a> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    description: Option<&'a str>,
+    parameters: &'a serde_json::Value,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    strict: bool,
+}
+
+fn invalid(msg: impl Into<String>) -> ProviderError {
+    ProviderError::new(ErrorClass::InvalidRequest, msg)
+}
+
+/// Builds the JSON body of a Chat Completions request.
+pub fn build_request(
+    config: &OpenAiConfig,
+    model: &str,
+    request: &ChatRequest,
+    stream: bool,
+) -> Result<Vec<u8>, ProviderError> {
+    let mut messages = Vec::with_capacity(request.messages.len());
+    for message in &request.messages {
+        convert_message(config, message, &mut messages)?;
+    }
+    let (max_tokens, max_completion_tokens) = match config.max_tokens_field {
+        MaxTokensField::MaxTokens => (request.params.max_tokens, None),
+        MaxTokensField::MaxCompletionTokens => (None, request.params.max_tokens),
+    };
+    let wire = WireRequest {
+        model,
+        messages,
+        temperature: request.params.temperature,
+        top_p: request.params.top_p,
+        max_tokens,
+        max_completion_tokens,
+        stop: &request.params.stop,
+        seed: request.params.seed,
+        presence_penalty: request.params.presence_penalty,
+        frequency_penalty: request.params.frequency_penalty,
+        tools: request
+            .tools
+            .iter()
+            .map(|t| WireTool {
+                kind: "function",
+                function: WireFunction {
+                    name: &t.name,
+                    description: t.description.as_deref(),
+                    parameters: &t.parameters,
+                    strict: t.strict,
+                },
+            })
+            .collect(),
+        tool_choice: request.tool_choice.as_ref().map(|choice| match choice {
+            ToolChoice::Auto => "auto".into(),
+            ToolChoice::None => "none".into(),
+            ToolChoice::Required => "required".into(),
+            ToolChoice::Named(name) => {
+                serde_json::json!({"type": "function", "function": {"name": name}})
+            }
+        }),
+        parallel_tool_calls: request.params.parallel_tool_calls,
+        response_format: request.response_format.as_ref().map(|format| match format {
+            ResponseFormat::Text => serde_json::json!({"type": "text"}),
+            ResponseFormat::JsonObject => serde_json::json!({"type": "json_object"}),
+            ResponseFormat::JsonSchema {
+                name,
+                schema,
+                strict,
+            } => serde_json::json!({
+                "type": "json_schema",
+                "json_schema": {"name": name, "schema": schema, "strict": strict}
+            }),
+        }),
+        user: request.user.as_deref(),
+        stream,
+        stream_options: (stream && config.stream_usage).then_some(StreamOptions {
+            include_usage: true,
+        }),
+    };
+    serde_json::to_vec(&wire).map_err(|e| invalid(format!("could not encode the request: {e}")))
+}
+
+fn convert_message<'a>(
+    config: &OpenAiConfig,
+    message: &'a crate::types::Message,
+    out: &mut Vec<WireMessage<'a>>,
+) -> Result<(), ProviderError> {
+    let name = message.name.as_deref().filter(|n| !n.is_empty());
+    match message.role {
+        Role::Tool => {
+            // One OpenAI tool message per result.
+            for part in &message.content {
+                match part {
+                    ContentPart::ToolResult(result) => out.push(WireMessage {
+                        role: "tool",
+                        content: Some(WireContent::Text(&result.content)),
+                        name: None,
+                        tool_calls: Vec::new(),
+                        tool_call_id: Some(&result.tool_call_id),
+                    }),
+                    ContentPart::Text(_) => {}
+                    _ => return Err(invalid("a tool message may only hold tool results")),
+                }
+            }
+            Ok(())
+        }
+        Role::Assistant => {
+            let mut text: Option<WireContent<'a>> = None;
+            let mut tool_calls = Vec::new();
+            for part in &message.content {
+                match part {
+                    ContentPart::Text(t) => {
+                        text = Some(match text {
+                            None => WireContent::Text(t),
+                            Some(WireContent::Text(prev)) => WireContent::Owned(format!("{prev}{t}")),
+                            Some(WireContent::Owned(mut prev)) => {
+                                prev.push_str(t);
+                                WireContent::Owned(prev)
+                            }
+                            Some(parts) => parts,
+                        });
+                    }
+                    ContentPart::ToolCall(call) => tool_calls.push(WireToolCall {
+                        id: &call.id,
+                        kind: "function",
+                        function: WireFunctionCall {
+                            name: &call.name,
+                            arguments: if call.arguments.is_empty() {
+                                "{}"
+                            } else {
+                                &call.arguments
+                            },
+                        },
+                    }),
+                    ContentPart::Image(_) => {
+                        return Err(invalid("an assistant message cannot hold images"));
+                    }
+                    ContentPart::ToolResult(_) => {
+                        return Err(invalid("tool results belong in a tool message"));
+                    }
+                }
+            }
+            out.push(WireMessage {
+                role: "assistant",
+                content: text,
+                name,
+                tool_calls,
+                tool_call_id: None,
+            });
+            Ok(())
+        }
+        Role::System | Role::Developer | Role::User => {
+            let role = match message.role {
+                Role::User => "user",
+                Role::Developer if config.developer_role => "developer",
+                _ => "system",
+            };
+            let content = match message.content.as_slice() {
+                [ContentPart::Text(t)] => WireContent::Text(t),
+                parts => {
+                    let mut wire = Vec::with_capacity(parts.len());
+                    for part in parts {
+                        match part {
+                            ContentPart::Text(text) => wire.push(WirePart::Text { text }),
+                            ContentPart::Image(image) => wire.push(WirePart::ImageUrl {
+                                image_url: WireImageUrl {
+                                    url: match &image.source {
+                                        ImageSource::Url(url) => url.as_str().into(),
+                                        ImageSource::Data(data) => format!(
+                                            "data:{};base64,{}",
+                                            image.mime_type.as_deref().unwrap_or("image/png"),
+                                            base64::engine::general_purpose::STANDARD.encode(data)
+                                        )
+                                        .into(),
+                                    },
+                                    detail: match image.detail {
+                                        ImageDetail::Default => None,
+                                        ImageDetail::Auto => Some("auto"),
+                                        ImageDetail::Low => Some("low"),
+                                        ImageDetail::High => Some("high"),
+                                    },
+                                },
+                            }),
+                            ContentPart::ToolCall(_) | ContentPart::ToolResult(_) => {
+                                return Err(invalid(
+                                    "tool calls and results belong in assistant and tool messages",
+                                ));
+                            }
+                        }
+                    }
+                    WireContent::Parts(wire)
+                }
+            };
+            out.push(WireMessage {
+                role,
+                content: Some(content),
+                name,
+                tool_calls: Vec::new(),
+                tool_call_id: None,
+            });
+            Ok(())
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Response
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct WireResponse {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    choices: Vec<WireChoice>,
+    #[serde(default)]
+    usage: Option<WireUsage>,
+}
+
+#[derive(Deserialize)]
+struct WireChoice {
+    message: WireResponseMessage,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct WireResponseMessage {
+    #[serde(default)]
+    content: Option<String>,
+    #[serde(default)]
+    refusal: Option<String>,
+    #[serde(default)]
+    tool_calls: Vec<WireResponseToolCall>,
+}
+
+#[derive(Deserialize)]
+struct WireResponseToolCall {
+    #[serde(default)]
+    id: String,
+    function: WireResponseFunction,
+}
+
+#[derive(Deserialize)]
+struct WireResponseFunction {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    arguments: String,
+}
+
+#[derive(Deserialize, Default)]
+struct WireUsage {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+    #[serde(default)]
+    prompt_tokens_details: Option<PromptDetails>,
+    #[serde(default)]
+    completion_tokens_details: Option<CompletionDetails>,
+}
+
+#[derive(Deserialize, Default)]
+struct PromptDetails {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+struct CompletionDetails {
+    #[serde(default)]
+    reasoning_tokens: Option<u64>,
+}
+
+impl From<WireUsage> for Usage {
+    fn from(u: WireUsage) -> Self {
+        Usage {
+            input_tokens: u.prompt_tokens,
+            output_tokens: u.completion_tokens,
+            cached_input_tokens: u.prompt_tokens_details.and_then(|d| d.cached_tokens),
+            cache_write_tokens: None,
+            reasoning_tokens: u.completion_tokens_details.and_then(|d| d.reasoning_tokens),
+        }
+    }
+}
+
+fn finish_reason(reason: &str) -> FinishReason {
+    match reason {
+        "stop" => FinishReason::Stop,
+        "length" => FinishReason::Length,
+        "tool_calls" | "function_call" => FinishReason::ToolCalls,
+        "content_filter" => FinishReason::ContentFilter,
+        _ => FinishReason::Other,
+    }
+}
+
+/// Parses a non-streaming Chat Completions response.
+pub fn parse_response(body: &[u8], requested_model: &str) -> Result<ChatResponse, ProviderError> {
+    let wire: WireResponse = decode_json(body)?;
+    let choice = wire.choices.into_iter().next().ok_or_else(|| {
+        ProviderError::new(ErrorClass::InvalidResponse, "the provider's response has no choices")
+    })?;
+    let mut content = Vec::with_capacity(1 + choice.message.tool_calls.len());
+    if let Some(text) = choice.message.content.filter(|t| !t.is_empty()) {
+        content.push(ContentPart::Text(text));
+    } else if let Some(refusal) = choice.message.refusal.filter(|t| !t.is_empty()) {
+        content.push(ContentPart::Text(refusal));
+    }
+    for call in choice.message.tool_calls {
+        content.push(ContentPart::ToolCall(ToolCall {
+            id: call.id,
+            name: call.function.name,
+            arguments: call.function.arguments,
+        }));
+    }
+    Ok(ChatResponse {
+        model: wire
+            .model
+            .filter(|m| !m.is_empty())
+            .unwrap_or_else(|| requested_model.to_owned()),
+        content,
+        finish_reason: choice
+            .finish_reason
+            .as_deref()
+            .map_or(FinishReason::Unspecified, finish_reason),
+        usage: wire.usage.map(Usage::from),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stream
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct WireChunk {
+    #[serde(default)]
+    choices: Vec<WireChunkChoice>,
+    #[serde(default)]
+    usage: Option<WireUsage>,
+    #[serde(default)]
+    error: Option<WireError>,
+}
+
+#[derive(Deserialize)]
+struct WireChunkChoice {
+    #[serde(default)]
+    delta: Option<WireDelta>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct WireDelta {
+    #[serde(default)]
+    content: Option<String>,
+    #[serde(default)]
+    reasoning_content: Option<String>,
+    #[serde(default)]
+    refusal: Option<String>,
+    #[serde(default)]
+    tool_calls: Vec<WireToolCallDelta>,
+}
+
+#[derive(Deserialize)]
+struct WireToolCallDelta {
+    #[serde(default)]
+    index: u32,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    function: Option<WireFunctionDelta>,
+}
+
+#[derive(Deserialize)]
+struct WireFunctionDelta {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    arguments: Option<String>,
+}
+
+/// Decodes Chat Completions chunks.
+#[derive(Debug, Default)]
+pub struct ChunkDecoder {
+    finish: Option<FinishReason>,
+}
+
+impl ChunkDecoder {
+    fn finish(&mut self, out: &mut VecDeque<StreamEvent>) -> bool {
+        match self.finish.take() {
+            Some(reason) => {
+                out.push_back(StreamEvent::Finish(reason));
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl EventDecoder for ChunkDecoder {
+    fn decode(
+        &mut self,
+        event: SseEvent,
+        out: &mut VecDeque<StreamEvent>,
+    ) -> Result<bool, ProviderError> {
+        let data = event.data.trim();
+        if data == "[DONE]" {
+            if self.finish(out) {
+                return Ok(true);
+            }
+            return Err(ProviderError::new(
+                ErrorClass::StreamBroken,
+                "the provider ended the stream without a finish reason",
+            ));
+        }
+        let chunk: WireChunk = serde_json::from_str(data).map_err(|e| {
+            ProviderError::malformed_event(&super::json_error_kind(&e))
+        })?;
+        if let Some(error) = chunk.error {
+            let class = error
+                .code_str()
+                .and_then(class_from_code)
+                .unwrap_or(ErrorClass::StreamBroken);
+            let class = if class.is_retryable() { ErrorClass::StreamBroken } else { class };
+            return Err(ProviderError::new(
+                class,
+                format!(
+                    "the provider sent an error in the stream: {}",
+                    short_message(error.message.as_deref().unwrap_or("unknown error"))
+                ),
+            ));
+        }
+        for choice in chunk.choices {
+            if let Some(delta) = choice.delta {
+                if let Some(text) = delta.reasoning_content.filter(|t| !t.is_empty()) {
+                    out.push_back(StreamEvent::Reasoning(text));
+                }
+                if let Some(text) = delta.content.filter(|t| !t.is_empty()) {
+                    out.push_back(StreamEvent::Text(text));
+                }
+                if let Some(text) = delta.refusal.filter(|t| !t.is_empty()) {
+                    out.push_back(StreamEvent::Text(text));
+                }
+                for call in delta.tool_calls {
+                    let (name, arguments) = match call.function {
+                        Some(f) => (f.name, f.arguments.unwrap_or_default()),
+                        None => (None, String::new()),
+                    };
+                    out.push_back(StreamEvent::ToolCall(ToolCallDelta {
+                        index: call.index,
+                        id: call.id.filter(|s| !s.is_empty()),
+                        name: name.filter(|s| !s.is_empty()),
+                        arguments,
+                    }));
+                }
+            }
+            if let Some(reason) = choice.finish_reason.filter(|r| !r.is_empty()) {
+                self.finish = Some(finish_reason(&reason));
+            }
+        }
+        if let Some(usage) = chunk.usage {
+            out.push_back(StreamEvent::Usage(usage.into()));
+        }
+        Ok(false)
+    }
+
+    fn end_of_body(&mut self, out: &mut VecDeque<StreamEvent>) -> Result<(), ProviderError> {
+        if self.finish(out) {
+            Ok(())
+        } else {
+            Err(ProviderError::truncated())
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct WireErrorBody {
+    error: WireError,
+}
+
+#[derive(Deserialize)]
+struct WireError {
+    #[serde(default)]
+    message: Option<String>,
+    #[serde(default, rename = "type")]
+    kind: Option<String>,
+    #[serde(default)]
+    code: Option<serde_json::Value>,
+}
+
+impl WireError {
+    fn code_str(&self) -> Option<&str> {
+        self.code
+            .as_ref()
+            .and_then(|c| c.as_str())
+            .or(self.kind.as_deref())
+    }
+}
+
+fn class_from_code(code: &str) -> Option<ErrorClass> {
+    Some(match code {
+        "context_length_exceeded" | "string_above_max_length" => {
+            ErrorClass::ContextLengthExceeded
+        }
+        "content_filter" | "content_policy_violation" => ErrorClass::ContentFiltered,
+        "model_not_found" => ErrorClass::ModelNotFound,
+        "rate_limit_exceeded" | "insufficient_quota" | "rate_limit_error" => {
+            ErrorClass::RateLimited
+        }
+        "invalid_api_key" | "authentication_error" => ErrorClass::Authentication,
+        "server_error" => ErrorClass::ServerError,
+        _ => return None,
+    })
+}
+
+/// Maps an HTTP error answer to a [`ProviderError`].
+pub fn map_error(status: u16, headers: &http::HeaderMap, body: &[u8]) -> ProviderError {
+    let wire = serde_json::from_slice::<WireErrorBody>(body).ok().map(|b| b.error);
+    let status_class = ErrorClass::from_http_status(status);
+    let code_class = wire.as_ref().and_then(|w| w.code_str()).and_then(class_from_code);
+    // The code refines the status for the request's own faults; transient statuses win.
+    let class = match code_class {
+        Some(c) if !status_class.is_retryable() || c == ErrorClass::RateLimited => c,
+        _ => status_class,
+    };
+    let upstream_msg = wire.and_then(|w| w.message).unwrap_or_default();
+    let message = match class {
+        ErrorClass::InvalidRequest
+        | ErrorClass::ContextLengthExceeded
+        | ErrorClass::ContentFiltered
+        | ErrorClass::ModelNotFound
+            if !upstream_msg.is_empty() =>
+        {
+            format!("the provider rejected the request: {}", short_message(&upstream_msg))
+        }
+        _ => format!("the provider answered http {status}"),
+    };
+    ProviderError::new(class, message).with_retry_after(retry_after_header(headers))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use futures_util::StreamExt;
+
+    use super::*;
+    use crate::types::{Image, Message, Tool, ToolResult};
+
+    fn config() -> OpenAiConfig {
+        OpenAiConfig::new("openai", DEFAULT_BASE_URL, Some("sk-test".into()))
+    }
+
+    fn json(bytes: &[u8]) -> serde_json::Value {
+        serde_json::from_slice(bytes).unwrap()
+    }
+
+    #[test]
+    fn builds_a_full_request() {
+        let request = ChatRequest {
+            model: "openai/gpt-4o-mini".into(),
+            messages: vec![
+                Message::text(Role::System, "be brief"),
+                Message::text(Role::Developer, "dev note"),
+                Message {
+                    role: Role::User,
+                    content: vec![
+                        ContentPart::Text("what is this?".into()),
+                        ContentPart::Image(Image {
+                            source: ImageSource::Data(Bytes::from_static(b"\x89PNG")),
+                            mime_type: Some("image/png".into()),
+                            detail: ImageDetail::Low,
+                        }),
+                    ],
+                    name: None,
+                },
+                Message {
+                    role: Role::Assistant,
+                    content: vec![ContentPart::ToolCall(ToolCall {
+                        id: "call_1".into(),
+                        name: "get_weather".into(),
+                        arguments: r#"{"city":"Paris"}"#.into(),
+                    })],
+                    name: None,
+                },
+                Message {
+                    role: Role::Tool,
+                    content: vec![ContentPart::ToolResult(ToolResult {
+                        tool_call_id: "call_1".into(),
+                        name: None,
+                        content: "sunny".into(),
+                        is_error: false,
+                    })],
+                    name: None,
+                },
+            ],
+            params: crate::types::SamplingParams {
+                temperature: Some(0.5),
+                max_tokens: Some(100),
+                stop: vec!["END".into()],
+                ..Default::default()
+            },
+            tools: vec![Tool {
+                name: "get_weather".into(),
+                description: Some("weather".into()),
+                parameters: serde_json::json!({"type": "object"}),
+                strict: false,
+            }],
+            tool_choice: Some(ToolChoice::Named("get_weather".into())),
+            response_format: Some(ResponseFormat::JsonObject),
+            user: Some("u1".into()),
+            ..Default::default()
+        };
+        let body = json(&build_request(&config(), "gpt-4o-mini", &request, true).unwrap());
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "model": "gpt-4o-mini",
+                "messages": [
+                    {"role": "system", "content": "be brief"},
+                    {"role": "developer", "content": "dev note"},
+                    {"role": "user", "content": [
+                        {"type": "text", "text": "what is this?"},
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw==", "detail": "low"}}
+                    ]},
+                    {"role": "assistant", "tool_calls": [
+                        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}
+                    ]},
+                    {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}
+                ],
+                "temperature": 0.5,
+                "max_completion_tokens": 100,
+                "stop": ["END"],
+                "tools": [{"type": "function", "function": {"name": "get_weather", "description": "weather", "parameters": {"type": "object"}}}],
+                "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+                "response_format": {"type": "json_object"},
+                "user": "u1",
+                "stream": true,
+                "stream_options": {"include_usage": true}
+            })
+        );
+    }
+
+    #[test]
+    fn compatible_servers_get_max_tokens_and_system() {
+        let config = OpenAiConfig::new("vllm", "http://127.0.0.1:8000/v1/", None);
+        let request = ChatRequest {
+            messages: vec![Message::text(Role::Developer, "x")],
+            params: crate::types::SamplingParams {
+                max_tokens: Some(5),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let body = json(&build_request(&config, "m", &request, false).unwrap());
+        assert_eq!(body["max_tokens"], 5);
+        assert_eq!(body["messages"][0]["role"], "system");
+        assert!(body.get("stream").is_none());
+        assert_eq!(config.base_url, "http://127.0.0.1:8000/v1");
+    }
+
+    #[test]
+    fn parses_a_documented_response() {
+        let body = include_bytes!("../../tests/fixtures/openai/chat_completion.json");
+        let response = parse_response(body, "gpt-4o-mini").unwrap();
+        assert_eq!(response.model, "gpt-4o-mini-2024-07-18");
+        assert_eq!(response.finish_reason, FinishReason::Stop);
+        assert_eq!(
+            response.content,
+            vec![ContentPart::Text(
+                "Hello there, how may I assist you today?".into()
+            )]
+        );
+        let usage = response.usage.unwrap();
+        assert_eq!((usage.input_tokens, usage.output_tokens), (9, 12));
+        assert_eq!(usage.cached_input_tokens, Some(0));
+        assert_eq!(usage.reasoning_tokens, Some(0));
+    }
+
+    #[test]
+    fn parses_a_tool_call_response() {
+        let body = include_bytes!("../../tests/fixtures/openai/chat_completion_tool_call.json");
+        let response = parse_response(body, "gpt-4o").unwrap();
+        assert_eq!(response.finish_reason, FinishReason::ToolCalls);
+        assert_eq!(
+            response.content,
+            vec![ContentPart::ToolCall(ToolCall {
+                id: "call_abc123".into(),
+                name: "get_current_weather".into(),
+                arguments: "{\n\"location\": \"Boston, MA\"\n}".into(),
+            })]
+        );
+    }
+
+    #[test]
+    fn malformed_response_is_an_error_not_a_panic() {
+        for body in [&b"{"[..], b"not json", b"{\"choices\": []}", b"{\"choices\": 3}"] {
+            let err = parse_response(body, "m").unwrap_err();
+            assert_eq!(err.class, ErrorClass::InvalidResponse, "{body:?}");
+        }
+    }
+
+    async fn decode_stream(body: &'static [u8]) -> Vec<Result<StreamEvent, ProviderError>> {
+        // Feed in small pieces to exercise event reassembly.
+        let pieces: Vec<reqwest::Result<Bytes>> = body
+            .chunks(7)
+            .map(|c| Ok(Bytes::from_static(c)))
+            .collect();
+        let stream = SseStream::from_body(
+            Box::pin(futures_util::stream::iter(pieces)),
+            ChunkDecoder::default(),
+        );
+        stream.collect().await
+    }
+
+    #[tokio::test]
+    async fn decodes_a_documented_stream_with_usage() {
+        let events = decode_stream(include_bytes!("../../tests/fixtures/openai/stream.txt")).await;
+        let events: Vec<StreamEvent> = events.into_iter().map(Result::unwrap).collect();
+        let text: String = events
+            .iter()
+            .filter_map(|e| match e {
+                StreamEvent::Text(t) => Some(t.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(text, "Hello! How can I help?");
+        assert!(matches!(events.last(), Some(StreamEvent::Finish(FinishReason::Stop))));
+        assert!(events.iter().any(|e| matches!(e, StreamEvent::Usage(u) if u.input_tokens == 19 && u.output_tokens == 7)));
+    }
+
+    #[tokio::test]
+    async fn decodes_streamed_tool_call_arguments() {
+        let events =
+            decode_stream(include_bytes!("../../tests/fixtures/openai/stream_tool_call.txt")).await;
+        let events: Vec<StreamEvent> = events.into_iter().map(Result::unwrap).collect();
+        let mut args = String::new();
+        let mut name = None;
+        for e in &events {
+            if let StreamEvent::ToolCall(d) = e {
+                assert_eq!(d.index, 0);
+                args.push_str(&d.arguments);
+                if d.name.is_some() {
+                    name.clone_from(&d.name);
+                }
+            }
+        }
+        assert_eq!(name.as_deref(), Some("get_current_weather"));
+        assert_eq!(args, r#"{"location":"Boston, MA"}"#);
+        assert!(matches!(events.last(), Some(StreamEvent::Finish(FinishReason::ToolCalls))));
+    }
+
+    #[tokio::test]
+    async fn truncated_stream_is_an_error() {
+        let events = decode_stream(
+            b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"},\"finish_reason\":null}]}\n\n",
+        )
+        .await;
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[1].as_ref().unwrap_err().class, ErrorClass::StreamBroken);
+    }
+
+    #[tokio::test]
+    async fn malformed_event_is_an_error() {
+        let events = decode_stream(
+            b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\ndata: {not json\n\ndata: [DONE]\n\n",
+        )
+        .await;
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[1].as_ref().unwrap_err().class, ErrorClass::StreamBroken);
+    }
+
+    #[tokio::test]
+    async fn in_stream_error_is_an_error() {
+        let events = decode_stream(
+            b"data: {\"error\":{\"message\":\"overloaded\",\"type\":\"server_error\"}}\n\n",
+        )
+        .await;
+        assert_eq!(events.len(), 1);
+        assert!(events[0].is_err());
+    }
+
+    #[tokio::test]
+    async fn finish_without_done_is_complete() {
+        let events = decode_stream(
+            b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"},\"finish_reason\":\"length\"}]}\n\n",
+        )
+        .await;
+        assert!(matches!(events.last(), Some(Ok(StreamEvent::Finish(FinishReason::Length)))));
+    }
+
+    #[test]
+    fn error_mapping_table() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("retry-after", http::HeaderValue::from_static("3"));
+        let none = http::HeaderMap::new();
+        let cases: &[(u16, &http::HeaderMap, &str, ErrorClass)] = &[
+            (429, &headers, r#"{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}"#, ErrorClass::RateLimited),
+            (400, &none, r#"{"error":{"message":"This model's maximum context length is 128000 tokens.","type":"invalid_request_error","param":"messages","code":"context_length_exceeded"}}"#, ErrorClass::ContextLengthExceeded),
+            (400, &none, r#"{"error":{"message":"bad temperature","type":"invalid_request_error","param":"temperature","code":null}}"#, ErrorClass::InvalidRequest),
+            (400, &none, r#"{"error":{"message":"blocked","type":"invalid_request_error","code":"content_filter"}}"#, ErrorClass::ContentFiltered),
+            (401, &none, r#"{"error":{"message":"Incorrect API key provided: sk-abc***","type":"invalid_request_error","code":"invalid_api_key"}}"#, ErrorClass::Authentication),
+            (403, &none, "forbidden", ErrorClass::Permission),
+            (404, &none, r#"{"error":{"message":"The model `gpt-9` does not exist","type":"invalid_request_error","code":"model_not_found"}}"#, ErrorClass::ModelNotFound),
+            (500, &none, r#"{"error":{"message":"The server had an error","type":"server_error"}}"#, ErrorClass::ServerError),
+            (502, &none, "<html>bad gateway</html>", ErrorClass::ServerError),
+            (503, &none, "", ErrorClass::Overloaded),
+        ];
+        for (status, headers, body, class) in cases {
+            let err = map_error(*status, headers, body.as_bytes());
+            assert_eq!(err.class, *class, "status {status} body {body}");
+            assert!(!err.message.contains("sk-abc"), "leaked key: {}", err.message);
+        }
+        let err = map_error(429, &headers, b"{}");
+        assert_eq!(err.retry_after, Some(Duration::from_secs(3)));
+    }
+}

@@ -1,0 +1,155 @@
+//! The `llmgateway.v1.LlmGateway` handlers. They are thin: convert and validate the request,
+//! ask routing for a plan, let the executor run it, convert the answer. Every call runs in a
+//! span carrying its request id.
+
+use std::{pin::Pin, sync::Arc, time::Duration};
+
+use futures_util::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use super::{convert, deadline::call_deadline, request_id::RequestId};
+use crate::{
+    error::GatewayError,
+    executor::Executor,
+    pb::{self, llm_gateway_server::LlmGateway},
+    routing::RoutingTable,
+};
+
+/// Call budget settings.
+#[derive(Debug, Clone, Copy)]
+pub struct CallLimits {
+    /// Budget when the caller set no deadline.
+    pub default_timeout: Duration,
+    /// The longest budget, whatever the caller asks.
+    pub max: Duration,
+}
+
+/// The gateway service.
+#[derive(Clone)]
+pub struct GatewayService {
+    table: Arc<RoutingTable>,
+    executor: Executor,
+    limits: CallLimits,
+}
+
+impl GatewayService {
+    /// A service routing with `table` and running calls on `executor`.
+    pub fn new(table: Arc<RoutingTable>, executor: Executor, limits: CallLimits) -> Self {
+        Self {
+            table,
+            executor,
+            limits,
+        }
+    }
+}
+
+fn request_id<T>(request: &Request<T>) -> String {
+    request
+        .extensions()
+        .get::<RequestId>()
+        .map_or_else(
+            || super::request_id::generate().to_str().unwrap_or("").to_owned(),
+            |id| id.as_str().to_owned(),
+        )
+}
+
+fn log_failure(err: &GatewayError) {
+    match err {
+        GatewayError::Internal(_) => tracing::error!(error = %err, "call failed"),
+        GatewayError::InvalidArgument(_) | GatewayError::NotFound { .. } => {
+            tracing::debug!(error = %err, class = err.label(), "call rejected");
+        }
+        _ => tracing::info!(error = %err, class = err.label(), "call failed"),
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::ChatStreamResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl LlmGateway for GatewayService {
+    async fn chat(
+        &self,
+        request: Request<pb::ChatRequest>,
+    ) -> Result<Response<pb::ChatResponse>, Status> {
+        let id = request_id(&request);
+        let deadline = call_deadline(request.metadata(), self.limits.default_timeout, self.limits.max);
+        let span = tracing::info_span!("call", rpc = "Chat", request_id = %id);
+        async move {
+            let req = convert::chat_request(request.into_inner())?;
+            let plan = self.table.plan(&req.model)?;
+            let answer = self.executor.chat(&plan, &req, deadline).await?;
+            tracing::debug!(provider = %answer.provider, model = %answer.response.model, "call succeeded");
+            Ok(Response::new(convert::chat_response(id, answer)))
+        }
+        .instrument(span)
+        .await
+        .map_err(|err: GatewayError| {
+            log_failure(&err);
+            err.into_status()
+        })
+    }
+
+    type ChatStreamStream = EventStream;
+
+    async fn chat_stream(
+        &self,
+        request: Request<pb::ChatRequest>,
+    ) -> Result<Response<Self::ChatStreamStream>, Status> {
+        let id = request_id(&request);
+        let deadline = call_deadline(request.metadata(), self.limits.default_timeout, self.limits.max);
+        let span = tracing::info_span!("call", rpc = "ChatStream", request_id = %id);
+        let committed = async {
+            let req = convert::chat_request(request.into_inner())?;
+            let plan = self.table.plan(&req.model)?;
+            self.executor.chat_stream(&plan, &req, deadline).await
+        }
+        .instrument(span.clone())
+        .await
+        .map_err(|err| {
+            let _entered = span.enter();
+            log_failure(&err);
+            err.into_status()
+        })?;
+        let events = committed.map(move |event| match event {
+            Ok(event) => Ok(convert::stream_event(&id, event)),
+            Err(err) => {
+                let _entered = span.enter();
+                log_failure(&err);
+                Err(err.into_status())
+            }
+        });
+        Ok(Response::new(Box::pin(events)))
+    }
+
+    async fn list_models(
+        &self,
+        request: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        let filter = request.into_inner().provider;
+        let models = self
+            .table
+            .models()
+            .into_iter()
+            .filter(|(provider, _, _)| filter.is_empty() || *provider == filter)
+            .map(|(provider, model, info)| {
+                let prices = info.as_ref().and_then(|i| i.prices);
+                pb::ModelInfo {
+                    id: format!("{provider}/{model}"),
+                    kind: pb::ModelKind::Model as i32,
+                    context_window: info.as_ref().and_then(|i| i.context_window),
+                    max_output_tokens: info.as_ref().and_then(|i| i.max_output_tokens),
+                    input_price_per_mtok: prices.map(|p| p.input),
+                    output_price_per_mtok: prices.map(|p| p.output),
+                    cached_input_price_per_mtok: prices.and_then(|p| p.cached_input),
+                    supports_tools: info.as_ref().is_some_and(|i| i.supports_tools),
+                    supports_images: info.as_ref().is_some_and(|i| i.supports_images),
+                    description: String::new(),
+                    provider,
+                    model,
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ListModelsResponse { models }))
+    }
+}

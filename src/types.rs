@@ -1,0 +1,366 @@
+//! Provider-neutral domain types: the request, messages, content parts, the complete answer,
+//! stream events and usage. Providers and the executor speak only these; the conversion from
+//! and to the generated protobuf types lives in `server::convert`.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+
+/// A chat request as the gateway understands it, validated.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ChatRequest {
+    /// The model or policy name the caller asked for.
+    pub model: String,
+    /// The conversation, oldest first; never empty.
+    pub messages: Vec<Message>,
+    /// Sampling parameters; `None` means the provider's default.
+    pub params: SamplingParams,
+    /// Tools the model may call.
+    pub tools: Vec<Tool>,
+    /// How the model may use the tools.
+    pub tool_choice: Option<ToolChoice>,
+    /// The format of the reply.
+    pub response_format: Option<ResponseFormat>,
+    /// Attribution tags (never sent upstream).
+    pub tags: BTreeMap<String, String>,
+    /// Opaque end-user id.
+    pub user: Option<String>,
+}
+
+/// Sampling parameters; each `None` means the provider's default.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SamplingParams {
+    /// Temperature, 0 to 2.
+    pub temperature: Option<f64>,
+    /// Nucleus sampling mass, (0, 1].
+    pub top_p: Option<f64>,
+    /// Maximum output tokens.
+    pub max_tokens: Option<u32>,
+    /// Stop sequences.
+    pub stop: Vec<String>,
+    /// Sampling seed.
+    pub seed: Option<i64>,
+    /// Presence penalty, -2 to 2.
+    pub presence_penalty: Option<f64>,
+    /// Frequency penalty, -2 to 2.
+    pub frequency_penalty: Option<f64>,
+    /// Whether several tool calls may come in one turn.
+    pub parallel_tool_calls: Option<bool>,
+}
+
+/// Who authored a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Application instructions.
+    System,
+    /// Developer instructions (treated as system where the provider has no such role).
+    Developer,
+    /// The end user.
+    User,
+    /// The model.
+    Assistant,
+    /// Tool results.
+    Tool,
+}
+
+/// One message of the conversation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    /// Author.
+    pub role: Role,
+    /// Content parts in order.
+    pub content: Vec<ContentPart>,
+    /// Optional participant name.
+    pub name: Option<String>,
+}
+
+impl Message {
+    /// A message with a single text part.
+    pub fn text(role: Role, text: impl Into<String>) -> Self {
+        Self {
+            role,
+            content: vec![ContentPart::Text(text.into())],
+            name: None,
+        }
+    }
+
+    /// The concatenated text parts of the message.
+    pub fn joined_text(&self) -> String {
+        let mut out = String::new();
+        for part in &self.content {
+            if let ContentPart::Text(t) = part {
+                out.push_str(t);
+            }
+        }
+        out
+    }
+}
+
+/// One piece of message content.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ContentPart {
+    /// Plain text.
+    Text(String),
+    /// An image.
+    Image(Image),
+    /// A tool call by the assistant.
+    ToolCall(ToolCall),
+    /// A tool result.
+    ToolResult(ToolResult),
+}
+
+/// An image, by URL or inline bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Image {
+    /// Where the image comes from.
+    pub source: ImageSource,
+    /// MIME type; always set for inline data.
+    pub mime_type: Option<String>,
+    /// Requested detail level.
+    pub detail: ImageDetail,
+}
+
+/// Where an image comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ImageSource {
+    /// A URL the provider fetches (`https:` or `data:`).
+    Url(String),
+    /// Inline bytes.
+    Data(Bytes),
+}
+
+/// Image detail level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ImageDetail {
+    /// The provider's default.
+    #[default]
+    Default,
+    /// Let the provider decide.
+    Auto,
+    /// Low resolution.
+    Low,
+    /// High resolution.
+    High,
+}
+
+/// A tool call made by the model.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ToolCall {
+    /// Provider call id.
+    pub id: String,
+    /// Tool name.
+    pub name: String,
+    /// Raw JSON arguments text, exactly as the model wrote it.
+    pub arguments: String,
+}
+
+/// The result of a tool call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolResult {
+    /// The call this answers.
+    pub tool_call_id: String,
+    /// Tool name, when known (filled from the conversation when the caller left it empty).
+    pub name: Option<String>,
+    /// Result text.
+    pub content: String,
+    /// Whether the tool failed.
+    pub is_error: bool,
+}
+
+/// A function the model may call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tool {
+    /// Function name.
+    pub name: String,
+    /// Description for the model.
+    pub description: Option<String>,
+    /// JSON Schema of the parameters (an object).
+    pub parameters: serde_json::Value,
+    /// Strict schema adherence, where supported.
+    pub strict: bool,
+}
+
+/// How the model may use tools.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToolChoice {
+    /// The model decides.
+    Auto,
+    /// No tool calls.
+    None,
+    /// At least one tool call.
+    Required,
+    /// This tool must be called.
+    Named(String),
+}
+
+/// The format of the reply.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ResponseFormat {
+    /// Free text.
+    Text,
+    /// Any JSON object.
+    JsonObject,
+    /// JSON matching a schema.
+    JsonSchema {
+        /// Schema name.
+        name: String,
+        /// The schema.
+        schema: serde_json::Value,
+        /// Strict adherence.
+        strict: bool,
+    },
+}
+
+/// Why generation stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FinishReason {
+    /// Not reported.
+    #[default]
+    Unspecified,
+    /// Natural stop or stop sequence.
+    Stop,
+    /// Token limit.
+    Length,
+    /// The model called tools.
+    ToolCalls,
+    /// Content filter.
+    ContentFilter,
+    /// Something else.
+    Other,
+}
+
+/// Token usage as reported by a provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    /// Input tokens, cached ones included.
+    pub input_tokens: u64,
+    /// Output tokens, reasoning included.
+    pub output_tokens: u64,
+    /// Input tokens read from cache, where reported.
+    pub cached_input_tokens: Option<u64>,
+    /// Input tokens written to cache, where reported.
+    pub cache_write_tokens: Option<u64>,
+    /// Reasoning tokens, where reported.
+    pub reasoning_tokens: Option<u64>,
+}
+
+impl Usage {
+    /// Input plus output tokens.
+    pub fn total_tokens(&self) -> u64 {
+        self.input_tokens.saturating_add(self.output_tokens)
+    }
+}
+
+/// A complete answer from one provider.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ChatResponse {
+    /// The model as the provider named it (falls back to the requested one).
+    pub model: String,
+    /// Text parts and tool calls, in order.
+    pub content: Vec<ContentPart>,
+    /// Why generation stopped.
+    pub finish_reason: FinishReason,
+    /// Usage; `None` when the provider reported none.
+    pub usage: Option<Usage>,
+}
+
+/// One event of a provider stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamEvent {
+    /// More reply text.
+    Text(String),
+    /// More reasoning text.
+    Reasoning(String),
+    /// A piece of a tool call.
+    ToolCall(ToolCallDelta),
+    /// The provider reported usage (may come before or with the finish).
+    Usage(Usage),
+    /// The terminal event: the provider finished the reply. A stream without it is broken.
+    Finish(FinishReason),
+}
+
+impl StreamEvent {
+    /// Whether this event carries reply content (what counts as a first token).
+    pub fn is_content(&self) -> bool {
+        matches!(
+            self,
+            StreamEvent::Text(_) | StreamEvent::Reasoning(_) | StreamEvent::ToolCall(_)
+        )
+    }
+}
+
+/// A piece of a streamed tool call.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ToolCallDelta {
+    /// Index of the tool call within the reply.
+    pub index: u32,
+    /// Call id (first piece only).
+    pub id: Option<String>,
+    /// Tool name (first piece only).
+    pub name: Option<String>,
+    /// More arguments text.
+    pub arguments: String,
+}
+
+/// Why an attempt was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptKind {
+    /// First choice.
+    Primary,
+    /// After an earlier attempt failed.
+    Fallback,
+    /// In parallel, because an earlier attempt was slow.
+    Hedge,
+}
+
+impl AttemptKind {
+    /// Metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            AttemptKind::Primary => "primary",
+            AttemptKind::Fallback => "fallback",
+            AttemptKind::Hedge => "hedge",
+        }
+    }
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    /// It produced the answer.
+    Succeeded,
+    /// It failed with this error class (`ErrorClass::reason`).
+    Failed(&'static str),
+    /// Cancelled because another attempt won or the call ended.
+    Cancelled,
+    /// Never started, for this reason.
+    Skipped(&'static str),
+}
+
+/// One attempt (or skipped target) of a call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptRecord {
+    /// Configured provider name.
+    pub provider: String,
+    /// Model at the provider.
+    pub model: String,
+    /// Why it was made.
+    pub kind: AttemptKind,
+    /// How it ended.
+    pub outcome: AttemptOutcome,
+    /// Start, from the start of the call.
+    pub start_offset: std::time::Duration,
+    /// Duration of the attempt.
+    pub latency: std::time::Duration,
+    /// Time to first content chunk, for streams.
+    pub time_to_first_token: Option<std::time::Duration>,
+}
+
+/// The route of one call.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Route {
+    /// The policy used, if any.
+    pub policy: Option<String>,
+    /// Attempts and skipped targets in order.
+    pub attempts: Vec<AttemptRecord>,
+}
