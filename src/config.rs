@@ -82,6 +82,7 @@ struct RawServer {
     listen: Option<String>,
     max_call_duration: Option<String>,
     default_call_timeout: Option<String>,
+    deadline_margin: Option<String>,
     shutdown_grace: Option<String>,
 }
 
@@ -188,6 +189,8 @@ pub struct Config {
     pub max_call_duration: Duration,
     /// The budget of a call whose caller set no deadline.
     pub default_call_timeout: Duration,
+    /// How much before the caller's deadline the gateway ends a call.
+    pub deadline_margin: Duration,
     /// How long in-flight calls may finish after a shutdown signal.
     pub shutdown_grace: Duration,
     /// Shared HTTP client settings.
@@ -322,12 +325,10 @@ pub fn interpolate(
             Some((name, default)) => (name, Some(default)),
             None => (expr, None),
         };
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_')
-        {
-            return Err(format!("`${{{expr}}}` is not a valid environment variable reference"));
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(format!(
+                "`${{{expr}}}` is not a valid environment variable reference"
+            ));
         }
         match (env(name).filter(|v| !v.is_empty()), default) {
             (Some(v), _) => out.push_str(&v),
@@ -395,7 +396,9 @@ fn validate(
         Some(l) => ("--listen / LLM_GATEWAY_LISTEN", l.clone()),
         None => (
             "server.listen",
-            raw.server.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned()),
+            raw.server
+                .listen
+                .unwrap_or_else(|| DEFAULT_LISTEN.to_owned()),
         ),
     };
     let listen = listen_text.parse().unwrap_or_else(|_| {
@@ -414,7 +417,7 @@ fn validate(
     let default_call_timeout = issues.duration(
         "server.default_call_timeout",
         raw.server.default_call_timeout.as_deref(),
-        Duration::from_secs(300),
+        Duration::from_secs(300).min(max_call_duration),
     );
     if default_call_timeout > max_call_duration {
         issues.push(
@@ -422,6 +425,14 @@ fn validate(
             "must not be longer than server.max_call_duration",
         );
     }
+    let deadline_margin = match raw.server.deadline_margin.as_deref().map(parse_duration) {
+        None => Duration::from_millis(5),
+        Some(Ok(d)) => d,
+        Some(Err(e)) => {
+            issues.push("server.deadline_margin", e);
+            Duration::ZERO
+        }
+    };
     let shutdown_grace = issues.duration(
         "server.shutdown_grace",
         raw.server.shutdown_grace.as_deref(),
@@ -470,7 +481,10 @@ fn validate(
         .or(raw.log.level)
         .unwrap_or_else(|| "info".to_owned());
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&filter) {
-        issues.push("log.level", format!("`{filter}` is not a valid filter: {e}"));
+        issues.push(
+            "log.level",
+            format!("`{filter}` is not a valid filter: {e}"),
+        );
     }
 
     let mut providers = Vec::new();
@@ -535,9 +549,8 @@ fn validate(
                 continue;
             }
         };
-        if !matches!(kind, ProviderKind::Mock)
-            && !(base_url.starts_with("http://") || base_url.starts_with("https://"))
-        {
+        let http_url = base_url.starts_with("http://") || base_url.starts_with("https://");
+        if !http_url && kind != ProviderKind::Mock {
             issues.push(
                 format!("{field}.base_url"),
                 format!("`{base_url}` must start with http:// or https://"),
@@ -593,6 +606,7 @@ fn validate(
         listen,
         max_call_duration,
         default_call_timeout,
+        deadline_margin,
         shutdown_grace,
         http,
         stream_idle_timeout,
@@ -632,8 +646,16 @@ mod tests {
         }
     }
 
-    fn load(text: &str, env: &'static [(&'static str, &'static str)]) -> Result<Config, ConfigError> {
-        Config::from_toml(text, Path::new("test.toml"), &Overrides::default(), &env_of(env))
+    fn load(
+        text: &str,
+        env: &'static [(&'static str, &'static str)],
+    ) -> Result<Config, ConfigError> {
+        Config::from_toml(
+            text,
+            Path::new("test.toml"),
+            &Overrides::default(),
+            &env_of(env),
+        )
     }
 
     fn issues(err: ConfigError) -> Vec<ConfigIssue> {
@@ -655,7 +677,10 @@ mod tests {
     fn openai_from_env_with_base_url() {
         let config = load(
             "",
-            &[("OPENAI_API_KEY", "sk-1"), ("OPENAI_BASE_URL", "http://127.0.0.1:9/v1/")],
+            &[
+                ("OPENAI_API_KEY", "sk-1"),
+                ("OPENAI_BASE_URL", "http://127.0.0.1:9/v1/"),
+            ],
         )
         .unwrap();
         assert_eq!(config.providers.len(), 1);
@@ -698,13 +723,19 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        let err = issues(load("[server]\nlisten = \"nope\"\nshutdown_grace = \"soon\"\n", &[]).unwrap_err());
+        let err = issues(
+            load(
+                "[server]\nlisten = \"nope\"\nshutdown_grace = \"soon\"\n",
+                &[],
+            )
+            .unwrap_err(),
+        );
         let fields: Vec<_> = err.iter().map(|i| i.field.as_str()).collect();
         assert_eq!(fields, vec!["server.listen", "server.shutdown_grace"]);
 
         let err = issues(load("[server]\nlisen = \"x\"\n", &[]).unwrap_err());
-        assert_eq!(err[0].field, "server");
-        assert!(err[0].message.contains("lisen"), "{err:?}");
+        assert_eq!(err[0].field, "server.lisen");
+        assert!(err[0].message.contains("unknown field"), "{err:?}");
 
         let err = issues(load("[providers.x]\napi_key = \"${MISSING}\"\n", &[]).unwrap_err());
         assert_eq!(err[0].field, "providers.x.api_key");
@@ -713,9 +744,8 @@ mod tests {
         let err = issues(load("[providers.x]\nkind = \"bogus\"\n", &[]).unwrap_err());
         assert_eq!(err[0].field, "providers.x.kind");
 
-        let err = issues(
-            load("[providers.local]\nkind = \"openai-compatible\"\n", &[]).unwrap_err(),
-        );
+        let err =
+            issues(load("[providers.local]\nkind = \"openai-compatible\"\n", &[]).unwrap_err());
         assert_eq!(err[0].field, "providers.local.base_url");
 
         let err = issues(load("[providers.\"Bad/Name\"]\nkind = \"mock\"\n", &[]).unwrap_err());

@@ -61,7 +61,10 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     telemetry::init(&config.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("llm-gateway: cannot start the runtime: {err}");

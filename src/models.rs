@@ -68,7 +68,10 @@ impl Prices {
     pub fn cost(&self, usage: &Usage) -> Cost {
         let cached = usage.cached_input_tokens.unwrap_or(0);
         let written = usage.cache_write_tokens.unwrap_or(0);
-        let plain = usage.input_tokens.saturating_sub(cached).saturating_sub(written);
+        let plain = usage
+            .input_tokens
+            .saturating_sub(cached)
+            .saturating_sub(written);
         let per = |tokens: u64, price: f64| tokens as f64 * price / 1_000_000.0;
         Cost {
             input_usd: per(plain, self.input)
@@ -252,7 +255,10 @@ mod tests {
         assert!((cost.input_usd - (0.075 + 0.0375)).abs() < 1e-9, "{cost:?}");
         assert!((cost.output_usd - 0.60).abs() < 1e-9);
         assert_eq!(
-            registry.get("openai", "gpt-4o-mini-2024-07-18").unwrap().model,
+            registry
+                .get("openai", "gpt-4o-mini-2024-07-18")
+                .unwrap()
+                .model,
             "gpt-4o-mini"
         );
         assert!(registry.get("openai", "gpt-4o-minix").is_none());

@@ -11,7 +11,12 @@ pub fn init(log: &LogConfig) {
     let registry = tracing_subscriber::registry().with(filter);
     if log.json {
         let _ = registry
-            .with(fmt::layer().json().with_writer(std::io::stderr).with_current_span(true))
+            .with(
+                fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr)
+                    .with_current_span(true),
+            )
             .try_init();
     } else {
         let _ = registry

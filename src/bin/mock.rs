@@ -37,7 +37,10 @@ struct Args {
     error_status: u16,
 }
 
-#[expect(clippy::print_stderr, reason = "reports startup problems to the terminal")]
+#[expect(
+    clippy::print_stderr,
+    reason = "reports startup problems to the terminal"
+)]
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();

@@ -117,13 +117,30 @@ impl Attempts {
             http_status = err.http_status,
             "upstream attempt failed"
         );
-        self.record(target, kind, AttemptOutcome::Failed(err.class.reason()), start, None);
+        self.record(
+            target,
+            kind,
+            AttemptOutcome::Failed(err.class.reason()),
+            start,
+            None,
+        );
         self.all_rate_limited &= err.class == ErrorClass::RateLimited;
         self.last_error = Some(err);
     }
 
-    fn deadline_exceeded(mut self, target: &Target, kind: AttemptKind, start: Instant) -> GatewayError {
-        self.record(target, kind, AttemptOutcome::Failed("DEADLINE_EXCEEDED"), start, None);
+    fn deadline_exceeded(
+        mut self,
+        target: &Target,
+        kind: AttemptKind,
+        start: Instant,
+    ) -> GatewayError {
+        self.record(
+            target,
+            kind,
+            AttemptOutcome::Failed("DEADLINE_EXCEEDED"),
+            start,
+            None,
+        );
         GatewayError::DeadlineExceeded { route: self.route }
     }
 

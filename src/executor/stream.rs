@@ -25,8 +25,8 @@ use crate::{
     providers::{ErrorClass, EventStream, ProviderError},
     routing::Target,
     types::{
-        AttemptKind, AttemptOutcome, AttemptRecord, FinishReason, Route, StreamEvent, ToolCallDelta,
-        Usage,
+        AttemptKind, AttemptOutcome, AttemptRecord, FinishReason, Route, StreamEvent,
+        ToolCallDelta, Usage,
     },
 };
 
@@ -135,7 +135,10 @@ impl CallStream {
         Poll::Ready(Some(Err(error)))
     }
 
-    fn upstream_failed(&mut self, err: ProviderError) -> Poll<Option<Result<CallEvent, GatewayError>>> {
+    fn upstream_failed(
+        &mut self,
+        err: ProviderError,
+    ) -> Poll<Option<Result<CallEvent, GatewayError>>> {
         tracing::warn!(
             provider = self.c.target.provider.name(),
             model = &*self.c.target.model,

@@ -59,11 +59,31 @@ fn input_tokens(body: &Value) -> u64 {
 
 fn error_response(status: u16, retry_after: Option<u64>) -> Response {
     let (kind, code, message) = match status {
-        400 => ("invalid_request_error", Value::Null, "Invalid request (mock)"),
-        401 => ("invalid_request_error", json!("invalid_api_key"), "Incorrect API key provided: sk-mock***"),
-        404 => ("invalid_request_error", json!("model_not_found"), "The model does not exist (mock)"),
-        429 => ("requests", json!("rate_limit_exceeded"), "Rate limit reached (mock)"),
-        _ => ("server_error", Value::Null, "The server had an error (mock)"),
+        400 => (
+            "invalid_request_error",
+            Value::Null,
+            "Invalid request (mock)",
+        ),
+        401 => (
+            "invalid_request_error",
+            json!("invalid_api_key"),
+            "Incorrect API key provided: sk-mock***",
+        ),
+        404 => (
+            "invalid_request_error",
+            json!("model_not_found"),
+            "The model does not exist (mock)",
+        ),
+        429 => (
+            "requests",
+            json!("rate_limit_exceeded"),
+            "Rate limit reached (mock)",
+        ),
+        _ => (
+            "server_error",
+            Value::Null,
+            "The server had an error (mock)",
+        ),
     };
     let body = json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
     let mut response = (
@@ -81,7 +101,10 @@ fn error_response(status: u16, retry_after: Option<u64>) -> Response {
 
 fn tool_call(body: &Value) -> Option<(String, String)> {
     let name = body["tools"][0]["function"]["name"].as_str()?;
-    Some((name.to_owned(), r#"{"location":"Paris","unit":"celsius"}"#.to_owned()))
+    Some((
+        name.to_owned(),
+        r#"{"location":"Paris","unit":"celsius"}"#.to_owned(),
+    ))
 }
 
 async fn chat_completions(
@@ -111,7 +134,11 @@ async fn chat_completions(
         "prompt_tokens_details": {"cached_tokens": 0},
         "completion_tokens_details": {"reasoning_tokens": 0}
     });
-    let tool = if scenario.tools { tool_call(&body) } else { None };
+    let tool = if scenario.tools {
+        tool_call(&body)
+    } else {
+        None
+    };
     if body["stream"] == true {
         return stream_response(scenario, reply, tool, usage, guard);
     }
@@ -162,9 +189,18 @@ fn chunk(model: &str, delta: Value, finish: Option<&str>) -> String {
 }
 
 /// The events of a streamed reply, each sent after `chunk_delay`.
-fn stream_events(scenario: &Scenario, reply: &str, tool: Option<(String, String)>, usage: Value) -> Vec<String> {
+fn stream_events(
+    scenario: &Scenario,
+    reply: &str,
+    tool: Option<(String, String)>,
+    usage: Value,
+) -> Vec<String> {
     let model = scenario.model.as_str();
-    let mut events = vec![chunk(model, json!({"role": "assistant", "content": ""}), None)];
+    let mut events = vec![chunk(
+        model,
+        json!({"role": "assistant", "content": ""}),
+        None,
+    )];
     let finish = match tool {
         Some((name, args)) => {
             events.push(chunk(
@@ -255,4 +291,3 @@ fn stream_response(
         .body(Body::from_stream(body))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
-

@@ -186,7 +186,10 @@ impl ProviderError {
         } else if err.is_connect() {
             ProviderError::new(ErrorClass::Connect, "could not connect to the provider")
         } else if err.is_body() || err.is_decode() {
-            ProviderError::new(ErrorClass::StreamBroken, "the provider's response was cut off")
+            ProviderError::new(
+                ErrorClass::StreamBroken,
+                "the provider's response was cut off",
+            )
         } else {
             ProviderError::new(ErrorClass::Connect, "the connection to the provider failed")
         }
@@ -272,7 +275,10 @@ mod tests {
             Some(Duration::from_millis(500))
         );
         assert_eq!(parse_retry_after_secs("-1"), None);
-        assert_eq!(parse_retry_after_secs("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        assert_eq!(
+            parse_retry_after_secs("Wed, 21 Oct 2015 07:28:00 GMT"),
+            None
+        );
     }
 
     #[test]

@@ -201,7 +201,10 @@ pub fn decode_json<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, P
     serde_json::from_slice(body).map_err(|e| {
         ProviderError::new(
             ErrorClass::InvalidResponse,
-            format!("the provider's response is not valid: {}", json_error_kind(&e)),
+            format!(
+                "the provider's response is not valid: {}",
+                json_error_kind(&e)
+            ),
         )
     })
 }

@@ -12,8 +12,9 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    EventStream, Provider, ProviderError, decode_json, error::short_message, read_body,
-    retry_after_header, send_json,
+    EventStream, Provider, ProviderError, decode_json,
+    error::short_message,
+    read_body, retry_after_header, send_json,
     sse::{EventDecoder, SseEvent, SseStream},
 };
 use crate::{
@@ -58,7 +59,11 @@ pub struct OpenAiConfig {
 
 impl OpenAiConfig {
     /// Settings for `base_url`, with quirks defaulted from whether it is the official API.
-    pub fn new(name: impl Into<String>, base_url: impl Into<String>, api_key: Option<String>) -> Self {
+    pub fn new(
+        name: impl Into<String>,
+        base_url: impl Into<String>,
+        api_key: Option<String>,
+    ) -> Self {
         let base_url = base_url.into().trim_end_matches('/').to_owned();
         let official = base_url.starts_with("https://api.openai.com");
         Self {
@@ -351,7 +356,9 @@ fn convert_message<'a>(
                     ContentPart::Text(t) => {
                         text = Some(match text {
                             None => WireContent::Text(t),
-                            Some(WireContent::Text(prev)) => WireContent::Owned(format!("{prev}{t}")),
+                            Some(WireContent::Text(prev)) => {
+                                WireContent::Owned(format!("{prev}{t}"))
+                            }
                             Some(WireContent::Owned(mut prev)) => {
                                 prev.push_str(t);
                                 WireContent::Owned(prev)
@@ -538,7 +545,10 @@ fn finish_reason(reason: &str) -> FinishReason {
 pub fn parse_response(body: &[u8], requested_model: &str) -> Result<ChatResponse, ProviderError> {
     let wire: WireResponse = decode_json(body)?;
     let choice = wire.choices.into_iter().next().ok_or_else(|| {
-        ProviderError::new(ErrorClass::InvalidResponse, "the provider's response has no choices")
+        ProviderError::new(
+            ErrorClass::InvalidResponse,
+            "the provider's response has no choices",
+        )
     })?;
     let mut content = Vec::with_capacity(1 + choice.message.tool_calls.len());
     if let Some(text) = choice.message.content.filter(|t| !t.is_empty()) {
@@ -653,15 +663,18 @@ impl EventDecoder for ChunkDecoder {
                 "the provider ended the stream without a finish reason",
             ));
         }
-        let chunk: WireChunk = serde_json::from_str(data).map_err(|e| {
-            ProviderError::malformed_event(&super::json_error_kind(&e))
-        })?;
+        let chunk: WireChunk = serde_json::from_str(data)
+            .map_err(|e| ProviderError::malformed_event(&super::json_error_kind(&e)))?;
         if let Some(error) = chunk.error {
             let class = error
                 .code_str()
                 .and_then(class_from_code)
                 .unwrap_or(ErrorClass::StreamBroken);
-            let class = if class.is_retryable() { ErrorClass::StreamBroken } else { class };
+            let class = if class.is_retryable() {
+                ErrorClass::StreamBroken
+            } else {
+                class
+            };
             return Err(ProviderError::new(
                 class,
                 format!(
@@ -743,9 +756,7 @@ impl WireError {
 
 fn class_from_code(code: &str) -> Option<ErrorClass> {
     Some(match code {
-        "context_length_exceeded" | "string_above_max_length" => {
-            ErrorClass::ContextLengthExceeded
-        }
+        "context_length_exceeded" | "string_above_max_length" => ErrorClass::ContextLengthExceeded,
         "content_filter" | "content_policy_violation" => ErrorClass::ContentFiltered,
         "model_not_found" => ErrorClass::ModelNotFound,
         "rate_limit_exceeded" | "insufficient_quota" | "rate_limit_error" => {
@@ -759,9 +770,14 @@ fn class_from_code(code: &str) -> Option<ErrorClass> {
 
 /// Maps an HTTP error answer to a [`ProviderError`].
 pub fn map_error(status: u16, headers: &http::HeaderMap, body: &[u8]) -> ProviderError {
-    let wire = serde_json::from_slice::<WireErrorBody>(body).ok().map(|b| b.error);
+    let wire = serde_json::from_slice::<WireErrorBody>(body)
+        .ok()
+        .map(|b| b.error);
     let status_class = ErrorClass::from_http_status(status);
-    let code_class = wire.as_ref().and_then(|w| w.code_str()).and_then(class_from_code);
+    let code_class = wire
+        .as_ref()
+        .and_then(|w| w.code_str())
+        .and_then(class_from_code);
     // The code refines the status for the request's own faults; transient statuses win.
     let class = match code_class {
         Some(c) if !status_class.is_retryable() || c == ErrorClass::RateLimited => c,
@@ -775,7 +791,10 @@ pub fn map_error(status: u16, headers: &http::HeaderMap, body: &[u8]) -> Provide
         | ErrorClass::ModelNotFound
             if !upstream_msg.is_empty() =>
         {
-            format!("the provider rejected the request: {}", short_message(&upstream_msg))
+            format!(
+                "the provider rejected the request: {}",
+                short_message(&upstream_msg)
+            )
         }
         _ => format!("the provider answered http {status}"),
     };
@@ -939,7 +958,12 @@ mod tests {
 
     #[test]
     fn malformed_response_is_an_error_not_a_panic() {
-        for body in [&b"{"[..], b"not json", b"{\"choices\": []}", b"{\"choices\": 3}"] {
+        for body in [
+            &b"{"[..],
+            b"not json",
+            b"{\"choices\": []}",
+            b"{\"choices\": 3}",
+        ] {
             let err = parse_response(body, "m").unwrap_err();
             assert_eq!(err.class, ErrorClass::InvalidResponse, "{body:?}");
         }
@@ -947,10 +971,8 @@ mod tests {
 
     async fn decode_stream(body: &'static [u8]) -> Vec<Result<StreamEvent, ProviderError>> {
         // Feed in small pieces to exercise event reassembly.
-        let pieces: Vec<reqwest::Result<Bytes>> = body
-            .chunks(7)
-            .map(|c| Ok(Bytes::from_static(c)))
-            .collect();
+        let pieces: Vec<reqwest::Result<Bytes>> =
+            body.chunks(7).map(|c| Ok(Bytes::from_static(c))).collect();
         let stream = SseStream::from_body(
             Box::pin(futures_util::stream::iter(pieces)),
             ChunkDecoder::default(),
@@ -970,14 +992,21 @@ mod tests {
             })
             .collect();
         assert_eq!(text, "Hello! How can I help?");
-        assert!(matches!(events.last(), Some(StreamEvent::Finish(FinishReason::Stop))));
-        assert!(events.iter().any(|e| matches!(e, StreamEvent::Usage(u) if u.input_tokens == 19 && u.output_tokens == 7)));
+        assert!(matches!(
+            events.last(),
+            Some(StreamEvent::Finish(FinishReason::Stop))
+        ));
+        assert!(events.iter().any(
+            |e| matches!(e, StreamEvent::Usage(u) if u.input_tokens == 19 && u.output_tokens == 7)
+        ));
     }
 
     #[tokio::test]
     async fn decodes_streamed_tool_call_arguments() {
-        let events =
-            decode_stream(include_bytes!("../../tests/fixtures/openai/stream_tool_call.txt")).await;
+        let events = decode_stream(include_bytes!(
+            "../../tests/fixtures/openai/stream_tool_call.txt"
+        ))
+        .await;
         let events: Vec<StreamEvent> = events.into_iter().map(Result::unwrap).collect();
         let mut args = String::new();
         let mut name = None;
@@ -992,7 +1021,10 @@ mod tests {
         }
         assert_eq!(name.as_deref(), Some("get_current_weather"));
         assert_eq!(args, r#"{"location":"Boston, MA"}"#);
-        assert!(matches!(events.last(), Some(StreamEvent::Finish(FinishReason::ToolCalls))));
+        assert!(matches!(
+            events.last(),
+            Some(StreamEvent::Finish(FinishReason::ToolCalls))
+        ));
     }
 
     #[tokio::test]
@@ -1002,7 +1034,10 @@ mod tests {
         )
         .await;
         assert_eq!(events.len(), 2);
-        assert_eq!(events[1].as_ref().unwrap_err().class, ErrorClass::StreamBroken);
+        assert_eq!(
+            events[1].as_ref().unwrap_err().class,
+            ErrorClass::StreamBroken
+        );
     }
 
     #[tokio::test]
@@ -1012,7 +1047,10 @@ mod tests {
         )
         .await;
         assert_eq!(events.len(), 2);
-        assert_eq!(events[1].as_ref().unwrap_err().class, ErrorClass::StreamBroken);
+        assert_eq!(
+            events[1].as_ref().unwrap_err().class,
+            ErrorClass::StreamBroken
+        );
     }
 
     #[tokio::test]
@@ -1031,7 +1069,10 @@ mod tests {
             b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"},\"finish_reason\":\"length\"}]}\n\n",
         )
         .await;
-        assert!(matches!(events.last(), Some(Ok(StreamEvent::Finish(FinishReason::Length)))));
+        assert!(matches!(
+            events.last(),
+            Some(Ok(StreamEvent::Finish(FinishReason::Length)))
+        ));
     }
 
     #[test]
@@ -1040,21 +1081,65 @@ mod tests {
         headers.insert("retry-after", http::HeaderValue::from_static("3"));
         let none = http::HeaderMap::new();
         let cases: &[(u16, &http::HeaderMap, &str, ErrorClass)] = &[
-            (429, &headers, r#"{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}"#, ErrorClass::RateLimited),
-            (400, &none, r#"{"error":{"message":"This model's maximum context length is 128000 tokens.","type":"invalid_request_error","param":"messages","code":"context_length_exceeded"}}"#, ErrorClass::ContextLengthExceeded),
-            (400, &none, r#"{"error":{"message":"bad temperature","type":"invalid_request_error","param":"temperature","code":null}}"#, ErrorClass::InvalidRequest),
-            (400, &none, r#"{"error":{"message":"blocked","type":"invalid_request_error","code":"content_filter"}}"#, ErrorClass::ContentFiltered),
-            (401, &none, r#"{"error":{"message":"Incorrect API key provided: sk-abc***","type":"invalid_request_error","code":"invalid_api_key"}}"#, ErrorClass::Authentication),
+            (
+                429,
+                &headers,
+                r#"{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}"#,
+                ErrorClass::RateLimited,
+            ),
+            (
+                400,
+                &none,
+                r#"{"error":{"message":"This model's maximum context length is 128000 tokens.","type":"invalid_request_error","param":"messages","code":"context_length_exceeded"}}"#,
+                ErrorClass::ContextLengthExceeded,
+            ),
+            (
+                400,
+                &none,
+                r#"{"error":{"message":"bad temperature","type":"invalid_request_error","param":"temperature","code":null}}"#,
+                ErrorClass::InvalidRequest,
+            ),
+            (
+                400,
+                &none,
+                r#"{"error":{"message":"blocked","type":"invalid_request_error","code":"content_filter"}}"#,
+                ErrorClass::ContentFiltered,
+            ),
+            (
+                401,
+                &none,
+                r#"{"error":{"message":"Incorrect API key provided: sk-abc***","type":"invalid_request_error","code":"invalid_api_key"}}"#,
+                ErrorClass::Authentication,
+            ),
             (403, &none, "forbidden", ErrorClass::Permission),
-            (404, &none, r#"{"error":{"message":"The model `gpt-9` does not exist","type":"invalid_request_error","code":"model_not_found"}}"#, ErrorClass::ModelNotFound),
-            (500, &none, r#"{"error":{"message":"The server had an error","type":"server_error"}}"#, ErrorClass::ServerError),
-            (502, &none, "<html>bad gateway</html>", ErrorClass::ServerError),
+            (
+                404,
+                &none,
+                r#"{"error":{"message":"The model `gpt-9` does not exist","type":"invalid_request_error","code":"model_not_found"}}"#,
+                ErrorClass::ModelNotFound,
+            ),
+            (
+                500,
+                &none,
+                r#"{"error":{"message":"The server had an error","type":"server_error"}}"#,
+                ErrorClass::ServerError,
+            ),
+            (
+                502,
+                &none,
+                "<html>bad gateway</html>",
+                ErrorClass::ServerError,
+            ),
             (503, &none, "", ErrorClass::Overloaded),
         ];
         for (status, headers, body, class) in cases {
             let err = map_error(*status, headers, body.as_bytes());
             assert_eq!(err.class, *class, "status {status} body {body}");
-            assert!(!err.message.contains("sk-abc"), "leaked key: {}", err.message);
+            assert!(
+                !err.message.contains("sk-abc"),
+                "leaked key: {}",
+                err.message
+            );
         }
         let err = map_error(429, &headers, b"{}");
         assert_eq!(err.retry_after, Some(Duration::from_secs(3)));

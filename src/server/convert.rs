@@ -37,7 +37,10 @@ impl Violations {
             let below = if min_open { v <= min } else { v < min };
             if v.is_nan() || below || v > max {
                 let lower = if min_open { "greater than" } else { "at least" };
-                self.add(field, format!("must be {lower} {min} and at most {max}, got {v}"));
+                self.add(
+                    field,
+                    format!("must be {lower} {min} and at most {max}, got {v}"),
+                );
             }
         }
     }
@@ -56,7 +59,10 @@ pub fn chat_request(req: pb::ChatRequest) -> Result<types::ChatRequest, GatewayE
     let mut v = Violations(Vec::new());
 
     if req.model.trim().is_empty() {
-        v.add("model", "must not be empty; name a `provider/model` or a policy");
+        v.add(
+            "model",
+            "must not be empty; name a `provider/model` or a policy",
+        );
     } else if req.model.len() > MAX_MODEL_LEN {
         v.add("model", format!("must be at most {MAX_MODEL_LEN} bytes"));
     }
@@ -72,7 +78,10 @@ pub fn chat_request(req: pb::ChatRequest) -> Result<types::ChatRequest, GatewayE
         v.add("max_tokens", "must be greater than 0 when set");
     }
     if req.stop.len() > MAX_STOP {
-        v.add("stop", format!("at most {MAX_STOP} stop sequences are allowed"));
+        v.add(
+            "stop",
+            format!("at most {MAX_STOP} stop sequences are allowed"),
+        );
     }
     for (i, s) in req.stop.iter().enumerate() {
         if s.is_empty() {
@@ -84,10 +93,16 @@ pub fn chat_request(req: pb::ChatRequest) -> Result<types::ChatRequest, GatewayE
     }
     for (key, value) in &req.tags {
         if key.is_empty() || key.len() > MAX_TAG_KEY {
-            v.add(format!("tags[{key}]"), format!("keys must be 1 to {MAX_TAG_KEY} bytes"));
+            v.add(
+                format!("tags[{key}]"),
+                format!("keys must be 1 to {MAX_TAG_KEY} bytes"),
+            );
         }
         if value.len() > MAX_TAG_VALUE {
-            v.add(format!("tags[{key}]"), format!("values must be at most {MAX_TAG_VALUE} bytes"));
+            v.add(
+                format!("tags[{key}]"),
+                format!("values must be at most {MAX_TAG_VALUE} bytes"),
+            );
         }
     }
     if req.user.len() > MAX_USER {
@@ -103,7 +118,10 @@ pub fn chat_request(req: pb::ChatRequest) -> Result<types::ChatRequest, GatewayE
                 "must be 1 to 64 letters, digits, `_` or `-`",
             );
         } else if tools.iter().any(|t: &types::Tool| t.name == tool.name) {
-            v.add(format!("tools[{i}].name"), format!("duplicate tool name `{}`", tool.name));
+            v.add(
+                format!("tools[{i}].name"),
+                format!("duplicate tool name `{}`", tool.name),
+            );
         }
         let parameters = match tool.parameters {
             Some(s) => struct_to_json(s),
@@ -124,7 +142,10 @@ pub fn chat_request(req: pb::ChatRequest) -> Result<types::ChatRequest, GatewayE
             Ok(pb::ToolChoiceMode::None) => Some(ToolChoice::None),
             Ok(pb::ToolChoiceMode::Required) => {
                 if tools.is_empty() {
-                    v.add("tool_choice.mode", "REQUIRED needs at least one tool in `tools`");
+                    v.add(
+                        "tool_choice.mode",
+                        "REQUIRED needs at least one tool in `tools`",
+                    );
                 }
                 Some(ToolChoice::Required)
             }
@@ -166,7 +187,10 @@ pub fn chat_request(req: pb::ChatRequest) -> Result<types::ChatRequest, GatewayE
                 }
             },
             Err(_) => {
-                v.add("response_format.type", format!("unknown type {}", format.r#type));
+                v.add(
+                    "response_format.type",
+                    format!("unknown type {}", format.r#type),
+                );
                 None
             }
         },
@@ -191,23 +215,26 @@ pub fn chat_request(req: pb::ChatRequest) -> Result<types::ChatRequest, GatewayE
             }
         };
         if message.content.is_empty() {
-            v.add(format!("messages[{i}].content"), "must hold at least one part");
+            v.add(
+                format!("messages[{i}].content"),
+                "must hold at least one part",
+            );
         }
         let mut content = Vec::with_capacity(message.content.len());
         let mut has_tool_result = false;
         for (j, part) in message.content.into_iter().enumerate() {
             let field = format!("messages[{i}].content[{j}]");
             match part.part {
-                None => v.add(
-                    field,
-                    "must set one of text, image, tool_call, tool_result",
-                ),
+                None => v.add(field, "must set one of text, image, tool_call, tool_result"),
                 Some(pb::content_part::Part::Text(text)) => {
                     content.push(ContentPart::Text(text));
                 }
                 Some(pb::content_part::Part::Image(image)) => {
                     if !matches!(role, Role::User | Role::System | Role::Developer) {
-                        v.add(&field, "images are only allowed in user and system messages");
+                        v.add(
+                            &field,
+                            "images are only allowed in user and system messages",
+                        );
                     }
                     if let Some(image) = convert_image(image, &field, &mut v) {
                         content.push(ContentPart::Image(image));
@@ -299,7 +326,10 @@ fn convert_image(image: pb::Image, field: &str, v: &mut Violations) -> Option<ty
     {
         v.add(
             format!("{field}.image.mime_type"),
-            format!("`{m}` is not supported; use one of {}", IMAGE_MIME_TYPES.join(", ")),
+            format!(
+                "`{m}` is not supported; use one of {}",
+                IMAGE_MIME_TYPES.join(", ")
+            ),
         );
     }
     let detail = match pb::ImageDetail::try_from(image.detail) {
@@ -318,7 +348,9 @@ fn convert_image(image: pb::Image, field: &str, v: &mut Violations) -> Option<ty
             return None;
         }
         Some(pb::image::Source::Url(url)) => {
-            if !(url.starts_with("https://") || url.starts_with("http://") || url.starts_with("data:"))
+            if !(url.starts_with("https://")
+                || url.starts_with("http://")
+                || url.starts_with("data:"))
             {
                 v.add(
                     format!("{field}.image.url"),
@@ -685,6 +717,9 @@ mod tests {
                 kind: Some(prost_types::value::Kind::NumberValue(0.5)),
             },
         );
-        assert_eq!(struct_to_json(s), serde_json::json!({"min": 1, "half": 0.5}));
+        assert_eq!(
+            struct_to_json(s),
+            serde_json::json!({"min": 1, "half": 0.5})
+        );
     }
 }

@@ -5,10 +5,6 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// The gateway finishes a call this much before the caller's deadline, so that its own status
-/// (with the attempt trail) reaches the caller before the caller gives up.
-pub const DEADLINE_MARGIN: Duration = Duration::from_millis(1);
-
 /// Parses a `grpc-timeout` value: up to 8 digits and a unit (`H`, `M`, `S`, `m`, `u`, `n`).
 pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
@@ -27,20 +23,28 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
+/// Call budget settings.
+#[derive(Debug, Clone, Copy)]
+pub struct CallLimits {
+    /// Budget when the caller set no deadline.
+    pub default_timeout: Duration,
+    /// The longest budget, whatever the caller asks.
+    pub max: Duration,
+    /// The gateway ends a call this much before the caller's deadline, so that its own status
+    /// (with the attempt trail) reaches the caller before the caller gives up locally.
+    pub margin: Duration,
+}
+
 /// The deadline of a call that arrived now.
-pub fn call_deadline(
-    metadata: &tonic::metadata::MetadataMap,
-    default_timeout: Duration,
-    max: Duration,
-) -> Instant {
+pub fn call_deadline(metadata: &tonic::metadata::MetadataMap, limits: &CallLimits) -> Instant {
     let now = Instant::now();
     let budget = match metadata
         .get("grpc-timeout")
         .and_then(|v| v.to_str().ok())
         .and_then(parse_grpc_timeout)
     {
-        Some(t) => t.saturating_sub(DEADLINE_MARGIN).min(max),
-        None => default_timeout.min(max),
+        Some(t) => t.saturating_sub(limits.margin).min(limits.max),
+        None => limits.default_timeout.min(limits.max),
     };
     now + budget
 }

@@ -2,28 +2,23 @@
 //! ask routing for a plan, let the executor run it, convert the answer. Every call runs in a
 //! span carrying its request id.
 
-use std::{pin::Pin, sync::Arc, time::Duration};
+use std::{pin::Pin, sync::Arc};
 
 use futures_util::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use super::{convert, deadline::call_deadline, request_id::RequestId};
+use super::{
+    convert,
+    deadline::{CallLimits, call_deadline},
+    request_id::RequestId,
+};
 use crate::{
     error::GatewayError,
     executor::Executor,
     pb::{self, llm_gateway_server::LlmGateway},
     routing::RoutingTable,
 };
-
-/// Call budget settings.
-#[derive(Debug, Clone, Copy)]
-pub struct CallLimits {
-    /// Budget when the caller set no deadline.
-    pub default_timeout: Duration,
-    /// The longest budget, whatever the caller asks.
-    pub max: Duration,
-}
 
 /// The gateway service.
 #[derive(Clone)]
@@ -45,13 +40,15 @@ impl GatewayService {
 }
 
 fn request_id<T>(request: &Request<T>) -> String {
-    request
-        .extensions()
-        .get::<RequestId>()
-        .map_or_else(
-            || super::request_id::generate().to_str().unwrap_or("").to_owned(),
-            |id| id.as_str().to_owned(),
-        )
+    request.extensions().get::<RequestId>().map_or_else(
+        || {
+            super::request_id::generate()
+                .to_str()
+                .unwrap_or("")
+                .to_owned()
+        },
+        |id| id.as_str().to_owned(),
+    )
 }
 
 fn log_failure(err: &GatewayError) {
@@ -73,7 +70,7 @@ impl LlmGateway for GatewayService {
         request: Request<pb::ChatRequest>,
     ) -> Result<Response<pb::ChatResponse>, Status> {
         let id = request_id(&request);
-        let deadline = call_deadline(request.metadata(), self.limits.default_timeout, self.limits.max);
+        let deadline = call_deadline(request.metadata(), &self.limits);
         let span = tracing::info_span!("call", rpc = "Chat", request_id = %id);
         async move {
             let req = convert::chat_request(request.into_inner())?;
@@ -97,7 +94,7 @@ impl LlmGateway for GatewayService {
         request: Request<pb::ChatRequest>,
     ) -> Result<Response<Self::ChatStreamStream>, Status> {
         let id = request_id(&request);
-        let deadline = call_deadline(request.metadata(), self.limits.default_timeout, self.limits.max);
+        let deadline = call_deadline(request.metadata(), &self.limits);
         let span = tracing::info_span!("call", rpc = "ChatStream", request_id = %id);
         let committed = async {
             let req = convert::chat_request(request.into_inner())?;

@@ -75,15 +75,21 @@ pub fn providers_from_config(config: &Config) -> Result<ProviderRegistry, ServeE
 }
 
 /// Builds the routing table for `config` over `providers`.
-pub fn routing_table(config: &Config, providers: &ProviderRegistry) -> Result<RoutingTable, ServeError> {
+pub fn routing_table(
+    config: &Config,
+    providers: &ProviderRegistry,
+) -> Result<RoutingTable, ServeError> {
     let registry = ModelRegistry::builtin()?;
     let allowed = |name: &str| {
         let p = config.providers.iter().find(|p| p.name == name)?;
         match (&p.models, &p.kind) {
             (Some(models), _) => Some(models.clone()),
-            (None, ProviderKind::Mock) => {
-                Some(providers::mock::MODELS.iter().map(|m| (*m).to_owned()).collect())
-            }
+            (None, ProviderKind::Mock) => Some(
+                providers::mock::MODELS
+                    .iter()
+                    .map(|m| (*m).to_owned())
+                    .collect(),
+            ),
             (None, _) => None,
         }
     };
@@ -130,9 +136,10 @@ pub async fn serve(
     let gateway = gateway::GatewayService::new(
         table,
         executor,
-        gateway::CallLimits {
+        deadline::CallLimits {
             default_timeout: config.default_call_timeout,
             max: config.max_call_duration,
+            margin: config.deadline_margin,
         },
     );
 

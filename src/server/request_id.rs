@@ -31,7 +31,11 @@ pub fn generate() -> HeaderValue {
     let n = fastrand::u64(..);
     for (i, b) in buf.iter_mut().enumerate() {
         let nibble = ((n >> (60 - 4 * i)) & 0xf) as u8;
-        *b = if nibble < 10 { b'0' + nibble } else { b'a' + nibble - 10 };
+        *b = if nibble < 10 {
+            b'0' + nibble
+        } else {
+            b'a' + nibble - 10
+        };
     }
     HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("0"))
 }
@@ -127,6 +131,8 @@ mod tests {
         assert!(acceptable(&HeaderValue::from_static("abc-123")));
         assert!(!acceptable(&HeaderValue::from_static("")));
         assert!(!acceptable(&HeaderValue::from_static("has space")));
-        assert!(!acceptable(&HeaderValue::from_str(&"x".repeat(129)).unwrap()));
+        assert!(!acceptable(
+            &HeaderValue::from_str(&"x".repeat(129)).unwrap()
+        ));
     }
 }

@@ -1,0 +1,183 @@
+//! Test harness: start the gateway on 127.0.0.1:0 with a TOML config, build clients.
+
+use std::{path::Path, time::Duration};
+
+use llm_gateway::{
+    config::{Config, Overrides},
+    mock_upstream::{MockSettings, MockUpstream},
+    pb::{self, llm_gateway_client::LlmGatewayClient},
+    server::{self, ServeError},
+};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tonic::transport::Channel;
+
+/// A running gateway.
+pub struct Gateway {
+    pub channel: Channel,
+    stop: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<Result<(), ServeError>>>,
+}
+
+impl Gateway {
+    /// Starts a gateway with this TOML config (no env lookups).
+    pub async fn start(toml: &str) -> Gateway {
+        let config =
+            Config::from_toml(toml, Path::new("test.toml"), &Overrides::default(), &|_| {
+                None
+            })
+            .expect("valid test config");
+        Self::start_config(config).await
+    }
+
+    /// Starts a gateway with a config.
+    pub async fn start_config(config: Config) -> Gateway {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(server::run(config, listener, async {
+            let _ = rx.await;
+        }));
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .unwrap();
+        Gateway {
+            channel,
+            stop: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    pub fn client(&self) -> LlmGatewayClient<Channel> {
+        LlmGatewayClient::new(self.channel.clone())
+    }
+
+    /// Sends the shutdown signal.
+    pub fn signal_shutdown(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// The server task, to await after `signal_shutdown`.
+    pub fn take_handle(&mut self) -> JoinHandle<Result<(), ServeError>> {
+        self.handle.take().unwrap()
+    }
+}
+
+/// A gateway config with one OpenAI-compatible provider `openai` pointing at `mock`.
+pub fn openai_toml(mock: &MockUpstream, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+shutdown_grace = "5s"
+# Answer well before the test client's own deadline timer, even on a loaded machine.
+deadline_margin = "100ms"
+[upstream]
+stream_idle_timeout = "2s"
+[providers.openai]
+kind = "openai"
+base_url = "{}"
+api_key = "sk-test-secret"
+{extra}
+"#,
+        mock.openai_base_url()
+    )
+}
+
+/// A mock upstream and a gateway in front of it.
+pub async fn openai_pair() -> (MockUpstream, Gateway) {
+    let mock = MockUpstream::start(MockSettings::default()).await.unwrap();
+    let gateway = Gateway::start(&openai_toml(&mock, "")).await;
+    (mock, gateway)
+}
+
+pub fn user(text: &str) -> pb::Message {
+    pb::Message {
+        role: pb::Role::User as i32,
+        content: vec![pb::ContentPart {
+            part: Some(pb::content_part::Part::Text(text.to_owned())),
+        }],
+        name: String::new(),
+    }
+}
+
+pub fn request(model: &str, text: &str) -> pb::ChatRequest {
+    pb::ChatRequest {
+        model: model.to_owned(),
+        messages: vec![user(text)],
+        ..Default::default()
+    }
+}
+
+pub fn weather_tool() -> pb::Tool {
+    let mut params = prost_types::Struct::default();
+    params.fields.insert(
+        "type".into(),
+        prost_types::Value {
+            kind: Some(prost_types::value::Kind::StringValue("object".into())),
+        },
+    );
+    pb::Tool {
+        name: "get_weather".into(),
+        description: "current weather".into(),
+        parameters: Some(params),
+        strict: false,
+    }
+}
+
+/// The text parts of a reply, concatenated.
+pub fn reply_text(response: &pb::ChatResponse) -> String {
+    response
+        .message
+        .as_ref()
+        .map(|m| {
+            m.content
+                .iter()
+                .filter_map(|p| match &p.part {
+                    Some(pb::content_part::Part::Text(t)) => Some(t.as_str()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// All events of a stream, and its final status (Ok when it ended cleanly).
+pub async fn collect_stream(
+    mut stream: tonic::Streaming<pb::ChatStreamResponse>,
+) -> (
+    Vec<pb::chat_stream_response::Event>,
+    Result<(), tonic::Status>,
+) {
+    let mut events = Vec::new();
+    loop {
+        match stream.message().await {
+            Ok(Some(msg)) => events.push(msg.event.expect("event set")),
+            Ok(None) => return (events, Ok(())),
+            Err(status) => return (events, Err(status)),
+        }
+    }
+}
+
+/// The field paths of a BadRequest detail.
+pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    status
+        .get_error_details()
+        .bad_request()
+        .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
+        .unwrap_or_default()
+}
+
+/// The ErrorInfo reason.
+pub fn reason(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    status
+        .get_error_details()
+        .error_info()
+        .map(|i| i.reason.clone())
+        .unwrap_or_default()
+}

@@ -1,0 +1,12 @@
+//! Integration tests: the real server on 127.0.0.1:0, called through the generated client,
+//! against mock upstreams that speak each provider's wire format.
+
+// Test helpers outside `#[test]` functions may fail loudly too.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+mod chat;
+mod errors;
+mod server;
+mod stream;
