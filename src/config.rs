@@ -13,7 +13,9 @@ use std::{
 use serde::Deserialize;
 
 use crate::{
+    health::HealthSettings,
     models::RawModel,
+    routing::policy::PolicySpec,
     providers::{
         HttpSettings,
         openai::{self, MaxTokensField},
@@ -74,6 +76,37 @@ struct RawConfig {
     providers: BTreeMap<String, RawProvider>,
     #[serde(default)]
     models: Vec<RawModel>,
+    #[serde(default)]
+    policies: BTreeMap<String, PolicySpec>,
+    #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    health: RawHealth,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    path: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    token: Option<String>,
+    listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    failure_threshold: Option<u32>,
+    error_rate_threshold: Option<f64>,
+    min_samples: Option<usize>,
+    open_duration: Option<String>,
+    half_open_probes: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -203,7 +236,20 @@ pub struct Config {
     pub providers: Vec<ProviderConfig>,
     /// Extra registry entries and price overrides (`provider` is a configured name).
     pub models: Vec<RawModel>,
+    /// Policies from the config file (read-only through the API), by name.
+    pub policies: Vec<PolicySpec>,
+    /// The store file (`:memory:` for none).
+    pub store_path: PathBuf,
+    /// The admin bearer token; `None` means one is generated in the data directory.
+    pub admin_token: Option<String>,
+    /// A separate listen address for the admin service.
+    pub admin_listen: Option<SocketAddr>,
+    /// Circuit breaker settings.
+    pub health: HealthSettings,
 }
+
+/// The default store file, relative to the working directory.
+pub const DEFAULT_STORE_PATH: &str = ".llm-gateway/llm-gateway.db";
 
 /// Settings given on the command line or in the environment; they win over the file.
 #[derive(Debug, Clone, Default)]
@@ -214,6 +260,10 @@ pub struct Overrides {
     pub log_level: Option<String>,
     /// `--log-format` / `LLM_GATEWAY_LOG_FORMAT`.
     pub log_format: Option<String>,
+    /// `--data-dir` / `LLM_GATEWAY_DATA_DIR`: the store goes to `DIR/llm-gateway.db`.
+    pub data_dir: Option<PathBuf>,
+    /// `--admin-token` / `LLM_GATEWAY_ADMIN_TOKEN`.
+    pub admin_token: Option<String>,
 }
 
 impl Config {
@@ -599,10 +649,68 @@ fn validate(
         }
     }
 
+    let mut policies = Vec::new();
+    for (name, mut spec) in raw.policies {
+        if !spec.name.is_empty() && spec.name != name {
+            issues.push(
+                format!("policies.{name}.name"),
+                "must be left out or equal the table name",
+            );
+        }
+        spec.name = name;
+        policies.push(spec);
+    }
+
+    let store_path = match (&overrides.data_dir, raw.store.path) {
+        (Some(dir), _) => dir.join("llm-gateway.db"),
+        (None, Some(path)) => PathBuf::from(path),
+        (None, None) => PathBuf::from(DEFAULT_STORE_PATH),
+    };
+    let admin_token = overrides
+        .admin_token
+        .clone()
+        .or(raw.admin.token)
+        .filter(|t| !t.is_empty());
+    if admin_token.as_ref().is_some_and(|t| t.len() < 16) {
+        issues.push("admin.token", "must be at least 16 characters");
+    }
+    let admin_listen = raw.admin.listen.and_then(|l| match l.parse() {
+        Ok(addr) => Some(addr),
+        Err(_) => {
+            issues.push("admin.listen", format!("`{l}` is not a socket address"));
+            None
+        }
+    });
+    let hd = HealthSettings::default();
+    let health = HealthSettings {
+        failure_threshold: raw.health.failure_threshold.unwrap_or(hd.failure_threshold).max(1),
+        error_rate_threshold: match raw.health.error_rate_threshold {
+            Some(r) if !(r > 0.0 && r <= 1.0) => {
+                issues.push("health.error_rate_threshold", "must be above 0 and at most 1");
+                hd.error_rate_threshold
+            }
+            Some(r) => r,
+            None => hd.error_rate_threshold,
+        },
+        min_samples: raw.health.min_samples.unwrap_or(hd.min_samples),
+        open_duration: issues.duration(
+            "health.open_duration",
+            raw.health.open_duration.as_deref(),
+            hd.open_duration,
+        ),
+        half_open_probes: raw.health.half_open_probes.unwrap_or(hd.half_open_probes).max(1),
+        ..hd
+    };
+
     if !issues.0.is_empty() {
         return Err(ConfigError::Invalid(issues.0));
     }
     Ok(Config {
+        policies,
+        store_path,
+        admin_token,
+        admin_listen,
+        health,
         listen,
         max_call_duration,
         default_call_timeout,

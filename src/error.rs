@@ -108,6 +108,9 @@ pub enum GatewayError {
     /// A concurrent change won (stale etag).
     #[error("{0}")]
     Aborted(String),
+    /// The resource to create exists.
+    #[error("{0}")]
+    AlreadyExists(String),
     /// A bug.
     #[error("internal error: {0}")]
     Internal(String),
@@ -146,6 +149,7 @@ impl GatewayError {
             GatewayError::Cancelled => "cancelled",
             GatewayError::Unavailable { .. } => "unavailable",
             GatewayError::Aborted(_) => "aborted",
+            GatewayError::AlreadyExists(_) => "already_exists",
             GatewayError::Internal(_) => "internal",
         }
     }
@@ -219,6 +223,10 @@ impl GatewayError {
             GatewayError::Aborted(_) => {
                 details.set_error_info("ABORTED", ERROR_DOMAIN, HashMap::new());
                 Code::Aborted
+            }
+            GatewayError::AlreadyExists(_) => {
+                details.set_error_info("ALREADY_EXISTS", ERROR_DOMAIN, HashMap::new());
+                Code::AlreadyExists
             }
             GatewayError::Internal(_) => {
                 details.set_error_info("INTERNAL", ERROR_DOMAIN, HashMap::new());

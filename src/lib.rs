@@ -22,11 +22,13 @@
 pub mod config;
 pub mod error;
 pub mod executor;
+pub mod health;
 pub mod mock_upstream;
 pub mod models;
 pub mod pb;
 pub mod providers;
 pub mod routing;
 pub mod server;
+pub mod store;
 pub mod telemetry;
 pub mod types;

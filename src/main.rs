@@ -26,6 +26,12 @@ struct Args {
     /// Log format: `text` or `json` (overrides `log.format`).
     #[arg(long, env = "LLM_GATEWAY_LOG_FORMAT")]
     log_format: Option<String>,
+    /// Data directory for the embedded store (overrides `store.path`).
+    #[arg(long, env = "LLM_GATEWAY_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// The admin bearer token (overrides `admin.token`; at least 16 characters).
+    #[arg(long, env = "LLM_GATEWAY_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
     /// Validate the configuration, print a summary and exit.
     #[arg(long)]
     check_config: bool,
@@ -42,6 +48,8 @@ fn main() -> ExitCode {
         listen: args.listen,
         log_level: args.log_level,
         log_format: args.log_format,
+        data_dir: args.data_dir,
+        admin_token: args.admin_token,
     };
     let config = match Config::load(args.config.as_deref(), &overrides, &|name| {
         std::env::var(name).ok()
@@ -58,6 +66,10 @@ fn main() -> ExitCode {
         for p in &config.providers {
             println!("  provider {}: {} {}", p.name, p.kind.name(), p.base_url);
         }
+        for p in &config.policies {
+            println!("  policy {}: {} target(s)", p.name, p.targets.len());
+        }
+        println!("  store: {}", config.store_path.display());
         return ExitCode::SUCCESS;
     }
     telemetry::init(&config.log);

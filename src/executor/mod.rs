@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 pub use self::stream::{CallEvent, CallStream};
 use crate::{
     error::GatewayError,
+    health::{Admission, AttemptGuard, AttemptResult},
     models::Cost,
     providers::{ErrorClass, EventStream, ProviderError},
     routing::{Plan, Target},
@@ -78,15 +79,32 @@ struct Attempts {
 
 impl Attempts {
     fn new(plan: &Plan) -> Self {
-        Self {
+        let mut attempts = Self {
             started: Instant::now(),
             route: Route {
                 policy: plan.policy.as_deref().map(str::to_owned),
-                attempts: Vec::with_capacity(plan.targets.len()),
+                attempts: Vec::with_capacity(plan.targets.len() + plan.skipped.len()),
             },
             last_error: None,
             all_rate_limited: true,
+        };
+        for skipped in &plan.skipped {
+            attempts.skip(&skipped.target, skipped.reason);
         }
+        attempts
+    }
+
+    /// Records a target that was not tried.
+    fn skip(&mut self, target: &Target, reason: &'static str) {
+        self.route.attempts.push(AttemptRecord {
+            provider: target.provider.name().to_owned(),
+            model: target.model.to_string(),
+            kind: AttemptKind::Fallback,
+            outcome: AttemptOutcome::Skipped(reason),
+            start_offset: self.started.elapsed(),
+            latency: Duration::ZERO,
+            time_to_first_token: None,
+        });
     }
 
     fn record(
@@ -108,7 +126,15 @@ impl Attempts {
         });
     }
 
-    fn failed(&mut self, target: &Target, kind: AttemptKind, start: Instant, err: ProviderError) {
+    fn failed(
+        &mut self,
+        target: &Target,
+        kind: AttemptKind,
+        start: Instant,
+        guard: AttemptGuard,
+        err: ProviderError,
+    ) {
+        guard.finish(health_result(&err, start.elapsed()));
         tracing::info!(
             provider = target.provider.name(),
             model = &*target.model,
@@ -160,6 +186,38 @@ impl Attempts {
     }
 }
 
+/// What an upstream error says about the target's health.
+fn health_result(err: &ProviderError, latency: Duration) -> AttemptResult {
+    match err.class {
+        ErrorClass::RateLimited | ErrorClass::Overloaded => AttemptResult::RateLimited {
+            rest: err.retry_after.unwrap_or(DEFAULT_REST),
+        },
+        ErrorClass::ServerError
+        | ErrorClass::Timeout
+        | ErrorClass::Connect
+        | ErrorClass::StreamBroken
+        | ErrorClass::InvalidResponse
+        | ErrorClass::Authentication
+        | ErrorClass::Permission => AttemptResult::Failure { latency },
+        // The request's own fault: says nothing about the target.
+        ErrorClass::InvalidRequest
+        | ErrorClass::ContextLengthExceeded
+        | ErrorClass::ContentFiltered
+        | ErrorClass::ModelNotFound => AttemptResult::Neutral,
+    }
+}
+
+/// The route's reason code for a target health did not admit.
+fn skip_reason(admission: Admission) -> &'static str {
+    match admission {
+        Admission::CoolingDown(_) => "COOLING_DOWN",
+        Admission::Allowed | Admission::Probe | Admission::CircuitOpen => "CIRCUIT_OPEN",
+    }
+}
+
+/// How long a target rests after a rate limit or overload that named no Retry-After.
+const DEFAULT_REST: Duration = Duration::from_secs(1);
+
 fn attempt_kind(index: usize) -> AttemptKind {
     if index == 0 {
         AttemptKind::Primary
@@ -185,9 +243,17 @@ impl Executor {
         deadline: Instant,
     ) -> Result<Answer, GatewayError> {
         let mut attempts = Attempts::new(plan);
-        for (index, target) in plan.targets.iter().enumerate() {
+        let max = plan.execution.max_attempts as usize;
+        for (index, target) in plan.targets.iter().take(max).enumerate() {
             let kind = attempt_kind(index);
             let start = Instant::now();
+            let guard = match AttemptGuard::admit(&target.health, start) {
+                Ok(guard) => guard,
+                Err(admission) => {
+                    attempts.skip(target, skip_reason(admission));
+                    continue;
+                }
+            };
             let call = target.provider.chat(&target.model, request);
             let result = tokio::select! {
                 biased;
@@ -197,6 +263,10 @@ impl Executor {
             match result {
                 Err(_elapsed) => return Err(attempts.deadline_exceeded(target, kind, start)),
                 Ok(Ok(response)) => {
+                    guard.finish(AttemptResult::Success {
+                        latency: start.elapsed(),
+                        ttft: None,
+                    });
                     attempts.record(target, kind, AttemptOutcome::Succeeded, start, None);
                     return Ok(Answer {
                         cost: cost_of(target, response.usage.as_ref()),
@@ -205,9 +275,11 @@ impl Executor {
                         route: attempts.route,
                     });
                 }
-                Ok(Err(err)) if err.is_retryable() => attempts.failed(target, kind, start, err),
+                Ok(Err(err)) if err.is_retryable() => {
+                    attempts.failed(target, kind, start, guard, err);
+                }
                 Ok(Err(err)) => {
-                    attempts.failed(target, kind, start, err);
+                    attempts.failed(target, kind, start, guard, err);
                     return Err(attempts.exhausted());
                 }
             }
@@ -224,9 +296,17 @@ impl Executor {
         deadline: Instant,
     ) -> Result<CallStream, GatewayError> {
         let mut attempts = Attempts::new(plan);
-        for (index, target) in plan.targets.iter().enumerate() {
+        let max = plan.execution.max_attempts as usize;
+        for (index, target) in plan.targets.iter().take(max).enumerate() {
             let kind = attempt_kind(index);
             let start = Instant::now();
+            let guard = match AttemptGuard::admit(&target.health, start) {
+                Ok(guard) => guard,
+                Err(admission) => {
+                    attempts.skip(target, skip_reason(admission));
+                    continue;
+                }
+            };
             let open = open_until_first_content(target, request, self.settings.stream_idle_timeout);
             let result = tokio::select! {
                 biased;
@@ -239,6 +319,7 @@ impl Executor {
                     let ttft = start.elapsed();
                     return Ok(CallStream::new(stream::Committed {
                         target: target.clone(),
+                        guard: Some(guard),
                         kind,
                         upstream,
                         buffered,
@@ -251,9 +332,11 @@ impl Executor {
                         hard_stop: self.hard_stop.clone(),
                     }));
                 }
-                Ok(Err(err)) if err.is_retryable() => attempts.failed(target, kind, start, err),
+                Ok(Err(err)) if err.is_retryable() => {
+                    attempts.failed(target, kind, start, guard, err);
+                }
                 Ok(Err(err)) => {
-                    attempts.failed(target, kind, start, err);
+                    attempts.failed(target, kind, start, guard, err);
                     return Err(attempts.exhausted());
                 }
             }

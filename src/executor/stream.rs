@@ -21,6 +21,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use super::{cost_of, shutting_down};
 use crate::{
     error::GatewayError,
+    health::{AttemptGuard, AttemptResult},
     models::Cost,
     providers::{ErrorClass, EventStream, ProviderError},
     routing::Target,
@@ -62,6 +63,7 @@ pub enum CallEvent {
 /// What the executor hands over at the commit point.
 pub(super) struct Committed {
     pub target: Target,
+    pub guard: Option<AttemptGuard>,
     pub kind: AttemptKind,
     pub upstream: EventStream,
     pub buffered: Vec<StreamEvent>,
@@ -115,6 +117,19 @@ impl CallStream {
     }
 
     fn record(&mut self, outcome: AttemptOutcome) -> Route {
+        let latency = self.c.attempt_started.elapsed();
+        let health = match &outcome {
+            AttemptOutcome::Succeeded => AttemptResult::Success {
+                latency,
+                ttft: Some(self.c.time_to_first_token),
+            },
+            AttemptOutcome::Failed("DEADLINE_EXCEEDED") => AttemptResult::Neutral,
+            AttemptOutcome::Failed(_) => AttemptResult::Failure { latency },
+            AttemptOutcome::Cancelled | AttemptOutcome::Skipped(_) => AttemptResult::Neutral,
+        };
+        if let Some(guard) = self.c.guard.take() {
+            guard.finish(health);
+        }
         let mut route = std::mem::take(&mut self.c.route);
         route.attempts.push(AttemptRecord {
             provider: self.c.target.provider.name().to_owned(),

@@ -1,14 +1,35 @@
 //! Routing: turns the `model` a caller named into a [`Plan`], the ordered list of targets the
-//! executor tries. A concrete `provider/model` is a one-target plan; policy names are resolved
-//! from the routing table. The table is an immutable snapshot: a change swaps in a new one, and
-//! calls in flight keep the plan they started with.
+//! executor tries, and explains that decision (ExplainRoute).
+//!
+//! A concrete `provider/model` is a one-target plan. A policy name picks the policy's targets
+//! (or a variant's, by request tags), drops those that break its constraints (fail closed:
+//! none left is FAILED_PRECONDITION), orders them by the strategy, and sets aside those whose
+//! circuit is open or that rest after a rate limit (all set aside is UNAVAILABLE).
+//!
+//! The table is an immutable snapshot held in a [`Router`]: an admin change builds a new
+//! table and swaps it in atomically; calls in flight keep the plan they started with.
 
-use std::sync::Arc;
+pub mod policy;
 
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use tokio::time::Instant;
+
+use self::policy::{
+    ExecutionSettings, PolicyContext, PolicySpec, StickyKey, StrategyKind, TargetSpec,
+    check_constraints, parse_sticky_key,
+};
 use crate::{
     error::GatewayError,
+    health::{Admission, HealthRegistry, TargetHealth},
     models::{ModelInfo, ModelRegistry},
     providers::{Provider, ProviderRegistry},
+    types::{ChatRequest, ContentPart},
 };
 
 /// One routable target: a provider and a model there.
@@ -20,12 +41,23 @@ pub struct Target {
     pub model: Arc<str>,
     /// What the registry knows about the model (prices, context window).
     pub info: Option<Arc<ModelInfo>>,
+    /// Its health.
+    pub health: Arc<TargetHealth>,
 }
 
 impl std::fmt::Debug for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.provider.name(), self.model)
     }
+}
+
+/// A target set aside by health, recorded in the route as skipped.
+#[derive(Debug, Clone)]
+pub struct Skipped {
+    /// The target.
+    pub target: Target,
+    /// The reason code, e.g. `CIRCUIT_OPEN`.
+    pub reason: &'static str,
 }
 
 /// The ordered targets for one call.
@@ -35,9 +67,58 @@ pub struct Plan {
     pub policy: Option<Arc<str>>,
     /// Targets in the order to try them: the first is the primary.
     pub targets: Vec<Target>,
+    /// Targets set aside by health.
+    pub skipped: Vec<Skipped>,
+    /// How to run the call.
+    pub execution: Arc<ExecutionSettings>,
 }
 
-/// Per-provider routing facts.
+/// Where a policy comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicySource {
+    /// The config file (read-only through the API).
+    Config,
+    /// The Admin API (stored).
+    Api,
+}
+
+/// A policy with its metadata, as stored or configured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyRecord {
+    /// The policy.
+    pub spec: PolicySpec,
+    /// Version, incremented on every change (the etag is derived from it).
+    pub version: u64,
+    /// Creation time, Unix milliseconds.
+    pub created_ms: i64,
+    /// Last change, Unix milliseconds.
+    pub updated_ms: i64,
+    /// Origin.
+    pub source: PolicySource,
+}
+
+impl PolicyRecord {
+    /// The etag callers send back on update.
+    pub fn etag(&self) -> String {
+        format!("v{}", self.version)
+    }
+}
+
+struct CompiledTarget {
+    spec: TargetSpec,
+    /// `None` when the provider is not configured (any more).
+    target: Option<Target>,
+}
+
+struct CompiledPolicy {
+    name: Arc<str>,
+    spec: PolicySpec,
+    sticky: Option<StickyKey>,
+    targets: Vec<CompiledTarget>,
+    variants: Vec<(BTreeMap<String, String>, Vec<CompiledTarget>)>,
+    execution: Arc<ExecutionSettings>,
+}
+
 #[derive(Clone)]
 struct ProviderEntry {
     provider: Arc<dyn Provider>,
@@ -46,25 +127,107 @@ struct ProviderEntry {
 }
 
 /// An immutable snapshot of everything routing needs.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct RoutingTable {
-    providers: std::collections::BTreeMap<String, ProviderEntry>,
+    providers: BTreeMap<String, ProviderEntry>,
     registry: ModelRegistry,
-    /// Registry entries resolved per (provider name, model), shared by plans.
-    infos: std::collections::HashMap<String, std::collections::HashMap<String, Arc<ModelInfo>>>,
+    infos: HashMap<String, HashMap<String, Arc<ModelInfo>>>,
+    health: Arc<HealthRegistry>,
+    policies: HashMap<String, Arc<CompiledPolicy>>,
+    records: BTreeMap<String, PolicyRecord>,
+    default_execution: Arc<ExecutionSettings>,
+}
+
+/// One candidate of an explained route.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    /// Provider name.
+    pub provider: String,
+    /// Model.
+    pub model: String,
+    /// In the plan?
+    pub chosen: bool,
+    /// Why.
+    pub reason: String,
+    /// Estimated cost of the request.
+    pub estimated_cost_usd: Option<f64>,
+    /// Observed median latency.
+    pub latency_p50: Option<Duration>,
+    /// Observed median time to first token.
+    pub ttft_p50: Option<Duration>,
+}
+
+/// An explained route.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Explanation {
+    /// The policy, if any.
+    pub policy: Option<String>,
+    /// The variant used.
+    pub variant: Option<usize>,
+    /// The strategy.
+    pub strategy: StrategyKind,
+    /// Chosen candidates in order, then excluded ones.
+    pub candidates: Vec<Candidate>,
+}
+
+/// Estimated (input, output) tokens of a request, for cost ranking.
+pub fn estimate_tokens(request: &ChatRequest) -> (u64, u64) {
+    let mut chars = 0usize;
+    for m in &request.messages {
+        chars += 16;
+        for part in &m.content {
+            chars += match part {
+                ContentPart::Text(t) => t.len(),
+                ContentPart::ToolCall(c) => c.name.len() + c.arguments.len(),
+                ContentPart::ToolResult(r) => r.content.len(),
+                // A typical image costs on the order of a thousand tokens.
+                ContentPart::Image(_) => 4000,
+            };
+        }
+    }
+    let input = (chars / 4).max(1) as u64;
+    let output = u64::from(request.params.max_tokens.unwrap_or(256));
+    (input, output)
+}
+
+/// FNV-1a: a stable hash for sticky assignment (the same across restarts and replicas).
+fn stable_hash(parts: &[&str]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for b in part.bytes().chain(std::iter::once(0xff)) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+fn not_found(model: &str) -> GatewayError {
+    GatewayError::NotFound {
+        reason: "MODEL_NOT_FOUND",
+        message: format!(
+            "unknown model or policy `{model}`; name a `provider/model` or a policy (see ListModels)"
+        ),
+    }
 }
 
 impl RoutingTable {
-    /// A table over `providers`, with `registry` for model facts. `allowed_models` gives the
-    /// allowlist of each provider that has one.
+    /// A table over `providers` with `registry` for model facts and `health` for target
+    /// health. `allowed_models` gives the allowlist of each provider that has one.
     pub fn new(
         providers: &ProviderRegistry,
         registry: ModelRegistry,
         allowed_models: &dyn Fn(&str) -> Option<Vec<String>>,
+        health: Arc<HealthRegistry>,
     ) -> Self {
         let mut table = RoutingTable {
+            providers: BTreeMap::new(),
             registry,
-            ..RoutingTable::default()
+            infos: HashMap::new(),
+            health,
+            policies: HashMap::new(),
+            records: BTreeMap::new(),
+            default_execution: Arc::new(ExecutionSettings::default()),
         };
         for provider in providers.iter() {
             let name = provider.name().to_owned();
@@ -123,6 +286,21 @@ impl RoutingTable {
         self.providers.get(name).map(|e| &e.provider)
     }
 
+    /// Every configured provider.
+    pub fn providers(&self) -> impl Iterator<Item = &Arc<dyn Provider>> {
+        self.providers.values().map(|e| &e.provider)
+    }
+
+    /// The health registry.
+    pub fn health(&self) -> &Arc<HealthRegistry> {
+        &self.health
+    }
+
+    /// The policies with their metadata, sorted by name.
+    pub fn policies(&self) -> &BTreeMap<String, PolicyRecord> {
+        &self.records
+    }
+
     /// Every routable concrete model: `(provider name, model, info)`, sorted.
     pub fn models(&self) -> Vec<(String, String, Option<Arc<ModelInfo>>)> {
         let mut out = Vec::new();
@@ -146,23 +324,73 @@ impl RoutingTable {
         out
     }
 
-    /// Resolves the caller's `model` into a plan.
-    pub fn plan(&self, model: &str) -> Result<Plan, GatewayError> {
+    fn resolve(&self, provider: &str, model: &str) -> Option<Target> {
+        let entry = self.providers.get(provider)?;
+        Some(Target {
+            provider: entry.provider.clone(),
+            model: Arc::from(model),
+            info: self.model_info(provider, model),
+            health: self.health.get(provider, model),
+        })
+    }
+
+    /// A table with the given policies (replacing the current ones). Targets of providers
+    /// that are not configured stay in the policy and are excluded at call time.
+    pub fn with_policies(&self, records: impl IntoIterator<Item = PolicyRecord>) -> RoutingTable {
+        let mut table = self.clone();
+        table.policies.clear();
+        table.records.clear();
+        for record in records {
+            let spec = &record.spec;
+            let compile = |targets: &[TargetSpec]| -> Vec<CompiledTarget> {
+                targets
+                    .iter()
+                    .map(|t| CompiledTarget {
+                        spec: t.clone(),
+                        target: self.resolve(&t.provider, &t.model),
+                    })
+                    .collect()
+            };
+            let compiled = CompiledPolicy {
+                name: Arc::from(spec.name.as_str()),
+                sticky: spec.sticky_key.as_deref().and_then(parse_sticky_key),
+                targets: compile(&spec.targets),
+                variants: spec
+                    .variants
+                    .iter()
+                    .map(|v| (v.match_tags.clone(), compile(&v.targets)))
+                    .collect(),
+                execution: Arc::new(spec.execution.resolve()),
+                spec: spec.clone(),
+            };
+            table
+                .policies
+                .insert(spec.name.clone(), Arc::new(compiled));
+            table.records.insert(spec.name.clone(), record);
+        }
+        table
+    }
+
+    /// Resolves the caller's request into a plan.
+    pub fn plan(&self, request: &ChatRequest) -> Result<Plan, GatewayError> {
+        let model = request.model.as_str();
+        if let Some(policy) = self.policies.get(model) {
+            let (ranked, _) = self.rank(policy, request, false)?;
+            return Ok(ranked);
+        }
         let Some((provider_name, model_name)) = model.split_once('/') else {
-            return Err(GatewayError::NotFound {
-                reason: "MODEL_NOT_FOUND",
-                message: format!(
-                    "unknown model or policy `{model}`; name a `provider/model` or a policy (see ListModels)"
-                ),
-            });
+            return Err(not_found(model));
         };
-        let entry = self.providers.get(provider_name).ok_or_else(|| GatewayError::NotFound {
-            reason: "PROVIDER_NOT_FOUND",
-            message: format!(
-                "unknown provider `{provider_name}` in model `{model}`; configured providers: {}",
-                self.providers.keys().cloned().collect::<Vec<_>>().join(", ")
-            ),
-        })?;
+        let entry = self
+            .providers
+            .get(provider_name)
+            .ok_or_else(|| GatewayError::NotFound {
+                reason: "PROVIDER_NOT_FOUND",
+                message: format!(
+                    "unknown provider `{provider_name}` in model `{model}`; configured providers: {}",
+                    self.providers.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            })?;
         if let Some(allowed) = &entry.allowed_models
             && !allowed.iter().any(|m| m == model_name)
         {
@@ -173,13 +401,507 @@ impl RoutingTable {
                 ),
             });
         }
-        Ok(Plan {
+        let target = Target {
+            provider: entry.provider.clone(),
+            model: Arc::from(model_name),
+            info: self.model_info(provider_name, model_name),
+            health: self.health.get(provider_name, model_name),
+        };
+        let mut plan = Plan {
             policy: None,
-            targets: vec![Target {
-                provider: entry.provider.clone(),
-                model: Arc::from(model_name),
-                info: self.model_info(provider_name, model_name),
-            }],
+            targets: Vec::with_capacity(1),
+            skipped: Vec::new(),
+            execution: self.default_execution.clone(),
+        };
+        match target.health.peek(Instant::now()) {
+            Admission::Allowed | Admission::Probe => plan.targets.push(target),
+            admission => {
+                return Err(all_resting(&[(target, admission)]));
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Explains how a request would be routed.
+    pub fn explain(&self, request: &ChatRequest) -> Result<Explanation, GatewayError> {
+        let Some(policy) = self.policies.get(request.model.as_str()) else {
+            // A concrete model: one candidate.
+            let plan = self.plan(request)?;
+            let (input, output) = estimate_tokens(request);
+            let candidates = plan
+                .targets
+                .iter()
+                .map(|t| candidate(t, true, "the requested model".to_owned(), input, output))
+                .collect();
+            return Ok(Explanation {
+                policy: None,
+                variant: None,
+                strategy: StrategyKind::Priority,
+                candidates,
+            });
+        };
+        let (_, explanation) = self.rank(policy, request, true)?;
+        explanation.ok_or_else(|| GatewayError::Internal("no explanation was built".to_owned()))
+    }
+
+    /// Orders a policy's targets for a request. With `explain`, also says why.
+    fn rank(
+        &self,
+        policy: &CompiledPolicy,
+        request: &ChatRequest,
+        explain: bool,
+    ) -> Result<(Plan, Option<Explanation>), GatewayError> {
+        let variant = policy
+            .variants
+            .iter()
+            .position(|(tags, _)| tags.iter().all(|(k, v)| request.tags.get(k) == Some(v)));
+        let targets = match variant {
+            Some(i) => &policy.variants[i].1,
+            None => &policy.targets,
+        };
+        let (input_tokens, output_tokens) = estimate_tokens(request);
+        let mut excluded: Vec<Candidate> = Vec::new();
+        // Constraints: fail closed.
+        let mut eligible: Vec<(usize, &CompiledTarget, &Target)> = Vec::with_capacity(targets.len());
+        let mut broken: Vec<String> = Vec::new();
+        for (i, ct) in targets.iter().enumerate() {
+            let Some(target) = &ct.target else {
+                let reason = format!("provider `{}` is not configured", ct.spec.provider);
+                if explain {
+                    excluded.push(excluded_candidate(&ct.spec, reason.clone()));
+                }
+                broken.push(format!("{}/{}: {reason}", ct.spec.provider, ct.spec.model));
+                continue;
+            };
+            let prices = target.info.as_ref().and_then(|i| i.prices).map(|p| (p.input, p.output));
+            match check_constraints(&policy.spec.constraints, &ct.spec, prices) {
+                Ok(()) => eligible.push((i, ct, target)),
+                Err(reason) => {
+                    if explain {
+                        excluded.push(candidate(target, false, reason.clone(), input_tokens, output_tokens));
+                    }
+                    broken.push(format!("{}/{}: {reason}", ct.spec.provider, ct.spec.model));
+                }
+            }
+        }
+        if eligible.is_empty() {
+            return Err(GatewayError::FailedPrecondition {
+                reason: "CONSTRAINT_UNSATISFIED",
+                message: format!(
+                    "no target of policy `{}` meets its constraints: {}",
+                    policy.name,
+                    broken.join("; ")
+                ),
+            });
+        }
+
+        // Order by strategy.
+        let mut reasons: HashMap<usize, String> = HashMap::new();
+        match policy.spec.strategy {
+            StrategyKind::Priority => {
+                eligible.sort_by_key(|(i, ct, _)| (ct.spec.priority, *i));
+                if explain {
+                    for (i, ct, _) in &eligible {
+                        reasons.insert(*i, format!("priority {}", ct.spec.priority));
+                    }
+                }
+            }
+            StrategyKind::Weighted => {
+                let total: u64 = eligible.iter().map(|(_, ct, _)| u64::from(ct.spec.weight)).sum();
+                eligible.sort_by(|a, b| b.1.spec.weight.cmp(&a.1.spec.weight).then(a.0.cmp(&b.0)));
+                if total > 0 {
+                    let sticky_value = match &policy.sticky {
+                        Some(StickyKey::User) => request.user.as_deref(),
+                        Some(StickyKey::Tag(tag)) => request.tags.get(tag).map(String::as_str),
+                        None => None,
+                    };
+                    let point = match sticky_value {
+                        Some(v) => stable_hash(&[&policy.name, v]) % total,
+                        None => fastrand::u64(..total),
+                    };
+                    let mut acc = 0u64;
+                    // Walk in list order so a sticky point maps to a stable arm.
+                    let mut by_list = eligible.clone();
+                    by_list.sort_by_key(|(i, _, _)| *i);
+                    let pick = by_list.iter().find(|(_, ct, _)| {
+                        acc += u64::from(ct.spec.weight);
+                        point < acc
+                    });
+                    if let Some((pick_i, _, _)) = pick {
+                        let pos = eligible.iter().position(|(i, _, _)| i == pick_i).unwrap_or(0);
+                        let picked = eligible.remove(pos);
+                        eligible.insert(0, picked);
+                    }
+                }
+                if explain {
+                    for (i, ct, _) in &eligible {
+                        reasons.insert(*i, format!("weight {} of {total}", ct.spec.weight));
+                    }
+                }
+            }
+            StrategyKind::LowestLatency => {
+                // Targets without samples first, so they get measured.
+                let mut keyed: Vec<_> = eligible
+                    .into_iter()
+                    .map(|e| (e.2.health.typical_latency(), e))
+                    .collect();
+                keyed.sort_by(|a, b| match (a.0, b.0) {
+                    (None, None) => a.1.0.cmp(&b.1.0),
+                    (None, Some(_)) => std::cmp::Ordering::Less,
+                    (Some(_), None) => std::cmp::Ordering::Greater,
+                    (Some(x), Some(y)) => x.cmp(&y).then(a.1.0.cmp(&b.1.0)),
+                });
+                if explain {
+                    for (lat, (i, _, _)) in &keyed {
+                        reasons.insert(
+                            *i,
+                            match lat {
+                                Some(l) => format!("observed latency {}ms", l.as_millis()),
+                                None => "no latency samples yet".to_owned(),
+                            },
+                        );
+                    }
+                }
+                eligible = keyed.into_iter().map(|(_, e)| e).collect();
+            }
+            StrategyKind::LowestCost => {
+                let mut keyed: Vec<_> = eligible
+                    .into_iter()
+                    .map(|e| (estimated_cost(e.2, input_tokens, output_tokens), e))
+                    .collect();
+                keyed.sort_by(|a, b| {
+                    let x = a.0.unwrap_or(f64::INFINITY);
+                    let y = b.0.unwrap_or(f64::INFINITY);
+                    x.total_cmp(&y).then(a.1.0.cmp(&b.1.0))
+                });
+                if explain {
+                    for (cost, (i, _, _)) in &keyed {
+                        reasons.insert(
+                            *i,
+                            match cost {
+                                Some(c) => format!("estimated cost ${c:.6}"),
+                                None => "no known price".to_owned(),
+                            },
+                        );
+                    }
+                }
+                eligible = keyed.into_iter().map(|(_, e)| e).collect();
+            }
+            StrategyKind::MostReliable => {
+                let mut keyed: Vec<_> = eligible
+                    .into_iter()
+                    .map(|e| (e.2.health.success_rate(), e))
+                    .collect();
+                keyed.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.0.cmp(&b.1.0)));
+                if explain {
+                    for (rate, (i, _, _)) in &keyed {
+                        reasons.insert(*i, format!("success rate {:.1}%", rate * 100.0));
+                    }
+                }
+                eligible = keyed.into_iter().map(|(_, e)| e).collect();
+            }
+        }
+
+        // Health: set aside open circuits and resting targets.
+        let now = Instant::now();
+        let mut plan = Plan {
+            policy: Some(policy.name.clone()),
+            targets: Vec::with_capacity(eligible.len()),
+            skipped: Vec::new(),
+            execution: policy.execution.clone(),
+        };
+        let mut resting = Vec::new();
+        let mut chosen = Vec::new();
+        for (i, _, target) in eligible {
+            let admission = target.health.peek(now);
+            if admission.is_allowed() {
+                if explain {
+                    let reason = reasons.remove(&i).unwrap_or_default();
+                    chosen.push(candidate(target, true, reason, input_tokens, output_tokens));
+                }
+                plan.targets.push(target.clone());
+            } else {
+                let code = match admission {
+                    Admission::CoolingDown(_) => "COOLING_DOWN",
+                    _ => "CIRCUIT_OPEN",
+                };
+                if explain {
+                    let reason = match admission {
+                        Admission::CoolingDown(until) => format!(
+                            "resting after a rate limit for {}ms",
+                            until.saturating_duration_since(now).as_millis()
+                        ),
+                        _ => "circuit open".to_owned(),
+                    };
+                    excluded.push(candidate(target, false, reason, input_tokens, output_tokens));
+                }
+                plan.skipped.push(Skipped {
+                    target: target.clone(),
+                    reason: code,
+                });
+                resting.push((target.clone(), admission));
+            }
+        }
+        if plan.targets.is_empty() {
+            return Err(all_resting(&resting));
+        }
+        let explanation = explain.then(|| {
+            chosen.extend(excluded);
+            Explanation {
+                policy: Some(policy.name.to_string()),
+                variant,
+                strategy: policy.spec.strategy,
+                candidates: chosen,
+            }
+        });
+        Ok((plan, explanation))
+    }
+}
+
+/// UNAVAILABLE when every target is resting; RetryInfo says when the first comes back.
+fn all_resting(resting: &[(Target, Admission)]) -> GatewayError {
+    let now = Instant::now();
+    let retry_after = resting
+        .iter()
+        .filter_map(|(_, a)| match a {
+            Admission::CoolingDown(until) => Some(until.saturating_duration_since(now)),
+            _ => None,
         })
+        .min();
+    let all_cooling = resting
+        .iter()
+        .all(|(_, a)| matches!(a, Admission::CoolingDown(_)));
+    GatewayError::Unavailable {
+        reason: if all_cooling { "RATE_LIMITED" } else { "CIRCUIT_OPEN" },
+        message: format!(
+            "every target is unavailable (circuit open or resting after a rate limit): {}",
+            resting
+                .iter()
+                .map(|(t, _)| format!("{t:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        retry_after,
+    }
+}
+
+fn estimated_cost(target: &Target, input: u64, output: u64) -> Option<f64> {
+    let prices = target.info.as_ref()?.prices?;
+    Some((input as f64 * prices.input + output as f64 * prices.output) / 1_000_000.0)
+}
+
+fn candidate(target: &Target, chosen: bool, reason: String, input: u64, output: u64) -> Candidate {
+    let snapshot = target.health.snapshot(Instant::now());
+    Candidate {
+        provider: target.provider.name().to_owned(),
+        model: target.model.to_string(),
+        chosen,
+        reason,
+        estimated_cost_usd: estimated_cost(target, input, output),
+        latency_p50: snapshot.latency_p50,
+        ttft_p50: snapshot.ttft_p50,
+    }
+}
+
+fn excluded_candidate(spec: &TargetSpec, reason: String) -> Candidate {
+    Candidate {
+        provider: spec.provider.clone(),
+        model: spec.model.clone(),
+        chosen: false,
+        reason,
+        estimated_cost_usd: None,
+        latency_p50: None,
+        ttft_p50: None,
+    }
+}
+
+impl PolicyContext for RoutingTable {
+    fn has_provider(&self, provider: &str) -> bool {
+        self.providers.contains_key(provider)
+    }
+
+    fn has_model(&self, provider: &str, model: &str) -> bool {
+        self.providers.get(provider).is_some_and(|e| {
+            e.allowed_models
+                .as_ref()
+                .is_none_or(|list| list.iter().any(|m| m == model))
+        })
+    }
+
+    fn prices(&self, provider: &str, model: &str) -> Option<(f64, f64)> {
+        self.model_info(provider, model)
+            .and_then(|i| i.prices)
+            .map(|p| (p.input, p.output))
+    }
+}
+
+/// Holds the current routing table; swaps are atomic and cheap to read.
+pub struct Router {
+    table: ArcSwap<RoutingTable>,
+}
+
+impl Router {
+    /// A router starting with `table`.
+    pub fn new(table: RoutingTable) -> Self {
+        Self {
+            table: ArcSwap::from_pointee(table),
+        }
+    }
+
+    /// The current table (a snapshot: later swaps do not change it).
+    pub fn load(&self) -> Arc<RoutingTable> {
+        self.table.load_full()
+    }
+
+    /// Swaps in a new table.
+    pub fn store(&self, table: RoutingTable) {
+        self.table.store(Arc::new(table));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        health::HealthSettings,
+        providers::mock::Mock,
+        routing::policy::{ConstraintSpec, ExecutionSpec},
+        types::{Message, Role},
+    };
+
+    fn table() -> RoutingTable {
+        let mut providers = ProviderRegistry::new();
+        for name in ["a", "b", "c"] {
+            providers.insert(Arc::new(Mock::new(name)));
+        }
+        RoutingTable::new(
+            &providers,
+            ModelRegistry::default(),
+            &|_| None,
+            Arc::new(HealthRegistry::new(HealthSettings::default())),
+        )
+    }
+
+    fn target(provider: &str, weight: u32, priority: i32, region: Option<&str>) -> TargetSpec {
+        TargetSpec {
+            provider: provider.into(),
+            model: "m".into(),
+            weight,
+            priority,
+            region: region.map(Into::into),
+            tags: vec![],
+        }
+    }
+
+    fn record(spec: PolicySpec) -> PolicyRecord {
+        PolicyRecord {
+            spec,
+            version: 1,
+            created_ms: 0,
+            updated_ms: 0,
+            source: PolicySource::Api,
+        }
+    }
+
+    fn spec(strategy: StrategyKind, targets: Vec<TargetSpec>) -> PolicySpec {
+        PolicySpec {
+            name: "p".into(),
+            description: String::new(),
+            targets,
+            strategy,
+            sticky_key: None,
+            constraints: ConstraintSpec::default(),
+            execution: ExecutionSpec::default(),
+            variants: vec![],
+        }
+    }
+
+    fn request(user: Option<&str>) -> ChatRequest {
+        ChatRequest {
+            model: "p".into(),
+            messages: vec![Message::text(Role::User, "hi")],
+            user: user.map(Into::into),
+            ..ChatRequest::default()
+        }
+    }
+
+    fn order(plan: &Plan) -> Vec<String> {
+        plan.targets.iter().map(|t| t.provider.name().to_owned()).collect()
+    }
+
+    #[tokio::test]
+    async fn priority_orders_by_priority_then_list() {
+        let t = table().with_policies([record(spec(
+            StrategyKind::Priority,
+            vec![target("a", 0, 2, None), target("b", 0, 1, None), target("c", 0, 2, None)],
+        ))]);
+        assert_eq!(order(&t.plan(&request(None)).unwrap()), vec!["b", "a", "c"]);
+    }
+
+    #[tokio::test]
+    async fn weighted_split_is_proportional_and_sticky() {
+        let t = table().with_policies([record(spec(
+            StrategyKind::Weighted,
+            vec![target("a", 70, 0, None), target("b", 30, 0, None)],
+        ))]);
+        let n = 20_000;
+        let a = (0..n)
+            .filter(|_| t.plan(&request(None)).unwrap().targets[0].provider.name() == "a")
+            .count();
+        // 70% +- 5 standard deviations (sd = sqrt(n p (1-p)) ~ 65).
+        assert!((a as i64 - 14_000).abs() < 330, "a got {a} of {n}");
+
+        let mut sticky = spec(
+            StrategyKind::Weighted,
+            vec![target("a", 50, 0, None), target("b", 50, 0, None)],
+        );
+        sticky.sticky_key = Some("user".into());
+        let t = table().with_policies([record(sticky)]);
+        for user in ["alice", "bob", "carol", "dave"] {
+            let first = order(&t.plan(&request(Some(user))).unwrap());
+            for _ in 0..20 {
+                assert_eq!(order(&t.plan(&request(Some(user))).unwrap()), first);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn constraints_fail_closed() {
+        let mut s = spec(
+            StrategyKind::Priority,
+            vec![target("a", 0, 0, Some("us")), target("b", 0, 0, Some("eu"))],
+        );
+        s.constraints.allowed_regions = vec!["eu".into()];
+        let t = table().with_policies([record(s.clone())]);
+        assert_eq!(order(&t.plan(&request(None)).unwrap()), vec!["b"]);
+        let explanation = t.explain(&request(None)).unwrap();
+        assert_eq!(explanation.candidates.len(), 2);
+        assert!(explanation.candidates[1].reason.contains("region us"));
+
+        s.constraints.allowed_regions = vec!["apac".into()];
+        let t = table().with_policies([record(s)]);
+        let err = t.plan(&request(None)).unwrap_err();
+        assert!(matches!(err, GatewayError::FailedPrecondition { .. }), "{err:?}");
+        assert!(err.to_string().contains("allowed_regions"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn variants_are_chosen_by_tags() {
+        let mut s = spec(StrategyKind::Priority, vec![target("a", 0, 0, None)]);
+        s.variants = vec![policy::VariantSpec {
+            match_tags: [("region".to_owned(), "eu".to_owned())].into(),
+            targets: vec![target("c", 0, 0, None)],
+        }];
+        let t = table().with_policies([record(s)]);
+        assert_eq!(order(&t.plan(&request(None)).unwrap()), vec!["a"]);
+        let mut eu = request(None);
+        eu.tags.insert("region".into(), "eu".into());
+        assert_eq!(order(&t.plan(&eu).unwrap()), vec!["c"]);
+    }
+
+    #[test]
+    fn stable_hash_is_stable() {
+        assert_eq!(stable_hash(&["p", "alice"]), stable_hash(&["p", "alice"]));
+        assert_ne!(stable_hash(&["p", "alice"]), stable_hash(&["pa", "lice"]));
     }
 }

@@ -17,22 +17,22 @@ use crate::{
     error::GatewayError,
     executor::Executor,
     pb::{self, llm_gateway_server::LlmGateway},
-    routing::RoutingTable,
+    routing::Router,
 };
 
 /// The gateway service.
 #[derive(Clone)]
 pub struct GatewayService {
-    table: Arc<RoutingTable>,
+    router: Arc<Router>,
     executor: Executor,
     limits: CallLimits,
 }
 
 impl GatewayService {
-    /// A service routing with `table` and running calls on `executor`.
-    pub fn new(table: Arc<RoutingTable>, executor: Executor, limits: CallLimits) -> Self {
+    /// A service routing with `router` and running calls on `executor`.
+    pub fn new(router: Arc<Router>, executor: Executor, limits: CallLimits) -> Self {
         Self {
-            table,
+            router,
             executor,
             limits,
         }
@@ -74,7 +74,7 @@ impl LlmGateway for GatewayService {
         let span = tracing::info_span!("call", rpc = "Chat", request_id = %id);
         async move {
             let req = convert::chat_request(request.into_inner())?;
-            let plan = self.table.plan(&req.model)?;
+            let plan = self.router.load().plan(&req)?;
             let answer = self.executor.chat(&plan, &req, deadline).await?;
             tracing::debug!(provider = %answer.provider, model = %answer.response.model, "call succeeded");
             Ok(Response::new(convert::chat_response(id, answer)))
@@ -98,7 +98,7 @@ impl LlmGateway for GatewayService {
         let span = tracing::info_span!("call", rpc = "ChatStream", request_id = %id);
         let committed = async {
             let req = convert::chat_request(request.into_inner())?;
-            let plan = self.table.plan(&req.model)?;
+            let plan = self.router.load().plan(&req)?;
             self.executor.chat_stream(&plan, &req, deadline).await
         }
         .instrument(span.clone())
@@ -124,8 +124,8 @@ impl LlmGateway for GatewayService {
         request: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
         let filter = request.into_inner().provider;
-        let models = self
-            .table
+        let table = self.router.load();
+        let mut models: Vec<pb::ModelInfo> = table
             .models()
             .into_iter()
             .filter(|(provider, _, _)| filter.is_empty() || *provider == filter)
@@ -147,6 +147,15 @@ impl LlmGateway for GatewayService {
                 }
             })
             .collect();
+        if filter.is_empty() {
+            models.extend(table.policies().values().map(|p| pb::ModelInfo {
+                id: p.spec.name.clone(),
+                kind: pb::ModelKind::Policy as i32,
+                description: p.spec.description.clone(),
+                ..pb::ModelInfo::default()
+            }));
+            models.sort_by(|a, b| a.id.cmp(&b.id));
+        }
         Ok(Response::new(pb::ListModelsResponse { models }))
     }
 }

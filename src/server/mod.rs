@@ -9,7 +9,9 @@
 //! Shutdown: the signal flips health to NOT_SERVING, the listener stops accepting, in-flight
 //! calls and streams get `shutdown_grace` to finish, then the rest are ended with UNAVAILABLE.
 
+pub mod admin;
 pub mod convert;
+pub mod convert_admin;
 pub mod deadline;
 pub mod gateway;
 pub mod request_id;
@@ -23,11 +25,14 @@ use tonic::transport::Server;
 
 use crate::{
     config::{Config, ProviderKind},
+    error::FieldViolation,
     executor::{Executor, ExecutorSettings},
+    health::HealthRegistry,
     models::ModelRegistry,
-    pb::{self, llm_gateway_server::LlmGatewayServer},
+    pb::{self, llm_gateway_admin_server::LlmGatewayAdminServer, llm_gateway_server::LlmGatewayServer},
     providers::{self, Provider, ProviderRegistry, mock::Mock, openai},
-    routing::RoutingTable,
+    routing::{PolicyRecord, PolicySource, Router, RoutingTable, policy},
+    store::{Store, StoreError, sqlite::SqliteStore},
 };
 
 /// The largest request message accepted (inline images make requests large).
@@ -48,6 +53,28 @@ pub enum ServeError {
     /// Reflection could not be set up.
     #[error("reflection setup failed: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The store could not be opened.
+    #[error("cannot open the store: {0}")]
+    Store(#[from] StoreError),
+    /// Policies in the config file are invalid.
+    #[error("invalid policies in the config file:\n{}", .0.iter().map(|v| format!("  - {}: {}", v.field, v.description)).collect::<Vec<_>>().join("\n"))]
+    Policies(Vec<FieldViolation>),
+    /// The admin token file could not be read or written.
+    #[error("admin token file {path}: {source}")]
+    AdminToken {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
 }
 
 /// Builds the configured providers, sharing one HTTP client.
@@ -78,6 +105,7 @@ pub fn providers_from_config(config: &Config) -> Result<ProviderRegistry, ServeE
 pub fn routing_table(
     config: &Config,
     providers: &ProviderRegistry,
+    health: Arc<HealthRegistry>,
 ) -> Result<RoutingTable, ServeError> {
     let registry = ModelRegistry::builtin()?;
     let allowed = |name: &str| {
@@ -93,7 +121,7 @@ pub fn routing_table(
             (None, _) => None,
         }
     };
-    let mut table = RoutingTable::new(providers, registry.clone(), &allowed);
+    let mut table = RoutingTable::new(providers, registry.clone(), &allowed, health);
     for raw in &config.models {
         let Some(provider) = providers.get(&raw.provider) else {
             continue;
@@ -125,7 +153,47 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    let table = Arc::new(routing_table(&config, &providers)?);
+    let health_registry = Arc::new(HealthRegistry::new(config.health.clone()));
+    let table = routing_table(&config, &providers, health_registry)?;
+
+    // Config policies are validated against the providers; they are read-only via the API.
+    let mut violations = Vec::new();
+    let mut config_policies = Vec::new();
+    for spec in &config.policies {
+        violations.extend(policy::validate(spec, &table, &format!("policies.{}", spec.name)));
+        config_policies.push(PolicyRecord {
+            spec: spec.clone(),
+            version: 1,
+            created_ms: 0,
+            updated_ms: 0,
+            source: PolicySource::Config,
+        });
+    }
+    if !violations.is_empty() {
+        return Err(ServeError::Policies(violations));
+    }
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.store_path)?);
+    let router = Arc::new(Router::new(table));
+    let admin = admin::AdminService::new(
+        router.clone(),
+        store,
+        config_policies,
+        config
+            .providers
+            .iter()
+            .map(|p| admin::ProviderInfo {
+                name: p.name.clone(),
+                kind: p.kind.name().to_owned(),
+                base_url: p.base_url.clone(),
+            })
+            .collect(),
+    );
+    admin.reload().await.map_err(|e| {
+        ServeError::Store(StoreError::Backend(format!("cannot load stored policies: {e}")))
+    })?;
+    let admin_token = admin_token(&config)?;
+    let admin_service = LlmGatewayAdminServer::with_interceptor(admin, admin::AdminAuth::new(&admin_token));
+
     let hard_stop = CancellationToken::new();
     let executor = Executor::new(
         ExecutorSettings {
@@ -134,7 +202,7 @@ pub async fn serve(
         hard_stop.clone(),
     );
     let gateway = gateway::GatewayService::new(
-        table,
+        router,
         executor,
         deadline::CallLimits {
             default_timeout: config.default_call_timeout,
@@ -155,26 +223,63 @@ pub async fn serve(
 
     let stop_accepting = CancellationToken::new();
     let local_addr = listener.local_addr().ok();
-    let server = Server::builder()
+    let gateway_service = LlmGatewayServer::new(gateway)
+        .max_decoding_message_size(MAX_REQUEST_BYTES)
+        .max_encoding_message_size(MAX_REQUEST_BYTES);
+    let mut builder = Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .layer(request_id::RequestIdLayer)
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(
-            LlmGatewayServer::new(gateway)
-                .max_decoding_message_size(MAX_REQUEST_BYTES)
-                .max_encoding_message_size(MAX_REQUEST_BYTES),
-        )
-        .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listener),
-            stop_accepting.clone().cancelled_owned(),
-        );
+        .layer(request_id::RequestIdLayer);
+    let mut routes = builder
+        .add_service(health_service.clone())
+        .add_service(reflection_v1.clone())
+        .add_service(reflection_v1alpha.clone())
+        .add_service(gateway_service);
+    // The admin service goes on its own listener when one is configured (for mesh policies),
+    // otherwise beside the gateway.
+    let admin_server = match config.admin_listen {
+        Some(addr) => {
+            let admin_listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Listen { addr, source })?;
+            tracing::info!(addr = %addr, "admin service on its own listener");
+            let admin_routes = Server::builder()
+                .tcp_nodelay(true)
+                .layer(request_id::RequestIdLayer)
+                .add_service(health_service)
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha)
+                .add_service(admin_service);
+            Some(admin_routes.serve_with_incoming_shutdown(
+                TcpListenerStream::new(admin_listener),
+                stop_accepting.clone().cancelled_owned(),
+            ))
+        }
+        None => {
+            routes = routes.add_service(admin_service);
+            None
+        }
+    };
+    let main_server = routes.serve_with_incoming_shutdown(
+        TcpListenerStream::new(listener),
+        stop_accepting.clone().cancelled_owned(),
+    );
+    let server = async move {
+        match admin_server {
+            Some(admin_server) => {
+                let (a, b) = tokio::join!(main_server, admin_server);
+                a.and(b)
+            }
+            None => main_server.await,
+        }
+    };
     let mut server = std::pin::pin!(server);
 
     health
         .set_serving::<LlmGatewayServer<gateway::GatewayService>>()
+        .await;
+    health
+        .set_service_status("llmgateway.v1.LlmGatewayAdmin", tonic_health::ServingStatus::Serving)
         .await;
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
@@ -189,6 +294,9 @@ pub async fn serve(
     tracing::info!(grace = ?config.shutdown_grace, "shutting down: draining in-flight calls");
     health
         .set_not_serving::<LlmGatewayServer<gateway::GatewayService>>()
+        .await;
+    health
+        .set_service_status("llmgateway.v1.LlmGatewayAdmin", tonic_health::ServingStatus::NotServing)
         .await;
     health
         .set_service_status("", tonic_health::ServingStatus::NotServing)
@@ -207,4 +315,55 @@ pub async fn serve(
             Ok(())
         }
     }
+}
+
+/// The admin token: configured, or generated once and kept in `admin-token` beside the store
+/// (readable only by the owner). An in-memory store gets a fresh random token per start.
+fn admin_token(config: &Config) -> Result<String, ServeError> {
+    if let Some(token) = &config.admin_token {
+        return Ok(token.clone());
+    }
+    let generated = || {
+        let mut token = String::from("lgw-admin-");
+        for _ in 0..4 {
+            token.push_str(&format!("{:016x}", fastrand::u64(..)));
+        }
+        token
+    };
+    if config.store_path == std::path::Path::new(":memory:") {
+        tracing::warn!("no admin token configured and the store is in memory: admin calls are refused until admin.token is set");
+        return Ok(generated());
+    }
+    let path = config
+        .store_path
+        .parent()
+        .unwrap_or(std::path::Path::new("."))
+        .join("admin-token");
+    match std::fs::read_to_string(&path) {
+        Ok(token) if !token.trim().is_empty() => return Ok(token.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(ServeError::AdminToken { path, source }),
+    }
+    let token = generated();
+    write_private(&path, &token).map_err(|source| ServeError::AdminToken {
+        path: path.clone(),
+        source,
+    })?;
+    tracing::info!(path = %path.display(), "generated an admin token; admin calls need `authorization: Bearer <contents of this file>`");
+    Ok(token)
+}
+
+fn write_private(path: &std::path::Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    file.write_all(contents.as_bytes())?;
+    file.sync_all()
 }

@@ -11,6 +11,9 @@ use llm_gateway::{
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::transport::Channel;
 
+/// The admin token of test gateways.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
 /// A running gateway.
 pub struct Gateway {
     pub channel: Channel,
@@ -19,13 +22,20 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Starts a gateway with this TOML config (no env lookups).
+    /// Starts a gateway with this TOML config (no env lookups). Unless the config has a
+    /// `[store]` section, the store is in memory; the admin token is [`ADMIN_TOKEN`].
     pub async fn start(toml: &str) -> Gateway {
-        let config =
+        let mut config =
             Config::from_toml(toml, Path::new("test.toml"), &Overrides::default(), &|_| {
                 None
             })
             .expect("valid test config");
+        if !toml.contains("[store]") {
+            config.store_path = ":memory:".into();
+        }
+        if config.admin_token.is_none() {
+            config.admin_token = Some(ADMIN_TOKEN.to_owned());
+        }
         Self::start_config(config).await
     }
 
@@ -37,12 +47,18 @@ impl Gateway {
         let handle = tokio::spawn(server::run(config, listener, async {
             let _ = rx.await;
         }));
-        let channel = Channel::from_shared(format!("http://{addr}"))
+        let connect = Channel::from_shared(format!("http://{addr}"))
             .unwrap()
             .connect_timeout(Duration::from_secs(5))
             .connect()
-            .await
-            .unwrap();
+            .await;
+        let channel = match connect {
+            Ok(channel) => channel,
+            Err(err) if handle.is_finished() => {
+                panic!("the gateway stopped at startup: {:?} (connect: {err})", handle.await)
+            }
+            Err(err) => panic!("cannot connect to the gateway: {err}"),
+        };
         Gateway {
             channel,
             stop: Some(tx),

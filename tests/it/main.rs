@@ -6,6 +6,7 @@
 
 mod common;
 
+mod admin;
 mod chat;
 mod errors;
 mod server;

@@ -1,0 +1,590 @@
+//! Health of targets: a circuit breaker, a rate-limit cooldown and latency statistics over a
+//! sliding window, per provider/model.
+//!
+//! The executor records every attempt here; routing reads it (open breakers and cooling
+//! targets are skipped; `lowest_latency` and `most_reliable` order by it), and so do adaptive
+//! hedging, ExplainRoute and ListProviders.
+//!
+//! Breaker rule: a target opens after `failure_threshold` consecutive retryable failures, or
+//! when at least `min_samples` attempts in the window failed at `error_rate_threshold` or
+//! more. It stays open for `open_duration`, then lets `half_open_probes` probe calls through
+//! (one at a time); that many successes close it, a failure opens it again.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Mutex, RwLock},
+    time::Duration,
+};
+
+use tokio::time::Instant;
+
+/// Breaker and window settings.
+#[derive(Debug, Clone)]
+pub struct HealthSettings {
+    /// Consecutive failures that open the breaker.
+    pub failure_threshold: u32,
+    /// Error rate over the window that opens the breaker.
+    pub error_rate_threshold: f64,
+    /// Attempts in the window before the error rate counts.
+    pub min_samples: usize,
+    /// How long the breaker stays open.
+    pub open_duration: Duration,
+    /// Probe successes needed to close a half-open breaker.
+    pub half_open_probes: u32,
+    /// Samples kept per target.
+    pub window_size: usize,
+    /// Samples older than this are dropped.
+    pub window_age: Duration,
+}
+
+impl Default for HealthSettings {
+    fn default() -> Self {
+        Self {
+            failure_threshold: 5,
+            error_rate_threshold: 0.5,
+            min_samples: 20,
+            open_duration: Duration::from_secs(30),
+            half_open_probes: 2,
+            window_size: 256,
+            window_age: Duration::from_secs(300),
+        }
+    }
+}
+
+/// The breaker state, as reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CircuitState {
+    /// Calls flow.
+    Closed,
+    /// Calls are not sent.
+    Open,
+    /// Probe calls are let through.
+    HalfOpen,
+}
+
+impl CircuitState {
+    /// Metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            CircuitState::Closed => "closed",
+            CircuitState::Open => "open",
+            CircuitState::HalfOpen => "half_open",
+        }
+    }
+}
+
+/// Whether a target may be tried now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Yes.
+    Allowed,
+    /// Yes, as a half-open probe.
+    Probe,
+    /// No, its breaker is open.
+    CircuitOpen,
+    /// No, it is resting after a rate limit until the given time.
+    CoolingDown(Instant),
+}
+
+impl Admission {
+    /// Whether the target may be tried.
+    pub fn is_allowed(self) -> bool {
+        matches!(self, Admission::Allowed | Admission::Probe)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    at: Instant,
+    latency: Duration,
+    ttft: Option<Duration>,
+    ok: bool,
+}
+
+#[derive(Debug)]
+enum Breaker {
+    Closed { consecutive_failures: u32 },
+    Open { until: Instant },
+    HalfOpen { probing: bool, successes: u32 },
+}
+
+#[derive(Debug)]
+struct State {
+    window: VecDeque<Sample>,
+    breaker: Breaker,
+    cooldown_until: Option<Instant>,
+}
+
+/// A snapshot of one target's health.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthSnapshot {
+    /// Breaker state.
+    pub circuit: CircuitState,
+    /// Median latency.
+    pub latency_p50: Option<Duration>,
+    /// 95th percentile latency.
+    pub latency_p95: Option<Duration>,
+    /// Median time to first token.
+    pub ttft_p50: Option<Duration>,
+    /// Failed share of the window.
+    pub error_rate: f64,
+    /// Samples in the window.
+    pub samples: usize,
+    /// Rest remaining after a rate limit.
+    pub cooldown_remaining: Option<Duration>,
+}
+
+/// The health of one provider/model.
+#[derive(Debug)]
+pub struct TargetHealth {
+    settings: Arc<HealthSettings>,
+    state: Mutex<State>,
+}
+
+/// What one attempt did, for the statistics.
+#[derive(Debug, Clone, Copy)]
+pub enum AttemptResult {
+    /// It succeeded.
+    Success {
+        /// Total latency.
+        latency: Duration,
+        /// Time to first token, for streams.
+        ttft: Option<Duration>,
+    },
+    /// It failed with a retryable (target health) error.
+    Failure {
+        /// Time until it failed.
+        latency: Duration,
+    },
+    /// It was rate limited or overloaded; rest for this long (no breaker change).
+    RateLimited {
+        /// How long to rest.
+        rest: Duration,
+    },
+    /// It was cancelled or failed for a reason that says nothing about the target's health
+    /// (e.g. an invalid request); only a half-open probe slot is released.
+    Neutral,
+}
+
+fn percentile(values: &mut [Duration], p: f64) -> Option<Duration> {
+    if values.is_empty() {
+        return None;
+    }
+    let rank = ((p / 100.0) * (values.len() - 1) as f64).round() as usize;
+    let rank = rank.min(values.len() - 1);
+    let (_, v, _) = values.select_nth_unstable(rank);
+    Some(*v)
+}
+
+impl TargetHealth {
+    /// A healthy target.
+    pub fn new(settings: Arc<HealthSettings>) -> Self {
+        Self {
+            settings,
+            state: Mutex::new(State {
+                window: VecDeque::new(),
+                breaker: Breaker::Closed {
+                    consecutive_failures: 0,
+                },
+                cooldown_until: None,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A poisoned lock only means another thread panicked mid-update of plain counters;
+        // the data is still usable.
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether the target may be tried now, without taking a probe slot.
+    pub fn peek(&self, now: Instant) -> Admission {
+        let state = self.lock();
+        Self::admission(&state, now)
+    }
+
+    fn admission(state: &State, now: Instant) -> Admission {
+        if let Some(until) = state.cooldown_until
+            && until > now
+        {
+            return Admission::CoolingDown(until);
+        }
+        match state.breaker {
+            Breaker::Closed { .. } => Admission::Allowed,
+            Breaker::Open { until } if until > now => Admission::CircuitOpen,
+            Breaker::Open { .. } => Admission::Probe,
+            Breaker::HalfOpen { probing: true, .. } => Admission::CircuitOpen,
+            Breaker::HalfOpen { probing: false, .. } => Admission::Probe,
+        }
+    }
+
+    /// Asks to start an attempt now; a half-open breaker hands out one probe at a time.
+    pub fn admit(&self, now: Instant) -> Admission {
+        let mut state = self.lock();
+        let admission = Self::admission(&state, now);
+        if admission == Admission::Probe {
+            let successes = match state.breaker {
+                Breaker::HalfOpen { successes, .. } => successes,
+                _ => 0,
+            };
+            state.breaker = Breaker::HalfOpen {
+                probing: true,
+                successes,
+            };
+        }
+        admission
+    }
+
+    /// Records an attempt. Returns the new breaker state when it changed.
+    pub fn record(&self, result: AttemptResult, now: Instant) -> Option<CircuitState> {
+        let settings = &self.settings;
+        let mut state = self.lock();
+        let before = Self::circuit(&state.breaker);
+        let sample = match result {
+            AttemptResult::Success { latency, ttft } => Some(Sample {
+                at: now,
+                latency,
+                ttft,
+                ok: true,
+            }),
+            AttemptResult::Failure { latency } => Some(Sample {
+                at: now,
+                latency,
+                ttft: None,
+                ok: false,
+            }),
+            AttemptResult::RateLimited { rest } => {
+                let until = now + rest;
+                state.cooldown_until = Some(state.cooldown_until.map_or(until, |u| u.max(until)));
+                None
+            }
+            AttemptResult::Neutral => None,
+        };
+        if let Some(sample) = sample {
+            state.window.push_back(sample);
+            while state.window.len() > settings.window_size
+                || state
+                    .window
+                    .front()
+                    .is_some_and(|s| now.duration_since(s.at) > settings.window_age)
+            {
+                state.window.pop_front();
+            }
+        }
+        state.breaker = match (&state.breaker, result) {
+            (Breaker::HalfOpen { successes, .. }, AttemptResult::Success { .. }) => {
+                if successes + 1 >= settings.half_open_probes {
+                    // Start afresh: the failures that opened the breaker are history.
+                    state.window.retain(|s| s.ok);
+                    Breaker::Closed {
+                        consecutive_failures: 0,
+                    }
+                } else {
+                    Breaker::HalfOpen {
+                        probing: false,
+                        successes: successes + 1,
+                    }
+                }
+            }
+            (Breaker::HalfOpen { .. }, AttemptResult::Failure { .. }) => Breaker::Open {
+                until: now + settings.open_duration,
+            },
+            (Breaker::HalfOpen { successes, .. }, _) => Breaker::HalfOpen {
+                probing: false,
+                successes: *successes,
+            },
+            (Breaker::Closed { .. }, AttemptResult::Success { .. }) => Breaker::Closed {
+                consecutive_failures: 0,
+            },
+            (
+                Breaker::Closed {
+                    consecutive_failures,
+                },
+                AttemptResult::Failure { .. },
+            ) => {
+                let failures = consecutive_failures + 1;
+                let total = state.window.len();
+                let failed = state.window.iter().filter(|s| !s.ok).count();
+                let rate_trips = total >= settings.min_samples
+                    && failed as f64 / total as f64 >= settings.error_rate_threshold;
+                if failures >= settings.failure_threshold || rate_trips {
+                    Breaker::Open {
+                        until: now + settings.open_duration,
+                    }
+                } else {
+                    Breaker::Closed {
+                        consecutive_failures: failures,
+                    }
+                }
+            }
+            (Breaker::Closed { consecutive_failures }, _) => Breaker::Closed {
+                consecutive_failures: *consecutive_failures,
+            },
+            (Breaker::Open { until }, _) => Breaker::Open { until: *until },
+        };
+        let after = Self::circuit(&state.breaker);
+        (before != after).then_some(after)
+    }
+
+    fn circuit(breaker: &Breaker) -> CircuitState {
+        match breaker {
+            Breaker::Closed { .. } => CircuitState::Closed,
+            Breaker::Open { .. } => CircuitState::Open,
+            Breaker::HalfOpen { .. } => CircuitState::HalfOpen,
+        }
+    }
+
+    /// The `p`th percentile (0-100) of successful attempts' latency, when at least
+    /// `min_samples` exist.
+    pub fn latency_percentile(&self, p: f64, min_samples: usize) -> Option<Duration> {
+        let state = self.lock();
+        let mut values: Vec<Duration> =
+            state.window.iter().filter(|s| s.ok).map(|s| s.latency).collect();
+        if values.len() < min_samples.max(1) {
+            return None;
+        }
+        percentile(&mut values, p)
+    }
+
+    /// Median time to first token (streams), falling back to median latency.
+    pub fn typical_latency(&self) -> Option<Duration> {
+        let state = self.lock();
+        let mut ttft: Vec<Duration> = state.window.iter().filter_map(|s| s.ttft).collect();
+        if let Some(v) = percentile(&mut ttft, 50.0) {
+            return Some(v);
+        }
+        let mut lat: Vec<Duration> =
+            state.window.iter().filter(|s| s.ok).map(|s| s.latency).collect();
+        percentile(&mut lat, 50.0)
+    }
+
+    /// Success rate with a weak prior (1 success in 2 attempts), so new targets rank in the
+    /// middle.
+    pub fn success_rate(&self) -> f64 {
+        let state = self.lock();
+        let ok = state.window.iter().filter(|s| s.ok).count();
+        (ok as f64 + 1.0) / (state.window.len() as f64 + 2.0)
+    }
+
+    /// A snapshot for reporting.
+    pub fn snapshot(&self, now: Instant) -> HealthSnapshot {
+        let state = self.lock();
+        let mut lat: Vec<Duration> =
+            state.window.iter().filter(|s| s.ok).map(|s| s.latency).collect();
+        let mut ttft: Vec<Duration> = state.window.iter().filter_map(|s| s.ttft).collect();
+        let failed = state.window.iter().filter(|s| !s.ok).count();
+        let circuit = match (&state.breaker, Self::admission(&state, now)) {
+            (Breaker::Open { .. }, Admission::Probe) => CircuitState::HalfOpen,
+            (b, _) => Self::circuit(b),
+        };
+        HealthSnapshot {
+            circuit,
+            latency_p50: percentile(&mut lat, 50.0),
+            latency_p95: percentile(&mut lat, 95.0),
+            ttft_p50: percentile(&mut ttft, 50.0),
+            error_rate: if state.window.is_empty() {
+                0.0
+            } else {
+                failed as f64 / state.window.len() as f64
+            },
+            samples: state.window.len(),
+            cooldown_remaining: state
+                .cooldown_until
+                .filter(|u| *u > now)
+                .map(|u| u.duration_since(now)),
+        }
+    }
+}
+
+/// An admitted attempt. Dropping it unfinished (the attempt was abandoned: cancelled, lost a
+/// race, ran out of time) records a neutral result, which frees a half-open probe slot.
+#[derive(Debug)]
+pub struct AttemptGuard {
+    health: Arc<TargetHealth>,
+    done: bool,
+}
+
+impl AttemptGuard {
+    /// Admits an attempt now, or says why not.
+    pub fn admit(health: &Arc<TargetHealth>, now: Instant) -> Result<AttemptGuard, Admission> {
+        let admission = health.admit(now);
+        if admission.is_allowed() {
+            Ok(AttemptGuard {
+                health: health.clone(),
+                done: false,
+            })
+        } else {
+            Err(admission)
+        }
+    }
+
+    /// Records the attempt's result; returns the new breaker state when it changed.
+    pub fn finish(mut self, result: AttemptResult) -> Option<CircuitState> {
+        self.done = true;
+        self.health.record(result, Instant::now())
+    }
+}
+
+impl Drop for AttemptGuard {
+    fn drop(&mut self) {
+        if !self.done {
+            self.health.record(AttemptResult::Neutral, Instant::now());
+        }
+    }
+}
+
+/// Health of every target, created on first use.
+#[derive(Debug, Default)]
+pub struct HealthRegistry {
+    settings: Arc<HealthSettings>,
+    targets: RwLock<HashMap<String, HashMap<String, Arc<TargetHealth>>>>,
+}
+
+impl HealthRegistry {
+    /// An empty registry.
+    pub fn new(settings: HealthSettings) -> Self {
+        Self {
+            settings: Arc::new(settings),
+            targets: RwLock::default(),
+        }
+    }
+
+    /// The health of `provider/model`, created when new.
+    pub fn get(&self, provider: &str, model: &str) -> Arc<TargetHealth> {
+        if let Ok(map) = self.targets.read()
+            && let Some(h) = map.get(provider).and_then(|m| m.get(model))
+        {
+            return h.clone();
+        }
+        let mut map = self
+            .targets
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.entry(provider.to_owned())
+            .or_default()
+            .entry(model.to_owned())
+            .or_insert_with(|| Arc::new(TargetHealth::new(self.settings.clone())))
+            .clone()
+    }
+
+    /// Every known target, sorted.
+    pub fn all(&self) -> Vec<(String, String, Arc<TargetHealth>)> {
+        let map = self
+            .targets
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut out: Vec<_> = map
+            .iter()
+            .flat_map(|(p, models)| {
+                models
+                    .iter()
+                    .map(move |(m, h)| (p.clone(), m.clone(), h.clone()))
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn health(threshold: u32) -> TargetHealth {
+        TargetHealth::new(Arc::new(HealthSettings {
+            failure_threshold: threshold,
+            open_duration: Duration::from_secs(10),
+            half_open_probes: 2,
+            ..HealthSettings::default()
+        }))
+    }
+
+    const FAIL: AttemptResult = AttemptResult::Failure {
+        latency: Duration::from_millis(5),
+    };
+    const OK: AttemptResult = AttemptResult::Success {
+        latency: Duration::from_millis(5),
+        ttft: None,
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn breaker_opens_half_opens_and_closes() {
+        let h = health(3);
+        let t0 = Instant::now();
+        assert_eq!(h.record(FAIL, t0), None);
+        assert_eq!(h.record(FAIL, t0), None);
+        assert_eq!(h.record(FAIL, t0), Some(CircuitState::Open));
+        assert_eq!(h.admit(t0), Admission::CircuitOpen);
+        let later = t0 + Duration::from_secs(11);
+        assert_eq!(h.peek(later), Admission::Probe);
+        assert_eq!(h.admit(later), Admission::Probe);
+        // One probe at a time.
+        assert_eq!(h.admit(later), Admission::CircuitOpen);
+        assert_eq!(h.record(OK, later), None);
+        assert_eq!(h.admit(later), Admission::Probe);
+        assert_eq!(h.record(OK, later), Some(CircuitState::Closed));
+        assert_eq!(h.admit(later), Admission::Allowed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_probe_reopens() {
+        let h = health(1);
+        let t0 = Instant::now();
+        h.record(FAIL, t0);
+        let later = t0 + Duration::from_secs(11);
+        assert_eq!(h.admit(later), Admission::Probe);
+        assert_eq!(h.record(FAIL, later), Some(CircuitState::Open));
+        assert_eq!(h.admit(later), Admission::CircuitOpen);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn error_rate_opens_the_breaker() {
+        let h = TargetHealth::new(Arc::new(HealthSettings {
+            failure_threshold: 100,
+            min_samples: 10,
+            error_rate_threshold: 0.5,
+            ..HealthSettings::default()
+        }));
+        let t0 = Instant::now();
+        let mut opened = false;
+        for _ in 0..10 {
+            h.record(OK, t0);
+            opened |= h.record(FAIL, t0) == Some(CircuitState::Open);
+        }
+        assert!(opened);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_limit_cooldown() {
+        let h = health(3);
+        let t0 = Instant::now();
+        h.record(
+            AttemptResult::RateLimited {
+                rest: Duration::from_secs(2),
+            },
+            t0,
+        );
+        assert!(matches!(h.admit(t0), Admission::CoolingDown(_)));
+        assert_eq!(h.admit(t0 + Duration::from_secs(3)), Admission::Allowed);
+        assert_eq!(h.snapshot(t0).circuit, CircuitState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn percentiles_over_the_window() {
+        let h = health(3);
+        let t0 = Instant::now();
+        for ms in 1..=100 {
+            h.record(
+                AttemptResult::Success {
+                    latency: Duration::from_millis(ms),
+                    ttft: None,
+                },
+                t0,
+            );
+        }
+        assert_eq!(h.latency_percentile(50.0, 10), Some(Duration::from_millis(51)));
+        assert_eq!(h.latency_percentile(95.0, 10), Some(Duration::from_millis(95)));
+        assert_eq!(h.latency_percentile(95.0, 1000), None);
+        assert!(h.success_rate() > 0.98);
+    }
+}

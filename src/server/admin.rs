@@ -1,0 +1,440 @@
+//! The `llmgateway.v1.LlmGatewayAdmin` handlers: policy CRUD with etags, validation, route
+//! explanations and provider health; and the admin credential check.
+//!
+//! Writes are serialized: store the change, rebuild the routing table from the config
+//! policies and the stored ones, swap it in. New calls see the change at once; calls in
+//! flight keep their plan.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use tokio::sync::Mutex;
+use tonic::{Request, Response, Status};
+
+use super::{convert, convert_admin};
+use crate::{
+    error::{FieldViolation, GatewayError},
+    pb::{self, llm_gateway_admin_server::LlmGatewayAdmin},
+    routing::{PolicyRecord, Router, policy},
+    store::{Store, StoreError},
+};
+
+/// Maximum page size of ListPolicies.
+const MAX_PAGE: usize = 500;
+
+/// A configured provider, as ListProviders shows it.
+#[derive(Debug, Clone)]
+pub struct ProviderInfo {
+    /// Name.
+    pub name: String,
+    /// Kind.
+    pub kind: String,
+    /// Base URL.
+    pub base_url: String,
+}
+
+/// The admin service.
+pub struct AdminService {
+    router: Arc<Router>,
+    store: Arc<dyn Store>,
+    config_policies: BTreeMap<String, PolicyRecord>,
+    providers: Vec<ProviderInfo>,
+    writes: Mutex<()>,
+}
+
+impl AdminService {
+    /// An admin service over the router and store.
+    pub fn new(
+        router: Arc<Router>,
+        store: Arc<dyn Store>,
+        config_policies: Vec<PolicyRecord>,
+        providers: Vec<ProviderInfo>,
+    ) -> Self {
+        Self {
+            router,
+            store,
+            config_policies: config_policies
+                .into_iter()
+                .map(|r| (r.spec.name.clone(), r))
+                .collect(),
+            providers,
+            writes: Mutex::new(()),
+        }
+    }
+
+    /// Rebuilds the routing table from the config policies and the store, and swaps it in.
+    pub async fn reload(&self) -> Result<(), GatewayError> {
+        let stored = self.store.list_policies().await.map_err(store_error)?;
+        let mut all: BTreeMap<String, PolicyRecord> = BTreeMap::new();
+        for record in stored {
+            if self.config_policies.contains_key(&record.spec.name) {
+                tracing::warn!(
+                    policy = %record.spec.name,
+                    "a stored policy has the name of a config policy; the config one wins"
+                );
+                continue;
+            }
+            all.insert(record.spec.name.clone(), record);
+        }
+        for (name, record) in &self.config_policies {
+            all.insert(name.clone(), record.clone());
+        }
+        let table = self.router.load().with_policies(all.into_values());
+        self.router.store(table);
+        Ok(())
+    }
+
+    fn check(&self, spec: &policy::PolicySpec, mut violations: Vec<FieldViolation>) -> Result<(), GatewayError> {
+        let table = self.router.load();
+        violations.extend(policy::validate(spec, &*table, "policy"));
+        let size = serde_json::to_vec(spec).map_or(usize::MAX, |d| d.len());
+        if size > policy::MAX_DOCUMENT_BYTES {
+            violations.push(FieldViolation::new(
+                "policy",
+                format!(
+                    "the policy document is {size} bytes; at most {} are allowed",
+                    policy::MAX_DOCUMENT_BYTES
+                ),
+            ));
+        }
+        if violations.is_empty() {
+            Ok(())
+        } else {
+            Err(GatewayError::InvalidArgument(violations))
+        }
+    }
+
+    fn read_only(&self, name: &str) -> Result<(), GatewayError> {
+        if self.config_policies.contains_key(name) {
+            return Err(GatewayError::FailedPrecondition {
+                reason: "POLICY_READ_ONLY",
+                message: format!(
+                    "policy `{name}` is defined in the config file and is read-only through the api"
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn store_error(err: StoreError) -> GatewayError {
+    match err {
+        StoreError::AlreadyExists(name) => {
+            GatewayError::AlreadyExists(format!("a policy named `{name}` already exists"))
+        }
+        StoreError::NotFound(name) => GatewayError::NotFound {
+            reason: "POLICY_NOT_FOUND",
+            message: format!("no policy named `{name}`"),
+        },
+        StoreError::Conflict { name, current } => GatewayError::Aborted(format!(
+            "policy `{name}` was changed concurrently; its current etag is v{current}: get it and retry"
+        )),
+        StoreError::Backend(msg) => {
+            tracing::error!(error = %msg, "store failure");
+            GatewayError::Unavailable {
+                reason: "STORE_UNAVAILABLE",
+                message: "the policy store failed; retry".to_owned(),
+                retry_after: None,
+            }
+        }
+    }
+}
+
+fn parse_etag(etag: &str, field: &str) -> Result<u64, GatewayError> {
+    etag.strip_prefix('v')
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| GatewayError::invalid(field, format!("`{etag}` is not an etag from this gateway")))
+}
+
+fn required_policy(p: Option<pb::Policy>) -> Result<pb::Policy, GatewayError> {
+    p.ok_or_else(|| GatewayError::invalid("policy", "is required"))
+}
+
+fn encode_token(name: &str) -> String {
+    name.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_token(token: &str) -> Option<String> {
+    if token.len() % 2 != 0 {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..token.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(token.get(i..i + 2)?, 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
+
+type AdminResult<T> = Result<Response<T>, Status>;
+
+fn fail(err: GatewayError) -> Status {
+    tracing::info!(error = %err, class = err.label(), "admin call failed");
+    err.into_status()
+}
+
+#[tonic::async_trait]
+impl LlmGatewayAdmin for AdminService {
+    async fn create_policy(&self, request: Request<pb::CreatePolicyRequest>) -> AdminResult<pb::CreatePolicyResponse> {
+        async {
+            let p = required_policy(request.into_inner().policy)?;
+            let (spec, violations) = convert_admin::policy_in(p, "policy");
+            self.check(&spec, violations)?;
+            let _write = self.writes.lock().await;
+            if self.config_policies.contains_key(&spec.name) {
+                return Err(GatewayError::AlreadyExists(format!(
+                    "a policy named `{}` is defined in the config file",
+                    spec.name
+                )));
+            }
+            let record = self.store.create_policy(spec).await.map_err(store_error)?;
+            self.reload().await?;
+            tracing::info!(policy = %record.spec.name, etag = %record.etag(), "policy created");
+            Ok(Response::new(pb::CreatePolicyResponse {
+                policy: Some(convert_admin::policy_out(&record)),
+            }))
+        }
+        .await
+        .map_err(fail)
+    }
+
+    async fn update_policy(&self, request: Request<pb::UpdatePolicyRequest>) -> AdminResult<pb::UpdatePolicyResponse> {
+        async {
+            let p = required_policy(request.into_inner().policy)?;
+            if p.etag.is_empty() {
+                return Err(GatewayError::invalid(
+                    "policy.etag",
+                    "is required: send the etag of the version you are replacing",
+                ));
+            }
+            let version = parse_etag(&p.etag, "policy.etag")?;
+            let (spec, violations) = convert_admin::policy_in(p, "policy");
+            self.read_only(&spec.name)?;
+            self.check(&spec, violations)?;
+            let _write = self.writes.lock().await;
+            let record = self.store.update_policy(spec, version).await.map_err(store_error)?;
+            self.reload().await?;
+            tracing::info!(policy = %record.spec.name, etag = %record.etag(), "policy updated");
+            Ok(Response::new(pb::UpdatePolicyResponse {
+                policy: Some(convert_admin::policy_out(&record)),
+            }))
+        }
+        .await
+        .map_err(fail)
+    }
+
+    async fn get_policy(&self, request: Request<pb::GetPolicyRequest>) -> AdminResult<pb::GetPolicyResponse> {
+        async {
+            let name = request.into_inner().name;
+            if let Some(record) = self.config_policies.get(&name) {
+                return Ok(Response::new(pb::GetPolicyResponse {
+                    policy: Some(convert_admin::policy_out(record)),
+                }));
+            }
+            let record = self
+                .store
+                .get_policy(&name)
+                .await
+                .map_err(store_error)?
+                .ok_or_else(|| store_error(StoreError::NotFound(name)))?;
+            Ok(Response::new(pb::GetPolicyResponse {
+                policy: Some(convert_admin::policy_out(&record)),
+            }))
+        }
+        .await
+        .map_err(fail)
+    }
+
+    async fn list_policies(&self, request: Request<pb::ListPoliciesRequest>) -> AdminResult<pb::ListPoliciesResponse> {
+        async {
+            let req = request.into_inner();
+            let size = match req.page_size {
+                0 => 50,
+                n => (n as usize).min(MAX_PAGE),
+            };
+            let after = if req.page_token.is_empty() {
+                None
+            } else {
+                Some(decode_token(&req.page_token).ok_or_else(|| {
+                    GatewayError::invalid("page_token", "is not a token from a previous page")
+                })?)
+            };
+            // The table holds exactly what routes: config policies and stored ones.
+            let table = self.router.load();
+            let mut page: Vec<pb::Policy> = table
+                .policies()
+                .iter()
+                .filter(|(name, _)| after.as_ref().is_none_or(|a| *name > a))
+                .take(size + 1)
+                .map(|(_, r)| convert_admin::policy_out(r))
+                .collect();
+            let next_page_token = if page.len() > size {
+                page.truncate(size);
+                page.last().map(|p| encode_token(&p.name)).unwrap_or_default()
+            } else {
+                String::new()
+            };
+            Ok(Response::new(pb::ListPoliciesResponse {
+                policies: page,
+                next_page_token,
+            }))
+        }
+        .await
+        .map_err(fail)
+    }
+
+    async fn delete_policy(&self, request: Request<pb::DeletePolicyRequest>) -> AdminResult<pb::DeletePolicyResponse> {
+        async {
+            let req = request.into_inner();
+            self.read_only(&req.name)?;
+            let expected = if req.etag.is_empty() {
+                None
+            } else {
+                Some(parse_etag(&req.etag, "etag")?)
+            };
+            let _write = self.writes.lock().await;
+            self.store
+                .delete_policy(&req.name, expected)
+                .await
+                .map_err(store_error)?;
+            self.reload().await?;
+            tracing::info!(policy = %req.name, "policy deleted");
+            Ok(Response::new(pb::DeletePolicyResponse {}))
+        }
+        .await
+        .map_err(fail)
+    }
+
+    async fn validate_policy(&self, request: Request<pb::ValidatePolicyRequest>) -> AdminResult<pb::ValidatePolicyResponse> {
+        let Some(p) = request.into_inner().policy else {
+            return Ok(Response::new(pb::ValidatePolicyResponse {
+                valid: false,
+                violations: vec![pb::PolicyViolation {
+                    field: "policy".into(),
+                    description: "is required".into(),
+                }],
+            }));
+        };
+        let (spec, violations) = convert_admin::policy_in(p, "policy");
+        let violations = match self.check(&spec, violations) {
+            Ok(()) => Vec::new(),
+            Err(GatewayError::InvalidArgument(v)) => v,
+            Err(other) => return Err(fail(other)),
+        };
+        Ok(Response::new(pb::ValidatePolicyResponse {
+            valid: violations.is_empty(),
+            violations: violations
+                .into_iter()
+                .map(|v| pb::PolicyViolation {
+                    field: v.field,
+                    description: v.description,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn explain_route(&self, request: Request<pb::ExplainRouteRequest>) -> AdminResult<pb::ExplainRouteResponse> {
+        async {
+            let req = request
+                .into_inner()
+                .request
+                .ok_or_else(|| GatewayError::invalid("request", "is required"))?;
+            let req = convert::chat_request(req).map_err(|e| match e {
+                GatewayError::InvalidArgument(v) => GatewayError::InvalidArgument(
+                    v.into_iter()
+                        .map(|f| FieldViolation::new(format!("request.{}", f.field), f.description))
+                        .collect(),
+                ),
+                other => other,
+            })?;
+            let explanation = self.router.load().explain(&req)?;
+            Ok(Response::new(convert_admin::explanation_out(explanation)))
+        }
+        .await
+        .map_err(fail)
+    }
+
+    async fn list_providers(&self, _request: Request<pb::ListProvidersRequest>) -> AdminResult<pb::ListProvidersResponse> {
+        let table = self.router.load();
+        let now = tokio::time::Instant::now();
+        Ok(Response::new(pb::ListProvidersResponse {
+            providers: self
+                .providers
+                .iter()
+                .map(|p| pb::ProviderStatus {
+                    name: p.name.clone(),
+                    kind: p.kind.clone(),
+                    base_url: p.base_url.clone(),
+                })
+                .collect(),
+            targets: table
+                .health()
+                .all()
+                .into_iter()
+                .map(|(provider, model, h)| convert_admin::health_out(provider, model, h.snapshot(now)))
+                .collect(),
+        }))
+    }
+}
+
+/// Checks `authorization: Bearer <token>` on every admin call, in constant time.
+#[derive(Clone)]
+pub struct AdminAuth {
+    token: Arc<str>,
+}
+
+impl AdminAuth {
+    /// Accepts `token`.
+    pub fn new(token: &str) -> Self {
+        Self {
+            token: Arc::from(token),
+        }
+    }
+
+    fn verify(&self, presented: &[u8]) -> bool {
+        constant_time_eq(presented, self.token.as_bytes())
+    }
+}
+
+/// Compares in time that depends only on the lengths.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl tonic::service::Interceptor for AdminAuth {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let presented = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
+        match presented {
+            Some(token) if self.verify(token.trim().as_bytes()) => Ok(request),
+            Some(_) => Err(GatewayError::Unauthenticated("the admin credential is not valid".to_owned()).into_status()),
+            None => Err(GatewayError::Unauthenticated(
+                "admin calls need `authorization: Bearer <admin token>` metadata".to_owned(),
+            )
+            .into_status()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_tokens_round_trip() {
+        assert_eq!(decode_token(&encode_token("chat-eu.v2")).as_deref(), Some("chat-eu.v2"));
+        assert_eq!(decode_token("zz"), None);
+        assert_eq!(decode_token("abc"), None);
+    }
+
+    #[test]
+    fn constant_time_compare() {
+        assert!(constant_time_eq(b"secret-token-123", b"secret-token-123"));
+        assert!(!constant_time_eq(b"secret-token-124", b"secret-token-123"));
+        assert!(!constant_time_eq(b"short", b"secret-token-123"));
+    }
+}

@@ -1,0 +1,297 @@
+//! Conversion between the admin protobuf messages and the policy model.
+
+use std::time::Duration;
+
+use crate::{
+    error::FieldViolation,
+    health::{CircuitState, HealthSnapshot},
+    pb,
+    routing::{
+        Candidate, Explanation, PolicyRecord, PolicySource,
+        policy::{
+            BackoffSpec, ConstraintSpec, ExecutionSpec, HedgingMode, HedgingSpec, PolicySpec,
+            StrategyKind, TargetSpec, VariantSpec, preset,
+        },
+    },
+};
+
+fn duration_in(d: Option<prost_types::Duration>, field: &str, v: &mut Vec<FieldViolation>) -> Option<Duration> {
+    let d = d?;
+    match Duration::try_from(d) {
+        Ok(d) => Some(d),
+        Err(_) => {
+            v.push(FieldViolation::new(field, "must not be negative"));
+            None
+        }
+    }
+}
+
+/// Converts a duration for output.
+pub fn duration_out(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+fn target_in(t: pb::PolicyTarget) -> TargetSpec {
+    TargetSpec {
+        provider: t.provider,
+        model: t.model,
+        weight: t.weight,
+        priority: t.priority,
+        region: Some(t.region).filter(|r| !r.is_empty()),
+        tags: t.tags,
+    }
+}
+
+fn target_out(t: &TargetSpec) -> pb::PolicyTarget {
+    pb::PolicyTarget {
+        provider: t.provider.clone(),
+        model: t.model.clone(),
+        weight: t.weight,
+        priority: t.priority,
+        region: t.region.clone().unwrap_or_default(),
+        tags: t.tags.clone(),
+    }
+}
+
+/// Converts a policy from the API. Problems with the message itself (unknown enum values,
+/// negative durations, unknown presets) are returned as violations under `prefix`.
+pub fn policy_in(p: pb::Policy, prefix: &str) -> (PolicySpec, Vec<FieldViolation>) {
+    let mut v = Vec::new();
+    let preset_defaults = if p.preset.is_empty() {
+        None
+    } else {
+        match preset(&p.preset) {
+            Some(defaults) => Some(defaults),
+            None => {
+                v.push(FieldViolation::new(
+                    format!("{prefix}.preset"),
+                    format!("unknown preset `{}`; use cheapest, fastest or reliable", p.preset),
+                ));
+                None
+            }
+        }
+    };
+    let strategy = match pb::Strategy::try_from(p.strategy) {
+        Ok(pb::Strategy::Unspecified) => preset_defaults
+            .as_ref()
+            .map_or(StrategyKind::Priority, |(s, _)| *s),
+        Ok(pb::Strategy::Priority) => StrategyKind::Priority,
+        Ok(pb::Strategy::Weighted) => StrategyKind::Weighted,
+        Ok(pb::Strategy::LowestLatency) => StrategyKind::LowestLatency,
+        Ok(pb::Strategy::LowestCost) => StrategyKind::LowestCost,
+        Ok(pb::Strategy::MostReliable) => StrategyKind::MostReliable,
+        Err(_) => {
+            v.push(FieldViolation::new(
+                format!("{prefix}.strategy"),
+                format!("unknown strategy {}", p.strategy),
+            ));
+            StrategyKind::Priority
+        }
+    };
+    let constraints = p.constraints.map_or_else(ConstraintSpec::default, |c| ConstraintSpec {
+        allowed_regions: c.allowed_regions,
+        required_tags: c.required_tags,
+        max_input_price_per_mtok: c.max_input_price_per_mtok,
+        max_output_price_per_mtok: c.max_output_price_per_mtok,
+    });
+    let execution = match p.execution {
+        None => preset_defaults.map(|(_, e)| e).unwrap_or_default(),
+        Some(e) => {
+            let ef = format!("{prefix}.execution");
+            let base = preset_defaults.map(|(_, e)| e).unwrap_or_default();
+            let hedging = match e.hedging {
+                None => base.hedging.clone(),
+                Some(h) => HedgingSpec {
+                    mode: match pb::HedgingMode::try_from(h.mode) {
+                        Ok(pb::HedgingMode::Unspecified) => base.hedging.mode,
+                        Ok(pb::HedgingMode::Off) => HedgingMode::Off,
+                        Ok(pb::HedgingMode::Fixed) => HedgingMode::Fixed,
+                        Ok(pb::HedgingMode::Percentile) => HedgingMode::Percentile,
+                        Err(_) => {
+                            v.push(FieldViolation::new(
+                                format!("{ef}.hedging.mode"),
+                                format!("unknown hedging mode {}", h.mode),
+                            ));
+                            HedgingMode::Off
+                        }
+                    },
+                    delay: duration_in(h.delay, &format!("{ef}.hedging.delay"), &mut v)
+                        .or(base.hedging.delay),
+                    percentile: (h.percentile != 0.0)
+                        .then_some(h.percentile)
+                        .or(base.hedging.percentile),
+                    max_extra_attempts: (h.max_extra_attempts != 0)
+                        .then_some(h.max_extra_attempts)
+                        .or(base.hedging.max_extra_attempts),
+                },
+            };
+            let retry_backoff = match e.retry_backoff {
+                None => base.retry_backoff.clone(),
+                Some(b) => BackoffSpec {
+                    initial: duration_in(b.initial, &format!("{ef}.retry_backoff.initial"), &mut v),
+                    max: duration_in(b.max, &format!("{ef}.retry_backoff.max"), &mut v),
+                    multiplier: (b.multiplier != 0.0).then_some(b.multiplier),
+                },
+            };
+            ExecutionSpec {
+                max_attempts: e.max_attempts.or(base.max_attempts),
+                attempt_timeout: duration_in(e.attempt_timeout, &format!("{ef}.attempt_timeout"), &mut v)
+                    .or(base.attempt_timeout),
+                first_token_timeout: duration_in(
+                    e.first_token_timeout,
+                    &format!("{ef}.first_token_timeout"),
+                    &mut v,
+                )
+                .or(base.first_token_timeout),
+                total_timeout: duration_in(e.total_timeout, &format!("{ef}.total_timeout"), &mut v)
+                    .or(base.total_timeout),
+                hedging,
+                retry_backoff,
+                context_length_fallback: e.context_length_fallback || base.context_length_fallback,
+            }
+        }
+    };
+    let spec = PolicySpec {
+        name: p.name,
+        description: p.description,
+        targets: p.targets.into_iter().map(target_in).collect(),
+        strategy,
+        sticky_key: Some(p.sticky_key).filter(|k| !k.is_empty()),
+        constraints,
+        execution,
+        variants: p
+            .variants
+            .into_iter()
+            .map(|var| VariantSpec {
+                match_tags: var.match_tags.into_iter().collect(),
+                targets: var.targets.into_iter().map(target_in).collect(),
+            })
+            .collect(),
+    };
+    (spec, v)
+}
+
+fn timestamp(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+    }
+}
+
+fn strategy_out(s: StrategyKind) -> i32 {
+    (match s {
+        StrategyKind::Priority => pb::Strategy::Priority,
+        StrategyKind::Weighted => pb::Strategy::Weighted,
+        StrategyKind::LowestLatency => pb::Strategy::LowestLatency,
+        StrategyKind::LowestCost => pb::Strategy::LowestCost,
+        StrategyKind::MostReliable => pb::Strategy::MostReliable,
+    }) as i32
+}
+
+/// Converts a stored or configured policy for output.
+pub fn policy_out(r: &PolicyRecord) -> pb::Policy {
+    let s = &r.spec;
+    let e = &s.execution;
+    pb::Policy {
+        name: s.name.clone(),
+        description: s.description.clone(),
+        targets: s.targets.iter().map(target_out).collect(),
+        strategy: strategy_out(s.strategy),
+        sticky_key: s.sticky_key.clone().unwrap_or_default(),
+        constraints: Some(pb::Constraints {
+            allowed_regions: s.constraints.allowed_regions.clone(),
+            required_tags: s.constraints.required_tags.clone(),
+            max_input_price_per_mtok: s.constraints.max_input_price_per_mtok,
+            max_output_price_per_mtok: s.constraints.max_output_price_per_mtok,
+        }),
+        execution: Some(pb::ExecutionSettings {
+            max_attempts: e.max_attempts,
+            attempt_timeout: e.attempt_timeout.map(duration_out),
+            first_token_timeout: e.first_token_timeout.map(duration_out),
+            total_timeout: e.total_timeout.map(duration_out),
+            hedging: Some(pb::Hedging {
+                mode: (match e.hedging.mode {
+                    HedgingMode::Off => pb::HedgingMode::Off,
+                    HedgingMode::Fixed => pb::HedgingMode::Fixed,
+                    HedgingMode::Percentile => pb::HedgingMode::Percentile,
+                }) as i32,
+                delay: e.hedging.delay.map(duration_out),
+                percentile: e.hedging.percentile.unwrap_or(0.0),
+                max_extra_attempts: e.hedging.max_extra_attempts.unwrap_or(0),
+            }),
+            retry_backoff: Some(pb::Backoff {
+                initial: e.retry_backoff.initial.map(duration_out),
+                max: e.retry_backoff.max.map(duration_out),
+                multiplier: e.retry_backoff.multiplier.unwrap_or(0.0),
+            }),
+            context_length_fallback: e.context_length_fallback,
+        }),
+        variants: s
+            .variants
+            .iter()
+            .map(|v| pb::PolicyVariant {
+                match_tags: v.match_tags.clone().into_iter().collect(),
+                targets: v.targets.iter().map(target_out).collect(),
+            })
+            .collect(),
+        etag: r.etag(),
+        source: (match r.source {
+            PolicySource::Api => pb::PolicySource::Api,
+            PolicySource::Config => pb::PolicySource::Config,
+        }) as i32,
+        create_time: Some(timestamp(r.created_ms)),
+        update_time: Some(timestamp(r.updated_ms)),
+        preset: String::new(),
+    }
+}
+
+/// Converts a route explanation.
+pub fn explanation_out(e: Explanation) -> pb::ExplainRouteResponse {
+    let mut rank = 0u32;
+    pb::ExplainRouteResponse {
+        policy: e.policy.unwrap_or_default(),
+        variant: e.variant.and_then(|v| u32::try_from(v).ok()),
+        strategy: strategy_out(e.strategy),
+        candidates: e
+            .candidates
+            .into_iter()
+            .map(|c: Candidate| {
+                if c.chosen {
+                    rank += 1;
+                }
+                pb::RouteCandidate {
+                    rank: if c.chosen { rank } else { 0 },
+                    provider: c.provider,
+                    model: c.model,
+                    chosen: c.chosen,
+                    reason: c.reason,
+                    estimated_cost_usd: c.estimated_cost_usd,
+                    latency_p50: c.latency_p50.map(duration_out),
+                    time_to_first_token_p50: c.ttft_p50.map(duration_out),
+                }
+            })
+            .collect(),
+    }
+}
+
+/// Converts a target's health.
+pub fn health_out(provider: String, model: String, h: HealthSnapshot) -> pb::TargetHealth {
+    pb::TargetHealth {
+        provider,
+        model,
+        circuit: (match h.circuit {
+            CircuitState::Closed => pb::CircuitState::Closed,
+            CircuitState::Open => pb::CircuitState::Open,
+            CircuitState::HalfOpen => pb::CircuitState::HalfOpen,
+        }) as i32,
+        latency_p50: h.latency_p50.map(duration_out),
+        latency_p95: h.latency_p95.map(duration_out),
+        time_to_first_token_p50: h.ttft_p50.map(duration_out),
+        error_rate: h.error_rate,
+        samples: h.samples as u64,
+        cooldown_remaining: h.cooldown_remaining.map(duration_out),
+    }
+}

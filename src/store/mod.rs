@@ -1,0 +1,57 @@
+//! Durable state behind a trait. The default is an embedded SQLite file in WAL mode with
+//! schema migrations ([`sqlite::SqliteStore`]); a shared database for several replicas can
+//! implement the same trait later.
+//!
+//! What returns OK is on disk: writes commit with `synchronous = FULL`, so a policy whose
+//! Create/Update returned OK survives `kill -9` and restart.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+
+use crate::routing::{PolicyRecord, policy::PolicySpec};
+
+/// Why a store operation failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum StoreError {
+    /// The name is taken.
+    #[error("a policy named `{0}` already exists")]
+    AlreadyExists(String),
+    /// No such record.
+    #[error("no policy named `{0}`")]
+    NotFound(String),
+    /// The expected version is not the current one.
+    #[error("policy `{name}` was changed concurrently: current etag is v{current}")]
+    Conflict {
+        /// The policy.
+        name: String,
+        /// Its current version.
+        current: u64,
+    },
+    /// The backend failed.
+    #[error("store failure: {0}")]
+    Backend(String),
+}
+
+/// Durable policy storage.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Every stored policy, sorted by name.
+    async fn list_policies(&self) -> Result<Vec<PolicyRecord>, StoreError>;
+
+    /// One policy.
+    async fn get_policy(&self, name: &str) -> Result<Option<PolicyRecord>, StoreError>;
+
+    /// Creates a policy at version 1.
+    async fn create_policy(&self, spec: PolicySpec) -> Result<PolicyRecord, StoreError>;
+
+    /// Replaces a policy if its version is `expected_version`.
+    async fn update_policy(
+        &self,
+        spec: PolicySpec,
+        expected_version: u64,
+    ) -> Result<PolicyRecord, StoreError>;
+
+    /// Deletes a policy (if its version is `expected_version`, when given).
+    async fn delete_policy(&self, name: &str, expected_version: Option<u64>) -> Result<(), StoreError>;
+}

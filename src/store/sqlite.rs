@@ -1,0 +1,323 @@
+//! The embedded SQLite store: one file, WAL journal, numbered migrations tracked in
+//! `PRAGMA user_version`. Blocking SQLite calls run on tokio's blocking pool.
+
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{Store, StoreError};
+use crate::routing::{PolicyRecord, PolicySource, policy::PolicySpec};
+
+/// Schema migrations, applied in order; never edit a published one, add a new one.
+const MIGRATIONS: &[&str] = &[
+    // 1: routing policies.
+    "CREATE TABLE policies (
+        name TEXT PRIMARY KEY NOT NULL,
+        doc TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        created_ms INTEGER NOT NULL,
+        updated_ms INTEGER NOT NULL
+    ) STRICT;",
+];
+
+/// The embedded store.
+#[derive(Clone)]
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+impl SqliteStore {
+    /// Opens (creating when needed) the store at `path`; `:memory:` keeps it in memory.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = if path == Path::new(":memory:") {
+            Connection::open_in_memory().map_err(backend)?
+        } else {
+            if let Some(dir) = path.parent()
+                && !dir.as_os_str().is_empty()
+            {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| backend(format!("cannot create {}: {e}", dir.display())))?;
+            }
+            Connection::open(path).map_err(|e| backend(format!("cannot open {}: {e}", path.display())))?
+        };
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(backend)?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(backend)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(backend)?;
+        let mut store = Self {
+            conn: Arc::new(Mutex::new(conn)),
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let mut conn = self.conn.lock().map_err(backend)?;
+        let current: i64 = conn
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .map_err(backend)?;
+        let current = usize::try_from(current).unwrap_or(0);
+        if current > MIGRATIONS.len() {
+            return Err(backend(format!(
+                "the store has schema version {current}, newer than this gateway knows ({}); upgrade the gateway",
+                MIGRATIONS.len()
+            )));
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+            let tx = conn.transaction().map_err(backend)?;
+            tx.execute_batch(sql).map_err(backend)?;
+            tx.pragma_update(None, "user_version", i + 1).map_err(backend)?;
+            tx.commit().map_err(backend)?;
+        }
+        Ok(())
+    }
+
+    async fn with_conn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = conn.lock().map_err(backend)?;
+            f(&mut conn)
+        })
+        .await
+        .map_err(backend)?
+    }
+}
+
+fn row_to_record(doc: &str, version: i64, created_ms: i64, updated_ms: i64) -> Result<PolicyRecord, StoreError> {
+    let spec: PolicySpec =
+        serde_json::from_str(doc).map_err(|e| backend(format!("stored policy is unreadable: {e}")))?;
+    Ok(PolicyRecord {
+        spec,
+        version: u64::try_from(version).unwrap_or(0),
+        created_ms,
+        updated_ms,
+        source: PolicySource::Api,
+    })
+}
+
+fn current_version(conn: &Connection, name: &str) -> Result<Option<u64>, StoreError> {
+    conn.query_row(
+        "SELECT version FROM policies WHERE name = ?1",
+        params![name],
+        |row| row.get::<_, i64>(0),
+    )
+    .optional()
+    .map_err(backend)
+    .map(|v| v.map(|v| u64::try_from(v).unwrap_or(0)))
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn list_policies(&self) -> Result<Vec<PolicyRecord>, StoreError> {
+        self.with_conn(|conn| {
+            let mut stmt = conn
+                .prepare("SELECT doc, version, created_ms, updated_ms FROM policies ORDER BY name")
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map([], |row| {
+                    Ok((row.get::<_, String>(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+                })
+                .map_err(backend)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (doc, version, created, updated) = row.map_err(backend)?;
+                out.push(row_to_record(&doc, version, created, updated)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn get_policy(&self, name: &str) -> Result<Option<PolicyRecord>, StoreError> {
+        let name = name.to_owned();
+        self.with_conn(move |conn| {
+            let row = conn
+                .query_row(
+                    "SELECT doc, version, created_ms, updated_ms FROM policies WHERE name = ?1",
+                    params![name],
+                    |row| Ok((row.get::<_, String>(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
+                )
+                .optional()
+                .map_err(backend)?;
+            row.map(|(doc, v, c, u)| row_to_record(&doc, v, c, u)).transpose()
+        })
+        .await
+    }
+
+    async fn create_policy(&self, spec: PolicySpec) -> Result<PolicyRecord, StoreError> {
+        self.with_conn(move |conn| {
+            let doc = serde_json::to_string(&spec).map_err(backend)?;
+            let now = now_ms();
+            let inserted = conn
+                .execute(
+                    "INSERT INTO policies (name, doc, version, created_ms, updated_ms)
+                     VALUES (?1, ?2, 1, ?3, ?3) ON CONFLICT(name) DO NOTHING",
+                    params![spec.name, doc, now],
+                )
+                .map_err(backend)?;
+            if inserted == 0 {
+                return Err(StoreError::AlreadyExists(spec.name));
+            }
+            Ok(PolicyRecord {
+                spec,
+                version: 1,
+                created_ms: now,
+                updated_ms: now,
+                source: PolicySource::Api,
+            })
+        })
+        .await
+    }
+
+    async fn update_policy(
+        &self,
+        spec: PolicySpec,
+        expected_version: u64,
+    ) -> Result<PolicyRecord, StoreError> {
+        self.with_conn(move |conn| {
+            let doc = serde_json::to_string(&spec).map_err(backend)?;
+            let now = now_ms();
+            let tx = conn.transaction().map_err(backend)?;
+            let expected = i64::try_from(expected_version).unwrap_or(i64::MAX);
+            let updated = tx
+                .execute(
+                    "UPDATE policies SET doc = ?2, version = version + 1, updated_ms = ?3
+                     WHERE name = ?1 AND version = ?4",
+                    params![spec.name, doc, now, expected],
+                )
+                .map_err(backend)?;
+            if updated == 0 {
+                return Err(match current_version(&tx, &spec.name)? {
+                    Some(current) => StoreError::Conflict {
+                        name: spec.name,
+                        current,
+                    },
+                    None => StoreError::NotFound(spec.name),
+                });
+            }
+            let created_ms: i64 = tx
+                .query_row(
+                    "SELECT created_ms FROM policies WHERE name = ?1",
+                    params![spec.name],
+                    |row| row.get(0),
+                )
+                .map_err(backend)?;
+            tx.commit().map_err(backend)?;
+            Ok(PolicyRecord {
+                spec,
+                version: expected_version + 1,
+                created_ms,
+                updated_ms: now,
+                source: PolicySource::Api,
+            })
+        })
+        .await
+    }
+
+    async fn delete_policy(&self, name: &str, expected_version: Option<u64>) -> Result<(), StoreError> {
+        let name = name.to_owned();
+        self.with_conn(move |conn| {
+            let tx = conn.transaction().map_err(backend)?;
+            let Some(current) = current_version(&tx, &name)? else {
+                return Err(StoreError::NotFound(name));
+            };
+            if let Some(expected) = expected_version
+                && expected != current
+            {
+                return Err(StoreError::Conflict { name, current });
+            }
+            tx.execute("DELETE FROM policies WHERE name = ?1", params![name])
+                .map_err(backend)?;
+            tx.commit().map_err(backend)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routing::policy::TargetSpec;
+
+    fn spec(name: &str, model: &str) -> PolicySpec {
+        PolicySpec {
+            name: name.into(),
+            description: String::new(),
+            targets: vec![TargetSpec {
+                provider: "mock".into(),
+                model: model.into(),
+                weight: 0,
+                priority: 0,
+                region: None,
+                tags: vec![],
+            }],
+            strategy: Default::default(),
+            sticky_key: None,
+            constraints: Default::default(),
+            execution: Default::default(),
+            variants: vec![],
+        }
+    }
+
+    #[tokio::test]
+    async fn crud_with_versions_and_conflicts() {
+        let store = SqliteStore::open(Path::new(":memory:")).unwrap();
+        let created = store.create_policy(spec("p", "a")).await.unwrap();
+        assert_eq!(created.version, 1);
+        assert_eq!(
+            store.create_policy(spec("p", "a")).await.unwrap_err(),
+            StoreError::AlreadyExists("p".into())
+        );
+        let updated = store.update_policy(spec("p", "b"), 1).await.unwrap();
+        assert_eq!(updated.version, 2);
+        assert!(matches!(
+            store.update_policy(spec("p", "c"), 1).await.unwrap_err(),
+            StoreError::Conflict { current: 2, .. }
+        ));
+        assert_eq!(
+            store.get_policy("p").await.unwrap().unwrap().spec.targets[0].model,
+            "b"
+        );
+        assert!(matches!(
+            store.delete_policy("p", Some(1)).await.unwrap_err(),
+            StoreError::Conflict { .. }
+        ));
+        store.delete_policy("p", Some(2)).await.unwrap();
+        assert_eq!(store.get_policy("p").await.unwrap(), None);
+        assert_eq!(
+            store.update_policy(spec("p", "x"), 2).await.unwrap_err(),
+            StoreError::NotFound("p".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nested/gw.db");
+        {
+            let store = SqliteStore::open(&path).unwrap();
+            store.create_policy(spec("keep", "a")).await.unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let all = store.list_policies().await.unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].spec.name, "keep");
+    }
+}
