@@ -6,7 +6,10 @@
 //! [`ProviderError`]. The [`ProviderRegistry`] holds them as `Arc<dyn Provider>`, so tests can
 //! register scripted fakes.
 
+pub mod anthropic;
+pub mod compat;
 pub mod error;
+pub mod gemini;
 pub mod mock;
 pub mod openai;
 pub mod sse;

@@ -1,5 +1,7 @@
 //! OpenAI Chat Completions (`POST {base_url}/chat/completions`), also spoken by many
-//! OpenAI-compatible servers (vLLM, Ollama, LM Studio, Groq, ...).
+//! OpenAI-compatible servers (vLLM, Ollama, LM Studio, Groq, ...; see [`super::compat`]) and by
+//! Azure OpenAI (`{endpoint}/openai/deployments/{deployment}/chat/completions?api-version=...`
+//! with an `api-key` header; the caller's model name is the deployment).
 //!
 //! Non-streaming and SSE streaming with `stream_options.include_usage`, tool calls (streamed
 //! argument fragments included), response formats and images. A stream is complete only on
@@ -31,6 +33,36 @@ pub const KIND: &str = "openai";
 /// The official API's base URL.
 pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
 
+/// The provider kind of Azure OpenAI deployments (no built-in prices: deployment names are
+/// the operator's choice).
+pub const AZURE_KIND: &str = "azure";
+
+/// The Azure OpenAI `api-version` used when none is configured (the latest GA inference
+/// version).
+pub const AZURE_DEFAULT_API_VERSION: &str = "2024-10-21";
+
+/// How requests carry the API key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthStyle {
+    /// `Authorization: Bearer <key>` (OpenAI and most compatible servers).
+    Bearer,
+    /// `api-key: <key>` (Azure OpenAI).
+    ApiKeyHeader,
+}
+
+/// How the request URL is formed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UrlStyle {
+    /// `{base_url}/chat/completions`.
+    Base,
+    /// `{base_url}/openai/deployments/{model}/chat/completions?api-version={api_version}`:
+    /// Azure OpenAI, where the model the caller names is the deployment.
+    AzureDeployment {
+        /// The `api-version` query parameter.
+        api_version: String,
+    },
+}
+
 /// Which request field carries the output token limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MaxTokensField {
@@ -55,6 +87,12 @@ pub struct OpenAiConfig {
     pub developer_role: bool,
     /// Whether to ask for usage in streams (`stream_options.include_usage`).
     pub stream_usage: bool,
+    /// The provider kind reported for the model registry (`openai`, `azure`, a preset name).
+    pub kind: &'static str,
+    /// How the API key is sent.
+    pub auth: AuthStyle,
+    /// How the URL is formed.
+    pub url_style: UrlStyle,
 }
 
 impl OpenAiConfig {
@@ -77,6 +115,54 @@ impl OpenAiConfig {
             },
             developer_role: official,
             stream_usage: true,
+            kind: KIND,
+            auth: AuthStyle::Bearer,
+            url_style: UrlStyle::Base,
+        }
+    }
+
+    /// Settings for an Azure OpenAI resource at `endpoint` (e.g.
+    /// `https://my-resource.openai.azure.com`).
+    pub fn azure(
+        name: impl Into<String>,
+        endpoint: impl Into<String>,
+        api_key: Option<String>,
+        api_version: impl Into<String>,
+    ) -> Self {
+        Self {
+            max_tokens_field: MaxTokensField::MaxCompletionTokens,
+            developer_role: false,
+            kind: AZURE_KIND,
+            auth: AuthStyle::ApiKeyHeader,
+            url_style: UrlStyle::AzureDeployment {
+                api_version: api_version.into(),
+            },
+            ..Self::new(name, endpoint, api_key)
+        }
+    }
+
+    /// The chat completions URL for `model`.
+    pub fn url(&self, model: &str) -> Result<String, ProviderError> {
+        match &self.url_style {
+            UrlStyle::Base => Ok(format!("{}/chat/completions", self.base_url)),
+            UrlStyle::AzureDeployment { api_version } => {
+                // The deployment is one path segment; refuse what would change the URL.
+                if model.is_empty()
+                    || model.chars().any(|c| {
+                        matches!(c, '/' | '?' | '#' | '%' | '\\' | '&')
+                            || c.is_whitespace()
+                            || c.is_control()
+                    })
+                {
+                    return Err(invalid(
+                        "the model name is not a valid azure deployment name",
+                    ));
+                }
+                Ok(format!(
+                    "{}/openai/deployments/{model}/chat/completions?api-version={api_version}",
+                    self.base_url
+                ))
+            }
         }
     }
 }
@@ -84,26 +170,30 @@ impl OpenAiConfig {
 /// An OpenAI-compatible provider.
 pub struct OpenAi {
     config: OpenAiConfig,
-    url: String,
     client: reqwest::Client,
 }
 
 impl OpenAi {
     /// A provider using the shared `client`.
     pub fn new(config: OpenAiConfig, client: reqwest::Client) -> Self {
-        let url = format!("{}/chat/completions", config.base_url);
-        Self {
-            config,
-            url,
-            client,
-        }
+        Self { config, client }
     }
 
-    fn post(&self) -> reqwest::RequestBuilder {
-        let builder = self.client.post(&self.url);
-        match &self.config.api_key {
-            Some(key) => builder.bearer_auth(key),
-            None => builder,
+    fn post(&self, model: &str) -> Result<reqwest::RequestBuilder, ProviderError> {
+        let builder = self.client.post(self.config.url(model)?);
+        match (&self.config.api_key, self.config.auth) {
+            (Some(key), AuthStyle::Bearer) => Ok(builder.bearer_auth(key)),
+            (Some(key), AuthStyle::ApiKeyHeader) => {
+                let mut value = http::HeaderValue::from_str(key).map_err(|_| {
+                    ProviderError::new(
+                        ErrorClass::Authentication,
+                        "the configured api key is not a valid header value",
+                    )
+                })?;
+                value.set_sensitive(true);
+                Ok(builder.header("api-key", value))
+            }
+            (None, _) => Ok(builder),
         }
     }
 }
@@ -115,7 +205,7 @@ impl Provider for OpenAi {
     }
 
     fn kind(&self) -> &'static str {
-        KIND
+        self.config.kind
     }
 
     async fn chat(
@@ -124,7 +214,7 @@ impl Provider for OpenAi {
         request: &ChatRequest,
     ) -> Result<ChatResponse, ProviderError> {
         let body = build_request(&self.config, model, request, false)?;
-        let response = send_json(self.post(), body, map_error).await?;
+        let response = send_json(self.post(model)?, body, map_error).await?;
         let bytes = read_body(response).await?;
         parse_response(&bytes, model)
     }
@@ -135,7 +225,7 @@ impl Provider for OpenAi {
         request: &ChatRequest,
     ) -> Result<EventStream, ProviderError> {
         let body = build_request(&self.config, model, request, true)?;
-        let response = send_json(self.post(), body, map_error).await?;
+        let response = send_json(self.post(model)?, body, map_error).await?;
         Ok(Box::pin(SseStream::new(response, ChunkDecoder::default())))
     }
 }
@@ -921,6 +1011,45 @@ mod tests {
         assert_eq!(body["messages"][0]["role"], "system");
         assert!(body.get("stream").is_none());
         assert_eq!(config.base_url, "http://127.0.0.1:8000/v1");
+    }
+
+    #[test]
+    fn azure_uses_deployment_urls() {
+        let azure = OpenAiConfig::azure(
+            "azure",
+            "https://my-resource.openai.azure.com/",
+            Some("k".into()),
+            AZURE_DEFAULT_API_VERSION,
+        );
+        assert_eq!(azure.kind, AZURE_KIND);
+        assert_eq!(azure.auth, AuthStyle::ApiKeyHeader);
+        assert_eq!(
+            azure.url("gpt-4o-prod").unwrap(),
+            "https://my-resource.openai.azure.com/openai/deployments/gpt-4o-prod/chat/completions?api-version=2024-10-21"
+        );
+        for bad in ["", "a/b", "x?y", "a b", "a&b"] {
+            assert_eq!(
+                azure.url(bad).unwrap_err().class,
+                ErrorClass::InvalidRequest,
+                "{bad}"
+            );
+        }
+        let request = ChatRequest {
+            messages: vec![Message::text(Role::Developer, "x")],
+            params: crate::types::SamplingParams {
+                max_tokens: Some(5),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let body = json(&build_request(&azure, "gpt-4o-prod", &request, false).unwrap());
+        assert_eq!(body["max_completion_tokens"], 5);
+        assert_eq!(body["messages"][0]["role"], "system");
+        // Every other server keeps the base URL.
+        assert_eq!(
+            config().url("any/thing").unwrap(),
+            "https://api.openai.com/v1/chat/completions"
+        );
     }
 
     #[test]

@@ -1,0 +1,1523 @@
+//! Anthropic Messages API (`POST {base_url}/v1/messages`, `x-api-key`, `anthropic-version`).
+//!
+//! System and developer messages go to the top-level `system` field; tool results become
+//! `tool_result` blocks in a user message (consecutive results merged into one, as Anthropic
+//! requires); images are sent as base64 or URL sources. `max_tokens` is required by
+//! Anthropic: when the caller sets none, [`DEFAULT_MAX_TOKENS`] applies. Sampling fields
+//! Anthropic does not have (seed, presence and frequency penalties) are not sent; JSON
+//! response formats are refused rather than silently ignored.
+//!
+//! Usage is normalized: Anthropic's `input_tokens` excludes cache reads and cache writes, the
+//! gateway's [`Usage::input_tokens`] includes both. A stream is complete only on
+//! `message_stop`; usage from `message_start` and `message_delta` is merged and emitted once,
+//! before the finish.
+
+use std::{borrow::Cow, collections::VecDeque, time::Duration};
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    EventStream, Provider, ProviderError, decode_json,
+    error::short_message,
+    json_error_kind, read_body, retry_after_header, send_json,
+    sse::{EventDecoder, SseEvent, SseStream},
+};
+use crate::{
+    providers::ErrorClass,
+    types::{
+        ChatRequest, ChatResponse, ContentPart, FinishReason, ImageSource, Message, ResponseFormat,
+        Role, StreamEvent, ToolCall, ToolCallDelta, ToolChoice, Usage,
+    },
+};
+
+/// The provider kind.
+pub const KIND: &str = "anthropic";
+
+/// The official API's base URL (without `/v1`).
+pub const DEFAULT_BASE_URL: &str = "https://api.anthropic.com";
+
+/// The `anthropic-version` header sent with every request.
+pub const API_VERSION: &str = "2023-06-01";
+
+/// The output limit sent when the caller sets no `max_tokens` (Anthropic requires one).
+pub const DEFAULT_MAX_TOKENS: u32 = 4096;
+
+/// How the adapter speaks to one Anthropic endpoint.
+#[derive(Debug, Clone)]
+pub struct AnthropicConfig {
+    /// Configured name, e.g. `anthropic`.
+    pub name: String,
+    /// Base URL without the trailing `/v1/messages`.
+    pub base_url: String,
+    /// Sent as `x-api-key`; `None` for proxies that add it themselves.
+    pub api_key: Option<String>,
+    /// `max_tokens` when the caller sets none.
+    pub default_max_tokens: u32,
+}
+
+impl AnthropicConfig {
+    /// Settings for `base_url` with the default output limit.
+    pub fn new(
+        name: impl Into<String>,
+        base_url: impl Into<String>,
+        api_key: Option<String>,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            base_url: base_url.into().trim_end_matches('/').to_owned(),
+            api_key,
+            default_max_tokens: DEFAULT_MAX_TOKENS,
+        }
+    }
+}
+
+/// The Anthropic provider.
+pub struct Anthropic {
+    config: AnthropicConfig,
+    url: String,
+    client: reqwest::Client,
+}
+
+impl Anthropic {
+    /// A provider using the shared `client`.
+    pub fn new(config: AnthropicConfig, client: reqwest::Client) -> Self {
+        let url = format!("{}/v1/messages", config.base_url);
+        Self {
+            config,
+            url,
+            client,
+        }
+    }
+
+    fn post(&self) -> Result<reqwest::RequestBuilder, ProviderError> {
+        let builder = self
+            .client
+            .post(&self.url)
+            .header("anthropic-version", API_VERSION);
+        match &self.config.api_key {
+            Some(key) => {
+                let mut value = http::HeaderValue::from_str(key).map_err(|_| {
+                    ProviderError::new(
+                        ErrorClass::Authentication,
+                        "the configured api key is not a valid header value",
+                    )
+                })?;
+                value.set_sensitive(true);
+                Ok(builder.header("x-api-key", value))
+            }
+            None => Ok(builder),
+        }
+    }
+}
+
+#[async_trait]
+impl Provider for Anthropic {
+    fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    async fn chat(
+        &self,
+        model: &str,
+        request: &ChatRequest,
+    ) -> Result<ChatResponse, ProviderError> {
+        let body = build_request(&self.config, model, request, false)?;
+        let response = send_json(self.post()?, body, map_error).await?;
+        let bytes = read_body(response).await?;
+        parse_response(&bytes, model)
+    }
+
+    async fn chat_stream(
+        &self,
+        model: &str,
+        request: &ChatRequest,
+    ) -> Result<EventStream, ProviderError> {
+        let body = build_request(&self.config, model, request, true)?;
+        let response = send_json(self.post()?, body, map_error).await?;
+        Ok(Box::pin(SseStream::new(
+            response,
+            MessageStreamDecoder::default(),
+        )))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Serialize)]
+struct WireRequest<'a> {
+    model: &'a str,
+    max_tokens: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    system: Option<WireSystem<'a>>,
+    messages: Vec<WireMessage<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f64>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    stop_sequences: &'a [String],
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tools: Vec<WireTool<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_choice: Option<WireToolChoice<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metadata: Option<WireMetadata<'a>>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    stream: bool,
+}
+
+/// One text block is sent as a plain string, several as text blocks in order.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum WireSystem<'a> {
+    Text(&'a str),
+    Blocks(Vec<WireBlock<'a>>),
+}
+
+#[derive(Serialize)]
+struct WireMessage<'a> {
+    role: &'static str,
+    content: Vec<WireBlock<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum WireBlock<'a> {
+    Text {
+        text: &'a str,
+    },
+    Image {
+        source: WireImageSource<'a>,
+    },
+    ToolUse {
+        id: &'a str,
+        name: &'a str,
+        input: serde_json::Value,
+    },
+    ToolResult {
+        tool_use_id: &'a str,
+        content: &'a str,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        is_error: bool,
+    },
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum WireImageSource<'a> {
+    Base64 {
+        media_type: &'a str,
+        data: Cow<'a, str>,
+    },
+    Url {
+        url: &'a str,
+    },
+}
+
+#[derive(Serialize)]
+struct WireTool<'a> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    description: Option<&'a str>,
+    input_schema: &'a serde_json::Value,
+}
+
+#[derive(Serialize)]
+struct WireToolChoice<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    disable_parallel_tool_use: bool,
+}
+
+#[derive(Serialize)]
+struct WireMetadata<'a> {
+    user_id: &'a str,
+}
+
+fn invalid(msg: impl Into<String>) -> ProviderError {
+    ProviderError::new(ErrorClass::InvalidRequest, msg)
+}
+
+/// Builds the JSON body of a Messages request.
+pub fn build_request(
+    config: &AnthropicConfig,
+    model: &str,
+    request: &ChatRequest,
+    stream: bool,
+) -> Result<Vec<u8>, ProviderError> {
+    match &request.response_format {
+        None | Some(ResponseFormat::Text) => {}
+        Some(ResponseFormat::JsonObject | ResponseFormat::JsonSchema { .. }) => {
+            return Err(invalid(
+                "anthropic models do not support json response formats through this gateway",
+            ));
+        }
+    }
+    let mut system = Vec::new();
+    let mut messages: Vec<WireMessage<'_>> = Vec::with_capacity(request.messages.len());
+    for message in &request.messages {
+        match message.role {
+            Role::System | Role::Developer => {
+                for part in &message.content {
+                    match part {
+                        ContentPart::Text(text) if !text.is_empty() => {
+                            system.push(WireBlock::Text { text });
+                        }
+                        ContentPart::Text(_) => {}
+                        _ => {
+                            return Err(invalid(
+                                "anthropic accepts only text in system and developer messages",
+                            ));
+                        }
+                    }
+                }
+            }
+            Role::User | Role::Tool | Role::Assistant => {
+                let wire = convert_message(message)?;
+                if wire.content.is_empty() {
+                    continue;
+                }
+                // Anthropic wants alternating turns, and all tool results answering one
+                // assistant turn in the single user message after it: merge same-role runs.
+                match messages.last_mut() {
+                    Some(last) if last.role == wire.role => last.content.extend(wire.content),
+                    _ => messages.push(wire),
+                }
+            }
+        }
+    }
+    let has_tools = !request.tools.is_empty();
+    let tool_choice = if has_tools {
+        let disable_parallel_tool_use = request.params.parallel_tool_calls == Some(false);
+        match &request.tool_choice {
+            None if !disable_parallel_tool_use => None,
+            None | Some(ToolChoice::Auto) => Some(WireToolChoice {
+                kind: "auto",
+                name: None,
+                disable_parallel_tool_use,
+            }),
+            Some(ToolChoice::Required) => Some(WireToolChoice {
+                kind: "any",
+                name: None,
+                disable_parallel_tool_use,
+            }),
+            Some(ToolChoice::Named(name)) => Some(WireToolChoice {
+                kind: "tool",
+                name: Some(name),
+                disable_parallel_tool_use,
+            }),
+            Some(ToolChoice::None) => Some(WireToolChoice {
+                kind: "none",
+                name: None,
+                disable_parallel_tool_use: false,
+            }),
+        }
+    } else {
+        None
+    };
+    let wire = WireRequest {
+        model,
+        max_tokens: request
+            .params
+            .max_tokens
+            .unwrap_or(config.default_max_tokens),
+        system: match system.as_slice() {
+            [] => None,
+            [WireBlock::Text { text }] => Some(WireSystem::Text(text)),
+            _ => Some(WireSystem::Blocks(system)),
+        },
+        messages,
+        temperature: request.params.temperature,
+        top_p: request.params.top_p,
+        stop_sequences: &request.params.stop,
+        tools: request
+            .tools
+            .iter()
+            .map(|t| WireTool {
+                name: &t.name,
+                description: t.description.as_deref(),
+                input_schema: &t.parameters,
+            })
+            .collect(),
+        tool_choice,
+        metadata: request
+            .user
+            .as_deref()
+            .map(|user_id| WireMetadata { user_id }),
+        stream,
+    };
+    serde_json::to_vec(&wire).map_err(|e| invalid(format!("could not encode the request: {e}")))
+}
+
+fn convert_message(message: &Message) -> Result<WireMessage<'_>, ProviderError> {
+    let role = match message.role {
+        Role::Assistant => "assistant",
+        _ => "user",
+    };
+    let mut content = Vec::with_capacity(message.content.len());
+    for part in &message.content {
+        match part {
+            // Anthropic rejects empty text blocks.
+            ContentPart::Text(text) if text.is_empty() => {}
+            ContentPart::Text(text) => content.push(WireBlock::Text { text }),
+            ContentPart::Image(image) => {
+                if message.role != Role::User {
+                    return Err(invalid("images are only allowed in user messages"));
+                }
+                content.push(WireBlock::Image {
+                    source: image_source(image)?,
+                });
+            }
+            ContentPart::ToolCall(call) => {
+                if message.role != Role::Assistant {
+                    return Err(invalid("tool calls belong in assistant messages"));
+                }
+                let input = if call.arguments.trim().is_empty() {
+                    serde_json::Value::Object(serde_json::Map::new())
+                } else {
+                    serde_json::from_str::<serde_json::Value>(&call.arguments)
+                        .ok()
+                        .filter(serde_json::Value::is_object)
+                        .ok_or_else(|| {
+                            invalid(format!(
+                                "the arguments of tool call `{}` are not a json object",
+                                call.id
+                            ))
+                        })?
+                };
+                content.push(WireBlock::ToolUse {
+                    id: &call.id,
+                    name: &call.name,
+                    input,
+                });
+            }
+            ContentPart::ToolResult(result) => {
+                if message.role != Role::Tool {
+                    return Err(invalid("tool results belong in tool messages"));
+                }
+                content.push(WireBlock::ToolResult {
+                    tool_use_id: &result.tool_call_id,
+                    content: &result.content,
+                    is_error: result.is_error,
+                });
+            }
+        }
+    }
+    // Tool results must come first in their user message.
+    content.sort_by_key(|b| !matches!(b, WireBlock::ToolResult { .. }));
+    Ok(WireMessage { role, content })
+}
+
+fn image_source(image: &crate::types::Image) -> Result<WireImageSource<'_>, ProviderError> {
+    match &image.source {
+        ImageSource::Data(data) => Ok(WireImageSource::Base64 {
+            media_type: image.mime_type.as_deref().unwrap_or("image/png"),
+            data: base64::engine::general_purpose::STANDARD
+                .encode(data)
+                .into(),
+        }),
+        ImageSource::Url(url) => match parse_data_url(url) {
+            Some((media_type, data)) => Ok(WireImageSource::Base64 {
+                media_type,
+                data: data.into(),
+            }),
+            None if url.starts_with("data:") => {
+                Err(invalid("image data urls must be base64-encoded"))
+            }
+            None => Ok(WireImageSource::Url { url }),
+        },
+    }
+}
+
+/// Splits `data:<mime>;base64,<data>` into its MIME type and base64 payload.
+pub(crate) fn parse_data_url(url: &str) -> Option<(&str, &str)> {
+    let rest = url.strip_prefix("data:")?;
+    let (meta, data) = rest.split_once(',')?;
+    let mime = meta.strip_suffix(";base64")?;
+    (!mime.is_empty()).then_some((mime, data))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Response
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct WireResponse {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    content: Vec<WireResponseBlock>,
+    #[serde(default)]
+    stop_reason: Option<String>,
+    #[serde(default)]
+    usage: Option<WireUsage>,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum WireResponseBlock {
+    Text {
+        #[serde(default)]
+        text: String,
+    },
+    ToolUse {
+        #[serde(default)]
+        id: String,
+        #[serde(default)]
+        name: String,
+        #[serde(default)]
+        input: serde_json::Value,
+    },
+    /// Thinking, redacted thinking, server tool blocks: not part of the reply.
+    #[serde(other)]
+    Other,
+}
+
+/// Anthropic's usage counts; every field may be missing or `null`.
+#[derive(Debug, Deserialize, Default, Clone, Copy)]
+struct WireUsage {
+    #[serde(default)]
+    input_tokens: Option<u64>,
+    #[serde(default)]
+    output_tokens: Option<u64>,
+    #[serde(default)]
+    cache_creation_input_tokens: Option<u64>,
+    #[serde(default)]
+    cache_read_input_tokens: Option<u64>,
+}
+
+impl WireUsage {
+    /// Fields set in `later` replace those here (`message_delta` counts are cumulative).
+    fn merge(self, later: WireUsage) -> WireUsage {
+        WireUsage {
+            input_tokens: later.input_tokens.or(self.input_tokens),
+            output_tokens: later.output_tokens.or(self.output_tokens),
+            cache_creation_input_tokens: later
+                .cache_creation_input_tokens
+                .or(self.cache_creation_input_tokens),
+            cache_read_input_tokens: later
+                .cache_read_input_tokens
+                .or(self.cache_read_input_tokens),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.input_tokens.is_none()
+            && self.output_tokens.is_none()
+            && self.cache_creation_input_tokens.is_none()
+            && self.cache_read_input_tokens.is_none()
+    }
+}
+
+impl From<WireUsage> for Usage {
+    fn from(u: WireUsage) -> Self {
+        let uncached = u.input_tokens.unwrap_or(0);
+        Usage {
+            // Anthropic's input_tokens excludes cache reads and writes; ours includes both.
+            input_tokens: uncached
+                .saturating_add(u.cache_read_input_tokens.unwrap_or(0))
+                .saturating_add(u.cache_creation_input_tokens.unwrap_or(0)),
+            output_tokens: u.output_tokens.unwrap_or(0),
+            cached_input_tokens: u.cache_read_input_tokens,
+            cache_write_tokens: u.cache_creation_input_tokens,
+            reasoning_tokens: None,
+        }
+    }
+}
+
+fn finish_reason(reason: &str) -> FinishReason {
+    match reason {
+        "end_turn" | "stop_sequence" => FinishReason::Stop,
+        "max_tokens" | "model_context_window_exceeded" => FinishReason::Length,
+        "tool_use" => FinishReason::ToolCalls,
+        "refusal" => FinishReason::ContentFilter,
+        _ => FinishReason::Other,
+    }
+}
+
+/// Parses a non-streaming Messages response.
+pub fn parse_response(body: &[u8], requested_model: &str) -> Result<ChatResponse, ProviderError> {
+    let wire: WireResponse = decode_json(body)?;
+    let mut content = Vec::with_capacity(wire.content.len());
+    for block in wire.content {
+        match block {
+            WireResponseBlock::Text { text } if text.is_empty() => {}
+            WireResponseBlock::Text { text } => match content.last_mut() {
+                Some(ContentPart::Text(prev)) => prev.push_str(&text),
+                _ => content.push(ContentPart::Text(text)),
+            },
+            WireResponseBlock::ToolUse { id, name, input } => {
+                let arguments = match input {
+                    serde_json::Value::Null => "{}".to_owned(),
+                    other => other.to_string(),
+                };
+                content.push(ContentPart::ToolCall(ToolCall {
+                    id,
+                    name,
+                    arguments,
+                }));
+            }
+            WireResponseBlock::Other => {}
+        }
+    }
+    Ok(ChatResponse {
+        model: wire
+            .model
+            .filter(|m| !m.is_empty())
+            .unwrap_or_else(|| requested_model.to_owned()),
+        content,
+        finish_reason: wire
+            .stop_reason
+            .as_deref()
+            .map_or(FinishReason::Unspecified, finish_reason),
+        usage: wire.usage.filter(|u| !u.is_empty()).map(Usage::from),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stream
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum WireEvent {
+    MessageStart {
+        message: WireStartMessage,
+    },
+    ContentBlockStart {
+        index: u32,
+        content_block: WireStartBlock,
+    },
+    ContentBlockDelta {
+        index: u32,
+        delta: WireDelta,
+    },
+    MessageDelta {
+        #[serde(default)]
+        delta: Option<WireMessageDelta>,
+        #[serde(default)]
+        usage: Option<WireUsage>,
+    },
+    MessageStop,
+    Error {
+        error: WireError,
+    },
+    /// `ping`, `content_block_stop` and event types added later.
+    #[serde(other)]
+    Other,
+}
+
+#[derive(Deserialize)]
+struct WireStartMessage {
+    #[serde(default)]
+    usage: Option<WireUsage>,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum WireStartBlock {
+    Text {
+        #[serde(default)]
+        text: String,
+    },
+    ToolUse {
+        #[serde(default)]
+        id: String,
+        #[serde(default)]
+        name: String,
+    },
+    Thinking {
+        #[serde(default)]
+        thinking: String,
+    },
+    #[serde(other)]
+    Other,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum WireDelta {
+    TextDelta {
+        #[serde(default)]
+        text: String,
+    },
+    InputJsonDelta {
+        #[serde(default)]
+        partial_json: String,
+    },
+    ThinkingDelta {
+        #[serde(default)]
+        thinking: String,
+    },
+    /// `signature_delta`, `citations_delta` and delta types added later.
+    #[serde(other)]
+    Other,
+}
+
+#[derive(Deserialize)]
+struct WireMessageDelta {
+    #[serde(default)]
+    stop_reason: Option<String>,
+}
+
+/// Decodes the Messages event stream.
+#[derive(Debug, Default)]
+pub struct MessageStreamDecoder {
+    usage: Option<WireUsage>,
+    finish: Option<FinishReason>,
+    /// Content block index -> tool call index (tool calls count from 0).
+    tool_blocks: Vec<(u32, u32)>,
+}
+
+impl MessageStreamDecoder {
+    fn merge_usage(&mut self, usage: Option<WireUsage>) {
+        if let Some(usage) = usage {
+            self.usage = Some(self.usage.unwrap_or_default().merge(usage));
+        }
+    }
+
+    fn tool_index(&self, block: u32) -> Option<u32> {
+        self.tool_blocks
+            .iter()
+            .find(|(b, _)| *b == block)
+            .map(|(_, t)| *t)
+    }
+}
+
+impl EventDecoder for MessageStreamDecoder {
+    fn decode(
+        &mut self,
+        event: SseEvent,
+        out: &mut VecDeque<StreamEvent>,
+    ) -> Result<bool, ProviderError> {
+        let wire: WireEvent = serde_json::from_str(&event.data)
+            .map_err(|e| ProviderError::malformed_event(&json_error_kind(&e)))?;
+        match wire {
+            WireEvent::MessageStart { message } => self.merge_usage(message.usage),
+            WireEvent::ContentBlockStart {
+                index,
+                content_block,
+            } => match content_block {
+                WireStartBlock::Text { text } | WireStartBlock::Thinking { thinking: text }
+                    if text.is_empty() => {}
+                WireStartBlock::Text { text } => out.push_back(StreamEvent::Text(text)),
+                WireStartBlock::Thinking { thinking } => {
+                    out.push_back(StreamEvent::Reasoning(thinking));
+                }
+                WireStartBlock::ToolUse { id, name } => {
+                    let tool = u32::try_from(self.tool_blocks.len()).unwrap_or(u32::MAX);
+                    self.tool_blocks.push((index, tool));
+                    out.push_back(StreamEvent::ToolCall(ToolCallDelta {
+                        index: tool,
+                        id: Some(id).filter(|s| !s.is_empty()),
+                        name: Some(name).filter(|s| !s.is_empty()),
+                        arguments: String::new(),
+                    }));
+                }
+                WireStartBlock::Other => {}
+            },
+            WireEvent::ContentBlockDelta { index, delta } => match delta {
+                WireDelta::TextDelta { text } if !text.is_empty() => {
+                    out.push_back(StreamEvent::Text(text));
+                }
+                WireDelta::ThinkingDelta { thinking } if !thinking.is_empty() => {
+                    out.push_back(StreamEvent::Reasoning(thinking));
+                }
+                WireDelta::InputJsonDelta { partial_json } => {
+                    let tool = self.tool_index(index).ok_or_else(|| {
+                        ProviderError::malformed_event("tool input for a block that is not a tool")
+                    })?;
+                    if !partial_json.is_empty() {
+                        out.push_back(StreamEvent::ToolCall(ToolCallDelta {
+                            index: tool,
+                            id: None,
+                            name: None,
+                            arguments: partial_json,
+                        }));
+                    }
+                }
+                WireDelta::TextDelta { .. }
+                | WireDelta::ThinkingDelta { .. }
+                | WireDelta::Other => {}
+            },
+            WireEvent::MessageDelta { delta, usage } => {
+                if let Some(reason) = delta.and_then(|d| d.stop_reason) {
+                    self.finish = Some(finish_reason(&reason));
+                }
+                self.merge_usage(usage);
+            }
+            WireEvent::MessageStop => {
+                if let Some(usage) = self.usage.take().filter(|u| !u.is_empty()) {
+                    out.push_back(StreamEvent::Usage(usage.into()));
+                }
+                out.push_back(StreamEvent::Finish(
+                    self.finish.take().unwrap_or(FinishReason::Unspecified),
+                ));
+                return Ok(true);
+            }
+            WireEvent::Error { error } => return Err(stream_error(&error)),
+            WireEvent::Other => {}
+        }
+        Ok(false)
+    }
+
+    fn end_of_body(&mut self, _out: &mut VecDeque<StreamEvent>) -> Result<(), ProviderError> {
+        Err(ProviderError::truncated())
+    }
+}
+
+/// An in-stream `error` event. Overloads keep their class (retryable); other transient
+/// failures are a broken stream; the request's own faults keep theirs.
+fn stream_error(error: &WireError) -> ProviderError {
+    let class = error
+        .kind
+        .as_deref()
+        .and_then(class_from_type)
+        .unwrap_or(ErrorClass::StreamBroken);
+    let class = refine_invalid(class, error.message.as_deref().unwrap_or_default());
+    match class {
+        ErrorClass::Overloaded => ProviderError::new(
+            ErrorClass::Overloaded,
+            "the provider reported it is overloaded mid-stream",
+        ),
+        c if c.is_retryable() => ProviderError::new(
+            ErrorClass::StreamBroken,
+            "the provider sent an error event mid-stream",
+        ),
+        c => ProviderError::new(
+            c,
+            format!(
+                "the provider sent an error in the stream: {}",
+                short_message(error.message.as_deref().unwrap_or("unknown error"))
+            ),
+        ),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct WireErrorBody {
+    error: WireError,
+}
+
+#[derive(Deserialize)]
+struct WireError {
+    #[serde(default, rename = "type")]
+    kind: Option<String>,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+fn class_from_type(kind: &str) -> Option<ErrorClass> {
+    Some(match kind {
+        "invalid_request_error" | "request_too_large" => ErrorClass::InvalidRequest,
+        "authentication_error" => ErrorClass::Authentication,
+        "permission_error" | "billing_error" => ErrorClass::Permission,
+        "not_found_error" => ErrorClass::ModelNotFound,
+        "rate_limit_error" => ErrorClass::RateLimited,
+        "api_error" => ErrorClass::ServerError,
+        "overloaded_error" => ErrorClass::Overloaded,
+        "timeout_error" => ErrorClass::Timeout,
+        _ => return None,
+    })
+}
+
+/// An invalid request that says the prompt does not fit is a context-length error.
+fn refine_invalid(class: ErrorClass, message: &str) -> ErrorClass {
+    let lower = message.to_ascii_lowercase();
+    if class == ErrorClass::InvalidRequest
+        && (lower.contains("prompt is too long") || lower.contains("exceed context limit"))
+    {
+        ErrorClass::ContextLengthExceeded
+    } else {
+        class
+    }
+}
+
+/// The `anthropic-ratelimit-*-reset` headers whose wait applies: the latest reset among
+/// the exhausted limits (remaining 0), or the earliest when none says it is exhausted.
+pub fn ratelimit_reset_delay(
+    headers: &http::HeaderMap,
+    now: std::time::SystemTime,
+) -> Option<Duration> {
+    const LIMITS: [&str; 4] = ["requests", "tokens", "input-tokens", "output-tokens"];
+    let mut exhausted: Option<Duration> = None;
+    let mut earliest: Option<Duration> = None;
+    for limit in LIMITS {
+        let Some(reset) = headers
+            .get(format!("anthropic-ratelimit-{limit}-reset"))
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| humantime::parse_rfc3339_weak(v.trim()).ok())
+        else {
+            continue;
+        };
+        let wait = reset.duration_since(now).unwrap_or(Duration::ZERO);
+        let is_exhausted = headers
+            .get(format!("anthropic-ratelimit-{limit}-remaining"))
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim() == "0");
+        if is_exhausted {
+            exhausted = Some(exhausted.map_or(wait, |w| w.max(wait)));
+        }
+        earliest = Some(earliest.map_or(wait, |w| w.min(wait)));
+    }
+    exhausted.or(earliest)
+}
+
+/// Maps an HTTP error answer to a [`ProviderError`].
+pub fn map_error(status: u16, headers: &http::HeaderMap, body: &[u8]) -> ProviderError {
+    let wire = serde_json::from_slice::<WireErrorBody>(body)
+        .ok()
+        .map(|b| b.error);
+    let status_class = ErrorClass::from_http_status(status);
+    let type_class = wire
+        .as_ref()
+        .and_then(|w| w.kind.as_deref())
+        .and_then(class_from_type);
+    // The type refines the status; a transient status is not overruled by a permanent type.
+    let class = match type_class {
+        Some(c) if !status_class.is_retryable() || c.is_retryable() => c,
+        _ => status_class,
+    };
+    let upstream_msg = wire.and_then(|w| w.message).unwrap_or_default();
+    let class = refine_invalid(class, &upstream_msg);
+    let message = match class {
+        ErrorClass::InvalidRequest
+        | ErrorClass::ContextLengthExceeded
+        | ErrorClass::ContentFiltered
+        | ErrorClass::ModelNotFound
+            if !upstream_msg.is_empty() =>
+        {
+            format!(
+                "the provider rejected the request: {}",
+                short_message(&upstream_msg)
+            )
+        }
+        _ => format!("the provider answered http {status}"),
+    };
+    let retry_after = retry_after_header(headers).or_else(|| {
+        (class == ErrorClass::RateLimited)
+            .then(|| ratelimit_reset_delay(headers, std::time::SystemTime::now()))
+            .flatten()
+    });
+    ProviderError::new(class, message).with_retry_after(retry_after)
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use futures_util::StreamExt;
+
+    use super::*;
+    use crate::types::{Image, ImageDetail, SamplingParams, Tool, ToolResult};
+
+    fn config() -> AnthropicConfig {
+        AnthropicConfig::new("anthropic", DEFAULT_BASE_URL, Some("sk-ant-test".into()))
+    }
+
+    fn json(bytes: &[u8]) -> serde_json::Value {
+        serde_json::from_slice(bytes).unwrap()
+    }
+
+    fn tool_result(id: &str, content: &str, is_error: bool) -> ContentPart {
+        ContentPart::ToolResult(ToolResult {
+            tool_call_id: id.into(),
+            name: None,
+            content: content.into(),
+            is_error,
+        })
+    }
+
+    #[test]
+    fn builds_a_full_request() {
+        let request = ChatRequest {
+            model: "anthropic/claude-sonnet-4-5".into(),
+            messages: vec![
+                Message::text(Role::System, "be brief"),
+                Message::text(Role::Developer, "dev note"),
+                Message {
+                    role: Role::User,
+                    content: vec![
+                        ContentPart::Text("what are these?".into()),
+                        ContentPart::Image(Image {
+                            source: ImageSource::Data(Bytes::from_static(b"\x89PNG")),
+                            mime_type: Some("image/png".into()),
+                            detail: ImageDetail::Low,
+                        }),
+                        ContentPart::Image(Image {
+                            source: ImageSource::Url("https://example.com/cat.jpg".into()),
+                            mime_type: None,
+                            detail: ImageDetail::Default,
+                        }),
+                        ContentPart::Image(Image {
+                            source: ImageSource::Url("data:image/gif;base64,R0lGOD==".into()),
+                            mime_type: None,
+                            detail: ImageDetail::Default,
+                        }),
+                    ],
+                    name: None,
+                },
+                Message {
+                    role: Role::Assistant,
+                    content: vec![
+                        ContentPart::Text("checking".into()),
+                        ContentPart::ToolCall(ToolCall {
+                            id: "toolu_1".into(),
+                            name: "get_weather".into(),
+                            arguments: r#"{"city":"Paris"}"#.into(),
+                        }),
+                        ContentPart::ToolCall(ToolCall {
+                            id: "toolu_2".into(),
+                            name: "get_weather".into(),
+                            arguments: String::new(),
+                        }),
+                    ],
+                    name: None,
+                },
+                Message {
+                    role: Role::Tool,
+                    content: vec![tool_result("toolu_1", "sunny", false)],
+                    name: None,
+                },
+                Message {
+                    role: Role::Tool,
+                    content: vec![tool_result("toolu_2", "no such city", true)],
+                    name: None,
+                },
+                Message::text(Role::User, "and tomorrow?"),
+            ],
+            params: SamplingParams {
+                temperature: Some(0.5),
+                top_p: Some(0.9),
+                stop: vec!["END".into()],
+                seed: Some(7),
+                parallel_tool_calls: Some(false),
+                ..Default::default()
+            },
+            tools: vec![Tool {
+                name: "get_weather".into(),
+                description: Some("weather".into()),
+                parameters: serde_json::json!({"type": "object"}),
+                strict: false,
+            }],
+            tool_choice: Some(ToolChoice::Named("get_weather".into())),
+            user: Some("u1".into()),
+            ..Default::default()
+        };
+        let body = json(&build_request(&config(), "claude-sonnet-4-5", &request, true).unwrap());
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "model": "claude-sonnet-4-5",
+                "max_tokens": 4096,
+                "system": [
+                    {"type": "text", "text": "be brief"},
+                    {"type": "text", "text": "dev note"}
+                ],
+                "messages": [
+                    {"role": "user", "content": [
+                        {"type": "text", "text": "what are these?"},
+                        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw=="}},
+                        {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.jpg"}},
+                        {"type": "image", "source": {"type": "base64", "media_type": "image/gif", "data": "R0lGOD=="}}
+                    ]},
+                    {"role": "assistant", "content": [
+                        {"type": "text", "text": "checking"},
+                        {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}},
+                        {"type": "tool_use", "id": "toolu_2", "name": "get_weather", "input": {}}
+                    ]},
+                    {"role": "user", "content": [
+                        {"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"},
+                        {"type": "tool_result", "tool_use_id": "toolu_2", "content": "no such city", "is_error": true},
+                        {"type": "text", "text": "and tomorrow?"}
+                    ]}
+                ],
+                "temperature": 0.5,
+                "top_p": 0.9,
+                "stop_sequences": ["END"],
+                "tools": [{"name": "get_weather", "description": "weather", "input_schema": {"type": "object"}}],
+                "tool_choice": {"type": "tool", "name": "get_weather", "disable_parallel_tool_use": true},
+                "metadata": {"user_id": "u1"},
+                "stream": true
+            })
+        );
+    }
+
+    #[test]
+    fn minimal_request_gets_default_max_tokens_and_string_system() {
+        let request = ChatRequest {
+            messages: vec![
+                Message::text(Role::System, "sys"),
+                Message::text(Role::User, "hi"),
+            ],
+            tool_choice: Some(ToolChoice::Required),
+            ..Default::default()
+        };
+        let body = json(&build_request(&config(), "m", &request, false).unwrap());
+        assert_eq!(body["max_tokens"], DEFAULT_MAX_TOKENS);
+        assert_eq!(body["system"], "sys");
+        assert!(body.get("stream").is_none());
+        // No tools: no tool_choice either (Anthropic rejects it alone).
+        assert!(body.get("tool_choice").is_none());
+
+        let mut with_limit = request.clone();
+        with_limit.params.max_tokens = Some(10);
+        let body = json(&build_request(&config(), "m", &with_limit, false).unwrap());
+        assert_eq!(body["max_tokens"], 10);
+    }
+
+    #[test]
+    fn tool_choice_modes() {
+        let base = ChatRequest {
+            messages: vec![Message::text(Role::User, "hi")],
+            tools: vec![Tool {
+                name: "f".into(),
+                description: None,
+                parameters: serde_json::json!({"type": "object"}),
+                strict: false,
+            }],
+            ..Default::default()
+        };
+        for (choice, expected) in [
+            (None, serde_json::Value::Null),
+            (Some(ToolChoice::Auto), serde_json::json!({"type": "auto"})),
+            (
+                Some(ToolChoice::Required),
+                serde_json::json!({"type": "any"}),
+            ),
+            (Some(ToolChoice::None), serde_json::json!({"type": "none"})),
+        ] {
+            let mut request = base.clone();
+            request.tool_choice = choice;
+            let body = json(&build_request(&config(), "m", &request, false).unwrap());
+            assert_eq!(body["tool_choice"], expected);
+        }
+    }
+
+    #[test]
+    fn unsupported_input_is_an_invalid_request() {
+        let json_mode = ChatRequest {
+            messages: vec![Message::text(Role::User, "hi")],
+            response_format: Some(ResponseFormat::JsonObject),
+            ..Default::default()
+        };
+        let bad_args = ChatRequest {
+            messages: vec![Message {
+                role: Role::Assistant,
+                content: vec![ContentPart::ToolCall(ToolCall {
+                    id: "t".into(),
+                    name: "f".into(),
+                    arguments: "[1, 2]".into(),
+                })],
+                name: None,
+            }],
+            ..Default::default()
+        };
+        let image_in_system = ChatRequest {
+            messages: vec![Message {
+                role: Role::System,
+                content: vec![ContentPart::Image(Image {
+                    source: ImageSource::Url("https://example.com/x.png".into()),
+                    mime_type: None,
+                    detail: ImageDetail::Default,
+                })],
+                name: None,
+            }],
+            ..Default::default()
+        };
+        for request in [json_mode, bad_args, image_in_system] {
+            let err = build_request(&config(), "m", &request, false).unwrap_err();
+            assert_eq!(err.class, ErrorClass::InvalidRequest, "{err}");
+        }
+    }
+
+    #[test]
+    fn parses_a_documented_response() {
+        let body = include_bytes!("../../tests/fixtures/anthropic/message.json");
+        let response = parse_response(body, "claude-sonnet-4-5").unwrap();
+        assert_eq!(response.model, "claude-sonnet-4-5-20250929");
+        assert_eq!(response.finish_reason, FinishReason::Stop);
+        assert_eq!(
+            response.content,
+            vec![ContentPart::Text("Hi! My name is Claude.".into())]
+        );
+        let usage = response.usage.unwrap();
+        assert_eq!((usage.input_tokens, usage.output_tokens), (2095, 503));
+        assert_eq!(usage.cached_input_tokens, None);
+    }
+
+    #[test]
+    fn parses_a_tool_use_response() {
+        let body = include_bytes!("../../tests/fixtures/anthropic/message_tool_use.json");
+        let response = parse_response(body, "claude-sonnet-4-5").unwrap();
+        assert_eq!(response.finish_reason, FinishReason::ToolCalls);
+        assert!(response.usage.is_none());
+        assert_eq!(response.content.len(), 2);
+        let ContentPart::ToolCall(call) = &response.content[1] else {
+            panic!("expected a tool call: {:?}", response.content);
+        };
+        assert_eq!(call.id, "toolu_01A09q90qw90lq917835lq9");
+        assert_eq!(call.name, "get_weather");
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&call.arguments).unwrap(),
+            serde_json::json!({"location": "San Francisco, CA", "unit": "celsius"})
+        );
+    }
+
+    #[test]
+    fn cache_tokens_are_normalized_into_input() {
+        let body = include_bytes!("../../tests/fixtures/anthropic/message_cached.json");
+        let response = parse_response(body, "m").unwrap();
+        assert_eq!(response.finish_reason, FinishReason::Length);
+        // The thinking block is not part of the reply text.
+        assert_eq!(
+            response.content,
+            vec![ContentPart::Text(
+                "Pride and Prejudice follows Elizabeth Bennet.".into()
+            )]
+        );
+        let usage = response.usage.unwrap();
+        assert_eq!(usage.input_tokens, 21 + 188_086);
+        assert_eq!(usage.cached_input_tokens, Some(0));
+        assert_eq!(usage.cache_write_tokens, Some(188_086));
+        assert_eq!(usage.output_tokens, 393);
+    }
+
+    #[test]
+    fn stop_reasons() {
+        for (wire, ours) in [
+            ("end_turn", FinishReason::Stop),
+            ("stop_sequence", FinishReason::Stop),
+            ("max_tokens", FinishReason::Length),
+            ("tool_use", FinishReason::ToolCalls),
+            ("refusal", FinishReason::ContentFilter),
+            ("pause_turn", FinishReason::Other),
+        ] {
+            assert_eq!(finish_reason(wire), ours, "{wire}");
+        }
+    }
+
+    #[test]
+    fn malformed_response_is_an_error_not_a_panic() {
+        for body in [
+            &b"{"[..],
+            b"not json",
+            b"{\"content\": 3}",
+            b"{\"content\": [{\"text\": \"no type\"}]}",
+        ] {
+            let err = parse_response(body, "m").unwrap_err();
+            assert_eq!(err.class, ErrorClass::InvalidResponse, "{body:?}");
+        }
+    }
+
+    async fn decode_stream(body: &'static [u8]) -> Vec<Result<StreamEvent, ProviderError>> {
+        let pieces: Vec<reqwest::Result<Bytes>> =
+            body.chunks(7).map(|c| Ok(Bytes::from_static(c))).collect();
+        SseStream::from_body(
+            Box::pin(futures_util::stream::iter(pieces)),
+            MessageStreamDecoder::default(),
+        )
+        .collect()
+        .await
+    }
+
+    #[tokio::test]
+    async fn decodes_a_documented_stream_with_merged_usage() {
+        let events = decode_stream(include_bytes!("../../tests/fixtures/anthropic/stream.txt"))
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect::<Vec<_>>();
+        assert_eq!(
+            events,
+            vec![
+                StreamEvent::Text("Hello".into()),
+                StreamEvent::Text("!".into()),
+                StreamEvent::Usage(Usage {
+                    input_tokens: 25,
+                    output_tokens: 15,
+                    ..Usage::default()
+                }),
+                StreamEvent::Finish(FinishReason::Stop),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn decodes_streamed_tool_input() {
+        let events = decode_stream(include_bytes!(
+            "../../tests/fixtures/anthropic/stream_tool_use.txt"
+        ))
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect::<Vec<_>>();
+        let mut args = String::new();
+        let mut first = None;
+        for e in &events {
+            if let StreamEvent::ToolCall(d) = e {
+                // Content block 1 is the first tool call: index 0.
+                assert_eq!(d.index, 0);
+                if first.is_none() {
+                    first = Some(d.clone());
+                }
+                args.push_str(&d.arguments);
+            }
+        }
+        let first = first.unwrap();
+        assert_eq!(first.id.as_deref(), Some("toolu_01T1x1fJ34qAmk2tNTrN7Up6"));
+        assert_eq!(first.name.as_deref(), Some("get_weather"));
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&args).unwrap(),
+            serde_json::json!({"location": "San Francisco, CA", "unit": "fahrenheit"})
+        );
+        assert!(events.contains(&StreamEvent::Text("Okay".into())));
+        assert_eq!(
+            &events[events.len() - 2..],
+            &[
+                StreamEvent::Usage(Usage {
+                    input_tokens: 472,
+                    output_tokens: 89,
+                    ..Usage::default()
+                }),
+                StreamEvent::Finish(FinishReason::ToolCalls),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn thinking_is_reasoning_and_missing_usage_is_not_zeros() {
+        let events = decode_stream(include_bytes!(
+            "../../tests/fixtures/anthropic/stream_thinking.txt"
+        ))
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect::<Vec<_>>();
+        let reasoning: String = events
+            .iter()
+            .filter_map(|e| match e {
+                StreamEvent::Reasoning(t) => Some(t.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert!(reasoning.starts_with("Let me solve this step by step"));
+        assert!(events.contains(&StreamEvent::Text("27 * 453 = 12,231".into())));
+        assert!(!events.iter().any(|e| matches!(e, StreamEvent::Usage(_))));
+        assert_eq!(
+            events.last(),
+            Some(&StreamEvent::Finish(FinishReason::Stop))
+        );
+    }
+
+    #[tokio::test]
+    async fn stream_without_message_stop_is_truncated() {
+        let body = include_bytes!("../../tests/fixtures/anthropic/stream.txt");
+        let text = std::str::from_utf8(body).unwrap();
+        let cut = text.find("event: message_stop").unwrap();
+        let leaked: &'static [u8] = Box::leak(text[..cut].as_bytes().to_vec().into_boxed_slice());
+        let events = decode_stream(leaked).await;
+        let err = events.last().unwrap().as_ref().unwrap_err();
+        assert_eq!(err.class, ErrorClass::StreamBroken);
+        assert!(
+            !events
+                .iter()
+                .any(|e| matches!(e, Ok(StreamEvent::Finish(_))))
+        );
+    }
+
+    #[tokio::test]
+    async fn in_stream_errors_are_classified() {
+        let events = decode_stream(
+            b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":3}}}\n\n\
+              event: error\ndata: {\"type\": \"error\", \"error\": {\"type\": \"overloaded_error\", \"message\": \"Overloaded\"}}\n\n",
+        )
+        .await;
+        let err = events.last().unwrap().as_ref().unwrap_err();
+        assert_eq!(err.class, ErrorClass::Overloaded);
+        assert!(err.is_retryable());
+
+        let events = decode_stream(
+            b"event: error\ndata: {\"type\": \"error\", \"error\": {\"type\": \"api_error\", \"message\": \"Internal\"}}\n\n",
+        )
+        .await;
+        assert_eq!(
+            events[0].as_ref().unwrap_err().class,
+            ErrorClass::StreamBroken
+        );
+    }
+
+    #[tokio::test]
+    async fn malformed_events_are_errors() {
+        for body in [
+            &b"event: message_start\ndata: {not json\n\n"[..],
+            b"data: {\"no_type\": 1}\n\n",
+            b"data: {\"type\":\"content_block_delta\",\"index\":4,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"{\"}}\n\n",
+        ] {
+            let events = decode_stream(body).await;
+            assert_eq!(events.len(), 1, "{body:?}");
+            assert_eq!(
+                events[0].as_ref().unwrap_err().class,
+                ErrorClass::StreamBroken
+            );
+        }
+    }
+
+    #[test]
+    fn error_mapping_table() {
+        let none = http::HeaderMap::new();
+        let body = |kind: &str, msg: &str| {
+            format!(
+                r#"{{"type":"error","error":{{"type":"{kind}","message":"{msg}"}},"request_id":"req_1"}}"#
+            )
+        };
+        let cases = [
+            (
+                400,
+                body("invalid_request_error", "messages: field required"),
+                ErrorClass::InvalidRequest,
+            ),
+            (
+                400,
+                body(
+                    "invalid_request_error",
+                    "prompt is too long: 215000 tokens > 200000 maximum",
+                ),
+                ErrorClass::ContextLengthExceeded,
+            ),
+            (
+                400,
+                body(
+                    "invalid_request_error",
+                    "input length and `max_tokens` exceed context limit: 197626 + 8192 > 200000",
+                ),
+                ErrorClass::ContextLengthExceeded,
+            ),
+            (
+                401,
+                body("authentication_error", "invalid x-api-key sk-ant-abc"),
+                ErrorClass::Authentication,
+            ),
+            (
+                402,
+                body("billing_error", "credit balance too low"),
+                ErrorClass::Permission,
+            ),
+            (
+                403,
+                body("permission_error", "no access"),
+                ErrorClass::Permission,
+            ),
+            (
+                404,
+                body("not_found_error", "model: claude-9"),
+                ErrorClass::ModelNotFound,
+            ),
+            (
+                413,
+                body("request_too_large", "Request exceeds the maximum size"),
+                ErrorClass::InvalidRequest,
+            ),
+            (
+                429,
+                body(
+                    "rate_limit_error",
+                    "Number of requests has exceeded your rate limit",
+                ),
+                ErrorClass::RateLimited,
+            ),
+            (
+                500,
+                body("api_error", "Internal server error"),
+                ErrorClass::ServerError,
+            ),
+            (
+                529,
+                body("overloaded_error", "Overloaded"),
+                ErrorClass::Overloaded,
+            ),
+            (
+                502,
+                "<html>bad gateway</html>".to_owned(),
+                ErrorClass::ServerError,
+            ),
+            (529, String::new(), ErrorClass::Overloaded),
+        ];
+        for (status, body, class) in &cases {
+            let err = map_error(*status, &none, body.as_bytes());
+            assert_eq!(err.class, *class, "status {status} body {body}");
+            assert_eq!(err.is_retryable(), class.is_retryable());
+            assert!(
+                !err.message.contains("sk-ant"),
+                "leaked key: {}",
+                err.message
+            );
+            assert!(!err.message.contains("req_1"), "raw body: {}", err.message);
+        }
+        let fixture = include_bytes!("../../tests/fixtures/anthropic/error_overloaded.json");
+        assert_eq!(map_error(529, &none, fixture).class, ErrorClass::Overloaded);
+    }
+
+    #[test]
+    fn retry_after_from_header_or_reset_headers() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("retry-after", http::HeaderValue::from_static("12"));
+        let err = map_error(
+            429,
+            &headers,
+            br#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#,
+        );
+        assert_eq!(err.retry_after, Some(Duration::from_secs(12)));
+
+        let now = humantime::parse_rfc3339("2025-06-01T12:00:00Z").unwrap();
+        let mut headers = http::HeaderMap::new();
+        for (name, value) in [
+            ("anthropic-ratelimit-requests-remaining", "10"),
+            ("anthropic-ratelimit-requests-reset", "2025-06-01T12:00:05Z"),
+            ("anthropic-ratelimit-tokens-remaining", "0"),
+            ("anthropic-ratelimit-tokens-reset", "2025-06-01T12:00:30Z"),
+            ("anthropic-ratelimit-output-tokens-reset", "garbage"),
+        ] {
+            headers.insert(name, http::HeaderValue::from_static(value));
+        }
+        assert_eq!(
+            ratelimit_reset_delay(&headers, now),
+            Some(Duration::from_secs(30))
+        );
+        headers.insert(
+            "anthropic-ratelimit-tokens-remaining",
+            http::HeaderValue::from_static("5"),
+        );
+        assert_eq!(
+            ratelimit_reset_delay(&headers, now),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(ratelimit_reset_delay(&http::HeaderMap::new(), now), None);
+        let past = humantime::parse_rfc3339("2025-06-01T13:00:00Z").unwrap();
+        assert_eq!(ratelimit_reset_delay(&headers, past), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn data_urls() {
+        assert_eq!(
+            parse_data_url("data:image/png;base64,AAAA"),
+            Some(("image/png", "AAAA"))
+        );
+        assert_eq!(parse_data_url("data:image/png,AAAA"), None);
+        assert_eq!(parse_data_url("https://x/y.png"), None);
+    }
+}

@@ -1,0 +1,1485 @@
+//! Google Gemini API (`POST {base_url}/v1beta/models/{model}:generateContent` and
+//! `:streamGenerateContent?alt=sse`, `x-goog-api-key`).
+//!
+//! System and developer messages go to `systemInstruction`; the conversation to `contents`
+//! with roles `user` and `model`; images as `inlineData` (bytes, `data:` URLs) or `fileData`
+//! (http URLs); tools as `functionDeclarations` with their JSON Schema in
+//! `parametersJsonSchema`, and JSON response schemas in `responseJsonSchema`. Tool results
+//! become `functionResponse` parts named after the tool (the server fills the name from the
+//! matching tool call); a result that is not a JSON object is wrapped as `{"content": ...}`
+//! (`{"error": ...}` when the tool failed).
+//!
+//! Gemini function calls have no ids: the adapter numbers them `call_0`, `call_1`, ... in
+//! reply order. Output tokens include thinking tokens. A stream is complete only when a chunk
+//! carried a `finishReason` and the body then ended; each SSE `data:` is a whole
+//! `GenerateContentResponse`.
+
+use std::{collections::VecDeque, time::Duration};
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    EventStream, Provider, ProviderError,
+    anthropic::parse_data_url,
+    decode_json,
+    error::short_message,
+    json_error_kind, read_body, retry_after_header, send_json,
+    sse::{EventDecoder, SseEvent, SseStream},
+};
+use crate::{
+    providers::ErrorClass,
+    types::{
+        ChatRequest, ChatResponse, ContentPart, FinishReason, ImageSource, Message, ResponseFormat,
+        Role, StreamEvent, ToolCall, ToolCallDelta, ToolChoice, Usage,
+    },
+};
+
+/// The provider kind.
+pub const KIND: &str = "gemini";
+
+/// The official API's base URL (without `/v1beta`).
+pub const DEFAULT_BASE_URL: &str = "https://generativelanguage.googleapis.com";
+
+/// How the adapter speaks to one Gemini endpoint.
+#[derive(Debug, Clone)]
+pub struct GeminiConfig {
+    /// Configured name, e.g. `gemini`.
+    pub name: String,
+    /// Base URL without the trailing `/v1beta`.
+    pub base_url: String,
+    /// Sent as `x-goog-api-key`; `None` for proxies that add it themselves.
+    pub api_key: Option<String>,
+}
+
+impl GeminiConfig {
+    /// Settings for `base_url`.
+    pub fn new(
+        name: impl Into<String>,
+        base_url: impl Into<String>,
+        api_key: Option<String>,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            base_url: base_url.into().trim_end_matches('/').to_owned(),
+            api_key,
+        }
+    }
+}
+
+/// The Gemini provider.
+pub struct Gemini {
+    config: GeminiConfig,
+    client: reqwest::Client,
+}
+
+impl Gemini {
+    /// A provider using the shared `client`.
+    pub fn new(config: GeminiConfig, client: reqwest::Client) -> Self {
+        Self { config, client }
+    }
+
+    fn post(&self, model: &str, stream: bool) -> Result<reqwest::RequestBuilder, ProviderError> {
+        let builder = self
+            .client
+            .post(endpoint_url(&self.config.base_url, model, stream)?);
+        match &self.config.api_key {
+            Some(key) => {
+                let mut value = http::HeaderValue::from_str(key).map_err(|_| {
+                    ProviderError::new(
+                        ErrorClass::Authentication,
+                        "the configured api key is not a valid header value",
+                    )
+                })?;
+                value.set_sensitive(true);
+                Ok(builder.header("x-goog-api-key", value))
+            }
+            None => Ok(builder),
+        }
+    }
+}
+
+/// The URL of `model`'s `generateContent` (or streaming) method.
+pub fn endpoint_url(base_url: &str, model: &str, stream: bool) -> Result<String, ProviderError> {
+    let model = model.strip_prefix("models/").unwrap_or(model);
+    // Model names are one path segment; refuse what would change the URL's meaning.
+    if model.is_empty()
+        || model.chars().any(|c| {
+            matches!(c, '/' | '?' | '#' | '%' | '\\') || c.is_whitespace() || c.is_control()
+        })
+    {
+        return Err(invalid("the model name is not valid for gemini"));
+    }
+    Ok(if stream {
+        format!("{base_url}/v1beta/models/{model}:streamGenerateContent?alt=sse")
+    } else {
+        format!("{base_url}/v1beta/models/{model}:generateContent")
+    })
+}
+
+#[async_trait]
+impl Provider for Gemini {
+    fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    async fn chat(
+        &self,
+        model: &str,
+        request: &ChatRequest,
+    ) -> Result<ChatResponse, ProviderError> {
+        let body = build_request(request)?;
+        let response = send_json(self.post(model, false)?, body, map_error).await?;
+        let bytes = read_body(response).await?;
+        parse_response(&bytes, model)
+    }
+
+    async fn chat_stream(
+        &self,
+        model: &str,
+        request: &ChatRequest,
+    ) -> Result<EventStream, ProviderError> {
+        let body = build_request(request)?;
+        let response = send_json(self.post(model, true)?, body, map_error).await?;
+        Ok(Box::pin(SseStream::new(response, ChunkDecoder::default())))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct WireRequest<'a> {
+    contents: Vec<WireContent<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    system_instruction: Option<WireSystem<'a>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tools: Vec<WireTools<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_config: Option<WireToolConfig<'a>>,
+    #[serde(skip_serializing_if = "WireGenerationConfig::is_empty")]
+    generation_config: WireGenerationConfig<'a>,
+}
+
+#[derive(Serialize)]
+struct WireSystem<'a> {
+    parts: Vec<WirePart<'a>>,
+}
+
+#[derive(Serialize)]
+struct WireContent<'a> {
+    role: &'static str,
+    parts: Vec<WirePart<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+enum WirePart<'a> {
+    Text(&'a str),
+    InlineData(WireBlob<'a>),
+    FileData(WireFileData<'a>),
+    FunctionCall(WireFunctionCall<'a>),
+    FunctionResponse(WireFunctionResponse<'a>),
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct WireBlob<'a> {
+    mime_type: &'a str,
+    data: std::borrow::Cow<'a, str>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct WireFileData<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mime_type: Option<&'a str>,
+    file_uri: &'a str,
+}
+
+#[derive(Serialize)]
+struct WireFunctionCall<'a> {
+    name: &'a str,
+    args: serde_json::Value,
+}
+
+#[derive(Serialize)]
+struct WireFunctionResponse<'a> {
+    name: &'a str,
+    response: serde_json::Value,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct WireTools<'a> {
+    function_declarations: Vec<WireFunctionDeclaration<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct WireFunctionDeclaration<'a> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    description: Option<&'a str>,
+    parameters_json_schema: &'a serde_json::Value,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct WireToolConfig<'a> {
+    function_calling_config: WireFunctionCallingConfig<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct WireFunctionCallingConfig<'a> {
+    mode: &'static str,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    allowed_function_names: Vec<&'a str>,
+}
+
+#[derive(Serialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct WireGenerationConfig<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_output_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    stop_sequences: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    presence_penalty: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    frequency_penalty: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_mime_type: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_json_schema: Option<&'a serde_json::Value>,
+}
+
+impl WireGenerationConfig<'_> {
+    fn is_empty(&self) -> bool {
+        self.temperature.is_none()
+            && self.top_p.is_none()
+            && self.max_output_tokens.is_none()
+            && self.stop_sequences.is_empty()
+            && self.seed.is_none()
+            && self.presence_penalty.is_none()
+            && self.frequency_penalty.is_none()
+            && self.response_mime_type.is_none()
+            && self.response_json_schema.is_none()
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> ProviderError {
+    ProviderError::new(ErrorClass::InvalidRequest, msg)
+}
+
+/// Builds the JSON body of a `generateContent` request (the model is in the URL).
+pub fn build_request(request: &ChatRequest) -> Result<Vec<u8>, ProviderError> {
+    let mut system = Vec::new();
+    let mut contents: Vec<WireContent<'_>> = Vec::with_capacity(request.messages.len());
+    for message in &request.messages {
+        match message.role {
+            Role::System | Role::Developer => {
+                for part in &message.content {
+                    match part {
+                        ContentPart::Text(text) if !text.is_empty() => {
+                            system.push(WirePart::Text(text));
+                        }
+                        ContentPart::Text(_) => {}
+                        _ => {
+                            return Err(invalid(
+                                "gemini accepts only text in system and developer messages",
+                            ));
+                        }
+                    }
+                }
+            }
+            Role::User | Role::Assistant | Role::Tool => {
+                let wire = convert_message(message)?;
+                if wire.parts.is_empty() {
+                    continue;
+                }
+                // Gemini wants every function response of a turn in one content: merge runs.
+                match contents.last_mut() {
+                    Some(last) if last.role == wire.role => last.parts.extend(wire.parts),
+                    _ => contents.push(wire),
+                }
+            }
+        }
+    }
+    let has_tools = !request.tools.is_empty();
+    let tool_config = match (&request.tool_choice, has_tools) {
+        (Some(choice), true) => {
+            let (mode, allowed_function_names) = match choice {
+                ToolChoice::Auto => ("AUTO", Vec::new()),
+                ToolChoice::None => ("NONE", Vec::new()),
+                ToolChoice::Required => ("ANY", Vec::new()),
+                ToolChoice::Named(name) => ("ANY", vec![name.as_str()]),
+            };
+            Some(WireToolConfig {
+                function_calling_config: WireFunctionCallingConfig {
+                    mode,
+                    allowed_function_names,
+                },
+            })
+        }
+        _ => None,
+    };
+    let (response_mime_type, response_json_schema) = match &request.response_format {
+        None => (None, None),
+        Some(ResponseFormat::Text) => (Some("text/plain"), None),
+        Some(ResponseFormat::JsonObject) => (Some("application/json"), None),
+        Some(ResponseFormat::JsonSchema { schema, .. }) => (Some("application/json"), Some(schema)),
+    };
+    let seed = match request.params.seed {
+        None => None,
+        Some(seed) => {
+            Some(i32::try_from(seed).map_err(|_| invalid("gemini seeds must fit in 32 bits"))?)
+        }
+    };
+    let wire = WireRequest {
+        contents,
+        system_instruction: (!system.is_empty()).then_some(WireSystem { parts: system }),
+        tools: if has_tools {
+            vec![WireTools {
+                function_declarations: request
+                    .tools
+                    .iter()
+                    .map(|t| WireFunctionDeclaration {
+                        name: &t.name,
+                        description: t.description.as_deref(),
+                        parameters_json_schema: &t.parameters,
+                    })
+                    .collect(),
+            }]
+        } else {
+            Vec::new()
+        },
+        tool_config,
+        generation_config: WireGenerationConfig {
+            temperature: request.params.temperature,
+            top_p: request.params.top_p,
+            max_output_tokens: request.params.max_tokens,
+            stop_sequences: &request.params.stop,
+            seed,
+            presence_penalty: request.params.presence_penalty,
+            frequency_penalty: request.params.frequency_penalty,
+            response_mime_type,
+            response_json_schema,
+        },
+    };
+    serde_json::to_vec(&wire).map_err(|e| invalid(format!("could not encode the request: {e}")))
+}
+
+fn convert_message(message: &Message) -> Result<WireContent<'_>, ProviderError> {
+    let role = match message.role {
+        Role::Assistant => "model",
+        _ => "user",
+    };
+    let mut parts = Vec::with_capacity(message.content.len());
+    for part in &message.content {
+        match part {
+            ContentPart::Text(text) if text.is_empty() => {}
+            ContentPart::Text(text) => parts.push(WirePart::Text(text)),
+            ContentPart::Image(image) => {
+                if message.role != Role::User {
+                    return Err(invalid("images are only allowed in user messages"));
+                }
+                parts.push(match &image.source {
+                    ImageSource::Data(data) => WirePart::InlineData(WireBlob {
+                        mime_type: image.mime_type.as_deref().unwrap_or("image/png"),
+                        data: base64::engine::general_purpose::STANDARD
+                            .encode(data)
+                            .into(),
+                    }),
+                    ImageSource::Url(url) => match parse_data_url(url) {
+                        Some((mime_type, data)) => WirePart::InlineData(WireBlob {
+                            mime_type,
+                            data: data.into(),
+                        }),
+                        None if url.starts_with("data:") => {
+                            return Err(invalid("image data urls must be base64-encoded"));
+                        }
+                        None => WirePart::FileData(WireFileData {
+                            mime_type: image.mime_type.as_deref(),
+                            file_uri: url,
+                        }),
+                    },
+                });
+            }
+            ContentPart::ToolCall(call) => {
+                if message.role != Role::Assistant {
+                    return Err(invalid("tool calls belong in assistant messages"));
+                }
+                let args = if call.arguments.trim().is_empty() {
+                    serde_json::Value::Object(serde_json::Map::new())
+                } else {
+                    serde_json::from_str::<serde_json::Value>(&call.arguments)
+                        .ok()
+                        .filter(serde_json::Value::is_object)
+                        .ok_or_else(|| {
+                            invalid(format!(
+                                "the arguments of tool call `{}` are not a json object",
+                                call.id
+                            ))
+                        })?
+                };
+                parts.push(WirePart::FunctionCall(WireFunctionCall {
+                    name: &call.name,
+                    args,
+                }));
+            }
+            ContentPart::ToolResult(result) => {
+                if message.role != Role::Tool {
+                    return Err(invalid("tool results belong in tool messages"));
+                }
+                let name = result.name.as_deref().filter(|n| !n.is_empty()).ok_or_else(|| {
+                    invalid(format!(
+                        "gemini needs the tool name of result `{}`: set tool_result.name or send the tool call it answers",
+                        result.tool_call_id
+                    ))
+                })?;
+                parts.push(WirePart::FunctionResponse(WireFunctionResponse {
+                    name,
+                    response: function_response(&result.content, result.is_error),
+                }));
+            }
+        }
+    }
+    Ok(WireContent { role, parts })
+}
+
+/// A tool result as the JSON object Gemini wants: objects as they are, anything else wrapped.
+fn function_response(content: &str, is_error: bool) -> serde_json::Value {
+    let parsed = serde_json::from_str::<serde_json::Value>(content).ok();
+    match (parsed, is_error) {
+        (Some(object @ serde_json::Value::Object(_)), false) => object,
+        (Some(object @ serde_json::Value::Object(_)), true) => {
+            serde_json::json!({ "error": object })
+        }
+        (_, false) => serde_json::json!({ "content": content }),
+        (_, true) => serde_json::json!({ "error": content }),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Response
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireResponse {
+    #[serde(default)]
+    candidates: Vec<WireCandidate>,
+    #[serde(default)]
+    prompt_feedback: Option<WirePromptFeedback>,
+    #[serde(default)]
+    usage_metadata: Option<WireUsage>,
+    #[serde(default)]
+    model_version: Option<String>,
+    #[serde(default)]
+    error: Option<WireError>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireCandidate {
+    #[serde(default)]
+    content: Option<WireResponseContent>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct WireResponseContent {
+    #[serde(default)]
+    parts: Vec<WireResponsePart>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireResponsePart {
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    thought: Option<bool>,
+    #[serde(default)]
+    function_call: Option<WireResponseFunctionCall>,
+}
+
+#[derive(Deserialize)]
+struct WireResponseFunctionCall {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    args: Option<serde_json::Value>,
+}
+
+impl WireResponseFunctionCall {
+    fn arguments(self) -> String {
+        match self.args {
+            None | Some(serde_json::Value::Null) => "{}".to_owned(),
+            Some(args) => args.to_string(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WirePromptFeedback {
+    #[serde(default)]
+    block_reason: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default, Clone, Copy)]
+#[serde(rename_all = "camelCase")]
+struct WireUsage {
+    #[serde(default)]
+    prompt_token_count: Option<u64>,
+    #[serde(default)]
+    candidates_token_count: Option<u64>,
+    #[serde(default)]
+    cached_content_token_count: Option<u64>,
+    #[serde(default)]
+    thoughts_token_count: Option<u64>,
+    #[serde(default)]
+    tool_use_prompt_token_count: Option<u64>,
+}
+
+impl From<WireUsage> for Usage {
+    fn from(u: WireUsage) -> Self {
+        Usage {
+            // promptTokenCount includes cached content; tool-use prompts are billed as input.
+            input_tokens: u
+                .prompt_token_count
+                .unwrap_or(0)
+                .saturating_add(u.tool_use_prompt_token_count.unwrap_or(0)),
+            // Thinking tokens are billed as output.
+            output_tokens: u
+                .candidates_token_count
+                .unwrap_or(0)
+                .saturating_add(u.thoughts_token_count.unwrap_or(0)),
+            cached_input_tokens: u.cached_content_token_count,
+            cache_write_tokens: None,
+            reasoning_tokens: u.thoughts_token_count,
+        }
+    }
+}
+
+fn finish_reason(reason: &str) -> FinishReason {
+    match reason {
+        "STOP" => FinishReason::Stop,
+        "MAX_TOKENS" => FinishReason::Length,
+        "SAFETY" | "RECITATION" | "BLOCKLIST" | "PROHIBITED_CONTENT" | "SPII" | "IMAGE_SAFETY" => {
+            FinishReason::ContentFilter
+        }
+        "FINISH_REASON_UNSPECIFIED" => FinishReason::Unspecified,
+        // MALFORMED_FUNCTION_CALL, LANGUAGE, OTHER, and reasons added later.
+        _ => FinishReason::Other,
+    }
+}
+
+/// A calling model's natural stop is a tool-call finish.
+fn finish_with_calls(reason: FinishReason, saw_call: bool) -> FinishReason {
+    match reason {
+        FinishReason::Stop | FinishReason::Unspecified if saw_call => FinishReason::ToolCalls,
+        other => other,
+    }
+}
+
+/// A blocked prompt (`promptFeedback.blockReason`), as an error.
+fn blocked(feedback: Option<&WirePromptFeedback>) -> Option<ProviderError> {
+    let reason = feedback?.block_reason.as_deref()?;
+    // The reason is an enum; quote it only when it looks like one.
+    let reason = if !reason.is_empty()
+        && reason.len() <= 40
+        && reason.chars().all(|c| c.is_ascii_uppercase() || c == '_')
+    {
+        reason.to_ascii_lowercase()
+    } else {
+        "unspecified".to_owned()
+    };
+    Some(ProviderError::new(
+        ErrorClass::ContentFiltered,
+        format!("the provider blocked the prompt (reason: {reason})"),
+    ))
+}
+
+/// Parses a non-streaming `generateContent` response.
+pub fn parse_response(body: &[u8], requested_model: &str) -> Result<ChatResponse, ProviderError> {
+    let wire: WireResponse = decode_json(body)?;
+    if let Some(err) = blocked(wire.prompt_feedback.as_ref()) {
+        return Err(err);
+    }
+    let candidate = wire.candidates.into_iter().next().ok_or_else(|| {
+        ProviderError::new(
+            ErrorClass::InvalidResponse,
+            "the provider's response has no candidates",
+        )
+    })?;
+    let mut content = Vec::new();
+    let mut calls = 0usize;
+    for part in candidate.content.map(|c| c.parts).unwrap_or_default() {
+        if let Some(call) = part.function_call {
+            content.push(ContentPart::ToolCall(ToolCall {
+                id: format!("call_{calls}"),
+                name: call.name.clone(),
+                arguments: call.arguments(),
+            }));
+            calls += 1;
+            continue;
+        }
+        if part.thought == Some(true) {
+            continue;
+        }
+        match (part.text, content.last_mut()) {
+            (Some(text), _) if text.is_empty() => {}
+            (Some(text), Some(ContentPart::Text(prev))) => prev.push_str(&text),
+            (Some(text), _) => content.push(ContentPart::Text(text)),
+            (None, _) => {}
+        }
+    }
+    let reason = candidate
+        .finish_reason
+        .as_deref()
+        .map_or(FinishReason::Unspecified, finish_reason);
+    Ok(ChatResponse {
+        model: wire
+            .model_version
+            .filter(|m| !m.is_empty())
+            .unwrap_or_else(|| requested_model.to_owned()),
+        content,
+        finish_reason: finish_with_calls(reason, calls > 0),
+        usage: wire.usage_metadata.map(Usage::from),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stream
+// ---------------------------------------------------------------------------------------------
+
+/// Decodes `streamGenerateContent?alt=sse` chunks.
+#[derive(Debug, Default)]
+pub struct ChunkDecoder {
+    finish: Option<FinishReason>,
+    usage: Option<WireUsage>,
+    calls: u32,
+}
+
+impl EventDecoder for ChunkDecoder {
+    fn decode(
+        &mut self,
+        event: SseEvent,
+        out: &mut VecDeque<StreamEvent>,
+    ) -> Result<bool, ProviderError> {
+        let chunk: WireResponse = serde_json::from_str(&event.data)
+            .map_err(|e| ProviderError::malformed_event(&json_error_kind(&e)))?;
+        if let Some(error) = chunk.error {
+            return Err(stream_error(&error));
+        }
+        if let Some(err) = blocked(chunk.prompt_feedback.as_ref()) {
+            return Err(err);
+        }
+        if let Some(candidate) = chunk.candidates.into_iter().next() {
+            for part in candidate.content.map(|c| c.parts).unwrap_or_default() {
+                if let Some(call) = part.function_call {
+                    // Gemini sends each call whole, in one part.
+                    out.push_back(StreamEvent::ToolCall(ToolCallDelta {
+                        index: self.calls,
+                        id: Some(format!("call_{}", self.calls)),
+                        name: Some(call.name.clone()).filter(|n| !n.is_empty()),
+                        arguments: call.arguments(),
+                    }));
+                    self.calls = self.calls.saturating_add(1);
+                } else if let Some(text) = part.text.filter(|t| !t.is_empty()) {
+                    out.push_back(if part.thought == Some(true) {
+                        StreamEvent::Reasoning(text)
+                    } else {
+                        StreamEvent::Text(text)
+                    });
+                }
+            }
+            if let Some(reason) = candidate.finish_reason.filter(|r| !r.is_empty()) {
+                self.finish = Some(finish_reason(&reason));
+            }
+        }
+        // Every chunk carries the usage so far; the last one counts.
+        if let Some(usage) = chunk.usage_metadata {
+            self.usage = Some(usage);
+        }
+        Ok(false)
+    }
+
+    fn end_of_body(&mut self, out: &mut VecDeque<StreamEvent>) -> Result<(), ProviderError> {
+        let Some(reason) = self.finish.take() else {
+            return Err(ProviderError::truncated());
+        };
+        if let Some(usage) = self.usage.take() {
+            out.push_back(StreamEvent::Usage(usage.into()));
+        }
+        out.push_back(StreamEvent::Finish(finish_with_calls(
+            reason,
+            self.calls > 0,
+        )));
+        Ok(())
+    }
+}
+
+/// An error object sent as a stream chunk. Overloads keep their class; other transient
+/// failures are a broken stream; the request's own faults keep theirs.
+fn stream_error(error: &WireError) -> ProviderError {
+    let class = classify(error, ErrorClass::StreamBroken);
+    match class {
+        ErrorClass::Overloaded => ProviderError::new(
+            ErrorClass::Overloaded,
+            "the provider reported it is overloaded mid-stream",
+        ),
+        c if c.is_retryable() => ProviderError::new(
+            ErrorClass::StreamBroken,
+            "the provider sent an error mid-stream",
+        ),
+        c => ProviderError::new(
+            c,
+            format!(
+                "the provider sent an error in the stream: {}",
+                short_message(error.message.as_deref().unwrap_or("unknown error"))
+            ),
+        ),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct WireErrorBody {
+    error: WireError,
+}
+
+#[derive(Deserialize)]
+struct WireError {
+    #[serde(default)]
+    message: Option<String>,
+    #[serde(default)]
+    status: Option<String>,
+    #[serde(default)]
+    details: Vec<WireErrorDetail>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireErrorDetail {
+    #[serde(default, rename = "@type")]
+    kind: String,
+    #[serde(default)]
+    reason: Option<String>,
+    #[serde(default)]
+    retry_delay: Option<String>,
+}
+
+impl WireError {
+    fn has_reason(&self, reason: &str) -> bool {
+        self.details.iter().any(|d| {
+            d.kind.ends_with("google.rpc.ErrorInfo") && d.reason.as_deref() == Some(reason)
+        })
+    }
+
+    /// `RetryInfo.retryDelay`, a protobuf JSON duration such as `"7s"` or `"0.5s"`.
+    fn retry_delay(&self) -> Option<Duration> {
+        self.details
+            .iter()
+            .filter(|d| d.kind.ends_with("google.rpc.RetryInfo"))
+            .find_map(|d| d.retry_delay.as_deref())
+            .and_then(|v| v.trim().strip_suffix('s'))
+            .and_then(super::error::parse_retry_after_secs)
+    }
+}
+
+/// The class of a Google API error: credentials, then the canonical status, then `fallback`.
+fn classify(error: &WireError, fallback: ErrorClass) -> ErrorClass {
+    if error.has_reason("API_KEY_INVALID") || error.has_reason("API_KEY_EXPIRED") {
+        return ErrorClass::Authentication;
+    }
+    let class = match error.status.as_deref() {
+        Some("INVALID_ARGUMENT" | "OUT_OF_RANGE") => ErrorClass::InvalidRequest,
+        Some("FAILED_PRECONDITION" | "PERMISSION_DENIED") => ErrorClass::Permission,
+        Some("UNAUTHENTICATED") => ErrorClass::Authentication,
+        Some("NOT_FOUND") => ErrorClass::ModelNotFound,
+        Some("RESOURCE_EXHAUSTED") => ErrorClass::RateLimited,
+        Some("UNAVAILABLE") => ErrorClass::Overloaded,
+        Some("INTERNAL" | "UNKNOWN" | "DATA_LOSS") => ErrorClass::ServerError,
+        Some("DEADLINE_EXCEEDED") => ErrorClass::Timeout,
+        _ => fallback,
+    };
+    let lower = error
+        .message
+        .as_deref()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    if class == ErrorClass::InvalidRequest
+        && lower.contains("input token count")
+        && lower.contains("exceeds the maximum")
+    {
+        ErrorClass::ContextLengthExceeded
+    } else {
+        class
+    }
+}
+
+fn parse_error_body(body: &[u8]) -> Option<WireError> {
+    // The streaming method may wrap the error in a one-element array.
+    serde_json::from_slice::<WireErrorBody>(body)
+        .or_else(|_| {
+            serde_json::from_slice::<Vec<WireErrorBody>>(body)
+                .map_err(|_| ())
+                .and_then(|v| v.into_iter().next().ok_or(()))
+        })
+        .ok()
+        .map(|b| b.error)
+}
+
+/// Maps an HTTP error answer to a [`ProviderError`].
+pub fn map_error(status: u16, headers: &http::HeaderMap, body: &[u8]) -> ProviderError {
+    let status_class = ErrorClass::from_http_status(status);
+    let wire = parse_error_body(body);
+    let class = match &wire {
+        Some(w) => {
+            let c = classify(w, status_class);
+            // A transient status is not overruled by a permanent-looking body.
+            if status_class.is_retryable() && !c.is_retryable() {
+                status_class
+            } else {
+                c
+            }
+        }
+        None => status_class,
+    };
+    let upstream_msg = wire
+        .as_ref()
+        .and_then(|w| w.message.clone())
+        .unwrap_or_default();
+    let message = match class {
+        ErrorClass::InvalidRequest
+        | ErrorClass::ContextLengthExceeded
+        | ErrorClass::ContentFiltered
+        | ErrorClass::ModelNotFound
+            if !upstream_msg.is_empty() =>
+        {
+            format!(
+                "the provider rejected the request: {}",
+                short_message(&upstream_msg)
+            )
+        }
+        _ => format!("the provider answered http {status}"),
+    };
+    let retry_after = wire
+        .as_ref()
+        .and_then(WireError::retry_delay)
+        .or_else(|| retry_after_header(headers));
+    ProviderError::new(class, message).with_retry_after(retry_after)
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use futures_util::StreamExt;
+
+    use super::*;
+    use crate::types::{Image, ImageDetail, SamplingParams, Tool, ToolResult};
+
+    fn json(bytes: &[u8]) -> serde_json::Value {
+        serde_json::from_slice(bytes).unwrap()
+    }
+
+    fn tool_result(id: &str, name: Option<&str>, content: &str, is_error: bool) -> ContentPart {
+        ContentPart::ToolResult(ToolResult {
+            tool_call_id: id.into(),
+            name: name.map(Into::into),
+            content: content.into(),
+            is_error,
+        })
+    }
+
+    #[test]
+    fn builds_a_full_request() {
+        let request = ChatRequest {
+            messages: vec![
+                Message::text(Role::System, "be brief"),
+                Message::text(Role::Developer, "dev note"),
+                Message {
+                    role: Role::User,
+                    content: vec![
+                        ContentPart::Text("what are these?".into()),
+                        ContentPart::Image(Image {
+                            source: ImageSource::Data(Bytes::from_static(b"\x89PNG")),
+                            mime_type: Some("image/png".into()),
+                            detail: ImageDetail::High,
+                        }),
+                        ContentPart::Image(Image {
+                            source: ImageSource::Url("https://example.com/cat.jpg".into()),
+                            mime_type: Some("image/jpeg".into()),
+                            detail: ImageDetail::Default,
+                        }),
+                        ContentPart::Image(Image {
+                            source: ImageSource::Url("data:image/webp;base64,UklGR==".into()),
+                            mime_type: None,
+                            detail: ImageDetail::Default,
+                        }),
+                    ],
+                    name: None,
+                },
+                Message {
+                    role: Role::Assistant,
+                    content: vec![
+                        ContentPart::ToolCall(ToolCall {
+                            id: "call_0".into(),
+                            name: "get_weather".into(),
+                            arguments: r#"{"city":"Paris"}"#.into(),
+                        }),
+                        ContentPart::ToolCall(ToolCall {
+                            id: "call_1".into(),
+                            name: "get_time".into(),
+                            arguments: String::new(),
+                        }),
+                    ],
+                    name: None,
+                },
+                Message {
+                    role: Role::Tool,
+                    content: vec![tool_result("call_0", Some("get_weather"), "sunny", false)],
+                    name: None,
+                },
+                Message {
+                    role: Role::Tool,
+                    content: vec![tool_result(
+                        "call_1",
+                        Some("get_time"),
+                        r#"{"time":"10:00"}"#,
+                        false,
+                    )],
+                    name: None,
+                },
+            ],
+            params: SamplingParams {
+                temperature: Some(0.5),
+                top_p: Some(0.9),
+                max_tokens: Some(100),
+                stop: vec!["END".into()],
+                seed: Some(7),
+                presence_penalty: Some(0.1),
+                frequency_penalty: Some(0.2),
+                parallel_tool_calls: None,
+            },
+            tools: vec![Tool {
+                name: "get_weather".into(),
+                description: Some("weather".into()),
+                parameters: serde_json::json!({"type": "object", "additionalProperties": false}),
+                strict: false,
+            }],
+            tool_choice: Some(ToolChoice::Named("get_weather".into())),
+            response_format: Some(ResponseFormat::JsonSchema {
+                name: "answer".into(),
+                schema: serde_json::json!({"type": "object"}),
+                strict: true,
+            }),
+            user: Some("u1".into()),
+            ..Default::default()
+        };
+        let body = json(&build_request(&request).unwrap());
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "contents": [
+                    {"role": "user", "parts": [
+                        {"text": "what are these?"},
+                        {"inlineData": {"mimeType": "image/png", "data": "iVBORw=="}},
+                        {"fileData": {"mimeType": "image/jpeg", "fileUri": "https://example.com/cat.jpg"}},
+                        {"inlineData": {"mimeType": "image/webp", "data": "UklGR=="}}
+                    ]},
+                    {"role": "model", "parts": [
+                        {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}},
+                        {"functionCall": {"name": "get_time", "args": {}}}
+                    ]},
+                    {"role": "user", "parts": [
+                        {"functionResponse": {"name": "get_weather", "response": {"content": "sunny"}}},
+                        {"functionResponse": {"name": "get_time", "response": {"time": "10:00"}}}
+                    ]}
+                ],
+                "systemInstruction": {"parts": [{"text": "be brief"}, {"text": "dev note"}]},
+                "tools": [{"functionDeclarations": [{
+                    "name": "get_weather",
+                    "description": "weather",
+                    "parametersJsonSchema": {"type": "object", "additionalProperties": false}
+                }]}],
+                "toolConfig": {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": ["get_weather"]}},
+                "generationConfig": {
+                    "temperature": 0.5,
+                    "topP": 0.9,
+                    "maxOutputTokens": 100,
+                    "stopSequences": ["END"],
+                    "seed": 7,
+                    "presencePenalty": 0.1,
+                    "frequencyPenalty": 0.2,
+                    "responseMimeType": "application/json",
+                    "responseJsonSchema": {"type": "object"}
+                }
+            })
+        );
+    }
+
+    #[test]
+    fn minimal_request_has_only_contents() {
+        let request = ChatRequest {
+            messages: vec![Message::text(Role::User, "hi")],
+            tool_choice: Some(ToolChoice::Required),
+            ..Default::default()
+        };
+        assert_eq!(
+            json(&build_request(&request).unwrap()),
+            serde_json::json!({"contents": [{"role": "user", "parts": [{"text": "hi"}]}]})
+        );
+    }
+
+    #[test]
+    fn tool_choice_modes_and_json_mode() {
+        let base = ChatRequest {
+            messages: vec![Message::text(Role::User, "hi")],
+            tools: vec![Tool {
+                name: "f".into(),
+                description: None,
+                parameters: serde_json::json!({"type": "object"}),
+                strict: false,
+            }],
+            response_format: Some(ResponseFormat::JsonObject),
+            ..Default::default()
+        };
+        for (choice, mode) in [
+            (ToolChoice::Auto, "AUTO"),
+            (ToolChoice::Required, "ANY"),
+            (ToolChoice::None, "NONE"),
+        ] {
+            let mut request = base.clone();
+            request.tool_choice = Some(choice);
+            let body = json(&build_request(&request).unwrap());
+            assert_eq!(
+                body["toolConfig"],
+                serde_json::json!({"functionCallingConfig": {"mode": mode}})
+            );
+            assert_eq!(
+                body["generationConfig"],
+                serde_json::json!({"responseMimeType": "application/json"})
+            );
+        }
+    }
+
+    #[test]
+    fn tool_results_are_wrapped_as_objects() {
+        assert_eq!(
+            function_response("42", false),
+            serde_json::json!({"content": "42"})
+        );
+        assert_eq!(
+            function_response(r#"{"a":1}"#, false),
+            serde_json::json!({"a": 1})
+        );
+        assert_eq!(
+            function_response("boom", true),
+            serde_json::json!({"error": "boom"})
+        );
+    }
+
+    #[test]
+    fn unsupported_input_is_an_invalid_request() {
+        let nameless_result = ChatRequest {
+            messages: vec![Message {
+                role: Role::Tool,
+                content: vec![tool_result("call_9", None, "x", false)],
+                name: None,
+            }],
+            ..Default::default()
+        };
+        let huge_seed = ChatRequest {
+            messages: vec![Message::text(Role::User, "hi")],
+            params: SamplingParams {
+                seed: Some(i64::MAX),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        for request in [nameless_result, huge_seed] {
+            let err = build_request(&request).unwrap_err();
+            assert_eq!(err.class, ErrorClass::InvalidRequest, "{err}");
+        }
+    }
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            endpoint_url(DEFAULT_BASE_URL, "gemini-2.5-flash", false).unwrap(),
+            "https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-flash:generateContent"
+        );
+        assert_eq!(
+            endpoint_url("http://127.0.0.1:9", "models/gemini-2.5-pro", true).unwrap(),
+            "http://127.0.0.1:9/v1beta/models/gemini-2.5-pro:streamGenerateContent?alt=sse"
+        );
+        for bad in ["", "a/b", "x?key=1", "a b", "x#y"] {
+            assert!(endpoint_url(DEFAULT_BASE_URL, bad, false).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn parses_a_documented_response() {
+        let body = include_bytes!("../../tests/fixtures/gemini/generate_content.json");
+        let response = parse_response(body, "gemini-2.5-flash").unwrap();
+        assert_eq!(response.model, "gemini-2.5-flash");
+        assert_eq!(response.finish_reason, FinishReason::Stop);
+        assert_eq!(
+            response.content,
+            vec![ContentPart::Text(
+                "AI learns patterns from data to make predictions or decisions.".into()
+            )]
+        );
+        let usage = response.usage.unwrap();
+        assert_eq!(usage.input_tokens, 8);
+        // Thinking tokens are output tokens.
+        assert_eq!(usage.output_tokens, 12 + 1042);
+        assert_eq!(usage.reasoning_tokens, Some(1042));
+        assert_eq!(usage.cached_input_tokens, None);
+    }
+
+    #[test]
+    fn function_calls_get_stable_ids_and_tool_calls_finish() {
+        let body =
+            include_bytes!("../../tests/fixtures/gemini/generate_content_function_call.json");
+        let response = parse_response(body, "m").unwrap();
+        assert_eq!(response.finish_reason, FinishReason::ToolCalls);
+        let calls: Vec<&ToolCall> = response
+            .content
+            .iter()
+            .filter_map(|p| match p {
+                ContentPart::ToolCall(c) => Some(c),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(
+            (calls[0].id.as_str(), calls[0].name.as_str()),
+            ("call_0", "schedule_meeting")
+        );
+        assert_eq!(
+            (calls[1].id.as_str(), calls[1].name.as_str()),
+            ("call_1", "set_light_values")
+        );
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&calls[1].arguments).unwrap(),
+            serde_json::json!({"brightness": 25, "color_temp": "warm"})
+        );
+        let usage = response.usage.unwrap();
+        assert_eq!(usage.input_tokens, 105);
+        assert_eq!(usage.cached_input_tokens, Some(64));
+        assert_eq!(usage.output_tokens, 38 + 77);
+    }
+
+    #[test]
+    fn blocked_prompt_is_content_filtered() {
+        let body = include_bytes!("../../tests/fixtures/gemini/blocked_prompt.json");
+        let err = parse_response(body, "m").unwrap_err();
+        assert_eq!(err.class, ErrorClass::ContentFiltered);
+        assert!(err.message.contains("safety"), "{}", err.message);
+    }
+
+    #[test]
+    fn finish_reasons() {
+        for (wire, ours) in [
+            ("STOP", FinishReason::Stop),
+            ("MAX_TOKENS", FinishReason::Length),
+            ("SAFETY", FinishReason::ContentFilter),
+            ("RECITATION", FinishReason::ContentFilter),
+            ("BLOCKLIST", FinishReason::ContentFilter),
+            ("PROHIBITED_CONTENT", FinishReason::ContentFilter),
+            ("SPII", FinishReason::ContentFilter),
+            ("MALFORMED_FUNCTION_CALL", FinishReason::Other),
+            ("OTHER", FinishReason::Other),
+        ] {
+            assert_eq!(finish_reason(wire), ours, "{wire}");
+        }
+        assert_eq!(
+            finish_with_calls(FinishReason::Length, true),
+            FinishReason::Length
+        );
+    }
+
+    #[test]
+    fn malformed_response_is_an_error_not_a_panic() {
+        for body in [
+            &b"{"[..],
+            b"not json",
+            b"{\"candidates\": []}",
+            b"{\"candidates\": 3}",
+            b"{\"candidates\": [{\"content\": {\"parts\": [{\"text\": 5}]}}]}",
+        ] {
+            let err = parse_response(body, "m").unwrap_err();
+            assert_eq!(err.class, ErrorClass::InvalidResponse, "{body:?}");
+        }
+    }
+
+    async fn decode_stream(body: &'static [u8]) -> Vec<Result<StreamEvent, ProviderError>> {
+        let pieces: Vec<reqwest::Result<Bytes>> =
+            body.chunks(7).map(|c| Ok(Bytes::from_static(c))).collect();
+        SseStream::from_body(
+            Box::pin(futures_util::stream::iter(pieces)),
+            ChunkDecoder::default(),
+        )
+        .collect()
+        .await
+    }
+
+    #[tokio::test]
+    async fn decodes_a_documented_stream_with_usage_last() {
+        let events = decode_stream(include_bytes!("../../tests/fixtures/gemini/stream.txt"))
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect::<Vec<_>>();
+        assert_eq!(
+            events,
+            vec![
+                StreamEvent::Text("The quick brown fox".into()),
+                StreamEvent::Text(" jumps over the lazy".into()),
+                StreamEvent::Text(" dog.".into()),
+                StreamEvent::Usage(Usage {
+                    input_tokens: 9,
+                    output_tokens: 14 + 28,
+                    reasoning_tokens: Some(28),
+                    ..Usage::default()
+                }),
+                StreamEvent::Finish(FinishReason::Stop),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn decodes_a_streamed_function_call() {
+        let events = decode_stream(include_bytes!(
+            "../../tests/fixtures/gemini/stream_function_call.txt"
+        ))
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect::<Vec<_>>();
+        assert_eq!(
+            events[0],
+            StreamEvent::ToolCall(ToolCallDelta {
+                index: 0,
+                id: Some("call_0".into()),
+                name: Some("get_current_weather".into()),
+                arguments: r#"{"location":"Boston, MA"}"#.into(),
+            })
+        );
+        assert_eq!(
+            events.last(),
+            Some(&StreamEvent::Finish(FinishReason::ToolCalls))
+        );
+    }
+
+    #[tokio::test]
+    async fn body_ending_without_finish_reason_is_truncated() {
+        let events = decode_stream(
+            b"data: {\"candidates\": [{\"content\": {\"parts\": [{\"text\": \"Hi\"}], \"role\": \"model\"}, \"index\": 0}]}\r\n\r\n",
+        )
+        .await;
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[0], Ok(StreamEvent::Text("Hi".into())));
+        assert_eq!(
+            events[1].as_ref().unwrap_err().class,
+            ErrorClass::StreamBroken
+        );
+    }
+
+    #[tokio::test]
+    async fn malformed_and_error_chunks_end_the_stream() {
+        let events = decode_stream(b"data: {\"candidates\": [\r\n\r\n").await;
+        assert_eq!(
+            events[0].as_ref().unwrap_err().class,
+            ErrorClass::StreamBroken
+        );
+        let events = decode_stream(
+            b"data: {\"error\": {\"code\": 503, \"message\": \"The model is overloaded.\", \"status\": \"UNAVAILABLE\"}}\r\n\r\n",
+        )
+        .await;
+        assert_eq!(
+            events[0].as_ref().unwrap_err().class,
+            ErrorClass::Overloaded
+        );
+        let events = decode_stream(
+            b"data: {\"error\": {\"code\": 500, \"message\": \"Internal error\", \"status\": \"INTERNAL\"}}\r\n\r\n",
+        )
+        .await;
+        assert_eq!(
+            events[0].as_ref().unwrap_err().class,
+            ErrorClass::StreamBroken
+        );
+        let events = decode_stream(
+            b"data: {\"promptFeedback\": {\"blockReason\": \"PROHIBITED_CONTENT\"}}\r\n\r\n",
+        )
+        .await;
+        assert_eq!(
+            events[0].as_ref().unwrap_err().class,
+            ErrorClass::ContentFiltered
+        );
+    }
+
+    #[test]
+    fn error_mapping_table() {
+        let none = http::HeaderMap::new();
+        let body = |code: u16, status: &str, msg: &str| {
+            format!(r#"{{"error":{{"code":{code},"message":"{msg}","status":"{status}"}}}}"#)
+        };
+        let cases = [
+            (
+                400,
+                body(400, "INVALID_ARGUMENT", "Invalid JSON payload received."),
+                ErrorClass::InvalidRequest,
+            ),
+            (
+                400,
+                body(
+                    400,
+                    "INVALID_ARGUMENT",
+                    "The input token count (1200000) exceeds the maximum number of tokens allowed (1048576).",
+                ),
+                ErrorClass::ContextLengthExceeded,
+            ),
+            (
+                400,
+                String::from_utf8(
+                    include_bytes!("../../tests/fixtures/gemini/error_api_key_invalid.json")
+                        .to_vec(),
+                )
+                .unwrap(),
+                ErrorClass::Authentication,
+            ),
+            (
+                400,
+                body(
+                    400,
+                    "FAILED_PRECONDITION",
+                    "User location is not supported for the API use.",
+                ),
+                ErrorClass::Permission,
+            ),
+            (
+                401,
+                body(
+                    401,
+                    "UNAUTHENTICATED",
+                    "Request had invalid authentication credentials.",
+                ),
+                ErrorClass::Authentication,
+            ),
+            (
+                403,
+                body(
+                    403,
+                    "PERMISSION_DENIED",
+                    "The caller does not have permission",
+                ),
+                ErrorClass::Permission,
+            ),
+            (
+                404,
+                body(
+                    404,
+                    "NOT_FOUND",
+                    "models/gemini-9 is not found for API version v1beta",
+                ),
+                ErrorClass::ModelNotFound,
+            ),
+            (
+                429,
+                String::from_utf8(
+                    include_bytes!("../../tests/fixtures/gemini/error_rate_limited.json").to_vec(),
+                )
+                .unwrap(),
+                ErrorClass::RateLimited,
+            ),
+            (
+                500,
+                body(500, "INTERNAL", "An internal error has occurred."),
+                ErrorClass::ServerError,
+            ),
+            (
+                503,
+                body(
+                    503,
+                    "UNAVAILABLE",
+                    "The model is overloaded. Please try again later.",
+                ),
+                ErrorClass::Overloaded,
+            ),
+            (
+                504,
+                body(504, "DEADLINE_EXCEEDED", "Deadline expired"),
+                ErrorClass::Timeout,
+            ),
+            (
+                502,
+                "<html>bad gateway</html>".to_owned(),
+                ErrorClass::ServerError,
+            ),
+            (
+                429,
+                format!(
+                    "[{}]",
+                    body(429, "RESOURCE_EXHAUSTED", "Resource has been exhausted")
+                ),
+                ErrorClass::RateLimited,
+            ),
+        ];
+        for (status, body, class) in &cases {
+            let err = map_error(*status, &none, body.as_bytes());
+            assert_eq!(err.class, *class, "status {status} body {body}");
+            assert!(
+                !err.message.contains("googleapis.com"),
+                "raw body: {}",
+                err.message
+            );
+        }
+    }
+
+    #[test]
+    fn retry_delay_from_retry_info_or_header() {
+        let none = http::HeaderMap::new();
+        let fixture = include_bytes!("../../tests/fixtures/gemini/error_rate_limited.json");
+        assert_eq!(
+            map_error(429, &none, fixture).retry_after,
+            Some(Duration::from_secs(7))
+        );
+        let fractional = br#"{"error":{"code":429,"status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"1.5s"}]}}"#;
+        assert_eq!(
+            map_error(429, &none, fractional).retry_after,
+            Some(Duration::from_millis(1500))
+        );
+        let mut headers = http::HeaderMap::new();
+        headers.insert("retry-after", http::HeaderValue::from_static("3"));
+        let plain = br#"{"error":{"code":429,"status":"RESOURCE_EXHAUSTED"}}"#;
+        assert_eq!(
+            map_error(429, &headers, plain).retry_after,
+            Some(Duration::from_secs(3))
+        );
+    }
+}
