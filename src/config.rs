@@ -13,13 +13,14 @@ use std::{
 use serde::Deserialize;
 
 use crate::{
+    executor::ExecutorSettings,
     health::HealthSettings,
     models::RawModel,
-    routing::policy::PolicySpec,
     providers::{
         HttpSettings,
         openai::{self, MaxTokensField},
     },
+    routing::policy::PolicySpec,
 };
 
 /// The default gRPC listen address.
@@ -84,6 +85,17 @@ struct RawConfig {
     admin: RawAdmin,
     #[serde(default)]
     health: RawHealth,
+    #[serde(default)]
+    executor: RawExecutor,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawExecutor {
+    min_attempt_time: Option<String>,
+    hedge_budget_ratio: Option<f64>,
+    hedge_budget_burst: Option<f64>,
+    hedge_pause_error_rate: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -246,6 +258,8 @@ pub struct Config {
     pub admin_listen: Option<SocketAddr>,
     /// Circuit breaker settings.
     pub health: HealthSettings,
+    /// Fallback and hedging settings.
+    pub executor: ExecutorSettings,
 }
 
 /// The default store file, relative to the working directory.
@@ -683,10 +697,17 @@ fn validate(
     });
     let hd = HealthSettings::default();
     let health = HealthSettings {
-        failure_threshold: raw.health.failure_threshold.unwrap_or(hd.failure_threshold).max(1),
+        failure_threshold: raw
+            .health
+            .failure_threshold
+            .unwrap_or(hd.failure_threshold)
+            .max(1),
         error_rate_threshold: match raw.health.error_rate_threshold {
             Some(r) if !(r > 0.0 && r <= 1.0) => {
-                issues.push("health.error_rate_threshold", "must be above 0 and at most 1");
+                issues.push(
+                    "health.error_rate_threshold",
+                    "must be above 0 and at most 1",
+                );
                 hd.error_rate_threshold
             }
             Some(r) => r,
@@ -698,14 +719,61 @@ fn validate(
             raw.health.open_duration.as_deref(),
             hd.open_duration,
         ),
-        half_open_probes: raw.health.half_open_probes.unwrap_or(hd.half_open_probes).max(1),
+        half_open_probes: raw
+            .health
+            .half_open_probes
+            .unwrap_or(hd.half_open_probes)
+            .max(1),
         ..hd
+    };
+
+    let ed = ExecutorSettings::default();
+    let mut share = |field: &str, value: Option<f64>, default: f64, max: f64| match value {
+        Some(v) if !(0.0..=max).contains(&v) => {
+            issues.push(field, format!("must be between 0 and {max}"));
+            default
+        }
+        Some(v) => v,
+        None => default,
+    };
+    let hedge_budget_ratio = share(
+        "executor.hedge_budget_ratio",
+        raw.executor.hedge_budget_ratio,
+        ed.hedge_budget_ratio,
+        1.0,
+    );
+    let hedge_budget_burst = share(
+        "executor.hedge_budget_burst",
+        raw.executor.hedge_budget_burst,
+        ed.hedge_budget_burst,
+        10_000.0,
+    );
+    let hedge_pause_error_rate = share(
+        "executor.hedge_pause_error_rate",
+        raw.executor.hedge_pause_error_rate,
+        ed.hedge_pause_error_rate,
+        1.0,
+    );
+    let executor = ExecutorSettings {
+        stream_idle_timeout,
+        min_attempt_time: match raw.executor.min_attempt_time.as_deref().map(parse_duration) {
+            None => ed.min_attempt_time,
+            Some(Ok(d)) => d,
+            Some(Err(e)) => {
+                issues.push("executor.min_attempt_time", e);
+                ed.min_attempt_time
+            }
+        },
+        hedge_budget_ratio,
+        hedge_budget_burst,
+        hedge_pause_error_rate,
     };
 
     if !issues.0.is_empty() {
         return Err(ConfigError::Invalid(issues.0));
     }
     Ok(Config {
+        executor,
         policies,
         store_path,
         admin_token,

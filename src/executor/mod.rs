@@ -1,15 +1,37 @@
-//! The executor runs a [`Plan`]: it tries targets in order within the call's deadline, falls
-//! back on retryable errors, records every attempt in the [`Route`], and for streams decides
-//! the commit point (the first content chunk) after which the call is bound to one upstream.
+//! The executor runs a [`Plan`] within the call's deadline: deadline-aware fallback, hedged
+//! requests, retries with backoff, and for streams the commit point (the first content chunk)
+//! after which the call is bound to one upstream.
 //!
-//! Dropping the future of a call (the caller cancelled) or reaching the deadline drops the
-//! upstream request at once, which closes its HTTP connection.
+//! # How a call runs
+//! - The budget is the smallest of the caller's deadline, the policy's `total_timeout` and the
+//!   server's maximum. Every attempt gets at most what remains (and at most the policy's
+//!   `attempt_timeout`). When the budget runs out the call ends with DEADLINE_EXCEEDED at once.
+//! - Attempts go down the plan's targets in order; once every target had a turn, further
+//!   attempts (up to `max_attempts`) retry them, after an exponential backoff with jitter.
+//!   Only retryable errors lead to another attempt; a `CONTEXT_LENGTH_EXCEEDED` moves on to a
+//!   target with a larger context window when the policy allows it.
+//! - Before a fallback or hedge starts, the time left is compared with what the target
+//!   typically needs (its observed median latency, or time to first token for streams, and at
+//!   least `min_attempt_time`): a target that cannot answer in time is skipped, and the skip
+//!   is recorded in the route.
+//! - A target resting after a rate limit (its Retry-After) or with an open circuit is
+//!   skipped; other targets carry on.
+//! - Hedging: when the newest attempt has not answered after the hedge delay (fixed, or a
+//!   percentile of the target's observed latency), the next target starts in parallel. The
+//!   first success wins and the others are dropped at once, which closes their HTTP requests.
+//!   A global token bucket bounds hedges to a share of upstream requests, and hedging pauses
+//!   while upstream failures are high, so it never amplifies an overload.
+//!
+//! Dropping the future of a call (the caller cancelled) drops every attempt.
 
 mod stream;
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt, future::BoxFuture, stream::FuturesUnordered};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -19,7 +41,7 @@ use crate::{
     health::{Admission, AttemptGuard, AttemptResult},
     models::Cost,
     providers::{ErrorClass, EventStream, ProviderError},
-    routing::{Plan, Target},
+    routing::{Plan, Target, policy::Hedging},
     types::{
         AttemptKind, AttemptOutcome, AttemptRecord, ChatRequest, ChatResponse, Route, StreamEvent,
         Usage,
@@ -31,12 +53,96 @@ use crate::{
 pub struct ExecutorSettings {
     /// A stream that sends nothing for this long is broken.
     pub stream_idle_timeout: Duration,
+    /// The least time a fallback or hedge must have left to start.
+    pub min_attempt_time: Duration,
+    /// Hedges may add at most this share of upstream requests (token bucket refill per
+    /// non-hedge attempt).
+    pub hedge_budget_ratio: f64,
+    /// Hedge tokens that can be saved up.
+    pub hedge_budget_burst: f64,
+    /// Hedging pauses while the recent upstream failure rate is above this.
+    pub hedge_pause_error_rate: f64,
+}
+
+impl Default for ExecutorSettings {
+    fn default() -> Self {
+        Self {
+            stream_idle_timeout: Duration::from_secs(60),
+            min_attempt_time: Duration::from_millis(50),
+            hedge_budget_ratio: 0.1,
+            hedge_budget_burst: 10.0,
+            hedge_pause_error_rate: 0.5,
+        }
+    }
+}
+
+/// Samples needed before an adaptive hedge delay is trusted.
+const HEDGE_MIN_SAMPLES: usize = 20;
+
+/// The global hedging budget: a token bucket filled by ordinary attempts and drained by
+/// hedges, plus a failure-rate brake.
+#[derive(Debug)]
+pub struct HedgeBudget {
+    ratio: f64,
+    burst: f64,
+    pause_error_rate: f64,
+    state: Mutex<BudgetState>,
+}
+
+#[derive(Debug)]
+struct BudgetState {
+    tokens: f64,
+    failure_rate: f64,
+}
+
+impl HedgeBudget {
+    /// A budget from the settings; it starts full.
+    pub fn new(settings: &ExecutorSettings) -> Self {
+        Self {
+            ratio: settings.hedge_budget_ratio.max(0.0),
+            burst: settings.hedge_budget_burst.max(1.0),
+            pause_error_rate: settings.hedge_pause_error_rate,
+            state: Mutex::new(BudgetState {
+                tokens: settings.hedge_budget_burst.max(1.0),
+                failure_rate: 0.0,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BudgetState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// An ordinary (non-hedge) attempt started.
+    fn deposit(&self) {
+        let mut s = self.lock();
+        s.tokens = (s.tokens + self.ratio).min(self.burst);
+    }
+
+    /// Takes a token for a hedge, if the budget and the failure rate allow.
+    fn try_withdraw(&self) -> bool {
+        let mut s = self.lock();
+        if s.failure_rate > self.pause_error_rate || s.tokens < 1.0 {
+            return false;
+        }
+        s.tokens -= 1.0;
+        true
+    }
+
+    /// An attempt ended: tracks the recent failure rate (an exponential moving average).
+    fn observe(&self, failed: bool) {
+        let mut s = self.lock();
+        s.failure_rate = s.failure_rate * 0.9 + if failed { 0.1 } else { 0.0 };
+    }
 }
 
 /// Runs plans.
 #[derive(Debug, Clone)]
 pub struct Executor {
     settings: ExecutorSettings,
+    budget: Arc<HedgeBudget>,
     /// Cancelled when the shutdown grace period is over: calls still running end with
     /// UNAVAILABLE.
     hard_stop: CancellationToken,
@@ -69,123 +175,6 @@ fn shutting_down() -> GatewayError {
     }
 }
 
-/// Tracks attempts and the deciding error while a plan runs.
-struct Attempts {
-    started: Instant,
-    route: Route,
-    last_error: Option<ProviderError>,
-    all_rate_limited: bool,
-}
-
-impl Attempts {
-    fn new(plan: &Plan) -> Self {
-        let mut attempts = Self {
-            started: Instant::now(),
-            route: Route {
-                policy: plan.policy.as_deref().map(str::to_owned),
-                attempts: Vec::with_capacity(plan.targets.len() + plan.skipped.len()),
-            },
-            last_error: None,
-            all_rate_limited: true,
-        };
-        for skipped in &plan.skipped {
-            attempts.skip(&skipped.target, skipped.reason);
-        }
-        attempts
-    }
-
-    /// Records a target that was not tried.
-    fn skip(&mut self, target: &Target, reason: &'static str) {
-        self.route.attempts.push(AttemptRecord {
-            provider: target.provider.name().to_owned(),
-            model: target.model.to_string(),
-            kind: AttemptKind::Fallback,
-            outcome: AttemptOutcome::Skipped(reason),
-            start_offset: self.started.elapsed(),
-            latency: Duration::ZERO,
-            time_to_first_token: None,
-        });
-    }
-
-    fn record(
-        &mut self,
-        target: &Target,
-        kind: AttemptKind,
-        outcome: AttemptOutcome,
-        attempt_start: Instant,
-        ttft: Option<Duration>,
-    ) {
-        self.route.attempts.push(AttemptRecord {
-            provider: target.provider.name().to_owned(),
-            model: target.model.to_string(),
-            kind,
-            outcome,
-            start_offset: attempt_start.duration_since(self.started),
-            latency: attempt_start.elapsed(),
-            time_to_first_token: ttft,
-        });
-    }
-
-    fn failed(
-        &mut self,
-        target: &Target,
-        kind: AttemptKind,
-        start: Instant,
-        guard: AttemptGuard,
-        err: ProviderError,
-    ) {
-        guard.finish(health_result(&err, start.elapsed()));
-        tracing::info!(
-            provider = target.provider.name(),
-            model = &*target.model,
-            attempt = kind.label(),
-            error_class = err.class.label(),
-            http_status = err.http_status,
-            "upstream attempt failed"
-        );
-        self.record(
-            target,
-            kind,
-            AttemptOutcome::Failed(err.class.reason()),
-            start,
-            None,
-        );
-        self.all_rate_limited &= err.class == ErrorClass::RateLimited;
-        self.last_error = Some(err);
-    }
-
-    fn deadline_exceeded(
-        mut self,
-        target: &Target,
-        kind: AttemptKind,
-        start: Instant,
-    ) -> GatewayError {
-        self.record(
-            target,
-            kind,
-            AttemptOutcome::Failed("DEADLINE_EXCEEDED"),
-            start,
-            None,
-        );
-        GatewayError::DeadlineExceeded { route: self.route }
-    }
-
-    fn exhausted(self) -> GatewayError {
-        match self.last_error {
-            Some(error) => GatewayError::Upstream {
-                error,
-                all_rate_limited: self.all_rate_limited,
-                route: self.route,
-            },
-            None => GatewayError::Unavailable {
-                reason: "NO_TARGET",
-                message: "no upstream target is available for this model".to_owned(),
-                retry_after: None,
-            },
-        }
-    }
-}
-
 /// What an upstream error says about the target's health.
 fn health_result(err: &ProviderError, latency: Duration) -> AttemptResult {
     match err.class {
@@ -207,6 +196,9 @@ fn health_result(err: &ProviderError, latency: Duration) -> AttemptResult {
     }
 }
 
+/// How long a target rests after a rate limit or overload that named no Retry-After.
+const DEFAULT_REST: Duration = Duration::from_secs(1);
+
 /// The route's reason code for a target health did not admit.
 fn skip_reason(admission: Admission) -> &'static str {
     match admission {
@@ -215,23 +207,446 @@ fn skip_reason(admission: Admission) -> &'static str {
     }
 }
 
-/// How long a target rests after a rate limit or overload that named no Retry-After.
-const DEFAULT_REST: Duration = Duration::from_secs(1);
+/// Whether an attempt answers a unary call or opens a stream (for timing statistics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Unary,
+    Stream,
+}
 
-fn attempt_kind(index: usize) -> AttemptKind {
-    if index == 0 {
-        AttemptKind::Primary
-    } else {
-        AttemptKind::Fallback
+/// The winner of a race.
+struct Won<T> {
+    value: T,
+    target: Target,
+    kind: AttemptKind,
+    guard: AttemptGuard,
+    started: Instant,
+    /// Index of the winner's record in `route.attempts`.
+    slot: usize,
+    route: Route,
+    call_started: Instant,
+}
+
+type AttemptFuture<'a, T> = BoxFuture<'a, (usize, Result<T, ProviderError>)>;
+
+struct Running {
+    target: Target,
+    kind: AttemptKind,
+    started: Instant,
+    guard: Option<AttemptGuard>,
+    slot: usize,
+}
+
+/// The state of one call's attempts.
+struct Race<'p> {
+    plan: &'p Plan,
+    mode: Mode,
+    call_started: Instant,
+    deadline: Instant,
+    route: Route,
+    /// Next index into the attempt sequence (targets, then retry rounds).
+    next: usize,
+    started: u32,
+    hedges: u32,
+    running: Vec<Option<Running>>,
+    last_error: Option<ProviderError>,
+    all_rate_limited: bool,
+    /// After a context-length error: only targets with a larger window qualify.
+    min_context: Option<u32>,
+    /// A target was skipped because the deadline was too close.
+    deadline_skipped: bool,
+}
+
+impl<'p> Race<'p> {
+    fn new(plan: &'p Plan, mode: Mode, deadline: Instant) -> Self {
+        let call_started = Instant::now();
+        let deadline = match plan.execution.total_timeout {
+            Some(total) => deadline.min(call_started + total),
+            None => deadline,
+        };
+        let mut race = Race {
+            plan,
+            mode,
+            call_started,
+            deadline,
+            route: Route {
+                policy: plan.policy.as_deref().map(str::to_owned),
+                attempts: Vec::with_capacity(plan.targets.len() + plan.skipped.len()),
+            },
+            next: 0,
+            started: 0,
+            hedges: 0,
+            running: Vec::new(),
+            last_error: None,
+            all_rate_limited: true,
+            min_context: None,
+            deadline_skipped: false,
+        };
+        for skipped in &plan.skipped {
+            race.skip(&skipped.target, AttemptKind::Fallback, skipped.reason);
+        }
+        race
     }
+
+    fn skip(&mut self, target: &Target, kind: AttemptKind, reason: &'static str) {
+        self.route.attempts.push(AttemptRecord {
+            provider: target.provider.name().to_owned(),
+            model: target.model.to_string(),
+            kind,
+            outcome: AttemptOutcome::Skipped(reason),
+            start_offset: self.call_started.elapsed(),
+            latency: Duration::ZERO,
+            time_to_first_token: None,
+        });
+    }
+
+    /// What a target typically needs to answer (or to send its first token).
+    fn needs(&self, target: &Target, floor: Duration) -> Duration {
+        let typical = match self.mode {
+            Mode::Stream => target.health.typical_latency(),
+            Mode::Unary => target.health.latency_percentile(50.0, 1),
+        };
+        typical.map_or(floor, |t| t.max(floor))
+    }
+
+    /// Picks the next target to start, recording skips. `None` when no attempt is left.
+    fn pick(&mut self, kind: AttemptKind, floor: Duration) -> Option<(Target, AttemptGuard)> {
+        let targets = &self.plan.targets;
+        if targets.is_empty() {
+            return None;
+        }
+        let max = self.plan.execution.max_attempts;
+        // Each index is considered once; a full round of skips ends the search.
+        let mut considered = 0;
+        while self.started < max && considered < targets.len() * 2 {
+            let target = targets[self.next % targets.len()].clone();
+            self.next += 1;
+            considered += 1;
+            if let Some(min) = self.min_context
+                && target
+                    .info
+                    .as_ref()
+                    .and_then(|i| i.context_window)
+                    .is_none_or(|w| w <= min)
+            {
+                continue;
+            }
+            let now = Instant::now();
+            let remaining = self.deadline.saturating_duration_since(now);
+            if kind != AttemptKind::Primary && remaining < self.needs(&target, floor) {
+                self.skip(&target, kind, "DEADLINE");
+                self.deadline_skipped = true;
+                continue;
+            }
+            match AttemptGuard::admit(&target.health, now) {
+                Ok(guard) => return Some((target, guard)),
+                Err(admission) => self.skip(&target, kind, skip_reason(admission)),
+            }
+        }
+        None
+    }
+
+    /// Whether the next pick would be a retry of a target already tried.
+    fn is_retry_round(&self) -> bool {
+        self.next >= self.plan.targets.len()
+    }
+
+    fn begin(&mut self, target: Target, guard: AttemptGuard, kind: AttemptKind) -> usize {
+        let started = Instant::now();
+        self.started += 1;
+        if kind == AttemptKind::Hedge {
+            self.hedges += 1;
+        }
+        let slot = self.route.attempts.len();
+        self.route.attempts.push(AttemptRecord {
+            provider: target.provider.name().to_owned(),
+            model: target.model.to_string(),
+            kind,
+            outcome: AttemptOutcome::Cancelled,
+            start_offset: started.duration_since(self.call_started),
+            latency: Duration::ZERO,
+            time_to_first_token: None,
+        });
+        let id = self.running.len();
+        self.running.push(Some(Running {
+            target,
+            kind,
+            started,
+            guard: Some(guard),
+            slot,
+        }));
+        id
+    }
+
+    /// Closes an attempt's record.
+    fn close(&mut self, id: usize, outcome: AttemptOutcome) -> Option<Running> {
+        let running = self.running.get_mut(id)?.take()?;
+        let latency = running.started.elapsed();
+        if let Some(record) = self.route.attempts.get_mut(running.slot) {
+            record.outcome = outcome;
+            record.latency = latency;
+            if self.mode == Mode::Stream && record.outcome == AttemptOutcome::Succeeded {
+                record.time_to_first_token = Some(latency);
+            }
+        }
+        Some(running)
+    }
+
+    /// Marks every still-running attempt cancelled (their futures are dropped by the caller).
+    fn cancel_all(&mut self) {
+        let now = Instant::now();
+        for running in self.running.iter_mut().filter_map(Option::take) {
+            if let Some(record) = self.route.attempts.get_mut(running.slot) {
+                record.outcome = AttemptOutcome::Cancelled;
+                record.latency = now.duration_since(running.started);
+            }
+        }
+    }
+
+    fn running_count(&self) -> usize {
+        self.running.iter().filter(|r| r.is_some()).count()
+    }
+
+    fn exhausted(mut self) -> GatewayError {
+        self.cancel_all();
+        match self.last_error {
+            Some(error) => GatewayError::Upstream {
+                error,
+                all_rate_limited: self.all_rate_limited,
+                route: self.route,
+            },
+            None => GatewayError::Unavailable {
+                reason: "NO_TARGET",
+                message: "no upstream target could be tried within the deadline and limits"
+                    .to_owned(),
+                retry_after: None,
+            },
+        }
+    }
+
+    fn deadline_exceeded(mut self) -> GatewayError {
+        self.cancel_all();
+        GatewayError::DeadlineExceeded { route: self.route }
+    }
+}
+
+/// Exponential backoff with full jitter for retry round `round` (1 = first retry).
+fn backoff(round: usize, (initial, max, multiplier): (Duration, Duration, f64)) -> Duration {
+    let exp = multiplier.powi(i32::try_from(round.saturating_sub(1)).unwrap_or(i32::MAX));
+    let ceiling = (initial.as_secs_f64() * exp).min(max.as_secs_f64());
+    Duration::from_secs_f64(ceiling * (0.5 + fastrand::f64() * 0.5))
 }
 
 impl Executor {
     /// An executor.
     pub fn new(settings: ExecutorSettings, hard_stop: CancellationToken) -> Self {
         Self {
+            budget: Arc::new(HedgeBudget::new(&settings)),
             settings,
             hard_stop,
+        }
+    }
+
+    /// The hedge delay for the attempt `target` just started, if another hedge may follow.
+    fn hedge_delay(&self, race: &Race<'_>, target: &Target) -> Option<Duration> {
+        let (delay, max_extra) = match race.plan.execution.hedging {
+            Hedging::Off => return None,
+            Hedging::Fixed { delay, max_extra } => (delay, max_extra),
+            Hedging::Percentile {
+                percentile,
+                fallback_delay,
+                max_extra,
+            } => {
+                let observed = match race.mode {
+                    Mode::Unary => target
+                        .health
+                        .latency_percentile(percentile, HEDGE_MIN_SAMPLES),
+                    Mode::Stream => target.health.ttft_percentile(percentile, HEDGE_MIN_SAMPLES),
+                };
+                (observed.unwrap_or(fallback_delay), max_extra)
+            }
+        };
+        (race.hedges < max_extra && race.plan.targets.len() > 1).then_some(delay)
+    }
+
+    /// Runs the race: returns the first success, or the call's error.
+    async fn race<'a, T: Send + 'a>(
+        &self,
+        plan: &'a Plan,
+        mode: Mode,
+        deadline: Instant,
+        attempt: &(dyn Fn(Target, Instant) -> BoxFuture<'a, Result<T, ProviderError>> + Sync),
+    ) -> Result<Won<T>, GatewayError> {
+        let mut race = Race::new(plan, mode, deadline);
+        let deadline = race.deadline;
+        let floor = self.settings.min_attempt_time;
+        let attempt_timeout = plan.execution.attempt_timeout;
+        let mut in_flight: FuturesUnordered<AttemptFuture<'a, T>> = FuturesUnordered::new();
+        // One timer, re-armed for every hedge; idle (far in the future) while unarmed.
+        let hedge_sleep = tokio::time::sleep_until(deadline);
+        tokio::pin!(hedge_sleep);
+        let mut hedge_armed = false;
+        let start = |race: &mut Race<'_>,
+                     in_flight: &mut FuturesUnordered<AttemptFuture<'a, T>>,
+                     target: Target,
+                     guard: AttemptGuard,
+                     kind: AttemptKind| {
+            let id = race.begin(target.clone(), guard, kind);
+            let now = Instant::now();
+            let attempt_deadline = match attempt_timeout {
+                Some(t) => deadline.min(now + t),
+                None => deadline,
+            };
+            let fut = attempt(target, attempt_deadline);
+            in_flight.push(
+                async move {
+                    let result = match tokio::time::timeout_at(attempt_deadline, fut).await {
+                        Ok(r) => r,
+                        Err(_) => Err(ProviderError::new(
+                            ErrorClass::Timeout,
+                            "the attempt reached its timeout",
+                        )),
+                    };
+                    (id, result)
+                }
+                .boxed(),
+            );
+        };
+
+        let deadline_sleep = tokio::time::sleep_until(deadline);
+        tokio::pin!(deadline_sleep);
+        loop {
+            // Keep an attempt running: the primary, a fallback, or a retry after backoff.
+            if in_flight.is_empty() {
+                let kind = if race.started == 0 {
+                    AttemptKind::Primary
+                } else {
+                    AttemptKind::Fallback
+                };
+                if race.started > 0 && race.is_retry_round() {
+                    let round = race.next / plan.targets.len().max(1);
+                    let pause = backoff(round, plan.execution.backoff);
+                    if Instant::now() + pause >= deadline {
+                        return Err(race.exhausted());
+                    }
+                    tokio::select! {
+                        biased;
+                        () = self.hard_stop.cancelled() => return Err(shutting_down()),
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                }
+                let Some((target, guard)) = race.pick(kind, floor) else {
+                    // Out of targets. When one was left out for lack of time, the deadline is
+                    // what ended the call: say so now rather than wait for it.
+                    return Err(if race.deadline_skipped {
+                        race.deadline_exceeded()
+                    } else {
+                        race.exhausted()
+                    });
+                };
+                if kind != AttemptKind::Hedge {
+                    self.budget.deposit();
+                }
+                match self.hedge_delay(&race, &target) {
+                    Some(d) => {
+                        hedge_sleep.as_mut().reset(Instant::now() + d);
+                        hedge_armed = true;
+                    }
+                    None => hedge_armed = false,
+                }
+                start(&mut race, &mut in_flight, target, guard, kind);
+            }
+
+            tokio::select! {
+                biased;
+                () = self.hard_stop.cancelled() => return Err(shutting_down()),
+                () = &mut deadline_sleep => return Err(race.deadline_exceeded()),
+                Some((id, result)) = in_flight.next() => match result {
+                    Ok(value) => {
+                        self.budget.observe(false);
+                        let Some(mut running) = race.close(id, AttemptOutcome::Succeeded) else {
+                            continue;
+                        };
+                        race.cancel_all();
+                        let guard = running.guard.take().ok_or_else(|| {
+                            GatewayError::Internal("an attempt finished twice".to_owned())
+                        })?;
+                        return Ok(Won {
+                            value,
+                            target: running.target,
+                            kind: running.kind,
+                            guard,
+                            started: running.started,
+                            slot: running.slot,
+                            route: race.route,
+                            call_started: race.call_started,
+                        });
+                    }
+                    Err(err) => {
+                        let Some(mut running) = race.close(id, AttemptOutcome::Failed(err.class.reason())) else {
+                            continue;
+                        };
+                        let latency = running.started.elapsed();
+                        if let Some(guard) = running.guard.take() {
+                            guard.finish(health_result(&err, latency));
+                        }
+                        self.budget.observe(err.is_retryable());
+                        tracing::info!(
+                            provider = running.target.provider.name(),
+                            model = &*running.target.model,
+                            attempt = running.kind.label(),
+                            error_class = err.class.label(),
+                            http_status = err.http_status,
+                            "upstream attempt failed"
+                        );
+                        race.all_rate_limited &= err.class == ErrorClass::RateLimited;
+                        let context_fallback = err.class == ErrorClass::ContextLengthExceeded
+                            && plan.execution.context_length_fallback;
+                        if context_fallback {
+                            race.min_context = Some(
+                                running
+                                    .target
+                                    .info
+                                    .as_ref()
+                                    .and_then(|i| i.context_window)
+                                    .unwrap_or(0),
+                            );
+                        } else if !err.is_retryable() {
+                            race.last_error = Some(err);
+                            return Err(race.exhausted());
+                        }
+                        race.last_error = Some(err);
+                        // With other attempts still running, start a fallback beside them
+                        // right away (hedging allows concurrency); otherwise the loop does.
+                        if !in_flight.is_empty()
+                            && !race.is_retry_round()
+                            && let Some((target, guard)) = race.pick(AttemptKind::Fallback, floor)
+                        {
+                            self.budget.deposit();
+                            start(&mut race, &mut in_flight, target, guard, AttemptKind::Fallback);
+                        }
+                    }
+                },
+                () = &mut hedge_sleep, if hedge_armed => {
+                    hedge_armed = false;
+                    let cap = 1 + match plan.execution.hedging {
+                        Hedging::Off => 0,
+                        Hedging::Fixed { max_extra, .. } | Hedging::Percentile { max_extra, .. } => max_extra,
+                    };
+                    if race.running_count() < cap as usize
+                        && !race.is_retry_round()
+                        && self.budget.try_withdraw()
+                        && let Some((target, guard)) = race.pick(AttemptKind::Hedge, floor)
+                    {
+                        tracing::debug!(provider = target.provider.name(), model = &*target.model, "starting a hedge");
+                        start(&mut race, &mut in_flight, target.clone(), guard, AttemptKind::Hedge);
+                        if let Some(d) = self.hedge_delay(&race, &target) {
+                            hedge_sleep.as_mut().reset(Instant::now() + d);
+                            hedge_armed = true;
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -242,106 +657,59 @@ impl Executor {
         request: &ChatRequest,
         deadline: Instant,
     ) -> Result<Answer, GatewayError> {
-        let mut attempts = Attempts::new(plan);
-        let max = plan.execution.max_attempts as usize;
-        for (index, target) in plan.targets.iter().take(max).enumerate() {
-            let kind = attempt_kind(index);
-            let start = Instant::now();
-            let guard = match AttemptGuard::admit(&target.health, start) {
-                Ok(guard) => guard,
-                Err(admission) => {
-                    attempts.skip(target, skip_reason(admission));
-                    continue;
-                }
-            };
-            let call = target.provider.chat(&target.model, request);
-            let result = tokio::select! {
-                biased;
-                () = self.hard_stop.cancelled() => return Err(shutting_down()),
-                r = tokio::time::timeout_at(deadline, call) => r,
-            };
-            match result {
-                Err(_elapsed) => return Err(attempts.deadline_exceeded(target, kind, start)),
-                Ok(Ok(response)) => {
-                    guard.finish(AttemptResult::Success {
-                        latency: start.elapsed(),
-                        ttft: None,
-                    });
-                    attempts.record(target, kind, AttemptOutcome::Succeeded, start, None);
-                    return Ok(Answer {
-                        cost: cost_of(target, response.usage.as_ref()),
-                        provider: target.provider.name().to_owned(),
-                        response,
-                        route: attempts.route,
-                    });
-                }
-                Ok(Err(err)) if err.is_retryable() => {
-                    attempts.failed(target, kind, start, guard, err);
-                }
-                Ok(Err(err)) => {
-                    attempts.failed(target, kind, start, guard, err);
-                    return Err(attempts.exhausted());
-                }
-            }
-        }
-        Err(attempts.exhausted())
+        let attempt = |target: Target, _deadline: Instant| {
+            async move { target.provider.chat(&target.model, request).await }.boxed()
+        };
+        let won = self.race(plan, Mode::Unary, deadline, &attempt).await?;
+        won.guard.finish(AttemptResult::Success {
+            latency: won.started.elapsed(),
+            ttft: None,
+        });
+        Ok(Answer {
+            cost: cost_of(&won.target, won.value.usage.as_ref()),
+            provider: won.target.provider.name().to_owned(),
+            response: won.value,
+            route: won.route,
+        })
     }
 
     /// Starts a streaming call. Resolves once one upstream stream produced its first content
-    /// (the commit point); until then, failures fall back to the next target.
+    /// (the commit point); until then, failures fall back and slow starts are hedged.
     pub async fn chat_stream(
         &self,
         plan: &Plan,
         request: &ChatRequest,
         deadline: Instant,
     ) -> Result<CallStream, GatewayError> {
-        let mut attempts = Attempts::new(plan);
-        let max = plan.execution.max_attempts as usize;
-        for (index, target) in plan.targets.iter().take(max).enumerate() {
-            let kind = attempt_kind(index);
-            let start = Instant::now();
-            let guard = match AttemptGuard::admit(&target.health, start) {
-                Ok(guard) => guard,
-                Err(admission) => {
-                    attempts.skip(target, skip_reason(admission));
-                    continue;
-                }
-            };
-            let open = open_until_first_content(target, request, self.settings.stream_idle_timeout);
-            let result = tokio::select! {
-                biased;
-                () = self.hard_stop.cancelled() => return Err(shutting_down()),
-                r = tokio::time::timeout_at(deadline, open) => r,
-            };
-            match result {
-                Err(_elapsed) => return Err(attempts.deadline_exceeded(target, kind, start)),
-                Ok(Ok((upstream, buffered))) => {
-                    let ttft = start.elapsed();
-                    return Ok(CallStream::new(stream::Committed {
-                        target: target.clone(),
-                        guard: Some(guard),
-                        kind,
-                        upstream,
-                        buffered,
-                        call_started: attempts.started,
-                        attempt_started: start,
-                        time_to_first_token: ttft,
-                        route: attempts.route,
-                        deadline,
-                        idle_timeout: self.settings.stream_idle_timeout,
-                        hard_stop: self.hard_stop.clone(),
-                    }));
-                }
-                Ok(Err(err)) if err.is_retryable() => {
-                    attempts.failed(target, kind, start, guard, err);
-                }
-                Ok(Err(err)) => {
-                    attempts.failed(target, kind, start, guard, err);
-                    return Err(attempts.exhausted());
-                }
-            }
-        }
-        Err(attempts.exhausted())
+        let first_token_timeout = plan
+            .execution
+            .first_token_timeout
+            .unwrap_or(self.settings.stream_idle_timeout);
+        let idle = self.settings.stream_idle_timeout;
+        let attempt = |target: Target, _deadline: Instant| {
+            async move { open_until_first_content(&target, request, first_token_timeout, idle).await }
+                .boxed()
+        };
+        let won = self.race(plan, Mode::Stream, deadline, &attempt).await?;
+        let (upstream, buffered) = won.value;
+        Ok(CallStream::new(stream::Committed {
+            time_to_first_token: won.started.elapsed(),
+            target: won.target,
+            guard: Some(won.guard),
+            kind: won.kind,
+            upstream,
+            buffered,
+            call_started: won.call_started,
+            attempt_started: won.started,
+            slot: won.slot,
+            route: won.route,
+            deadline: plan
+                .execution
+                .total_timeout
+                .map_or(deadline, |t| deadline.min(won.call_started + t)),
+            idle_timeout: idle,
+            hard_stop: self.hard_stop.clone(),
+        }))
     }
 }
 
@@ -350,16 +718,29 @@ impl Executor {
 async fn open_until_first_content(
     target: &Target,
     request: &ChatRequest,
+    first_token_timeout: Duration,
     idle_timeout: Duration,
 ) -> Result<(EventStream, Vec<StreamEvent>), ProviderError> {
-    let mut upstream = target.provider.chat_stream(&target.model, request).await?;
+    let first_deadline = Instant::now() + first_token_timeout;
+    let mut upstream = tokio::time::timeout_at(
+        first_deadline,
+        target.provider.chat_stream(&target.model, request),
+    )
+    .await
+    .map_err(|_| {
+        ProviderError::new(
+            ErrorClass::Timeout,
+            "the provider sent no first token within the first-token timeout",
+        )
+    })??;
     let mut buffered = Vec::new();
     loop {
-        match tokio::time::timeout(idle_timeout, upstream.next()).await {
+        let wait = first_deadline.min(Instant::now() + idle_timeout);
+        match tokio::time::timeout_at(wait, upstream.next()).await {
             Err(_) => {
                 return Err(ProviderError::new(
                     ErrorClass::Timeout,
-                    "the provider's stream sent nothing within the idle timeout",
+                    "the provider sent no first token within the first-token timeout",
                 ));
             }
             Ok(None) => return Err(ProviderError::truncated()),
@@ -374,3 +755,6 @@ async fn open_until_first_content(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

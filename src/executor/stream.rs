@@ -69,6 +69,8 @@ pub(super) struct Committed {
     pub buffered: Vec<StreamEvent>,
     pub call_started: Instant,
     pub attempt_started: Instant,
+    /// Index of this attempt's record in `route.attempts`.
+    pub slot: usize,
     pub time_to_first_token: Duration,
     pub route: Route,
     pub deadline: Instant,
@@ -131,15 +133,19 @@ impl CallStream {
             guard.finish(health);
         }
         let mut route = std::mem::take(&mut self.c.route);
-        route.attempts.push(AttemptRecord {
+        let record = AttemptRecord {
             provider: self.c.target.provider.name().to_owned(),
             model: self.c.target.model.to_string(),
             kind: self.c.kind,
             outcome,
             start_offset: self.c.attempt_started.duration_since(self.c.call_started),
-            latency: self.c.attempt_started.elapsed(),
+            latency,
             time_to_first_token: Some(self.c.time_to_first_token),
-        });
+        };
+        match route.attempts.get_mut(self.c.slot) {
+            Some(slot) => *slot = record,
+            None => route.attempts.push(record),
+        }
         route
     }
 

@@ -194,7 +194,9 @@ impl TargetHealth {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A poisoned lock only means another thread panicked mid-update of plain counters;
         // the data is still usable.
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Whether the target may be tried now, without taking a probe slot.
@@ -317,7 +319,12 @@ impl TargetHealth {
                     }
                 }
             }
-            (Breaker::Closed { consecutive_failures }, _) => Breaker::Closed {
+            (
+                Breaker::Closed {
+                    consecutive_failures,
+                },
+                _,
+            ) => Breaker::Closed {
                 consecutive_failures: *consecutive_failures,
             },
             (Breaker::Open { until }, _) => Breaker::Open { until: *until },
@@ -338,8 +345,23 @@ impl TargetHealth {
     /// `min_samples` exist.
     pub fn latency_percentile(&self, p: f64, min_samples: usize) -> Option<Duration> {
         let state = self.lock();
-        let mut values: Vec<Duration> =
-            state.window.iter().filter(|s| s.ok).map(|s| s.latency).collect();
+        let mut values: Vec<Duration> = state
+            .window
+            .iter()
+            .filter(|s| s.ok)
+            .map(|s| s.latency)
+            .collect();
+        if values.len() < min_samples.max(1) {
+            return None;
+        }
+        percentile(&mut values, p)
+    }
+
+    /// The `p`th percentile (0-100) of time to first token of streams, when at least
+    /// `min_samples` exist.
+    pub fn ttft_percentile(&self, p: f64, min_samples: usize) -> Option<Duration> {
+        let state = self.lock();
+        let mut values: Vec<Duration> = state.window.iter().filter_map(|s| s.ttft).collect();
         if values.len() < min_samples.max(1) {
             return None;
         }
@@ -353,8 +375,12 @@ impl TargetHealth {
         if let Some(v) = percentile(&mut ttft, 50.0) {
             return Some(v);
         }
-        let mut lat: Vec<Duration> =
-            state.window.iter().filter(|s| s.ok).map(|s| s.latency).collect();
+        let mut lat: Vec<Duration> = state
+            .window
+            .iter()
+            .filter(|s| s.ok)
+            .map(|s| s.latency)
+            .collect();
         percentile(&mut lat, 50.0)
     }
 
@@ -369,8 +395,12 @@ impl TargetHealth {
     /// A snapshot for reporting.
     pub fn snapshot(&self, now: Instant) -> HealthSnapshot {
         let state = self.lock();
-        let mut lat: Vec<Duration> =
-            state.window.iter().filter(|s| s.ok).map(|s| s.latency).collect();
+        let mut lat: Vec<Duration> = state
+            .window
+            .iter()
+            .filter(|s| s.ok)
+            .map(|s| s.latency)
+            .collect();
         let mut ttft: Vec<Duration> = state.window.iter().filter_map(|s| s.ttft).collect();
         let failed = state.window.iter().filter(|s| !s.ok).count();
         let circuit = match (&state.breaker, Self::admission(&state, now)) {
@@ -582,8 +612,14 @@ mod tests {
                 t0,
             );
         }
-        assert_eq!(h.latency_percentile(50.0, 10), Some(Duration::from_millis(51)));
-        assert_eq!(h.latency_percentile(95.0, 10), Some(Duration::from_millis(95)));
+        assert_eq!(
+            h.latency_percentile(50.0, 10),
+            Some(Duration::from_millis(51))
+        );
+        assert_eq!(
+            h.latency_percentile(95.0, 10),
+            Some(Duration::from_millis(95))
+        );
         assert_eq!(h.latency_percentile(95.0, 1000), None);
         assert!(h.success_rate() > 0.98);
     }

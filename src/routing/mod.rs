@@ -363,9 +363,7 @@ impl RoutingTable {
                 execution: Arc::new(spec.execution.resolve()),
                 spec: spec.clone(),
             };
-            table
-                .policies
-                .insert(spec.name.clone(), Arc::new(compiled));
+            table.policies.insert(spec.name.clone(), Arc::new(compiled));
             table.records.insert(spec.name.clone(), record);
         }
         table
@@ -462,7 +460,8 @@ impl RoutingTable {
         let (input_tokens, output_tokens) = estimate_tokens(request);
         let mut excluded: Vec<Candidate> = Vec::new();
         // Constraints: fail closed.
-        let mut eligible: Vec<(usize, &CompiledTarget, &Target)> = Vec::with_capacity(targets.len());
+        let mut eligible: Vec<(usize, &CompiledTarget, &Target)> =
+            Vec::with_capacity(targets.len());
         let mut broken: Vec<String> = Vec::new();
         for (i, ct) in targets.iter().enumerate() {
             let Some(target) = &ct.target else {
@@ -473,12 +472,22 @@ impl RoutingTable {
                 broken.push(format!("{}/{}: {reason}", ct.spec.provider, ct.spec.model));
                 continue;
             };
-            let prices = target.info.as_ref().and_then(|i| i.prices).map(|p| (p.input, p.output));
+            let prices = target
+                .info
+                .as_ref()
+                .and_then(|i| i.prices)
+                .map(|p| (p.input, p.output));
             match check_constraints(&policy.spec.constraints, &ct.spec, prices) {
                 Ok(()) => eligible.push((i, ct, target)),
                 Err(reason) => {
                     if explain {
-                        excluded.push(candidate(target, false, reason.clone(), input_tokens, output_tokens));
+                        excluded.push(candidate(
+                            target,
+                            false,
+                            reason.clone(),
+                            input_tokens,
+                            output_tokens,
+                        ));
                     }
                     broken.push(format!("{}/{}: {reason}", ct.spec.provider, ct.spec.model));
                 }
@@ -507,7 +516,10 @@ impl RoutingTable {
                 }
             }
             StrategyKind::Weighted => {
-                let total: u64 = eligible.iter().map(|(_, ct, _)| u64::from(ct.spec.weight)).sum();
+                let total: u64 = eligible
+                    .iter()
+                    .map(|(_, ct, _)| u64::from(ct.spec.weight))
+                    .sum();
                 eligible.sort_by(|a, b| b.1.spec.weight.cmp(&a.1.spec.weight).then(a.0.cmp(&b.0)));
                 if total > 0 {
                     let sticky_value = match &policy.sticky {
@@ -528,7 +540,10 @@ impl RoutingTable {
                         point < acc
                     });
                     if let Some((pick_i, _, _)) = pick {
-                        let pos = eligible.iter().position(|(i, _, _)| i == pick_i).unwrap_or(0);
+                        let pos = eligible
+                            .iter()
+                            .position(|(i, _, _)| i == pick_i)
+                            .unwrap_or(0);
                         let picked = eligible.remove(pos);
                         eligible.insert(0, picked);
                     }
@@ -633,7 +648,13 @@ impl RoutingTable {
                         ),
                         _ => "circuit open".to_owned(),
                     };
-                    excluded.push(candidate(target, false, reason, input_tokens, output_tokens));
+                    excluded.push(candidate(
+                        target,
+                        false,
+                        reason,
+                        input_tokens,
+                        output_tokens,
+                    ));
                 }
                 plan.skipped.push(Skipped {
                     target: target.clone(),
@@ -672,7 +693,11 @@ fn all_resting(resting: &[(Target, Admission)]) -> GatewayError {
         .iter()
         .all(|(_, a)| matches!(a, Admission::CoolingDown(_)));
     GatewayError::Unavailable {
-        reason: if all_cooling { "RATE_LIMITED" } else { "CIRCUIT_OPEN" },
+        reason: if all_cooling {
+            "RATE_LIMITED"
+        } else {
+            "CIRCUIT_OPEN"
+        },
         message: format!(
             "every target is unavailable (circuit open or resting after a rate limit): {}",
             resting
@@ -826,14 +851,21 @@ mod tests {
     }
 
     fn order(plan: &Plan) -> Vec<String> {
-        plan.targets.iter().map(|t| t.provider.name().to_owned()).collect()
+        plan.targets
+            .iter()
+            .map(|t| t.provider.name().to_owned())
+            .collect()
     }
 
     #[tokio::test]
     async fn priority_orders_by_priority_then_list() {
         let t = table().with_policies([record(spec(
             StrategyKind::Priority,
-            vec![target("a", 0, 2, None), target("b", 0, 1, None), target("c", 0, 2, None)],
+            vec![
+                target("a", 0, 2, None),
+                target("b", 0, 1, None),
+                target("c", 0, 2, None),
+            ],
         ))]);
         assert_eq!(order(&t.plan(&request(None)).unwrap()), vec!["b", "a", "c"]);
     }
@@ -881,7 +913,10 @@ mod tests {
         s.constraints.allowed_regions = vec!["apac".into()];
         let t = table().with_policies([record(s)]);
         let err = t.plan(&request(None)).unwrap_err();
-        assert!(matches!(err, GatewayError::FailedPrecondition { .. }), "{err:?}");
+        assert!(
+            matches!(err, GatewayError::FailedPrecondition { .. }),
+            "{err:?}"
+        );
         assert!(err.to_string().contains("allowed_regions"), "{err}");
     }
 

@@ -113,13 +113,25 @@ pub struct ExecutionSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u32>,
     /// Timeout of one attempt.
-    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub attempt_timeout: Option<Duration>,
     /// Time-to-first-token timeout for streams.
-    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub first_token_timeout: Option<Duration>,
     /// Cap on a call's total time.
-    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub total_timeout: Option<Duration>,
     /// Hedging.
     #[serde(default)]
@@ -140,7 +152,11 @@ pub struct HedgingSpec {
     #[serde(default)]
     pub mode: HedgingMode,
     /// Fixed delay (and the percentile mode's delay before enough samples exist).
-    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub delay: Option<Duration>,
     /// Percentile of observed latency, 0-100 exclusive.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -168,10 +184,18 @@ pub enum HedgingMode {
 #[serde(deny_unknown_fields)]
 pub struct BackoffSpec {
     /// First delay (default 100 ms).
-    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub initial: Option<Duration>,
     /// Largest delay (default 2 s).
-    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub max: Option<Duration>,
     /// Growth factor (default 2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -258,7 +282,9 @@ impl ExecutionSpec {
                 },
             },
             backoff: (
-                self.retry_backoff.initial.unwrap_or(Duration::from_millis(100)),
+                self.retry_backoff
+                    .initial
+                    .unwrap_or(Duration::from_millis(100)),
                 self.retry_backoff.max.unwrap_or(Duration::from_secs(2)),
                 self.retry_backoff.multiplier.unwrap_or(2.0),
             ),
@@ -381,12 +407,16 @@ pub fn check_constraints(
         if let Some(max) = c.max_input_price_per_mtok
             && input > max
         {
-            return Err(format!("input price {input} over max_input_price_per_mtok {max}"));
+            return Err(format!(
+                "input price {input} over max_input_price_per_mtok {max}"
+            ));
         }
         if let Some(max) = c.max_output_price_per_mtok
             && output > max
         {
-            return Err(format!("output price {output} over max_output_price_per_mtok {max}"));
+            return Err(format!(
+                "output price {output} over max_output_price_per_mtok {max}"
+            ));
         }
     }
     Ok(())
@@ -405,56 +435,76 @@ pub fn validate(spec: &PolicySpec, ctx: &dyn PolicyContext, prefix: &str) -> Vec
         );
     }
     if spec.description.len() > 1024 {
-        add(format!("{prefix}.description"), "must be at most 1024 bytes".to_owned());
+        add(
+            format!("{prefix}.description"),
+            "must be at most 1024 bytes".to_owned(),
+        );
     }
-    let check_targets = |targets: &[TargetSpec], field: &str, add: &mut dyn FnMut(String, String)| {
-        if targets.is_empty() {
-            add(field.to_owned(), "must hold at least one target".to_owned());
-        }
-        if targets.len() > MAX_TARGETS {
-            add(field.to_owned(), format!("at most {MAX_TARGETS} targets are allowed"));
-        }
-        for (i, t) in targets.iter().enumerate() {
-            let tf = format!("{field}[{i}]");
-            if !ctx.has_provider(&t.provider) {
+    let check_targets =
+        |targets: &[TargetSpec], field: &str, add: &mut dyn FnMut(String, String)| {
+            if targets.is_empty() {
+                add(field.to_owned(), "must hold at least one target".to_owned());
+            }
+            if targets.len() > MAX_TARGETS {
                 add(
-                    format!("{tf}.provider"),
-                    format!("`{}` is not a configured provider", t.provider),
-                );
-            } else if t.model.is_empty() {
-                add(format!("{tf}.model"), "must not be empty".to_owned());
-            } else if !ctx.has_model(&t.provider, &t.model) {
-                add(
-                    format!("{tf}.model"),
-                    format!("`{}` is not enabled for provider `{}`", t.model, t.provider),
+                    field.to_owned(),
+                    format!("at most {MAX_TARGETS} targets are allowed"),
                 );
             }
-            if targets[..i]
-                .iter()
-                .any(|o| o.provider == t.provider && o.model == t.model && o.region == t.region)
+            for (i, t) in targets.iter().enumerate() {
+                let tf = format!("{field}[{i}]");
+                if !ctx.has_provider(&t.provider) {
+                    add(
+                        format!("{tf}.provider"),
+                        format!("`{}` is not a configured provider", t.provider),
+                    );
+                } else if t.model.is_empty() {
+                    add(format!("{tf}.model"), "must not be empty".to_owned());
+                } else if !ctx.has_model(&t.provider, &t.model) {
+                    add(
+                        format!("{tf}.model"),
+                        format!("`{}` is not enabled for provider `{}`", t.model, t.provider),
+                    );
+                }
+                if targets[..i]
+                    .iter()
+                    .any(|o| o.provider == t.provider && o.model == t.model && o.region == t.region)
+                {
+                    add(
+                        tf.clone(),
+                        format!("duplicate target {}/{}", t.provider, t.model),
+                    );
+                }
+            }
+            if spec.strategy == StrategyKind::Weighted
+                && !targets.is_empty()
+                && targets.iter().all(|t| t.weight == 0)
             {
-                add(tf.clone(), format!("duplicate target {}/{}", t.provider, t.model));
+                add(
+                    field.to_owned(),
+                    "a weighted policy needs at least one target with a weight above 0".to_owned(),
+                );
             }
-        }
-        if spec.strategy == StrategyKind::Weighted
-            && !targets.is_empty()
-            && targets.iter().all(|t| t.weight == 0)
-        {
-            add(
-                field.to_owned(),
-                "a weighted policy needs at least one target with a weight above 0".to_owned(),
-            );
-        }
-    };
+        };
     check_targets(&spec.targets, &format!("{prefix}.targets"), &mut add);
     if spec.variants.len() > MAX_VARIANTS {
-        add(format!("{prefix}.variants"), format!("at most {MAX_VARIANTS} variants are allowed"));
+        add(
+            format!("{prefix}.variants"),
+            format!("at most {MAX_VARIANTS} variants are allowed"),
+        );
     }
     for (i, variant) in spec.variants.iter().enumerate() {
         if variant.match_tags.is_empty() {
-            add(format!("{prefix}.variants[{i}].match_tags"), "must not be empty".to_owned());
+            add(
+                format!("{prefix}.variants[{i}].match_tags"),
+                "must not be empty".to_owned(),
+            );
         }
-        check_targets(&variant.targets, &format!("{prefix}.variants[{i}].targets"), &mut add);
+        check_targets(
+            &variant.targets,
+            &format!("{prefix}.variants[{i}].targets"),
+            &mut add,
+        );
     }
     if let Some(key) = &spec.sticky_key {
         if parse_sticky_key(key).is_none() {
@@ -477,7 +527,10 @@ pub fn validate(spec: &PolicySpec, ctx: &dyn PolicyContext, prefix: &str) -> Vec
         ("max_output_price_per_mtok", c.max_output_price_per_mtok),
     ] {
         if price.is_some_and(|p| !p.is_finite() || p < 0.0) {
-            add(format!("{prefix}.constraints.{name}"), "must be zero or more".to_owned());
+            add(
+                format!("{prefix}.constraints.{name}"),
+                "must be zero or more".to_owned(),
+            );
         }
     }
     let all_targets: Vec<&TargetSpec> = spec
@@ -488,7 +541,11 @@ pub fn validate(spec: &PolicySpec, ctx: &dyn PolicyContext, prefix: &str) -> Vec
     if !all_targets.is_empty() {
         let unmet = |check: &dyn Fn(&TargetSpec) -> bool| all_targets.iter().all(|t| !check(t));
         if !c.allowed_regions.is_empty()
-            && unmet(&|t| t.region.as_ref().is_some_and(|r| c.allowed_regions.contains(r)))
+            && unmet(&|t| {
+                t.region
+                    .as_ref()
+                    .is_some_and(|r| c.allowed_regions.contains(r))
+            })
         {
             add(
                 format!("{prefix}.constraints.allowed_regions"),
@@ -539,7 +596,10 @@ pub fn validate(spec: &PolicySpec, ctx: &dyn PolicyContext, prefix: &str) -> Vec
         ("retry_backoff.max", e.retry_backoff.max),
     ] {
         if d.is_some_and(|d| d.is_zero()) {
-            add(format!("{prefix}.execution.{name}"), "must be greater than zero".to_owned());
+            add(
+                format!("{prefix}.execution.{name}"),
+                "must be greater than zero".to_owned(),
+            );
         }
     }
     match e.hedging.mode {
@@ -553,7 +613,10 @@ pub fn validate(spec: &PolicySpec, ctx: &dyn PolicyContext, prefix: &str) -> Vec
             }
         }
         HedgingMode::Percentile => {
-            if e.hedging.percentile.is_some_and(|p| !(p > 0.0 && p < 100.0)) {
+            if e.hedging
+                .percentile
+                .is_some_and(|p| !(p > 0.0 && p < 100.0))
+            {
                 add(
                     format!("{prefix}.execution.hedging.percentile"),
                     "must be between 0 and 100 (exclusive)".to_owned(),
@@ -561,13 +624,19 @@ pub fn validate(spec: &PolicySpec, ctx: &dyn PolicyContext, prefix: &str) -> Vec
             }
         }
     }
-    if e.hedging.max_extra_attempts.is_some_and(|n| n > MAX_ATTEMPTS - 1) {
+    if e.hedging
+        .max_extra_attempts
+        .is_some_and(|n| n > MAX_ATTEMPTS - 1)
+    {
         add(
             format!("{prefix}.execution.hedging.max_extra_attempts"),
             format!("must be at most {}", MAX_ATTEMPTS - 1),
         );
     }
-    if e.retry_backoff.multiplier.is_some_and(|m| !(1.0..=10.0).contains(&m)) {
+    if e.retry_backoff
+        .multiplier
+        .is_some_and(|m| !(1.0..=10.0).contains(&m))
+    {
         add(
             format!("{prefix}.execution.retry_backoff.multiplier"),
             "must be between 1 and 10".to_owned(),
@@ -605,7 +674,10 @@ mod tests {
     }
 
     fn fields(spec: &PolicySpec) -> Vec<String> {
-        validate(spec, &Ctx, "policy").into_iter().map(|v| v.field).collect()
+        validate(spec, &Ctx, "policy")
+            .into_iter()
+            .map(|v| v.field)
+            .collect()
     }
 
     #[test]

@@ -83,7 +83,11 @@ impl AdminService {
         Ok(())
     }
 
-    fn check(&self, spec: &policy::PolicySpec, mut violations: Vec<FieldViolation>) -> Result<(), GatewayError> {
+    fn check(
+        &self,
+        spec: &policy::PolicySpec,
+        mut violations: Vec<FieldViolation>,
+    ) -> Result<(), GatewayError> {
         let table = self.router.load();
         violations.extend(policy::validate(spec, &*table, "policy"));
         let size = serde_json::to_vec(spec).map_or(usize::MAX, |d| d.len());
@@ -142,7 +146,9 @@ fn store_error(err: StoreError) -> GatewayError {
 fn parse_etag(etag: &str, field: &str) -> Result<u64, GatewayError> {
     etag.strip_prefix('v')
         .and_then(|v| v.parse().ok())
-        .ok_or_else(|| GatewayError::invalid(field, format!("`{etag}` is not an etag from this gateway")))
+        .ok_or_else(|| {
+            GatewayError::invalid(field, format!("`{etag}` is not an etag from this gateway"))
+        })
 }
 
 fn required_policy(p: Option<pb::Policy>) -> Result<pb::Policy, GatewayError> {
@@ -154,7 +160,7 @@ fn encode_token(name: &str) -> String {
 }
 
 fn decode_token(token: &str) -> Option<String> {
-    if token.len() % 2 != 0 {
+    if !token.len().is_multiple_of(2) {
         return None;
     }
     let bytes: Option<Vec<u8>> = (0..token.len())
@@ -173,7 +179,10 @@ fn fail(err: GatewayError) -> Status {
 
 #[tonic::async_trait]
 impl LlmGatewayAdmin for AdminService {
-    async fn create_policy(&self, request: Request<pb::CreatePolicyRequest>) -> AdminResult<pb::CreatePolicyResponse> {
+    async fn create_policy(
+        &self,
+        request: Request<pb::CreatePolicyRequest>,
+    ) -> AdminResult<pb::CreatePolicyResponse> {
         async {
             let p = required_policy(request.into_inner().policy)?;
             let (spec, violations) = convert_admin::policy_in(p, "policy");
@@ -196,7 +205,10 @@ impl LlmGatewayAdmin for AdminService {
         .map_err(fail)
     }
 
-    async fn update_policy(&self, request: Request<pb::UpdatePolicyRequest>) -> AdminResult<pb::UpdatePolicyResponse> {
+    async fn update_policy(
+        &self,
+        request: Request<pb::UpdatePolicyRequest>,
+    ) -> AdminResult<pb::UpdatePolicyResponse> {
         async {
             let p = required_policy(request.into_inner().policy)?;
             if p.etag.is_empty() {
@@ -210,7 +222,11 @@ impl LlmGatewayAdmin for AdminService {
             self.read_only(&spec.name)?;
             self.check(&spec, violations)?;
             let _write = self.writes.lock().await;
-            let record = self.store.update_policy(spec, version).await.map_err(store_error)?;
+            let record = self
+                .store
+                .update_policy(spec, version)
+                .await
+                .map_err(store_error)?;
             self.reload().await?;
             tracing::info!(policy = %record.spec.name, etag = %record.etag(), "policy updated");
             Ok(Response::new(pb::UpdatePolicyResponse {
@@ -221,7 +237,10 @@ impl LlmGatewayAdmin for AdminService {
         .map_err(fail)
     }
 
-    async fn get_policy(&self, request: Request<pb::GetPolicyRequest>) -> AdminResult<pb::GetPolicyResponse> {
+    async fn get_policy(
+        &self,
+        request: Request<pb::GetPolicyRequest>,
+    ) -> AdminResult<pb::GetPolicyResponse> {
         async {
             let name = request.into_inner().name;
             if let Some(record) = self.config_policies.get(&name) {
@@ -243,7 +262,10 @@ impl LlmGatewayAdmin for AdminService {
         .map_err(fail)
     }
 
-    async fn list_policies(&self, request: Request<pb::ListPoliciesRequest>) -> AdminResult<pb::ListPoliciesResponse> {
+    async fn list_policies(
+        &self,
+        request: Request<pb::ListPoliciesRequest>,
+    ) -> AdminResult<pb::ListPoliciesResponse> {
         async {
             let req = request.into_inner();
             let size = match req.page_size {
@@ -268,7 +290,9 @@ impl LlmGatewayAdmin for AdminService {
                 .collect();
             let next_page_token = if page.len() > size {
                 page.truncate(size);
-                page.last().map(|p| encode_token(&p.name)).unwrap_or_default()
+                page.last()
+                    .map(|p| encode_token(&p.name))
+                    .unwrap_or_default()
             } else {
                 String::new()
             };
@@ -281,7 +305,10 @@ impl LlmGatewayAdmin for AdminService {
         .map_err(fail)
     }
 
-    async fn delete_policy(&self, request: Request<pb::DeletePolicyRequest>) -> AdminResult<pb::DeletePolicyResponse> {
+    async fn delete_policy(
+        &self,
+        request: Request<pb::DeletePolicyRequest>,
+    ) -> AdminResult<pb::DeletePolicyResponse> {
         async {
             let req = request.into_inner();
             self.read_only(&req.name)?;
@@ -303,7 +330,10 @@ impl LlmGatewayAdmin for AdminService {
         .map_err(fail)
     }
 
-    async fn validate_policy(&self, request: Request<pb::ValidatePolicyRequest>) -> AdminResult<pb::ValidatePolicyResponse> {
+    async fn validate_policy(
+        &self,
+        request: Request<pb::ValidatePolicyRequest>,
+    ) -> AdminResult<pb::ValidatePolicyResponse> {
         let Some(p) = request.into_inner().policy else {
             return Ok(Response::new(pb::ValidatePolicyResponse {
                 valid: false,
@@ -331,7 +361,10 @@ impl LlmGatewayAdmin for AdminService {
         }))
     }
 
-    async fn explain_route(&self, request: Request<pb::ExplainRouteRequest>) -> AdminResult<pb::ExplainRouteResponse> {
+    async fn explain_route(
+        &self,
+        request: Request<pb::ExplainRouteRequest>,
+    ) -> AdminResult<pb::ExplainRouteResponse> {
         async {
             let req = request
                 .into_inner()
@@ -352,7 +385,10 @@ impl LlmGatewayAdmin for AdminService {
         .map_err(fail)
     }
 
-    async fn list_providers(&self, _request: Request<pb::ListProvidersRequest>) -> AdminResult<pb::ListProvidersResponse> {
+    async fn list_providers(
+        &self,
+        _request: Request<pb::ListProvidersRequest>,
+    ) -> AdminResult<pb::ListProvidersResponse> {
         let table = self.router.load();
         let now = tokio::time::Instant::now();
         Ok(Response::new(pb::ListProvidersResponse {
@@ -369,7 +405,9 @@ impl LlmGatewayAdmin for AdminService {
                 .health()
                 .all()
                 .into_iter()
-                .map(|(provider, model, h)| convert_admin::health_out(provider, model, h.snapshot(now)))
+                .map(|(provider, model, h)| {
+                    convert_admin::health_out(provider, model, h.snapshot(now))
+                })
                 .collect(),
         }))
     }
@@ -408,10 +446,16 @@ impl tonic::service::Interceptor for AdminAuth {
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            });
         match presented {
             Some(token) if self.verify(token.trim().as_bytes()) => Ok(request),
-            Some(_) => Err(GatewayError::Unauthenticated("the admin credential is not valid".to_owned()).into_status()),
+            Some(_) => Err(GatewayError::Unauthenticated(
+                "the admin credential is not valid".to_owned(),
+            )
+            .into_status()),
             None => Err(GatewayError::Unauthenticated(
                 "admin calls need `authorization: Bearer <admin token>` metadata".to_owned(),
             )
@@ -426,7 +470,10 @@ mod tests {
 
     #[test]
     fn page_tokens_round_trip() {
-        assert_eq!(decode_token(&encode_token("chat-eu.v2")).as_deref(), Some("chat-eu.v2"));
+        assert_eq!(
+            decode_token(&encode_token("chat-eu.v2")).as_deref(),
+            Some("chat-eu.v2")
+        );
         assert_eq!(decode_token("zz"), None);
         assert_eq!(decode_token("abc"), None);
     }

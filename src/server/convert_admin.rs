@@ -15,7 +15,11 @@ use crate::{
     },
 };
 
-fn duration_in(d: Option<prost_types::Duration>, field: &str, v: &mut Vec<FieldViolation>) -> Option<Duration> {
+fn duration_in(
+    d: Option<prost_types::Duration>,
+    field: &str,
+    v: &mut Vec<FieldViolation>,
+) -> Option<Duration> {
     let d = d?;
     match Duration::try_from(d) {
         Ok(d) => Some(d),
@@ -68,7 +72,10 @@ pub fn policy_in(p: pb::Policy, prefix: &str) -> (PolicySpec, Vec<FieldViolation
             None => {
                 v.push(FieldViolation::new(
                     format!("{prefix}.preset"),
-                    format!("unknown preset `{}`; use cheapest, fastest or reliable", p.preset),
+                    format!(
+                        "unknown preset `{}`; use cheapest, fastest or reliable",
+                        p.preset
+                    ),
                 ));
                 None
             }
@@ -91,12 +98,14 @@ pub fn policy_in(p: pb::Policy, prefix: &str) -> (PolicySpec, Vec<FieldViolation
             StrategyKind::Priority
         }
     };
-    let constraints = p.constraints.map_or_else(ConstraintSpec::default, |c| ConstraintSpec {
-        allowed_regions: c.allowed_regions,
-        required_tags: c.required_tags,
-        max_input_price_per_mtok: c.max_input_price_per_mtok,
-        max_output_price_per_mtok: c.max_output_price_per_mtok,
-    });
+    let constraints = p
+        .constraints
+        .map_or_else(ConstraintSpec::default, |c| ConstraintSpec {
+            allowed_regions: c.allowed_regions,
+            required_tags: c.required_tags,
+            max_input_price_per_mtok: c.max_input_price_per_mtok,
+            max_output_price_per_mtok: c.max_output_price_per_mtok,
+        });
     let execution = match p.execution {
         None => preset_defaults.map(|(_, e)| e).unwrap_or_default(),
         Some(e) => {
@@ -138,8 +147,12 @@ pub fn policy_in(p: pb::Policy, prefix: &str) -> (PolicySpec, Vec<FieldViolation
             };
             ExecutionSpec {
                 max_attempts: e.max_attempts.or(base.max_attempts),
-                attempt_timeout: duration_in(e.attempt_timeout, &format!("{ef}.attempt_timeout"), &mut v)
-                    .or(base.attempt_timeout),
+                attempt_timeout: duration_in(
+                    e.attempt_timeout,
+                    &format!("{ef}.attempt_timeout"),
+                    &mut v,
+                )
+                .or(base.attempt_timeout),
                 first_token_timeout: duration_in(
                     e.first_token_timeout,
                     &format!("{ef}.first_token_timeout"),

@@ -26,7 +26,7 @@ use tonic::transport::Server;
 use crate::{
     config::{Config, ProviderKind},
     error::FieldViolation,
-    executor::{Executor, ExecutorSettings},
+    executor::Executor,
     health::HealthRegistry,
     models::ModelRegistry,
     pb::{self, llm_gateway_admin_server::LlmGatewayAdminServer, llm_gateway_server::LlmGatewayServer},
@@ -195,12 +195,7 @@ pub async fn serve(
     let admin_service = LlmGatewayAdminServer::with_interceptor(admin, admin::AdminAuth::new(&admin_token));
 
     let hard_stop = CancellationToken::new();
-    let executor = Executor::new(
-        ExecutorSettings {
-            stream_idle_timeout: config.stream_idle_timeout,
-        },
-        hard_stop.clone(),
-    );
+    let executor = Executor::new(config.executor.clone(), hard_stop.clone());
     let gateway = gateway::GatewayService::new(
         router,
         executor,

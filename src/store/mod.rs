@@ -53,5 +53,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<PolicyRecord, StoreError>;
 
     /// Deletes a policy (if its version is `expected_version`, when given).
-    async fn delete_policy(&self, name: &str, expected_version: Option<u64>) -> Result<(), StoreError>;
+    async fn delete_policy(
+        &self,
+        name: &str,
+        expected_version: Option<u64>,
+    ) -> Result<(), StoreError>;
 }

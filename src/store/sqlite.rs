@@ -53,11 +53,15 @@ impl SqliteStore {
                 std::fs::create_dir_all(dir)
                     .map_err(|e| backend(format!("cannot create {}: {e}", dir.display())))?;
             }
-            Connection::open(path).map_err(|e| backend(format!("cannot open {}: {e}", path.display())))?
+            Connection::open(path)
+                .map_err(|e| backend(format!("cannot open {}: {e}", path.display())))?
         };
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(backend)?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(backend)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(backend)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(backend)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(backend)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(backend)?;
         let mut store = Self {
             conn: Arc::new(Mutex::new(conn)),
         };
@@ -80,7 +84,8 @@ impl SqliteStore {
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
             let tx = conn.transaction().map_err(backend)?;
             tx.execute_batch(sql).map_err(backend)?;
-            tx.pragma_update(None, "user_version", i + 1).map_err(backend)?;
+            tx.pragma_update(None, "user_version", i + 1)
+                .map_err(backend)?;
             tx.commit().map_err(backend)?;
         }
         Ok(())
@@ -100,9 +105,14 @@ impl SqliteStore {
     }
 }
 
-fn row_to_record(doc: &str, version: i64, created_ms: i64, updated_ms: i64) -> Result<PolicyRecord, StoreError> {
-    let spec: PolicySpec =
-        serde_json::from_str(doc).map_err(|e| backend(format!("stored policy is unreadable: {e}")))?;
+fn row_to_record(
+    doc: &str,
+    version: i64,
+    created_ms: i64,
+    updated_ms: i64,
+) -> Result<PolicyRecord, StoreError> {
+    let spec: PolicySpec = serde_json::from_str(doc)
+        .map_err(|e| backend(format!("stored policy is unreadable: {e}")))?;
     Ok(PolicyRecord {
         spec,
         version: u64::try_from(version).unwrap_or(0),
@@ -132,7 +142,12 @@ impl Store for SqliteStore {
                 .map_err(backend)?;
             let rows = stmt
                 .query_map([], |row| {
-                    Ok((row.get::<_, String>(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+                    Ok((
+                        row.get::<_, String>(0)?,
+                        row.get(1)?,
+                        row.get(2)?,
+                        row.get(3)?,
+                    ))
                 })
                 .map_err(backend)?;
             let mut out = Vec::new();
@@ -152,11 +167,19 @@ impl Store for SqliteStore {
                 .query_row(
                     "SELECT doc, version, created_ms, updated_ms FROM policies WHERE name = ?1",
                     params![name],
-                    |row| Ok((row.get::<_, String>(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
+                    |row| {
+                        Ok((
+                            row.get::<_, String>(0)?,
+                            row.get(1)?,
+                            row.get(2)?,
+                            row.get(3)?,
+                        ))
+                    },
                 )
                 .optional()
                 .map_err(backend)?;
-            row.map(|(doc, v, c, u)| row_to_record(&doc, v, c, u)).transpose()
+            row.map(|(doc, v, c, u)| row_to_record(&doc, v, c, u))
+                .transpose()
         })
         .await
     }
@@ -231,7 +254,11 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn delete_policy(&self, name: &str, expected_version: Option<u64>) -> Result<(), StoreError> {
+    async fn delete_policy(
+        &self,
+        name: &str,
+        expected_version: Option<u64>,
+    ) -> Result<(), StoreError> {
         let name = name.to_owned();
         self.with_conn(move |conn| {
             let tx = conn.transaction().map_err(backend)?;

@@ -11,11 +11,15 @@ use tonic::{Code, Request, service::interceptor::InterceptedService, transport::
 
 use crate::common::*;
 
-type Admin = LlmGatewayAdminClient<InterceptedService<Channel, fn(Request<()>) -> Result<Request<()>, tonic::Status>>>;
+type Admin = LlmGatewayAdminClient<
+    InterceptedService<Channel, fn(Request<()>) -> Result<Request<()>, tonic::Status>>,
+>;
 
 fn with_token(mut req: Request<()>) -> Result<Request<()>, tonic::Status> {
-    req.metadata_mut()
-        .insert("authorization", format!("Bearer {ADMIN_TOKEN}").parse().unwrap());
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {ADMIN_TOKEN}").parse().unwrap(),
+    );
     Ok(req)
 }
 
@@ -80,8 +84,10 @@ async fn admin_calls_need_the_token() {
         .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
     let mut req = Request::new(pb::ListPoliciesRequest::default());
-    req.metadata_mut()
-        .insert("authorization", "Bearer wrong-token-wrong-token".parse().unwrap());
+    req.metadata_mut().insert(
+        "authorization",
+        "Bearer wrong-token-wrong-token".parse().unwrap(),
+    );
     let status = anonymous.list_policies(req).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
     admin(&gateway)
@@ -98,7 +104,12 @@ async fn crud_and_routing_through_a_policy() {
     assert_eq!(created.etag, "v1");
     assert_eq!(created.source, pb::PolicySource::Api as i32);
 
-    let answer = gateway.client().chat(request("chat", "hi")).await.unwrap().into_inner();
+    let answer = gateway
+        .client()
+        .chat(request("chat", "hi"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(answer.provider, "a");
     assert_eq!(answer.route.as_ref().unwrap().policy, "chat");
 
@@ -122,11 +133,18 @@ async fn crud_and_routing_through_a_policy() {
         .policy
         .unwrap();
     assert_eq!(updated.etag, "v2");
-    let answer = gateway.client().chat(request("chat", "hi")).await.unwrap().into_inner();
+    let answer = gateway
+        .client()
+        .chat(request("chat", "hi"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(answer.provider, "b", "the change applies to the next call");
 
     let got = admin
-        .get_policy(pb::GetPolicyRequest { name: "chat".into() })
+        .get_policy(pb::GetPolicyRequest {
+            name: "chat".into(),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -140,10 +158,12 @@ async fn crud_and_routing_through_a_policy() {
         .await
         .unwrap()
         .into_inner();
-    assert!(models
-        .models
-        .iter()
-        .any(|m| m.id == "chat" && m.kind == pb::ModelKind::Policy as i32));
+    assert!(
+        models
+            .models
+            .iter()
+            .any(|m| m.id == "chat" && m.kind == pb::ModelKind::Policy as i32)
+    );
 
     let status = admin
         .delete_policy(pb::DeletePolicyRequest {
@@ -160,10 +180,16 @@ async fn crud_and_routing_through_a_policy() {
         })
         .await
         .unwrap();
-    let status = gateway.client().chat(request("chat", "hi")).await.unwrap_err();
+    let status = gateway
+        .client()
+        .chat(request("chat", "hi"))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
     let status = admin
-        .get_policy(pb::GetPolicyRequest { name: "chat".into() })
+        .get_policy(pb::GetPolicyRequest {
+            name: "chat".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
@@ -203,7 +229,9 @@ async fn concurrent_updaters_do_not_lose_updates() {
     }
     assert_eq!((ok, aborted), (1, 3));
     let stored = admin
-        .get_policy(pb::GetPolicyRequest { name: "race".into() })
+        .get_policy(pb::GetPolicyRequest {
+            name: "race".into(),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -227,7 +255,9 @@ async fn invalid_policies_name_every_field() {
         ..Default::default()
     });
     let status = admin
-        .create_policy(pb::CreatePolicyRequest { policy: Some(bad.clone()) })
+        .create_policy(pb::CreatePolicyRequest {
+            policy: Some(bad.clone()),
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
@@ -239,7 +269,10 @@ async fn invalid_policies_name_every_field() {
         "policy.targets[2]",
         "policy.constraints.allowed_regions",
     ] {
-        assert!(fields.iter().any(|f| f == expected), "{expected} missing from {fields:?}");
+        assert!(
+            fields.iter().any(|f| f == expected),
+            "{expected} missing from {fields:?}"
+        );
     }
 
     // ValidatePolicy reports the same without storing anything.
@@ -254,7 +287,9 @@ async fn invalid_policies_name_every_field() {
     let mut weights = policy("w", vec![target("a", "m"), target("b", "m")]);
     weights.strategy = pb::Strategy::Weighted as i32;
     let status = admin
-        .create_policy(pb::CreatePolicyRequest { policy: Some(weights) })
+        .create_policy(pb::CreatePolicyRequest {
+            policy: Some(weights),
+        })
         .await
         .unwrap_err();
     assert_eq!(violated_fields(&status), vec!["policy.targets"]);
@@ -306,14 +341,28 @@ async fn constraints_fail_closed_on_calls() {
         ..Default::default()
     });
     create(&mut admin, p).await;
-    let answer = gateway.client().chat(request("eu-only", "hi")).await.unwrap().into_inner();
+    let answer = gateway
+        .client()
+        .chat(request("eu-only", "hi"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(answer.provider, "b");
 
     // A variant for `tier=free` callers only has a US target: fail closed, never elsewhere.
-    let mut p = policy("tiered", vec![pb::PolicyTarget { region: "eu".into(), ..target("b", "m") }]);
+    let mut p = policy(
+        "tiered",
+        vec![pb::PolicyTarget {
+            region: "eu".into(),
+            ..target("b", "m")
+        }],
+    );
     p.variants = vec![pb::PolicyVariant {
         match_tags: HashMap::from([("tier".to_owned(), "free".to_owned())]),
-        targets: vec![pb::PolicyTarget { region: "us".into(), ..target("a", "m") }],
+        targets: vec![pb::PolicyTarget {
+            region: "us".into(),
+            ..target("a", "m")
+        }],
     }];
     p.constraints = Some(pb::Constraints {
         allowed_regions: vec!["eu".into()],
@@ -324,7 +373,11 @@ async fn constraints_fail_closed_on_calls() {
     req.tags.insert("tier".into(), "free".into());
     let status = gateway.client().chat(req).await.unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
-    assert!(status.message().contains("allowed_regions"), "{}", status.message());
+    assert!(
+        status.message().contains("allowed_regions"),
+        "{}",
+        status.message()
+    );
     assert_eq!(reason(&status), "CONSTRAINT_UNSATISFIED");
 }
 
@@ -335,8 +388,14 @@ async fn weighted_split_and_sticky_users() {
     let mut p = policy(
         "ab",
         vec![
-            pb::PolicyTarget { weight: 80, ..target("a", "m") },
-            pb::PolicyTarget { weight: 20, ..target("b", "m") },
+            pb::PolicyTarget {
+                weight: 80,
+                ..target("a", "m")
+            },
+            pb::PolicyTarget {
+                weight: 20,
+                ..target("b", "m")
+            },
         ],
     );
     p.strategy = pb::Strategy::Weighted as i32;
@@ -344,7 +403,15 @@ async fn weighted_split_and_sticky_users() {
     let n = 300;
     let mut a = 0;
     for _ in 0..n {
-        if gateway.client().chat(request("ab", "hi")).await.unwrap().into_inner().provider == "a" {
+        if gateway
+            .client()
+            .chat(request("ab", "hi"))
+            .await
+            .unwrap()
+            .into_inner()
+            .provider
+            == "a"
+        {
             a += 1;
         }
     }
@@ -362,8 +429,18 @@ async fn weighted_split_and_sticky_users() {
         for _ in 0..5 {
             let mut req = request("sticky", "hi");
             req.user = user.into();
-            let provider = gateway.client().chat(req).await.unwrap().into_inner().provider;
-            assert_eq!(*first.get_or_insert(provider.clone()), provider, "user {user} moved");
+            let provider = gateway
+                .client()
+                .chat(req)
+                .await
+                .unwrap()
+                .into_inner()
+                .provider;
+            assert_eq!(
+                *first.get_or_insert(provider.clone()),
+                provider,
+                "user {user} moved"
+            );
         }
         arms.insert(first.unwrap());
     }
@@ -377,9 +454,18 @@ async fn explain_route_says_why() {
     let mut p = policy(
         "cheap",
         vec![
-            pb::PolicyTarget { region: "eu".into(), ..target("a", "gpt-4o") },
-            pb::PolicyTarget { region: "eu".into(), ..target("b", "gpt-4o-mini") },
-            pb::PolicyTarget { region: "us".into(), ..target("b", "gpt-4.1-nano") },
+            pb::PolicyTarget {
+                region: "eu".into(),
+                ..target("a", "gpt-4o")
+            },
+            pb::PolicyTarget {
+                region: "eu".into(),
+                ..target("b", "gpt-4o-mini")
+            },
+            pb::PolicyTarget {
+                region: "us".into(),
+                ..target("b", "gpt-4.1-nano")
+            },
         ],
     );
     p.preset = "cheapest".into();
@@ -388,7 +474,11 @@ async fn explain_route_says_why() {
         ..Default::default()
     });
     let created = create(&mut admin, p).await;
-    assert_eq!(created.strategy, pb::Strategy::LowestCost as i32, "the preset set the strategy");
+    assert_eq!(
+        created.strategy,
+        pb::Strategy::LowestCost as i32,
+        "the preset set the strategy"
+    );
     let explained = admin
         .explain_route(pb::ExplainRouteRequest {
             request: Some(request("cheap", "hello")),
@@ -410,8 +500,15 @@ async fn explain_route_says_why() {
             ("b/gpt-4.1-nano".to_owned(), false, 0),
         ]
     );
-    assert!(explained.candidates[0].reason.starts_with("estimated cost $"));
-    assert!(explained.candidates[0].estimated_cost_usd.unwrap() < explained.candidates[1].estimated_cost_usd.unwrap());
+    assert!(
+        explained.candidates[0]
+            .reason
+            .starts_with("estimated cost $")
+    );
+    assert!(
+        explained.candidates[0].estimated_cost_usd.unwrap()
+            < explained.candidates[1].estimated_cost_usd.unwrap()
+    );
     assert!(explained.candidates[2].reason.contains("region us"));
 
     // Explaining never calls a provider, and bad input is named under `request`.
@@ -465,11 +562,18 @@ targets = [{ provider = "b", model = "gpt-4o-mini" }]
 "#,
     )
     .await;
-    let answer = gateway.client().chat(request("from-config", "hi")).await.unwrap().into_inner();
+    let answer = gateway
+        .client()
+        .chat(request("from-config", "hi"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(answer.provider, "b");
     let mut admin = admin(&gateway);
     let p = admin
-        .get_policy(pb::GetPolicyRequest { name: "from-config".into() })
+        .get_policy(pb::GetPolicyRequest {
+            name: "from-config".into(),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -495,7 +599,14 @@ targets = [{ provider = "b", model = "gpt-4o-mini" }]
 async fn inflight_stream_keeps_its_plan_while_the_policy_changes() {
     let (_mock, gateway) = two_providers("").await;
     let mut admin = admin(&gateway);
-    let created = create(&mut admin, policy("live", vec![target("a", "gpt-4o-mini+chunks=8+chunk_delay=60")])).await;
+    let created = create(
+        &mut admin,
+        policy(
+            "live",
+            vec![target("a", "gpt-4o-mini+chunks=8+chunk_delay=60")],
+        ),
+    )
+    .await;
     let mut stream = gateway
         .client()
         .chat_stream(request("live", "hi"))
@@ -509,10 +620,17 @@ async fn inflight_stream_keeps_its_plan_while_the_policy_changes() {
     let mut changed = created;
     changed.targets = vec![target("b", "gpt-4o-mini")];
     admin
-        .update_policy(pb::UpdatePolicyRequest { policy: Some(changed) })
+        .update_policy(pb::UpdatePolicyRequest {
+            policy: Some(changed),
+        })
         .await
         .unwrap();
-    let answer = gateway.client().chat(request("live", "hi")).await.unwrap().into_inner();
+    let answer = gateway
+        .client()
+        .chat(request("live", "hi"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(answer.provider, "b");
     let (events, status) = collect_stream(stream).await;
     status.unwrap();
@@ -569,15 +687,23 @@ async fn policies_survive_kill_9_and_restart() {
         (child, channel.expect("the gateway process started"))
     };
     let (mut child, channel) = start().await;
-    let mut admin: Admin = LlmGatewayAdminClient::with_interceptor(channel, with_token as fn(_) -> _);
-    create(&mut admin, policy("durable", vec![target("a", "gpt-4o-mini")])).await;
+    let mut admin: Admin =
+        LlmGatewayAdminClient::with_interceptor(channel, with_token as fn(_) -> _);
+    create(
+        &mut admin,
+        policy("durable", vec![target("a", "gpt-4o-mini")]),
+    )
+    .await;
     child.start_kill().unwrap(); // SIGKILL: no shutdown, no flush.
     child.wait().await.unwrap();
 
     let (_child, channel) = start().await;
-    let mut admin: Admin = LlmGatewayAdminClient::with_interceptor(channel.clone(), with_token as fn(_) -> _);
+    let mut admin: Admin =
+        LlmGatewayAdminClient::with_interceptor(channel.clone(), with_token as fn(_) -> _);
     let p = admin
-        .get_policy(pb::GetPolicyRequest { name: "durable".into() })
+        .get_policy(pb::GetPolicyRequest {
+            name: "durable".into(),
+        })
         .await
         .unwrap()
         .into_inner()

@@ -109,10 +109,15 @@ async fn upstream_500_is_unavailable_with_the_trail() {
     let info = details.error_info().unwrap();
     assert_eq!(info.reason, "SERVER_ERROR");
     assert_eq!(info.domain, "llmgateway");
-    assert_eq!(info.metadata["attempts"], "1");
+    // A concrete model is retried (3 attempts by default) with backoff before giving up.
+    assert_eq!(info.metadata["attempts"], "3");
     assert!(
         info.metadata["attempt.1"]
             .starts_with("openai/gpt-4o+status=500 primary failed SERVER_ERROR")
+    );
+    assert!(
+        info.metadata["attempt.3"]
+            .starts_with("openai/gpt-4o+status=500 fallback failed SERVER_ERROR")
     );
     assert!(
         !status.message().contains("mock"),

@@ -9,5 +9,6 @@ mod common;
 mod admin;
 mod chat;
 mod errors;
+mod executor;
 mod server;
 mod stream;
