@@ -17,7 +17,7 @@ use crate::{
     health::HealthSettings,
     models::RawModel,
     providers::{
-        HttpSettings,
+        HttpSettings, anthropic, compat, gemini,
         openai::{self, MaxTokensField},
     },
     routing::policy::PolicySpec,
@@ -157,6 +157,7 @@ struct RawProvider {
     max_tokens_field: Option<String>,
     developer_role: Option<bool>,
     stream_usage: Option<bool>,
+    api_version: Option<String>,
 }
 
 // -------------------------------------------------------------------------------------------
@@ -175,15 +176,23 @@ pub struct LogConfig {
 /// The kind of a configured provider.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProviderKind {
-    /// OpenAI or an OpenAI-compatible server.
+    /// OpenAI, an OpenAI-compatible server (plain or a preset such as Groq), or Azure OpenAI.
     OpenAi {
+        /// The registry kind: `openai` (also for `openai-compatible`), `azure`, or the preset.
+        flavor: &'static str,
         /// Output limit field.
         max_tokens_field: MaxTokensField,
         /// Whether `developer` is sent as is.
         developer_role: bool,
         /// Whether streams ask for usage.
         stream_usage: bool,
+        /// Azure OpenAI's `api-version`; set exactly for Azure (deployment URLs, `api-key`).
+        azure_api_version: Option<String>,
     },
+    /// The Anthropic Messages API.
+    Anthropic,
+    /// The Google Gemini API.
+    Gemini,
     /// The built-in offline mock.
     Mock,
 }
@@ -192,10 +201,26 @@ impl ProviderKind {
     /// The kind's name (the registry key for prices).
     pub fn name(&self) -> &'static str {
         match self {
-            ProviderKind::OpenAi { .. } => openai::KIND,
+            ProviderKind::OpenAi { flavor, .. } => flavor,
+            ProviderKind::Anthropic => anthropic::KIND,
+            ProviderKind::Gemini => gemini::KIND,
             ProviderKind::Mock => crate::providers::mock::KIND,
         }
     }
+}
+
+/// The kinds the config file accepts, for error messages.
+fn known_kinds() -> String {
+    let mut kinds = vec![
+        "openai",
+        "openai-compatible",
+        "azure",
+        "anthropic",
+        "gemini",
+        "mock",
+    ];
+    kinds.extend(compat::PRESETS.iter().map(|p| p.kind));
+    kinds.join(", ")
 }
 
 /// A configured provider.
@@ -553,7 +578,7 @@ fn validate(
 
     let mut providers = Vec::new();
     let raw_providers = if raw.providers.is_empty() {
-        providers_from_env(env)
+        providers_from_env(env, &mut issues)
     } else {
         raw.providers
     };
@@ -567,52 +592,142 @@ fn validate(
             continue;
         }
         let kind_name = p.kind.clone().unwrap_or_else(|| name.clone());
+        let preset = compat::preset(&kind_name);
+        // The kind's default base URL and the environment variables read for its key.
+        let (default_base_url, key_env): (Option<&str>, &[&str]) = match kind_name.as_str() {
+            "openai" => (Some(openai::DEFAULT_BASE_URL), &[]),
+            "anthropic" => (Some(anthropic::DEFAULT_BASE_URL), &["ANTHROPIC_API_KEY"]),
+            "gemini" => (
+                Some(gemini::DEFAULT_BASE_URL),
+                &["GEMINI_API_KEY", "GOOGLE_API_KEY"],
+            ),
+            "azure" => (None, &["AZURE_OPENAI_API_KEY"]),
+            _ => match preset {
+                Some(preset) => (Some(preset.base_url), std::slice::from_ref(&preset.key_env)),
+                None => (None, &[]),
+            },
+        };
+        let mut max_tokens_field = |default: MaxTokensField| match p.max_tokens_field.as_deref() {
+            None => default,
+            Some("max_tokens") => MaxTokensField::MaxTokens,
+            Some("max_completion_tokens") => MaxTokensField::MaxCompletionTokens,
+            Some(other) => {
+                issues.push(
+                    format!("{field}.max_tokens_field"),
+                    format!("`{other}` is not one of: max_tokens, max_completion_tokens"),
+                );
+                default
+            }
+        };
         let kind = match kind_name.as_str() {
             "openai" | "openai-compatible" => {
                 let official = p
                     .base_url
                     .as_deref()
                     .is_none_or(|u| u.starts_with("https://api.openai.com"));
-                let max_tokens_field = match p.max_tokens_field.as_deref() {
-                    None if official => MaxTokensField::MaxCompletionTokens,
-                    None | Some("max_tokens") => MaxTokensField::MaxTokens,
-                    Some("max_completion_tokens") => MaxTokensField::MaxCompletionTokens,
-                    Some(other) => {
-                        issues.push(
-                            format!("{field}.max_tokens_field"),
-                            format!("`{other}` is not one of: max_tokens, max_completion_tokens"),
-                        );
-                        MaxTokensField::MaxTokens
-                    }
-                };
                 ProviderKind::OpenAi {
-                    max_tokens_field,
+                    flavor: openai::KIND,
+                    max_tokens_field: max_tokens_field(if official {
+                        MaxTokensField::MaxCompletionTokens
+                    } else {
+                        MaxTokensField::MaxTokens
+                    }),
                     developer_role: p.developer_role.unwrap_or(official),
                     stream_usage: p.stream_usage.unwrap_or(true),
+                    azure_api_version: None,
                 }
             }
+            "azure" => ProviderKind::OpenAi {
+                flavor: openai::AZURE_KIND,
+                max_tokens_field: max_tokens_field(MaxTokensField::MaxCompletionTokens),
+                developer_role: p.developer_role.unwrap_or(false),
+                stream_usage: p.stream_usage.unwrap_or(true),
+                azure_api_version: Some(
+                    p.api_version
+                        .clone()
+                        .filter(|v| !v.is_empty())
+                        .unwrap_or_else(|| openai::AZURE_DEFAULT_API_VERSION.to_owned()),
+                ),
+            },
+            "anthropic" => ProviderKind::Anthropic,
+            "gemini" => ProviderKind::Gemini,
             "mock" => ProviderKind::Mock,
-            other => {
+            other => match preset {
+                Some(preset) => ProviderKind::OpenAi {
+                    flavor: preset.kind,
+                    max_tokens_field: max_tokens_field(preset.max_tokens_field),
+                    developer_role: p.developer_role.unwrap_or(preset.developer_role),
+                    stream_usage: p.stream_usage.unwrap_or(preset.stream_usage),
+                    azure_api_version: None,
+                },
+                None => {
+                    issues.push(
+                        format!("{field}.kind"),
+                        format!(
+                            "unknown provider kind `{other}`; known kinds: {}",
+                            known_kinds()
+                        ),
+                    );
+                    continue;
+                }
+            },
+        };
+        if p.api_version.is_some() && kind_name != "azure" {
+            issues.push(
+                format!("{field}.api_version"),
+                "only applies to kind `azure`",
+            );
+        }
+        if matches!(kind, ProviderKind::Anthropic | ProviderKind::Gemini) {
+            for (set, name) in [
+                (p.max_tokens_field.is_some(), "max_tokens_field"),
+                (p.developer_role.is_some(), "developer_role"),
+                (p.stream_usage.is_some(), "stream_usage"),
+            ] {
+                if set {
+                    issues.push(
+                        format!("{field}.{name}"),
+                        "only applies to OpenAI-compatible kinds",
+                    );
+                }
+            }
+        }
+        let base_url = match (p.base_url, default_base_url) {
+            (Some(url), _) => url.trim_end_matches('/').to_owned(),
+            (None, Some(default)) => default.to_owned(),
+            (None, None) if kind == ProviderKind::Mock => String::new(),
+            (None, None) if kind_name == "azure" => {
                 issues.push(
-                    format!("{field}.kind"),
-                    format!(
-                        "unknown provider kind `{other}`; known kinds: openai, openai-compatible, mock"
-                    ),
+                    format!("{field}.base_url"),
+                    "is required for kind `azure`: the resource endpoint, e.g. https://NAME.openai.azure.com",
                 );
                 continue;
             }
-        };
-        let base_url = match (&kind, p.base_url) {
-            (_, Some(url)) => url.trim_end_matches('/').to_owned(),
-            (ProviderKind::OpenAi { .. }, None) if kind_name == "openai" => {
-                openai::DEFAULT_BASE_URL.to_owned()
-            }
-            (ProviderKind::Mock, None) => String::new(),
-            (_, None) => {
+            (None, None) => {
                 issues.push(format!("{field}.base_url"), "is required for this kind");
                 continue;
             }
         };
+        let api_key = p.api_key.filter(|k| !k.is_empty()).or_else(|| {
+            key_env
+                .iter()
+                .find_map(|var| env(var).filter(|k| !k.is_empty()))
+        });
+        // Hosted services need a key at their own endpoint; a proxy may add its own. Azure
+        // endpoints are always the customer's own, and the adapter only speaks `api-key`.
+        let hosted = matches!(kind_name.as_str(), "anthropic" | "gemini")
+            || preset.is_some_and(|p| p.key_required);
+        let at_default = default_base_url == Some(base_url.as_str());
+        let key_required = kind_name == "azure" || (hosted && at_default);
+        if api_key.is_none() && key_required {
+            issues.push(
+                format!("{field}.api_key"),
+                format!(
+                    "is required for kind `{kind_name}`; set it, or {}",
+                    key_env.join(" or ")
+                ),
+            );
+        }
         let http_url = base_url.starts_with("http://") || base_url.starts_with("https://");
         if !http_url && kind != ProviderKind::Mock {
             issues.push(
@@ -631,7 +746,7 @@ fn validate(
             name,
             kind,
             base_url,
-            api_key: p.api_key.filter(|k| !k.is_empty()),
+            api_key,
             models: p.models,
         });
     }
@@ -792,19 +907,47 @@ fn validate(
     })
 }
 
-/// The providers the zero-config start registers from the environment.
-fn providers_from_env(env: &dyn Fn(&str) -> Option<String>) -> BTreeMap<String, RawProvider> {
+/// The providers the zero-config start registers from the environment: `openai`,
+/// `anthropic`, `gemini` and `azure`, each when its key is set.
+fn providers_from_env(
+    env: &dyn Fn(&str) -> Option<String>,
+    issues: &mut Issues,
+) -> BTreeMap<String, RawProvider> {
+    let var = |name: &str| env(name).filter(|v| !v.is_empty());
     let mut out = BTreeMap::new();
-    if let Some(key) = env("OPENAI_API_KEY").filter(|k| !k.is_empty()) {
+    let mut add = |name: &str, base_url: Option<String>, api_key: String| {
         out.insert(
-            "openai".to_owned(),
+            name.to_owned(),
             RawProvider {
-                kind: Some("openai".to_owned()),
-                base_url: env("OPENAI_BASE_URL").filter(|u| !u.is_empty()),
-                api_key: Some(key),
+                kind: Some(name.to_owned()),
+                base_url,
+                api_key: Some(api_key),
                 ..RawProvider::default()
             },
         );
+    };
+    if let Some(key) = var("OPENAI_API_KEY") {
+        add("openai", var("OPENAI_BASE_URL"), key);
+    }
+    if let Some(key) = var("ANTHROPIC_API_KEY") {
+        add("anthropic", var("ANTHROPIC_BASE_URL"), key);
+    }
+    if let Some(key) = var("GEMINI_API_KEY").or_else(|| var("GOOGLE_API_KEY")) {
+        add("gemini", None, key);
+    }
+    if let Some(key) = var("AZURE_OPENAI_API_KEY") {
+        match var("AZURE_OPENAI_ENDPOINT") {
+            Some(endpoint) => {
+                add("azure", Some(endpoint), key);
+                if let Some(azure) = out.get_mut("azure") {
+                    azure.api_version = var("AZURE_OPENAI_API_VERSION");
+                }
+            }
+            None => issues.push(
+                "AZURE_OPENAI_ENDPOINT",
+                "must be set when AZURE_OPENAI_API_KEY is, e.g. https://NAME.openai.azure.com",
+            ),
+        }
     }
     out
 }
@@ -873,6 +1016,137 @@ mod tests {
             }
         ));
         assert!(!format!("{p:?}").contains("sk-1"));
+    }
+
+    #[test]
+    fn every_provider_key_in_the_env_registers_its_provider() {
+        let config = load(
+            "",
+            &[
+                ("OPENAI_API_KEY", "sk-1"),
+                ("ANTHROPIC_API_KEY", "sk-ant-1"),
+                ("ANTHROPIC_BASE_URL", "http://127.0.0.1:9/"),
+                ("GOOGLE_API_KEY", "g-1"),
+                ("AZURE_OPENAI_API_KEY", "az-1"),
+                ("AZURE_OPENAI_ENDPOINT", "https://res.openai.azure.com"),
+            ],
+        )
+        .unwrap();
+        let by_name = |name: &str| config.providers.iter().find(|p| p.name == name).unwrap();
+        assert_eq!(config.providers.len(), 4);
+        let anthropic = by_name("anthropic");
+        assert_eq!(anthropic.kind, ProviderKind::Anthropic);
+        assert_eq!(anthropic.base_url, "http://127.0.0.1:9");
+        assert_eq!(anthropic.api_key.as_deref(), Some("sk-ant-1"));
+        let gemini = by_name("gemini");
+        assert_eq!(gemini.kind, ProviderKind::Gemini);
+        assert_eq!(gemini.base_url, gemini::DEFAULT_BASE_URL);
+        assert_eq!(gemini.api_key.as_deref(), Some("g-1"));
+        let azure = by_name("azure");
+        assert_eq!(azure.kind.name(), "azure");
+        assert!(matches!(
+            &azure.kind,
+            ProviderKind::OpenAi { azure_api_version: Some(v), .. } if v == openai::AZURE_DEFAULT_API_VERSION
+        ));
+        assert_eq!(azure.base_url, "https://res.openai.azure.com");
+
+        // GEMINI_API_KEY wins over GOOGLE_API_KEY; the Azure version is configurable.
+        let config = load(
+            "",
+            &[
+                ("GEMINI_API_KEY", "g-2"),
+                ("GOOGLE_API_KEY", "g-1"),
+                ("AZURE_OPENAI_API_KEY", "az-1"),
+                ("AZURE_OPENAI_ENDPOINT", "https://res.openai.azure.com"),
+                ("AZURE_OPENAI_API_VERSION", "2025-04-01-preview"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.providers[1].name, "gemini");
+        assert_eq!(config.providers[1].api_key.as_deref(), Some("g-2"));
+        assert!(matches!(
+            &config.providers[0].kind,
+            ProviderKind::OpenAi { azure_api_version: Some(v), .. } if v == "2025-04-01-preview"
+        ));
+
+        // An Azure key without its endpoint is a mistake worth saying.
+        let err = issues(load("", &[("AZURE_OPENAI_API_KEY", "az-1")]).unwrap_err());
+        assert_eq!(err[0].field, "AZURE_OPENAI_ENDPOINT");
+    }
+
+    #[test]
+    fn presets_by_kind_or_by_name_with_keys_from_env() {
+        let config = load(
+            r#"
+            [providers.groq]
+            [providers.groq-team-b]
+            kind = "groq"
+            api_key = "gsk-b"
+            [providers.local]
+            kind = "ollama"
+            [providers.mistral]
+            max_tokens_field = "max_completion_tokens"
+            "#,
+            &[("GROQ_API_KEY", "gsk-a"), ("MISTRAL_API_KEY", "m-1")],
+        )
+        .unwrap();
+        let by_name = |name: &str| config.providers.iter().find(|p| p.name == name).unwrap();
+        let groq = by_name("groq");
+        assert_eq!(groq.base_url, "https://api.groq.com/openai/v1");
+        assert_eq!(groq.api_key.as_deref(), Some("gsk-a"));
+        assert_eq!(groq.kind.name(), "groq");
+        // Several accounts of one kind side by side, each with its own key.
+        assert_eq!(by_name("groq-team-b").api_key.as_deref(), Some("gsk-b"));
+        let local = by_name("local");
+        assert_eq!(local.base_url, "http://127.0.0.1:11434/v1");
+        assert_eq!(local.api_key, None);
+        assert!(matches!(
+            by_name("mistral").kind,
+            ProviderKind::OpenAi {
+                flavor: "mistral",
+                max_tokens_field: MaxTokensField::MaxCompletionTokens,
+                stream_usage: false,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn provider_kind_problems_name_the_field() {
+        // A hosted preset at its own endpoint needs a key; behind a proxy it may not.
+        let err = issues(load("[providers.fast]\nkind = \"groq\"\n", &[]).unwrap_err());
+        assert_eq!(err[0].field, "providers.fast.api_key");
+        assert!(err[0].message.contains("GROQ_API_KEY"), "{err:?}");
+        load(
+            "[providers.fast]\nkind = \"groq\"\nbase_url = \"http://127.0.0.1:9/v1\"\n",
+            &[],
+        )
+        .unwrap();
+        let err = issues(load("[providers.claude]\nkind = \"anthropic\"\n", &[]).unwrap_err());
+        assert_eq!(err[0].field, "providers.claude.api_key");
+
+        let err =
+            issues(load("[providers.az]\nkind = \"azure\"\napi_key = \"k\"\n", &[]).unwrap_err());
+        assert_eq!(err[0].field, "providers.az.base_url");
+        let err = issues(
+            load(
+                "[providers.o]\nkind = \"openai\"\napi_version = \"2024-10-21\"\n",
+                &[],
+            )
+            .unwrap_err(),
+        );
+        assert_eq!(err[0].field, "providers.o.api_version");
+        let err = issues(
+            load(
+                "[providers.g]\nkind = \"gemini\"\napi_key = \"k\"\nstream_usage = false\n",
+                &[],
+            )
+            .unwrap_err(),
+        );
+        assert_eq!(err[0].field, "providers.g.stream_usage");
+        let err = issues(load("[providers.x]\nkind = \"bogus\"\n", &[]).unwrap_err());
+        assert!(err[0].message.contains("anthropic"), "{err:?}");
+        assert!(err[0].message.contains("lmstudio"), "{err:?}");
     }
 
     #[test]

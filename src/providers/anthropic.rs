@@ -1329,7 +1329,7 @@ mod tests {
         let body = include_bytes!("../../tests/fixtures/anthropic/stream.txt");
         let text = std::str::from_utf8(body).unwrap();
         let cut = text.find("event: message_stop").unwrap();
-        let leaked: &'static [u8] = Box::leak(text[..cut].as_bytes().to_vec().into_boxed_slice());
+        let leaked: &'static [u8] = Box::leak(body[..cut].to_vec().into_boxed_slice());
         let events = decode_stream(leaked).await;
         let err = events.last().unwrap().as_ref().unwrap_err();
         assert_eq!(err.class, ErrorClass::StreamBroken);

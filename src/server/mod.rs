@@ -30,7 +30,7 @@ use crate::{
     health::HealthRegistry,
     models::ModelRegistry,
     pb::{self, llm_gateway_admin_server::LlmGatewayAdminServer, llm_gateway_server::LlmGatewayServer},
-    providers::{self, Provider, ProviderRegistry, mock::Mock, openai},
+    providers::{self, Provider, ProviderRegistry, anthropic, gemini, mock::Mock, openai},
     routing::{PolicyRecord, PolicySource, Router, RoutingTable, policy},
     store::{Store, StoreError, sqlite::SqliteStore},
 };
@@ -84,16 +84,35 @@ pub fn providers_from_config(config: &Config) -> Result<ProviderRegistry, ServeE
     for p in &config.providers {
         let provider: Arc<dyn Provider> = match &p.kind {
             ProviderKind::OpenAi {
+                flavor,
                 max_tokens_field,
                 developer_role,
                 stream_usage,
+                azure_api_version,
             } => {
-                let mut c = openai::OpenAiConfig::new(&p.name, &p.base_url, p.api_key.clone());
+                let mut c = match azure_api_version {
+                    Some(version) => openai::OpenAiConfig::azure(
+                        &p.name,
+                        &p.base_url,
+                        p.api_key.clone(),
+                        version,
+                    ),
+                    None => openai::OpenAiConfig::new(&p.name, &p.base_url, p.api_key.clone()),
+                };
+                c.kind = flavor;
                 c.max_tokens_field = *max_tokens_field;
                 c.developer_role = *developer_role;
                 c.stream_usage = *stream_usage;
                 Arc::new(openai::OpenAi::new(c, client.clone()))
             }
+            ProviderKind::Anthropic => Arc::new(anthropic::Anthropic::new(
+                anthropic::AnthropicConfig::new(&p.name, &p.base_url, p.api_key.clone()),
+                client.clone(),
+            )),
+            ProviderKind::Gemini => Arc::new(gemini::Gemini::new(
+                gemini::GeminiConfig::new(&p.name, &p.base_url, p.api_key.clone()),
+                client.clone(),
+            )),
             ProviderKind::Mock => Arc::new(Mock::new(&p.name)),
         };
         registry.insert(provider);
