@@ -6,8 +6,9 @@ use std::{process::ExitCode, time::Duration};
 use clap::Parser;
 use llm_gateway::mock_upstream::{MockSettings, MockUpstream};
 
-/// A mock LLM provider (OpenAI wire format). Per-request faults are scripted with
-/// `+directive` suffixes on the model name, e.g. `gpt-4o-mini+status=429+retry_after=2`.
+/// A mock LLM provider speaking the OpenAI (and Azure OpenAI), Anthropic and Gemini wire
+/// formats. Per-request faults are scripted with `+directive` suffixes on the model name,
+/// e.g. `gpt-4o-mini+status=429+retry_after=2`.
 #[derive(Debug, Parser)]
 #[command(name = "llm-gateway-mock", version, about)]
 struct Args {

@@ -2,6 +2,13 @@
 //! latency and faults. Tests spawn one per test on `127.0.0.1:0`; benchmarks and users run it
 //! as the `llm-gateway-mock` binary.
 //!
+//! # Wire formats
+//! - OpenAI Chat Completions: `POST /v1/chat/completions`, and Azure OpenAI's
+//!   `POST /openai/deployments/{deployment}/chat/completions?api-version=...`.
+//! - Anthropic Messages: `POST /v1/messages` (JSON, and SSE with the real event sequence).
+//! - Google Gemini: `POST /v1beta/models/{model}:generateContent` and
+//!   `:streamGenerateContent` (`?alt=sse` for SSE, a JSON array without).
+//!
 //! # Behaviour
 //! Instance-wide defaults come from [`MockSettings`]. A request can script its own behaviour
 //! through `+`-separated directives appended to the model name, e.g.
@@ -21,11 +28,14 @@
 //! | `stream_error` | send an in-stream error event mid-stream |
 //! | `tools` | answer with a call of the request's first tool |
 //! | `no_usage` | report no usage |
+//! | `cached=N` | report N of the input tokens as read from the provider's prompt cache |
 //!
 //! [`MockStats`] counts requests, completions and cancellations (a request whose response
 //! was dropped before it completed, i.e. the client closed the connection), and keeps the
 //! last request's body and headers for assertions.
 
+mod anthropic;
+mod gemini;
 mod openai;
 
 use std::{
@@ -37,7 +47,13 @@ use std::{
     time::Duration,
 };
 
-use axum::{Router, routing::get};
+use axum::{
+    Router,
+    body::{Body, Bytes},
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -103,6 +119,8 @@ pub struct Scenario {
     pub tools: bool,
     /// Omit usage.
     pub no_usage: bool,
+    /// Input tokens to report as cache reads.
+    pub cached: Option<u64>,
 }
 
 impl Scenario {
@@ -138,6 +156,7 @@ impl Scenario {
                 "stream_error" => s.stream_error = true,
                 "tools" => s.tools = true,
                 "no_usage" => s.no_usage = true,
+                "cached" => s.cached = num,
                 _ => {}
             }
         }
@@ -303,6 +322,24 @@ impl MockUpstream {
         format!("http://{}/v1", self.addr)
     }
 
+    /// The Anthropic base URL (the adapter appends `/v1/messages`), e.g.
+    /// `http://127.0.0.1:1234`.
+    pub fn anthropic_base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The Gemini base URL (the adapter appends `/v1beta/models/...`), e.g.
+    /// `http://127.0.0.1:1234`.
+    pub fn gemini_base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The Azure OpenAI endpoint (the adapter appends `/openai/deployments/...`), e.g.
+    /// `http://127.0.0.1:1234`.
+    pub fn azure_endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
     /// Counters and the last request.
     pub fn stats(&self) -> &Arc<MockStats> {
         &self.stats
@@ -320,6 +357,8 @@ pub(crate) fn router(state: MockState) -> Router {
     Router::new()
         .route("/mock/stats", get(stats_handler))
         .merge(openai::routes())
+        .merge(anthropic::routes())
+        .merge(gemini::routes())
         .with_state(state)
 }
 
@@ -350,6 +389,102 @@ pub fn count_tokens(text: &str) -> u64 {
     text.split_whitespace().count() as u64
 }
 
+/// The tool-call arguments every mock answers with.
+pub const TOOL_ARGUMENTS: &str = r#"{"location":"Paris","unit":"celsius"}"#;
+
+/// Applies the scripted stream faults to a stream's events: `truncate` keeps the first half
+/// and closes; `malformed` replaces the second half with `malformed` followed by `terminal`
+/// (so only the garbled event is wrong); `stream_error` replaces it with `error`.
+pub fn inject_faults(
+    events: &mut Vec<String>,
+    scenario: &Scenario,
+    malformed: &str,
+    terminal: Option<&str>,
+    error: &str,
+) {
+    let half = (events.len() / 2).max(2);
+    if scenario.truncate {
+        events.truncate(half);
+    } else if scenario.malformed {
+        events.truncate(half);
+        events.push(malformed.to_owned());
+        events.extend(terminal.map(str::to_owned));
+    } else if scenario.stream_error {
+        events.truncate(half);
+        events.push(error.to_owned());
+    }
+}
+
+/// A `text/event-stream` response sending `events` with the scenario's pacing (`chunk_delay`)
+/// and stall (after the event at `first_content`, the first that carries reply content);
+/// `guard` completes when the last event was sent.
+pub fn sse_response(
+    events: Vec<String>,
+    first_content: usize,
+    scenario: &Scenario,
+    guard: ResponseGuard,
+) -> Response {
+    let stall_after = scenario.stall.then_some(first_content + 1);
+    let delay = scenario.chunk_delay;
+    let state = (events.into_iter().enumerate(), Some(guard));
+    let body = futures_util::stream::unfold(state, move |(mut events, mut guard)| async move {
+        match events.next() {
+            Some((i, event)) => {
+                if stall_after.is_some_and(|n| i >= n) {
+                    std::future::pending::<()>().await;
+                }
+                if i > 0 && !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                Some((
+                    Ok::<_, std::convert::Infallible>(Bytes::from(event)),
+                    (events, guard),
+                ))
+            }
+            None => {
+                if let Some(g) = guard.take() {
+                    g.complete();
+                }
+                None
+            }
+        }
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(body))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// A JSON error answer with `status`, and `Retry-After` when given.
+pub fn json_error(status: u16, body: serde_json::Value, retry_after: Option<u64>) -> Response {
+    let mut response = (
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        axum::Json(body),
+    )
+        .into_response();
+    if let Some(secs) = retry_after
+        && let Ok(v) = secs.to_string().parse()
+    {
+        response.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    response
+}
+
+/// The value of query parameter `name` (not percent-decoded; the mock's parameters need none).
+pub fn query_param<'a>(uri: &'a http::Uri, name: &str) -> Option<&'a str> {
+    uri.query()?
+        .split('&')
+        .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// A 200 answer whose JSON body is cut off (the `malformed` directive on unary calls).
+pub fn broken_json(prefix: &'static str) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], prefix).into_response()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -357,9 +492,10 @@ mod tests {
     #[test]
     fn directives_parse() {
         let s = Scenario::parse(
-            "gpt-4o+status=429+retry_after=2+latency=5+chunks=3+truncate",
+            "gpt-4o+status=429+retry_after=2+latency=5+chunks=3+truncate+cached=4",
             &MockSettings::default(),
         );
+        assert_eq!(s.cached, Some(4));
         assert_eq!(s.model, "gpt-4o");
         assert_eq!(s.status, Some(429));
         assert_eq!(s.retry_after, Some(2));
@@ -374,5 +510,14 @@ mod tests {
         assert_eq!(chunks.len(), 4);
         assert_eq!(chunks.concat(), "hello world");
         assert!(split_chunks("", 3).is_empty());
+    }
+
+    #[test]
+    fn query_params() {
+        let uri: http::Uri = "/x?alt=sse&api-version=2024-10-21&flag".parse().unwrap();
+        assert_eq!(query_param(&uri, "alt"), Some("sse"));
+        assert_eq!(query_param(&uri, "api-version"), Some("2024-10-21"));
+        assert_eq!(query_param(&uri, "flag"), Some(""));
+        assert_eq!(query_param(&uri, "nope"), None);
     }
 }

@@ -1,21 +1,58 @@
-//! The mock's OpenAI Chat Completions endpoint: `POST /v1/chat/completions`.
-
-use std::convert::Infallible;
+//! The mock's OpenAI Chat Completions endpoint: `POST /v1/chat/completions`, and the same
+//! behind Azure OpenAI's deployment URL
+//! (`POST /openai/deployments/{deployment}/chat/completions?api-version=...`).
 
 use axum::{
     Router,
-    body::{Body, Bytes},
-    extract::State,
-    http::{HeaderMap, StatusCode, header},
+    body::Bytes,
+    extract::{Path, State},
+    http::{HeaderMap, Uri},
     response::{IntoResponse, Response},
     routing::post,
 };
 use serde_json::{Value, json};
 
-use super::{MockState, ResponseGuard, Scenario, count_tokens, reply_for, split_chunks};
+use super::{
+    MockState, ResponseGuard, Scenario, TOOL_ARGUMENTS, broken_json, count_tokens, inject_faults,
+    json_error, query_param, reply_for, split_chunks, sse_response,
+};
 
 pub(super) fn routes() -> Router<MockState> {
-    Router::new().route("/v1/chat/completions", post(chat_completions))
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route(
+            "/openai/deployments/{deployment}/chat/completions",
+            post(azure_chat_completions),
+        )
+}
+
+/// Azure OpenAI: the deployment in the path is the model; `api-version` is required.
+async fn azure_chat_completions(
+    state: State<MockState>,
+    Path(deployment): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if query_param(&uri, "api-version").is_none_or(str::is_empty) {
+        state.stats.record(&headers, None);
+        ResponseGuard::new(state.stats.clone()).complete();
+        return json_error(
+            404,
+            json!({"error": {"code": "404", "message": "Resource not found"}}),
+            None,
+        );
+    }
+    let mut parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    if let Some(obj) = parsed.as_object_mut() {
+        obj.insert("model".into(), Value::String(deployment));
+    }
+    chat_completions(
+        state,
+        headers,
+        Bytes::from(serde_json::to_vec(&parsed).unwrap_or_default()),
+    )
+    .await
 }
 
 fn last_user_text(body: &Value) -> String {
@@ -86,25 +123,12 @@ fn error_response(status: u16, retry_after: Option<u64>) -> Response {
         ),
     };
     let body = json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
-    let mut response = (
-        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-        axum::Json(body),
-    )
-        .into_response();
-    if let Some(secs) = retry_after
-        && let Ok(v) = secs.to_string().parse()
-    {
-        response.headers_mut().insert(header::RETRY_AFTER, v);
-    }
-    response
+    json_error(status, body, retry_after)
 }
 
 fn tool_call(body: &Value) -> Option<(String, String)> {
     let name = body["tools"][0]["function"]["name"].as_str()?;
-    Some((
-        name.to_owned(),
-        r#"{"location":"Paris","unit":"celsius"}"#.to_owned(),
-    ))
+    Some((name.to_owned(), TOOL_ARGUMENTS.to_owned()))
 }
 
 async fn chat_completions(
@@ -127,11 +151,12 @@ async fn chat_completions(
         return error_response(status, scenario.retry_after);
     }
     let reply = reply_for(&last_user_text(&body));
+    let input = input_tokens(&body);
     let usage = json!({
-        "prompt_tokens": input_tokens(&body),
+        "prompt_tokens": input,
         "completion_tokens": count_tokens(&reply),
-        "total_tokens": input_tokens(&body) + count_tokens(&reply),
-        "prompt_tokens_details": {"cached_tokens": 0},
+        "total_tokens": input + count_tokens(&reply),
+        "prompt_tokens_details": {"cached_tokens": scenario.cached.unwrap_or(0).min(input)},
         "completion_tokens_details": {"reasoning_tokens": 0}
     });
     let tool = if scenario.tools {
@@ -144,11 +169,7 @@ async fn chat_completions(
     }
     if scenario.malformed {
         guard.complete();
-        return (
-            [(header::CONTENT_TYPE, "application/json")],
-            "{\"id\": \"chatcmpl-mock\", \"choices\": [",
-        )
-            .into_response();
+        return broken_json("{\"id\": \"chatcmpl-mock\", \"choices\": [");
     }
     let message = match &tool {
         Some((name, args)) => json!({
@@ -248,46 +269,13 @@ fn stream_response(
     guard: ResponseGuard,
 ) -> Response {
     let mut events = stream_events(&scenario, &reply, tool, usage);
-    // Faults replace the second half of the stream.
-    let half = (events.len() / 2).max(2);
-    if scenario.truncate {
-        events.truncate(half);
-    } else if scenario.malformed {
-        events.truncate(half);
-        events.push("data: {\"choices\": [{\"delta\": {\"content\": \"x\"\n\n".to_owned());
-        events.push("data: [DONE]\n\n".to_owned());
-    } else if scenario.stream_error {
-        events.truncate(half);
-        events.push(
-            "data: {\"error\": {\"message\": \"The server had an error (mock)\", \"type\": \"server_error\"}}\n\n"
-                .to_owned(),
-        );
-    }
-    let stall_after = scenario.stall.then_some(2);
-    let delay = scenario.chunk_delay;
-    let state = (events.into_iter().enumerate(), Some(guard));
-    let body = futures_util::stream::unfold(state, move |(mut events, mut guard)| async move {
-        match events.next() {
-            Some((i, event)) => {
-                if stall_after.is_some_and(|n| i >= n) {
-                    std::future::pending::<()>().await;
-                }
-                if i > 0 && !delay.is_zero() {
-                    tokio::time::sleep(delay).await;
-                }
-                Some((Ok::<_, Infallible>(Bytes::from(event)), (events, guard)))
-            }
-            None => {
-                if let Some(g) = guard.take() {
-                    g.complete();
-                }
-                None
-            }
-        }
-    });
-    Response::builder()
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .header(header::CACHE_CONTROL, "no-cache")
-        .body(Body::from_stream(body))
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+    inject_faults(
+        &mut events,
+        &scenario,
+        "data: {\"choices\": [{\"delta\": {\"content\": \"x\"\n\n",
+        Some("data: [DONE]\n\n"),
+        "data: {\"error\": {\"message\": \"The server had an error (mock)\", \"type\": \"server_error\"}}\n\n",
+    );
+    // Event 0 is the role chunk; content starts at 1.
+    sse_response(events, 1, &scenario, guard)
 }

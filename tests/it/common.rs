@@ -197,3 +197,45 @@ pub fn reason(status: &tonic::Status) -> String {
         .map(|i| i.reason.clone())
         .unwrap_or_default()
 }
+
+/// A gateway config with one provider of each wire format in front of `mock`: `openai`,
+/// `anthropic`, `gemini` and `azure` (each with its own fake key).
+pub fn all_providers_toml(mock: &MockUpstream, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+shutdown_grace = "5s"
+deadline_margin = "100ms"
+[upstream]
+stream_idle_timeout = "2s"
+[providers.openai]
+kind = "openai"
+base_url = "{openai}"
+api_key = "sk-test-secret"
+[providers.anthropic]
+kind = "anthropic"
+base_url = "{anthropic}"
+api_key = "sk-ant-test-secret"
+[providers.gemini]
+kind = "gemini"
+base_url = "{gemini}"
+api_key = "gemini-test-secret"
+[providers.azure]
+kind = "azure"
+base_url = "{azure}"
+api_key = "azure-test-secret"
+{extra}
+"#,
+        openai = mock.openai_base_url(),
+        anthropic = mock.anthropic_base_url(),
+        gemini = mock.gemini_base_url(),
+        azure = mock.azure_endpoint(),
+    )
+}
+
+/// A mock upstream and a gateway with every provider kind in front of it.
+pub async fn all_providers_pair() -> (MockUpstream, Gateway) {
+    let mock = MockUpstream::start(MockSettings::default()).await.unwrap();
+    let gateway = Gateway::start(&all_providers_toml(&mock, "")).await;
+    (mock, gateway)
+}

@@ -10,5 +10,6 @@ mod admin;
 mod chat;
 mod errors;
 mod executor;
+mod providers;
 mod server;
 mod stream;
