@@ -87,6 +87,25 @@ struct RawConfig {
     health: RawHealth,
     #[serde(default)]
     executor: RawExecutor,
+    #[serde(default)]
+    metrics: RawMetrics,
+    #[serde(default)]
+    ledger: RawLedger,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<String>,
+    tag_labels: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLedger {
+    enabled: Option<bool>,
+    queue_capacity: Option<usize>,
+    retention: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -145,6 +164,8 @@ struct RawUpstream {
 struct RawLog {
     level: Option<String>,
     format: Option<String>,
+    bodies: Option<bool>,
+    body_max_bytes: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -171,6 +192,8 @@ pub struct LogConfig {
     pub filter: String,
     /// JSON lines instead of human-readable text.
     pub json: bool,
+    /// Log upstream request and error bodies (redacted, truncated to this many bytes).
+    pub bodies: Option<usize>,
 }
 
 /// The kind of a configured provider.
@@ -285,7 +308,18 @@ pub struct Config {
     pub health: HealthSettings,
     /// Fallback and hedging settings.
     pub executor: ExecutorSettings,
+    /// The Prometheus endpoint's address; `None` when off.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Request tags that become metric labels (`tag_<name>`).
+    pub metric_tag_labels: Vec<String>,
+    /// The usage ledger: queue capacity, or `None` when off.
+    pub ledger_capacity: Option<usize>,
+    /// How long usage records are kept.
+    pub ledger_retention: Duration,
 }
+
+/// The default metrics address.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
 
 /// The default store file, relative to the working directory.
 pub const DEFAULT_STORE_PATH: &str = ".llm-gateway/llm-gateway.db";
@@ -303,6 +337,8 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     /// `--admin-token` / `LLM_GATEWAY_ADMIN_TOKEN`.
     pub admin_token: Option<String>,
+    /// `--metrics-listen` / `LLM_GATEWAY_METRICS_LISTEN` (`off` disables).
+    pub metrics_listen: Option<String>,
 }
 
 impl Config {
@@ -884,10 +920,58 @@ fn validate(
         hedge_pause_error_rate,
     };
 
+    let metrics_listen = match overrides
+        .metrics_listen
+        .as_deref()
+        .or(raw.metrics.listen.as_deref())
+    {
+        None => DEFAULT_METRICS_LISTEN.parse().ok(),
+        Some("" | "off") => None,
+        Some(l) => match l.parse() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                issues.push(
+                    "metrics.listen",
+                    format!("`{l}` is not a socket address (or `off`)"),
+                );
+                None
+            }
+        },
+    };
+    let metric_tag_labels = raw.metrics.tag_labels.unwrap_or_default();
+    for (i, tag) in metric_tag_labels.iter().enumerate() {
+        if tag.is_empty() || !tag.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            issues.push(
+                format!("metrics.tag_labels[{i}]"),
+                "tag label names use letters, digits and `_`",
+            );
+        }
+    }
+    if metric_tag_labels.len() > 8 {
+        issues.push(
+            "metrics.tag_labels",
+            "at most 8 tags may become labels (cardinality)",
+        );
+    }
+    let ledger_capacity = raw
+        .ledger
+        .enabled
+        .unwrap_or(true)
+        .then_some(raw.ledger.queue_capacity.unwrap_or(10_000).max(1));
+    let ledger_retention = issues.duration(
+        "ledger.retention",
+        raw.ledger.retention.as_deref(),
+        Duration::from_secs(30 * 24 * 3600),
+    );
+
     if !issues.0.is_empty() {
         return Err(ConfigError::Invalid(issues.0));
     }
     Ok(Config {
+        metrics_listen,
+        metric_tag_labels,
+        ledger_capacity,
+        ledger_retention,
         executor,
         policies,
         store_path,
@@ -901,7 +985,15 @@ fn validate(
         shutdown_grace,
         http,
         stream_idle_timeout,
-        log: LogConfig { filter, json },
+        log: LogConfig {
+            filter,
+            json,
+            bodies: raw
+                .log
+                .bodies
+                .unwrap_or(false)
+                .then_some(raw.log.body_max_bytes.unwrap_or(4096)),
+        },
         providers,
         models: raw.models,
     })

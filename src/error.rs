@@ -154,29 +154,49 @@ impl GatewayError {
         }
     }
 
+    /// The gRPC code: the one mapping from errors to codes.
+    pub fn code(&self) -> Code {
+        match self {
+            GatewayError::InvalidArgument(_) => Code::InvalidArgument,
+            GatewayError::NotFound { .. } => Code::NotFound,
+            GatewayError::Unauthenticated(_) => Code::Unauthenticated,
+            GatewayError::PermissionDenied(_) => Code::PermissionDenied,
+            GatewayError::ResourceExhausted { .. } => Code::ResourceExhausted,
+            GatewayError::FailedPrecondition { .. } => Code::FailedPrecondition,
+            GatewayError::Upstream {
+                error,
+                all_rate_limited,
+                ..
+            } => upstream_code(error.class, *all_rate_limited),
+            GatewayError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
+            GatewayError::Cancelled => Code::Cancelled,
+            GatewayError::Unavailable { .. } => Code::Unavailable,
+            GatewayError::Aborted(_) => Code::Aborted,
+            GatewayError::AlreadyExists(_) => Code::AlreadyExists,
+            GatewayError::Internal(_) => Code::Internal,
+        }
+    }
+
     /// The gRPC status, with rich details.
     pub fn into_status(self) -> Status {
         let message = self.to_string();
+        let code = self.code();
         let mut details = ErrorDetails::new();
-        let code = match self {
+        match self {
             GatewayError::InvalidArgument(violations) => {
                 for v in violations {
                     details.add_bad_request_violation(v.field, v.description);
                 }
                 details.set_error_info("INVALID_ARGUMENT", ERROR_DOMAIN, HashMap::new());
-                Code::InvalidArgument
             }
             GatewayError::NotFound { reason, .. } => {
                 details.set_error_info(reason, ERROR_DOMAIN, HashMap::new());
-                Code::NotFound
             }
             GatewayError::Unauthenticated(_) => {
                 details.set_error_info("UNAUTHENTICATED", ERROR_DOMAIN, HashMap::new());
-                Code::Unauthenticated
             }
             GatewayError::PermissionDenied(_) => {
                 details.set_error_info("PERMISSION_DENIED", ERROR_DOMAIN, HashMap::new());
-                Code::PermissionDenied
             }
             GatewayError::ResourceExhausted {
                 reason,
@@ -187,28 +207,20 @@ impl GatewayError {
                 if let Some(delay) = retry_after {
                     details.set_retry_info(Some(delay));
                 }
-                Code::ResourceExhausted
             }
             GatewayError::FailedPrecondition { reason, .. } => {
                 details.set_error_info(reason, ERROR_DOMAIN, HashMap::new());
-                Code::FailedPrecondition
             }
-            GatewayError::Upstream {
-                error,
-                all_rate_limited,
-                route,
-            } => {
+            GatewayError::Upstream { error, route, .. } => {
                 details.set_error_info(error.class.reason(), ERROR_DOMAIN, route_metadata(&route));
                 if let Some(delay) = error.retry_after {
                     details.set_retry_info(Some(delay));
                 }
-                upstream_code(error.class, all_rate_limited)
             }
             GatewayError::DeadlineExceeded { route } => {
                 details.set_error_info("DEADLINE_EXCEEDED", ERROR_DOMAIN, route_metadata(&route));
-                Code::DeadlineExceeded
             }
-            GatewayError::Cancelled => Code::Cancelled,
+            GatewayError::Cancelled => {}
             GatewayError::Unavailable {
                 reason,
                 retry_after,
@@ -218,21 +230,17 @@ impl GatewayError {
                 if let Some(delay) = retry_after {
                     details.set_retry_info(Some(delay));
                 }
-                Code::Unavailable
             }
             GatewayError::Aborted(_) => {
                 details.set_error_info("ABORTED", ERROR_DOMAIN, HashMap::new());
-                Code::Aborted
             }
             GatewayError::AlreadyExists(_) => {
                 details.set_error_info("ALREADY_EXISTS", ERROR_DOMAIN, HashMap::new());
-                Code::AlreadyExists
             }
             GatewayError::Internal(_) => {
                 details.set_error_info("INTERNAL", ERROR_DOMAIN, HashMap::new());
-                Code::Internal
             }
-        };
+        }
         Status::with_error_details(code, message, details)
     }
 }

@@ -23,6 +23,7 @@ pub mod config;
 pub mod error;
 pub mod executor;
 pub mod health;
+pub mod ledger;
 pub mod mock_upstream;
 pub mod models;
 pub mod pb;

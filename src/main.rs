@@ -32,6 +32,9 @@ struct Args {
     /// The admin bearer token (overrides `admin.token`; at least 16 characters).
     #[arg(long, env = "LLM_GATEWAY_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// The Prometheus metrics address, or `off` (overrides `metrics.listen`).
+    #[arg(long, env = "LLM_GATEWAY_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
     /// Validate the configuration, print a summary and exit.
     #[arg(long)]
     check_config: bool,
@@ -50,6 +53,7 @@ fn main() -> ExitCode {
         log_format: args.log_format,
         data_dir: args.data_dir,
         admin_token: args.admin_token,
+        metrics_listen: args.metrics_listen,
     };
     let config = match Config::load(args.config.as_deref(), &overrides, &|name| {
         std::env::var(name).ok()

@@ -1,11 +1,22 @@
-//! Logging and tracing setup. Log lines are structured (data in fields), text by default or
-//! JSON lines for log pipelines. Prompts, replies and secrets are never logged.
+//! Logging, metrics and trace context.
+//!
+//! - Logs: structured (data in fields), text by default or JSON lines. Prompts, replies and
+//!   secrets are never logged; optional body logging redacts keys and truncates.
+//! - Metrics: every metric name is defined and described here, prefixed `llm_gateway_`, with
+//!   units in the names. Meanings follow the OpenTelemetry GenAI semantic conventions where
+//!   they exist (token usage, time to first token, operation duration). Labels are bounded:
+//!   never request ids or users; request tags only when listed in `metrics.tag_labels`.
+//! - Trace context: the caller's W3C `traceparent` continues into upstream HTTP requests
+//!   (same trace id, a new parent id per call), through a task-local set around each attempt.
 
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 use crate::config::LogConfig;
 
-/// Installs the global subscriber. Logs go to stderr.
+/// Installs the global log subscriber. Logs go to stderr.
 pub fn init(log: &LogConfig) {
     let filter = EnvFilter::try_new(&log.filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let registry = tracing_subscriber::registry().with(filter);
@@ -22,5 +33,298 @@ pub fn init(log: &LogConfig) {
         let _ = registry
             .with(fmt::layer().with_writer(std::io::stderr))
             .try_init();
+    }
+}
+
+/// Metric names, in one place.
+pub mod names {
+    /// Calls by rpc, policy, provider, model and gRPC code (counter).
+    pub const CALLS: &str = "llm_gateway_calls_total";
+    /// Call duration (histogram; OTel `gen_ai.client.operation.duration`).
+    pub const CALL_DURATION: &str = "llm_gateway_call_duration_seconds";
+    /// Time to first token of streams (histogram; OTel `gen_ai.server.time_to_first_token`).
+    pub const TIME_TO_FIRST_TOKEN: &str = "llm_gateway_time_to_first_token_seconds";
+    /// Upstream attempts by provider, model, kind, outcome and error class (counter).
+    pub const ATTEMPTS: &str = "llm_gateway_upstream_attempts_total";
+    /// Upstream attempt duration by provider, model and outcome (histogram).
+    pub const ATTEMPT_DURATION: &str = "llm_gateway_upstream_duration_seconds";
+    /// Tokens by provider, model, policy and type: input, output, cached_input (counter; OTel
+    /// `gen_ai.client.token.usage`).
+    pub const TOKENS: &str = "llm_gateway_tokens_total";
+    /// Cost per call in US dollars (histogram: `_sum` is the total cost).
+    pub const COST: &str = "llm_gateway_cost_usd";
+    /// Hedges started, by policy (counter).
+    pub const HEDGES_STARTED: &str = "llm_gateway_hedges_started_total";
+    /// Hedges that won the race, by policy (counter).
+    pub const HEDGES_WON: &str = "llm_gateway_hedges_won_total";
+    /// Fallback attempts started, by policy (counter).
+    pub const FALLBACKS: &str = "llm_gateway_fallbacks_total";
+    /// Targets skipped because the deadline was too close, by policy (counter).
+    pub const DEADLINE_SKIPS: &str = "llm_gateway_deadline_skips_total";
+    /// Circuit breaker state per target: 0 closed, 1 half-open, 2 open (gauge).
+    pub const CIRCUIT_STATE: &str = "llm_gateway_circuit_state";
+    /// Circuit breaker transitions per target and new state (counter).
+    pub const CIRCUIT_TRANSITIONS: &str = "llm_gateway_circuit_transitions_total";
+    /// Calls in flight, by rpc (gauge).
+    pub const INFLIGHT: &str = "llm_gateway_inflight_calls";
+    /// Open client streams (gauge).
+    pub const OPEN_STREAMS: &str = "llm_gateway_open_streams";
+    /// Usage records dropped because the ledger queue was full (counter).
+    pub const LEDGER_DROPPED: &str = "llm_gateway_usage_records_dropped_total";
+    /// Usage records written (counter).
+    pub const LEDGER_WRITTEN: &str = "llm_gateway_usage_records_written_total";
+    /// Build information (gauge, always 1).
+    pub const BUILD_INFO: &str = "llm_gateway_build_info";
+}
+
+/// Histogram buckets for latencies in seconds: 1 ms to 2 minutes.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+/// Buckets for the cost of one call in US dollars.
+const COST_BUCKETS: &[f64] = &[0.000_001, 0.000_01, 0.000_1, 0.001, 0.01, 0.1, 1.0, 10.0];
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder (once; later calls return the same handle).
+/// `None` when another recorder was installed first.
+pub fn metrics_handle() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets(LATENCY_BUCKETS)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        metrics_exporter_prometheus::Matcher::Full(names::COST.to_owned()),
+                        COST_BUCKETS,
+                    )
+                });
+            let handle = builder.ok()?.install_recorder().ok()?;
+            describe();
+            metrics::gauge!(names::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            Some(handle)
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        names::CALLS,
+        "Calls by rpc, policy, provider, model and gRPC code."
+    );
+    describe_histogram!(names::CALL_DURATION, Unit::Seconds, "Call duration.");
+    describe_histogram!(
+        names::TIME_TO_FIRST_TOKEN,
+        Unit::Seconds,
+        "Time from the start of a streaming call to its first content."
+    );
+    describe_counter!(
+        names::ATTEMPTS,
+        "Upstream attempts by kind, outcome and error class."
+    );
+    describe_histogram!(
+        names::ATTEMPT_DURATION,
+        Unit::Seconds,
+        "Upstream attempt duration."
+    );
+    describe_counter!(
+        names::TOKENS,
+        "Tokens by type: input, output, cached_input."
+    );
+    describe_histogram!(
+        names::COST,
+        "Cost per call in US dollars; the sum is the total cost."
+    );
+    describe_counter!(names::HEDGES_STARTED, "Hedged attempts started.");
+    describe_counter!(
+        names::HEDGES_WON,
+        "Hedged attempts that produced the answer."
+    );
+    describe_counter!(names::FALLBACKS, "Fallback attempts started.");
+    describe_counter!(
+        names::DEADLINE_SKIPS,
+        "Targets skipped: not enough time left."
+    );
+    describe_gauge!(
+        names::CIRCUIT_STATE,
+        "Circuit state: 0 closed, 1 half-open, 2 open."
+    );
+    describe_counter!(names::CIRCUIT_TRANSITIONS, "Circuit breaker state changes.");
+    describe_gauge!(names::INFLIGHT, "Calls in flight.");
+    describe_gauge!(names::OPEN_STREAMS, "Client streams open.");
+    describe_counter!(
+        names::LEDGER_DROPPED,
+        "Usage records dropped: the ledger queue was full."
+    );
+    describe_counter!(names::LEDGER_WRITTEN, "Usage records written to the store.");
+    describe_gauge!(names::BUILD_INFO, "Build information.");
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` resolves; runs the exporter's upkeep.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    handle: PrometheusHandle,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let render = handle.clone();
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let handle = render.clone();
+            async move {
+                (
+                    [(
+                        http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    handle.render(),
+                )
+            }
+        }),
+    );
+    let upkeep = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            handle.run_upkeep();
+        }
+    });
+    if let Err(err) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
+        tracing::warn!(error = %err, "metrics endpoint failed");
+    }
+    upkeep.abort();
+}
+
+/// The trace context of a call, propagated to upstream requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceContext {
+    /// The `traceparent` to send upstream (the caller's trace id, this call's parent id).
+    pub traceparent: String,
+    /// The caller's `tracestate`, passed through.
+    pub tracestate: Option<String>,
+}
+
+tokio::task_local! {
+    /// The trace context of the attempt being run.
+    pub static TRACE_CONTEXT: TraceContext;
+}
+
+/// Continues a W3C `traceparent` (`00-<trace id>-<parent id>-<flags>`) with a new parent id
+/// for this gateway's call. `None` when the value is not a valid version-00 traceparent.
+pub fn continue_traceparent(incoming: &str) -> Option<String> {
+    let parts: Vec<&str> = incoming.trim().split('-').collect();
+    let [version, trace_id, parent_id, flags] = parts.as_slice() else {
+        return None;
+    };
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    };
+    if *version != "00"
+        || !hex(trace_id, 32)
+        || !hex(parent_id, 16)
+        || !hex(flags, 2)
+        || trace_id.bytes().all(|b| b == b'0')
+        || parent_id.bytes().all(|b| b == b'0')
+    {
+        return None;
+    }
+    let mut span_id = fastrand::u64(..);
+    if span_id == 0 {
+        span_id = 1;
+    }
+    Some(format!("00-{trace_id}-{span_id:016x}-{flags}"))
+}
+
+/// The upstream headers for the current attempt's trace context, if any.
+pub fn trace_headers() -> Option<TraceContext> {
+    TRACE_CONTEXT.try_with(Clone::clone).ok()
+}
+
+/// Replaces things that look like API keys or bearer tokens with `[REDACTED]`.
+pub fn redact(text: &str) -> String {
+    const PREFIXES: &[&str] = &["sk-", "sk_", "AIza", "Bearer ", "bearer ", "x-api-key"];
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    'outer: while !rest.is_empty() {
+        for prefix in PREFIXES {
+            if rest.starts_with(prefix) {
+                let secret_len = rest[prefix.len()..]
+                    .find(|c: char| {
+                        !(c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+                    })
+                    .unwrap_or(rest.len() - prefix.len());
+                if secret_len >= 8 {
+                    out.push_str(prefix);
+                    out.push_str("[REDACTED]");
+                    rest = &rest[prefix.len() + secret_len..];
+                    continue 'outer;
+                }
+            }
+        }
+        let mut chars = rest.chars();
+        if let Some(c) = chars.next() {
+            out.push(c);
+        }
+        rest = chars.as_str();
+    }
+    out
+}
+
+/// Cuts `text` to at most `max` bytes on a char boundary, marking the cut.
+pub fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...[{} more bytes]", &text[..end], text.len() - end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_continues_with_a_new_parent() {
+        let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let out = continue_traceparent(incoming).unwrap();
+        assert!(out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+        assert!(out.ends_with("-01"));
+        assert_ne!(out, incoming);
+        assert_eq!(out.len(), incoming.len());
+        for bad in [
+            "",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+        ] {
+            assert_eq!(continue_traceparent(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn redaction_hides_keys() {
+        let text = r#"{"key":"sk-proj-abcdefghijkl1234","auth":"Bearer abcdefghijklmnop","g":"AIzaSyA1234567890abcdefg","short":"sk-1"}"#;
+        let red = redact(text);
+        assert!(!red.contains("abcdefghijkl1234"), "{red}");
+        assert!(!red.contains("abcdefghijklmnop"), "{red}");
+        assert!(!red.contains("SyA1234567890"), "{red}");
+        assert!(red.contains("sk-1"), "short strings stay: {red}");
+    }
+
+    #[test]
+    fn truncation_marks_the_cut() {
+        assert_eq!(truncate("hello", 10), "hello");
+        assert_eq!(truncate("hello world", 5), "hello...[6 more bytes]");
     }
 }

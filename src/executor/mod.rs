@@ -42,6 +42,7 @@ use crate::{
     models::Cost,
     providers::{ErrorClass, EventStream, ProviderError},
     routing::{Plan, Target, policy::Hedging},
+    telemetry::{TRACE_CONTEXT, TraceContext, names},
     types::{
         AttemptKind, AttemptOutcome, AttemptRecord, ChatRequest, ChatResponse, Route, StreamEvent,
         Usage,
@@ -289,6 +290,9 @@ impl<'p> Race<'p> {
     }
 
     fn skip(&mut self, target: &Target, kind: AttemptKind, reason: &'static str) {
+        if reason == "DEADLINE" {
+            metrics::counter!(names::DEADLINE_SKIPS, "policy" => self.policy_label()).increment(1);
+        }
         self.route.attempts.push(AttemptRecord {
             provider: target.provider.name().to_owned(),
             model: target.model.to_string(),
@@ -351,11 +355,23 @@ impl<'p> Race<'p> {
         self.next >= self.plan.targets.len()
     }
 
+    fn policy_label(&self) -> String {
+        self.plan.policy.as_deref().unwrap_or("").to_owned()
+    }
+
     fn begin(&mut self, target: Target, guard: AttemptGuard, kind: AttemptKind) -> usize {
         let started = Instant::now();
         self.started += 1;
-        if kind == AttemptKind::Hedge {
-            self.hedges += 1;
+        match kind {
+            AttemptKind::Hedge => {
+                self.hedges += 1;
+                metrics::counter!(names::HEDGES_STARTED, "policy" => self.policy_label())
+                    .increment(1);
+            }
+            AttemptKind::Fallback => {
+                metrics::counter!(names::FALLBACKS, "policy" => self.policy_label()).increment(1);
+            }
+            AttemptKind::Primary => {}
         }
         let slot = self.route.attempts.len();
         self.route.attempts.push(AttemptRecord {
@@ -385,8 +401,13 @@ impl<'p> Race<'p> {
         if let Some(record) = self.route.attempts.get_mut(running.slot) {
             record.outcome = outcome;
             record.latency = latency;
-            if self.mode == Mode::Stream && record.outcome == AttemptOutcome::Succeeded {
+            let committed_stream =
+                self.mode == Mode::Stream && record.outcome == AttemptOutcome::Succeeded;
+            if committed_stream {
                 record.time_to_first_token = Some(latency);
+            } else {
+                // A committed stream is counted when it ends.
+                observe_attempt(record);
             }
         }
         Some(running)
@@ -399,6 +420,7 @@ impl<'p> Race<'p> {
             if let Some(record) = self.route.attempts.get_mut(running.slot) {
                 record.outcome = AttemptOutcome::Cancelled;
                 record.latency = now.duration_since(running.started);
+                observe_attempt(record);
             }
         }
     }
@@ -428,6 +450,32 @@ impl<'p> Race<'p> {
         self.cancel_all();
         GatewayError::DeadlineExceeded { route: self.route }
     }
+}
+
+/// Counts a finished upstream attempt.
+pub(crate) fn observe_attempt(record: &AttemptRecord) {
+    let (outcome, error_class) = match &record.outcome {
+        AttemptOutcome::Succeeded => ("succeeded", ""),
+        AttemptOutcome::Failed(reason) => ("failed", *reason),
+        AttemptOutcome::Cancelled => ("cancelled", ""),
+        AttemptOutcome::Skipped(reason) => ("skipped", *reason),
+    };
+    metrics::counter!(
+        names::ATTEMPTS,
+        "provider" => record.provider.clone(),
+        "model" => record.model.clone(),
+        "kind" => record.kind.label(),
+        "outcome" => outcome,
+        "error_class" => error_class
+    )
+    .increment(1);
+    metrics::histogram!(
+        names::ATTEMPT_DURATION,
+        "provider" => record.provider.clone(),
+        "model" => record.model.clone(),
+        "outcome" => outcome
+    )
+    .record(record.latency.as_secs_f64());
 }
 
 /// Exponential backoff with full jitter for retry round `round` (1 = first retry).
@@ -475,6 +523,7 @@ impl Executor {
         plan: &'a Plan,
         mode: Mode,
         deadline: Instant,
+        trace: Option<&TraceContext>,
         attempt: &(dyn Fn(Target, Instant) -> BoxFuture<'a, Result<T, ProviderError>> + Sync),
     ) -> Result<Won<T>, GatewayError> {
         let mut race = Race::new(plan, mode, deadline);
@@ -498,6 +547,10 @@ impl Executor {
                 None => deadline,
             };
             let fut = attempt(target, attempt_deadline);
+            let fut = match trace {
+                Some(ctx) => TRACE_CONTEXT.scope(ctx.clone(), fut).boxed(),
+                None => fut,
+            };
             in_flight.push(
                 async move {
                     let result = match tokio::time::timeout_at(attempt_deadline, fut).await {
@@ -568,6 +621,10 @@ impl Executor {
                             continue;
                         };
                         race.cancel_all();
+                        if running.kind == AttemptKind::Hedge {
+                            metrics::counter!(names::HEDGES_WON, "policy" => race.policy_label())
+                                .increment(1);
+                        }
                         let guard = running.guard.take().ok_or_else(|| {
                             GatewayError::Internal("an attempt finished twice".to_owned())
                         })?;
@@ -656,11 +713,14 @@ impl Executor {
         plan: &Plan,
         request: &ChatRequest,
         deadline: Instant,
+        trace: Option<&TraceContext>,
     ) -> Result<Answer, GatewayError> {
         let attempt = |target: Target, _deadline: Instant| {
             async move { target.provider.chat(&target.model, request).await }.boxed()
         };
-        let won = self.race(plan, Mode::Unary, deadline, &attempt).await?;
+        let won = self
+            .race(plan, Mode::Unary, deadline, trace, &attempt)
+            .await?;
         won.guard.finish(AttemptResult::Success {
             latency: won.started.elapsed(),
             ttft: None,
@@ -680,6 +740,7 @@ impl Executor {
         plan: &Plan,
         request: &ChatRequest,
         deadline: Instant,
+        trace: Option<&TraceContext>,
     ) -> Result<CallStream, GatewayError> {
         let first_token_timeout = plan
             .execution
@@ -690,7 +751,9 @@ impl Executor {
             async move { open_until_first_content(&target, request, first_token_timeout, idle).await }
                 .boxed()
         };
-        let won = self.race(plan, Mode::Stream, deadline, &attempt).await?;
+        let won = self
+            .race(plan, Mode::Stream, deadline, trace, &attempt)
+            .await?;
         let (upstream, buffered) = won.value;
         Ok(CallStream::new(stream::Committed {
             time_to_first_token: won.started.elapsed(),

@@ -142,6 +142,7 @@ impl CallStream {
             latency,
             time_to_first_token: Some(self.c.time_to_first_token),
         };
+        super::observe_attempt(&record);
         match route.attempts.get_mut(self.c.slot) {
             Some(slot) => *slot = record,
             None => route.attempts.push(record),

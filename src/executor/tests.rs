@@ -223,7 +223,7 @@ async fn primary_hangs_fallback_answers_within_the_deadline() {
     let start = Instant::now();
     let answer = s
         .executor
-        .chat(&plan, &request(), start + secs(5.0))
+        .chat(&plan, &request(), start + secs(5.0), None)
         .await
         .unwrap();
     assert_eq!(answer.provider, "b");
@@ -260,7 +260,7 @@ async fn slow_primary_is_hedged_and_cancelled() {
     let start = Instant::now();
     let answer = s
         .executor
-        .chat(&plan, &request(), start + secs(10.0))
+        .chat(&plan, &request(), start + secs(10.0), None)
         .await
         .unwrap();
     assert_eq!(answer.provider, "b");
@@ -300,13 +300,13 @@ async fn hedging_budget_exhausted_means_no_hedge() {
     );
     let first = s
         .executor
-        .chat(&plan, &request(), Instant::now() + secs(10.0))
+        .chat(&plan, &request(), Instant::now() + secs(10.0), None)
         .await
         .unwrap();
     assert_eq!(first.provider, "b", "the one token buys one hedge");
     let second = s
         .executor
-        .chat(&plan, &request(), Instant::now() + secs(10.0))
+        .chat(&plan, &request(), Instant::now() + secs(10.0), None)
         .await
         .unwrap();
     assert_eq!(second.provider, "a", "no token left: no hedge");
@@ -331,7 +331,7 @@ async fn hedging_pauses_while_upstreams_fail() {
     for _ in 0..20 {
         let _ = s
             .executor
-            .chat(&fail_plan, &request(), Instant::now() + secs(1.0))
+            .chat(&fail_plan, &request(), Instant::now() + secs(1.0), None)
             .await;
     }
     let a = Fake::new("a", &[Step::Reply(secs(1.0))]);
@@ -348,7 +348,7 @@ async fn hedging_pauses_while_upstreams_fail() {
     );
     let answer = s
         .executor
-        .chat(&plan, &request(), Instant::now() + secs(10.0))
+        .chat(&plan, &request(), Instant::now() + secs(10.0), None)
         .await
         .unwrap();
     assert_eq!(answer.provider, "a");
@@ -366,7 +366,7 @@ async fn both_fail_is_unavailable_with_the_trail() {
     let plan = plan(vec![s.target(&a), s.target(&b)], exec(2, Hedging::Off));
     let err = s
         .executor
-        .chat(&plan, &request(), Instant::now() + secs(5.0))
+        .chat(&plan, &request(), Instant::now() + secs(5.0), None)
         .await
         .unwrap_err();
     let GatewayError::Upstream {
@@ -410,13 +410,13 @@ async fn retry_after_rests_the_target_and_others_carry_on() {
     let plan = plan(vec![s.target(&a), s.target(&b)], exec(3, Hedging::Off));
     let first = s
         .executor
-        .chat(&plan, &request(), Instant::now() + secs(5.0))
+        .chat(&plan, &request(), Instant::now() + secs(5.0), None)
         .await
         .unwrap();
     assert_eq!(first.provider, "b");
     let second = s
         .executor
-        .chat(&plan, &request(), Instant::now() + secs(5.0))
+        .chat(&plan, &request(), Instant::now() + secs(5.0), None)
         .await
         .unwrap();
     assert_eq!(second.provider, "b");
@@ -432,7 +432,7 @@ async fn retry_after_rests_the_target_and_others_carry_on() {
     tokio::time::advance(secs(11.0)).await;
     let third = s
         .executor
-        .chat(&plan, &request(), Instant::now() + secs(5.0))
+        .chat(&plan, &request(), Instant::now() + secs(5.0), None)
         .await
         .unwrap();
     assert_eq!(third.provider, "a");
@@ -452,7 +452,7 @@ async fn all_rate_limited_is_resource_exhausted() {
     let plan = plan(vec![s.target(&a)], exec(1, Hedging::Off));
     let err = s
         .executor
-        .chat(&plan, &request(), Instant::now() + secs(5.0))
+        .chat(&plan, &request(), Instant::now() + secs(5.0), None)
         .await
         .unwrap_err();
     assert!(matches!(
@@ -489,14 +489,14 @@ async fn breaker_opens_and_skips_the_target_then_probes() {
     for _ in 0..2 {
         let answer = s
             .executor
-            .chat(&plan, &request(), Instant::now() + secs(5.0))
+            .chat(&plan, &request(), Instant::now() + secs(5.0), None)
             .await
             .unwrap();
         assert_eq!(answer.provider, "b");
     }
     let answer = s
         .executor
-        .chat(&plan, &request(), Instant::now() + secs(5.0))
+        .chat(&plan, &request(), Instant::now() + secs(5.0), None)
         .await
         .unwrap();
     assert_eq!(
@@ -511,7 +511,7 @@ async fn breaker_opens_and_skips_the_target_then_probes() {
     tokio::time::advance(secs(31.0)).await;
     let answer = s
         .executor
-        .chat(&plan, &request(), Instant::now() + secs(5.0))
+        .chat(&plan, &request(), Instant::now() + secs(5.0), None)
         .await
         .unwrap();
     assert_eq!(
@@ -520,7 +520,7 @@ async fn breaker_opens_and_skips_the_target_then_probes() {
     );
     let answer = s
         .executor
-        .chat(&plan, &request(), Instant::now() + secs(5.0))
+        .chat(&plan, &request(), Instant::now() + secs(5.0), None)
         .await
         .unwrap();
     assert_eq!(answer.provider, "a", "closed again");
@@ -546,7 +546,7 @@ async fn fallback_that_cannot_finish_in_time_is_skipped() {
     let start = Instant::now();
     let err = s
         .executor
-        .chat(&plan, &request(), start + secs(1.0))
+        .chat(&plan, &request(), start + secs(1.0), None)
         .await
         .unwrap_err();
     assert!(start.elapsed() <= secs(1.0), "answered by the deadline");
@@ -580,7 +580,7 @@ async fn deadline_ends_the_call_on_time() {
     let start = Instant::now();
     let err = s
         .executor
-        .chat(&plan, &request(), start + secs(0.3))
+        .chat(&plan, &request(), start + secs(0.3), None)
         .await
         .unwrap_err();
     assert!(matches!(err, GatewayError::DeadlineExceeded { .. }));
@@ -599,7 +599,7 @@ async fn non_retryable_error_does_not_fall_back() {
     let plan = plan(vec![s.target(&a), s.target(&b)], exec(3, Hedging::Off));
     let err = s
         .executor
-        .chat(&plan, &request(), Instant::now() + secs(5.0))
+        .chat(&plan, &request(), Instant::now() + secs(5.0), None)
         .await
         .unwrap_err();
     assert_eq!(err.into_status().code(), tonic::Code::InvalidArgument);
@@ -621,7 +621,7 @@ async fn single_target_is_retried_with_backoff() {
     let start = Instant::now();
     let answer = s
         .executor
-        .chat(&plan, &request(), start + secs(5.0))
+        .chat(&plan, &request(), start + secs(5.0), None)
         .await
         .unwrap();
     assert_eq!(answer.provider, "a");
@@ -656,7 +656,7 @@ async fn context_length_falls_back_to_a_larger_window_when_allowed() {
     );
     let answer = s
         .executor
-        .chat(&plan, &request(), Instant::now() + secs(5.0))
+        .chat(&plan, &request(), Instant::now() + secs(5.0), None)
         .await
         .unwrap();
     assert_eq!(answer.provider, "large");
@@ -681,7 +681,7 @@ async fn streaming_hedge_commits_to_the_first_stream_with_content() {
     let start = Instant::now();
     let stream = s
         .executor
-        .chat_stream(&plan, &request(), start + secs(10.0))
+        .chat_stream(&plan, &request(), start + secs(10.0), None)
         .await
         .unwrap();
     assert_eq!(stream.provider(), "b");
@@ -729,7 +729,7 @@ async fn adaptive_hedge_delay_uses_the_observed_percentile() {
     );
     let answer = s
         .executor
-        .chat(&plan, &request(), Instant::now() + secs(10.0))
+        .chat(&plan, &request(), Instant::now() + secs(10.0), None)
         .await
         .unwrap();
     assert_eq!(answer.provider, "b");

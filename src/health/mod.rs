@@ -139,6 +139,8 @@ pub struct HealthSnapshot {
 pub struct TargetHealth {
     settings: Arc<HealthSettings>,
     state: Mutex<State>,
+    /// Provider and model, for metric labels.
+    labels: (String, String),
 }
 
 /// What one attempt did, for the statistics.
@@ -179,7 +181,13 @@ fn percentile(values: &mut [Duration], p: f64) -> Option<Duration> {
 impl TargetHealth {
     /// A healthy target.
     pub fn new(settings: Arc<HealthSettings>) -> Self {
+        Self::named(settings, "", "")
+    }
+
+    /// A healthy target with the provider and model its metrics are labelled with.
+    pub fn named(settings: Arc<HealthSettings>, provider: &str, model: &str) -> Self {
         Self {
+            labels: (provider.to_owned(), model.to_owned()),
             settings,
             state: Mutex::new(State {
                 window: VecDeque::new(),
@@ -330,7 +338,26 @@ impl TargetHealth {
             (Breaker::Open { until }, _) => Breaker::Open { until: *until },
         };
         let after = Self::circuit(&state.breaker);
-        (before != after).then_some(after)
+        drop(state);
+        if before == after {
+            return None;
+        }
+        let (provider, model) = (self.labels.0.clone(), self.labels.1.clone());
+        tracing::warn!(provider = %provider, model = %model, state = after.label(), "circuit breaker changed state");
+        metrics::counter!(
+            crate::telemetry::names::CIRCUIT_TRANSITIONS,
+            "provider" => provider.clone(),
+            "model" => model.clone(),
+            "state" => after.label()
+        )
+        .increment(1);
+        metrics::gauge!(crate::telemetry::names::CIRCUIT_STATE, "provider" => provider, "model" => model)
+            .set(match after {
+                CircuitState::Closed => 0.0,
+                CircuitState::HalfOpen => 1.0,
+                CircuitState::Open => 2.0,
+            });
+        Some(after)
     }
 
     fn circuit(breaker: &Breaker) -> CircuitState {
@@ -493,7 +520,9 @@ impl HealthRegistry {
         map.entry(provider.to_owned())
             .or_default()
             .entry(model.to_owned())
-            .or_insert_with(|| Arc::new(TargetHealth::new(self.settings.clone())))
+            .or_insert_with(|| {
+                Arc::new(TargetHealth::named(self.settings.clone(), provider, model))
+            })
             .clone()
     }
 

@@ -124,6 +124,18 @@ pub fn http_client(settings: &HttpSettings) -> Result<reqwest::Client, reqwest::
         .build()
 }
 
+static BODY_LOGGING: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+
+/// Turns on logging of upstream request and error bodies (redacted, truncated to `max`
+/// bytes). Off by default: bodies carry prompts. Set once per process.
+pub fn set_body_logging(max: Option<usize>) {
+    let _ = BODY_LOGGING.set(max);
+}
+
+fn body_logging() -> Option<usize> {
+    BODY_LOGGING.get().copied().flatten()
+}
+
 /// The most of an error body the gateway reads.
 const MAX_ERROR_BODY: usize = 64 * 1024;
 
@@ -134,8 +146,21 @@ pub async fn send_json(
     body: Vec<u8>,
     map_error: fn(u16, &http::HeaderMap, &[u8]) -> ProviderError,
 ) -> Result<reqwest::Response, ProviderError> {
+    let mut request = request.header(http::header::CONTENT_TYPE, "application/json");
+    if let Some(ctx) = crate::telemetry::trace_headers() {
+        request = request.header("traceparent", ctx.traceparent);
+        if let Some(state) = ctx.tracestate {
+            request = request.header("tracestate", state);
+        }
+    }
+    if let Some(max) = body_logging() {
+        tracing::info!(
+            target: "llm_gateway::bodies",
+            body = %crate::telemetry::truncate(&crate::telemetry::redact(&String::from_utf8_lossy(&body)), max),
+            "upstream request body"
+        );
+    }
     let response = request
-        .header(http::header::CONTENT_TYPE, "application/json")
         .body(body)
         .send()
         .await
@@ -146,6 +171,14 @@ pub async fn send_json(
     }
     let headers = response.headers().clone();
     let body = read_bounded(response).await;
+    if let Some(max) = body_logging() {
+        tracing::info!(
+            target: "llm_gateway::bodies",
+            http_status = status.as_u16(),
+            body = %crate::telemetry::truncate(&crate::telemetry::redact(&String::from_utf8_lossy(&body)), max),
+            "upstream error body"
+        );
+    }
     let err = map_error(status.as_u16(), &headers, &body).with_status(status.as_u16());
     tracing::debug!(
         http_status = status.as_u16(),

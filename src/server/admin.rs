@@ -172,6 +172,36 @@ fn decode_token(token: &str) -> Option<String> {
 
 type AdminResult<T> = Result<Response<T>, Status>;
 
+fn to_ms(t: &prost_types::Timestamp) -> i64 {
+    t.seconds
+        .saturating_mul(1000)
+        .saturating_add(i64::from(t.nanos) / 1_000_000)
+}
+
+/// The `[start, end)` range in Unix ms: default the last 24 hours.
+fn time_range(
+    start: Option<prost_types::Timestamp>,
+    end: Option<prost_types::Timestamp>,
+) -> Result<(i64, i64), GatewayError> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    let end = end.as_ref().map_or(now, to_ms);
+    let start = start.as_ref().map_or(end - 24 * 3600 * 1000, to_ms);
+    if start >= end {
+        return Err(GatewayError::invalid(
+            "start_time",
+            "must be before end_time",
+        ));
+    }
+    Ok((start, end))
+}
+
+/// The records of a time range, as stored.
+pub type ExportStream = std::pin::Pin<
+    Box<dyn futures_util::Stream<Item = Result<pb::ExportUsageResponse, Status>> + Send>,
+>;
+
 fn fail(err: GatewayError) -> Status {
     tracing::info!(error = %err, class = err.label(), "admin call failed");
     err.into_status()
@@ -383,6 +413,95 @@ impl LlmGatewayAdmin for AdminService {
         }
         .await
         .map_err(fail)
+    }
+
+    async fn get_usage(
+        &self,
+        request: Request<pb::GetUsageRequest>,
+    ) -> AdminResult<pb::GetUsageResponse> {
+        async {
+            let req = request.into_inner();
+            let (start, end) = time_range(req.start_time, req.end_time)?;
+            let mut violations = Vec::new();
+            for (i, dim) in req.group_by.iter().enumerate() {
+                if !crate::ledger::valid_dimension(dim) {
+                    violations.push(FieldViolation::new(
+                        format!("group_by[{i}]"),
+                        format!("`{dim}` is not one of provider, model, policy, key, rpc, code, tag:NAME"),
+                    ));
+                }
+            }
+            for dim in req.filter.keys() {
+                if !crate::ledger::valid_dimension(dim) {
+                    violations.push(FieldViolation::new(
+                        format!("filter[{dim}]"),
+                        "is not one of provider, model, policy, key, rpc, code, tag:NAME",
+                    ));
+                }
+            }
+            if !violations.is_empty() {
+                return Err(GatewayError::InvalidArgument(violations));
+            }
+            let records = self.store.usage_between(start, end).await.map_err(store_error)?;
+            let matching: Vec<&crate::ledger::UsageRecord> = records
+                .iter()
+                .filter(|r| {
+                    req.filter
+                        .iter()
+                        .all(|(dim, value)| crate::ledger::dimension(r, dim) == Some(value.as_str()))
+                })
+                .collect();
+            let mut groups: BTreeMap<Vec<String>, Vec<&crate::ledger::UsageRecord>> = BTreeMap::new();
+            for r in &matching {
+                let key = req
+                    .group_by
+                    .iter()
+                    .map(|d| crate::ledger::dimension(r, d).unwrap_or("").to_owned())
+                    .collect();
+                groups.entry(key).or_default().push(r);
+            }
+            let mut out: Vec<pb::UsageGroup> = groups
+                .into_iter()
+                .map(|(values, records)| pb::UsageGroup {
+                    key: req.group_by.iter().cloned().zip(values).collect(),
+                    totals: Some(convert_admin::totals_out(&crate::ledger::totals(records))),
+                })
+                .collect();
+            out.sort_by(|a, b| {
+                let cost = |g: &pb::UsageGroup| g.totals.as_ref().map_or(0.0, |t| t.cost_usd);
+                cost(b).total_cmp(&cost(a))
+            });
+            Ok(Response::new(pb::GetUsageResponse {
+                groups: if req.group_by.is_empty() { Vec::new() } else { out },
+                total: Some(convert_admin::totals_out(&crate::ledger::totals(matching))),
+            }))
+        }
+        .await
+        .map_err(fail)
+    }
+
+    type ExportUsageStream = ExportStream;
+
+    async fn export_usage(
+        &self,
+        request: Request<pb::ExportUsageRequest>,
+    ) -> AdminResult<ExportStream> {
+        let req = request.into_inner();
+        let (start, end) = time_range(req.start_time, req.end_time).map_err(fail)?;
+        let records = self
+            .store
+            .usage_between(start, end)
+            .await
+            .map_err(|e| fail(store_error(e)))?;
+        let batches: Vec<Result<pb::ExportUsageResponse, Status>> = records
+            .chunks(500)
+            .map(|chunk| {
+                Ok(pb::ExportUsageResponse {
+                    records: chunk.iter().map(convert_admin::record_out).collect(),
+                })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(futures_util::stream::iter(batches))))
     }
 
     async fn list_providers(

@@ -308,3 +308,54 @@ pub fn health_out(provider: String, model: String, h: HealthSnapshot) -> pb::Tar
         cooldown_remaining: h.cooldown_remaining.map(duration_out),
     }
 }
+
+fn ms_duration(ms: f64) -> prost_types::Duration {
+    duration_out(Duration::from_secs_f64(ms.max(0.0) / 1000.0))
+}
+
+/// Converts usage totals.
+pub fn totals_out(t: &crate::ledger::Totals) -> pb::UsageTotals {
+    pb::UsageTotals {
+        calls: t.calls,
+        errors: t.errors,
+        error_rate: if t.calls == 0 {
+            0.0
+        } else {
+            t.errors as f64 / t.calls as f64
+        },
+        input_tokens: t.input_tokens,
+        output_tokens: t.output_tokens,
+        cached_input_tokens: t.cached_input_tokens,
+        cost_usd: t.cost_usd,
+        calls_without_usage: t.calls_without_usage,
+        latency_p50: t.latency_ms[0].map(ms_duration),
+        latency_p95: t.latency_ms[1].map(ms_duration),
+        latency_p99: t.latency_ms[2].map(ms_duration),
+        time_to_first_token_p50: t.ttft_ms[0].map(ms_duration),
+        time_to_first_token_p95: t.ttft_ms[1].map(ms_duration),
+    }
+}
+
+/// Converts a usage record.
+pub fn record_out(r: &crate::ledger::UsageRecord) -> pb::UsageRecord {
+    pb::UsageRecord {
+        time: Some(timestamp(r.time_ms)),
+        request_id: r.request_id.clone(),
+        rpc: r.rpc.clone(),
+        key: r.key.clone(),
+        tags: r.tags.clone().into_iter().collect(),
+        policy: r.policy.clone(),
+        provider: r.provider.clone(),
+        model: r.model.clone(),
+        attempts: r.attempts,
+        input_tokens: r.input_tokens,
+        output_tokens: r.output_tokens,
+        cached_input_tokens: r.cached_input_tokens,
+        usage_reported: r.usage_reported,
+        cost_usd: r.cost_usd,
+        latency: Some(ms_duration(r.latency_ms)),
+        time_to_first_token: r.ttft_ms.map(ms_duration),
+        code: r.code.clone(),
+        error_class: r.error_class.clone(),
+    }
+}

@@ -11,13 +11,15 @@ use tracing::Instrument;
 use super::{
     convert,
     deadline::{CallLimits, call_deadline},
+    meter::{CallMeter, MeterConfig, Outcome},
     request_id::RequestId,
 };
 use crate::{
     error::GatewayError,
-    executor::Executor,
+    executor::{CallEvent, Executor},
     pb::{self, llm_gateway_server::LlmGateway},
     routing::Router,
+    telemetry::{TraceContext, continue_traceparent},
 };
 
 /// The gateway service.
@@ -26,15 +28,22 @@ pub struct GatewayService {
     router: Arc<Router>,
     executor: Executor,
     limits: CallLimits,
+    meter: MeterConfig,
 }
 
 impl GatewayService {
-    /// A service routing with `router` and running calls on `executor`.
-    pub fn new(router: Arc<Router>, executor: Executor, limits: CallLimits) -> Self {
+    /// A service routing with `router`, running calls on `executor`, accounting with `meter`.
+    pub fn new(
+        router: Arc<Router>,
+        executor: Executor,
+        limits: CallLimits,
+        meter: MeterConfig,
+    ) -> Self {
         Self {
             router,
             executor,
             limits,
+            meter,
         }
     }
 }
@@ -51,6 +60,19 @@ fn request_id<T>(request: &Request<T>) -> String {
     )
 }
 
+/// The caller's W3C trace context, continued for the upstream requests of this call.
+fn trace_context<T>(request: &Request<T>) -> Option<TraceContext> {
+    let traceparent = request.metadata().get("traceparent")?.to_str().ok()?;
+    Some(TraceContext {
+        traceparent: continue_traceparent(traceparent)?,
+        tracestate: request
+            .metadata()
+            .get("tracestate")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+    })
+}
+
 fn log_failure(err: &GatewayError) {
     match err {
         GatewayError::Internal(_) => tracing::error!(error = %err, "call failed"),
@@ -59,6 +81,13 @@ fn log_failure(err: &GatewayError) {
         }
         _ => tracing::info!(error = %err, class = err.label(), "call failed"),
     }
+}
+
+/// Ends a failed call: log, account, convert.
+fn fail(meter: &mut CallMeter, err: GatewayError) -> Status {
+    log_failure(&err);
+    meter.finish(Outcome::failed(&err, err.code()));
+    err.into_status()
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::ChatStreamResponse, Status>> + Send>>;
@@ -71,20 +100,35 @@ impl LlmGateway for GatewayService {
     ) -> Result<Response<pb::ChatResponse>, Status> {
         let id = request_id(&request);
         let deadline = call_deadline(request.metadata(), &self.limits);
+        let trace = trace_context(&request);
+        let mut meter = CallMeter::start(&self.meter, "Chat", id.clone());
         let span = tracing::info_span!("call", rpc = "Chat", request_id = %id);
         async move {
-            let req = convert::chat_request(request.into_inner())?;
-            let plan = self.router.load().plan(&req)?;
-            let answer = self.executor.chat(&plan, &req, deadline).await?;
-            tracing::debug!(provider = %answer.provider, model = %answer.response.model, "call succeeded");
-            Ok(Response::new(convert::chat_response(id, answer)))
+            let result = async {
+                let req = convert::chat_request(request.into_inner())?;
+                meter.set_tags(&req.tags);
+                let plan = self.router.load().plan(&req)?;
+                self.executor.chat(&plan, &req, deadline, trace.as_ref()).await
+            }
+            .await;
+            match result {
+                Ok(answer) => {
+                    tracing::debug!(provider = %answer.provider, model = %answer.response.model, "call succeeded");
+                    meter.finish(Outcome {
+                        code: tonic::Code::Ok,
+                        error_class: "",
+                        route: Some(&answer.route),
+                        usage: answer.response.usage,
+                        cost: answer.cost,
+                        ttft: None,
+                    });
+                    Ok(Response::new(convert::chat_response(id, answer)))
+                }
+                Err(err) => Err(fail(&mut meter, err)),
+            }
         }
         .instrument(span)
         .await
-        .map_err(|err: GatewayError| {
-            log_failure(&err);
-            err.into_status()
-        })
     }
 
     type ChatStreamStream = EventStream;
@@ -95,25 +139,49 @@ impl LlmGateway for GatewayService {
     ) -> Result<Response<Self::ChatStreamStream>, Status> {
         let id = request_id(&request);
         let deadline = call_deadline(request.metadata(), &self.limits);
+        let trace = trace_context(&request);
+        let mut meter = CallMeter::start(&self.meter, "ChatStream", id.clone());
+        let started = tokio::time::Instant::now();
         let span = tracing::info_span!("call", rpc = "ChatStream", request_id = %id);
         let committed = async {
             let req = convert::chat_request(request.into_inner())?;
+            meter.set_tags(&req.tags);
             let plan = self.router.load().plan(&req)?;
-            self.executor.chat_stream(&plan, &req, deadline).await
+            self.executor
+                .chat_stream(&plan, &req, deadline, trace.as_ref())
+                .await
         }
         .instrument(span.clone())
-        .await
-        .map_err(|err| {
-            let _entered = span.enter();
-            log_failure(&err);
-            err.into_status()
-        })?;
-        let events = committed.map(move |event| match event {
-            Ok(event) => Ok(convert::stream_event(&id, event)),
+        .await;
+        let committed = match committed {
+            Ok(committed) => committed,
             Err(err) => {
                 let _entered = span.enter();
-                log_failure(&err);
-                Err(err.into_status())
+                return Err(fail(&mut meter, err));
+            }
+        };
+        let ttft = started.elapsed();
+        meter.stream_opened();
+        let events = committed.map(move |event| match event {
+            Ok(event) => {
+                if let CallEvent::Finish {
+                    usage, cost, route, ..
+                } = &event
+                {
+                    meter.finish(Outcome {
+                        code: tonic::Code::Ok,
+                        error_class: "",
+                        route: Some(route),
+                        usage: *usage,
+                        cost: *cost,
+                        ttft: Some(ttft),
+                    });
+                }
+                Ok(convert::stream_event(&id, event))
+            }
+            Err(err) => {
+                let _entered = span.enter();
+                Err(fail(&mut meter, err))
             }
         });
         Ok(Response::new(Box::pin(events)))

@@ -14,6 +14,7 @@ pub mod convert;
 pub mod convert_admin;
 pub mod deadline;
 pub mod gateway;
+pub mod meter;
 pub mod request_id;
 
 use std::{future::Future, sync::Arc, time::Duration};
@@ -29,7 +30,9 @@ use crate::{
     executor::Executor,
     health::HealthRegistry,
     models::ModelRegistry,
-    pb::{self, llm_gateway_admin_server::LlmGatewayAdminServer, llm_gateway_server::LlmGatewayServer},
+    pb::{
+        self, llm_gateway_admin_server::LlmGatewayAdminServer, llm_gateway_server::LlmGatewayServer,
+    },
     providers::{self, Provider, ProviderRegistry, anthropic, gemini, mock::Mock, openai},
     routing::{PolicyRecord, PolicySource, Router, RoutingTable, policy},
     store::{Store, StoreError, sqlite::SqliteStore},
@@ -179,7 +182,11 @@ pub async fn serve(
     let mut violations = Vec::new();
     let mut config_policies = Vec::new();
     for spec in &config.policies {
-        violations.extend(policy::validate(spec, &table, &format!("policies.{}", spec.name)));
+        violations.extend(policy::validate(
+            spec,
+            &table,
+            &format!("policies.{}", spec.name),
+        ));
         config_policies.push(PolicyRecord {
             spec: spec.clone(),
             version: 1,
@@ -193,9 +200,10 @@ pub async fn serve(
     }
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.store_path)?);
     let router = Arc::new(Router::new(table));
+    let stop_metrics = CancellationToken::new();
     let admin = admin::AdminService::new(
         router.clone(),
-        store,
+        store.clone(),
         config_policies,
         config
             .providers
@@ -208,13 +216,40 @@ pub async fn serve(
             .collect(),
     );
     admin.reload().await.map_err(|e| {
-        ServeError::Store(StoreError::Backend(format!("cannot load stored policies: {e}")))
+        ServeError::Store(StoreError::Backend(format!(
+            "cannot load stored policies: {e}"
+        )))
     })?;
     let admin_token = admin_token(&config)?;
-    let admin_service = LlmGatewayAdminServer::with_interceptor(admin, admin::AdminAuth::new(&admin_token));
+    let admin_service =
+        LlmGatewayAdminServer::with_interceptor(admin, admin::AdminAuth::new(&admin_token));
 
     let hard_stop = CancellationToken::new();
     let executor = Executor::new(config.executor.clone(), hard_stop.clone());
+    // Metrics: the process-wide recorder, served on its own address.
+    let metrics_handle = crate::telemetry::metrics_handle();
+    let mut metrics_task = None;
+    if let (Some(addr), Some(handle)) = (config.metrics_listen, metrics_handle) {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServeError::Listen { addr, source })?;
+        tracing::info!(addr = %addr, "metrics on http://{addr}/metrics");
+        metrics_task = Some(tokio::spawn(crate::telemetry::serve_metrics(
+            listener,
+            handle,
+            stop_metrics.clone().cancelled_owned(),
+        )));
+    }
+    let (ledger, ledger_writer) = match config.ledger_capacity {
+        Some(capacity) => {
+            let (ledger, writer) =
+                crate::ledger::Ledger::start(store.clone(), capacity, config.ledger_retention);
+            (ledger, Some(writer))
+        }
+        None => (crate::ledger::Ledger::disabled(), None),
+    };
+    crate::providers::set_body_logging(config.log.bodies);
+
     let gateway = gateway::GatewayService::new(
         router,
         executor,
@@ -222,6 +257,10 @@ pub async fn serve(
             default_timeout: config.default_call_timeout,
             max: config.max_call_duration,
             margin: config.deadline_margin,
+        },
+        meter::MeterConfig {
+            ledger,
+            tag_labels: config.metric_tag_labels.clone().into(),
         },
     );
 
@@ -287,48 +326,63 @@ pub async fn serve(
             None => main_server.await,
         }
     };
-    let mut server = std::pin::pin!(server);
+    // Boxed (not stack-pinned) so that it can be dropped before the ledger is flushed.
+    let mut server = Box::pin(server);
 
     health
         .set_serving::<LlmGatewayServer<gateway::GatewayService>>()
         .await;
     health
-        .set_service_status("llmgateway.v1.LlmGatewayAdmin", tonic_health::ServingStatus::Serving)
+        .set_service_status(
+            "llmgateway.v1.LlmGatewayAdmin",
+            tonic_health::ServingStatus::Serving,
+        )
         .await;
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
     tracing::info!(addr = ?local_addr, "llm-gateway serving");
 
-    tokio::select! {
-        result = &mut server => return result.map_err(Into::into),
-        () = shutdown => {}
-    }
-
-    tracing::info!(grace = ?config.shutdown_grace, "shutting down: draining in-flight calls");
-    health
-        .set_not_serving::<LlmGatewayServer<gateway::GatewayService>>()
-        .await;
-    health
-        .set_service_status("llmgateway.v1.LlmGatewayAdmin", tonic_health::ServingStatus::NotServing)
-        .await;
-    health
-        .set_service_status("", tonic_health::ServingStatus::NotServing)
-        .await;
-    stop_accepting.cancel();
-    match tokio::time::timeout(config.shutdown_grace, &mut server).await {
-        Ok(result) => {
-            tracing::info!("all calls finished; stopped");
-            result.map_err(Into::into)
+    let result = tokio::select! {
+        result = &mut server => result,
+        () = shutdown => {
+            tracing::info!(grace = ?config.shutdown_grace, "shutting down: draining in-flight calls");
+            health
+                .set_not_serving::<LlmGatewayServer<gateway::GatewayService>>()
+                .await;
+            health
+                .set_service_status("llmgateway.v1.LlmGatewayAdmin", tonic_health::ServingStatus::NotServing)
+                .await;
+            health
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+            stop_accepting.cancel();
+            match tokio::time::timeout(config.shutdown_grace, &mut server).await {
+                Ok(result) => {
+                    tracing::info!("all calls finished; stopped");
+                    result
+                }
+                Err(_) => {
+                    tracing::warn!("shutdown grace period over; ending the remaining calls");
+                    hard_stop.cancel();
+                    // Give the ended calls a moment to send their status.
+                    let _ = tokio::time::timeout(Duration::from_millis(500), &mut server).await;
+                    Ok(())
+                }
+            }
         }
-        Err(_) => {
-            tracing::warn!("shutdown grace period over; ending the remaining calls");
-            hard_stop.cancel();
-            // Give the ended calls a moment to send their status.
-            let _ = tokio::time::timeout(Duration::from_millis(500), &mut server).await;
-            Ok(())
-        }
+    };
+    // Dropping the server drops the services, and with them the ledger's senders: the writer
+    // then drains what is queued and stops.
+    drop(server);
+    stop_metrics.cancel();
+    if let Some(task) = metrics_task {
+        let _ = task.await;
     }
+    if let Some(writer) = ledger_writer {
+        writer.finish(Duration::from_secs(5)).await;
+    }
+    result.map_err(Into::into)
 }
 
 /// The admin token: configured, or generated once and kept in `admin-token` beside the store
@@ -345,7 +399,9 @@ fn admin_token(config: &Config) -> Result<String, ServeError> {
         token
     };
     if config.store_path == std::path::Path::new(":memory:") {
-        tracing::warn!("no admin token configured and the store is in memory: admin calls are refused until admin.token is set");
+        tracing::warn!(
+            "no admin token configured and the store is in memory: admin calls are refused until admin.token is set"
+        );
         return Ok(generated());
     }
     let path = config

@@ -9,7 +9,10 @@ pub mod sqlite;
 
 use async_trait::async_trait;
 
-use crate::routing::{PolicyRecord, policy::PolicySpec};
+use crate::{
+    ledger::UsageRecord,
+    routing::{PolicyRecord, policy::PolicySpec},
+};
 
 /// Why a store operation failed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -58,4 +61,14 @@ pub trait Store: Send + Sync + 'static {
         name: &str,
         expected_version: Option<u64>,
     ) -> Result<(), StoreError>;
+
+    /// Appends usage records in one transaction.
+    async fn insert_usage(&self, records: Vec<UsageRecord>) -> Result<(), StoreError>;
+
+    /// Usage records with `from_ms <= time_ms < to_ms`, oldest first.
+    async fn usage_between(&self, from_ms: i64, to_ms: i64)
+    -> Result<Vec<UsageRecord>, StoreError>;
+
+    /// Deletes usage records older than `cutoff_ms`; returns how many.
+    async fn delete_usage_before(&self, cutoff_ms: i64) -> Result<u64, StoreError>;
 }

@@ -11,7 +11,10 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{Store, StoreError};
-use crate::routing::{PolicyRecord, PolicySource, policy::PolicySpec};
+use crate::{
+    ledger::UsageRecord,
+    routing::{PolicyRecord, PolicySource, policy::PolicySpec},
+};
 
 /// Schema migrations, applied in order; never edit a published one, add a new one.
 const MIGRATIONS: &[&str] = &[
@@ -23,6 +26,29 @@ const MIGRATIONS: &[&str] = &[
         created_ms INTEGER NOT NULL,
         updated_ms INTEGER NOT NULL
     ) STRICT;",
+    // 2: the usage ledger.
+    "CREATE TABLE usage (
+        id INTEGER PRIMARY KEY,
+        time_ms INTEGER NOT NULL,
+        request_id TEXT NOT NULL,
+        rpc TEXT NOT NULL,
+        key TEXT NOT NULL,
+        tags TEXT NOT NULL,
+        policy TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        model TEXT NOT NULL,
+        attempts INTEGER NOT NULL,
+        input_tokens INTEGER NOT NULL,
+        output_tokens INTEGER NOT NULL,
+        cached_input_tokens INTEGER NOT NULL,
+        usage_reported INTEGER NOT NULL,
+        cost_usd REAL,
+        latency_ms REAL NOT NULL,
+        ttft_ms REAL,
+        code TEXT NOT NULL,
+        error_class TEXT NOT NULL
+    ) STRICT;
+    CREATE INDEX usage_time ON usage (time_ms);",
 ];
 
 /// The embedded store.
@@ -276,6 +302,111 @@ impl Store for SqliteStore {
         })
         .await
     }
+
+    async fn insert_usage(&self, records: Vec<UsageRecord>) -> Result<(), StoreError> {
+        // The ledger is an append log: a lost tail on power failure is acceptable, so the
+        // batch commits with the connection's default durability like everything else.
+        self.with_conn(move |conn| {
+            let tx = conn.transaction().map_err(backend)?;
+            {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "INSERT INTO usage (time_ms, request_id, rpc, key, tags, policy, provider, model,
+                         attempts, input_tokens, output_tokens, cached_input_tokens, usage_reported,
+                         cost_usd, latency_ms, ttft_ms, code, error_class)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+                    )
+                    .map_err(backend)?;
+                for r in &records {
+                    let tags = serde_json::to_string(&r.tags).map_err(backend)?;
+                    stmt.execute(params![
+                        r.time_ms,
+                        r.request_id,
+                        r.rpc,
+                        r.key,
+                        tags,
+                        r.policy,
+                        r.provider,
+                        r.model,
+                        r.attempts,
+                        to_i64(r.input_tokens),
+                        to_i64(r.output_tokens),
+                        to_i64(r.cached_input_tokens),
+                        r.usage_reported,
+                        r.cost_usd,
+                        r.latency_ms,
+                        r.ttft_ms,
+                        r.code,
+                        r.error_class,
+                    ])
+                    .map_err(backend)?;
+                }
+            }
+            tx.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn usage_between(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<UsageRecord>, StoreError> {
+        self.with_conn(move |conn| {
+            let mut stmt = conn
+                .prepare(
+                    "SELECT time_ms, request_id, rpc, key, tags, policy, provider, model, attempts,
+                     input_tokens, output_tokens, cached_input_tokens, usage_reported, cost_usd,
+                     latency_ms, ttft_ms, code, error_class
+                     FROM usage WHERE time_ms >= ?1 AND time_ms < ?2 ORDER BY time_ms, id",
+                )
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map(params![from_ms, to_ms], |row| {
+                    let tags: String = row.get(4)?;
+                    Ok(UsageRecord {
+                        time_ms: row.get(0)?,
+                        request_id: row.get(1)?,
+                        rpc: row.get(2)?,
+                        key: row.get(3)?,
+                        tags: serde_json::from_str(&tags).unwrap_or_default(),
+                        policy: row.get(5)?,
+                        provider: row.get(6)?,
+                        model: row.get(7)?,
+                        attempts: row.get(8)?,
+                        input_tokens: to_u64(row.get(9)?),
+                        output_tokens: to_u64(row.get(10)?),
+                        cached_input_tokens: to_u64(row.get(11)?),
+                        usage_reported: row.get(12)?,
+                        cost_usd: row.get(13)?,
+                        latency_ms: row.get(14)?,
+                        ttft_ms: row.get(15)?,
+                        code: row.get(16)?,
+                        error_class: row.get(17)?,
+                    })
+                })
+                .map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+        .await
+    }
+
+    async fn delete_usage_before(&self, cutoff_ms: i64) -> Result<u64, StoreError> {
+        self.with_conn(move |conn| {
+            conn.execute("DELETE FROM usage WHERE time_ms < ?1", params![cutoff_ms])
+                .map(|n| n as u64)
+                .map_err(backend)
+        })
+        .await
+    }
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -669,6 +669,8 @@ async fn policies_survive_kill_9_and_restart() {
             .arg(ADMIN_TOKEN)
             .arg("--log-level")
             .arg("warn")
+            .arg("--metrics-listen")
+            .arg("off")
             .kill_on_drop(true)
             .spawn()
             .unwrap();

@@ -36,6 +36,9 @@ impl Gateway {
         if config.admin_token.is_none() {
             config.admin_token = Some(ADMIN_TOKEN.to_owned());
         }
+        if !toml.contains("[metrics]") {
+            config.metrics_listen = None;
+        }
         Self::start_config(config).await
     }
 
@@ -55,7 +58,10 @@ impl Gateway {
         let channel = match connect {
             Ok(channel) => channel,
             Err(err) if handle.is_finished() => {
-                panic!("the gateway stopped at startup: {:?} (connect: {err})", handle.await)
+                panic!(
+                    "the gateway stopped at startup: {:?} (connect: {err})",
+                    handle.await
+                )
             }
             Err(err) => panic!("cannot connect to the gateway: {err}"),
         };

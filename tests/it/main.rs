@@ -10,6 +10,7 @@ mod admin;
 mod chat;
 mod errors;
 mod executor;
+mod observability;
 mod providers;
 mod server;
 mod stream;

@@ -49,7 +49,11 @@ async fn reflection_lists_the_services() {
         panic!("unexpected reflection answer");
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for expected in ["llmgateway.v1.LlmGateway", "llmgateway.v1.LlmGatewayAdmin", "grpc.health.v1.Health"] {
+    for expected in [
+        "llmgateway.v1.LlmGateway",
+        "llmgateway.v1.LlmGatewayAdmin",
+        "grpc.health.v1.Health",
+    ] {
         assert!(
             names.iter().any(|n| n == expected),
             "{expected} missing from {names:?}"

@@ -1,0 +1,321 @@
+//! The usage and cost ledger: one record per call, written to the store without ever
+//! blocking or slowing a call.
+//!
+//! Calls hand records to a bounded queue (`try_send`); when it is full the record is dropped
+//! and counted (`llm_gateway_usage_records_dropped_total`), so memory never grows without
+//! bound. One writer task drains the queue in batches (everything queued, up to
+//! [`MAX_BATCH`], in one transaction), prunes records older than the retention period every
+//! hour, and on shutdown writes what is left before it stops.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use tokio::{sync::mpsc, task::JoinHandle};
+
+use crate::{store::Store, telemetry::names};
+
+/// Most records written in one transaction.
+pub const MAX_BATCH: usize = 512;
+
+/// What the gateway records about one call.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct UsageRecord {
+    /// When the call ended, Unix milliseconds.
+    pub time_ms: i64,
+    /// Request id.
+    pub request_id: String,
+    /// `Chat` or `ChatStream`.
+    pub rpc: String,
+    /// Gateway key name, when keys are in use.
+    pub key: String,
+    /// Request tags.
+    pub tags: BTreeMap<String, String>,
+    /// Policy, or empty.
+    pub policy: String,
+    /// Provider that answered or was last tried.
+    pub provider: String,
+    /// Model that answered or was last tried.
+    pub model: String,
+    /// Upstream attempts made.
+    pub attempts: u32,
+    /// Input tokens.
+    pub input_tokens: u64,
+    /// Output tokens.
+    pub output_tokens: u64,
+    /// Cached input tokens.
+    pub cached_input_tokens: u64,
+    /// Whether the provider reported usage.
+    pub usage_reported: bool,
+    /// Cost in US dollars, when known.
+    pub cost_usd: Option<f64>,
+    /// Call duration in milliseconds.
+    pub latency_ms: f64,
+    /// Time to first token in milliseconds, for streams.
+    pub ttft_ms: Option<f64>,
+    /// gRPC code name, e.g. `OK`.
+    pub code: String,
+    /// Error class when the call failed.
+    pub error_class: String,
+}
+
+/// The sending side of the ledger; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Ledger {
+    tx: Option<mpsc::Sender<UsageRecord>>,
+}
+
+/// The writer task; [`LedgerWriter::finish`] waits until everything queued is written.
+#[derive(Debug)]
+pub struct LedgerWriter {
+    handle: JoinHandle<()>,
+}
+
+impl Ledger {
+    /// A ledger that records nothing.
+    pub fn disabled() -> Self {
+        Self { tx: None }
+    }
+
+    /// Starts the writer over `store` with a queue of `capacity` records.
+    pub fn start(
+        store: Arc<dyn Store>,
+        capacity: usize,
+        retention: Duration,
+    ) -> (Ledger, LedgerWriter) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let handle = tokio::spawn(write_loop(store, rx, retention));
+        (Ledger { tx: Some(tx) }, LedgerWriter { handle })
+    }
+
+    /// Queues a record; drops (and counts) it when the queue is full.
+    pub fn record(&self, record: UsageRecord) {
+        let Some(tx) = &self.tx else {
+            return;
+        };
+        if tx.try_send(record).is_err() {
+            metrics::counter!(names::LEDGER_DROPPED).increment(1);
+        }
+    }
+}
+
+impl LedgerWriter {
+    /// Waits (at most `timeout`) for the writer to drain the queue. The queue closes when
+    /// every [`Ledger`] clone is dropped.
+    pub async fn finish(self, timeout: Duration) {
+        if tokio::time::timeout(timeout, self.handle).await.is_err() {
+            tracing::warn!("the usage ledger did not finish writing in time");
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+async fn write_loop(
+    store: Arc<dyn Store>,
+    mut rx: mpsc::Receiver<UsageRecord>,
+    retention: Duration,
+) {
+    let mut prune = tokio::time::interval(Duration::from_secs(3600));
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    loop {
+        tokio::select! {
+            record = rx.recv() => {
+                let Some(record) = record else { break };
+                batch.push(record);
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(r) => batch.push(r),
+                        Err(_) => break,
+                    }
+                }
+                write(&*store, &mut batch).await;
+            }
+            _ = prune.tick() => {
+                let cutoff = now_ms() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+                match store.delete_usage_before(cutoff).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(records = n, "pruned usage records past retention"),
+                    Err(e) => tracing::warn!(error = %e, "pruning usage records failed"),
+                }
+            }
+        }
+    }
+    write(&*store, &mut batch).await;
+}
+
+async fn write(store: &dyn Store, batch: &mut Vec<UsageRecord>) {
+    if batch.is_empty() {
+        return;
+    }
+    let records = std::mem::take(batch);
+    let n = records.len() as u64;
+    match store.insert_usage(records).await {
+        Ok(()) => metrics::counter!(names::LEDGER_WRITTEN).increment(n),
+        Err(e) => {
+            metrics::counter!(names::LEDGER_DROPPED).increment(n);
+            tracing::warn!(error = %e, records = n, "writing usage records failed");
+        }
+    }
+}
+
+/// Totals of a set of records.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Totals {
+    /// Calls.
+    pub calls: u64,
+    /// Non-OK calls.
+    pub errors: u64,
+    /// Input tokens.
+    pub input_tokens: u64,
+    /// Output tokens.
+    pub output_tokens: u64,
+    /// Cached input tokens.
+    pub cached_input_tokens: u64,
+    /// Cost.
+    pub cost_usd: f64,
+    /// Calls without reported usage.
+    pub calls_without_usage: u64,
+    /// Latency p50/p95/p99 in ms.
+    pub latency_ms: [Option<f64>; 3],
+    /// TTFT p50/p95 in ms.
+    pub ttft_ms: [Option<f64>; 2],
+}
+
+fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted.get(rank.min(sorted.len() - 1)).copied()
+}
+
+/// The value of a grouping dimension for a record; `None` for an unknown dimension.
+pub fn dimension<'a>(record: &'a UsageRecord, name: &str) -> Option<&'a str> {
+    Some(match name {
+        "provider" => &record.provider,
+        "model" => &record.model,
+        "policy" => &record.policy,
+        "key" => &record.key,
+        "rpc" => &record.rpc,
+        "code" => &record.code,
+        _ => {
+            let tag = name.strip_prefix("tag:")?;
+            return Some(record.tags.get(tag).map_or("", String::as_str));
+        }
+    })
+}
+
+/// Whether `name` is a dimension [`dimension`] knows.
+pub fn valid_dimension(name: &str) -> bool {
+    matches!(
+        name,
+        "provider" | "model" | "policy" | "key" | "rpc" | "code"
+    ) || name.strip_prefix("tag:").is_some_and(|t| !t.is_empty())
+}
+
+/// Aggregates records.
+pub fn totals<'a>(records: impl IntoIterator<Item = &'a UsageRecord>) -> Totals {
+    let mut t = Totals::default();
+    let mut latencies = Vec::new();
+    let mut ttfts = Vec::new();
+    for r in records {
+        t.calls += 1;
+        if r.code != "OK" {
+            t.errors += 1;
+        }
+        if r.usage_reported {
+            t.input_tokens += r.input_tokens;
+            t.output_tokens += r.output_tokens;
+            t.cached_input_tokens += r.cached_input_tokens;
+        } else {
+            t.calls_without_usage += 1;
+        }
+        t.cost_usd += r.cost_usd.unwrap_or(0.0);
+        latencies.push(r.latency_ms);
+        if let Some(v) = r.ttft_ms {
+            ttfts.push(v);
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    ttfts.sort_by(f64::total_cmp);
+    t.latency_ms = [
+        percentile(&latencies, 50.0),
+        percentile(&latencies, 95.0),
+        percentile(&latencies, 99.0),
+    ];
+    t.ttft_ms = [percentile(&ttfts, 50.0), percentile(&ttfts, 95.0)];
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sqlite::SqliteStore;
+
+    fn record(provider: &str, code: &str, cost: f64, latency: f64) -> UsageRecord {
+        UsageRecord {
+            time_ms: now_ms(),
+            request_id: "r".into(),
+            rpc: "Chat".into(),
+            provider: provider.into(),
+            model: "m".into(),
+            attempts: 1,
+            input_tokens: 10,
+            output_tokens: 5,
+            usage_reported: true,
+            cost_usd: Some(cost),
+            latency_ms: latency,
+            code: code.into(),
+            tags: [("team".to_owned(), "search".to_owned())].into(),
+            ..UsageRecord::default()
+        }
+    }
+
+    #[test]
+    fn totals_and_percentiles() {
+        let records: Vec<_> = (1..=100)
+            .map(|i| {
+                record(
+                    "a",
+                    if i % 10 == 0 { "UNAVAILABLE" } else { "OK" },
+                    0.01,
+                    f64::from(i),
+                )
+            })
+            .collect();
+        let t = totals(&records);
+        assert_eq!(t.calls, 100);
+        assert_eq!(t.errors, 10);
+        assert_eq!(t.input_tokens, 1000);
+        assert!((t.cost_usd - 1.0).abs() < 1e-9);
+        assert_eq!(t.latency_ms, [Some(51.0), Some(95.0), Some(99.0)]);
+        assert_eq!(dimension(&records[0], "tag:team"), Some("search"));
+        assert_eq!(dimension(&records[0], "tag:none"), Some(""));
+        assert_eq!(dimension(&records[0], "bogus"), None);
+    }
+
+    #[tokio::test]
+    async fn queue_full_drops_and_shutdown_flushes() {
+        let store: Arc<dyn Store> =
+            Arc::new(SqliteStore::open(std::path::Path::new(":memory:")).unwrap());
+        let (ledger, writer) = Ledger::start(store.clone(), 4, Duration::from_secs(3600));
+        // A burst far larger than the queue, without yielding to the writer.
+        for i in 0..1000 {
+            ledger.record(record("a", "OK", 0.0, f64::from(i)));
+        }
+        drop(ledger);
+        writer.finish(Duration::from_secs(5)).await;
+        let stored = store.usage_between(0, i64::MAX).await.unwrap();
+        assert!(
+            !stored.is_empty(),
+            "queued records were written on shutdown"
+        );
+        assert!(
+            stored.len() < 1000,
+            "the burst over capacity was dropped, not buffered"
+        );
+    }
+}
