@@ -91,6 +91,25 @@ struct RawConfig {
     metrics: RawMetrics,
     #[serde(default)]
     ledger: RawLedger,
+    #[serde(default)]
+    auth: RawAuth,
+    #[serde(default)]
+    teams: BTreeMap<String, RawTeam>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    require_keys: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTeam {
+    requests_per_minute: Option<u32>,
+    tokens_per_minute: Option<u64>,
+    daily_budget_usd: Option<f64>,
+    monthly_budget_usd: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -316,6 +335,11 @@ pub struct Config {
     pub ledger_capacity: Option<usize>,
     /// How long usage records are kept.
     pub ledger_retention: Duration,
+    /// Whether data-plane calls need a gateway key (also when the listen address is not
+    /// loopback).
+    pub require_keys: bool,
+    /// Limits and budgets per team (a key's owner).
+    pub teams: std::collections::HashMap<String, crate::limits::TeamLimits>,
 }
 
 /// The default metrics address.
@@ -964,10 +988,35 @@ fn validate(
         Duration::from_secs(30 * 24 * 3600),
     );
 
+    // Keys are required whenever the data plane is reachable from other machines.
+    let require_keys = raw.auth.require_keys.unwrap_or(false) || !listen.ip().is_loopback();
+    let mut teams = std::collections::HashMap::new();
+    for (name, t) in raw.teams {
+        for (field, value) in [
+            ("daily_budget_usd", t.daily_budget_usd),
+            ("monthly_budget_usd", t.monthly_budget_usd),
+        ] {
+            if value.is_some_and(|v| !v.is_finite() || v < 0.0) {
+                issues.push(format!("teams.{name}.{field}"), "must be zero or more");
+            }
+        }
+        teams.insert(
+            name,
+            crate::limits::TeamLimits {
+                requests_per_minute: t.requests_per_minute.unwrap_or(0),
+                tokens_per_minute: t.tokens_per_minute.unwrap_or(0),
+                daily_budget_usd: t.daily_budget_usd.unwrap_or(0.0),
+                monthly_budget_usd: t.monthly_budget_usd.unwrap_or(0.0),
+            },
+        );
+    }
+
     if !issues.0.is_empty() {
         return Err(ConfigError::Invalid(issues.0));
     }
     Ok(Config {
+        require_keys,
+        teams,
         metrics_listen,
         metric_tag_labels,
         ledger_capacity,

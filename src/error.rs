@@ -63,6 +63,8 @@ pub enum GatewayError {
     ResourceExhausted {
         /// ErrorInfo reason.
         reason: &'static str,
+        /// What the limit applies to, e.g. `key:search-prod` (QuotaFailure subject).
+        subject: String,
         /// What ran out.
         message: String,
         /// When to come back.
@@ -200,10 +202,12 @@ impl GatewayError {
             }
             GatewayError::ResourceExhausted {
                 reason,
+                subject,
                 retry_after,
                 ..
             } => {
                 details.set_error_info(reason, ERROR_DOMAIN, HashMap::new());
+                details.add_quota_failure_violation(subject, message.clone());
                 if let Some(delay) = retry_after {
                     details.set_retry_info(Some(delay));
                 }

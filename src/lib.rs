@@ -19,11 +19,13 @@
 //!   used by tests, benchmarks and the `llm-gateway-mock` binary.
 //! - [`telemetry`]: logging setup.
 
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod executor;
 pub mod health;
 pub mod ledger;
+pub mod limits;
 pub mod mock_upstream;
 pub mod models;
 pub mod pb;

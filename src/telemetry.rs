@@ -73,6 +73,12 @@ pub mod names {
     pub const LEDGER_DROPPED: &str = "llm_gateway_usage_records_dropped_total";
     /// Usage records written (counter).
     pub const LEDGER_WRITTEN: &str = "llm_gateway_usage_records_written_total";
+    /// Share of a budget spent, by subject (`key:NAME`, `team:NAME`) and period (gauge).
+    pub const BUDGET_USED: &str = "llm_gateway_budget_used_ratio";
+    /// Budget thresholds (50, 80, 100 %) crossed, by subject, period and threshold (counter).
+    pub const BUDGET_ALERTS: &str = "llm_gateway_budget_alerts_total";
+    /// Calls refused by the gateway's own limits and budgets, by reason (counter).
+    pub const LIMITED: &str = "llm_gateway_limited_calls_total";
     /// Build information (gauge, always 1).
     pub const BUILD_INFO: &str = "llm_gateway_build_info";
 }
@@ -159,6 +165,18 @@ fn describe() {
         "Usage records dropped: the ledger queue was full."
     );
     describe_counter!(names::LEDGER_WRITTEN, "Usage records written to the store.");
+    describe_gauge!(
+        names::BUDGET_USED,
+        "Share of a budget spent in the current period."
+    );
+    describe_counter!(
+        names::BUDGET_ALERTS,
+        "Budget thresholds crossed (50, 80, 100 percent)."
+    );
+    describe_counter!(
+        names::LIMITED,
+        "Calls refused by the gateway's limits and budgets."
+    );
     describe_gauge!(names::BUILD_INFO, "Build information.");
 }
 

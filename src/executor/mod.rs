@@ -34,6 +34,7 @@ use std::{
 use futures_util::{FutureExt, StreamExt, future::BoxFuture, stream::FuturesUnordered};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 pub use self::stream::{CallEvent, CallStream};
 use crate::{
@@ -546,7 +547,14 @@ impl Executor {
                 Some(t) => deadline.min(now + t),
                 None => deadline,
             };
-            let fut = attempt(target, attempt_deadline);
+            let span = tracing::info_span!(
+                "attempt",
+                provider = target.provider.name(),
+                model = &*target.model,
+                kind = kind.label(),
+                policy = race.plan.policy.as_deref().unwrap_or(""),
+            );
+            let fut = attempt(target, attempt_deadline).instrument(span).boxed();
             let fut = match trace {
                 Some(ctx) => TRACE_CONTEXT.scope(ctx.clone(), fut).boxed(),
                 None => fut,

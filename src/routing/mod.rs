@@ -296,6 +296,11 @@ impl RoutingTable {
         &self.health
     }
 
+    /// Whether `name` is a policy.
+    pub fn is_policy(&self, name: &str) -> bool {
+        self.policies.contains_key(name)
+    }
+
     /// The policies with their metadata, sorted by name.
     pub fn policies(&self) -> &BTreeMap<String, PolicyRecord> {
         &self.records

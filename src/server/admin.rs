@@ -10,8 +10,9 @@ use std::{collections::BTreeMap, sync::Arc};
 use tokio::sync::Mutex;
 use tonic::{Request, Response, Status};
 
-use super::{convert, convert_admin};
+use super::{access::Access, convert, convert_admin};
 use crate::{
+    auth::{self, KeyRecord, Scope},
     error::{FieldViolation, GatewayError},
     pb::{self, llm_gateway_admin_server::LlmGatewayAdmin},
     routing::{PolicyRecord, Router, policy},
@@ -34,6 +35,7 @@ pub struct ProviderInfo {
 
 /// The admin service.
 pub struct AdminService {
+    access: Arc<Access>,
     router: Arc<Router>,
     store: Arc<dyn Store>,
     config_policies: BTreeMap<String, PolicyRecord>,
@@ -44,12 +46,14 @@ pub struct AdminService {
 impl AdminService {
     /// An admin service over the router and store.
     pub fn new(
+        access: Arc<Access>,
         router: Arc<Router>,
         store: Arc<dyn Store>,
         config_policies: Vec<PolicyRecord>,
         providers: Vec<ProviderInfo>,
     ) -> Self {
         Self {
+            access,
             router,
             store,
             config_policies: config_policies
@@ -107,6 +111,29 @@ impl AdminService {
         }
     }
 
+    fn authorize(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        scope: Scope,
+    ) -> Result<(), Status> {
+        self.access.admin(metadata, scope).map_err(fail)
+    }
+
+    /// Reloads the key cache from the store.
+    pub async fn reload_keys(&self) -> Result<(), GatewayError> {
+        let keys = self.store.list_keys().await.map_err(store_error)?;
+        self.access.keys.replace(keys);
+        Ok(())
+    }
+
+    fn key_out(&self, record: &KeyRecord) -> pb::Key {
+        let (today, month) = self.access.limits.spent(
+            &format!("key:{}", record.spec.name),
+            super::access::now_ms(),
+        );
+        convert_admin::key_out(record, today, month)
+    }
+
     fn read_only(&self, name: &str) -> Result<(), GatewayError> {
         if self.config_policies.contains_key(name) {
             return Err(GatewayError::FailedPrecondition {
@@ -132,6 +159,11 @@ fn store_error(err: StoreError) -> GatewayError {
         StoreError::Conflict { name, current } => GatewayError::Aborted(format!(
             "policy `{name}` was changed concurrently; its current etag is v{current}: get it and retry"
         )),
+        StoreError::Key(msg) if msg.starts_with("no key") => GatewayError::NotFound {
+            reason: "KEY_NOT_FOUND",
+            message: msg,
+        },
+        StoreError::Key(msg) => GatewayError::AlreadyExists(msg),
         StoreError::Backend(msg) => {
             tracing::error!(error = %msg, "store failure");
             GatewayError::Unavailable {
@@ -213,6 +245,7 @@ impl LlmGatewayAdmin for AdminService {
         &self,
         request: Request<pb::CreatePolicyRequest>,
     ) -> AdminResult<pb::CreatePolicyResponse> {
+        self.authorize(request.metadata(), Scope::Admin)?;
         async {
             let p = required_policy(request.into_inner().policy)?;
             let (spec, violations) = convert_admin::policy_in(p, "policy");
@@ -239,6 +272,7 @@ impl LlmGatewayAdmin for AdminService {
         &self,
         request: Request<pb::UpdatePolicyRequest>,
     ) -> AdminResult<pb::UpdatePolicyResponse> {
+        self.authorize(request.metadata(), Scope::Admin)?;
         async {
             let p = required_policy(request.into_inner().policy)?;
             if p.etag.is_empty() {
@@ -271,6 +305,7 @@ impl LlmGatewayAdmin for AdminService {
         &self,
         request: Request<pb::GetPolicyRequest>,
     ) -> AdminResult<pb::GetPolicyResponse> {
+        self.authorize(request.metadata(), Scope::Admin)?;
         async {
             let name = request.into_inner().name;
             if let Some(record) = self.config_policies.get(&name) {
@@ -296,6 +331,7 @@ impl LlmGatewayAdmin for AdminService {
         &self,
         request: Request<pb::ListPoliciesRequest>,
     ) -> AdminResult<pb::ListPoliciesResponse> {
+        self.authorize(request.metadata(), Scope::Admin)?;
         async {
             let req = request.into_inner();
             let size = match req.page_size {
@@ -339,6 +375,7 @@ impl LlmGatewayAdmin for AdminService {
         &self,
         request: Request<pb::DeletePolicyRequest>,
     ) -> AdminResult<pb::DeletePolicyResponse> {
+        self.authorize(request.metadata(), Scope::Admin)?;
         async {
             let req = request.into_inner();
             self.read_only(&req.name)?;
@@ -364,6 +401,7 @@ impl LlmGatewayAdmin for AdminService {
         &self,
         request: Request<pb::ValidatePolicyRequest>,
     ) -> AdminResult<pb::ValidatePolicyResponse> {
+        self.authorize(request.metadata(), Scope::Admin)?;
         let Some(p) = request.into_inner().policy else {
             return Ok(Response::new(pb::ValidatePolicyResponse {
                 valid: false,
@@ -395,6 +433,7 @@ impl LlmGatewayAdmin for AdminService {
         &self,
         request: Request<pb::ExplainRouteRequest>,
     ) -> AdminResult<pb::ExplainRouteResponse> {
+        self.authorize(request.metadata(), Scope::Admin)?;
         async {
             let req = request
                 .into_inner()
@@ -419,6 +458,7 @@ impl LlmGatewayAdmin for AdminService {
         &self,
         request: Request<pb::GetUsageRequest>,
     ) -> AdminResult<pb::GetUsageResponse> {
+        self.authorize(request.metadata(), Scope::UsageRead)?;
         async {
             let req = request.into_inner();
             let (start, end) = time_range(req.start_time, req.end_time)?;
@@ -486,6 +526,7 @@ impl LlmGatewayAdmin for AdminService {
         &self,
         request: Request<pb::ExportUsageRequest>,
     ) -> AdminResult<ExportStream> {
+        self.authorize(request.metadata(), Scope::UsageRead)?;
         let req = request.into_inner();
         let (start, end) = time_range(req.start_time, req.end_time).map_err(fail)?;
         let records = self
@@ -504,10 +545,132 @@ impl LlmGatewayAdmin for AdminService {
         Ok(Response::new(Box::pin(futures_util::stream::iter(batches))))
     }
 
+    async fn create_key(
+        &self,
+        request: Request<pb::CreateKeyRequest>,
+    ) -> AdminResult<pb::CreateKeyResponse> {
+        self.authorize(request.metadata(), Scope::Admin)?;
+        async {
+            let key = request
+                .into_inner()
+                .key
+                .ok_or_else(|| GatewayError::invalid("key", "is required"))?;
+            let spec = convert_admin::key_in(key, "key")?;
+            let (id, secret) = auth::new_secret()?;
+            let _write = self.writes.lock().await;
+            let record = self
+                .store
+                .create_key(id, spec, auth::hash_secret(&secret))
+                .await
+                .map_err(store_error)?;
+            self.reload_keys().await?;
+            tracing::info!(key = %record.spec.name, owner = %record.spec.owner, "key created");
+            Ok(Response::new(pb::CreateKeyResponse {
+                key: Some(self.key_out(&record)),
+                secret,
+            }))
+        }
+        .await
+        .map_err(fail)
+    }
+
+    async fn list_keys(
+        &self,
+        request: Request<pb::ListKeysRequest>,
+    ) -> AdminResult<pb::ListKeysResponse> {
+        self.authorize(request.metadata(), Scope::Admin)?;
+        let owner = request.into_inner().owner;
+        let keys = self
+            .store
+            .list_keys()
+            .await
+            .map_err(|e| fail(store_error(e)))?;
+        Ok(Response::new(pb::ListKeysResponse {
+            keys: keys
+                .iter()
+                .filter(|k| owner.is_empty() || k.spec.owner == owner)
+                .map(|k| self.key_out(k))
+                .collect(),
+        }))
+    }
+
+    async fn get_key(
+        &self,
+        request: Request<pb::GetKeyRequest>,
+    ) -> AdminResult<pb::GetKeyResponse> {
+        self.authorize(request.metadata(), Scope::Admin)?;
+        let name = request.into_inner().name;
+        let keys = self
+            .store
+            .list_keys()
+            .await
+            .map_err(|e| fail(store_error(e)))?;
+        let key = keys.iter().find(|k| k.spec.name == name).ok_or_else(|| {
+            fail(store_error(crate::store::StoreError::Key(format!(
+                "no key named `{name}`"
+            ))))
+        })?;
+        Ok(Response::new(pb::GetKeyResponse {
+            key: Some(self.key_out(key)),
+        }))
+    }
+
+    async fn update_key(
+        &self,
+        request: Request<pb::UpdateKeyRequest>,
+    ) -> AdminResult<pb::UpdateKeyResponse> {
+        self.authorize(request.metadata(), Scope::Admin)?;
+        async {
+            let key = request
+                .into_inner()
+                .key
+                .ok_or_else(|| GatewayError::invalid("key", "is required"))?;
+            if key.etag.is_empty() {
+                return Err(GatewayError::invalid(
+                    "key.etag",
+                    "is required: send the etag you are replacing",
+                ));
+            }
+            let version = parse_etag(&key.etag, "key.etag")?;
+            let spec = convert_admin::key_in(key, "key")?;
+            let _write = self.writes.lock().await;
+            let record = self
+                .store
+                .update_key(spec, version)
+                .await
+                .map_err(store_error)?;
+            self.reload_keys().await?;
+            tracing::info!(key = %record.spec.name, etag = %record.etag(), "key updated");
+            Ok(Response::new(pb::UpdateKeyResponse {
+                key: Some(self.key_out(&record)),
+            }))
+        }
+        .await
+        .map_err(fail)
+    }
+
+    async fn revoke_key(
+        &self,
+        request: Request<pb::RevokeKeyRequest>,
+    ) -> AdminResult<pb::RevokeKeyResponse> {
+        self.authorize(request.metadata(), Scope::Admin)?;
+        async {
+            let name = request.into_inner().name;
+            let _write = self.writes.lock().await;
+            self.store.revoke_key(&name).await.map_err(store_error)?;
+            self.reload_keys().await?;
+            tracing::info!(key = %name, "key revoked");
+            Ok(Response::new(pb::RevokeKeyResponse {}))
+        }
+        .await
+        .map_err(fail)
+    }
+
     async fn list_providers(
         &self,
         _request: Request<pb::ListProvidersRequest>,
     ) -> AdminResult<pb::ListProvidersResponse> {
+        self.authorize(_request.metadata(), Scope::Admin)?;
         let table = self.router.load();
         let now = tokio::time::Instant::now();
         Ok(Response::new(pb::ListProvidersResponse {
@@ -532,57 +695,6 @@ impl LlmGatewayAdmin for AdminService {
     }
 }
 
-/// Checks `authorization: Bearer <token>` on every admin call, in constant time.
-#[derive(Clone)]
-pub struct AdminAuth {
-    token: Arc<str>,
-}
-
-impl AdminAuth {
-    /// Accepts `token`.
-    pub fn new(token: &str) -> Self {
-        Self {
-            token: Arc::from(token),
-        }
-    }
-
-    fn verify(&self, presented: &[u8]) -> bool {
-        constant_time_eq(presented, self.token.as_bytes())
-    }
-}
-
-/// Compares in time that depends only on the lengths.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-impl tonic::service::Interceptor for AdminAuth {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        let presented = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            });
-        match presented {
-            Some(token) if self.verify(token.trim().as_bytes()) => Ok(request),
-            Some(_) => Err(GatewayError::Unauthenticated(
-                "the admin credential is not valid".to_owned(),
-            )
-            .into_status()),
-            None => Err(GatewayError::Unauthenticated(
-                "admin calls need `authorization: Bearer <admin token>` metadata".to_owned(),
-            )
-            .into_status()),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -595,12 +707,5 @@ mod tests {
         );
         assert_eq!(decode_token("zz"), None);
         assert_eq!(decode_token("abc"), None);
-    }
-
-    #[test]
-    fn constant_time_compare() {
-        assert!(constant_time_eq(b"secret-token-123", b"secret-token-123"));
-        assert!(!constant_time_eq(b"secret-token-124", b"secret-token-123"));
-        assert!(!constant_time_eq(b"short", b"secret-token-123"));
     }
 }

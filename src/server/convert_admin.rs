@@ -359,3 +359,71 @@ pub fn record_out(r: &crate::ledger::UsageRecord) -> pb::UsageRecord {
         error_class: r.error_class.clone(),
     }
 }
+
+/// Converts and validates a key from the API.
+pub fn key_in(
+    k: pb::Key,
+    prefix: &str,
+) -> Result<crate::auth::KeySpec, crate::error::GatewayError> {
+    let mut violations = Vec::new();
+    let mut scopes = Vec::new();
+    for (i, s) in k.scopes.iter().enumerate() {
+        match crate::auth::Scope::parse(s) {
+            Some(scope) if !scopes.contains(&scope) => scopes.push(scope),
+            Some(_) => {}
+            None => violations.push(FieldViolation::new(
+                format!("{prefix}.scopes[{i}]"),
+                format!("`{s}` is not one of chat, admin, usage-read"),
+            )),
+        }
+    }
+    let spec = crate::auth::KeySpec {
+        name: k.name,
+        owner: k.owner,
+        scopes,
+        allowed_policies: k.allowed_policies,
+        allowed_models: k.allowed_models,
+        forced_tags: k.forced_tags.into_iter().collect(),
+        expires_ms: k
+            .expire_time
+            .map(|t| t.seconds.saturating_mul(1000) + i64::from(t.nanos) / 1_000_000),
+        requests_per_minute: k.requests_per_minute,
+        tokens_per_minute: k.tokens_per_minute,
+        max_concurrent_streams: k.max_concurrent_streams,
+        daily_budget_usd: k.daily_budget_usd,
+        monthly_budget_usd: k.monthly_budget_usd,
+        budget_fallback_policy: k.budget_fallback_policy,
+    };
+    violations.extend(crate::auth::validate(&spec, prefix));
+    if violations.is_empty() {
+        Ok(spec)
+    } else {
+        Err(crate::error::GatewayError::InvalidArgument(violations))
+    }
+}
+
+/// Converts a key for output (never its secret).
+pub fn key_out(r: &crate::auth::KeyRecord, spent_today: f64, spent_month: f64) -> pb::Key {
+    let s = &r.spec;
+    pb::Key {
+        id: r.id.clone(),
+        name: s.name.clone(),
+        owner: s.owner.clone(),
+        scopes: s.scopes.iter().map(|s| s.name().to_owned()).collect(),
+        allowed_policies: s.allowed_policies.clone(),
+        allowed_models: s.allowed_models.clone(),
+        forced_tags: s.forced_tags.clone().into_iter().collect(),
+        expire_time: s.expires_ms.map(timestamp),
+        requests_per_minute: s.requests_per_minute,
+        tokens_per_minute: s.tokens_per_minute,
+        max_concurrent_streams: s.max_concurrent_streams,
+        daily_budget_usd: s.daily_budget_usd,
+        monthly_budget_usd: s.monthly_budget_usd,
+        budget_fallback_policy: s.budget_fallback_policy.clone(),
+        revoked: r.revoked,
+        spent_today_usd: spent_today,
+        spent_this_month_usd: spent_month,
+        etag: r.etag(),
+        create_time: Some(timestamp(r.created_ms)),
+    }
+}

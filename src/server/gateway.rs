@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use super::{
+    access::{Access, now_ms},
     convert,
     deadline::{CallLimits, call_deadline},
     meter::{CallMeter, MeterConfig, Outcome},
@@ -18,13 +19,14 @@ use crate::{
     error::GatewayError,
     executor::{CallEvent, Executor},
     pb::{self, llm_gateway_server::LlmGateway},
-    routing::Router,
+    routing::{Plan, Router, estimate_tokens},
     telemetry::{TraceContext, continue_traceparent},
 };
 
 /// The gateway service.
 #[derive(Clone)]
 pub struct GatewayService {
+    access: Arc<Access>,
     router: Arc<Router>,
     executor: Executor,
     limits: CallLimits,
@@ -36,15 +38,93 @@ impl GatewayService {
     pub fn new(
         router: Arc<Router>,
         executor: Executor,
+        access: Arc<Access>,
         limits: CallLimits,
         meter: MeterConfig,
     ) -> Self {
         Self {
+            access,
             router,
             executor,
             limits,
             meter,
         }
+    }
+}
+
+impl GatewayService {
+    /// Authenticates, applies the key's scope, forced tags, limits and budget, and plans.
+    fn prepare(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        request: pb::ChatRequest,
+        meter: &mut CallMeter,
+        stream: bool,
+    ) -> Result<(crate::types::ChatRequest, Plan), GatewayError> {
+        let caller = self.access.chat_caller(metadata)?;
+        let mut req = convert::chat_request(request)?;
+        let table = self.router.load();
+        let mut permit = None;
+        // Routed to the budget's fallback policy: the budget no longer refuses calls.
+        let mut budget_fallback = false;
+        if let Some(caller) = &caller {
+            caller.force_tags(&mut req.tags);
+            meter.set_key(caller.name());
+            caller.may_call(&req.model, table.is_policy(&req.model))?;
+            let subjects = self.access.subjects(caller);
+            let fallback = &caller.key.spec.budget_fallback_policy;
+            let now = now_ms();
+            if !fallback.is_empty()
+                && subjects
+                    .iter()
+                    .any(|s| self.access.limits.budget_spent(s, now))
+            {
+                tracing::info!(key = caller.name(), policy = %fallback, "budget spent: routing to the fallback policy");
+                req.model.clone_from(fallback);
+                budget_fallback = true;
+            }
+            let (input, output) = estimate_tokens(&req);
+            permit = Some(
+                self.access
+                    .limits
+                    .admit(subjects, input + output, stream)
+                    .inspect_err(count_limited)?,
+            );
+        }
+        meter.set_tags(&req.tags);
+        let mut plan = table.plan(&req)?;
+        if let Some(mut permit) = permit {
+            let (input, output) = estimate_tokens(&req);
+            let estimate = plan
+                .targets
+                .first()
+                .and_then(|t| t.info.as_ref())
+                .and_then(|i| i.prices)
+                .map_or(0.0, |p| {
+                    (input as f64 * p.input + output as f64 * p.output) / 1e6
+                });
+            if !budget_fallback && let Err(err) = permit.reserve(estimate, now_ms()) {
+                // This call would pass the budget: the fallback policy, when there is one.
+                let fallback = caller
+                    .as_ref()
+                    .map(|c| c.key.spec.budget_fallback_policy.clone())
+                    .unwrap_or_default();
+                if fallback.is_empty() {
+                    count_limited(&err);
+                    return Err(err);
+                }
+                req.model = fallback;
+                plan = table.plan(&req)?;
+            }
+            meter.set_permit(permit);
+        }
+        Ok((req, plan))
+    }
+}
+
+fn count_limited(err: &GatewayError) {
+    if let GatewayError::ResourceExhausted { reason, .. } = err {
+        metrics::counter!(crate::telemetry::names::LIMITED, "reason" => *reason).increment(1);
     }
 }
 
@@ -105,9 +185,8 @@ impl LlmGateway for GatewayService {
         let span = tracing::info_span!("call", rpc = "Chat", request_id = %id);
         async move {
             let result = async {
-                let req = convert::chat_request(request.into_inner())?;
-                meter.set_tags(&req.tags);
-                let plan = self.router.load().plan(&req)?;
+                let (metadata, _, message) = request.into_parts();
+                let (req, plan) = self.prepare(&metadata, message, &mut meter, false)?;
                 self.executor.chat(&plan, &req, deadline, trace.as_ref()).await
             }
             .await;
@@ -144,9 +223,8 @@ impl LlmGateway for GatewayService {
         let started = tokio::time::Instant::now();
         let span = tracing::info_span!("call", rpc = "ChatStream", request_id = %id);
         let committed = async {
-            let req = convert::chat_request(request.into_inner())?;
-            meter.set_tags(&req.tags);
-            let plan = self.router.load().plan(&req)?;
+            let (metadata, _, message) = request.into_parts();
+            let (req, plan) = self.prepare(&metadata, message, &mut meter, true)?;
             self.executor
                 .chat_stream(&plan, &req, deadline, trace.as_ref())
                 .await

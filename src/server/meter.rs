@@ -9,6 +9,7 @@ use tonic::Code;
 use crate::{
     error::GatewayError,
     ledger::{Ledger, UsageRecord},
+    limits::Permit,
     models::Cost,
     telemetry::names,
     types::{AttemptOutcome, Route, Usage},
@@ -82,6 +83,8 @@ pub struct CallMeter {
     tags: BTreeMap<String, String>,
     done: bool,
     stream: bool,
+    key: String,
+    permit: Option<Permit>,
 }
 
 fn code_name(code: Code) -> &'static str {
@@ -119,12 +122,24 @@ impl CallMeter {
             tags: BTreeMap::new(),
             done: false,
             stream: false,
+            key: String::new(),
+            permit: None,
         }
     }
 
     /// The request's tags (for the ledger and tag labels).
     pub fn set_tags(&mut self, tags: &BTreeMap<String, String>) {
         self.tags.clone_from(tags);
+    }
+
+    /// The gateway key that made the call (for attribution).
+    pub fn set_key(&mut self, name: &str) {
+        name.clone_into(&mut self.key);
+    }
+
+    /// The call's limits permit, settled with the real usage and cost when the call ends.
+    pub fn set_permit(&mut self, permit: Permit) {
+        self.permit = Some(permit);
     }
 
     /// The stream is open (counted in `llm_gateway_open_streams` until the meter ends).
@@ -225,6 +240,13 @@ impl CallMeter {
             metrics::histogram!(names::COST, target_labels(None)).record(cost.total_usd());
         }
 
+        if let Some(permit) = self.permit.as_mut() {
+            permit.settle(
+                outcome.usage.map(|u| u.total_tokens()),
+                outcome.cost.map(|c| c.total_usd()),
+                super::access::now_ms(),
+            );
+        }
         let usage = outcome.usage.unwrap_or_default();
         self.config.ledger.record(UsageRecord {
             time_ms: std::time::SystemTime::now()
@@ -232,7 +254,7 @@ impl CallMeter {
                 .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
             request_id: std::mem::take(&mut self.request_id),
             rpc: self.rpc.to_owned(),
-            key: String::new(),
+            key: std::mem::take(&mut self.key),
             tags: std::mem::take(&mut self.tags),
             policy: std::mem::take(&mut self.policy),
             provider,

@@ -9,6 +9,7 @@
 //! Shutdown: the signal flips health to NOT_SERVING, the listener stops accepting, in-flight
 //! calls and streams get `shutdown_grace` to finish, then the rest are ended with UNAVAILABLE.
 
+pub mod access;
 pub mod admin;
 pub mod convert;
 pub mod convert_admin;
@@ -201,7 +202,18 @@ pub async fn serve(
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.store_path)?);
     let router = Arc::new(Router::new(table));
     let stop_metrics = CancellationToken::new();
+    let admin_token = admin_token(&config)?;
+    let limits = crate::limits::Limits::new();
+    seed_spend(&*store, &limits).await;
+    let access = Arc::new(access::Access::new(
+        Arc::new(crate::auth::KeyRing::new()),
+        limits,
+        admin_token,
+        config.require_keys,
+        config.teams.clone(),
+    ));
     let admin = admin::AdminService::new(
+        access.clone(),
         router.clone(),
         store.clone(),
         config_policies,
@@ -220,9 +232,11 @@ pub async fn serve(
             "cannot load stored policies: {e}"
         )))
     })?;
-    let admin_token = admin_token(&config)?;
-    let admin_service =
-        LlmGatewayAdminServer::with_interceptor(admin, admin::AdminAuth::new(&admin_token));
+    admin
+        .reload_keys()
+        .await
+        .map_err(|e| ServeError::Store(StoreError::Backend(format!("cannot load keys: {e}"))))?;
+    let admin_service = LlmGatewayAdminServer::new(admin);
 
     let hard_stop = CancellationToken::new();
     let executor = Executor::new(config.executor.clone(), hard_stop.clone());
@@ -253,6 +267,7 @@ pub async fn serve(
     let gateway = gateway::GatewayService::new(
         router,
         executor,
+        access,
         deadline::CallLimits {
             default_timeout: config.default_call_timeout,
             max: config.max_call_duration,
@@ -391,18 +406,17 @@ fn admin_token(config: &Config) -> Result<String, ServeError> {
     if let Some(token) = &config.admin_token {
         return Ok(token.clone());
     }
-    let generated = || {
-        let mut token = String::from("lgw-admin-");
-        for _ in 0..4 {
-            token.push_str(&format!("{:016x}", fastrand::u64(..)));
-        }
-        token
+    let generated = || -> Result<String, ServeError> {
+        let mut bytes = [0u8; 32];
+        crate::auth::secure_random(&mut bytes)
+            .map_err(|e| ServeError::Store(StoreError::Backend(e.to_string())))?;
+        Ok(format!("lgw-admin-{}", crate::auth::hex(&bytes)))
     };
     if config.store_path == std::path::Path::new(":memory:") {
         tracing::warn!(
             "no admin token configured and the store is in memory: admin calls are refused until admin.token is set"
         );
-        return Ok(generated());
+        return generated();
     }
     let path = config
         .store_path
@@ -415,7 +429,7 @@ fn admin_token(config: &Config) -> Result<String, ServeError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(source) => return Err(ServeError::AdminToken { path, source }),
     }
-    let token = generated();
+    let token = generated()?;
     write_private(&path, &token).map_err(|source| ServeError::AdminToken {
         path: path.clone(),
         source,
@@ -436,4 +450,43 @@ fn write_private(path: &std::path::Path, contents: &str) -> std::io::Result<()> 
     let mut file = options.open(path)?;
     file.write_all(contents.as_bytes())?;
     file.sync_all()
+}
+
+/// Seeds budget spend for the current UTC day and month from the usage ledger, so a
+/// restart does not reset budgets.
+async fn seed_spend(store: &dyn Store, limits: &crate::limits::Limits) {
+    let now = access::now_ms();
+    let (today, month) = crate::limits::periods(now);
+    // The month started at most 31 days ago.
+    let records = match store.usage_between(now - 32 * 86_400_000, now + 1).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read usage to seed budgets");
+            return;
+        }
+    };
+    let mut spend: std::collections::HashMap<String, (f64, f64)> = std::collections::HashMap::new();
+    for r in records {
+        let (day, rec_month) = crate::limits::periods(r.time_ms);
+        if rec_month != month {
+            continue;
+        }
+        let cost = r.cost_usd.unwrap_or(0.0);
+        let mut add = |subject: String| {
+            let entry = spend.entry(subject).or_default();
+            entry.1 += cost;
+            if day == today {
+                entry.0 += cost;
+            }
+        };
+        if !r.key.is_empty() {
+            add(format!("key:{}", r.key));
+        }
+        if let Some(team) = r.tags.get("team") {
+            add(format!("team:{team}"));
+        }
+    }
+    for (subject, (day_usd, month_usd)) in spend {
+        limits.seed_spend(&subject, now, day_usd, month_usd);
+    }
 }

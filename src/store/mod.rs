@@ -10,6 +10,7 @@ pub mod sqlite;
 use async_trait::async_trait;
 
 use crate::{
+    auth::{KeyRecord, KeySpec},
     ledger::UsageRecord,
     routing::{PolicyRecord, policy::PolicySpec},
 };
@@ -31,6 +32,9 @@ pub enum StoreError {
         /// Its current version.
         current: u64,
     },
+    /// No such key, or a key with that name exists.
+    #[error("{0}")]
+    Key(String),
     /// The backend failed.
     #[error("store failure: {0}")]
     Backend(String),
@@ -71,4 +75,25 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes usage records older than `cutoff_ms`; returns how many.
     async fn delete_usage_before(&self, cutoff_ms: i64) -> Result<u64, StoreError>;
+
+    /// Every key, sorted by name.
+    async fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError>;
+
+    /// Creates a key at version 1.
+    async fn create_key(
+        &self,
+        id: String,
+        spec: KeySpec,
+        secret_hash: Vec<u8>,
+    ) -> Result<KeyRecord, StoreError>;
+
+    /// Replaces a key's settings if its version is `expected_version`.
+    async fn update_key(
+        &self,
+        spec: KeySpec,
+        expected_version: u64,
+    ) -> Result<KeyRecord, StoreError>;
+
+    /// Marks a key revoked.
+    async fn revoke_key(&self, name: &str) -> Result<(), StoreError>;
 }

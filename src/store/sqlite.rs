@@ -12,6 +12,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{Store, StoreError};
 use crate::{
+    auth::{KeyRecord, KeySpec},
     ledger::UsageRecord,
     routing::{PolicyRecord, PolicySource, policy::PolicySpec},
 };
@@ -49,6 +50,16 @@ const MIGRATIONS: &[&str] = &[
         error_class TEXT NOT NULL
     ) STRICT;
     CREATE INDEX usage_time ON usage (time_ms);",
+    // 3: gateway api keys (only a hash of each secret).
+    "CREATE TABLE keys (
+        id TEXT PRIMARY KEY NOT NULL,
+        name TEXT NOT NULL UNIQUE,
+        doc TEXT NOT NULL,
+        secret_hash BLOB NOT NULL,
+        revoked INTEGER NOT NULL,
+        version INTEGER NOT NULL,
+        created_ms INTEGER NOT NULL
+    ) STRICT;",
 ];
 
 /// The embedded store.
@@ -399,7 +410,139 @@ impl Store for SqliteStore {
         })
         .await
     }
+    async fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        self.with_conn(|conn| {
+            let mut stmt = conn
+                .prepare(&format!("SELECT {KEY_COLUMNS} FROM keys ORDER BY name"))
+                .map_err(backend)?;
+            let rows = stmt.query_map([], key_from_row).map_err(backend)?;
+            let mut out = Vec::new();
+            for row in rows {
+                out.push(key_record(row.map_err(backend)?)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn create_key(
+        &self,
+        id: String,
+        spec: KeySpec,
+        secret_hash: Vec<u8>,
+    ) -> Result<KeyRecord, StoreError> {
+        self.with_conn(move |conn| {
+            let doc = serde_json::to_string(&spec).map_err(backend)?;
+            let now = now_ms();
+            let inserted = conn
+                .execute(
+                    "INSERT INTO keys (id, name, doc, secret_hash, revoked, version, created_ms)
+                     VALUES (?1, ?2, ?3, ?4, 0, 1, ?5) ON CONFLICT DO NOTHING",
+                    params![id, spec.name, doc, secret_hash, now],
+                )
+                .map_err(backend)?;
+            if inserted == 0 {
+                return Err(StoreError::Key(format!(
+                    "a key named `{}` already exists",
+                    spec.name
+                )));
+            }
+            Ok(KeyRecord {
+                id,
+                spec,
+                secret_hash,
+                revoked: false,
+                version: 1,
+                created_ms: now,
+            })
+        })
+        .await
+    }
+
+    async fn update_key(
+        &self,
+        spec: KeySpec,
+        expected_version: u64,
+    ) -> Result<KeyRecord, StoreError> {
+        self.with_conn(move |conn| {
+            let doc = serde_json::to_string(&spec).map_err(backend)?;
+            let tx = conn.transaction().map_err(backend)?;
+            let updated = tx
+                .execute(
+                    "UPDATE keys SET doc = ?2, version = version + 1 WHERE name = ?1 AND version = ?3",
+                    params![spec.name, doc, to_i64(expected_version)],
+                )
+                .map_err(backend)?;
+            let row = tx
+                .query_row(
+                    &format!("SELECT {KEY_COLUMNS} FROM keys WHERE name = ?1"),
+                    params![spec.name],
+                    key_from_row,
+                )
+                .optional()
+                .map_err(backend)?;
+            let Some(row) = row else {
+                return Err(StoreError::Key(format!("no key named `{}`", spec.name)));
+            };
+            let record = key_record(row)?;
+            if updated == 0 {
+                return Err(StoreError::Conflict {
+                    name: spec.name,
+                    current: record.version,
+                });
+            }
+            tx.commit().map_err(backend)?;
+            Ok(record)
+        })
+        .await
+    }
+
+    async fn revoke_key(&self, name: &str) -> Result<(), StoreError> {
+        let name = name.to_owned();
+        self.with_conn(move |conn| {
+            let n = conn
+                .execute(
+                    "UPDATE keys SET revoked = 1, version = version + 1 WHERE name = ?1",
+                    params![name],
+                )
+                .map_err(backend)?;
+            if n == 0 {
+                return Err(StoreError::Key(format!("no key named `{name}`")));
+            }
+            Ok(())
+        })
+        .await
+    }
 }
+
+fn key_from_row(
+    row: &rusqlite::Row<'_>,
+) -> rusqlite::Result<(String, String, Vec<u8>, bool, i64, i64)> {
+    Ok((
+        row.get(0)?,
+        row.get(1)?,
+        row.get(2)?,
+        row.get(3)?,
+        row.get(4)?,
+        row.get(5)?,
+    ))
+}
+
+fn key_record(
+    (id, doc, secret_hash, revoked, version, created_ms): (String, String, Vec<u8>, bool, i64, i64),
+) -> Result<KeyRecord, StoreError> {
+    Ok(KeyRecord {
+        id,
+        spec: serde_json::from_str(&doc)
+            .map_err(|e| backend(format!("stored key is unreadable: {e}")))?,
+        secret_hash,
+        revoked,
+        version: to_u64(version),
+        created_ms,
+    })
+}
+
+const KEY_COLUMNS: &str = "id, doc, secret_hash, revoked, version, created_ms";
 
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)

@@ -1,0 +1,562 @@
+//! Rate limits and budgets, per key and per team (a key's owner).
+//!
+//! - Requests per minute and tokens per minute are token buckets (capacity = the per-minute
+//!   limit, refilled continuously). Tokens are estimated before a call from the request size
+//!   and reconciled with the reported usage after it.
+//! - Concurrent streams are counted while a stream is open.
+//! - Budgets in US dollars per UTC day and month. Before a call, the estimated cost on the
+//!   plan's primary target is reserved; the call is refused when spend + reservations + the
+//!   estimate would pass the budget. After the call the reservation is replaced by the real
+//!   cost. The overspend is therefore bounded by how far real costs exceed their estimates
+//!   for the calls in flight (the output estimate is `max_tokens`, or 256 when unset).
+//!   Crossing 50%, 80% and 100% of a budget is logged and counted in metrics.
+//!
+//! State is in memory, behind [`Limits`]; spend is seeded from the usage ledger at start, so
+//! a restart does not reset budgets. The interface takes and returns plain numbers so a
+//! shared store (several replicas enforcing one budget) can back it later.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::time::Instant;
+
+use crate::{error::GatewayError, telemetry::names};
+
+/// Limits of a team, from the config file.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TeamLimits {
+    /// Requests per minute (0: unlimited).
+    pub requests_per_minute: u32,
+    /// Tokens per minute (0: unlimited).
+    pub tokens_per_minute: u64,
+    /// Daily budget in USD (0: none).
+    pub daily_budget_usd: f64,
+    /// Monthly budget in USD (0: none).
+    pub monthly_budget_usd: f64,
+}
+
+/// The limits that apply to one subject (a key or a team).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubjectLimits {
+    /// `key:NAME` or `team:NAME`.
+    pub subject: String,
+    /// Requests per minute.
+    pub requests_per_minute: u32,
+    /// Tokens per minute.
+    pub tokens_per_minute: u64,
+    /// Concurrent streams.
+    pub max_concurrent_streams: u32,
+    /// Daily budget.
+    pub daily_budget_usd: f64,
+    /// Monthly budget.
+    pub monthly_budget_usd: f64,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+#[derive(Debug, Default)]
+struct Spend {
+    day: i64,
+    day_usd: f64,
+    month: i64,
+    month_usd: f64,
+    reserved_usd: f64,
+    /// Highest threshold (in percent) already reported, per period.
+    alerted: [u32; 2],
+}
+
+/// UTC day index and month index (year * 12 + month) of a Unix ms time.
+pub fn periods(now_ms: i64) -> (i64, i64) {
+    let days = now_ms.div_euclid(86_400_000);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (days, year * 12 + (month - 1))
+}
+
+/// Milliseconds until the next UTC day starts.
+fn until_next_day(now_ms: i64) -> Duration {
+    let next = (now_ms.div_euclid(86_400_000) + 1) * 86_400_000;
+    Duration::from_millis(u64::try_from(next - now_ms).unwrap_or(0))
+}
+
+/// The in-memory state of all limits.
+#[derive(Debug, Default)]
+pub struct Limits {
+    buckets: Mutex<HashMap<String, Bucket>>,
+    streams: Mutex<HashMap<String, u32>>,
+    spend: Mutex<HashMap<String, Spend>>,
+}
+
+fn exhausted(
+    subject: &str,
+    what: String,
+    retry_after: Duration,
+    reason: &'static str,
+) -> GatewayError {
+    GatewayError::ResourceExhausted {
+        reason,
+        subject: subject.to_owned(),
+        message: format!("{subject}: {what}"),
+        retry_after: Some(retry_after),
+    }
+}
+
+/// What a call holds while it runs; settled (or released) when it ends.
+#[derive(Debug)]
+pub struct Permit {
+    limits: Arc<Limits>,
+    subjects: Vec<SubjectLimits>,
+    estimated_tokens: u64,
+    reserved_usd: f64,
+    stream: bool,
+    settled: bool,
+}
+
+impl Limits {
+    /// Empty state.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Seeds a subject's spend for the current day and month (from the ledger at start).
+    pub fn seed_spend(&self, subject: &str, now_ms: i64, day_usd: f64, month_usd: f64) {
+        let (day, month) = periods(now_ms);
+        let mut spend = self
+            .spend
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let s = spend.entry(subject.to_owned()).or_default();
+        *s = Spend {
+            day,
+            day_usd,
+            month,
+            month_usd,
+            ..Spend::default()
+        };
+    }
+
+    /// Current (day, month) spend of a subject.
+    pub fn spent(&self, subject: &str, now_ms: i64) -> (f64, f64) {
+        let (day, month) = periods(now_ms);
+        let spend = self
+            .spend
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        spend.get(subject).map_or((0.0, 0.0), |s| {
+            (
+                if s.day == day { s.day_usd } else { 0.0 },
+                if s.month == month { s.month_usd } else { 0.0 },
+            )
+        })
+    }
+
+    /// Takes `amount` from a bucket of `per_minute` capacity, or says when to come back.
+    fn take(&self, name: &str, per_minute: f64, amount: f64, now: Instant) -> Result<(), Duration> {
+        let mut buckets = self
+            .buckets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let bucket = buckets.entry(name.to_owned()).or_insert(Bucket {
+            tokens: per_minute,
+            at: now,
+        });
+        let rate = per_minute / 60.0;
+        let elapsed = now.duration_since(bucket.at).as_secs_f64();
+        bucket.tokens = (bucket.tokens + elapsed * rate).min(per_minute);
+        bucket.at = now;
+        // A single request larger than the whole minute passes only on a full bucket.
+        let needed = amount.min(per_minute);
+        if bucket.tokens >= needed {
+            bucket.tokens -= amount;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((needed - bucket.tokens) / rate))
+        }
+    }
+
+    fn give(&self, name: &str, amount: f64) {
+        let mut buckets = self
+            .buckets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(bucket) = buckets.get_mut(name) {
+            bucket.tokens += amount;
+        }
+    }
+
+    /// Admits a call: request and token rates, and (for streams) a stream slot. Budgets are
+    /// checked with [`Permit::reserve`] once the plan is known.
+    pub fn admit(
+        self: &Arc<Self>,
+        subjects: Vec<SubjectLimits>,
+        estimated_tokens: u64,
+        stream: bool,
+    ) -> Result<Permit, GatewayError> {
+        let now = Instant::now();
+        let mut taken: Vec<(String, f64)> = Vec::new();
+        let undo = |taken: &[(String, f64)]| {
+            for (name, amount) in taken {
+                self.give(name, *amount);
+            }
+        };
+        for s in &subjects {
+            if s.requests_per_minute > 0 {
+                let name = format!("rpm:{}", s.subject);
+                match self.take(&name, f64::from(s.requests_per_minute), 1.0, now) {
+                    Ok(()) => taken.push((name, 1.0)),
+                    Err(wait) => {
+                        undo(&taken);
+                        return Err(exhausted(
+                            &s.subject,
+                            format!(
+                                "the limit of {} requests per minute is reached",
+                                s.requests_per_minute
+                            ),
+                            wait,
+                            "RATE_LIMIT_REQUESTS",
+                        ));
+                    }
+                }
+            }
+            if s.tokens_per_minute > 0 {
+                let name = format!("tpm:{}", s.subject);
+                let amount = estimated_tokens as f64;
+                match self.take(&name, s.tokens_per_minute as f64, amount, now) {
+                    Ok(()) => taken.push((name, amount)),
+                    Err(wait) => {
+                        undo(&taken);
+                        return Err(exhausted(
+                            &s.subject,
+                            format!(
+                                "the limit of {} tokens per minute is reached",
+                                s.tokens_per_minute
+                            ),
+                            wait,
+                            "RATE_LIMIT_TOKENS",
+                        ));
+                    }
+                }
+            }
+        }
+        if stream {
+            let mut streams = self
+                .streams
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(s) = subjects.iter().find(|s| {
+                s.max_concurrent_streams > 0
+                    && streams.get(&s.subject).copied().unwrap_or(0) >= s.max_concurrent_streams
+            }) {
+                let subject = s.subject.clone();
+                let max = s.max_concurrent_streams;
+                drop(streams);
+                undo(&taken);
+                return Err(exhausted(
+                    &subject,
+                    format!("the limit of {max} concurrent streams is reached"),
+                    Duration::from_secs(1),
+                    "RATE_LIMIT_STREAMS",
+                ));
+            }
+            for s in &subjects {
+                *streams.entry(s.subject.clone()).or_default() += 1;
+            }
+        }
+        Ok(Permit {
+            limits: self.clone(),
+            subjects,
+            estimated_tokens,
+            reserved_usd: 0.0,
+            stream,
+            settled: false,
+        })
+    }
+
+    /// Whether a subject's budget is spent (for routing to a fallback policy).
+    pub fn budget_spent(&self, s: &SubjectLimits, now_ms: i64) -> bool {
+        let (day_usd, month_usd) = self.spent(&s.subject, now_ms);
+        let reserved = self.reserved(&s.subject);
+        (s.daily_budget_usd > 0.0 && day_usd + reserved >= s.daily_budget_usd)
+            || (s.monthly_budget_usd > 0.0 && month_usd + reserved >= s.monthly_budget_usd)
+    }
+
+    fn reserved(&self, subject: &str) -> f64 {
+        let spend = self
+            .spend
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        spend.get(subject).map_or(0.0, |s| s.reserved_usd)
+    }
+}
+
+impl Permit {
+    /// Reserves the estimated cost of the call against every budget; refuses the call when
+    /// that would pass one.
+    pub fn reserve(&mut self, estimated_usd: f64, now_ms: i64) -> Result<(), GatewayError> {
+        let (day, month) = periods(now_ms);
+        let mut spend = self
+            .limits
+            .spend
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for s in &self.subjects {
+            let entry = spend.entry(s.subject.clone()).or_default();
+            roll(entry, day, month);
+            let committed = entry.reserved_usd + estimated_usd;
+            if s.daily_budget_usd > 0.0 && entry.day_usd + committed > s.daily_budget_usd {
+                return Err(exhausted(
+                    &s.subject,
+                    format!(
+                        "the daily budget of ${} is spent (${:.6} used)",
+                        s.daily_budget_usd, entry.day_usd
+                    ),
+                    until_next_day(now_ms),
+                    "BUDGET_EXCEEDED",
+                ));
+            }
+            if s.monthly_budget_usd > 0.0 && entry.month_usd + committed > s.monthly_budget_usd {
+                return Err(exhausted(
+                    &s.subject,
+                    format!(
+                        "the monthly budget of ${} is spent (${:.6} used)",
+                        s.monthly_budget_usd, entry.month_usd
+                    ),
+                    until_next_day(now_ms),
+                    "BUDGET_EXCEEDED",
+                ));
+            }
+        }
+        for s in &self.subjects {
+            spend.entry(s.subject.clone()).or_default().reserved_usd += estimated_usd;
+        }
+        self.reserved_usd = estimated_usd;
+        Ok(())
+    }
+
+    /// Ends the call: reconciles tokens with real usage and replaces the cost reservation by
+    /// the real cost. Without usage (failed or cancelled calls), the token estimate stays
+    /// taken and nothing is charged.
+    pub fn settle(&mut self, actual_tokens: Option<u64>, actual_usd: Option<f64>, now_ms: i64) {
+        if self.settled {
+            return;
+        }
+        self.settled = true;
+        if let Some(actual) = actual_tokens {
+            for s in &self.subjects {
+                if s.tokens_per_minute > 0 {
+                    self.limits.give(
+                        &format!("tpm:{}", s.subject),
+                        self.estimated_tokens as f64 - actual as f64,
+                    );
+                }
+            }
+        }
+        let (day, month) = periods(now_ms);
+        let cost = actual_usd.unwrap_or(0.0);
+        let mut spend = self
+            .limits
+            .spend
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for s in &self.subjects {
+            let entry = spend.entry(s.subject.clone()).or_default();
+            roll(entry, day, month);
+            entry.reserved_usd = (entry.reserved_usd - self.reserved_usd).max(0.0);
+            entry.day_usd += cost;
+            entry.month_usd += cost;
+            for (period, (limit, used, label)) in [
+                (s.daily_budget_usd, entry.day_usd, "day"),
+                (s.monthly_budget_usd, entry.month_usd, "month"),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                if limit <= 0.0 {
+                    continue;
+                }
+                let ratio = used / limit;
+                metrics::gauge!(names::BUDGET_USED, "subject" => s.subject.clone(), "period" => label)
+                    .set(ratio);
+                for threshold in [50u32, 80, 100] {
+                    if ratio * 100.0 >= f64::from(threshold) && entry.alerted[period] < threshold {
+                        entry.alerted[period] = threshold;
+                        tracing::warn!(
+                            subject = %s.subject,
+                            period = label,
+                            threshold_percent = threshold,
+                            spent_usd = used,
+                            budget_usd = limit,
+                            "budget threshold crossed"
+                        );
+                        metrics::counter!(
+                            names::BUDGET_ALERTS,
+                            "subject" => s.subject.clone(),
+                            "period" => label,
+                            "threshold" => threshold.to_string()
+                        )
+                        .increment(1);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn roll(entry: &mut Spend, day: i64, month: i64) {
+    if entry.day != day {
+        entry.day = day;
+        entry.day_usd = 0.0;
+        entry.alerted[0] = 0;
+    }
+    if entry.month != month {
+        entry.month = month;
+        entry.month_usd = 0.0;
+        entry.alerted[1] = 0;
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if !self.settled {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+            self.settle(None, None, now_ms);
+        }
+        if self.stream {
+            let mut streams = self
+                .limits
+                .streams
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for s in &self.subjects {
+                if let Some(n) = streams.get_mut(&s.subject) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subject(rpm: u32, tpm: u64, streams: u32, daily: f64) -> SubjectLimits {
+        SubjectLimits {
+            subject: "key:k".into(),
+            requests_per_minute: rpm,
+            tokens_per_minute: tpm,
+            max_concurrent_streams: streams,
+            daily_budget_usd: daily,
+            monthly_budget_usd: 0.0,
+        }
+    }
+
+    #[test]
+    fn periods_are_utc_days_and_months() {
+        // 2024-02-29T12:00:00Z
+        let (day, month) = periods(1_709_208_000_000);
+        assert_eq!(day, 19_782);
+        assert_eq!(month, 2024 * 12 + 1);
+        assert_eq!(periods(0).1, 1970 * 12);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_per_minute_exceed_and_recover() {
+        let limits = Limits::new();
+        for _ in 0..3 {
+            limits
+                .admit(vec![subject(3, 0, 0, 0.0)], 10, false)
+                .unwrap();
+        }
+        let err = limits
+            .admit(vec![subject(3, 0, 0, 0.0)], 10, false)
+            .unwrap_err();
+        let GatewayError::ResourceExhausted {
+            reason,
+            retry_after,
+            ..
+        } = &err
+        else {
+            panic!("{err:?}");
+        };
+        assert_eq!(*reason, "RATE_LIMIT_REQUESTS");
+        assert_eq!(*retry_after, Some(Duration::from_secs(20)));
+        tokio::time::advance(Duration::from_secs(20)).await;
+        limits
+            .admit(vec![subject(3, 0, 0, 0.0)], 10, false)
+            .unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tokens_per_minute_are_reconciled() {
+        let limits = Limits::new();
+        // Estimated 600 of 1000: a second estimate of 600 does not fit...
+        let mut p = limits
+            .admit(vec![subject(0, 1000, 0, 0.0)], 600, false)
+            .unwrap();
+        assert!(
+            limits
+                .admit(vec![subject(0, 1000, 0, 0.0)], 600, false)
+                .is_err()
+        );
+        // ...until the first call reports it used only 100.
+        p.settle(Some(100), None, 0);
+        limits
+            .admit(vec![subject(0, 1000, 0, 0.0)], 600, false)
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn concurrent_streams_are_capped() {
+        let limits = Limits::new();
+        let a = limits.admit(vec![subject(0, 0, 1, 0.0)], 1, true).unwrap();
+        assert!(limits.admit(vec![subject(0, 0, 1, 0.0)], 1, true).is_err());
+        drop(a);
+        limits.admit(vec![subject(0, 0, 1, 0.0)], 1, true).unwrap();
+    }
+
+    #[tokio::test]
+    async fn budget_reservations_bound_the_overspend() {
+        let limits = Limits::new();
+        let now = 1_709_208_000_000;
+        let mut first = limits.admit(vec![subject(0, 0, 0, 1.0)], 1, false).unwrap();
+        first.reserve(0.6, now).unwrap();
+        let mut second = limits.admit(vec![subject(0, 0, 0, 1.0)], 1, false).unwrap();
+        // 0.6 reserved + 0.6 would pass $1: refused while the first is in flight.
+        assert!(second.reserve(0.6, now).is_err());
+        first.settle(Some(10), Some(0.7), now);
+        assert_eq!(limits.spent("key:k", now), (0.7, 0.7));
+        let mut third = limits.admit(vec![subject(0, 0, 0, 1.0)], 1, false).unwrap();
+        third.reserve(0.2, now).unwrap();
+        third.settle(Some(10), Some(0.25), now);
+        assert!(limits.budget_spent(&subject(0, 0, 0, 0.9), now));
+        let mut fourth = limits.admit(vec![subject(0, 0, 0, 1.0)], 1, false).unwrap();
+        let err = fourth.reserve(0.1, now).unwrap_err();
+        assert!(matches!(
+            err,
+            GatewayError::ResourceExhausted {
+                reason: "BUDGET_EXCEEDED",
+                ..
+            }
+        ));
+        // The next UTC day starts afresh.
+        let tomorrow = now + 86_400_000;
+        fourth.reserve(0.1, tomorrow).unwrap();
+    }
+}
