@@ -96,7 +96,7 @@ pub fn openai_toml(mock: &MockUpstream, extra: &str) -> String {
 [server]
 shutdown_grace = "5s"
 # Answer well before the test client's own deadline timer, even on a loaded machine.
-deadline_margin = "100ms"
+deadline_margin = "250ms"
 [upstream]
 stream_idle_timeout = "2s"
 [providers.openai]
@@ -211,7 +211,7 @@ pub fn all_providers_toml(mock: &MockUpstream, extra: &str) -> String {
         r#"
 [server]
 shutdown_grace = "5s"
-deadline_margin = "100ms"
+deadline_margin = "250ms"
 [upstream]
 stream_idle_timeout = "2s"
 [providers.openai]

@@ -16,6 +16,8 @@ async fn gateway_with(policies: &str) -> (MockUpstream, Gateway) {
     let url = mock.openai_base_url();
     let gateway = Gateway::start(&format!(
         r#"
+[server]
+deadline_margin = "250ms"
 [upstream]
 stream_idle_timeout = "5s"
 [providers.a]
@@ -158,7 +160,7 @@ async fn deadline_too_short_for_any_answer_is_deadline_exceeded() {
     let (_mock, gateway) = gateway_with(
         r#"
 [policies.slow]
-targets = [{ provider = "a", model = "m+latency=2000" }]
+targets = [{ provider = "a", model = "m+latency=3000" }]
 "#,
     )
     .await;
@@ -166,7 +168,7 @@ targets = [{ provider = "a", model = "m+latency=2000" }]
         .client()
         .chat(with_deadline(
             request("slow", "hi"),
-            Duration::from_millis(400),
+            Duration::from_millis(1000),
         ))
         .await
         .unwrap_err();
