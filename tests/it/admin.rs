@@ -7,24 +7,12 @@ use llm_gateway::{
     mock_upstream::{MockSettings, MockUpstream},
     pb::{self, chat_stream_response::Event, llm_gateway_admin_client::LlmGatewayAdminClient},
 };
-use tonic::{Code, Request, service::interceptor::InterceptedService, transport::Channel};
+use tonic::{Code, Request, transport::Channel};
 
 use crate::common::*;
 
-type Admin = LlmGatewayAdminClient<
-    InterceptedService<Channel, fn(Request<()>) -> Result<Request<()>, tonic::Status>>,
->;
-
-fn with_token(mut req: Request<()>) -> Result<Request<()>, tonic::Status> {
-    req.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {ADMIN_TOKEN}").parse().unwrap(),
-    );
-    Ok(req)
-}
-
 fn admin(gateway: &Gateway) -> Admin {
-    LlmGatewayAdminClient::with_interceptor(gateway.channel.clone(), with_token as fn(_) -> _)
+    admin_client(gateway.channel.clone())
 }
 
 /// Two providers `a` and `b` in front of one mock, and a gateway.
@@ -689,8 +677,7 @@ async fn policies_survive_kill_9_and_restart() {
         (child, channel.expect("the gateway process started"))
     };
     let (mut child, channel) = start().await;
-    let mut admin: Admin =
-        LlmGatewayAdminClient::with_interceptor(channel, with_token as fn(_) -> _);
+    let mut admin: Admin = admin_client(channel);
     create(
         &mut admin,
         policy("durable", vec![target("a", "gpt-4o-mini")]),
@@ -700,8 +687,7 @@ async fn policies_survive_kill_9_and_restart() {
     child.wait().await.unwrap();
 
     let (_child, channel) = start().await;
-    let mut admin: Admin =
-        LlmGatewayAdminClient::with_interceptor(channel.clone(), with_token as fn(_) -> _);
+    let mut admin: Admin = admin_client(channel.clone());
     let p = admin
         .get_policy(pb::GetPolicyRequest {
             name: "durable".into(),

@@ -245,3 +245,27 @@ pub async fn all_providers_pair() -> (MockUpstream, Gateway) {
     let gateway = Gateway::start(&all_providers_toml(&mock, "")).await;
     (mock, gateway)
 }
+
+/// An admin client that sends the test admin token.
+pub type Admin = llm_gateway::pb::llm_gateway_admin_client::LlmGatewayAdminClient<
+    tonic::service::interceptor::InterceptedService<
+        Channel,
+        fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>,
+    >,
+>;
+
+fn with_admin_token(mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {ADMIN_TOKEN}").parse().unwrap(),
+    );
+    Ok(req)
+}
+
+/// An admin client over `channel` with the test admin token.
+pub fn admin_client(channel: Channel) -> Admin {
+    llm_gateway::pb::llm_gateway_admin_client::LlmGatewayAdminClient::with_interceptor(
+        channel,
+        with_admin_token as fn(_) -> _,
+    )
+}

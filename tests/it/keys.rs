@@ -6,25 +6,13 @@ use llm_gateway::{
     mock_upstream::{MockSettings, MockUpstream},
     pb::{self, llm_gateway_admin_client::LlmGatewayAdminClient},
 };
-use tonic::{Code, Request, service::interceptor::InterceptedService, transport::Channel};
+use tonic::{Code, Request};
 use tonic_types::StatusExt;
 
 use crate::common::*;
 
-type Admin = LlmGatewayAdminClient<
-    InterceptedService<Channel, fn(Request<()>) -> Result<Request<()>, tonic::Status>>,
->;
-
-fn with_token(mut req: Request<()>) -> Result<Request<()>, tonic::Status> {
-    req.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {ADMIN_TOKEN}").parse().unwrap(),
-    );
-    Ok(req)
-}
-
 fn admin(gateway: &Gateway) -> Admin {
-    LlmGatewayAdminClient::with_interceptor(gateway.channel.clone(), with_token as fn(_) -> _)
+    admin_client(gateway.channel.clone())
 }
 
 async fn setup(extra: &str) -> (MockUpstream, Gateway) {

@@ -10,27 +10,15 @@ use std::{
 
 use llm_gateway::{
     mock_upstream::{MockSettings, MockUpstream},
-    pb::{self, llm_gateway_admin_client::LlmGatewayAdminClient},
+    pb,
 };
-use tonic::{Request, service::interceptor::InterceptedService, transport::Channel};
+use tonic::Request;
 
 use crate::common::*;
 
 fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
-}
-
-type Admin = LlmGatewayAdminClient<
-    InterceptedService<Channel, fn(Request<()>) -> Result<Request<()>, tonic::Status>>,
->;
-
-fn with_token(mut req: Request<()>) -> Result<Request<()>, tonic::Status> {
-    req.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {ADMIN_TOKEN}").parse().unwrap(),
-    );
-    Ok(req)
 }
 
 /// One parsed sample of the Prometheus text format.
@@ -255,8 +243,7 @@ execution = {{ hedging = {{ mode = "fixed", delay = "50ms" }} }}
     assert!(value(&m, "llm_gateway_build_info", &[]) >= 1.0);
 
     // The ledger, through GetUsage: the same numbers.
-    let mut admin: Admin =
-        LlmGatewayAdminClient::with_interceptor(gateway.channel.clone(), with_token as fn(_) -> _);
+    let mut admin: Admin = admin_client(gateway.channel.clone());
     let mut usage = None;
     for _ in 0..100 {
         let u = admin
