@@ -185,6 +185,8 @@ struct RawLog {
     format: Option<String>,
     bodies: Option<bool>,
     body_max_bytes: Option<usize>,
+    otlp_endpoint: Option<String>,
+    service_name: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -204,15 +206,30 @@ struct RawProvider {
 // Validated configuration
 // -------------------------------------------------------------------------------------------
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable text.
+    Text,
+    /// JSON lines, for log pipelines.
+    Json,
+    /// No log lines (traces may still be exported over OTLP).
+    None,
+}
+
 /// Log output settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogConfig {
     /// A `tracing_subscriber::EnvFilter` directive, e.g. `info` or `llm_gateway=debug`.
     pub filter: String,
-    /// JSON lines instead of human-readable text.
-    pub json: bool,
+    /// How log lines are written to stderr.
+    pub format: LogFormat,
     /// Log upstream request and error bodies (redacted, truncated to this many bytes).
     pub bodies: Option<usize>,
+    /// Export traces over OTLP/gRPC to this endpoint (e.g. `http://127.0.0.1:4317`).
+    pub otlp_endpoint: Option<String>,
+    /// The `service.name` of exported traces.
+    pub service_name: String,
 }
 
 /// The kind of a configured provider.
@@ -616,12 +633,16 @@ fn validate(
         .clone()
         .or(raw.log.format)
         .unwrap_or_else(|| "text".to_owned());
-    let json = match log_format.as_str() {
-        "text" => false,
-        "json" => true,
+    let format = match log_format.as_str() {
+        "text" => LogFormat::Text,
+        "json" => LogFormat::Json,
+        "none" => LogFormat::None,
         other => {
-            issues.push("log.format", format!("`{other}` is not one of: text, json"));
-            false
+            issues.push(
+                "log.format",
+                format!("`{other}` is not one of: text, json, none"),
+            );
+            LogFormat::Text
         }
     };
     let filter = overrides
@@ -988,6 +1009,16 @@ fn validate(
         Duration::from_secs(30 * 24 * 3600),
     );
 
+    let otlp_endpoint = match raw.log.otlp_endpoint.filter(|e| !e.is_empty()) {
+        Some(e) if !(e.starts_with("http://") || e.starts_with("https://")) => {
+            issues.push(
+                "log.otlp_endpoint",
+                format!("`{e}` must start with http:// or https://"),
+            );
+            None
+        }
+        other => other,
+    };
     // Keys are required whenever the data plane is reachable from other machines.
     let require_keys = raw.auth.require_keys.unwrap_or(false) || !listen.ip().is_loopback();
     let mut teams = std::collections::HashMap::new();
@@ -1036,12 +1067,17 @@ fn validate(
         stream_idle_timeout,
         log: LogConfig {
             filter,
-            json,
+            format,
             bodies: raw
                 .log
                 .bodies
                 .unwrap_or(false)
                 .then_some(raw.log.body_max_bytes.unwrap_or(4096)),
+            otlp_endpoint,
+            service_name: raw
+                .log
+                .service_name
+                .unwrap_or_else(|| "llm-gateway".to_owned()),
         },
         providers,
         models: raw.models,

@@ -76,7 +76,6 @@ fn main() -> ExitCode {
         println!("  store: {}", config.store_path.display());
         return ExitCode::SUCCESS;
     }
-    telemetry::init(&config.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -88,21 +87,28 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let listener = match tokio::net::TcpListener::bind(config.listen).await {
-            Ok(l) => l,
-            Err(err) => {
-                tracing::error!(addr = %config.listen, error = %err, "cannot listen");
-                return ExitCode::FAILURE;
-            }
-        };
-        match server::run(config, listener, shutdown_signal()).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(err) => {
-                tracing::error!(error = %err, "gateway failed");
-                ExitCode::FAILURE
-            }
-        }
+        let telemetry = telemetry::init(&config.log);
+        let code = serve(config).await;
+        telemetry.shutdown();
+        code
     })
+}
+
+async fn serve(config: Config) -> ExitCode {
+    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+        Ok(l) => l,
+        Err(err) => {
+            tracing::error!(addr = %config.listen, error = %err, "cannot listen");
+            return ExitCode::FAILURE;
+        }
+    };
+    match server::run(config, listener, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(error = %err, "gateway failed");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -14,26 +14,97 @@ use std::sync::OnceLock;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
-use crate::config::LogConfig;
+use crate::config::{LogConfig, LogFormat};
 
-/// Installs the global log subscriber. Logs go to stderr.
-pub fn init(log: &LogConfig) {
+/// Keeps trace export running; [`TelemetryGuard::shutdown`] flushes it.
+#[derive(Debug, Default)]
+pub struct TelemetryGuard {
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl TelemetryGuard {
+    /// Exports the spans still buffered and stops the exporter.
+    pub fn shutdown(self) {
+        if let Some(provider) = self.provider
+            && let Err(e) = provider.shutdown()
+        {
+            tracing::warn!(error = %e, "flushing traces failed");
+        }
+    }
+}
+
+/// Installs the global log subscriber (logs to stderr) and, when `log.otlp_endpoint` is set,
+/// OTLP/gRPC trace export. Must run inside the tokio runtime when OTLP is on.
+pub fn init(log: &LogConfig) -> TelemetryGuard {
     let filter = EnvFilter::try_new(&log.filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let registry = tracing_subscriber::registry().with(filter);
-    if log.json {
-        let _ = registry
+    let (otel, provider) = match log
+        .otlp_endpoint
+        .as_deref()
+        .map(|e| otlp_layer(e, &log.service_name))
+    {
+        Some(Ok((layer, provider))) => (Some(layer), Some(provider)),
+        Some(Err(e)) => {
+            // Logging is not up yet: say it on stderr through the subscriber once it is.
+            let message = e;
+            let _ = tracing_subscriber::registry()
+                .with(filter)
+                .with(fmt::layer().with_writer(std::io::stderr))
+                .try_init();
+            tracing::error!(error = %message, "cannot start otlp trace export; continuing without it");
+            return TelemetryGuard::default();
+        }
+        None => (None, None),
+    };
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    let _ = match log.format {
+        LogFormat::Json => registry
             .with(
                 fmt::layer()
                     .json()
                     .with_writer(std::io::stderr)
                     .with_current_span(true),
             )
-            .try_init();
-    } else {
-        let _ = registry
+            .try_init(),
+        LogFormat::Text => registry
             .with(fmt::layer().with_writer(std::io::stderr))
-            .try_init();
-    }
+            .try_init(),
+        LogFormat::None => registry.try_init(),
+    };
+    TelemetryGuard { provider }
+}
+
+type OtelLayer = tracing_opentelemetry::OpenTelemetryLayer<
+    tracing_subscriber::layer::Layered<EnvFilter, tracing_subscriber::Registry>,
+    opentelemetry_sdk::trace::SdkTracer,
+>;
+
+fn otlp_layer(
+    endpoint: &str,
+    service_name: &str,
+) -> Result<(OtelLayer, opentelemetry_sdk::trace::SdkTracerProvider), String> {
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_otlp::WithExportConfig as _;
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let processor =
+        opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor::builder(
+            exporter,
+            opentelemetry_sdk::runtime::Tokio,
+        )
+        .build();
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_span_processor(processor)
+        .with_resource(
+            opentelemetry_sdk::Resource::builder()
+                .with_service_name(service_name.to_owned())
+                .build(),
+        )
+        .build();
+    let tracer = provider.tracer("llm-gateway");
+    Ok((tracing_opentelemetry::layer().with_tracer(tracer), provider))
 }
 
 /// Metric names, in one place.

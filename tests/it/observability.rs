@@ -415,3 +415,86 @@ api_key = "sk-live-SECRETKEY1234567890"
         "a prompt leaked into the logs:\n{logs}"
     );
 }
+
+/// An exported span: its name and string attributes.
+type ExportedSpan = (String, HashMap<String, String>);
+
+/// A fake OTLP collector: keeps every exported span.
+#[derive(Clone, Default)]
+struct Collector(Arc<Mutex<Vec<ExportedSpan>>>);
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+    for Collector
+{
+    async fn export(
+        &self,
+        request: Request<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        use opentelemetry_proto::tonic::common::v1::any_value::Value;
+        let mut spans = self.0.lock().unwrap();
+        for rs in request.into_inner().resource_spans {
+            for ss in rs.scope_spans {
+                for span in ss.spans {
+                    let attrs = span
+                        .attributes
+                        .iter()
+                        .filter_map(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                            Value::StringValue(s) => Some((kv.key.clone(), s.clone())),
+                            _ => None,
+                        })
+                        .collect();
+                    spans.push((span.name, attrs));
+                }
+            }
+        }
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_export_carries_call_and_attempt_spans() {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+    let collector = Collector::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let service = TraceServiceServer::new(collector.clone());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    // The process-wide subscriber: this is the only test that installs one.
+    let guard = llm_gateway::telemetry::init(&llm_gateway::config::LogConfig {
+        filter: "llm_gateway=info".into(),
+        format: llm_gateway::config::LogFormat::None,
+        bodies: None,
+        otlp_endpoint: Some(endpoint),
+        service_name: "gateway-under-test".into(),
+    });
+    let (_mock, gateway) = openai_pair().await;
+    gateway
+        .client()
+        .chat(request("openai/gpt-4o-mini", "traced"))
+        .await
+        .unwrap();
+    guard.shutdown();
+    let spans = collector.0.lock().unwrap().clone();
+    let call = spans.iter().find(|(name, attrs)| {
+        name == "call" && attrs.get("rpc").map(String::as_str) == Some("Chat")
+    });
+    assert!(call.is_some(), "no call span exported: {spans:?}");
+    let attempt = spans.iter().find(|(name, attrs)| {
+        name == "attempt" && attrs.get("provider").map(String::as_str) == Some("openai")
+    });
+    let (_, attrs) = attempt.expect("an attempt span with its provider");
+    assert_eq!(attrs["kind"], "primary");
+    assert_eq!(attrs["model"], "gpt-4o-mini");
+}
