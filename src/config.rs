@@ -95,6 +95,7 @@ struct RawConfig {
     auth: RawAuth,
     #[serde(default)]
     teams: BTreeMap<String, RawTeam>,
+    tls: Option<RawTls>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -110,6 +111,15 @@ struct RawTeam {
     tokens_per_minute: Option<u64>,
     daily_budget_usd: Option<f64>,
     monthly_budget_usd: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: Option<String>,
+    key: Option<String>,
+    client_ca: Option<String>,
+    reload_interval: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -176,6 +186,7 @@ struct RawUpstream {
     pool_idle_timeout: Option<String>,
     pool_max_idle_per_host: Option<usize>,
     stream_idle_timeout: Option<String>,
+    key_auth_rest: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -195,6 +206,9 @@ struct RawProvider {
     kind: Option<String>,
     base_url: Option<String>,
     api_key: Option<String>,
+    api_keys: Option<Vec<String>>,
+    api_key_file: Option<String>,
+    api_key_files: Option<Vec<String>>,
     models: Option<Vec<String>>,
     max_tokens_field: Option<String>,
     developer_role: Option<bool>,
@@ -291,10 +305,18 @@ pub struct ProviderConfig {
     pub kind: ProviderKind,
     /// Base URL of the API.
     pub base_url: String,
-    /// API key (never logged: `Debug` redacts it).
-    pub api_key: Option<String>,
+    /// API keys, used in turn (never logged: `Debug` shows only how many). Empty when the
+    /// provider needs none.
+    pub api_keys: Vec<String>,
     /// When set, only these models may be called through this provider.
     pub models: Option<Vec<String>>,
+}
+
+impl ProviderConfig {
+    /// The first API key, if any.
+    pub fn api_key(&self) -> Option<&str> {
+        self.api_keys.first().map(String::as_str)
+    }
 }
 
 impl std::fmt::Debug for ProviderConfig {
@@ -303,7 +325,10 @@ impl std::fmt::Debug for ProviderConfig {
             .field("name", &self.name)
             .field("kind", &self.kind)
             .field("base_url", &self.base_url)
-            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field(
+                "api_keys",
+                &format_args!("<{} redacted>", self.api_keys.len()),
+            )
             .field("models", &self.models)
             .finish()
     }
@@ -357,6 +382,23 @@ pub struct Config {
     pub require_keys: bool,
     /// Limits and budgets per team (a key's owner).
     pub teams: std::collections::HashMap<String, crate::limits::TeamLimits>,
+    /// How long a provider key rests after a 401 or 403 (when the provider has others).
+    pub key_auth_rest: Duration,
+    /// TLS for the gRPC listeners; `None` for plain TCP.
+    pub tls: Option<TlsConfig>,
+}
+
+/// TLS settings of the gRPC listeners.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// The certificate chain (PEM).
+    pub cert: PathBuf,
+    /// The private key (PEM).
+    pub key: PathBuf,
+    /// When set, clients must present a certificate signed by one of these CAs (PEM).
+    pub client_ca: Option<PathBuf>,
+    /// How often the files are checked for changes.
+    pub reload_interval: Duration,
 }
 
 /// The default metrics address.
@@ -773,7 +815,7 @@ fn validate(
                 }
             }
         }
-        let base_url = match (p.base_url, default_base_url) {
+        let base_url = match (p.base_url.clone(), default_base_url) {
             (Some(url), _) => url.trim_end_matches('/').to_owned(),
             (None, Some(default)) => default.to_owned(),
             (None, None) if kind == ProviderKind::Mock => String::new(),
@@ -789,18 +831,21 @@ fn validate(
                 continue;
             }
         };
-        let api_key = p.api_key.filter(|k| !k.is_empty()).or_else(|| {
-            key_env
+        let mut api_keys = provider_keys(&field, &p, &mut issues);
+        if api_keys.is_empty()
+            && let Some(key) = key_env
                 .iter()
                 .find_map(|var| env(var).filter(|k| !k.is_empty()))
-        });
+        {
+            api_keys.push(key);
+        }
         // Hosted services need a key at their own endpoint; a proxy may add its own. Azure
         // endpoints are always the customer's own, and the adapter only speaks `api-key`.
         let hosted = matches!(kind_name.as_str(), "anthropic" | "gemini")
             || preset.is_some_and(|p| p.key_required);
         let at_default = default_base_url == Some(base_url.as_str());
         let key_required = kind_name == "azure" || (hosted && at_default);
-        if api_key.is_none() && key_required {
+        if api_keys.is_empty() && key_required {
             issues.push(
                 format!("{field}.api_key"),
                 format!(
@@ -827,7 +872,7 @@ fn validate(
             name,
             kind,
             base_url,
-            api_key,
+            api_keys,
             models: p.models,
         });
     }
@@ -836,7 +881,7 @@ fn validate(
             name: crate::providers::mock::KIND.to_owned(),
             kind: ProviderKind::Mock,
             base_url: String::new(),
-            api_key: None,
+            api_keys: Vec::new(),
             models: None,
         });
     }
@@ -1041,6 +1086,12 @@ fn validate(
             },
         );
     }
+    let key_auth_rest = issues.duration(
+        "upstream.key_auth_rest",
+        raw.upstream.key_auth_rest.as_deref(),
+        crate::providers::keys::DEFAULT_AUTH_REST,
+    );
+    let tls = raw.tls.and_then(|t| tls_config(t, &mut issues));
 
     if !issues.0.is_empty() {
         return Err(ConfigError::Invalid(issues.0));
@@ -1048,6 +1099,8 @@ fn validate(
     Ok(Config {
         require_keys,
         teams,
+        key_auth_rest,
+        tls,
         metrics_listen,
         metric_tag_labels,
         ledger_capacity,
@@ -1081,6 +1134,85 @@ fn validate(
         },
         providers,
         models: raw.models,
+    })
+}
+
+/// A provider's keys from `api_key`, `api_keys`, `api_key_file` and `api_key_files`, in that
+/// order, without empties and duplicates. A key file holds one key, or one per line (blank
+/// lines and lines starting with `#` are skipped); keys are trimmed.
+fn provider_keys(field: &str, p: &RawProvider, issues: &mut Issues) -> Vec<String> {
+    let mut keys: Vec<String> = Vec::new();
+    let mut add = |key: &str| {
+        let key = key.trim();
+        if !key.is_empty() && !keys.iter().any(|k| k == key) {
+            keys.push(key.to_owned());
+        }
+    };
+    for key in p.api_key.iter().chain(p.api_keys.iter().flatten()) {
+        add(key);
+    }
+    let files = p
+        .api_key_file
+        .iter()
+        .map(|f| (format!("{field}.api_key_file"), f))
+        .chain(
+            p.api_key_files
+                .iter()
+                .flatten()
+                .enumerate()
+                .map(|(i, f)| (format!("{field}.api_key_files[{i}]"), f)),
+        );
+    for (file_field, path) in files {
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                let mut found = false;
+                for line in text.lines() {
+                    let line = line.trim();
+                    if !line.is_empty() && !line.starts_with('#') {
+                        found = true;
+                        add(line);
+                    }
+                }
+                if !found {
+                    issues.push(file_field, format!("`{path}` holds no key"));
+                }
+            }
+            Err(e) => issues.push(file_field, format!("cannot read `{path}`: {e}")),
+        }
+    }
+    keys
+}
+
+/// Validates `[tls]`: `cert` and `key` are required together; the files are read when the
+/// server starts (and on every reload), so that a problem there names the file.
+fn tls_config(raw: RawTls, issues: &mut Issues) -> Option<TlsConfig> {
+    let reload_interval = issues.duration(
+        "tls.reload_interval",
+        raw.reload_interval.as_deref(),
+        Duration::from_secs(5),
+    );
+    let path = |field: &str, value: Option<String>, issues: &mut Issues| match value {
+        Some(v) if !v.trim().is_empty() => Some(PathBuf::from(v)),
+        Some(_) => {
+            issues.push(field, "must not be empty");
+            None
+        }
+        None => {
+            issues.push(field, "is required in [tls]");
+            None
+        }
+    };
+    let cert = path("tls.cert", raw.cert, issues);
+    let key = path("tls.key", raw.key, issues);
+    let client_ca = match raw.client_ca {
+        Some(ca) => Some(path("tls.client_ca", Some(ca), issues)?),
+        None => None,
+    };
+    Some(TlsConfig {
+        cert: cert?,
+        key: key?,
+        client_ca,
+        reload_interval,
     })
 }
 
@@ -1183,7 +1315,7 @@ mod tests {
         let p = &config.providers[0];
         assert_eq!(p.name, "openai");
         assert_eq!(p.base_url, "http://127.0.0.1:9/v1");
-        assert_eq!(p.api_key.as_deref(), Some("sk-1"));
+        assert_eq!(p.api_key(), Some("sk-1"));
         assert!(matches!(
             p.kind,
             ProviderKind::OpenAi {
@@ -1214,11 +1346,11 @@ mod tests {
         let anthropic = by_name("anthropic");
         assert_eq!(anthropic.kind, ProviderKind::Anthropic);
         assert_eq!(anthropic.base_url, "http://127.0.0.1:9");
-        assert_eq!(anthropic.api_key.as_deref(), Some("sk-ant-1"));
+        assert_eq!(anthropic.api_key(), Some("sk-ant-1"));
         let gemini = by_name("gemini");
         assert_eq!(gemini.kind, ProviderKind::Gemini);
         assert_eq!(gemini.base_url, gemini::DEFAULT_BASE_URL);
-        assert_eq!(gemini.api_key.as_deref(), Some("g-1"));
+        assert_eq!(gemini.api_key(), Some("g-1"));
         let azure = by_name("azure");
         assert_eq!(azure.kind.name(), "azure");
         assert!(matches!(
@@ -1240,7 +1372,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.providers[1].name, "gemini");
-        assert_eq!(config.providers[1].api_key.as_deref(), Some("g-2"));
+        assert_eq!(config.providers[1].api_key(), Some("g-2"));
         assert!(matches!(
             &config.providers[0].kind,
             ProviderKind::OpenAi { azure_api_version: Some(v), .. } if v == "2025-04-01-preview"
@@ -1270,13 +1402,13 @@ mod tests {
         let by_name = |name: &str| config.providers.iter().find(|p| p.name == name).unwrap();
         let groq = by_name("groq");
         assert_eq!(groq.base_url, "https://api.groq.com/openai/v1");
-        assert_eq!(groq.api_key.as_deref(), Some("gsk-a"));
+        assert_eq!(groq.api_key(), Some("gsk-a"));
         assert_eq!(groq.kind.name(), "groq");
         // Several accounts of one kind side by side, each with its own key.
-        assert_eq!(by_name("groq-team-b").api_key.as_deref(), Some("gsk-b"));
+        assert_eq!(by_name("groq-team-b").api_key(), Some("gsk-b"));
         let local = by_name("local");
         assert_eq!(local.base_url, "http://127.0.0.1:11434/v1");
-        assert_eq!(local.api_key, None);
+        assert_eq!(local.api_key(), None);
         assert!(matches!(
             by_name("mistral").kind,
             ProviderKind::OpenAi {
@@ -1345,7 +1477,7 @@ mod tests {
         assert_eq!(config.listen.port(), 7000);
         assert_eq!(config.max_call_duration, Duration::from_secs(120));
         assert_eq!(config.providers[0].base_url, "http://127.0.0.1:8000/v1");
-        assert_eq!(config.providers[0].api_key.as_deref(), Some("k"));
+        assert_eq!(config.providers[0].api_key(), Some("k"));
     }
 
     #[test]
@@ -1377,6 +1509,84 @@ mod tests {
 
         let err = issues(load("[providers.\"Bad/Name\"]\nkind = \"mock\"\n", &[]).unwrap_err());
         assert_eq!(err[0].field, "providers.Bad/Name");
+    }
+
+    #[test]
+    fn provider_key_lists_and_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = dir.path().join("one");
+        std::fs::write(&one, "  sk-file-1\n").unwrap();
+        let many = dir.path().join("many");
+        std::fs::write(&many, "# rotated monthly\nsk-file-2\n\n sk-file-3 \nsk-a\n").unwrap();
+        let text = format!(
+            r#"
+            [upstream]
+            key_auth_rest = "1m"
+            [providers.o]
+            kind = "openai"
+            api_key = "sk-a"
+            api_keys = ["sk-b", "${{EXTRA}}"]
+            api_key_file = "{}"
+            api_key_files = ["{}"]
+            "#,
+            one.display(),
+            many.display()
+        );
+        let config = Config::from_toml(
+            &text,
+            Path::new("t.toml"),
+            &Overrides::default(),
+            &env_of(&[("EXTRA", "sk-c")]),
+        )
+        .unwrap();
+        assert_eq!(
+            config.providers[0].api_keys,
+            [
+                "sk-a",
+                "sk-b",
+                "sk-c",
+                "sk-file-1",
+                "sk-file-2",
+                "sk-file-3"
+            ]
+        );
+        assert_eq!(config.key_auth_rest, Duration::from_secs(60));
+        let debug = format!("{:?}", config.providers[0]);
+        assert!(!debug.contains("sk-"), "{debug}");
+
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\n# nothing\n").unwrap();
+        let text = format!(
+            "[providers.o]\nkind = \"openai\"\napi_key_file = \"{}\"\napi_key_files = [\"{}\"]\n",
+            empty.display(),
+            dir.path().join("missing").display()
+        );
+        let err = issues(
+            Config::from_toml(&text, Path::new("t.toml"), &Overrides::default(), &|_| None)
+                .unwrap_err(),
+        );
+        let fields: Vec<_> = err.iter().map(|i| i.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["providers.o.api_key_file", "providers.o.api_key_files[0]"]
+        );
+        assert!(err[1].message.contains("cannot read"), "{err:?}");
+    }
+
+    #[test]
+    fn tls_section() {
+        let config = load(
+            "[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\nclient_ca = \"ca.pem\"\n",
+            &[],
+        )
+        .unwrap();
+        let tls = config.tls.unwrap();
+        assert_eq!(tls.cert, PathBuf::from("c.pem"));
+        assert_eq!(tls.client_ca, Some(PathBuf::from("ca.pem")));
+        assert_eq!(tls.reload_interval, Duration::from_secs(5));
+        assert!(load("", &[]).unwrap().tls.is_none());
+        let err = issues(load("[tls]\ncert = \"c.pem\"\n", &[]).unwrap_err());
+        assert_eq!(err[0].field, "tls.key");
     }
 
     #[test]

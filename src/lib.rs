@@ -17,6 +17,9 @@
 //! - [`server`]: the tonic server, handlers, pb conversion, layers, shutdown.
 //! - [`mock_upstream`]: an HTTP server speaking provider wire formats with scripted faults,
 //!   used by tests, benchmarks and the `llm-gateway-mock` binary.
+//! - [`reload`]: reloading provider keys and certificates without a restart (SIGHUP,
+//!   `ReloadConfig`).
+//! - [`tls`]: TLS and mutual TLS for the gRPC listeners, with certificate reload.
 //! - [`telemetry`]: logging setup.
 
 pub mod auth;
@@ -30,8 +33,10 @@ pub mod mock_upstream;
 pub mod models;
 pub mod pb;
 pub mod providers;
+pub mod reload;
 pub mod routing;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod types;

@@ -1,6 +1,7 @@
-//! The `llm-gateway` binary: arguments -> config -> telemetry -> `server::run`.
+//! The `llm-gateway` binary: arguments -> config -> telemetry -> `server::run`. SIGHUP
+//! reloads the configuration (provider keys, certificates; see `llm_gateway::reload`).
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode, sync::Arc};
 
 use clap::Parser;
 use llm_gateway::{
@@ -55,6 +56,7 @@ fn main() -> ExitCode {
         admin_token: args.admin_token,
         metrics_listen: args.metrics_listen,
     };
+    let config_path = args.config.clone();
     let config = match Config::load(args.config.as_deref(), &overrides, &|name| {
         std::env::var(name).ok()
     }) {
@@ -86,15 +88,23 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // A reload reads the same file with the same overrides, and the environment again.
+    let config_source: llm_gateway::reload::ConfigSource = Arc::new(move || {
+        Config::load(config_path.as_deref(), &overrides, &|name| {
+            std::env::var(name).ok()
+        })
+    });
     runtime.block_on(async move {
         let telemetry = telemetry::init(&config.log);
-        let code = serve(config).await;
+        let code = serve(config, config_source).await;
         telemetry.shutdown();
         code
     })
 }
 
-async fn serve(config: Config) -> ExitCode {
+async fn serve(config: Config, config_source: llm_gateway::reload::ConfigSource) -> ExitCode {
+    let reload_signal = Arc::new(tokio::sync::Notify::new());
+    forward_sighup(reload_signal.clone());
     let listener = match tokio::net::TcpListener::bind(config.listen).await {
         Ok(l) => l,
         Err(err) => {
@@ -102,13 +112,38 @@ async fn serve(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match server::run(config, listener, shutdown_signal()).await {
+    let options = server::ServeOptions {
+        config_source: Some(config_source),
+        reload_signal: Some(reload_signal),
+    };
+    match server::run_with(config, listener, shutdown_signal(), options).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(error = %err, "gateway failed");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Notifies `reload` on every SIGHUP (unix only).
+fn forward_sighup(reload: Arc<tokio::sync::Notify>) {
+    #[cfg(unix)]
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut hangups) => {
+            // Lives as long as the process; nothing to finish at shutdown.
+            tokio::spawn(async move {
+                while hangups.recv().await.is_some() {
+                    tracing::info!("received SIGHUP: reloading the configuration");
+                    reload.notify_one();
+                }
+            });
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot listen for SIGHUP; reload with the ReloadConfig rpc")
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = reload;
 }
 
 /// Resolves on SIGINT or SIGTERM.

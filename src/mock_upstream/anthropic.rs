@@ -104,6 +104,10 @@ async fn messages(State(state): State<MockState>, headers: HeaderMap, body: Byte
     let parsed: Option<Value> = serde_json::from_slice(&body).ok();
     state.stats.record(&headers, parsed.clone());
     let guard = ResponseGuard::new(state.stats.clone());
+    if state.refuses(&headers) {
+        guard.complete();
+        return error_response(401, None);
+    }
     let Some(body) = parsed else {
         guard.complete();
         return error_response(400, None);

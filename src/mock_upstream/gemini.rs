@@ -137,6 +137,10 @@ async fn models(
     let parsed: Option<Value> = serde_json::from_slice(&body).ok();
     state.stats.record(&headers, parsed.clone());
     let guard = ResponseGuard::new(state.stats.clone());
+    if state.refuses(&headers) {
+        guard.complete();
+        return error_response(401, None);
+    }
     let (model, stream) = match model_and_action.rsplit_once(':') {
         Some((model, "generateContent")) => (model, false),
         Some((model, "streamGenerateContent")) => (model, true),

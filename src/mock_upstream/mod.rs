@@ -31,8 +31,11 @@
 //! | `cached=N` | report N of the input tokens as read from the provider's prompt cache |
 //!
 //! [`MockStats`] counts requests, completions and cancellations (a request whose response
-//! was dropped before it completed, i.e. the client closed the connection), and keeps the
-//! last request's body and headers for assertions.
+//! was dropped before it completed, i.e. the client closed the connection), counts requests
+//! per API key, and keeps the last request's body and headers for assertions.
+//!
+//! By default any API key is accepted; [`MockUpstream::accept_keys`] restricts them (others
+//! get the provider's 401), to test key rotation and refused keys.
 
 mod anthropic;
 mod gemini;
@@ -183,6 +186,7 @@ pub struct MockStats {
     changed: Notify,
     last_body: Mutex<Option<serde_json::Value>>,
     last_headers: Mutex<Option<http::HeaderMap>>,
+    by_key: Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 impl MockStats {
@@ -211,6 +215,16 @@ impl MockStats {
         self.last_headers.lock().ok().and_then(|h| h.clone())
     }
 
+    /// Requests that carried `key` (as `Authorization: Bearer`, `api-key`, `x-api-key` or
+    /// `x-goog-api-key`).
+    pub fn requests_with_key(&self, key: &str) -> u64 {
+        self.by_key
+            .lock()
+            .ok()
+            .and_then(|m| m.get(key).copied())
+            .unwrap_or(0)
+    }
+
     /// Waits until at least `n` responses were cancelled.
     pub async fn wait_cancelled(&self, n: u64) {
         loop {
@@ -229,6 +243,9 @@ impl MockStats {
         }
         if let Ok(mut h) = self.last_headers.lock() {
             *h = Some(headers.clone());
+        }
+        if let (Some(key), Ok(mut by_key)) = (api_key(headers), self.by_key.lock()) {
+            *by_key.entry(key.to_owned()).or_default() += 1;
         }
         self.changed.notify_waiters();
     }
@@ -270,17 +287,44 @@ impl Drop for ResponseGuard {
     }
 }
 
+/// The API key a request carries, in any provider's header.
+fn api_key(headers: &http::HeaderMap) -> Option<&str> {
+    let value = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    value("authorization")
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| value("api-key"))
+        .or_else(|| value("x-api-key"))
+        .or_else(|| value("x-goog-api-key"))
+}
+
+/// The accepted API keys; `None` accepts any.
+type AcceptedKeys = Arc<Mutex<Option<Vec<String>>>>;
+
 /// Shared state of the mock server.
 #[derive(Clone)]
 pub(crate) struct MockState {
     pub settings: Arc<MockSettings>,
     pub stats: Arc<MockStats>,
+    accepted: AcceptedKeys,
+}
+
+impl MockState {
+    /// Whether the request's key is refused (only when keys are restricted).
+    pub fn refuses(&self, headers: &http::HeaderMap) -> bool {
+        let Ok(accepted) = self.accepted.lock() else {
+            return false;
+        };
+        accepted
+            .as_ref()
+            .is_some_and(|keys| api_key(headers).is_none_or(|k| !keys.iter().any(|a| a == k)))
+    }
 }
 
 /// A running mock upstream.
 pub struct MockUpstream {
     addr: SocketAddr,
     stats: Arc<MockStats>,
+    accepted: AcceptedKeys,
     stop: CancellationToken,
 }
 
@@ -299,9 +343,11 @@ impl MockUpstream {
         let addr = listener.local_addr()?;
         let stats = Arc::new(MockStats::default());
         let stop = CancellationToken::new();
+        let accepted = AcceptedKeys::default();
         let app = router(MockState {
             settings: Arc::new(settings),
             stats: stats.clone(),
+            accepted: accepted.clone(),
         });
         let signal = stop.clone().cancelled_owned();
         tokio::spawn(async move {
@@ -309,7 +355,12 @@ impl MockUpstream {
                 .with_graceful_shutdown(signal)
                 .await;
         });
-        Ok(MockUpstream { addr, stats, stop })
+        Ok(MockUpstream {
+            addr,
+            stats,
+            accepted,
+            stop,
+        })
     }
 
     /// The listen address.
@@ -343,6 +394,14 @@ impl MockUpstream {
     /// Counters and the last request.
     pub fn stats(&self) -> &Arc<MockStats> {
         &self.stats
+    }
+
+    /// Accepts only these API keys from now on (others get the provider's 401); `None`
+    /// accepts any (the default).
+    pub fn accept_keys(&self, keys: Option<&[&str]>) {
+        if let Ok(mut accepted) = self.accepted.lock() {
+            *accepted = keys.map(|k| k.iter().map(|s| (*s).to_owned()).collect());
+        }
     }
 }
 

@@ -12,16 +12,16 @@
 //! `message_stop`; usage from `message_start` and `message_delta` is merged and emitted once,
 //! before the finish.
 
-use std::{borrow::Cow, collections::VecDeque, time::Duration};
+use std::{borrow::Cow, collections::VecDeque, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    EventStream, Provider, ProviderError, decode_json,
+    EventStream, KeyRing, Provider, ProviderError, decode_json,
     error::short_message,
-    json_error_kind, read_body, retry_after_header, send_json,
+    json_error_kind, key_header, read_body, retry_after_header, send_with_keys,
     sse::{EventDecoder, SseEvent, SseStream},
 };
 use crate::{
@@ -78,37 +78,41 @@ pub struct Anthropic {
     config: AnthropicConfig,
     url: String,
     client: reqwest::Client,
+    keys: Arc<KeyRing>,
 }
 
 impl Anthropic {
-    /// A provider using the shared `client`.
+    /// A provider using the shared `client`, with `config.api_key` as its only key.
     pub fn new(config: AnthropicConfig, client: reqwest::Client) -> Self {
         let url = format!("{}/v1/messages", config.base_url);
+        let keys = Arc::new(KeyRing::single(&config.name, config.api_key.clone()));
         Self {
             config,
             url,
             client,
+            keys,
         }
     }
 
-    fn post(&self) -> Result<reqwest::RequestBuilder, ProviderError> {
+    /// Uses `keys` (several, used in turn, swappable at runtime) instead of `api_key`.
+    pub fn with_keys(mut self, keys: Arc<KeyRing>) -> Self {
+        self.keys = keys;
+        self
+    }
+
+    fn post(&self, key: Option<&str>) -> Result<reqwest::RequestBuilder, ProviderError> {
         let builder = self
             .client
             .post(&self.url)
             .header("anthropic-version", API_VERSION);
-        match &self.config.api_key {
-            Some(key) => {
-                let mut value = http::HeaderValue::from_str(key).map_err(|_| {
-                    ProviderError::new(
-                        ErrorClass::Authentication,
-                        "the configured api key is not a valid header value",
-                    )
-                })?;
-                value.set_sensitive(true);
-                Ok(builder.header("x-api-key", value))
-            }
+        match key {
+            Some(key) => Ok(builder.header("x-api-key", key_header(key)?)),
             None => Ok(builder),
         }
+    }
+
+    async fn send(&self, body: Vec<u8>) -> Result<reqwest::Response, ProviderError> {
+        send_with_keys(&self.keys, body.into(), |key| self.post(key), map_error).await
     }
 }
 
@@ -122,13 +126,17 @@ impl Provider for Anthropic {
         KIND
     }
 
+    fn keys(&self) -> Option<&Arc<KeyRing>> {
+        Some(&self.keys)
+    }
+
     async fn chat(
         &self,
         model: &str,
         request: &ChatRequest,
     ) -> Result<ChatResponse, ProviderError> {
         let body = build_request(&self.config, model, request, false)?;
-        let response = send_json(self.post()?, body, map_error).await?;
+        let response = self.send(body).await?;
         let bytes = read_body(response).await?;
         parse_response(&bytes, model)
     }
@@ -139,7 +147,7 @@ impl Provider for Anthropic {
         request: &ChatRequest,
     ) -> Result<EventStream, ProviderError> {
         let body = build_request(&self.config, model, request, true)?;
-        let response = send_json(self.post()?, body, map_error).await?;
+        let response = self.send(body).await?;
         Ok(Box::pin(SseStream::new(
             response,
             MessageStreamDecoder::default(),

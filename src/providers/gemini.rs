@@ -14,18 +14,18 @@
 //! carried a `finishReason` and the body then ended; each SSE `data:` is a whole
 //! `GenerateContentResponse`.
 
-use std::{collections::VecDeque, time::Duration};
+use std::{collections::VecDeque, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    EventStream, Provider, ProviderError,
+    EventStream, KeyRing, Provider, ProviderError,
     anthropic::parse_data_url,
     decode_json,
     error::short_message,
-    json_error_kind, read_body, retry_after_header, send_json,
+    json_error_kind, key_header, read_body, retry_after_header, send_with_keys,
     sse::{EventDecoder, SseEvent, SseStream},
 };
 use crate::{
@@ -72,31 +72,54 @@ impl GeminiConfig {
 pub struct Gemini {
     config: GeminiConfig,
     client: reqwest::Client,
+    keys: Arc<KeyRing>,
 }
 
 impl Gemini {
-    /// A provider using the shared `client`.
+    /// A provider using the shared `client`, with `config.api_key` as its only key.
     pub fn new(config: GeminiConfig, client: reqwest::Client) -> Self {
-        Self { config, client }
+        let keys = Arc::new(KeyRing::single(&config.name, config.api_key.clone()));
+        Self {
+            config,
+            client,
+            keys,
+        }
     }
 
-    fn post(&self, model: &str, stream: bool) -> Result<reqwest::RequestBuilder, ProviderError> {
+    /// Uses `keys` (several, used in turn, swappable at runtime) instead of `api_key`.
+    pub fn with_keys(mut self, keys: Arc<KeyRing>) -> Self {
+        self.keys = keys;
+        self
+    }
+
+    fn post(
+        &self,
+        model: &str,
+        stream: bool,
+        key: Option<&str>,
+    ) -> Result<reqwest::RequestBuilder, ProviderError> {
         let builder = self
             .client
             .post(endpoint_url(&self.config.base_url, model, stream)?);
-        match &self.config.api_key {
-            Some(key) => {
-                let mut value = http::HeaderValue::from_str(key).map_err(|_| {
-                    ProviderError::new(
-                        ErrorClass::Authentication,
-                        "the configured api key is not a valid header value",
-                    )
-                })?;
-                value.set_sensitive(true);
-                Ok(builder.header("x-goog-api-key", value))
-            }
+        match key {
+            Some(key) => Ok(builder.header("x-goog-api-key", key_header(key)?)),
             None => Ok(builder),
         }
+    }
+
+    async fn send(
+        &self,
+        model: &str,
+        stream: bool,
+        body: Vec<u8>,
+    ) -> Result<reqwest::Response, ProviderError> {
+        send_with_keys(
+            &self.keys,
+            body.into(),
+            |key| self.post(model, stream, key),
+            map_error,
+        )
+        .await
     }
 }
 
@@ -128,13 +151,17 @@ impl Provider for Gemini {
         KIND
     }
 
+    fn keys(&self) -> Option<&Arc<KeyRing>> {
+        Some(&self.keys)
+    }
+
     async fn chat(
         &self,
         model: &str,
         request: &ChatRequest,
     ) -> Result<ChatResponse, ProviderError> {
         let body = build_request(request)?;
-        let response = send_json(self.post(model, false)?, body, map_error).await?;
+        let response = self.send(model, false, body).await?;
         let bytes = read_body(response).await?;
         parse_response(&bytes, model)
     }
@@ -145,7 +172,7 @@ impl Provider for Gemini {
         request: &ChatRequest,
     ) -> Result<EventStream, ProviderError> {
         let body = build_request(request)?;
-        let response = send_json(self.post(model, true)?, body, map_error).await?;
+        let response = self.send(model, true, body).await?;
         Ok(Box::pin(SseStream::new(response, ChunkDecoder::default())))
     }
 }

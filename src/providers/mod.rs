@@ -10,6 +10,7 @@ pub mod anthropic;
 pub mod compat;
 pub mod error;
 pub mod gemini;
+pub mod keys;
 pub mod mock;
 pub mod openai;
 pub mod sse;
@@ -21,6 +22,7 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 
 pub use self::error::{ErrorClass, ProviderError};
+pub use self::keys::KeyRing;
 use crate::types::{ChatRequest, ChatResponse, StreamEvent};
 
 /// A stream of events from one provider. It ends after a `StreamEvent::Finish`, or with an
@@ -46,6 +48,11 @@ pub trait Provider: Send + Sync + 'static {
         model: &str,
         request: &ChatRequest,
     ) -> Result<EventStream, ProviderError>;
+
+    /// The provider's API keys, for a reload to swap; `None` when it uses none.
+    fn keys(&self) -> Option<&Arc<KeyRing>> {
+        None
+    }
 }
 
 /// The configured providers, by name.
@@ -143,7 +150,7 @@ const MAX_ERROR_BODY: usize = 64 * 1024;
 /// (a bounded part of) the error body and lets `map_error` classify it.
 pub async fn send_json(
     request: reqwest::RequestBuilder,
-    body: Vec<u8>,
+    body: Bytes,
     map_error: fn(u16, &http::HeaderMap, &[u8]) -> ProviderError,
 ) -> Result<reqwest::Response, ProviderError> {
     let mut request = request.header(http::header::CONTENT_TYPE, "application/json");
@@ -186,6 +193,53 @@ pub async fn send_json(
         "provider returned an error"
     );
     Err(err)
+}
+
+/// Sends a request with the provider's keys in turn ([`send_json`] for each): a key that is
+/// refused (401/403) or rate limited (429) rests, and the request goes out again with the next
+/// key of the current set, each key at most once. `build` makes the request for a key (`None`
+/// when the provider has none). When every key rests, fails with the class of the rest
+/// (RATE_LIMITED or AUTHENTICATION) without calling the provider.
+pub async fn send_with_keys(
+    keys: &KeyRing,
+    body: Bytes,
+    build: impl Fn(Option<&str>) -> Result<reqwest::RequestBuilder, ProviderError>,
+    map_error: fn(u16, &http::HeaderMap, &[u8]) -> ProviderError,
+) -> Result<reqwest::Response, ProviderError> {
+    let mut tried = Vec::new();
+    let mut last_error = None;
+    loop {
+        let (key, index) = match keys.pick(&tried) {
+            keys::Pick::NoKey => return send_json(build(None)?, body, map_error).await,
+            keys::Pick::Key(key, index) => (key, index),
+            keys::Pick::AllResting(err) => return Err(last_error.unwrap_or(err)),
+            keys::Pick::Exhausted => {
+                return Err(last_error.unwrap_or_else(|| {
+                    ProviderError::new(ErrorClass::Authentication, "no usable api key")
+                }));
+            }
+        };
+        match send_json(build(Some(key.secret()))?, body.clone(), map_error).await {
+            Err(err) if KeyRing::is_key_failure(&err) => {
+                keys.rest(&key, index, &err);
+                tried.push(key);
+                last_error = Some(err);
+            }
+            result => return result,
+        }
+    }
+}
+
+/// A header value carrying a key, marked sensitive (never printed by `http`'s `Debug`).
+pub fn key_header(key: &str) -> Result<http::HeaderValue, ProviderError> {
+    let mut value = http::HeaderValue::from_str(key).map_err(|_| {
+        ProviderError::new(
+            ErrorClass::Authentication,
+            "the configured api key is not a valid header value",
+        )
+    })?;
+    value.set_sensitive(true);
+    Ok(value)
 }
 
 /// Reads a full (2xx) body, classifying transport failures.

@@ -7,16 +7,16 @@
 //! argument fragments included), response formats and images. A stream is complete only on
 //! `data: [DONE]`, or when the body ends after a chunk that carried a `finish_reason`.
 
-use std::collections::VecDeque;
+use std::{collections::VecDeque, sync::Arc};
 
 use async_trait::async_trait;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    EventStream, Provider, ProviderError, decode_json,
+    EventStream, KeyRing, Provider, ProviderError, decode_json,
     error::short_message,
-    read_body, retry_after_header, send_json,
+    key_header, read_body, retry_after_header, send_with_keys,
     sse::{EventDecoder, SseEvent, SseStream},
 };
 use crate::{
@@ -171,30 +171,50 @@ impl OpenAiConfig {
 pub struct OpenAi {
     config: OpenAiConfig,
     client: reqwest::Client,
+    keys: Arc<KeyRing>,
 }
 
 impl OpenAi {
-    /// A provider using the shared `client`.
+    /// A provider using the shared `client`, with `config.api_key` as its only key.
     pub fn new(config: OpenAiConfig, client: reqwest::Client) -> Self {
-        Self { config, client }
+        let keys = Arc::new(KeyRing::single(&config.name, config.api_key.clone()));
+        Self {
+            config,
+            client,
+            keys,
+        }
     }
 
-    fn post(&self, model: &str) -> Result<reqwest::RequestBuilder, ProviderError> {
+    /// Uses `keys` (several, used in turn, swappable at runtime) instead of `api_key`.
+    pub fn with_keys(mut self, keys: Arc<KeyRing>) -> Self {
+        self.keys = keys;
+        self
+    }
+
+    fn post(
+        &self,
+        model: &str,
+        key: Option<&str>,
+    ) -> Result<reqwest::RequestBuilder, ProviderError> {
         let builder = self.client.post(self.config.url(model)?);
-        match (&self.config.api_key, self.config.auth) {
-            (Some(key), AuthStyle::Bearer) => Ok(builder.bearer_auth(key)),
-            (Some(key), AuthStyle::ApiKeyHeader) => {
-                let mut value = http::HeaderValue::from_str(key).map_err(|_| {
-                    ProviderError::new(
-                        ErrorClass::Authentication,
-                        "the configured api key is not a valid header value",
-                    )
-                })?;
-                value.set_sensitive(true);
-                Ok(builder.header("api-key", value))
-            }
+        match (key, self.config.auth) {
+            (Some(key), AuthStyle::Bearer) => Ok(builder.header(
+                http::header::AUTHORIZATION,
+                key_header(&format!("Bearer {key}"))?,
+            )),
+            (Some(key), AuthStyle::ApiKeyHeader) => Ok(builder.header("api-key", key_header(key)?)),
             (None, _) => Ok(builder),
         }
+    }
+
+    async fn send(&self, model: &str, body: Vec<u8>) -> Result<reqwest::Response, ProviderError> {
+        send_with_keys(
+            &self.keys,
+            body.into(),
+            |key| self.post(model, key),
+            map_error,
+        )
+        .await
     }
 }
 
@@ -208,13 +228,17 @@ impl Provider for OpenAi {
         self.config.kind
     }
 
+    fn keys(&self) -> Option<&Arc<KeyRing>> {
+        Some(&self.keys)
+    }
+
     async fn chat(
         &self,
         model: &str,
         request: &ChatRequest,
     ) -> Result<ChatResponse, ProviderError> {
         let body = build_request(&self.config, model, request, false)?;
-        let response = send_json(self.post(model)?, body, map_error).await?;
+        let response = self.send(model, body).await?;
         let bytes = read_body(response).await?;
         parse_response(&bytes, model)
     }
@@ -225,7 +249,7 @@ impl Provider for OpenAi {
         request: &ChatRequest,
     ) -> Result<EventStream, ProviderError> {
         let body = build_request(&self.config, model, request, true)?;
-        let response = send_json(self.post(model)?, body, map_error).await?;
+        let response = self.send(model, body).await?;
         Ok(Box::pin(SseStream::new(response, ChunkDecoder::default())))
     }
 }

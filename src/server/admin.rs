@@ -41,6 +41,7 @@ pub struct AdminService {
     config_policies: BTreeMap<String, PolicyRecord>,
     providers: Vec<ProviderInfo>,
     writes: Mutex<()>,
+    reloader: Option<Arc<crate::reload::Reloader>>,
 }
 
 impl AdminService {
@@ -62,7 +63,14 @@ impl AdminService {
                 .collect(),
             providers,
             writes: Mutex::new(()),
+            reloader: None,
         }
+    }
+
+    /// Serves `ReloadConfig` with `reloader`.
+    pub fn with_reloader(mut self, reloader: Arc<crate::reload::Reloader>) -> Self {
+        self.reloader = Some(reloader);
+        self
     }
 
     /// Rebuilds the routing table from the config policies and the store, and swaps it in.
@@ -691,6 +699,21 @@ impl LlmGatewayAdmin for AdminService {
                     convert_admin::health_out(provider, model, h.snapshot(now))
                 })
                 .collect(),
+        }))
+    }
+
+    async fn reload_config(
+        &self,
+        _request: Request<pb::ReloadConfigRequest>,
+    ) -> AdminResult<pb::ReloadConfigResponse> {
+        let reloader = self
+            .reloader
+            .as_ref()
+            .ok_or_else(|| fail(crate::reload::ReloadError::NoSource.into()))?;
+        let report = reloader.reload().await.map_err(|e| fail(e.into()))?;
+        Ok(Response::new(pb::ReloadConfigResponse {
+            reloaded: report.reloaded,
+            restart_needed: report.restart_needed,
         }))
     }
 }

@@ -21,7 +21,6 @@ pub mod request_id;
 use std::{future::Future, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
@@ -71,6 +70,9 @@ pub enum ServeError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The TLS certificate, key or client CA is unusable.
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -81,11 +83,17 @@ pub enum ServeError {
     },
 }
 
-/// Builds the configured providers, sharing one HTTP client.
+/// Builds the configured providers, sharing one HTTP client. Each HTTP provider gets a
+/// [`providers::KeyRing`] with its keys, which a reload swaps in place.
 pub fn providers_from_config(config: &Config) -> Result<ProviderRegistry, ServeError> {
     let client = providers::http_client(&config.http)?;
     let mut registry = ProviderRegistry::new();
     for p in &config.providers {
+        let keys = Arc::new(providers::KeyRing::new(
+            &p.name,
+            p.api_keys.clone(),
+            config.key_auth_rest,
+        ));
         let provider: Arc<dyn Provider> = match &p.kind {
             ProviderKind::OpenAi {
                 flavor,
@@ -95,28 +103,31 @@ pub fn providers_from_config(config: &Config) -> Result<ProviderRegistry, ServeE
                 azure_api_version,
             } => {
                 let mut c = match azure_api_version {
-                    Some(version) => openai::OpenAiConfig::azure(
-                        &p.name,
-                        &p.base_url,
-                        p.api_key.clone(),
-                        version,
-                    ),
-                    None => openai::OpenAiConfig::new(&p.name, &p.base_url, p.api_key.clone()),
+                    Some(version) => {
+                        openai::OpenAiConfig::azure(&p.name, &p.base_url, None, version)
+                    }
+                    None => openai::OpenAiConfig::new(&p.name, &p.base_url, None),
                 };
                 c.kind = flavor;
                 c.max_tokens_field = *max_tokens_field;
                 c.developer_role = *developer_role;
                 c.stream_usage = *stream_usage;
-                Arc::new(openai::OpenAi::new(c, client.clone()))
+                Arc::new(openai::OpenAi::new(c, client.clone()).with_keys(keys))
             }
-            ProviderKind::Anthropic => Arc::new(anthropic::Anthropic::new(
-                anthropic::AnthropicConfig::new(&p.name, &p.base_url, p.api_key.clone()),
-                client.clone(),
-            )),
-            ProviderKind::Gemini => Arc::new(gemini::Gemini::new(
-                gemini::GeminiConfig::new(&p.name, &p.base_url, p.api_key.clone()),
-                client.clone(),
-            )),
+            ProviderKind::Anthropic => Arc::new(
+                anthropic::Anthropic::new(
+                    anthropic::AnthropicConfig::new(&p.name, &p.base_url, None),
+                    client.clone(),
+                )
+                .with_keys(keys),
+            ),
+            ProviderKind::Gemini => Arc::new(
+                gemini::Gemini::new(
+                    gemini::GeminiConfig::new(&p.name, &p.base_url, None),
+                    client.clone(),
+                )
+                .with_keys(keys),
+            ),
             ProviderKind::Mock => Arc::new(Mock::new(&p.name)),
         };
         registry.insert(provider);
@@ -158,6 +169,16 @@ pub fn routing_table(
     Ok(table)
 }
 
+/// What a running gateway needs beyond its config: where a reload reads the configuration
+/// from, and what triggers one besides the `ReloadConfig` RPC.
+#[derive(Default)]
+pub struct ServeOptions {
+    /// Reads the configuration afresh; without one, reloads fail with FAILED_PRECONDITION.
+    pub config_source: Option<crate::reload::ConfigSource>,
+    /// Every notification reloads (the binary's SIGHUP handler notifies it).
+    pub reload_signal: Option<Arc<tokio::sync::Notify>>,
+}
+
 /// Runs the gateway on `listener` until `shutdown` resolves, with the providers `config`
 /// describes.
 pub async fn run(
@@ -165,8 +186,18 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    run_with(config, listener, shutdown, ServeOptions::default()).await
+}
+
+/// Like [`run`], with reload options.
+pub async fn run_with(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    options: ServeOptions,
+) -> Result<(), ServeError> {
     let providers = providers_from_config(&config)?;
-    serve(config, providers, listener, shutdown).await
+    serve_with(config, providers, listener, shutdown, options).await
 }
 
 /// Like [`run`], with an explicit provider registry (tests register scripted fakes here).
@@ -176,6 +207,47 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    serve_with(
+        config,
+        providers,
+        listener,
+        shutdown,
+        ServeOptions::default(),
+    )
+    .await
+}
+
+/// Like [`serve`], with reload options.
+pub async fn serve_with(
+    config: Config,
+    providers: ProviderRegistry,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    options: ServeOptions,
+) -> Result<(), ServeError> {
+    let tls = config
+        .tls
+        .as_ref()
+        .map(crate::tls::TlsState::load)
+        .transpose()?;
+    let reloader = Arc::new(crate::reload::Reloader::new(
+        options.config_source,
+        config.clone(),
+        providers.clone(),
+        tls.clone(),
+    ));
+    let background = tokio_util::task::TaskTracker::new();
+    let stop_background = CancellationToken::new();
+    if let Some(signal) = options.reload_signal {
+        background.spawn(reload_on(signal, reloader.clone(), stop_background.clone()));
+    }
+    if let Some(state) = &tls {
+        let interval = config
+            .tls
+            .as_ref()
+            .map_or(Duration::from_secs(5), |t| t.reload_interval);
+        background.spawn(state.clone().watch(interval, stop_background.clone()));
+    }
     let health_registry = Arc::new(HealthRegistry::new(config.health.clone()));
     let table = routing_table(&config, &providers, health_registry)?;
 
@@ -226,7 +298,8 @@ pub async fn serve(
                 base_url: p.base_url.clone(),
             })
             .collect(),
-    );
+    )
+    .with_reloader(reloader);
     admin.reload().await.map_err(|e| {
         ServeError::Store(StoreError::Backend(format!(
             "cannot load stored policies: {e}"
@@ -319,7 +392,7 @@ pub async fn serve(
                 .add_service(reflection_v1alpha)
                 .add_service(admin_service);
             Some(admin_routes.serve_with_incoming_shutdown(
-                TcpListenerStream::new(admin_listener),
+                crate::tls::incoming(admin_listener, tls.clone()),
                 stop_accepting.clone().cancelled_owned(),
             ))
         }
@@ -329,7 +402,7 @@ pub async fn serve(
         }
     };
     let main_server = routes.serve_with_incoming_shutdown(
-        TcpListenerStream::new(listener),
+        crate::tls::incoming(listener, tls),
         stop_accepting.clone().cancelled_owned(),
     );
     let server = async move {
@@ -391,6 +464,9 @@ pub async fn serve(
     // then drains what is queued and stops.
     drop(server);
     stop_metrics.cancel();
+    stop_background.cancel();
+    background.close();
+    background.wait().await;
     if let Some(task) = metrics_task {
         let _ = task.await;
     }
@@ -398,6 +474,23 @@ pub async fn serve(
         writer.finish(Duration::from_secs(5)).await;
     }
     result.map_err(Into::into)
+}
+
+/// Reloads on every notification of `signal` until `stop`.
+async fn reload_on(
+    signal: Arc<tokio::sync::Notify>,
+    reloader: Arc<crate::reload::Reloader>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = signal.notified() => {}
+        }
+        if let Err(err) = reloader.reload().await {
+            tracing::error!(error = %err, "reload failed; the running configuration stays");
+        }
+    }
 }
 
 /// The admin token: configured, or generated once and kept in `admin-token` beside the store

@@ -13,5 +13,6 @@ mod executor;
 mod keys;
 mod observability;
 mod providers;
+mod security;
 mod server;
 mod stream;
