@@ -334,8 +334,9 @@ impl std::fmt::Debug for ProviderConfig {
     }
 }
 
-/// The validated configuration.
-#[derive(Debug, Clone)]
+/// The validated configuration. Its `Debug` output never shows the admin token (provider
+/// keys are redacted by [`ProviderConfig`]'s own `Debug`).
+#[derive(Clone)]
 pub struct Config {
     /// gRPC listen address.
     pub listen: SocketAddr,
@@ -399,6 +400,37 @@ pub struct TlsConfig {
     pub client_ca: Option<PathBuf>,
     /// How often the files are checked for changes.
     pub reload_interval: Duration,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("max_call_duration", &self.max_call_duration)
+            .field("default_call_timeout", &self.default_call_timeout)
+            .field("deadline_margin", &self.deadline_margin)
+            .field("shutdown_grace", &self.shutdown_grace)
+            .field("http", &self.http)
+            .field("stream_idle_timeout", &self.stream_idle_timeout)
+            .field("log", &self.log)
+            .field("providers", &self.providers)
+            .field("models", &self.models)
+            .field("policies", &self.policies)
+            .field("store_path", &self.store_path)
+            .field("admin_token", &self.admin_token.as_ref().map(|_| "<redacted>"))
+            .field("admin_listen", &self.admin_listen)
+            .field("health", &self.health)
+            .field("executor", &self.executor)
+            .field("metrics_listen", &self.metrics_listen)
+            .field("metric_tag_labels", &self.metric_tag_labels)
+            .field("ledger_capacity", &self.ledger_capacity)
+            .field("ledger_retention", &self.ledger_retention)
+            .field("require_keys", &self.require_keys)
+            .field("teams", &self.teams)
+            .field("key_auth_rest", &self.key_auth_rest)
+            .field("tls", &self.tls)
+            .finish()
+    }
 }
 
 /// The default metrics address.
@@ -1291,6 +1323,12 @@ mod tests {
             ConfigError::Invalid(issues) => issues,
             other => panic!("expected field issues, got {other}"),
         }
+    }
+
+    #[test]
+    fn debug_output_hides_the_admin_token() {
+        let config = load("[admin]\ntoken = \"super-secret-admin-token\"\n", &[]).unwrap();
+        assert!(!format!("{config:?}").contains("super-secret"));
     }
 
     #[test]
