@@ -351,6 +351,10 @@ impl MockUpstream {
         });
         let signal = stop.clone().cancelled_owned();
         tokio::spawn(async move {
+            // No Nagle: small SSE writes must leave at once.
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             let _ = axum::serve(listener, app)
                 .with_graceful_shutdown(signal)
                 .await;
