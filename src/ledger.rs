@@ -3,8 +3,8 @@
 //!
 //! Calls hand records to a bounded queue (`try_send`); when it is full the record is dropped
 //! and counted (`llm_gateway_usage_records_dropped_total`), so memory never grows without
-//! bound. One writer task drains the queue in batches (everything queued, up to
-//! [`MAX_BATCH`], in one transaction), prunes records older than the retention period every
+//! bound. One writer task drains the queue in batches (what gathered within
+//! [`BATCH_INTERVAL`] of the first record, up to [`MAX_BATCH`], in one transaction), prunes records older than the retention period every
 //! hour, and on shutdown writes what is left before it stops.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
@@ -14,7 +14,10 @@ use tokio::{sync::mpsc, task::JoinHandle};
 use crate::{store::Store, telemetry::names};
 
 /// Most records written in one transaction.
-pub const MAX_BATCH: usize = 512;
+pub const MAX_BATCH: usize = 2048;
+
+/// How long the writer lets records gather before it writes a batch.
+pub const BATCH_INTERVAL: Duration = Duration::from_millis(100);
 
 /// What the gateway records about one call.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -125,6 +128,9 @@ async fn write_loop(
             record = rx.recv() => {
                 let Some(record) = record else { break };
                 batch.push(record);
+                // Let a batch gather: one transaction per interval instead of one per call
+                // keeps the writer's cost per record small under load.
+                tokio::time::sleep(BATCH_INTERVAL).await;
                 while batch.len() < MAX_BATCH {
                     match rx.try_recv() {
                         Ok(r) => batch.push(r),
