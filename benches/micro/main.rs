@@ -1,0 +1,35 @@
+//! criterion micro-benchmarks of the gateway's per-call work, without the network:
+//!
+//! - `convert`: gRPC request validation and conversion, response and stream-event conversion
+//!   (`server::convert`).
+//! - `openai`: Chat Completions request building and response parsing
+//!   (`providers::openai::{build_request, parse_response}`).
+//! - `sse`: SSE decoding plus OpenAI chunk decoding of a realistic 200-chunk stream.
+//! - `executor`: routing plus the executor around a scripted instant fake provider, unary
+//!   and streaming (the gateway's own cost per call below the gRPC server).
+//!
+//! Run with `cargo bench --bench micro` (optionally a filter: `cargo bench --bench micro --
+//! sse`). The load scenarios (the gateway under gRPC load against the bare baseline) are in
+//! `bench/run.sh`.
+
+#![expect(
+    clippy::expect_used,
+    reason = "benchmark setup on fixed inputs; a failure means the benchmark itself is broken"
+)]
+
+mod convert;
+mod executor;
+mod fixtures;
+mod openai;
+mod sse;
+
+use criterion::Criterion;
+
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    convert::bench(&mut c);
+    openai::bench(&mut c);
+    sse::bench(&mut c);
+    executor::bench(&mut c);
+    c.final_summary();
+}
