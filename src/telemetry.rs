@@ -289,6 +289,38 @@ pub async fn serve_metrics(
     upkeep.abort();
 }
 
+/// Metric handles registered once per label set and reused: registering (hashing the name
+/// and labels in the recorder) costs far more than incrementing. The label sets are bounded
+/// (no ids), so the cache is too.
+#[derive(Debug)]
+pub struct HandleCache<T> {
+    map: std::sync::Mutex<std::collections::HashMap<String, T>>,
+}
+
+impl<T: Clone> Default for HandleCache<T> {
+    fn default() -> Self {
+        Self {
+            map: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+}
+
+impl<T: Clone> HandleCache<T> {
+    /// The handles for `key` (the label values joined), registered with `make` on first use.
+    pub fn get(&self, key: &str, make: impl FnOnce() -> T) -> T {
+        let mut map = self
+            .map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(handles) = map.get(key) {
+            return handles.clone();
+        }
+        let handles = make();
+        map.insert(key.to_owned(), handles.clone());
+        handles
+    }
+}
+
 /// The trace context of a call, propagated to upstream requests.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TraceContext {

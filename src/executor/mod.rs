@@ -455,28 +455,41 @@ impl<'p> Race<'p> {
 
 /// Counts a finished upstream attempt.
 pub(crate) fn observe_attempt(record: &AttemptRecord) {
+    static HANDLES: std::sync::LazyLock<
+        crate::telemetry::HandleCache<(metrics::Counter, metrics::Histogram)>,
+    > = std::sync::LazyLock::new(Default::default);
     let (outcome, error_class) = match &record.outcome {
         AttemptOutcome::Succeeded => ("succeeded", ""),
         AttemptOutcome::Failed(reason) => ("failed", *reason),
         AttemptOutcome::Cancelled => ("cancelled", ""),
         AttemptOutcome::Skipped(reason) => ("skipped", *reason),
     };
-    metrics::counter!(
-        names::ATTEMPTS,
-        "provider" => record.provider.clone(),
-        "model" => record.model.clone(),
-        "kind" => record.kind.label(),
-        "outcome" => outcome,
-        "error_class" => error_class
-    )
-    .increment(1);
-    metrics::histogram!(
-        names::ATTEMPT_DURATION,
-        "provider" => record.provider.clone(),
-        "model" => record.model.clone(),
-        "outcome" => outcome
-    )
-    .record(record.latency.as_secs_f64());
+    let key = format!(
+        "{}\u{1f}{}\u{1f}{}\u{1f}{outcome}\u{1f}{error_class}",
+        record.provider,
+        record.model,
+        record.kind.label()
+    );
+    let (attempts, duration) = HANDLES.get(&key, || {
+        (
+            metrics::counter!(
+                names::ATTEMPTS,
+                "provider" => record.provider.clone(),
+                "model" => record.model.clone(),
+                "kind" => record.kind.label(),
+                "outcome" => outcome,
+                "error_class" => error_class
+            ),
+            metrics::histogram!(
+                names::ATTEMPT_DURATION,
+                "provider" => record.provider.clone(),
+                "model" => record.model.clone(),
+                "outcome" => outcome
+            ),
+        )
+    });
+    attempts.increment(1);
+    duration.record(record.latency.as_secs_f64());
 }
 
 /// Exponential backoff with full jitter for retry round `round` (1 = first retry).

@@ -77,6 +77,8 @@ impl AnthropicConfig {
 pub struct Anthropic {
     config: AnthropicConfig,
     url: String,
+    /// `url`, parsed once.
+    parsed_url: Option<reqwest::Url>,
     client: reqwest::Client,
     keys: Arc<KeyRing>,
 }
@@ -87,6 +89,7 @@ impl Anthropic {
         let url = format!("{}/v1/messages", config.base_url);
         let keys = Arc::new(KeyRing::single(&config.name, config.api_key.clone()));
         Self {
+            parsed_url: reqwest::Url::parse(&url).ok(),
             config,
             url,
             client,
@@ -101,10 +104,11 @@ impl Anthropic {
     }
 
     fn post(&self, key: Option<&str>) -> Result<reqwest::RequestBuilder, ProviderError> {
-        let builder = self
-            .client
-            .post(&self.url)
-            .header("anthropic-version", API_VERSION);
+        let builder = match &self.parsed_url {
+            Some(url) => self.client.post(url.clone()),
+            None => self.client.post(&self.url),
+        }
+        .header("anthropic-version", API_VERSION);
         match key {
             Some(key) => Ok(builder.header("x-api-key", key_header(key)?)),
             None => Ok(builder),

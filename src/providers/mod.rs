@@ -128,6 +128,8 @@ pub fn http_client(settings: &HttpSettings) -> Result<reqwest::Client, reqwest::
         .pool_idle_timeout(settings.pool_idle_timeout)
         .pool_max_idle_per_host(settings.pool_max_idle_per_host)
         .user_agent(concat!("llm-gateway/", env!("CARGO_PKG_VERSION")))
+        // Provider APIs do not redirect; following one could send a key elsewhere.
+        .redirect(reqwest::redirect::Policy::none())
         .build()
 }
 

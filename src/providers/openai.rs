@@ -172,16 +172,26 @@ pub struct OpenAi {
     config: OpenAiConfig,
     client: reqwest::Client,
     keys: Arc<KeyRing>,
+    /// The endpoint, parsed once, when it does not depend on the model.
+    fixed_url: Option<reqwest::Url>,
 }
 
 impl OpenAi {
     /// A provider using the shared `client`, with `config.api_key` as its only key.
     pub fn new(config: OpenAiConfig, client: reqwest::Client) -> Self {
         let keys = Arc::new(KeyRing::single(&config.name, config.api_key.clone()));
+        let fixed_url = match config.url_style {
+            UrlStyle::Base => config
+                .url("")
+                .ok()
+                .and_then(|u| reqwest::Url::parse(&u).ok()),
+            UrlStyle::AzureDeployment { .. } => None,
+        };
         Self {
             config,
             client,
             keys,
+            fixed_url,
         }
     }
 
@@ -196,7 +206,10 @@ impl OpenAi {
         model: &str,
         key: Option<&str>,
     ) -> Result<reqwest::RequestBuilder, ProviderError> {
-        let builder = self.client.post(self.config.url(model)?);
+        let builder = match &self.fixed_url {
+            Some(url) => self.client.post(url.clone()),
+            None => self.client.post(self.config.url(model)?),
+        };
         match (key, self.config.auth) {
             (Some(key), AuthStyle::Bearer) => Ok(builder.header(
                 http::header::AUTHORIZATION,

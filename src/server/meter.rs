@@ -109,10 +109,93 @@ fn code_name(code: Code) -> &'static str {
     }
 }
 
+/// The metric handles of one label set.
+#[derive(Clone)]
+struct CallHandles {
+    calls: metrics::Counter,
+    duration: metrics::Histogram,
+    ttft: metrics::Histogram,
+    input_tokens: metrics::Counter,
+    output_tokens: metrics::Counter,
+    cached_tokens: metrics::Counter,
+    cost: metrics::Histogram,
+}
+
+fn inflight(rpc: &'static str) -> metrics::Gauge {
+    static GAUGES: std::sync::LazyLock<crate::telemetry::HandleCache<metrics::Gauge>> =
+        std::sync::LazyLock::new(Default::default);
+    GAUGES.get(rpc, || metrics::gauge!(names::INFLIGHT, "rpc" => rpc))
+}
+
+fn open_streams() -> metrics::Gauge {
+    static GAUGE: std::sync::LazyLock<crate::telemetry::HandleCache<metrics::Gauge>> =
+        std::sync::LazyLock::new(Default::default);
+    GAUGE.get("", || metrics::gauge!(names::OPEN_STREAMS))
+}
+
+static HANDLES: std::sync::LazyLock<crate::telemetry::HandleCache<CallHandles>> =
+    std::sync::LazyLock::new(Default::default);
+
 impl CallMeter {
+    /// The handles for this call's labels, registered once per label set.
+    fn handles(&self, provider: &str, model: &str, code: &'static str) -> CallHandles {
+        let tag_values: Vec<&str> = self
+            .config
+            .tag_labels
+            .iter()
+            .map(|t| self.tags.get(t).map_or("", String::as_str))
+            .collect();
+        let mut key = format!(
+            "{}\u{1f}{}\u{1f}{provider}\u{1f}{model}\u{1f}{code}",
+            self.rpc, self.policy
+        );
+        for v in &tag_values {
+            key.push('\u{1f}');
+            key.push_str(v);
+        }
+        HANDLES.get(&key, || {
+            let tags: Vec<metrics::Label> = self
+                .config
+                .tag_labels
+                .iter()
+                .zip(&tag_values)
+                .map(|(t, v)| metrics::Label::new(format!("tag_{t}"), (*v).to_owned()))
+                .collect();
+            let target = |extra: Option<(&'static str, &'static str)>| {
+                let mut l = vec![
+                    metrics::Label::new("policy", self.policy.clone()),
+                    metrics::Label::new("provider", provider.to_owned()),
+                    metrics::Label::new("model", model.to_owned()),
+                ];
+                l.extend(tags.iter().cloned());
+                if let Some((k, v)) = extra {
+                    l.push(metrics::Label::new(k, v));
+                }
+                l
+            };
+            let mut call = vec![
+                metrics::Label::new("rpc", self.rpc),
+                metrics::Label::new("code", code),
+            ];
+            call.extend(target(None));
+            CallHandles {
+                calls: metrics::counter!(names::CALLS, call.clone()),
+                duration: metrics::histogram!(names::CALL_DURATION, call),
+                ttft: metrics::histogram!(names::TIME_TO_FIRST_TOKEN, target(None)),
+                input_tokens: metrics::counter!(names::TOKENS, target(Some(("type", "input")))),
+                output_tokens: metrics::counter!(names::TOKENS, target(Some(("type", "output")))),
+                cached_tokens: metrics::counter!(
+                    names::TOKENS,
+                    target(Some(("type", "cached_input")))
+                ),
+                cost: metrics::histogram!(names::COST, target(None)),
+            }
+        })
+    }
+
     /// Starts accounting for a call.
     pub fn start(config: &MeterConfig, rpc: &'static str, request_id: String) -> Self {
-        metrics::gauge!(names::INFLIGHT, "rpc" => rpc).increment(1.0);
+        inflight(rpc).increment(1.0);
         Self {
             config: config.clone(),
             rpc,
@@ -145,7 +228,7 @@ impl CallMeter {
     /// The stream is open (counted in `llm_gateway_open_streams` until the meter ends).
     pub fn stream_opened(&mut self) {
         self.stream = true;
-        metrics::gauge!(names::OPEN_STREAMS).increment(1.0);
+        open_streams().increment(1.0);
     }
 
     /// Records the call's end. Later calls do nothing.
@@ -182,62 +265,21 @@ impl CallMeter {
         });
         let code = code_name(outcome.code);
 
-        let mut labels: Vec<(&'static str, String)> = vec![
-            ("rpc", self.rpc.to_owned()),
-            ("policy", self.policy.clone()),
-            ("provider", provider.clone()),
-            ("model", model.clone()),
-            ("code", code.to_owned()),
-        ];
-        let mut tag_labels: Vec<(String, String)> = Vec::new();
-        for tag in self.config.tag_labels.iter() {
-            tag_labels.push((
-                format!("tag_{tag}"),
-                self.tags.get(tag).cloned().unwrap_or_default(),
-            ));
-        }
-        let all: Vec<metrics::Label> = labels
-            .drain(..)
-            .map(|(k, v)| metrics::Label::new(k, v))
-            .chain(
-                tag_labels
-                    .iter()
-                    .map(|(k, v)| metrics::Label::new(k.clone(), v.clone())),
-            )
-            .collect();
-        metrics::counter!(names::CALLS, all.clone()).increment(1);
-        metrics::histogram!(names::CALL_DURATION, all).record(elapsed.as_secs_f64());
-
-        let target_labels = |extra: Option<(&'static str, &'static str)>| {
-            let mut l = vec![
-                metrics::Label::new("policy", self.policy.clone()),
-                metrics::Label::new("provider", provider.clone()),
-                metrics::Label::new("model", model.clone()),
-            ];
-            for (k, v) in &tag_labels {
-                l.push(metrics::Label::new(k.clone(), v.clone()));
-            }
-            if let Some((k, v)) = extra {
-                l.push(metrics::Label::new(k, v));
-            }
-            l
-        };
+        let handles = self.handles(&provider, &model, code);
+        handles.calls.increment(1);
+        handles.duration.record(elapsed.as_secs_f64());
         if let Some(ttft) = outcome.ttft {
-            metrics::histogram!(names::TIME_TO_FIRST_TOKEN, target_labels(None))
-                .record(ttft.as_secs_f64());
+            handles.ttft.record(ttft.as_secs_f64());
         }
         if let Some(u) = &outcome.usage {
-            metrics::counter!(names::TOKENS, target_labels(Some(("type", "input"))))
-                .increment(u.input_tokens);
-            metrics::counter!(names::TOKENS, target_labels(Some(("type", "output"))))
-                .increment(u.output_tokens);
+            handles.input_tokens.increment(u.input_tokens);
+            handles.output_tokens.increment(u.output_tokens);
             if let Some(cached) = u.cached_input_tokens {
-                metrics::counter!(names::TOKENS, target_labels(Some(("type", "cached_input"))))
-                    .increment(cached);
+                handles.cached_tokens.increment(cached);
             }
         }
         if let Some(cost) = &outcome.cost {
-            metrics::histogram!(names::COST, target_labels(None)).record(cost.total_usd());
+            handles.cost.record(cost.total_usd());
         }
 
         if let Some(permit) = self.permit.as_mut() {
@@ -284,9 +326,9 @@ impl Drop for CallMeter {
             cost: None,
             ttft: None,
         });
-        metrics::gauge!(names::INFLIGHT, "rpc" => self.rpc).decrement(1.0);
+        inflight(self.rpc).decrement(1.0);
         if self.stream {
-            metrics::gauge!(names::OPEN_STREAMS).decrement(1.0);
+            open_streams().decrement(1.0);
         }
     }
 }
