@@ -196,6 +196,25 @@ listen = "127.0.0.1:$metrics_port"
 kind = "openai"
 api_key = "bench-not-a-key"
 base_url = "http://127.0.0.1:$MOCK_PORT/v1"
+
+# Scenario 3: two targets on the heavy-tailed mock, without and with hedging.
+[providers.tail-a]
+kind = "openai-compatible"
+base_url = "http://127.0.0.1:${TAIL_PORT:-$MOCK_PORT}/v1"
+[providers.tail-b]
+kind = "openai-compatible"
+base_url = "http://127.0.0.1:${TAIL_PORT:-$MOCK_PORT}/v1"
+[policies.tail-nohedge]
+targets = [{ provider = "tail-a", model = "gpt-4o-mini" }, { provider = "tail-b", model = "gpt-4o-mini" }]
+execution = { max_attempts = 2 }
+[policies.tail-hedge]
+targets = [{ provider = "tail-a", model = "gpt-4o-mini" }, { provider = "tail-b", model = "gpt-4o-mini" }]
+execution = { max_attempts = 2, hedging = { mode = "fixed", delay = "100ms" } }
+
+# Scenario 4: a hanging primary and a healthy fallback.
+[policies.deadline-failover]
+targets = [{ provider = "openai", model = "gpt-4o-mini+hang" }, { provider = "openai", model = "gpt-4o-mini" }]
+execution = { attempt_timeout = "100ms", max_attempts = 2 }
 EOF
   start "gateway-$1" "$BIN/llm-gateway" --config "$GW_CONFIG"
   GW_PID=$STARTED
@@ -270,16 +289,44 @@ scenario_many_slow_streams() {
     --requests 10000 --duration 60s --ramp 5s --connections 100 --drain 60s --pid "$pid"
 }
 
-# --- scenarios 3 and 4: pending -------------------------------------------------------------
+# --- scenario 3: tail cutting ----------------------------------------------------------------
 
-scenario_tail_cutting() {
-  log "scenario 3 (tail cutting with hedging): pending: needs hedging/policies"
-  echo "pending: needs hedging/policies" >"$RUNS/s3.pending"
+# A heavy-tailed upstream (50 ms, 2% of calls 2 s) behind two targets; open-loop load through a
+# policy without hedging, then one that hedges after 100 ms. Extra upstream requests are counted
+# at the mock (GET /mock/stats) against the calls sent.
+mock_requests() {
+  curl -s "http://127.0.0.1:$1/mock/stats" | python3 -c "import json,sys; print(json.load(sys.stdin)['requests'])"
 }
 
+scenario_tail_cutting() {
+  local port before after policy
+  port=$(free_port)
+  start tail-mock "$BIN/llm-gateway-mock" --listen "127.0.0.1:$port" \
+    --latency-ms 50 --tail-ratio 0.02 --tail-ms 2000
+  local tail_pid=$STARTED
+  wait_port "$port"
+  TAIL_PORT=$port start_gateway s3
+  for policy in tail-nohedge tail-hedge; do
+    before=$(mock_requests "$port")
+    load "s3-$policy" --target "http://127.0.0.1:$GW_PORT" --rpc chat --prompt "$PROMPT" \
+      --model "$policy" --rate 200 --connections 2 --max-inflight 2000 --duration 20s \
+      --warmup 0s --drain 10s --pid "$GW_PID"
+    after=$(mock_requests "$port")
+    echo "$((after - before))" >"$RUNS/s3-$policy.upstream"
+  done
+  stop "$GW_PID"
+  stop "$tail_pid"
+}
+
+# --- scenario 4: deadlines -------------------------------------------------------------------
+
+# The primary hangs, the fallback is healthy; callers set a 300 ms deadline.
 scenario_deadlines() {
-  log "scenario 4 (deadlines with a hanging primary): pending: needs hedging/policies"
-  echo "pending: needs hedging/policies" >"$RUNS/s4.pending"
+  start_gateway s4
+  load "s4-deadlines" --target "http://127.0.0.1:$GW_PORT" --rpc chat --prompt "$PROMPT" \
+    --model deadline-failover --rate 100 --connections 2 --max-inflight 2000 --duration 20s \
+    --warmup 0s --drain 5s --deadline 300ms --pid "$GW_PID"
+  stop "$GW_PID"
 }
 
 # --- scenario 5: memory ---------------------------------------------------------------------
