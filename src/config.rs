@@ -417,7 +417,10 @@ impl std::fmt::Debug for Config {
             .field("models", &self.models)
             .field("policies", &self.policies)
             .field("store_path", &self.store_path)
-            .field("admin_token", &self.admin_token.as_ref().map(|_| "<redacted>"))
+            .field(
+                "admin_token",
+                &self.admin_token.as_ref().map(|_| "<redacted>"),
+            )
             .field("admin_listen", &self.admin_listen)
             .field("health", &self.health)
             .field("executor", &self.executor)
