@@ -353,6 +353,45 @@ async fn budget_exhaustion_is_bounded_and_can_route_to_a_cheaper_policy() {
 }
 
 #[tokio::test]
+async fn budget_holds_under_concurrent_load() {
+    let (_mock, gateway) = setup("").await;
+    let mut admin = admin(&gateway);
+    let mut k = key("burst", &["chat"]);
+    // Room for exactly two calls (each estimated at $0.0000039, costing $0.0000033).
+    k.daily_budget_usd = 0.00001;
+    let (_, secret) = create_key(&mut admin, k).await;
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let mut client = gateway.client();
+        let secret = secret.clone();
+        tasks.push(tokio::spawn(async move {
+            client
+                .chat(authed(small("openai/gpt-4o-mini"), &secret))
+                .await
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(status) => assert_eq!(reason(&status), "BUDGET_EXCEEDED"),
+        }
+    }
+    assert_eq!(ok, 2, "reservations admit exactly what fits in the budget");
+    let spent = admin
+        .get_key(pb::GetKeyRequest {
+            name: "burst".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap()
+        .spent_today_usd;
+    assert!(spent <= 0.00001, "spent {spent} of a $0.00001 budget");
+}
+
+#[tokio::test]
 async fn concurrent_streams_are_capped_per_key() {
     let (_mock, gateway) = setup("").await;
     let mut admin = admin(&gateway);
