@@ -932,7 +932,6 @@ pub fn map_error(status: u16, headers: &http::HeaderMap, body: &[u8]) -> Provide
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
-    use futures_util::StreamExt;
 
     use super::*;
     use crate::types::{Image, ImageDetail, SamplingParams, Tool, ToolResult};
@@ -1237,14 +1236,7 @@ mod tests {
     }
 
     async fn decode_stream(body: &'static [u8]) -> Vec<Result<StreamEvent, ProviderError>> {
-        let pieces: Vec<reqwest::Result<Bytes>> =
-            body.chunks(7).map(|c| Ok(Bytes::from_static(c))).collect();
-        SseStream::from_body(
-            Box::pin(futures_util::stream::iter(pieces)),
-            MessageStreamDecoder::default(),
-        )
-        .collect()
-        .await
+        super::super::sse::decode_in_pieces(body, MessageStreamDecoder::default()).await
     }
 
     #[tokio::test]

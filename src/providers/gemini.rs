@@ -923,7 +923,6 @@ pub fn map_error(status: u16, headers: &http::HeaderMap, body: &[u8]) -> Provide
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
-    use futures_util::StreamExt;
 
     use super::*;
     use crate::types::{Image, ImageDetail, SamplingParams, Tool, ToolResult};
@@ -1265,14 +1264,7 @@ mod tests {
     }
 
     async fn decode_stream(body: &'static [u8]) -> Vec<Result<StreamEvent, ProviderError>> {
-        let pieces: Vec<reqwest::Result<Bytes>> =
-            body.chunks(7).map(|c| Ok(Bytes::from_static(c))).collect();
-        SseStream::from_body(
-            Box::pin(futures_util::stream::iter(pieces)),
-            ChunkDecoder::default(),
-        )
-        .collect()
-        .await
+        super::super::sse::decode_in_pieces(body, ChunkDecoder::default()).await
     }
 
     #[tokio::test]

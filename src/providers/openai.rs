@@ -933,7 +933,6 @@ mod tests {
     use std::time::Duration;
 
     use bytes::Bytes;
-    use futures_util::StreamExt;
 
     use super::*;
     use crate::types::{Image, Message, Tool, ToolResult};
@@ -1136,14 +1135,7 @@ mod tests {
     }
 
     async fn decode_stream(body: &'static [u8]) -> Vec<Result<StreamEvent, ProviderError>> {
-        // Feed in small pieces to exercise event reassembly.
-        let pieces: Vec<reqwest::Result<Bytes>> =
-            body.chunks(7).map(|c| Ok(Bytes::from_static(c))).collect();
-        let stream = SseStream::from_body(
-            Box::pin(futures_util::stream::iter(pieces)),
-            ChunkDecoder::default(),
-        );
-        stream.collect().await
+        super::super::sse::decode_in_pieces(body, ChunkDecoder::default()).await
     }
 
     #[tokio::test]

@@ -224,6 +224,21 @@ impl<D: EventDecoder> Stream for SseStream<D> {
     }
 }
 
+/// Runs `decoder` over `body` delivered in 7-byte pieces (exercising event reassembly
+/// across reads), collecting every item: the provider tests' stream harness.
+#[cfg(test)]
+pub(crate) async fn decode_in_pieces<D: EventDecoder>(
+    body: &'static [u8],
+    decoder: D,
+) -> Vec<Result<StreamEvent, ProviderError>> {
+    use futures_util::StreamExt as _;
+    let pieces: Vec<reqwest::Result<Bytes>> =
+        body.chunks(7).map(|c| Ok(Bytes::from_static(c))).collect();
+    SseStream::from_body(Box::pin(futures_util::stream::iter(pieces)), decoder)
+        .collect()
+        .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
