@@ -798,23 +798,7 @@ fn stream_error(error: &WireError) -> ProviderError {
         .and_then(class_from_type)
         .unwrap_or(ErrorClass::StreamBroken);
     let class = refine_invalid(class, error.message.as_deref().unwrap_or_default());
-    match class {
-        ErrorClass::Overloaded => ProviderError::new(
-            ErrorClass::Overloaded,
-            "the provider reported it is overloaded mid-stream",
-        ),
-        c if c.is_retryable() => ProviderError::new(
-            ErrorClass::StreamBroken,
-            "the provider sent an error event mid-stream",
-        ),
-        c => ProviderError::new(
-            c,
-            format!(
-                "the provider sent an error in the stream: {}",
-                short_message(error.message.as_deref().unwrap_or("unknown error"))
-            ),
-        ),
-    }
+    ProviderError::in_stream(class, error.message.as_deref())
 }
 
 // ---------------------------------------------------------------------------------------------

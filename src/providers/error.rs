@@ -203,6 +203,29 @@ impl ProviderError {
         )
     }
 
+    /// An error the provider reported inside a stream, already classified as `class`.
+    /// Overloads keep their class; other transient failures are a broken stream; the
+    /// request's own faults keep theirs, with the provider's short message.
+    pub fn in_stream(class: ErrorClass, upstream_message: Option<&str>) -> Self {
+        match class {
+            ErrorClass::Overloaded => ProviderError::new(
+                ErrorClass::Overloaded,
+                "the provider reported it is overloaded mid-stream",
+            ),
+            c if c.is_retryable() => ProviderError::new(
+                ErrorClass::StreamBroken,
+                "the provider sent an error event mid-stream",
+            ),
+            c => ProviderError::new(
+                c,
+                format!(
+                    "the provider sent an error in the stream: {}",
+                    short_message(upstream_message.unwrap_or("unknown error"))
+                ),
+            ),
+        }
+    }
+
     /// A malformed stream event.
     pub fn malformed_event(detail: &str) -> Self {
         ProviderError::new(

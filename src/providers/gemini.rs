@@ -769,23 +769,7 @@ impl EventDecoder for ChunkDecoder {
 /// failures are a broken stream; the request's own faults keep theirs.
 fn stream_error(error: &WireError) -> ProviderError {
     let class = classify(error, ErrorClass::StreamBroken);
-    match class {
-        ErrorClass::Overloaded => ProviderError::new(
-            ErrorClass::Overloaded,
-            "the provider reported it is overloaded mid-stream",
-        ),
-        c if c.is_retryable() => ProviderError::new(
-            ErrorClass::StreamBroken,
-            "the provider sent an error mid-stream",
-        ),
-        c => ProviderError::new(
-            c,
-            format!(
-                "the provider sent an error in the stream: {}",
-                short_message(error.message.as_deref().unwrap_or("unknown error"))
-            ),
-        ),
-    }
+    ProviderError::in_stream(class, error.message.as_deref())
 }
 
 // ---------------------------------------------------------------------------------------------
