@@ -307,10 +307,12 @@ pub struct ToolCallDelta {
 pub enum AttemptKind {
     /// First choice.
     Primary,
-    /// After an earlier attempt failed.
+    /// The next target of the plan, after the ones before it failed or were skipped.
     Fallback,
     /// In parallel, because an earlier attempt was slow.
     Hedge,
+    /// A target of the plan again, after every target had its turn.
+    Retry,
 }
 
 impl AttemptKind {
@@ -320,6 +322,7 @@ impl AttemptKind {
             AttemptKind::Primary => "primary",
             AttemptKind::Fallback => "fallback",
             AttemptKind::Hedge => "hedge",
+            AttemptKind::Retry => "retry",
         }
     }
 }

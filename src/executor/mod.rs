@@ -10,10 +10,24 @@
 //!   attempts (up to `max_attempts`) retry them, after an exponential backoff with jitter.
 //!   Only retryable errors lead to another attempt; a `CONTEXT_LENGTH_EXCEEDED` moves on to a
 //!   target with a larger context window when the policy allows it.
+//! - Deadline-aware fallback (policy `reserve_percentile`, default 99, and `reserve_default`,
+//!   default 500 ms): while a later target of the plan's first round could still be tried,
+//!   an attempt ends early enough to leave the next such target (admitted by health) the
+//!   time it is expected to need: that percentile of its observed latency (time to first
+//!   token for streams), `reserve_default` while it has fewer than 20 observations, never
+//!   less than its median or `min_attempt_time`. When the budget cannot hold both that and
+//!   `min_attempt_time` for the attempt, nothing is reserved. An attempt cut off this way
+//!   fails with TIMEOUT and counts against its target's health, so a hanging target's
+//!   circuit opens.
 //! - Before a fallback or hedge starts, the time left is compared with what the target
 //!   typically needs (its observed median latency, or time to first token for streams, and at
 //!   least `min_attempt_time`): a target that cannot answer in time is skipped, and the skip
-//!   is recorded in the route.
+//!   is recorded in the route (a target an earlier attempt left time for is not).
+//! - Attempt kinds in the route: the plan's first target is the primary (also when skipped),
+//!   the rest of the first round are fallbacks, later rounds retries, parallel ones hedges.
+//! - Latency statistics: an attempt cancelled (a hedge won, the call ended) or timed out is
+//!   recorded as a censored observation, its latency at least the time it ran (see
+//!   `health`), so percentile hedge delays and reserves are not biased low.
 //! - A target resting after a rate limit (its Retry-After) or with an open circuit is
 //!   skipped; other targets carry on.
 //! - Hedging: when the newest attempt has not answered after the hedge delay (fixed, or a
@@ -257,6 +271,10 @@ struct Race<'p> {
     min_context: Option<u32>,
     /// A target was skipped because the deadline was too close.
     deadline_skipped: bool,
+    /// The plan's first target was tried or skipped: later ones are fallbacks.
+    primary_taken: bool,
+    /// Index (into the attempt sequence) of the target the running attempts left time for.
+    reserved_for: Option<usize>,
 }
 
 impl<'p> Race<'p> {
@@ -283,9 +301,18 @@ impl<'p> Race<'p> {
             all_rate_limited: true,
             min_context: None,
             deadline_skipped: false,
+            primary_taken: false,
+            reserved_for: None,
         };
         for skipped in &plan.skipped {
-            race.skip(&skipped.target, AttemptKind::Fallback, skipped.reason);
+            // A target set aside ahead of every target in the plan was the primary.
+            let kind = if skipped.first && !race.primary_taken {
+                AttemptKind::Primary
+            } else {
+                AttemptKind::Fallback
+            };
+            race.primary_taken |= skipped.first;
+            race.skip(&skipped.target, kind, skipped.reason);
         }
         race
     }
@@ -314,8 +341,24 @@ impl<'p> Race<'p> {
         typical.map_or(floor, |t| t.max(floor))
     }
 
-    /// Picks the next target to start, recording skips. `None` when no attempt is left.
-    fn pick(&mut self, kind: AttemptKind, floor: Duration) -> Option<(Target, AttemptGuard)> {
+    /// Whether a context-length error ruled `target` out.
+    fn too_small(&self, target: &Target) -> bool {
+        self.min_context.is_some_and(|min| {
+            target
+                .info
+                .as_ref()
+                .and_then(|i| i.context_window)
+                .is_none_or(|w| w <= min)
+        })
+    }
+
+    /// Picks the next target to start (a hedge, or the next of the attempt sequence), with
+    /// the kind of its attempt, recording skips. `None` when no attempt is left.
+    fn pick(
+        &mut self,
+        hedge: bool,
+        floor: Duration,
+    ) -> Option<(Target, AttemptGuard, AttemptKind)> {
         let targets = &self.plan.targets;
         if targets.is_empty() {
             return None;
@@ -324,31 +367,74 @@ impl<'p> Race<'p> {
         // Each index is considered once; a full round of skips ends the search.
         let mut considered = 0;
         while self.started < max && considered < targets.len() * 2 {
-            let target = targets[self.next % targets.len()].clone();
+            let index = self.next;
+            let target = targets[index % targets.len()].clone();
             self.next += 1;
             considered += 1;
-            if let Some(min) = self.min_context
-                && target
-                    .info
-                    .as_ref()
-                    .and_then(|i| i.context_window)
-                    .is_none_or(|w| w <= min)
-            {
+            if self.too_small(&target) {
                 continue;
             }
+            let kind = if hedge {
+                AttemptKind::Hedge
+            } else if index >= targets.len() {
+                AttemptKind::Retry
+            } else if !self.primary_taken {
+                AttemptKind::Primary
+            } else {
+                AttemptKind::Fallback
+            };
+            self.primary_taken = true;
             let now = Instant::now();
             let remaining = self.deadline.saturating_duration_since(now);
-            if kind != AttemptKind::Primary && remaining < self.needs(&target, floor) {
+            // The first attempt always starts; a later one only with time to answer, unless
+            // an earlier attempt ended early to leave it that time.
+            if self.started > 0
+                && self.reserved_for != Some(index)
+                && remaining < self.needs(&target, floor)
+            {
                 self.skip(&target, kind, "DEADLINE");
                 self.deadline_skipped = true;
                 continue;
             }
             match AttemptGuard::admit(&target.health, now) {
-                Ok(guard) => return Some((target, guard)),
+                Ok(guard) => return Some((target, guard, kind)),
                 Err(admission) => self.skip(&target, kind, skip_reason(admission)),
             }
         }
         None
+    }
+
+    /// The time the attempt about to start must leave free before the deadline, for the next
+    /// target of the plan's first round that could be tried after it (deadline-aware
+    /// fallback; see the module docs). `None` when it is the last such attempt, or the rule
+    /// is off.
+    fn reserve(&mut self, floor: Duration) -> Option<Duration> {
+        self.reserved_for = None;
+        let reserve = self.plan.execution.reserve?;
+        let targets = &self.plan.targets;
+        if self.started + 1 >= self.plan.execution.max_attempts || self.next >= targets.len() {
+            return None;
+        }
+        let now = Instant::now();
+        let (index, target) = targets
+            .iter()
+            .enumerate()
+            .skip(self.next)
+            .find(|(_, t)| !self.too_small(t) && t.health.peek(now).is_allowed())?;
+        let observed = match self.mode {
+            Mode::Unary => target
+                .health
+                .latency_percentile(reserve.percentile, HEDGE_MIN_SAMPLES),
+            Mode::Stream => target
+                .health
+                .ttft_percentile(reserve.percentile, HEDGE_MIN_SAMPLES),
+        };
+        // Never less than what `pick` asks of it, so that it is not skipped for lack of time.
+        let need = observed
+            .unwrap_or(reserve.default)
+            .max(self.needs(target, floor));
+        self.reserved_for = Some(index);
+        Some(need)
     }
 
     /// Whether the next pick would be a retry of a target already tried.
@@ -372,7 +458,7 @@ impl<'p> Race<'p> {
             AttemptKind::Fallback => {
                 metrics::counter!(names::FALLBACKS, "policy" => self.policy_label()).increment(1);
             }
-            AttemptKind::Primary => {}
+            AttemptKind::Primary | AttemptKind::Retry => {}
         }
         let slot = self.route.attempts.len();
         self.route.attempts.push(AttemptRecord {
@@ -415,9 +501,14 @@ impl<'p> Race<'p> {
     }
 
     /// Marks every still-running attempt cancelled (their futures are dropped by the caller).
+    /// Each ran for a while without an answer: a censored latency observation.
     fn cancel_all(&mut self) {
         let now = Instant::now();
-        for running in self.running.iter_mut().filter_map(Option::take) {
+        let stream = self.mode == Mode::Stream;
+        for mut running in self.running.iter_mut().filter_map(Option::take) {
+            if let Some(guard) = running.guard.take() {
+                guard.censor(now.duration_since(running.started), stream);
+            }
             if let Some(record) = self.route.attempts.get_mut(running.slot) {
                 record.outcome = AttemptOutcome::Cancelled;
                 record.latency = now.duration_since(running.started);
@@ -554,12 +645,27 @@ impl Executor {
                      target: Target,
                      guard: AttemptGuard,
                      kind: AttemptKind| {
-            let id = race.begin(target.clone(), guard, kind);
             let now = Instant::now();
-            let attempt_deadline = match attempt_timeout {
+            let mut attempt_deadline = match attempt_timeout {
                 Some(t) => deadline.min(now + t),
                 None => deadline,
             };
+            // Leave the next target its time, when that leaves this one its minimum.
+            let mut early = false;
+            match race.reserve(floor) {
+                Some(reserve)
+                    if deadline
+                        .checked_sub(reserve)
+                        .is_some_and(|end| end >= now + floor) =>
+                {
+                    let end = deadline - reserve;
+                    early = end < attempt_deadline;
+                    attempt_deadline = attempt_deadline.min(end);
+                }
+                Some(_) => race.reserved_for = None,
+                None => {}
+            }
+            let id = race.begin(target.clone(), guard, kind);
             let span = tracing::info_span!(
                 "attempt",
                 provider = target.provider.name(),
@@ -576,6 +682,10 @@ impl Executor {
                 async move {
                     let result = match tokio::time::timeout_at(attempt_deadline, fut).await {
                         Ok(r) => r,
+                        Err(_) if early => Err(ProviderError::new(
+                            ErrorClass::Timeout,
+                            "the attempt ended early to leave the next target time before the deadline",
+                        )),
                         Err(_) => Err(ProviderError::new(
                             ErrorClass::Timeout,
                             "the attempt reached its timeout",
@@ -592,11 +702,6 @@ impl Executor {
         loop {
             // Keep an attempt running: the primary, a fallback, or a retry after backoff.
             if in_flight.is_empty() {
-                let kind = if race.started == 0 {
-                    AttemptKind::Primary
-                } else {
-                    AttemptKind::Fallback
-                };
                 if race.started > 0 && race.is_retry_round() {
                     let round = race.next / plan.targets.len().max(1);
                     let pause = backoff(round, plan.execution.backoff);
@@ -609,7 +714,7 @@ impl Executor {
                         () = tokio::time::sleep(pause) => {}
                     }
                 }
-                let Some((target, guard)) = race.pick(kind, floor) else {
+                let Some((target, guard, kind)) = race.pick(false, floor) else {
                     // Out of targets. When one was left out for lack of time, the deadline is
                     // what ended the call: say so now rather than wait for it.
                     return Err(if race.deadline_skipped {
@@ -666,6 +771,10 @@ impl Executor {
                         };
                         let latency = running.started.elapsed();
                         if let Some(guard) = running.guard.take() {
+                            if err.class == ErrorClass::Timeout {
+                                // It did not answer in time: its latency is at least that.
+                                guard.censor(latency, race.mode == Mode::Stream);
+                            }
                             guard.finish(health_result(&err, latency));
                         }
                         self.budget.observe(err.is_retryable());
@@ -698,10 +807,10 @@ impl Executor {
                         // right away (hedging allows concurrency); otherwise the loop does.
                         if !in_flight.is_empty()
                             && !race.is_retry_round()
-                            && let Some((target, guard)) = race.pick(AttemptKind::Fallback, floor)
+                            && let Some((target, guard, kind)) = race.pick(false, floor)
                         {
                             self.budget.deposit();
-                            start(&mut race, &mut in_flight, target, guard, AttemptKind::Fallback);
+                            start(&mut race, &mut in_flight, target, guard, kind);
                         }
                     }
                 },
@@ -714,7 +823,7 @@ impl Executor {
                     if race.running_count() < cap as usize
                         && !race.is_retry_round()
                         && self.budget.try_withdraw()
-                        && let Some((target, guard)) = race.pick(AttemptKind::Hedge, floor)
+                        && let Some((target, guard, _)) = race.pick(true, floor)
                     {
                         tracing::debug!(provider = target.provider.name(), model = &*target.model, "starting a hedge");
                         start(&mut race, &mut in_flight, target.clone(), guard, AttemptKind::Hedge);

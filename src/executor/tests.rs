@@ -740,3 +740,229 @@ async fn adaptive_hedge_delay_uses_the_observed_percentile() {
         "{hedge_start:?}"
     );
 }
+
+/// Issue 13: with the default policy settings (no attempt timeout), a hanging primary leaves
+/// the fallback its reserve, fails with TIMEOUT, and so opens its circuit.
+#[tokio::test(start_paused = true)]
+async fn hanging_primary_leaves_the_fallback_its_reserve_by_default() {
+    let s = Setup::default();
+    let a = Fake::new("a", &[Step::Hang]);
+    let b = Fake::new("b", &[Step::Reply(secs(0.01))]);
+    let two = plan(
+        vec![s.target(&a), s.target(&b)],
+        ExecutionSettings::default(),
+    );
+    let floor = ExecutorSettings::default().min_attempt_time;
+    let cold = crate::routing::policy::DEFAULT_RESERVE;
+    let failure_threshold = HealthSettings::default().failure_threshold;
+    for call in 0..failure_threshold {
+        let start = Instant::now();
+        let answer = s
+            .executor
+            .chat(&two, &request(), start + secs(1.0), None)
+            .await
+            .unwrap();
+        assert_eq!(answer.provider, "b", "call {call}");
+        assert_eq!(
+            outcomes(&answer.route),
+            vec![
+                (
+                    "a".into(),
+                    AttemptKind::Primary,
+                    AttemptOutcome::Failed("TIMEOUT")
+                ),
+                ("b".into(), AttemptKind::Fallback, AttemptOutcome::Succeeded),
+            ]
+        );
+        // b is cold: the default reserve is left to it.
+        assert_eq!(answer.route.attempts[1].start_offset, secs(1.0) - cold);
+    }
+    assert_eq!(
+        a.dropped(),
+        failure_threshold,
+        "every hung attempt was dropped"
+    );
+    // The cut-off attempts counted as failures: the circuit is open now.
+    let answer = s
+        .executor
+        .chat(&two, &request(), Instant::now() + secs(1.0), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        outcomes(&answer.route),
+        vec![
+            (
+                "a".into(),
+                AttemptKind::Primary,
+                AttemptOutcome::Skipped("CIRCUIT_OPEN")
+            ),
+            ("b".into(), AttemptKind::Fallback, AttemptOutcome::Succeeded),
+        ]
+    );
+    assert_eq!(a.calls(), failure_threshold);
+
+    // Once b is known (fast), the primary keeps all but b's high percentile, at least the
+    // minimum attempt time.
+    let s = Setup::default();
+    let a = Fake::new("a", &[Step::Hang]);
+    let b_target = s.target(&b);
+    for _ in 0..HEDGE_MIN_SAMPLES {
+        b_target.health.record(
+            AttemptResult::Success {
+                latency: secs(0.01),
+                ttft: None,
+            },
+            Instant::now(),
+        );
+    }
+    let warm = plan(vec![s.target(&a), b_target], ExecutionSettings::default());
+    let answer = s
+        .executor
+        .chat(&warm, &request(), Instant::now() + secs(1.0), None)
+        .await
+        .unwrap();
+    assert_eq!(answer.provider, "b");
+    assert_eq!(answer.route.attempts[1].start_offset, secs(1.0) - floor);
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_reserve_for_the_last_target_or_when_it_does_not_fit() {
+    let s = Setup::default();
+    // A single target keeps the whole budget.
+    let a = Fake::new("a", &[Step::Hang]);
+    let single = plan(vec![s.target(&a)], ExecutionSettings::default());
+    let start = Instant::now();
+    let err = s
+        .executor
+        .chat(&single, &request(), start + secs(1.0), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, GatewayError::DeadlineExceeded { .. }));
+    assert_eq!(start.elapsed(), secs(1.0));
+    // A budget too short for the reserve: the primary keeps it all (the fallback could not
+    // have answered anyway).
+    let b = Fake::new("b", &[Step::Reply(secs(0.01))]);
+    let two = plan(
+        vec![s.target(&a), s.target(&b)],
+        ExecutionSettings::default(),
+    );
+    let start = Instant::now();
+    let err = s
+        .executor
+        .chat(&two, &request(), start + secs(0.3), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, GatewayError::DeadlineExceeded { .. }));
+    assert_eq!(start.elapsed(), secs(0.3));
+    assert_eq!(b.calls(), 0);
+    // Off: the primary keeps the whole budget.
+    let execution = ExecutionSettings {
+        reserve: None,
+        ..ExecutionSettings::default()
+    };
+    let off = plan(vec![s.target(&a), s.target(&b)], execution);
+    let start = Instant::now();
+    let err = s
+        .executor
+        .chat(&off, &request(), start + secs(1.0), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, GatewayError::DeadlineExceeded { .. }));
+    assert_eq!(start.elapsed(), secs(1.0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn attempt_kinds_tell_primary_fallback_retry_and_hedge() {
+    let s = Setup::default();
+    let a = Fake::new(
+        "a",
+        &[
+            Step::Fail(secs(0.01), ErrorClass::ServerError, None),
+            Step::Reply(secs(0.01)),
+        ],
+    );
+    let b = Fake::new(
+        "b",
+        &[Step::Fail(secs(0.01), ErrorClass::ServerError, None)],
+    );
+    let plan = plan(vec![s.target(&a), s.target(&b)], exec(3, Hedging::Off));
+    let answer = s
+        .executor
+        .chat(&plan, &request(), Instant::now() + secs(5.0), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        outcomes(&answer.route),
+        vec![
+            (
+                "a".into(),
+                AttemptKind::Primary,
+                AttemptOutcome::Failed("SERVER_ERROR")
+            ),
+            (
+                "b".into(),
+                AttemptKind::Fallback,
+                AttemptOutcome::Failed("SERVER_ERROR")
+            ),
+            ("a".into(), AttemptKind::Retry, AttemptOutcome::Succeeded),
+        ]
+    );
+}
+
+/// Issue 13: hedged attempts that lose are cancelled; their latency is censored, not
+/// dropped, so the percentile hedge delay converges to the primary's real percentile instead
+/// of sliding down.
+#[tokio::test(start_paused = true)]
+async fn percentile_hedge_delay_converges_despite_cancelled_attempts() {
+    let s = Setup::new(
+        HealthSettings::default(),
+        ExecutorSettings {
+            hedge_budget_ratio: 1.0,
+            ..ExecutorSettings::default()
+        },
+    );
+    // a takes 15, 30, ..., 960 ms in turn (64 values, so that the 256-sample window always
+    // holds whole cycles): its real 90th percentile is 870 ms (58 of 64 values are at most
+    // that).
+    let steps: Vec<Step> = (0..800)
+        .map(|i| Step::Reply(Duration::from_millis((i % 64 + 1) * 15)))
+        .collect();
+    let a = Fake::new("a", &steps);
+    let b = Fake::new("b", &[Step::Reply(secs(0.02))]);
+    let a_target = s.target(&a);
+    let plan = plan(
+        vec![a_target.clone(), s.target(&b)],
+        exec(
+            2,
+            Hedging::Percentile {
+                percentile: 90.0,
+                fallback_delay: secs(0.1),
+                max_extra: 1,
+            },
+        ),
+    );
+    let call = || async {
+        s.executor
+            .chat(&plan, &request(), Instant::now() + secs(10.0), None)
+            .await
+            .unwrap()
+    };
+    for _ in 0..512 {
+        call().await;
+    }
+    let p90 = a_target.health.latency_percentile(90.0, 1).unwrap();
+    assert!(
+        p90 >= secs(0.85) && p90 <= secs(0.89),
+        "estimated p90 {p90:?}, real 870 ms"
+    );
+    // In steady state, the calls slower than that (6 in 64) are hedged, no more.
+    let before = b.calls();
+    for _ in 0..256 {
+        let answer = call().await;
+        if let Some(hedge) = answer.route.attempts.get(1) {
+            assert!(hedge.start_offset >= secs(0.85), "{:?}", hedge.start_offset);
+        }
+    }
+    let hedged = b.calls() - before;
+    assert!((22..=26).contains(&hedged), "{hedged} hedges in 256 calls");
+}

@@ -18,6 +18,10 @@ use std::{
 
 use tokio::time::Instant;
 
+use self::latency::LatencyWindow;
+
+mod latency;
+
 /// Breaker and window settings.
 #[derive(Debug, Clone)]
 pub struct HealthSettings {
@@ -96,8 +100,6 @@ impl Admission {
 #[derive(Debug, Clone, Copy)]
 struct Sample {
     at: Instant,
-    latency: Duration,
-    ttft: Option<Duration>,
     ok: bool,
 }
 
@@ -110,7 +112,12 @@ enum Breaker {
 
 #[derive(Debug)]
 struct State {
+    /// Outcomes, for the breaker's error rate.
     window: VecDeque<Sample>,
+    /// Latency of unary attempts and whole streams (censored: cancelled or timed out).
+    latency: LatencyWindow,
+    /// Time to first token of streams (censored: cancelled or timed out before it).
+    ttft: LatencyWindow,
     breaker: Breaker,
     cooldown_until: Option<Instant>,
 }
@@ -168,16 +175,6 @@ pub enum AttemptResult {
     Neutral,
 }
 
-fn percentile(values: &mut [Duration], p: f64) -> Option<Duration> {
-    if values.is_empty() {
-        return None;
-    }
-    let rank = ((p / 100.0) * (values.len() - 1) as f64).round() as usize;
-    let rank = rank.min(values.len() - 1);
-    let (_, v, _) = values.select_nth_unstable(rank);
-    Some(*v)
-}
-
 impl TargetHealth {
     /// A healthy target.
     pub fn new(settings: Arc<HealthSettings>) -> Self {
@@ -191,6 +188,8 @@ impl TargetHealth {
             settings,
             state: Mutex::new(State {
                 window: VecDeque::new(),
+                latency: LatencyWindow::default(),
+                ttft: LatencyWindow::default(),
                 breaker: Breaker::Closed {
                     consecutive_failures: 0,
                 },
@@ -251,18 +250,15 @@ impl TargetHealth {
         let mut state = self.lock();
         let before = Self::circuit(&state.breaker);
         let sample = match result {
-            AttemptResult::Success { latency, ttft } => Some(Sample {
-                at: now,
-                latency,
-                ttft,
-                ok: true,
-            }),
-            AttemptResult::Failure { latency } => Some(Sample {
-                at: now,
-                latency,
-                ttft: None,
-                ok: false,
-            }),
+            AttemptResult::Success { latency, ttft } => {
+                let (size, age) = (settings.window_size, settings.window_age);
+                state.latency.push(latency, false, now, size, age);
+                if let Some(ttft) = ttft {
+                    state.ttft.push(ttft, false, now, size, age);
+                }
+                Some(Sample { at: now, ok: true })
+            }
+            AttemptResult::Failure { .. } => Some(Sample { at: now, ok: false }),
             AttemptResult::RateLimited { rest } => {
                 let until = now + rest;
                 state.cooldown_until = Some(state.cooldown_until.map_or(until, |u| u.max(until)));
@@ -368,47 +364,51 @@ impl TargetHealth {
         }
     }
 
-    /// The `p`th percentile (0-100) of successful attempts' latency, when at least
-    /// `min_samples` exist.
+    /// Records an attempt that ended without showing its latency (it was cancelled, or cut
+    /// off by its timeout) after running for `elapsed`: its latency (time to first token for
+    /// a stream) was at least that. Used by the percentiles, not by the breaker.
+    pub fn record_censored(&self, elapsed: Duration, stream: bool, now: Instant) {
+        let (size, age) = (self.settings.window_size, self.settings.window_age);
+        let mut state = self.lock();
+        let window = if stream {
+            &mut state.ttft
+        } else {
+            &mut state.latency
+        };
+        window.push(elapsed, true, now, size, age);
+    }
+
+    /// The `p`th percentile (0-100) of attempts' latency, when at least `min_samples`
+    /// observations (finished or censored) exist. Censored observations count as what they
+    /// are, lower bounds (see [`latency`]).
     pub fn latency_percentile(&self, p: f64, min_samples: usize) -> Option<Duration> {
         let state = self.lock();
-        let mut values: Vec<Duration> = state
-            .window
-            .iter()
-            .filter(|s| s.ok)
-            .map(|s| s.latency)
-            .collect();
-        if values.len() < min_samples.max(1) {
+        if state.latency.len() < min_samples.max(1) {
             return None;
         }
-        percentile(&mut values, p)
+        state.latency.quantile(p)
     }
 
     /// The `p`th percentile (0-100) of time to first token of streams, when at least
-    /// `min_samples` exist.
+    /// `min_samples` observations exist.
     pub fn ttft_percentile(&self, p: f64, min_samples: usize) -> Option<Duration> {
         let state = self.lock();
-        let mut values: Vec<Duration> = state.window.iter().filter_map(|s| s.ttft).collect();
-        if values.len() < min_samples.max(1) {
+        if state.ttft.len() < min_samples.max(1) {
             return None;
         }
-        percentile(&mut values, p)
+        state.ttft.quantile(p)
     }
 
     /// Median time to first token (streams), falling back to median latency.
     pub fn typical_latency(&self) -> Option<Duration> {
         let state = self.lock();
-        let mut ttft: Vec<Duration> = state.window.iter().filter_map(|s| s.ttft).collect();
-        if let Some(v) = percentile(&mut ttft, 50.0) {
-            return Some(v);
+        if state.ttft.exact_len() > 0 {
+            return state.ttft.quantile(50.0);
         }
-        let mut lat: Vec<Duration> = state
-            .window
-            .iter()
-            .filter(|s| s.ok)
-            .map(|s| s.latency)
-            .collect();
-        percentile(&mut lat, 50.0)
+        if state.latency.exact_len() > 0 {
+            return state.latency.quantile(50.0);
+        }
+        None
     }
 
     /// Success rate with a weak prior (1 success in 2 attempts), so new targets rank in the
@@ -422,13 +422,6 @@ impl TargetHealth {
     /// A snapshot for reporting.
     pub fn snapshot(&self, now: Instant) -> HealthSnapshot {
         let state = self.lock();
-        let mut lat: Vec<Duration> = state
-            .window
-            .iter()
-            .filter(|s| s.ok)
-            .map(|s| s.latency)
-            .collect();
-        let mut ttft: Vec<Duration> = state.window.iter().filter_map(|s| s.ttft).collect();
         let failed = state.window.iter().filter(|s| !s.ok).count();
         let circuit = match (&state.breaker, Self::admission(&state, now)) {
             (Breaker::Open { .. }, Admission::Probe) => CircuitState::HalfOpen,
@@ -436,9 +429,9 @@ impl TargetHealth {
         };
         HealthSnapshot {
             circuit,
-            latency_p50: percentile(&mut lat, 50.0),
-            latency_p95: percentile(&mut lat, 95.0),
-            ttft_p50: percentile(&mut ttft, 50.0),
+            latency_p50: state.latency.quantile(50.0),
+            latency_p95: state.latency.quantile(95.0),
+            ttft_p50: state.ttft.quantile(50.0),
             error_rate: if state.window.is_empty() {
                 0.0
             } else {
@@ -473,6 +466,12 @@ impl AttemptGuard {
         } else {
             Err(admission)
         }
+    }
+
+    /// Records that the attempt ran `elapsed` without showing its latency (time to first
+    /// token for a stream): it is being cancelled or timed out.
+    pub fn censor(&self, elapsed: Duration, stream: bool) {
+        self.health.record_censored(elapsed, stream, Instant::now());
     }
 
     /// Records the attempt's result; returns the new breaker state when it changed.
@@ -641,15 +640,18 @@ mod tests {
                 t0,
             );
         }
-        assert_eq!(
-            h.latency_percentile(50.0, 10),
-            Some(Duration::from_millis(51))
-        );
-        assert_eq!(
-            h.latency_percentile(95.0, 10),
-            Some(Duration::from_millis(95))
-        );
+        // Histogram buckets: within 2% of the exact value.
+        let within = |d: Option<Duration>, ms: f64| {
+            d.is_some_and(|d| (d.as_secs_f64() * 1000.0 - ms).abs() <= ms * 0.02)
+        };
+        assert!(within(h.latency_percentile(50.0, 10), 50.0));
+        assert!(within(h.latency_percentile(95.0, 10), 95.0));
         assert_eq!(h.latency_percentile(95.0, 1000), None);
+        // Censored observations count towards the samples and the estimate.
+        for _ in 0..100 {
+            h.record_censored(Duration::from_millis(400), false, t0);
+        }
+        assert!(within(h.latency_percentile(75.0, 150), 400.0));
         assert!(h.success_rate() > 0.98);
     }
 }

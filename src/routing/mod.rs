@@ -58,6 +58,8 @@ pub struct Skipped {
     pub target: Target,
     /// The reason code, e.g. `CIRCUIT_OPEN`.
     pub reason: &'static str,
+    /// It came before every target of the plan: it would have been the primary.
+    pub first: bool,
 }
 
 /// The ordered targets for one call.
@@ -664,6 +666,7 @@ impl RoutingTable {
                 plan.skipped.push(Skipped {
                     target: target.clone(),
                     reason: code,
+                    first: plan.targets.is_empty(),
                 });
                 resting.push((target.clone(), admission));
             }

@@ -142,6 +142,18 @@ pub struct ExecutionSpec {
     /// Let context-length errors fall back to a larger-context target.
     #[serde(default)]
     pub context_length_fallback: bool,
+    /// Deadline-aware fallback: the percentile (0-100 exclusive; 0 turns it off) of the next
+    /// target's observed latency that an attempt leaves free for it (default 99).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserve_percentile: Option<f64>,
+    /// What an attempt leaves free for the next target while that one has too few
+    /// observations (default 500 ms).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub reserve_default: Option<Duration>,
 }
 
 /// Hedging settings.
@@ -229,7 +241,25 @@ pub struct ExecutionSettings {
     pub backoff: (Duration, Duration, f64),
     /// Context-length fallback allowed.
     pub context_length_fallback: bool,
+    /// The time an attempt leaves free for the next target; `None` when off.
+    pub reserve: Option<Reserve>,
 }
+
+/// Deadline-aware fallback: while a later target of the plan could still be tried, an attempt
+/// ends early enough to leave that target the time it is expected to need.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Reserve {
+    /// The percentile of the next target's observed latency (time to first token for
+    /// streams) to leave free.
+    pub percentile: f64,
+    /// What to leave free while the next target has too few observations.
+    pub default: Duration,
+}
+
+/// The default percentile of the next target's latency an attempt leaves free.
+pub const DEFAULT_RESERVE_PERCENTILE: f64 = 99.0;
+/// The default time left free for a target without enough observations.
+pub const DEFAULT_RESERVE: Duration = Duration::from_millis(500);
 
 /// Resolved hedging settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -289,6 +319,16 @@ impl ExecutionSpec {
                 self.retry_backoff.multiplier.unwrap_or(2.0),
             ),
             context_length_fallback: self.context_length_fallback,
+            reserve: match self
+                .reserve_percentile
+                .unwrap_or(DEFAULT_RESERVE_PERCENTILE)
+            {
+                p if p <= 0.0 => None,
+                percentile => Some(Reserve {
+                    percentile,
+                    default: self.reserve_default.unwrap_or(DEFAULT_RESERVE),
+                }),
+            },
         }
     }
 }
@@ -594,6 +634,7 @@ pub fn validate(spec: &PolicySpec, ctx: &dyn PolicyContext, prefix: &str) -> Vec
         ("hedging.delay", e.hedging.delay),
         ("retry_backoff.initial", e.retry_backoff.initial),
         ("retry_backoff.max", e.retry_backoff.max),
+        ("reserve_default", e.reserve_default),
     ] {
         if d.is_some_and(|d| d.is_zero()) {
             add(
@@ -623,6 +664,14 @@ pub fn validate(spec: &PolicySpec, ctx: &dyn PolicyContext, prefix: &str) -> Vec
                 );
             }
         }
+    }
+    if e.reserve_percentile
+        .is_some_and(|p| !(0.0..100.0).contains(&p))
+    {
+        add(
+            format!("{prefix}.execution.reserve_percentile"),
+            "must be 0 (off) or between 0 and 100 (exclusive)".to_owned(),
+        );
     }
     if e.hedging
         .max_extra_attempts

@@ -479,6 +479,7 @@ pub fn route(route: Route) -> pb::Route {
                         AttemptKind::Primary => pb::AttemptKind::Primary,
                         AttemptKind::Fallback => pb::AttemptKind::Fallback,
                         AttemptKind::Hedge => pb::AttemptKind::Hedge,
+                        AttemptKind::Retry => pb::AttemptKind::Retry,
                     }) as i32,
                     outcome: outcome as i32,
                     reason: reason.to_owned(),

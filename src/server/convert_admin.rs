@@ -164,6 +164,13 @@ pub fn policy_in(p: pb::Policy, prefix: &str) -> (PolicySpec, Vec<FieldViolation
                 hedging,
                 retry_backoff,
                 context_length_fallback: e.context_length_fallback || base.context_length_fallback,
+                reserve_percentile: e.reserve_percentile.or(base.reserve_percentile),
+                reserve_default: duration_in(
+                    e.reserve_default,
+                    &format!("{ef}.reserve_default"),
+                    &mut v,
+                )
+                .or(base.reserve_default),
             }
         }
     };
@@ -241,6 +248,8 @@ pub fn policy_out(r: &PolicyRecord) -> pb::Policy {
                 multiplier: e.retry_backoff.multiplier.unwrap_or(0.0),
             }),
             context_length_fallback: e.context_length_fallback,
+            reserve_percentile: e.reserve_percentile,
+            reserve_default: e.reserve_default.map(duration_out),
         }),
         variants: s
             .variants

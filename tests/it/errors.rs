@@ -117,7 +117,7 @@ async fn upstream_500_is_unavailable_with_the_trail() {
     );
     assert!(
         info.metadata["attempt.3"]
-            .starts_with("openai/gpt-4o+status=500 fallback failed SERVER_ERROR")
+            .starts_with("openai/gpt-4o+status=500 retry failed SERVER_ERROR")
     );
     assert!(
         !status.message().contains("mock"),
