@@ -92,8 +92,8 @@ impl Default for ExecutorSettings {
     }
 }
 
-/// Samples needed before an adaptive hedge delay is trusted.
-const HEDGE_MIN_SAMPLES: usize = 20;
+/// Samples needed before an adaptive hedge delay or a reserve is trusted.
+const HEDGE_MIN_SAMPLES: usize = crate::health::MIN_SAMPLES;
 
 /// The global hedging budget: a token bucket filled by ordinary attempts and drained by
 /// hedges, plus a failure-rate brake.

@@ -22,6 +22,10 @@ use self::latency::LatencyWindow;
 
 mod latency;
 
+/// Observations of a target before its latency percentiles are trusted (for adaptive hedge
+/// delays and deadline reserves).
+pub const MIN_SAMPLES: usize = 20;
+
 /// Breaker and window settings.
 #[derive(Debug, Clone)]
 pub struct HealthSettings {

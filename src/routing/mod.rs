@@ -157,6 +157,9 @@ pub struct Candidate {
     pub latency_p50: Option<Duration>,
     /// Observed median time to first token.
     pub ttft_p50: Option<Duration>,
+    /// For a chosen target after the first: what the attempt before it leaves free for it
+    /// (deadline-aware fallback, for `Chat`; at least `executor.min_attempt_time`).
+    pub reserve: Option<Duration>,
 }
 
 /// An explained route.
@@ -170,6 +173,9 @@ pub struct Explanation {
     pub strategy: StrategyKind,
     /// Chosen candidates in order, then excluded ones.
     pub candidates: Vec<Candidate>,
+    /// When no target is left: the ErrorInfo reason a call would fail with
+    /// (`CONSTRAINT_UNSATISFIED`, `CIRCUIT_OPEN`, `RATE_LIMITED`).
+    pub unroutable: Option<&'static str>,
 }
 
 /// Estimated (input, output) tokens of a request, for cost ranking.
@@ -443,6 +449,7 @@ impl RoutingTable {
                 variant: None,
                 strategy: StrategyKind::Priority,
                 candidates,
+                unroutable: None,
             });
         };
         let (_, explanation) = self.rank(policy, request, true)?;
@@ -501,6 +508,24 @@ impl RoutingTable {
             }
         }
         if eligible.is_empty() {
+            if explain {
+                // The plan is empty; say why, target by target, rather than fail.
+                return Ok((
+                    Plan {
+                        policy: Some(policy.name.clone()),
+                        targets: Vec::new(),
+                        skipped: Vec::new(),
+                        execution: policy.execution.clone(),
+                    },
+                    Some(Explanation {
+                        policy: Some(policy.name.to_string()),
+                        variant,
+                        strategy: policy.spec.strategy,
+                        candidates: excluded,
+                        unroutable: Some("CONSTRAINT_UNSATISFIED"),
+                    }),
+                ));
+            }
             return Err(GatewayError::FailedPrecondition {
                 reason: "CONSTRAINT_UNSATISFIED",
                 message: format!(
@@ -638,8 +663,25 @@ impl RoutingTable {
             let admission = target.health.peek(now);
             if admission.is_allowed() {
                 if explain {
-                    let reason = reasons.remove(&i).unwrap_or_default();
-                    chosen.push(candidate(target, true, reason, input_tokens, output_tokens));
+                    let mut reason = reasons.remove(&i).unwrap_or_default();
+                    let mut c = candidate(target, true, String::new(), input_tokens, output_tokens);
+                    if !plan.targets.is_empty()
+                        && let Some(r) = policy.execution.reserve
+                    {
+                        let (need, observed) = reserve_for(target, r);
+                        c.reserve = Some(need);
+                        reason.push_str(&format!(
+                            "; the attempt before it ends {}ms before the deadline to leave it time ({})",
+                            need.as_millis(),
+                            if observed {
+                                format!("its observed p{} latency", r.percentile)
+                            } else {
+                                "the default while it has too few samples".to_owned()
+                            }
+                        ));
+                    }
+                    c.reason = reason;
+                    chosen.push(c);
                 }
                 plan.targets.push(target.clone());
             } else {
@@ -671,16 +713,24 @@ impl RoutingTable {
                 resting.push((target.clone(), admission));
             }
         }
-        if plan.targets.is_empty() {
+        if plan.targets.is_empty() && !explain {
             return Err(all_resting(&resting));
         }
         let explanation = explain.then(|| {
+            let unroutable = plan
+                .targets
+                .is_empty()
+                .then(|| match all_resting(&resting) {
+                    GatewayError::Unavailable { reason, .. } => reason,
+                    _ => "CIRCUIT_OPEN",
+                });
             chosen.extend(excluded);
             Explanation {
                 policy: Some(policy.name.to_string()),
                 variant,
                 strategy: policy.spec.strategy,
                 candidates: chosen,
+                unroutable,
             }
         });
         Ok((plan, explanation))
@@ -733,7 +783,24 @@ fn candidate(target: &Target, chosen: bool, reason: String, input: u64, output: 
         estimated_cost_usd: estimated_cost(target, input, output),
         latency_p50: snapshot.latency_p50,
         ttft_p50: snapshot.ttft_p50,
+        reserve: None,
     }
+}
+
+/// What an attempt leaves free for `target` when it could follow (the executor's rule for
+/// `Chat`, before its `min_attempt_time` floor), and whether it comes from observations.
+fn reserve_for(target: &Target, reserve: policy::Reserve) -> (Duration, bool) {
+    let observed = target
+        .health
+        .latency_percentile(reserve.percentile, crate::health::MIN_SAMPLES);
+    let median = target
+        .health
+        .latency_percentile(50.0, 1)
+        .unwrap_or_default();
+    (
+        observed.unwrap_or(reserve.default).max(median),
+        observed.is_some(),
+    )
 }
 
 fn excluded_candidate(spec: &TargetSpec, reason: String) -> Candidate {
@@ -745,6 +812,7 @@ fn excluded_candidate(spec: &TargetSpec, reason: String) -> Candidate {
         estimated_cost_usd: None,
         latency_p50: None,
         ttft_p50: None,
+        reserve: None,
     }
 }
 
@@ -926,6 +994,72 @@ mod tests {
             "{err:?}"
         );
         assert!(err.to_string().contains("allowed_regions"), "{err}");
+        // ExplainRoute still answers: every target excluded, each with its reason.
+        let explanation = t.explain(&request(None)).unwrap();
+        assert_eq!(explanation.unroutable, Some("CONSTRAINT_UNSATISFIED"));
+        assert_eq!(explanation.candidates.len(), 2);
+        assert!(explanation.candidates.iter().all(|c| !c.chosen));
+        assert!(explanation.candidates[0].reason.contains("region us"));
+        assert!(explanation.candidates[1].reason.contains("region eu"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn explain_shows_every_resting_target_and_the_fallback_reserve() {
+        let t = table().with_policies([record(spec(
+            StrategyKind::Priority,
+            vec![target("a", 0, 0, None), target("b", 0, 1, None)],
+        ))]);
+        // b is cold: the default reserve; the primary has none.
+        let explanation = t.explain(&request(None)).unwrap();
+        assert_eq!(explanation.unroutable, None);
+        assert_eq!(explanation.candidates[0].reserve, None);
+        assert_eq!(
+            explanation.candidates[1].reserve,
+            Some(policy::DEFAULT_RESERVE)
+        );
+        assert!(
+            explanation.candidates[1]
+                .reason
+                .contains("ends 500ms before the deadline"),
+            "{}",
+            explanation.candidates[1].reason
+        );
+        // Known latency: its high percentile.
+        let b = t.health().get("b", "m");
+        for _ in 0..crate::health::MIN_SAMPLES {
+            b.record(
+                crate::health::AttemptResult::Success {
+                    latency: Duration::from_millis(80),
+                    ttft: None,
+                },
+                Instant::now(),
+            );
+        }
+        let reserve = t.explain(&request(None)).unwrap().candidates[1].reserve;
+        assert!(
+            reserve
+                .is_some_and(|r| r.abs_diff(Duration::from_millis(80)) < Duration::from_millis(2)),
+            "{reserve:?}"
+        );
+        // Every target resting: a plan with none, each with its reason, not an error.
+        for name in ["a", "b"] {
+            t.health().get(name, "m").record(
+                crate::health::AttemptResult::RateLimited {
+                    rest: Duration::from_secs(5),
+                },
+                Instant::now(),
+            );
+        }
+        assert!(t.plan(&request(None)).is_err());
+        let explanation = t.explain(&request(None)).unwrap();
+        assert_eq!(explanation.unroutable, Some("RATE_LIMITED"));
+        assert_eq!(explanation.candidates.len(), 2);
+        assert!(
+            explanation
+                .candidates
+                .iter()
+                .all(|c| !c.chosen && c.reason.starts_with("resting after a rate limit"))
+        );
     }
 
     #[tokio::test]

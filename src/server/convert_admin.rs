@@ -293,9 +293,11 @@ pub fn explanation_out(e: Explanation) -> pb::ExplainRouteResponse {
                     estimated_cost_usd: c.estimated_cost_usd,
                     latency_p50: c.latency_p50.map(duration_out),
                     time_to_first_token_p50: c.ttft_p50.map(duration_out),
+                    reserve: c.reserve.map(duration_out),
                 }
             })
             .collect(),
+        unroutable_reason: e.unroutable.unwrap_or_default().to_owned(),
     }
 }
 

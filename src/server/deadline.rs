@@ -1,5 +1,19 @@
 //! The budget of a call: the caller's `grpc-timeout`, capped by the gateway's maximum; the
 //! configured default when the caller set none.
+//!
+//! The gateway ends a call before the caller's own timer fires, so that the caller gets the
+//! gateway's DEADLINE_EXCEEDED with the attempt trail rather than a bare local timeout. Two
+//! things stand between the two clocks:
+//! - gRPC-core clients (Python grpcio, Ruby, C++, C#, PHP) round the `grpc-timeout` they send
+//!   up to a coarse grid: exact milliseconds below 1 s, then 10 ms up to 10 s, 100 ms up to
+//!   100 s, 1 s beyond, each at most 1% of the value, plus about a millisecond from their
+//!   clock conversion. So the header may say up to 1% + 2 ms more than the caller's real
+//!   deadline ([`GRPC_CORE_ALLOWANCE_RATIO`], [`GRPC_CORE_ALLOWANCE`]). Go, Java and Rust
+//!   clients send the exact remaining time; the allowance is taken off for every caller (the
+//!   header does not reliably say which library sent it), which costs those 1% of their
+//!   budget.
+//! - The answer's way back and the caller's own scheduling: `server.deadline_margin`
+//!   (default 5 ms), also taken off.
 
 use std::time::Duration;
 
@@ -23,6 +37,21 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
+/// The share of a `grpc-timeout` a gRPC-core client may have added by rounding up.
+pub const GRPC_CORE_ALLOWANCE_RATIO: f64 = 0.01;
+/// What a gRPC-core client may have added on top of the rounding (clock conversion).
+pub const GRPC_CORE_ALLOWANCE: Duration = Duration::from_millis(2);
+
+/// The budget for a call whose caller sent `timeout`: what remains of the caller's real
+/// deadline (see the module docs), less `margin`.
+pub fn budget(timeout: Duration, margin: Duration) -> Duration {
+    let rounding = timeout.mul_f64(GRPC_CORE_ALLOWANCE_RATIO);
+    timeout
+        .saturating_sub(rounding)
+        .saturating_sub(GRPC_CORE_ALLOWANCE)
+        .saturating_sub(margin)
+}
+
 /// Call budget settings.
 #[derive(Debug, Clone, Copy)]
 pub struct CallLimits {
@@ -30,8 +59,9 @@ pub struct CallLimits {
     pub default_timeout: Duration,
     /// The longest budget, whatever the caller asks.
     pub max: Duration,
-    /// The gateway ends a call this much before the caller's deadline, so that its own status
-    /// (with the attempt trail) reaches the caller before the caller gives up locally.
+    /// The gateway ends a call this much before the caller's deadline (after the allowance
+    /// for gRPC-core's rounding), so that its own status (with the attempt trail) reaches the
+    /// caller before the caller gives up locally.
     pub margin: Duration,
 }
 
@@ -43,7 +73,7 @@ pub fn call_deadline(metadata: &tonic::metadata::MetadataMap, limits: &CallLimit
         .and_then(|v| v.to_str().ok())
         .and_then(parse_grpc_timeout)
     {
-        Some(t) => t.saturating_sub(limits.margin).min(limits.max),
+        Some(t) => budget(t, limits.margin).min(limits.max),
         None => limits.default_timeout.min(limits.max),
     };
     now + budget
@@ -63,5 +93,38 @@ mod tests {
         assert_eq!(parse_grpc_timeout("S"), None);
         assert_eq!(parse_grpc_timeout("10x"), None);
         assert_eq!(parse_grpc_timeout(""), None);
+    }
+
+    /// What grpc-core sends for a deadline (its `Timeout::FromMillis` grid, rounded up, after
+    /// its clock conversion added up to a millisecond).
+    fn grpc_core_header(deadline: Duration) -> Duration {
+        let ms = deadline.as_millis() as u64 + 1;
+        let step = match ms {
+            0..1_000 => 1,
+            1_000..10_000 => 10,
+            10_000..100_000 => 100,
+            _ => 1_000,
+        };
+        Duration::from_millis(ms.div_ceil(step) * step)
+    }
+
+    #[test]
+    fn the_budget_ends_before_every_clients_deadline() {
+        let margin = Duration::from_millis(5);
+        for ms in (100..=30_000)
+            .step_by(7)
+            .chain([1_000, 2_000, 10_000, 30_000])
+        {
+            let deadline = Duration::from_millis(ms);
+            // Go, Java, Rust: the exact remaining time (a little less, after transit).
+            let exact = budget(deadline, margin);
+            assert!(exact + margin <= deadline, "{ms} ms");
+            // gRPC core: the rounded-up header.
+            let core = budget(grpc_core_header(deadline), margin);
+            assert!(core + margin <= deadline, "{ms} ms: {core:?}");
+            // And not much earlier than needed: at most 1% + 2 ms + the margin, and the grid.
+            let slack = deadline.mul_f64(0.021) + Duration::from_millis(8);
+            assert!(deadline - core <= slack, "{ms} ms: {core:?}");
+        }
     }
 }

@@ -498,6 +498,23 @@ async fn explain_route_says_why() {
             < explained.candidates[1].estimated_cost_usd.unwrap()
     );
     assert!(explained.candidates[2].reason.contains("region us"));
+    assert_eq!(explained.unroutable_reason, "");
+    // Deadline-aware fallback: the primary leaves the cold second target the default reserve.
+    assert_eq!(explained.candidates[0].reserve, None);
+    assert_eq!(
+        explained.candidates[1].reserve,
+        Some(prost_types::Duration {
+            seconds: 0,
+            nanos: 500_000_000
+        })
+    );
+    assert!(
+        explained.candidates[1]
+            .reason
+            .contains("ends 500ms before the deadline"),
+        "{}",
+        explained.candidates[1].reason
+    );
 
     // Explaining never calls a provider, and bad input is named under `request`.
     let status = admin
