@@ -11,13 +11,51 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use tokio::{sync::mpsc, task::JoinHandle};
 
-use crate::{store::Store, telemetry::names};
+use crate::{settings::Issues, store::Store, telemetry::names};
 
 /// Most records written in one transaction.
 pub const MAX_BATCH: usize = 2048;
 
 /// How long the writer lets records gather before it writes a batch.
 pub const BATCH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// `[ledger]` as written in the config file.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLedger {
+    /// `ledger.enabled`.
+    pub enabled: Option<bool>,
+    /// `ledger.queue_capacity`.
+    pub queue_capacity: Option<usize>,
+    /// `ledger.retention`.
+    pub retention: Option<String>,
+}
+
+/// The validated `[ledger]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerSettings {
+    /// The queue capacity, or `None` when the ledger is off.
+    pub capacity: Option<usize>,
+    /// How long usage records are kept.
+    pub retention: Duration,
+}
+
+impl LedgerSettings {
+    /// Validates `[ledger]`.
+    pub fn from_raw(raw: RawLedger, issues: &mut Issues) -> Self {
+        Self {
+            capacity: raw
+                .enabled
+                .unwrap_or(true)
+                .then_some(raw.queue_capacity.unwrap_or(10_000).max(1)),
+            retention: issues.duration(
+                "ledger.retention",
+                raw.retention.as_deref(),
+                Duration::from_secs(30 * 24 * 3600),
+            ),
+        }
+    }
+}
 
 /// What the gateway records about one call.
 #[derive(Debug, Clone, PartialEq, Default)]

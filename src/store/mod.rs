@@ -15,6 +15,36 @@ use crate::{
     routing::{PolicyRecord, policy::PolicySpec},
 };
 
+/// The default store file, relative to the working directory.
+pub const DEFAULT_STORE_PATH: &str = ".llm-gateway/llm-gateway.db";
+
+/// `[store]` as written in the config file.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    /// `store.path`.
+    pub path: Option<String>,
+}
+
+/// The validated `[store]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreSettings {
+    /// The store file (`:memory:` for none).
+    pub path: std::path::PathBuf,
+}
+
+impl StoreSettings {
+    /// `[store]`: the path, or [`DEFAULT_STORE_PATH`].
+    pub fn from_raw(raw: RawStore) -> Self {
+        Self {
+            path: raw
+                .path
+                .unwrap_or_else(|| DEFAULT_STORE_PATH.to_owned())
+                .into(),
+        }
+    }
+}
+
 /// Why a store operation failed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum StoreError {
