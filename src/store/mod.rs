@@ -11,7 +11,7 @@ use async_trait::async_trait;
 
 use crate::{
     auth::{KeyRecord, KeySpec},
-    ledger::UsageRecord,
+    ledger::{SinkError, UsageSink},
     routing::{PolicyRecord, policy::PolicySpec},
 };
 
@@ -70,9 +70,24 @@ pub enum StoreError {
     Backend(String),
 }
 
-/// Durable policy storage.
+impl From<StoreError> for SinkError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::Backend(message) => SinkError(message),
+            other => SinkError(other.to_string()),
+        }
+    }
+}
+
+impl From<SinkError> for StoreError {
+    fn from(err: SinkError) -> Self {
+        StoreError::Backend(err.0)
+    }
+}
+
+/// Durable storage of policies and keys, and the usage ledger's sink.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: UsageSink + Send + Sync + 'static {
     /// Every stored policy, sorted by name.
     async fn list_policies(&self) -> Result<Vec<PolicyRecord>, StoreError>;
 
@@ -95,16 +110,6 @@ pub trait Store: Send + Sync + 'static {
         name: &str,
         expected_version: Option<u64>,
     ) -> Result<(), StoreError>;
-
-    /// Appends usage records in one transaction.
-    async fn insert_usage(&self, records: Vec<UsageRecord>) -> Result<(), StoreError>;
-
-    /// Usage records with `from_ms <= time_ms < to_ms`, oldest first.
-    async fn usage_between(&self, from_ms: i64, to_ms: i64)
-    -> Result<Vec<UsageRecord>, StoreError>;
-
-    /// Deletes usage records older than `cutoff_ms`; returns how many.
-    async fn delete_usage_before(&self, cutoff_ms: i64) -> Result<u64, StoreError>;
 
     /// Every key, sorted by name.
     async fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError>;
