@@ -14,6 +14,8 @@ import sys
 
 BEGIN = "<!-- analysis:begin -->"
 END = "<!-- analysis:end -->"
+EXEC_BEGIN = "<!-- executor:begin -->"
+EXEC_END = "<!-- executor:end -->"
 
 
 def main():
@@ -463,6 +465,7 @@ def main():
 
     # --------------------------------------------------------------------------------------
     analysis = None
+    old = ""
     try:
         with open(out) as f:
             old = f.read()
@@ -470,6 +473,13 @@ def main():
             analysis = old[old.index(BEGIN) : old.index(END) + len(END)]
     except OSError:
         pass
+    # The executor scenarios' section (bench/executor.sh writes it), kept as it is.
+    executor = None
+    if EXEC_BEGIN in old and EXEC_END in old:
+        executor = old[old.index(EXEC_BEGIN) : old.index(EXEC_END) + len(EXEC_END)]
+    if executor:
+        w(executor)
+        w("")
     w("## Analysis")
     w("")
     w(analysis or f"{BEGIN}\n_No analysis written yet._\n{END}")

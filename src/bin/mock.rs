@@ -18,6 +18,10 @@ struct Args {
     /// Median latency before answering, in milliseconds.
     #[arg(long, default_value_t = 0)]
     latency_ms: u64,
+    /// Lognormal latencies around --latency-ms (the median) with this sigma of the log (0:
+    /// constant).
+    #[arg(long, default_value_t = 0.0)]
+    latency_sigma: f64,
     /// Share of requests (0 to 1) that take --tail-ms instead.
     #[arg(long, default_value_t = 0.0)]
     tail_ratio: f64,
@@ -54,6 +58,7 @@ async fn main() -> ExitCode {
     };
     let settings = MockSettings {
         latency: Duration::from_millis(args.latency_ms),
+        latency_sigma: args.latency_sigma,
         tail_ratio: args.tail_ratio,
         tail_latency: Duration::from_millis(args.tail_ms),
         chunks: args.chunks,

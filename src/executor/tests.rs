@@ -915,7 +915,11 @@ async fn attempt_kinds_tell_primary_fallback_retry_and_hedge() {
 #[tokio::test(start_paused = true)]
 async fn percentile_hedge_delay_converges_despite_cancelled_attempts() {
     let s = Setup::new(
-        HealthSettings::default(),
+        // Samples leave the window by count only (the run spans several paused minutes).
+        HealthSettings {
+            window_age: secs(3600.0),
+            ..HealthSettings::default()
+        },
         ExecutorSettings {
             hedge_budget_ratio: 1.0,
             ..ExecutorSettings::default()
@@ -955,7 +959,8 @@ async fn percentile_hedge_delay_converges_despite_cancelled_attempts() {
         p90 >= secs(0.85) && p90 <= secs(0.89),
         "estimated p90 {p90:?}, real 870 ms"
     );
-    // In steady state, the calls slower than that (6 in 64) are hedged, no more.
+    // In steady state only the calls slower than the estimate are hedged: 5 or 6 in 64 (the
+    // estimate, 884.7 ms, is due at the 885 ms timer tick, when the 885 ms attempt answers).
     let before = b.calls();
     for _ in 0..256 {
         let answer = call().await;
@@ -964,5 +969,5 @@ async fn percentile_hedge_delay_converges_despite_cancelled_attempts() {
         }
     }
     let hedged = b.calls() - before;
-    assert!((22..=26).contains(&hedged), "{hedged} hedges in 256 calls");
+    assert!((20..=24).contains(&hedged), "{hedged} hedges in 256 calls");
 }

@@ -11,8 +11,8 @@
 //! estimate cannot reach a quantile; it then answers the largest time seen, a lower bound.
 //!
 //! Samples enter and leave in O(1) (a counter per bucket); a quantile is one pass over the
-//! 1,024 buckets. Buckets are 1/32 of an octave wide (values within about 1.6% of the truth),
-//! from 1 us to about 19 hours.
+//! 1,024 buckets. Buckets are 1/32 of an octave wide, from 1 us to about 19 hours; a quantile
+//! reads as its bucket's upper edge (at most about 3% above the truth, never below).
 
 use std::{collections::VecDeque, time::Duration};
 
@@ -36,7 +36,9 @@ fn bucket_of(micros: u64) -> usize {
     (msb - SUB_BITS + 1) as usize * SUB + mantissa - SUB
 }
 
-/// The value a bucket stands for: its midpoint.
+/// The value a bucket stands for: its upper edge, so that a quantile is never read below the
+/// values it covers (a hedge delay at the p95 of tightly clustered latencies must not fire
+/// inside the cluster).
 fn value_of(bucket: usize) -> Duration {
     if bucket < SUB {
         return Duration::from_micros(bucket as u64);
@@ -46,7 +48,7 @@ fn value_of(bucket: usize) -> Duration {
     let shift = octave - 1;
     let low = mantissa << shift;
     let width = 1u64 << shift;
-    Duration::from_micros(low + width / 2)
+    Duration::from_micros(low + width - 1)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -170,17 +172,20 @@ mod tests {
 
     fn close(a: Duration, b: Duration) -> bool {
         let (a, b) = (a.as_secs_f64(), b.as_secs_f64());
-        (a - b).abs() <= 0.02 * b.max(1e-6)
+        (a - b).abs() <= 0.035 * b.max(1e-6)
     }
 
     #[test]
-    fn buckets_round_trip_within_two_percent() {
+    fn buckets_read_at_most_three_percent_high_never_low() {
         for micros in [
             0u64, 1, 31, 32, 33, 63, 64, 100, 1_000, 12_345, 987_654, 60_000_000,
         ] {
-            let v = value_of(bucket_of(micros));
-            let err = (v.as_micros() as f64 - micros as f64).abs();
-            assert!(err <= 0.016 * micros as f64 + 0.5, "{micros} -> {v:?}");
+            let v = value_of(bucket_of(micros)).as_micros() as u64;
+            assert!(v >= micros, "{micros} -> {v}");
+            assert!(
+                (v - micros) as f64 <= micros as f64 / 32.0,
+                "{micros} -> {v}"
+            );
         }
         // Monotone: a larger value never lands in a smaller bucket.
         let mut last = 0;

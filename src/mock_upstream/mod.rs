@@ -65,6 +65,9 @@ use tokio_util::sync::CancellationToken;
 pub struct MockSettings {
     /// Latency before answering (median).
     pub latency: Duration,
+    /// When above 0, latencies are lognormal around `latency` (the median) with this sigma of
+    /// the log (e.g. 1.586 puts the 99th percentile at 40x the median).
+    pub latency_sigma: f64,
     /// Share of requests (0..=1) that take `tail_latency` instead.
     pub tail_ratio: f64,
     /// The slow-tail latency.
@@ -83,6 +86,7 @@ impl Default for MockSettings {
     fn default() -> Self {
         Self {
             latency: Duration::ZERO,
+            latency_sigma: 0.0,
             tail_ratio: 0.0,
             tail_latency: Duration::ZERO,
             chunks: 4,
@@ -134,6 +138,8 @@ impl Scenario {
             model: parts.next().unwrap_or_default().to_owned(),
             latency: if settings.tail_ratio > 0.0 && fastrand::f64() < settings.tail_ratio {
                 settings.tail_latency
+            } else if settings.latency_sigma > 0.0 {
+                lognormal(settings.latency, settings.latency_sigma)
             } else {
                 settings.latency
             },
@@ -175,6 +181,14 @@ impl Scenario {
             tokio::time::sleep(self.latency).await;
         }
     }
+}
+
+/// A lognormal sample with the given median and sigma of the log (Box-Muller).
+fn lognormal(median: Duration, sigma: f64) -> Duration {
+    let u1 = fastrand::f64().max(f64::MIN_POSITIVE);
+    let u2 = fastrand::f64();
+    let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+    Duration::from_secs_f64((median.as_secs_f64() * (sigma * z).exp()).min(3600.0))
 }
 
 /// Counters and the last request, shared with tests.

@@ -1038,7 +1038,7 @@ mod tests {
         let reserve = t.explain(&request(None)).unwrap().candidates[1].reserve;
         assert!(
             reserve
-                .is_some_and(|r| r.abs_diff(Duration::from_millis(80)) < Duration::from_millis(2)),
+                .is_some_and(|r| r.abs_diff(Duration::from_millis(80)) < Duration::from_millis(3)),
             "{reserve:?}"
         );
         // Every target resting: a plan with none, each with its reason, not an error.

@@ -190,7 +190,7 @@ pub struct HedgingSpec {
         skip_serializing_if = "Option::is_none"
     )]
     pub delay: Option<Duration>,
-    /// Percentile of observed latency, 0-100 exclusive.
+    /// Percentile of observed latency, 0-100 exclusive (default 98).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub percentile: Option<f64>,
     /// Most hedges per call (default 1).
@@ -276,6 +276,10 @@ pub struct Reserve {
     pub default: Duration,
 }
 
+/// The default percentile of hedging: a hedge for about the slowest 2% of calls (where
+/// hedging pays most), well within the default hedge budget.
+pub const DEFAULT_HEDGE_PERCENTILE: f64 = 98.0;
+
 /// The default percentile of the next target's latency an attempt leaves free.
 pub const DEFAULT_RESERVE_PERCENTILE: f64 = 99.0;
 /// The default time left free for a target without enough observations.
@@ -326,7 +330,7 @@ impl ExecutionSpec {
                     max_extra,
                 },
                 HedgingMode::Percentile => Hedging::Percentile {
-                    percentile: self.hedging.percentile.unwrap_or(95.0),
+                    percentile: self.hedging.percentile.unwrap_or(DEFAULT_HEDGE_PERCENTILE),
                     fallback_delay: self.hedging.delay.unwrap_or(Duration::from_secs(1)),
                     max_extra,
                 },
