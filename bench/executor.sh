@@ -7,12 +7,15 @@
 #
 #   bench/executor.sh               # build release binaries, run, write BENCHMARKS.md
 #   bench/executor.sh --no-build    # use the binaries already in target/release
+#   bench/executor.sh --debug       # build and use debug binaries (quicker to build; the
+#                                   # scenarios are dominated by the mock's latencies)
 #   bench/executor.sh --out FILE    # write the section into FILE instead
 #
 # 6. Outlier tail: 2% of calls take 2 s, the rest 50 ms; without hedging, and with default
 #    percentile hedging (`hedging = { mode = "percentile" }`).
-# 7. Lognormal tail: median 50 ms, p99 2 s (sigma 1.586); percentile 95 hedging with a 5%
-#    hedge budget, beside the best p99 a 5% budget allows (computed from the distribution).
+# 7. Lognormal tail: median 50 ms, p99 2 s (sigma 1.586); percentile 95 hedging (a 5% budget
+#    of extra requests; the executor's hedge cap at its default 10%), beside the best p99 a
+#    5% budget allows (computed from the distribution).
 # 8. Hanging primary, healthy fallback (50 ms), default policy settings, 1 s deadline.
 #
 # Raw results go to target/bench/executor-<timestamp>/.
@@ -21,12 +24,14 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 BUILD=1
+PROFILE=release
 OUT="$ROOT/BENCHMARKS.md"
 while [ $# -gt 0 ]; do
   case "$1" in
     --no-build) BUILD=0 ;;
+    --debug) PROFILE=debug ;;
     --out) OUT="$2"; shift ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "bench/executor.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -74,10 +79,12 @@ wait_port() {
 stats() { curl -s "http://127.0.0.1:$1/mock/stats"; }
 
 if [ "$BUILD" = 1 ]; then
-  log "building release binaries"
-  cargo build --release --quiet --bin llm-gateway --bin llm-gateway-mock --bin llm-gateway-load
+  log "building $PROFILE binaries"
+  if [ "$PROFILE" = release ]; then FLAG=--release; else FLAG=; fi
+  cargo build $FLAG --quiet --bin llm-gateway --bin llm-gateway-mock --bin llm-gateway-load
 fi
-for b in llm-gateway llm-gateway-mock llm-gateway-load; do cp "$TARGET_DIR/release/$b" "$BIN/$b"; done
+for b in llm-gateway llm-gateway-mock llm-gateway-load; do cp "$TARGET_DIR/$PROFILE/$b" "$BIN/$b"; done
+echo "$PROFILE" >"$RUN_DIR/profile"
 
 # gateway NAME MOCK_PORT EXTRA_TOML: starts a gateway with providers `a` and `b` on the mock.
 gateway() {
@@ -151,8 +158,6 @@ start mock-lognormal "$BIN/llm-gateway-mock" --listen "127.0.0.1:$port" \
 mock_pid=$STARTED
 wait_port "$port"
 gateway s7 "$port" '
-[executor]
-hedge_budget_ratio = 0.05
 [policies.nohedge]
 targets = [{ provider = "a", model = "m" }, { provider = "b", model = "m" }]
 [policies.hedge]
