@@ -96,6 +96,8 @@ struct RawConfig {
     #[serde(default)]
     teams: BTreeMap<String, RawTeam>,
     tls: Option<RawTls>,
+    #[serde(default)]
+    connections: crate::server::conn::ConnSettings,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -387,6 +389,8 @@ pub struct Config {
     pub key_auth_rest: Duration,
     /// TLS for the gRPC listeners; `None` for plain TCP.
     pub tls: Option<TlsConfig>,
+    /// Front-door connection limits of the gRPC listeners.
+    pub connections: crate::server::conn::ConnSettings,
 }
 
 /// TLS settings of the gRPC listeners.
@@ -432,6 +436,7 @@ impl std::fmt::Debug for Config {
             .field("teams", &self.teams)
             .field("key_auth_rest", &self.key_auth_rest)
             .field("tls", &self.tls)
+            .field("connections", &self.connections)
             .finish()
     }
 }
@@ -1127,6 +1132,9 @@ fn validate(
         crate::providers::keys::DEFAULT_AUTH_REST,
     );
     let tls = raw.tls.and_then(|t| tls_config(t, &mut issues));
+    for (field, message) in raw.connections.validate() {
+        issues.push(format!("connections.{field}"), message);
+    }
 
     if !issues.0.is_empty() {
         return Err(ConfigError::Invalid(issues.0));
@@ -1136,6 +1144,7 @@ fn validate(
         teams,
         key_auth_rest,
         tls,
+        connections: raw.connections,
         metrics_listen,
         metric_tag_labels,
         ledger_capacity,
