@@ -453,19 +453,9 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Connection<IO> {
     }
 }
 
-/// What an accept error means for the loop.
+/// What an accept error means for the loop: `fd_limit` and `memory` pause accepting.
 fn accept_error_kind(err: &io::Error) -> &'static str {
-    match err.raw_os_error() {
-        // EMFILE, ENFILE (the same on Linux and the BSDs).
-        Some(24 | 23) => "fd_limit",
-        // ENOMEM; ENOBUFS.
-        Some(12) => "memory",
-        #[cfg(target_os = "linux")]
-        Some(105) => "memory",
-        #[cfg(not(target_os = "linux"))]
-        Some(55) => "memory",
-        _ => "other",
-    }
+    crate::providers::error::local_io_fault(err).map_or("other", |f| f.label())
 }
 
 /// The connections of `listener` for tonic: accepted within the limits of `settings`, TLS

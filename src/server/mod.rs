@@ -43,6 +43,9 @@ use crate::{
     store::{Store, StoreError, sqlite::SqliteStore},
 };
 
+/// How long the usage ledger's final flush may take at shutdown.
+const LEDGER_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The largest request message accepted (inline images make requests large).
 pub const MAX_REQUEST_BYTES: usize = 32 * 1024 * 1024;
 
@@ -489,7 +492,7 @@ pub async fn serve_with(
         let _ = task.await;
     }
     if let Some(writer) = ledger_writer {
-        writer.finish(Duration::from_secs(5)).await;
+        writer.finish(LEDGER_FLUSH_TIMEOUT).await;
     }
     result.map_err(Into::into)
 }

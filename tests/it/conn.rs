@@ -259,3 +259,144 @@ async fn shutdown_ends_an_open_health_watch_and_exits_when_the_calls_are_done() 
         .unwrap()
         .unwrap();
 }
+
+/// Fills a spawned gateway's descriptor budget (a low `ulimit -n`) with idle connections,
+/// then calls: the upstream connects fail for lack of descriptors, which is the gateway's own
+/// fault. Callers get UNAVAILABLE with RetryInfo, and no target's circuit opens.
+#[tokio::test]
+async fn out_of_descriptors_never_opens_a_targets_circuit() {
+    use tokio::io::AsyncBufReadExt as _;
+
+    let mock = MockUpstream::start(MockSettings::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[providers.openai]
+kind = "openai"
+base_url = "{}"
+api_key = "sk-test"
+[store]
+path = ":memory:"
+[health]
+failure_threshold = 2
+[connections]
+handshake_timeout = "1h"
+max_connections = 100000
+"#,
+            mock.openai_base_url()
+        ),
+    )
+    .unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let gateway_addr = format!("127.0.0.1:{port}");
+    let mut child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -n 64 && exec \"$@\"")
+        .arg("sh")
+        .arg(env!("CARGO_BIN_EXE_llm-gateway"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--listen")
+        .arg(&gateway_addr)
+        .arg("--admin-token")
+        .arg(ADMIN_TOKEN)
+        .arg("--log-level")
+        .arg("warn")
+        .arg("--log-format")
+        .arg("text")
+        .arg("--metrics-listen")
+        .arg("off")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut log = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut channel = None;
+    for _ in 0..400 {
+        if let Ok(c) = tonic::transport::Channel::from_shared(format!("http://{gateway_addr}"))
+            .unwrap()
+            .connect()
+            .await
+        {
+            channel = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let channel = channel.expect("the gateway process started");
+
+    // More idle HTTP/2 connections than the gateway has descriptors; the rest wait in the
+    // backlog, so the gateway stays out of descriptors while they are open.
+    let mut idle = Vec::new();
+    for _ in 0..100 {
+        let mut conn = TcpStream::connect(&gateway_addr).await.unwrap();
+        conn.write_all(PREFACE).await.unwrap();
+        conn.write_all(&EMPTY_SETTINGS).await.unwrap();
+        idle.push(conn);
+    }
+    tokio::time::timeout(BOUND, async {
+        while let Some(line) = log.next_line().await.unwrap() {
+            if line.contains("pausing accept") {
+                return;
+            }
+        }
+        panic!("the gateway exited");
+    })
+    .await
+    .expect("the gateway ran out of descriptors and paused accepting");
+    // Keep draining the log so the gateway never blocks on a full pipe.
+    let drain_log = tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
+
+    let mut client = llm_gateway::pb::llm_gateway_client::LlmGatewayClient::new(channel.clone());
+    for _ in 0..5 {
+        let status = client
+            .chat(request("openai/gpt-4o-mini", "no descriptor for me"))
+            .await
+            .expect_err("no descriptor for the upstream connection");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert_eq!(reason(&status), "LOCAL_RESOURCE", "{status:?}");
+        let details = tonic_types::StatusExt::get_error_details(&status);
+        assert!(details.retry_info().is_some(), "RetryInfo: {status:?}");
+    }
+    let targets = admin_client(channel.clone())
+        .list_providers(llm_gateway::pb::ListProvidersRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .targets;
+    assert!(!targets.is_empty(), "the target was tried");
+    for t in &targets {
+        assert_eq!(
+            t.circuit,
+            llm_gateway::pb::CircuitState::Closed as i32,
+            "{t:?}"
+        );
+        assert_eq!(t.error_rate, 0.0, "{t:?}");
+    }
+
+    // With the descriptors back, the same target serves at once.
+    drop(idle);
+    let answer = tokio::time::timeout(BOUND, async {
+        loop {
+            match client.chat(request("openai/gpt-4o-mini", "now?")).await {
+                Ok(answer) => return answer.into_inner(),
+                Err(status) => {
+                    assert_eq!(reason(&status), "LOCAL_RESOURCE", "{status:?}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    })
+    .await
+    .expect("served once descriptors are free");
+    assert_eq!(answer.provider, "openai");
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    drain_log.abort();
+}
