@@ -117,6 +117,15 @@ impl ConnSettings {
         issues
     }
 
+    /// The settings as parsed, with their problems pushed to `issues` (fields as
+    /// `connections.<name>`).
+    pub fn checked(self, issues: &mut crate::settings::Issues) -> Self {
+        for (field, message) in self.validate() {
+            issues.push(format!("connections.{field}"), message);
+        }
+        self
+    }
+
     /// Applies the HTTP/2 settings tonic implements itself (keepalive; the GOAWAY at the
     /// maximum age). The grace is enforced here: tonic's own grace would skip the GOAWAY.
     pub fn apply<L>(&self, server: tonic::transport::Server<L>) -> tonic::transport::Server<L> {
