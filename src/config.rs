@@ -97,7 +97,7 @@ struct RawConfig {
     teams: BTreeMap<String, RawTeam>,
     tls: Option<RawTls>,
     #[serde(default)]
-    connections: crate::server::conn::ConnSettings,
+    connections: crate::server::settings::ConnSettings,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -245,7 +245,7 @@ pub struct Config {
     /// `[tls]`; `None` for plain TCP.
     pub tls: Option<TlsConfig>,
     /// `[connections]`: the front door's connection limits.
-    pub connections: crate::server::conn::ConnSettings,
+    pub connections: crate::server::settings::ConnSettings,
 }
 
 /// Settings given on the command line or in the environment; they win over the file.
@@ -451,7 +451,7 @@ fn validate(
     auth.require_keys |= !server.listen.ip().is_loopback();
     let teams = crate::limits::teams_from_raw(raw.teams, &mut issues);
     let tls = raw.tls.and_then(|t| TlsConfig::from_raw(t, &mut issues));
-    let connections = crate::server::conn::ConnSettings::checked(raw.connections, &mut issues);
+    let connections = crate::server::settings::ConnSettings::checked(raw.connections, &mut issues);
 
     if !issues.is_empty() {
         return Err(ConfigError::Invalid(issues.into_vec()));

@@ -37,7 +37,6 @@ use std::{
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{Stream, stream::BoxStream};
 use http_body::{Body as HttpBody, Frame};
-use serde::Deserialize;
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
@@ -52,91 +51,21 @@ use crate::{
     tls::{Conn, TlsState},
 };
 
-/// Front-door connection settings (`[connections]` in the config file).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ConnSettings {
-    /// TLS handshake plus HTTP/2 preface and first SETTINGS frame must arrive within this.
-    #[serde(with = "humantime_serde")]
-    pub handshake_timeout: Duration,
-    /// A connection without open streams for this long is closed (`0s`: never).
-    #[serde(with = "humantime_serde")]
-    pub idle_timeout: Duration,
-    /// Open connections per listener at most; further ones are closed at once.
-    pub max_connections: usize,
-    /// HTTP/2 PING interval (`0s`: no keepalive pings).
-    #[serde(with = "humantime_serde")]
-    pub keepalive_interval: Duration,
-    /// A PING not answered within this closes the connection.
-    #[serde(with = "humantime_serde")]
-    pub keepalive_timeout: Duration,
-    /// After this a connection gets a GOAWAY so the client reconnects (unset: never).
-    #[serde(with = "humantime_serde")]
-    pub max_connection_age: Option<Duration>,
-    /// How long streams may finish after the age's GOAWAY before the connection is closed.
-    #[serde(with = "humantime_serde")]
-    pub max_connection_age_grace: Duration,
-}
+pub use super::settings::ConnSettings;
 
-impl Default for ConnSettings {
-    fn default() -> Self {
-        Self {
-            handshake_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(600),
-            max_connections: 4096,
-            keepalive_interval: Duration::from_secs(30),
-            keepalive_timeout: Duration::from_secs(20),
-            max_connection_age: None,
-            max_connection_age_grace: Duration::from_secs(60),
-        }
-    }
-}
-
-impl ConnSettings {
-    /// The problems, as `(field, message)` with fields relative to the section.
-    pub fn validate(&self) -> Vec<(&'static str, &'static str)> {
-        let mut issues = Vec::new();
-        if self.handshake_timeout.is_zero() {
-            issues.push(("handshake_timeout", "must be greater than zero"));
-        }
-        if self.max_connections == 0 {
-            issues.push(("max_connections", "must be at least 1"));
-        }
-        if !self.keepalive_interval.is_zero() && self.keepalive_timeout.is_zero() {
-            issues.push((
-                "keepalive_timeout",
-                "must be greater than zero when keepalive_interval is set",
-            ));
-        }
-        if self
-            .max_connection_age
-            .is_some_and(|a| a < Duration::from_secs(1))
-        {
-            issues.push(("max_connection_age", "must be at least 1s"));
-        }
-        issues
-    }
-
-    /// The settings as parsed, with their problems pushed to `issues` (fields as
-    /// `connections.<name>`).
-    pub fn checked(self, issues: &mut crate::settings::Issues) -> Self {
-        for (field, message) in self.validate() {
-            issues.push(format!("connections.{field}"), message);
-        }
-        self
-    }
-
-    /// Applies the HTTP/2 settings tonic implements itself (keepalive; the GOAWAY at the
-    /// maximum age). The grace is enforced here: tonic's own grace would skip the GOAWAY.
-    pub fn apply<L>(&self, server: tonic::transport::Server<L>) -> tonic::transport::Server<L> {
-        let keepalive = (!self.keepalive_interval.is_zero()).then_some(self.keepalive_interval);
-        let server = server
-            .http2_keepalive_interval(keepalive)
-            .http2_keepalive_timeout(keepalive.map(|_| self.keepalive_timeout));
-        match self.max_connection_age {
-            Some(age) => server.max_connection_age(age),
-            None => server,
-        }
+/// Applies the HTTP/2 settings tonic implements itself (keepalive; the GOAWAY at the
+/// maximum age). The grace is enforced here: tonic's own grace would skip the GOAWAY.
+pub fn apply<L>(
+    settings: &ConnSettings,
+    server: tonic::transport::Server<L>,
+) -> tonic::transport::Server<L> {
+    let keepalive = (!settings.keepalive_interval.is_zero()).then_some(settings.keepalive_interval);
+    let server = server
+        .http2_keepalive_interval(keepalive)
+        .http2_keepalive_timeout(keepalive.map(|_| settings.keepalive_timeout));
+    match settings.max_connection_age {
+        Some(age) => server.max_connection_age(age),
+        None => server,
     }
 }
 

@@ -379,9 +379,7 @@ pub async fn serve_with(
     // Long-lived admin streams (health Watch) end when the drain begins.
     let drain_streams = CancellationToken::new();
     let stream_layer = conn::StreamLayer::new(drain_streams.clone());
-    let mut builder = config
-        .connections
-        .apply(Server::builder().tcp_nodelay(true))
+    let mut builder = conn::apply(&config.connections, Server::builder().tcp_nodelay(true))
         .layer(stream_layer.clone())
         .layer(request_id::RequestIdLayer);
     let mut routes = builder
@@ -397,15 +395,14 @@ pub async fn serve_with(
                 .await
                 .map_err(|source| ServeError::Listen { addr, source })?;
             tracing::info!(addr = %addr, "admin service on its own listener");
-            let admin_routes = config
-                .connections
-                .apply(Server::builder().tcp_nodelay(true))
-                .layer(stream_layer)
-                .layer(request_id::RequestIdLayer)
-                .add_service(health_service)
-                .add_service(reflection_v1)
-                .add_service(reflection_v1alpha)
-                .add_service(admin_service);
+            let admin_routes =
+                conn::apply(&config.connections, Server::builder().tcp_nodelay(true))
+                    .layer(stream_layer)
+                    .layer(request_id::RequestIdLayer)
+                    .add_service(health_service)
+                    .add_service(reflection_v1)
+                    .add_service(reflection_v1alpha)
+                    .add_service(admin_service);
             Some(admin_routes.serve_with_incoming_shutdown(
                 conn::incoming(
                     admin_listener,
