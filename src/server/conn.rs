@@ -766,6 +766,30 @@ mod tests {
         assert!(ended.elapsed() >= Duration::from_secs(60));
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn past_max_age_and_grace_the_connection_is_closed_even_with_a_stream() {
+        let (_client, server) = tokio::io::duplex(1024);
+        let tcp = TcpConnectInfo {
+            local_addr: None,
+            remote_addr: None,
+        };
+        let age_and_grace = Duration::from_secs(90);
+        let mut conn = Connection::new(
+            server,
+            Bytes::new(),
+            tcp,
+            Duration::ZERO,
+            Some(age_and_grace),
+            "test",
+        );
+        let _stream = conn.state().stream_started();
+        let start = Instant::now();
+        let mut buf = [0u8; 8];
+        let err = conn.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted);
+        assert!(start.elapsed() >= age_and_grace);
+    }
+
     #[test]
     fn settings_validation_names_fields() {
         assert!(ConnSettings::default().validate().is_empty());

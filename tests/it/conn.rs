@@ -120,6 +120,34 @@ async fn an_idle_connection_is_closed_after_settings() {
 }
 
 #[tokio::test]
+async fn a_connection_past_max_age_gets_a_goaway() {
+    let (_mock, gateway) = gateway_with(
+        "handshake_timeout = \"1h\"\nmax_connection_age = \"1s\"\nmax_connection_age_grace = \"1h\"",
+    )
+    .await;
+    let mut conn = TcpStream::connect(addr(&gateway)).await.unwrap();
+    conn.write_all(PREFACE).await.unwrap();
+    conn.write_all(&EMPTY_SETTINGS).await.unwrap();
+    // Frames until a GOAWAY (type 7): the client is told to reconnect.
+    let goaway = tokio::time::timeout(BOUND, async {
+        loop {
+            let mut head = [0u8; 9];
+            conn.read_exact(&mut head).await.unwrap();
+            let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+            let mut payload = vec![0u8; len];
+            conn.read_exact(&mut payload).await.unwrap();
+            if head[3] == 7 {
+                return payload;
+            }
+        }
+    })
+    .await
+    .expect("a GOAWAY at the maximum age");
+    // Error code NO_ERROR: a graceful rebalance, not a failure.
+    assert_eq!(&goaway[4..8], &[0, 0, 0, 0]);
+}
+
+#[tokio::test]
 async fn an_open_stream_is_not_idle() {
     let (_mock, gateway) = gateway_with("idle_timeout = \"100ms\"").await;
     // Ten chunks 100 ms apart: the stream outlives the idle limit several times over.
