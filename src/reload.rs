@@ -310,6 +310,45 @@ kind = "mock"
     }
 
     #[tokio::test]
+    async fn sections_are_compared_by_value() {
+        // The same file again: nothing to report.
+        let same = reloader(BASE).reload().await.unwrap();
+        assert_eq!(same, ReloadReport::default());
+
+        let r = reloader(
+            r#"
+[server]
+deadline_margin = "20ms"
+[upstream]
+key_auth_rest = "1m"
+[health]
+failure_threshold = 3
+[auth]
+require_keys = true
+[teams.search]
+requests_per_minute = 10
+[providers.a]
+kind = "openai-compatible"
+base_url = "http://127.0.0.1:9/v1"
+api_keys = ["k1", "k2"]
+[providers.b]
+kind = "openai-compatible"
+base_url = "http://127.0.0.1:9/v1"
+"#,
+        );
+        let report = r.reload().await.unwrap();
+        // The key rest applies in place (same keys, new rest, for each key ring); the other
+        // sections wait for a restart.
+        assert_eq!(
+            report.reloaded,
+            ["providers.a.api_keys", "providers.b.api_keys"]
+        );
+        assert_eq!(report.restart_needed, ["server", "health", "auth", "teams"]);
+        let ring = r.providers.get("a").unwrap().keys().unwrap();
+        assert_eq!(ring.auth_rest(), std::time::Duration::from_secs(60));
+    }
+
+    #[tokio::test]
     async fn an_invalid_config_changes_nothing() {
         let r = reloader("[providers.a]\nkind = \"bogus\"\n");
         assert!(matches!(r.reload().await, Err(ReloadError::Config(_))));
