@@ -270,11 +270,12 @@ kind = "openai-compatible"
 base_url = "http://127.0.0.1:9/v1"
 "#;
 
-    fn reloader(next: &'static str) -> Reloader {
+    fn reloader(next: &str) -> Reloader {
         let running = config(BASE);
         let providers = providers_from_config(&running).unwrap();
+        let next = next.to_owned();
         let source: ConfigSource = Arc::new(move || {
-            Config::from_toml(next, Path::new("t.toml"), &Overrides::default(), &|_| None)
+            Config::from_toml(&next, Path::new("t.toml"), &Overrides::default(), &|_| None)
         });
         Reloader::new(Some(source), running, providers, None)
     }
@@ -315,8 +316,8 @@ kind = "mock"
         let same = reloader(BASE).reload().await.unwrap();
         assert_eq!(same, ReloadReport::default());
 
-        let r = reloader(
-            r#"
+        let r = reloader(&format!(
+            r#"{BASE}
 [server]
 deadline_margin = "20ms"
 [upstream]
@@ -327,15 +328,8 @@ failure_threshold = 3
 require_keys = true
 [teams.search]
 requests_per_minute = 10
-[providers.a]
-kind = "openai-compatible"
-base_url = "http://127.0.0.1:9/v1"
-api_keys = ["k1", "k2"]
-[providers.b]
-kind = "openai-compatible"
-base_url = "http://127.0.0.1:9/v1"
-"#,
-        );
+"#
+        ));
         let report = r.reload().await.unwrap();
         // The key rest applies in place (same keys, new rest, for each key ring); the other
         // sections wait for a restart.
