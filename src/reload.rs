@@ -17,6 +17,7 @@ use tokio::sync::Mutex;
 
 use crate::{
     config::{Config, ConfigError, ProviderConfig},
+    executor::ExecutorSettings,
     providers::{ProviderRegistry, UpstreamSettings},
     server::settings::ServerSettings,
     tls::{TlsError, TlsState},
@@ -200,7 +201,12 @@ impl Reloader {
         restart("store", *store != new.store);
         restart("admin", *admin != new.admin);
         restart("health", *health != new.health);
-        restart("executor", *executor != new.executor);
+        // `executor.stream_idle_timeout` is `upstream.stream_idle_timeout`, reported there.
+        let executor_rest = ExecutorSettings {
+            stream_idle_timeout: new.executor.stream_idle_timeout,
+            ..executor.clone()
+        };
+        restart("executor", executor_rest != new.executor);
         restart("metrics", *metrics != new.metrics);
         restart("ledger", *ledger != new.ledger);
         restart("auth", *auth != new.auth);
@@ -322,6 +328,7 @@ kind = "mock"
 deadline_margin = "20ms"
 [upstream]
 key_auth_rest = "1m"
+stream_idle_timeout = "30s"
 [health]
 failure_threshold = 3
 [auth]
@@ -337,7 +344,10 @@ requests_per_minute = 10
             report.reloaded,
             ["providers.a.api_keys", "providers.b.api_keys"]
         );
-        assert_eq!(report.restart_needed, ["server", "health", "auth", "teams"]);
+        assert_eq!(
+            report.restart_needed,
+            ["server", "upstream", "health", "auth", "teams"]
+        );
         let ring = r.providers.get("a").unwrap().keys().unwrap();
         assert_eq!(ring.auth_rest(), std::time::Duration::from_secs(60));
     }
