@@ -14,6 +14,7 @@ pub mod admin;
 pub mod convert;
 pub mod convert_admin;
 pub mod deadline;
+pub mod engine;
 pub mod gateway;
 pub mod meter;
 pub mod request_id;
@@ -337,7 +338,7 @@ pub async fn serve_with(
     };
     crate::providers::set_body_logging(config.log.bodies);
 
-    let gateway = gateway::GatewayService::new(
+    let engine = engine::Engine::new(
         router,
         executor,
         access,
@@ -351,6 +352,7 @@ pub async fn serve_with(
             tag_labels: config.metric_tag_labels.clone().into(),
         },
     );
+    let gateway = gateway::GatewayService::new(engine.clone());
 
     let (health, health_service) = tonic_health::server::health_reporter();
     let reflection_v1 = tonic_reflection::server::Builder::configure()
