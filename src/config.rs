@@ -96,6 +96,8 @@ struct RawConfig {
     #[serde(default)]
     teams: BTreeMap<String, RawTeam>,
     tls: Option<RawTls>,
+    #[serde(default)]
+    http: crate::server::http::RawHttpFrontSettings,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -387,6 +389,8 @@ pub struct Config {
     pub key_auth_rest: Duration,
     /// TLS for the gRPC listeners; `None` for plain TCP.
     pub tls: Option<TlsConfig>,
+    /// The OpenAI- and Anthropic-compatible HTTP front (`[http]`).
+    pub http_front: crate::server::http::HttpFrontSettings,
 }
 
 /// TLS settings of the gRPC listeners.
@@ -432,6 +436,7 @@ impl std::fmt::Debug for Config {
             .field("teams", &self.teams)
             .field("key_auth_rest", &self.key_auth_rest)
             .field("tls", &self.tls)
+            .field("http_front", &self.http_front)
             .finish()
     }
 }
@@ -1100,7 +1105,15 @@ fn validate(
         other => other,
     };
     // Keys are required whenever the data plane is reachable from other machines.
-    let require_keys = raw.auth.require_keys.unwrap_or(false) || !listen.ip().is_loopback();
+    let http_front = raw.http.validate().unwrap_or_else(|problems| {
+        for (field, message) in problems {
+            issues.push(field, message);
+        }
+        crate::server::http::HttpFrontSettings::default()
+    });
+    let require_keys = raw.auth.require_keys.unwrap_or(false)
+        || !listen.ip().is_loopback()
+        || http_front.listen.is_some_and(|a| !a.ip().is_loopback());
     let mut teams = std::collections::HashMap::new();
     for (name, t) in raw.teams {
         for (field, value) in [
@@ -1132,6 +1145,7 @@ fn validate(
         return Err(ConfigError::Invalid(issues.0));
     }
     Ok(Config {
+        http_front,
         require_keys,
         teams,
         key_auth_rest,

@@ -14,7 +14,8 @@
 //!   decoding and the error taxonomy.
 //! - [`routing`]: from the caller's `model` to a [`routing::Plan`].
 //! - [`executor`]: deadlines, fallback, the stream commit point, cancellation.
-//! - [`server`]: the tonic server, handlers, pb conversion, layers, shutdown.
+//! - [`server`]: the tonic server, handlers, pb conversion, layers, shutdown; the shared
+//!   call engine; the OpenAI- and Anthropic-compatible HTTP front (`server::http`).
 //! - [`mock_upstream`]: an HTTP server speaking provider wire formats with scripted faults,
 //!   used by tests, benchmarks and the `llm-gateway-mock` binary.
 //! - [`reload`]: reloading provider keys and certificates without a restart (SIGHUP,
