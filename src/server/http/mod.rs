@@ -176,18 +176,17 @@ impl<'a> Head<'a> {
             .to_str()
             .unwrap_or("")
             .to_owned();
-        let mut timeout = Ok(None);
-        for name in ["request-timeout", "x-stainless-timeout"] {
-            if let Some(value) = headers.get(name) {
-                timeout = value
-                    .to_str()
-                    .ok()
-                    .and_then(parse_timeout)
-                    .map(Some)
-                    .ok_or(name);
-                break;
-            }
-        }
+        // Ours is checked; the SDKs' is informational (they send `None` for no timeout), so
+        // an unreadable one is no timeout.
+        let timeout = match headers.get("request-timeout") {
+            Some(value) => value
+                .to_str()
+                .ok()
+                .and_then(parse_timeout)
+                .map(Some)
+                .ok_or("request-timeout"),
+            None => Ok(header_str(headers, "x-stainless-timeout").and_then(parse_timeout)),
+        };
         let credential = header_str(headers, "authorization")
             .and_then(|v| {
                 v.strip_prefix("Bearer ")
