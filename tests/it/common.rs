@@ -31,16 +31,16 @@ impl Gateway {
             })
             .expect("valid test config");
         if !toml.contains("[store]") {
-            config.store_path = ":memory:".into();
+            config.store.path = ":memory:".into();
         }
-        if config.admin_token.is_none() {
-            config.admin_token = Some(ADMIN_TOKEN.to_owned());
+        if config.admin.token.is_none() {
+            config.admin.token = Some(ADMIN_TOKEN.to_owned());
         }
         if !toml.contains("[metrics]") {
-            config.metrics_listen = None;
+            config.metrics.listen = None;
         }
         if !toml.contains("[http]") {
-            config.http_front.listen = None;
+            config.http.listen = None;
         }
         Self::start_config(config).await
     }
@@ -53,9 +53,9 @@ impl Gateway {
                 None
             })
             .expect("valid test config");
-        config.store_path = ":memory:".into();
-        config.admin_token = Some(ADMIN_TOKEN.to_owned());
-        config.metrics_listen = None;
+        config.store.path = ":memory:".into();
+        config.admin.token = Some(ADMIN_TOKEN.to_owned());
+        config.metrics.listen = None;
         let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", http.local_addr().unwrap());
         let options = server::ServeOptions {

@@ -109,7 +109,7 @@ impl Running {
         let source: ConfigSource = Arc::new(move || {
             // No HTTP front: tests must not bind its fixed default port.
             Config::load(Some(&path), &Overrides::default(), &|_| None).map(|mut c| {
-                c.http_front.listen = None;
+                c.http.listen = None;
                 c
             })
         });

@@ -15,7 +15,7 @@
 pub mod anthropic;
 pub mod openai;
 
-use std::{future::Future, net::SocketAddr, time::Duration};
+use std::{future::Future, time::Duration};
 
 use axum::{
     Router,
@@ -24,7 +24,6 @@ use axum::{
     response::Response,
     routing::{get, post},
 };
-use serde::Deserialize;
 use tokio::net::TcpListener;
 use tonic::Code;
 use tonic_types::StatusExt;
@@ -33,78 +32,9 @@ use super::{
     deadline::deadline_within,
     engine::{Call, Engine, Events, trace_context},
     request_id,
+    settings::HttpFrontSettings,
 };
 use crate::{error::GatewayError, executor::CallEvent};
-
-/// The default listen address.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
-
-/// The default body limit (inline images make requests large).
-pub const DEFAULT_MAX_BODY_BYTES: usize = super::MAX_REQUEST_BYTES;
-
-/// The `[http]` section as written.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawHttpFrontSettings {
-    /// Listen address, or `off`.
-    listen: Option<String>,
-    /// Largest accepted request body.
-    max_body_bytes: Option<usize>,
-}
-
-/// The HTTP front's settings, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HttpFrontSettings {
-    /// Where to listen; `None` when off.
-    pub listen: Option<SocketAddr>,
-    /// Largest accepted request body, in bytes.
-    pub max_body_bytes: usize,
-}
-
-impl Default for HttpFrontSettings {
-    fn default() -> Self {
-        Self {
-            listen: DEFAULT_LISTEN.parse().ok(),
-            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
-        }
-    }
-}
-
-impl RawHttpFrontSettings {
-    /// Validates the section; each problem comes with its field path.
-    pub fn validate(self) -> Result<HttpFrontSettings, Vec<(String, String)>> {
-        let mut issues = Vec::new();
-        let listen = match self.listen.as_deref().map(str::trim) {
-            None => DEFAULT_LISTEN.parse().ok(),
-            Some("" | "off") => None,
-            Some(l) => match l.parse() {
-                Ok(addr) => Some(addr),
-                Err(_) => {
-                    issues.push((
-                        "http.listen".to_owned(),
-                        format!("`{l}` is not a socket address (or `off`)"),
-                    ));
-                    None
-                }
-            },
-        };
-        let max_body_bytes = self.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
-        if max_body_bytes < 1024 {
-            issues.push((
-                "http.max_body_bytes".to_owned(),
-                "must be at least 1024".to_owned(),
-            ));
-        }
-        if issues.is_empty() {
-            Ok(HttpFrontSettings {
-                listen,
-                max_body_bytes,
-            })
-        } else {
-            Err(issues)
-        }
-    }
-}
 
 /// Shared by the handlers.
 #[derive(Clone)]
@@ -428,22 +358,27 @@ mod tests {
 
     #[test]
     fn settings_default_and_off() {
-        let s = RawHttpFrontSettings::default().validate().unwrap();
-        assert_eq!(s.listen, DEFAULT_LISTEN.parse().ok());
-        let off = RawHttpFrontSettings {
-            listen: Some("off".into()),
-            max_body_bytes: None,
-        }
-        .validate()
-        .unwrap();
+        use crate::{server::settings::RawHttpFront, settings::Issues};
+        let mut issues = Issues::new();
+        let s = HttpFrontSettings::from_raw(RawHttpFront::default(), &mut issues);
+        assert_eq!(s, HttpFrontSettings::default());
+        let off = HttpFrontSettings::from_raw(
+            RawHttpFront {
+                listen: Some("off".into()),
+                max_body_bytes: None,
+            },
+            &mut issues,
+        );
         assert_eq!(off.listen, None);
-        let bad = RawHttpFrontSettings {
-            listen: Some("nowhere".into()),
-            max_body_bytes: Some(10),
-        }
-        .validate()
-        .unwrap_err();
-        let fields: Vec<&str> = bad.iter().map(|(f, _)| f.as_str()).collect();
+        assert!(issues.is_empty());
+        HttpFrontSettings::from_raw(
+            RawHttpFront {
+                listen: Some("nowhere".into()),
+                max_body_bytes: Some(10),
+            },
+            &mut issues,
+        );
+        let fields: Vec<String> = issues.into_vec().into_iter().map(|i| i.field).collect();
         assert_eq!(fields, ["http.listen", "http.max_body_bytes"]);
     }
 
@@ -480,12 +415,12 @@ mod tests {
 
     #[test]
     fn json_errors_name_the_field() {
-        #[derive(Debug, Deserialize)]
+        #[derive(Debug, serde::Deserialize)]
         #[allow(dead_code)]
         struct Inner {
             n: u32,
         }
-        #[derive(Debug, Deserialize)]
+        #[derive(Debug, serde::Deserialize)]
         #[allow(dead_code)]
         struct Outer {
             items: Vec<Inner>,
