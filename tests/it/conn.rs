@@ -313,6 +313,8 @@ failure_threshold = 2
 [connections]
 handshake_timeout = "1h"
 max_connections = 100000
+[http]
+listen = "off"
 "#,
             mock.openai_base_url()
         ),

@@ -11,6 +11,7 @@ mod chat;
 mod conn;
 mod errors;
 mod executor;
+mod http;
 mod keys;
 mod observability;
 mod providers;
