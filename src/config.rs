@@ -28,7 +28,9 @@ use crate::{
         openai::{self, MaxTokensField},
     },
     routing::policy::PolicySpec,
-    server::settings::{AdminSettings, RawAdmin, RawServer, ServerSettings},
+    server::settings::{
+        AdminSettings, HttpFrontSettings, RawAdmin, RawHttpFront, RawServer, ServerSettings,
+    },
     settings::Issues,
     store::{RawStore, StoreSettings},
     telemetry::{LogConfig, MetricsSettings, RawLog, RawMetrics},
@@ -96,6 +98,8 @@ struct RawConfig {
     #[serde(default)]
     teams: BTreeMap<String, RawTeam>,
     tls: Option<RawTls>,
+    #[serde(default)]
+    http: RawHttpFront,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -242,6 +246,8 @@ pub struct Config {
     pub teams: HashMap<String, TeamLimits>,
     /// `[tls]`; `None` for plain TCP.
     pub tls: Option<TlsConfig>,
+    /// `[http]`: the OpenAI- and Anthropic-compatible front.
+    pub http: HttpFrontSettings,
 }
 
 /// Settings given on the command line or in the environment; they win over the file.
@@ -445,6 +451,8 @@ fn validate(
     let mut auth = AuthSettings::from_raw(raw.auth);
     // Keys are required whenever the data plane is reachable from other machines.
     auth.require_keys |= !server.listen.ip().is_loopback();
+    let http = HttpFrontSettings::from_raw(raw.http, &mut issues);
+    auth.require_keys |= http.listen.is_some_and(|a| !a.ip().is_loopback());
     let teams = crate::limits::teams_from_raw(raw.teams, &mut issues);
     let tls = raw.tls.and_then(|t| TlsConfig::from_raw(t, &mut issues));
 
@@ -467,6 +475,7 @@ fn validate(
         auth,
         teams,
         tls,
+        http,
     })
 }
 

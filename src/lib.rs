@@ -4,7 +4,9 @@
 //! # Layout
 //!
 //! - [`server`]: the tonic server: handlers, pb conversion, layers, startup and shutdown;
-//!   [`server::settings`] holds its own config sections (`[server]`, `[admin]`).
+//!   the shared call engine (`server::engine`); the OpenAI- and Anthropic-compatible HTTP
+//!   front (`server::http`); [`server::settings`] holds its own config sections (`[server]`,
+//!   `[admin]`).
 //! - [`reload`]: reloading provider keys and certificates without a restart (SIGHUP,
 //!   `ReloadConfig`), and what a reload reports as needing a restart.
 //! - [`config`]: loads the TOML file, interpolates `${VAR}`, applies overrides, assembles the

@@ -170,6 +170,7 @@ impl Reloader {
             auth,
             teams,
             tls,
+            http,
         } = &self.running;
         let mut report = ReloadReport::default();
         self.apply_providers(providers, new, &mut report);
@@ -211,6 +212,7 @@ impl Reloader {
         restart("ledger", *ledger != new.ledger);
         restart("auth", *auth != new.auth);
         restart("teams", *teams != new.teams);
+        restart("http", *http != new.http);
         report
     }
 
