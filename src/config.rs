@@ -811,6 +811,14 @@ mod tests {
     fn debug_output_hides_the_admin_token() {
         let config = load("[admin]\ntoken = \"super-secret-admin-token\"\n", &[]).unwrap();
         assert!(!format!("{config:?}").contains("super-secret"));
+        // Nor any provider key, in the whole config's Debug.
+        let config = load(
+            "[admin]\ntoken = \"super-secret-admin-token\"\n[providers.o]\nkind = \"openai\"\napi_key = \"sk-super-secret\"\n",
+            &[],
+        )
+        .unwrap();
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("super-secret"), "{debug}");
     }
 
     #[test]
