@@ -8,11 +8,7 @@ use llm_gateway::providers::openai::{OpenAiConfig, build_request, parse_response
 use crate::fixtures;
 
 pub fn bench(c: &mut Criterion) {
-    let config = OpenAiConfig::new(
-        "openai",
-        "http://127.0.0.1:8089/v1",
-        Some("sk-bench".to_owned()),
-    );
+    let config = OpenAiConfig::new("http://127.0.0.1:8089/v1");
     let request = fixtures::request();
     let mut g = c.benchmark_group("openai");
     g.bench_function("build_request", |b| {

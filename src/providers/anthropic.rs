@@ -14,22 +14,18 @@
 
 use std::{borrow::Cow, collections::VecDeque, sync::Arc, time::Duration};
 
-use async_trait::async_trait;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    EventStream, KeyRing, Provider, ProviderError, decode_json,
-    error::short_message,
-    json_error_kind, key_header, read_body, retry_after_header, send_with_keys,
-    sse::{EventDecoder, SseEvent, SseStream},
+    ErrorClass, HttpProvider, KeyRing, ProviderError, UpstreamError,
+    auth::ApiKeyHeader,
+    sse::{EventDecoder, Sse, SseEvent},
+    wire::{WireFormat, decode_event, decode_json, parse_url},
 };
-use crate::{
-    providers::ErrorClass,
-    types::{
-        ChatRequest, ChatResponse, ContentPart, FinishReason, ImageSource, Message, ResponseFormat,
-        Role, StreamEvent, ToolCall, ToolCallDelta, ToolChoice, Usage,
-    },
+use crate::types::{
+    ChatRequest, ChatResponse, ContentPart, FinishReason, ImageSource, Message, ResponseFormat,
+    Role, StreamEvent, ToolCall, ToolCallDelta, ToolChoice, Usage,
 };
 
 /// The provider kind.
@@ -45,117 +41,95 @@ pub const API_VERSION: &str = "2023-06-01";
 pub const DEFAULT_MAX_TOKENS: u32 = 4096;
 
 /// How the adapter speaks to one Anthropic endpoint.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AnthropicConfig {
-    /// Configured name, e.g. `anthropic`.
-    pub name: String,
     /// Base URL without the trailing `/v1/messages`.
     pub base_url: String,
-    /// Sent as `x-api-key`; `None` for proxies that add it themselves.
-    pub api_key: Option<String>,
     /// `max_tokens` when the caller sets none.
     pub default_max_tokens: u32,
 }
 
 impl AnthropicConfig {
     /// Settings for `base_url` with the default output limit.
-    pub fn new(
-        name: impl Into<String>,
-        base_url: impl Into<String>,
-        api_key: Option<String>,
-    ) -> Self {
+    pub fn new(base_url: impl Into<String>) -> Self {
         Self {
-            name: name.into(),
             base_url: base_url.into().trim_end_matches('/').to_owned(),
-            api_key,
             default_max_tokens: DEFAULT_MAX_TOKENS,
         }
     }
 }
 
-/// The Anthropic provider.
-pub struct Anthropic {
+/// The Messages wire format.
+#[derive(Debug, Clone)]
+pub struct Messages {
     config: AnthropicConfig,
-    url: String,
-    /// `url`, parsed once.
-    parsed_url: Option<reqwest::Url>,
-    client: reqwest::Client,
+    /// `{base_url}/v1/messages`, parsed once (`None`: the base URL is not a URL).
+    url: Option<reqwest::Url>,
+}
+
+impl Messages {
+    /// The wire format of the endpoint `config` describes.
+    pub fn new(config: AnthropicConfig) -> Self {
+        let url = parse_url(&format!("{}/v1/messages", config.base_url)).ok();
+        Self { config, url }
+    }
+}
+
+/// An Anthropic provider called `name`, using `keys` in turn (sent as `x-api-key`).
+pub fn provider(
+    name: &str,
+    config: AnthropicConfig,
     keys: Arc<KeyRing>,
+    client: reqwest::Client,
+) -> HttpProvider<Messages> {
+    HttpProvider::new(
+        name,
+        KIND,
+        Messages::new(config),
+        Arc::new(ApiKeyHeader::header("x-api-key")),
+        keys,
+        client,
+    )
 }
 
-impl Anthropic {
-    /// A provider using the shared `client`, with `config.api_key` as its only key.
-    pub fn new(config: AnthropicConfig, client: reqwest::Client) -> Self {
-        let url = format!("{}/v1/messages", config.base_url);
-        let keys = Arc::new(KeyRing::single(&config.name, config.api_key.clone()));
-        Self {
-            parsed_url: reqwest::Url::parse(&url).ok(),
-            config,
-            url,
-            client,
-            keys,
-        }
+impl WireFormat for Messages {
+    type Decoder = Sse<MessageStreamDecoder>;
+
+    fn endpoint(&self, _model: &str, _stream: bool) -> Result<reqwest::Url, ProviderError> {
+        self.url.clone().ok_or_else(|| {
+            ProviderError::new(
+                ErrorClass::InvalidRequest,
+                "the base url is not a valid url",
+            )
+        })
     }
 
-    /// Uses `keys` (several, used in turn, swappable at runtime) instead of `api_key`.
-    pub fn with_keys(mut self, keys: Arc<KeyRing>) -> Self {
-        self.keys = keys;
-        self
+    fn add_headers(&self, headers: &mut http::HeaderMap) {
+        headers.insert(
+            "anthropic-version",
+            http::HeaderValue::from_static(API_VERSION),
+        );
     }
 
-    fn post(&self, key: Option<&str>) -> Result<reqwest::RequestBuilder, ProviderError> {
-        let builder = match &self.parsed_url {
-            Some(url) => self.client.post(url.clone()),
-            None => self.client.post(&self.url),
-        }
-        .header("anthropic-version", API_VERSION);
-        match key {
-            Some(key) => Ok(builder.header("x-api-key", key_header(key)?)),
-            None => Ok(builder),
-        }
-    }
-
-    async fn send(&self, body: Vec<u8>) -> Result<reqwest::Response, ProviderError> {
-        send_with_keys(&self.keys, body.into(), |key| self.post(key), map_error).await
-    }
-}
-
-#[async_trait]
-impl Provider for Anthropic {
-    fn name(&self) -> &str {
-        &self.config.name
-    }
-
-    fn kind(&self) -> &'static str {
-        KIND
-    }
-
-    fn keys(&self) -> Option<&Arc<KeyRing>> {
-        Some(&self.keys)
-    }
-
-    async fn chat(
+    fn build_request(
         &self,
         model: &str,
         request: &ChatRequest,
-    ) -> Result<ChatResponse, ProviderError> {
-        let body = build_request(&self.config, model, request, false)?;
-        let response = self.send(body).await?;
-        let bytes = read_body(response).await?;
-        parse_response(&bytes, model)
+        stream: bool,
+    ) -> Result<Vec<u8>, ProviderError> {
+        build_request(&self.config, model, request, stream)
     }
 
-    async fn chat_stream(
-        &self,
-        model: &str,
-        request: &ChatRequest,
-    ) -> Result<EventStream, ProviderError> {
-        let body = build_request(&self.config, model, request, true)?;
-        let response = self.send(body).await?;
-        Ok(Box::pin(SseStream::new(
-            response,
-            MessageStreamDecoder::default(),
-        )))
+    fn parse_response(&self, body: &[u8], model: &str) -> Result<ChatResponse, ProviderError> {
+        parse_response(body, model)
+    }
+
+    fn stream_decoder(&self, _model: &str) -> Self::Decoder {
+        Sse::new(MessageStreamDecoder::default())
+    }
+
+    fn error_body(&self, status: u16, headers: &http::HeaderMap, body: &[u8]) -> UpstreamError {
+        error_body(status, headers, body)
     }
 }
 
@@ -713,8 +687,7 @@ impl EventDecoder for MessageStreamDecoder {
         event: SseEvent,
         out: &mut VecDeque<StreamEvent>,
     ) -> Result<bool, ProviderError> {
-        let wire: WireEvent = serde_json::from_str(&event.data)
-            .map_err(|e| ProviderError::malformed_event(&json_error_kind(&e)))?;
+        let wire: WireEvent = decode_event(event.data.as_bytes())?;
         match wire {
             WireEvent::MessageStart { message } => self.merge_usage(message.usage),
             WireEvent::ContentBlockStart {
@@ -778,7 +751,7 @@ impl EventDecoder for MessageStreamDecoder {
                 ));
                 return Ok(true);
             }
-            WireEvent::Error { error } => return Err(stream_error(&error)),
+            WireEvent::Error { error } => return Err(ProviderError::in_stream(error.upstream())),
             WireEvent::Other => {}
         }
         Ok(false)
@@ -787,18 +760,6 @@ impl EventDecoder for MessageStreamDecoder {
     fn end_of_body(&mut self, _out: &mut VecDeque<StreamEvent>) -> Result<(), ProviderError> {
         Err(ProviderError::truncated())
     }
-}
-
-/// An in-stream `error` event. Overloads keep their class (retryable); other transient
-/// failures are a broken stream; the request's own faults keep theirs.
-fn stream_error(error: &WireError) -> ProviderError {
-    let class = error
-        .kind
-        .as_deref()
-        .and_then(class_from_type)
-        .unwrap_or(ErrorClass::StreamBroken);
-    let class = refine_invalid(class, error.message.as_deref().unwrap_or_default());
-    ProviderError::in_stream(class, error.message.as_deref())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -816,6 +777,21 @@ struct WireError {
     kind: Option<String>,
     #[serde(default)]
     message: Option<String>,
+}
+
+impl WireError {
+    fn upstream(self) -> UpstreamError {
+        let class = self
+            .kind
+            .as_deref()
+            .and_then(class_from_type)
+            .map(|c| refine_invalid(c, self.message.as_deref().unwrap_or_default()));
+        UpstreamError {
+            class,
+            message: self.message,
+            retry_after: None,
+        }
+    }
 }
 
 fn class_from_type(kind: &str) -> Option<ErrorClass> {
@@ -874,43 +850,17 @@ pub fn ratelimit_reset_delay(
     exhausted.or(earliest)
 }
 
-/// Maps an HTTP error answer to a [`ProviderError`].
-pub fn map_error(status: u16, headers: &http::HeaderMap, body: &[u8]) -> ProviderError {
-    let wire = serde_json::from_slice::<WireErrorBody>(body)
-        .ok()
-        .map(|b| b.error);
-    let status_class = ErrorClass::from_http_status(status);
-    let type_class = wire
-        .as_ref()
-        .and_then(|w| w.kind.as_deref())
-        .and_then(class_from_type);
-    // The type refines the status; a transient status is not overruled by a permanent type.
-    let class = match type_class {
-        Some(c) if !status_class.is_retryable() || c.is_retryable() => c,
-        _ => status_class,
-    };
-    let upstream_msg = wire.and_then(|w| w.message).unwrap_or_default();
-    let class = refine_invalid(class, &upstream_msg);
-    let message = match class {
-        ErrorClass::InvalidRequest
-        | ErrorClass::ContextLengthExceeded
-        | ErrorClass::ContentFiltered
-        | ErrorClass::ModelNotFound
-            if !upstream_msg.is_empty() =>
-        {
-            format!(
-                "the provider rejected the request: {}",
-                short_message(&upstream_msg)
-            )
-        }
-        _ => format!("the provider answered http {status}"),
-    };
-    let retry_after = retry_after_header(headers).or_else(|| {
-        (class == ErrorClass::RateLimited)
-            .then(|| ratelimit_reset_delay(headers, std::time::SystemTime::now()))
-            .flatten()
-    });
-    ProviderError::new(class, message).with_retry_after(retry_after)
+/// What an Anthropic error body (`{"type": "error", "error": {"type", "message"}}`) says;
+/// on a 429 the `anthropic-ratelimit-*-reset` headers give the wait when `retry-after` is
+/// missing.
+pub fn error_body(status: u16, headers: &http::HeaderMap, body: &[u8]) -> UpstreamError {
+    let mut upstream = serde_json::from_slice::<WireErrorBody>(body)
+        .map(|b| b.error.upstream())
+        .unwrap_or_default();
+    if status == 429 {
+        upstream.retry_after = ratelimit_reset_delay(headers, std::time::SystemTime::now());
+    }
+    upstream
 }
 
 #[cfg(test)]
@@ -921,7 +871,7 @@ mod tests {
     use crate::types::{Image, ImageDetail, SamplingParams, Tool, ToolResult};
 
     fn config() -> AnthropicConfig {
-        AnthropicConfig::new("anthropic", DEFAULT_BASE_URL, Some("sk-ant-test".into()))
+        AnthropicConfig::new(DEFAULT_BASE_URL)
     }
 
     fn json(bytes: &[u8]) -> serde_json::Value {
@@ -1220,7 +1170,8 @@ mod tests {
     }
 
     async fn decode_stream(body: &'static [u8]) -> Vec<Result<StreamEvent, ProviderError>> {
-        super::super::sse::decode_in_pieces(body, MessageStreamDecoder::default()).await
+        crate::providers::wire::decode_in_pieces(body, 7, Sse::new(MessageStreamDecoder::default()))
+            .await
     }
 
     #[tokio::test]
@@ -1363,6 +1314,10 @@ mod tests {
                 ErrorClass::StreamBroken
             );
         }
+    }
+
+    fn map_error(status: u16, headers: &http::HeaderMap, body: &[u8]) -> ProviderError {
+        Messages::new(config()).classify(status, headers, body)
     }
 
     #[test]

@@ -72,6 +72,28 @@ impl ErrorClass {
         }
     }
 
+    /// Whether a caller may see the provider's own error message for this class: only for
+    /// the request's own faults, which the caller can fix by reading it. Credentials,
+    /// permissions and transient failures say only the class and the HTTP status (their
+    /// messages name accounts, keys and internals). The message shown is redacted like logs.
+    pub fn shows_upstream_message(self) -> bool {
+        match self {
+            ErrorClass::InvalidRequest
+            | ErrorClass::ContextLengthExceeded
+            | ErrorClass::ContentFiltered
+            | ErrorClass::ModelNotFound => true,
+            ErrorClass::RateLimited
+            | ErrorClass::Overloaded
+            | ErrorClass::ServerError
+            | ErrorClass::Timeout
+            | ErrorClass::Connect
+            | ErrorClass::StreamBroken
+            | ErrorClass::InvalidResponse
+            | ErrorClass::Authentication
+            | ErrorClass::Permission => false,
+        }
+    }
+
     /// The low-cardinality label for metrics and logs, e.g. `rate_limited`.
     pub fn label(self) -> &'static str {
         match self {
@@ -203,10 +225,12 @@ impl ProviderError {
         )
     }
 
-    /// An error the provider reported inside a stream, already classified as `class`.
-    /// Overloads keep their class; other transient failures are a broken stream; the
-    /// request's own faults keep theirs, with the provider's short message.
-    pub fn in_stream(class: ErrorClass, upstream_message: Option<&str>) -> Self {
+    /// An error the provider reported inside a stream (the in-stream policy, the same for
+    /// every wire format): overloads keep their class; other transient failures are a broken
+    /// stream; the request's own faults keep their class, with the provider's message when
+    /// [`ErrorClass::shows_upstream_message`] allows it (redacted and cut short).
+    pub fn in_stream(upstream: UpstreamError) -> Self {
+        let class = upstream.class.unwrap_or(ErrorClass::StreamBroken);
         match class {
             ErrorClass::Overloaded => ProviderError::new(
                 ErrorClass::Overloaded,
@@ -218,10 +242,10 @@ impl ProviderError {
             ),
             c => ProviderError::new(
                 c,
-                format!(
-                    "the provider sent an error in the stream: {}",
-                    short_message(upstream_message.unwrap_or("unknown error"))
-                ),
+                match upstream.visible_message(c) {
+                    Some(msg) => format!("the provider sent an error in the stream: {msg}"),
+                    None => "the provider sent an error in the stream".to_owned(),
+                },
             ),
         }
     }
@@ -240,6 +264,87 @@ impl ProviderError {
 pub fn parse_retry_after_secs(value: &str) -> Option<Duration> {
     let secs: f64 = value.trim().parse().ok()?;
     (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(86_400.0)))
+}
+
+/// What a provider's error payload says, as its wire format parsed it: the raw material of
+/// the one error policy ([`classify_http`], [`ProviderError::in_stream`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UpstreamError {
+    /// The class the payload's own code, type or status names (already refined, e.g. an
+    /// invalid request whose message says the prompt is too long is
+    /// [`ErrorClass::ContextLengthExceeded`]); `None` when the payload names nothing known.
+    pub class: Option<ErrorClass>,
+    /// The provider's own message, unfiltered (the policy decides whether callers see it).
+    pub message: Option<String>,
+    /// A wait the payload (or a provider-specific header) asks for.
+    pub retry_after: Option<Duration>,
+}
+
+impl UpstreamError {
+    /// The message a caller may see for `class`: redacted, cut short, only for the classes
+    /// [`ErrorClass::shows_upstream_message`] allows.
+    pub fn visible_message(&self, class: ErrorClass) -> Option<String> {
+        let msg = self
+            .message
+            .as_deref()
+            .map(str::trim)
+            .filter(|m| !m.is_empty())?;
+        class
+            .shows_upstream_message()
+            .then(|| short_message(&crate::telemetry::redact(msg)))
+    }
+}
+
+/// The arbitration rule between an HTTP status and what the body says, the same for every
+/// provider: a transient status (408, 429, 5xx, 529) decides the class on its own, so the same
+/// status always means the same class; for any other status the body's class, when it names
+/// one, refines the status class (a 400 saying `context_length_exceeded`, a 400 saying the
+/// API key is invalid).
+pub fn arbitrate(status: u16, body_class: Option<ErrorClass>) -> ErrorClass {
+    let status_class = ErrorClass::from_http_status(status);
+    match body_class {
+        Some(body) if !status_class.is_retryable() => body,
+        Some(_) | None => status_class,
+    }
+}
+
+/// The one error policy for an HTTP error answer: the class by [`arbitrate`], the provider's
+/// message only where [`ErrorClass::shows_upstream_message`] allows (redacted), and a
+/// retry-after for retryable classes (the `retry-after-ms` / `Retry-After` headers first, then
+/// what the payload says).
+pub fn classify_http(
+    status: u16,
+    headers: &http::HeaderMap,
+    upstream: UpstreamError,
+) -> ProviderError {
+    let class = arbitrate(status, upstream.class);
+    let message = match upstream.visible_message(class) {
+        Some(msg) => format!("the provider rejected the request: {msg}"),
+        None => format!("the provider answered http {status}"),
+    };
+    let retry_after = class
+        .is_retryable()
+        .then(|| retry_after_header(headers).or(upstream.retry_after))
+        .flatten();
+    ProviderError::new(class, message)
+        .with_retry_after(retry_after)
+        .with_status(status)
+}
+
+/// The `retry-after-ms` or `Retry-After` (seconds) header, whichever is present.
+pub fn retry_after_header(headers: &http::HeaderMap) -> Option<Duration> {
+    if let Some(ms) = headers
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|v| v.is_finite() && *v >= 0.0)
+    {
+        return Some(Duration::from_secs_f64(ms.min(86_400_000.0) / 1000.0));
+    }
+    headers
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_retry_after_secs)
 }
 
 /// Cuts an upstream error message to a length safe to show to callers.

@@ -16,24 +16,19 @@
 
 use std::{collections::VecDeque, sync::Arc, time::Duration};
 
-use async_trait::async_trait;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    EventStream, KeyRing, Provider, ProviderError,
+    ErrorClass, HttpProvider, KeyRing, ProviderError, UpstreamError,
     anthropic::parse_data_url,
-    decode_json,
-    error::short_message,
-    json_error_kind, key_header, read_body, retry_after_header, send_with_keys,
-    sse::{EventDecoder, SseEvent, SseStream},
+    auth::ApiKeyHeader,
+    sse::{EventDecoder, Sse, SseEvent},
+    wire::{WireFormat, decode_event, decode_json, is_path_segment, parse_url},
 };
-use crate::{
-    providers::ErrorClass,
-    types::{
-        ChatRequest, ChatResponse, ContentPart, FinishReason, ImageSource, Message, ResponseFormat,
-        Role, StreamEvent, ToolCall, ToolCallDelta, ToolChoice, Usage,
-    },
+use crate::types::{
+    ChatRequest, ChatResponse, ContentPart, FinishReason, ImageSource, Message, ResponseFormat,
+    Role, StreamEvent, ToolCall, ToolCallDelta, ToolChoice, Usage,
 };
 
 /// The provider kind.
@@ -42,96 +37,44 @@ pub const KIND: &str = "gemini";
 /// The official API's base URL (without `/v1beta`).
 pub const DEFAULT_BASE_URL: &str = "https://generativelanguage.googleapis.com";
 
-/// How the adapter speaks to one Gemini endpoint.
+/// The Gemini `generateContent` wire format.
 #[derive(Debug, Clone)]
-pub struct GeminiConfig {
-    /// Configured name, e.g. `gemini`.
-    pub name: String,
+pub struct GenerateContent {
     /// Base URL without the trailing `/v1beta`.
-    pub base_url: String,
-    /// Sent as `x-goog-api-key`; `None` for proxies that add it themselves.
-    pub api_key: Option<String>,
+    base_url: String,
 }
 
-impl GeminiConfig {
-    /// Settings for `base_url`.
-    pub fn new(
-        name: impl Into<String>,
-        base_url: impl Into<String>,
-        api_key: Option<String>,
-    ) -> Self {
+impl GenerateContent {
+    /// The wire format of the API at `base_url`.
+    pub fn new(base_url: impl Into<String>) -> Self {
         Self {
-            name: name.into(),
             base_url: base_url.into().trim_end_matches('/').to_owned(),
-            api_key,
         }
     }
 }
 
-/// The Gemini provider.
-pub struct Gemini {
-    config: GeminiConfig,
-    client: reqwest::Client,
+/// A Gemini provider called `name`, using `keys` in turn (sent as `x-goog-api-key`).
+pub fn provider(
+    name: &str,
+    base_url: &str,
     keys: Arc<KeyRing>,
-}
-
-impl Gemini {
-    /// A provider using the shared `client`, with `config.api_key` as its only key.
-    pub fn new(config: GeminiConfig, client: reqwest::Client) -> Self {
-        let keys = Arc::new(KeyRing::single(&config.name, config.api_key.clone()));
-        Self {
-            config,
-            client,
-            keys,
-        }
-    }
-
-    /// Uses `keys` (several, used in turn, swappable at runtime) instead of `api_key`.
-    pub fn with_keys(mut self, keys: Arc<KeyRing>) -> Self {
-        self.keys = keys;
-        self
-    }
-
-    fn post(
-        &self,
-        model: &str,
-        stream: bool,
-        key: Option<&str>,
-    ) -> Result<reqwest::RequestBuilder, ProviderError> {
-        let builder = self
-            .client
-            .post(endpoint_url(&self.config.base_url, model, stream)?);
-        match key {
-            Some(key) => Ok(builder.header("x-goog-api-key", key_header(key)?)),
-            None => Ok(builder),
-        }
-    }
-
-    async fn send(
-        &self,
-        model: &str,
-        stream: bool,
-        body: Vec<u8>,
-    ) -> Result<reqwest::Response, ProviderError> {
-        send_with_keys(
-            &self.keys,
-            body.into(),
-            |key| self.post(model, stream, key),
-            map_error,
-        )
-        .await
-    }
+    client: reqwest::Client,
+) -> HttpProvider<GenerateContent> {
+    HttpProvider::new(
+        name,
+        KIND,
+        GenerateContent::new(base_url),
+        Arc::new(ApiKeyHeader::header("x-goog-api-key")),
+        keys,
+        client,
+    )
 }
 
 /// The URL of `model`'s `generateContent` (or streaming) method.
 pub fn endpoint_url(base_url: &str, model: &str, stream: bool) -> Result<String, ProviderError> {
     let model = model.strip_prefix("models/").unwrap_or(model);
     // Model names are one path segment; refuse what would change the URL's meaning.
-    if model.is_empty()
-        || model.chars().any(|c| {
-            matches!(c, '/' | '?' | '#' | '%' | '\\') || c.is_whitespace() || c.is_control()
-        })
-    {
+    if !is_path_segment(model) {
         return Err(invalid("the model name is not valid for gemini"));
     }
     Ok(if stream {
@@ -141,39 +84,32 @@ pub fn endpoint_url(base_url: &str, model: &str, stream: bool) -> Result<String,
     })
 }
 
-#[async_trait]
-impl Provider for Gemini {
-    fn name(&self) -> &str {
-        &self.config.name
+impl WireFormat for GenerateContent {
+    type Decoder = Sse<ChunkDecoder>;
+
+    fn endpoint(&self, model: &str, stream: bool) -> Result<reqwest::Url, ProviderError> {
+        parse_url(&endpoint_url(&self.base_url, model, stream)?)
     }
 
-    fn kind(&self) -> &'static str {
-        KIND
-    }
-
-    fn keys(&self) -> Option<&Arc<KeyRing>> {
-        Some(&self.keys)
-    }
-
-    async fn chat(
+    fn build_request(
         &self,
-        model: &str,
+        _model: &str,
         request: &ChatRequest,
-    ) -> Result<ChatResponse, ProviderError> {
-        let body = build_request(request)?;
-        let response = self.send(model, false, body).await?;
-        let bytes = read_body(response).await?;
-        parse_response(&bytes, model)
+        _stream: bool,
+    ) -> Result<Vec<u8>, ProviderError> {
+        build_request(request)
     }
 
-    async fn chat_stream(
-        &self,
-        model: &str,
-        request: &ChatRequest,
-    ) -> Result<EventStream, ProviderError> {
-        let body = build_request(request)?;
-        let response = self.send(model, true, body).await?;
-        Ok(Box::pin(SseStream::new(response, ChunkDecoder::default())))
+    fn parse_response(&self, body: &[u8], model: &str) -> Result<ChatResponse, ProviderError> {
+        parse_response(body, model)
+    }
+
+    fn stream_decoder(&self, _model: &str) -> Self::Decoder {
+        Sse::new(ChunkDecoder::default())
+    }
+
+    fn error_body(&self, _status: u16, _headers: &http::HeaderMap, body: &[u8]) -> UpstreamError {
+        error_body(body)
     }
 }
 
@@ -712,10 +648,9 @@ impl EventDecoder for ChunkDecoder {
         event: SseEvent,
         out: &mut VecDeque<StreamEvent>,
     ) -> Result<bool, ProviderError> {
-        let chunk: WireResponse = serde_json::from_str(&event.data)
-            .map_err(|e| ProviderError::malformed_event(&json_error_kind(&e)))?;
+        let chunk: WireResponse = decode_event(event.data.as_bytes())?;
         if let Some(error) = chunk.error {
-            return Err(stream_error(&error));
+            return Err(ProviderError::in_stream(error.upstream()));
         }
         if let Some(err) = blocked(chunk.prompt_feedback.as_ref()) {
             return Err(err);
@@ -765,13 +700,6 @@ impl EventDecoder for ChunkDecoder {
     }
 }
 
-/// An error object sent as a stream chunk. Overloads keep their class; other transient
-/// failures are a broken stream; the request's own faults keep theirs.
-fn stream_error(error: &WireError) -> ProviderError {
-    let class = classify(error, ErrorClass::StreamBroken);
-    ProviderError::in_stream(class, error.message.as_deref())
-}
-
 // ---------------------------------------------------------------------------------------------
 // Errors
 // ---------------------------------------------------------------------------------------------
@@ -803,6 +731,14 @@ struct WireErrorDetail {
 }
 
 impl WireError {
+    fn upstream(self) -> UpstreamError {
+        UpstreamError {
+            class: classify(&self),
+            retry_after: self.retry_delay(),
+            message: self.message,
+        }
+    }
+
     fn has_reason(&self, reason: &str) -> bool {
         self.details.iter().any(|d| {
             d.kind.ends_with("google.rpc.ErrorInfo") && d.reason.as_deref() == Some(reason)
@@ -820,35 +756,38 @@ impl WireError {
     }
 }
 
-/// The class of a Google API error: credentials, then the canonical status, then `fallback`.
-fn classify(error: &WireError, fallback: ErrorClass) -> ErrorClass {
+/// The class a Google API error names: credentials, then the canonical status (refined by
+/// the message for context-length errors).
+fn classify(error: &WireError) -> Option<ErrorClass> {
     if error.has_reason("API_KEY_INVALID") || error.has_reason("API_KEY_EXPIRED") {
-        return ErrorClass::Authentication;
+        return Some(ErrorClass::Authentication);
     }
-    let class = match error.status.as_deref() {
-        Some("INVALID_ARGUMENT" | "OUT_OF_RANGE") => ErrorClass::InvalidRequest,
-        Some("FAILED_PRECONDITION" | "PERMISSION_DENIED") => ErrorClass::Permission,
-        Some("UNAUTHENTICATED") => ErrorClass::Authentication,
-        Some("NOT_FOUND") => ErrorClass::ModelNotFound,
-        Some("RESOURCE_EXHAUSTED") => ErrorClass::RateLimited,
-        Some("UNAVAILABLE") => ErrorClass::Overloaded,
-        Some("INTERNAL" | "UNKNOWN" | "DATA_LOSS") => ErrorClass::ServerError,
-        Some("DEADLINE_EXCEEDED") => ErrorClass::Timeout,
-        _ => fallback,
+    let class = match error.status.as_deref()? {
+        "INVALID_ARGUMENT" | "OUT_OF_RANGE" => ErrorClass::InvalidRequest,
+        "FAILED_PRECONDITION" | "PERMISSION_DENIED" => ErrorClass::Permission,
+        "UNAUTHENTICATED" => ErrorClass::Authentication,
+        "NOT_FOUND" => ErrorClass::ModelNotFound,
+        "RESOURCE_EXHAUSTED" => ErrorClass::RateLimited,
+        "UNAVAILABLE" => ErrorClass::Overloaded,
+        "INTERNAL" | "UNKNOWN" | "DATA_LOSS" => ErrorClass::ServerError,
+        "DEADLINE_EXCEEDED" => ErrorClass::Timeout,
+        _ => return None,
     };
     let lower = error
         .message
         .as_deref()
         .unwrap_or_default()
         .to_ascii_lowercase();
-    if class == ErrorClass::InvalidRequest
-        && lower.contains("input token count")
-        && lower.contains("exceeds the maximum")
-    {
-        ErrorClass::ContextLengthExceeded
-    } else {
-        class
-    }
+    Some(
+        if class == ErrorClass::InvalidRequest
+            && lower.contains("input token count")
+            && lower.contains("exceeds the maximum")
+        {
+            ErrorClass::ContextLengthExceeded
+        } else {
+            class
+        },
+    )
 }
 
 fn parse_error_body(body: &[u8]) -> Option<WireError> {
@@ -863,45 +802,12 @@ fn parse_error_body(body: &[u8]) -> Option<WireError> {
         .map(|b| b.error)
 }
 
-/// Maps an HTTP error answer to a [`ProviderError`].
-pub fn map_error(status: u16, headers: &http::HeaderMap, body: &[u8]) -> ProviderError {
-    let status_class = ErrorClass::from_http_status(status);
-    let wire = parse_error_body(body);
-    let class = match &wire {
-        Some(w) => {
-            let c = classify(w, status_class);
-            // A transient status is not overruled by a permanent-looking body.
-            if status_class.is_retryable() && !c.is_retryable() {
-                status_class
-            } else {
-                c
-            }
-        }
-        None => status_class,
-    };
-    let upstream_msg = wire
-        .as_ref()
-        .and_then(|w| w.message.clone())
-        .unwrap_or_default();
-    let message = match class {
-        ErrorClass::InvalidRequest
-        | ErrorClass::ContextLengthExceeded
-        | ErrorClass::ContentFiltered
-        | ErrorClass::ModelNotFound
-            if !upstream_msg.is_empty() =>
-        {
-            format!(
-                "the provider rejected the request: {}",
-                short_message(&upstream_msg)
-            )
-        }
-        _ => format!("the provider answered http {status}"),
-    };
-    let retry_after = wire
-        .as_ref()
-        .and_then(WireError::retry_delay)
-        .or_else(|| retry_after_header(headers));
-    ProviderError::new(class, message).with_retry_after(retry_after)
+/// What a Google API error body (`{"error": {"code", "message", "status", "details"}}`,
+/// possibly inside a one-element array) says.
+pub fn error_body(body: &[u8]) -> UpstreamError {
+    parse_error_body(body)
+        .map(WireError::upstream)
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -1248,7 +1154,7 @@ mod tests {
     }
 
     async fn decode_stream(body: &'static [u8]) -> Vec<Result<StreamEvent, ProviderError>> {
-        super::super::sse::decode_in_pieces(body, ChunkDecoder::default()).await
+        crate::providers::wire::decode_in_pieces(body, 7, Sse::new(ChunkDecoder::default())).await
     }
 
     #[tokio::test]
@@ -1344,6 +1250,10 @@ mod tests {
             events[0].as_ref().unwrap_err().class,
             ErrorClass::ContentFiltered
         );
+    }
+
+    fn map_error(status: u16, headers: &http::HeaderMap, body: &[u8]) -> ProviderError {
+        GenerateContent::new(DEFAULT_BASE_URL).classify(status, headers, body)
     }
 
     #[test]

@@ -9,22 +9,18 @@
 
 use std::{collections::VecDeque, sync::Arc};
 
-use async_trait::async_trait;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    EventStream, KeyRing, Provider, ProviderError, decode_json,
-    error::short_message,
-    key_header, read_body, retry_after_header, send_with_keys,
-    sse::{EventDecoder, SseEvent, SseStream},
+    ErrorClass, HttpProvider, KeyRing, ProviderError, UpstreamError,
+    auth::ApiKeyHeader,
+    sse::{EventDecoder, Sse, SseEvent},
+    wire::{WireFormat, decode_event, decode_json, is_path_segment, parse_url},
 };
-use crate::{
-    providers::ErrorClass,
-    types::{
-        ChatRequest, ChatResponse, ContentPart, FinishReason, ImageDetail, ImageSource,
-        ResponseFormat, Role, StreamEvent, ToolCall, ToolCallDelta, ToolChoice, Usage,
-    },
+use crate::types::{
+    ChatRequest, ChatResponse, ContentPart, FinishReason, ImageDetail, ImageSource, ResponseFormat,
+    Role, StreamEvent, ToolCall, ToolCallDelta, ToolChoice, Usage,
 };
 
 /// The provider kind.
@@ -73,22 +69,16 @@ pub enum MaxTokensField {
 }
 
 /// How the adapter speaks to one OpenAI-compatible endpoint.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OpenAiConfig {
-    /// Configured name, e.g. `openai`.
-    pub name: String,
     /// Base URL without the trailing `/chat/completions`.
     pub base_url: String,
-    /// Bearer token; `None` for servers without auth (e.g. a local vLLM).
-    pub api_key: Option<String>,
     /// Name of the output limit field.
     pub max_tokens_field: MaxTokensField,
     /// Whether the endpoint knows the `developer` role (otherwise sent as `system`).
     pub developer_role: bool,
     /// Whether to ask for usage in streams (`stream_options.include_usage`).
     pub stream_usage: bool,
-    /// The provider kind reported for the model registry (`openai`, `azure`, a preset name).
-    pub kind: &'static str,
     /// How the API key is sent.
     pub auth: AuthStyle,
     /// How the URL is formed.
@@ -97,17 +87,11 @@ pub struct OpenAiConfig {
 
 impl OpenAiConfig {
     /// Settings for `base_url`, with quirks defaulted from whether it is the official API.
-    pub fn new(
-        name: impl Into<String>,
-        base_url: impl Into<String>,
-        api_key: Option<String>,
-    ) -> Self {
+    pub fn new(base_url: impl Into<String>) -> Self {
         let base_url = base_url.into().trim_end_matches('/').to_owned();
         let official = base_url.starts_with("https://api.openai.com");
         Self {
-            name: name.into(),
             base_url,
-            api_key,
             max_tokens_field: if official {
                 MaxTokensField::MaxCompletionTokens
             } else {
@@ -115,7 +99,6 @@ impl OpenAiConfig {
             },
             developer_role: official,
             stream_usage: true,
-            kind: KIND,
             auth: AuthStyle::Bearer,
             url_style: UrlStyle::Base,
         }
@@ -123,21 +106,15 @@ impl OpenAiConfig {
 
     /// Settings for an Azure OpenAI resource at `endpoint` (e.g.
     /// `https://my-resource.openai.azure.com`).
-    pub fn azure(
-        name: impl Into<String>,
-        endpoint: impl Into<String>,
-        api_key: Option<String>,
-        api_version: impl Into<String>,
-    ) -> Self {
+    pub fn azure(endpoint: impl Into<String>, api_version: impl Into<String>) -> Self {
         Self {
             max_tokens_field: MaxTokensField::MaxCompletionTokens,
             developer_role: false,
-            kind: AZURE_KIND,
             auth: AuthStyle::ApiKeyHeader,
             url_style: UrlStyle::AzureDeployment {
                 api_version: api_version.into(),
             },
-            ..Self::new(name, endpoint, api_key)
+            ..Self::new(endpoint)
         }
     }
 
@@ -147,13 +124,7 @@ impl OpenAiConfig {
             UrlStyle::Base => Ok(format!("{}/chat/completions", self.base_url)),
             UrlStyle::AzureDeployment { api_version } => {
                 // The deployment is one path segment; refuse what would change the URL.
-                if model.is_empty()
-                    || model.chars().any(|c| {
-                        matches!(c, '/' | '?' | '#' | '%' | '\\' | '&')
-                            || c.is_whitespace()
-                            || c.is_control()
-                    })
-                {
+                if !is_path_segment(model) {
                     return Err(invalid(
                         "the model name is not a valid azure deployment name",
                     ));
@@ -165,105 +136,82 @@ impl OpenAiConfig {
             }
         }
     }
+
+    /// How requests carry the key.
+    pub fn auth(&self) -> ApiKeyHeader {
+        match self.auth {
+            AuthStyle::Bearer => ApiKeyHeader::bearer(),
+            AuthStyle::ApiKeyHeader => ApiKeyHeader::header("api-key"),
+        }
+    }
 }
 
-/// An OpenAI-compatible provider.
-pub struct OpenAi {
+/// The Chat Completions wire format.
+#[derive(Debug, Clone)]
+pub struct ChatCompletions {
     config: OpenAiConfig,
-    client: reqwest::Client,
-    keys: Arc<KeyRing>,
     /// The endpoint, parsed once, when it does not depend on the model.
     fixed_url: Option<reqwest::Url>,
 }
 
-impl OpenAi {
-    /// A provider using the shared `client`, with `config.api_key` as its only key.
-    pub fn new(config: OpenAiConfig, client: reqwest::Client) -> Self {
-        let keys = Arc::new(KeyRing::single(&config.name, config.api_key.clone()));
+impl ChatCompletions {
+    /// The wire format of the endpoint `config` describes.
+    pub fn new(config: OpenAiConfig) -> Self {
         let fixed_url = match config.url_style {
-            UrlStyle::Base => config
-                .url("")
-                .ok()
-                .and_then(|u| reqwest::Url::parse(&u).ok()),
+            UrlStyle::Base => config.url("").ok().and_then(|u| parse_url(&u).ok()),
             UrlStyle::AzureDeployment { .. } => None,
         };
-        Self {
-            config,
-            client,
-            keys,
-            fixed_url,
-        }
+        Self { config, fixed_url }
     }
 
-    /// Uses `keys` (several, used in turn, swappable at runtime) instead of `api_key`.
-    pub fn with_keys(mut self, keys: Arc<KeyRing>) -> Self {
-        self.keys = keys;
-        self
-    }
-
-    fn post(
-        &self,
-        model: &str,
-        key: Option<&str>,
-    ) -> Result<reqwest::RequestBuilder, ProviderError> {
-        let builder = match &self.fixed_url {
-            Some(url) => self.client.post(url.clone()),
-            None => self.client.post(self.config.url(model)?),
-        };
-        match (key, self.config.auth) {
-            (Some(key), AuthStyle::Bearer) => Ok(builder.header(
-                http::header::AUTHORIZATION,
-                key_header(&format!("Bearer {key}"))?,
-            )),
-            (Some(key), AuthStyle::ApiKeyHeader) => Ok(builder.header("api-key", key_header(key)?)),
-            (None, _) => Ok(builder),
-        }
-    }
-
-    async fn send(&self, model: &str, body: Vec<u8>) -> Result<reqwest::Response, ProviderError> {
-        send_with_keys(
-            &self.keys,
-            body.into(),
-            |key| self.post(model, key),
-            map_error,
-        )
-        .await
+    /// The settings.
+    pub fn config(&self) -> &OpenAiConfig {
+        &self.config
     }
 }
 
-#[async_trait]
-impl Provider for OpenAi {
-    fn name(&self) -> &str {
-        &self.config.name
+/// An OpenAI-compatible provider called `name` of registry kind `kind` (`openai`, `azure`,
+/// a preset's), using `keys` in turn.
+pub fn provider(
+    name: &str,
+    kind: &'static str,
+    config: OpenAiConfig,
+    keys: Arc<KeyRing>,
+    client: reqwest::Client,
+) -> HttpProvider<ChatCompletions> {
+    let auth = Arc::new(config.auth());
+    HttpProvider::new(name, kind, ChatCompletions::new(config), auth, keys, client)
+}
+
+impl WireFormat for ChatCompletions {
+    type Decoder = Sse<ChunkDecoder>;
+
+    fn endpoint(&self, model: &str, _stream: bool) -> Result<reqwest::Url, ProviderError> {
+        match &self.fixed_url {
+            Some(url) => Ok(url.clone()),
+            None => parse_url(&self.config.url(model)?),
+        }
     }
 
-    fn kind(&self) -> &'static str {
-        self.config.kind
-    }
-
-    fn keys(&self) -> Option<&Arc<KeyRing>> {
-        Some(&self.keys)
-    }
-
-    async fn chat(
+    fn build_request(
         &self,
         model: &str,
         request: &ChatRequest,
-    ) -> Result<ChatResponse, ProviderError> {
-        let body = build_request(&self.config, model, request, false)?;
-        let response = self.send(model, body).await?;
-        let bytes = read_body(response).await?;
-        parse_response(&bytes, model)
+        stream: bool,
+    ) -> Result<Vec<u8>, ProviderError> {
+        build_request(&self.config, model, request, stream)
     }
 
-    async fn chat_stream(
-        &self,
-        model: &str,
-        request: &ChatRequest,
-    ) -> Result<EventStream, ProviderError> {
-        let body = build_request(&self.config, model, request, true)?;
-        let response = self.send(model, body).await?;
-        Ok(Box::pin(SseStream::new(response, ChunkDecoder::default())))
+    fn parse_response(&self, body: &[u8], model: &str) -> Result<ChatResponse, ProviderError> {
+        parse_response(body, model)
+    }
+
+    fn stream_decoder(&self, _model: &str) -> Self::Decoder {
+        Sse::new(ChunkDecoder::default())
+    }
+
+    fn error_body(&self, _status: u16, _headers: &http::HeaderMap, body: &[u8]) -> UpstreamError {
+        error_body(body)
     }
 }
 
@@ -790,25 +738,9 @@ impl EventDecoder for ChunkDecoder {
                 "the provider ended the stream without a finish reason",
             ));
         }
-        let chunk: WireChunk = serde_json::from_str(data)
-            .map_err(|e| ProviderError::malformed_event(&super::json_error_kind(&e)))?;
+        let chunk: WireChunk = decode_event(data.as_bytes())?;
         if let Some(error) = chunk.error {
-            let class = error
-                .code_str()
-                .and_then(class_from_code)
-                .unwrap_or(ErrorClass::StreamBroken);
-            let class = if class.is_retryable() {
-                ErrorClass::StreamBroken
-            } else {
-                class
-            };
-            return Err(ProviderError::new(
-                class,
-                format!(
-                    "the provider sent an error in the stream: {}",
-                    short_message(error.message.as_deref().unwrap_or("unknown error"))
-                ),
-            ));
+            return Err(ProviderError::in_stream(error.upstream()));
         }
         for choice in chunk.choices {
             if let Some(delta) = choice.delta {
@@ -879,6 +811,14 @@ impl WireError {
             .and_then(|c| c.as_str())
             .or(self.kind.as_deref())
     }
+
+    fn upstream(self) -> UpstreamError {
+        UpstreamError {
+            class: self.code_str().and_then(class_from_code),
+            message: self.message,
+            retry_after: None,
+        }
+    }
 }
 
 fn class_from_code(code: &str) -> Option<ErrorClass> {
@@ -895,37 +835,11 @@ fn class_from_code(code: &str) -> Option<ErrorClass> {
     })
 }
 
-/// Maps an HTTP error answer to a [`ProviderError`].
-pub fn map_error(status: u16, headers: &http::HeaderMap, body: &[u8]) -> ProviderError {
-    let wire = serde_json::from_slice::<WireErrorBody>(body)
-        .ok()
-        .map(|b| b.error);
-    let status_class = ErrorClass::from_http_status(status);
-    let code_class = wire
-        .as_ref()
-        .and_then(|w| w.code_str())
-        .and_then(class_from_code);
-    // The code refines the status for the request's own faults; transient statuses win.
-    let class = match code_class {
-        Some(c) if !status_class.is_retryable() || c == ErrorClass::RateLimited => c,
-        _ => status_class,
-    };
-    let upstream_msg = wire.and_then(|w| w.message).unwrap_or_default();
-    let message = match class {
-        ErrorClass::InvalidRequest
-        | ErrorClass::ContextLengthExceeded
-        | ErrorClass::ContentFiltered
-        | ErrorClass::ModelNotFound
-            if !upstream_msg.is_empty() =>
-        {
-            format!(
-                "the provider rejected the request: {}",
-                short_message(&upstream_msg)
-            )
-        }
-        _ => format!("the provider answered http {status}"),
-    };
-    ProviderError::new(class, message).with_retry_after(retry_after_header(headers))
+/// What an OpenAI error body (`{"error": {"message", "type", "code"}}`) says.
+pub fn error_body(body: &[u8]) -> UpstreamError {
+    serde_json::from_slice::<WireErrorBody>(body)
+        .map(|b| b.error.upstream())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -938,7 +852,7 @@ mod tests {
     use crate::types::{Image, Message, Tool, ToolResult};
 
     fn config() -> OpenAiConfig {
-        OpenAiConfig::new("openai", DEFAULT_BASE_URL, Some("sk-test".into()))
+        OpenAiConfig::new(DEFAULT_BASE_URL)
     }
 
     fn json(bytes: &[u8]) -> serde_json::Value {
@@ -1033,7 +947,7 @@ mod tests {
 
     #[test]
     fn compatible_servers_get_max_tokens_and_system() {
-        let config = OpenAiConfig::new("vllm", "http://127.0.0.1:8000/v1/", None);
+        let config = OpenAiConfig::new("http://127.0.0.1:8000/v1/");
         let request = ChatRequest {
             messages: vec![Message::text(Role::Developer, "x")],
             params: crate::types::SamplingParams {
@@ -1052,12 +966,9 @@ mod tests {
     #[test]
     fn azure_uses_deployment_urls() {
         let azure = OpenAiConfig::azure(
-            "azure",
             "https://my-resource.openai.azure.com/",
-            Some("k".into()),
             AZURE_DEFAULT_API_VERSION,
         );
-        assert_eq!(azure.kind, AZURE_KIND);
         assert_eq!(azure.auth, AuthStyle::ApiKeyHeader);
         assert_eq!(
             azure.url("gpt-4o-prod").unwrap(),
@@ -1135,7 +1046,7 @@ mod tests {
     }
 
     async fn decode_stream(body: &'static [u8]) -> Vec<Result<StreamEvent, ProviderError>> {
-        super::super::sse::decode_in_pieces(body, ChunkDecoder::default()).await
+        crate::providers::wire::decode_in_pieces(body, 7, Sse::new(ChunkDecoder::default())).await
     }
 
     #[tokio::test]
@@ -1291,7 +1202,7 @@ mod tests {
             (503, &none, "", ErrorClass::Overloaded),
         ];
         for (status, headers, body, class) in cases {
-            let err = map_error(*status, headers, body.as_bytes());
+            let err = ChatCompletions::new(config()).classify(*status, headers, body.as_bytes());
             assert_eq!(err.class, *class, "status {status} body {body}");
             assert!(
                 !err.message.contains("sk-abc"),
@@ -1299,7 +1210,7 @@ mod tests {
                 err.message
             );
         }
-        let err = map_error(429, &headers, b"{}");
+        let err = ChatCompletions::new(config()).classify(429, &headers, b"{}");
         assert_eq!(err.retry_after, Some(Duration::from_secs(3)));
     }
 }

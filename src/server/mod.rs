@@ -103,31 +103,23 @@ pub fn providers_from_config(config: &Config) -> Result<ProviderRegistry, ServeE
                 azure_api_version,
             } => {
                 let mut c = match azure_api_version {
-                    Some(version) => {
-                        openai::OpenAiConfig::azure(&p.name, &p.base_url, None, version)
-                    }
-                    None => openai::OpenAiConfig::new(&p.name, &p.base_url, None),
+                    Some(version) => openai::OpenAiConfig::azure(&p.base_url, version),
+                    None => openai::OpenAiConfig::new(&p.base_url),
                 };
-                c.kind = flavor;
                 c.max_tokens_field = *max_tokens_field;
                 c.developer_role = *developer_role;
                 c.stream_usage = *stream_usage;
-                Arc::new(openai::OpenAi::new(c, client.clone()).with_keys(keys))
+                Arc::new(openai::provider(&p.name, flavor, c, keys, client.clone()))
             }
-            ProviderKind::Anthropic => Arc::new(
-                anthropic::Anthropic::new(
-                    anthropic::AnthropicConfig::new(&p.name, &p.base_url, None),
-                    client.clone(),
-                )
-                .with_keys(keys),
-            ),
-            ProviderKind::Gemini => Arc::new(
-                gemini::Gemini::new(
-                    gemini::GeminiConfig::new(&p.name, &p.base_url, None),
-                    client.clone(),
-                )
-                .with_keys(keys),
-            ),
+            ProviderKind::Anthropic => Arc::new(anthropic::provider(
+                &p.name,
+                anthropic::AnthropicConfig::new(&p.base_url),
+                keys,
+                client.clone(),
+            )),
+            ProviderKind::Gemini => {
+                Arc::new(gemini::provider(&p.name, &p.base_url, keys, client.clone()))
+            }
             ProviderKind::Mock => Arc::new(Mock::new(&p.name)),
         };
         registry.insert(provider);
