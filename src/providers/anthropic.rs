@@ -18,8 +18,12 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    ErrorClass, HttpProvider, KeyRing, ProviderError, UpstreamError,
+    ErrorClass, HttpProvider, Provider, ProviderError, UpstreamError,
     auth::ApiKeyHeader,
+    kinds::{
+        BuildContext, Discovered, Env, KeyRequired, KindInput, KindSettings, KindSpec,
+        ProviderSettings, SettingsIssue, discovered, env_var, no_fields,
+    },
     sse::{EventDecoder, Sse, SseEvent},
     wire::{WireFormat, decode_event, decode_json, parse_url},
 };
@@ -75,22 +79,48 @@ impl Messages {
     }
 }
 
-/// An Anthropic provider called `name`, using `keys` in turn (sent as `x-api-key`).
-pub fn provider(
-    name: &str,
-    config: AnthropicConfig,
-    keys: Arc<KeyRing>,
-    client: reqwest::Client,
-) -> HttpProvider<Messages> {
-    HttpProvider::new(
-        name,
-        KIND,
-        Messages::new(config),
-        Arc::new(ApiKeyHeader::header("x-api-key")),
-        keys,
-        client,
-    )
+/// The settings of `kind = "anthropic"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnthropicSettings(pub AnthropicConfig);
+
+impl KindSettings for AnthropicSettings {
+    fn build(&self, ctx: BuildContext<'_>) -> Arc<dyn Provider> {
+        Arc::new(HttpProvider::new(
+            ctx.name,
+            KIND,
+            Messages::new(self.0.clone()),
+            Arc::new(ApiKeyHeader::header("x-api-key")),
+            ctx.keys,
+            ctx.client.clone(),
+        ))
+    }
 }
+
+fn parse(input: &KindInput<'_>) -> Result<ProviderSettings, Vec<SettingsIssue>> {
+    no_fields(AnthropicSettings(AnthropicConfig::new(input.base_url)))
+}
+
+fn discover(env: Env<'_>) -> Option<Result<Discovered, SettingsIssue>> {
+    let key = env_var(env, "ANTHROPIC_API_KEY")?;
+    Some(Ok(discovered(
+        KIND,
+        env_var(env, "ANTHROPIC_BASE_URL"),
+        key,
+    )))
+}
+
+/// `kind = "anthropic"`.
+pub const SPEC: KindSpec = KindSpec {
+    name: KIND,
+    default_base_url: Some(DEFAULT_BASE_URL),
+    base_url_hint: "",
+    http: true,
+    key_env: &["ANTHROPIC_API_KEY"],
+    key_required: KeyRequired::AtDefaultUrl,
+    fields: &[],
+    parse,
+    discover: Some(discover),
+};
 
 impl WireFormat for Messages {
     type Decoder = Sse<MessageStreamDecoder>;

@@ -20,9 +20,13 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    ErrorClass, HttpProvider, KeyRing, ProviderError, UpstreamError,
+    ErrorClass, HttpProvider, Provider, ProviderError, UpstreamError,
     anthropic::parse_data_url,
     auth::ApiKeyHeader,
+    kinds::{
+        BuildContext, Discovered, Env, KeyRequired, KindInput, KindSettings, KindSpec,
+        ProviderSettings, SettingsIssue, discovered, env_var, no_fields,
+    },
     sse::{EventDecoder, Sse, SseEvent},
     wire::{WireFormat, decode_event, decode_json, is_path_segment, parse_url},
 };
@@ -53,22 +57,49 @@ impl GenerateContent {
     }
 }
 
-/// A Gemini provider called `name`, using `keys` in turn (sent as `x-goog-api-key`).
-pub fn provider(
-    name: &str,
-    base_url: &str,
-    keys: Arc<KeyRing>,
-    client: reqwest::Client,
-) -> HttpProvider<GenerateContent> {
-    HttpProvider::new(
-        name,
-        KIND,
-        GenerateContent::new(base_url),
-        Arc::new(ApiKeyHeader::header("x-goog-api-key")),
-        keys,
-        client,
-    )
+/// The settings of `kind = "gemini"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GeminiSettings {
+    /// Base URL without the trailing `/v1beta`.
+    pub base_url: String,
 }
+
+impl KindSettings for GeminiSettings {
+    fn build(&self, ctx: BuildContext<'_>) -> Arc<dyn Provider> {
+        Arc::new(HttpProvider::new(
+            ctx.name,
+            KIND,
+            GenerateContent::new(&self.base_url),
+            Arc::new(ApiKeyHeader::header("x-goog-api-key")),
+            ctx.keys,
+            ctx.client.clone(),
+        ))
+    }
+}
+
+fn parse(input: &KindInput<'_>) -> Result<ProviderSettings, Vec<SettingsIssue>> {
+    no_fields(GeminiSettings {
+        base_url: input.base_url.to_owned(),
+    })
+}
+
+fn discover(env: Env<'_>) -> Option<Result<Discovered, SettingsIssue>> {
+    let key = env_var(env, "GEMINI_API_KEY").or_else(|| env_var(env, "GOOGLE_API_KEY"))?;
+    Some(Ok(discovered(KIND, None, key)))
+}
+
+/// `kind = "gemini"`.
+pub const SPEC: KindSpec = KindSpec {
+    name: KIND,
+    default_base_url: Some(DEFAULT_BASE_URL),
+    base_url_hint: "",
+    http: true,
+    key_env: &["GEMINI_API_KEY", "GOOGLE_API_KEY"],
+    key_required: KeyRequired::AtDefaultUrl,
+    fields: &[],
+    parse,
+    discover: Some(discover),
+};
 
 /// The URL of `model`'s `generateContent` (or streaming) method.
 pub fn endpoint_url(base_url: &str, model: &str, stream: bool) -> Result<String, ProviderError> {

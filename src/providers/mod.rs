@@ -16,6 +16,7 @@ pub mod error;
 pub mod gemini;
 pub mod http;
 pub mod keys;
+pub mod kinds;
 pub mod mock;
 pub mod openai;
 pub mod sse;
@@ -29,6 +30,7 @@ use futures_util::Stream;
 pub use self::error::{ErrorClass, ProviderError, UpstreamError};
 pub use self::http::{HttpProvider, set_body_logging};
 pub use self::keys::KeyRing;
+pub use self::kinds::{ProviderConfig, RawProvider};
 pub use self::wire::{StreamDecoder, WireFormat};
 use crate::types::{ChatRequest, ChatResponse, StreamEvent};
 

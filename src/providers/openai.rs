@@ -13,8 +13,12 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    ErrorClass, HttpProvider, KeyRing, ProviderError, UpstreamError,
+    ErrorClass, HttpProvider, Provider, ProviderError, UpstreamError,
     auth::ApiKeyHeader,
+    kinds::{
+        BuildContext, Discovered, Env, KeyRequired, KindInput, KindSettings, KindSpec,
+        ProviderSettings, SettingsIssue, discovered, env_var,
+    },
     sse::{EventDecoder, Sse, SseEvent},
     wire::{WireFormat, decode_event, decode_json, is_path_segment, parse_url},
 };
@@ -170,18 +174,151 @@ impl ChatCompletions {
     }
 }
 
-/// An OpenAI-compatible provider called `name` of registry kind `kind` (`openai`, `azure`,
-/// a preset's), using `keys` in turn.
-pub fn provider(
-    name: &str,
-    kind: &'static str,
-    config: OpenAiConfig,
-    keys: Arc<KeyRing>,
-    client: reqwest::Client,
-) -> HttpProvider<ChatCompletions> {
-    let auth = Arc::new(config.auth());
-    HttpProvider::new(name, kind, ChatCompletions::new(config), auth, keys, client)
+/// The settings of the OpenAI-family kinds (`openai`, `openai-compatible`, `azure`, the
+/// presets).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenAiSettings {
+    /// The kind in the model registry (prices): `openai`, `azure` or the preset's.
+    pub registry_kind: &'static str,
+    /// How to speak to the endpoint.
+    pub config: OpenAiConfig,
 }
+
+impl KindSettings for OpenAiSettings {
+    fn build(&self, ctx: BuildContext<'_>) -> Arc<dyn Provider> {
+        Arc::new(HttpProvider::new(
+            ctx.name,
+            self.registry_kind,
+            ChatCompletions::new(self.config.clone()),
+            Arc::new(self.config.auth()),
+            ctx.keys,
+            ctx.client.clone(),
+        ))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSettings {
+    max_tokens_field: Option<String>,
+    developer_role: Option<bool>,
+    stream_usage: Option<bool>,
+    api_version: Option<String>,
+}
+
+/// The fields of the OpenAI-compatible kinds.
+pub const FIELDS: &[&str] = &["max_tokens_field", "developer_role", "stream_usage"];
+
+const AZURE_FIELDS: &[&str] = &[
+    "max_tokens_field",
+    "developer_role",
+    "stream_usage",
+    "api_version",
+];
+
+/// Applies the configured quirks to `config`, the kind's defaults.
+pub fn parse_settings(
+    input: &KindInput<'_>,
+    registry_kind: &'static str,
+    mut config: OpenAiConfig,
+) -> Result<ProviderSettings, Vec<SettingsIssue>> {
+    let raw: RawSettings = input.fields()?;
+    match raw.max_tokens_field.as_deref() {
+        None => {}
+        Some("max_tokens") => config.max_tokens_field = MaxTokensField::MaxTokens,
+        Some("max_completion_tokens") => {
+            config.max_tokens_field = MaxTokensField::MaxCompletionTokens;
+        }
+        Some(other) => {
+            return Err(vec![SettingsIssue::new(
+                "max_tokens_field",
+                format!("`{other}` is not one of: max_tokens, max_completion_tokens"),
+            )]);
+        }
+    }
+    config.developer_role = raw.developer_role.unwrap_or(config.developer_role);
+    config.stream_usage = raw.stream_usage.unwrap_or(config.stream_usage);
+    if let (UrlStyle::AzureDeployment { api_version }, Some(v)) = (
+        &mut config.url_style,
+        raw.api_version.filter(|v| !v.is_empty()),
+    ) {
+        *api_version = v;
+    }
+    Ok(ProviderSettings::new(OpenAiSettings {
+        registry_kind,
+        config,
+    }))
+}
+
+fn parse_openai(input: &KindInput<'_>) -> Result<ProviderSettings, Vec<SettingsIssue>> {
+    parse_settings(input, KIND, OpenAiConfig::new(input.base_url))
+}
+
+fn parse_azure(input: &KindInput<'_>) -> Result<ProviderSettings, Vec<SettingsIssue>> {
+    parse_settings(
+        input,
+        AZURE_KIND,
+        OpenAiConfig::azure(input.base_url, AZURE_DEFAULT_API_VERSION),
+    )
+}
+
+fn discover_openai(env: Env<'_>) -> Option<Result<Discovered, SettingsIssue>> {
+    let key = env_var(env, "OPENAI_API_KEY")?;
+    Some(Ok(discovered(KIND, env_var(env, "OPENAI_BASE_URL"), key)))
+}
+
+fn discover_azure(env: Env<'_>) -> Option<Result<Discovered, SettingsIssue>> {
+    let key = env_var(env, "AZURE_OPENAI_API_KEY")?;
+    let Some(endpoint) = env_var(env, "AZURE_OPENAI_ENDPOINT") else {
+        return Some(Err(SettingsIssue::new(
+            "AZURE_OPENAI_ENDPOINT",
+            "must be set when AZURE_OPENAI_API_KEY is, e.g. https://NAME.openai.azure.com",
+        )));
+    };
+    let mut found = discovered(AZURE_KIND, Some(endpoint), key);
+    if let Some(version) = env_var(env, "AZURE_OPENAI_API_VERSION") {
+        found
+            .raw
+            .extra
+            .insert("api_version".to_owned(), version.into());
+    }
+    Some(Ok(found))
+}
+
+/// `kind = "openai"`: the official API (or a compatible server at `base_url`).
+pub const SPEC: KindSpec = KindSpec {
+    name: KIND,
+    default_base_url: Some(DEFAULT_BASE_URL),
+    base_url_hint: "",
+    http: true,
+    key_env: &[],
+    key_required: KeyRequired::Never,
+    fields: FIELDS,
+    parse: parse_openai,
+    discover: Some(discover_openai),
+};
+
+/// `kind = "openai-compatible"`: any server speaking Chat Completions at `base_url`.
+pub const COMPATIBLE_SPEC: KindSpec = KindSpec {
+    name: "openai-compatible",
+    default_base_url: None,
+    base_url_hint: "is required for this kind",
+    discover: None,
+    ..SPEC
+};
+
+/// `kind = "azure"`: Azure OpenAI deployments.
+pub const AZURE_SPEC: KindSpec = KindSpec {
+    name: AZURE_KIND,
+    default_base_url: None,
+    base_url_hint: "is required for kind `azure`: the resource endpoint, e.g. https://NAME.openai.azure.com",
+    http: true,
+    key_env: &["AZURE_OPENAI_API_KEY"],
+    key_required: KeyRequired::Always,
+    fields: AZURE_FIELDS,
+    parse: parse_azure,
+    discover: Some(discover_azure),
+};
 
 impl WireFormat for ChatCompletions {
     type Decoder = Sse<ChunkDecoder>;

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
 use crate::{
-    config::{Config, ProviderKind},
+    config::Config,
     error::FieldViolation,
     executor::Executor,
     health::HealthRegistry,
@@ -33,7 +33,7 @@ use crate::{
     pb::{
         self, llm_gateway_admin_server::LlmGatewayAdminServer, llm_gateway_server::LlmGatewayServer,
     },
-    providers::{self, Provider, ProviderRegistry, anthropic, gemini, mock::Mock, openai},
+    providers::{self, ProviderRegistry},
     routing::{PolicyRecord, PolicySource, Router, RoutingTable, policy},
     store::{Store, StoreError, sqlite::SqliteStore},
 };
@@ -94,34 +94,7 @@ pub fn providers_from_config(config: &Config) -> Result<ProviderRegistry, ServeE
             p.api_keys.clone(),
             config.key_auth_rest,
         ));
-        let provider: Arc<dyn Provider> = match &p.kind {
-            ProviderKind::OpenAi {
-                flavor,
-                max_tokens_field,
-                developer_role,
-                stream_usage,
-                azure_api_version,
-            } => {
-                let mut c = match azure_api_version {
-                    Some(version) => openai::OpenAiConfig::azure(&p.base_url, version),
-                    None => openai::OpenAiConfig::new(&p.base_url),
-                };
-                c.max_tokens_field = *max_tokens_field;
-                c.developer_role = *developer_role;
-                c.stream_usage = *stream_usage;
-                Arc::new(openai::provider(&p.name, flavor, c, keys, client.clone()))
-            }
-            ProviderKind::Anthropic => Arc::new(anthropic::provider(
-                &p.name,
-                anthropic::AnthropicConfig::new(&p.base_url),
-                keys,
-                client.clone(),
-            )),
-            ProviderKind::Gemini => {
-                Arc::new(gemini::provider(&p.name, &p.base_url, keys, client.clone()))
-            }
-            ProviderKind::Mock => Arc::new(Mock::new(&p.name)),
-        };
+        let provider = p.build(keys, &client);
         registry.insert(provider);
     }
     Ok(registry)
@@ -135,17 +108,11 @@ pub fn routing_table(
 ) -> Result<RoutingTable, ServeError> {
     let registry = ModelRegistry::builtin()?;
     let allowed = |name: &str| {
-        let p = config.providers.iter().find(|p| p.name == name)?;
-        match (&p.models, &p.kind) {
-            (Some(models), _) => Some(models.clone()),
-            (None, ProviderKind::Mock) => Some(
-                providers::mock::MODELS
-                    .iter()
-                    .map(|m| (*m).to_owned())
-                    .collect(),
-            ),
-            (None, _) => None,
-        }
+        config
+            .providers
+            .iter()
+            .find(|p| p.name == name)?
+            .allowed_models()
     };
     let mut table = RoutingTable::new(providers, registry.clone(), &allowed, health);
     for raw in &config.models {
@@ -286,7 +253,7 @@ pub async fn serve_with(
             .iter()
             .map(|p| admin::ProviderInfo {
                 name: p.name.clone(),
-                kind: p.kind.name().to_owned(),
+                kind: p.kind.to_owned(),
                 base_url: p.base_url.clone(),
             })
             .collect(),
