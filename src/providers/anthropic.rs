@@ -141,17 +141,159 @@ impl WireFormat for Messages {
         );
     }
 
+    /// Builds the JSON body of a Messages request.
     fn build_request(
         &self,
         model: &str,
         request: &ChatRequest,
         stream: bool,
     ) -> Result<Vec<u8>, ProviderError> {
-        build_request(&self.config, model, request, stream)
+        let config = &self.config;
+        match &request.response_format {
+            None | Some(ResponseFormat::Text) => {}
+            Some(ResponseFormat::JsonObject | ResponseFormat::JsonSchema { .. }) => {
+                return Err(invalid(
+                    "anthropic models do not support json response formats through this gateway",
+                ));
+            }
+        }
+        let mut system = Vec::new();
+        let mut messages: Vec<WireMessage<'_>> = Vec::with_capacity(request.messages.len());
+        for message in &request.messages {
+            match message.role {
+                Role::System | Role::Developer => {
+                    for part in &message.content {
+                        match part {
+                            ContentPart::Text(text) if !text.is_empty() => {
+                                system.push(WireBlock::Text { text });
+                            }
+                            ContentPart::Text(_) => {}
+                            _ => {
+                                return Err(invalid(
+                                    "anthropic accepts only text in system and developer messages",
+                                ));
+                            }
+                        }
+                    }
+                }
+                Role::User | Role::Tool | Role::Assistant => {
+                    let wire = convert_message(message)?;
+                    if wire.content.is_empty() {
+                        continue;
+                    }
+                    // Anthropic wants alternating turns, and all tool results answering one
+                    // assistant turn in the single user message after it: merge same-role runs.
+                    match messages.last_mut() {
+                        Some(last) if last.role == wire.role => last.content.extend(wire.content),
+                        _ => messages.push(wire),
+                    }
+                }
+            }
+        }
+        let has_tools = !request.tools.is_empty();
+        let tool_choice = if has_tools {
+            let disable_parallel_tool_use = request.params.parallel_tool_calls == Some(false);
+            match &request.tool_choice {
+                None if !disable_parallel_tool_use => None,
+                None | Some(ToolChoice::Auto) => Some(WireToolChoice {
+                    kind: "auto",
+                    name: None,
+                    disable_parallel_tool_use,
+                }),
+                Some(ToolChoice::Required) => Some(WireToolChoice {
+                    kind: "any",
+                    name: None,
+                    disable_parallel_tool_use,
+                }),
+                Some(ToolChoice::Named(name)) => Some(WireToolChoice {
+                    kind: "tool",
+                    name: Some(name),
+                    disable_parallel_tool_use,
+                }),
+                Some(ToolChoice::None) => Some(WireToolChoice {
+                    kind: "none",
+                    name: None,
+                    disable_parallel_tool_use: false,
+                }),
+            }
+        } else {
+            None
+        };
+        let wire = WireRequest {
+            model,
+            max_tokens: request
+                .params
+                .max_tokens
+                .unwrap_or(config.default_max_tokens),
+            system: match system.as_slice() {
+                [] => None,
+                [WireBlock::Text { text }] => Some(WireSystem::Text(text)),
+                _ => Some(WireSystem::Blocks(system)),
+            },
+            messages,
+            temperature: request.params.temperature,
+            top_p: request.params.top_p,
+            stop_sequences: &request.params.stop,
+            tools: request
+                .tools
+                .iter()
+                .map(|t| WireTool {
+                    name: &t.name,
+                    description: t.description.as_deref(),
+                    input_schema: &t.parameters,
+                })
+                .collect(),
+            tool_choice,
+            metadata: request
+                .user
+                .as_deref()
+                .map(|user_id| WireMetadata { user_id }),
+            stream,
+        };
+        serde_json::to_vec(&wire).map_err(|e| invalid(format!("could not encode the request: {e}")))
     }
 
-    fn parse_response(&self, body: &[u8], model: &str) -> Result<ChatResponse, ProviderError> {
-        parse_response(body, model)
+    /// Parses a non-streaming Messages response.
+    fn parse_response(
+        &self,
+        body: &[u8],
+        requested_model: &str,
+    ) -> Result<ChatResponse, ProviderError> {
+        let wire: WireResponse = decode_json(body)?;
+        let mut content = Vec::with_capacity(wire.content.len());
+        for block in wire.content {
+            match block {
+                WireResponseBlock::Text { text } if text.is_empty() => {}
+                WireResponseBlock::Text { text } => match content.last_mut() {
+                    Some(ContentPart::Text(prev)) => prev.push_str(&text),
+                    _ => content.push(ContentPart::Text(text)),
+                },
+                WireResponseBlock::ToolUse { id, name, input } => {
+                    let arguments = match input {
+                        serde_json::Value::Null => "{}".to_owned(),
+                        other => other.to_string(),
+                    };
+                    content.push(ContentPart::ToolCall(ToolCall {
+                        id,
+                        name,
+                        arguments,
+                    }));
+                }
+                WireResponseBlock::Other => {}
+            }
+        }
+        Ok(ChatResponse {
+            model: wire
+                .model
+                .filter(|m| !m.is_empty())
+                .unwrap_or_else(|| requested_model.to_owned()),
+            content,
+            finish_reason: wire
+                .stop_reason
+                .as_deref()
+                .map_or(FinishReason::Unspecified, finish_reason),
+            usage: wire.usage.filter(|u| !u.is_empty()).map(Usage::from),
+        })
     }
 
     fn stream_decoder(&self, _model: &str) -> Self::Decoder {
@@ -263,117 +405,6 @@ struct WireMetadata<'a> {
 
 fn invalid(msg: impl Into<String>) -> ProviderError {
     ProviderError::new(ErrorClass::InvalidRequest, msg)
-}
-
-/// Builds the JSON body of a Messages request.
-pub fn build_request(
-    config: &AnthropicConfig,
-    model: &str,
-    request: &ChatRequest,
-    stream: bool,
-) -> Result<Vec<u8>, ProviderError> {
-    match &request.response_format {
-        None | Some(ResponseFormat::Text) => {}
-        Some(ResponseFormat::JsonObject | ResponseFormat::JsonSchema { .. }) => {
-            return Err(invalid(
-                "anthropic models do not support json response formats through this gateway",
-            ));
-        }
-    }
-    let mut system = Vec::new();
-    let mut messages: Vec<WireMessage<'_>> = Vec::with_capacity(request.messages.len());
-    for message in &request.messages {
-        match message.role {
-            Role::System | Role::Developer => {
-                for part in &message.content {
-                    match part {
-                        ContentPart::Text(text) if !text.is_empty() => {
-                            system.push(WireBlock::Text { text });
-                        }
-                        ContentPart::Text(_) => {}
-                        _ => {
-                            return Err(invalid(
-                                "anthropic accepts only text in system and developer messages",
-                            ));
-                        }
-                    }
-                }
-            }
-            Role::User | Role::Tool | Role::Assistant => {
-                let wire = convert_message(message)?;
-                if wire.content.is_empty() {
-                    continue;
-                }
-                // Anthropic wants alternating turns, and all tool results answering one
-                // assistant turn in the single user message after it: merge same-role runs.
-                match messages.last_mut() {
-                    Some(last) if last.role == wire.role => last.content.extend(wire.content),
-                    _ => messages.push(wire),
-                }
-            }
-        }
-    }
-    let has_tools = !request.tools.is_empty();
-    let tool_choice = if has_tools {
-        let disable_parallel_tool_use = request.params.parallel_tool_calls == Some(false);
-        match &request.tool_choice {
-            None if !disable_parallel_tool_use => None,
-            None | Some(ToolChoice::Auto) => Some(WireToolChoice {
-                kind: "auto",
-                name: None,
-                disable_parallel_tool_use,
-            }),
-            Some(ToolChoice::Required) => Some(WireToolChoice {
-                kind: "any",
-                name: None,
-                disable_parallel_tool_use,
-            }),
-            Some(ToolChoice::Named(name)) => Some(WireToolChoice {
-                kind: "tool",
-                name: Some(name),
-                disable_parallel_tool_use,
-            }),
-            Some(ToolChoice::None) => Some(WireToolChoice {
-                kind: "none",
-                name: None,
-                disable_parallel_tool_use: false,
-            }),
-        }
-    } else {
-        None
-    };
-    let wire = WireRequest {
-        model,
-        max_tokens: request
-            .params
-            .max_tokens
-            .unwrap_or(config.default_max_tokens),
-        system: match system.as_slice() {
-            [] => None,
-            [WireBlock::Text { text }] => Some(WireSystem::Text(text)),
-            _ => Some(WireSystem::Blocks(system)),
-        },
-        messages,
-        temperature: request.params.temperature,
-        top_p: request.params.top_p,
-        stop_sequences: &request.params.stop,
-        tools: request
-            .tools
-            .iter()
-            .map(|t| WireTool {
-                name: &t.name,
-                description: t.description.as_deref(),
-                input_schema: &t.parameters,
-            })
-            .collect(),
-        tool_choice,
-        metadata: request
-            .user
-            .as_deref()
-            .map(|user_id| WireMetadata { user_id }),
-        stream,
-    };
-    serde_json::to_vec(&wire).map_err(|e| invalid(format!("could not encode the request: {e}")))
 }
 
 fn convert_message(message: &Message) -> Result<WireMessage<'_>, ProviderError> {
@@ -560,45 +591,6 @@ fn finish_reason(reason: &str) -> FinishReason {
         "refusal" => FinishReason::ContentFilter,
         _ => FinishReason::Other,
     }
-}
-
-/// Parses a non-streaming Messages response.
-pub fn parse_response(body: &[u8], requested_model: &str) -> Result<ChatResponse, ProviderError> {
-    let wire: WireResponse = decode_json(body)?;
-    let mut content = Vec::with_capacity(wire.content.len());
-    for block in wire.content {
-        match block {
-            WireResponseBlock::Text { text } if text.is_empty() => {}
-            WireResponseBlock::Text { text } => match content.last_mut() {
-                Some(ContentPart::Text(prev)) => prev.push_str(&text),
-                _ => content.push(ContentPart::Text(text)),
-            },
-            WireResponseBlock::ToolUse { id, name, input } => {
-                let arguments = match input {
-                    serde_json::Value::Null => "{}".to_owned(),
-                    other => other.to_string(),
-                };
-                content.push(ContentPart::ToolCall(ToolCall {
-                    id,
-                    name,
-                    arguments,
-                }));
-            }
-            WireResponseBlock::Other => {}
-        }
-    }
-    Ok(ChatResponse {
-        model: wire
-            .model
-            .filter(|m| !m.is_empty())
-            .unwrap_or_else(|| requested_model.to_owned()),
-        content,
-        finish_reason: wire
-            .stop_reason
-            .as_deref()
-            .map_or(FinishReason::Unspecified, finish_reason),
-        usage: wire.usage.filter(|u| !u.is_empty()).map(Usage::from),
-    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -993,7 +985,11 @@ mod tests {
             user: Some("u1".into()),
             ..Default::default()
         };
-        let body = json(&build_request(&config(), "claude-sonnet-4-5", &request, true).unwrap());
+        let body = json(
+            &Messages::new(config())
+                .build_request("claude-sonnet-4-5", &request, true)
+                .unwrap(),
+        );
         assert_eq!(
             body,
             serde_json::json!({
@@ -1042,7 +1038,11 @@ mod tests {
             tool_choice: Some(ToolChoice::Required),
             ..Default::default()
         };
-        let body = json(&build_request(&config(), "m", &request, false).unwrap());
+        let body = json(
+            &Messages::new(config())
+                .build_request("m", &request, false)
+                .unwrap(),
+        );
         assert_eq!(body["max_tokens"], DEFAULT_MAX_TOKENS);
         assert_eq!(body["system"], "sys");
         assert!(body.get("stream").is_none());
@@ -1051,7 +1051,11 @@ mod tests {
 
         let mut with_limit = request.clone();
         with_limit.params.max_tokens = Some(10);
-        let body = json(&build_request(&config(), "m", &with_limit, false).unwrap());
+        let body = json(
+            &Messages::new(config())
+                .build_request("m", &with_limit, false)
+                .unwrap(),
+        );
         assert_eq!(body["max_tokens"], 10);
     }
 
@@ -1078,7 +1082,11 @@ mod tests {
         ] {
             let mut request = base.clone();
             request.tool_choice = choice;
-            let body = json(&build_request(&config(), "m", &request, false).unwrap());
+            let body = json(
+                &Messages::new(config())
+                    .build_request("m", &request, false)
+                    .unwrap(),
+            );
             assert_eq!(body["tool_choice"], expected);
         }
     }
@@ -1115,7 +1123,9 @@ mod tests {
             ..Default::default()
         };
         for request in [json_mode, bad_args, image_in_system] {
-            let err = build_request(&config(), "m", &request, false).unwrap_err();
+            let err = Messages::new(config())
+                .build_request("m", &request, false)
+                .unwrap_err();
             assert_eq!(err.class, ErrorClass::InvalidRequest, "{err}");
         }
     }
@@ -1123,7 +1133,9 @@ mod tests {
     #[test]
     fn parses_a_documented_response() {
         let body = include_bytes!("../../tests/fixtures/anthropic/message.json");
-        let response = parse_response(body, "claude-sonnet-4-5").unwrap();
+        let response = Messages::new(config())
+            .parse_response(body, "claude-sonnet-4-5")
+            .unwrap();
         assert_eq!(response.model, "claude-sonnet-4-5-20250929");
         assert_eq!(response.finish_reason, FinishReason::Stop);
         assert_eq!(
@@ -1138,7 +1150,9 @@ mod tests {
     #[test]
     fn parses_a_tool_use_response() {
         let body = include_bytes!("../../tests/fixtures/anthropic/message_tool_use.json");
-        let response = parse_response(body, "claude-sonnet-4-5").unwrap();
+        let response = Messages::new(config())
+            .parse_response(body, "claude-sonnet-4-5")
+            .unwrap();
         assert_eq!(response.finish_reason, FinishReason::ToolCalls);
         assert!(response.usage.is_none());
         assert_eq!(response.content.len(), 2);
@@ -1156,7 +1170,7 @@ mod tests {
     #[test]
     fn cache_tokens_are_normalized_into_input() {
         let body = include_bytes!("../../tests/fixtures/anthropic/message_cached.json");
-        let response = parse_response(body, "m").unwrap();
+        let response = Messages::new(config()).parse_response(body, "m").unwrap();
         assert_eq!(response.finish_reason, FinishReason::Length);
         // The thinking block is not part of the reply text.
         assert_eq!(
@@ -1194,7 +1208,9 @@ mod tests {
             b"{\"content\": 3}",
             b"{\"content\": [{\"text\": \"no type\"}]}",
         ] {
-            let err = parse_response(body, "m").unwrap_err();
+            let err = Messages::new(config())
+                .parse_response(body, "m")
+                .unwrap_err();
             assert_eq!(err.class, ErrorClass::InvalidResponse, "{body:?}");
         }
     }

@@ -122,17 +122,162 @@ impl WireFormat for GenerateContent {
         parse_url(&endpoint_url(&self.base_url, model, stream)?)
     }
 
+    /// Builds the JSON body of a `generateContent` request (the model is in the URL).
     fn build_request(
         &self,
         _model: &str,
         request: &ChatRequest,
         _stream: bool,
     ) -> Result<Vec<u8>, ProviderError> {
-        build_request(request)
+        let mut system = Vec::new();
+        let mut contents: Vec<WireContent<'_>> = Vec::with_capacity(request.messages.len());
+        for message in &request.messages {
+            match message.role {
+                Role::System | Role::Developer => {
+                    for part in &message.content {
+                        match part {
+                            ContentPart::Text(text) if !text.is_empty() => {
+                                system.push(WirePart::Text(text));
+                            }
+                            ContentPart::Text(_) => {}
+                            _ => {
+                                return Err(invalid(
+                                    "gemini accepts only text in system and developer messages",
+                                ));
+                            }
+                        }
+                    }
+                }
+                Role::User | Role::Assistant | Role::Tool => {
+                    let wire = convert_message(message)?;
+                    if wire.parts.is_empty() {
+                        continue;
+                    }
+                    // Gemini wants every function response of a turn in one content: merge runs.
+                    match contents.last_mut() {
+                        Some(last) if last.role == wire.role => last.parts.extend(wire.parts),
+                        _ => contents.push(wire),
+                    }
+                }
+            }
+        }
+        let has_tools = !request.tools.is_empty();
+        let tool_config = match (&request.tool_choice, has_tools) {
+            (Some(choice), true) => {
+                let (mode, allowed_function_names) = match choice {
+                    ToolChoice::Auto => ("AUTO", Vec::new()),
+                    ToolChoice::None => ("NONE", Vec::new()),
+                    ToolChoice::Required => ("ANY", Vec::new()),
+                    ToolChoice::Named(name) => ("ANY", vec![name.as_str()]),
+                };
+                Some(WireToolConfig {
+                    function_calling_config: WireFunctionCallingConfig {
+                        mode,
+                        allowed_function_names,
+                    },
+                })
+            }
+            _ => None,
+        };
+        let (response_mime_type, response_json_schema) = match &request.response_format {
+            None => (None, None),
+            Some(ResponseFormat::Text) => (Some("text/plain"), None),
+            Some(ResponseFormat::JsonObject) => (Some("application/json"), None),
+            Some(ResponseFormat::JsonSchema { schema, .. }) => {
+                (Some("application/json"), Some(schema))
+            }
+        };
+        let seed = match request.params.seed {
+            None => None,
+            Some(seed) => {
+                Some(i32::try_from(seed).map_err(|_| invalid("gemini seeds must fit in 32 bits"))?)
+            }
+        };
+        let wire = WireRequest {
+            contents,
+            system_instruction: (!system.is_empty()).then_some(WireSystem { parts: system }),
+            tools: if has_tools {
+                vec![WireTools {
+                    function_declarations: request
+                        .tools
+                        .iter()
+                        .map(|t| WireFunctionDeclaration {
+                            name: &t.name,
+                            description: t.description.as_deref(),
+                            parameters_json_schema: &t.parameters,
+                        })
+                        .collect(),
+                }]
+            } else {
+                Vec::new()
+            },
+            tool_config,
+            generation_config: WireGenerationConfig {
+                temperature: request.params.temperature,
+                top_p: request.params.top_p,
+                max_output_tokens: request.params.max_tokens,
+                stop_sequences: &request.params.stop,
+                seed,
+                presence_penalty: request.params.presence_penalty,
+                frequency_penalty: request.params.frequency_penalty,
+                response_mime_type,
+                response_json_schema,
+            },
+        };
+        serde_json::to_vec(&wire).map_err(|e| invalid(format!("could not encode the request: {e}")))
     }
 
-    fn parse_response(&self, body: &[u8], model: &str) -> Result<ChatResponse, ProviderError> {
-        parse_response(body, model)
+    /// Parses a non-streaming `generateContent` response.
+    fn parse_response(
+        &self,
+        body: &[u8],
+        requested_model: &str,
+    ) -> Result<ChatResponse, ProviderError> {
+        let wire: WireResponse = decode_json(body)?;
+        if let Some(err) = blocked(wire.prompt_feedback.as_ref()) {
+            return Err(err);
+        }
+        let candidate = wire.candidates.into_iter().next().ok_or_else(|| {
+            ProviderError::new(
+                ErrorClass::InvalidResponse,
+                "the provider's response has no candidates",
+            )
+        })?;
+        let mut content = Vec::new();
+        let mut calls = 0usize;
+        for part in candidate.content.map(|c| c.parts).unwrap_or_default() {
+            if let Some(call) = part.function_call {
+                content.push(ContentPart::ToolCall(ToolCall {
+                    id: format!("call_{calls}"),
+                    name: call.name.clone(),
+                    arguments: call.arguments(),
+                }));
+                calls += 1;
+                continue;
+            }
+            if part.thought == Some(true) {
+                continue;
+            }
+            match (part.text, content.last_mut()) {
+                (Some(text), _) if text.is_empty() => {}
+                (Some(text), Some(ContentPart::Text(prev))) => prev.push_str(&text),
+                (Some(text), _) => content.push(ContentPart::Text(text)),
+                (None, _) => {}
+            }
+        }
+        let reason = candidate
+            .finish_reason
+            .as_deref()
+            .map_or(FinishReason::Unspecified, finish_reason);
+        Ok(ChatResponse {
+            model: wire
+                .model_version
+                .filter(|m| !m.is_empty())
+                .unwrap_or_else(|| requested_model.to_owned()),
+            content,
+            finish_reason: finish_with_calls(reason, calls > 0),
+            usage: wire.usage_metadata.map(Usage::from),
+        })
     }
 
     fn stream_decoder(&self, _model: &str) -> Self::Decoder {
@@ -278,104 +423,6 @@ impl WireGenerationConfig<'_> {
 
 fn invalid(msg: impl Into<String>) -> ProviderError {
     ProviderError::new(ErrorClass::InvalidRequest, msg)
-}
-
-/// Builds the JSON body of a `generateContent` request (the model is in the URL).
-pub fn build_request(request: &ChatRequest) -> Result<Vec<u8>, ProviderError> {
-    let mut system = Vec::new();
-    let mut contents: Vec<WireContent<'_>> = Vec::with_capacity(request.messages.len());
-    for message in &request.messages {
-        match message.role {
-            Role::System | Role::Developer => {
-                for part in &message.content {
-                    match part {
-                        ContentPart::Text(text) if !text.is_empty() => {
-                            system.push(WirePart::Text(text));
-                        }
-                        ContentPart::Text(_) => {}
-                        _ => {
-                            return Err(invalid(
-                                "gemini accepts only text in system and developer messages",
-                            ));
-                        }
-                    }
-                }
-            }
-            Role::User | Role::Assistant | Role::Tool => {
-                let wire = convert_message(message)?;
-                if wire.parts.is_empty() {
-                    continue;
-                }
-                // Gemini wants every function response of a turn in one content: merge runs.
-                match contents.last_mut() {
-                    Some(last) if last.role == wire.role => last.parts.extend(wire.parts),
-                    _ => contents.push(wire),
-                }
-            }
-        }
-    }
-    let has_tools = !request.tools.is_empty();
-    let tool_config = match (&request.tool_choice, has_tools) {
-        (Some(choice), true) => {
-            let (mode, allowed_function_names) = match choice {
-                ToolChoice::Auto => ("AUTO", Vec::new()),
-                ToolChoice::None => ("NONE", Vec::new()),
-                ToolChoice::Required => ("ANY", Vec::new()),
-                ToolChoice::Named(name) => ("ANY", vec![name.as_str()]),
-            };
-            Some(WireToolConfig {
-                function_calling_config: WireFunctionCallingConfig {
-                    mode,
-                    allowed_function_names,
-                },
-            })
-        }
-        _ => None,
-    };
-    let (response_mime_type, response_json_schema) = match &request.response_format {
-        None => (None, None),
-        Some(ResponseFormat::Text) => (Some("text/plain"), None),
-        Some(ResponseFormat::JsonObject) => (Some("application/json"), None),
-        Some(ResponseFormat::JsonSchema { schema, .. }) => (Some("application/json"), Some(schema)),
-    };
-    let seed = match request.params.seed {
-        None => None,
-        Some(seed) => {
-            Some(i32::try_from(seed).map_err(|_| invalid("gemini seeds must fit in 32 bits"))?)
-        }
-    };
-    let wire = WireRequest {
-        contents,
-        system_instruction: (!system.is_empty()).then_some(WireSystem { parts: system }),
-        tools: if has_tools {
-            vec![WireTools {
-                function_declarations: request
-                    .tools
-                    .iter()
-                    .map(|t| WireFunctionDeclaration {
-                        name: &t.name,
-                        description: t.description.as_deref(),
-                        parameters_json_schema: &t.parameters,
-                    })
-                    .collect(),
-            }]
-        } else {
-            Vec::new()
-        },
-        tool_config,
-        generation_config: WireGenerationConfig {
-            temperature: request.params.temperature,
-            top_p: request.params.top_p,
-            max_output_tokens: request.params.max_tokens,
-            stop_sequences: &request.params.stop,
-            seed,
-            presence_penalty: request.params.presence_penalty,
-            frequency_penalty: request.params.frequency_penalty,
-            response_mime_type,
-            response_json_schema,
-        },
-    };
-    serde_json::to_vec(&wire).map_err(|e| invalid(format!("could not encode the request: {e}")))
 }
 
 fn convert_message(message: &Message) -> Result<WireContent<'_>, ProviderError> {
@@ -612,55 +659,6 @@ fn blocked(feedback: Option<&WirePromptFeedback>) -> Option<ProviderError> {
     ))
 }
 
-/// Parses a non-streaming `generateContent` response.
-pub fn parse_response(body: &[u8], requested_model: &str) -> Result<ChatResponse, ProviderError> {
-    let wire: WireResponse = decode_json(body)?;
-    if let Some(err) = blocked(wire.prompt_feedback.as_ref()) {
-        return Err(err);
-    }
-    let candidate = wire.candidates.into_iter().next().ok_or_else(|| {
-        ProviderError::new(
-            ErrorClass::InvalidResponse,
-            "the provider's response has no candidates",
-        )
-    })?;
-    let mut content = Vec::new();
-    let mut calls = 0usize;
-    for part in candidate.content.map(|c| c.parts).unwrap_or_default() {
-        if let Some(call) = part.function_call {
-            content.push(ContentPart::ToolCall(ToolCall {
-                id: format!("call_{calls}"),
-                name: call.name.clone(),
-                arguments: call.arguments(),
-            }));
-            calls += 1;
-            continue;
-        }
-        if part.thought == Some(true) {
-            continue;
-        }
-        match (part.text, content.last_mut()) {
-            (Some(text), _) if text.is_empty() => {}
-            (Some(text), Some(ContentPart::Text(prev))) => prev.push_str(&text),
-            (Some(text), _) => content.push(ContentPart::Text(text)),
-            (None, _) => {}
-        }
-    }
-    let reason = candidate
-        .finish_reason
-        .as_deref()
-        .map_or(FinishReason::Unspecified, finish_reason);
-    Ok(ChatResponse {
-        model: wire
-            .model_version
-            .filter(|m| !m.is_empty())
-            .unwrap_or_else(|| requested_model.to_owned()),
-        content,
-        finish_reason: finish_with_calls(reason, calls > 0),
-        usage: wire.usage_metadata.map(Usage::from),
-    })
-}
-
 // ---------------------------------------------------------------------------------------------
 // Stream
 // ---------------------------------------------------------------------------------------------
@@ -848,6 +846,10 @@ mod tests {
     use super::*;
     use crate::types::{Image, ImageDetail, SamplingParams, Tool, ToolResult};
 
+    fn wire() -> GenerateContent {
+        GenerateContent::new(DEFAULT_BASE_URL)
+    }
+
     fn json(bytes: &[u8]) -> serde_json::Value {
         serde_json::from_slice(bytes).unwrap()
     }
@@ -946,7 +948,7 @@ mod tests {
             user: Some("u1".into()),
             ..Default::default()
         };
-        let body = json(&build_request(&request).unwrap());
+        let body = json(&wire().build_request("m", &request, false).unwrap());
         assert_eq!(
             body,
             serde_json::json!({
@@ -996,7 +998,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            json(&build_request(&request).unwrap()),
+            json(&wire().build_request("m", &request, false).unwrap()),
             serde_json::json!({"contents": [{"role": "user", "parts": [{"text": "hi"}]}]})
         );
     }
@@ -1021,7 +1023,7 @@ mod tests {
         ] {
             let mut request = base.clone();
             request.tool_choice = Some(choice);
-            let body = json(&build_request(&request).unwrap());
+            let body = json(&wire().build_request("m", &request, false).unwrap());
             assert_eq!(
                 body["toolConfig"],
                 serde_json::json!({"functionCallingConfig": {"mode": mode}})
@@ -1068,7 +1070,7 @@ mod tests {
             ..Default::default()
         };
         for request in [nameless_result, huge_seed] {
-            let err = build_request(&request).unwrap_err();
+            let err = wire().build_request("m", &request, false).unwrap_err();
             assert_eq!(err.class, ErrorClass::InvalidRequest, "{err}");
         }
     }
@@ -1091,7 +1093,7 @@ mod tests {
     #[test]
     fn parses_a_documented_response() {
         let body = include_bytes!("../../tests/fixtures/gemini/generate_content.json");
-        let response = parse_response(body, "gemini-2.5-flash").unwrap();
+        let response = wire().parse_response(body, "gemini-2.5-flash").unwrap();
         assert_eq!(response.model, "gemini-2.5-flash");
         assert_eq!(response.finish_reason, FinishReason::Stop);
         assert_eq!(
@@ -1112,7 +1114,7 @@ mod tests {
     fn function_calls_get_stable_ids_and_tool_calls_finish() {
         let body =
             include_bytes!("../../tests/fixtures/gemini/generate_content_function_call.json");
-        let response = parse_response(body, "m").unwrap();
+        let response = wire().parse_response(body, "m").unwrap();
         assert_eq!(response.finish_reason, FinishReason::ToolCalls);
         let calls: Vec<&ToolCall> = response
             .content
@@ -1144,7 +1146,7 @@ mod tests {
     #[test]
     fn blocked_prompt_is_content_filtered() {
         let body = include_bytes!("../../tests/fixtures/gemini/blocked_prompt.json");
-        let err = parse_response(body, "m").unwrap_err();
+        let err = wire().parse_response(body, "m").unwrap_err();
         assert_eq!(err.class, ErrorClass::ContentFiltered);
         assert!(err.message.contains("safety"), "{}", err.message);
     }
@@ -1179,7 +1181,7 @@ mod tests {
             b"{\"candidates\": 3}",
             b"{\"candidates\": [{\"content\": {\"parts\": [{\"text\": 5}]}}]}",
         ] {
-            let err = parse_response(body, "m").unwrap_err();
+            let err = wire().parse_response(body, "m").unwrap_err();
             assert_eq!(err.class, ErrorClass::InvalidResponse, "{body:?}");
         }
     }
@@ -1284,7 +1286,7 @@ mod tests {
     }
 
     fn map_error(status: u16, headers: &http::HeaderMap, body: &[u8]) -> ProviderError {
-        GenerateContent::new(DEFAULT_BASE_URL).classify(status, headers, body)
+        wire().classify(status, headers, body)
     }
 
     #[test]

@@ -330,17 +330,114 @@ impl WireFormat for ChatCompletions {
         }
     }
 
+    /// Builds the JSON body of a Chat Completions request.
     fn build_request(
         &self,
         model: &str,
         request: &ChatRequest,
         stream: bool,
     ) -> Result<Vec<u8>, ProviderError> {
-        build_request(&self.config, model, request, stream)
+        let config = &self.config;
+        let mut messages = Vec::with_capacity(request.messages.len());
+        for message in &request.messages {
+            convert_message(config, message, &mut messages)?;
+        }
+        let (max_tokens, max_completion_tokens) = match config.max_tokens_field {
+            MaxTokensField::MaxTokens => (request.params.max_tokens, None),
+            MaxTokensField::MaxCompletionTokens => (None, request.params.max_tokens),
+        };
+        let wire = WireRequest {
+            model,
+            messages,
+            temperature: request.params.temperature,
+            top_p: request.params.top_p,
+            max_tokens,
+            max_completion_tokens,
+            stop: &request.params.stop,
+            seed: request.params.seed,
+            presence_penalty: request.params.presence_penalty,
+            frequency_penalty: request.params.frequency_penalty,
+            tools: request
+                .tools
+                .iter()
+                .map(|t| WireTool {
+                    kind: "function",
+                    function: WireFunction {
+                        name: &t.name,
+                        description: t.description.as_deref(),
+                        parameters: &t.parameters,
+                        strict: t.strict,
+                    },
+                })
+                .collect(),
+            tool_choice: request.tool_choice.as_ref().map(|choice| match choice {
+                ToolChoice::Auto => "auto".into(),
+                ToolChoice::None => "none".into(),
+                ToolChoice::Required => "required".into(),
+                ToolChoice::Named(name) => {
+                    serde_json::json!({"type": "function", "function": {"name": name}})
+                }
+            }),
+            parallel_tool_calls: request.params.parallel_tool_calls,
+            response_format: request.response_format.as_ref().map(|format| match format {
+                ResponseFormat::Text => serde_json::json!({"type": "text"}),
+                ResponseFormat::JsonObject => serde_json::json!({"type": "json_object"}),
+                ResponseFormat::JsonSchema {
+                    name,
+                    schema,
+                    strict,
+                } => serde_json::json!({
+                    "type": "json_schema",
+                    "json_schema": {"name": name, "schema": schema, "strict": strict}
+                }),
+            }),
+            user: request.user.as_deref(),
+            stream,
+            stream_options: (stream && config.stream_usage).then_some(StreamOptions {
+                include_usage: true,
+            }),
+        };
+        serde_json::to_vec(&wire).map_err(|e| invalid(format!("could not encode the request: {e}")))
     }
 
-    fn parse_response(&self, body: &[u8], model: &str) -> Result<ChatResponse, ProviderError> {
-        parse_response(body, model)
+    /// Parses a non-streaming Chat Completions response.
+    fn parse_response(
+        &self,
+        body: &[u8],
+        requested_model: &str,
+    ) -> Result<ChatResponse, ProviderError> {
+        let wire: WireResponse = decode_json(body)?;
+        let choice = wire.choices.into_iter().next().ok_or_else(|| {
+            ProviderError::new(
+                ErrorClass::InvalidResponse,
+                "the provider's response has no choices",
+            )
+        })?;
+        let mut content = Vec::with_capacity(1 + choice.message.tool_calls.len());
+        if let Some(text) = choice.message.content.filter(|t| !t.is_empty()) {
+            content.push(ContentPart::Text(text));
+        } else if let Some(refusal) = choice.message.refusal.filter(|t| !t.is_empty()) {
+            content.push(ContentPart::Text(refusal));
+        }
+        for call in choice.message.tool_calls {
+            content.push(ContentPart::ToolCall(ToolCall {
+                id: call.id,
+                name: call.function.name,
+                arguments: call.function.arguments,
+            }));
+        }
+        Ok(ChatResponse {
+            model: wire
+                .model
+                .filter(|m| !m.is_empty())
+                .unwrap_or_else(|| requested_model.to_owned()),
+            content,
+            finish_reason: choice
+                .finish_reason
+                .as_deref()
+                .map_or(FinishReason::Unspecified, finish_reason),
+            usage: wire.usage.map(Usage::from),
+        })
     }
 
     fn stream_decoder(&self, _model: &str) -> Self::Decoder {
@@ -465,75 +562,6 @@ struct WireFunction<'a> {
 
 fn invalid(msg: impl Into<String>) -> ProviderError {
     ProviderError::new(ErrorClass::InvalidRequest, msg)
-}
-
-/// Builds the JSON body of a Chat Completions request.
-pub fn build_request(
-    config: &OpenAiConfig,
-    model: &str,
-    request: &ChatRequest,
-    stream: bool,
-) -> Result<Vec<u8>, ProviderError> {
-    let mut messages = Vec::with_capacity(request.messages.len());
-    for message in &request.messages {
-        convert_message(config, message, &mut messages)?;
-    }
-    let (max_tokens, max_completion_tokens) = match config.max_tokens_field {
-        MaxTokensField::MaxTokens => (request.params.max_tokens, None),
-        MaxTokensField::MaxCompletionTokens => (None, request.params.max_tokens),
-    };
-    let wire = WireRequest {
-        model,
-        messages,
-        temperature: request.params.temperature,
-        top_p: request.params.top_p,
-        max_tokens,
-        max_completion_tokens,
-        stop: &request.params.stop,
-        seed: request.params.seed,
-        presence_penalty: request.params.presence_penalty,
-        frequency_penalty: request.params.frequency_penalty,
-        tools: request
-            .tools
-            .iter()
-            .map(|t| WireTool {
-                kind: "function",
-                function: WireFunction {
-                    name: &t.name,
-                    description: t.description.as_deref(),
-                    parameters: &t.parameters,
-                    strict: t.strict,
-                },
-            })
-            .collect(),
-        tool_choice: request.tool_choice.as_ref().map(|choice| match choice {
-            ToolChoice::Auto => "auto".into(),
-            ToolChoice::None => "none".into(),
-            ToolChoice::Required => "required".into(),
-            ToolChoice::Named(name) => {
-                serde_json::json!({"type": "function", "function": {"name": name}})
-            }
-        }),
-        parallel_tool_calls: request.params.parallel_tool_calls,
-        response_format: request.response_format.as_ref().map(|format| match format {
-            ResponseFormat::Text => serde_json::json!({"type": "text"}),
-            ResponseFormat::JsonObject => serde_json::json!({"type": "json_object"}),
-            ResponseFormat::JsonSchema {
-                name,
-                schema,
-                strict,
-            } => serde_json::json!({
-                "type": "json_schema",
-                "json_schema": {"name": name, "schema": schema, "strict": strict}
-            }),
-        }),
-        user: request.user.as_deref(),
-        stream,
-        stream_options: (stream && config.stream_usage).then_some(StreamOptions {
-            include_usage: true,
-        }),
-    };
-    serde_json::to_vec(&wire).map_err(|e| invalid(format!("could not encode the request: {e}")))
 }
 
 fn convert_message<'a>(
@@ -751,42 +779,6 @@ fn finish_reason(reason: &str) -> FinishReason {
         "content_filter" => FinishReason::ContentFilter,
         _ => FinishReason::Other,
     }
-}
-
-/// Parses a non-streaming Chat Completions response.
-pub fn parse_response(body: &[u8], requested_model: &str) -> Result<ChatResponse, ProviderError> {
-    let wire: WireResponse = decode_json(body)?;
-    let choice = wire.choices.into_iter().next().ok_or_else(|| {
-        ProviderError::new(
-            ErrorClass::InvalidResponse,
-            "the provider's response has no choices",
-        )
-    })?;
-    let mut content = Vec::with_capacity(1 + choice.message.tool_calls.len());
-    if let Some(text) = choice.message.content.filter(|t| !t.is_empty()) {
-        content.push(ContentPart::Text(text));
-    } else if let Some(refusal) = choice.message.refusal.filter(|t| !t.is_empty()) {
-        content.push(ContentPart::Text(refusal));
-    }
-    for call in choice.message.tool_calls {
-        content.push(ContentPart::ToolCall(ToolCall {
-            id: call.id,
-            name: call.function.name,
-            arguments: call.function.arguments,
-        }));
-    }
-    Ok(ChatResponse {
-        model: wire
-            .model
-            .filter(|m| !m.is_empty())
-            .unwrap_or_else(|| requested_model.to_owned()),
-        content,
-        finish_reason: choice
-            .finish_reason
-            .as_deref()
-            .map_or(FinishReason::Unspecified, finish_reason),
-        usage: wire.usage.map(Usage::from),
-    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1052,7 +1044,11 @@ mod tests {
             user: Some("u1".into()),
             ..Default::default()
         };
-        let body = json(&build_request(&config(), "gpt-4o-mini", &request, true).unwrap());
+        let body = json(
+            &ChatCompletions::new(config())
+                .build_request("gpt-4o-mini", &request, true)
+                .unwrap(),
+        );
         assert_eq!(
             body,
             serde_json::json!({
@@ -1093,7 +1089,11 @@ mod tests {
             },
             ..Default::default()
         };
-        let body = json(&build_request(&config, "m", &request, false).unwrap());
+        let body = json(
+            &ChatCompletions::new(config.clone())
+                .build_request("m", &request, false)
+                .unwrap(),
+        );
         assert_eq!(body["max_tokens"], 5);
         assert_eq!(body["messages"][0]["role"], "system");
         assert!(body.get("stream").is_none());
@@ -1126,7 +1126,11 @@ mod tests {
             },
             ..Default::default()
         };
-        let body = json(&build_request(&azure, "gpt-4o-prod", &request, false).unwrap());
+        let body = json(
+            &ChatCompletions::new(azure.clone())
+                .build_request("gpt-4o-prod", &request, false)
+                .unwrap(),
+        );
         assert_eq!(body["max_completion_tokens"], 5);
         assert_eq!(body["messages"][0]["role"], "system");
         // Every other server keeps the base URL.
@@ -1139,7 +1143,9 @@ mod tests {
     #[test]
     fn parses_a_documented_response() {
         let body = include_bytes!("../../tests/fixtures/openai/chat_completion.json");
-        let response = parse_response(body, "gpt-4o-mini").unwrap();
+        let response = ChatCompletions::new(config())
+            .parse_response(body, "gpt-4o-mini")
+            .unwrap();
         assert_eq!(response.model, "gpt-4o-mini-2024-07-18");
         assert_eq!(response.finish_reason, FinishReason::Stop);
         assert_eq!(
@@ -1157,7 +1163,9 @@ mod tests {
     #[test]
     fn parses_a_tool_call_response() {
         let body = include_bytes!("../../tests/fixtures/openai/chat_completion_tool_call.json");
-        let response = parse_response(body, "gpt-4o").unwrap();
+        let response = ChatCompletions::new(config())
+            .parse_response(body, "gpt-4o")
+            .unwrap();
         assert_eq!(response.finish_reason, FinishReason::ToolCalls);
         assert_eq!(
             response.content,
@@ -1177,7 +1185,9 @@ mod tests {
             b"{\"choices\": []}",
             b"{\"choices\": 3}",
         ] {
-            let err = parse_response(body, "m").unwrap_err();
+            let err = ChatCompletions::new(config())
+                .parse_response(body, "m")
+                .unwrap_err();
             assert_eq!(err.class, ErrorClass::InvalidResponse, "{body:?}");
         }
     }
