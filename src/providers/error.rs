@@ -35,6 +35,14 @@ pub enum ErrorClass {
     ModelNotFound,
 }
 
+/// One row of [`ErrorClass`]'s policy table.
+struct ClassRow {
+    label: &'static str,
+    reason: &'static str,
+    retryable: bool,
+    shows_message: bool,
+}
+
 impl ErrorClass {
     /// Every class, for tables and docs.
     pub const ALL: [ErrorClass; 13] = [
@@ -53,83 +61,66 @@ impl ErrorClass {
         ErrorClass::ModelNotFound,
     ];
 
-    /// Whether another attempt (on this or another target) may succeed.
-    pub fn is_retryable(self) -> bool {
+    /// The policy of each class, in one exhaustive table: its label (metrics, logs), its
+    /// `ErrorInfo` reason, whether another attempt may succeed, and whether the caller may see
+    /// the provider's own message. Only the request's own faults show it (the caller fixes the
+    /// request by reading it); credentials, permissions and transient failures say only the
+    /// class and HTTP status, since their messages name accounts, keys and internals.
+    const fn row(self) -> ClassRow {
+        const fn row(
+            label: &'static str,
+            reason: &'static str,
+            retryable: bool,
+            shows_message: bool,
+        ) -> ClassRow {
+            ClassRow {
+                label,
+                reason,
+                retryable,
+                shows_message,
+            }
+        }
         match self {
-            ErrorClass::RateLimited
-            | ErrorClass::Overloaded
-            | ErrorClass::ServerError
-            | ErrorClass::Timeout
-            | ErrorClass::Connect
-            | ErrorClass::StreamBroken
-            | ErrorClass::InvalidResponse => true,
-            ErrorClass::Authentication
-            | ErrorClass::Permission
-            | ErrorClass::InvalidRequest
-            | ErrorClass::ContextLengthExceeded
-            | ErrorClass::ContentFiltered
-            | ErrorClass::ModelNotFound => false,
+            ErrorClass::RateLimited => row("rate_limited", "RATE_LIMITED", true, false),
+            ErrorClass::Overloaded => row("overloaded", "OVERLOADED", true, false),
+            ErrorClass::ServerError => row("server_error", "SERVER_ERROR", true, false),
+            ErrorClass::Timeout => row("timeout", "TIMEOUT", true, false),
+            ErrorClass::Connect => row("connect", "CONNECT", true, false),
+            ErrorClass::StreamBroken => row("stream_broken", "STREAM_BROKEN", true, false),
+            ErrorClass::InvalidResponse => row("invalid_response", "INVALID_RESPONSE", true, false),
+            ErrorClass::Authentication => row("authentication", "AUTHENTICATION", false, false),
+            ErrorClass::Permission => row("permission", "PERMISSION", false, false),
+            ErrorClass::InvalidRequest => row("invalid_request", "INVALID_REQUEST", false, true),
+            ErrorClass::ContextLengthExceeded => row(
+                "context_length_exceeded",
+                "CONTEXT_LENGTH_EXCEEDED",
+                false,
+                true,
+            ),
+            ErrorClass::ContentFiltered => row("content_filtered", "CONTENT_FILTERED", false, true),
+            ErrorClass::ModelNotFound => row("model_not_found", "MODEL_NOT_FOUND", false, true),
         }
     }
 
-    /// Whether a caller may see the provider's own error message for this class: only for
-    /// the request's own faults, which the caller can fix by reading it. Credentials,
-    /// permissions and transient failures say only the class and the HTTP status (their
-    /// messages name accounts, keys and internals). The message shown is redacted like logs.
+    /// Whether another attempt (on this or another target) may succeed.
+    pub fn is_retryable(self) -> bool {
+        self.row().retryable
+    }
+
+    /// Whether a caller may see the provider's own error message for this class (redacted
+    /// like logs and cut short).
     pub fn shows_upstream_message(self) -> bool {
-        match self {
-            ErrorClass::InvalidRequest
-            | ErrorClass::ContextLengthExceeded
-            | ErrorClass::ContentFiltered
-            | ErrorClass::ModelNotFound => true,
-            ErrorClass::RateLimited
-            | ErrorClass::Overloaded
-            | ErrorClass::ServerError
-            | ErrorClass::Timeout
-            | ErrorClass::Connect
-            | ErrorClass::StreamBroken
-            | ErrorClass::InvalidResponse
-            | ErrorClass::Authentication
-            | ErrorClass::Permission => false,
-        }
+        self.row().shows_message
     }
 
     /// The low-cardinality label for metrics and logs, e.g. `rate_limited`.
     pub fn label(self) -> &'static str {
-        match self {
-            ErrorClass::RateLimited => "rate_limited",
-            ErrorClass::Overloaded => "overloaded",
-            ErrorClass::ServerError => "server_error",
-            ErrorClass::Timeout => "timeout",
-            ErrorClass::Connect => "connect",
-            ErrorClass::StreamBroken => "stream_broken",
-            ErrorClass::InvalidResponse => "invalid_response",
-            ErrorClass::Authentication => "authentication",
-            ErrorClass::Permission => "permission",
-            ErrorClass::InvalidRequest => "invalid_request",
-            ErrorClass::ContextLengthExceeded => "context_length_exceeded",
-            ErrorClass::ContentFiltered => "content_filtered",
-            ErrorClass::ModelNotFound => "model_not_found",
-        }
+        self.row().label
     }
 
     /// The `google.rpc.ErrorInfo` reason, e.g. `RATE_LIMITED`.
     pub fn reason(self) -> &'static str {
-        match self {
-            ErrorClass::RateLimited => "RATE_LIMITED",
-            ErrorClass::Overloaded => "OVERLOADED",
-            ErrorClass::ServerError => "SERVER_ERROR",
-            ErrorClass::Timeout => "TIMEOUT",
-            ErrorClass::Connect => "CONNECT",
-            ErrorClass::StreamBroken => "STREAM_BROKEN",
-            ErrorClass::InvalidResponse => "INVALID_RESPONSE",
-            ErrorClass::Authentication => "AUTHENTICATION",
-            ErrorClass::Permission => "PERMISSION",
-            ErrorClass::InvalidRequest => "INVALID_REQUEST",
-            ErrorClass::ContextLengthExceeded => "CONTEXT_LENGTH_EXCEEDED",
-            ErrorClass::ContentFiltered => "CONTENT_FILTERED",
-            ErrorClass::ModelNotFound => "MODEL_NOT_FOUND",
-        }
+        self.row().reason
     }
 
     /// The class for an HTTP status that carried no more specific signal.
@@ -296,14 +287,15 @@ impl UpstreamError {
 }
 
 /// The arbitration rule between an HTTP status and what the body says, the same for every
-/// provider: a transient status (408, 429, 5xx, 529) decides the class on its own, so the same
-/// status always means the same class; for any other status the body's class, when it names
-/// one, refines the status class (a 400 saying `context_length_exceeded`, a 400 saying the
-/// API key is invalid).
+/// provider: the status decides whether the failure is transient. A transient status (408,
+/// 429, 5xx, 529) decides the class on its own, so the same status always means the same
+/// class (a 503 is OVERLOADED whatever the body says); for any other status a body class that
+/// is not transient either refines it (a 400 saying `context_length_exceeded`, a 400 saying
+/// the API key is invalid), and anything else leaves the status class.
 pub fn arbitrate(status: u16, body_class: Option<ErrorClass>) -> ErrorClass {
     let status_class = ErrorClass::from_http_status(status);
     match body_class {
-        Some(body) if !status_class.is_retryable() => body,
+        Some(body) if !status_class.is_retryable() && !body.is_retryable() => body,
         Some(_) | None => status_class,
     }
 }
@@ -385,6 +377,46 @@ mod tests {
             let got = ErrorClass::from_http_status(status);
             assert_eq!(got, class, "status {status}");
             assert_eq!(got.is_retryable(), retryable, "status {status}");
+        }
+    }
+
+    #[test]
+    fn arbitration_lets_the_status_decide_transience() {
+        use ErrorClass::*;
+        for (status, body, class) in [
+            (503, Some(ServerError), Overloaded),
+            (500, Some(Overloaded), ServerError),
+            (429, Some(InvalidRequest), RateLimited),
+            (400, Some(ContextLengthExceeded), ContextLengthExceeded),
+            (400, Some(Authentication), Authentication),
+            (400, Some(RateLimited), InvalidRequest),
+            (401, None, Authentication),
+        ] {
+            assert_eq!(arbitrate(status, body), class, "{status} {body:?}");
+        }
+    }
+
+    #[test]
+    fn visible_messages_are_redacted_and_only_for_caller_faults() {
+        let upstream = UpstreamError {
+            class: Some(ErrorClass::InvalidRequest),
+            message: Some("bad key sk-live-0123456789abcdef in Bearer abcdefgh12345678".into()),
+            retry_after: None,
+        };
+        let shown = upstream
+            .visible_message(ErrorClass::InvalidRequest)
+            .unwrap();
+        assert!(!shown.contains("0123456789abcdef") && !shown.contains("abcdefgh12345678"));
+        for class in ErrorClass::ALL {
+            assert_eq!(
+                upstream.visible_message(class).is_some(),
+                class.shows_upstream_message()
+            );
+            let err = ProviderError::in_stream(UpstreamError {
+                class: Some(class),
+                ..upstream.clone()
+            });
+            assert!(!err.message.contains("0123456789abcdef"), "{class}");
         }
     }
 

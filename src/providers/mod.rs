@@ -12,6 +12,8 @@
 pub mod anthropic;
 pub mod auth;
 pub mod compat;
+#[cfg(test)]
+mod conformance;
 pub mod error;
 pub mod gemini;
 pub mod http;
