@@ -22,6 +22,7 @@ pub mod kinds;
 pub mod mock;
 pub mod openai;
 pub mod sse;
+mod upstream;
 pub mod wire;
 
 use std::{collections::BTreeMap, pin::Pin, sync::Arc, time::Duration};
@@ -33,6 +34,7 @@ pub use self::error::{ErrorClass, ProviderError, UpstreamError};
 pub use self::http::{HttpProvider, set_body_logging};
 pub use self::keys::KeyRing;
 pub use self::kinds::{ProviderConfig, RawProvider};
+pub use self::upstream::{RawUpstream, UpstreamSettings};
 pub use self::wire::{StreamDecoder, WireFormat};
 use crate::types::{ChatRequest, ChatResponse, StreamEvent};
 
@@ -106,7 +108,7 @@ impl std::fmt::Debug for ProviderRegistry {
 }
 
 /// Settings of the shared HTTP client.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HttpSettings {
     /// TCP connect timeout.
     pub connect_timeout: Duration,
