@@ -5,7 +5,7 @@
 //! requires); images are sent as base64 or URL sources. `max_tokens` is required by
 //! Anthropic: when the caller sets none, [`DEFAULT_MAX_TOKENS`] applies. Sampling fields
 //! Anthropic does not have (seed, presence and frequency penalties) are not sent; JSON
-//! response formats are refused rather than silently ignored.
+//! response formats become structured outputs (`output_config.format`, a JSON schema).
 //!
 //! Usage is normalized: Anthropic's `input_tokens` excludes cache reads and cache writes, the
 //! gateway's [`Usage::input_tokens`] includes both. A stream is complete only on
@@ -149,14 +149,6 @@ impl WireFormat for Messages {
         stream: bool,
     ) -> Result<Vec<u8>, ProviderError> {
         let config = &self.config;
-        match &request.response_format {
-            None | Some(ResponseFormat::Text) => {}
-            Some(ResponseFormat::JsonObject | ResponseFormat::JsonSchema { .. }) => {
-                return Err(invalid(
-                    "anthropic models do not support json response formats through this gateway",
-                ));
-            }
-        }
         let mut system = Vec::new();
         let mut messages: Vec<WireMessage<'_>> = Vec::with_capacity(request.messages.len());
         for message in &request.messages {
@@ -248,6 +240,7 @@ impl WireFormat for Messages {
                 .user
                 .as_deref()
                 .map(|user_id| WireMetadata { user_id }),
+            output_config: output_config(request.response_format.as_ref()),
             stream,
         };
         serde_json::to_vec(&wire).map_err(|e| invalid(format!("could not encode the request: {e}")))
@@ -328,8 +321,36 @@ struct WireRequest<'a> {
     tool_choice: Option<WireToolChoice<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     metadata: Option<WireMetadata<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    output_config: Option<WireOutputConfig<'a>>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     stream: bool,
+}
+
+/// Structured output: `output_config.format = {"type": "json_schema", "schema": ...}`.
+#[derive(Serialize)]
+struct WireOutputConfig<'a> {
+    format: WireOutputFormat<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum WireOutputFormat<'a> {
+    JsonSchema { schema: Cow<'a, serde_json::Value> },
+}
+
+/// The structured-output setting for a response format: a JSON schema as given (Anthropic
+/// always constrains decoding to it; the name and `strict` have no Anthropic field), and JSON
+/// object mode as the schema `{"type": "object"}`.
+fn output_config(format: Option<&ResponseFormat>) -> Option<WireOutputConfig<'_>> {
+    let schema = match format? {
+        ResponseFormat::Text => return None,
+        ResponseFormat::JsonObject => Cow::Owned(serde_json::json!({"type": "object"})),
+        ResponseFormat::JsonSchema { schema, .. } => Cow::Borrowed(schema),
+    };
+    Some(WireOutputConfig {
+        format: WireOutputFormat::JsonSchema { schema },
+    })
 }
 
 /// One text block is sent as a plain string, several as text blocks in order.
@@ -1092,12 +1113,54 @@ mod tests {
     }
 
     #[test]
-    fn unsupported_input_is_an_invalid_request() {
-        let json_mode = ChatRequest {
+    fn json_formats_are_structured_outputs() {
+        let schema = serde_json::json!({
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+            "additionalProperties": false
+        });
+        for (format, expected) in [
+            (
+                ResponseFormat::JsonSchema {
+                    name: "place".into(),
+                    schema: schema.clone(),
+                    strict: true,
+                },
+                serde_json::json!({"format": {"type": "json_schema", "schema": schema}}),
+            ),
+            (
+                ResponseFormat::JsonObject,
+                serde_json::json!({"format": {"type": "json_schema", "schema": {"type": "object"}}}),
+            ),
+        ] {
+            let request = ChatRequest {
+                messages: vec![Message::text(Role::User, "where?")],
+                response_format: Some(format),
+                ..Default::default()
+            };
+            let body = json(
+                &Messages::new(config())
+                    .build_request("m", &request, true)
+                    .unwrap(),
+            );
+            assert_eq!(body["output_config"], expected);
+        }
+        let text = ChatRequest {
             messages: vec![Message::text(Role::User, "hi")],
-            response_format: Some(ResponseFormat::JsonObject),
+            response_format: Some(ResponseFormat::Text),
             ..Default::default()
         };
+        let body = json(
+            &Messages::new(config())
+                .build_request("m", &text, false)
+                .unwrap(),
+        );
+        assert!(body.get("output_config").is_none());
+    }
+
+    #[test]
+    fn unsupported_input_is_an_invalid_request() {
         let bad_args = ChatRequest {
             messages: vec![Message {
                 role: Role::Assistant,
@@ -1122,7 +1185,7 @@ mod tests {
             }],
             ..Default::default()
         };
-        for request in [json_mode, bad_args, image_in_system] {
+        for request in [bad_args, image_in_system] {
             let err = Messages::new(config())
                 .build_request("m", &request, false)
                 .unwrap_err();

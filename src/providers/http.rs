@@ -151,7 +151,11 @@ impl<W: WireFormat> HttpProvider<W> {
             return Ok(response);
         }
         let headers = response.headers().clone();
-        let body = read_bounded(response).await;
+        let mut body = read_bounded(response).await;
+        if let Some(key) = key {
+            // A provider may quote the key it got; it never travels further.
+            scrub(&mut body, key.secret().as_bytes());
+        }
         log_body("error", Some(status.as_u16()), &body);
         let err = self.wire.classify(status.as_u16(), &headers, &body);
         tracing::debug!(
@@ -217,6 +221,30 @@ async fn read_body(response: reqwest::Response) -> Result<Bytes, ProviderError> 
     })
 }
 
+/// Replaces every occurrence of `secret` (8 bytes or longer: shorter ones are test keys and
+/// would mangle the body) in `body` with `[REDACTED]`.
+fn scrub(body: &mut Vec<u8>, secret: &[u8]) {
+    if secret.len() < 8 || body.len() < secret.len() {
+        return;
+    }
+    let mut out = Vec::with_capacity(body.len());
+    let mut i = 0;
+    let mut found = false;
+    while i < body.len() {
+        if body[i..].starts_with(secret) {
+            out.extend_from_slice(b"[REDACTED]");
+            i += secret.len();
+            found = true;
+        } else {
+            out.push(body[i]);
+            i += 1;
+        }
+    }
+    if found {
+        *body = out;
+    }
+}
+
 async fn read_bounded(response: reqwest::Response) -> Vec<u8> {
     let mut out = Vec::new();
     let mut body = response.bytes_stream();
@@ -228,4 +256,19 @@ async fn read_bounded(response: reqwest::Response) -> Vec<u8> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::scrub;
+
+    #[test]
+    fn scrub_replaces_every_copy_of_the_key() {
+        let mut body = b"key gemini-test-secret twice gemini-test-secret.".to_vec();
+        scrub(&mut body, b"gemini-test-secret");
+        assert_eq!(body, b"key [REDACTED] twice [REDACTED].");
+        let mut short = b"a k b".to_vec();
+        scrub(&mut short, b"k");
+        assert_eq!(short, b"a k b");
+    }
 }
