@@ -70,7 +70,7 @@ fn main() -> ExitCode {
         println!("configuration is valid");
         println!("  listen: {}", config.server.listen);
         for p in &config.providers {
-            println!("  provider {}: {} {}", p.name, p.kind.name(), p.base_url);
+            println!("  provider {}: {} {}", p.name, p.kind, p.base_url);
         }
         for p in &config.policies {
             println!("  policy {}: {} target(s)", p.name, p.targets.len());
@@ -115,6 +115,7 @@ async fn serve(config: Config, config_source: llm_gateway::reload::ConfigSource)
     let options = server::ServeOptions {
         config_source: Some(config_source),
         reload_signal: Some(reload_signal),
+        http_listener: None,
     };
     match server::run_with(config, listener, shutdown_signal(), options).await {
         Ok(()) => ExitCode::SUCCESS,

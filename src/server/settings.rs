@@ -1,5 +1,7 @@
 //! The server's own sections: `[server]` (the gRPC listener, the time limits of a call,
-//! shutdown) and `[admin]` (the admin listener and token).
+//! shutdown), `[admin]` (the admin listener and token), `[http]` (the OpenAI- and
+//! Anthropic-compatible front) and `[connections]` (the front door's connection limits,
+//! enforced by [`super::conn`]).
 //!
 //! The one part of `server` below [`crate::config`]: the server runs a whole
 //! [`Config`](crate::config::Config), so its own settings sit in this leaf, which uses
@@ -134,5 +136,140 @@ impl AdminSettings {
             }
         });
         Self { token, listen }
+    }
+}
+
+/// The default listen address of the HTTP front.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:8080";
+
+/// The default body limit of the HTTP front (inline images make requests large).
+pub const DEFAULT_HTTP_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+
+/// `[http]` as written in the config file.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttpFront {
+    /// `http.listen`: an address, or `off`.
+    pub listen: Option<String>,
+    /// `http.max_body_bytes`.
+    pub max_body_bytes: Option<usize>,
+}
+
+/// The validated `[http]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpFrontSettings {
+    /// Where the HTTP front listens; `None` when off.
+    pub listen: Option<SocketAddr>,
+    /// Largest accepted request body, in bytes.
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpFrontSettings {
+    fn default() -> Self {
+        Self {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
+            max_body_bytes: DEFAULT_HTTP_MAX_BODY_BYTES,
+        }
+    }
+}
+
+impl HttpFrontSettings {
+    /// Validates `[http]`.
+    pub fn from_raw(raw: RawHttpFront, issues: &mut Issues) -> Self {
+        let defaults = Self::default();
+        let listen = match raw.listen.as_deref().map(str::trim) {
+            None => defaults.listen,
+            Some("" | "off") => None,
+            Some(l) => l.parse().map(Some).unwrap_or_else(|_| {
+                issues.push(
+                    "http.listen",
+                    format!("`{l}` is not a socket address (or `off`)"),
+                );
+                defaults.listen
+            }),
+        };
+        let max_body_bytes = raw.max_body_bytes.unwrap_or(defaults.max_body_bytes);
+        if max_body_bytes < 1024 {
+            issues.push("http.max_body_bytes", "must be at least 1024");
+        }
+        Self {
+            listen,
+            max_body_bytes,
+        }
+    }
+}
+
+/// Front-door connection settings (`[connections]` in the config file).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnSettings {
+    /// TLS handshake plus HTTP/2 preface and first SETTINGS frame must arrive within this.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// A connection without open streams for this long is closed (`0s`: never).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Open connections per listener at most; further ones are closed at once.
+    pub max_connections: usize,
+    /// HTTP/2 PING interval (`0s`: no keepalive pings).
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    /// A PING not answered within this closes the connection.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+    /// After this a connection gets a GOAWAY so the client reconnects (unset: never).
+    #[serde(with = "humantime_serde")]
+    pub max_connection_age: Option<Duration>,
+    /// How long streams may finish after the age's GOAWAY before the connection is closed.
+    #[serde(with = "humantime_serde")]
+    pub max_connection_age_grace: Duration,
+}
+
+impl Default for ConnSettings {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(600),
+            max_connections: 4096,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(20),
+            max_connection_age: None,
+            max_connection_age_grace: Duration::from_secs(60),
+        }
+    }
+}
+
+impl ConnSettings {
+    /// The problems, as `(field, message)` with fields relative to the section.
+    pub fn validate(&self) -> Vec<(&'static str, &'static str)> {
+        let mut issues = Vec::new();
+        if self.handshake_timeout.is_zero() {
+            issues.push(("handshake_timeout", "must be greater than zero"));
+        }
+        if self.max_connections == 0 {
+            issues.push(("max_connections", "must be at least 1"));
+        }
+        if !self.keepalive_interval.is_zero() && self.keepalive_timeout.is_zero() {
+            issues.push((
+                "keepalive_timeout",
+                "must be greater than zero when keepalive_interval is set",
+            ));
+        }
+        if self
+            .max_connection_age
+            .is_some_and(|a| a < Duration::from_secs(1))
+        {
+            issues.push(("max_connection_age", "must be at least 1s"));
+        }
+        issues
+    }
+
+    /// The settings as parsed, with their problems pushed to `issues` (fields as
+    /// `connections.<name>`).
+    pub fn checked(self, issues: &mut Issues) -> Self {
+        for (field, message) in self.validate() {
+            issues.push(format!("connections.{field}"), message);
+        }
+        self
     }
 }

@@ -8,8 +8,10 @@ mod common;
 
 mod admin;
 mod chat;
+mod conn;
 mod errors;
 mod executor;
+mod http;
 mod keys;
 mod observability;
 mod providers;
