@@ -41,40 +41,9 @@ TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 RUN_DIR="$TARGET_DIR/bench/executor-$(date -u +%Y%m%dT%H%M%SZ)"
 BIN="$RUN_DIR/bin"
 mkdir -p "$BIN"
-log() { printf '[bench %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
-
-PIDS=()
-cleanup() {
-  local pid
-  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-  done
-  PIDS=()
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-start() {
-  local name="$1"; shift
-  "$@" >"$RUN_DIR/$name.log" 2>&1 &
-  STARTED=$!
-  PIDS+=("$STARTED")
-}
-
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-
-wait_port() {
-  for _ in $(seq 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.1
-  done
-  log "nothing listens on 127.0.0.1:$1 after 10 s"; return 1
-}
+# Logging, processes (start/stop, all stopped on exit), free_port, wait_port.
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 
 stats() { curl -s "http://127.0.0.1:$1/mock/stats"; }
 
@@ -149,7 +118,7 @@ for policy in nohedge hedge; do
   load "s6-$policy-warmup" --model "$policy" --rate 100 --requests 200 --drain 10s
   measure "s6-$policy" "$port" --model "$policy" --rate 100 --requests 800 --drain 10s
 done
-kill -TERM "$GW_PID" "$mock_pid"; wait "$GW_PID" "$mock_pid" 2>/dev/null || true
+stop "$GW_PID"; stop "$mock_pid"
 
 # --- 7: lognormal tail -----------------------------------------------------------------------
 port=$(free_port)
@@ -167,7 +136,7 @@ for policy in nohedge hedge; do
   load "s7-$policy-warmup" --model "$policy" --rate 100 --requests 300 --drain 10s
   measure "s7-$policy" "$port" --model "$policy" --rate 100 --requests 1000 --drain 10s
 done
-kill -TERM "$GW_PID" "$mock_pid"; wait "$GW_PID" "$mock_pid" 2>/dev/null || true
+stop "$GW_PID"; stop "$mock_pid"
 
 # --- 8: hanging primary ----------------------------------------------------------------------
 port=$(free_port)
@@ -181,7 +150,7 @@ measure s8 "$port" --model failover --rate 50 --requests 400 --deadline 1s --dra
 # The gateway drops what it abandoned at once; give the mock a moment to see the closes.
 sleep 1
 stats "$port" >"$RUN_DIR/s8.after"
-kill -TERM "$GW_PID" "$mock_pid"; wait "$GW_PID" "$mock_pid" 2>/dev/null || true
+stop "$GW_PID"; stop "$mock_pid"
 
 python3 "$ROOT/bench/executor_report.py" "$RUN_DIR" "$OUT"
 log "wrote the executor section of $OUT (raw results in $RUN_DIR)"
