@@ -918,6 +918,7 @@ async fn percentile_hedge_delay_converges_despite_cancelled_attempts() {
         // Samples leave the window by count only (the run spans several paused minutes).
         HealthSettings {
             window_age: secs(3600.0),
+            latency_window_size: 256,
             ..HealthSettings::default()
         },
         ExecutorSettings {

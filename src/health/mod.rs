@@ -44,6 +44,9 @@ pub struct HealthSettings {
     pub window_size: usize,
     /// Samples older than this are dropped.
     pub window_age: Duration,
+    /// Latency observations kept per target (for percentiles: hedge delays, reserves); more
+    /// than the breaker's window, so that a high percentile reads with less noise.
+    pub latency_window_size: usize,
 }
 
 impl Default for HealthSettings {
@@ -56,6 +59,7 @@ impl Default for HealthSettings {
             half_open_probes: 2,
             window_size: 256,
             window_age: Duration::from_secs(300),
+            latency_window_size: 1024,
         }
     }
 }
@@ -302,7 +306,7 @@ impl TargetHealth {
         let before = Self::circuit(&state.breaker);
         let sample = match result {
             AttemptResult::Success { latency, ttft } => {
-                let (size, age) = (settings.window_size, settings.window_age);
+                let (size, age) = (settings.latency_window_size, settings.window_age);
                 state.latency.push(latency, false, now, size, age);
                 if let Some(ttft) = ttft {
                     state.ttft.push(ttft, false, now, size, age);
@@ -419,7 +423,7 @@ impl TargetHealth {
     /// off by its timeout) after running for `elapsed`: its latency (time to first token for
     /// a stream) was at least that. Used by the percentiles, not by the breaker.
     pub fn record_censored(&self, elapsed: Duration, stream: bool, now: Instant) {
-        let (size, age) = (self.settings.window_size, self.settings.window_age);
+        let (size, age) = (self.settings.latency_window_size, self.settings.window_age);
         let mut state = self.lock();
         let window = if stream {
             &mut state.ttft
