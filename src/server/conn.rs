@@ -815,6 +815,39 @@ mod tests {
     }
 
     #[test]
+    fn config_file_problems_name_the_connections_field() {
+        let load = |text: &str| {
+            crate::config::Config::from_toml(
+                text,
+                std::path::Path::new("t.toml"),
+                &crate::config::Overrides::default(),
+                &|_| None,
+            )
+        };
+        let config = load("[connections]\nidle_timeout = \"1m\"\n").unwrap();
+        assert_eq!(config.connections.idle_timeout, Duration::from_secs(60));
+        let Err(crate::config::ConfigError::Invalid(issues)) =
+            load("[connections]\nmax_connections = 0\nhandshake_timeout = \"0s\"\n")
+        else {
+            panic!("invalid settings accepted");
+        };
+        let fields: Vec<_> = issues.iter().map(|i| i.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "connections.handshake_timeout",
+                "connections.max_connections"
+            ]
+        );
+        let Err(crate::config::ConfigError::Invalid(issues)) =
+            load("[connections]\nhandshake_timeout = \"soon\"\n")
+        else {
+            panic!("a bad duration accepted");
+        };
+        assert!(issues[0].field.starts_with("connections"), "{issues:?}");
+    }
+
+    #[test]
     fn settings_parse_with_defaults_and_refuse_unknown_keys() {
         let s: ConnSettings =
             toml::from_str("idle_timeout = \"5m\"\nmax_connection_age = \"30m\"").unwrap();
