@@ -96,6 +96,8 @@ struct RawConfig {
     teams: BTreeMap<String, RawTeam>,
     tls: Option<RawTls>,
     #[serde(default)]
+    connections: crate::server::settings::ConnSettings,
+    #[serde(default)]
     http: RawHttpFront,
 }
 
@@ -141,6 +143,8 @@ pub struct Config {
     pub teams: HashMap<String, TeamLimits>,
     /// `[tls]`; `None` for plain TCP.
     pub tls: Option<TlsConfig>,
+    /// `[connections]`: the front door's connection limits.
+    pub connections: crate::server::settings::ConnSettings,
     /// `[http]`: the OpenAI- and Anthropic-compatible front.
     pub http: HttpFrontSettings,
 }
@@ -340,6 +344,7 @@ fn validate(
     auth.require_keys |= http.listen.is_some_and(|a| !a.ip().is_loopback());
     let teams = crate::limits::teams_from_raw(raw.teams, &mut issues);
     let tls = raw.tls.and_then(|t| TlsConfig::from_raw(t, &mut issues));
+    let connections = crate::server::settings::ConnSettings::checked(raw.connections, &mut issues);
 
     if !issues.is_empty() {
         return Err(ConfigError::Invalid(issues.into_vec()));
@@ -360,6 +365,7 @@ fn validate(
         auth,
         teams,
         tls,
+        connections,
         http,
     })
 }
@@ -441,6 +447,14 @@ mod tests {
     fn debug_output_hides_the_admin_token() {
         let config = load("[admin]\ntoken = \"super-secret-admin-token\"\n", &[]).unwrap();
         assert!(!format!("{config:?}").contains("super-secret"));
+        // Nor any provider key, in the whole config's Debug.
+        let config = load(
+            "[admin]\ntoken = \"super-secret-admin-token\"\n[providers.o]\nkind = \"openai\"\napi_key = \"sk-super-secret\"\n",
+            &[],
+        )
+        .unwrap();
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("super-secret"), "{debug}");
     }
 
     fn openai_config(p: &ProviderConfig) -> &OpenAiConfig {

@@ -170,6 +170,7 @@ impl Reloader {
             auth,
             teams,
             tls,
+            connections,
             http,
         } = &self.running;
         let mut report = ReloadReport::default();
@@ -185,6 +186,7 @@ impl Reloader {
             }
         };
         restart("server.listen", server.listen != new.server.listen);
+        restart("connections", connections != &new.connections);
         let server_rest = ServerSettings {
             listen: new.server.listen,
             ..server.clone()

@@ -33,6 +33,9 @@ pub enum ErrorClass {
     ContentFiltered,
     /// The provider does not know the model (HTTP 404).
     ModelNotFound,
+    /// The gateway itself ran short (file descriptors, memory for buffers, its own
+    /// capacity): says nothing about the target, never counts against its health.
+    LocalResource,
 }
 
 /// One row of [`ErrorClass`]'s policy table.
@@ -45,7 +48,7 @@ struct ClassRow {
 
 impl ErrorClass {
     /// Every class, for tables and docs.
-    pub const ALL: [ErrorClass; 13] = [
+    pub const ALL: [ErrorClass; 14] = [
         ErrorClass::RateLimited,
         ErrorClass::Overloaded,
         ErrorClass::ServerError,
@@ -59,6 +62,7 @@ impl ErrorClass {
         ErrorClass::ContextLengthExceeded,
         ErrorClass::ContentFiltered,
         ErrorClass::ModelNotFound,
+        ErrorClass::LocalResource,
     ];
 
     /// The policy of each class, in one exhaustive table: its label (metrics, logs), its
@@ -99,6 +103,7 @@ impl ErrorClass {
             ),
             ErrorClass::ContentFiltered => row("content_filtered", "CONTENT_FILTERED", false, true),
             ErrorClass::ModelNotFound => row("model_not_found", "MODEL_NOT_FOUND", false, true),
+            ErrorClass::LocalResource => row("local_resource", "LOCAL_RESOURCE", true, false),
         }
     }
 
@@ -194,6 +199,13 @@ impl ProviderError {
 
     /// Classifies a transport error from reqwest.
     pub fn from_transport(err: &reqwest::Error) -> Self {
+        if let Some(fault) = local_fault(err) {
+            return ProviderError::new(
+                ErrorClass::LocalResource,
+                format!("the gateway is out of {}; retry shortly", fault.what()),
+            )
+            .with_retry_after(Some(LOCAL_RETRY_AFTER));
+        }
         if err.is_timeout() {
             ProviderError::new(ErrorClass::Timeout, "the provider did not answer in time")
         } else if err.is_connect() {
@@ -248,6 +260,65 @@ impl ProviderError {
             format!("the provider sent a malformed stream event: {detail}"),
         )
     }
+}
+
+/// How long callers are asked to wait after a [`ErrorClass::LocalResource`] failure.
+pub const LOCAL_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// A resource the gateway itself ran out of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalFault {
+    /// EMFILE, ENFILE.
+    FileDescriptors,
+    /// ENOMEM, ENOBUFS, or an allocation failure.
+    Memory,
+}
+
+impl LocalFault {
+    /// The low-cardinality label, e.g. `fd_limit`.
+    pub fn label(self) -> &'static str {
+        match self {
+            LocalFault::FileDescriptors => "fd_limit",
+            LocalFault::Memory => "memory",
+        }
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            LocalFault::FileDescriptors => "file descriptors",
+            LocalFault::Memory => "memory",
+        }
+    }
+}
+
+/// What the gateway itself ran out of, when an I/O error says so.
+pub fn local_io_fault(err: &std::io::Error) -> Option<LocalFault> {
+    #[cfg(target_os = "linux")]
+    const ENOBUFS: i32 = 105;
+    #[cfg(not(target_os = "linux"))]
+    const ENOBUFS: i32 = 55;
+    match err.raw_os_error() {
+        // EMFILE and ENFILE are 24 and 23 on Linux and the BSDs alike; ENOMEM is 12.
+        Some(24 | 23) => Some(LocalFault::FileDescriptors),
+        Some(12) => Some(LocalFault::Memory),
+        Some(n) if n == ENOBUFS => Some(LocalFault::Memory),
+        _ if err.kind() == std::io::ErrorKind::OutOfMemory => Some(LocalFault::Memory),
+        _ => None,
+    }
+}
+
+/// [`local_io_fault`] of the first I/O error in `err`'s source chain.
+fn local_fault(err: &(dyn std::error::Error + 'static)) -> Option<LocalFault> {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && let Some(what) = local_io_fault(io)
+        {
+            return Some(what);
+        }
+        next = e.source();
+    }
+    None
 }
 
 /// Parses an HTTP `Retry-After` value given in seconds (fractions allowed). HTTP dates are
@@ -425,6 +496,22 @@ mod tests {
         for class in ErrorClass::ALL {
             assert_eq!(class.label().to_uppercase(), class.reason());
         }
+    }
+
+    #[test]
+    fn local_resource_faults_are_recognised_through_the_chain() {
+        let emfile = std::io::Error::from_raw_os_error(24);
+        assert_eq!(local_io_fault(&emfile), Some(LocalFault::FileDescriptors));
+        let oom = std::io::Error::from(std::io::ErrorKind::OutOfMemory);
+        assert_eq!(local_io_fault(&oom), Some(LocalFault::Memory));
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(local_io_fault(&refused), None);
+        #[derive(Debug, thiserror::Error)]
+        #[error("connect failed")]
+        struct Wrapper(#[source] std::io::Error);
+        let wrapped = Wrapper(std::io::Error::from_raw_os_error(23));
+        assert_eq!(local_fault(&wrapped), Some(LocalFault::FileDescriptors));
+        assert!(ErrorClass::LocalResource.is_retryable());
     }
 
     #[test]

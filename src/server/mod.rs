@@ -8,11 +8,16 @@
 //! [`gateway`] (deadline, span, validation in [`convert`]) -> routing -> executor ->
 //! provider.
 //!
-//! Shutdown: the signal flips health to NOT_SERVING, the listener stops accepting, in-flight
+//! Connections arrive through [`conn::incoming`] (limits, handshakes) and streams pass
+//! [`conn::StreamLayer`] (per-connection stream count) before the request id layer.
+//!
+//! Shutdown: the signal flips health to NOT_SERVING, long-lived admin streams (health Watch)
+//! end, the listener stops accepting, in-flight
 //! calls and streams get `shutdown_grace` to finish, then the rest are ended with UNAVAILABLE.
 
 pub mod access;
 pub mod admin;
+pub mod conn;
 pub mod convert;
 pub mod convert_admin;
 pub mod deadline;
@@ -42,6 +47,9 @@ use crate::{
     routing::{PolicyRecord, PolicySource, Router, RoutingTable, policy},
     store::{Store, StoreError, sqlite::SqliteStore},
 };
+
+/// How long the usage ledger's final flush may take at shutdown.
+const LEDGER_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The largest request message accepted (inline images make requests large).
 pub const MAX_REQUEST_BYTES: usize = 32 * 1024 * 1024;
@@ -346,9 +354,11 @@ pub async fn serve_with(
     let gateway_service = LlmGatewayServer::new(gateway)
         .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(MAX_REQUEST_BYTES);
-    let mut builder = Server::builder()
-        .tcp_nodelay(true)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+    // Long-lived admin streams (health Watch) end when the drain begins.
+    let drain_streams = CancellationToken::new();
+    let stream_layer = conn::StreamLayer::new(drain_streams.clone());
+    let mut builder = conn::apply(&config.connections, Server::builder().tcp_nodelay(true))
+        .layer(stream_layer.clone())
         .layer(request_id::RequestIdLayer);
     let mut routes = builder
         .add_service(health_service.clone())
@@ -363,15 +373,21 @@ pub async fn serve_with(
                 .await
                 .map_err(|source| ServeError::Listen { addr, source })?;
             tracing::info!(addr = %addr, "admin service on its own listener");
-            let admin_routes = Server::builder()
-                .tcp_nodelay(true)
-                .layer(request_id::RequestIdLayer)
-                .add_service(health_service)
-                .add_service(reflection_v1)
-                .add_service(reflection_v1alpha)
-                .add_service(admin_service);
+            let admin_routes =
+                conn::apply(&config.connections, Server::builder().tcp_nodelay(true))
+                    .layer(stream_layer)
+                    .layer(request_id::RequestIdLayer)
+                    .add_service(health_service)
+                    .add_service(reflection_v1)
+                    .add_service(reflection_v1alpha)
+                    .add_service(admin_service);
             Some(admin_routes.serve_with_incoming_shutdown(
-                crate::tls::incoming(admin_listener, tls.clone()),
+                conn::incoming(
+                    admin_listener,
+                    tls.clone(),
+                    config.connections.clone(),
+                    "admin",
+                ),
                 stop_accepting.clone().cancelled_owned(),
             ))
         }
@@ -381,7 +397,7 @@ pub async fn serve_with(
         }
     };
     let main_server = routes.serve_with_incoming_shutdown(
-        crate::tls::incoming(listener, tls),
+        conn::incoming(listener, tls, config.connections.clone(), "grpc"),
         stop_accepting.clone().cancelled_owned(),
     );
     let grpc_server = async move {
@@ -445,6 +461,8 @@ pub async fn serve_with(
             health
                 .set_service_status("", tonic_health::ServingStatus::NotServing)
                 .await;
+            // NOT_SERVING is in every Watch stream's channel: end them after it is sent.
+            drain_streams.cancel();
             stop_accepting.cancel();
             match tokio::time::timeout(config.server.shutdown_grace, &mut server).await {
                 Ok(result) => {
@@ -472,7 +490,7 @@ pub async fn serve_with(
         let _ = task.await;
     }
     if let Some(writer) = ledger_writer {
-        writer.finish(Duration::from_secs(5)).await;
+        writer.finish(LEDGER_FLUSH_TIMEOUT).await;
     }
     result
 }
