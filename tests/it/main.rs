@@ -8,6 +8,7 @@ mod common;
 
 mod admin;
 mod chat;
+mod conn;
 mod errors;
 mod executor;
 mod http;
