@@ -171,7 +171,10 @@ def main():
         w(
             "The best is the mock's distribution alone; every call also carries the gateway's "
             "and the machine's overhead (the p50 above, against the injected 50 ms, shows how "
-            "much on this run), the hedge's path too."
+            "much on this run), the hedge's path too. The p99 of 1,000 calls has a standard "
+            "error of about 45 ms here (some 5%), and the hedge delay follows an estimate of "
+            "the p95 from the target's last 1,024 observations (about 20% noise with 256, the "
+            "window before; runs then measured 1.16x)."
         )
         w("")
         goals.append(("7", f"p99 within 10% of the best for a 5% budget ({best:,.0f} ms)", f"{lat(h, 'p99') / 1000:,.0f} ms ({vs:.2f}x)", vs <= 1.1))
