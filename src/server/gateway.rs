@@ -10,7 +10,7 @@ use tracing::Instrument;
 
 use super::{
     access::{Access, now_ms},
-    convert,
+    authz, convert,
     deadline::{CallLimits, call_deadline},
     meter::{CallMeter, MeterConfig, Outcome},
     request_id::RequestId,
@@ -53,15 +53,15 @@ impl GatewayService {
 }
 
 impl GatewayService {
-    /// Authenticates, applies the key's scope, forced tags, limits and budget, and plans.
+    /// Applies the verified key's model patterns, forced tags, limits and budget, and plans.
     fn prepare(
         &self,
-        metadata: &tonic::metadata::MetadataMap,
+        extensions: &tonic::Extensions,
         request: pb::ChatRequest,
         meter: &mut CallMeter,
         stream: bool,
     ) -> Result<(crate::types::ChatRequest, Plan), GatewayError> {
-        let caller = self.access.chat_caller(metadata)?;
+        let caller = authz::principal(extensions)?.key().cloned();
         let mut req = convert::chat_request(request)?;
         let table = self.router.load();
         let mut permit = None;
@@ -153,20 +153,10 @@ fn trace_context<T>(request: &Request<T>) -> Option<TraceContext> {
     })
 }
 
-fn log_failure(err: &GatewayError) {
-    match err {
-        GatewayError::Internal(_) => tracing::error!(error = %err, "call failed"),
-        GatewayError::InvalidArgument(_) | GatewayError::NotFound { .. } => {
-            tracing::debug!(error = %err, class = err.label(), "call rejected");
-        }
-        _ => tracing::info!(error = %err, class = err.label(), "call failed"),
-    }
-}
-
 /// Ends a failed call: log, account, convert.
 fn fail(meter: &mut CallMeter, err: GatewayError) -> Status {
-    log_failure(&err);
-    meter.finish(Outcome::failed(&err, err.code()));
+    err.log("call failed");
+    meter.finish(Outcome::failed(&err));
     err.into_status()
 }
 
@@ -185,8 +175,8 @@ impl LlmGateway for GatewayService {
         let span = tracing::info_span!("call", rpc = "Chat", request_id = %id);
         async move {
             let result = async {
-                let (metadata, _, message) = request.into_parts();
-                let (req, plan) = self.prepare(&metadata, message, &mut meter, false)?;
+                let (_, extensions, message) = request.into_parts();
+                let (req, plan) = self.prepare(&extensions, message, &mut meter, false)?;
                 self.executor.chat(&plan, &req, deadline, trace.as_ref()).await
             }
             .await;
@@ -223,8 +213,8 @@ impl LlmGateway for GatewayService {
         let started = tokio::time::Instant::now();
         let span = tracing::info_span!("call", rpc = "ChatStream", request_id = %id);
         let committed = async {
-            let (metadata, _, message) = request.into_parts();
-            let (req, plan) = self.prepare(&metadata, message, &mut meter, true)?;
+            let (_, extensions, message) = request.into_parts();
+            let (req, plan) = self.prepare(&extensions, message, &mut meter, true)?;
             self.executor
                 .chat_stream(&plan, &req, deadline, trace.as_ref())
                 .await

@@ -2,7 +2,8 @@
 //! the shutdown sequence.
 //!
 //! Request path, outermost first: tonic's HTTP/2 server -> [`request_id::RequestIdLayer`]
-//! (id in extensions and response metadata) -> service router -> handler in
+//! (id in extensions and response metadata) -> [`authz::AuthzLayer`] (the credential each
+//! RPC requires, from one table) -> service router -> handler in
 //! [`gateway`] (deadline, span, validation in [`convert`]) -> routing -> executor ->
 //! provider.
 //!
@@ -11,6 +12,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod authz;
 pub mod convert;
 pub mod convert_admin;
 pub mod deadline;
@@ -337,6 +339,11 @@ pub async fn serve_with(
     };
     crate::providers::set_body_logging(config.log.bodies);
 
+    let meter = meter::MeterConfig {
+        ledger,
+        tag_labels: config.metric_tag_labels.clone().into(),
+    };
+    let authz = authz::AuthzLayer::new(access.clone(), meter.clone());
     let gateway = gateway::GatewayService::new(
         router,
         executor,
@@ -346,10 +353,7 @@ pub async fn serve_with(
             max: config.max_call_duration,
             margin: config.deadline_margin,
         },
-        meter::MeterConfig {
-            ledger,
-            tag_labels: config.metric_tag_labels.clone().into(),
-        },
+        meter,
     );
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -370,7 +374,8 @@ pub async fn serve_with(
     let mut builder = Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .layer(request_id::RequestIdLayer);
+        .layer(request_id::RequestIdLayer)
+        .layer(authz.clone());
     let mut routes = builder
         .add_service(health_service.clone())
         .add_service(reflection_v1.clone())
@@ -387,6 +392,7 @@ pub async fn serve_with(
             let admin_routes = Server::builder()
                 .tcp_nodelay(true)
                 .layer(request_id::RequestIdLayer)
+                .layer(authz)
                 .add_service(health_service)
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)

@@ -7,12 +7,14 @@
 mod common;
 
 mod admin;
+mod authz;
 mod chat;
 mod errors;
 mod executor;
 mod keys;
 mod observability;
 mod providers;
+mod reasons;
 mod security;
 mod server;
 mod stream;

@@ -1,0 +1,147 @@
+//! One reason for every outcome: the status a caller sees and the usage ledger's record of
+//! the same call carry the same code and reason (ErrorInfo reason = `error_class`).
+
+use std::time::Duration;
+
+use llm_gateway::{
+    mock_upstream::{MockSettings, MockUpstream},
+    pb,
+};
+use tonic::{Code, Request};
+
+use crate::common::*;
+
+fn call(model: &str, secret: &str, id: &str) -> Request<pb::ChatRequest> {
+    let mut req = Request::new(request(model, "hello"));
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {secret}").parse().unwrap());
+    req.metadata_mut()
+        .insert("x-request-id", id.parse().unwrap());
+    req
+}
+
+#[tokio::test]
+async fn ledger_records_the_reason_the_caller_saw() {
+    let mock = MockUpstream::start(MockSettings::default()).await.unwrap();
+    let gateway = Gateway::start(&openai_toml(&mock, "[auth]\nrequire_keys = true\n")).await;
+    let mut admin = admin_client(gateway.channel.clone());
+    let create = |name: &str, allowed: &[&str], rpm: u32| pb::CreateKeyRequest {
+        key: Some(pb::Key {
+            name: name.into(),
+            scopes: vec!["chat".into()],
+            allowed_models: allowed.iter().map(|m| (*m).to_owned()).collect(),
+            requests_per_minute: rpm,
+            ..Default::default()
+        }),
+    };
+    let narrow = admin
+        .create_key(create("narrow", &["openai/gpt-4o*"], 1))
+        .await
+        .unwrap()
+        .into_inner()
+        .secret;
+    let reader = admin
+        .create_key(pb::CreateKeyRequest {
+            key: Some(pb::Key {
+                name: "reader".into(),
+                scopes: vec!["usage-read".into()],
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .secret;
+
+    let mut client = gateway.client();
+    let mut statuses = Vec::new();
+    // Served, then over the key's one request per minute.
+    client
+        .chat(call("openai/gpt-4o-mini", &narrow, "r-ok"))
+        .await
+        .unwrap();
+    for (id, model, secret) in [
+        ("r-limited", "openai/gpt-4o-mini", narrow.as_str()),
+        // Outside the key's model patterns (refused before the rate limit).
+        ("r-pattern", "openai/gpt-4.1-nano", narrow.as_str()),
+        // A key without the chat scope: refused by the authorization layer.
+        ("r-scope", "openai/gpt-4o-mini", reader.as_str()),
+        // An unknown key.
+        (
+            "r-unknown",
+            "openai/gpt-4o-mini",
+            "lgw_0123456789abcdef_nope",
+        ),
+    ] {
+        let status = client.chat(call(model, secret, id)).await.unwrap_err();
+        statuses.push((id, status));
+    }
+    let codes: Vec<(&str, Code, String)> = statuses
+        .iter()
+        .map(|(id, s)| (*id, s.code(), reason(s)))
+        .collect();
+    assert_eq!(
+        codes,
+        vec![
+            (
+                "r-limited",
+                Code::ResourceExhausted,
+                "RATE_LIMIT_REQUESTS".to_owned()
+            ),
+            (
+                "r-pattern",
+                Code::PermissionDenied,
+                "PERMISSION_DENIED".to_owned()
+            ),
+            (
+                "r-scope",
+                Code::PermissionDenied,
+                "PERMISSION_DENIED".to_owned()
+            ),
+            (
+                "r-unknown",
+                Code::Unauthenticated,
+                "UNAUTHENTICATED".to_owned()
+            ),
+        ]
+    );
+
+    // The ledger writes in the background: wait (bounded) until the five records are in.
+    let mut records = Vec::new();
+    for _ in 0..200 {
+        let mut export = admin
+            .export_usage(pb::ExportUsageRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        records.clear();
+        while let Some(batch) = export.message().await.unwrap() {
+            records.extend(batch.records);
+        }
+        if records.len() >= 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let record = |id: &str| {
+        records
+            .iter()
+            .find(|r| r.request_id == id)
+            .unwrap_or_else(|| panic!("no ledger record for {id}: {records:?}"))
+    };
+    let ok = record("r-ok");
+    assert_eq!((ok.code.as_str(), ok.error_class.as_str()), ("OK", ""));
+    for (id, code, reason) in &codes {
+        let r = record(id);
+        let code_name = match code {
+            Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+            Code::PermissionDenied => "PERMISSION_DENIED",
+            Code::Unauthenticated => "UNAUTHENTICATED",
+            other => panic!("unexpected {other:?}"),
+        };
+        assert_eq!(r.code, code_name, "{id}");
+        assert_eq!(&r.error_class, reason, "{id}");
+        assert_eq!(r.rpc, "Chat", "{id}");
+    }
+    assert_eq!(record("r-limited").key, "narrow");
+}
