@@ -6,6 +6,7 @@
 //! Dependencies point one way: `server -> executor -> {routing, providers} -> types/error`.
 //!
 //! - [`pb`]: generated protobuf/gRPC code and the reflection descriptor set.
+//! - [`codec`]: the generated services' protobuf codec (undecodable = INVALID_ARGUMENT).
 //! - [`config`]: the TOML config file, env interpolation, overrides, validation.
 //! - [`types`]: provider-neutral requests, messages, answers, stream events, usage, routes.
 //! - [`error`]: [`error::GatewayError`] and its single mapping to gRPC statuses.
@@ -23,6 +24,7 @@
 //! - [`telemetry`]: logging setup.
 
 pub mod auth;
+pub mod codec;
 pub mod config;
 pub mod error;
 pub mod executor;

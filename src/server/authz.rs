@@ -49,7 +49,7 @@ impl Requirement {
     }
 }
 
-/// One RPC and its requirement.
+/// One RPC: what it requires of its caller and what request it accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Method {
     /// The HTTP/2 path, `/package.Service/Method`.
@@ -58,105 +58,91 @@ pub struct Method {
     pub requires: Requirement,
     /// The name calls are metered under (usage ledger `rpc`), for RPCs the gateway meters.
     pub metered_as: Option<&'static str>,
+    /// The largest request message accepted (see [`super::framing`]).
+    pub max_request_bytes: usize,
+    /// Whether the client sends a stream of messages (otherwise exactly one).
+    pub streaming_request: bool,
 }
+
+/// The request size limit of the services tonic builds for us (health, reflection): tonic's
+/// default.
+pub const LIBRARY_MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 
 const fn rpc(path: &'static str, requires: Requirement) -> Method {
     Method {
         path,
         requires,
         metered_as: None,
+        max_request_bytes: super::MAX_REQUEST_BYTES,
+        streaming_request: false,
     }
 }
 
-const fn metered(path: &'static str, requires: Requirement, name: &'static str) -> Method {
-    Method {
-        path,
-        requires,
-        metered_as: Some(name),
+impl Method {
+    const fn metered(mut self, name: &'static str) -> Self {
+        self.metered_as = Some(name);
+        self
     }
+
+    const fn library(mut self) -> Self {
+        self.max_request_bytes = LIBRARY_MAX_REQUEST_BYTES;
+        self
+    }
+
+    const fn streaming_request(mut self) -> Self {
+        self.streaming_request = true;
+        self
+    }
+}
+
+macro_rules! gateway {
+    ($method:literal) => {
+        concat!("/llmgateway.v1.LlmGateway/", $method)
+    };
+}
+
+macro_rules! admin {
+    ($method:literal) => {
+        concat!("/llmgateway.v1.LlmGatewayAdmin/", $method)
+    };
 }
 
 /// Every RPC the gateway serves, with what it requires. Keep in step with the README's
 /// "Authorization" table; a test checks this table against the served descriptor sets.
 pub const METHODS: &[Method] = &[
-    metered("/llmgateway.v1.LlmGateway/Chat", Requirement::Chat, "Chat"),
-    metered(
-        "/llmgateway.v1.LlmGateway/ChatStream",
-        Requirement::Chat,
-        "ChatStream",
-    ),
-    rpc("/llmgateway.v1.LlmGateway/ListModels", Requirement::Chat),
-    rpc(
-        "/llmgateway.v1.LlmGatewayAdmin/CreatePolicy",
-        Requirement::Admin,
-    ),
-    rpc(
-        "/llmgateway.v1.LlmGatewayAdmin/UpdatePolicy",
-        Requirement::Admin,
-    ),
-    rpc(
-        "/llmgateway.v1.LlmGatewayAdmin/GetPolicy",
-        Requirement::Admin,
-    ),
-    rpc(
-        "/llmgateway.v1.LlmGatewayAdmin/ListPolicies",
-        Requirement::Admin,
-    ),
-    rpc(
-        "/llmgateway.v1.LlmGatewayAdmin/DeletePolicy",
-        Requirement::Admin,
-    ),
-    rpc(
-        "/llmgateway.v1.LlmGatewayAdmin/ValidatePolicy",
-        Requirement::Admin,
-    ),
-    rpc(
-        "/llmgateway.v1.LlmGatewayAdmin/ExplainRoute",
-        Requirement::Admin,
-    ),
-    rpc(
-        "/llmgateway.v1.LlmGatewayAdmin/ListProviders",
-        Requirement::Admin,
-    ),
-    rpc(
-        "/llmgateway.v1.LlmGatewayAdmin/GetUsage",
-        Requirement::UsageRead,
-    ),
-    rpc(
-        "/llmgateway.v1.LlmGatewayAdmin/ExportUsage",
-        Requirement::UsageRead,
-    ),
-    rpc(
-        "/llmgateway.v1.LlmGatewayAdmin/CreateKey",
-        Requirement::Admin,
-    ),
-    rpc(
-        "/llmgateway.v1.LlmGatewayAdmin/ListKeys",
-        Requirement::Admin,
-    ),
-    rpc("/llmgateway.v1.LlmGatewayAdmin/GetKey", Requirement::Admin),
-    rpc(
-        "/llmgateway.v1.LlmGatewayAdmin/UpdateKey",
-        Requirement::Admin,
-    ),
-    rpc(
-        "/llmgateway.v1.LlmGatewayAdmin/RevokeKey",
-        Requirement::Admin,
-    ),
-    rpc(
-        "/llmgateway.v1.LlmGatewayAdmin/ReloadConfig",
-        Requirement::Admin,
-    ),
-    rpc("/grpc.health.v1.Health/Check", Requirement::None),
-    rpc("/grpc.health.v1.Health/Watch", Requirement::None),
+    rpc(gateway!("Chat"), Requirement::Chat).metered("Chat"),
+    rpc(gateway!("ChatStream"), Requirement::Chat).metered("ChatStream"),
+    rpc(gateway!("ListModels"), Requirement::Chat),
+    rpc(admin!("CreatePolicy"), Requirement::Admin),
+    rpc(admin!("UpdatePolicy"), Requirement::Admin),
+    rpc(admin!("GetPolicy"), Requirement::Admin),
+    rpc(admin!("ListPolicies"), Requirement::Admin),
+    rpc(admin!("DeletePolicy"), Requirement::Admin),
+    rpc(admin!("ValidatePolicy"), Requirement::Admin),
+    rpc(admin!("ExplainRoute"), Requirement::Admin),
+    rpc(admin!("ListProviders"), Requirement::Admin),
+    rpc(admin!("GetUsage"), Requirement::UsageRead),
+    rpc(admin!("ExportUsage"), Requirement::UsageRead),
+    rpc(admin!("CreateKey"), Requirement::Admin),
+    rpc(admin!("ListKeys"), Requirement::Admin),
+    rpc(admin!("GetKey"), Requirement::Admin),
+    rpc(admin!("UpdateKey"), Requirement::Admin),
+    rpc(admin!("RevokeKey"), Requirement::Admin),
+    rpc(admin!("ReloadConfig"), Requirement::Admin),
+    rpc("/grpc.health.v1.Health/Check", Requirement::None).library(),
+    rpc("/grpc.health.v1.Health/Watch", Requirement::None).library(),
     rpc(
         "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
         Requirement::None,
-    ),
+    )
+    .library()
+    .streaming_request(),
     rpc(
         "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
         Requirement::None,
-    ),
+    )
+    .library()
+    .streaming_request(),
 ];
 
 /// The table entry for a request path.

@@ -16,6 +16,7 @@ pub mod authz;
 pub mod convert;
 pub mod convert_admin;
 pub mod deadline;
+pub mod framing;
 pub mod gateway;
 pub mod meter;
 pub mod request_id;
@@ -375,7 +376,8 @@ pub async fn serve_with(
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .layer(request_id::RequestIdLayer)
-        .layer(authz.clone());
+        .layer(authz.clone())
+        .layer(framing::FramingLayer);
     let mut routes = builder
         .add_service(health_service.clone())
         .add_service(reflection_v1.clone())
@@ -393,6 +395,7 @@ pub async fn serve_with(
                 .tcp_nodelay(true)
                 .layer(request_id::RequestIdLayer)
                 .layer(authz)
+                .layer(framing::FramingLayer)
                 .add_service(health_service)
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)

@@ -14,7 +14,7 @@ use tonic::{Code, transport::Channel};
 use crate::common::*;
 
 /// Lists the services of one reflection version and the methods of each, as
-/// `(/package.Service/Method)` paths.
+/// `(/package.Service/Method, client streaming)`.
 macro_rules! walk_reflection {
     ($module:path, $channel:expr) => {{
         use r::{
@@ -62,7 +62,7 @@ macro_rules! walk_reflection {
                     if format!("{}.{}", file.package(), s.name()) == name {
                         found = true;
                         for m in &s.method {
-                            paths.push(format!("/{name}/{}", m.name()));
+                            paths.push((format!("/{name}/{}", m.name()), m.client_streaming()));
                         }
                     }
                 }
@@ -73,9 +73,9 @@ macro_rules! walk_reflection {
     }};
 }
 
-/// Every RPC path the server describes through both reflection versions.
-async fn served_paths(channel: &Channel) -> BTreeSet<String> {
-    let mut paths: BTreeSet<String> = walk_reflection!(tonic_reflection::pb::v1, channel)
+/// Every RPC the server describes through both reflection versions.
+async fn served_paths(channel: &Channel) -> BTreeSet<(String, bool)> {
+    let mut paths: BTreeSet<(String, bool)> = walk_reflection!(tonic_reflection::pb::v1, channel)
         .into_iter()
         .collect();
     paths.extend(walk_reflection!(tonic_reflection::pb::v1alpha, channel));
@@ -145,7 +145,10 @@ async fn check_every_rpc(keys_required: bool) {
     })
     .await;
     let paths = served_paths(&gateway.channel).await;
-    let table: BTreeSet<String> = authz::METHODS.iter().map(|m| m.path.to_owned()).collect();
+    let table: BTreeSet<(String, bool)> = authz::METHODS
+        .iter()
+        .map(|m| (m.path.to_owned(), m.streaming_request))
+        .collect();
     assert_eq!(
         paths, table,
         "the authorization table and the served RPCs differ"

@@ -17,6 +17,8 @@ pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 /// A running gateway.
 pub struct Gateway {
     pub channel: Channel,
+    /// The gRPC listener's address.
+    pub addr: std::net::SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<Result<(), ServeError>>>,
 }
@@ -67,6 +69,7 @@ impl Gateway {
         };
         Gateway {
             channel,
+            addr,
             stop: Some(tx),
             handle: Some(handle),
         }

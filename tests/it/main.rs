@@ -8,6 +8,7 @@ mod common;
 
 mod admin;
 mod authz;
+mod bad_input;
 mod chat;
 mod errors;
 mod executor;
