@@ -474,7 +474,11 @@ impl LlmGatewayAdmin for AdminService {
             if !violations.is_empty() {
                 return Err(GatewayError::InvalidArgument(violations));
             }
-            let records = self.store.usage_between(start, end).await.map_err(store_error)?;
+            let records = self
+                .store
+                .usage_between(start, end)
+                .await
+                .map_err(|e| store_error(e.into()))?;
             let matching: Vec<&crate::ledger::UsageRecord> = records
                 .iter()
                 .filter(|r| {
@@ -524,7 +528,7 @@ impl LlmGatewayAdmin for AdminService {
             .store
             .usage_between(start, end)
             .await
-            .map_err(|e| fail(store_error(e)))?;
+            .map_err(|e| fail(store_error(e.into())))?;
         let batches: Vec<Result<pb::ExportUsageResponse, Status>> = records
             .chunks(500)
             .map(|chunk| {
