@@ -34,6 +34,8 @@ pub mod limits;
 pub mod mock_upstream;
 pub mod models;
 pub mod pb;
+#[cfg(test)]
+mod props;
 pub mod providers;
 pub mod reload;
 pub mod routing;
