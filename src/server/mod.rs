@@ -221,40 +221,28 @@ pub async fn serve(
     .await
 }
 
-/// Like [`serve`], with reload options.
-pub async fn serve_with(
-    config: Config,
-    providers: ProviderRegistry,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send,
-    options: ServeOptions,
-) -> Result<(), ServeError> {
+/// What startup validates before it opens anything, and `--check-config` runs too.
+pub struct Checked {
+    /// The loaded certificates, when TLS is configured.
+    pub tls: Option<Arc<crate::tls::TlsState>>,
+    /// The routing table over the providers.
+    pub table: RoutingTable,
+    /// The config file's policies, validated against the table.
+    pub config_policies: Vec<PolicyRecord>,
+}
+
+/// The one validation of a loaded config that startup runs (and `--check-config`, through
+/// [`check_config`]): TLS files, the model table, config policies against the providers,
+/// and a stored admin token being readable. Side-effect free: nothing is bound, opened for
+/// writing or generated.
+pub fn check(config: &Config, providers: &ProviderRegistry) -> Result<Checked, ServeError> {
     let tls = config
         .tls
         .as_ref()
         .map(crate::tls::TlsState::load)
         .transpose()?;
-    let reloader = Arc::new(crate::reload::Reloader::new(
-        options.config_source,
-        config.clone(),
-        providers.clone(),
-        tls.clone(),
-    ));
-    let background = tokio_util::task::TaskTracker::new();
-    let stop_background = CancellationToken::new();
-    if let Some(signal) = options.reload_signal {
-        background.spawn(reload_on(signal, reloader.clone(), stop_background.clone()));
-    }
-    if let Some(state) = &tls {
-        let interval = config
-            .tls
-            .as_ref()
-            .map_or(Duration::from_secs(5), |t| t.reload_interval);
-        background.spawn(state.clone().watch(interval, stop_background.clone()));
-    }
     let health_registry = Arc::new(HealthRegistry::new(config.health.clone()));
-    let table = routing_table(&config, &providers, health_registry)?;
-
+    let table = routing_table(config, providers, health_registry)?;
     // Config policies are validated against the providers; they are read-only via the API.
     let mut violations = Vec::new();
     let mut config_policies = Vec::new();
@@ -274,6 +262,50 @@ pub async fn serve_with(
     }
     if !violations.is_empty() {
         return Err(ServeError::Policies(violations));
+    }
+    stored_admin_token(config)?;
+    Ok(Checked {
+        tls,
+        table,
+        config_policies,
+    })
+}
+
+/// `--check-config`: builds the providers as startup does and runs [`check`].
+pub fn check_config(config: &Config) -> Result<(), ServeError> {
+    check(config, &providers_from_config(config)?).map(|_| ())
+}
+
+/// Like [`serve`], with reload options.
+pub async fn serve_with(
+    config: Config,
+    providers: ProviderRegistry,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    options: ServeOptions,
+) -> Result<(), ServeError> {
+    let Checked {
+        tls,
+        table,
+        config_policies,
+    } = check(&config, &providers)?;
+    let reloader = Arc::new(crate::reload::Reloader::new(
+        options.config_source,
+        config.clone(),
+        providers.clone(),
+        tls.clone(),
+    ));
+    let background = tokio_util::task::TaskTracker::new();
+    let stop_background = CancellationToken::new();
+    if let Some(signal) = options.reload_signal {
+        background.spawn(reload_on(signal, reloader.clone(), stop_background.clone()));
+    }
+    if let Some(state) = &tls {
+        let interval = config
+            .tls
+            .as_ref()
+            .map_or(Duration::from_secs(5), |t| t.reload_interval);
+        background.spawn(state.clone().watch(interval, stop_background.clone()));
     }
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.store.path)?);
     let router = Arc::new(Router::new(table));
@@ -384,6 +416,8 @@ pub async fn serve_with(
         .add_service(reflection_v1.clone())
         .add_service(reflection_v1alpha.clone())
         .add_service(gateway_service);
+    // The builder keeps a copy of the layers, and the authorization layer a ledger sender.
+    drop(builder);
     // The admin service goes on its own listener when one is configured (for mesh policies),
     // otherwise beside the gateway.
     let admin_server = match config.admin.listen {
@@ -407,6 +441,9 @@ pub async fn serve_with(
             ))
         }
         None => {
+            // The layer holds a ledger sender; only the servers may keep it, so that the
+            // ledger drains as soon as they are dropped.
+            drop(authz);
             routes = routes.add_service(admin_service);
             None
         }
@@ -503,11 +540,41 @@ async fn reload_on(
     }
 }
 
+/// Where a generated admin token is kept: `admin-token` beside the store (`None` for an
+/// in-memory store).
+fn admin_token_path(config: &Config) -> Option<std::path::PathBuf> {
+    (config.store.path != std::path::Path::new(":memory:")).then(|| {
+        config
+            .store
+            .path
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .join("admin-token")
+    })
+}
+
+/// The admin token that exists already: configured, or stored by an earlier start. An
+/// unreadable token file is an error.
+fn stored_admin_token(config: &Config) -> Result<Option<String>, ServeError> {
+    if let Some(token) = &config.admin.token {
+        return Ok(Some(token.clone()));
+    }
+    let Some(path) = admin_token_path(config) else {
+        return Ok(None);
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(token) if !token.trim().is_empty() => Ok(Some(token.trim().to_owned())),
+        Ok(_) => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(ServeError::AdminToken { path, source }),
+    }
+}
+
 /// The admin token: configured, or generated once and kept in `admin-token` beside the store
 /// (readable only by the owner). An in-memory store gets a fresh random token per start.
 fn admin_token(config: &Config) -> Result<String, ServeError> {
-    if let Some(token) = &config.admin.token {
-        return Ok(token.clone());
+    if let Some(token) = stored_admin_token(config)? {
+        return Ok(token);
     }
     let generated = || -> Result<String, ServeError> {
         let mut bytes = [0u8; 32];
@@ -515,24 +582,12 @@ fn admin_token(config: &Config) -> Result<String, ServeError> {
             .map_err(|e| ServeError::Store(StoreError::Backend(e.to_string())))?;
         Ok(format!("lgw-admin-{}", crate::auth::hex(&bytes)))
     };
-    if config.store.path == std::path::Path::new(":memory:") {
+    let Some(path) = admin_token_path(config) else {
         tracing::warn!(
             "no admin token configured and the store is in memory: admin calls are refused until admin.token is set"
         );
         return generated();
-    }
-    let path = config
-        .store
-        .path
-        .parent()
-        .unwrap_or(std::path::Path::new("."))
-        .join("admin-token");
-    match std::fs::read_to_string(&path) {
-        Ok(token) if !token.trim().is_empty() => return Ok(token.trim().to_owned()),
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(source) => return Err(ServeError::AdminToken { path, source }),
-    }
+    };
     let token = generated()?;
     write_private(&path, &token).map_err(|source| ServeError::AdminToken {
         path: path.clone(),

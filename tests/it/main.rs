@@ -10,6 +10,7 @@ mod admin;
 mod authz;
 mod bad_input;
 mod chat;
+mod check_config;
 mod errors;
 mod executor;
 mod keys;
