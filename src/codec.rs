@@ -7,15 +7,14 @@
 //! The generated clients share the codec, so a Rust client of this crate reports an
 //! undecodable response the same way.
 
-use std::marker::PhantomData;
+use std::{collections::HashMap, marker::PhantomData};
 
 use prost::Message;
 use tonic::{
-    Status,
+    Code, Status,
     codec::{BufferSettings, DecodeBuf},
 };
-
-use crate::error::GatewayError;
+use tonic_types::{ErrorDetails, StatusExt as _};
 
 /// See the module docs.
 #[derive(Debug, Clone, Copy)]
@@ -59,10 +58,19 @@ impl<U: Message + Default> tonic::codec::Decoder for Decoder<U> {
     }
 }
 
-/// The status of a message that does not decode.
+/// The status of a message that does not decode: what
+/// `GatewayError::invalid("request", ..)` gives (a test keeps them equal), built here
+/// because the generated code below every other module uses this codec.
 pub fn decode_error(err: &prost::DecodeError) -> Status {
-    GatewayError::invalid("request", format!("is not a valid protobuf message: {err}"))
-        .into_status()
+    let description = format!("is not a valid protobuf message: {err}");
+    let mut details = ErrorDetails::new();
+    details.add_bad_request_violation("request", description.clone());
+    details.set_error_info("INVALID_ARGUMENT", "llmgateway", HashMap::new());
+    Status::with_error_details(
+        Code::InvalidArgument,
+        format!("invalid request: request: {description}"),
+        details,
+    )
 }
 
 #[cfg(test)]
@@ -74,6 +82,20 @@ mod tests {
 
     fn decode(bytes: &[u8]) -> Result<pb::ChatRequest, Status> {
         pb::ChatRequest::decode(bytes).map_err(|e| decode_error(&e))
+    }
+
+    #[test]
+    fn the_status_is_the_gateway_errors() {
+        let err = pb::ChatRequest::decode(&[0x0f][..]).unwrap_err();
+        let ours = decode_error(&err);
+        let gateway = crate::error::GatewayError::invalid(
+            "request",
+            format!("is not a valid protobuf message: {err}"),
+        )
+        .into_status();
+        assert_eq!(ours.code(), gateway.code());
+        assert_eq!(ours.message(), gateway.message());
+        assert_eq!(ours.details(), gateway.details());
     }
 
     #[test]

@@ -59,7 +59,7 @@ impl Access {
         match requires {
             Requirement::None => Ok(Principal::Anonymous),
             Requirement::Chat => Ok(self
-                .chat_secret(bearer_header(headers))?
+                .chat_caller_secret(bearer_header(headers))?
                 .map_or(Principal::Anonymous, Principal::Key)),
             Requirement::UsageRead => self.admin_secret(bearer_header(headers), Scope::UsageRead),
             Requirement::Admin => self.admin_secret(bearer_header(headers), Scope::Admin),
@@ -72,10 +72,11 @@ impl Access {
         &self,
         metadata: &tonic::metadata::MetadataMap,
     ) -> Result<Option<Caller>, GatewayError> {
-        self.chat_secret(bearer_header(metadata.as_ref()))
+        self.chat_caller_secret(bearer_header(metadata.as_ref()))
     }
 
-    fn chat_secret(&self, secret: Option<&str>) -> Result<Option<Caller>, GatewayError> {
+    /// Like [`Access::chat_caller`], for a secret any surface extracted from its request.
+    pub fn chat_caller_secret(&self, secret: Option<&str>) -> Result<Option<Caller>, GatewayError> {
         match secret {
             Some(secret) => {
                 let caller = self.keys.verify(secret, now_ms())?;

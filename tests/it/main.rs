@@ -13,6 +13,7 @@ mod chat;
 mod check_config;
 mod errors;
 mod executor;
+mod http;
 mod keys;
 mod observability;
 mod providers;
