@@ -145,3 +145,67 @@ async fn ledger_records_the_reason_the_caller_saw() {
     }
     assert_eq!(record("r-limited").key, "narrow");
 }
+
+/// Unix ms now.
+fn now_ms() -> i64 {
+    i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_monthly_budget_refusal_points_to_the_first_of_next_month() {
+    use llm_gateway::limits::Period;
+    use tonic_types::StatusExt as _;
+
+    let mock = MockUpstream::start(MockSettings::default()).await.unwrap();
+    let gateway = Gateway::start(&openai_toml(&mock, "[auth]\nrequire_keys = true\n")).await;
+    let mut admin = admin_client(gateway.channel.clone());
+    let secret = admin
+        .create_key(pb::CreateKeyRequest {
+            key: Some(pb::Key {
+                name: "monthly".into(),
+                scopes: vec!["chat".into()],
+                // Less than the estimate of any call: the first one is refused.
+                monthly_budget_usd: 0.000_000_1,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .secret;
+    let before = now_ms();
+    let mut req = call("openai/gpt-4o-mini", &secret, "r-monthly");
+    req.get_mut().max_tokens = Some(5);
+    let status = gateway.client().chat(req).await.unwrap_err();
+    let after = now_ms();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(reason(&status), "BUDGET_EXCEEDED");
+    let delay = status
+        .get_error_details()
+        .retry_info()
+        .and_then(|r| r.retry_delay)
+        .expect("a RetryInfo delay");
+    // Between what the first of next month is from just after and just before the call.
+    assert!(
+        Period::Month.until_reset(after) <= delay + Duration::from_millis(1)
+            && delay <= Period::Month.until_reset(before),
+        "{delay:?}"
+    );
+    let resets = [
+        Period::Month.reset_at(before),
+        Period::Month.reset_at(after),
+    ];
+    assert!(
+        resets
+            .iter()
+            .any(|r| status.message().contains(&format!("resets at {r}"))),
+        "{}",
+        status.message()
+    );
+}
