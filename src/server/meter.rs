@@ -479,6 +479,7 @@ mod tests {
             ),
             (E::ContentFiltered, C::InvalidArgument, "CONTENT_FILTERED"),
             (E::ModelNotFound, C::NotFound, "MODEL_NOT_FOUND"),
+            (E::LocalResource, C::Unavailable, "LOCAL_RESOURCE"),
         ] {
             rows.push((upstream(class, false), code, reason, Level::INFO));
             let all_limited = if class == E::RateLimited {
