@@ -7,6 +7,7 @@
 //! `PROPTEST_CASES` (see `.ci/run`).
 
 mod convert;
+mod providers;
 mod sse;
 
 /// Cases per property in a plain `cargo test`: enough to catch regressions, quick to run.
