@@ -11,7 +11,9 @@ use proptest::{collection::vec, prelude::*, sample::Index};
 use crate::{
     error::upstream_code,
     providers::{
-        ErrorClass, ProviderError, StreamDecoder, WireFormat, anthropic, gemini,
+        ErrorClass, ProviderError, StreamDecoder, WireFormat, anthropic,
+        conformance::{FIXTURES, fixture},
+        gemini,
         openai::{self, OpenAiConfig},
     },
     types::{ChatResponse, StreamEvent},
@@ -84,34 +86,15 @@ fn wires() -> Vec<(&'static str, Box<dyn Wire>)> {
     ]
 }
 
-fn fixture(wire: &str, name: &str) -> Vec<u8> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(wire)
-        .join("conformance")
-        .join(name);
-    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+/// One of the conformance fixtures whose names start with `prefix`.
+fn pick(which: Index, prefix: &str) -> &'static str {
+    let files: Vec<&'static str> = FIXTURES
+        .iter()
+        .copied()
+        .filter(|f| f.starts_with(prefix))
+        .collect();
+    files[which.index(files.len())]
 }
-
-const RESPONSES: &[&str] = &[
-    "response_text.json",
-    "response_cached.json",
-    "response_tool_call.json",
-];
-const STREAMS: &[&str] = &[
-    "stream_text.txt",
-    "stream_cached.txt",
-    "stream_tool_call.txt",
-    "stream_error_overloaded.txt",
-];
-const ERRORS: &[&str] = &[
-    "error_server.json",
-    "error_context_length.json",
-    "error_auth.json",
-    "error_rate_limited.json",
-    "error_not_found.json",
-    "error_secret_echo.json",
-];
 
 /// A damage to real bytes: overwrite, insert, delete, or cut.
 #[derive(Debug, Clone)]
@@ -248,7 +231,7 @@ proptest! {
         damages in vec(damage(), 1..4),
     ) {
         for (name, _) in wires() {
-            check_parse(&damaged(fixture(name, which.get::<&str>(RESPONSES)), &damages))?;
+            check_parse(&damaged(fixture(name, pick(which, "response_")), &damages))?;
         }
     }
 
@@ -259,7 +242,7 @@ proptest! {
         cuts in vec(any::<usize>(), 0..12),
     ) {
         for (name, _) in wires() {
-            check_stream(&damaged(fixture(name, which.get::<&str>(STREAMS)), &damages), &cuts)?;
+            check_stream(&damaged(fixture(name, pick(which, "stream_")), &damages), &cuts)?;
         }
     }
 
@@ -283,7 +266,7 @@ proptest! {
             headers.insert("retry-after", value);
         }
         for (name, wire) in wires() {
-            let body = damaged(fixture(name, which.get::<&str>(ERRORS)), &damages);
+            let body = damaged(fixture(name, pick(which, "error_")), &damages);
             let err = wire.classify(status, &headers, &body);
             classified(&err)?;
             prop_assert_eq!(err.http_status, Some(status));

@@ -398,3 +398,25 @@ pub async fn raw_call(
     let mut stream = grpc.streaming(req, path, RawCodec).await?.into_inner();
     stream.message().await.map(|_| ())
 }
+
+/// Every usage record in the ledger once at least `at_least` are there (the ledger writes in
+/// the background: polls, bounded).
+pub async fn usage_records(admin: &mut Admin, at_least: usize) -> Vec<pb::UsageRecord> {
+    let mut records = Vec::new();
+    for _ in 0..200 {
+        let mut export = admin
+            .export_usage(pb::ExportUsageRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        records.clear();
+        while let Some(batch) = export.message().await.unwrap() {
+            records.extend(batch.records);
+        }
+        if records.len() >= at_least {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    records
+}

@@ -106,23 +106,7 @@ async fn ledger_records_the_reason_the_caller_saw() {
         ]
     );
 
-    // The ledger writes in the background: wait (bounded) until the five records are in.
-    let mut records = Vec::new();
-    for _ in 0..200 {
-        let mut export = admin
-            .export_usage(pb::ExportUsageRequest::default())
-            .await
-            .unwrap()
-            .into_inner();
-        records.clear();
-        while let Some(batch) = export.message().await.unwrap() {
-            records.extend(batch.records);
-        }
-        if records.len() >= 5 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let records = usage_records(&mut admin, 5).await;
     let record = |id: &str| {
         records
             .iter()
