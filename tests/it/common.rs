@@ -329,6 +329,16 @@ pub fn admin_client(channel: Channel) -> Admin {
     )
 }
 
+/// The gateway's `ListModels` answer.
+pub async fn list_models(gateway: &Gateway) -> pb::ListModelsResponse {
+    gateway
+        .client()
+        .list_models(pb::ListModelsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 /// A codec that sends and receives message bytes as they are, to call any RPC by path with
 /// any payload (including bytes that are no valid message).
 #[derive(Debug, Clone, Copy, Default)]
