@@ -48,7 +48,7 @@ async fn check_config_refuses_what_startup_refuses_with_the_same_message() {
     // A directory where the stored admin token should be: unreadable as a token.
     std::fs::create_dir_all(dir.path().join("data/admin-token")).unwrap();
     let store_section = format!(
-        "[store]\npath = \"{}\"\n[metrics]\nlisten = \"off\"\n",
+        "[store]\npath = \"{}\"\n[metrics]\nlisten = \"off\"\n[http]\nlisten = \"off\"\n",
         store.display()
     );
     let cases = [
@@ -80,7 +80,8 @@ async fn check_config_refuses_what_startup_refuses_with_the_same_message() {
         );
     }
 
-    // A file startup accepts passes.
+    // A file startup accepts passes (with nothing on fixed ports: metrics and the HTTP front
+    // are off).
     std::fs::remove_dir(dir.path().join("data/admin-token")).unwrap();
     let file = dir.path().join("gateway.toml");
     std::fs::write(
