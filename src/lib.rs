@@ -22,14 +22,18 @@
 //! - [`error`]: [`error::GatewayError`] and its single mapping to gRPC statuses.
 //! - [`health`]: circuit breakers, rate-limit cooldowns, latency statistics per target.
 //! - [`ledger`]: the usage and cost ledger, writing to a [`ledger::UsageSink`].
-//! - [`providers`]: the [`providers::Provider`] trait, one file per provider, shared SSE
-//!   decoding, the error taxonomy, provider keys and `[upstream]`.
+//! - [`providers`]: the [`providers::Provider`] trait and the provider kit: a wire format
+//!   per provider API (one file each), one HTTP adapter, pluggable auth and stream framing,
+//!   the kind registry that owns `[providers.*]` settings, the one error policy, provider
+//!   keys and `[upstream]`.
 //! - [`models`]: the model registry (context windows, prices) and cost computation.
 //! - [`telemetry`]: logging, metric names, trace context; `[log]` and `[metrics]`.
 //! - [`tls`]: TLS and mutual TLS for the gRPC listeners, with certificate reload.
 //! - [`mock_upstream`]: an HTTP server speaking provider wire formats with scripted faults,
 //!   used by tests, benchmarks and the `llm-gateway-mock` binary.
 //! - [`pb`]: generated protobuf/gRPC code and the reflection descriptor set.
+//! - [`codec`]: the generated services' protobuf codec (an undecodable message is the
+//!   caller's fault: INVALID_ARGUMENT).
 //! - [`settings`]: what every config section is made of (field-named problems, durations).
 //! - [`types`]: provider-neutral requests, messages, answers, stream events, usage, routes.
 //!
@@ -56,6 +60,7 @@
 //! health ledger providers
 //! models server::settings telemetry tls
 //! pb settings types
+//! codec
 //! ```
 //!
 //! So `server -> executor -> {routing, providers, health} -> types`; `config` assembles the
@@ -63,6 +68,7 @@
 //! the ledger defines the sink the store implements.
 
 pub mod auth;
+pub mod codec;
 pub mod config;
 pub mod error;
 pub mod executor;
@@ -72,6 +78,8 @@ pub mod limits;
 pub mod mock_upstream;
 pub mod models;
 pub mod pb;
+#[cfg(test)]
+mod props;
 pub mod providers;
 pub mod reload;
 pub mod routing;

@@ -13,7 +13,7 @@ pub mod anthropic;
 pub mod auth;
 pub mod compat;
 #[cfg(test)]
-mod conformance;
+pub(crate) mod conformance;
 pub mod error;
 pub mod gemini;
 pub mod http;
