@@ -7,12 +7,15 @@
 //! register scripted fakes.
 
 pub mod anthropic;
+pub mod bedrock;
 pub mod compat;
 pub mod error;
+pub mod eventstream;
 pub mod gemini;
 pub mod keys;
 pub mod mock;
 pub mod openai;
+pub mod sigv4;
 pub mod sse;
 
 use std::{collections::BTreeMap, pin::Pin, sync::Arc, time::Duration};
