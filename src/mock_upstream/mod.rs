@@ -10,6 +10,9 @@
 //!   `:streamGenerateContent` (`?alt=sse` for SSE, a JSON array without).
 //! - AWS Bedrock Converse: `POST /model/{modelId}/converse` and `/converse-stream` (binary
 //!   event-stream frames), with every request's SigV4 signature checked (see `bedrock`).
+//! - Google Vertex AI: an OAuth2 token endpoint (`POST /token`) checking service-account JWT
+//!   assertions, and `POST /v1/projects/{p}/locations/{r}/publishers/{google|anthropic}/models/...`
+//!   for Gemini and Claude, requiring its tokens (see `vertex`).
 //!
 //! # Behaviour
 //! Instance-wide defaults come from [`MockSettings`]. A request can script its own behaviour
@@ -43,8 +46,12 @@ mod anthropic;
 mod bedrock;
 
 pub use bedrock::{MOCK_AWS_ACCESS_KEY_ID, MOCK_AWS_SECRET_ACCESS_KEY};
+pub use vertex::{
+    TEST_CLIENT_EMAIL as MOCK_VERTEX_CLIENT_EMAIL, TEST_PROJECT as MOCK_VERTEX_PROJECT,
+};
 mod gemini;
 mod openai;
+mod vertex;
 
 use std::{
     net::SocketAddr,
@@ -313,6 +320,7 @@ pub(crate) struct MockState {
     pub stats: Arc<MockStats>,
     accepted: AcceptedKeys,
     aws: Arc<bedrock::AwsCredentialStore>,
+    vertex: Arc<vertex::VertexAuth>,
 }
 
 impl MockState {
@@ -333,6 +341,7 @@ pub struct MockUpstream {
     stats: Arc<MockStats>,
     accepted: AcceptedKeys,
     aws: Arc<bedrock::AwsCredentialStore>,
+    vertex: Arc<vertex::VertexAuth>,
     stop: CancellationToken,
 }
 
@@ -353,11 +362,13 @@ impl MockUpstream {
         let stop = CancellationToken::new();
         let accepted = AcceptedKeys::default();
         let aws = Arc::new(bedrock::AwsCredentialStore::default());
+        let vertex = Arc::new(vertex::VertexAuth::default());
         let app = router(MockState {
             settings: Arc::new(settings),
             stats: stats.clone(),
             accepted: accepted.clone(),
             aws: aws.clone(),
+            vertex: vertex.clone(),
         });
         let signal = stop.clone().cancelled_owned();
         tokio::spawn(async move {
@@ -374,6 +385,7 @@ impl MockUpstream {
             stats,
             accepted,
             aws,
+            vertex,
             stop,
         })
     }
@@ -423,6 +435,33 @@ impl MockUpstream {
         self.aws.add(access_key_id, secret, session_token);
     }
 
+    /// The Vertex AI base URL (the adapter appends `/v1/projects/...`), e.g.
+    /// `http://127.0.0.1:1234`.
+    pub fn vertex_base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A service-account key file (JSON) for the test account the Vertex endpoints trust,
+    /// with this mock's token endpoint as `token_uri`. Test-only credentials.
+    pub fn vertex_service_account_json(&self) -> String {
+        vertex::service_account_json(&format!("http://{}/token", self.addr))
+    }
+
+    /// Token requests the Vertex token endpoint received (accepted or refused).
+    pub fn vertex_token_requests(&self) -> u64 {
+        self.vertex.token_requests()
+    }
+
+    /// Sets the lifetime (`expires_in`) of Vertex tokens issued from now on (default 1 h).
+    pub fn set_vertex_token_lifetime(&self, lifetime: Duration) {
+        self.vertex.set_lifetime(lifetime);
+    }
+
+    /// Revokes every Vertex token issued so far: requests carrying one get a 401.
+    pub fn revoke_vertex_tokens(&self) {
+        self.vertex.revoke_all();
+    }
+
     /// Counters and the last request.
     pub fn stats(&self) -> &Arc<MockStats> {
         &self.stats
@@ -450,6 +489,7 @@ pub(crate) fn router(state: MockState) -> Router {
         .merge(openai::routes())
         .merge(anthropic::routes())
         .merge(bedrock::routes())
+        .merge(vertex::routes())
         .merge(gemini::routes())
         .with_state(state)
 }

@@ -12,11 +12,13 @@ pub mod compat;
 pub mod error;
 pub mod eventstream;
 pub mod gemini;
+pub mod google_auth;
 pub mod keys;
 pub mod mock;
 pub mod openai;
 pub mod sigv4;
 pub mod sse;
+pub mod vertex;
 
 use std::{collections::BTreeMap, pin::Pin, sync::Arc, time::Duration};
 
