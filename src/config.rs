@@ -1,40 +1,39 @@
-//! Configuration: a TOML file (optional), `${ENV_VAR}` interpolation in its strings,
+//! Configuration loading: a TOML file (optional), `${ENV_VAR}` interpolation in its strings,
 //! environment and command-line overrides for the common settings, and the zero-config
-//! defaults. Raw serde structs (`deny_unknown_fields`) are validated into [`Config`]; every
-//! problem names its field.
+//! defaults.
+//!
+//! Each section of the file belongs to the module it configures, which owns its raw serde
+//! struct (`deny_unknown_fields`), its defaults and its validation (every problem names its
+//! field); see [`crate::settings`]. This module only reads the file, interpolates, applies
+//! the overrides, assembles the sections into [`Config`], checks the rules that span
+//! sections, and discovers zero-config providers from the environment.
 
 use std::{
-    collections::BTreeMap,
-    net::SocketAddr,
+    collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
-    time::Duration,
 };
 
 use serde::Deserialize;
 
+pub use crate::settings::{ConfigIssue, parse_duration};
 use crate::{
-    executor::ExecutorSettings,
-    health::HealthSettings,
+    auth::{AuthSettings, RawAuth},
+    executor::{ExecutorSettings, RawExecutor},
+    health::{HealthSettings, RawHealth},
+    ledger::{LedgerSettings, RawLedger},
+    limits::{RawTeam, TeamLimits},
     models::RawModel,
     providers::{
-        HttpSettings, anthropic, compat, gemini,
+        RawUpstream, UpstreamSettings, anthropic, compat, gemini,
         openai::{self, MaxTokensField},
     },
     routing::policy::PolicySpec,
+    server::settings::{AdminSettings, RawAdmin, RawServer, ServerSettings},
+    settings::Issues,
+    store::{RawStore, StoreSettings},
+    telemetry::{LogConfig, MetricsSettings, RawLog, RawMetrics},
+    tls::{RawTls, TlsConfig},
 };
-
-/// The default gRPC listen address.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
-
-/// A configuration problem, naming the field.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {message}")]
-pub struct ConfigIssue {
-    /// Dotted path of the field, e.g. `providers.openai.base_url`.
-    pub field: String,
-    /// What is wrong.
-    pub message: String,
-}
 
 /// Why the configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +63,7 @@ pub enum ConfigError {
 // Raw file format
 // -------------------------------------------------------------------------------------------
 
+/// The file: one field per section, each the owning module's raw struct.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
@@ -100,108 +100,6 @@ struct RawConfig {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawAuth {
-    require_keys: Option<bool>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawTeam {
-    requests_per_minute: Option<u32>,
-    tokens_per_minute: Option<u64>,
-    daily_budget_usd: Option<f64>,
-    monthly_budget_usd: Option<f64>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawTls {
-    cert: Option<String>,
-    key: Option<String>,
-    client_ca: Option<String>,
-    reload_interval: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawMetrics {
-    listen: Option<String>,
-    tag_labels: Option<Vec<String>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawLedger {
-    enabled: Option<bool>,
-    queue_capacity: Option<usize>,
-    retention: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawExecutor {
-    min_attempt_time: Option<String>,
-    hedge_budget_ratio: Option<f64>,
-    hedge_budget_burst: Option<f64>,
-    hedge_pause_error_rate: Option<f64>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawStore {
-    path: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAdmin {
-    token: Option<String>,
-    listen: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawHealth {
-    failure_threshold: Option<u32>,
-    error_rate_threshold: Option<f64>,
-    min_samples: Option<usize>,
-    open_duration: Option<String>,
-    half_open_probes: Option<u32>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawServer {
-    listen: Option<String>,
-    max_call_duration: Option<String>,
-    default_call_timeout: Option<String>,
-    deadline_margin: Option<String>,
-    shutdown_grace: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawUpstream {
-    connect_timeout: Option<String>,
-    pool_idle_timeout: Option<String>,
-    pool_max_idle_per_host: Option<usize>,
-    stream_idle_timeout: Option<String>,
-    key_auth_rest: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawLog {
-    level: Option<String>,
-    format: Option<String>,
-    bodies: Option<bool>,
-    body_max_bytes: Option<usize>,
-    otlp_endpoint: Option<String>,
-    service_name: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawProvider {
     kind: Option<String>,
     base_url: Option<String>,
@@ -219,32 +117,6 @@ struct RawProvider {
 // -------------------------------------------------------------------------------------------
 // Validated configuration
 // -------------------------------------------------------------------------------------------
-
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    /// Human-readable text.
-    Text,
-    /// JSON lines, for log pipelines.
-    Json,
-    /// No log lines (traces may still be exported over OTLP).
-    None,
-}
-
-/// Log output settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LogConfig {
-    /// A `tracing_subscriber::EnvFilter` directive, e.g. `info` or `llm_gateway=debug`.
-    pub filter: String,
-    /// How log lines are written to stderr.
-    pub format: LogFormat,
-    /// Log upstream request and error bodies (redacted, truncated to this many bytes).
-    pub bodies: Option<usize>,
-    /// Export traces over OTLP/gRPC to this endpoint (e.g. `http://127.0.0.1:4317`).
-    pub otlp_endpoint: Option<String>,
-    /// The `service.name` of exported traces.
-    pub service_name: String,
-}
 
 /// The kind of a configured provider.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -334,113 +206,43 @@ impl std::fmt::Debug for ProviderConfig {
     }
 }
 
-/// The validated configuration. Its `Debug` output never shows the admin token (provider
-/// keys are redacted by [`ProviderConfig`]'s own `Debug`).
-#[derive(Clone)]
+/// The validated configuration: one field per section, each the owning module's settings
+/// type. Its `Debug` output never shows a secret (the admin token and provider keys are
+/// redacted by their own types).
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    /// gRPC listen address.
-    pub listen: SocketAddr,
-    /// The longest any call may run, whatever the caller's deadline.
-    pub max_call_duration: Duration,
-    /// The budget of a call whose caller set no deadline.
-    pub default_call_timeout: Duration,
-    /// How much before the caller's deadline the gateway ends a call.
-    pub deadline_margin: Duration,
-    /// How long in-flight calls may finish after a shutdown signal.
-    pub shutdown_grace: Duration,
-    /// Shared HTTP client settings.
-    pub http: HttpSettings,
-    /// A stream that sends nothing for this long is broken.
-    pub stream_idle_timeout: Duration,
-    /// Logging.
+    /// `[server]`: gRPC listener, call time limits, shutdown.
+    pub server: ServerSettings,
+    /// `[upstream]`: the shared HTTP client, stream idle timeout, key rest.
+    pub upstream: UpstreamSettings,
+    /// `[log]`.
     pub log: LogConfig,
-    /// Providers, in name order.
+    /// `[providers.*]`, in name order.
     pub providers: Vec<ProviderConfig>,
-    /// Extra registry entries and price overrides (`provider` is a configured name).
+    /// `[[models]]`: extra registry entries and price overrides (`provider` is a configured
+    /// name).
     pub models: Vec<RawModel>,
-    /// Policies from the config file (read-only through the API), by name.
+    /// `[policies.*]` (read-only through the API), in name order.
     pub policies: Vec<PolicySpec>,
-    /// The store file (`:memory:` for none).
-    pub store_path: PathBuf,
-    /// The admin bearer token; `None` means one is generated in the data directory.
-    pub admin_token: Option<String>,
-    /// A separate listen address for the admin service.
-    pub admin_listen: Option<SocketAddr>,
-    /// Circuit breaker settings.
+    /// `[store]`.
+    pub store: StoreSettings,
+    /// `[admin]`.
+    pub admin: AdminSettings,
+    /// `[health]`: circuit breakers.
     pub health: HealthSettings,
-    /// Fallback and hedging settings.
+    /// `[executor]`: fallback and hedging.
     pub executor: ExecutorSettings,
-    /// The Prometheus endpoint's address; `None` when off.
-    pub metrics_listen: Option<SocketAddr>,
-    /// Request tags that become metric labels (`tag_<name>`).
-    pub metric_tag_labels: Vec<String>,
-    /// The usage ledger: queue capacity, or `None` when off.
-    pub ledger_capacity: Option<usize>,
-    /// How long usage records are kept.
-    pub ledger_retention: Duration,
-    /// Whether data-plane calls need a gateway key (also when the listen address is not
-    /// loopback).
-    pub require_keys: bool,
-    /// Limits and budgets per team (a key's owner).
-    pub teams: std::collections::HashMap<String, crate::limits::TeamLimits>,
-    /// How long a provider key rests after a 401 or 403 (when the provider has others).
-    pub key_auth_rest: Duration,
-    /// TLS for the gRPC listeners; `None` for plain TCP.
+    /// `[metrics]`.
+    pub metrics: MetricsSettings,
+    /// `[ledger]`.
+    pub ledger: LedgerSettings,
+    /// `[auth]`.
+    pub auth: AuthSettings,
+    /// `[teams.*]`: limits and budgets per team (a key's owner).
+    pub teams: HashMap<String, TeamLimits>,
+    /// `[tls]`; `None` for plain TCP.
     pub tls: Option<TlsConfig>,
 }
-
-/// TLS settings of the gRPC listeners.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsConfig {
-    /// The certificate chain (PEM).
-    pub cert: PathBuf,
-    /// The private key (PEM).
-    pub key: PathBuf,
-    /// When set, clients must present a certificate signed by one of these CAs (PEM).
-    pub client_ca: Option<PathBuf>,
-    /// How often the files are checked for changes.
-    pub reload_interval: Duration,
-}
-
-impl std::fmt::Debug for Config {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Config")
-            .field("listen", &self.listen)
-            .field("max_call_duration", &self.max_call_duration)
-            .field("default_call_timeout", &self.default_call_timeout)
-            .field("deadline_margin", &self.deadline_margin)
-            .field("shutdown_grace", &self.shutdown_grace)
-            .field("http", &self.http)
-            .field("stream_idle_timeout", &self.stream_idle_timeout)
-            .field("log", &self.log)
-            .field("providers", &self.providers)
-            .field("models", &self.models)
-            .field("policies", &self.policies)
-            .field("store_path", &self.store_path)
-            .field(
-                "admin_token",
-                &self.admin_token.as_ref().map(|_| "<redacted>"),
-            )
-            .field("admin_listen", &self.admin_listen)
-            .field("health", &self.health)
-            .field("executor", &self.executor)
-            .field("metrics_listen", &self.metrics_listen)
-            .field("metric_tag_labels", &self.metric_tag_labels)
-            .field("ledger_capacity", &self.ledger_capacity)
-            .field("ledger_retention", &self.ledger_retention)
-            .field("require_keys", &self.require_keys)
-            .field("teams", &self.teams)
-            .field("key_auth_rest", &self.key_auth_rest)
-            .field("tls", &self.tls)
-            .finish()
-    }
-}
-
-/// The default metrics address.
-pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
-
-/// The default store file, relative to the working directory.
-pub const DEFAULT_STORE_PATH: &str = ".llm-gateway/llm-gateway.db";
 
 /// Settings given on the command line or in the environment; they win over the file.
 #[derive(Debug, Clone, Default)]
@@ -586,12 +388,6 @@ pub fn interpolate(
     Ok(Some(out))
 }
 
-/// Parses a duration such as `250ms`, `30s`, `2m` or `1h 30m`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("`{s}` is not a duration ({e}); use e.g. `250ms`, `30s`, `2m`"))
-}
-
 /// Whether `name` is a valid provider name (lowercase letters, digits, `-`, `_`; 1 to 64).
 pub fn valid_provider_name(name: &str) -> bool {
     !name.is_empty()
@@ -602,143 +398,90 @@ pub fn valid_provider_name(name: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
 }
 
-struct Issues(Vec<ConfigIssue>);
-
-impl Issues {
-    fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
-        self.0.push(ConfigIssue {
-            field: field.into(),
-            message: message.into(),
-        });
-    }
-
-    fn duration(&mut self, field: &str, value: Option<&str>, default: Duration) -> Duration {
-        match value.map(parse_duration) {
-            None => default,
-            Some(Ok(d)) if d > Duration::ZERO => d,
-            Some(Ok(_)) => {
-                self.push(field, "must be greater than zero");
-                default
-            }
-            Some(Err(e)) => {
-                self.push(field, e);
-                default
-            }
-        }
-    }
-}
-
 fn validate(
-    raw: RawConfig,
+    mut raw: RawConfig,
     overrides: &Overrides,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigError> {
-    let mut issues = Issues(Vec::new());
+    let mut issues = Issues::new();
 
-    let (listen_field, listen_text) = match &overrides.listen {
-        Some(l) => ("--listen / LLM_GATEWAY_LISTEN", l.clone()),
-        None => (
-            "server.listen",
-            raw.server
-                .listen
-                .unwrap_or_else(|| DEFAULT_LISTEN.to_owned()),
-        ),
-    };
-    let listen = listen_text.parse().unwrap_or_else(|_| {
-        issues.push(
-            listen_field,
-            format!("`{listen_text}` is not a socket address like 127.0.0.1:50051"),
-        );
-        SocketAddr::from(([127, 0, 0, 1], 50051))
-    });
-
-    let max_call_duration = issues.duration(
-        "server.max_call_duration",
-        raw.server.max_call_duration.as_deref(),
-        Duration::from_secs(600),
-    );
-    let default_call_timeout = issues.duration(
-        "server.default_call_timeout",
-        raw.server.default_call_timeout.as_deref(),
-        Duration::from_secs(300).min(max_call_duration),
-    );
-    if default_call_timeout > max_call_duration {
-        issues.push(
-            "server.default_call_timeout",
-            "must not be longer than server.max_call_duration",
-        );
-    }
-    let deadline_margin = match raw.server.deadline_margin.as_deref().map(parse_duration) {
-        None => Duration::from_millis(5),
-        Some(Ok(d)) => d,
-        Some(Err(e)) => {
-            issues.push("server.deadline_margin", e);
-            Duration::ZERO
+    // Overrides win over the file; each is validated with its section.
+    let listen_field = match &overrides.listen {
+        Some(listen) => {
+            raw.server.listen = Some(listen.clone());
+            "--listen / LLM_GATEWAY_LISTEN"
         }
+        None => "server.listen",
     };
-    let shutdown_grace = issues.duration(
-        "server.shutdown_grace",
-        raw.server.shutdown_grace.as_deref(),
-        Duration::from_secs(30),
-    );
+    raw.log.level = overrides.log_level.clone().or(raw.log.level);
+    raw.log.format = overrides.log_format.clone().or(raw.log.format);
+    raw.admin.token = overrides.admin_token.clone().or(raw.admin.token);
+    raw.metrics.listen = overrides.metrics_listen.clone().or(raw.metrics.listen);
 
-    let defaults = HttpSettings::default();
-    let http = HttpSettings {
-        connect_timeout: issues.duration(
-            "upstream.connect_timeout",
-            raw.upstream.connect_timeout.as_deref(),
-            defaults.connect_timeout,
-        ),
-        pool_idle_timeout: issues.duration(
-            "upstream.pool_idle_timeout",
-            raw.upstream.pool_idle_timeout.as_deref(),
-            defaults.pool_idle_timeout,
-        ),
-        pool_max_idle_per_host: raw
-            .upstream
-            .pool_max_idle_per_host
-            .unwrap_or(defaults.pool_max_idle_per_host),
-    };
-    let stream_idle_timeout = issues.duration(
-        "upstream.stream_idle_timeout",
-        raw.upstream.stream_idle_timeout.as_deref(),
-        Duration::from_secs(60),
-    );
-
-    let log_format = overrides
-        .log_format
-        .clone()
-        .or(raw.log.format)
-        .unwrap_or_else(|| "text".to_owned());
-    let format = match log_format.as_str() {
-        "text" => LogFormat::Text,
-        "json" => LogFormat::Json,
-        "none" => LogFormat::None,
-        other => {
+    let server = ServerSettings::from_raw(raw.server, listen_field, &mut issues);
+    let upstream = UpstreamSettings::from_raw(raw.upstream, &mut issues);
+    let log = LogConfig::from_raw(raw.log, &mut issues);
+    let providers = providers(raw.providers, env, &mut issues);
+    for (i, m) in raw.models.iter().enumerate() {
+        if !providers.iter().any(|p| p.name == m.provider) {
             issues.push(
-                "log.format",
-                format!("`{other}` is not one of: text, json, none"),
+                format!("models[{i}].provider"),
+                format!("`{}` is not a configured provider", m.provider),
             );
-            LogFormat::Text
         }
-    };
-    let filter = overrides
-        .log_level
-        .clone()
-        .or(raw.log.level)
-        .unwrap_or_else(|| "info".to_owned());
-    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&filter) {
-        issues.push(
-            "log.level",
-            format!("`{filter}` is not a valid filter: {e}"),
-        );
+        m.check_prices(i, &mut issues);
     }
+    let policies = crate::routing::policy::policies_from_raw(raw.policies, &mut issues);
+    let mut store = StoreSettings::from_raw(raw.store);
+    if let Some(dir) = &overrides.data_dir {
+        store.path = dir.join("llm-gateway.db");
+    }
+    let admin = AdminSettings::from_raw(raw.admin, &mut issues);
+    let health = HealthSettings::from_raw(raw.health, &mut issues);
+    let mut executor = ExecutorSettings::from_raw(raw.executor, &mut issues);
+    executor.stream_idle_timeout = upstream.stream_idle_timeout;
+    let metrics = MetricsSettings::from_raw(raw.metrics, &mut issues);
+    let ledger = LedgerSettings::from_raw(raw.ledger, &mut issues);
+    let mut auth = AuthSettings::from_raw(raw.auth);
+    // Keys are required whenever the data plane is reachable from other machines.
+    auth.require_keys |= !server.listen.ip().is_loopback();
+    let teams = crate::limits::teams_from_raw(raw.teams, &mut issues);
+    let tls = raw.tls.and_then(|t| TlsConfig::from_raw(t, &mut issues));
 
+    if !issues.is_empty() {
+        return Err(ConfigError::Invalid(issues.into_vec()));
+    }
+    Ok(Config {
+        server,
+        upstream,
+        log,
+        providers,
+        models: raw.models,
+        policies,
+        store,
+        admin,
+        health,
+        executor,
+        metrics,
+        ledger,
+        auth,
+        teams,
+        tls,
+    })
+}
+
+/// Validates `[providers.*]` (or, when the file has none, the providers found in the
+/// environment); the built-in mock when there are none at all.
+fn providers(
+    raw_providers: BTreeMap<String, RawProvider>,
+    env: &dyn Fn(&str) -> Option<String>,
+    issues: &mut Issues,
+) -> Vec<ProviderConfig> {
     let mut providers = Vec::new();
-    let raw_providers = if raw.providers.is_empty() {
-        providers_from_env(env, &mut issues)
+    let raw_providers = if raw_providers.is_empty() {
+        providers_from_env(env, issues)
     } else {
-        raw.providers
+        raw_providers
     };
     for (name, p) in raw_providers {
         let field = format!("providers.{name}");
@@ -866,7 +609,7 @@ fn validate(
                 continue;
             }
         };
-        let mut api_keys = provider_keys(&field, &p, &mut issues);
+        let mut api_keys = provider_keys(&field, &p, issues);
         if api_keys.is_empty()
             && let Some(key) = key_env
                 .iter()
@@ -920,256 +663,7 @@ fn validate(
             models: None,
         });
     }
-    for (i, m) in raw.models.iter().enumerate() {
-        if !providers.iter().any(|p| p.name == m.provider) {
-            issues.push(
-                format!("models[{i}].provider"),
-                format!("`{}` is not a configured provider", m.provider),
-            );
-        }
-        for (name, price) in [
-            ("input", m.input),
-            ("output", m.output),
-            ("cached_input", m.cached_input),
-            ("cache_write", m.cache_write),
-        ] {
-            if price.is_some_and(|p| !p.is_finite() || p < 0.0) {
-                issues.push(format!("models[{i}].{name}"), "must be zero or more");
-            }
-        }
-    }
-
-    let mut policies = Vec::new();
-    for (name, mut spec) in raw.policies {
-        if !spec.name.is_empty() && spec.name != name {
-            issues.push(
-                format!("policies.{name}.name"),
-                "must be left out or equal the table name",
-            );
-        }
-        spec.name = name;
-        policies.push(spec);
-    }
-
-    let store_path = match (&overrides.data_dir, raw.store.path) {
-        (Some(dir), _) => dir.join("llm-gateway.db"),
-        (None, Some(path)) => PathBuf::from(path),
-        (None, None) => PathBuf::from(DEFAULT_STORE_PATH),
-    };
-    let admin_token = overrides
-        .admin_token
-        .clone()
-        .or(raw.admin.token)
-        .filter(|t| !t.is_empty());
-    if admin_token.as_ref().is_some_and(|t| t.len() < 16) {
-        issues.push("admin.token", "must be at least 16 characters");
-    }
-    let admin_listen = raw.admin.listen.and_then(|l| match l.parse() {
-        Ok(addr) => Some(addr),
-        Err(_) => {
-            issues.push("admin.listen", format!("`{l}` is not a socket address"));
-            None
-        }
-    });
-    let hd = HealthSettings::default();
-    let health = HealthSettings {
-        failure_threshold: raw
-            .health
-            .failure_threshold
-            .unwrap_or(hd.failure_threshold)
-            .max(1),
-        error_rate_threshold: match raw.health.error_rate_threshold {
-            Some(r) if !(r > 0.0 && r <= 1.0) => {
-                issues.push(
-                    "health.error_rate_threshold",
-                    "must be above 0 and at most 1",
-                );
-                hd.error_rate_threshold
-            }
-            Some(r) => r,
-            None => hd.error_rate_threshold,
-        },
-        min_samples: raw.health.min_samples.unwrap_or(hd.min_samples),
-        open_duration: issues.duration(
-            "health.open_duration",
-            raw.health.open_duration.as_deref(),
-            hd.open_duration,
-        ),
-        half_open_probes: raw
-            .health
-            .half_open_probes
-            .unwrap_or(hd.half_open_probes)
-            .max(1),
-        ..hd
-    };
-
-    let ed = ExecutorSettings::default();
-    let mut share = |field: &str, value: Option<f64>, default: f64, max: f64| match value {
-        Some(v) if !(0.0..=max).contains(&v) => {
-            issues.push(field, format!("must be between 0 and {max}"));
-            default
-        }
-        Some(v) => v,
-        None => default,
-    };
-    let hedge_budget_ratio = share(
-        "executor.hedge_budget_ratio",
-        raw.executor.hedge_budget_ratio,
-        ed.hedge_budget_ratio,
-        1.0,
-    );
-    let hedge_budget_burst = share(
-        "executor.hedge_budget_burst",
-        raw.executor.hedge_budget_burst,
-        ed.hedge_budget_burst,
-        10_000.0,
-    );
-    let hedge_pause_error_rate = share(
-        "executor.hedge_pause_error_rate",
-        raw.executor.hedge_pause_error_rate,
-        ed.hedge_pause_error_rate,
-        1.0,
-    );
-    let executor = ExecutorSettings {
-        stream_idle_timeout,
-        min_attempt_time: match raw.executor.min_attempt_time.as_deref().map(parse_duration) {
-            None => ed.min_attempt_time,
-            Some(Ok(d)) => d,
-            Some(Err(e)) => {
-                issues.push("executor.min_attempt_time", e);
-                ed.min_attempt_time
-            }
-        },
-        hedge_budget_ratio,
-        hedge_budget_burst,
-        hedge_pause_error_rate,
-    };
-
-    let metrics_listen = match overrides
-        .metrics_listen
-        .as_deref()
-        .or(raw.metrics.listen.as_deref())
-    {
-        None => DEFAULT_METRICS_LISTEN.parse().ok(),
-        Some("" | "off") => None,
-        Some(l) => match l.parse() {
-            Ok(addr) => Some(addr),
-            Err(_) => {
-                issues.push(
-                    "metrics.listen",
-                    format!("`{l}` is not a socket address (or `off`)"),
-                );
-                None
-            }
-        },
-    };
-    let metric_tag_labels = raw.metrics.tag_labels.unwrap_or_default();
-    for (i, tag) in metric_tag_labels.iter().enumerate() {
-        if tag.is_empty() || !tag.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            issues.push(
-                format!("metrics.tag_labels[{i}]"),
-                "tag label names use letters, digits and `_`",
-            );
-        }
-    }
-    if metric_tag_labels.len() > 8 {
-        issues.push(
-            "metrics.tag_labels",
-            "at most 8 tags may become labels (cardinality)",
-        );
-    }
-    let ledger_capacity = raw
-        .ledger
-        .enabled
-        .unwrap_or(true)
-        .then_some(raw.ledger.queue_capacity.unwrap_or(10_000).max(1));
-    let ledger_retention = issues.duration(
-        "ledger.retention",
-        raw.ledger.retention.as_deref(),
-        Duration::from_secs(30 * 24 * 3600),
-    );
-
-    let otlp_endpoint = match raw.log.otlp_endpoint.filter(|e| !e.is_empty()) {
-        Some(e) if !(e.starts_with("http://") || e.starts_with("https://")) => {
-            issues.push(
-                "log.otlp_endpoint",
-                format!("`{e}` must start with http:// or https://"),
-            );
-            None
-        }
-        other => other,
-    };
-    // Keys are required whenever the data plane is reachable from other machines.
-    let require_keys = raw.auth.require_keys.unwrap_or(false) || !listen.ip().is_loopback();
-    let mut teams = std::collections::HashMap::new();
-    for (name, t) in raw.teams {
-        for (field, value) in [
-            ("daily_budget_usd", t.daily_budget_usd),
-            ("monthly_budget_usd", t.monthly_budget_usd),
-        ] {
-            if value.is_some_and(|v| !v.is_finite() || v < 0.0) {
-                issues.push(format!("teams.{name}.{field}"), "must be zero or more");
-            }
-        }
-        teams.insert(
-            name,
-            crate::limits::TeamLimits {
-                requests_per_minute: t.requests_per_minute.unwrap_or(0),
-                tokens_per_minute: t.tokens_per_minute.unwrap_or(0),
-                daily_budget_usd: t.daily_budget_usd.unwrap_or(0.0),
-                monthly_budget_usd: t.monthly_budget_usd.unwrap_or(0.0),
-            },
-        );
-    }
-    let key_auth_rest = issues.duration(
-        "upstream.key_auth_rest",
-        raw.upstream.key_auth_rest.as_deref(),
-        crate::providers::keys::DEFAULT_AUTH_REST,
-    );
-    let tls = raw.tls.and_then(|t| tls_config(t, &mut issues));
-
-    if !issues.0.is_empty() {
-        return Err(ConfigError::Invalid(issues.0));
-    }
-    Ok(Config {
-        require_keys,
-        teams,
-        key_auth_rest,
-        tls,
-        metrics_listen,
-        metric_tag_labels,
-        ledger_capacity,
-        ledger_retention,
-        executor,
-        policies,
-        store_path,
-        admin_token,
-        admin_listen,
-        health,
-        listen,
-        max_call_duration,
-        default_call_timeout,
-        deadline_margin,
-        shutdown_grace,
-        http,
-        stream_idle_timeout,
-        log: LogConfig {
-            filter,
-            format,
-            bodies: raw
-                .log
-                .bodies
-                .unwrap_or(false)
-                .then_some(raw.log.body_max_bytes.unwrap_or(4096)),
-            otlp_endpoint,
-            service_name: raw
-                .log
-                .service_name
-                .unwrap_or_else(|| "llm-gateway".to_owned()),
-        },
-        providers,
-        models: raw.models,
-    })
+    providers
 }
 
 /// A provider's keys from `api_key`, `api_keys`, `api_key_file` and `api_key_files`, in that
@@ -1216,39 +710,6 @@ fn provider_keys(field: &str, p: &RawProvider, issues: &mut Issues) -> Vec<Strin
         }
     }
     keys
-}
-
-/// Validates `[tls]`: `cert` and `key` are required together; the files are read when the
-/// server starts (and on every reload), so that a problem there names the file.
-fn tls_config(raw: RawTls, issues: &mut Issues) -> Option<TlsConfig> {
-    let reload_interval = issues.duration(
-        "tls.reload_interval",
-        raw.reload_interval.as_deref(),
-        Duration::from_secs(5),
-    );
-    let path = |field: &str, value: Option<String>, issues: &mut Issues| match value {
-        Some(v) if !v.trim().is_empty() => Some(PathBuf::from(v)),
-        Some(_) => {
-            issues.push(field, "must not be empty");
-            None
-        }
-        None => {
-            issues.push(field, "is required in [tls]");
-            None
-        }
-    };
-    let cert = path("tls.cert", raw.cert, issues);
-    let key = path("tls.key", raw.key, issues);
-    let client_ca = match raw.client_ca {
-        Some(ca) => Some(path("tls.client_ca", Some(ca), issues)?),
-        None => None,
-    };
-    Some(TlsConfig {
-        cert: cert?,
-        key: key?,
-        client_ca,
-        reload_interval,
-    })
 }
 
 /// The providers the zero-config start registers from the environment: `openai`,
@@ -1298,7 +759,10 @@ fn providers_from_env(
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+    use crate::server::settings::DEFAULT_LISTEN;
 
     fn env_of(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
         move |name| {
@@ -1337,7 +801,7 @@ mod tests {
     #[test]
     fn zero_config_is_the_mock_on_loopback() {
         let config = load("", &[]).unwrap();
-        assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(config.server.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(config.providers.len(), 1);
         assert_eq!(config.providers[0].kind, ProviderKind::Mock);
     }
@@ -1515,8 +979,8 @@ mod tests {
             &[("VLLM_KEY", "k")],
         )
         .unwrap();
-        assert_eq!(config.listen.port(), 7000);
-        assert_eq!(config.max_call_duration, Duration::from_secs(120));
+        assert_eq!(config.server.listen.port(), 7000);
+        assert_eq!(config.server.max_call_duration, Duration::from_secs(120));
         assert_eq!(config.providers[0].base_url, "http://127.0.0.1:8000/v1");
         assert_eq!(config.providers[0].api_key(), Some("k"));
     }
@@ -1591,7 +1055,7 @@ mod tests {
                 "sk-file-3"
             ]
         );
-        assert_eq!(config.key_auth_rest, Duration::from_secs(60));
+        assert_eq!(config.upstream.key_auth_rest, Duration::from_secs(60));
         let debug = format!("{:?}", config.providers[0]);
         assert!(!debug.contains("sk-"), "{debug}");
 

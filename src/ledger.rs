@@ -11,13 +11,51 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use tokio::{sync::mpsc, task::JoinHandle};
 
-use crate::{store::Store, telemetry::names};
+use crate::{settings::Issues, telemetry::names};
 
 /// Most records written in one transaction.
 pub const MAX_BATCH: usize = 2048;
 
 /// How long the writer lets records gather before it writes a batch.
 pub const BATCH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// `[ledger]` as written in the config file.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLedger {
+    /// `ledger.enabled`.
+    pub enabled: Option<bool>,
+    /// `ledger.queue_capacity`.
+    pub queue_capacity: Option<usize>,
+    /// `ledger.retention`.
+    pub retention: Option<String>,
+}
+
+/// The validated `[ledger]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerSettings {
+    /// The queue capacity, or `None` when the ledger is off.
+    pub capacity: Option<usize>,
+    /// How long usage records are kept.
+    pub retention: Duration,
+}
+
+impl LedgerSettings {
+    /// Validates `[ledger]`.
+    pub fn from_raw(raw: RawLedger, issues: &mut Issues) -> Self {
+        Self {
+            capacity: raw
+                .enabled
+                .unwrap_or(true)
+                .then_some(raw.queue_capacity.unwrap_or(10_000).max(1)),
+            retention: issues.duration(
+                "ledger.retention",
+                raw.retention.as_deref(),
+                Duration::from_secs(30 * 24 * 3600),
+            ),
+        }
+    }
+}
 
 /// What the gateway records about one call.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -60,6 +98,26 @@ pub struct UsageRecord {
     pub error_class: String,
 }
 
+/// What the ledger needs of durable storage: append usage records, read them back, prune
+/// old ones. The ledger owns this interface and the store implements it, so the ledger
+/// depends on no storage backend.
+#[async_trait::async_trait]
+pub trait UsageSink: Send + Sync + 'static {
+    /// Appends records in one transaction.
+    async fn insert_usage(&self, records: Vec<UsageRecord>) -> Result<(), SinkError>;
+
+    /// Records with `from_ms <= time_ms < to_ms`, oldest first.
+    async fn usage_between(&self, from_ms: i64, to_ms: i64) -> Result<Vec<UsageRecord>, SinkError>;
+
+    /// Deletes records older than `cutoff_ms`; returns how many.
+    async fn delete_usage_before(&self, cutoff_ms: i64) -> Result<u64, SinkError>;
+}
+
+/// Why a [`UsageSink`] failed: its backend's description.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct SinkError(pub String);
+
 /// The sending side of the ledger; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Ledger {
@@ -80,7 +138,7 @@ impl Ledger {
 
     /// Starts the writer over `store` with a queue of `capacity` records.
     pub fn start(
-        store: Arc<dyn Store>,
+        store: Arc<dyn UsageSink>,
         capacity: usize,
         retention: Duration,
     ) -> (Ledger, LedgerWriter) {
@@ -117,7 +175,7 @@ fn now_ms() -> i64 {
 }
 
 async fn write_loop(
-    store: Arc<dyn Store>,
+    store: Arc<dyn UsageSink>,
     mut rx: mpsc::Receiver<UsageRecord>,
     retention: Duration,
 ) {
@@ -152,7 +210,7 @@ async fn write_loop(
     write(&*store, &mut batch).await;
 }
 
-async fn write(store: &dyn Store, batch: &mut Vec<UsageRecord>) {
+async fn write(store: &dyn UsageSink, batch: &mut Vec<UsageRecord>) {
     if batch.is_empty() {
         return;
     }
@@ -258,8 +316,41 @@ pub fn totals<'a>(records: impl IntoIterator<Item = &'a UsageRecord>) -> Totals 
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
     use super::*;
-    use crate::store::sqlite::SqliteStore;
+
+    /// Records in memory.
+    #[derive(Default)]
+    struct MemorySink(Mutex<Vec<UsageRecord>>);
+
+    #[async_trait::async_trait]
+    impl UsageSink for MemorySink {
+        async fn insert_usage(&self, records: Vec<UsageRecord>) -> Result<(), SinkError> {
+            self.0.lock().unwrap().extend(records);
+            Ok(())
+        }
+
+        async fn usage_between(
+            &self,
+            from_ms: i64,
+            to_ms: i64,
+        ) -> Result<Vec<UsageRecord>, SinkError> {
+            let records = self.0.lock().unwrap();
+            Ok(records
+                .iter()
+                .filter(|r| (from_ms..to_ms).contains(&r.time_ms))
+                .cloned()
+                .collect())
+        }
+
+        async fn delete_usage_before(&self, cutoff_ms: i64) -> Result<u64, SinkError> {
+            let mut records = self.0.lock().unwrap();
+            let before = records.len();
+            records.retain(|r| r.time_ms >= cutoff_ms);
+            Ok((before - records.len()) as u64)
+        }
+    }
 
     fn record(provider: &str, code: &str, cost: f64, latency: f64) -> UsageRecord {
         UsageRecord {
@@ -305,8 +396,7 @@ mod tests {
 
     #[tokio::test]
     async fn queue_full_drops_and_shutdown_flushes() {
-        let store: Arc<dyn Store> =
-            Arc::new(SqliteStore::open(std::path::Path::new(":memory:")).unwrap());
+        let store = Arc::new(MemorySink::default());
         let (ledger, writer) = Ledger::start(store.clone(), 4, Duration::from_secs(3600));
         // A burst far larger than the queue, without yielding to the writer.
         for i in 0..1000 {

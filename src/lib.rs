@@ -36,6 +36,7 @@ pub mod providers;
 pub mod reload;
 pub mod routing;
 pub mod server;
+pub mod settings;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

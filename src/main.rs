@@ -68,14 +68,14 @@ fn main() -> ExitCode {
     };
     if args.check_config {
         println!("configuration is valid");
-        println!("  listen: {}", config.listen);
+        println!("  listen: {}", config.server.listen);
         for p in &config.providers {
             println!("  provider {}: {} {}", p.name, p.kind.name(), p.base_url);
         }
         for p in &config.policies {
             println!("  policy {}: {} target(s)", p.name, p.targets.len());
         }
-        println!("  store: {}", config.store_path.display());
+        println!("  store: {}", config.store.path.display());
         return ExitCode::SUCCESS;
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -105,10 +105,10 @@ fn main() -> ExitCode {
 async fn serve(config: Config, config_source: llm_gateway::reload::ConfigSource) -> ExitCode {
     let reload_signal = Arc::new(tokio::sync::Notify::new());
     forward_sighup(reload_signal.clone());
-    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+    let listener = match tokio::net::TcpListener::bind(config.server.listen).await {
         Ok(l) => l,
         Err(err) => {
-            tracing::error!(addr = %config.listen, error = %err, "cannot listen");
+            tracing::error!(addr = %config.server.listen, error = %err, "cannot listen");
             return ExitCode::FAILURE;
         }
     };

@@ -91,7 +91,7 @@ struct RawRegistry {
 }
 
 /// One model entry, as in `data/models.toml` and the config file's `[[models]]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawModel {
     /// Provider kind (in the data file) or configured provider name (in the config file).
@@ -128,6 +128,21 @@ pub struct RawModel {
 }
 
 impl RawModel {
+    /// Checks the prices of `[[models]]` entry `i` (that `provider` is configured is the
+    /// config loader's cross-section check).
+    pub fn check_prices(&self, i: usize, issues: &mut crate::settings::Issues) {
+        for (name, price) in [
+            ("input", self.input),
+            ("output", self.output),
+            ("cached_input", self.cached_input),
+            ("cache_write", self.cache_write),
+        ] {
+            if price.is_some_and(|p| !p.is_finite() || p < 0.0) {
+                issues.push(format!("models[{i}].{name}"), "must be zero or more");
+            }
+        }
+    }
+
     fn into_info(self, provider_kind: String) -> ModelInfo {
         ModelInfo {
             provider_kind,

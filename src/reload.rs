@@ -16,8 +16,9 @@ use std::sync::Arc;
 use tokio::sync::Mutex;
 
 use crate::{
-    config::{Config, ConfigError},
-    providers::ProviderRegistry,
+    config::{Config, ConfigError, ProviderConfig},
+    providers::{ProviderRegistry, UpstreamSettings},
+    server::settings::ServerSettings,
     tls::{TlsError, TlsState},
 };
 
@@ -148,10 +149,69 @@ impl Reloader {
         Ok(report)
     }
 
-    /// Swaps key sets and lists what changed.
+    /// Swaps key sets and lists what changed, section by section. The destructure is
+    /// exhaustive: a new section of [`Config`] does not compile until it is decided here
+    /// whether it reloads in place or needs a restart.
     fn apply(&self, new: &Config, tls_reloaded: bool) -> ReloadReport {
+        let Config {
+            server,
+            upstream,
+            log,
+            providers,
+            models,
+            policies,
+            store,
+            admin,
+            health,
+            executor,
+            metrics,
+            ledger,
+            auth,
+            teams,
+            tls,
+        } = &self.running;
         let mut report = ReloadReport::default();
-        for old in &self.running.providers {
+        self.apply_providers(providers, new, &mut report);
+        match (tls, &new.tls) {
+            (Some(_), Some(_)) if tls_reloaded => report.reloaded.push("tls".to_owned()),
+            (None, None) => {}
+            _ => report.restart_needed.push("tls".to_owned()),
+        }
+        let mut restart = |name: &str, differs: bool| {
+            if differs {
+                report.restart_needed.push(name.to_owned());
+            }
+        };
+        restart("server.listen", server.listen != new.server.listen);
+        let server_rest = ServerSettings {
+            listen: new.server.listen,
+            ..server.clone()
+        };
+        restart("server", server_rest != new.server);
+        // `upstream.key_auth_rest` applies in place, with the keys.
+        let upstream_rest = UpstreamSettings {
+            key_auth_rest: new.upstream.key_auth_rest,
+            ..upstream.clone()
+        };
+        restart("upstream", upstream_rest != new.upstream);
+        restart("log", *log != new.log);
+        restart("models", *models != new.models);
+        restart("policies", *policies != new.policies);
+        restart("store", *store != new.store);
+        restart("admin", *admin != new.admin);
+        restart("health", *health != new.health);
+        restart("executor", *executor != new.executor);
+        restart("metrics", *metrics != new.metrics);
+        restart("ledger", *ledger != new.ledger);
+        restart("auth", *auth != new.auth);
+        restart("teams", *teams != new.teams);
+        report
+    }
+
+    /// Swaps each provider's keys (and the key rest time); a provider added, removed or
+    /// with a new kind, URL or model list needs a restart.
+    fn apply_providers(&self, running: &[ProviderConfig], new: &Config, report: &mut ReloadReport) {
+        for old in running {
             let name = &old.name;
             let Some(fresh) = new.providers.iter().find(|p| &p.name == name) else {
                 report
@@ -173,90 +233,20 @@ impl Reloader {
                 }
                 continue;
             };
-            if !ring.same_keys(&fresh.api_keys) || ring.auth_rest() != new.key_auth_rest {
-                ring.replace(fresh.api_keys.clone(), new.key_auth_rest);
+            let auth_rest = new.upstream.key_auth_rest;
+            if !ring.same_keys(&fresh.api_keys) || ring.auth_rest() != auth_rest {
+                ring.replace(fresh.api_keys.clone(), auth_rest);
                 report.reloaded.push(format!("providers.{name}.api_keys"));
             }
         }
         for fresh in &new.providers {
-            if !self.running.providers.iter().any(|p| p.name == fresh.name) {
+            if !running.iter().any(|p| p.name == fresh.name) {
                 report
                     .restart_needed
                     .push(format!("providers.{} (added)", fresh.name));
             }
         }
-        match (&self.running.tls, &new.tls) {
-            (Some(_), Some(_)) if tls_reloaded => report.reloaded.push("tls".to_owned()),
-            (None, None) => {}
-            _ => report.restart_needed.push("tls".to_owned()),
-        }
-        report
-            .restart_needed
-            .extend(other_changes(&self.running, new));
-        report
     }
-}
-
-/// The sections other than providers and TLS that differ between `a` and `b`.
-fn other_changes(a: &Config, b: &Config) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut check = |name: &str, differs: bool| {
-        if differs {
-            out.push(name.to_owned());
-        }
-    };
-    let dbg = |v: &dyn std::fmt::Debug| format!("{v:?}");
-    check("server.listen", a.listen != b.listen);
-    check(
-        "server",
-        (
-            a.max_call_duration,
-            a.default_call_timeout,
-            a.deadline_margin,
-            a.shutdown_grace,
-        ) != (
-            b.max_call_duration,
-            b.default_call_timeout,
-            b.deadline_margin,
-            b.shutdown_grace,
-        ),
-    );
-    check(
-        "upstream",
-        dbg(&a.http) != dbg(&b.http) || a.stream_idle_timeout != b.stream_idle_timeout,
-    );
-    check("log", a.log != b.log);
-    check("models", dbg(&a.models) != dbg(&b.models));
-    check("policies", dbg(&a.policies) != dbg(&b.policies));
-    check("store", a.store_path != b.store_path);
-    check(
-        "admin",
-        a.admin_token != b.admin_token || a.admin_listen != b.admin_listen,
-    );
-    check("health", dbg(&a.health) != dbg(&b.health));
-    check("executor", dbg(&a.executor) != dbg(&b.executor));
-    check(
-        "metrics",
-        a.metrics_listen != b.metrics_listen || a.metric_tag_labels != b.metric_tag_labels,
-    );
-    check(
-        "ledger",
-        a.ledger_capacity != b.ledger_capacity || a.ledger_retention != b.ledger_retention,
-    );
-    if out.is_empty() {
-        // Sections this list does not name yet: compare everything else as a whole.
-        let neutral = |c: &Config| {
-            let mut c = c.clone();
-            c.providers.clear();
-            c.tls = None;
-            c.key_auth_rest = std::time::Duration::ZERO;
-            format!("{c:?}")
-        };
-        if neutral(a) != neutral(b) {
-            out.push("other settings".to_owned());
-        }
-    }
-    out
 }
 
 #[cfg(test)]

@@ -14,7 +14,154 @@ use std::sync::OnceLock;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
-use crate::config::{LogConfig, LogFormat};
+use crate::settings::Issues;
+
+/// `[log]` as written in the config file.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    /// `log.level`.
+    pub level: Option<String>,
+    /// `log.format`.
+    pub format: Option<String>,
+    /// `log.bodies`.
+    pub bodies: Option<bool>,
+    /// `log.body_max_bytes`.
+    pub body_max_bytes: Option<usize>,
+    /// `log.otlp_endpoint`.
+    pub otlp_endpoint: Option<String>,
+    /// `log.service_name`.
+    pub service_name: Option<String>,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable text.
+    Text,
+    /// JSON lines, for log pipelines.
+    Json,
+    /// No log lines (traces may still be exported over OTLP).
+    None,
+}
+
+/// Log output settings (`[log]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    /// A `tracing_subscriber::EnvFilter` directive, e.g. `info` or `llm_gateway=debug`.
+    pub filter: String,
+    /// How log lines are written to stderr.
+    pub format: LogFormat,
+    /// Log upstream request and error bodies (redacted, truncated to this many bytes).
+    pub bodies: Option<usize>,
+    /// Export traces over OTLP/gRPC to this endpoint (e.g. `http://127.0.0.1:4317`).
+    pub otlp_endpoint: Option<String>,
+    /// The `service.name` of exported traces.
+    pub service_name: String,
+}
+
+impl LogConfig {
+    /// Validates `[log]`.
+    pub fn from_raw(raw: RawLog, issues: &mut Issues) -> Self {
+        let format = match raw.format.as_deref().unwrap_or("text") {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            "none" => LogFormat::None,
+            other => {
+                issues.push(
+                    "log.format",
+                    format!("`{other}` is not one of: text, json, none"),
+                );
+                LogFormat::Text
+            }
+        };
+        let filter = raw.level.unwrap_or_else(|| "info".to_owned());
+        if let Err(e) = EnvFilter::try_new(&filter) {
+            issues.push(
+                "log.level",
+                format!("`{filter}` is not a valid filter: {e}"),
+            );
+        }
+        let otlp_endpoint = match raw.otlp_endpoint.filter(|e| !e.is_empty()) {
+            Some(e) if !(e.starts_with("http://") || e.starts_with("https://")) => {
+                issues.push(
+                    "log.otlp_endpoint",
+                    format!("`{e}` must start with http:// or https://"),
+                );
+                None
+            }
+            other => other,
+        };
+        Self {
+            filter,
+            format,
+            bodies: raw
+                .bodies
+                .unwrap_or(false)
+                .then_some(raw.body_max_bytes.unwrap_or(4096)),
+            otlp_endpoint,
+            service_name: raw.service_name.unwrap_or_else(|| "llm-gateway".to_owned()),
+        }
+    }
+}
+
+/// The default metrics address.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+
+/// `[metrics]` as written in the config file.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    /// `metrics.listen`: an address, or `off`.
+    pub listen: Option<String>,
+    /// `metrics.tag_labels`.
+    pub tag_labels: Option<Vec<String>>,
+}
+
+/// The Prometheus endpoint (`[metrics]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsSettings {
+    /// The endpoint's address; `None` when off.
+    pub listen: Option<std::net::SocketAddr>,
+    /// Request tags that become metric labels (`tag_<name>`).
+    pub tag_labels: Vec<String>,
+}
+
+impl MetricsSettings {
+    /// Validates `[metrics]`.
+    pub fn from_raw(raw: RawMetrics, issues: &mut Issues) -> Self {
+        let listen = match raw.listen.as_deref() {
+            None => DEFAULT_METRICS_LISTEN.parse().ok(),
+            Some("" | "off") => None,
+            Some(l) => match l.parse() {
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    issues.push(
+                        "metrics.listen",
+                        format!("`{l}` is not a socket address (or `off`)"),
+                    );
+                    None
+                }
+            },
+        };
+        let tag_labels = raw.tag_labels.unwrap_or_default();
+        for (i, tag) in tag_labels.iter().enumerate() {
+            if tag.is_empty() || !tag.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                issues.push(
+                    format!("metrics.tag_labels[{i}]"),
+                    "tag label names use letters, digits and `_`",
+                );
+            }
+        }
+        if tag_labels.len() > 8 {
+            issues.push(
+                "metrics.tag_labels",
+                "at most 8 tags may become labels (cardinality)",
+            );
+        }
+        Self { listen, tag_labels }
+    }
+}
 
 /// Keeps trace export running; [`TelemetryGuard::shutdown`] flushes it.
 #[derive(Debug, Default)]

@@ -36,7 +36,69 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
-use crate::config::TlsConfig;
+use crate::settings::Issues;
+
+/// `[tls]` as written in the config file.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// `tls.cert`.
+    pub cert: Option<String>,
+    /// `tls.key`.
+    pub key: Option<String>,
+    /// `tls.client_ca`.
+    pub client_ca: Option<String>,
+    /// `tls.reload_interval`.
+    pub reload_interval: Option<String>,
+}
+
+/// TLS settings of the gRPC listeners (`[tls]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// The certificate chain (PEM).
+    pub cert: PathBuf,
+    /// The private key (PEM).
+    pub key: PathBuf,
+    /// When set, clients must present a certificate signed by one of these CAs (PEM).
+    pub client_ca: Option<PathBuf>,
+    /// How often the files are checked for changes.
+    pub reload_interval: Duration,
+}
+
+impl TlsConfig {
+    /// Validates `[tls]`: `cert` and `key` are required together; the files are read when
+    /// the server starts (and on every reload), so that a problem there names the file.
+    pub fn from_raw(raw: RawTls, issues: &mut Issues) -> Option<Self> {
+        let reload_interval = issues.duration(
+            "tls.reload_interval",
+            raw.reload_interval.as_deref(),
+            Duration::from_secs(5),
+        );
+        let path = |field: &str, value: Option<String>, issues: &mut Issues| match value {
+            Some(v) if !v.trim().is_empty() => Some(PathBuf::from(v)),
+            Some(_) => {
+                issues.push(field, "must not be empty");
+                None
+            }
+            None => {
+                issues.push(field, "is required in [tls]");
+                None
+            }
+        };
+        let cert = path("tls.cert", raw.cert, issues);
+        let key = path("tls.key", raw.key, issues);
+        let client_ca = match raw.client_ca {
+            Some(ca) => Some(path("tls.client_ca", Some(ca), issues)?),
+            None => None,
+        };
+        Some(Self {
+            cert: cert?,
+            key: key?,
+            client_ca,
+            reload_interval,
+        })
+    }
+}
 
 /// How long a client may take to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -20,6 +20,31 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::GatewayError;
 
+/// `[auth]` as written in the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    /// `auth.require_keys`.
+    pub require_keys: Option<bool>,
+}
+
+/// The validated `[auth]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AuthSettings {
+    /// Whether data-plane calls need a gateway key. The config loader also sets it when the
+    /// listen address is not loopback.
+    pub require_keys: bool,
+}
+
+impl AuthSettings {
+    /// `[auth]`.
+    pub fn from_raw(raw: RawAuth) -> Self {
+        Self {
+            require_keys: raw.require_keys.unwrap_or(false),
+        }
+    }
+}
+
 /// What a key may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

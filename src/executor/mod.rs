@@ -43,6 +43,7 @@ use crate::{
     models::Cost,
     providers::{ErrorClass, EventStream, ProviderError},
     routing::{Plan, Target, policy::Hedging},
+    settings::Issues,
     telemetry::{TRACE_CONTEXT, TraceContext, names},
     types::{
         AttemptKind, AttemptOutcome, AttemptRecord, ChatRequest, ChatResponse, Route, StreamEvent,
@@ -50,8 +51,8 @@ use crate::{
     },
 };
 
-/// Settings of the executor.
-#[derive(Debug, Clone)]
+/// Settings of the executor (`[executor]`, and `upstream.stream_idle_timeout`).
+#[derive(Debug, Clone, PartialEq)]
 pub struct ExecutorSettings {
     /// A stream that sends nothing for this long is broken.
     pub stream_idle_timeout: Duration,
@@ -74,6 +75,65 @@ impl Default for ExecutorSettings {
             hedge_budget_ratio: 0.1,
             hedge_budget_burst: 10.0,
             hedge_pause_error_rate: 0.5,
+        }
+    }
+}
+
+/// `[executor]` as written in the config file.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawExecutor {
+    /// `executor.min_attempt_time`.
+    pub min_attempt_time: Option<String>,
+    /// `executor.hedge_budget_ratio`.
+    pub hedge_budget_ratio: Option<f64>,
+    /// `executor.hedge_budget_burst`.
+    pub hedge_budget_burst: Option<f64>,
+    /// `executor.hedge_pause_error_rate`.
+    pub hedge_pause_error_rate: Option<f64>,
+}
+
+impl ExecutorSettings {
+    /// Validates `[executor]`; unset fields keep their defaults. The stream idle timeout is
+    /// `upstream.stream_idle_timeout`, set by the config loader.
+    pub fn from_raw(raw: RawExecutor, issues: &mut Issues) -> Self {
+        let ed = ExecutorSettings::default();
+        let mut share = |field: &str, value: Option<f64>, default: f64, max: f64| match value {
+            Some(v) if !(0.0..=max).contains(&v) => {
+                issues.push(field, format!("must be between 0 and {max}"));
+                default
+            }
+            Some(v) => v,
+            None => default,
+        };
+        let hedge_budget_ratio = share(
+            "executor.hedge_budget_ratio",
+            raw.hedge_budget_ratio,
+            ed.hedge_budget_ratio,
+            1.0,
+        );
+        let hedge_budget_burst = share(
+            "executor.hedge_budget_burst",
+            raw.hedge_budget_burst,
+            ed.hedge_budget_burst,
+            10_000.0,
+        );
+        let hedge_pause_error_rate = share(
+            "executor.hedge_pause_error_rate",
+            raw.hedge_pause_error_rate,
+            ed.hedge_pause_error_rate,
+            1.0,
+        );
+        ExecutorSettings {
+            min_attempt_time: issues.duration_or_zero(
+                "executor.min_attempt_time",
+                raw.min_attempt_time.as_deref(),
+                ed.min_attempt_time,
+            ),
+            hedge_budget_ratio,
+            hedge_budget_burst,
+            hedge_pause_error_rate,
+            ..ed
         }
     }
 }

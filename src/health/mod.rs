@@ -18,8 +18,10 @@ use std::{
 
 use tokio::time::Instant;
 
-/// Breaker and window settings.
-#[derive(Debug, Clone)]
+use crate::settings::Issues;
+
+/// Breaker and window settings (`[health]`).
+#[derive(Debug, Clone, PartialEq)]
 pub struct HealthSettings {
     /// Consecutive failures that open the breaker.
     pub failure_threshold: u32,
@@ -47,6 +49,51 @@ impl Default for HealthSettings {
             half_open_probes: 2,
             window_size: 256,
             window_age: Duration::from_secs(300),
+        }
+    }
+}
+
+/// `[health]` as written in the config file.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    /// `health.failure_threshold`.
+    pub failure_threshold: Option<u32>,
+    /// `health.error_rate_threshold`.
+    pub error_rate_threshold: Option<f64>,
+    /// `health.min_samples`.
+    pub min_samples: Option<usize>,
+    /// `health.open_duration`.
+    pub open_duration: Option<String>,
+    /// `health.half_open_probes`.
+    pub half_open_probes: Option<u32>,
+}
+
+impl HealthSettings {
+    /// Validates `[health]`; unset fields keep their defaults.
+    pub fn from_raw(raw: RawHealth, issues: &mut Issues) -> Self {
+        let hd = HealthSettings::default();
+        HealthSettings {
+            failure_threshold: raw.failure_threshold.unwrap_or(hd.failure_threshold).max(1),
+            error_rate_threshold: match raw.error_rate_threshold {
+                Some(r) if !(r > 0.0 && r <= 1.0) => {
+                    issues.push(
+                        "health.error_rate_threshold",
+                        "must be above 0 and at most 1",
+                    );
+                    hd.error_rate_threshold
+                }
+                Some(r) => r,
+                None => hd.error_rate_threshold,
+            },
+            min_samples: raw.min_samples.unwrap_or(hd.min_samples),
+            open_duration: issues.duration(
+                "health.open_duration",
+                raw.open_duration.as_deref(),
+                hd.open_duration,
+            ),
+            half_open_probes: raw.half_open_probes.unwrap_or(hd.half_open_probes).max(1),
+            ..hd
         }
     }
 }

@@ -23,7 +23,49 @@ use std::{
 
 use tokio::time::Instant;
 
-use crate::{error::GatewayError, telemetry::names};
+use crate::{error::GatewayError, settings::Issues, telemetry::names};
+
+/// A `[teams.NAME]` table as written in the config file.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTeam {
+    /// `requests_per_minute`.
+    pub requests_per_minute: Option<u32>,
+    /// `tokens_per_minute`.
+    pub tokens_per_minute: Option<u64>,
+    /// `daily_budget_usd`.
+    pub daily_budget_usd: Option<f64>,
+    /// `monthly_budget_usd`.
+    pub monthly_budget_usd: Option<f64>,
+}
+
+/// Validates `[teams]`: the limits of each team, by name.
+pub fn teams_from_raw(
+    raw: std::collections::BTreeMap<String, RawTeam>,
+    issues: &mut Issues,
+) -> HashMap<String, TeamLimits> {
+    let mut teams = HashMap::new();
+    for (name, t) in raw {
+        for (field, value) in [
+            ("daily_budget_usd", t.daily_budget_usd),
+            ("monthly_budget_usd", t.monthly_budget_usd),
+        ] {
+            if value.is_some_and(|v| !v.is_finite() || v < 0.0) {
+                issues.push(format!("teams.{name}.{field}"), "must be zero or more");
+            }
+        }
+        teams.insert(
+            name,
+            TeamLimits {
+                requests_per_minute: t.requests_per_minute.unwrap_or(0),
+                tokens_per_minute: t.tokens_per_minute.unwrap_or(0),
+                daily_budget_usd: t.daily_budget_usd.unwrap_or(0.0),
+                monthly_budget_usd: t.monthly_budget_usd.unwrap_or(0.0),
+            },
+        );
+    }
+    teams
+}
 
 /// Limits of a team, from the config file.
 #[derive(Debug, Clone, PartialEq, Default)]

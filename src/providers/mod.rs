@@ -18,6 +18,7 @@ pub mod mock;
 pub mod openai;
 pub mod sigv4;
 pub mod sse;
+mod upstream;
 pub mod vertex;
 
 use std::{collections::BTreeMap, pin::Pin, sync::Arc, time::Duration};
@@ -28,6 +29,7 @@ use futures_util::{Stream, StreamExt};
 
 pub use self::error::{ErrorClass, ProviderError};
 pub use self::keys::KeyRing;
+pub use self::upstream::{RawUpstream, UpstreamSettings};
 use crate::types::{ChatRequest, ChatResponse, StreamEvent};
 
 /// A stream of events from one provider. It ends after a `StreamEvent::Finish`, or with an
@@ -100,7 +102,7 @@ impl std::fmt::Debug for ProviderRegistry {
 }
 
 /// Settings of the shared HTTP client.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HttpSettings {
     /// TCP connect timeout.
     pub connect_timeout: Duration,

@@ -18,6 +18,26 @@ pub const MAX_ATTEMPTS: u32 = 10;
 /// Largest encoded policy document.
 pub const MAX_DOCUMENT_BYTES: usize = 64 * 1024;
 
+/// `[policies.NAME]` tables: the policies by name (`name` may be left out or must equal
+/// the table name). Their targets are validated once the providers exist.
+pub fn policies_from_raw(
+    raw: BTreeMap<String, PolicySpec>,
+    issues: &mut crate::settings::Issues,
+) -> Vec<PolicySpec> {
+    let mut policies = Vec::new();
+    for (name, mut spec) in raw {
+        if !spec.name.is_empty() && spec.name != name {
+            issues.push(
+                format!("policies.{name}.name"),
+                "must be left out or equal the table name",
+            );
+        }
+        spec.name = name;
+        policies.push(spec);
+    }
+    policies
+}
+
 /// A routing policy.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -490,7 +490,11 @@ impl LlmGatewayAdmin for AdminService {
             if !violations.is_empty() {
                 return Err(GatewayError::InvalidArgument(violations));
             }
-            let records = self.store.usage_between(start, end).await.map_err(store_error)?;
+            let records = self
+                .store
+                .usage_between(start, end)
+                .await
+                .map_err(|e| store_error(e.into()))?;
             let matching: Vec<&crate::ledger::UsageRecord> = records
                 .iter()
                 .filter(|r| {
@@ -541,7 +545,7 @@ impl LlmGatewayAdmin for AdminService {
             .store
             .usage_between(start, end)
             .await
-            .map_err(|e| fail(store_error(e)))?;
+            .map_err(|e| fail(store_error(e.into())))?;
         let batches: Vec<Result<pb::ExportUsageResponse, Status>> = records
             .chunks(500)
             .map(|chunk| {

@@ -17,6 +17,7 @@ pub mod deadline;
 pub mod gateway;
 pub mod meter;
 pub mod request_id;
+pub mod settings;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -86,13 +87,13 @@ pub enum ServeError {
 /// Builds the configured providers, sharing one HTTP client. Each HTTP provider gets a
 /// [`providers::KeyRing`] with its keys, which a reload swaps in place.
 pub fn providers_from_config(config: &Config) -> Result<ProviderRegistry, ServeError> {
-    let client = providers::http_client(&config.http)?;
+    let client = providers::http_client(&config.upstream.http)?;
     let mut registry = ProviderRegistry::new();
     for p in &config.providers {
         let keys = Arc::new(providers::KeyRing::new(
             &p.name,
             p.api_keys.clone(),
-            config.key_auth_rest,
+            config.upstream.key_auth_rest,
         ));
         let provider: Arc<dyn Provider> = match &p.kind {
             ProviderKind::OpenAi {
@@ -271,7 +272,7 @@ pub async fn serve_with(
     if !violations.is_empty() {
         return Err(ServeError::Policies(violations));
     }
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.store_path)?);
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.store.path)?);
     let router = Arc::new(Router::new(table));
     let stop_metrics = CancellationToken::new();
     let admin_token = admin_token(&config)?;
@@ -281,7 +282,7 @@ pub async fn serve_with(
         Arc::new(crate::auth::KeyRing::new()),
         limits,
         admin_token,
-        config.require_keys,
+        config.auth.require_keys,
         config.teams.clone(),
     ));
     let admin = admin::AdminService::new(
@@ -316,7 +317,7 @@ pub async fn serve_with(
     // Metrics: the process-wide recorder, served on its own address.
     let metrics_handle = crate::telemetry::metrics_handle();
     let mut metrics_task = None;
-    if let (Some(addr), Some(handle)) = (config.metrics_listen, metrics_handle) {
+    if let (Some(addr), Some(handle)) = (config.metrics.listen, metrics_handle) {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| ServeError::Listen { addr, source })?;
@@ -327,10 +328,10 @@ pub async fn serve_with(
             stop_metrics.clone().cancelled_owned(),
         )));
     }
-    let (ledger, ledger_writer) = match config.ledger_capacity {
+    let (ledger, ledger_writer) = match config.ledger.capacity {
         Some(capacity) => {
             let (ledger, writer) =
-                crate::ledger::Ledger::start(store.clone(), capacity, config.ledger_retention);
+                crate::ledger::Ledger::start(store.clone(), capacity, config.ledger.retention);
             (ledger, Some(writer))
         }
         None => (crate::ledger::Ledger::disabled(), None),
@@ -342,13 +343,13 @@ pub async fn serve_with(
         executor,
         access,
         deadline::CallLimits {
-            default_timeout: config.default_call_timeout,
-            max: config.max_call_duration,
-            margin: config.deadline_margin,
+            default_timeout: config.server.default_call_timeout,
+            max: config.server.max_call_duration,
+            margin: config.server.deadline_margin,
         },
         meter::MeterConfig {
             ledger,
-            tag_labels: config.metric_tag_labels.clone().into(),
+            tag_labels: config.metrics.tag_labels.clone().into(),
         },
     );
 
@@ -378,7 +379,7 @@ pub async fn serve_with(
         .add_service(gateway_service);
     // The admin service goes on its own listener when one is configured (for mesh policies),
     // otherwise beside the gateway.
-    let admin_server = match config.admin_listen {
+    let admin_server = match config.admin.listen {
         Some(addr) => {
             let admin_listener = TcpListener::bind(addr)
                 .await
@@ -434,7 +435,7 @@ pub async fn serve_with(
     let result = tokio::select! {
         result = &mut server => result,
         () = shutdown => {
-            tracing::info!(grace = ?config.shutdown_grace, "shutting down: draining in-flight calls");
+            tracing::info!(grace = ?config.server.shutdown_grace, "shutting down: draining in-flight calls");
             health
                 .set_not_serving::<LlmGatewayServer<gateway::GatewayService>>()
                 .await;
@@ -445,7 +446,7 @@ pub async fn serve_with(
                 .set_service_status("", tonic_health::ServingStatus::NotServing)
                 .await;
             stop_accepting.cancel();
-            match tokio::time::timeout(config.shutdown_grace, &mut server).await {
+            match tokio::time::timeout(config.server.shutdown_grace, &mut server).await {
                 Ok(result) => {
                     tracing::info!("all calls finished; stopped");
                     result
@@ -496,7 +497,7 @@ async fn reload_on(
 /// The admin token: configured, or generated once and kept in `admin-token` beside the store
 /// (readable only by the owner). An in-memory store gets a fresh random token per start.
 fn admin_token(config: &Config) -> Result<String, ServeError> {
-    if let Some(token) = &config.admin_token {
+    if let Some(token) = &config.admin.token {
         return Ok(token.clone());
     }
     let generated = || -> Result<String, ServeError> {
@@ -505,14 +506,15 @@ fn admin_token(config: &Config) -> Result<String, ServeError> {
             .map_err(|e| ServeError::Store(StoreError::Backend(e.to_string())))?;
         Ok(format!("lgw-admin-{}", crate::auth::hex(&bytes)))
     };
-    if config.store_path == std::path::Path::new(":memory:") {
+    if config.store.path == std::path::Path::new(":memory:") {
         tracing::warn!(
             "no admin token configured and the store is in memory: admin calls are refused until admin.token is set"
         );
         return generated();
     }
     let path = config
-        .store_path
+        .store
+        .path
         .parent()
         .unwrap_or(std::path::Path::new("."))
         .join("admin-token");

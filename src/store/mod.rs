@@ -11,9 +11,39 @@ use async_trait::async_trait;
 
 use crate::{
     auth::{KeyRecord, KeySpec},
-    ledger::UsageRecord,
+    ledger::{SinkError, UsageSink},
     routing::{PolicyRecord, policy::PolicySpec},
 };
+
+/// The default store file, relative to the working directory.
+pub const DEFAULT_STORE_PATH: &str = ".llm-gateway/llm-gateway.db";
+
+/// `[store]` as written in the config file.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    /// `store.path`.
+    pub path: Option<String>,
+}
+
+/// The validated `[store]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreSettings {
+    /// The store file (`:memory:` for none).
+    pub path: std::path::PathBuf,
+}
+
+impl StoreSettings {
+    /// `[store]`: the path, or [`DEFAULT_STORE_PATH`].
+    pub fn from_raw(raw: RawStore) -> Self {
+        Self {
+            path: raw
+                .path
+                .unwrap_or_else(|| DEFAULT_STORE_PATH.to_owned())
+                .into(),
+        }
+    }
+}
 
 /// Why a store operation failed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -40,9 +70,24 @@ pub enum StoreError {
     Backend(String),
 }
 
-/// Durable policy storage.
+impl From<StoreError> for SinkError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::Backend(message) => SinkError(message),
+            other => SinkError(other.to_string()),
+        }
+    }
+}
+
+impl From<SinkError> for StoreError {
+    fn from(err: SinkError) -> Self {
+        StoreError::Backend(err.0)
+    }
+}
+
+/// Durable storage of policies and keys, and the usage ledger's sink.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: UsageSink + Send + Sync + 'static {
     /// Every stored policy, sorted by name.
     async fn list_policies(&self) -> Result<Vec<PolicyRecord>, StoreError>;
 
@@ -65,16 +110,6 @@ pub trait Store: Send + Sync + 'static {
         name: &str,
         expected_version: Option<u64>,
     ) -> Result<(), StoreError>;
-
-    /// Appends usage records in one transaction.
-    async fn insert_usage(&self, records: Vec<UsageRecord>) -> Result<(), StoreError>;
-
-    /// Usage records with `from_ms <= time_ms < to_ms`, oldest first.
-    async fn usage_between(&self, from_ms: i64, to_ms: i64)
-    -> Result<Vec<UsageRecord>, StoreError>;
-
-    /// Deletes usage records older than `cutoff_ms`; returns how many.
-    async fn delete_usage_before(&self, cutoff_ms: i64) -> Result<u64, StoreError>;
 
     /// Every key, sorted by name.
     async fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError>;

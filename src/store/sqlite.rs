@@ -13,7 +13,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use super::{Store, StoreError};
 use crate::{
     auth::{KeyRecord, KeySpec},
-    ledger::UsageRecord,
+    ledger::{SinkError, UsageRecord, UsageSink},
     routing::{PolicyRecord, PolicySource, policy::PolicySpec},
 };
 
@@ -314,102 +314,6 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn insert_usage(&self, records: Vec<UsageRecord>) -> Result<(), StoreError> {
-        // The ledger is an append log: a lost tail on power failure is acceptable, so the
-        // batch commits with the connection's default durability like everything else.
-        self.with_conn(move |conn| {
-            let tx = conn.transaction().map_err(backend)?;
-            {
-                let mut stmt = tx
-                    .prepare_cached(
-                        "INSERT INTO usage (time_ms, request_id, rpc, key, tags, policy, provider, model,
-                         attempts, input_tokens, output_tokens, cached_input_tokens, usage_reported,
-                         cost_usd, latency_ms, ttft_ms, code, error_class)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
-                    )
-                    .map_err(backend)?;
-                for r in &records {
-                    let tags = serde_json::to_string(&r.tags).map_err(backend)?;
-                    stmt.execute(params![
-                        r.time_ms,
-                        r.request_id,
-                        r.rpc,
-                        r.key,
-                        tags,
-                        r.policy,
-                        r.provider,
-                        r.model,
-                        r.attempts,
-                        to_i64(r.input_tokens),
-                        to_i64(r.output_tokens),
-                        to_i64(r.cached_input_tokens),
-                        r.usage_reported,
-                        r.cost_usd,
-                        r.latency_ms,
-                        r.ttft_ms,
-                        r.code,
-                        r.error_class,
-                    ])
-                    .map_err(backend)?;
-                }
-            }
-            tx.commit().map_err(backend)
-        })
-        .await
-    }
-
-    async fn usage_between(
-        &self,
-        from_ms: i64,
-        to_ms: i64,
-    ) -> Result<Vec<UsageRecord>, StoreError> {
-        self.with_conn(move |conn| {
-            let mut stmt = conn
-                .prepare(
-                    "SELECT time_ms, request_id, rpc, key, tags, policy, provider, model, attempts,
-                     input_tokens, output_tokens, cached_input_tokens, usage_reported, cost_usd,
-                     latency_ms, ttft_ms, code, error_class
-                     FROM usage WHERE time_ms >= ?1 AND time_ms < ?2 ORDER BY time_ms, id",
-                )
-                .map_err(backend)?;
-            let rows = stmt
-                .query_map(params![from_ms, to_ms], |row| {
-                    let tags: String = row.get(4)?;
-                    Ok(UsageRecord {
-                        time_ms: row.get(0)?,
-                        request_id: row.get(1)?,
-                        rpc: row.get(2)?,
-                        key: row.get(3)?,
-                        tags: serde_json::from_str(&tags).unwrap_or_default(),
-                        policy: row.get(5)?,
-                        provider: row.get(6)?,
-                        model: row.get(7)?,
-                        attempts: row.get(8)?,
-                        input_tokens: to_u64(row.get(9)?),
-                        output_tokens: to_u64(row.get(10)?),
-                        cached_input_tokens: to_u64(row.get(11)?),
-                        usage_reported: row.get(12)?,
-                        cost_usd: row.get(13)?,
-                        latency_ms: row.get(14)?,
-                        ttft_ms: row.get(15)?,
-                        code: row.get(16)?,
-                        error_class: row.get(17)?,
-                    })
-                })
-                .map_err(backend)?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
-        })
-        .await
-    }
-
-    async fn delete_usage_before(&self, cutoff_ms: i64) -> Result<u64, StoreError> {
-        self.with_conn(move |conn| {
-            conn.execute("DELETE FROM usage WHERE time_ms < ?1", params![cutoff_ms])
-                .map(|n| n as u64)
-                .map_err(backend)
-        })
-        .await
-    }
     async fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
         self.with_conn(|conn| {
             let mut stmt = conn
@@ -515,6 +419,106 @@ impl Store for SqliteStore {
     }
 }
 
+/// The ledger's sink: usage records in the `usage` table.
+#[async_trait]
+impl UsageSink for SqliteStore {
+    async fn insert_usage(&self, records: Vec<UsageRecord>) -> Result<(), SinkError> {
+        // The ledger is an append log: a lost tail on power failure is acceptable, so the
+        // batch commits with the connection's default durability like everything else.
+        self.with_conn(move |conn| {
+            let tx = conn.transaction().map_err(backend)?;
+            {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "INSERT INTO usage (time_ms, request_id, rpc, key, tags, policy, provider, model,
+                         attempts, input_tokens, output_tokens, cached_input_tokens, usage_reported,
+                         cost_usd, latency_ms, ttft_ms, code, error_class)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+                    )
+                    .map_err(backend)?;
+                for r in &records {
+                    let tags = serde_json::to_string(&r.tags).map_err(backend)?;
+                    stmt.execute(params![
+                        r.time_ms,
+                        r.request_id,
+                        r.rpc,
+                        r.key,
+                        tags,
+                        r.policy,
+                        r.provider,
+                        r.model,
+                        r.attempts,
+                        to_i64(r.input_tokens),
+                        to_i64(r.output_tokens),
+                        to_i64(r.cached_input_tokens),
+                        r.usage_reported,
+                        r.cost_usd,
+                        r.latency_ms,
+                        r.ttft_ms,
+                        r.code,
+                        r.error_class,
+                    ])
+                    .map_err(backend)?;
+                }
+            }
+            tx.commit().map_err(backend)
+        })
+        .await
+        .map_err(SinkError::from)
+    }
+
+    async fn usage_between(&self, from_ms: i64, to_ms: i64) -> Result<Vec<UsageRecord>, SinkError> {
+        self.with_conn(move |conn| {
+            let mut stmt = conn
+                .prepare(
+                    "SELECT time_ms, request_id, rpc, key, tags, policy, provider, model, attempts,
+                     input_tokens, output_tokens, cached_input_tokens, usage_reported, cost_usd,
+                     latency_ms, ttft_ms, code, error_class
+                     FROM usage WHERE time_ms >= ?1 AND time_ms < ?2 ORDER BY time_ms, id",
+                )
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map(params![from_ms, to_ms], |row| {
+                    let tags: String = row.get(4)?;
+                    Ok(UsageRecord {
+                        time_ms: row.get(0)?,
+                        request_id: row.get(1)?,
+                        rpc: row.get(2)?,
+                        key: row.get(3)?,
+                        tags: serde_json::from_str(&tags).unwrap_or_default(),
+                        policy: row.get(5)?,
+                        provider: row.get(6)?,
+                        model: row.get(7)?,
+                        attempts: row.get(8)?,
+                        input_tokens: to_u64(row.get(9)?),
+                        output_tokens: to_u64(row.get(10)?),
+                        cached_input_tokens: to_u64(row.get(11)?),
+                        usage_reported: row.get(12)?,
+                        cost_usd: row.get(13)?,
+                        latency_ms: row.get(14)?,
+                        ttft_ms: row.get(15)?,
+                        code: row.get(16)?,
+                        error_class: row.get(17)?,
+                    })
+                })
+                .map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+        .await
+        .map_err(SinkError::from)
+    }
+
+    async fn delete_usage_before(&self, cutoff_ms: i64) -> Result<u64, SinkError> {
+        self.with_conn(move |conn| {
+            conn.execute("DELETE FROM usage WHERE time_ms < ?1", params![cutoff_ms])
+                .map(|n| n as u64)
+                .map_err(backend)
+        })
+        .await
+        .map_err(SinkError::from)
+    }
+}
+
 fn key_from_row(
     row: &rusqlite::Row<'_>,
 ) -> rusqlite::Result<(String, String, Vec<u8>, bool, i64, i64)> {
@@ -556,6 +560,36 @@ fn to_u64(v: i64) -> u64 {
 mod tests {
     use super::*;
     use crate::routing::policy::TargetSpec;
+
+    #[tokio::test]
+    async fn usage_records_round_trip_through_the_ledger_sink() {
+        let sink: Arc<dyn UsageSink> = Arc::new(SqliteStore::open(Path::new(":memory:")).unwrap());
+        let record = |time_ms: i64, request_id: &str| UsageRecord {
+            time_ms,
+            request_id: request_id.into(),
+            rpc: "Chat".into(),
+            provider: "mock".into(),
+            model: "m".into(),
+            input_tokens: 10,
+            usage_reported: true,
+            cost_usd: Some(0.5),
+            tags: [("team".to_owned(), "search".to_owned())].into(),
+            code: "OK".into(),
+            ..UsageRecord::default()
+        };
+        sink.insert_usage(vec![
+            record(1_000, "a"),
+            record(2_000, "b"),
+            record(3_000, "c"),
+        ])
+        .await
+        .unwrap();
+        let between = sink.usage_between(1_500, 3_000).await.unwrap();
+        assert_eq!(between, [record(2_000, "b")]);
+        assert_eq!(sink.delete_usage_before(2_500).await.unwrap(), 2);
+        let left = sink.usage_between(0, i64::MAX).await.unwrap();
+        assert_eq!(left, [record(3_000, "c")]);
+    }
 
     fn spec(name: &str, model: &str) -> PolicySpec {
         PolicySpec {

@@ -31,13 +31,13 @@ impl Gateway {
             })
             .expect("valid test config");
         if !toml.contains("[store]") {
-            config.store_path = ":memory:".into();
+            config.store.path = ":memory:".into();
         }
-        if config.admin_token.is_none() {
-            config.admin_token = Some(ADMIN_TOKEN.to_owned());
+        if config.admin.token.is_none() {
+            config.admin.token = Some(ADMIN_TOKEN.to_owned());
         }
         if !toml.contains("[metrics]") {
-            config.metrics_listen = None;
+            config.metrics.listen = None;
         }
         Self::start_config(config).await
     }

@@ -472,9 +472,9 @@ async fn otlp_export_carries_call_and_attempt_spans() {
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
     // The process-wide subscriber: this is the only test that installs one.
-    let guard = llm_gateway::telemetry::init(&llm_gateway::config::LogConfig {
+    let guard = llm_gateway::telemetry::init(&llm_gateway::telemetry::LogConfig {
         filter: "llm_gateway=info".into(),
-        format: llm_gateway::config::LogFormat::None,
+        format: llm_gateway::telemetry::LogFormat::None,
         bodies: None,
         otlp_endpoint: Some(endpoint),
         service_name: "gateway-under-test".into(),

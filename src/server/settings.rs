@@ -1,0 +1,138 @@
+//! The server's own sections: `[server]` (the gRPC listener, the time limits of a call,
+//! shutdown) and `[admin]` (the admin listener and token).
+//!
+//! The one part of `server` below [`crate::config`]: the server runs a whole
+//! [`Config`](crate::config::Config), so its own settings sit in this leaf, which uses
+//! nothing of the server (the module-graph test holds it to that).
+
+use std::{net::SocketAddr, time::Duration};
+
+use crate::settings::Issues;
+
+/// The default gRPC listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+
+/// `[server]` as written in the config file.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    /// `server.listen`.
+    pub listen: Option<String>,
+    /// `server.max_call_duration`.
+    pub max_call_duration: Option<String>,
+    /// `server.default_call_timeout`.
+    pub default_call_timeout: Option<String>,
+    /// `server.deadline_margin`.
+    pub deadline_margin: Option<String>,
+    /// `server.shutdown_grace`.
+    pub shutdown_grace: Option<String>,
+}
+
+/// The validated `[server]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSettings {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// The longest any call may run, whatever the caller's deadline.
+    pub max_call_duration: Duration,
+    /// The budget of a call whose caller set no deadline.
+    pub default_call_timeout: Duration,
+    /// How much before the caller's deadline the gateway ends a call.
+    pub deadline_margin: Duration,
+    /// How long in-flight calls may finish after a shutdown signal.
+    pub shutdown_grace: Duration,
+}
+
+impl ServerSettings {
+    /// Validates `[server]`. `listen_field` names where the listen address came from (the
+    /// file, or a command-line/environment override).
+    pub fn from_raw(raw: RawServer, listen_field: &str, issues: &mut Issues) -> Self {
+        let listen_text = raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+        let listen = listen_text.parse().unwrap_or_else(|_| {
+            issues.push(
+                listen_field,
+                format!("`{listen_text}` is not a socket address like 127.0.0.1:50051"),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 50051))
+        });
+        let max_call_duration = issues.duration(
+            "server.max_call_duration",
+            raw.max_call_duration.as_deref(),
+            Duration::from_secs(600),
+        );
+        let default_call_timeout = issues.duration(
+            "server.default_call_timeout",
+            raw.default_call_timeout.as_deref(),
+            Duration::from_secs(300).min(max_call_duration),
+        );
+        if default_call_timeout > max_call_duration {
+            issues.push(
+                "server.default_call_timeout",
+                "must not be longer than server.max_call_duration",
+            );
+        }
+        let deadline_margin = issues.duration_or_zero(
+            "server.deadline_margin",
+            raw.deadline_margin.as_deref(),
+            Duration::from_millis(5),
+        );
+        let shutdown_grace = issues.duration(
+            "server.shutdown_grace",
+            raw.shutdown_grace.as_deref(),
+            Duration::from_secs(30),
+        );
+        Self {
+            listen,
+            max_call_duration,
+            default_call_timeout,
+            deadline_margin,
+            shutdown_grace,
+        }
+    }
+}
+
+/// `[admin]` as written in the config file.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    /// `admin.token`.
+    pub token: Option<String>,
+    /// `admin.listen`.
+    pub listen: Option<String>,
+}
+
+/// The validated `[admin]` section. `Debug` never shows the token.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct AdminSettings {
+    /// The admin bearer token; `None` means one is generated in the data directory.
+    pub token: Option<String>,
+    /// A separate listen address for the admin service.
+    pub listen: Option<SocketAddr>,
+}
+
+impl std::fmt::Debug for AdminSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminSettings")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("listen", &self.listen)
+            .finish()
+    }
+}
+
+impl AdminSettings {
+    /// Validates `[admin]`.
+    pub fn from_raw(raw: RawAdmin, issues: &mut Issues) -> Self {
+        let token = raw.token.filter(|t| !t.is_empty());
+        if token.as_ref().is_some_and(|t| t.len() < 16) {
+            issues.push("admin.token", "must be at least 16 characters");
+        }
+        let listen = raw.listen.and_then(|l| match l.parse() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                issues.push("admin.listen", format!("`{l}` is not a socket address"));
+                None
+            }
+        });
+        Self { token, listen }
+    }
+}
