@@ -28,7 +28,9 @@ use crate::{
         openai::{self, MaxTokensField},
     },
     routing::policy::PolicySpec,
-    server::settings::{AdminSettings, RawAdmin, RawServer, ServerSettings},
+    server::settings::{
+        AdminSettings, HttpFrontSettings, RawAdmin, RawHttpFront, RawServer, ServerSettings,
+    },
     settings::Issues,
     store::{RawStore, StoreSettings},
     telemetry::{LogConfig, MetricsSettings, RawLog, RawMetrics},
@@ -96,6 +98,8 @@ struct RawConfig {
     #[serde(default)]
     teams: BTreeMap<String, RawTeam>,
     tls: Option<RawTls>,
+    #[serde(default)]
+    http: RawHttpFront,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -242,6 +246,8 @@ pub struct Config {
     pub teams: HashMap<String, TeamLimits>,
     /// `[tls]`; `None` for plain TCP.
     pub tls: Option<TlsConfig>,
+    /// `[http]`: the OpenAI- and Anthropic-compatible front.
+    pub http: HttpFrontSettings,
 }
 
 /// Settings given on the command line or in the environment; they win over the file.
@@ -445,6 +451,8 @@ fn validate(
     let mut auth = AuthSettings::from_raw(raw.auth);
     // Keys are required whenever the data plane is reachable from other machines.
     auth.require_keys |= !server.listen.ip().is_loopback();
+    let http = HttpFrontSettings::from_raw(raw.http, &mut issues);
+    auth.require_keys |= http.listen.is_some_and(|a| !a.ip().is_loopback());
     let teams = crate::limits::teams_from_raw(raw.teams, &mut issues);
     let tls = raw.tls.and_then(|t| TlsConfig::from_raw(t, &mut issues));
 
@@ -467,6 +475,7 @@ fn validate(
         auth,
         teams,
         tls,
+        http,
     })
 }
 
@@ -796,6 +805,14 @@ mod tests {
     fn debug_output_hides_the_admin_token() {
         let config = load("[admin]\ntoken = \"super-secret-admin-token\"\n", &[]).unwrap();
         assert!(!format!("{config:?}").contains("super-secret"));
+        // Nor any provider key, in the whole config's Debug.
+        let config = load(
+            "[admin]\ntoken = \"super-secret-admin-token\"\n[providers.o]\nkind = \"openai\"\napi_key = \"sk-super-secret\"\n",
+            &[],
+        )
+        .unwrap();
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("super-secret"), "{debug}");
     }
 
     #[test]
@@ -1076,6 +1093,204 @@ mod tests {
             ["providers.o.api_key_file", "providers.o.api_key_files[0]"]
         );
         assert!(err[1].message.contains("cannot read"), "{err:?}");
+    }
+
+    #[test]
+    fn every_field_of_every_section_lands_in_its_section() {
+        let config = load(
+            r#"
+            [server]
+            listen = "127.0.0.1:7001"
+            max_call_duration = "9m"
+            default_call_timeout = "4m"
+            deadline_margin = "7ms"
+            shutdown_grace = "11s"
+            [upstream]
+            connect_timeout = "3s"
+            pool_idle_timeout = "80s"
+            pool_max_idle_per_host = 17
+            stream_idle_timeout = "45s"
+            key_auth_rest = "2m"
+            [log]
+            level = "debug"
+            format = "json"
+            bodies = true
+            body_max_bytes = 100
+            otlp_endpoint = "http://127.0.0.1:4317"
+            service_name = "gw"
+            [auth]
+            require_keys = true
+            [teams.search]
+            requests_per_minute = 600
+            tokens_per_minute = 1000000
+            daily_budget_usd = 50.0
+            monthly_budget_usd = 1000.0
+            [metrics]
+            listen = "127.0.0.1:9999"
+            tag_labels = ["team"]
+            [ledger]
+            enabled = true
+            queue_capacity = 77
+            retention = "2d"
+            [executor]
+            min_attempt_time = "40ms"
+            hedge_budget_ratio = 0.2
+            hedge_budget_burst = 12
+            hedge_pause_error_rate = 0.4
+            [store]
+            path = "/tmp/x.db"
+            [admin]
+            token = "0123456789abcdef"
+            listen = "127.0.0.1:7002"
+            [health]
+            failure_threshold = 6
+            error_rate_threshold = 0.6
+            min_samples = 21
+            open_duration = "31s"
+            half_open_probes = 3
+            [tls]
+            cert = "c.pem"
+            key = "k.pem"
+            reload_interval = "6s"
+            "#,
+            &[],
+        )
+        .unwrap();
+        let s = Duration::from_secs;
+        let ms = Duration::from_millis;
+        let server = &config.server;
+        assert_eq!(server.listen.port(), 7001);
+        assert_eq!(
+            (
+                server.max_call_duration,
+                server.default_call_timeout,
+                server.deadline_margin,
+                server.shutdown_grace
+            ),
+            (s(540), s(240), ms(7), s(11))
+        );
+        let up = &config.upstream;
+        assert_eq!(
+            (
+                up.http.connect_timeout,
+                up.http.pool_idle_timeout,
+                up.http.pool_max_idle_per_host
+            ),
+            (s(3), s(80), 17)
+        );
+        assert_eq!((up.stream_idle_timeout, up.key_auth_rest), (s(45), s(120)));
+        assert_eq!(config.executor.stream_idle_timeout, s(45));
+        let log = &config.log;
+        assert_eq!(
+            (log.filter.as_str(), log.format, log.bodies),
+            ("debug", crate::telemetry::LogFormat::Json, Some(100))
+        );
+        assert_eq!(log.otlp_endpoint.as_deref(), Some("http://127.0.0.1:4317"));
+        assert_eq!(log.service_name, "gw");
+        assert!(config.auth.require_keys);
+        let team = &config.teams["search"];
+        assert_eq!(
+            (
+                team.requests_per_minute,
+                team.tokens_per_minute,
+                team.daily_budget_usd,
+                team.monthly_budget_usd
+            ),
+            (600, 1_000_000, 50.0, 1000.0)
+        );
+        assert_eq!(config.metrics.listen.map(|a| a.port()), Some(9999));
+        assert_eq!(config.metrics.tag_labels, ["team"]);
+        assert_eq!(config.ledger.capacity, Some(77));
+        assert_eq!(config.ledger.retention, s(2 * 86_400));
+        let ex = &config.executor;
+        assert_eq!(
+            (
+                ex.min_attempt_time,
+                ex.hedge_budget_ratio,
+                ex.hedge_budget_burst,
+                ex.hedge_pause_error_rate
+            ),
+            (ms(40), 0.2, 12.0, 0.4)
+        );
+        assert_eq!(config.store.path, PathBuf::from("/tmp/x.db"));
+        assert_eq!(config.admin.token.as_deref(), Some("0123456789abcdef"));
+        assert_eq!(config.admin.listen.map(|a| a.port()), Some(7002));
+        let h = &config.health;
+        assert_eq!(
+            (
+                h.failure_threshold,
+                h.error_rate_threshold,
+                h.min_samples,
+                h.open_duration,
+                h.half_open_probes
+            ),
+            (6, 0.6, 21, s(31), 3)
+        );
+        let tls = config.tls.as_ref().unwrap();
+        assert_eq!(
+            (tls.cert.as_path(), tls.key.as_path(), tls.reload_interval),
+            (Path::new("c.pem"), Path::new("k.pem"), s(6))
+        );
+
+        // The overrides win, and problems in them name the override or the field.
+        let overrides = Overrides {
+            listen: Some("0.0.0.0:7003".into()),
+            log_level: Some("warn".into()),
+            log_format: Some("text".into()),
+            data_dir: Some("/data".into()),
+            admin_token: Some("fedcba9876543210".into()),
+            metrics_listen: Some("off".into()),
+        };
+        let config = Config::from_toml(
+            "[log]\nformat = \"json\"\n",
+            Path::new("t.toml"),
+            &overrides,
+            &|_| None,
+        )
+        .unwrap();
+        assert_eq!(config.server.listen.port(), 7003);
+        // Off loopback, keys are required.
+        assert!(config.auth.require_keys);
+        assert_eq!(config.log.filter, "warn");
+        assert_eq!(config.log.format, crate::telemetry::LogFormat::Text);
+        assert_eq!(config.store.path, PathBuf::from("/data/llm-gateway.db"));
+        assert_eq!(config.admin.token.as_deref(), Some("fedcba9876543210"));
+        assert_eq!(config.metrics.listen, None);
+        let bad = Overrides {
+            listen: Some("nope".into()),
+            log_format: Some("xml".into()),
+            ..Overrides::default()
+        };
+        let err = issues(Config::from_toml("", Path::new("t.toml"), &bad, &|_| None).unwrap_err());
+        let fields: Vec<_> = err.iter().map(|i| i.field.as_str()).collect();
+        assert_eq!(fields, ["--listen / LLM_GATEWAY_LISTEN", "log.format"]);
+    }
+
+    #[test]
+    fn the_readme_example_loads() {
+        let readme = include_str!("../README.md");
+        let section = &readme[readme.find("## Configuration").unwrap()..];
+        let start = section.find("```toml\n").unwrap() + "```toml\n".len();
+        let example = &section[start..start + section[start..].find("```").unwrap()];
+        let config = Config::from_toml(
+            example,
+            Path::new("README.md"),
+            &Overrides::default(),
+            &env_of(&[
+                ("OPENAI_API_KEY", "sk-1"),
+                ("ANTHROPIC_API_KEY", "sk-ant-1"),
+                ("GEMINI_API_KEY", "g-1"),
+                ("AZURE_OPENAI_API_KEY", "az-1"),
+                ("GROQ_API_KEY", "gsk-1"),
+                ("GROQ_BATCH_KEY", "gsk-2"),
+                ("LLM_GATEWAY_ADMIN_TOKEN", "0123456789abcdef"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.providers.len(), 7);
+        assert_eq!(config.policies[0].name, "chat-default");
+        assert_eq!(config.teams["search"].requests_per_minute, 600);
+        assert_eq!(config.models[0].provider, "local-vllm");
     }
 
     #[test]

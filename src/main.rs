@@ -115,6 +115,7 @@ async fn serve(config: Config, config_source: llm_gateway::reload::ConfigSource)
     let options = server::ServeOptions {
         config_source: Some(config_source),
         reload_signal: Some(reload_signal),
+        http_listener: None,
     };
     match server::run_with(config, listener, shutdown_signal(), options).await {
         Ok(()) => ExitCode::SUCCESS,

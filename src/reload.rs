@@ -17,6 +17,7 @@ use tokio::sync::Mutex;
 
 use crate::{
     config::{Config, ConfigError, ProviderConfig},
+    executor::ExecutorSettings,
     providers::{ProviderRegistry, UpstreamSettings},
     server::settings::ServerSettings,
     tls::{TlsError, TlsState},
@@ -169,6 +170,7 @@ impl Reloader {
             auth,
             teams,
             tls,
+            http,
         } = &self.running;
         let mut report = ReloadReport::default();
         self.apply_providers(providers, new, &mut report);
@@ -200,11 +202,17 @@ impl Reloader {
         restart("store", *store != new.store);
         restart("admin", *admin != new.admin);
         restart("health", *health != new.health);
-        restart("executor", *executor != new.executor);
+        // `executor.stream_idle_timeout` is `upstream.stream_idle_timeout`, reported there.
+        let executor_rest = ExecutorSettings {
+            stream_idle_timeout: new.executor.stream_idle_timeout,
+            ..executor.clone()
+        };
+        restart("executor", executor_rest != new.executor);
         restart("metrics", *metrics != new.metrics);
         restart("ledger", *ledger != new.ledger);
         restart("auth", *auth != new.auth);
         restart("teams", *teams != new.teams);
+        restart("http", *http != new.http);
         report
     }
 
@@ -270,11 +278,12 @@ kind = "openai-compatible"
 base_url = "http://127.0.0.1:9/v1"
 "#;
 
-    fn reloader(next: &'static str) -> Reloader {
+    fn reloader(next: &str) -> Reloader {
         let running = config(BASE);
         let providers = providers_from_config(&running).unwrap();
+        let next = next.to_owned();
         let source: ConfigSource = Arc::new(move || {
-            Config::from_toml(next, Path::new("t.toml"), &Overrides::default(), &|_| None)
+            Config::from_toml(&next, Path::new("t.toml"), &Overrides::default(), &|_| None)
         });
         Reloader::new(Some(source), running, providers, None)
     }
@@ -307,6 +316,42 @@ kind = "mock"
         assert!(ring.same_keys(&["k2".to_owned(), "k3".to_owned()]));
         // A second reload of the same file changes no key.
         assert!(r.reload().await.unwrap().reloaded.is_empty());
+    }
+
+    #[tokio::test]
+    async fn sections_are_compared_by_value() {
+        // The same file again: nothing to report.
+        let same = reloader(BASE).reload().await.unwrap();
+        assert_eq!(same, ReloadReport::default());
+
+        let r = reloader(&format!(
+            r#"{BASE}
+[server]
+deadline_margin = "20ms"
+[upstream]
+key_auth_rest = "1m"
+stream_idle_timeout = "30s"
+[health]
+failure_threshold = 3
+[auth]
+require_keys = true
+[teams.search]
+requests_per_minute = 10
+"#
+        ));
+        let report = r.reload().await.unwrap();
+        // The key rest applies in place (same keys, new rest, for each key ring); the other
+        // sections wait for a restart.
+        assert_eq!(
+            report.reloaded,
+            ["providers.a.api_keys", "providers.b.api_keys"]
+        );
+        assert_eq!(
+            report.restart_needed,
+            ["server", "upstream", "health", "auth", "teams"]
+        );
+        let ring = r.providers.get("a").unwrap().keys().unwrap();
+        assert_eq!(ring.auth_rest(), std::time::Duration::from_secs(60));
     }
 
     #[tokio::test]

@@ -54,7 +54,12 @@ impl Access {
         &self,
         metadata: &tonic::metadata::MetadataMap,
     ) -> Result<Option<Caller>, GatewayError> {
-        match bearer(metadata) {
+        self.chat_caller_secret(bearer(metadata))
+    }
+
+    /// Like [`Access::chat_caller`], for a secret any surface extracted from its request.
+    pub fn chat_caller_secret(&self, secret: Option<&str>) -> Result<Option<Caller>, GatewayError> {
+        match secret {
             Some(secret) => {
                 let caller = self.keys.verify(secret, now_ms())?;
                 caller.require(Scope::Chat)?;

@@ -46,7 +46,8 @@ impl Violations {
     }
 }
 
-fn valid_tool_name(name: &str) -> bool {
+/// Whether `name` is a valid tool name: 1 to 64 letters, digits, `_` or `-`.
+pub fn valid_tool_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name
@@ -54,44 +55,62 @@ fn valid_tool_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
-/// Validates and converts a request. Every problem is reported.
-pub fn chat_request(req: pb::ChatRequest) -> Result<types::ChatRequest, GatewayError> {
+/// The checks every surface shares, over domain values, naming fields the way both the gRPC
+/// API and the OpenAI-compatible API call them (`model`, `temperature`, `stop[1]`, ...).
+pub fn check_common(
+    model: &str,
+    has_messages: bool,
+    params: &types::SamplingParams,
+    tags: &BTreeMap<String, String>,
+    user: &str,
+) -> Vec<FieldViolation> {
     let mut v = Violations(Vec::new());
-
-    if req.model.trim().is_empty() {
+    if model.trim().is_empty() {
         v.add(
             "model",
             "must not be empty; name a `provider/model` or a policy",
         );
-    } else if req.model.len() > MAX_MODEL_LEN {
+    } else if model.len() > MAX_MODEL_LEN {
         v.add("model", format!("must be at most {MAX_MODEL_LEN} bytes"));
     }
-    if req.messages.is_empty() {
+    if !has_messages {
         v.add("messages", "must hold at least one message");
     }
 
-    v.range("temperature", req.temperature, 0.0, 2.0, false);
-    v.range("top_p", req.top_p, 0.0, 1.0, true);
-    v.range("presence_penalty", req.presence_penalty, -2.0, 2.0, false);
-    v.range("frequency_penalty", req.frequency_penalty, -2.0, 2.0, false);
-    if req.max_tokens == Some(0) {
+    v.range("temperature", params.temperature, 0.0, 2.0, false);
+    v.range("top_p", params.top_p, 0.0, 1.0, true);
+    v.range(
+        "presence_penalty",
+        params.presence_penalty,
+        -2.0,
+        2.0,
+        false,
+    );
+    v.range(
+        "frequency_penalty",
+        params.frequency_penalty,
+        -2.0,
+        2.0,
+        false,
+    );
+    if params.max_tokens == Some(0) {
         v.add("max_tokens", "must be greater than 0 when set");
     }
-    if req.stop.len() > MAX_STOP {
+    if params.stop.len() > MAX_STOP {
         v.add(
             "stop",
             format!("at most {MAX_STOP} stop sequences are allowed"),
         );
     }
-    for (i, s) in req.stop.iter().enumerate() {
+    for (i, s) in params.stop.iter().enumerate() {
         if s.is_empty() {
             v.add(format!("stop[{i}]"), "must not be empty");
         }
     }
-    if req.tags.len() > MAX_TAGS {
+    if tags.len() > MAX_TAGS {
         v.add("tags", format!("at most {MAX_TAGS} tags are allowed"));
     }
-    for (key, value) in &req.tags {
+    for (key, value) in tags {
         if key.is_empty() || key.len() > MAX_TAG_KEY {
             v.add(
                 format!("tags[{key}]"),
@@ -105,9 +124,33 @@ pub fn chat_request(req: pb::ChatRequest) -> Result<types::ChatRequest, GatewayE
             );
         }
     }
-    if req.user.len() > MAX_USER {
+    if user.len() > MAX_USER {
         v.add("user", format!("must be at most {MAX_USER} bytes"));
     }
+    v.0
+}
+
+/// Validates and converts a request. Every problem is reported.
+pub fn chat_request(mut req: pb::ChatRequest) -> Result<types::ChatRequest, GatewayError> {
+    let mut v = Violations(Vec::new());
+    let params = types::SamplingParams {
+        temperature: req.temperature,
+        top_p: req.top_p,
+        max_tokens: req.max_tokens,
+        stop: std::mem::take(&mut req.stop),
+        seed: req.seed,
+        presence_penalty: req.presence_penalty,
+        frequency_penalty: req.frequency_penalty,
+        parallel_tool_calls: req.parallel_tool_calls,
+    };
+    let tags: BTreeMap<String, String> = std::mem::take(&mut req.tags).into_iter().collect();
+    v.0.extend(check_common(
+        &req.model,
+        !req.messages.is_empty(),
+        &params,
+        &tags,
+        &req.user,
+    ));
 
     // Tools.
     let mut tools = Vec::with_capacity(req.tools.len());
@@ -301,20 +344,11 @@ pub fn chat_request(req: pb::ChatRequest) -> Result<types::ChatRequest, GatewayE
     Ok(types::ChatRequest {
         model: req.model,
         messages,
-        params: types::SamplingParams {
-            temperature: req.temperature,
-            top_p: req.top_p,
-            max_tokens: req.max_tokens,
-            stop: req.stop,
-            seed: req.seed,
-            presence_penalty: req.presence_penalty,
-            frequency_penalty: req.frequency_penalty,
-            parallel_tool_calls: req.parallel_tool_calls,
-        },
+        params,
         tools,
         tool_choice,
         response_format,
-        tags: req.tags.into_iter().collect::<BTreeMap<_, _>>(),
+        tags,
         user: Some(req.user).filter(|u| !u.is_empty()),
     })
 }

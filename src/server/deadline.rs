@@ -37,12 +37,18 @@ pub struct CallLimits {
 
 /// The deadline of a call that arrived now.
 pub fn call_deadline(metadata: &tonic::metadata::MetadataMap, limits: &CallLimits) -> Instant {
-    let now = Instant::now();
-    let budget = match metadata
+    let requested = metadata
         .get("grpc-timeout")
         .and_then(|v| v.to_str().ok())
-        .and_then(parse_grpc_timeout)
-    {
+        .and_then(parse_grpc_timeout);
+    deadline_within(requested, limits)
+}
+
+/// The deadline of a call that arrived now with the caller's timeout `requested` (from any
+/// surface's header).
+pub fn deadline_within(requested: Option<Duration>, limits: &CallLimits) -> Instant {
+    let now = Instant::now();
+    let budget = match requested {
         Some(t) => t.saturating_sub(limits.margin).min(limits.max),
         None => limits.default_timeout.min(limits.max),
     };

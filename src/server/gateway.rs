@@ -1,135 +1,56 @@
-//! The `llmgateway.v1.LlmGateway` handlers. They are thin: convert and validate the request,
-//! ask routing for a plan, let the executor run it, convert the answer. Every call runs in a
-//! span carrying its request id.
+//! The `llmgateway.v1.LlmGateway` handlers. They are thin: read the call's metadata, hand
+//! the request (converted and validated in [`convert`]) to the shared [`Engine`], convert the
+//! answer and map errors to statuses.
 
-use std::{pin::Pin, sync::Arc};
+use std::pin::Pin;
 
 use futures_util::{Stream, StreamExt};
-use tonic::{Request, Response, Status};
-use tracing::Instrument;
+use tonic::{Request, Response, Status, metadata::MetadataMap};
 
 use super::{
-    access::{Access, now_ms},
     convert,
-    deadline::{CallLimits, call_deadline},
-    meter::{CallMeter, MeterConfig, Outcome},
+    deadline::call_deadline,
+    engine::{Call, Engine, trace_context},
     request_id::RequestId,
 };
 use crate::{
+    auth::bearer,
     error::GatewayError,
-    executor::{CallEvent, Executor},
     pb::{self, llm_gateway_server::LlmGateway},
-    routing::{Plan, Router, estimate_tokens},
-    telemetry::{TraceContext, continue_traceparent},
 };
 
-/// The gateway service.
+/// The gateway service: a thin adapter from gRPC to the shared [`Engine`].
 #[derive(Clone)]
 pub struct GatewayService {
-    access: Arc<Access>,
-    router: Arc<Router>,
-    executor: Executor,
-    limits: CallLimits,
-    meter: MeterConfig,
+    engine: Engine,
 }
 
 impl GatewayService {
-    /// A service routing with `router`, running calls on `executor`, accounting with `meter`.
-    pub fn new(
-        router: Arc<Router>,
-        executor: Executor,
-        access: Arc<Access>,
-        limits: CallLimits,
-        meter: MeterConfig,
-    ) -> Self {
-        Self {
-            access,
-            router,
-            executor,
-            limits,
-            meter,
-        }
+    /// A service running calls on `engine`.
+    pub fn new(engine: Engine) -> Self {
+        Self { engine }
     }
-}
 
-impl GatewayService {
-    /// Authenticates, applies the key's scope, forced tags, limits and budget, and plans.
-    fn prepare(
+    /// What the engine needs to know about a call before reading it.
+    fn call<'a>(
         &self,
-        metadata: &tonic::metadata::MetadataMap,
-        request: pb::ChatRequest,
-        meter: &mut CallMeter,
-        stream: bool,
-    ) -> Result<(crate::types::ChatRequest, Plan), GatewayError> {
-        let caller = self.access.chat_caller(metadata)?;
-        let mut req = convert::chat_request(request)?;
-        let table = self.router.load();
-        let mut permit = None;
-        // Routed to the budget's fallback policy: the budget no longer refuses calls.
-        let mut budget_fallback = false;
-        if let Some(caller) = &caller {
-            caller.force_tags(&mut req.tags);
-            meter.set_key(caller.name());
-            caller.may_call(&req.model, table.is_policy(&req.model))?;
-            let subjects = self.access.subjects(caller);
-            let fallback = &caller.key.spec.budget_fallback_policy;
-            let now = now_ms();
-            if !fallback.is_empty()
-                && subjects
-                    .iter()
-                    .any(|s| self.access.limits.budget_spent(s, now))
-            {
-                tracing::info!(key = caller.name(), policy = %fallback, "budget spent: routing to the fallback policy");
-                req.model.clone_from(fallback);
-                budget_fallback = true;
-            }
-            let (input, output) = estimate_tokens(&req);
-            permit = Some(
-                self.access
-                    .limits
-                    .admit(subjects, input + output, stream)
-                    .inspect_err(count_limited)?,
-            );
+        metadata: &'a MetadataMap,
+        extensions: &tonic::Extensions,
+        rpc: &'static str,
+    ) -> Call<'a> {
+        let text = |key| metadata.get(key).and_then(|v| v.to_str().ok());
+        Call {
+            rpc,
+            request_id: request_id(extensions),
+            deadline: call_deadline(metadata, self.engine.limits()),
+            trace: trace_context(text("traceparent"), text("tracestate")),
+            credential: bearer(metadata),
         }
-        meter.set_tags(&req.tags);
-        let mut plan = table.plan(&req)?;
-        if let Some(mut permit) = permit {
-            let (input, output) = estimate_tokens(&req);
-            let estimate = plan
-                .targets
-                .first()
-                .and_then(|t| t.info.as_ref())
-                .and_then(|i| i.prices)
-                .map_or(0.0, |p| {
-                    (input as f64 * p.input + output as f64 * p.output) / 1e6
-                });
-            if !budget_fallback && let Err(err) = permit.reserve(estimate, now_ms()) {
-                // This call would pass the budget: the fallback policy, when there is one.
-                let fallback = caller
-                    .as_ref()
-                    .map(|c| c.key.spec.budget_fallback_policy.clone())
-                    .unwrap_or_default();
-                if fallback.is_empty() {
-                    count_limited(&err);
-                    return Err(err);
-                }
-                req.model = fallback;
-                plan = table.plan(&req)?;
-            }
-            meter.set_permit(permit);
-        }
-        Ok((req, plan))
     }
 }
 
-fn count_limited(err: &GatewayError) {
-    if let GatewayError::ResourceExhausted { reason, .. } = err {
-        metrics::counter!(crate::telemetry::names::LIMITED, "reason" => *reason).increment(1);
-    }
-}
-
-fn request_id<T>(request: &Request<T>) -> String {
-    request.extensions().get::<RequestId>().map_or_else(
+fn request_id(extensions: &tonic::Extensions) -> String {
+    extensions.get::<RequestId>().map_or_else(
         || {
             super::request_id::generate()
                 .to_str()
@@ -140,36 +61,6 @@ fn request_id<T>(request: &Request<T>) -> String {
     )
 }
 
-/// The caller's W3C trace context, continued for the upstream requests of this call.
-fn trace_context<T>(request: &Request<T>) -> Option<TraceContext> {
-    let traceparent = request.metadata().get("traceparent")?.to_str().ok()?;
-    Some(TraceContext {
-        traceparent: continue_traceparent(traceparent)?,
-        tracestate: request
-            .metadata()
-            .get("tracestate")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned),
-    })
-}
-
-fn log_failure(err: &GatewayError) {
-    match err {
-        GatewayError::Internal(_) => tracing::error!(error = %err, "call failed"),
-        GatewayError::InvalidArgument(_) | GatewayError::NotFound { .. } => {
-            tracing::debug!(error = %err, class = err.label(), "call rejected");
-        }
-        _ => tracing::info!(error = %err, class = err.label(), "call failed"),
-    }
-}
-
-/// Ends a failed call: log, account, convert.
-fn fail(meter: &mut CallMeter, err: GatewayError) -> Status {
-    log_failure(&err);
-    meter.finish(Outcome::failed(&err, err.code()));
-    err.into_status()
-}
-
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::ChatStreamResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -178,36 +69,17 @@ impl LlmGateway for GatewayService {
         &self,
         request: Request<pb::ChatRequest>,
     ) -> Result<Response<pb::ChatResponse>, Status> {
-        let id = request_id(&request);
-        let deadline = call_deadline(request.metadata(), &self.limits);
-        let trace = trace_context(&request);
-        let mut meter = CallMeter::start(&self.meter, "Chat", id.clone());
-        let span = tracing::info_span!("call", rpc = "Chat", request_id = %id);
-        async move {
-            let result = async {
-                let (metadata, _, message) = request.into_parts();
-                let (req, plan) = self.prepare(&metadata, message, &mut meter, false)?;
-                self.executor.chat(&plan, &req, deadline, trace.as_ref()).await
-            }
-            .await;
-            match result {
-                Ok(answer) => {
-                    tracing::debug!(provider = %answer.provider, model = %answer.response.model, "call succeeded");
-                    meter.finish(Outcome {
-                        code: tonic::Code::Ok,
-                        error_class: "",
-                        route: Some(&answer.route),
-                        usage: answer.response.usage,
-                        cost: answer.cost,
-                        ttft: None,
-                    });
-                    Ok(Response::new(convert::chat_response(id, answer)))
-                }
-                Err(err) => Err(fail(&mut meter, err)),
-            }
+        let (metadata, extensions, message) = request.into_parts();
+        let call = self.call(&metadata, &extensions, "Chat");
+        let id = call.request_id.clone();
+        match self
+            .engine
+            .chat(call, move || convert::chat_request(message))
+            .await
+        {
+            Ok(answer) => Ok(Response::new(convert::chat_response(id, answer))),
+            Err(err) => Err(err.into_status()),
         }
-        .instrument(span)
-        .await
     }
 
     type ChatStreamStream = EventStream;
@@ -216,53 +88,19 @@ impl LlmGateway for GatewayService {
         &self,
         request: Request<pb::ChatRequest>,
     ) -> Result<Response<Self::ChatStreamStream>, Status> {
-        let id = request_id(&request);
-        let deadline = call_deadline(request.metadata(), &self.limits);
-        let trace = trace_context(&request);
-        let mut meter = CallMeter::start(&self.meter, "ChatStream", id.clone());
-        let started = tokio::time::Instant::now();
-        let span = tracing::info_span!("call", rpc = "ChatStream", request_id = %id);
-        let committed = async {
-            let (metadata, _, message) = request.into_parts();
-            let (req, plan) = self.prepare(&metadata, message, &mut meter, true)?;
-            self.executor
-                .chat_stream(&plan, &req, deadline, trace.as_ref())
-                .await
-        }
-        .instrument(span.clone())
-        .await;
-        let committed = match committed {
-            Ok(committed) => committed,
-            Err(err) => {
-                let _entered = span.enter();
-                return Err(fail(&mut meter, err));
-            }
-        };
-        let ttft = started.elapsed();
-        meter.stream_opened();
-        let events = committed.map(move |event| match event {
-            Ok(event) => {
-                if let CallEvent::Finish {
-                    usage, cost, route, ..
-                } = &event
-                {
-                    meter.finish(Outcome {
-                        code: tonic::Code::Ok,
-                        error_class: "",
-                        route: Some(route),
-                        usage: *usage,
-                        cost: *cost,
-                        ttft: Some(ttft),
-                    });
-                }
-                Ok(convert::stream_event(&id, event))
-            }
-            Err(err) => {
-                let _entered = span.enter();
-                Err(fail(&mut meter, err))
-            }
-        });
-        Ok(Response::new(Box::pin(events)))
+        let (metadata, extensions, message) = request.into_parts();
+        let call = self.call(&metadata, &extensions, "ChatStream");
+        let id = call.request_id.clone();
+        let events = self
+            .engine
+            .chat_stream(call, move || convert::chat_request(message))
+            .await
+            .map_err(GatewayError::into_status)?;
+        Ok(Response::new(Box::pin(events.map(move |event| {
+            event
+                .map(|event| convert::stream_event(&id, event))
+                .map_err(GatewayError::into_status)
+        }))))
     }
 
     async fn list_models(
@@ -270,7 +108,7 @@ impl LlmGateway for GatewayService {
         request: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
         let filter = request.into_inner().provider;
-        let table = self.router.load();
+        let table = self.engine.table();
         let mut models: Vec<pb::ModelInfo> = table
             .models()
             .into_iter()

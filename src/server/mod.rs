@@ -1,6 +1,8 @@
 //! The gRPC server: assembles the services (gateway, health, reflection), the layers, and
 //! the shutdown sequence.
 //!
+//! The HTTP front ([`http`]) is a second surface over the same [`engine`].
+//!
 //! Request path, outermost first: tonic's HTTP/2 server -> [`request_id::RequestIdLayer`]
 //! (id in extensions and response metadata) -> service router -> handler in
 //! [`gateway`] (deadline, span, validation in [`convert`]) -> routing -> executor ->
@@ -14,7 +16,9 @@ pub mod admin;
 pub mod convert;
 pub mod convert_admin;
 pub mod deadline;
+pub mod engine;
 pub mod gateway;
+pub mod http;
 pub mod meter;
 pub mod request_id;
 pub mod settings;
@@ -74,6 +78,9 @@ pub enum ServeError {
     /// The TLS certificate, key or client CA is unusable.
     #[error("{0}")]
     Tls(#[from] crate::tls::TlsError),
+    /// The HTTP front failed.
+    #[error("http front failed: {0}")]
+    HttpFront(std::io::Error),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -178,6 +185,8 @@ pub struct ServeOptions {
     pub config_source: Option<crate::reload::ConfigSource>,
     /// Every notification reloads (the binary's SIGHUP handler notifies it).
     pub reload_signal: Option<Arc<tokio::sync::Notify>>,
+    /// A bound listener for the HTTP front, used instead of binding `http.listen`.
+    pub http_listener: Option<TcpListener>,
 }
 
 /// Runs the gateway on `listener` until `shutdown` resolves, with the providers `config`
@@ -338,7 +347,7 @@ pub async fn serve_with(
     };
     crate::providers::set_body_logging(config.log.bodies);
 
-    let gateway = gateway::GatewayService::new(
+    let engine = engine::Engine::new(
         router,
         executor,
         access,
@@ -352,6 +361,16 @@ pub async fn serve_with(
             tag_labels: config.metrics.tag_labels.clone().into(),
         },
     );
+    let gateway = gateway::GatewayService::new(engine.clone());
+    let http_listener = match (options.http_listener, config.http.listen) {
+        (Some(listener), _) => Some(listener),
+        (None, Some(addr)) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Listen { addr, source })?,
+        ),
+        (None, None) => None,
+    };
 
     let (health, health_service) = tonic_health::server::health_reporter();
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -406,13 +425,35 @@ pub async fn serve_with(
         crate::tls::incoming(listener, tls),
         stop_accepting.clone().cancelled_owned(),
     );
-    let server = async move {
+    let grpc_server = async move {
         match admin_server {
             Some(admin_server) => {
                 let (a, b) = tokio::join!(main_server, admin_server);
                 a.and(b)
             }
             None => main_server.await,
+        }
+        .map_err(ServeError::from)
+    };
+    let http_server = http_listener.map(|listener| {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(addr = %addr, "openai- and anthropic-compatible http on http://{addr}/v1");
+        }
+        let settings = config.http.clone();
+        let stop = stop_accepting.clone().cancelled_owned();
+        async move {
+            http::serve(listener, engine, &settings, stop)
+                .await
+                .map_err(ServeError::HttpFront)
+        }
+    });
+    let server = async move {
+        match http_server {
+            Some(http_server) => {
+                let (a, b) = tokio::join!(grpc_server, http_server);
+                a.and(b)
+            }
+            None => grpc_server.await,
         }
     };
     // Boxed (not stack-pinned) so that it can be dropped before the ledger is flushed.
@@ -474,7 +515,7 @@ pub async fn serve_with(
     if let Some(writer) = ledger_writer {
         writer.finish(Duration::from_secs(5)).await;
     }
-    result.map_err(Into::into)
+    result
 }
 
 /// Reloads on every notification of `signal` until `stop`.

@@ -40,7 +40,8 @@ pub fn generate() -> HeaderValue {
     HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("0"))
 }
 
-fn acceptable(value: &HeaderValue) -> bool {
+/// Whether a caller-sent id is usable: 1 to 128 visible ASCII characters.
+pub fn acceptable(value: &HeaderValue) -> bool {
     let bytes = value.as_bytes();
     !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(|b| b.is_ascii_graphic())
 }

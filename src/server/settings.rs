@@ -1,5 +1,6 @@
 //! The server's own sections: `[server]` (the gRPC listener, the time limits of a call,
-//! shutdown) and `[admin]` (the admin listener and token).
+//! shutdown), `[admin]` (the admin listener and token) and `[http]` (the OpenAI- and
+//! Anthropic-compatible front).
 //!
 //! The one part of `server` below [`crate::config`]: the server runs a whole
 //! [`Config`](crate::config::Config), so its own settings sit in this leaf, which uses
@@ -134,5 +135,65 @@ impl AdminSettings {
             }
         });
         Self { token, listen }
+    }
+}
+
+/// The default listen address of the HTTP front.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:8080";
+
+/// The default body limit of the HTTP front (inline images make requests large).
+pub const DEFAULT_HTTP_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+
+/// `[http]` as written in the config file.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttpFront {
+    /// `http.listen`: an address, or `off`.
+    pub listen: Option<String>,
+    /// `http.max_body_bytes`.
+    pub max_body_bytes: Option<usize>,
+}
+
+/// The validated `[http]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpFrontSettings {
+    /// Where the HTTP front listens; `None` when off.
+    pub listen: Option<SocketAddr>,
+    /// Largest accepted request body, in bytes.
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpFrontSettings {
+    fn default() -> Self {
+        Self {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
+            max_body_bytes: DEFAULT_HTTP_MAX_BODY_BYTES,
+        }
+    }
+}
+
+impl HttpFrontSettings {
+    /// Validates `[http]`.
+    pub fn from_raw(raw: RawHttpFront, issues: &mut Issues) -> Self {
+        let defaults = Self::default();
+        let listen = match raw.listen.as_deref().map(str::trim) {
+            None => defaults.listen,
+            Some("" | "off") => None,
+            Some(l) => l.parse().map(Some).unwrap_or_else(|_| {
+                issues.push(
+                    "http.listen",
+                    format!("`{l}` is not a socket address (or `off`)"),
+                );
+                defaults.listen
+            }),
+        };
+        let max_body_bytes = raw.max_body_bytes.unwrap_or(defaults.max_body_bytes);
+        if max_body_bytes < 1024 {
+            issues.push("http.max_body_bytes", "must be at least 1024");
+        }
+        Self {
+            listen,
+            max_body_bytes,
+        }
     }
 }

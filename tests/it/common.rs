@@ -39,17 +39,50 @@ impl Gateway {
         if !toml.contains("[metrics]") {
             config.metrics.listen = None;
         }
+        if !toml.contains("[http]") {
+            config.http.listen = None;
+        }
         Self::start_config(config).await
+    }
+
+    /// Like [`Gateway::start`], with the HTTP front on its own 127.0.0.1:0 listener; returns
+    /// the front's base URL (`http://127.0.0.1:PORT`).
+    pub async fn start_http(toml: &str) -> (Gateway, String) {
+        let mut config =
+            Config::from_toml(toml, Path::new("test.toml"), &Overrides::default(), &|_| {
+                None
+            })
+            .expect("valid test config");
+        config.store.path = ":memory:".into();
+        config.admin.token = Some(ADMIN_TOKEN.to_owned());
+        config.metrics.listen = None;
+        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", http.local_addr().unwrap());
+        let options = server::ServeOptions {
+            http_listener: Some(http),
+            ..Default::default()
+        };
+        (Self::start_with(config, options).await, base)
     }
 
     /// Starts a gateway with a config.
     pub async fn start_config(config: Config) -> Gateway {
+        Self::start_with(config, server::ServeOptions::default()).await
+    }
+
+    /// Starts a gateway with a config and serve options.
+    pub async fn start_with(config: Config, options: server::ServeOptions) -> Gateway {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
-        let handle = tokio::spawn(server::run(config, listener, async {
-            let _ = rx.await;
-        }));
+        let handle = tokio::spawn(server::run_with(
+            config,
+            listener,
+            async {
+                let _ = rx.await;
+            },
+            options,
+        ));
         let connect = Channel::from_shared(format!("http://{addr}"))
             .unwrap()
             .connect_timeout(Duration::from_secs(5))

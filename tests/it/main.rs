@@ -10,6 +10,7 @@ mod admin;
 mod chat;
 mod errors;
 mod executor;
+mod http;
 mod keys;
 mod observability;
 mod providers;

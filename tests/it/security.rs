@@ -106,8 +106,13 @@ impl Running {
     /// Starts a gateway from the config file at `path`; reloads read it again.
     async fn start(path: &Path) -> Running {
         let path: PathBuf = path.to_owned();
-        let source: ConfigSource =
-            Arc::new(move || Config::load(Some(&path), &Overrides::default(), &|_| None));
+        let source: ConfigSource = Arc::new(move || {
+            // No HTTP front: tests must not bind its fixed default port.
+            Config::load(Some(&path), &Overrides::default(), &|_| None).map(|mut c| {
+                c.http.listen = None;
+                c
+            })
+        });
         let config = source().expect("valid test config");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -116,6 +121,7 @@ impl Running {
         let options = ServeOptions {
             config_source: Some(source),
             reload_signal: Some(reload.clone()),
+            ..Default::default()
         };
         let handle = tokio::spawn(server::run_with(
             config,
