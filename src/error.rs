@@ -259,7 +259,9 @@ pub fn upstream_code(class: ErrorClass, all_rate_limited: bool) -> Code {
         | ErrorClass::Timeout
         | ErrorClass::Connect
         | ErrorClass::StreamBroken
-        | ErrorClass::InvalidResponse => Code::Unavailable,
+        | ErrorClass::InvalidResponse
+        // The gateway itself is short of resources: another instance may serve the call.
+        | ErrorClass::LocalResource => Code::Unavailable,
         // The gateway's own provider credentials were refused: callers cannot fix that, and
         // retrying does not help until an operator does.
         ErrorClass::Authentication | ErrorClass::Permission => Code::FailedPrecondition,

@@ -5,11 +5,19 @@
 //! and counted (`llm_gateway_usage_records_dropped_total`), so memory never grows without
 //! bound. One writer task drains the queue in batches (what gathered within
 //! [`BATCH_INTERVAL`] of the first record, up to [`MAX_BATCH`], in one transaction), prunes records older than the retention period every
-//! hour, and on shutdown writes what is left before it stops.
+//! hour, and on shutdown writes what is queued within a bound, logging what it wrote and dropped.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use tokio::{sync::mpsc, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
 
 use crate::{settings::Issues, telemetry::names};
 
@@ -124,10 +132,32 @@ pub struct Ledger {
     tx: Option<mpsc::Sender<UsageRecord>>,
 }
 
-/// The writer task; [`LedgerWriter::finish`] waits until everything queued is written.
+/// The writer task; [`LedgerWriter::finish`] stops it after it wrote what is queued.
 #[derive(Debug)]
 pub struct LedgerWriter {
     handle: JoinHandle<()>,
+    stop: CancellationToken,
+    flush: Arc<FlushCounts>,
+}
+
+/// What the final flush did.
+#[derive(Debug, Default)]
+struct FlushCounts {
+    /// Records queued when the flush began.
+    queued: AtomicU64,
+    /// Of those, written.
+    written: AtomicU64,
+}
+
+/// The outcome of [`LedgerWriter::finish`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlushOutcome {
+    /// Records the final flush wrote.
+    pub written: u64,
+    /// Records it could not write (the store failed or the time ran out).
+    pub dropped: u64,
+    /// Whether the time ran out.
+    pub timed_out: bool,
 }
 
 impl Ledger {
@@ -143,8 +173,23 @@ impl Ledger {
         retention: Duration,
     ) -> (Ledger, LedgerWriter) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
-        let handle = tokio::spawn(write_loop(store, rx, retention));
-        (Ledger { tx: Some(tx) }, LedgerWriter { handle })
+        let stop = CancellationToken::new();
+        let flush = Arc::new(FlushCounts::default());
+        let handle = tokio::spawn(write_loop(
+            store,
+            rx,
+            retention,
+            stop.clone(),
+            flush.clone(),
+        ));
+        (
+            Ledger { tx: Some(tx) },
+            LedgerWriter {
+                handle,
+                stop,
+                flush,
+            },
+        )
     }
 
     /// Queues a record; drops (and counts) it when the queue is full.
@@ -159,12 +204,47 @@ impl Ledger {
 }
 
 impl LedgerWriter {
-    /// Waits (at most `timeout`) for the writer to drain the queue. The queue closes when
-    /// every [`Ledger`] clone is dropped.
-    pub async fn finish(self, timeout: Duration) {
-        if tokio::time::timeout(timeout, self.handle).await.is_err() {
-            tracing::warn!("the usage ledger did not finish writing in time");
+    /// Stops the writer: what is queued now is written within `timeout` (records that come
+    /// later are dropped and counted), and the outcome is logged with its counts. The
+    /// writer does not wait for the [`Ledger`] clones to go away.
+    pub async fn finish(mut self, timeout: Duration) -> FlushOutcome {
+        self.stop.cancel();
+        let timed_out = tokio::time::timeout(timeout, &mut self.handle)
+            .await
+            .is_err();
+        if timed_out {
+            self.handle.abort();
         }
+        let queued = self.flush.queued.load(Ordering::Acquire);
+        let written = self.flush.written.load(Ordering::Acquire);
+        let outcome = FlushOutcome {
+            written,
+            dropped: queued.saturating_sub(written),
+            timed_out,
+        };
+        if timed_out {
+            // Failed writes count themselves; these were never tried or never confirmed.
+            metrics::counter!(names::LEDGER_DROPPED).increment(outcome.dropped);
+            tracing::warn!(
+                written = outcome.written,
+                dropped = outcome.dropped,
+                timeout = ?timeout,
+                "usage ledger: the final flush ran out of time; the rest is dropped"
+            );
+        } else if outcome.dropped > 0 {
+            tracing::warn!(
+                written = outcome.written,
+                dropped = outcome.dropped,
+                "usage ledger: the final flush could not write every record"
+            );
+        } else {
+            tracing::info!(
+                written = outcome.written,
+                dropped = 0,
+                "usage ledger flushed"
+            );
+        }
+        outcome
     }
 }
 
@@ -178,11 +258,16 @@ async fn write_loop(
     store: Arc<dyn UsageSink>,
     mut rx: mpsc::Receiver<UsageRecord>,
     retention: Duration,
+    stop: CancellationToken,
+    flush: Arc<FlushCounts>,
 ) {
     let mut prune = tokio::time::interval(Duration::from_secs(3600));
     let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
         tokio::select! {
+            // The stop wins over more records: the final flush takes those.
+            biased;
+            () = stop.cancelled() => break,
             record = rx.recv() => {
                 let Some(record) = record else { break };
                 batch.push(record);
@@ -207,20 +292,36 @@ async fn write_loop(
             }
         }
     }
-    write(&*store, &mut batch).await;
+    // The final flush: what is queued now; later records are refused (and counted).
+    rx.close();
+    while let Ok(record) = rx.try_recv() {
+        batch.push(record);
+    }
+    flush.queued.store(batch.len() as u64, Ordering::Release);
+    while !batch.is_empty() {
+        let mut rest = batch.split_off(batch.len().min(MAX_BATCH));
+        std::mem::swap(&mut batch, &mut rest);
+        let written = write(&*store, &mut rest).await;
+        flush.written.fetch_add(written, Ordering::AcqRel);
+    }
 }
 
-async fn write(store: &dyn UsageSink, batch: &mut Vec<UsageRecord>) {
+/// Writes and empties `batch`; returns how many records were written.
+async fn write(store: &dyn UsageSink, batch: &mut Vec<UsageRecord>) -> u64 {
     if batch.is_empty() {
-        return;
+        return 0;
     }
     let records = std::mem::take(batch);
     let n = records.len() as u64;
     match store.insert_usage(records).await {
-        Ok(()) => metrics::counter!(names::LEDGER_WRITTEN).increment(n),
+        Ok(()) => {
+            metrics::counter!(names::LEDGER_WRITTEN).increment(n);
+            n
+        }
         Err(e) => {
             metrics::counter!(names::LEDGER_DROPPED).increment(n);
             tracing::warn!(error = %e, records = n, "writing usage records failed");
+            0
         }
     }
 }
@@ -412,6 +513,60 @@ mod tests {
         assert!(
             stored.len() < 1000,
             "the burst over capacity was dropped, not buffered"
+        );
+    }
+
+    #[tokio::test]
+    async fn finish_does_not_wait_for_the_senders_and_counts_what_it_wrote() {
+        let store = Arc::new(MemorySink::default());
+        let (ledger, writer) = Ledger::start(store.clone(), 64, Duration::from_secs(3600));
+        for i in 0..3 {
+            ledger.record(record("a", "OK", 0.0, f64::from(i)));
+        }
+        // `ledger` is still alive (a call that has not ended): the flush ends anyway.
+        let outcome = writer.finish(Duration::from_secs(3600)).await;
+        assert!(!outcome.timed_out);
+        assert_eq!(outcome.dropped, 0);
+        let stored = store.usage_between(0, i64::MAX).await.unwrap();
+        assert_eq!(outcome.written, stored.len() as u64);
+        assert_eq!(stored.len(), 3);
+        // After the flush, records are refused rather than queued for ever.
+        ledger.record(record("a", "OK", 0.0, 1.0));
+        assert_eq!(store.usage_between(0, i64::MAX).await.unwrap().len(), 3);
+    }
+
+    /// A sink whose writes never finish.
+    struct StuckSink;
+
+    #[async_trait::async_trait]
+    impl UsageSink for StuckSink {
+        async fn insert_usage(&self, _: Vec<UsageRecord>) -> Result<(), SinkError> {
+            std::future::pending().await
+        }
+
+        async fn usage_between(&self, _: i64, _: i64) -> Result<Vec<UsageRecord>, SinkError> {
+            Ok(Vec::new())
+        }
+
+        async fn delete_usage_before(&self, _: i64) -> Result<u64, SinkError> {
+            Ok(0)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stuck_final_flush_is_bounded_and_counts_the_dropped() {
+        let (ledger, writer) = Ledger::start(Arc::new(StuckSink), 64, Duration::from_secs(3600));
+        for i in 0..5 {
+            ledger.record(record("a", "OK", 0.0, f64::from(i)));
+        }
+        let outcome = writer.finish(Duration::from_secs(5)).await;
+        assert_eq!(
+            outcome,
+            FlushOutcome {
+                written: 0,
+                dropped: 5,
+                timed_out: true
+            }
         );
     }
 }

@@ -5,8 +5,9 @@
 //!
 //! - [`server`]: the tonic server: handlers, pb conversion, layers, startup and shutdown;
 //!   the shared call engine (`server::engine`); the OpenAI- and Anthropic-compatible HTTP
-//!   front (`server::http`); [`server::settings`] holds its own config sections (`[server]`,
-//!   `[admin]`).
+//!   front (`server::http`); the front door's connection limits (`server::conn`);
+//!   [`server::settings`] holds its own config sections (`[server]`, `[admin]`,
+//!   `[connections]`).
 //! - [`reload`]: reloading provider keys and certificates without a restart (SIGHUP,
 //!   `ReloadConfig`), and what a reload reports as needing a restart.
 //! - [`config`]: loads the TOML file, interpolates `${VAR}`, applies overrides, assembles the

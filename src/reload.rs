@@ -170,6 +170,7 @@ impl Reloader {
             auth,
             teams,
             tls,
+            connections,
             http,
         } = &self.running;
         let mut report = ReloadReport::default();
@@ -185,6 +186,7 @@ impl Reloader {
             }
         };
         restart("server.listen", server.listen != new.server.listen);
+        restart("connections", connections != &new.connections);
         let server_rest = ServerSettings {
             listen: new.server.listen,
             ..server.clone()
@@ -228,6 +230,7 @@ impl Reloader {
                 continue;
             };
             if fresh.kind != old.kind
+                || fresh.settings != old.settings
                 || fresh.base_url != old.base_url
                 || fresh.models != old.models
             {

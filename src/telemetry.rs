@@ -195,7 +195,7 @@ pub fn init(log: &LogConfig) -> TelemetryGuard {
             let message = e;
             let _ = tracing_subscriber::registry()
                 .with(filter)
-                .with(fmt::layer().with_writer(std::io::stderr))
+                .with(text_layer())
                 .try_init();
             tracing::error!(error = %message, "cannot start otlp trace export; continuing without it");
             return TelemetryGuard::default();
@@ -212,12 +212,20 @@ pub fn init(log: &LogConfig) -> TelemetryGuard {
                     .with_current_span(true),
             )
             .try_init(),
-        LogFormat::Text => registry
-            .with(fmt::layer().with_writer(std::io::stderr))
-            .try_init(),
+        LogFormat::Text => registry.with(text_layer()).try_init(),
         LogFormat::None => registry.try_init(),
     };
     TelemetryGuard { provider }
+}
+
+/// The text log layer on stderr, with ANSI colour only when stderr is a terminal (never in
+/// a file or a pipe).
+fn text_layer<S>()
+-> fmt::Layer<S, fmt::format::DefaultFields, fmt::format::Format, fn() -> std::io::Stderr> {
+    use std::io::IsTerminal as _;
+    fmt::layer()
+        .with_writer(std::io::stderr as fn() -> std::io::Stderr)
+        .with_ansi(std::io::stderr().is_terminal())
 }
 
 type OtelLayer = tracing_opentelemetry::OpenTelemetryLayer<
@@ -299,6 +307,15 @@ pub mod names {
     pub const LIMITED: &str = "llm_gateway_limited_calls_total";
     /// Build information (gauge, always 1).
     pub const BUILD_INFO: &str = "llm_gateway_build_info";
+    /// Client connections open per listener, in handshake or established (gauge).
+    pub const CONNECTIONS_OPEN: &str = "llm_gateway_connections_open";
+    /// Client connections the gateway closed, per listener and reason: `handshake_timeout`,
+    /// `tls_failed`, `not_http2`, `closed_in_handshake`, `idle`, `max_age` (counter).
+    pub const CONNECTIONS_CLOSED: &str = "llm_gateway_connections_closed_total";
+    /// Client connections refused because the listener had `max_connections` open (counter).
+    pub const CONNECTIONS_REFUSED: &str = "llm_gateway_connections_refused_total";
+    /// Failed accepts per listener and kind: `fd_limit`, `memory` (accept pauses), `other`.
+    pub const ACCEPT_ERRORS: &str = "llm_gateway_accept_errors_total";
 }
 
 /// Histogram buckets for latencies in seconds: 1 ms to 2 minutes.
@@ -396,6 +413,16 @@ fn describe() {
         "Calls refused by the gateway's limits and budgets."
     );
     describe_gauge!(names::BUILD_INFO, "Build information.");
+    describe_gauge!(names::CONNECTIONS_OPEN, "Client connections open.");
+    describe_counter!(
+        names::CONNECTIONS_CLOSED,
+        "Client connections the gateway closed, by reason."
+    );
+    describe_counter!(
+        names::CONNECTIONS_REFUSED,
+        "Client connections refused at max_connections."
+    );
+    describe_counter!(names::ACCEPT_ERRORS, "Failed accepts, by kind.");
 }
 
 /// Serves `GET /metrics` on `listener` until `shutdown` resolves; runs the exporter's upkeep.

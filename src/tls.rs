@@ -6,9 +6,8 @@
 //! established ones keep their session. A reload that fails (unreadable file, no key, a key
 //! that does not match the certificate) keeps the previous certificate and logs an error.
 //!
-//! [`incoming`] turns a `TcpListener` into the connection stream tonic serves: plain TCP when
-//! TLS is off (exactly as before), otherwise TLS streams whose handshakes run concurrently, so
-//! a slow or hostile client never stalls the accept loop.
+//! [`crate::server::conn::incoming`] accepts the connections and runs the handshakes (with
+//! the acceptor of the current settings), within the front door's connection limits.
 
 use std::{
     io,
@@ -20,7 +19,6 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use futures_util::{Stream, StreamExt, stream::BoxStream};
 use rustls::{
     RootCertStore, ServerConfig,
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
@@ -28,11 +26,9 @@ use rustls::{
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::{TcpListener, TcpStream},
-    task::JoinSet,
+    net::TcpStream,
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
@@ -99,12 +95,6 @@ impl TlsConfig {
         })
     }
 }
-
-/// How long a client may take to complete the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Handshakes in progress at most; further connections wait in the kernel's backlog.
-const MAX_HANDSHAKES: usize = 1024;
 
 /// Why the TLS settings could not be loaded. Each names the config field.
 #[derive(Debug, thiserror::Error)]
@@ -305,7 +295,8 @@ impl TlsState {
         }
     }
 
-    fn acceptor(&self) -> TlsAcceptor {
+    /// An acceptor with the current settings.
+    pub fn acceptor(&self) -> TlsAcceptor {
         TlsAcceptor::from(self.current.load_full())
     }
 }
@@ -385,90 +376,5 @@ impl AsyncWrite for Conn {
             Conn::Plain(s) => s.is_write_vectored(),
             Conn::Tls(s) => s.is_write_vectored(),
         }
-    }
-}
-
-/// The connections of `listener` for tonic: plain TCP without `tls`, otherwise TLS
-/// connections whose handshakes completed (failed handshakes are logged at debug level and
-/// dropped). The accept task ends when the stream is dropped.
-pub fn incoming(
-    listener: TcpListener,
-    tls: Option<Arc<TlsState>>,
-) -> BoxStream<'static, io::Result<Conn>> {
-    let Some(tls) = tls else {
-        return TcpListenerStream::new(listener)
-            .map(|conn| {
-                let conn = conn?;
-                let _ = conn.set_nodelay(true);
-                Ok(Conn::Plain(conn))
-            })
-            .boxed();
-    };
-    let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Conn>>(64);
-    let stop = CancellationToken::new();
-    let task_stop = stop.clone();
-    // The accept loop owns its handshakes (a JoinSet aborts them when dropped) and stops
-    // when the stream is dropped.
-    let accept = tokio::spawn(async move {
-        let mut handshakes = JoinSet::new();
-        loop {
-            tokio::select! {
-                () = task_stop.cancelled() => return,
-                () = tx.closed() => return,
-                Some(_) = handshakes.join_next(), if !handshakes.is_empty() => {}
-                accepted = listener.accept(), if handshakes.len() < MAX_HANDSHAKES => {
-                    let (tcp, peer) = match accepted {
-                        Ok(c) => c,
-                        Err(e) => {
-                            tracing::debug!(error = %e, "accept failed");
-                            // E.g. out of file descriptors: do not spin.
-                            tokio::time::sleep(Duration::from_millis(20)).await;
-                            continue;
-                        }
-                    };
-                    let _ = tcp.set_nodelay(true);
-                    let acceptor = tls.acceptor();
-                    let tx = tx.clone();
-                    handshakes.spawn(async move {
-                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                            Ok(Ok(stream)) => {
-                                let _ = tx.send(Ok(Conn::Tls(Box::new(stream)))).await;
-                            }
-                            Ok(Err(e)) => {
-                                tracing::debug!(peer = %peer, error = %e, "tls handshake failed");
-                            }
-                            Err(_) => tracing::debug!(peer = %peer, "tls handshake timed out"),
-                        }
-                    });
-                }
-            }
-        }
-    });
-    TlsIncoming {
-        rx,
-        _guard: AbortOnDrop(accept, stop),
-    }
-    .boxed()
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>, CancellationToken);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.1.cancel();
-        self.0.abort();
-    }
-}
-
-struct TlsIncoming {
-    rx: tokio::sync::mpsc::Receiver<io::Result<Conn>>,
-    _guard: AbortOnDrop,
-}
-
-impl Stream for TlsIncoming {
-    type Item = io::Result<Conn>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.rx.poll_recv(cx)
     }
 }

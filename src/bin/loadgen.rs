@@ -138,9 +138,16 @@ impl Failure {
     }
 
     fn status(status: &tonic::Status) -> Self {
+        // Transport failures say little in the message: the cause chain says what broke.
+        let mut detail = status.message().to_owned();
+        let mut source = std::error::Error::source(status);
+        while let Some(cause) = source {
+            let _ = write!(detail, ": {cause}");
+            source = cause.source();
+        }
         Self {
             label: format!("{:?}", status.code()),
-            detail: status.message().to_owned(),
+            detail,
         }
     }
 }
@@ -199,23 +206,6 @@ impl Stats {
                 self.examples.entry(failure.label).or_insert(failure.detail);
             }
         }
-    }
-
-    fn merge(&mut self, other: Stats) {
-        // Both histograms have the same bounds, so adding cannot fail.
-        let _ = self.latency.add(&other.latency);
-        let _ = self.ttft.add(&other.ttft);
-        self.ok += other.ok;
-        for (k, v) in other.errors {
-            *self.errors.entry(k).or_default() += v;
-        }
-        for (k, v) in other.examples {
-            self.examples.entry(k).or_insert(v);
-        }
-        self.max_overrun_us = match (self.max_overrun_us, other.max_overrun_us) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        };
     }
 
     fn error_count(&self) -> u64 {
@@ -333,7 +323,7 @@ struct Ctx {
     peak_inflight: AtomicUsize,
 }
 
-async fn call(ctx: &Ctx, mut client: LlmGatewayClient<Channel>) -> Outcome {
+async fn call(ctx: &Ctx, mut client: Client) -> Outcome {
     let n = ctx.inflight.fetch_add(1, Ordering::Relaxed) + 1;
     ctx.peak_inflight.fetch_max(n, Ordering::Relaxed);
     let mut request = tonic::Request::new(ctx.request.clone());
@@ -374,7 +364,7 @@ async fn call(ctx: &Ctx, mut client: LlmGatewayClient<Channel>) -> Outcome {
 }
 
 async fn unary(
-    client: &mut LlmGatewayClient<Channel>,
+    client: &mut Client,
     request: tonic::Request<pb::ChatRequest>,
 ) -> Result<(), Failure> {
     let response = client
@@ -389,7 +379,7 @@ async fn unary(
 
 /// Reads a stream to its end; returns when its first content (or finish) arrived.
 async fn stream(
-    client: &mut LlmGatewayClient<Channel>,
+    client: &mut Client,
     request: tonic::Request<pb::ChatRequest>,
 ) -> Result<Instant, Failure> {
     let mut events = client
@@ -488,7 +478,7 @@ fn count_lost(stats: &mut Stats, failed: u64, unfinished: u64) {
 
 async fn closed_loop(
     ctx: &Arc<Ctx>,
-    clients: &[LlmGatewayClient<Channel>],
+    clients: &[Client],
     concurrency: usize,
     ramp: Option<Duration>,
     limits: Limits,
@@ -501,20 +491,24 @@ async fn closed_loop(
     });
     let mut tasks = JoinSet::new();
     let concurrency = concurrency.max(1);
+    // One set of statistics for all callers: a histogram pair per caller would cost ~1 MB
+    // each (20,000 callers: 20 GB of address space) and a long merge.
+    let shared = Arc::new(Mutex::new(Stats::new()));
     for i in 0..concurrency {
         let client = clients[i % clients.len()].clone();
         let ctx = ctx.clone();
         let budget = budget.clone();
+        let shared = shared.clone();
         let delay = ramp.map_or(Duration::ZERO, |r| r.mul_f64(i as f64 / concurrency as f64));
         tasks.spawn(async move {
             tokio::time::sleep(delay).await;
-            let mut stats = Stats::new();
             while budget.take() {
                 let sent = Instant::now();
                 let outcome = call(&ctx, client.clone()).await;
-                stats.record(sent, outcome, ctx.deadline);
+                if let Ok(mut stats) = shared.lock() {
+                    stats.record(sent, outcome, ctx.deadline);
+                }
             }
-            stats
         });
     }
     // Callers stop taking new calls at the end of the duration; give the last ones `drain`.
@@ -522,11 +516,11 @@ async fn closed_loop(
         || start + Duration::from_secs(365 * 24 * 3600),
         |d| start + d + ramp.unwrap_or_default() + drain_for,
     );
-    let (done, failed, unfinished) = drain(&mut tasks, drain_until).await;
-    let mut stats = Stats::new();
-    for s in done {
-        stats.merge(s);
-    }
+    let (_, failed, unfinished) = drain(&mut tasks, drain_until).await;
+    let mut stats = shared
+        .lock()
+        .map(|mut s| std::mem::replace(&mut *s, Stats::new()))
+        .unwrap_or_else(|_| Stats::new());
     // An aborted caller was in the middle of one call.
     count_lost(&mut stats, failed, unfinished);
     (stats, start)
@@ -534,7 +528,7 @@ async fn closed_loop(
 
 async fn open_loop(
     ctx: &Arc<Ctx>,
-    clients: &[LlmGatewayClient<Channel>],
+    clients: &[Client],
     rate: f64,
     max_inflight: usize,
     limits: Limits,
@@ -587,10 +581,92 @@ async fn open_loop(
 // Main
 // ---------------------------------------------------------------------------------------------
 
-async fn connect(
-    target: &str,
-    connections: usize,
-) -> Result<Vec<LlmGatewayClient<Channel>>, String> {
+/// The generated client over a channel whose requests end with their last message.
+type Client = LlmGatewayClient<EndWithMessage<Channel>>;
+
+/// Sends each request's last DATA frame with END_STREAM set, as grpc-go and grpcio do.
+///
+/// tonic's request body does not know it has ended until it is polled once more, so hyper
+/// sends the message in one DATA frame and END_STREAM in a second, empty one. h2 servers
+/// (0.4.20+) charge every small DATA frame that is not the last against a per-connection
+/// budget (half the connection window) until the application reads it; with thousands of
+/// calls arriving on one connection faster than the server reads them, the budget runs out
+/// and the server closes the connection with ENHANCE_YOUR_CALM (`too_many_data_frames`),
+/// failing every call on it. A unary request whose DATA frame is also the last is not
+/// charged.
+#[derive(Debug, Clone)]
+struct EndWithMessage<S>(S);
+
+impl<S> tower::Service<http::Request<tonic::body::Body>> for EndWithMessage<S>
+where
+    S: tower::Service<http::Request<tonic::body::Body>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        self.0.call(request.map(|body| {
+            tonic::body::Body::new(PeekEnd {
+                inner: body,
+                next: None,
+                ended: false,
+            })
+        }))
+    }
+}
+
+/// A body that looks one frame ahead, so `is_end_stream` is true with the last frame.
+struct PeekEnd {
+    inner: tonic::body::Body,
+    next: Option<Result<http_body::Frame<bytes::Bytes>, tonic::Status>>,
+    ended: bool,
+}
+
+impl http_body::Body for PeekEnd {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, tonic::Status>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        let frame = match this.next.take() {
+            Some(frame) => frame,
+            None if this.ended => return Poll::Ready(None),
+            None => match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(frame)) => frame,
+                Poll::Ready(None) => {
+                    this.ended = true;
+                    return Poll::Ready(None);
+                }
+                Poll::Pending => return Poll::Pending,
+            },
+        };
+        // Look ahead without waiting: a unary request's body ends right after its message.
+        match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(next)) => this.next = Some(next),
+            Poll::Ready(None) => this.ended = true,
+            Poll::Pending => {}
+        }
+        Poll::Ready(Some(frame))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended && self.next.is_none()
+    }
+}
+
+async fn connect(target: &str, connections: usize) -> Result<Vec<Client>, String> {
     let endpoint = Endpoint::from_shared(target.to_owned())
         .map_err(|e| format!("bad --target {target}: {e}"))?
         .tcp_nodelay(true)
@@ -603,7 +679,7 @@ async fn connect(
             .await
             .map_err(|e| format!("cannot connect to {target}: {e}"))?;
         clients.push(
-            LlmGatewayClient::new(channel)
+            LlmGatewayClient::new(EndWithMessage(channel))
                 .max_decoding_message_size(64 * 1024 * 1024)
                 .max_encoding_message_size(64 * 1024 * 1024),
         );
@@ -628,7 +704,7 @@ fn request(args: &Args) -> pb::ChatRequest {
 async fn run_phase(
     args: &Args,
     ctx: &Arc<Ctx>,
-    clients: &[LlmGatewayClient<Channel>],
+    clients: &[Client],
     limits: Limits,
 ) -> (Stats, Instant) {
     match args.rate {

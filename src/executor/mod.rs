@@ -255,6 +255,8 @@ fn health_result(err: &ProviderError, latency: Duration) -> AttemptResult {
         | ErrorClass::ContextLengthExceeded
         | ErrorClass::ContentFiltered
         | ErrorClass::ModelNotFound => AttemptResult::Neutral,
+        // The gateway's own shortage (e.g. out of descriptors): not the target's fault.
+        ErrorClass::LocalResource => AttemptResult::Neutral,
     }
 }
 

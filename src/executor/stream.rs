@@ -126,6 +126,9 @@ impl CallStream {
                 ttft: Some(self.c.time_to_first_token),
             },
             AttemptOutcome::Failed("DEADLINE_EXCEEDED") => AttemptResult::Neutral,
+            AttemptOutcome::Failed(r) if *r == ErrorClass::LocalResource.reason() => {
+                AttemptResult::Neutral
+            }
             AttemptOutcome::Failed(_) => AttemptResult::Failure { latency },
             AttemptOutcome::Cancelled | AttemptOutcome::Skipped(_) => AttemptResult::Neutral,
         };

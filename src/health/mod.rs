@@ -211,7 +211,8 @@ pub enum AttemptResult {
         rest: Duration,
     },
     /// It was cancelled or failed for a reason that says nothing about the target's health
-    /// (e.g. an invalid request); only a half-open probe slot is released.
+    /// (e.g. an invalid request, or the gateway's own shortage of descriptors or memory); only a
+    /// half-open probe slot is released.
     Neutral,
 }
 

@@ -74,9 +74,7 @@ impl AwsCredentialStore {
 }
 
 pub(super) fn routes() -> Router<MockState> {
-    Router::new()
-        .route("/model/{model}/converse", post(converse))
-        .route("/model/{model}/converse-stream", post(converse_stream))
+    Router::new().route("/model/{model}/{action}", post(converse))
 }
 
 /// The access key id of a SigV4 `Authorization` header.
@@ -432,14 +430,20 @@ fn first_tool(body: &Value, scenario: &Scenario) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// `converse` and `converse-stream`.
 async fn converse(
     State(state): State<MockState>,
-    Path(model): Path<String>,
+    Path((model, action)): Path<(String, String)>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let stream = match action.as_str() {
+        "converse" => false,
+        "converse-stream" => true,
+        _ => return aws_error(404, "UnknownOperationException", "Unknown operation (mock)"),
+    };
     let (body, guard) = match admit(&state, &method, &uri, &headers, &body) {
         Ok(admitted) => admitted,
         Err(response) => return *response,
@@ -449,6 +453,9 @@ async fn converse(
     if let Some(status) = scenario.status {
         guard.complete();
         return scripted_error(status, scenario.retry_after);
+    }
+    if stream {
+        return converse_stream(&scenario, &body, guard);
     }
     if scenario.malformed {
         guard.complete();
@@ -528,32 +535,15 @@ fn stream_events(scenario: &Scenario, reply: &str, tool: Option<&str>, input: u6
     events
 }
 
-async fn converse_stream(
-    State(state): State<MockState>,
-    Path(model): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let (body, guard) = match admit(&state, &method, &uri, &headers, &body) {
-        Ok(admitted) => admitted,
-        Err(response) => return *response,
-    };
-    let scenario = Scenario::parse(&model, &state.settings);
-    scenario.wait().await;
-    if let Some(status) = scenario.status {
-        guard.complete();
-        return scripted_error(status, scenario.retry_after);
-    }
-    let reply = reply_for(&last_user_text(&body));
-    let tool = first_tool(&body, &scenario);
-    let mut events = stream_events(&scenario, &reply, tool.as_deref(), input_tokens(&body));
+fn converse_stream(scenario: &Scenario, body: &Value, guard: ResponseGuard) -> Response {
+    let reply = reply_for(&last_user_text(body));
+    let tool = first_tool(body, scenario);
+    let mut events = stream_events(scenario, &reply, tool.as_deref(), input_tokens(body));
     let mut terminal = event("messageStop", &json!({"stopReason": "end_turn"})).to_vec();
     terminal.extend_from_slice(&event("metadata", &json!({"metrics": {"latencyMs": 1}})));
     inject_faults_in(
         &mut events,
-        &scenario,
+        scenario,
         // A well-framed event whose payload is not JSON.
         Bytes::from(encode_message(
             &[
@@ -578,7 +568,7 @@ async fn converse_stream(
         events,
         "application/vnd.amazon.eventstream",
         1,
-        &scenario,
+        scenario,
         guard,
     )
 }

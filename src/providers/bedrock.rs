@@ -16,26 +16,25 @@
 //! complete, one that ends before `messageStop` is truncated. In-stream exceptions
 //! (`:message-type: exception`) map through the same classification as HTTP errors.
 
-use std::{collections::VecDeque, sync::Arc, time::SystemTime};
+use std::{collections::VecDeque, sync::Arc};
 
-use async_trait::async_trait;
 use aws_smithy_types::event_stream::Message as EventMessage;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    EventStream, KeyRing, Provider, ProviderError, decode_json,
-    error::short_message,
-    eventstream::{EventStreamBody, MessageDecoder, header_str},
-    json_error_kind, read_body, retry_after_header, send_with_keys,
-    sigv4::{AwsCredentials, sign_request, uri_encode},
-};
-use crate::{
-    providers::ErrorClass,
-    types::{
-        ChatRequest, ChatResponse, ContentPart, FinishReason, ImageSource, Message, ResponseFormat,
-        Role, StreamEvent, ToolCall, ToolCallDelta, ToolChoice, Usage,
+    ErrorClass, HttpProvider, Provider, ProviderError, UpstreamError,
+    eventstream::{EventStream, MessageDecoder, header_str},
+    kinds::{
+        BuildContext, Discovered, Env, KeyRequired, KindInput, KindSettings, KindSpec,
+        ProviderSettings, SettingsIssue, base_url_or, discovered, env_var,
     },
+    sigv4::{AwsCredentials, SigV4, uri_encode},
+    wire::{WireFormat, decode_event, decode_json, parse_url},
+};
+use crate::types::{
+    ChatRequest, ChatResponse, ContentPart, FinishReason, ImageSource, Message, ResponseFormat,
+    Role, StreamEvent, ToolCall, ToolCallDelta, ToolChoice, Usage,
 };
 
 /// The provider kind.
@@ -66,145 +65,147 @@ pub fn endpoint_url(endpoint: &str, model: &str, stream: bool) -> String {
     )
 }
 
-/// How the adapter speaks to one Bedrock endpoint.
+/// The Converse wire format.
 #[derive(Debug, Clone)]
-pub struct BedrockConfig {
-    /// Configured name, e.g. `bedrock`.
-    pub name: String,
-    /// The AWS region, e.g. `us-east-1` (part of every signature).
-    pub region: String,
+pub struct Converse {
     /// The runtime endpoint, e.g. `https://bedrock-runtime.us-east-1.amazonaws.com`.
+    endpoint: String,
+}
+
+impl Converse {
+    /// The wire format of the runtime at `endpoint`.
+    pub fn new(endpoint: impl Into<String>) -> Self {
+        Self {
+            endpoint: endpoint.into().trim_end_matches('/').to_owned(),
+        }
+    }
+}
+
+impl WireFormat for Converse {
+    type Decoder = EventStream<ConverseStreamDecoder>;
+
+    fn endpoint(&self, model: &str, stream: bool) -> Result<reqwest::Url, ProviderError> {
+        if model.is_empty() {
+            return Err(invalid("the model name is empty"));
+        }
+        parse_url(&endpoint_url(&self.endpoint, model, stream))
+    }
+
+    fn build_request(
+        &self,
+        _model: &str,
+        request: &ChatRequest,
+        _stream: bool,
+    ) -> Result<Vec<u8>, ProviderError> {
+        build_request(request)
+    }
+
+    fn parse_response(&self, body: &[u8], model: &str) -> Result<ChatResponse, ProviderError> {
+        parse_response(body, model)
+    }
+
+    fn stream_decoder(&self, _model: &str) -> Self::Decoder {
+        EventStream::new(ConverseStreamDecoder::default())
+    }
+
+    fn error_body(&self, _status: u16, headers: &http::HeaderMap, body: &[u8]) -> UpstreamError {
+        error_body(headers, body)
+    }
+}
+
+/// The settings of `kind = "bedrock"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BedrockSettings {
+    /// The AWS region (part of every signature).
+    pub region: String,
+    /// The runtime endpoint.
     pub endpoint: String,
 }
 
-impl BedrockConfig {
-    /// Settings for `region` at its public endpoint.
-    pub fn new(name: impl Into<String>, region: impl Into<String>) -> Self {
-        let region = region.into();
-        Self {
-            name: name.into(),
-            endpoint: default_endpoint(&region),
-            region,
-        }
-    }
+/// The kind's own fields in `[providers.NAME]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBedrock {
+    #[serde(default)]
+    region: Option<String>,
+}
 
-    /// Uses another endpoint (a VPC endpoint, a proxy, the mock upstream).
-    pub fn with_endpoint(mut self, endpoint: impl Into<String>) -> Self {
-        self.endpoint = endpoint.into().trim_end_matches('/').to_owned();
-        self
+impl KindSettings for BedrockSettings {
+    fn build(&self, ctx: BuildContext<'_>) -> Arc<dyn Provider> {
+        Arc::new(HttpProvider::new(
+            ctx.name,
+            KIND,
+            Converse::new(&self.endpoint),
+            Arc::new(SigV4::new(&self.region, SIGNING_SERVICE)),
+            ctx.keys,
+            ctx.client.clone(),
+        ))
     }
 }
 
-/// The Bedrock provider.
-pub struct Bedrock {
-    config: BedrockConfig,
-    client: reqwest::Client,
-    /// Credential sets as [`AwsCredentials::to_key`] strings.
-    keys: Arc<KeyRing>,
+/// Whether `region` looks like an AWS region name (`us-east-1`, `eu-central-2`...).
+fn valid_region(region: &str) -> bool {
+    !region.is_empty()
+        && region.len() <= 32
+        && region
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
-impl Bedrock {
-    /// A provider using the shared `client` and the credential sets in `keys` (see
-    /// [`AwsCredentials::to_key`]).
-    pub fn new(config: BedrockConfig, client: reqwest::Client, keys: Arc<KeyRing>) -> Self {
-        Self {
-            config,
-            client,
-            keys,
-        }
+fn parse(input: &KindInput<'_>) -> Result<ProviderSettings, Vec<SettingsIssue>> {
+    let raw: RawBedrock = input.fields()?;
+    let region = raw.region.unwrap_or_else(|| DEFAULT_REGION.to_owned());
+    if !valid_region(&region) {
+        return Err(vec![SettingsIssue::new(
+            "region",
+            format!("`{region}` is not an aws region name, e.g. us-east-1"),
+        )]);
     }
-
-    /// A signed POST of `body` to `url` with the credential set in `key`.
-    fn post(
-        &self,
-        url: &str,
-        body: &[u8],
-        accept: &'static str,
-        key: Option<&str>,
-    ) -> Result<reqwest::RequestBuilder, ProviderError> {
-        let key = key.ok_or_else(|| {
-            ProviderError::new(
-                ErrorClass::Authentication,
-                "no aws credentials are configured for this provider",
-            )
-        })?;
-        let credentials = AwsCredentials::from_key(key)?;
-        // `send_json` sets exactly this content type; it is signed with the request.
-        let signed = sign_request(
-            &credentials,
-            &self.config.region,
-            SIGNING_SERVICE,
-            url,
-            &[("content-type", "application/json")],
-            body,
-            SystemTime::now(),
-        )?;
-        let mut builder = self.client.post(url).header(http::header::ACCEPT, accept);
-        for (name, value) in signed {
-            builder = builder.header(name, value);
-        }
-        Ok(builder)
-    }
-
-    async fn send(
-        &self,
-        model: &str,
-        request: &ChatRequest,
-        stream: bool,
-    ) -> Result<reqwest::Response, ProviderError> {
-        let body = build_request(request)?;
-        let url = endpoint_url(&self.config.endpoint, model, stream);
-        let accept = if stream {
-            "application/vnd.amazon.eventstream"
-        } else {
-            "application/json"
-        };
-        send_with_keys(
-            &self.keys,
-            body.clone().into(),
-            |key| self.post(&url, &body, accept, key),
-            map_error,
-        )
-        .await
-    }
+    let endpoint = base_url_or(input, || default_endpoint(&region)).map_err(|i| vec![i])?;
+    Ok(ProviderSettings::new(BedrockSettings { region, endpoint }))
 }
 
-#[async_trait]
-impl Provider for Bedrock {
-    fn name(&self) -> &str {
-        &self.config.name
+/// Zero-config: `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` (and `AWS_SESSION_TOKEN`)
+/// register `bedrock` in `AWS_REGION` (or `AWS_DEFAULT_REGION`, else [`DEFAULT_REGION`]).
+fn discover(env: Env<'_>) -> Option<Result<Discovered, SettingsIssue>> {
+    let id = env_var(env, "AWS_ACCESS_KEY_ID")?;
+    let Some(secret) = env_var(env, "AWS_SECRET_ACCESS_KEY") else {
+        return Some(Err(SettingsIssue::new(
+            "AWS_SECRET_ACCESS_KEY",
+            "is required with AWS_ACCESS_KEY_ID",
+        )));
+    };
+    let token = env_var(env, "AWS_SESSION_TOKEN");
+    let Some(credentials) = AwsCredentials::new(&id, &secret, token.as_deref()) else {
+        return Some(Err(SettingsIssue::new(
+            "AWS_ACCESS_KEY_ID",
+            "the aws credentials in the environment are malformed",
+        )));
+    };
+    let mut found = discovered(KIND, None, credentials.to_key());
+    if let Some(region) = env_var(env, "AWS_REGION").or_else(|| env_var(env, "AWS_DEFAULT_REGION"))
+    {
+        found
+            .raw
+            .extra
+            .insert("region".to_owned(), toml::Value::String(region));
     }
-
-    fn kind(&self) -> &'static str {
-        KIND
-    }
-
-    fn keys(&self) -> Option<&Arc<KeyRing>> {
-        Some(&self.keys)
-    }
-
-    async fn chat(
-        &self,
-        model: &str,
-        request: &ChatRequest,
-    ) -> Result<ChatResponse, ProviderError> {
-        let response = self.send(model, request, false).await?;
-        let bytes = read_body(response).await?;
-        parse_response(&bytes, model)
-    }
-
-    async fn chat_stream(
-        &self,
-        model: &str,
-        request: &ChatRequest,
-    ) -> Result<EventStream, ProviderError> {
-        let response = self.send(model, request, true).await?;
-        Ok(Box::pin(EventStreamBody::new(
-            response,
-            ConverseStreamDecoder::default(),
-        )))
-    }
+    Some(Ok(found))
 }
+
+/// `kind = "bedrock"`.
+pub const SPEC: KindSpec = KindSpec {
+    name: KIND,
+    // The default endpoint depends on the region: `parse` derives it.
+    default_base_url: None,
+    base_url_hint: "",
+    http: false,
+    key_env: &[],
+    key_required: KeyRequired::Always,
+    fields: &["region"],
+    parse,
+    discover: Some(discover),
+};
 
 // ---------------------------------------------------------------------------------------------
 // Request
@@ -511,8 +512,8 @@ fn image_block(image: &crate::types::Image) -> Result<WireImage, ProviderError> 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct WireResponse {
-    #[serde(default)]
-    output: Option<WireOutput>,
+    /// Required: a body without it is not a Converse response.
+    output: WireOutput,
     #[serde(default)]
     stop_reason: Option<String>,
     #[serde(default)]
@@ -521,8 +522,7 @@ struct WireResponse {
 
 #[derive(Deserialize)]
 struct WireOutput {
-    #[serde(default)]
-    message: Option<WireResponseMessage>,
+    message: WireResponseMessage,
 }
 
 #[derive(Deserialize)]
@@ -612,11 +612,7 @@ fn tool_arguments(input: serde_json::Value) -> String {
 /// Parses a Converse response. Converse names no model; the requested one is reported.
 pub fn parse_response(body: &[u8], requested_model: &str) -> Result<ChatResponse, ProviderError> {
     let wire: WireResponse = decode_json(body)?;
-    let blocks = wire
-        .output
-        .and_then(|o| o.message)
-        .map(|m| m.content)
-        .unwrap_or_default();
+    let blocks = wire.output.message.content;
     let mut content = Vec::with_capacity(blocks.len());
     for block in blocks {
         if let Some(text) = block.text.filter(|t| !t.is_empty()) {
@@ -728,8 +724,7 @@ struct WireErrorBody {
 }
 
 fn payload<'a, T: Deserialize<'a>>(message: &'a EventMessage) -> Result<T, ProviderError> {
-    serde_json::from_slice(message.payload())
-        .map_err(|e| ProviderError::malformed_event(&json_error_kind(&e)))
+    decode_event(message.payload())
 }
 
 /// Decodes the ConverseStream event stream.
@@ -749,22 +744,15 @@ impl MessageDecoder for ConverseStreamDecoder {
         match header_str(message, ":message-type") {
             Some("event") => {}
             Some("exception") => {
-                let kind = header_str(message, ":exception-type").unwrap_or_default();
+                let kind = header_str(message, ":exception-type");
                 let body: WireErrorBody =
                     serde_json::from_slice(message.payload()).unwrap_or_default();
-                let class = refine_invalid(
-                    class_from_type(kind).unwrap_or(ErrorClass::StreamBroken),
-                    body.message.as_deref().unwrap_or_default(),
-                );
-                return Err(ProviderError::in_stream(class, body.message.as_deref()));
+                return Err(ProviderError::in_stream(upstream(kind, body.message)));
             }
             Some("error") => {
-                let code = header_str(message, ":error-code").unwrap_or_default();
-                let class = class_from_type(code).unwrap_or(ErrorClass::StreamBroken);
-                return Err(ProviderError::in_stream(
-                    class,
-                    header_str(message, ":error-message"),
-                ));
+                let code = header_str(message, ":error-code");
+                let text = header_str(message, ":error-message").map(str::to_owned);
+                return Err(ProviderError::in_stream(upstream(code, text)));
             }
             _ => {
                 return Err(ProviderError::malformed_event(
@@ -886,53 +874,44 @@ fn class_from_type(kind: &str) -> Option<ErrorClass> {
     })
 }
 
-/// A validation error that says the prompt does not fit is a context-length error.
-fn refine_invalid(class: ErrorClass, message: &str) -> ErrorClass {
+/// Whether an error message says the prompt does not fit the model's context.
+fn says_context_length(message: &str) -> bool {
     let lower = message.to_ascii_lowercase();
-    if class == ErrorClass::InvalidRequest
-        && (lower.contains("too long")
-            || lower.contains("too many input tokens")
-            || lower.contains("context length")
-            || lower.contains("context window"))
-    {
-        ErrorClass::ContextLengthExceeded
-    } else {
-        class
+    lower.contains("too long")
+        || lower.contains("too many input tokens")
+        || lower.contains("context length")
+        || lower.contains("context window")
+}
+
+/// What a Bedrock error type and message say.
+fn upstream(kind: Option<&str>, message: Option<String>) -> UpstreamError {
+    let class = kind.and_then(class_from_type);
+    // A validation error (or an untyped one) that says the prompt does not fit.
+    let class = match class {
+        Some(ErrorClass::InvalidRequest) | None
+            if says_context_length(message.as_deref().unwrap_or_default()) =>
+        {
+            Some(ErrorClass::ContextLengthExceeded)
+        }
+        other => other,
+    };
+    UpstreamError {
+        class,
+        message,
+        retry_after: None,
     }
 }
 
-/// Maps an HTTP error answer to a [`ProviderError`].
-pub fn map_error(status: u16, headers: &http::HeaderMap, body: &[u8]) -> ProviderError {
+/// What an HTTP error answer says: the type from `x-amzn-ErrorType` (or the body's
+/// `__type`), the body's `message`.
+pub fn error_body(headers: &http::HeaderMap, body: &[u8]) -> UpstreamError {
     let wire: WireErrorBody = serde_json::from_slice(body).unwrap_or_default();
-    let type_class = headers
+    let kind = headers
         .get("x-amzn-errortype")
         .and_then(|v| v.to_str().ok())
-        .and_then(class_from_type)
-        // Some answers carry the type only in the body.
-        .or_else(|| wire.kind.as_deref().and_then(class_from_type));
-    let status_class = ErrorClass::from_http_status(status);
-    // The type refines the status; a transient status is not overruled by a permanent type.
-    let class = match type_class {
-        Some(c) if !status_class.is_retryable() || c.is_retryable() => c,
-        _ => status_class,
-    };
-    let upstream_msg = wire.message.unwrap_or_default();
-    let class = refine_invalid(class, &upstream_msg);
-    let message = match class {
-        ErrorClass::InvalidRequest
-        | ErrorClass::ContextLengthExceeded
-        | ErrorClass::ContentFiltered
-        | ErrorClass::ModelNotFound
-            if !upstream_msg.is_empty() =>
-        {
-            format!(
-                "the provider rejected the request: {}",
-                short_message(&upstream_msg)
-            )
-        }
-        _ => format!("the provider answered http {status}"),
-    };
-    ProviderError::new(class, message).with_retry_after(retry_after_header(headers))
+        .filter(|k| class_from_type(k).is_some())
+        .or(wire.kind.as_deref());
+    upstream(kind, wire.message.clone())
 }
 
 #[cfg(test)]
@@ -941,7 +920,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        providers::eventstream::{decode_in_pieces, encode_message},
+        providers::{eventstream::encode_message, wire::decode_in_pieces},
         types::{Image, ImageDetail, SamplingParams, Tool, ToolResult},
     };
 
@@ -1172,11 +1151,12 @@ mod tests {
     #[tokio::test]
     async fn decodes_a_converse_stream() {
         let body = sample_stream().concat();
-        let events: Vec<_> = decode_in_pieces(&body, ConverseStreamDecoder::default())
-            .await
-            .into_iter()
-            .map(Result::unwrap)
-            .collect();
+        let events: Vec<_> =
+            decode_in_pieces(&body, 7, EventStream::new(ConverseStreamDecoder::default()))
+                .await
+                .into_iter()
+                .map(Result::unwrap)
+                .collect();
         assert_eq!(
             events,
             vec![
@@ -1215,16 +1195,23 @@ mod tests {
         // Cut before messageStop: truncated.
         let frames = sample_stream();
         let body = frames[..5].concat();
-        let items = decode_in_pieces(&body, ConverseStreamDecoder::default()).await;
+        let items =
+            decode_in_pieces(&body, 7, EventStream::new(ConverseStreamDecoder::default())).await;
         let err = items.last().unwrap().as_ref().unwrap_err();
         assert_eq!(err.class, ErrorClass::StreamBroken);
         // Cut inside a frame: truncated.
         let all = frames.concat();
-        let items = decode_in_pieces(&all[..all.len() - 3], ConverseStreamDecoder::default()).await;
+        let items = decode_in_pieces(
+            &all[..all.len() - 3],
+            7,
+            EventStream::new(ConverseStreamDecoder::default()),
+        )
+        .await;
         assert!(items.last().unwrap().is_err());
         // Ending after messageStop without metadata is complete.
         let body = frames[..9].concat();
-        let items = decode_in_pieces(&body, ConverseStreamDecoder::default()).await;
+        let items =
+            decode_in_pieces(&body, 7, EventStream::new(ConverseStreamDecoder::default())).await;
         assert_eq!(
             items.last().unwrap().as_ref().unwrap(),
             &StreamEvent::Finish(FinishReason::ToolCalls)
@@ -1232,7 +1219,12 @@ mod tests {
         // A garbled frame fails its checksum.
         let mut garbled = frames.concat();
         garbled[30] ^= 0x20;
-        let items = decode_in_pieces(&garbled, ConverseStreamDecoder::default()).await;
+        let items = decode_in_pieces(
+            &garbled,
+            7,
+            EventStream::new(ConverseStreamDecoder::default()),
+        )
+        .await;
         assert!(items.iter().any(Result::is_err));
         // An in-stream exception keeps its class.
         let mut body = frames[..2].concat();
@@ -1244,7 +1236,8 @@ mod tests {
             ],
             r#"{"message":"Too many requests"}"#,
         ));
-        let items = decode_in_pieces(&body, ConverseStreamDecoder::default()).await;
+        let items =
+            decode_in_pieces(&body, 7, EventStream::new(ConverseStreamDecoder::default())).await;
         let err = items.last().unwrap().as_ref().unwrap_err();
         assert_eq!(err.class, ErrorClass::StreamBroken, "{err:?}");
         let mut body = frames[..2].concat();
@@ -1255,7 +1248,8 @@ mod tests {
             ],
             r#"{"message":"Input is too long for requested model."}"#,
         ));
-        let items = decode_in_pieces(&body, ConverseStreamDecoder::default()).await;
+        let items =
+            decode_in_pieces(&body, 7, EventStream::new(ConverseStreamDecoder::default())).await;
         let err = items.last().unwrap().as_ref().unwrap_err();
         assert_eq!(err.class, ErrorClass::ContextLengthExceeded, "{err:?}");
         let mut body = frames[..2].concat();
@@ -1266,9 +1260,78 @@ mod tests {
             ],
             r#"{"message":"busy"}"#,
         ));
-        let items = decode_in_pieces(&body, ConverseStreamDecoder::default()).await;
+        let items =
+            decode_in_pieces(&body, 7, EventStream::new(ConverseStreamDecoder::default())).await;
         let err = items.last().unwrap().as_ref().unwrap_err();
         assert_eq!(err.class, ErrorClass::Overloaded, "{err:?}");
+    }
+
+    fn settings(toml: &str) -> Result<BedrockSettings, Vec<SettingsIssue>> {
+        let raw: crate::providers::RawProvider = toml::from_str(toml).unwrap();
+        let mut issues = Vec::new();
+        let config = crate::providers::kinds::validate("bedrock", raw, &|_| None, &mut issues);
+        match config {
+            Some(c) if issues.is_empty() => {
+                Ok(c.settings.get::<BedrockSettings>().unwrap().clone())
+            }
+            _ => Err(issues),
+        }
+    }
+
+    #[test]
+    fn settings_default_the_endpoint_from_the_region() {
+        let s = settings("api_key = \"AKID:secret\"\nregion = \"eu-central-1\"").unwrap();
+        assert_eq!(
+            s.endpoint,
+            "https://bedrock-runtime.eu-central-1.amazonaws.com"
+        );
+        let s = settings("api_key = \"AKID:secret\"").unwrap();
+        assert_eq!(s.region, DEFAULT_REGION);
+        let s = settings("api_key = \"AKID:secret\"\nbase_url = \"http://127.0.0.1:9/\"").unwrap();
+        assert_eq!(s.endpoint, "http://127.0.0.1:9");
+        let fields = |r: Result<BedrockSettings, Vec<SettingsIssue>>| {
+            r.unwrap_err()
+                .into_iter()
+                .map(|i| i.field)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            fields(settings("api_key = \"AKID:secret\"\nregion = \"EU WEST\"")),
+            ["region"]
+        );
+        assert_eq!(fields(settings("region = \"us-east-1\"")), ["api_key"]);
+        assert_eq!(
+            fields(settings("api_key = \"k\"\nbase_url = \"ftp://x\"")),
+            ["base_url"]
+        );
+        assert_eq!(
+            fields(settings("api_key = \"k\"\nproject = \"p\"")),
+            ["project"]
+        );
+    }
+
+    #[test]
+    fn discovery_composes_the_aws_environment() {
+        let env = |name: &str| {
+            match name {
+                "AWS_ACCESS_KEY_ID" => Some("AKIDX"),
+                "AWS_SECRET_ACCESS_KEY" => Some("sec"),
+                "AWS_SESSION_TOKEN" => Some("tok"),
+                "AWS_REGION" => Some("ap-south-1"),
+                _ => None,
+            }
+            .map(str::to_owned)
+        };
+        let found = discover(&env).unwrap().unwrap();
+        assert_eq!(found.name, "bedrock");
+        assert_eq!(found.raw.api_key.as_deref(), Some("AKIDX:sec:tok"));
+        assert_eq!(found.raw.extra["region"].as_str(), Some("ap-south-1"));
+        let only_id = |name: &str| (name == "AWS_ACCESS_KEY_ID").then(|| "AKIDX".to_owned());
+        assert_eq!(
+            discover(&only_id).unwrap().unwrap_err().field,
+            "AWS_SECRET_ACCESS_KEY"
+        );
+        assert!(discover(&|_| None).is_none());
     }
 
     #[test]
@@ -1297,17 +1360,20 @@ mod tests {
             (403, "AccessDeniedException", ErrorClass::Permission),
             (404, "ResourceNotFoundException", ErrorClass::ModelNotFound),
             (408, "ModelTimeoutException", ErrorClass::Timeout),
-            (424, "ModelErrorException", ErrorClass::ServerError),
+            // The shared policy: a body never turns a permanent status transient.
+            (424, "ModelErrorException", ErrorClass::InvalidRequest),
             (500, "InternalServerException", ErrorClass::ServerError),
             (400, "ValidationException", ErrorClass::InvalidRequest),
             // A permanent type does not overrule a transient status.
             (503, "ValidationException", ErrorClass::Overloaded),
         ];
         for (status, kind, class) in cases {
-            let err = map_error(status, &with_type(kind), br#"{"message":"m"}"#);
+            let err =
+                Converse::new("http://x").classify(status, &with_type(kind), br#"{"message":"m"}"#);
             assert_eq!(err.class, class, "{status} {kind}");
         }
-        let err = map_error(
+        let wire = Converse::new("http://x");
+        let err = wire.classify(
             400,
             &with_type("ValidationException"),
             br#"{"message":"Input is too long for requested model."}"#,
@@ -1315,13 +1381,13 @@ mod tests {
         assert_eq!(err.class, ErrorClass::ContextLengthExceeded);
         assert!(err.message.contains("too long"));
         // Without the header, the body's __type or the status decides.
-        let err = map_error(
+        let err = wire.classify(
             400,
             &http::HeaderMap::new(),
             br#"{"__type":"com.amazon.coral.service#ExpiredTokenException","message":"expired"}"#,
         );
         assert_eq!(err.class, ErrorClass::Authentication);
-        let err = map_error(502, &http::HeaderMap::new(), b"<html>");
+        let err = wire.classify(502, &http::HeaderMap::new(), b"<html>");
         assert_eq!(err.class, ErrorClass::ServerError);
         assert!(!err.message.contains("html"));
     }

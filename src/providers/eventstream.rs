@@ -4,21 +4,18 @@
 //! Each message is a binary frame: a 12-byte prelude (total length, headers length, prelude
 //! CRC32), typed headers (`:message-type`, `:event-type`, `:exception-type`, ...), a payload
 //! and a message CRC32. [`FrameDecoder`] cuts frames out of the received bytes and checks
-//! both checksums (`aws-smithy-eventstream`); [`EventStreamBody`] drives a provider-specific
-//! [`MessageDecoder`] over an HTTP body with the same integrity rule as SSE streams: a body
-//! that ends before the provider's terminal message is an error, never a clean end.
+//! both checksums (`aws-smithy-eventstream`); [`EventStream`] is the kit's
+//! [`StreamDecoder`] for this framing around a provider-specific [`MessageDecoder`], with the
+//! same integrity rule as SSE streams: a body that ends inside a frame or before the
+//! provider's terminal message is an error, never a clean end.
 
-use std::{
-    collections::VecDeque,
-    pin::Pin,
-    task::{Context, Poll},
-};
+use std::collections::VecDeque;
 
 use aws_smithy_types::event_stream::{HeaderValue, Message};
 use bytes::{Bytes, BytesMut};
-use futures_util::Stream;
 
-use super::{ErrorClass, ProviderError, StreamEvent};
+use super::{ProviderError, StreamDecoder};
+use crate::types::StreamEvent;
 
 /// The largest frame accepted (the format's own limit is 16 MiB).
 const MAX_FRAME: usize = 16 * 1024 * 1024;
@@ -115,101 +112,44 @@ pub trait MessageDecoder: Send + Unpin + 'static {
     fn end_of_body(&mut self, out: &mut VecDeque<StreamEvent>) -> Result<(), ProviderError>;
 }
 
-type Body = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
-
-/// A provider stream over an event-stream body.
-pub struct EventStreamBody<D> {
-    body: Option<Body>,
+/// The event-stream framing around `messages`: the [`StreamDecoder`] of an event-stream API.
+#[derive(Debug, Default)]
+pub struct EventStream<D> {
     frames: FrameDecoder,
-    decoder: D,
-    queue: VecDeque<StreamEvent>,
+    messages: D,
 }
 
-impl<D: MessageDecoder> EventStreamBody<D> {
-    /// Wraps a successful (2xx) streaming response.
-    pub fn new(response: reqwest::Response, decoder: D) -> Self {
-        Self::from_body(Box::pin(response.bytes_stream()), decoder)
-    }
-
-    /// Wraps any byte stream (used by tests).
-    pub fn from_body(body: Body, decoder: D) -> Self {
+impl<D: MessageDecoder> EventStream<D> {
+    /// Event-stream framing around `messages`.
+    pub fn new(messages: D) -> Self {
         Self {
-            body: Some(body),
             frames: FrameDecoder::new(),
-            decoder,
-            queue: VecDeque::new(),
-        }
-    }
-
-    fn fail(&mut self, err: ProviderError) -> Poll<Option<Result<StreamEvent, ProviderError>>> {
-        self.body = None;
-        self.queue.clear();
-        Poll::Ready(Some(Err(err)))
-    }
-}
-
-impl<D: MessageDecoder> Stream for EventStreamBody<D> {
-    type Item = Result<StreamEvent, ProviderError>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = &mut *self;
-        loop {
-            if let Some(event) = this.queue.pop_front() {
-                return Poll::Ready(Some(Ok(event)));
-            }
-            let Some(body) = this.body.as_mut() else {
-                return Poll::Ready(None);
-            };
-            match this.frames.next_message() {
-                Some(Ok(message)) => match this.decoder.decode(&message, &mut this.queue) {
-                    Ok(true) => this.body = None,
-                    Ok(false) => {}
-                    Err(e) => return this.fail(e),
-                },
-                Some(Err(e)) => return this.fail(e),
-                None => match body.as_mut().poll_next(cx) {
-                    Poll::Ready(Some(Ok(bytes))) => this.frames.push(&bytes),
-                    Poll::Ready(Some(Err(e))) => {
-                        let mut err = ProviderError::from_transport(&e);
-                        if err.class != ErrorClass::Timeout {
-                            err = ProviderError::new(
-                                ErrorClass::StreamBroken,
-                                "the provider's stream broke off",
-                            );
-                        }
-                        return this.fail(err);
-                    }
-                    Poll::Ready(None) => {
-                        this.body = None;
-                        if this.frames.has_partial() {
-                            return this.fail(ProviderError::truncated());
-                        }
-                        if let Err(e) = this.decoder.end_of_body(&mut this.queue) {
-                            return this.fail(e);
-                        }
-                    }
-                    Poll::Pending => return Poll::Pending,
-                },
-            }
+            messages,
         }
     }
 }
 
-/// Runs `decoder` over `body` delivered in 7-byte pieces (exercising frame reassembly
-/// across reads), collecting every item.
-#[cfg(test)]
-pub(crate) async fn decode_in_pieces<D: MessageDecoder>(
-    body: &[u8],
-    decoder: D,
-) -> Vec<Result<StreamEvent, ProviderError>> {
-    use futures_util::StreamExt;
-    let pieces: Vec<reqwest::Result<Bytes>> = body
-        .chunks(7)
-        .map(|c| Ok(Bytes::copy_from_slice(c)))
-        .collect();
-    EventStreamBody::from_body(Box::pin(futures_util::stream::iter(pieces)), decoder)
-        .collect()
-        .await
+impl<D: MessageDecoder> StreamDecoder for EventStream<D> {
+    fn feed(
+        &mut self,
+        bytes: &[u8],
+        out: &mut VecDeque<StreamEvent>,
+    ) -> Result<bool, ProviderError> {
+        self.frames.push(bytes);
+        while let Some(message) = self.frames.next_message() {
+            if self.messages.decode(&message?, out)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    fn end_of_body(&mut self, out: &mut VecDeque<StreamEvent>) -> Result<(), ProviderError> {
+        if self.frames.has_partial() {
+            return Err(ProviderError::truncated());
+        }
+        self.messages.end_of_body(out)
+    }
 }
 
 #[cfg(test)]
@@ -246,7 +186,7 @@ mod tests {
         let mut frames = FrameDecoder::new();
         frames.push(&bad);
         let err = frames.next_message().unwrap().unwrap_err();
-        assert_eq!(err.class, ErrorClass::StreamBroken);
+        assert_eq!(err.class, crate::providers::ErrorClass::StreamBroken);
         // A flipped header-length byte fails the prelude CRC.
         let mut bad = good.clone();
         bad[7] ^= 0x01;

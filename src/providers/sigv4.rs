@@ -8,12 +8,18 @@
 
 use std::time::SystemTime;
 
+use async_trait::async_trait;
 use aws_sigv4::{
     http_request::{SignableBody, SignableRequest, SigningSettings, sign},
     sign::v4,
 };
+use bytes::Bytes;
 
-use super::{ErrorClass, ProviderError};
+use super::{
+    ErrorClass, ProviderError,
+    auth::{Auth, parsed_state},
+    keys::ProviderKey,
+};
 
 /// One AWS credential set.
 #[derive(Clone, PartialEq, Eq)]
@@ -162,6 +168,62 @@ pub fn sign_request(
             Ok((h.name(), value))
         })
         .collect()
+}
+
+/// Signs every request with the key's AWS credentials (the key string is
+/// [`AwsCredentials::to_key`]'s form), for `service` in `region`.
+#[derive(Debug, Clone)]
+pub struct SigV4 {
+    region: String,
+    service: &'static str,
+}
+
+impl SigV4 {
+    /// Signing for `service` (e.g. `bedrock`) in `region`.
+    pub fn new(region: impl Into<String>, service: &'static str) -> Self {
+        Self {
+            region: region.into(),
+            service,
+        }
+    }
+}
+
+#[async_trait]
+impl Auth for SigV4 {
+    async fn authorize(
+        &self,
+        key: Option<&ProviderKey>,
+        request: &mut reqwest::Request,
+        body: &Bytes,
+    ) -> Result<(), ProviderError> {
+        let key = key.ok_or_else(|| {
+            ProviderError::new(
+                ErrorClass::Authentication,
+                "no aws credentials are configured for this provider",
+            )
+        })?;
+        let credentials = parsed_state(key, AwsCredentials::from_key)?;
+        // The content type is signed with the request; host comes from the URL.
+        let content_type = request
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("application/json")
+            .to_owned();
+        let signed = sign_request(
+            credentials,
+            &self.region,
+            self.service,
+            request.url().as_str(),
+            &[("content-type", &content_type)],
+            body,
+            SystemTime::now(),
+        )?;
+        for (name, value) in signed {
+            request.headers_mut().insert(name, value);
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

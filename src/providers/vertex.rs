@@ -16,24 +16,26 @@
 //! refreshed before they expire. A 401 from the API drops the token and the request goes out
 //! once more with a fresh one (a token revoked early).
 
-use std::{
-    collections::{HashMap, VecDeque},
-    sync::{Arc, Mutex},
-};
+use std::{collections::VecDeque, sync::Arc};
 
 use async_trait::async_trait;
+use bytes::Bytes;
+use serde::Deserialize;
 
 use super::{
-    EventStream, KeyRing, Provider, ProviderError, anthropic, gemini,
+    ErrorClass, HttpProvider, Provider, ProviderError, StreamDecoder, UpstreamError, anthropic,
+    auth::{Auth, parsed_state, sensitive_header},
+    gemini,
     google_auth::{ServiceAccountKey, TokenSource},
-    keys::Pick,
-    read_body, send_json,
-    sse::{EventDecoder, SseEvent, SseStream},
+    keys::ProviderKey,
+    kinds::{
+        BuildContext, Discovered, Env, KeyRequired, KindInput, KindSettings, KindSpec,
+        ProviderSettings, SettingsIssue, base_url_or, env_var,
+    },
+    sse::Sse,
+    wire::{WireFormat, is_path_segment, parse_url},
 };
-use crate::{
-    providers::ErrorClass,
-    types::{ChatRequest, ChatResponse, StreamEvent},
-};
+use crate::types::{ChatRequest, ChatResponse, StreamEvent};
 
 /// The provider kind.
 pub const KIND: &str = "vertex";
@@ -43,6 +45,9 @@ pub const DEFAULT_REGION: &str = "us-central1";
 
 /// The `anthropic_version` Vertex wants in Claude request bodies.
 pub const ANTHROPIC_VERSION: &str = "vertex-2023-10-16";
+
+/// The project segment of URLs whose project comes from the key (the auth fills it in).
+const KEY_PROJECT: &str = "-";
 
 /// The public endpoint of `region`.
 pub fn default_base_url(region: &str) -> String {
@@ -77,11 +82,12 @@ fn invalid(msg: impl Into<String>) -> ProviderError {
     ProviderError::new(ErrorClass::InvalidRequest, msg)
 }
 
-/// Whether `s` can stand in a URL path segment as it is.
-fn is_path_segment(s: &str) -> bool {
+/// Whether `s` is a Google Cloud project id or region name.
+fn is_name(s: &str) -> bool {
     !s.is_empty()
+        && s.len() <= 64
         && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@' | '~'))
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
 /// The method URL of `model` for `project` in `region` under `base_url`.
@@ -95,7 +101,7 @@ pub fn endpoint_url(
     if !is_path_segment(model) {
         return Err(invalid("the model name is not valid for vertex"));
     }
-    if !is_path_segment(project) || !is_path_segment(region) {
+    if !is_name(project) || !is_name(region) {
         return Err(invalid("the vertex project or region is not a valid name"));
     }
     let base = base_url.trim_end_matches('/');
@@ -112,81 +118,47 @@ pub fn endpoint_url(
     })
 }
 
-/// Builds the request body for `model`: Gemini's, or Anthropic's without `model` and with
-/// Vertex's `anthropic_version`.
-pub fn build_request(
-    model: &str,
-    request: &ChatRequest,
-    stream: bool,
-) -> Result<Vec<u8>, ProviderError> {
-    match Family::of(model) {
-        Family::Gemini => gemini::build_request(request),
-        Family::Anthropic => {
-            let config = anthropic::AnthropicConfig::new(KIND, "", None);
-            let body = anthropic::build_request(&config, model, request, stream)?;
-            let mut value: serde_json::Value = serde_json::from_slice(&body)
-                .map_err(|e| invalid(format!("could not encode the request: {e}")))?;
-            if let Some(object) = value.as_object_mut() {
-                object.remove("model");
-                object.insert("anthropic_version".to_owned(), ANTHROPIC_VERSION.into());
-            }
-            serde_json::to_vec(&value)
-                .map_err(|e| invalid(format!("could not encode the request: {e}")))
+/// The Vertex wire format: Gemini's or Anthropic's by model, under Vertex's URLs.
+#[derive(Debug, Clone)]
+pub struct VertexWire {
+    base_url: String,
+    /// `None`: each key's own project.
+    project: Option<String>,
+    region: String,
+    gemini: gemini::GenerateContent,
+    claude: anthropic::Messages,
+}
+
+impl VertexWire {
+    /// The wire format for `project` (or each key's) in `region` under `base_url`.
+    pub fn new(base_url: &str, project: Option<String>, region: &str) -> Self {
+        Self {
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            project,
+            region: region.to_owned(),
+            gemini: gemini::GenerateContent::new(base_url),
+            claude: anthropic::Messages::new(anthropic::AnthropicConfig::new(base_url)),
         }
-    }
-}
-
-/// Parses a non-streaming response of `model`'s family.
-pub fn parse_response(body: &[u8], model: &str) -> Result<ChatResponse, ProviderError> {
-    match Family::of(model) {
-        Family::Gemini => gemini::parse_response(body, model),
-        Family::Anthropic => anthropic::parse_response(body, model),
-    }
-}
-
-/// Maps an HTTP error answer: Claude's own errors come in Anthropic's shape, everything else
-/// (authentication, quotas, Vertex itself) in Google's.
-pub fn map_error(status: u16, headers: &http::HeaderMap, body: &[u8]) -> ProviderError {
-    let anthropic_shape = serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .is_some_and(|v| v["type"] == "error" && v["error"]["type"].is_string());
-    if anthropic_shape {
-        anthropic::map_error(status, headers, body)
-    } else {
-        gemini::map_error(status, headers, body)
     }
 }
 
 /// The stream decoder of a model's family.
-#[derive(Debug)]
 pub enum VertexStreamDecoder {
     /// `streamGenerateContent?alt=sse` chunks.
-    Gemini(gemini::ChunkDecoder),
+    Gemini(Sse<gemini::ChunkDecoder>),
     /// `streamRawPredict` Messages events.
-    Anthropic(anthropic::MessageStreamDecoder),
+    Anthropic(Sse<anthropic::MessageStreamDecoder>),
 }
 
-impl VertexStreamDecoder {
-    /// The decoder for `model`.
-    pub fn for_model(model: &str) -> Self {
-        match Family::of(model) {
-            Family::Gemini => VertexStreamDecoder::Gemini(gemini::ChunkDecoder::default()),
-            Family::Anthropic => {
-                VertexStreamDecoder::Anthropic(anthropic::MessageStreamDecoder::default())
-            }
-        }
-    }
-}
-
-impl EventDecoder for VertexStreamDecoder {
-    fn decode(
+impl StreamDecoder for VertexStreamDecoder {
+    fn feed(
         &mut self,
-        event: SseEvent,
+        bytes: &[u8],
         out: &mut VecDeque<StreamEvent>,
     ) -> Result<bool, ProviderError> {
         match self {
-            VertexStreamDecoder::Gemini(d) => d.decode(event, out),
-            VertexStreamDecoder::Anthropic(d) => d.decode(event, out),
+            VertexStreamDecoder::Gemini(d) => d.feed(bytes, out),
+            VertexStreamDecoder::Anthropic(d) => d.feed(bytes, out),
         }
     }
 
@@ -198,202 +170,275 @@ impl EventDecoder for VertexStreamDecoder {
     }
 }
 
-/// How the adapter speaks to Vertex AI.
-#[derive(Debug, Clone)]
-pub struct VertexConfig {
-    /// Configured name, e.g. `vertex`.
-    pub name: String,
-    /// The Google Cloud project; `None`: the service-account key's `project_id`.
-    pub project: Option<String>,
-    /// The region (location), e.g. `us-central1`, `europe-west1` or `global`.
-    pub region: String,
-    /// The API base URL (without `/v1`).
-    pub base_url: String,
-}
+impl WireFormat for VertexWire {
+    type Decoder = VertexStreamDecoder;
 
-impl VertexConfig {
-    /// Settings for `region` at its public endpoint.
-    pub fn new(
-        name: impl Into<String>,
-        project: Option<String>,
-        region: impl Into<String>,
-    ) -> Self {
-        let region = region.into();
-        Self {
-            name: name.into(),
+    fn endpoint(&self, model: &str, stream: bool) -> Result<reqwest::Url, ProviderError> {
+        let project = self.project.as_deref().unwrap_or(KEY_PROJECT);
+        parse_url(&endpoint_url(
+            &self.base_url,
             project,
-            base_url: default_base_url(&region),
-            region,
-        }
-    }
-
-    /// Uses another base URL (a private endpoint, a proxy, the mock upstream).
-    pub fn with_base_url(mut self, base_url: impl Into<String>) -> Self {
-        self.base_url = base_url.into().trim_end_matches('/').to_owned();
-        self
-    }
-}
-
-/// The Vertex AI provider.
-pub struct Vertex {
-    config: VertexConfig,
-    client: reqwest::Client,
-    /// Service-account key files (JSON), one per key.
-    keys: Arc<KeyRing>,
-    /// Token sources by key file text.
-    sources: Mutex<HashMap<String, Arc<TokenSource>>>,
-}
-
-impl Vertex {
-    /// A provider using the shared `client` and the service-account keys in `keys`.
-    pub fn new(config: VertexConfig, client: reqwest::Client, keys: Arc<KeyRing>) -> Self {
-        Self {
-            config,
-            client,
-            keys,
-            sources: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// The token source of a key (parsed once per key).
-    fn source(&self, key: &str) -> Result<Arc<TokenSource>, ProviderError> {
-        let mut sources = self.sources.lock().map_err(|_| {
-            ProviderError::new(ErrorClass::Authentication, "the vertex token cache failed")
-        })?;
-        if let Some(source) = sources.get(key) {
-            return Ok(source.clone());
-        }
-        let source = Arc::new(TokenSource::new(ServiceAccountKey::from_json(key)?));
-        sources.insert(key.to_owned(), source.clone());
-        Ok(source)
-    }
-
-    /// Sends one request with `key`'s token; a 401 drops the token and tries once more.
-    async fn send_with(
-        &self,
-        key: &str,
-        model: &str,
-        stream: bool,
-        body: &[u8],
-    ) -> Result<reqwest::Response, ProviderError> {
-        let source = self.source(key)?;
-        let project = self
-            .config
-            .project
-            .as_deref()
-            .or(source.key().project_id.as_deref())
-            .ok_or_else(|| {
-                ProviderError::new(
-                    ErrorClass::InvalidRequest,
-                    "no vertex project: set `project`, or use a key file with a project_id",
-                )
-            })?;
-        let url = endpoint_url(
-            &self.config.base_url,
-            project,
-            &self.config.region,
+            &self.region,
             model,
             stream,
-        )?;
-        let mut retried = false;
-        loop {
-            let token = source.token(&self.client).await?;
-            let request = self.client.post(&url).header(
-                http::header::AUTHORIZATION,
-                super::key_header(&format!("Bearer {token}"))?,
-            );
-            match send_json(request, body.to_vec().into(), map_error).await {
-                Err(e) if e.http_status == Some(401) && !retried => {
-                    source.invalidate(&token).await;
-                    retried = true;
-                }
-                result => return result,
-            }
-        }
+        )?)
     }
 
-    /// Sends with the keys in turn (as [`super::send_with_keys`]).
-    async fn send(
+    /// Gemini's body, or Anthropic's without `model` and with Vertex's `anthropic_version`.
+    fn build_request(
         &self,
         model: &str,
         request: &ChatRequest,
         stream: bool,
-    ) -> Result<reqwest::Response, ProviderError> {
-        let body = build_request(model, request, stream)?;
-        let mut tried = Vec::new();
-        let mut last_error = None;
-        loop {
-            let (key, index) = match self.keys.pick(&tried) {
-                Pick::NoKey => {
-                    return Err(ProviderError::new(
-                        ErrorClass::Authentication,
-                        "no vertex service-account key is configured",
-                    ));
+    ) -> Result<Vec<u8>, ProviderError> {
+        match Family::of(model) {
+            Family::Gemini => self.gemini.build_request(model, request, stream),
+            Family::Anthropic => {
+                let body = self.claude.build_request(model, request, stream)?;
+                let mut value: serde_json::Value = serde_json::from_slice(&body)
+                    .map_err(|e| invalid(format!("could not encode the request: {e}")))?;
+                if let Some(object) = value.as_object_mut() {
+                    object.remove("model");
+                    object.insert("anthropic_version".to_owned(), ANTHROPIC_VERSION.into());
                 }
-                Pick::Key(key, index) => (key, index),
-                Pick::AllResting(err) => return Err(last_error.unwrap_or(err)),
-                Pick::Exhausted => {
-                    return Err(last_error.unwrap_or_else(|| {
-                        ProviderError::new(ErrorClass::Authentication, "no usable vertex key")
-                    }));
-                }
-            };
-            match self.send_with(key.secret(), model, stream, &body).await {
-                Err(err) if KeyRing::is_key_failure(&err) => {
-                    self.keys.rest(&key, index, &err);
-                    tried.push(key);
-                    last_error = Some(err);
-                }
-                result => return result,
+                serde_json::to_vec(&value)
+                    .map_err(|e| invalid(format!("could not encode the request: {e}")))
             }
         }
     }
+
+    fn parse_response(&self, body: &[u8], model: &str) -> Result<ChatResponse, ProviderError> {
+        match Family::of(model) {
+            Family::Gemini => self.gemini.parse_response(body, model),
+            Family::Anthropic => self.claude.parse_response(body, model),
+        }
+    }
+
+    fn stream_decoder(&self, model: &str) -> Self::Decoder {
+        match Family::of(model) {
+            Family::Gemini => VertexStreamDecoder::Gemini(self.gemini.stream_decoder(model)),
+            Family::Anthropic => VertexStreamDecoder::Anthropic(self.claude.stream_decoder(model)),
+        }
+    }
+
+    /// Claude's own errors come in Anthropic's shape; everything else (authentication,
+    /// quotas, Vertex itself) in Google's.
+    fn error_body(&self, status: u16, headers: &http::HeaderMap, body: &[u8]) -> UpstreamError {
+        let anthropic_shape = serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .is_some_and(|v| v["type"] == "error" && v["error"]["type"].is_string());
+        if anthropic_shape {
+            anthropic::error_body(status, headers, body)
+        } else {
+            gemini::error_body(body)
+        }
+    }
+}
+
+/// OAuth2 bearer tokens from each key's service account; fills in the key's project where
+/// the URL leaves it to the key.
+pub struct ServiceAccountAuth {
+    client: reqwest::Client,
+}
+
+impl ServiceAccountAuth {
+    /// Tokens fetched with `client`.
+    pub fn new(client: reqwest::Client) -> Self {
+        Self { client }
+    }
+}
+
+fn key_source(key: &ProviderKey) -> Result<&TokenSource, ProviderError> {
+    parsed_state(key, |secret| {
+        ServiceAccountKey::from_json(secret).map(TokenSource::new)
+    })
 }
 
 #[async_trait]
-impl Provider for Vertex {
-    fn name(&self) -> &str {
-        &self.config.name
-    }
-
-    fn kind(&self) -> &'static str {
-        KIND
-    }
-
-    fn keys(&self) -> Option<&Arc<KeyRing>> {
-        Some(&self.keys)
-    }
-
-    async fn chat(
+impl Auth for ServiceAccountAuth {
+    async fn authorize(
         &self,
-        model: &str,
-        request: &ChatRequest,
-    ) -> Result<ChatResponse, ProviderError> {
-        let response = self.send(model, request, false).await?;
-        let bytes = read_body(response).await?;
-        parse_response(&bytes, model)
+        key: Option<&ProviderKey>,
+        request: &mut reqwest::Request,
+        _body: &Bytes,
+    ) -> Result<(), ProviderError> {
+        let key = key.ok_or_else(|| {
+            ProviderError::new(
+                ErrorClass::Authentication,
+                "no vertex service-account key is configured",
+            )
+        })?;
+        let source = key_source(key)?;
+        let marker = format!("/projects/{KEY_PROJECT}/");
+        if request.url().path().contains(&marker) {
+            let project = source
+                .key()
+                .project_id
+                .as_deref()
+                .filter(|p| is_name(p))
+                .ok_or_else(|| {
+                    invalid("no vertex project: set `project`, or use a key file with a project_id")
+                })?;
+            let path = request
+                .url()
+                .path()
+                .replacen(&marker, &format!("/projects/{project}/"), 1);
+            request.url_mut().set_path(&path);
+        }
+        let token = source.token(&self.client).await?;
+        let value = sensitive_header(&format!("Bearer {token}")).ok_or_else(|| {
+            ProviderError::new(
+                ErrorClass::InvalidResponse,
+                "the oauth token endpoint sent a token that is not a valid header value",
+            )
+        })?;
+        request
+            .headers_mut()
+            .insert(http::header::AUTHORIZATION, value);
+        Ok(())
     }
 
-    async fn chat_stream(
-        &self,
-        model: &str,
-        request: &ChatRequest,
-    ) -> Result<EventStream, ProviderError> {
-        let response = self.send(model, request, true).await?;
-        Ok(Box::pin(SseStream::new(
-            response,
-            VertexStreamDecoder::for_model(model),
-        )))
+    async fn refused(&self, key: &ProviderKey, request: &reqwest::Request) -> bool {
+        let Ok(source) = key_source(key) else {
+            return false;
+        };
+        let Some(token) = request
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+        else {
+            return false;
+        };
+        source.invalidate(token).await;
+        true
     }
 }
+
+/// The settings of `kind = "vertex"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VertexSettings {
+    /// The base URL (without `/v1`).
+    pub base_url: String,
+    /// The project; `None`: each key file's `project_id`.
+    pub project: Option<String>,
+    /// The region (location).
+    pub region: String,
+}
+
+/// The kind's own fields in `[providers.NAME]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVertex {
+    #[serde(default)]
+    project: Option<String>,
+    #[serde(default)]
+    region: Option<String>,
+}
+
+impl KindSettings for VertexSettings {
+    fn build(&self, ctx: BuildContext<'_>) -> Arc<dyn Provider> {
+        Arc::new(HttpProvider::new(
+            ctx.name,
+            KIND,
+            VertexWire::new(&self.base_url, self.project.clone(), &self.region),
+            Arc::new(ServiceAccountAuth::new(ctx.client.clone())),
+            ctx.keys,
+            ctx.client.clone(),
+        ))
+    }
+}
+
+fn parse(input: &KindInput<'_>) -> Result<ProviderSettings, Vec<SettingsIssue>> {
+    let raw: RawVertex = input.fields()?;
+    let mut issues = Vec::new();
+    let region = raw.region.unwrap_or_else(|| DEFAULT_REGION.to_owned());
+    if !is_name(&region) {
+        issues.push(SettingsIssue::new(
+            "region",
+            format!("`{region}` is not a vertex region, e.g. us-central1, europe-west1 or global"),
+        ));
+    }
+    if let Some(project) = raw.project.as_deref().filter(|p| !is_name(p)) {
+        issues.push(SettingsIssue::new(
+            "project",
+            format!("`{project}` is not a google cloud project id"),
+        ));
+    }
+    let base_url = base_url_or(input, || default_base_url(&region))
+        .map_err(|issue| issues.push(issue))
+        .unwrap_or_default();
+    if !issues.is_empty() {
+        return Err(issues);
+    }
+    Ok(ProviderSettings::new(VertexSettings {
+        base_url,
+        project: raw.project,
+        region,
+    }))
+}
+
+/// Zero-config: `GOOGLE_APPLICATION_CREDENTIALS` naming a service-account key file
+/// registers `vertex` in `GOOGLE_CLOUD_REGION` (or `CLOUD_ML_REGION`, else
+/// [`DEFAULT_REGION`]) with `GOOGLE_CLOUD_PROJECT` or the key's project.
+fn discover(env: Env<'_>) -> Option<Result<Discovered, SettingsIssue>> {
+    let path = env_var(env, "GOOGLE_APPLICATION_CREDENTIALS")?;
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) => {
+            return Some(Err(SettingsIssue::new(
+                "GOOGLE_APPLICATION_CREDENTIALS",
+                format!("cannot read `{path}`: {e}"),
+            )));
+        }
+    };
+    // Only service-account keys; user credentials from `gcloud auth` are not supported.
+    if ServiceAccountKey::from_json(&text).is_err() {
+        return None;
+    }
+    let mut found = super::kinds::discovered(KIND, None, text);
+    if let Some(region) =
+        env_var(env, "GOOGLE_CLOUD_REGION").or_else(|| env_var(env, "CLOUD_ML_REGION"))
+    {
+        found
+            .raw
+            .extra
+            .insert("region".to_owned(), toml::Value::String(region));
+    }
+    if let Some(project) = env_var(env, "GOOGLE_CLOUD_PROJECT") {
+        found
+            .raw
+            .extra
+            .insert("project".to_owned(), toml::Value::String(project));
+    }
+    Some(Ok(found))
+}
+
+/// `kind = "vertex"`.
+pub const SPEC: KindSpec = KindSpec {
+    name: KIND,
+    // The default base URL depends on the region: `parse` derives it.
+    default_base_url: None,
+    base_url_hint: "",
+    http: false,
+    key_env: &[],
+    key_required: KeyRequired::Always,
+    fields: &["project", "region"],
+    parse,
+    discover: Some(discover),
+};
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::{
-        providers::sse::decode_in_pieces,
+        providers::wire::decode_in_pieces,
         types::{FinishReason, Message, Role},
     };
+
+    fn wire() -> VertexWire {
+        VertexWire::new(&default_base_url("us-central1"), None, "us-central1")
+    }
 
     #[test]
     fn endpoints_carry_project_region_and_publisher() {
@@ -423,10 +468,44 @@ mod tests {
             default_base_url("global"),
             "https://aiplatform.googleapis.com"
         );
-        for bad in ["", "a/b", "a?b", "a b", "a%2F"] {
+        for bad in ["", "a/b", "a?b", "a b", "a%2F", "a#b"] {
             assert!(endpoint_url(&base, "p", "r", bad, false).is_err(), "{bad}");
         }
         assert!(endpoint_url(&base, "p/../x", "r", "m", false).is_err());
+    }
+
+    fn settings(toml: &str) -> Result<VertexSettings, Vec<String>> {
+        let raw: crate::providers::RawProvider = toml::from_str(toml).unwrap();
+        let mut issues = Vec::new();
+        let config = crate::providers::kinds::validate("vertex", raw, &|_| None, &mut issues);
+        match config {
+            Some(c) if issues.is_empty() => Ok(c.settings.get::<VertexSettings>().unwrap().clone()),
+            _ => Err(issues.into_iter().map(|i| i.field).collect()),
+        }
+    }
+
+    #[test]
+    fn settings_default_the_endpoint_from_the_region() {
+        let s = settings("api_key = \"{}\"\nregion = \"europe-west4\"").unwrap();
+        assert_eq!(s.base_url, "https://europe-west4-aiplatform.googleapis.com");
+        assert_eq!(s.project, None);
+        let s = settings("api_key = \"{}\"\nproject = \"my-proj\"").unwrap();
+        assert_eq!(
+            (s.region.as_str(), s.project.as_deref()),
+            (DEFAULT_REGION, Some("my-proj"))
+        );
+        assert_eq!(
+            settings("api_key = \"{}\"\nregion = \"Europe/West\"").unwrap_err(),
+            ["region"]
+        );
+        assert_eq!(
+            settings("api_key = \"{}\"\nproject = \"a/b\"").unwrap_err(),
+            ["project"]
+        );
+        assert_eq!(
+            settings("region = \"us-central1\"").unwrap_err(),
+            ["api_key"]
+        );
     }
 
     #[test]
@@ -436,7 +515,9 @@ mod tests {
             ..ChatRequest::default()
         };
         let body: serde_json::Value = serde_json::from_slice(
-            &build_request("claude-haiku-4-5@20251001", &request, true).unwrap(),
+            &wire()
+                .build_request("claude-haiku-4-5@20251001", &request, true)
+                .unwrap(),
         )
         .unwrap();
         assert_eq!(body["anthropic_version"], ANTHROPIC_VERSION);
@@ -444,9 +525,12 @@ mod tests {
         assert_eq!(body["stream"], true);
         assert_eq!(body["max_tokens"], anthropic::DEFAULT_MAX_TOKENS);
         assert_eq!(body["messages"][0]["content"][0]["text"], "hi");
-        let body: serde_json::Value =
-            serde_json::from_slice(&build_request("gemini-2.5-flash", &request, true).unwrap())
-                .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(
+            &wire()
+                .build_request("gemini-2.5-flash", &request, true)
+                .unwrap(),
+        )
+        .unwrap();
         assert_eq!(body["contents"][0]["parts"][0]["text"], "hi");
         assert!(body.get("anthropic_version").is_none());
     }
@@ -456,18 +540,18 @@ mod tests {
         let google =
             br#"{"error":{"code":429,"message":"Quota exceeded","status":"RESOURCE_EXHAUSTED"}}"#;
         assert_eq!(
-            map_error(429, &http::HeaderMap::new(), google).class,
+            wire().classify(429, &http::HeaderMap::new(), google).class,
             ErrorClass::RateLimited
         );
         let claude =
             br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
         assert_eq!(
-            map_error(529, &http::HeaderMap::new(), claude).class,
+            wire().classify(529, &http::HeaderMap::new(), claude).class,
             ErrorClass::Overloaded
         );
         let unauth = br#"{"error":{"code":401,"message":"Request had invalid authentication credentials.","status":"UNAUTHENTICATED"}}"#;
         assert_eq!(
-            map_error(401, &http::HeaderMap::new(), unauth).class,
+            wire().classify(401, &http::HeaderMap::new(), unauth).class,
             ErrorClass::Authentication
         );
     }
@@ -487,7 +571,8 @@ mod tests {
         );
         let events: Vec<_> = decode_in_pieces(
             body.as_bytes(),
-            VertexStreamDecoder::for_model("claude-3-7-sonnet@20250219"),
+            7,
+            wire().stream_decoder("claude-3-7-sonnet@20250219"),
         )
         .await
         .into_iter()

@@ -8,11 +8,16 @@
 //! [`gateway`] (deadline, span, validation in [`convert`]) -> routing -> executor ->
 //! provider.
 //!
-//! Shutdown: the signal flips health to NOT_SERVING, the listener stops accepting, in-flight
+//! Connections arrive through [`conn::incoming`] (limits, handshakes) and streams pass
+//! [`conn::StreamLayer`] (per-connection stream count) before the request id layer.
+//!
+//! Shutdown: the signal flips health to NOT_SERVING, long-lived admin streams (health Watch)
+//! end, the listener stops accepting, in-flight
 //! calls and streams get `shutdown_grace` to finish, then the rest are ended with UNAVAILABLE.
 
 pub mod access;
 pub mod admin;
+pub mod conn;
 pub mod convert;
 pub mod convert_admin;
 pub mod deadline;
@@ -30,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
 use crate::{
-    config::{Config, ProviderKind},
+    config::Config,
     error::FieldViolation,
     executor::Executor,
     health::HealthRegistry,
@@ -38,10 +43,13 @@ use crate::{
     pb::{
         self, llm_gateway_admin_server::LlmGatewayAdminServer, llm_gateway_server::LlmGatewayServer,
     },
-    providers::{self, Provider, ProviderRegistry, anthropic, gemini, mock::Mock, openai},
+    providers::{self, ProviderRegistry},
     routing::{PolicyRecord, PolicySource, Router, RoutingTable, policy},
     store::{Store, StoreError, sqlite::SqliteStore},
 };
+
+/// How long the usage ledger's final flush may take at shutdown.
+const LEDGER_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The largest request message accepted (inline images make requests large).
 pub const MAX_REQUEST_BYTES: usize = 32 * 1024 * 1024;
@@ -102,42 +110,7 @@ pub fn providers_from_config(config: &Config) -> Result<ProviderRegistry, ServeE
             p.api_keys.clone(),
             config.upstream.key_auth_rest,
         ));
-        let provider: Arc<dyn Provider> = match &p.kind {
-            ProviderKind::OpenAi {
-                flavor,
-                max_tokens_field,
-                developer_role,
-                stream_usage,
-                azure_api_version,
-            } => {
-                let mut c = match azure_api_version {
-                    Some(version) => {
-                        openai::OpenAiConfig::azure(&p.name, &p.base_url, None, version)
-                    }
-                    None => openai::OpenAiConfig::new(&p.name, &p.base_url, None),
-                };
-                c.kind = flavor;
-                c.max_tokens_field = *max_tokens_field;
-                c.developer_role = *developer_role;
-                c.stream_usage = *stream_usage;
-                Arc::new(openai::OpenAi::new(c, client.clone()).with_keys(keys))
-            }
-            ProviderKind::Anthropic => Arc::new(
-                anthropic::Anthropic::new(
-                    anthropic::AnthropicConfig::new(&p.name, &p.base_url, None),
-                    client.clone(),
-                )
-                .with_keys(keys),
-            ),
-            ProviderKind::Gemini => Arc::new(
-                gemini::Gemini::new(
-                    gemini::GeminiConfig::new(&p.name, &p.base_url, None),
-                    client.clone(),
-                )
-                .with_keys(keys),
-            ),
-            ProviderKind::Mock => Arc::new(Mock::new(&p.name)),
-        };
+        let provider = p.build(keys, &client);
         registry.insert(provider);
     }
     Ok(registry)
@@ -151,17 +124,11 @@ pub fn routing_table(
 ) -> Result<RoutingTable, ServeError> {
     let registry = ModelRegistry::builtin()?;
     let allowed = |name: &str| {
-        let p = config.providers.iter().find(|p| p.name == name)?;
-        match (&p.models, &p.kind) {
-            (Some(models), _) => Some(models.clone()),
-            (None, ProviderKind::Mock) => Some(
-                providers::mock::MODELS
-                    .iter()
-                    .map(|m| (*m).to_owned())
-                    .collect(),
-            ),
-            (None, _) => None,
-        }
+        config
+            .providers
+            .iter()
+            .find(|p| p.name == name)?
+            .allowed_models()
     };
     let mut table = RoutingTable::new(providers, registry.clone(), &allowed, health);
     for raw in &config.models {
@@ -304,7 +271,7 @@ pub async fn serve_with(
             .iter()
             .map(|p| admin::ProviderInfo {
                 name: p.name.clone(),
-                kind: p.kind.name().to_owned(),
+                kind: p.kind.to_owned(),
                 base_url: p.base_url.clone(),
             })
             .collect(),
@@ -387,9 +354,11 @@ pub async fn serve_with(
     let gateway_service = LlmGatewayServer::new(gateway)
         .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(MAX_REQUEST_BYTES);
-    let mut builder = Server::builder()
-        .tcp_nodelay(true)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+    // Long-lived admin streams (health Watch) end when the drain begins.
+    let drain_streams = CancellationToken::new();
+    let stream_layer = conn::StreamLayer::new(drain_streams.clone());
+    let mut builder = conn::apply(&config.connections, Server::builder().tcp_nodelay(true))
+        .layer(stream_layer.clone())
         .layer(request_id::RequestIdLayer);
     let mut routes = builder
         .add_service(health_service.clone())
@@ -404,15 +373,21 @@ pub async fn serve_with(
                 .await
                 .map_err(|source| ServeError::Listen { addr, source })?;
             tracing::info!(addr = %addr, "admin service on its own listener");
-            let admin_routes = Server::builder()
-                .tcp_nodelay(true)
-                .layer(request_id::RequestIdLayer)
-                .add_service(health_service)
-                .add_service(reflection_v1)
-                .add_service(reflection_v1alpha)
-                .add_service(admin_service);
+            let admin_routes =
+                conn::apply(&config.connections, Server::builder().tcp_nodelay(true))
+                    .layer(stream_layer)
+                    .layer(request_id::RequestIdLayer)
+                    .add_service(health_service)
+                    .add_service(reflection_v1)
+                    .add_service(reflection_v1alpha)
+                    .add_service(admin_service);
             Some(admin_routes.serve_with_incoming_shutdown(
-                crate::tls::incoming(admin_listener, tls.clone()),
+                conn::incoming(
+                    admin_listener,
+                    tls.clone(),
+                    config.connections.clone(),
+                    "admin",
+                ),
                 stop_accepting.clone().cancelled_owned(),
             ))
         }
@@ -422,7 +397,7 @@ pub async fn serve_with(
         }
     };
     let main_server = routes.serve_with_incoming_shutdown(
-        crate::tls::incoming(listener, tls),
+        conn::incoming(listener, tls, config.connections.clone(), "grpc"),
         stop_accepting.clone().cancelled_owned(),
     );
     let grpc_server = async move {
@@ -486,6 +461,8 @@ pub async fn serve_with(
             health
                 .set_service_status("", tonic_health::ServingStatus::NotServing)
                 .await;
+            // NOT_SERVING is in every Watch stream's channel: end them after it is sent.
+            drain_streams.cancel();
             stop_accepting.cancel();
             match tokio::time::timeout(config.server.shutdown_grace, &mut server).await {
                 Ok(result) => {
@@ -513,7 +490,7 @@ pub async fn serve_with(
         let _ = task.await;
     }
     if let Some(writer) = ledger_writer {
-        writer.finish(Duration::from_secs(5)).await;
+        writer.finish(LEDGER_FLUSH_TIMEOUT).await;
     }
     result
 }

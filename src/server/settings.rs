@@ -1,6 +1,7 @@
 //! The server's own sections: `[server]` (the gRPC listener, the time limits of a call,
-//! shutdown), `[admin]` (the admin listener and token) and `[http]` (the OpenAI- and
-//! Anthropic-compatible front).
+//! shutdown), `[admin]` (the admin listener and token), `[http]` (the OpenAI- and
+//! Anthropic-compatible front) and `[connections]` (the front door's connection limits,
+//! enforced by [`super::conn`]).
 //!
 //! The one part of `server` below [`crate::config`]: the server runs a whole
 //! [`Config`](crate::config::Config), so its own settings sit in this leaf, which uses
@@ -195,5 +196,80 @@ impl HttpFrontSettings {
             listen,
             max_body_bytes,
         }
+    }
+}
+
+/// Front-door connection settings (`[connections]` in the config file).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnSettings {
+    /// TLS handshake plus HTTP/2 preface and first SETTINGS frame must arrive within this.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// A connection without open streams for this long is closed (`0s`: never).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Open connections per listener at most; further ones are closed at once.
+    pub max_connections: usize,
+    /// HTTP/2 PING interval (`0s`: no keepalive pings).
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    /// A PING not answered within this closes the connection.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+    /// After this a connection gets a GOAWAY so the client reconnects (unset: never).
+    #[serde(with = "humantime_serde")]
+    pub max_connection_age: Option<Duration>,
+    /// How long streams may finish after the age's GOAWAY before the connection is closed.
+    #[serde(with = "humantime_serde")]
+    pub max_connection_age_grace: Duration,
+}
+
+impl Default for ConnSettings {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(600),
+            max_connections: 4096,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(20),
+            max_connection_age: None,
+            max_connection_age_grace: Duration::from_secs(60),
+        }
+    }
+}
+
+impl ConnSettings {
+    /// The problems, as `(field, message)` with fields relative to the section.
+    pub fn validate(&self) -> Vec<(&'static str, &'static str)> {
+        let mut issues = Vec::new();
+        if self.handshake_timeout.is_zero() {
+            issues.push(("handshake_timeout", "must be greater than zero"));
+        }
+        if self.max_connections == 0 {
+            issues.push(("max_connections", "must be at least 1"));
+        }
+        if !self.keepalive_interval.is_zero() && self.keepalive_timeout.is_zero() {
+            issues.push((
+                "keepalive_timeout",
+                "must be greater than zero when keepalive_interval is set",
+            ));
+        }
+        if self
+            .max_connection_age
+            .is_some_and(|a| a < Duration::from_secs(1))
+        {
+            issues.push(("max_connection_age", "must be at least 1s"));
+        }
+        issues
+    }
+
+    /// The settings as parsed, with their problems pushed to `issues` (fields as
+    /// `connections.<name>`).
+    pub fn checked(self, issues: &mut Issues) -> Self {
+        for (field, message) in self.validate() {
+            issues.push(format!("connections.{field}"), message);
+        }
+        self
     }
 }

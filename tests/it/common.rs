@@ -17,6 +17,8 @@ pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 /// A running gateway.
 pub struct Gateway {
     pub channel: Channel,
+    /// The gateway's address.
+    pub addr: std::net::SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<Result<(), ServeError>>>,
 }
@@ -25,6 +27,29 @@ impl Gateway {
     /// Starts a gateway with this TOML config (no env lookups). Unless the config has a
     /// `[store]` section, the store is in memory; the admin token is [`ADMIN_TOKEN`].
     pub async fn start(toml: &str) -> Gateway {
+        Self::start_config(Self::config(toml)).await
+    }
+
+    /// Like [`Gateway::start`], without connecting first (the channel connects lazily).
+    pub async fn start_unconnected(toml: &str) -> Gateway {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(server::run(Self::config(toml), listener, async {
+            let _ = rx.await;
+        }));
+        Gateway {
+            channel: Channel::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect_lazy(),
+            addr,
+            stop: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    /// The config [`Gateway::start`] runs with.
+    pub fn config(toml: &str) -> Config {
         let mut config =
             Config::from_toml(toml, Path::new("test.toml"), &Overrides::default(), &|_| {
                 None
@@ -42,7 +67,7 @@ impl Gateway {
         if !toml.contains("[http]") {
             config.http.listen = None;
         }
-        Self::start_config(config).await
+        config
     }
 
     /// Like [`Gateway::start`], with the HTTP front on its own 127.0.0.1:0 listener; returns
@@ -100,6 +125,7 @@ impl Gateway {
         };
         Gateway {
             channel,
+            addr,
             stop: Some(tx),
             handle: Some(handle),
         }

@@ -505,3 +505,55 @@ async fn anthropic_messages_unary_stream_tools_and_errors() {
     assert_eq!(events.last().unwrap(), "error", "{body}");
     assert!(!events.iter().any(|e| e == "message_stop"));
 }
+
+#[tokio::test]
+async fn a_policy_name_routes_with_fallback_on_both_surfaces() {
+    let mock = llm_gateway::mock_upstream::MockUpstream::start(Default::default())
+        .await
+        .unwrap();
+    let policy = r#"
+[policies.resilient]
+targets = [
+  { provider = "openai", model = "gpt-4o-mini+status=503" },
+  { provider = "openai", model = "gpt-4o-mini" },
+]
+"#;
+    let (_gateway, base) = Gateway::start_http(&openai_toml(&mock, policy)).await;
+    let (status, _, body) = post(
+        &format!("{base}/v1/chat/completions"),
+        json!({"model": "resilient", "messages": [{"role": "user", "content": "fall back"}]}),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        json_of(&body)["choices"][0]["message"]["content"],
+        reply_for("fall back")
+    );
+    // The failing target first, then the fallback.
+    assert_eq!(mock.stats().requests(), 2);
+    let (status, _, body) = post(
+        &format!("{base}/v1/messages"),
+        json!({"model": "resilient", "max_tokens": 10, "stream": true,
+               "messages": [{"role": "user", "content": "fall back"}]}),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(sse_events(&body).last().unwrap(), "message_stop");
+    let models = client()
+        .get(format!("{base}/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        json_of(&models)["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["id"] == "resilient" && m["owned_by"] == "llm-gateway")
+    );
+}

@@ -8,6 +8,8 @@ mod common;
 
 mod admin;
 mod chat;
+mod cloud;
+mod conn;
 mod errors;
 mod executor;
 mod http;

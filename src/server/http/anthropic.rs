@@ -9,16 +9,11 @@
 
 use std::collections::HashMap;
 
-use axum::{
-    body::{Body, Bytes},
-    extract::State,
-    http::{HeaderMap, StatusCode},
-    response::Response,
-};
+use axum::{body::Bytes, http::HeaderMap};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Front, Head, HttpError, arguments_json, json_response, read_json, sse_response};
+use super::{HttpError, Surface, arguments_json};
 use crate::{
     error::{FieldViolation, GatewayError},
     executor::{Answer, CallEvent},
@@ -601,11 +596,6 @@ fn error_body(err: &HttpError) -> Value {
     json!({"type": "error", "error": {"type": kind, "message": err.message}})
 }
 
-fn error_response(err: GatewayError, request_id: &str) -> Response {
-    let err = HttpError::from(err);
-    err.respond(request_id, &error_body(&err))
-}
-
 fn valid_version(v: &str) -> bool {
     let b = v.as_bytes();
     b.len() == 10
@@ -616,56 +606,50 @@ fn valid_version(v: &str) -> bool {
             .all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit())
 }
 
-/// `POST /v1/messages`.
-pub(super) async fn messages(
-    State(front): State<Front>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    let head = Head::read(&headers);
-    if let Some(version) = headers.get("anthropic-version")
-        && !version.to_str().is_ok_and(valid_version)
-    {
-        return error_response(
-            GatewayError::invalid("anthropic-version", "must be a date such as `2023-06-01`"),
-            &head.request_id,
-        );
-    }
-    let request: MessagesRequest = match read_json(body, front.max_body_bytes).await {
-        Ok(r) => r,
-        Err(err) => return error_response(err, &head.request_id),
-    };
-    let stream = request.stream.unwrap_or(false);
-    let call = match head.call(&front.engine, if stream { RPC_STREAM } else { RPC }) {
-        Ok(c) => c,
-        Err(err) => return error_response(err, &head.request_id),
-    };
-    let id = head.request_id.clone();
-    if !stream {
-        return match front.engine.chat(call, move || chat_request(request)).await {
-            Ok(answer) => json_response(StatusCode::OK, &id, &message(&id, &answer)),
-            Err(err) => error_response(err, &id),
-        };
-    }
-    let events = match front
-        .engine
-        .chat_stream(call, move || chat_request(request))
-        .await
-    {
-        Ok(events) => events,
-        Err(err) => return error_response(err, &id),
-    };
-    let mut writer = EventWriter::new(&id);
-    let error_event = |err: GatewayError| event("error", &error_body(&HttpError::from(err)));
-    let body = super::framed(events, move |item| match item {
-        Some(Ok(call_event)) => {
-            let finished = matches!(call_event, CallEvent::Finish { .. });
-            (writer.event(call_event), finished)
+/// The Anthropic Messages surface.
+pub(super) struct Anthropic;
+
+impl Surface for Anthropic {
+    type Request = MessagesRequest;
+    type Writer = EventWriter;
+    const RPC: &'static str = RPC;
+    const RPC_STREAM: &'static str = RPC_STREAM;
+
+    fn check_headers(headers: &HeaderMap) -> Result<(), GatewayError> {
+        match headers.get("anthropic-version") {
+            Some(version) if !version.to_str().is_ok_and(valid_version) => Err(
+                GatewayError::invalid("anthropic-version", "must be a date such as `2023-06-01`"),
+            ),
+            _ => Ok(()),
         }
-        Some(Err(err)) => (vec![error_event(err)], true),
-        None => (vec![error_event(super::ended_early())], true),
-    });
-    sse_response(&id, body)
+    }
+
+    fn stream(request: &MessagesRequest, id: &str) -> Option<EventWriter> {
+        request
+            .stream
+            .unwrap_or(false)
+            .then(|| EventWriter::new(id))
+    }
+
+    fn convert(request: MessagesRequest) -> Result<types::ChatRequest, GatewayError> {
+        chat_request(request)
+    }
+
+    fn answer(id: &str, answer: &Answer) -> Value {
+        message(id, answer)
+    }
+
+    fn event(writer: &mut EventWriter, call_event: CallEvent) -> Vec<Bytes> {
+        writer.event(call_event)
+    }
+
+    fn error_body(err: &HttpError) -> Value {
+        error_body(err)
+    }
+
+    fn stream_error(err: &HttpError) -> Bytes {
+        event("error", &error_body(err))
+    }
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ use std::{future::Future, time::Duration};
 use axum::{
     Router,
     body::{Body, Bytes},
+    extract::State,
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::Response,
     routing::{get, post},
@@ -43,12 +44,98 @@ struct Front {
     max_body_bytes: usize,
 }
 
+/// One wire format on the shared call path: its request, its answers, stream events and
+/// errors. [`call`] is the one handler body both surfaces run.
+trait Surface {
+    /// The request body.
+    type Request: serde::de::DeserializeOwned + Send + 'static;
+    /// Per-stream state that turns call events into wire events.
+    type Writer: Send + 'static;
+    /// The `rpc` label of unary calls.
+    const RPC: &'static str;
+    /// The `rpc` label of streaming calls.
+    const RPC_STREAM: &'static str;
+    /// Checks the surface's own headers.
+    fn check_headers(_headers: &HeaderMap) -> Result<(), GatewayError> {
+        Ok(())
+    }
+    /// Whether the request asks for a stream, and the stream's writer.
+    fn stream(request: &Self::Request, id: &str) -> Option<Self::Writer>;
+    /// Converts and validates the request.
+    fn convert(request: Self::Request) -> Result<crate::types::ChatRequest, GatewayError>;
+    /// The JSON body of a unary answer.
+    fn answer(id: &str, answer: &crate::executor::Answer) -> serde_json::Value;
+    /// The wire events of one call event.
+    fn event(writer: &mut Self::Writer, event: CallEvent) -> Vec<Bytes>;
+    /// The JSON error body.
+    fn error_body(err: &HttpError) -> serde_json::Value;
+    /// The event that ends a stream that broke after it began.
+    fn stream_error(err: &HttpError) -> Bytes;
+}
+
+fn error_response<S: Surface>(err: GatewayError, request_id: &str) -> Response {
+    let err = HttpError::from(err);
+    err.respond(request_id, &S::error_body(&err))
+}
+
+/// The handler of a chat call on surface `S`.
+async fn call<S: Surface>(front: Front, headers: HeaderMap, body: Body) -> Response {
+    let head = Head::read(&headers);
+    let id = head.request_id.clone();
+    if let Err(err) = S::check_headers(&headers) {
+        return error_response::<S>(err, &id);
+    }
+    let request: S::Request = match read_json(body, front.max_body_bytes).await {
+        Ok(r) => r,
+        Err(err) => return error_response::<S>(err, &id),
+    };
+    let writer = S::stream(&request, &id);
+    let rpc = if writer.is_some() {
+        S::RPC_STREAM
+    } else {
+        S::RPC
+    };
+    let call = match head.call(&front.engine, rpc) {
+        Ok(c) => c,
+        Err(err) => return error_response::<S>(err, &id),
+    };
+    let Some(mut writer) = writer else {
+        return match front.engine.chat(call, move || S::convert(request)).await {
+            Ok(answer) => json_response(StatusCode::OK, &id, &S::answer(&id, &answer)),
+            Err(err) => error_response::<S>(err, &id),
+        };
+    };
+    let events = match front
+        .engine
+        .chat_stream(call, move || S::convert(request))
+        .await
+    {
+        Ok(events) => events,
+        Err(err) => return error_response::<S>(err, &id),
+    };
+    let body = framed(events, move |item| match item {
+        Some(Ok(event)) => {
+            let finished = matches!(event, CallEvent::Finish { .. });
+            (S::event(&mut writer, event), finished)
+        }
+        Some(Err(err)) => (vec![S::stream_error(&HttpError::from(err))], true),
+        None => (vec![S::stream_error(&HttpError::from(ended_early()))], true),
+    });
+    sse_response(&id, body)
+}
+
 /// The routes of the HTTP front.
 fn router(engine: Engine, settings: &HttpFrontSettings) -> Router {
     Router::new()
-        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route(
+            "/v1/chat/completions",
+            post(|State(front), headers, body| call::<openai::OpenAi>(front, headers, body)),
+        )
         .route("/v1/models", get(openai::list_models))
-        .route("/v1/messages", post(anthropic::messages))
+        .route(
+            "/v1/messages",
+            post(|State(front), headers, body| call::<anthropic::Anthropic>(front, headers, body)),
+        )
         .fallback(openai::not_found)
         .with_state(Front {
             engine,

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use axum::{
-    body::{Body, Bytes},
+    body::Bytes,
     extract::State,
     http::{HeaderMap, StatusCode},
     response::Response,
@@ -17,7 +17,7 @@ use axum::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Front, Head, HttpError, json_response, read_json, sse_response, unix_now};
+use super::{Front, Head, HttpError, Surface, json_response, unix_now};
 use crate::{
     error::{FieldViolation, GatewayError},
     executor::{Answer, CallEvent},
@@ -652,11 +652,6 @@ fn error_body(err: &HttpError) -> Value {
     }})
 }
 
-fn error_response(err: GatewayError, request_id: &str) -> Response {
-    let err = HttpError::from(err);
-    err.respond(request_id, &error_body(&err))
-}
-
 fn sse_data(value: &Value) -> Bytes {
     let mut out = b"data: ".to_vec();
     // A `Value` always serializes.
@@ -665,61 +660,55 @@ fn sse_data(value: &Value) -> Bytes {
     Bytes::from(out)
 }
 
-/// `POST /v1/chat/completions`.
-pub(super) async fn chat_completions(
-    State(front): State<Front>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    let head = Head::read(&headers);
-    let request: ChatCompletionRequest = match read_json(body, front.max_body_bytes).await {
-        Ok(r) => r,
-        Err(err) => return error_response(err, &head.request_id),
-    };
-    let stream = request.stream.unwrap_or(false);
-    let include_usage = request
-        .stream_options
-        .as_ref()
-        .and_then(|o| o.include_usage)
-        .unwrap_or(false);
-    let call = match head.call(&front.engine, if stream { RPC_STREAM } else { RPC }) {
-        Ok(c) => c,
-        Err(err) => return error_response(err, &head.request_id),
-    };
-    let id = head.request_id.clone();
-    if !stream {
-        return match front.engine.chat(call, move || chat_request(request)).await {
-            Ok(answer) => json_response(StatusCode::OK, &id, &completion(&id, &answer)),
-            Err(err) => error_response(err, &id),
-        };
+/// The OpenAI Chat Completions surface.
+pub(super) struct OpenAi;
+
+impl Surface for OpenAi {
+    type Request = ChatCompletionRequest;
+    type Writer = ChunkWriter;
+    const RPC: &'static str = RPC;
+    const RPC_STREAM: &'static str = RPC_STREAM;
+
+    fn stream(request: &ChatCompletionRequest, id: &str) -> Option<ChunkWriter> {
+        let include_usage = request
+            .stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false);
+        request
+            .stream
+            .unwrap_or(false)
+            .then(|| ChunkWriter::new(id, include_usage))
     }
-    let events = match front
-        .engine
-        .chat_stream(call, move || chat_request(request))
-        .await
-    {
-        Ok(events) => events,
-        Err(err) => return error_response(err, &id),
-    };
-    let mut writer = ChunkWriter::new(&id, include_usage);
-    let body = super::framed(events, move |item| match item {
-        Some(Ok(event)) => {
-            let finished = matches!(event, CallEvent::Finish { .. });
-            let mut out: Vec<Bytes> = writer.event(event).iter().map(sse_data).collect();
-            if finished {
-                out.push(Bytes::from_static(b"data: [DONE]\n\n"));
-            }
-            (out, finished)
+
+    fn convert(request: ChatCompletionRequest) -> Result<types::ChatRequest, GatewayError> {
+        chat_request(request)
+    }
+
+    fn answer(id: &str, answer: &Answer) -> Value {
+        completion(id, answer)
+    }
+
+    fn event(writer: &mut ChunkWriter, event: CallEvent) -> Vec<Bytes> {
+        let finished = matches!(event, CallEvent::Finish { .. });
+        let mut out: Vec<Bytes> = writer.event(event).iter().map(sse_data).collect();
+        if finished {
+            out.push(Bytes::from_static(b"data: [DONE]\n\n"));
         }
-        Some(Err(err)) => (vec![sse_data(&error_body(&HttpError::from(err)))], true),
-        None => (
-            vec![sse_data(&error_body(
-                &HttpError::from(super::ended_early()),
-            ))],
-            true,
-        ),
-    });
-    sse_response(&id, body)
+        out
+    }
+
+    fn error_body(err: &HttpError) -> Value {
+        error_body(err)
+    }
+
+    fn stream_error(err: &HttpError) -> Bytes {
+        sse_data(&error_body(err))
+    }
+}
+
+fn error_response(err: GatewayError, request_id: &str) -> Response {
+    super::error_response::<OpenAi>(err, request_id)
 }
 
 /// `GET /v1/models`: the concrete models and the policies, as OpenAI's model list.
