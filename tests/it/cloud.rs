@@ -8,8 +8,7 @@ use llm_gateway::{
         MOCK_AWS_ACCESS_KEY_ID, MOCK_AWS_SECRET_ACCESS_KEY, MockSettings, MockUpstream,
         TOOL_ARGUMENTS,
     },
-    models::ModelRegistry,
-    pb::{self, chat_stream_response::Event, content_delta::Delta, content_part::Part},
+    pb::{self, chat_stream_response::Event},
 };
 use tonic::Code;
 
@@ -64,16 +63,6 @@ async fn cloud_pair() -> (MockUpstream, Gateway) {
     (mock, gateway)
 }
 
-fn system(text: &str) -> pb::Message {
-    pb::Message {
-        role: pb::Role::System as i32,
-        content: vec![pb::ContentPart {
-            part: Some(Part::Text(text.to_owned())),
-        }],
-        name: String::new(),
-    }
-}
-
 /// "be brief" + "hello there gateway": 5 input tokens; the reply "Mock reply to: hello
 /// there gateway" is 6.
 fn shared_request(model: &str) -> pb::ChatRequest {
@@ -83,68 +72,6 @@ fn shared_request(model: &str) -> pb::ChatRequest {
         max_tokens: Some(64),
         ..Default::default()
     }
-}
-
-fn registry_cost(model: &str, input: u64, output: u64) -> f64 {
-    let (provider, name) = model.split_once('/').unwrap();
-    let prices = ModelRegistry::builtin()
-        .unwrap()
-        .get(provider, name)
-        .unwrap_or_else(|| panic!("{model} is not in the registry"))
-        .prices
-        .unwrap();
-    input as f64 * prices.input / 1e6 + output as f64 * prices.output / 1e6
-}
-
-async fn stream(
-    gateway: &Gateway,
-    req: pb::ChatRequest,
-) -> (Vec<Event>, Result<(), tonic::Status>) {
-    let stream = gateway
-        .client()
-        .chat_stream(req)
-        .await
-        .unwrap()
-        .into_inner();
-    collect_stream(stream).await
-}
-
-fn text_of(events: &[Event]) -> String {
-    events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Delta(pb::ContentDelta {
-                delta: Some(Delta::Text(t)),
-            }) => Some(t.as_str()),
-            _ => None,
-        })
-        .collect()
-}
-
-fn tool_deltas(events: &[Event]) -> Vec<&pb::ToolCallDelta> {
-    events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Delta(pb::ContentDelta {
-                delta: Some(Delta::ToolCall(d)),
-            }) => Some(d),
-            _ => None,
-        })
-        .collect()
-}
-
-fn tool_calls(response: &pb::ChatResponse) -> Vec<&pb::ToolCall> {
-    response
-        .message
-        .as_ref()
-        .unwrap()
-        .content
-        .iter()
-        .filter_map(|p| match &p.part {
-            Some(Part::ToolCall(c)) => Some(c),
-            _ => None,
-        })
-        .collect()
 }
 
 #[tokio::test]
