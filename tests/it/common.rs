@@ -409,3 +409,13 @@ pub async fn stream(
         .into_inner();
     collect_stream(stream).await
 }
+
+/// The gateway's `ListModels` answer.
+pub async fn list_models(gateway: &Gateway) -> pb::ListModelsResponse {
+    gateway
+        .client()
+        .list_models(pb::ListModelsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+}
