@@ -30,7 +30,7 @@ use super::{
         ProviderSettings, SettingsIssue, base_url_or, discovered, env_var,
     },
     sigv4::{AwsCredentials, SigV4, uri_encode},
-    wire::{WireFormat, decode_event, decode_json, parse_url},
+    wire::{Turn, WireFormat, decode_event, decode_json, parse_url, split_system},
 };
 use crate::types::{
     ChatRequest, ChatResponse, ContentPart, FinishReason, ImageSource, Message, ResponseFormat,
@@ -234,6 +234,18 @@ struct WireMessage<'a> {
     content: Vec<WireBlock<'a>>,
 }
 
+impl<'a> Turn for WireMessage<'a> {
+    type Part = WireBlock<'a>;
+
+    fn role(&self) -> &str {
+        self.role
+    }
+
+    fn parts(&mut self) -> &mut Vec<WireBlock<'a>> {
+        &mut self.content
+    }
+}
+
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 enum WireBlock<'a> {
@@ -340,37 +352,8 @@ pub fn build_request(request: &ChatRequest) -> Result<Vec<u8>, ProviderError> {
             ));
         }
     }
-    let mut system = Vec::new();
-    let mut messages: Vec<WireMessage<'_>> = Vec::with_capacity(request.messages.len());
-    for message in &request.messages {
-        match message.role {
-            Role::System | Role::Developer => {
-                for part in &message.content {
-                    match part {
-                        ContentPart::Text(text) if !text.is_empty() => {
-                            system.push(WireSystem { text });
-                        }
-                        ContentPart::Text(_) => {}
-                        _ => {
-                            return Err(invalid(
-                                "bedrock accepts only text in system and developer messages",
-                            ));
-                        }
-                    }
-                }
-            }
-            Role::User | Role::Tool | Role::Assistant => {
-                let wire = convert_message(message)?;
-                if wire.content.is_empty() {
-                    continue;
-                }
-                match messages.last_mut() {
-                    Some(last) if last.role == wire.role => last.content.extend(wire.content),
-                    _ => messages.push(wire),
-                }
-            }
-        }
-    }
+    let (system, messages) = split_system(&request.messages, "bedrock", convert_message)?;
+    let system = system.into_iter().map(|text| WireSystem { text }).collect();
     let tool_config = match (&request.tool_choice, request.tools.is_empty()) {
         (_, true) | (Some(ToolChoice::None), false) => None,
         (choice, false) => Some(WireToolConfig {
