@@ -62,7 +62,8 @@ pub fn apply<L>(
     let keepalive = (!settings.keepalive_interval.is_zero()).then_some(settings.keepalive_interval);
     let server = server
         .http2_keepalive_interval(keepalive)
-        .http2_keepalive_timeout(keepalive.map(|_| settings.keepalive_timeout));
+        .http2_keepalive_timeout(keepalive.map(|_| settings.keepalive_timeout))
+        .initial_connection_window_size(settings.connection_window_bytes);
     match settings.max_connection_age {
         Some(age) => server.max_connection_age(age),
         None => server,
@@ -805,12 +806,18 @@ mod tests {
             handshake_timeout: Duration::ZERO,
             max_connections: 0,
             max_connection_age: Some(Duration::from_millis(10)),
+            connection_window_bytes: 1024,
             ..ConnSettings::default()
         };
         let fields: Vec<_> = bad.validate().into_iter().map(|(f, _)| f).collect();
         assert_eq!(
             fields,
-            ["handshake_timeout", "max_connections", "max_connection_age"]
+            [
+                "handshake_timeout",
+                "max_connections",
+                "max_connection_age",
+                "connection_window_bytes"
+            ]
         );
     }
 

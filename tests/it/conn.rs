@@ -381,6 +381,11 @@ listen = "off"
     }
     tokio::time::timeout(BOUND, async {
         while let Some(line) = log.next_line().await.unwrap() {
+            // stderr is a pipe here: text logs without colour codes.
+            assert!(
+                !line.contains('\u{1b}'),
+                "ANSI escape in a piped log: {line:?}"
+            );
             if line.contains("pausing accept") {
                 return;
             }
