@@ -508,6 +508,50 @@ mod tests {
         );
     }
 
+    /// The README's Bedrock and Vertex example loads as documented.
+    #[test]
+    fn the_readme_example_loads() {
+        let readme = include_str!("../../README.md");
+        let section = &readme[readme
+            .find("**AWS Bedrock and Google Vertex AI.**")
+            .unwrap()..];
+        let start = section.find("```toml\n").unwrap() + "```toml\n".len();
+        let example = &section[start..start + section[start..].find("```").unwrap()];
+        let key =
+            crate::providers::google_auth::tests::test_key_json("https://oauth2.example/token");
+        let env = |name: &str| match name {
+            "AWS_ACCESS_KEY_ID" => Some("AKIDEXAMPLE".to_owned()),
+            "AWS_SECRET_ACCESS_KEY" => Some("secret".to_owned()),
+            "VERTEX_SERVICE_ACCOUNT_JSON" => Some(key.clone()),
+            _ => None,
+        };
+        let config = crate::config::Config::from_toml(
+            example,
+            std::path::Path::new("README.md"),
+            &crate::config::Overrides::default(),
+            &env,
+        )
+        .unwrap();
+        let provider = |name: &str| config.providers.iter().find(|p| p.name == name).unwrap();
+        let bedrock = provider("bedrock");
+        assert_eq!(bedrock.api_keys, ["AKIDEXAMPLE:secret"]);
+        let settings = bedrock
+            .settings
+            .get::<crate::providers::bedrock::BedrockSettings>()
+            .unwrap();
+        assert_eq!(
+            settings.endpoint,
+            "https://bedrock-runtime.eu-central-1.amazonaws.com"
+        );
+        let vertex = provider("vertex");
+        assert_eq!(vertex.api_keys, std::slice::from_ref(&key));
+        let settings = vertex.settings.get::<VertexSettings>().unwrap();
+        assert_eq!(
+            settings.base_url,
+            "https://europe-west1-aiplatform.googleapis.com"
+        );
+    }
+
     #[test]
     fn claude_bodies_are_vertex_shaped() {
         let request = ChatRequest {
