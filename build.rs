@@ -21,6 +21,8 @@ fn main() -> Result<(), Box<dyn Error>> {
         .build_client(true)
         .build_server(true)
         .bytes(".llmgateway.v1.Image.data")
+        // Undecodable requests are INVALID_ARGUMENT, not tonic-prost's INTERNAL.
+        .codec_path("crate::codec::Codec")
         .compile_fds(fds)?;
     Ok(())
 }

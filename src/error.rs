@@ -38,6 +38,17 @@ impl FieldViolation {
     }
 }
 
+/// What an error means; see [`GatewayError::classify`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Classification {
+    /// The `google.rpc.ErrorInfo` reason, e.g. `RATE_LIMIT_REQUESTS`.
+    pub reason: &'static str,
+    /// The gRPC code.
+    pub code: Code,
+    /// The level failures of this kind are logged at.
+    pub level: tracing::Level,
+}
+
 /// A failure of a call, as callers see it.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -137,114 +148,145 @@ impl GatewayError {
         Self::InvalidArgument(vec![FieldViolation::new(field, description)])
     }
 
-    /// The low-cardinality label for metrics (`ok` is never produced here).
-    pub fn label(&self) -> &'static str {
-        match self {
-            GatewayError::InvalidArgument(_) => "invalid_argument",
-            GatewayError::NotFound { .. } => "not_found",
-            GatewayError::Unauthenticated(_) => "unauthenticated",
-            GatewayError::PermissionDenied(_) => "permission_denied",
-            GatewayError::ResourceExhausted { .. } => "resource_exhausted",
-            GatewayError::FailedPrecondition { .. } => "failed_precondition",
-            GatewayError::Upstream { error, .. } => error.class.label(),
-            GatewayError::DeadlineExceeded { .. } => "deadline_exceeded",
-            GatewayError::Cancelled => "cancelled",
-            GatewayError::Unavailable { .. } => "unavailable",
-            GatewayError::Aborted(_) => "aborted",
-            GatewayError::AlreadyExists(_) => "already_exists",
-            GatewayError::Internal(_) => "internal",
-        }
-    }
-
-    /// The gRPC code: the one mapping from errors to codes.
-    pub fn code(&self) -> Code {
-        match self {
-            GatewayError::InvalidArgument(_) => Code::InvalidArgument,
-            GatewayError::NotFound { .. } => Code::NotFound,
-            GatewayError::Unauthenticated(_) => Code::Unauthenticated,
-            GatewayError::PermissionDenied(_) => Code::PermissionDenied,
-            GatewayError::ResourceExhausted { .. } => Code::ResourceExhausted,
-            GatewayError::FailedPrecondition { .. } => Code::FailedPrecondition,
+    /// What this error means, decided once per variant: its ErrorInfo reason, gRPC code and
+    /// log level. The status, the metric label, the usage ledger's `error_class` and the log
+    /// line all come from here.
+    pub fn classify(&self) -> Classification {
+        use tracing::Level;
+        let (reason, code, level) = match self {
+            GatewayError::InvalidArgument(_) => {
+                ("INVALID_ARGUMENT", Code::InvalidArgument, Level::DEBUG)
+            }
+            GatewayError::NotFound { reason, .. } => (*reason, Code::NotFound, Level::DEBUG),
+            GatewayError::Unauthenticated(_) => {
+                ("UNAUTHENTICATED", Code::Unauthenticated, Level::INFO)
+            }
+            GatewayError::PermissionDenied(_) => {
+                ("PERMISSION_DENIED", Code::PermissionDenied, Level::INFO)
+            }
+            GatewayError::ResourceExhausted { reason, .. } => {
+                (*reason, Code::ResourceExhausted, Level::INFO)
+            }
+            GatewayError::FailedPrecondition { reason, .. } => {
+                (*reason, Code::FailedPrecondition, Level::INFO)
+            }
             GatewayError::Upstream {
                 error,
                 all_rate_limited,
                 ..
-            } => upstream_code(error.class, *all_rate_limited),
-            GatewayError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
-            GatewayError::Cancelled => Code::Cancelled,
-            GatewayError::Unavailable { .. } => Code::Unavailable,
-            GatewayError::Aborted(_) => Code::Aborted,
-            GatewayError::AlreadyExists(_) => Code::AlreadyExists,
-            GatewayError::Internal(_) => Code::Internal,
+            } => (
+                error.class.reason(),
+                upstream_code(error.class, *all_rate_limited),
+                Level::INFO,
+            ),
+            GatewayError::DeadlineExceeded { .. } => {
+                ("DEADLINE_EXCEEDED", Code::DeadlineExceeded, Level::INFO)
+            }
+            GatewayError::Cancelled => ("CANCELLED", Code::Cancelled, Level::INFO),
+            GatewayError::Unavailable { reason, .. } => (*reason, Code::Unavailable, Level::INFO),
+            GatewayError::Aborted(_) => ("ABORTED", Code::Aborted, Level::INFO),
+            GatewayError::AlreadyExists(_) => ("ALREADY_EXISTS", Code::AlreadyExists, Level::INFO),
+            GatewayError::Internal(_) => ("INTERNAL", Code::Internal, Level::ERROR),
+        };
+        Classification {
+            reason,
+            code,
+            level,
+        }
+    }
+
+    /// The route taken, for errors that happened after routing.
+    pub fn route(&self) -> Option<&Route> {
+        match self {
+            GatewayError::Upstream { route, .. } | GatewayError::DeadlineExceeded { route } => {
+                Some(route)
+            }
+            GatewayError::InvalidArgument(_)
+            | GatewayError::NotFound { .. }
+            | GatewayError::Unauthenticated(_)
+            | GatewayError::PermissionDenied(_)
+            | GatewayError::ResourceExhausted { .. }
+            | GatewayError::FailedPrecondition { .. }
+            | GatewayError::Cancelled
+            | GatewayError::Unavailable { .. }
+            | GatewayError::Aborted(_)
+            | GatewayError::AlreadyExists(_)
+            | GatewayError::Internal(_) => None,
+        }
+    }
+
+    /// The ErrorInfo reason (also the usage ledger's `error_class`), e.g. `BUDGET_EXCEEDED`.
+    pub fn reason(&self) -> &'static str {
+        self.classify().reason
+    }
+
+    /// The low-cardinality label for metrics and logs: the reason.
+    pub fn label(&self) -> &'static str {
+        self.classify().reason
+    }
+
+    /// The gRPC code: the one mapping from errors to codes.
+    pub fn code(&self) -> Code {
+        self.classify().code
+    }
+
+    /// Logs the error at its level, with its reason as `class`.
+    pub fn log(&self, message: &str) {
+        use tracing::Level;
+        let class = self.reason();
+        match self.classify().level {
+            Level::ERROR => tracing::error!(error = %self, class, "{message}"),
+            Level::WARN => tracing::warn!(error = %self, class, "{message}"),
+            Level::INFO => tracing::info!(error = %self, class, "{message}"),
+            Level::DEBUG => tracing::debug!(error = %self, class, "{message}"),
+            Level::TRACE => tracing::trace!(error = %self, class, "{message}"),
         }
     }
 
     /// The gRPC status, with rich details.
     pub fn into_status(self) -> Status {
         let message = self.to_string();
-        let code = self.code();
+        let Classification { reason, code, .. } = self.classify();
         let mut details = ErrorDetails::new();
+        let mut metadata = HashMap::new();
         match self {
             GatewayError::InvalidArgument(violations) => {
                 for v in violations {
                     details.add_bad_request_violation(v.field, v.description);
                 }
-                details.set_error_info("INVALID_ARGUMENT", ERROR_DOMAIN, HashMap::new());
-            }
-            GatewayError::NotFound { reason, .. } => {
-                details.set_error_info(reason, ERROR_DOMAIN, HashMap::new());
-            }
-            GatewayError::Unauthenticated(_) => {
-                details.set_error_info("UNAUTHENTICATED", ERROR_DOMAIN, HashMap::new());
-            }
-            GatewayError::PermissionDenied(_) => {
-                details.set_error_info("PERMISSION_DENIED", ERROR_DOMAIN, HashMap::new());
             }
             GatewayError::ResourceExhausted {
-                reason,
                 subject,
                 retry_after,
                 ..
             } => {
-                details.set_error_info(reason, ERROR_DOMAIN, HashMap::new());
                 details.add_quota_failure_violation(subject, message.clone());
                 if let Some(delay) = retry_after {
                     details.set_retry_info(Some(delay));
                 }
             }
-            GatewayError::FailedPrecondition { reason, .. } => {
-                details.set_error_info(reason, ERROR_DOMAIN, HashMap::new());
-            }
             GatewayError::Upstream { error, route, .. } => {
-                details.set_error_info(error.class.reason(), ERROR_DOMAIN, route_metadata(&route));
+                metadata = route_metadata(&route);
                 if let Some(delay) = error.retry_after {
                     details.set_retry_info(Some(delay));
                 }
             }
-            GatewayError::DeadlineExceeded { route } => {
-                details.set_error_info("DEADLINE_EXCEEDED", ERROR_DOMAIN, route_metadata(&route));
-            }
-            GatewayError::Cancelled => {}
-            GatewayError::Unavailable {
-                reason,
-                retry_after,
-                ..
-            } => {
-                details.set_error_info(reason, ERROR_DOMAIN, HashMap::new());
+            GatewayError::DeadlineExceeded { route } => metadata = route_metadata(&route),
+            GatewayError::Unavailable { retry_after, .. } => {
                 if let Some(delay) = retry_after {
                     details.set_retry_info(Some(delay));
                 }
             }
-            GatewayError::Aborted(_) => {
-                details.set_error_info("ABORTED", ERROR_DOMAIN, HashMap::new());
-            }
-            GatewayError::AlreadyExists(_) => {
-                details.set_error_info("ALREADY_EXISTS", ERROR_DOMAIN, HashMap::new());
-            }
-            GatewayError::Internal(_) => {
-                details.set_error_info("INTERNAL", ERROR_DOMAIN, HashMap::new());
-            }
+            GatewayError::NotFound { .. }
+            | GatewayError::Unauthenticated(_)
+            | GatewayError::PermissionDenied(_)
+            | GatewayError::FailedPrecondition { .. }
+            | GatewayError::Cancelled
+            | GatewayError::Aborted(_)
+            | GatewayError::AlreadyExists(_)
+            | GatewayError::Internal(_) => {}
         }
+        details.set_error_info(reason, ERROR_DOMAIN, metadata);
         Status::with_error_details(code, message, details)
     }
 }

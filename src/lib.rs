@@ -32,6 +32,8 @@
 //! - [`mock_upstream`]: an HTTP server speaking provider wire formats with scripted faults,
 //!   used by tests, benchmarks and the `llm-gateway-mock` binary.
 //! - [`pb`]: generated protobuf/gRPC code and the reflection descriptor set.
+//! - [`codec`]: the generated services' protobuf codec (an undecodable message is the
+//!   caller's fault: INVALID_ARGUMENT).
 //! - [`settings`]: what every config section is made of (field-named problems, durations).
 //! - [`types`]: provider-neutral requests, messages, answers, stream events, usage, routes.
 //!
@@ -58,6 +60,7 @@
 //! health ledger providers
 //! models server::settings telemetry tls
 //! pb settings types
+//! codec
 //! ```
 //!
 //! So `server -> executor -> {routing, providers, health} -> types`; `config` assembles the
@@ -65,6 +68,7 @@
 //! the ledger defines the sink the store implements.
 
 pub mod auth;
+pub mod codec;
 pub mod config;
 pub mod error;
 pub mod executor;
@@ -74,6 +78,8 @@ pub mod limits;
 pub mod mock_upstream;
 pub mod models;
 pub mod pb;
+#[cfg(test)]
+mod props;
 pub mod providers;
 pub mod reload;
 pub mod routing;

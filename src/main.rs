@@ -67,6 +67,11 @@ fn main() -> ExitCode {
         }
     };
     if args.check_config {
+        // Exactly the validation startup runs, with the message startup would log.
+        if let Err(err) = server::check_config(&config) {
+            eprintln!("llm-gateway: {err}");
+            return ExitCode::from(2);
+        }
         println!("configuration is valid");
         println!("  listen: {}", config.server.listen);
         for p in &config.providers {

@@ -316,7 +316,12 @@ impl KeyRing {
 
 /// The bearer token of a request's metadata, if any.
 pub fn bearer(metadata: &tonic::metadata::MetadataMap) -> Option<&str> {
-    let value = metadata.get("authorization")?.to_str().ok()?;
+    bearer_header(metadata.as_ref())
+}
+
+/// The bearer token of a request's `authorization` header, if any.
+pub fn bearer_header(headers: &http::HeaderMap) -> Option<&str> {
+    let value = headers.get("authorization")?.to_str().ok()?;
     value
         .strip_prefix("Bearer ")
         .or_else(|| value.strip_prefix("bearer "))

@@ -114,25 +114,80 @@ struct Spend {
     alerted: [u32; 2],
 }
 
-/// UTC day index and month index (year * 12 + month) of a Unix ms time.
-pub fn periods(now_ms: i64) -> (i64, i64) {
-    let days = now_ms.div_euclid(86_400_000);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+const DAY_MS: i64 = 86_400_000;
+
+/// The civil date (year, month 1..=12, day 1..=31) of a day count since 1970-01-01 (Howard
+/// Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;
     let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
     let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
     let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    (yoe + era * 400 + i64::from(month <= 2), month, day)
+}
+
+/// The day count since 1970-01-01 of a civil date (the inverse of [`civil_from_days`]).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let year = year - i64::from(month <= 2);
+    let era = year.div_euclid(400);
+    let yoe = year - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// UTC day index and month index (year * 12 + month) of a Unix ms time.
+pub fn periods(now_ms: i64) -> (i64, i64) {
+    let days = now_ms.div_euclid(DAY_MS);
+    let (year, month, _) = civil_from_days(days);
     (days, year * 12 + (month - 1))
 }
 
-/// Milliseconds until the next UTC day starts.
-fn until_next_day(now_ms: i64) -> Duration {
-    let next = (now_ms.div_euclid(86_400_000) + 1) * 86_400_000;
-    Duration::from_millis(u64::try_from(next - now_ms).unwrap_or(0))
+/// A budget period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Period {
+    /// The UTC day.
+    Day,
+    /// The UTC calendar month.
+    Month,
+}
+
+impl Period {
+    /// When the period after the one holding `now_ms` starts, in Unix ms (the next UTC
+    /// midnight, or the first of the next UTC month).
+    pub fn next_start_ms(self, now_ms: i64) -> i64 {
+        match self {
+            Period::Day => (now_ms.div_euclid(DAY_MS) + 1) * DAY_MS,
+            Period::Month => {
+                let (_, month) = periods(now_ms);
+                let next = month + 1;
+                days_from_civil(next.div_euclid(12), next.rem_euclid(12) + 1, 1) * DAY_MS
+            }
+        }
+    }
+
+    /// How long until the budget of this period resets.
+    pub fn until_reset(self, now_ms: i64) -> Duration {
+        Duration::from_millis(u64::try_from(self.next_start_ms(now_ms) - now_ms).unwrap_or(0))
+    }
+
+    /// The reset time as RFC 3339, e.g. `2026-01-01T00:00:00Z`.
+    pub fn reset_at(self, now_ms: i64) -> String {
+        let (y, m, d) = civil_from_days(self.next_start_ms(now_ms).div_euclid(DAY_MS));
+        format!("{y:04}-{m:02}-{d:02}T00:00:00Z")
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Period::Day => "daily",
+            Period::Month => "monthly",
+        }
+    }
 }
 
 /// The in-memory state of all limits.
@@ -359,27 +414,23 @@ impl Permit {
             let entry = spend.entry(s.subject.clone()).or_default();
             roll(entry, day, month);
             let committed = entry.reserved_usd + estimated_usd;
-            if s.daily_budget_usd > 0.0 && entry.day_usd + committed > s.daily_budget_usd {
-                return Err(exhausted(
-                    &s.subject,
-                    format!(
-                        "the daily budget of ${} is spent (${:.6} used)",
-                        s.daily_budget_usd, entry.day_usd
-                    ),
-                    until_next_day(now_ms),
-                    "BUDGET_EXCEEDED",
-                ));
-            }
-            if s.monthly_budget_usd > 0.0 && entry.month_usd + committed > s.monthly_budget_usd {
-                return Err(exhausted(
-                    &s.subject,
-                    format!(
-                        "the monthly budget of ${} is spent (${:.6} used)",
-                        s.monthly_budget_usd, entry.month_usd
-                    ),
-                    until_next_day(now_ms),
-                    "BUDGET_EXCEEDED",
-                ));
+            // The month first: when both are spent, the caller must wait for the month.
+            for (period, budget, used) in [
+                (Period::Month, s.monthly_budget_usd, entry.month_usd),
+                (Period::Day, s.daily_budget_usd, entry.day_usd),
+            ] {
+                if budget > 0.0 && used + committed > budget {
+                    return Err(exhausted(
+                        &s.subject,
+                        format!(
+                            "the {} budget of ${budget} is spent (${used:.6} used); it resets at {}",
+                            period.name(),
+                            period.reset_at(now_ms)
+                        ),
+                        period.until_reset(now_ms),
+                        "BUDGET_EXCEEDED",
+                    ));
+                }
             }
         }
         for s in &self.subjects {
@@ -516,6 +567,75 @@ mod tests {
         assert_eq!(day, 19_782);
         assert_eq!(month, 2024 * 12 + 1);
         assert_eq!(periods(0).1, 1970 * 12);
+    }
+
+    #[test]
+    fn civil_dates_round_trip() {
+        for days in -800_000..800_000 {
+            let (y, m, d) = civil_from_days(days);
+            assert!((1..=12).contains(&m) && (1..=31).contains(&d));
+            assert_eq!(days_from_civil(y, m, d), days);
+        }
+    }
+
+    #[test]
+    fn periods_reset_at_the_next_utc_midnight_and_first_of_month() {
+        // 2024-02-29T12:00:00Z, a leap day.
+        let now = 1_709_208_000_000;
+        assert_eq!(Period::Day.reset_at(now), "2024-03-01T00:00:00Z");
+        assert_eq!(Period::Month.reset_at(now), "2024-03-01T00:00:00Z");
+        assert_eq!(Period::Day.until_reset(now), Duration::from_secs(12 * 3600));
+        // 2026-12-15T06:00:00Z: the next month is in the next year.
+        let now = 1_797_314_400_000;
+        assert_eq!(Period::Day.reset_at(now), "2026-12-16T00:00:00Z");
+        assert_eq!(Period::Month.reset_at(now), "2027-01-01T00:00:00Z");
+        assert_eq!(
+            Period::Month.until_reset(now),
+            Duration::from_secs((16 * 24 + 18) * 3600)
+        );
+        // The last millisecond of a month.
+        let last = Period::Month.next_start_ms(now) - 1;
+        assert_eq!(Period::Month.until_reset(last), Duration::from_millis(1));
+    }
+
+    fn budget_refusal(daily: f64, monthly: f64, now: i64) -> (String, Option<Duration>) {
+        let limits = Limits::new();
+        let mut s = subject(0, 0, 0, daily);
+        s.monthly_budget_usd = monthly;
+        let mut permit = limits.admit(vec![s], 1, false).unwrap();
+        match permit.reserve(5.0, now).unwrap_err() {
+            GatewayError::ResourceExhausted {
+                reason: "BUDGET_EXCEEDED",
+                message,
+                retry_after,
+                ..
+            } => (message, retry_after),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_refusal_says_when_the_refusing_budget_resets() {
+        // 2026-12-15T06:00:00Z.
+        let now = 1_797_314_400_000;
+        let (message, retry) = budget_refusal(0.0, 1.0, now);
+        assert!(message.contains("monthly budget of $1"), "{message}");
+        assert!(
+            message.contains("resets at 2027-01-01T00:00:00Z"),
+            "{message}"
+        );
+        assert_eq!(retry, Some(Period::Month.until_reset(now)));
+        let (message, retry) = budget_refusal(1.0, 0.0, now);
+        assert!(message.contains("daily budget of $1"), "{message}");
+        assert!(
+            message.contains("resets at 2026-12-16T00:00:00Z"),
+            "{message}"
+        );
+        assert_eq!(retry, Some(Duration::from_secs(18 * 3600)));
+        // Both spent: tomorrow would not help.
+        let (message, retry) = budget_refusal(1.0, 2.0, now);
+        assert!(message.contains("monthly"), "{message}");
+        assert_eq!(retry, Some(Period::Month.until_reset(now)));
     }
 
     #[tokio::test(start_paused = true)]

@@ -92,7 +92,7 @@ const WIRES: &[(&str, MakeWire)] = &[
 ];
 
 /// The fixture files every wire format provides.
-const FIXTURES: &[&str] = &[
+pub(crate) const FIXTURES: &[&str] = &[
     "response_text.json",
     "response_cached.json",
     "response_tool_call.json",
@@ -108,7 +108,7 @@ const FIXTURES: &[&str] = &[
     "error_secret_echo.json",
 ];
 
-fn fixture(wire: &str, file: &str) -> Vec<u8> {
+pub(crate) fn fixture(wire: &str, file: &str) -> Vec<u8> {
     let path = format!(
         "{}/tests/fixtures/{wire}/conformance/{file}",
         env!("CARGO_MANIFEST_DIR")

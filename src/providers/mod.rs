@@ -14,7 +14,7 @@ pub mod auth;
 pub mod bedrock;
 pub mod compat;
 #[cfg(test)]
-mod conformance;
+pub(crate) mod conformance;
 pub mod error;
 pub mod eventstream;
 pub mod gemini;

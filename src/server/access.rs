@@ -3,8 +3,9 @@
 
 use std::{collections::HashMap, sync::Arc};
 
+use super::authz::{Principal, Requirement};
 use crate::{
-    auth::{Caller, KeyRing, Scope, bearer, constant_time_eq},
+    auth::{Caller, KeyRing, Scope, bearer_header, constant_time_eq},
     error::GatewayError,
     limits::{Limits, SubjectLimits, TeamLimits},
 };
@@ -48,13 +49,30 @@ impl Access {
         }
     }
 
+    /// Checks a call's credential (`authorization: Bearer ...` in `headers`) against what its
+    /// RPC requires; the one credential check of the server (see [`super::authz`]).
+    pub fn authorize(
+        &self,
+        requires: Requirement,
+        headers: &http::HeaderMap,
+    ) -> Result<Principal, GatewayError> {
+        match requires {
+            Requirement::None => Ok(Principal::Anonymous),
+            Requirement::Chat => Ok(self
+                .chat_caller_secret(bearer_header(headers))?
+                .map_or(Principal::Anonymous, Principal::Key)),
+            Requirement::UsageRead => self.admin_secret(bearer_header(headers), Scope::UsageRead),
+            Requirement::Admin => self.admin_secret(bearer_header(headers), Scope::Admin),
+        }
+    }
+
     /// The caller of a data-plane call: a verified `chat` key, or `None` when no key was sent
     /// and none is required.
     pub fn chat_caller(
         &self,
         metadata: &tonic::metadata::MetadataMap,
     ) -> Result<Option<Caller>, GatewayError> {
-        self.chat_caller_secret(bearer(metadata))
+        self.chat_caller_secret(bearer_header(metadata.as_ref()))
     }
 
     /// Like [`Access::chat_caller`], for a secret any surface extracted from its request.
@@ -72,29 +90,25 @@ impl Access {
         }
     }
 
-    /// Checks an admin call: the break-glass token, or a key with `scope` (`admin` keys may
+    /// An admin credential: the break-glass token, or a key with `scope` (`admin` keys may
     /// also read usage).
-    pub fn admin(
-        &self,
-        metadata: &tonic::metadata::MetadataMap,
-        scope: Scope,
-    ) -> Result<(), GatewayError> {
-        let secret = bearer(metadata).ok_or_else(|| {
+    fn admin_secret(&self, secret: Option<&str>, scope: Scope) -> Result<Principal, GatewayError> {
+        let secret = secret.ok_or_else(|| {
             GatewayError::Unauthenticated(
                 "admin calls need `authorization: Bearer <admin token or admin key>` metadata"
                     .to_owned(),
             )
         })?;
         if constant_time_eq(secret.as_bytes(), self.break_glass.as_bytes()) {
-            return Ok(());
+            return Ok(Principal::AdminToken);
         }
         let caller = self.keys.verify(secret, now_ms()).map_err(|_| {
             GatewayError::Unauthenticated("the admin credential is not valid".to_owned())
         })?;
-        if scope == Scope::UsageRead && caller.require(Scope::Admin).is_ok() {
-            return Ok(());
+        if !(scope == Scope::UsageRead && caller.require(Scope::Admin).is_ok()) {
+            caller.require(scope)?;
         }
-        caller.require(scope)
+        Ok(Principal::Key(caller))
     }
 
     /// The limits that apply to a caller: its key's, and its team's.

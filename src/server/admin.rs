@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 
 use super::{access::Access, convert, convert_admin};
 use crate::{
-    auth::{self, KeyRecord, Scope},
+    auth::{self, KeyRecord},
     error::{FieldViolation, GatewayError},
     pb::{self, llm_gateway_admin_server::LlmGatewayAdmin},
     routing::{PolicyRecord, Router, policy},
@@ -117,14 +117,6 @@ impl AdminService {
         } else {
             Err(GatewayError::InvalidArgument(violations))
         }
-    }
-
-    fn authorize(
-        &self,
-        metadata: &tonic::metadata::MetadataMap,
-        scope: Scope,
-    ) -> Result<(), Status> {
-        self.access.admin(metadata, scope).map_err(fail)
     }
 
     /// Reloads the key cache from the store.
@@ -243,7 +235,7 @@ pub type ExportStream = std::pin::Pin<
 >;
 
 fn fail(err: GatewayError) -> Status {
-    tracing::info!(error = %err, class = err.label(), "admin call failed");
+    err.log("admin call failed");
     err.into_status()
 }
 
@@ -253,7 +245,6 @@ impl LlmGatewayAdmin for AdminService {
         &self,
         request: Request<pb::CreatePolicyRequest>,
     ) -> AdminResult<pb::CreatePolicyResponse> {
-        self.authorize(request.metadata(), Scope::Admin)?;
         async {
             let p = required_policy(request.into_inner().policy)?;
             let (spec, violations) = convert_admin::policy_in(p, "policy");
@@ -280,7 +271,6 @@ impl LlmGatewayAdmin for AdminService {
         &self,
         request: Request<pb::UpdatePolicyRequest>,
     ) -> AdminResult<pb::UpdatePolicyResponse> {
-        self.authorize(request.metadata(), Scope::Admin)?;
         async {
             let p = required_policy(request.into_inner().policy)?;
             if p.etag.is_empty() {
@@ -313,7 +303,6 @@ impl LlmGatewayAdmin for AdminService {
         &self,
         request: Request<pb::GetPolicyRequest>,
     ) -> AdminResult<pb::GetPolicyResponse> {
-        self.authorize(request.metadata(), Scope::Admin)?;
         async {
             let name = request.into_inner().name;
             if let Some(record) = self.config_policies.get(&name) {
@@ -339,7 +328,6 @@ impl LlmGatewayAdmin for AdminService {
         &self,
         request: Request<pb::ListPoliciesRequest>,
     ) -> AdminResult<pb::ListPoliciesResponse> {
-        self.authorize(request.metadata(), Scope::Admin)?;
         async {
             let req = request.into_inner();
             let size = match req.page_size {
@@ -383,7 +371,6 @@ impl LlmGatewayAdmin for AdminService {
         &self,
         request: Request<pb::DeletePolicyRequest>,
     ) -> AdminResult<pb::DeletePolicyResponse> {
-        self.authorize(request.metadata(), Scope::Admin)?;
         async {
             let req = request.into_inner();
             self.read_only(&req.name)?;
@@ -409,7 +396,6 @@ impl LlmGatewayAdmin for AdminService {
         &self,
         request: Request<pb::ValidatePolicyRequest>,
     ) -> AdminResult<pb::ValidatePolicyResponse> {
-        self.authorize(request.metadata(), Scope::Admin)?;
         let Some(p) = request.into_inner().policy else {
             return Ok(Response::new(pb::ValidatePolicyResponse {
                 valid: false,
@@ -441,7 +427,6 @@ impl LlmGatewayAdmin for AdminService {
         &self,
         request: Request<pb::ExplainRouteRequest>,
     ) -> AdminResult<pb::ExplainRouteResponse> {
-        self.authorize(request.metadata(), Scope::Admin)?;
         async {
             let req = request
                 .into_inner()
@@ -466,7 +451,6 @@ impl LlmGatewayAdmin for AdminService {
         &self,
         request: Request<pb::GetUsageRequest>,
     ) -> AdminResult<pb::GetUsageResponse> {
-        self.authorize(request.metadata(), Scope::UsageRead)?;
         async {
             let req = request.into_inner();
             let (start, end) = time_range(req.start_time, req.end_time)?;
@@ -538,7 +522,6 @@ impl LlmGatewayAdmin for AdminService {
         &self,
         request: Request<pb::ExportUsageRequest>,
     ) -> AdminResult<ExportStream> {
-        self.authorize(request.metadata(), Scope::UsageRead)?;
         let req = request.into_inner();
         let (start, end) = time_range(req.start_time, req.end_time).map_err(fail)?;
         let records = self
@@ -561,7 +544,6 @@ impl LlmGatewayAdmin for AdminService {
         &self,
         request: Request<pb::CreateKeyRequest>,
     ) -> AdminResult<pb::CreateKeyResponse> {
-        self.authorize(request.metadata(), Scope::Admin)?;
         async {
             let key = request
                 .into_inner()
@@ -590,7 +572,6 @@ impl LlmGatewayAdmin for AdminService {
         &self,
         request: Request<pb::ListKeysRequest>,
     ) -> AdminResult<pb::ListKeysResponse> {
-        self.authorize(request.metadata(), Scope::Admin)?;
         let owner = request.into_inner().owner;
         let keys = self
             .store
@@ -610,7 +591,6 @@ impl LlmGatewayAdmin for AdminService {
         &self,
         request: Request<pb::GetKeyRequest>,
     ) -> AdminResult<pb::GetKeyResponse> {
-        self.authorize(request.metadata(), Scope::Admin)?;
         let name = request.into_inner().name;
         let keys = self
             .store
@@ -631,7 +611,6 @@ impl LlmGatewayAdmin for AdminService {
         &self,
         request: Request<pb::UpdateKeyRequest>,
     ) -> AdminResult<pb::UpdateKeyResponse> {
-        self.authorize(request.metadata(), Scope::Admin)?;
         async {
             let key = request
                 .into_inner()
@@ -665,7 +644,6 @@ impl LlmGatewayAdmin for AdminService {
         &self,
         request: Request<pb::RevokeKeyRequest>,
     ) -> AdminResult<pb::RevokeKeyResponse> {
-        self.authorize(request.metadata(), Scope::Admin)?;
         async {
             let name = request.into_inner().name;
             let _write = self.writes.lock().await;
@@ -682,7 +660,6 @@ impl LlmGatewayAdmin for AdminService {
         &self,
         _request: Request<pb::ListProvidersRequest>,
     ) -> AdminResult<pb::ListProvidersResponse> {
-        self.authorize(_request.metadata(), Scope::Admin)?;
         let table = self.router.load();
         let now = tokio::time::Instant::now();
         Ok(Response::new(pb::ListProvidersResponse {

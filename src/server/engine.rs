@@ -19,6 +19,7 @@ use super::{
     meter::{CallMeter, MeterConfig, Outcome},
 };
 use crate::{
+    auth::Caller,
     error::GatewayError,
     executor::{Answer, CallEvent, Executor},
     routing::{Plan, Router, RoutingTable, estimate_tokens},
@@ -47,8 +48,18 @@ pub struct Call<'a> {
     pub deadline: Instant,
     /// The caller's trace context, continued upstream.
     pub trace: Option<TraceContext>,
-    /// The presented gateway key secret, if any.
-    pub credential: Option<&'a str>,
+    /// Who is calling.
+    pub credential: Credential<'a>,
+}
+
+/// The caller of a call, as the surface knows it.
+#[derive(Debug)]
+pub enum Credential<'a> {
+    /// Verified already (the gRPC surface: [`super::authz::AuthzLayer`]); `None` when no key
+    /// was sent and none is required.
+    Verified(Option<Caller>),
+    /// A presented gateway key secret (or none), verified here.
+    Bearer(Option<&'a str>),
 }
 
 /// The events of a committed stream; the meter settles when the stream ends or is dropped.
@@ -178,12 +189,15 @@ impl Engine {
     /// Authenticates, applies the key's scope, forced tags, limits and budget, and plans.
     fn prepare(
         &self,
-        credential: Option<&str>,
+        credential: Credential<'_>,
         request: impl FnOnce() -> Result<ChatRequest, GatewayError> + Send,
         meter: &mut CallMeter,
         stream: bool,
     ) -> Result<(ChatRequest, Plan), GatewayError> {
-        let caller = self.access.chat_caller_secret(credential)?;
+        let caller = match credential {
+            Credential::Verified(caller) => caller,
+            Credential::Bearer(secret) => self.access.chat_caller_secret(secret)?,
+        };
         let mut req = request()?;
         let table = self.router.load();
         let mut permit = None;
@@ -259,19 +273,9 @@ fn count_limited(err: &GatewayError) {
     }
 }
 
-fn log_failure(err: &GatewayError) {
-    match err {
-        GatewayError::Internal(_) => tracing::error!(error = %err, "call failed"),
-        GatewayError::InvalidArgument(_) | GatewayError::NotFound { .. } => {
-            tracing::debug!(error = %err, class = err.label(), "call rejected");
-        }
-        _ => tracing::info!(error = %err, class = err.label(), "call failed"),
-    }
-}
-
 /// Ends a failed call: log and account.
 fn fail(meter: &mut CallMeter, err: GatewayError) -> GatewayError {
-    log_failure(&err);
-    meter.finish(Outcome::failed(&err, err.code()));
+    err.log("call failed");
+    meter.finish(Outcome::failed(&err));
     err
 }

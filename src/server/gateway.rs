@@ -8,13 +8,12 @@ use futures_util::{Stream, StreamExt};
 use tonic::{Request, Response, Status, metadata::MetadataMap};
 
 use super::{
-    convert,
+    authz, convert,
     deadline::call_deadline,
-    engine::{Call, Engine, trace_context},
+    engine::{Call, Credential, Engine, trace_context},
     request_id::RequestId,
 };
 use crate::{
-    auth::bearer,
     error::GatewayError,
     pb::{self, llm_gateway_server::LlmGateway},
 };
@@ -31,21 +30,26 @@ impl GatewayService {
         Self { engine }
     }
 
-    /// What the engine needs to know about a call before reading it.
+    /// What the engine needs to know about a call before reading it; the caller is the one
+    /// the authorization layer verified.
     fn call<'a>(
         &self,
         metadata: &'a MetadataMap,
         extensions: &tonic::Extensions,
         rpc: &'static str,
-    ) -> Call<'a> {
+    ) -> Result<Call<'a>, Status> {
+        let caller = authz::principal(extensions)
+            .map_err(GatewayError::into_status)?
+            .key()
+            .cloned();
         let text = |key| metadata.get(key).and_then(|v| v.to_str().ok());
-        Call {
+        Ok(Call {
             rpc,
             request_id: request_id(extensions),
             deadline: call_deadline(metadata, self.engine.limits()),
             trace: trace_context(text("traceparent"), text("tracestate")),
-            credential: bearer(metadata),
-        }
+            credential: Credential::Verified(caller),
+        })
     }
 }
 
@@ -70,7 +74,7 @@ impl LlmGateway for GatewayService {
         request: Request<pb::ChatRequest>,
     ) -> Result<Response<pb::ChatResponse>, Status> {
         let (metadata, extensions, message) = request.into_parts();
-        let call = self.call(&metadata, &extensions, "Chat");
+        let call = self.call(&metadata, &extensions, "Chat")?;
         let id = call.request_id.clone();
         match self
             .engine
@@ -89,7 +93,7 @@ impl LlmGateway for GatewayService {
         request: Request<pb::ChatRequest>,
     ) -> Result<Response<Self::ChatStreamStream>, Status> {
         let (metadata, extensions, message) = request.into_parts();
-        let call = self.call(&metadata, &extensions, "ChatStream");
+        let call = self.call(&metadata, &extensions, "ChatStream")?;
         let id = call.request_id.clone();
         let events = self
             .engine

@@ -41,30 +41,14 @@ pub struct Outcome<'a> {
 }
 
 impl<'a> Outcome<'a> {
-    /// The outcome of a failed call.
-    pub fn failed(err: &'a GatewayError, code: Code) -> Self {
-        let route = match err {
-            GatewayError::Upstream { route, .. } | GatewayError::DeadlineExceeded { route } => {
-                Some(route)
-            }
-            _ => None,
-        };
-        let error_class = match err {
-            GatewayError::Upstream { error, .. } => error.class.reason(),
-            other => match other.label() {
-                "deadline_exceeded" => "DEADLINE_EXCEEDED",
-                "cancelled" => "CANCELLED",
-                "invalid_argument" => "INVALID_ARGUMENT",
-                "not_found" => "NOT_FOUND",
-                "failed_precondition" => "FAILED_PRECONDITION",
-                "unavailable" => "UNAVAILABLE",
-                "resource_exhausted" => "RESOURCE_EXHAUSTED",
-                _ => "INTERNAL",
-            },
-        };
+    /// The outcome of a failed call: its code and error class (the ErrorInfo reason) both
+    /// come from [`GatewayError::classify`].
+    pub fn failed(err: &'a GatewayError) -> Self {
+        let route = err.route();
+        let class = err.classify();
         Outcome {
-            code,
-            error_class,
+            code: class.code,
+            error_class: class.reason,
             route,
             usage: None,
             cost: None,
@@ -320,7 +304,7 @@ impl Drop for CallMeter {
         // Ended without an outcome: the caller went away (or the call was cut off).
         self.finish(Outcome {
             code: Code::Cancelled,
-            error_class: "CANCELLED",
+            error_class: GatewayError::Cancelled.reason(),
             route: None,
             usage: None,
             cost: None,
@@ -330,5 +314,213 @@ impl Drop for CallMeter {
         if self.stream {
             open_streams().decrement(1.0);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use tonic_types::StatusExt as _;
+    use tracing::Level;
+
+    use super::*;
+    use crate::{
+        error::Classification,
+        providers::{ErrorClass, ProviderError},
+    };
+
+    /// Which variant an error is; adding a variant breaks this match, and with it the table.
+    fn variant(err: &GatewayError) -> usize {
+        match err {
+            GatewayError::InvalidArgument(_) => 0,
+            GatewayError::NotFound { .. } => 1,
+            GatewayError::Unauthenticated(_) => 2,
+            GatewayError::PermissionDenied(_) => 3,
+            GatewayError::ResourceExhausted { .. } => 4,
+            GatewayError::FailedPrecondition { .. } => 5,
+            GatewayError::Upstream { .. } => 6,
+            GatewayError::DeadlineExceeded { .. } => 7,
+            GatewayError::Cancelled => 8,
+            GatewayError::Unavailable { .. } => 9,
+            GatewayError::Aborted(_) => 10,
+            GatewayError::AlreadyExists(_) => 11,
+            GatewayError::Internal(_) => 12,
+        }
+    }
+    const VARIANTS: usize = 13;
+
+    fn upstream(class: ErrorClass, all_rate_limited: bool) -> GatewayError {
+        GatewayError::Upstream {
+            error: ProviderError::new(class, "the provider failed"),
+            all_rate_limited,
+            route: Route::default(),
+        }
+    }
+
+    /// Every variant (every upstream class, both ways) with the code, reason and log level
+    /// the README's status table promises.
+    fn table() -> Vec<(GatewayError, Code, &'static str, Level)> {
+        use Code as C;
+        use ErrorClass as E;
+        let exhausted = |reason| GatewayError::ResourceExhausted {
+            reason,
+            subject: "key:k".into(),
+            message: "spent".into(),
+            retry_after: Some(Duration::from_secs(3)),
+        };
+        let mut rows = vec![
+            (
+                GatewayError::invalid("model", "must not be empty"),
+                C::InvalidArgument,
+                "INVALID_ARGUMENT",
+                Level::DEBUG,
+            ),
+            (
+                GatewayError::NotFound {
+                    reason: "MODEL_NOT_FOUND",
+                    message: "no model".into(),
+                },
+                C::NotFound,
+                "MODEL_NOT_FOUND",
+                Level::DEBUG,
+            ),
+            (
+                GatewayError::Unauthenticated("no key".into()),
+                C::Unauthenticated,
+                "UNAUTHENTICATED",
+                Level::INFO,
+            ),
+            (
+                GatewayError::PermissionDenied("no scope".into()),
+                C::PermissionDenied,
+                "PERMISSION_DENIED",
+                Level::INFO,
+            ),
+            (
+                exhausted("RATE_LIMIT_REQUESTS"),
+                C::ResourceExhausted,
+                "RATE_LIMIT_REQUESTS",
+                Level::INFO,
+            ),
+            (
+                exhausted("BUDGET_EXCEEDED"),
+                C::ResourceExhausted,
+                "BUDGET_EXCEEDED",
+                Level::INFO,
+            ),
+            (
+                GatewayError::FailedPrecondition {
+                    reason: "CONSTRAINT_UNSATISFIED",
+                    message: "no target".into(),
+                },
+                C::FailedPrecondition,
+                "CONSTRAINT_UNSATISFIED",
+                Level::INFO,
+            ),
+            (
+                GatewayError::DeadlineExceeded {
+                    route: Route::default(),
+                },
+                C::DeadlineExceeded,
+                "DEADLINE_EXCEEDED",
+                Level::INFO,
+            ),
+            (
+                GatewayError::Cancelled,
+                C::Cancelled,
+                "CANCELLED",
+                Level::INFO,
+            ),
+            (
+                GatewayError::Unavailable {
+                    reason: "SHUTTING_DOWN",
+                    message: "stopping".into(),
+                    retry_after: None,
+                },
+                C::Unavailable,
+                "SHUTTING_DOWN",
+                Level::INFO,
+            ),
+            (
+                GatewayError::Aborted("stale".into()),
+                C::Aborted,
+                "ABORTED",
+                Level::INFO,
+            ),
+            (
+                GatewayError::AlreadyExists("exists".into()),
+                C::AlreadyExists,
+                "ALREADY_EXISTS",
+                Level::INFO,
+            ),
+            (
+                GatewayError::Internal("bug".into()),
+                C::Internal,
+                "INTERNAL",
+                Level::ERROR,
+            ),
+        ];
+        for (class, code, reason) in [
+            (E::RateLimited, C::Unavailable, "RATE_LIMITED"),
+            (E::Overloaded, C::Unavailable, "OVERLOADED"),
+            (E::ServerError, C::Unavailable, "SERVER_ERROR"),
+            (E::Timeout, C::Unavailable, "TIMEOUT"),
+            (E::Connect, C::Unavailable, "CONNECT"),
+            (E::StreamBroken, C::Unavailable, "STREAM_BROKEN"),
+            (E::InvalidResponse, C::Unavailable, "INVALID_RESPONSE"),
+            (E::Authentication, C::FailedPrecondition, "AUTHENTICATION"),
+            (E::Permission, C::FailedPrecondition, "PERMISSION"),
+            (E::InvalidRequest, C::InvalidArgument, "INVALID_REQUEST"),
+            (
+                E::ContextLengthExceeded,
+                C::InvalidArgument,
+                "CONTEXT_LENGTH_EXCEEDED",
+            ),
+            (E::ContentFiltered, C::InvalidArgument, "CONTENT_FILTERED"),
+            (E::ModelNotFound, C::NotFound, "MODEL_NOT_FOUND"),
+            (E::LocalResource, C::Unavailable, "LOCAL_RESOURCE"),
+        ] {
+            rows.push((upstream(class, false), code, reason, Level::INFO));
+            let all_limited = if class == E::RateLimited {
+                C::ResourceExhausted
+            } else {
+                code
+            };
+            rows.push((upstream(class, true), all_limited, reason, Level::INFO));
+        }
+        assert_eq!(rows.len(), VARIANTS - 1 + 1 + 2 * ErrorClass::ALL.len());
+        rows
+    }
+
+    #[test]
+    fn status_label_ledger_and_log_level_agree_for_every_error() {
+        let mut seen = BTreeSet::new();
+        for (err, code, reason, level) in table() {
+            seen.insert(variant(&err));
+            let context = format!("{err:?}");
+            assert_eq!(
+                err.classify(),
+                Classification {
+                    reason,
+                    code,
+                    level
+                },
+                "{context}"
+            );
+            assert_eq!(err.label(), reason, "{context}");
+            // The ledger record.
+            let outcome = Outcome::failed(&err);
+            assert_eq!(outcome.code, code, "{context}");
+            assert_eq!(outcome.error_class, reason, "{context}");
+            // The status the caller sees.
+            let status = err.into_status();
+            assert_eq!(status.code(), code, "{context}");
+            let details = status.get_error_details();
+            let info = details.error_info().expect("every status has an ErrorInfo");
+            assert_eq!(info.reason, reason, "{context}");
+            assert_eq!(info.domain, crate::error::ERROR_DOMAIN);
+        }
+        assert_eq!(seen.len(), VARIANTS, "every variant is in the table");
     }
 }

@@ -4,7 +4,8 @@
 //! The HTTP front ([`http`]) is a second surface over the same [`engine`].
 //!
 //! Request path, outermost first: tonic's HTTP/2 server -> [`request_id::RequestIdLayer`]
-//! (id in extensions and response metadata) -> service router -> handler in
+//! (id in extensions and response metadata) -> [`authz::AuthzLayer`] (the credential each
+//! RPC requires, from one table) -> service router -> handler in
 //! [`gateway`] (deadline, span, validation in [`convert`]) -> routing -> executor ->
 //! provider.
 //!
@@ -17,11 +18,13 @@
 
 pub mod access;
 pub mod admin;
+pub mod authz;
 pub mod conn;
 pub mod convert;
 pub mod convert_admin;
 pub mod deadline;
 pub mod engine;
+pub mod framing;
 pub mod gateway;
 pub mod http;
 pub mod meter;
@@ -194,40 +197,28 @@ pub async fn serve(
     .await
 }
 
-/// Like [`serve`], with reload options.
-pub async fn serve_with(
-    config: Config,
-    providers: ProviderRegistry,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send,
-    options: ServeOptions,
-) -> Result<(), ServeError> {
+/// What startup validates before it opens anything, and `--check-config` runs too.
+pub struct Checked {
+    /// The loaded certificates, when TLS is configured.
+    pub tls: Option<Arc<crate::tls::TlsState>>,
+    /// The routing table over the providers.
+    pub table: RoutingTable,
+    /// The config file's policies, validated against the table.
+    pub config_policies: Vec<PolicyRecord>,
+}
+
+/// The one validation of a loaded config that startup runs (and `--check-config`, through
+/// [`check_config`]): TLS files, the model table, config policies against the providers,
+/// and a stored admin token being readable. Side-effect free: nothing is bound, opened for
+/// writing or generated.
+pub fn check(config: &Config, providers: &ProviderRegistry) -> Result<Checked, ServeError> {
     let tls = config
         .tls
         .as_ref()
         .map(crate::tls::TlsState::load)
         .transpose()?;
-    let reloader = Arc::new(crate::reload::Reloader::new(
-        options.config_source,
-        config.clone(),
-        providers.clone(),
-        tls.clone(),
-    ));
-    let background = tokio_util::task::TaskTracker::new();
-    let stop_background = CancellationToken::new();
-    if let Some(signal) = options.reload_signal {
-        background.spawn(reload_on(signal, reloader.clone(), stop_background.clone()));
-    }
-    if let Some(state) = &tls {
-        let interval = config
-            .tls
-            .as_ref()
-            .map_or(Duration::from_secs(5), |t| t.reload_interval);
-        background.spawn(state.clone().watch(interval, stop_background.clone()));
-    }
     let health_registry = Arc::new(HealthRegistry::new(config.health.clone()));
-    let table = routing_table(&config, &providers, health_registry)?;
-
+    let table = routing_table(config, providers, health_registry)?;
     // Config policies are validated against the providers; they are read-only via the API.
     let mut violations = Vec::new();
     let mut config_policies = Vec::new();
@@ -247,6 +238,50 @@ pub async fn serve_with(
     }
     if !violations.is_empty() {
         return Err(ServeError::Policies(violations));
+    }
+    stored_admin_token(config)?;
+    Ok(Checked {
+        tls,
+        table,
+        config_policies,
+    })
+}
+
+/// `--check-config`: builds the providers as startup does and runs [`check`].
+pub fn check_config(config: &Config) -> Result<(), ServeError> {
+    check(config, &providers_from_config(config)?).map(|_| ())
+}
+
+/// Like [`serve`], with reload options.
+pub async fn serve_with(
+    config: Config,
+    providers: ProviderRegistry,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    options: ServeOptions,
+) -> Result<(), ServeError> {
+    let Checked {
+        tls,
+        table,
+        config_policies,
+    } = check(&config, &providers)?;
+    let reloader = Arc::new(crate::reload::Reloader::new(
+        options.config_source,
+        config.clone(),
+        providers.clone(),
+        tls.clone(),
+    ));
+    let background = tokio_util::task::TaskTracker::new();
+    let stop_background = CancellationToken::new();
+    if let Some(signal) = options.reload_signal {
+        background.spawn(reload_on(signal, reloader.clone(), stop_background.clone()));
+    }
+    if let Some(state) = &tls {
+        let interval = config
+            .tls
+            .as_ref()
+            .map_or(Duration::from_secs(5), |t| t.reload_interval);
+        background.spawn(state.clone().watch(interval, stop_background.clone()));
     }
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.store.path)?);
     let router = Arc::new(Router::new(table));
@@ -314,6 +349,11 @@ pub async fn serve_with(
     };
     crate::providers::set_body_logging(config.log.bodies);
 
+    let meter = meter::MeterConfig {
+        ledger,
+        tag_labels: config.metrics.tag_labels.clone().into(),
+    };
+    let authz = authz::AuthzLayer::new(access.clone(), meter.clone());
     let engine = engine::Engine::new(
         router,
         executor,
@@ -323,10 +363,7 @@ pub async fn serve_with(
             max: config.server.max_call_duration,
             margin: config.server.deadline_margin,
         },
-        meter::MeterConfig {
-            ledger,
-            tag_labels: config.metrics.tag_labels.clone().into(),
-        },
+        meter,
     );
     let gateway = gateway::GatewayService::new(engine.clone());
     let http_listener = match (options.http_listener, config.http.listen) {
@@ -359,12 +396,16 @@ pub async fn serve_with(
     let stream_layer = conn::StreamLayer::new(drain_streams.clone());
     let mut builder = conn::apply(&config.connections, Server::builder().tcp_nodelay(true))
         .layer(stream_layer.clone())
-        .layer(request_id::RequestIdLayer);
+        .layer(request_id::RequestIdLayer)
+        .layer(authz.clone())
+        .layer(framing::FramingLayer);
     let mut routes = builder
         .add_service(health_service.clone())
         .add_service(reflection_v1.clone())
         .add_service(reflection_v1alpha.clone())
         .add_service(gateway_service);
+    // The builder keeps a copy of the layers, and the authorization layer a ledger sender.
+    drop(builder);
     // The admin service goes on its own listener when one is configured (for mesh policies),
     // otherwise beside the gateway.
     let admin_server = match config.admin.listen {
@@ -377,6 +418,8 @@ pub async fn serve_with(
                 conn::apply(&config.connections, Server::builder().tcp_nodelay(true))
                     .layer(stream_layer)
                     .layer(request_id::RequestIdLayer)
+                    .layer(authz)
+                    .layer(framing::FramingLayer)
                     .add_service(health_service)
                     .add_service(reflection_v1)
                     .add_service(reflection_v1alpha)
@@ -392,6 +435,9 @@ pub async fn serve_with(
             ))
         }
         None => {
+            // The layer holds a ledger sender; only the servers may keep it, so that the
+            // ledger drains as soon as they are dropped.
+            drop(authz);
             routes = routes.add_service(admin_service);
             None
         }
@@ -512,11 +558,41 @@ async fn reload_on(
     }
 }
 
+/// Where a generated admin token is kept: `admin-token` beside the store (`None` for an
+/// in-memory store).
+fn admin_token_path(config: &Config) -> Option<std::path::PathBuf> {
+    (config.store.path != std::path::Path::new(":memory:")).then(|| {
+        config
+            .store
+            .path
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .join("admin-token")
+    })
+}
+
+/// The admin token that exists already: configured, or stored by an earlier start. An
+/// unreadable token file is an error.
+fn stored_admin_token(config: &Config) -> Result<Option<String>, ServeError> {
+    if let Some(token) = &config.admin.token {
+        return Ok(Some(token.clone()));
+    }
+    let Some(path) = admin_token_path(config) else {
+        return Ok(None);
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(token) if !token.trim().is_empty() => Ok(Some(token.trim().to_owned())),
+        Ok(_) => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(ServeError::AdminToken { path, source }),
+    }
+}
+
 /// The admin token: configured, or generated once and kept in `admin-token` beside the store
 /// (readable only by the owner). An in-memory store gets a fresh random token per start.
 fn admin_token(config: &Config) -> Result<String, ServeError> {
-    if let Some(token) = &config.admin.token {
-        return Ok(token.clone());
+    if let Some(token) = stored_admin_token(config)? {
+        return Ok(token);
     }
     let generated = || -> Result<String, ServeError> {
         let mut bytes = [0u8; 32];
@@ -524,24 +600,12 @@ fn admin_token(config: &Config) -> Result<String, ServeError> {
             .map_err(|e| ServeError::Store(StoreError::Backend(e.to_string())))?;
         Ok(format!("lgw-admin-{}", crate::auth::hex(&bytes)))
     };
-    if config.store.path == std::path::Path::new(":memory:") {
+    let Some(path) = admin_token_path(config) else {
         tracing::warn!(
             "no admin token configured and the store is in memory: admin calls are refused until admin.token is set"
         );
         return generated();
-    }
-    let path = config
-        .store
-        .path
-        .parent()
-        .unwrap_or(std::path::Path::new("."))
-        .join("admin-token");
-    match std::fs::read_to_string(&path) {
-        Ok(token) if !token.trim().is_empty() => return Ok(token.trim().to_owned()),
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(source) => return Err(ServeError::AdminToken { path, source }),
-    }
+    };
     let token = generated()?;
     write_private(&path, &token).map_err(|source| ServeError::AdminToken {
         path: path.clone(),

@@ -419,3 +419,95 @@ pub async fn list_models(gateway: &Gateway) -> pb::ListModelsResponse {
         .unwrap()
         .into_inner()
 }
+
+/// A codec that sends and receives message bytes as they are, to call any RPC by path with
+/// any payload (including bytes that are no valid message).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = bytes::Bytes;
+    type Decode = bytes::Bytes;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: bytes::Bytes,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        bytes::BufMut::put(dst, item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<bytes::Bytes>, tonic::Status> {
+        use bytes::Buf;
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+/// Calls the RPC at `path` (any kind: unary or streaming) with one request message of raw
+/// `payload` bytes and `authorization: Bearer <bearer>` when given. Ok once the first response
+/// message (or a clean end) arrives; the status otherwise.
+pub async fn raw_call(
+    channel: &Channel,
+    path: &str,
+    payload: bytes::Bytes,
+    bearer: Option<&str>,
+) -> Result<(), tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut req = tonic::Request::new(futures_util::stream::once(async move { payload }));
+    if let Some(secret) = bearer {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {secret}").parse().unwrap());
+    }
+    let path = http::uri::PathAndQuery::try_from(path).unwrap();
+    let mut stream = grpc.streaming(req, path, RawCodec).await?.into_inner();
+    stream.message().await.map(|_| ())
+}
+
+/// Every usage record in the ledger once at least `at_least` are there (the ledger writes in
+/// the background: polls, bounded).
+pub async fn usage_records(admin: &mut Admin, at_least: usize) -> Vec<pb::UsageRecord> {
+    let mut records = Vec::new();
+    for _ in 0..200 {
+        let mut export = admin
+            .export_usage(pb::ExportUsageRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        records.clear();
+        while let Some(batch) = export.message().await.unwrap() {
+            records.extend(batch.records);
+        }
+        if records.len() >= at_least {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    records
+}

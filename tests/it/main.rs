@@ -7,7 +7,10 @@
 mod common;
 
 mod admin;
+mod authz;
+mod bad_input;
 mod chat;
+mod check_config;
 mod cloud;
 mod conn;
 mod errors;
@@ -16,6 +19,7 @@ mod http;
 mod keys;
 mod observability;
 mod providers;
+mod reasons;
 mod security;
 mod server;
 mod stream;

@@ -31,7 +31,7 @@ use tonic_types::StatusExt;
 
 use super::{
     deadline::deadline_within,
-    engine::{Call, Engine, Events, trace_context},
+    engine::{Call, Credential, Engine, Events, trace_context},
     request_id,
     settings::HttpFrontSettings,
 };
@@ -236,7 +236,7 @@ impl<'a> Head<'a> {
                 header_str(self.headers, "traceparent"),
                 header_str(self.headers, "tracestate"),
             ),
-            credential: self.credential,
+            credential: Credential::Bearer(self.credential),
         })
     }
 }
