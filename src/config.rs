@@ -23,10 +23,7 @@ use crate::{
     ledger::{LedgerSettings, RawLedger},
     limits::{RawTeam, TeamLimits},
     models::RawModel,
-    providers::{
-        RawUpstream, UpstreamSettings, anthropic, compat, gemini,
-        openai::{self, MaxTokensField},
-    },
+    providers::{RawProvider, RawUpstream, UpstreamSettings, kinds},
     routing::policy::PolicySpec,
     server::settings::{
         AdminSettings, HttpFrontSettings, RawAdmin, RawHttpFront, RawServer, ServerSettings,
@@ -104,113 +101,11 @@ struct RawConfig {
     http: RawHttpFront,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawProvider {
-    kind: Option<String>,
-    base_url: Option<String>,
-    api_key: Option<String>,
-    api_keys: Option<Vec<String>>,
-    api_key_file: Option<String>,
-    api_key_files: Option<Vec<String>>,
-    models: Option<Vec<String>>,
-    max_tokens_field: Option<String>,
-    developer_role: Option<bool>,
-    stream_usage: Option<bool>,
-    api_version: Option<String>,
-}
-
 // -------------------------------------------------------------------------------------------
 // Validated configuration
 // -------------------------------------------------------------------------------------------
 
-/// The kind of a configured provider.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ProviderKind {
-    /// OpenAI, an OpenAI-compatible server (plain or a preset such as Groq), or Azure OpenAI.
-    OpenAi {
-        /// The registry kind: `openai` (also for `openai-compatible`), `azure`, or the preset.
-        flavor: &'static str,
-        /// Output limit field.
-        max_tokens_field: MaxTokensField,
-        /// Whether `developer` is sent as is.
-        developer_role: bool,
-        /// Whether streams ask for usage.
-        stream_usage: bool,
-        /// Azure OpenAI's `api-version`; set exactly for Azure (deployment URLs, `api-key`).
-        azure_api_version: Option<String>,
-    },
-    /// The Anthropic Messages API.
-    Anthropic,
-    /// The Google Gemini API.
-    Gemini,
-    /// The built-in offline mock.
-    Mock,
-}
-
-impl ProviderKind {
-    /// The kind's name (the registry key for prices).
-    pub fn name(&self) -> &'static str {
-        match self {
-            ProviderKind::OpenAi { flavor, .. } => flavor,
-            ProviderKind::Anthropic => anthropic::KIND,
-            ProviderKind::Gemini => gemini::KIND,
-            ProviderKind::Mock => crate::providers::mock::KIND,
-        }
-    }
-}
-
-/// The kinds the config file accepts, for error messages.
-fn known_kinds() -> String {
-    let mut kinds = vec![
-        "openai",
-        "openai-compatible",
-        "azure",
-        "anthropic",
-        "gemini",
-        "mock",
-    ];
-    kinds.extend(compat::PRESETS.iter().map(|p| p.kind));
-    kinds.join(", ")
-}
-
-/// A configured provider.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ProviderConfig {
-    /// Name callers use before the `/`.
-    pub name: String,
-    /// Kind and kind-specific settings.
-    pub kind: ProviderKind,
-    /// Base URL of the API.
-    pub base_url: String,
-    /// API keys, used in turn (never logged: `Debug` shows only how many). Empty when the
-    /// provider needs none.
-    pub api_keys: Vec<String>,
-    /// When set, only these models may be called through this provider.
-    pub models: Option<Vec<String>>,
-}
-
-impl ProviderConfig {
-    /// The first API key, if any.
-    pub fn api_key(&self) -> Option<&str> {
-        self.api_keys.first().map(String::as_str)
-    }
-}
-
-impl std::fmt::Debug for ProviderConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ProviderConfig")
-            .field("name", &self.name)
-            .field("kind", &self.kind)
-            .field("base_url", &self.base_url)
-            .field(
-                "api_keys",
-                &format_args!("<{} redacted>", self.api_keys.len()),
-            )
-            .field("models", &self.models)
-            .finish()
-    }
-}
+pub use crate::providers::{ProviderConfig, kinds::valid_provider_name};
 
 /// The validated configuration: one field per section, each the owning module's settings
 /// type. Its `Debug` output never shows a secret (the admin token and provider keys are
@@ -398,16 +293,6 @@ pub fn interpolate(
     Ok(Some(out))
 }
 
-/// Whether `name` is a valid provider name (lowercase letters, digits, `-`, `_`; 1 to 64).
-pub fn valid_provider_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
-}
-
 fn validate(
     mut raw: RawConfig,
     overrides: &Overrides,
@@ -492,284 +377,32 @@ fn providers(
     env: &dyn Fn(&str) -> Option<String>,
     issues: &mut Issues,
 ) -> Vec<ProviderConfig> {
-    let mut providers = Vec::new();
     let raw_providers = if raw_providers.is_empty() {
-        providers_from_env(env, issues)
+        let mut found = Vec::new();
+        let discovered = kinds::discover(env, &mut found);
+        for issue in found {
+            issues.push(issue.field, issue.message);
+        }
+        discovered
     } else {
         raw_providers
     };
+    let mut providers = Vec::new();
     for (name, p) in raw_providers {
-        let field = format!("providers.{name}");
-        if !valid_provider_name(&name) {
-            issues.push(
-                &field,
-                "provider names use lowercase letters, digits, `-` and `_` (at most 64)",
-            );
-            continue;
-        }
-        let kind_name = p.kind.clone().unwrap_or_else(|| name.clone());
-        let preset = compat::preset(&kind_name);
-        // The kind's default base URL and the environment variables read for its key.
-        let (default_base_url, key_env): (Option<&str>, &[&str]) = match kind_name.as_str() {
-            "openai" => (Some(openai::DEFAULT_BASE_URL), &[]),
-            "anthropic" => (Some(anthropic::DEFAULT_BASE_URL), &["ANTHROPIC_API_KEY"]),
-            "gemini" => (
-                Some(gemini::DEFAULT_BASE_URL),
-                &["GEMINI_API_KEY", "GOOGLE_API_KEY"],
-            ),
-            "azure" => (None, &["AZURE_OPENAI_API_KEY"]),
-            _ => match preset {
-                Some(preset) => (Some(preset.base_url), std::slice::from_ref(&preset.key_env)),
-                None => (None, &[]),
-            },
-        };
-        let mut max_tokens_field = |default: MaxTokensField| match p.max_tokens_field.as_deref() {
-            None => default,
-            Some("max_tokens") => MaxTokensField::MaxTokens,
-            Some("max_completion_tokens") => MaxTokensField::MaxCompletionTokens,
-            Some(other) => {
-                issues.push(
-                    format!("{field}.max_tokens_field"),
-                    format!("`{other}` is not one of: max_tokens, max_completion_tokens"),
-                );
-                default
-            }
-        };
-        let kind = match kind_name.as_str() {
-            "openai" | "openai-compatible" => {
-                let official = p
-                    .base_url
-                    .as_deref()
-                    .is_none_or(|u| u.starts_with("https://api.openai.com"));
-                ProviderKind::OpenAi {
-                    flavor: openai::KIND,
-                    max_tokens_field: max_tokens_field(if official {
-                        MaxTokensField::MaxCompletionTokens
-                    } else {
-                        MaxTokensField::MaxTokens
-                    }),
-                    developer_role: p.developer_role.unwrap_or(official),
-                    stream_usage: p.stream_usage.unwrap_or(true),
-                    azure_api_version: None,
-                }
-            }
-            "azure" => ProviderKind::OpenAi {
-                flavor: openai::AZURE_KIND,
-                max_tokens_field: max_tokens_field(MaxTokensField::MaxCompletionTokens),
-                developer_role: p.developer_role.unwrap_or(false),
-                stream_usage: p.stream_usage.unwrap_or(true),
-                azure_api_version: Some(
-                    p.api_version
-                        .clone()
-                        .filter(|v| !v.is_empty())
-                        .unwrap_or_else(|| openai::AZURE_DEFAULT_API_VERSION.to_owned()),
-                ),
-            },
-            "anthropic" => ProviderKind::Anthropic,
-            "gemini" => ProviderKind::Gemini,
-            "mock" => ProviderKind::Mock,
-            other => match preset {
-                Some(preset) => ProviderKind::OpenAi {
-                    flavor: preset.kind,
-                    max_tokens_field: max_tokens_field(preset.max_tokens_field),
-                    developer_role: p.developer_role.unwrap_or(preset.developer_role),
-                    stream_usage: p.stream_usage.unwrap_or(preset.stream_usage),
-                    azure_api_version: None,
-                },
-                None => {
-                    issues.push(
-                        format!("{field}.kind"),
-                        format!(
-                            "unknown provider kind `{other}`; known kinds: {}",
-                            known_kinds()
-                        ),
-                    );
-                    continue;
-                }
-            },
-        };
-        if p.api_version.is_some() && kind_name != "azure" {
-            issues.push(
-                format!("{field}.api_version"),
-                "only applies to kind `azure`",
-            );
-        }
-        if matches!(kind, ProviderKind::Anthropic | ProviderKind::Gemini) {
-            for (set, name) in [
-                (p.max_tokens_field.is_some(), "max_tokens_field"),
-                (p.developer_role.is_some(), "developer_role"),
-                (p.stream_usage.is_some(), "stream_usage"),
-            ] {
-                if set {
-                    issues.push(
-                        format!("{field}.{name}"),
-                        "only applies to OpenAI-compatible kinds",
-                    );
-                }
+        let mut found = Vec::new();
+        let provider = kinds::validate(&name, p, env, &mut found);
+        for issue in found {
+            match issue.field.as_str() {
+                "" => issues.push(format!("providers.{name}"), issue.message),
+                field => issues.push(format!("providers.{name}.{field}"), issue.message),
             }
         }
-        let base_url = match (p.base_url.clone(), default_base_url) {
-            (Some(url), _) => url.trim_end_matches('/').to_owned(),
-            (None, Some(default)) => default.to_owned(),
-            (None, None) if kind == ProviderKind::Mock => String::new(),
-            (None, None) if kind_name == "azure" => {
-                issues.push(
-                    format!("{field}.base_url"),
-                    "is required for kind `azure`: the resource endpoint, e.g. https://NAME.openai.azure.com",
-                );
-                continue;
-            }
-            (None, None) => {
-                issues.push(format!("{field}.base_url"), "is required for this kind");
-                continue;
-            }
-        };
-        let mut api_keys = provider_keys(&field, &p, issues);
-        if api_keys.is_empty()
-            && let Some(key) = key_env
-                .iter()
-                .find_map(|var| env(var).filter(|k| !k.is_empty()))
-        {
-            api_keys.push(key);
-        }
-        // Hosted services need a key at their own endpoint; a proxy may add its own. Azure
-        // endpoints are always the customer's own, and the adapter only speaks `api-key`.
-        let hosted = matches!(kind_name.as_str(), "anthropic" | "gemini")
-            || preset.is_some_and(|p| p.key_required);
-        let at_default = default_base_url == Some(base_url.as_str());
-        let key_required = kind_name == "azure" || (hosted && at_default);
-        if api_keys.is_empty() && key_required {
-            issues.push(
-                format!("{field}.api_key"),
-                format!(
-                    "is required for kind `{kind_name}`; set it, or {}",
-                    key_env.join(" or ")
-                ),
-            );
-        }
-        let http_url = base_url.starts_with("http://") || base_url.starts_with("https://");
-        if !http_url && kind != ProviderKind::Mock {
-            issues.push(
-                format!("{field}.base_url"),
-                format!("`{base_url}` must start with http:// or https://"),
-            );
-        }
-        if let Some(models) = &p.models {
-            for (i, m) in models.iter().enumerate() {
-                if m.trim().is_empty() {
-                    issues.push(format!("{field}.models[{i}]"), "must not be empty");
-                }
-            }
-        }
-        providers.push(ProviderConfig {
-            name,
-            kind,
-            base_url,
-            api_keys,
-            models: p.models,
-        });
+        providers.extend(provider);
     }
     if providers.is_empty() {
-        providers.push(ProviderConfig {
-            name: crate::providers::mock::KIND.to_owned(),
-            kind: ProviderKind::Mock,
-            base_url: String::new(),
-            api_keys: Vec::new(),
-            models: None,
-        });
+        providers.push(ProviderConfig::mock());
     }
     providers
-}
-
-/// A provider's keys from `api_key`, `api_keys`, `api_key_file` and `api_key_files`, in that
-/// order, without empties and duplicates. A key file holds one key, or one per line (blank
-/// lines and lines starting with `#` are skipped); keys are trimmed.
-fn provider_keys(field: &str, p: &RawProvider, issues: &mut Issues) -> Vec<String> {
-    let mut keys: Vec<String> = Vec::new();
-    let mut add = |key: &str| {
-        let key = key.trim();
-        if !key.is_empty() && !keys.iter().any(|k| k == key) {
-            keys.push(key.to_owned());
-        }
-    };
-    for key in p.api_key.iter().chain(p.api_keys.iter().flatten()) {
-        add(key);
-    }
-    let files = p
-        .api_key_file
-        .iter()
-        .map(|f| (format!("{field}.api_key_file"), f))
-        .chain(
-            p.api_key_files
-                .iter()
-                .flatten()
-                .enumerate()
-                .map(|(i, f)| (format!("{field}.api_key_files[{i}]"), f)),
-        );
-    for (file_field, path) in files {
-        match std::fs::read_to_string(path) {
-            Ok(text) => {
-                let mut found = false;
-                for line in text.lines() {
-                    let line = line.trim();
-                    if !line.is_empty() && !line.starts_with('#') {
-                        found = true;
-                        add(line);
-                    }
-                }
-                if !found {
-                    issues.push(file_field, format!("`{path}` holds no key"));
-                }
-            }
-            Err(e) => issues.push(file_field, format!("cannot read `{path}`: {e}")),
-        }
-    }
-    keys
-}
-
-/// The providers the zero-config start registers from the environment: `openai`,
-/// `anthropic`, `gemini` and `azure`, each when its key is set.
-fn providers_from_env(
-    env: &dyn Fn(&str) -> Option<String>,
-    issues: &mut Issues,
-) -> BTreeMap<String, RawProvider> {
-    let var = |name: &str| env(name).filter(|v| !v.is_empty());
-    let mut out = BTreeMap::new();
-    let mut add = |name: &str, base_url: Option<String>, api_key: String| {
-        out.insert(
-            name.to_owned(),
-            RawProvider {
-                kind: Some(name.to_owned()),
-                base_url,
-                api_key: Some(api_key),
-                ..RawProvider::default()
-            },
-        );
-    };
-    if let Some(key) = var("OPENAI_API_KEY") {
-        add("openai", var("OPENAI_BASE_URL"), key);
-    }
-    if let Some(key) = var("ANTHROPIC_API_KEY") {
-        add("anthropic", var("ANTHROPIC_BASE_URL"), key);
-    }
-    if let Some(key) = var("GEMINI_API_KEY").or_else(|| var("GOOGLE_API_KEY")) {
-        add("gemini", None, key);
-    }
-    if let Some(key) = var("AZURE_OPENAI_API_KEY") {
-        match var("AZURE_OPENAI_ENDPOINT") {
-            Some(endpoint) => {
-                add("azure", Some(endpoint), key);
-                if let Some(azure) = out.get_mut("azure") {
-                    azure.api_version = var("AZURE_OPENAI_API_VERSION");
-                }
-            }
-            None => issues.push(
-                "AZURE_OPENAI_ENDPOINT",
-                "must be set when AZURE_OPENAI_API_KEY is, e.g. https://NAME.openai.azure.com",
-            ),
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -777,7 +410,10 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::server::settings::DEFAULT_LISTEN;
+    use crate::{
+        providers::openai::{self, MaxTokensField, OpenAiConfig, OpenAiSettings},
+        server::settings::DEFAULT_LISTEN,
+    };
 
     fn env_of(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
         move |name| {
@@ -821,12 +457,16 @@ mod tests {
         assert!(!debug.contains("super-secret"), "{debug}");
     }
 
+    fn openai_config(p: &ProviderConfig) -> &OpenAiConfig {
+        &p.settings.get::<OpenAiSettings>().unwrap().config
+    }
+
     #[test]
     fn zero_config_is_the_mock_on_loopback() {
         let config = load("", &[]).unwrap();
         assert_eq!(config.server.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(config.providers.len(), 1);
-        assert_eq!(config.providers[0].kind, ProviderKind::Mock);
+        assert_eq!(config.providers[0].kind, "mock");
     }
 
     #[test]
@@ -844,14 +484,9 @@ mod tests {
         assert_eq!(p.name, "openai");
         assert_eq!(p.base_url, "http://127.0.0.1:9/v1");
         assert_eq!(p.api_key(), Some("sk-1"));
-        assert!(matches!(
-            p.kind,
-            ProviderKind::OpenAi {
-                max_tokens_field: MaxTokensField::MaxTokens,
-                developer_role: false,
-                ..
-            }
-        ));
+        let openai = openai_config(p);
+        assert_eq!(openai.max_tokens_field, MaxTokensField::MaxTokens);
+        assert!(!openai.developer_role);
         assert!(!format!("{p:?}").contains("sk-1"));
     }
 
@@ -872,19 +507,22 @@ mod tests {
         let by_name = |name: &str| config.providers.iter().find(|p| p.name == name).unwrap();
         assert_eq!(config.providers.len(), 4);
         let anthropic = by_name("anthropic");
-        assert_eq!(anthropic.kind, ProviderKind::Anthropic);
+        assert_eq!(anthropic.kind, "anthropic");
         assert_eq!(anthropic.base_url, "http://127.0.0.1:9");
         assert_eq!(anthropic.api_key(), Some("sk-ant-1"));
         let gemini = by_name("gemini");
-        assert_eq!(gemini.kind, ProviderKind::Gemini);
-        assert_eq!(gemini.base_url, gemini::DEFAULT_BASE_URL);
+        assert_eq!(gemini.kind, "gemini");
+        assert_eq!(gemini.base_url, crate::providers::gemini::DEFAULT_BASE_URL);
         assert_eq!(gemini.api_key(), Some("g-1"));
         let azure = by_name("azure");
-        assert_eq!(azure.kind.name(), "azure");
-        assert!(matches!(
-            &azure.kind,
-            ProviderKind::OpenAi { azure_api_version: Some(v), .. } if v == openai::AZURE_DEFAULT_API_VERSION
-        ));
+        assert_eq!(azure.kind, "azure");
+        assert_eq!(
+            openai_config(azure).url("d").unwrap(),
+            format!(
+                "https://res.openai.azure.com/openai/deployments/d/chat/completions?api-version={}",
+                openai::AZURE_DEFAULT_API_VERSION
+            )
+        );
         assert_eq!(azure.base_url, "https://res.openai.azure.com");
 
         // GEMINI_API_KEY wins over GOOGLE_API_KEY; the Azure version is configurable.
@@ -901,10 +539,12 @@ mod tests {
         .unwrap();
         assert_eq!(config.providers[1].name, "gemini");
         assert_eq!(config.providers[1].api_key(), Some("g-2"));
-        assert!(matches!(
-            &config.providers[0].kind,
-            ProviderKind::OpenAi { azure_api_version: Some(v), .. } if v == "2025-04-01-preview"
-        ));
+        assert!(
+            openai_config(&config.providers[0])
+                .url("d")
+                .unwrap()
+                .ends_with("api-version=2025-04-01-preview")
+        );
 
         // An Azure key without its endpoint is a mistake worth saying.
         let err = issues(load("", &[("AZURE_OPENAI_API_KEY", "az-1")]).unwrap_err());
@@ -931,21 +571,19 @@ mod tests {
         let groq = by_name("groq");
         assert_eq!(groq.base_url, "https://api.groq.com/openai/v1");
         assert_eq!(groq.api_key(), Some("gsk-a"));
-        assert_eq!(groq.kind.name(), "groq");
+        assert_eq!(groq.kind, "groq");
         // Several accounts of one kind side by side, each with its own key.
         assert_eq!(by_name("groq-team-b").api_key(), Some("gsk-b"));
         let local = by_name("local");
         assert_eq!(local.base_url, "http://127.0.0.1:11434/v1");
         assert_eq!(local.api_key(), None);
-        assert!(matches!(
-            by_name("mistral").kind,
-            ProviderKind::OpenAi {
-                flavor: "mistral",
-                max_tokens_field: MaxTokensField::MaxCompletionTokens,
-                stream_usage: false,
-                ..
-            }
-        ));
+        let mistral = by_name("mistral").settings.get::<OpenAiSettings>().unwrap();
+        assert_eq!(mistral.registry_kind, "mistral");
+        assert_eq!(
+            mistral.config.max_tokens_field,
+            MaxTokensField::MaxCompletionTokens
+        );
+        assert!(!mistral.config.stream_usage);
     }
 
     #[test]

@@ -70,7 +70,7 @@ fn main() -> ExitCode {
         println!("configuration is valid");
         println!("  listen: {}", config.server.listen);
         for p in &config.providers {
-            println!("  provider {}: {} {}", p.name, p.kind.name(), p.base_url);
+            println!("  provider {}: {} {}", p.name, p.kind, p.base_url);
         }
         for p in &config.policies {
             println!("  policy {}: {} target(s)", p.name, p.targets.len());

@@ -230,6 +230,7 @@ impl Reloader {
                 continue;
             };
             if fresh.kind != old.kind
+                || fresh.settings != old.settings
                 || fresh.base_url != old.base_url
                 || fresh.models != old.models
             {

@@ -3,7 +3,7 @@
 //! - `convert`: gRPC request validation and conversion, response and stream-event conversion
 //!   (`server::convert`).
 //! - `openai`: Chat Completions request building and response parsing
-//!   (`providers::openai::{build_request, parse_response}`).
+//!   (`providers::openai::ChatCompletions` build_request, parse_response).
 //! - `sse`: SSE decoding plus OpenAI chunk decoding of a realistic 200-chunk stream.
 //! - `executor`: routing plus the executor around a scripted instant fake provider, unary
 //!   and streaming (the gateway's own cost per call below the gRPC server).

@@ -114,6 +114,15 @@ async fn messages(State(state): State<MockState>, headers: HeaderMap, body: Byte
     };
     let scenario = Scenario::parse(body["model"].as_str().unwrap_or_default(), &state.settings);
     scenario.wait().await;
+    if scenario.echo_key {
+        guard.complete();
+        let message = super::echoed_credentials(&headers);
+        return json_error(
+            400,
+            json!({"type": "error", "error": {"type": "invalid_request_error", "message": message}, "request_id": "req_mock"}),
+            None,
+        );
+    }
     if let Some(status) = scenario.status {
         guard.complete();
         return error_response(status, scenario.retry_after);

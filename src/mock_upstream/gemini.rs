@@ -155,6 +155,15 @@ async fn models(
     };
     let scenario = Scenario::parse(model, &state.settings);
     scenario.wait().await;
+    if scenario.echo_key {
+        guard.complete();
+        let message = super::echoed_credentials(&headers);
+        return json_error(
+            400,
+            json!({"error": {"code": 400, "message": message, "status": "INVALID_ARGUMENT"}}),
+            None,
+        );
+    }
     if let Some(status) = scenario.status {
         guard.complete();
         return error_response(status, scenario.retry_after);

@@ -29,6 +29,7 @@
 //! | `tools` | answer with a call of the request's first tool |
 //! | `no_usage` | report no usage |
 //! | `cached=N` | report N of the input tokens as read from the provider's prompt cache |
+//! | `echo_key` | answer 400 with a message quoting the request's API key and a bearer token |
 //!
 //! [`MockStats`] counts requests, completions and cancellations (a request whose response
 //! was dropped before it completed, i.e. the client closed the connection), counts requests
@@ -124,6 +125,9 @@ pub struct Scenario {
     pub no_usage: bool,
     /// Input tokens to report as cache reads.
     pub cached: Option<u64>,
+    /// Answer 400 with a message echoing the credential the request carried and a bearer
+    /// token (as some providers do), see [`echoed_credentials`].
+    pub echo_key: bool,
 }
 
 impl Scenario {
@@ -160,6 +164,7 @@ impl Scenario {
                 "tools" => s.tools = true,
                 "no_usage" => s.no_usage = true,
                 "cached" => s.cached = num,
+                "echo_key" => s.echo_key = true,
                 _ => {}
             }
         }
@@ -517,6 +522,20 @@ pub fn sse_response(
         .header(header::CACHE_CONTROL, "no-cache")
         .body(Body::from_stream(body))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// The message of an `echo_key` answer: it quotes the key the request carried (from
+/// `authorization`, `x-api-key`, `x-goog-api-key` or `api-key`) and a bearer token.
+pub fn echoed_credentials(headers: &http::HeaderMap) -> String {
+    let key = ["authorization", "x-api-key", "x-goog-api-key", "api-key"]
+        .iter()
+        .find_map(|h| headers.get(*h))
+        .and_then(|v| v.to_str().ok())
+        .map_or("none", |v| v.trim_start_matches("Bearer "));
+    format!(
+        "Invalid value for 'temperature' (mock). The request carried the key {key}; \
+         for the console use Authorization: Bearer ya29.mock-oauth-token-0123456789"
+    )
 }
 
 /// A JSON error answer with `status`, and `Retry-After` when given.

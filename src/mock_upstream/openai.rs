@@ -150,6 +150,15 @@ async fn chat_completions(
     let model = body["model"].as_str().unwrap_or_default();
     let scenario = Scenario::parse(model, &state.settings);
     scenario.wait().await;
+    if scenario.echo_key {
+        guard.complete();
+        let message = super::echoed_credentials(&headers);
+        return json_error(
+            400,
+            json!({"error": {"message": message, "type": "invalid_request_error", "param": "temperature", "code": null}}),
+            None,
+        );
+    }
     if let Some(status) = scenario.status {
         guard.complete();
         return error_response(status, scenario.retry_after);

@@ -3,7 +3,10 @@
 //! provider needs. They all use the [`super::openai`] adapter; each preset is its own provider
 //! kind in the model registry, so a Groq provider never claims OpenAI's models or prices.
 
-use super::openai::MaxTokensField;
+use super::{
+    kinds::{KeyRequired, KindInput, KindSpec, ProviderSettings, SettingsIssue},
+    openai::{self, MaxTokensField, OpenAiConfig},
+};
 
 /// One OpenAI-compatible service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +113,39 @@ pub const PRESETS: &[Preset] = &[
         stream_usage: true,
     },
 ];
+
+impl Preset {
+    /// The preset as a provider kind.
+    pub fn spec(&'static self) -> KindSpec {
+        KindSpec {
+            name: self.kind,
+            default_base_url: Some(self.base_url),
+            base_url_hint: "",
+            http: true,
+            key_env: std::slice::from_ref(&self.key_env),
+            key_required: if self.key_required {
+                KeyRequired::AtDefaultUrl
+            } else {
+                KeyRequired::Never
+            },
+            fields: openai::FIELDS,
+            parse: parse_preset,
+            discover: None,
+        }
+    }
+}
+
+fn parse_preset(input: &KindInput<'_>) -> Result<ProviderSettings, Vec<SettingsIssue>> {
+    let preset = preset(input.kind.name)
+        .ok_or_else(|| vec![SettingsIssue::new("kind", "is not a preset")])?;
+    let config = OpenAiConfig {
+        max_tokens_field: preset.max_tokens_field,
+        developer_role: preset.developer_role,
+        stream_usage: preset.stream_usage,
+        ..OpenAiConfig::new(input.base_url)
+    };
+    openai::parse_settings(input, preset.kind, config)
+}
 
 /// The preset called `kind`.
 pub fn preset(kind: &str) -> Option<&'static Preset> {

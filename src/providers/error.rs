@@ -38,6 +38,14 @@ pub enum ErrorClass {
     LocalResource,
 }
 
+/// One row of [`ErrorClass`]'s policy table.
+struct ClassRow {
+    label: &'static str,
+    reason: &'static str,
+    retryable: bool,
+    shows_message: bool,
+}
+
 impl ErrorClass {
     /// Every class, for tables and docs.
     pub const ALL: [ErrorClass; 14] = [
@@ -57,64 +65,67 @@ impl ErrorClass {
         ErrorClass::LocalResource,
     ];
 
+    /// The policy of each class, in one exhaustive table: its label (metrics, logs), its
+    /// `ErrorInfo` reason, whether another attempt may succeed, and whether the caller may see
+    /// the provider's own message. Only the request's own faults show it (the caller fixes the
+    /// request by reading it); credentials, permissions and transient failures say only the
+    /// class and HTTP status, since their messages name accounts, keys and internals.
+    const fn row(self) -> ClassRow {
+        const fn row(
+            label: &'static str,
+            reason: &'static str,
+            retryable: bool,
+            shows_message: bool,
+        ) -> ClassRow {
+            ClassRow {
+                label,
+                reason,
+                retryable,
+                shows_message,
+            }
+        }
+        match self {
+            ErrorClass::RateLimited => row("rate_limited", "RATE_LIMITED", true, false),
+            ErrorClass::Overloaded => row("overloaded", "OVERLOADED", true, false),
+            ErrorClass::ServerError => row("server_error", "SERVER_ERROR", true, false),
+            ErrorClass::Timeout => row("timeout", "TIMEOUT", true, false),
+            ErrorClass::Connect => row("connect", "CONNECT", true, false),
+            ErrorClass::StreamBroken => row("stream_broken", "STREAM_BROKEN", true, false),
+            ErrorClass::InvalidResponse => row("invalid_response", "INVALID_RESPONSE", true, false),
+            ErrorClass::Authentication => row("authentication", "AUTHENTICATION", false, false),
+            ErrorClass::Permission => row("permission", "PERMISSION", false, false),
+            ErrorClass::InvalidRequest => row("invalid_request", "INVALID_REQUEST", false, true),
+            ErrorClass::ContextLengthExceeded => row(
+                "context_length_exceeded",
+                "CONTEXT_LENGTH_EXCEEDED",
+                false,
+                true,
+            ),
+            ErrorClass::ContentFiltered => row("content_filtered", "CONTENT_FILTERED", false, true),
+            ErrorClass::ModelNotFound => row("model_not_found", "MODEL_NOT_FOUND", false, true),
+            ErrorClass::LocalResource => row("local_resource", "LOCAL_RESOURCE", true, false),
+        }
+    }
+
     /// Whether another attempt (on this or another target) may succeed.
     pub fn is_retryable(self) -> bool {
-        match self {
-            ErrorClass::RateLimited
-            | ErrorClass::Overloaded
-            | ErrorClass::ServerError
-            | ErrorClass::Timeout
-            | ErrorClass::Connect
-            | ErrorClass::StreamBroken
-            | ErrorClass::InvalidResponse
-            | ErrorClass::LocalResource => true,
-            ErrorClass::Authentication
-            | ErrorClass::Permission
-            | ErrorClass::InvalidRequest
-            | ErrorClass::ContextLengthExceeded
-            | ErrorClass::ContentFiltered
-            | ErrorClass::ModelNotFound => false,
-        }
+        self.row().retryable
+    }
+
+    /// Whether a caller may see the provider's own error message for this class (redacted
+    /// like logs and cut short).
+    pub fn shows_upstream_message(self) -> bool {
+        self.row().shows_message
     }
 
     /// The low-cardinality label for metrics and logs, e.g. `rate_limited`.
     pub fn label(self) -> &'static str {
-        match self {
-            ErrorClass::RateLimited => "rate_limited",
-            ErrorClass::Overloaded => "overloaded",
-            ErrorClass::ServerError => "server_error",
-            ErrorClass::Timeout => "timeout",
-            ErrorClass::Connect => "connect",
-            ErrorClass::StreamBroken => "stream_broken",
-            ErrorClass::InvalidResponse => "invalid_response",
-            ErrorClass::Authentication => "authentication",
-            ErrorClass::Permission => "permission",
-            ErrorClass::InvalidRequest => "invalid_request",
-            ErrorClass::ContextLengthExceeded => "context_length_exceeded",
-            ErrorClass::ContentFiltered => "content_filtered",
-            ErrorClass::ModelNotFound => "model_not_found",
-            ErrorClass::LocalResource => "local_resource",
-        }
+        self.row().label
     }
 
     /// The `google.rpc.ErrorInfo` reason, e.g. `RATE_LIMITED`.
     pub fn reason(self) -> &'static str {
-        match self {
-            ErrorClass::RateLimited => "RATE_LIMITED",
-            ErrorClass::Overloaded => "OVERLOADED",
-            ErrorClass::ServerError => "SERVER_ERROR",
-            ErrorClass::Timeout => "TIMEOUT",
-            ErrorClass::Connect => "CONNECT",
-            ErrorClass::StreamBroken => "STREAM_BROKEN",
-            ErrorClass::InvalidResponse => "INVALID_RESPONSE",
-            ErrorClass::Authentication => "AUTHENTICATION",
-            ErrorClass::Permission => "PERMISSION",
-            ErrorClass::InvalidRequest => "INVALID_REQUEST",
-            ErrorClass::ContextLengthExceeded => "CONTEXT_LENGTH_EXCEEDED",
-            ErrorClass::ContentFiltered => "CONTENT_FILTERED",
-            ErrorClass::ModelNotFound => "MODEL_NOT_FOUND",
-            ErrorClass::LocalResource => "LOCAL_RESOURCE",
-        }
+        self.row().reason
     }
 
     /// The class for an HTTP status that carried no more specific signal.
@@ -217,10 +228,12 @@ impl ProviderError {
         )
     }
 
-    /// An error the provider reported inside a stream, already classified as `class`.
-    /// Overloads keep their class; other transient failures are a broken stream; the
-    /// request's own faults keep theirs, with the provider's short message.
-    pub fn in_stream(class: ErrorClass, upstream_message: Option<&str>) -> Self {
+    /// An error the provider reported inside a stream (the in-stream policy, the same for
+    /// every wire format): overloads keep their class; other transient failures are a broken
+    /// stream; the request's own faults keep their class, with the provider's message when
+    /// [`ErrorClass::shows_upstream_message`] allows it (redacted and cut short).
+    pub fn in_stream(upstream: UpstreamError) -> Self {
+        let class = upstream.class.unwrap_or(ErrorClass::StreamBroken);
         match class {
             ErrorClass::Overloaded => ProviderError::new(
                 ErrorClass::Overloaded,
@@ -232,10 +245,10 @@ impl ProviderError {
             ),
             c => ProviderError::new(
                 c,
-                format!(
-                    "the provider sent an error in the stream: {}",
-                    short_message(upstream_message.unwrap_or("unknown error"))
-                ),
+                match upstream.visible_message(c) {
+                    Some(msg) => format!("the provider sent an error in the stream: {msg}"),
+                    None => "the provider sent an error in the stream".to_owned(),
+                },
             ),
         }
     }
@@ -315,6 +328,88 @@ pub fn parse_retry_after_secs(value: &str) -> Option<Duration> {
     (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(86_400.0)))
 }
 
+/// What a provider's error payload says, as its wire format parsed it: the raw material of
+/// the one error policy ([`classify_http`], [`ProviderError::in_stream`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UpstreamError {
+    /// The class the payload's own code, type or status names (already refined, e.g. an
+    /// invalid request whose message says the prompt is too long is
+    /// [`ErrorClass::ContextLengthExceeded`]); `None` when the payload names nothing known.
+    pub class: Option<ErrorClass>,
+    /// The provider's own message, unfiltered (the policy decides whether callers see it).
+    pub message: Option<String>,
+    /// A wait the payload (or a provider-specific header) asks for.
+    pub retry_after: Option<Duration>,
+}
+
+impl UpstreamError {
+    /// The message a caller may see for `class`: redacted, cut short, only for the classes
+    /// [`ErrorClass::shows_upstream_message`] allows.
+    pub fn visible_message(&self, class: ErrorClass) -> Option<String> {
+        let msg = self
+            .message
+            .as_deref()
+            .map(str::trim)
+            .filter(|m| !m.is_empty())?;
+        class
+            .shows_upstream_message()
+            .then(|| short_message(&crate::telemetry::redact(msg)))
+    }
+}
+
+/// The arbitration rule between an HTTP status and what the body says, the same for every
+/// provider: the status decides whether the failure is transient. A transient status (408,
+/// 429, 5xx, 529) decides the class on its own, so the same status always means the same
+/// class (a 503 is OVERLOADED whatever the body says); for any other status a body class that
+/// is not transient either refines it (a 400 saying `context_length_exceeded`, a 400 saying
+/// the API key is invalid), and anything else leaves the status class.
+pub fn arbitrate(status: u16, body_class: Option<ErrorClass>) -> ErrorClass {
+    let status_class = ErrorClass::from_http_status(status);
+    match body_class {
+        Some(body) if !status_class.is_retryable() && !body.is_retryable() => body,
+        Some(_) | None => status_class,
+    }
+}
+
+/// The one error policy for an HTTP error answer: the class by [`arbitrate`], the provider's
+/// message only where [`ErrorClass::shows_upstream_message`] allows (redacted), and a
+/// retry-after for retryable classes (the `retry-after-ms` / `Retry-After` headers first, then
+/// what the payload says).
+pub fn classify_http(
+    status: u16,
+    headers: &http::HeaderMap,
+    upstream: UpstreamError,
+) -> ProviderError {
+    let class = arbitrate(status, upstream.class);
+    let message = match upstream.visible_message(class) {
+        Some(msg) => format!("the provider rejected the request: {msg}"),
+        None => format!("the provider answered http {status}"),
+    };
+    let retry_after = class
+        .is_retryable()
+        .then(|| retry_after_header(headers).or(upstream.retry_after))
+        .flatten();
+    ProviderError::new(class, message)
+        .with_retry_after(retry_after)
+        .with_status(status)
+}
+
+/// The `retry-after-ms` or `Retry-After` (seconds) header, whichever is present.
+pub fn retry_after_header(headers: &http::HeaderMap) -> Option<Duration> {
+    if let Some(ms) = headers
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|v| v.is_finite() && *v >= 0.0)
+    {
+        return Some(Duration::from_secs_f64(ms.min(86_400_000.0) / 1000.0));
+    }
+    headers
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_retry_after_secs)
+}
+
 /// Cuts an upstream error message to a length safe to show to callers.
 pub fn short_message(msg: &str) -> String {
     const MAX: usize = 300;
@@ -353,6 +448,46 @@ mod tests {
             let got = ErrorClass::from_http_status(status);
             assert_eq!(got, class, "status {status}");
             assert_eq!(got.is_retryable(), retryable, "status {status}");
+        }
+    }
+
+    #[test]
+    fn arbitration_lets_the_status_decide_transience() {
+        use ErrorClass::*;
+        for (status, body, class) in [
+            (503, Some(ServerError), Overloaded),
+            (500, Some(Overloaded), ServerError),
+            (429, Some(InvalidRequest), RateLimited),
+            (400, Some(ContextLengthExceeded), ContextLengthExceeded),
+            (400, Some(Authentication), Authentication),
+            (400, Some(RateLimited), InvalidRequest),
+            (401, None, Authentication),
+        ] {
+            assert_eq!(arbitrate(status, body), class, "{status} {body:?}");
+        }
+    }
+
+    #[test]
+    fn visible_messages_are_redacted_and_only_for_caller_faults() {
+        let upstream = UpstreamError {
+            class: Some(ErrorClass::InvalidRequest),
+            message: Some("bad key sk-live-0123456789abcdef in Bearer abcdefgh12345678".into()),
+            retry_after: None,
+        };
+        let shown = upstream
+            .visible_message(ErrorClass::InvalidRequest)
+            .unwrap();
+        assert!(!shown.contains("0123456789abcdef") && !shown.contains("abcdefgh12345678"));
+        for class in ErrorClass::ALL {
+            assert_eq!(
+                upstream.visible_message(class).is_some(),
+                class.shows_upstream_message()
+            );
+            let err = ProviderError::in_stream(UpstreamError {
+                class: Some(class),
+                ..upstream.clone()
+            });
+            assert!(!err.message.contains("0123456789abcdef"), "{class}");
         }
     }
 

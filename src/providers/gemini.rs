@@ -16,24 +16,23 @@
 
 use std::{collections::VecDeque, sync::Arc, time::Duration};
 
-use async_trait::async_trait;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    EventStream, KeyRing, Provider, ProviderError,
+    ErrorClass, HttpProvider, Provider, ProviderError, UpstreamError,
     anthropic::parse_data_url,
-    decode_json,
-    error::short_message,
-    json_error_kind, key_header, read_body, retry_after_header, send_with_keys,
-    sse::{EventDecoder, SseEvent, SseStream},
-};
-use crate::{
-    providers::ErrorClass,
-    types::{
-        ChatRequest, ChatResponse, ContentPart, FinishReason, ImageSource, Message, ResponseFormat,
-        Role, StreamEvent, ToolCall, ToolCallDelta, ToolChoice, Usage,
+    auth::ApiKeyHeader,
+    kinds::{
+        BuildContext, Discovered, Env, KeyRequired, KindInput, KindSettings, KindSpec,
+        ProviderSettings, SettingsIssue, discovered, env_var, no_fields,
     },
+    sse::{EventDecoder, Sse, SseEvent},
+    wire::{WireFormat, decode_event, decode_json, is_path_segment, parse_url},
+};
+use crate::types::{
+    ChatRequest, ChatResponse, ContentPart, FinishReason, ImageSource, Message, ResponseFormat,
+    Role, StreamEvent, ToolCall, ToolCallDelta, ToolChoice, Usage,
 };
 
 /// The provider kind.
@@ -42,96 +41,71 @@ pub const KIND: &str = "gemini";
 /// The official API's base URL (without `/v1beta`).
 pub const DEFAULT_BASE_URL: &str = "https://generativelanguage.googleapis.com";
 
-/// How the adapter speaks to one Gemini endpoint.
+/// The Gemini `generateContent` wire format.
 #[derive(Debug, Clone)]
-pub struct GeminiConfig {
-    /// Configured name, e.g. `gemini`.
-    pub name: String,
+pub struct GenerateContent {
+    /// Base URL without the trailing `/v1beta`.
+    base_url: String,
+}
+
+impl GenerateContent {
+    /// The wire format of the API at `base_url`.
+    pub fn new(base_url: impl Into<String>) -> Self {
+        Self {
+            base_url: base_url.into().trim_end_matches('/').to_owned(),
+        }
+    }
+}
+
+/// The settings of `kind = "gemini"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GeminiSettings {
     /// Base URL without the trailing `/v1beta`.
     pub base_url: String,
-    /// Sent as `x-goog-api-key`; `None` for proxies that add it themselves.
-    pub api_key: Option<String>,
 }
 
-impl GeminiConfig {
-    /// Settings for `base_url`.
-    pub fn new(
-        name: impl Into<String>,
-        base_url: impl Into<String>,
-        api_key: Option<String>,
-    ) -> Self {
-        Self {
-            name: name.into(),
-            base_url: base_url.into().trim_end_matches('/').to_owned(),
-            api_key,
-        }
+impl KindSettings for GeminiSettings {
+    fn build(&self, ctx: BuildContext<'_>) -> Arc<dyn Provider> {
+        Arc::new(HttpProvider::new(
+            ctx.name,
+            KIND,
+            GenerateContent::new(&self.base_url),
+            Arc::new(ApiKeyHeader::header("x-goog-api-key")),
+            ctx.keys,
+            ctx.client.clone(),
+        ))
     }
 }
 
-/// The Gemini provider.
-pub struct Gemini {
-    config: GeminiConfig,
-    client: reqwest::Client,
-    keys: Arc<KeyRing>,
+fn parse(input: &KindInput<'_>) -> Result<ProviderSettings, Vec<SettingsIssue>> {
+    no_fields(GeminiSettings {
+        base_url: input.base_url.to_owned(),
+    })
 }
 
-impl Gemini {
-    /// A provider using the shared `client`, with `config.api_key` as its only key.
-    pub fn new(config: GeminiConfig, client: reqwest::Client) -> Self {
-        let keys = Arc::new(KeyRing::single(&config.name, config.api_key.clone()));
-        Self {
-            config,
-            client,
-            keys,
-        }
-    }
-
-    /// Uses `keys` (several, used in turn, swappable at runtime) instead of `api_key`.
-    pub fn with_keys(mut self, keys: Arc<KeyRing>) -> Self {
-        self.keys = keys;
-        self
-    }
-
-    fn post(
-        &self,
-        model: &str,
-        stream: bool,
-        key: Option<&str>,
-    ) -> Result<reqwest::RequestBuilder, ProviderError> {
-        let builder = self
-            .client
-            .post(endpoint_url(&self.config.base_url, model, stream)?);
-        match key {
-            Some(key) => Ok(builder.header("x-goog-api-key", key_header(key)?)),
-            None => Ok(builder),
-        }
-    }
-
-    async fn send(
-        &self,
-        model: &str,
-        stream: bool,
-        body: Vec<u8>,
-    ) -> Result<reqwest::Response, ProviderError> {
-        send_with_keys(
-            &self.keys,
-            body.into(),
-            |key| self.post(model, stream, key),
-            map_error,
-        )
-        .await
-    }
+fn discover(env: Env<'_>) -> Option<Result<Discovered, SettingsIssue>> {
+    let key = env_var(env, "GEMINI_API_KEY").or_else(|| env_var(env, "GOOGLE_API_KEY"))?;
+    Some(Ok(discovered(KIND, None, key)))
 }
+
+/// `kind = "gemini"`.
+pub const SPEC: KindSpec = KindSpec {
+    name: KIND,
+    default_base_url: Some(DEFAULT_BASE_URL),
+    base_url_hint: "",
+    http: true,
+    key_env: &["GEMINI_API_KEY", "GOOGLE_API_KEY"],
+    key_required: KeyRequired::AtDefaultUrl,
+    fields: &[],
+    parse,
+    discover: Some(discover),
+};
 
 /// The URL of `model`'s `generateContent` (or streaming) method.
 pub fn endpoint_url(base_url: &str, model: &str, stream: bool) -> Result<String, ProviderError> {
     let model = model.strip_prefix("models/").unwrap_or(model);
     // Model names are one path segment; refuse what would change the URL's meaning.
-    if model.is_empty()
-        || model.chars().any(|c| {
-            matches!(c, '/' | '?' | '#' | '%' | '\\') || c.is_whitespace() || c.is_control()
-        })
-    {
+    if !is_path_segment(model) {
         return Err(invalid("the model name is not valid for gemini"));
     }
     Ok(if stream {
@@ -141,39 +115,177 @@ pub fn endpoint_url(base_url: &str, model: &str, stream: bool) -> Result<String,
     })
 }
 
-#[async_trait]
-impl Provider for Gemini {
-    fn name(&self) -> &str {
-        &self.config.name
+impl WireFormat for GenerateContent {
+    type Decoder = Sse<ChunkDecoder>;
+
+    fn endpoint(&self, model: &str, stream: bool) -> Result<reqwest::Url, ProviderError> {
+        parse_url(&endpoint_url(&self.base_url, model, stream)?)
     }
 
-    fn kind(&self) -> &'static str {
-        KIND
-    }
-
-    fn keys(&self) -> Option<&Arc<KeyRing>> {
-        Some(&self.keys)
-    }
-
-    async fn chat(
+    /// Builds the JSON body of a `generateContent` request (the model is in the URL).
+    fn build_request(
         &self,
-        model: &str,
+        _model: &str,
         request: &ChatRequest,
+        _stream: bool,
+    ) -> Result<Vec<u8>, ProviderError> {
+        let mut system = Vec::new();
+        let mut contents: Vec<WireContent<'_>> = Vec::with_capacity(request.messages.len());
+        for message in &request.messages {
+            match message.role {
+                Role::System | Role::Developer => {
+                    for part in &message.content {
+                        match part {
+                            ContentPart::Text(text) if !text.is_empty() => {
+                                system.push(WirePart::Text(text));
+                            }
+                            ContentPart::Text(_) => {}
+                            _ => {
+                                return Err(invalid(
+                                    "gemini accepts only text in system and developer messages",
+                                ));
+                            }
+                        }
+                    }
+                }
+                Role::User | Role::Assistant | Role::Tool => {
+                    let wire = convert_message(message)?;
+                    if wire.parts.is_empty() {
+                        continue;
+                    }
+                    // Gemini wants every function response of a turn in one content: merge runs.
+                    match contents.last_mut() {
+                        Some(last) if last.role == wire.role => last.parts.extend(wire.parts),
+                        _ => contents.push(wire),
+                    }
+                }
+            }
+        }
+        let has_tools = !request.tools.is_empty();
+        let tool_config = match (&request.tool_choice, has_tools) {
+            (Some(choice), true) => {
+                let (mode, allowed_function_names) = match choice {
+                    ToolChoice::Auto => ("AUTO", Vec::new()),
+                    ToolChoice::None => ("NONE", Vec::new()),
+                    ToolChoice::Required => ("ANY", Vec::new()),
+                    ToolChoice::Named(name) => ("ANY", vec![name.as_str()]),
+                };
+                Some(WireToolConfig {
+                    function_calling_config: WireFunctionCallingConfig {
+                        mode,
+                        allowed_function_names,
+                    },
+                })
+            }
+            _ => None,
+        };
+        let (response_mime_type, response_json_schema) = match &request.response_format {
+            None => (None, None),
+            Some(ResponseFormat::Text) => (Some("text/plain"), None),
+            Some(ResponseFormat::JsonObject) => (Some("application/json"), None),
+            Some(ResponseFormat::JsonSchema { schema, .. }) => {
+                (Some("application/json"), Some(schema))
+            }
+        };
+        let seed = match request.params.seed {
+            None => None,
+            Some(seed) => {
+                Some(i32::try_from(seed).map_err(|_| invalid("gemini seeds must fit in 32 bits"))?)
+            }
+        };
+        let wire = WireRequest {
+            contents,
+            system_instruction: (!system.is_empty()).then_some(WireSystem { parts: system }),
+            tools: if has_tools {
+                vec![WireTools {
+                    function_declarations: request
+                        .tools
+                        .iter()
+                        .map(|t| WireFunctionDeclaration {
+                            name: &t.name,
+                            description: t.description.as_deref(),
+                            parameters_json_schema: &t.parameters,
+                        })
+                        .collect(),
+                }]
+            } else {
+                Vec::new()
+            },
+            tool_config,
+            generation_config: WireGenerationConfig {
+                temperature: request.params.temperature,
+                top_p: request.params.top_p,
+                max_output_tokens: request.params.max_tokens,
+                stop_sequences: &request.params.stop,
+                seed,
+                presence_penalty: request.params.presence_penalty,
+                frequency_penalty: request.params.frequency_penalty,
+                response_mime_type,
+                response_json_schema,
+            },
+        };
+        serde_json::to_vec(&wire).map_err(|e| invalid(format!("could not encode the request: {e}")))
+    }
+
+    /// Parses a non-streaming `generateContent` response.
+    fn parse_response(
+        &self,
+        body: &[u8],
+        requested_model: &str,
     ) -> Result<ChatResponse, ProviderError> {
-        let body = build_request(request)?;
-        let response = self.send(model, false, body).await?;
-        let bytes = read_body(response).await?;
-        parse_response(&bytes, model)
+        let wire: WireResponse = decode_json(body)?;
+        if let Some(err) = blocked(wire.prompt_feedback.as_ref()) {
+            return Err(err);
+        }
+        let candidate = wire.candidates.into_iter().next().ok_or_else(|| {
+            ProviderError::new(
+                ErrorClass::InvalidResponse,
+                "the provider's response has no candidates",
+            )
+        })?;
+        let mut content = Vec::new();
+        let mut calls = 0usize;
+        for part in candidate.content.map(|c| c.parts).unwrap_or_default() {
+            if let Some(call) = part.function_call {
+                content.push(ContentPart::ToolCall(ToolCall {
+                    id: format!("call_{calls}"),
+                    name: call.name.clone(),
+                    arguments: call.arguments(),
+                }));
+                calls += 1;
+                continue;
+            }
+            if part.thought == Some(true) {
+                continue;
+            }
+            match (part.text, content.last_mut()) {
+                (Some(text), _) if text.is_empty() => {}
+                (Some(text), Some(ContentPart::Text(prev))) => prev.push_str(&text),
+                (Some(text), _) => content.push(ContentPart::Text(text)),
+                (None, _) => {}
+            }
+        }
+        let reason = candidate
+            .finish_reason
+            .as_deref()
+            .map_or(FinishReason::Unspecified, finish_reason);
+        Ok(ChatResponse {
+            model: wire
+                .model_version
+                .filter(|m| !m.is_empty())
+                .unwrap_or_else(|| requested_model.to_owned()),
+            content,
+            finish_reason: finish_with_calls(reason, calls > 0),
+            usage: wire.usage_metadata.map(Usage::from),
+        })
     }
 
-    async fn chat_stream(
-        &self,
-        model: &str,
-        request: &ChatRequest,
-    ) -> Result<EventStream, ProviderError> {
-        let body = build_request(request)?;
-        let response = self.send(model, true, body).await?;
-        Ok(Box::pin(SseStream::new(response, ChunkDecoder::default())))
+    fn stream_decoder(&self, _model: &str) -> Self::Decoder {
+        Sse::new(ChunkDecoder::default())
+    }
+
+    fn error_body(&self, _status: u16, _headers: &http::HeaderMap, body: &[u8]) -> UpstreamError {
+        error_body(body)
     }
 }
 
@@ -311,104 +423,6 @@ impl WireGenerationConfig<'_> {
 
 fn invalid(msg: impl Into<String>) -> ProviderError {
     ProviderError::new(ErrorClass::InvalidRequest, msg)
-}
-
-/// Builds the JSON body of a `generateContent` request (the model is in the URL).
-pub fn build_request(request: &ChatRequest) -> Result<Vec<u8>, ProviderError> {
-    let mut system = Vec::new();
-    let mut contents: Vec<WireContent<'_>> = Vec::with_capacity(request.messages.len());
-    for message in &request.messages {
-        match message.role {
-            Role::System | Role::Developer => {
-                for part in &message.content {
-                    match part {
-                        ContentPart::Text(text) if !text.is_empty() => {
-                            system.push(WirePart::Text(text));
-                        }
-                        ContentPart::Text(_) => {}
-                        _ => {
-                            return Err(invalid(
-                                "gemini accepts only text in system and developer messages",
-                            ));
-                        }
-                    }
-                }
-            }
-            Role::User | Role::Assistant | Role::Tool => {
-                let wire = convert_message(message)?;
-                if wire.parts.is_empty() {
-                    continue;
-                }
-                // Gemini wants every function response of a turn in one content: merge runs.
-                match contents.last_mut() {
-                    Some(last) if last.role == wire.role => last.parts.extend(wire.parts),
-                    _ => contents.push(wire),
-                }
-            }
-        }
-    }
-    let has_tools = !request.tools.is_empty();
-    let tool_config = match (&request.tool_choice, has_tools) {
-        (Some(choice), true) => {
-            let (mode, allowed_function_names) = match choice {
-                ToolChoice::Auto => ("AUTO", Vec::new()),
-                ToolChoice::None => ("NONE", Vec::new()),
-                ToolChoice::Required => ("ANY", Vec::new()),
-                ToolChoice::Named(name) => ("ANY", vec![name.as_str()]),
-            };
-            Some(WireToolConfig {
-                function_calling_config: WireFunctionCallingConfig {
-                    mode,
-                    allowed_function_names,
-                },
-            })
-        }
-        _ => None,
-    };
-    let (response_mime_type, response_json_schema) = match &request.response_format {
-        None => (None, None),
-        Some(ResponseFormat::Text) => (Some("text/plain"), None),
-        Some(ResponseFormat::JsonObject) => (Some("application/json"), None),
-        Some(ResponseFormat::JsonSchema { schema, .. }) => (Some("application/json"), Some(schema)),
-    };
-    let seed = match request.params.seed {
-        None => None,
-        Some(seed) => {
-            Some(i32::try_from(seed).map_err(|_| invalid("gemini seeds must fit in 32 bits"))?)
-        }
-    };
-    let wire = WireRequest {
-        contents,
-        system_instruction: (!system.is_empty()).then_some(WireSystem { parts: system }),
-        tools: if has_tools {
-            vec![WireTools {
-                function_declarations: request
-                    .tools
-                    .iter()
-                    .map(|t| WireFunctionDeclaration {
-                        name: &t.name,
-                        description: t.description.as_deref(),
-                        parameters_json_schema: &t.parameters,
-                    })
-                    .collect(),
-            }]
-        } else {
-            Vec::new()
-        },
-        tool_config,
-        generation_config: WireGenerationConfig {
-            temperature: request.params.temperature,
-            top_p: request.params.top_p,
-            max_output_tokens: request.params.max_tokens,
-            stop_sequences: &request.params.stop,
-            seed,
-            presence_penalty: request.params.presence_penalty,
-            frequency_penalty: request.params.frequency_penalty,
-            response_mime_type,
-            response_json_schema,
-        },
-    };
-    serde_json::to_vec(&wire).map_err(|e| invalid(format!("could not encode the request: {e}")))
 }
 
 fn convert_message(message: &Message) -> Result<WireContent<'_>, ProviderError> {
@@ -645,55 +659,6 @@ fn blocked(feedback: Option<&WirePromptFeedback>) -> Option<ProviderError> {
     ))
 }
 
-/// Parses a non-streaming `generateContent` response.
-pub fn parse_response(body: &[u8], requested_model: &str) -> Result<ChatResponse, ProviderError> {
-    let wire: WireResponse = decode_json(body)?;
-    if let Some(err) = blocked(wire.prompt_feedback.as_ref()) {
-        return Err(err);
-    }
-    let candidate = wire.candidates.into_iter().next().ok_or_else(|| {
-        ProviderError::new(
-            ErrorClass::InvalidResponse,
-            "the provider's response has no candidates",
-        )
-    })?;
-    let mut content = Vec::new();
-    let mut calls = 0usize;
-    for part in candidate.content.map(|c| c.parts).unwrap_or_default() {
-        if let Some(call) = part.function_call {
-            content.push(ContentPart::ToolCall(ToolCall {
-                id: format!("call_{calls}"),
-                name: call.name.clone(),
-                arguments: call.arguments(),
-            }));
-            calls += 1;
-            continue;
-        }
-        if part.thought == Some(true) {
-            continue;
-        }
-        match (part.text, content.last_mut()) {
-            (Some(text), _) if text.is_empty() => {}
-            (Some(text), Some(ContentPart::Text(prev))) => prev.push_str(&text),
-            (Some(text), _) => content.push(ContentPart::Text(text)),
-            (None, _) => {}
-        }
-    }
-    let reason = candidate
-        .finish_reason
-        .as_deref()
-        .map_or(FinishReason::Unspecified, finish_reason);
-    Ok(ChatResponse {
-        model: wire
-            .model_version
-            .filter(|m| !m.is_empty())
-            .unwrap_or_else(|| requested_model.to_owned()),
-        content,
-        finish_reason: finish_with_calls(reason, calls > 0),
-        usage: wire.usage_metadata.map(Usage::from),
-    })
-}
-
 // ---------------------------------------------------------------------------------------------
 // Stream
 // ---------------------------------------------------------------------------------------------
@@ -712,10 +677,9 @@ impl EventDecoder for ChunkDecoder {
         event: SseEvent,
         out: &mut VecDeque<StreamEvent>,
     ) -> Result<bool, ProviderError> {
-        let chunk: WireResponse = serde_json::from_str(&event.data)
-            .map_err(|e| ProviderError::malformed_event(&json_error_kind(&e)))?;
+        let chunk: WireResponse = decode_event(event.data.as_bytes())?;
         if let Some(error) = chunk.error {
-            return Err(stream_error(&error));
+            return Err(ProviderError::in_stream(error.upstream()));
         }
         if let Some(err) = blocked(chunk.prompt_feedback.as_ref()) {
             return Err(err);
@@ -765,13 +729,6 @@ impl EventDecoder for ChunkDecoder {
     }
 }
 
-/// An error object sent as a stream chunk. Overloads keep their class; other transient
-/// failures are a broken stream; the request's own faults keep theirs.
-fn stream_error(error: &WireError) -> ProviderError {
-    let class = classify(error, ErrorClass::StreamBroken);
-    ProviderError::in_stream(class, error.message.as_deref())
-}
-
 // ---------------------------------------------------------------------------------------------
 // Errors
 // ---------------------------------------------------------------------------------------------
@@ -803,6 +760,14 @@ struct WireErrorDetail {
 }
 
 impl WireError {
+    fn upstream(self) -> UpstreamError {
+        UpstreamError {
+            class: classify(&self),
+            retry_after: self.retry_delay(),
+            message: self.message,
+        }
+    }
+
     fn has_reason(&self, reason: &str) -> bool {
         self.details.iter().any(|d| {
             d.kind.ends_with("google.rpc.ErrorInfo") && d.reason.as_deref() == Some(reason)
@@ -820,35 +785,38 @@ impl WireError {
     }
 }
 
-/// The class of a Google API error: credentials, then the canonical status, then `fallback`.
-fn classify(error: &WireError, fallback: ErrorClass) -> ErrorClass {
+/// The class a Google API error names: credentials, then the canonical status (refined by
+/// the message for context-length errors).
+fn classify(error: &WireError) -> Option<ErrorClass> {
     if error.has_reason("API_KEY_INVALID") || error.has_reason("API_KEY_EXPIRED") {
-        return ErrorClass::Authentication;
+        return Some(ErrorClass::Authentication);
     }
-    let class = match error.status.as_deref() {
-        Some("INVALID_ARGUMENT" | "OUT_OF_RANGE") => ErrorClass::InvalidRequest,
-        Some("FAILED_PRECONDITION" | "PERMISSION_DENIED") => ErrorClass::Permission,
-        Some("UNAUTHENTICATED") => ErrorClass::Authentication,
-        Some("NOT_FOUND") => ErrorClass::ModelNotFound,
-        Some("RESOURCE_EXHAUSTED") => ErrorClass::RateLimited,
-        Some("UNAVAILABLE") => ErrorClass::Overloaded,
-        Some("INTERNAL" | "UNKNOWN" | "DATA_LOSS") => ErrorClass::ServerError,
-        Some("DEADLINE_EXCEEDED") => ErrorClass::Timeout,
-        _ => fallback,
+    let class = match error.status.as_deref()? {
+        "INVALID_ARGUMENT" | "OUT_OF_RANGE" => ErrorClass::InvalidRequest,
+        "FAILED_PRECONDITION" | "PERMISSION_DENIED" => ErrorClass::Permission,
+        "UNAUTHENTICATED" => ErrorClass::Authentication,
+        "NOT_FOUND" => ErrorClass::ModelNotFound,
+        "RESOURCE_EXHAUSTED" => ErrorClass::RateLimited,
+        "UNAVAILABLE" => ErrorClass::Overloaded,
+        "INTERNAL" | "UNKNOWN" | "DATA_LOSS" => ErrorClass::ServerError,
+        "DEADLINE_EXCEEDED" => ErrorClass::Timeout,
+        _ => return None,
     };
     let lower = error
         .message
         .as_deref()
         .unwrap_or_default()
         .to_ascii_lowercase();
-    if class == ErrorClass::InvalidRequest
-        && lower.contains("input token count")
-        && lower.contains("exceeds the maximum")
-    {
-        ErrorClass::ContextLengthExceeded
-    } else {
-        class
-    }
+    Some(
+        if class == ErrorClass::InvalidRequest
+            && lower.contains("input token count")
+            && lower.contains("exceeds the maximum")
+        {
+            ErrorClass::ContextLengthExceeded
+        } else {
+            class
+        },
+    )
 }
 
 fn parse_error_body(body: &[u8]) -> Option<WireError> {
@@ -863,45 +831,12 @@ fn parse_error_body(body: &[u8]) -> Option<WireError> {
         .map(|b| b.error)
 }
 
-/// Maps an HTTP error answer to a [`ProviderError`].
-pub fn map_error(status: u16, headers: &http::HeaderMap, body: &[u8]) -> ProviderError {
-    let status_class = ErrorClass::from_http_status(status);
-    let wire = parse_error_body(body);
-    let class = match &wire {
-        Some(w) => {
-            let c = classify(w, status_class);
-            // A transient status is not overruled by a permanent-looking body.
-            if status_class.is_retryable() && !c.is_retryable() {
-                status_class
-            } else {
-                c
-            }
-        }
-        None => status_class,
-    };
-    let upstream_msg = wire
-        .as_ref()
-        .and_then(|w| w.message.clone())
-        .unwrap_or_default();
-    let message = match class {
-        ErrorClass::InvalidRequest
-        | ErrorClass::ContextLengthExceeded
-        | ErrorClass::ContentFiltered
-        | ErrorClass::ModelNotFound
-            if !upstream_msg.is_empty() =>
-        {
-            format!(
-                "the provider rejected the request: {}",
-                short_message(&upstream_msg)
-            )
-        }
-        _ => format!("the provider answered http {status}"),
-    };
-    let retry_after = wire
-        .as_ref()
-        .and_then(WireError::retry_delay)
-        .or_else(|| retry_after_header(headers));
-    ProviderError::new(class, message).with_retry_after(retry_after)
+/// What a Google API error body (`{"error": {"code", "message", "status", "details"}}`,
+/// possibly inside a one-element array) says.
+pub fn error_body(body: &[u8]) -> UpstreamError {
+    parse_error_body(body)
+        .map(WireError::upstream)
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -910,6 +845,10 @@ mod tests {
 
     use super::*;
     use crate::types::{Image, ImageDetail, SamplingParams, Tool, ToolResult};
+
+    fn wire() -> GenerateContent {
+        GenerateContent::new(DEFAULT_BASE_URL)
+    }
 
     fn json(bytes: &[u8]) -> serde_json::Value {
         serde_json::from_slice(bytes).unwrap()
@@ -1009,7 +948,7 @@ mod tests {
             user: Some("u1".into()),
             ..Default::default()
         };
-        let body = json(&build_request(&request).unwrap());
+        let body = json(&wire().build_request("m", &request, false).unwrap());
         assert_eq!(
             body,
             serde_json::json!({
@@ -1059,7 +998,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            json(&build_request(&request).unwrap()),
+            json(&wire().build_request("m", &request, false).unwrap()),
             serde_json::json!({"contents": [{"role": "user", "parts": [{"text": "hi"}]}]})
         );
     }
@@ -1084,7 +1023,7 @@ mod tests {
         ] {
             let mut request = base.clone();
             request.tool_choice = Some(choice);
-            let body = json(&build_request(&request).unwrap());
+            let body = json(&wire().build_request("m", &request, false).unwrap());
             assert_eq!(
                 body["toolConfig"],
                 serde_json::json!({"functionCallingConfig": {"mode": mode}})
@@ -1131,7 +1070,7 @@ mod tests {
             ..Default::default()
         };
         for request in [nameless_result, huge_seed] {
-            let err = build_request(&request).unwrap_err();
+            let err = wire().build_request("m", &request, false).unwrap_err();
             assert_eq!(err.class, ErrorClass::InvalidRequest, "{err}");
         }
     }
@@ -1154,7 +1093,7 @@ mod tests {
     #[test]
     fn parses_a_documented_response() {
         let body = include_bytes!("../../tests/fixtures/gemini/generate_content.json");
-        let response = parse_response(body, "gemini-2.5-flash").unwrap();
+        let response = wire().parse_response(body, "gemini-2.5-flash").unwrap();
         assert_eq!(response.model, "gemini-2.5-flash");
         assert_eq!(response.finish_reason, FinishReason::Stop);
         assert_eq!(
@@ -1175,7 +1114,7 @@ mod tests {
     fn function_calls_get_stable_ids_and_tool_calls_finish() {
         let body =
             include_bytes!("../../tests/fixtures/gemini/generate_content_function_call.json");
-        let response = parse_response(body, "m").unwrap();
+        let response = wire().parse_response(body, "m").unwrap();
         assert_eq!(response.finish_reason, FinishReason::ToolCalls);
         let calls: Vec<&ToolCall> = response
             .content
@@ -1207,7 +1146,7 @@ mod tests {
     #[test]
     fn blocked_prompt_is_content_filtered() {
         let body = include_bytes!("../../tests/fixtures/gemini/blocked_prompt.json");
-        let err = parse_response(body, "m").unwrap_err();
+        let err = wire().parse_response(body, "m").unwrap_err();
         assert_eq!(err.class, ErrorClass::ContentFiltered);
         assert!(err.message.contains("safety"), "{}", err.message);
     }
@@ -1233,22 +1172,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn malformed_response_is_an_error_not_a_panic() {
-        for body in [
-            &b"{"[..],
-            b"not json",
-            b"{\"candidates\": []}",
-            b"{\"candidates\": 3}",
-            b"{\"candidates\": [{\"content\": {\"parts\": [{\"text\": 5}]}}]}",
-        ] {
-            let err = parse_response(body, "m").unwrap_err();
-            assert_eq!(err.class, ErrorClass::InvalidResponse, "{body:?}");
-        }
-    }
-
     async fn decode_stream(body: &'static [u8]) -> Vec<Result<StreamEvent, ProviderError>> {
-        super::super::sse::decode_in_pieces(body, ChunkDecoder::default()).await
+        crate::providers::wire::decode_in_pieces(body, 7, Sse::new(ChunkDecoder::default())).await
     }
 
     #[tokio::test]
@@ -1299,169 +1224,35 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn body_ending_without_finish_reason_is_truncated() {
-        let events = decode_stream(
-            b"data: {\"candidates\": [{\"content\": {\"parts\": [{\"text\": \"Hi\"}], \"role\": \"model\"}, \"index\": 0}]}\r\n\r\n",
-        )
-        .await;
-        assert_eq!(events.len(), 2);
-        assert_eq!(events[0], Ok(StreamEvent::Text("Hi".into())));
-        assert_eq!(
-            events[1].as_ref().unwrap_err().class,
-            ErrorClass::StreamBroken
-        );
+    fn map_error(status: u16, headers: &http::HeaderMap, body: &[u8]) -> ProviderError {
+        wire().classify(status, headers, body)
     }
 
-    #[tokio::test]
-    async fn malformed_and_error_chunks_end_the_stream() {
-        let events = decode_stream(b"data: {\"candidates\": [\r\n\r\n").await;
+    #[test]
+    fn google_statuses_and_reasons_name_their_class() {
+        let none = http::HeaderMap::new();
+        let fixture = include_bytes!("../../tests/fixtures/gemini/error_api_key_invalid.json");
         assert_eq!(
-            events[0].as_ref().unwrap_err().class,
-            ErrorClass::StreamBroken
+            map_error(400, &none, fixture).class,
+            ErrorClass::Authentication
         );
-        let events = decode_stream(
-            b"data: {\"error\": {\"code\": 503, \"message\": \"The model is overloaded.\", \"status\": \"UNAVAILABLE\"}}\r\n\r\n",
-        )
-        .await;
+        let located = br#"{"error":{"code":400,"message":"User location is not supported for the API use.","status":"FAILED_PRECONDITION"}}"#;
+        assert_eq!(map_error(400, &none, located).class, ErrorClass::Permission);
+        // The streaming method wraps errors in a one-element array.
+        let wrapped =
+            br#"[{"error":{"code":404,"message":"models/x is not found","status":"NOT_FOUND"}}]"#;
         assert_eq!(
-            events[0].as_ref().unwrap_err().class,
-            ErrorClass::Overloaded
+            map_error(404, &none, wrapped).class,
+            ErrorClass::ModelNotFound
         );
-        let events = decode_stream(
-            b"data: {\"error\": {\"code\": 500, \"message\": \"Internal error\", \"status\": \"INTERNAL\"}}\r\n\r\n",
-        )
-        .await;
-        assert_eq!(
-            events[0].as_ref().unwrap_err().class,
-            ErrorClass::StreamBroken
-        );
-        let events = decode_stream(
+        let blocked = decode_stream(
             b"data: {\"promptFeedback\": {\"blockReason\": \"PROHIBITED_CONTENT\"}}\r\n\r\n",
-        )
-        .await;
+        );
+        let events = futures_util::FutureExt::now_or_never(blocked).unwrap();
         assert_eq!(
             events[0].as_ref().unwrap_err().class,
             ErrorClass::ContentFiltered
         );
-    }
-
-    #[test]
-    fn error_mapping_table() {
-        let none = http::HeaderMap::new();
-        let body = |code: u16, status: &str, msg: &str| {
-            format!(r#"{{"error":{{"code":{code},"message":"{msg}","status":"{status}"}}}}"#)
-        };
-        let cases = [
-            (
-                400,
-                body(400, "INVALID_ARGUMENT", "Invalid JSON payload received."),
-                ErrorClass::InvalidRequest,
-            ),
-            (
-                400,
-                body(
-                    400,
-                    "INVALID_ARGUMENT",
-                    "The input token count (1200000) exceeds the maximum number of tokens allowed (1048576).",
-                ),
-                ErrorClass::ContextLengthExceeded,
-            ),
-            (
-                400,
-                String::from_utf8(
-                    include_bytes!("../../tests/fixtures/gemini/error_api_key_invalid.json")
-                        .to_vec(),
-                )
-                .unwrap(),
-                ErrorClass::Authentication,
-            ),
-            (
-                400,
-                body(
-                    400,
-                    "FAILED_PRECONDITION",
-                    "User location is not supported for the API use.",
-                ),
-                ErrorClass::Permission,
-            ),
-            (
-                401,
-                body(
-                    401,
-                    "UNAUTHENTICATED",
-                    "Request had invalid authentication credentials.",
-                ),
-                ErrorClass::Authentication,
-            ),
-            (
-                403,
-                body(
-                    403,
-                    "PERMISSION_DENIED",
-                    "The caller does not have permission",
-                ),
-                ErrorClass::Permission,
-            ),
-            (
-                404,
-                body(
-                    404,
-                    "NOT_FOUND",
-                    "models/gemini-9 is not found for API version v1beta",
-                ),
-                ErrorClass::ModelNotFound,
-            ),
-            (
-                429,
-                String::from_utf8(
-                    include_bytes!("../../tests/fixtures/gemini/error_rate_limited.json").to_vec(),
-                )
-                .unwrap(),
-                ErrorClass::RateLimited,
-            ),
-            (
-                500,
-                body(500, "INTERNAL", "An internal error has occurred."),
-                ErrorClass::ServerError,
-            ),
-            (
-                503,
-                body(
-                    503,
-                    "UNAVAILABLE",
-                    "The model is overloaded. Please try again later.",
-                ),
-                ErrorClass::Overloaded,
-            ),
-            (
-                504,
-                body(504, "DEADLINE_EXCEEDED", "Deadline expired"),
-                ErrorClass::Timeout,
-            ),
-            (
-                502,
-                "<html>bad gateway</html>".to_owned(),
-                ErrorClass::ServerError,
-            ),
-            (
-                429,
-                format!(
-                    "[{}]",
-                    body(429, "RESOURCE_EXHAUSTED", "Resource has been exhausted")
-                ),
-                ErrorClass::RateLimited,
-            ),
-        ];
-        for (status, body, class) in &cases {
-            let err = map_error(*status, &none, body.as_bytes());
-            assert_eq!(err.class, *class, "status {status} body {body}");
-            assert!(
-                !err.message.contains("googleapis.com"),
-                "raw body: {}",
-                err.message
-            );
-        }
     }
 
     #[test]

@@ -9,8 +9,9 @@
 //! position in the set (`key_index`).
 
 use std::{
+    any::Any,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
@@ -38,6 +39,9 @@ pub struct ProviderKey {
     rest_until_ms: AtomicU64,
     /// Why it rests (`REST_*`).
     rest_reason: AtomicU8,
+    /// What the provider's [`super::auth::Auth`] derived from the key (a header value, parsed
+    /// credentials, a token cache), built on first use.
+    state: OnceLock<Box<dyn Any + Send + Sync>>,
 }
 
 impl ProviderKey {
@@ -46,12 +50,22 @@ impl ProviderKey {
             secret,
             rest_until_ms: AtomicU64::new(0),
             rest_reason: AtomicU8::new(REST_NONE),
+            state: OnceLock::new(),
         }
     }
 
     /// The secret, to put in a request header (and nowhere else).
     pub fn secret(&self) -> &str {
         &self.secret
+    }
+
+    /// The state an auth keeps for this key, made from the secret by `init` on first use.
+    /// `None` only when another type was stored first (one ring serves one provider, so one
+    /// auth, so this does not happen).
+    pub fn state<T: Any + Send + Sync>(&self, init: impl FnOnce(&str) -> T) -> Option<&T> {
+        self.state
+            .get_or_init(|| Box::new(init(&self.secret)))
+            .downcast_ref()
     }
 }
 

@@ -3,7 +3,13 @@
 
 use async_trait::async_trait;
 
-use super::{EventStream, Provider, ProviderError};
+use super::{
+    EventStream, Provider, ProviderError,
+    kinds::{
+        BuildContext, KeyRequired, KindInput, KindSettings, KindSpec, ProviderSettings,
+        SettingsIssue, no_fields,
+    },
+};
 use crate::types::{
     ChatRequest, ChatResponse, ContentPart, FinishReason, Role, StreamEvent, Usage,
 };
@@ -13,6 +19,37 @@ pub const KIND: &str = "mock";
 
 /// The models the mock serves.
 pub const MODELS: &[&str] = &["echo"];
+
+/// The settings of `kind = "mock"` (none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MockSettings;
+
+impl KindSettings for MockSettings {
+    fn build(&self, ctx: BuildContext<'_>) -> std::sync::Arc<dyn Provider> {
+        std::sync::Arc::new(Mock::new(ctx.name))
+    }
+
+    fn default_models(&self) -> Option<&'static [&'static str]> {
+        Some(MODELS)
+    }
+}
+
+fn parse(_input: &KindInput<'_>) -> Result<ProviderSettings, Vec<SettingsIssue>> {
+    no_fields(MockSettings)
+}
+
+/// `kind = "mock"`: no URL, no key.
+pub const SPEC: KindSpec = KindSpec {
+    name: KIND,
+    default_base_url: None,
+    base_url_hint: "",
+    http: false,
+    key_env: &[],
+    key_required: KeyRequired::Never,
+    fields: &[],
+    parse,
+    discover: None,
+};
 
 /// The built-in mock provider.
 #[derive(Debug, Clone)]

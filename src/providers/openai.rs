@@ -9,22 +9,22 @@
 
 use std::{collections::VecDeque, sync::Arc};
 
-use async_trait::async_trait;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    EventStream, KeyRing, Provider, ProviderError, decode_json,
-    error::short_message,
-    key_header, read_body, retry_after_header, send_with_keys,
-    sse::{EventDecoder, SseEvent, SseStream},
-};
-use crate::{
-    providers::ErrorClass,
-    types::{
-        ChatRequest, ChatResponse, ContentPart, FinishReason, ImageDetail, ImageSource,
-        ResponseFormat, Role, StreamEvent, ToolCall, ToolCallDelta, ToolChoice, Usage,
+    ErrorClass, HttpProvider, Provider, ProviderError, UpstreamError,
+    auth::ApiKeyHeader,
+    kinds::{
+        BuildContext, Discovered, Env, KeyRequired, KindInput, KindSettings, KindSpec,
+        ProviderSettings, SettingsIssue, discovered, env_var,
     },
+    sse::{EventDecoder, Sse, SseEvent},
+    wire::{WireFormat, decode_event, decode_json, is_path_segment, parse_url},
+};
+use crate::types::{
+    ChatRequest, ChatResponse, ContentPart, FinishReason, ImageDetail, ImageSource, ResponseFormat,
+    Role, StreamEvent, ToolCall, ToolCallDelta, ToolChoice, Usage,
 };
 
 /// The provider kind.
@@ -73,22 +73,16 @@ pub enum MaxTokensField {
 }
 
 /// How the adapter speaks to one OpenAI-compatible endpoint.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OpenAiConfig {
-    /// Configured name, e.g. `openai`.
-    pub name: String,
     /// Base URL without the trailing `/chat/completions`.
     pub base_url: String,
-    /// Bearer token; `None` for servers without auth (e.g. a local vLLM).
-    pub api_key: Option<String>,
     /// Name of the output limit field.
     pub max_tokens_field: MaxTokensField,
     /// Whether the endpoint knows the `developer` role (otherwise sent as `system`).
     pub developer_role: bool,
     /// Whether to ask for usage in streams (`stream_options.include_usage`).
     pub stream_usage: bool,
-    /// The provider kind reported for the model registry (`openai`, `azure`, a preset name).
-    pub kind: &'static str,
     /// How the API key is sent.
     pub auth: AuthStyle,
     /// How the URL is formed.
@@ -97,17 +91,11 @@ pub struct OpenAiConfig {
 
 impl OpenAiConfig {
     /// Settings for `base_url`, with quirks defaulted from whether it is the official API.
-    pub fn new(
-        name: impl Into<String>,
-        base_url: impl Into<String>,
-        api_key: Option<String>,
-    ) -> Self {
+    pub fn new(base_url: impl Into<String>) -> Self {
         let base_url = base_url.into().trim_end_matches('/').to_owned();
         let official = base_url.starts_with("https://api.openai.com");
         Self {
-            name: name.into(),
             base_url,
-            api_key,
             max_tokens_field: if official {
                 MaxTokensField::MaxCompletionTokens
             } else {
@@ -115,7 +103,6 @@ impl OpenAiConfig {
             },
             developer_role: official,
             stream_usage: true,
-            kind: KIND,
             auth: AuthStyle::Bearer,
             url_style: UrlStyle::Base,
         }
@@ -123,21 +110,15 @@ impl OpenAiConfig {
 
     /// Settings for an Azure OpenAI resource at `endpoint` (e.g.
     /// `https://my-resource.openai.azure.com`).
-    pub fn azure(
-        name: impl Into<String>,
-        endpoint: impl Into<String>,
-        api_key: Option<String>,
-        api_version: impl Into<String>,
-    ) -> Self {
+    pub fn azure(endpoint: impl Into<String>, api_version: impl Into<String>) -> Self {
         Self {
             max_tokens_field: MaxTokensField::MaxCompletionTokens,
             developer_role: false,
-            kind: AZURE_KIND,
             auth: AuthStyle::ApiKeyHeader,
             url_style: UrlStyle::AzureDeployment {
                 api_version: api_version.into(),
             },
-            ..Self::new(name, endpoint, api_key)
+            ..Self::new(endpoint)
         }
     }
 
@@ -147,13 +128,7 @@ impl OpenAiConfig {
             UrlStyle::Base => Ok(format!("{}/chat/completions", self.base_url)),
             UrlStyle::AzureDeployment { api_version } => {
                 // The deployment is one path segment; refuse what would change the URL.
-                if model.is_empty()
-                    || model.chars().any(|c| {
-                        matches!(c, '/' | '?' | '#' | '%' | '\\' | '&')
-                            || c.is_whitespace()
-                            || c.is_control()
-                    })
-                {
+                if !is_path_segment(model) {
                     return Err(invalid(
                         "the model name is not a valid azure deployment name",
                     ));
@@ -165,105 +140,312 @@ impl OpenAiConfig {
             }
         }
     }
+
+    /// How requests carry the key.
+    pub fn auth(&self) -> ApiKeyHeader {
+        match self.auth {
+            AuthStyle::Bearer => ApiKeyHeader::bearer(),
+            AuthStyle::ApiKeyHeader => ApiKeyHeader::header("api-key"),
+        }
+    }
 }
 
-/// An OpenAI-compatible provider.
-pub struct OpenAi {
+/// The Chat Completions wire format.
+#[derive(Debug, Clone)]
+pub struct ChatCompletions {
     config: OpenAiConfig,
-    client: reqwest::Client,
-    keys: Arc<KeyRing>,
     /// The endpoint, parsed once, when it does not depend on the model.
     fixed_url: Option<reqwest::Url>,
 }
 
-impl OpenAi {
-    /// A provider using the shared `client`, with `config.api_key` as its only key.
-    pub fn new(config: OpenAiConfig, client: reqwest::Client) -> Self {
-        let keys = Arc::new(KeyRing::single(&config.name, config.api_key.clone()));
+impl ChatCompletions {
+    /// The wire format of the endpoint `config` describes.
+    pub fn new(config: OpenAiConfig) -> Self {
         let fixed_url = match config.url_style {
-            UrlStyle::Base => config
-                .url("")
-                .ok()
-                .and_then(|u| reqwest::Url::parse(&u).ok()),
+            UrlStyle::Base => config.url("").ok().and_then(|u| parse_url(&u).ok()),
             UrlStyle::AzureDeployment { .. } => None,
         };
-        Self {
-            config,
-            client,
-            keys,
-            fixed_url,
-        }
+        Self { config, fixed_url }
     }
 
-    /// Uses `keys` (several, used in turn, swappable at runtime) instead of `api_key`.
-    pub fn with_keys(mut self, keys: Arc<KeyRing>) -> Self {
-        self.keys = keys;
-        self
-    }
-
-    fn post(
-        &self,
-        model: &str,
-        key: Option<&str>,
-    ) -> Result<reqwest::RequestBuilder, ProviderError> {
-        let builder = match &self.fixed_url {
-            Some(url) => self.client.post(url.clone()),
-            None => self.client.post(self.config.url(model)?),
-        };
-        match (key, self.config.auth) {
-            (Some(key), AuthStyle::Bearer) => Ok(builder.header(
-                http::header::AUTHORIZATION,
-                key_header(&format!("Bearer {key}"))?,
-            )),
-            (Some(key), AuthStyle::ApiKeyHeader) => Ok(builder.header("api-key", key_header(key)?)),
-            (None, _) => Ok(builder),
-        }
-    }
-
-    async fn send(&self, model: &str, body: Vec<u8>) -> Result<reqwest::Response, ProviderError> {
-        send_with_keys(
-            &self.keys,
-            body.into(),
-            |key| self.post(model, key),
-            map_error,
-        )
-        .await
+    /// The settings.
+    pub fn config(&self) -> &OpenAiConfig {
+        &self.config
     }
 }
 
-#[async_trait]
-impl Provider for OpenAi {
-    fn name(&self) -> &str {
-        &self.config.name
+/// The settings of the OpenAI-family kinds (`openai`, `openai-compatible`, `azure`, the
+/// presets).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenAiSettings {
+    /// The kind in the model registry (prices): `openai`, `azure` or the preset's.
+    pub registry_kind: &'static str,
+    /// How to speak to the endpoint.
+    pub config: OpenAiConfig,
+}
+
+impl KindSettings for OpenAiSettings {
+    fn build(&self, ctx: BuildContext<'_>) -> Arc<dyn Provider> {
+        Arc::new(HttpProvider::new(
+            ctx.name,
+            self.registry_kind,
+            ChatCompletions::new(self.config.clone()),
+            Arc::new(self.config.auth()),
+            ctx.keys,
+            ctx.client.clone(),
+        ))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSettings {
+    max_tokens_field: Option<String>,
+    developer_role: Option<bool>,
+    stream_usage: Option<bool>,
+    api_version: Option<String>,
+}
+
+/// The fields of the OpenAI-compatible kinds.
+pub const FIELDS: &[&str] = &["max_tokens_field", "developer_role", "stream_usage"];
+
+const AZURE_FIELDS: &[&str] = &[
+    "max_tokens_field",
+    "developer_role",
+    "stream_usage",
+    "api_version",
+];
+
+/// Applies the configured quirks to `config`, the kind's defaults.
+pub fn parse_settings(
+    input: &KindInput<'_>,
+    registry_kind: &'static str,
+    mut config: OpenAiConfig,
+) -> Result<ProviderSettings, Vec<SettingsIssue>> {
+    let raw: RawSettings = input.fields()?;
+    match raw.max_tokens_field.as_deref() {
+        None => {}
+        Some("max_tokens") => config.max_tokens_field = MaxTokensField::MaxTokens,
+        Some("max_completion_tokens") => {
+            config.max_tokens_field = MaxTokensField::MaxCompletionTokens;
+        }
+        Some(other) => {
+            return Err(vec![SettingsIssue::new(
+                "max_tokens_field",
+                format!("`{other}` is not one of: max_tokens, max_completion_tokens"),
+            )]);
+        }
+    }
+    config.developer_role = raw.developer_role.unwrap_or(config.developer_role);
+    config.stream_usage = raw.stream_usage.unwrap_or(config.stream_usage);
+    if let (UrlStyle::AzureDeployment { api_version }, Some(v)) = (
+        &mut config.url_style,
+        raw.api_version.filter(|v| !v.is_empty()),
+    ) {
+        *api_version = v;
+    }
+    Ok(ProviderSettings::new(OpenAiSettings {
+        registry_kind,
+        config,
+    }))
+}
+
+fn parse_openai(input: &KindInput<'_>) -> Result<ProviderSettings, Vec<SettingsIssue>> {
+    parse_settings(input, KIND, OpenAiConfig::new(input.base_url))
+}
+
+fn parse_azure(input: &KindInput<'_>) -> Result<ProviderSettings, Vec<SettingsIssue>> {
+    parse_settings(
+        input,
+        AZURE_KIND,
+        OpenAiConfig::azure(input.base_url, AZURE_DEFAULT_API_VERSION),
+    )
+}
+
+fn discover_openai(env: Env<'_>) -> Option<Result<Discovered, SettingsIssue>> {
+    let key = env_var(env, "OPENAI_API_KEY")?;
+    Some(Ok(discovered(KIND, env_var(env, "OPENAI_BASE_URL"), key)))
+}
+
+fn discover_azure(env: Env<'_>) -> Option<Result<Discovered, SettingsIssue>> {
+    let key = env_var(env, "AZURE_OPENAI_API_KEY")?;
+    let Some(endpoint) = env_var(env, "AZURE_OPENAI_ENDPOINT") else {
+        return Some(Err(SettingsIssue::new(
+            "AZURE_OPENAI_ENDPOINT",
+            "must be set when AZURE_OPENAI_API_KEY is, e.g. https://NAME.openai.azure.com",
+        )));
+    };
+    let mut found = discovered(AZURE_KIND, Some(endpoint), key);
+    if let Some(version) = env_var(env, "AZURE_OPENAI_API_VERSION") {
+        found
+            .raw
+            .extra
+            .insert("api_version".to_owned(), version.into());
+    }
+    Some(Ok(found))
+}
+
+/// `kind = "openai"`: the official API (or a compatible server at `base_url`).
+pub const SPEC: KindSpec = KindSpec {
+    name: KIND,
+    default_base_url: Some(DEFAULT_BASE_URL),
+    base_url_hint: "",
+    http: true,
+    key_env: &[],
+    key_required: KeyRequired::Never,
+    fields: FIELDS,
+    parse: parse_openai,
+    discover: Some(discover_openai),
+};
+
+/// `kind = "openai-compatible"`: any server speaking Chat Completions at `base_url`.
+pub const COMPATIBLE_SPEC: KindSpec = KindSpec {
+    name: "openai-compatible",
+    default_base_url: None,
+    base_url_hint: "is required for this kind",
+    discover: None,
+    ..SPEC
+};
+
+/// `kind = "azure"`: Azure OpenAI deployments.
+pub const AZURE_SPEC: KindSpec = KindSpec {
+    name: AZURE_KIND,
+    default_base_url: None,
+    base_url_hint: "is required for kind `azure`: the resource endpoint, e.g. https://NAME.openai.azure.com",
+    http: true,
+    key_env: &["AZURE_OPENAI_API_KEY"],
+    key_required: KeyRequired::Always,
+    fields: AZURE_FIELDS,
+    parse: parse_azure,
+    discover: Some(discover_azure),
+};
+
+impl WireFormat for ChatCompletions {
+    type Decoder = Sse<ChunkDecoder>;
+
+    fn endpoint(&self, model: &str, _stream: bool) -> Result<reqwest::Url, ProviderError> {
+        match &self.fixed_url {
+            Some(url) => Ok(url.clone()),
+            None => parse_url(&self.config.url(model)?),
+        }
     }
 
-    fn kind(&self) -> &'static str {
-        self.config.kind
-    }
-
-    fn keys(&self) -> Option<&Arc<KeyRing>> {
-        Some(&self.keys)
-    }
-
-    async fn chat(
+    /// Builds the JSON body of a Chat Completions request.
+    fn build_request(
         &self,
         model: &str,
         request: &ChatRequest,
+        stream: bool,
+    ) -> Result<Vec<u8>, ProviderError> {
+        let config = &self.config;
+        let mut messages = Vec::with_capacity(request.messages.len());
+        for message in &request.messages {
+            convert_message(config, message, &mut messages)?;
+        }
+        let (max_tokens, max_completion_tokens) = match config.max_tokens_field {
+            MaxTokensField::MaxTokens => (request.params.max_tokens, None),
+            MaxTokensField::MaxCompletionTokens => (None, request.params.max_tokens),
+        };
+        let wire = WireRequest {
+            model,
+            messages,
+            temperature: request.params.temperature,
+            top_p: request.params.top_p,
+            max_tokens,
+            max_completion_tokens,
+            stop: &request.params.stop,
+            seed: request.params.seed,
+            presence_penalty: request.params.presence_penalty,
+            frequency_penalty: request.params.frequency_penalty,
+            tools: request
+                .tools
+                .iter()
+                .map(|t| WireTool {
+                    kind: "function",
+                    function: WireFunction {
+                        name: &t.name,
+                        description: t.description.as_deref(),
+                        parameters: &t.parameters,
+                        strict: t.strict,
+                    },
+                })
+                .collect(),
+            tool_choice: request.tool_choice.as_ref().map(|choice| match choice {
+                ToolChoice::Auto => "auto".into(),
+                ToolChoice::None => "none".into(),
+                ToolChoice::Required => "required".into(),
+                ToolChoice::Named(name) => {
+                    serde_json::json!({"type": "function", "function": {"name": name}})
+                }
+            }),
+            parallel_tool_calls: request.params.parallel_tool_calls,
+            response_format: request.response_format.as_ref().map(|format| match format {
+                ResponseFormat::Text => serde_json::json!({"type": "text"}),
+                ResponseFormat::JsonObject => serde_json::json!({"type": "json_object"}),
+                ResponseFormat::JsonSchema {
+                    name,
+                    schema,
+                    strict,
+                } => serde_json::json!({
+                    "type": "json_schema",
+                    "json_schema": {"name": name, "schema": schema, "strict": strict}
+                }),
+            }),
+            user: request.user.as_deref(),
+            stream,
+            stream_options: (stream && config.stream_usage).then_some(StreamOptions {
+                include_usage: true,
+            }),
+        };
+        serde_json::to_vec(&wire).map_err(|e| invalid(format!("could not encode the request: {e}")))
+    }
+
+    /// Parses a non-streaming Chat Completions response.
+    fn parse_response(
+        &self,
+        body: &[u8],
+        requested_model: &str,
     ) -> Result<ChatResponse, ProviderError> {
-        let body = build_request(&self.config, model, request, false)?;
-        let response = self.send(model, body).await?;
-        let bytes = read_body(response).await?;
-        parse_response(&bytes, model)
+        let wire: WireResponse = decode_json(body)?;
+        let choice = wire.choices.into_iter().next().ok_or_else(|| {
+            ProviderError::new(
+                ErrorClass::InvalidResponse,
+                "the provider's response has no choices",
+            )
+        })?;
+        let mut content = Vec::with_capacity(1 + choice.message.tool_calls.len());
+        if let Some(text) = choice.message.content.filter(|t| !t.is_empty()) {
+            content.push(ContentPart::Text(text));
+        } else if let Some(refusal) = choice.message.refusal.filter(|t| !t.is_empty()) {
+            content.push(ContentPart::Text(refusal));
+        }
+        for call in choice.message.tool_calls {
+            content.push(ContentPart::ToolCall(ToolCall {
+                id: call.id,
+                name: call.function.name,
+                arguments: call.function.arguments,
+            }));
+        }
+        Ok(ChatResponse {
+            model: wire
+                .model
+                .filter(|m| !m.is_empty())
+                .unwrap_or_else(|| requested_model.to_owned()),
+            content,
+            finish_reason: choice
+                .finish_reason
+                .as_deref()
+                .map_or(FinishReason::Unspecified, finish_reason),
+            usage: wire.usage.map(Usage::from),
+        })
     }
 
-    async fn chat_stream(
-        &self,
-        model: &str,
-        request: &ChatRequest,
-    ) -> Result<EventStream, ProviderError> {
-        let body = build_request(&self.config, model, request, true)?;
-        let response = self.send(model, body).await?;
-        Ok(Box::pin(SseStream::new(response, ChunkDecoder::default())))
+    fn stream_decoder(&self, _model: &str) -> Self::Decoder {
+        Sse::new(ChunkDecoder::default())
+    }
+
+    fn error_body(&self, _status: u16, _headers: &http::HeaderMap, body: &[u8]) -> UpstreamError {
+        error_body(body)
     }
 }
 
@@ -380,75 +562,6 @@ struct WireFunction<'a> {
 
 fn invalid(msg: impl Into<String>) -> ProviderError {
     ProviderError::new(ErrorClass::InvalidRequest, msg)
-}
-
-/// Builds the JSON body of a Chat Completions request.
-pub fn build_request(
-    config: &OpenAiConfig,
-    model: &str,
-    request: &ChatRequest,
-    stream: bool,
-) -> Result<Vec<u8>, ProviderError> {
-    let mut messages = Vec::with_capacity(request.messages.len());
-    for message in &request.messages {
-        convert_message(config, message, &mut messages)?;
-    }
-    let (max_tokens, max_completion_tokens) = match config.max_tokens_field {
-        MaxTokensField::MaxTokens => (request.params.max_tokens, None),
-        MaxTokensField::MaxCompletionTokens => (None, request.params.max_tokens),
-    };
-    let wire = WireRequest {
-        model,
-        messages,
-        temperature: request.params.temperature,
-        top_p: request.params.top_p,
-        max_tokens,
-        max_completion_tokens,
-        stop: &request.params.stop,
-        seed: request.params.seed,
-        presence_penalty: request.params.presence_penalty,
-        frequency_penalty: request.params.frequency_penalty,
-        tools: request
-            .tools
-            .iter()
-            .map(|t| WireTool {
-                kind: "function",
-                function: WireFunction {
-                    name: &t.name,
-                    description: t.description.as_deref(),
-                    parameters: &t.parameters,
-                    strict: t.strict,
-                },
-            })
-            .collect(),
-        tool_choice: request.tool_choice.as_ref().map(|choice| match choice {
-            ToolChoice::Auto => "auto".into(),
-            ToolChoice::None => "none".into(),
-            ToolChoice::Required => "required".into(),
-            ToolChoice::Named(name) => {
-                serde_json::json!({"type": "function", "function": {"name": name}})
-            }
-        }),
-        parallel_tool_calls: request.params.parallel_tool_calls,
-        response_format: request.response_format.as_ref().map(|format| match format {
-            ResponseFormat::Text => serde_json::json!({"type": "text"}),
-            ResponseFormat::JsonObject => serde_json::json!({"type": "json_object"}),
-            ResponseFormat::JsonSchema {
-                name,
-                schema,
-                strict,
-            } => serde_json::json!({
-                "type": "json_schema",
-                "json_schema": {"name": name, "schema": schema, "strict": strict}
-            }),
-        }),
-        user: request.user.as_deref(),
-        stream,
-        stream_options: (stream && config.stream_usage).then_some(StreamOptions {
-            include_usage: true,
-        }),
-    };
-    serde_json::to_vec(&wire).map_err(|e| invalid(format!("could not encode the request: {e}")))
 }
 
 fn convert_message<'a>(
@@ -668,42 +781,6 @@ fn finish_reason(reason: &str) -> FinishReason {
     }
 }
 
-/// Parses a non-streaming Chat Completions response.
-pub fn parse_response(body: &[u8], requested_model: &str) -> Result<ChatResponse, ProviderError> {
-    let wire: WireResponse = decode_json(body)?;
-    let choice = wire.choices.into_iter().next().ok_or_else(|| {
-        ProviderError::new(
-            ErrorClass::InvalidResponse,
-            "the provider's response has no choices",
-        )
-    })?;
-    let mut content = Vec::with_capacity(1 + choice.message.tool_calls.len());
-    if let Some(text) = choice.message.content.filter(|t| !t.is_empty()) {
-        content.push(ContentPart::Text(text));
-    } else if let Some(refusal) = choice.message.refusal.filter(|t| !t.is_empty()) {
-        content.push(ContentPart::Text(refusal));
-    }
-    for call in choice.message.tool_calls {
-        content.push(ContentPart::ToolCall(ToolCall {
-            id: call.id,
-            name: call.function.name,
-            arguments: call.function.arguments,
-        }));
-    }
-    Ok(ChatResponse {
-        model: wire
-            .model
-            .filter(|m| !m.is_empty())
-            .unwrap_or_else(|| requested_model.to_owned()),
-        content,
-        finish_reason: choice
-            .finish_reason
-            .as_deref()
-            .map_or(FinishReason::Unspecified, finish_reason),
-        usage: wire.usage.map(Usage::from),
-    })
-}
-
 // ---------------------------------------------------------------------------------------------
 // Stream
 // ---------------------------------------------------------------------------------------------
@@ -790,25 +867,9 @@ impl EventDecoder for ChunkDecoder {
                 "the provider ended the stream without a finish reason",
             ));
         }
-        let chunk: WireChunk = serde_json::from_str(data)
-            .map_err(|e| ProviderError::malformed_event(&super::json_error_kind(&e)))?;
+        let chunk: WireChunk = decode_event(data.as_bytes())?;
         if let Some(error) = chunk.error {
-            let class = error
-                .code_str()
-                .and_then(class_from_code)
-                .unwrap_or(ErrorClass::StreamBroken);
-            let class = if class.is_retryable() {
-                ErrorClass::StreamBroken
-            } else {
-                class
-            };
-            return Err(ProviderError::new(
-                class,
-                format!(
-                    "the provider sent an error in the stream: {}",
-                    short_message(error.message.as_deref().unwrap_or("unknown error"))
-                ),
-            ));
+            return Err(ProviderError::in_stream(error.upstream()));
         }
         for choice in chunk.choices {
             if let Some(delta) = choice.delta {
@@ -879,6 +940,14 @@ impl WireError {
             .and_then(|c| c.as_str())
             .or(self.kind.as_deref())
     }
+
+    fn upstream(self) -> UpstreamError {
+        UpstreamError {
+            class: self.code_str().and_then(class_from_code),
+            message: self.message,
+            retry_after: None,
+        }
+    }
 }
 
 fn class_from_code(code: &str) -> Option<ErrorClass> {
@@ -895,50 +964,22 @@ fn class_from_code(code: &str) -> Option<ErrorClass> {
     })
 }
 
-/// Maps an HTTP error answer to a [`ProviderError`].
-pub fn map_error(status: u16, headers: &http::HeaderMap, body: &[u8]) -> ProviderError {
-    let wire = serde_json::from_slice::<WireErrorBody>(body)
-        .ok()
-        .map(|b| b.error);
-    let status_class = ErrorClass::from_http_status(status);
-    let code_class = wire
-        .as_ref()
-        .and_then(|w| w.code_str())
-        .and_then(class_from_code);
-    // The code refines the status for the request's own faults; transient statuses win.
-    let class = match code_class {
-        Some(c) if !status_class.is_retryable() || c == ErrorClass::RateLimited => c,
-        _ => status_class,
-    };
-    let upstream_msg = wire.and_then(|w| w.message).unwrap_or_default();
-    let message = match class {
-        ErrorClass::InvalidRequest
-        | ErrorClass::ContextLengthExceeded
-        | ErrorClass::ContentFiltered
-        | ErrorClass::ModelNotFound
-            if !upstream_msg.is_empty() =>
-        {
-            format!(
-                "the provider rejected the request: {}",
-                short_message(&upstream_msg)
-            )
-        }
-        _ => format!("the provider answered http {status}"),
-    };
-    ProviderError::new(class, message).with_retry_after(retry_after_header(headers))
+/// What an OpenAI error body (`{"error": {"message", "type", "code"}}`) says.
+pub fn error_body(body: &[u8]) -> UpstreamError {
+    serde_json::from_slice::<WireErrorBody>(body)
+        .map(|b| b.error.upstream())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use bytes::Bytes;
 
     use super::*;
     use crate::types::{Image, Message, Tool, ToolResult};
 
     fn config() -> OpenAiConfig {
-        OpenAiConfig::new("openai", DEFAULT_BASE_URL, Some("sk-test".into()))
+        OpenAiConfig::new(DEFAULT_BASE_URL)
     }
 
     fn json(bytes: &[u8]) -> serde_json::Value {
@@ -1001,7 +1042,11 @@ mod tests {
             user: Some("u1".into()),
             ..Default::default()
         };
-        let body = json(&build_request(&config(), "gpt-4o-mini", &request, true).unwrap());
+        let body = json(
+            &ChatCompletions::new(config())
+                .build_request("gpt-4o-mini", &request, true)
+                .unwrap(),
+        );
         assert_eq!(
             body,
             serde_json::json!({
@@ -1033,7 +1078,7 @@ mod tests {
 
     #[test]
     fn compatible_servers_get_max_tokens_and_system() {
-        let config = OpenAiConfig::new("vllm", "http://127.0.0.1:8000/v1/", None);
+        let config = OpenAiConfig::new("http://127.0.0.1:8000/v1/");
         let request = ChatRequest {
             messages: vec![Message::text(Role::Developer, "x")],
             params: crate::types::SamplingParams {
@@ -1042,7 +1087,11 @@ mod tests {
             },
             ..Default::default()
         };
-        let body = json(&build_request(&config, "m", &request, false).unwrap());
+        let body = json(
+            &ChatCompletions::new(config.clone())
+                .build_request("m", &request, false)
+                .unwrap(),
+        );
         assert_eq!(body["max_tokens"], 5);
         assert_eq!(body["messages"][0]["role"], "system");
         assert!(body.get("stream").is_none());
@@ -1052,12 +1101,9 @@ mod tests {
     #[test]
     fn azure_uses_deployment_urls() {
         let azure = OpenAiConfig::azure(
-            "azure",
             "https://my-resource.openai.azure.com/",
-            Some("k".into()),
             AZURE_DEFAULT_API_VERSION,
         );
-        assert_eq!(azure.kind, AZURE_KIND);
         assert_eq!(azure.auth, AuthStyle::ApiKeyHeader);
         assert_eq!(
             azure.url("gpt-4o-prod").unwrap(),
@@ -1078,7 +1124,11 @@ mod tests {
             },
             ..Default::default()
         };
-        let body = json(&build_request(&azure, "gpt-4o-prod", &request, false).unwrap());
+        let body = json(
+            &ChatCompletions::new(azure.clone())
+                .build_request("gpt-4o-prod", &request, false)
+                .unwrap(),
+        );
         assert_eq!(body["max_completion_tokens"], 5);
         assert_eq!(body["messages"][0]["role"], "system");
         // Every other server keeps the base URL.
@@ -1091,7 +1141,9 @@ mod tests {
     #[test]
     fn parses_a_documented_response() {
         let body = include_bytes!("../../tests/fixtures/openai/chat_completion.json");
-        let response = parse_response(body, "gpt-4o-mini").unwrap();
+        let response = ChatCompletions::new(config())
+            .parse_response(body, "gpt-4o-mini")
+            .unwrap();
         assert_eq!(response.model, "gpt-4o-mini-2024-07-18");
         assert_eq!(response.finish_reason, FinishReason::Stop);
         assert_eq!(
@@ -1109,7 +1161,9 @@ mod tests {
     #[test]
     fn parses_a_tool_call_response() {
         let body = include_bytes!("../../tests/fixtures/openai/chat_completion_tool_call.json");
-        let response = parse_response(body, "gpt-4o").unwrap();
+        let response = ChatCompletions::new(config())
+            .parse_response(body, "gpt-4o")
+            .unwrap();
         assert_eq!(response.finish_reason, FinishReason::ToolCalls);
         assert_eq!(
             response.content,
@@ -1121,21 +1175,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn malformed_response_is_an_error_not_a_panic() {
-        for body in [
-            &b"{"[..],
-            b"not json",
-            b"{\"choices\": []}",
-            b"{\"choices\": 3}",
-        ] {
-            let err = parse_response(body, "m").unwrap_err();
-            assert_eq!(err.class, ErrorClass::InvalidResponse, "{body:?}");
-        }
-    }
-
     async fn decode_stream(body: &'static [u8]) -> Vec<Result<StreamEvent, ProviderError>> {
-        super::super::sse::decode_in_pieces(body, ChunkDecoder::default()).await
+        crate::providers::wire::decode_in_pieces(body, 7, Sse::new(ChunkDecoder::default())).await
     }
 
     #[tokio::test]
@@ -1186,42 +1227,6 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn truncated_stream_is_an_error() {
-        let events = decode_stream(
-            b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"},\"finish_reason\":null}]}\n\n",
-        )
-        .await;
-        assert_eq!(events.len(), 2);
-        assert_eq!(
-            events[1].as_ref().unwrap_err().class,
-            ErrorClass::StreamBroken
-        );
-    }
-
-    #[tokio::test]
-    async fn malformed_event_is_an_error() {
-        let events = decode_stream(
-            b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\ndata: {not json\n\ndata: [DONE]\n\n",
-        )
-        .await;
-        assert_eq!(events.len(), 2);
-        assert_eq!(
-            events[1].as_ref().unwrap_err().class,
-            ErrorClass::StreamBroken
-        );
-    }
-
-    #[tokio::test]
-    async fn in_stream_error_is_an_error() {
-        let events = decode_stream(
-            b"data: {\"error\":{\"message\":\"overloaded\",\"type\":\"server_error\"}}\n\n",
-        )
-        .await;
-        assert_eq!(events.len(), 1);
-        assert!(events[0].is_err());
-    }
-
-    #[tokio::test]
     async fn finish_without_done_is_complete() {
         let events = decode_stream(
             b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"},\"finish_reason\":\"length\"}]}\n\n",
@@ -1231,75 +1236,5 @@ mod tests {
             events.last(),
             Some(Ok(StreamEvent::Finish(FinishReason::Length)))
         ));
-    }
-
-    #[test]
-    fn error_mapping_table() {
-        let mut headers = http::HeaderMap::new();
-        headers.insert("retry-after", http::HeaderValue::from_static("3"));
-        let none = http::HeaderMap::new();
-        let cases: &[(u16, &http::HeaderMap, &str, ErrorClass)] = &[
-            (
-                429,
-                &headers,
-                r#"{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}"#,
-                ErrorClass::RateLimited,
-            ),
-            (
-                400,
-                &none,
-                r#"{"error":{"message":"This model's maximum context length is 128000 tokens.","type":"invalid_request_error","param":"messages","code":"context_length_exceeded"}}"#,
-                ErrorClass::ContextLengthExceeded,
-            ),
-            (
-                400,
-                &none,
-                r#"{"error":{"message":"bad temperature","type":"invalid_request_error","param":"temperature","code":null}}"#,
-                ErrorClass::InvalidRequest,
-            ),
-            (
-                400,
-                &none,
-                r#"{"error":{"message":"blocked","type":"invalid_request_error","code":"content_filter"}}"#,
-                ErrorClass::ContentFiltered,
-            ),
-            (
-                401,
-                &none,
-                r#"{"error":{"message":"Incorrect API key provided: sk-abc***","type":"invalid_request_error","code":"invalid_api_key"}}"#,
-                ErrorClass::Authentication,
-            ),
-            (403, &none, "forbidden", ErrorClass::Permission),
-            (
-                404,
-                &none,
-                r#"{"error":{"message":"The model `gpt-9` does not exist","type":"invalid_request_error","code":"model_not_found"}}"#,
-                ErrorClass::ModelNotFound,
-            ),
-            (
-                500,
-                &none,
-                r#"{"error":{"message":"The server had an error","type":"server_error"}}"#,
-                ErrorClass::ServerError,
-            ),
-            (
-                502,
-                &none,
-                "<html>bad gateway</html>",
-                ErrorClass::ServerError,
-            ),
-            (503, &none, "", ErrorClass::Overloaded),
-        ];
-        for (status, headers, body, class) in cases {
-            let err = map_error(*status, headers, body.as_bytes());
-            assert_eq!(err.class, *class, "status {status} body {body}");
-            assert!(
-                !err.message.contains("sk-abc"),
-                "leaked key: {}",
-                err.message
-            );
-        }
-        let err = map_error(429, &headers, b"{}");
-        assert_eq!(err.retry_after, Some(Duration::from_secs(3)));
     }
 }

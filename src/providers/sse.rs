@@ -2,20 +2,13 @@
 //!
 //! [`SseDecoder`] turns bytes into events following the WHATWG event-stream rules (`\n`,
 //! `\r\n` or `\r` line ends, `:` comments, multi-line `data`, events dispatched on a blank
-//! line). [`SseStream`] drives a provider-specific [`EventDecoder`] over an HTTP body and
-//! enforces stream integrity: a body that ends before the provider's terminal event is an
-//! error, never a clean end.
+//! line). [`Sse`] is the SSE framing of a [`StreamDecoder`]: it feeds the events to a
+//! provider-specific [`EventDecoder`]; [`super::wire::DecodedStream`] drives it over a body and
+//! enforces stream integrity.
 
-use std::{
-    collections::VecDeque,
-    pin::Pin,
-    task::{Context, Poll},
-};
+use std::collections::VecDeque;
 
-use bytes::Bytes;
-use futures_util::Stream;
-
-use super::{ProviderError, StreamEvent};
+use super::{ProviderError, StreamEvent, wire::StreamDecoder};
 
 /// One server-sent event.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -147,96 +140,42 @@ pub trait EventDecoder: Send + Unpin + 'static {
     fn end_of_body(&mut self, out: &mut VecDeque<StreamEvent>) -> Result<(), ProviderError>;
 }
 
-type Body = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
-
-/// A provider stream over an SSE body.
-pub struct SseStream<D> {
-    body: Option<Body>,
+/// The SSE framing of a [`StreamDecoder`]: bytes -> [`SseEvent`]s -> the provider's
+/// [`EventDecoder`].
+#[derive(Debug, Default)]
+pub struct Sse<D> {
     sse: SseDecoder,
-    decoder: D,
-    queue: VecDeque<StreamEvent>,
+    events: D,
 }
 
-impl<D: EventDecoder> SseStream<D> {
-    /// Wraps a successful (2xx) streaming response.
-    pub fn new(response: reqwest::Response, decoder: D) -> Self {
-        Self::from_body(Box::pin(response.bytes_stream()), decoder)
-    }
-
-    /// Wraps any byte stream (used by tests).
-    pub fn from_body(body: Body, decoder: D) -> Self {
+impl<D: EventDecoder> Sse<D> {
+    /// SSE framing around `events`.
+    pub fn new(events: D) -> Self {
         Self {
-            body: Some(body),
             sse: SseDecoder::new(),
-            decoder,
-            queue: VecDeque::new(),
-        }
-    }
-
-    fn fail(&mut self, err: ProviderError) -> Poll<Option<Result<StreamEvent, ProviderError>>> {
-        self.body = None;
-        self.queue.clear();
-        Poll::Ready(Some(Err(err)))
-    }
-}
-
-impl<D: EventDecoder> Stream for SseStream<D> {
-    type Item = Result<StreamEvent, ProviderError>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = &mut *self;
-        loop {
-            if let Some(event) = this.queue.pop_front() {
-                return Poll::Ready(Some(Ok(event)));
-            }
-            let Some(body) = this.body.as_mut() else {
-                return Poll::Ready(None);
-            };
-            match this.sse.next_event() {
-                Some(Ok(event)) => match this.decoder.decode(event, &mut this.queue) {
-                    Ok(true) => this.body = None,
-                    Ok(false) => {}
-                    Err(e) => return this.fail(e),
-                },
-                Some(Err(e)) => return this.fail(e),
-                None => match body.as_mut().poll_next(cx) {
-                    Poll::Ready(Some(Ok(bytes))) => this.sse.push(&bytes),
-                    Poll::Ready(Some(Err(e))) => {
-                        let mut err = ProviderError::from_transport(&e);
-                        if err.class != super::ErrorClass::Timeout {
-                            err = ProviderError::new(
-                                super::ErrorClass::StreamBroken,
-                                "the provider's stream broke off",
-                            );
-                        }
-                        return this.fail(err);
-                    }
-                    Poll::Ready(None) => {
-                        this.body = None;
-                        if let Err(e) = this.decoder.end_of_body(&mut this.queue) {
-                            return this.fail(e);
-                        }
-                    }
-                    Poll::Pending => return Poll::Pending,
-                },
-            }
+            events,
         }
     }
 }
 
-/// Runs `decoder` over `body` delivered in 7-byte pieces (exercising event reassembly
-/// across reads), collecting every item: the provider tests' stream harness.
-#[cfg(test)]
-pub(crate) async fn decode_in_pieces<D: EventDecoder>(
-    body: &'static [u8],
-    decoder: D,
-) -> Vec<Result<StreamEvent, ProviderError>> {
-    use futures_util::StreamExt as _;
-    let pieces: Vec<reqwest::Result<Bytes>> =
-        body.chunks(7).map(|c| Ok(Bytes::from_static(c))).collect();
-    SseStream::from_body(Box::pin(futures_util::stream::iter(pieces)), decoder)
-        .collect()
-        .await
+impl<D: EventDecoder> StreamDecoder for Sse<D> {
+    fn feed(
+        &mut self,
+        bytes: &[u8],
+        out: &mut VecDeque<StreamEvent>,
+    ) -> Result<bool, ProviderError> {
+        self.sse.push(bytes);
+        while let Some(event) = self.sse.next_event() {
+            if self.events.decode(event?, out)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    fn end_of_body(&mut self, out: &mut VecDeque<StreamEvent>) -> Result<(), ProviderError> {
+        self.events.end_of_body(out)
+    }
 }
 
 #[cfg(test)]

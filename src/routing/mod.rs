@@ -306,7 +306,9 @@ impl RoutingTable {
         &self.records
     }
 
-    /// Every routable concrete model: `(provider name, model, info)`, sorted.
+    /// Every routable concrete model: `(provider name, model, info)`, sorted. A provider
+    /// with an allowlist routes exactly those; one without routes any name, and lists the
+    /// registry's models of its kind plus those the config's `[[models]]` add or price.
     pub fn models(&self) -> Vec<(String, String, Option<Arc<ModelInfo>>)> {
         let mut out = Vec::new();
         for (name, entry) in &self.providers {
@@ -317,6 +319,12 @@ impl RoutingTable {
                     .models_of(entry.provider.kind())
                     .iter()
                     .map(|m| m.model.clone())
+                    .chain(
+                        self.infos
+                            .get(name)
+                            .into_iter()
+                            .flat_map(|m| m.keys().cloned()),
+                    )
                     .collect(),
             };
             for model in models {

@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
 use crate::{
-    config::{Config, ProviderKind},
+    config::Config,
     error::FieldViolation,
     executor::Executor,
     health::HealthRegistry,
@@ -43,7 +43,7 @@ use crate::{
     pb::{
         self, llm_gateway_admin_server::LlmGatewayAdminServer, llm_gateway_server::LlmGatewayServer,
     },
-    providers::{self, Provider, ProviderRegistry, anthropic, gemini, mock::Mock, openai},
+    providers::{self, ProviderRegistry},
     routing::{PolicyRecord, PolicySource, Router, RoutingTable, policy},
     store::{Store, StoreError, sqlite::SqliteStore},
 };
@@ -110,42 +110,7 @@ pub fn providers_from_config(config: &Config) -> Result<ProviderRegistry, ServeE
             p.api_keys.clone(),
             config.upstream.key_auth_rest,
         ));
-        let provider: Arc<dyn Provider> = match &p.kind {
-            ProviderKind::OpenAi {
-                flavor,
-                max_tokens_field,
-                developer_role,
-                stream_usage,
-                azure_api_version,
-            } => {
-                let mut c = match azure_api_version {
-                    Some(version) => {
-                        openai::OpenAiConfig::azure(&p.name, &p.base_url, None, version)
-                    }
-                    None => openai::OpenAiConfig::new(&p.name, &p.base_url, None),
-                };
-                c.kind = flavor;
-                c.max_tokens_field = *max_tokens_field;
-                c.developer_role = *developer_role;
-                c.stream_usage = *stream_usage;
-                Arc::new(openai::OpenAi::new(c, client.clone()).with_keys(keys))
-            }
-            ProviderKind::Anthropic => Arc::new(
-                anthropic::Anthropic::new(
-                    anthropic::AnthropicConfig::new(&p.name, &p.base_url, None),
-                    client.clone(),
-                )
-                .with_keys(keys),
-            ),
-            ProviderKind::Gemini => Arc::new(
-                gemini::Gemini::new(
-                    gemini::GeminiConfig::new(&p.name, &p.base_url, None),
-                    client.clone(),
-                )
-                .with_keys(keys),
-            ),
-            ProviderKind::Mock => Arc::new(Mock::new(&p.name)),
-        };
+        let provider = p.build(keys, &client);
         registry.insert(provider);
     }
     Ok(registry)
@@ -159,17 +124,11 @@ pub fn routing_table(
 ) -> Result<RoutingTable, ServeError> {
     let registry = ModelRegistry::builtin()?;
     let allowed = |name: &str| {
-        let p = config.providers.iter().find(|p| p.name == name)?;
-        match (&p.models, &p.kind) {
-            (Some(models), _) => Some(models.clone()),
-            (None, ProviderKind::Mock) => Some(
-                providers::mock::MODELS
-                    .iter()
-                    .map(|m| (*m).to_owned())
-                    .collect(),
-            ),
-            (None, _) => None,
-        }
+        config
+            .providers
+            .iter()
+            .find(|p| p.name == name)?
+            .allowed_models()
     };
     let mut table = RoutingTable::new(providers, registry.clone(), &allowed, health);
     for raw in &config.models {
@@ -312,7 +271,7 @@ pub async fn serve_with(
             .iter()
             .map(|p| admin::ProviderInfo {
                 name: p.name.clone(),
-                kind: p.kind.name().to_owned(),
+                kind: p.kind.to_owned(),
                 base_url: p.base_url.clone(),
             })
             .collect(),

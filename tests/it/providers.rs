@@ -841,3 +841,144 @@ async fn list_models_reports_anthropic_and_gemini_prices() {
         "{models:?}"
     );
 }
+
+#[tokio::test]
+async fn anthropic_json_formats_are_structured_outputs() {
+    let (mock, gateway) = all_providers_pair().await;
+    let mut schema = prost_types::Struct::default();
+    schema.fields.insert(
+        "type".into(),
+        prost_types::Value {
+            kind: Some(prost_types::value::Kind::StringValue("object".into())),
+        },
+    );
+    for (format, expected) in [
+        (
+            pb::ResponseFormat {
+                r#type: pb::ResponseFormatType::JsonSchema as i32,
+                schema_name: "answer".into(),
+                schema: Some(schema.clone()),
+                strict: true,
+            },
+            serde_json::json!({"format": {"type": "json_schema", "schema": {"type": "object"}}}),
+        ),
+        (
+            pb::ResponseFormat {
+                r#type: pb::ResponseFormatType::JsonObject as i32,
+                ..Default::default()
+            },
+            serde_json::json!({"format": {"type": "json_schema", "schema": {"type": "object"}}}),
+        ),
+    ] {
+        let mut req = request("anthropic/claude-sonnet-4-5", "answer in json");
+        req.response_format = Some(format);
+        let response = gateway.client().chat(req).await.unwrap().into_inner();
+        assert!(!reply_text(&response).is_empty());
+        assert_eq!(mock.stats().last_body().unwrap()["output_config"], expected);
+    }
+}
+
+#[tokio::test]
+async fn upstream_messages_never_carry_the_key_or_a_bearer_token() {
+    let (_mock, gateway) = all_providers_pair().await;
+    for (model, key) in [
+        ("openai/gpt-4o-mini+echo_key", "sk-test-secret"),
+        ("anthropic/claude-sonnet-4-5+echo_key", "sk-ant-test-secret"),
+        ("gemini/gemini-2.5-flash+echo_key", "gemini-test-secret"),
+        ("azure/my-deployment+echo_key", "azure-test-secret"),
+    ] {
+        let status = gateway
+            .client()
+            .chat(request(model, "hi"))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{model}: {status:?}");
+        assert_eq!(reason(&status), "INVALID_REQUEST", "{model}");
+        // The caller sees what is wrong...
+        assert!(
+            status.message().contains("temperature"),
+            "{model}: {status:?}"
+        );
+        // ...but neither the key nor the token, anywhere in the status.
+        let everything = format!("{status:?} {:?}", status.get_details_error_info());
+        for secret in [key, "ya29.mock-oauth-token-0123456789"] {
+            assert!(!everything.contains(secret), "{model}: {everything}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn list_models_includes_models_the_config_adds_and_providers_show_their_kind() {
+    let mock = MockUpstream::start(MockSettings::default()).await.unwrap();
+    let gateway = Gateway::start(&all_providers_toml(
+        &mock,
+        &format!(
+            r#"
+[providers.local]
+kind = "openai-compatible"
+base_url = "{url}"
+[providers.fast]
+kind = "groq"
+base_url = "{url}"
+[[models]]
+provider = "azure"
+model = "gpt-4o-prod"
+input = 2.5
+output = 10.0
+[[models]]
+provider = "local"
+model = "my-finetune"
+context_window = 8192
+"#,
+            url = mock.openai_base_url()
+        ),
+    ))
+    .await;
+    let models = gateway
+        .client()
+        .list_models(pb::ListModelsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let azure = models
+        .models
+        .iter()
+        .find(|m| m.id == "azure/gpt-4o-prod")
+        .unwrap_or_else(|| panic!("the priced azure deployment is not listed: {models:?}"));
+    assert_eq!(
+        (azure.input_price_per_mtok, azure.output_price_per_mtok),
+        (Some(2.5), Some(10.0))
+    );
+    let local = models
+        .models
+        .iter()
+        .find(|m| m.id == "local/my-finetune")
+        .unwrap_or_else(|| panic!("the added model is not listed: {models:?}"));
+    assert_eq!(local.context_window, Some(8192));
+    // What is listed is routable.
+    let response = gateway
+        .client()
+        .chat(request("azure/gpt-4o-prod", "hi"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(response.cost.unwrap().total_usd > 0.0);
+
+    let providers = admin_client(gateway.channel.clone())
+        .list_providers(pb::ListProvidersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let kind_of = |name: &str| {
+        providers
+            .providers
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.kind.clone())
+            .unwrap()
+    };
+    assert_eq!(kind_of("local"), "openai-compatible");
+    assert_eq!(kind_of("fast"), "groq");
+    assert_eq!(kind_of("azure"), "azure");
+    assert_eq!(kind_of("anthropic"), "anthropic");
+}
