@@ -22,8 +22,10 @@
 //! - [`error`]: [`error::GatewayError`] and its single mapping to gRPC statuses.
 //! - [`health`]: circuit breakers, rate-limit cooldowns, latency statistics per target.
 //! - [`ledger`]: the usage and cost ledger, writing to a [`ledger::UsageSink`].
-//! - [`providers`]: the [`providers::Provider`] trait, one file per provider, shared SSE
-//!   decoding, the error taxonomy, provider keys and `[upstream]`.
+//! - [`providers`]: the [`providers::Provider`] trait and the provider kit: a wire format
+//!   per provider API (one file each), one HTTP adapter, pluggable auth and stream framing,
+//!   the kind registry that owns `[providers.*]` settings, the one error policy, provider
+//!   keys and `[upstream]`.
 //! - [`models`]: the model registry (context windows, prices) and cost computation.
 //! - [`telemetry`]: logging, metric names, trace context; `[log]` and `[metrics]`.
 //! - [`tls`]: TLS and mutual TLS for the gRPC listeners, with certificate reload.

@@ -310,7 +310,8 @@ pub mod names {
     /// Client connections open per listener, in handshake or established (gauge).
     pub const CONNECTIONS_OPEN: &str = "llm_gateway_connections_open";
     /// Client connections the gateway closed, per listener and reason: `handshake_timeout`,
-    /// `tls_failed`, `not_http2`, `closed_in_handshake`, `idle`, `max_age` (counter).
+    /// `tls_failed`, `not_http2`, `closed_in_handshake`, `idle`, `max_age` (the GOAWAY at the
+    /// maximum age), `max_age_forced` (closed when the grace after it ran out) (counter).
     pub const CONNECTIONS_CLOSED: &str = "llm_gateway_connections_closed_total";
     /// Client connections refused because the listener had `max_connections` open (counter).
     pub const CONNECTIONS_REFUSED: &str = "llm_gateway_connections_refused_total";

@@ -98,6 +98,10 @@ struct Args {
     /// A label copied into the JSON line.
     #[arg(long, default_value = "")]
     label: String,
+    /// Send each unary request as tonic does (the message, then an empty END_STREAM frame)
+    /// instead of ending the stream with the message.
+    #[arg(long)]
+    tonic_framing: bool,
     /// Runtime worker threads (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
@@ -593,9 +597,9 @@ type Client = LlmGatewayClient<EndWithMessage<Channel>>;
 /// calls arriving on one connection faster than the server reads them, the budget runs out
 /// and the server closes the connection with ENHANCE_YOUR_CALM (`too_many_data_frames`),
 /// failing every call on it. A unary request whose DATA frame is also the last is not
-/// charged.
+/// charged. `--tonic-framing` turns this off, to load a server the way plain tonic clients do.
 #[derive(Debug, Clone)]
-struct EndWithMessage<S>(S);
+struct EndWithMessage<S>(S, bool);
 
 impl<S> tower::Service<http::Request<tonic::body::Body>> for EndWithMessage<S>
 where
@@ -613,6 +617,9 @@ where
     }
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        if !self.1 {
+            return self.0.call(request);
+        }
         self.0.call(request.map(|body| {
             tonic::body::Body::new(PeekEnd {
                 inner: body,
@@ -666,7 +673,11 @@ impl http_body::Body for PeekEnd {
     }
 }
 
-async fn connect(target: &str, connections: usize) -> Result<Vec<Client>, String> {
+async fn connect(
+    target: &str,
+    connections: usize,
+    tonic_framing: bool,
+) -> Result<Vec<Client>, String> {
     let endpoint = Endpoint::from_shared(target.to_owned())
         .map_err(|e| format!("bad --target {target}: {e}"))?
         .tcp_nodelay(true)
@@ -679,7 +690,7 @@ async fn connect(target: &str, connections: usize) -> Result<Vec<Client>, String
             .await
             .map_err(|e| format!("cannot connect to {target}: {e}"))?;
         clients.push(
-            LlmGatewayClient::new(EndWithMessage(channel))
+            LlmGatewayClient::new(EndWithMessage(channel, !tonic_framing))
                 .max_decoding_message_size(64 * 1024 * 1024)
                 .max_encoding_message_size(64 * 1024 * 1024),
         );
@@ -741,7 +752,7 @@ async fn run(args: Args) -> Result<bool, String> {
     if args.duration.is_none() && args.requests.is_none() {
         return Err("give --duration, --requests or both".to_owned());
     }
-    let clients = connect(&args.target, args.connections).await?;
+    let clients = connect(&args.target, args.connections, args.tonic_framing).await?;
     let ctx = Arc::new(Ctx {
         rpc: args.rpc,
         request: request(&args),

@@ -25,7 +25,7 @@ use super::{
         ProviderSettings, SettingsIssue, discovered, env_var, no_fields,
     },
     sse::{EventDecoder, Sse, SseEvent},
-    wire::{WireFormat, decode_event, decode_json, parse_url},
+    wire::{Turn, WireFormat, decode_event, decode_json, parse_url, reply_model, split_system},
 };
 use crate::types::{
     ChatRequest, ChatResponse, ContentPart, FinishReason, ImageSource, Message, ResponseFormat,
@@ -149,39 +149,11 @@ impl WireFormat for Messages {
         stream: bool,
     ) -> Result<Vec<u8>, ProviderError> {
         let config = &self.config;
-        let mut system = Vec::new();
-        let mut messages: Vec<WireMessage<'_>> = Vec::with_capacity(request.messages.len());
-        for message in &request.messages {
-            match message.role {
-                Role::System | Role::Developer => {
-                    for part in &message.content {
-                        match part {
-                            ContentPart::Text(text) if !text.is_empty() => {
-                                system.push(WireBlock::Text { text });
-                            }
-                            ContentPart::Text(_) => {}
-                            _ => {
-                                return Err(invalid(
-                                    "anthropic accepts only text in system and developer messages",
-                                ));
-                            }
-                        }
-                    }
-                }
-                Role::User | Role::Tool | Role::Assistant => {
-                    let wire = convert_message(message)?;
-                    if wire.content.is_empty() {
-                        continue;
-                    }
-                    // Anthropic wants alternating turns, and all tool results answering one
-                    // assistant turn in the single user message after it: merge same-role runs.
-                    match messages.last_mut() {
-                        Some(last) if last.role == wire.role => last.content.extend(wire.content),
-                        _ => messages.push(wire),
-                    }
-                }
-            }
-        }
+        let (system, messages) = split_system(&request.messages, "anthropic", convert_message)?;
+        let system: Vec<WireBlock<'_>> = system
+            .into_iter()
+            .map(|text| WireBlock::Text { text })
+            .collect();
         let has_tools = !request.tools.is_empty();
         let tool_choice = if has_tools {
             let disable_parallel_tool_use = request.params.parallel_tool_calls == Some(false);
@@ -276,10 +248,7 @@ impl WireFormat for Messages {
             }
         }
         Ok(ChatResponse {
-            model: wire
-                .model
-                .filter(|m| !m.is_empty())
-                .unwrap_or_else(|| requested_model.to_owned()),
+            model: reply_model(wire.model, requested_model),
             content,
             finish_reason: wire
                 .stop_reason
@@ -365,6 +334,18 @@ enum WireSystem<'a> {
 struct WireMessage<'a> {
     role: &'static str,
     content: Vec<WireBlock<'a>>,
+}
+
+impl<'a> Turn for WireMessage<'a> {
+    type Part = WireBlock<'a>;
+
+    fn role(&self) -> &str {
+        self.role
+    }
+
+    fn parts(&mut self) -> &mut Vec<WireBlock<'a>> {
+        &mut self.content
+    }
 }
 
 #[derive(Serialize)]

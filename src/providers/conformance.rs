@@ -451,3 +451,36 @@ fn retry_after_comes_from_the_header_for_retryable_classes() {
         );
     });
 }
+
+#[test]
+fn the_readme_status_table_is_true() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let table = readme
+        .split("| upstream status | class |")
+        .nth(1)
+        .expect("README has the provider error table");
+    let mut seen = Vec::new();
+    for row in table.lines().skip(2).take_while(|l| l.starts_with('|')) {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let (statuses, class, retried) = (cells[1], cells[2], cells[3]);
+        let reason = class.split('`').nth(1).unwrap();
+        for status in statuses.split(", ").filter_map(|s| s.parse::<u16>().ok()) {
+            let got = ErrorClass::from_http_status(status);
+            assert_eq!(got.reason(), reason, "README row for {status}");
+            assert_eq!(got.is_retryable(), retried.starts_with("yes"), "{status}");
+            seen.push(status);
+        }
+        if !statuses.chars().next().is_some_and(|c| c.is_ascii_digit()) {
+            let class = ErrorClass::ALL
+                .iter()
+                .find(|c| c.reason() == reason)
+                .unwrap();
+            assert_eq!(class.is_retryable(), retried.starts_with("yes"), "{reason}");
+        }
+    }
+    // Every status of the conformance table has its README row.
+    for (status, _) in STATUS_CLASSES {
+        assert!(seen.contains(status), "README lacks status {status}");
+    }
+}

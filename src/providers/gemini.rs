@@ -28,7 +28,10 @@ use super::{
         ProviderSettings, SettingsIssue, discovered, env_var, no_fields,
     },
     sse::{EventDecoder, Sse, SseEvent},
-    wire::{WireFormat, decode_event, decode_json, is_path_segment, parse_url},
+    wire::{
+        Turn, WireFormat, decode_event, decode_json, is_path_segment, parse_url, reply_model,
+        split_system,
+    },
 };
 use crate::types::{
     ChatRequest, ChatResponse, ContentPart, FinishReason, ImageSource, Message, ResponseFormat,
@@ -129,38 +132,8 @@ impl WireFormat for GenerateContent {
         request: &ChatRequest,
         _stream: bool,
     ) -> Result<Vec<u8>, ProviderError> {
-        let mut system = Vec::new();
-        let mut contents: Vec<WireContent<'_>> = Vec::with_capacity(request.messages.len());
-        for message in &request.messages {
-            match message.role {
-                Role::System | Role::Developer => {
-                    for part in &message.content {
-                        match part {
-                            ContentPart::Text(text) if !text.is_empty() => {
-                                system.push(WirePart::Text(text));
-                            }
-                            ContentPart::Text(_) => {}
-                            _ => {
-                                return Err(invalid(
-                                    "gemini accepts only text in system and developer messages",
-                                ));
-                            }
-                        }
-                    }
-                }
-                Role::User | Role::Assistant | Role::Tool => {
-                    let wire = convert_message(message)?;
-                    if wire.parts.is_empty() {
-                        continue;
-                    }
-                    // Gemini wants every function response of a turn in one content: merge runs.
-                    match contents.last_mut() {
-                        Some(last) if last.role == wire.role => last.parts.extend(wire.parts),
-                        _ => contents.push(wire),
-                    }
-                }
-            }
-        }
+        let (system, contents) = split_system(&request.messages, "gemini", convert_message)?;
+        let system: Vec<WirePart<'_>> = system.into_iter().map(WirePart::Text).collect();
         let has_tools = !request.tools.is_empty();
         let tool_config = match (&request.tool_choice, has_tools) {
             (Some(choice), true) => {
@@ -270,10 +243,7 @@ impl WireFormat for GenerateContent {
             .as_deref()
             .map_or(FinishReason::Unspecified, finish_reason);
         Ok(ChatResponse {
-            model: wire
-                .model_version
-                .filter(|m| !m.is_empty())
-                .unwrap_or_else(|| requested_model.to_owned()),
+            model: reply_model(wire.model_version, requested_model),
             content,
             finish_reason: finish_with_calls(reason, calls > 0),
             usage: wire.usage_metadata.map(Usage::from),
@@ -316,6 +286,18 @@ struct WireSystem<'a> {
 struct WireContent<'a> {
     role: &'static str,
     parts: Vec<WirePart<'a>>,
+}
+
+impl<'a> Turn for WireContent<'a> {
+    type Part = WirePart<'a>;
+
+    fn role(&self) -> &str {
+        self.role
+    }
+
+    fn parts(&mut self) -> &mut Vec<WirePart<'a>> {
+        &mut self.parts
+    }
 }
 
 #[derive(Serialize)]

@@ -103,10 +103,23 @@ pub struct KindInput<'a> {
 
 impl KindInput<'_> {
     /// Deserializes the kind's fields into `T` (`deny_unknown_fields` recommended).
+    /// An issue names the first field that fails on its own.
     pub fn fields<T: DeserializeOwned>(&self) -> Result<T, Vec<SettingsIssue>> {
         toml::Value::Table(self.extra.clone())
             .try_into()
-            .map_err(|e: toml::de::Error| vec![SettingsIssue::new("", e.message().to_owned())])
+            .map_err(|e: toml::de::Error| {
+                let field = self.extra.iter().find_map(|(name, value)| {
+                    let alone = toml::Table::from_iter([(name.clone(), value.clone())]);
+                    toml::Value::Table(alone)
+                        .try_into::<T>()
+                        .is_err()
+                        .then(|| name.clone())
+                });
+                vec![SettingsIssue::new(
+                    field.unwrap_or_default(),
+                    e.message().to_owned(),
+                )]
+            })
     }
 }
 
@@ -563,6 +576,18 @@ mod tests {
             }
         }
         assert!(kind("nope").is_none());
+    }
+
+    #[test]
+    fn a_badly_typed_kind_field_is_named() {
+        let mut issues = Vec::new();
+        let mut raw = RawProvider::default();
+        raw.extra.insert("stream_usage".into(), true.into());
+        raw.extra.insert("developer_role".into(), "yes".into());
+        assert!(validate("openai", raw, &|_| None, &mut issues).is_none());
+        assert_eq!(issues.len(), 1, "{issues:?}");
+        assert_eq!(issues[0].field, "developer_role");
+        assert!(issues[0].message.contains("boolean"), "{issues:?}");
     }
 
     #[test]

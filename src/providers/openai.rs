@@ -20,7 +20,7 @@ use super::{
         ProviderSettings, SettingsIssue, discovered, env_var,
     },
     sse::{EventDecoder, Sse, SseEvent},
-    wire::{WireFormat, decode_event, decode_json, is_path_segment, parse_url},
+    wire::{WireFormat, decode_event, decode_json, is_path_segment, parse_url, reply_model},
 };
 use crate::types::{
     ChatRequest, ChatResponse, ContentPart, FinishReason, ImageDetail, ImageSource, ResponseFormat,
@@ -427,10 +427,7 @@ impl WireFormat for ChatCompletions {
             }));
         }
         Ok(ChatResponse {
-            model: wire
-                .model
-                .filter(|m| !m.is_empty())
-                .unwrap_or_else(|| requested_model.to_owned()),
+            model: reply_model(wire.model, requested_model),
             content,
             finish_reason: choice
                 .finish_reason

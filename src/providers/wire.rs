@@ -23,7 +23,7 @@ use super::{
     ErrorClass, ProviderError,
     error::{UpstreamError, classify_http},
 };
-use crate::types::{ChatRequest, ChatResponse, StreamEvent};
+use crate::types::{ChatRequest, ChatResponse, ContentPart, Message, Role, StreamEvent};
 
 /// One provider API's wire format.
 pub trait WireFormat: Send + Sync + 'static {
@@ -178,6 +178,13 @@ pub(crate) async fn decode_in_pieces<D: StreamDecoder>(
         .await
 }
 
+/// The model a reply names, or the one requested when it names none.
+pub fn reply_model(named: Option<String>, requested: &str) -> String {
+    named
+        .filter(|m| !m.is_empty())
+        .unwrap_or_else(|| requested.to_owned())
+}
+
 /// Decodes a JSON body, mapping failures to [`ErrorClass::InvalidResponse`].
 pub fn decode_json<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, ProviderError> {
     serde_json::from_slice(body).map_err(|e| {
@@ -231,4 +238,63 @@ pub fn is_path_segment(name: &str) -> bool {
         && !name.chars().any(|c| {
             matches!(c, '/' | '?' | '#' | '%' | '\\' | '&') || c.is_whitespace() || c.is_control()
         })
+}
+
+/// One turn of an API that keeps the system prompt apart from the conversation (Anthropic,
+/// Gemini): a role and its parts.
+pub trait Turn {
+    /// A part of the turn.
+    type Part;
+
+    /// The API's role name.
+    fn role(&self) -> &str;
+
+    /// The parts.
+    fn parts(&mut self) -> &mut Vec<Self::Part>;
+}
+
+/// Splits `messages` the way APIs with a separate system prompt want them: the non-empty
+/// texts of system and developer messages, in order (anything else there is refused, naming
+/// `api`), and the other messages as turns made by `convert`, empty turns dropped and
+/// consecutive turns of one role merged (such APIs want alternating turns, and every tool
+/// result answering one turn in the single turn after it).
+pub fn split_system<'a, T: Turn>(
+    messages: &'a [Message],
+    api: &str,
+    convert: impl Fn(&'a Message) -> Result<T, ProviderError>,
+) -> Result<(Vec<&'a str>, Vec<T>), ProviderError> {
+    let mut system = Vec::new();
+    let mut turns: Vec<T> = Vec::with_capacity(messages.len());
+    for message in messages {
+        match message.role {
+            Role::System | Role::Developer => {
+                for part in &message.content {
+                    match part {
+                        ContentPart::Text(text) if !text.is_empty() => system.push(text.as_str()),
+                        ContentPart::Text(_) => {}
+                        _ => {
+                            return Err(ProviderError::new(
+                                ErrorClass::InvalidRequest,
+                                format!("{api} accepts only text in system and developer messages"),
+                            ));
+                        }
+                    }
+                }
+            }
+            Role::User | Role::Tool | Role::Assistant => {
+                let mut turn = convert(message)?;
+                if turn.parts().is_empty() {
+                    continue;
+                }
+                match turns.last_mut() {
+                    Some(last) if last.role() == turn.role() => {
+                        let parts = std::mem::take(turn.parts());
+                        last.parts().extend(parts);
+                    }
+                    _ => turns.push(turn),
+                }
+            }
+        }
+    }
+    Ok((system, turns))
 }

@@ -62,7 +62,8 @@ pub fn apply<L>(
     let keepalive = (!settings.keepalive_interval.is_zero()).then_some(settings.keepalive_interval);
     let server = server
         .http2_keepalive_interval(keepalive)
-        .http2_keepalive_timeout(keepalive.map(|_| settings.keepalive_timeout));
+        .http2_keepalive_timeout(keepalive.map(|_| settings.keepalive_timeout))
+        .initial_connection_window_size(settings.connection_window_bytes);
     match settings.max_connection_age {
         Some(age) => server.max_connection_age(age),
         None => server,
@@ -244,7 +245,8 @@ pub struct Connection<IO = Conn> {
     state: Arc<ConnState>,
     tcp: TcpConnectInfo,
     idle: Option<(Duration, Pin<Box<Sleep>>)>,
-    hard_close: Option<Pin<Box<Sleep>>>,
+    /// The age timer and, until the age has passed, the grace that follows it.
+    age: Option<(Pin<Box<Sleep>>, Option<Duration>)>,
     closed: bool,
     listener: &'static str,
     _slot: Option<Slot>,
@@ -260,14 +262,15 @@ impl<IO> std::fmt::Debug for Connection<IO> {
 }
 
 impl<IO> Connection<IO> {
-    /// Wraps `io` whose handshake produced `replay`; `idle_timeout` zero means no idle limit,
-    /// `hard_close_after` is the age plus its grace.
+    /// Wraps `io` whose handshake produced `replay`; `idle_timeout` zero means no idle limit;
+    /// `max_age` is the maximum age and its grace (the HTTP/2 server sends the GOAWAY at the
+    /// age; this closes the connection when the grace is over).
     pub fn new(
         io: IO,
         replay: Bytes,
         tcp: TcpConnectInfo,
         idle_timeout: Duration,
-        hard_close_after: Option<Duration>,
+        max_age: Option<(Duration, Duration)>,
         listener: &'static str,
     ) -> Self {
         let state = ConnState::new();
@@ -279,7 +282,7 @@ impl<IO> Connection<IO> {
             state,
             tcp,
             idle,
-            hard_close: hard_close_after.map(|d| Box::pin(tokio::time::sleep(d))),
+            age: max_age.map(|(age, grace)| (Box::pin(tokio::time::sleep(age)), Some(grace))),
             closed: false,
             listener,
             _slot: None,
@@ -333,11 +336,17 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Connection<IO> {
         if this.closed {
             return Poll::Ready(Ok(()));
         }
-        if let Some(hard) = &mut this.hard_close
-            && hard.as_mut().poll(cx).is_ready()
+        while let Some((sleep, grace)) = &mut this.age
+            && sleep.as_mut().poll(cx).is_ready()
         {
+            if let Some(grace) = grace.take() {
+                // The GOAWAY goes out now; the streams in flight get the grace.
+                count_closed(this.listener, "max_age");
+                sleep.as_mut().reset(Instant::now() + grace);
+                continue;
+            }
             this.closed = true;
-            count_closed(this.listener, "max_age");
+            count_closed(this.listener, "max_age_forced");
             tracing::debug!(peer = ?this.tcp.remote_addr, "connection closed: max age and grace passed");
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::ConnectionAborted,
@@ -427,9 +436,9 @@ async fn accept_loop(
     let mut handshakes = JoinSet::new();
     let mut backoff = ACCEPT_BACKOFF.0;
     let mut paused: Option<Pin<Box<Sleep>>> = None;
-    let hard_close = settings
+    let max_age = settings
         .max_connection_age
-        .map(|age| age + settings.max_connection_age_grace);
+        .map(|age| (age, settings.max_connection_age_grace));
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
@@ -476,7 +485,7 @@ async fn accept_loop(
                 handshakes.spawn(async move {
                     match tokio::time::timeout(timeout, handshake(tcp, acceptor)).await {
                         Ok(Ok((io, replay))) => {
-                            let mut conn = Connection::new(io, replay, tcp_info, idle, hard_close, name);
+                            let mut conn = Connection::new(io, replay, tcp_info, idle, max_age, name);
                             conn._slot = Some(slot);
                             let _ = tx.send(Ok(conn)).await;
                         }
@@ -773,13 +782,13 @@ mod tests {
             local_addr: None,
             remote_addr: None,
         };
-        let age_and_grace = Duration::from_secs(90);
+        let (age, grace) = (Duration::from_secs(60), Duration::from_secs(30));
         let mut conn = Connection::new(
             server,
             Bytes::new(),
             tcp,
             Duration::ZERO,
-            Some(age_and_grace),
+            Some((age, grace)),
             "test",
         );
         let _stream = conn.state().stream_started();
@@ -787,7 +796,7 @@ mod tests {
         let mut buf = [0u8; 8];
         let err = conn.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted);
-        assert!(start.elapsed() >= age_and_grace);
+        assert!(start.elapsed() >= age + grace);
     }
 
     #[test]
@@ -797,13 +806,52 @@ mod tests {
             handshake_timeout: Duration::ZERO,
             max_connections: 0,
             max_connection_age: Some(Duration::from_millis(10)),
+            connection_window_bytes: 1024,
             ..ConnSettings::default()
         };
         let fields: Vec<_> = bad.validate().into_iter().map(|(f, _)| f).collect();
         assert_eq!(
             fields,
-            ["handshake_timeout", "max_connections", "max_connection_age"]
+            [
+                "handshake_timeout",
+                "max_connections",
+                "max_connection_age",
+                "connection_window_bytes"
+            ]
         );
+    }
+
+    #[test]
+    fn config_file_problems_name_the_connections_field() {
+        let load = |text: &str| {
+            crate::config::Config::from_toml(
+                text,
+                std::path::Path::new("t.toml"),
+                &crate::config::Overrides::default(),
+                &|_| None,
+            )
+        };
+        let config = load("[connections]\nidle_timeout = \"1m\"\n").unwrap();
+        assert_eq!(config.connections.idle_timeout, Duration::from_secs(60));
+        let Err(crate::config::ConfigError::Invalid(issues)) =
+            load("[connections]\nmax_connections = 0\nhandshake_timeout = \"0s\"\n")
+        else {
+            panic!("invalid settings accepted");
+        };
+        let fields: Vec<_> = issues.iter().map(|i| i.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "connections.handshake_timeout",
+                "connections.max_connections"
+            ]
+        );
+        let Err(crate::config::ConfigError::Invalid(issues)) =
+            load("[connections]\nhandshake_timeout = \"soon\"\n")
+        else {
+            panic!("a bad duration accepted");
+        };
+        assert!(issues[0].field.starts_with("connections"), "{issues:?}");
     }
 
     #[test]

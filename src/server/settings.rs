@@ -223,6 +223,10 @@ pub struct ConnSettings {
     /// How long streams may finish after the age's GOAWAY before the connection is closed.
     #[serde(with = "humantime_serde")]
     pub max_connection_age_grace: Duration,
+    /// HTTP/2 connection receive window, in bytes. h2 closes a connection (ENHANCE_YOUR_CALM)
+    /// once small DATA frames that are not a stream's last, not yet read, hold more than
+    /// half of it: raise it for clients that burst thousands of calls on one connection.
+    pub connection_window_bytes: u32,
 }
 
 impl Default for ConnSettings {
@@ -235,6 +239,7 @@ impl Default for ConnSettings {
             keepalive_timeout: Duration::from_secs(20),
             max_connection_age: None,
             max_connection_age_grace: Duration::from_secs(60),
+            connection_window_bytes: 1024 * 1024,
         }
     }
 }
@@ -260,6 +265,13 @@ impl ConnSettings {
             .is_some_and(|a| a < Duration::from_secs(1))
         {
             issues.push(("max_connection_age", "must be at least 1s"));
+        }
+        // From the protocol's default window to its maximum (2^31 - 1).
+        if !(65_535..=2_147_483_647).contains(&self.connection_window_bytes) {
+            issues.push((
+                "connection_window_bytes",
+                "must be between 65535 and 2147483647",
+            ));
         }
         issues
     }

@@ -636,7 +636,8 @@ async fn policies_survive_kill_9_and_restart() {
     std::fs::write(
         &config_path,
         format!(
-            "[providers.a]\nkind = \"openai-compatible\"\nbase_url = \"{}\"\n",
+            // No HTTP front: its default port is fixed and may be taken.
+            "[providers.a]\nkind = \"openai-compatible\"\nbase_url = \"{}\"\n[http]\nlisten = \"off\"\n",
             mock.openai_base_url()
         ),
     )

@@ -328,3 +328,13 @@ pub fn admin_client(channel: Channel) -> Admin {
         with_admin_token as fn(_) -> _,
     )
 }
+
+/// The gateway's `ListModels` answer.
+pub async fn list_models(gateway: &Gateway) -> pb::ListModelsResponse {
+    gateway
+        .client()
+        .list_models(pb::ListModelsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+}

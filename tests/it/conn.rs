@@ -145,6 +145,15 @@ async fn a_connection_past_max_age_gets_a_goaway() {
     .expect("a GOAWAY at the maximum age");
     // Error code NO_ERROR: a graceful rebalance, not a failure.
     assert_eq!(&goaway[4..8], &[0, 0, 0, 0]);
+    tokio::time::timeout(BOUND, async {
+        while metric("llm_gateway_connections_closed_total{listener=\"grpc\",reason=\"max_age\"}")
+            < 1.0
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the age is counted");
 }
 
 #[tokio::test]
@@ -372,6 +381,11 @@ listen = "off"
     }
     tokio::time::timeout(BOUND, async {
         while let Some(line) = log.next_line().await.unwrap() {
+            // stderr is a pipe here: text logs without colour codes.
+            assert!(
+                !line.contains('\u{1b}'),
+                "ANSI escape in a piped log: {line:?}"
+            );
             if line.contains("pausing accept") {
                 return;
             }

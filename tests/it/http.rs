@@ -286,6 +286,14 @@ async fn openai_errors_have_the_sdk_statuses_and_shape() {
     )
     .await;
     assert_eq!(status, 504, "{body}");
+    assert_eq!(json_of(&body)["error"]["code"], "deadline_exceeded");
+    let (status, _, body) = post(
+        &url,
+        chat("openai/gpt-4o-mini+hang"),
+        &[("request-timeout", "400ms"), ("x-stainless-timeout", "600")],
+    )
+    .await;
+    assert_eq!(status, 504, "{body}");
     let (status, _, body) = post(
         &url,
         chat("openai/gpt-4o-mini"),

@@ -934,28 +934,21 @@ context_window = 8192
         ),
     ))
     .await;
-    let models = gateway
-        .client()
-        .list_models(pb::ListModelsRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    let azure = models
-        .models
-        .iter()
-        .find(|m| m.id == "azure/gpt-4o-prod")
+    let models = list_models(&gateway).await;
+    let by_id: std::collections::HashMap<&str, &pb::ModelInfo> =
+        models.models.iter().map(|m| (m.id.as_str(), m)).collect();
+    let azure = by_id
+        .get("azure/gpt-4o-prod")
         .unwrap_or_else(|| panic!("the priced azure deployment is not listed: {models:?}"));
     assert_eq!(
         (azure.input_price_per_mtok, azure.output_price_per_mtok),
         (Some(2.5), Some(10.0))
     );
-    let local = models
-        .models
-        .iter()
-        .find(|m| m.id == "local/my-finetune")
+    let local = by_id
+        .get("local/my-finetune")
         .unwrap_or_else(|| panic!("the added model is not listed: {models:?}"));
     assert_eq!(local.context_window, Some(8192));
-    // What is listed is routable.
+    // What is listed is routable, at the configured price.
     let response = gateway
         .client()
         .chat(request("azure/gpt-4o-prod", "hi"))
@@ -968,17 +961,14 @@ context_window = 8192
         .list_providers(pb::ListProvidersRequest::default())
         .await
         .unwrap()
-        .into_inner();
-    let kind_of = |name: &str| {
-        providers
-            .providers
-            .iter()
-            .find(|p| p.name == name)
-            .map(|p| p.kind.clone())
-            .unwrap()
-    };
-    assert_eq!(kind_of("local"), "openai-compatible");
-    assert_eq!(kind_of("fast"), "groq");
-    assert_eq!(kind_of("azure"), "azure");
-    assert_eq!(kind_of("anthropic"), "anthropic");
+        .into_inner()
+        .providers;
+    let kinds: std::collections::BTreeMap<&str, &str> = providers
+        .iter()
+        .map(|p| (p.name.as_str(), p.kind.as_str()))
+        .collect();
+    assert_eq!(kinds["local"], "openai-compatible");
+    assert_eq!(kinds["fast"], "groq");
+    assert_eq!(kinds["azure"], "azure");
+    assert_eq!(kinds["anthropic"], "anthropic");
 }
