@@ -6,8 +6,9 @@ use std::{process::ExitCode, time::Duration};
 use clap::Parser;
 use llm_gateway::mock_upstream::{MockSettings, MockUpstream};
 
-/// A mock LLM provider speaking the OpenAI (and Azure OpenAI), Anthropic and Gemini wire
-/// formats. Per-request faults are scripted with `+directive` suffixes on the model name,
+/// A mock LLM provider speaking the OpenAI (and Azure OpenAI), Anthropic, Gemini, AWS Bedrock
+/// and Google Vertex AI wire formats. Per-request faults are scripted with `+directive`
+/// suffixes on the model name,
 /// e.g. `gpt-4o-mini+status=429+retry_after=2`.
 #[derive(Debug, Parser)]
 #[command(name = "llm-gateway-mock", version, about)]
@@ -40,6 +41,10 @@ struct Args {
     /// HTTP status of random errors.
     #[arg(long, default_value_t = 500)]
     error_status: u16,
+    /// Write the test service account's key file (JSON, test-only credentials) for the Vertex
+    /// endpoints to this path.
+    #[arg(long)]
+    vertex_key_file: Option<std::path::PathBuf>,
 }
 
 #[expect(
@@ -73,6 +78,12 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(path) = &args.vertex_key_file
+        && let Err(e) = std::fs::write(path, mock.vertex_service_account_json())
+    {
+        eprintln!("llm-gateway-mock: cannot write {}: {e}", path.display());
+        return ExitCode::FAILURE;
+    }
     eprintln!("llm-gateway-mock listening on http://{}", mock.addr());
     let _ = tokio::signal::ctrl_c().await;
     ExitCode::SUCCESS

@@ -100,7 +100,11 @@ fn usage(scenario: &Scenario, input: u64, output: u64) -> Value {
     })
 }
 
-async fn messages(State(state): State<MockState>, headers: HeaderMap, body: Bytes) -> Response {
+pub(super) async fn messages(
+    State(state): State<MockState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let parsed: Option<Value> = serde_json::from_slice(&body).ok();
     state.stats.record(&headers, parsed.clone());
     let guard = ResponseGuard::new(state.stats.clone());

@@ -127,7 +127,7 @@ fn chunk(scenario: &Scenario, parts: Value, finish: Option<&str>, usage: Option<
     chunk
 }
 
-async fn models(
+pub(super) async fn models(
     State(state): State<MockState>,
     Path(model_and_action): Path<String>,
     uri: Uri,

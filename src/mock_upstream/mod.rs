@@ -8,6 +8,11 @@
 //! - Anthropic Messages: `POST /v1/messages` (JSON, and SSE with the real event sequence).
 //! - Google Gemini: `POST /v1beta/models/{model}:generateContent` and
 //!   `:streamGenerateContent` (`?alt=sse` for SSE, a JSON array without).
+//! - AWS Bedrock Converse: `POST /model/{modelId}/converse` and `/converse-stream` (binary
+//!   event-stream frames), with every request's SigV4 signature checked (see `bedrock`).
+//! - Google Vertex AI: an OAuth2 token endpoint (`POST /token`) checking service-account JWT
+//!   assertions, and `POST /v1/projects/{p}/locations/{r}/publishers/{google|anthropic}/models/...`
+//!   for Gemini and Claude, requiring its tokens (see `vertex`).
 //!
 //! # Behaviour
 //! Instance-wide defaults come from [`MockSettings`]. A request can script its own behaviour
@@ -39,8 +44,15 @@
 //! get the provider's 401), to test key rotation and refused keys.
 
 mod anthropic;
+mod bedrock;
+
+pub use bedrock::{MOCK_AWS_ACCESS_KEY_ID, MOCK_AWS_SECRET_ACCESS_KEY};
+pub use vertex::{
+    TEST_CLIENT_EMAIL as MOCK_VERTEX_CLIENT_EMAIL, TEST_PROJECT as MOCK_VERTEX_PROJECT,
+};
 mod gemini;
 mod openai;
+mod vertex;
 
 use std::{
     net::SocketAddr,
@@ -234,8 +246,8 @@ impl MockStats {
         self.last_headers.lock().ok().and_then(|h| h.clone())
     }
 
-    /// Requests that carried `key` (as `Authorization: Bearer`, `api-key`, `x-api-key` or
-    /// `x-goog-api-key`).
+    /// Requests that carried `key` (as `Authorization: Bearer`, `api-key`, `x-api-key`,
+    /// `x-goog-api-key`, or the access key id of a SigV4 signature).
     pub fn requests_with_key(&self, key: &str) -> u64 {
         self.by_key
             .lock()
@@ -314,6 +326,7 @@ fn api_key(headers: &http::HeaderMap) -> Option<&str> {
         .or_else(|| value("api-key"))
         .or_else(|| value("x-api-key"))
         .or_else(|| value("x-goog-api-key"))
+        .or_else(|| value("authorization").and_then(bedrock::access_key_id))
 }
 
 /// The accepted API keys; `None` accepts any.
@@ -325,6 +338,8 @@ pub(crate) struct MockState {
     pub settings: Arc<MockSettings>,
     pub stats: Arc<MockStats>,
     accepted: AcceptedKeys,
+    aws: Arc<bedrock::AwsCredentialStore>,
+    vertex: Arc<vertex::VertexAuth>,
 }
 
 impl MockState {
@@ -344,6 +359,8 @@ pub struct MockUpstream {
     addr: SocketAddr,
     stats: Arc<MockStats>,
     accepted: AcceptedKeys,
+    aws: Arc<bedrock::AwsCredentialStore>,
+    vertex: Arc<vertex::VertexAuth>,
     stop: CancellationToken,
 }
 
@@ -363,10 +380,14 @@ impl MockUpstream {
         let stats = Arc::new(MockStats::default());
         let stop = CancellationToken::new();
         let accepted = AcceptedKeys::default();
+        let aws = Arc::new(bedrock::AwsCredentialStore::default());
+        let vertex = Arc::new(vertex::VertexAuth::default());
         let app = router(MockState {
             settings: Arc::new(settings),
             stats: stats.clone(),
             accepted: accepted.clone(),
+            aws: aws.clone(),
+            vertex: vertex.clone(),
         });
         let signal = stop.clone().cancelled_owned();
         tokio::spawn(async move {
@@ -382,6 +403,8 @@ impl MockUpstream {
             addr,
             stats,
             accepted,
+            aws,
+            vertex,
             stop,
         })
     }
@@ -414,6 +437,50 @@ impl MockUpstream {
         format!("http://{}", self.addr)
     }
 
+    /// The Bedrock runtime endpoint (the adapter appends `/model/...`), e.g.
+    /// `http://127.0.0.1:1234`.
+    pub fn bedrock_endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Lets the Bedrock endpoint accept SigV4 signatures made with this credential set
+    /// (besides [`MOCK_AWS_ACCESS_KEY_ID`], known from the start).
+    pub fn add_aws_credentials(
+        &self,
+        access_key_id: &str,
+        secret: &str,
+        session_token: Option<&str>,
+    ) {
+        self.aws.add(access_key_id, secret, session_token);
+    }
+
+    /// The Vertex AI base URL (the adapter appends `/v1/projects/...`), e.g.
+    /// `http://127.0.0.1:1234`.
+    pub fn vertex_base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A service-account key file (JSON) for the test account the Vertex endpoints trust,
+    /// with this mock's token endpoint as `token_uri`. Test-only credentials.
+    pub fn vertex_service_account_json(&self) -> String {
+        vertex::service_account_json(&format!("http://{}/token", self.addr))
+    }
+
+    /// Token requests the Vertex token endpoint received (accepted or refused).
+    pub fn vertex_token_requests(&self) -> u64 {
+        self.vertex.token_requests()
+    }
+
+    /// Sets the lifetime (`expires_in`) of Vertex tokens issued from now on (default 1 h).
+    pub fn set_vertex_token_lifetime(&self, lifetime: Duration) {
+        self.vertex.set_lifetime(lifetime);
+    }
+
+    /// Revokes every Vertex token issued so far: requests carrying one get a 401.
+    pub fn revoke_vertex_tokens(&self) {
+        self.vertex.revoke_all();
+    }
+
     /// Counters and the last request.
     pub fn stats(&self) -> &Arc<MockStats> {
         &self.stats
@@ -440,6 +507,8 @@ pub(crate) fn router(state: MockState) -> Router {
         .route("/mock/stats", get(stats_handler))
         .merge(openai::routes())
         .merge(anthropic::routes())
+        .merge(bedrock::routes())
+        .merge(vertex::routes())
         .merge(gemini::routes())
         .with_state(state)
 }
@@ -484,16 +553,33 @@ pub fn inject_faults(
     terminal: Option<&str>,
     error: &str,
 ) {
+    inject_faults_in(
+        events,
+        scenario,
+        malformed.to_owned(),
+        terminal.map(str::to_owned),
+        error.to_owned(),
+    );
+}
+
+/// [`inject_faults`] for events of any encoding (e.g. binary event-stream frames).
+pub fn inject_faults_in<T>(
+    events: &mut Vec<T>,
+    scenario: &Scenario,
+    malformed: T,
+    terminal: Option<T>,
+    error: T,
+) {
     let half = (events.len() / 2).max(2);
     if scenario.truncate {
         events.truncate(half);
     } else if scenario.malformed {
         events.truncate(half);
-        events.push(malformed.to_owned());
-        events.extend(terminal.map(str::to_owned));
+        events.push(malformed);
+        events.extend(terminal);
     } else if scenario.stream_error {
         events.truncate(half);
-        events.push(error.to_owned());
+        events.push(error);
     }
 }
 
@@ -502,6 +588,23 @@ pub fn inject_faults(
 /// `guard` completes when the last event was sent.
 pub fn sse_response(
     events: Vec<String>,
+    first_content: usize,
+    scenario: &Scenario,
+    guard: ResponseGuard,
+) -> Response {
+    paced_response(
+        events.into_iter().map(Bytes::from).collect(),
+        "text/event-stream",
+        first_content,
+        scenario,
+        guard,
+    )
+}
+
+/// [`sse_response`] for events of any encoding, sent as `content_type`.
+pub fn paced_response(
+    events: Vec<Bytes>,
+    content_type: &'static str,
     first_content: usize,
     scenario: &Scenario,
     guard: ResponseGuard,
@@ -518,10 +621,7 @@ pub fn sse_response(
                 if i > 0 && !delay.is_zero() {
                     tokio::time::sleep(delay).await;
                 }
-                Some((
-                    Ok::<_, std::convert::Infallible>(Bytes::from(event)),
-                    (events, guard),
-                ))
+                Some((Ok::<_, std::convert::Infallible>(event), (events, guard)))
             }
             None => {
                 if let Some(g) = guard.take() {
@@ -532,7 +632,7 @@ pub fn sse_response(
         }
     });
     Response::builder()
-        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CONTENT_TYPE, content_type)
         .header(header::CACHE_CONTROL, "no-cache")
         .body(Body::from_stream(body))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())

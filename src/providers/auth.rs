@@ -25,6 +25,14 @@ pub trait Auth: Send + Sync + 'static {
         request: &mut reqwest::Request,
         body: &Bytes,
     ) -> Result<(), ProviderError>;
+
+    /// The provider refused `request`, which this auth authorized with `key`, with a 401.
+    /// An auth whose credentials can go stale before their time (a revoked OAuth token)
+    /// drops them and returns `true`: the request is then authorized and sent once more with
+    /// the same key. The default keeps nothing to drop.
+    async fn refused(&self, _key: &ProviderKey, _request: &reqwest::Request) -> bool {
+        false
+    }
 }
 
 /// A header carrying the key, optionally after a prefix: `Authorization: Bearer <key>`,
@@ -79,6 +87,21 @@ impl Auth for ApiKeyHeader {
         request.headers_mut().insert(self.name.clone(), value);
         Ok(())
     }
+}
+
+/// The state an auth keeps for `key`, parsed from its secret by `parse` on first use (for
+/// credentials that are more than a header: AWS credential sets, service-account keys). An
+/// unusable secret fails every use with `parse`'s error.
+pub fn parsed_state<T: Send + Sync + 'static>(
+    key: &ProviderKey,
+    parse: impl FnOnce(&str) -> Result<T, ProviderError>,
+) -> Result<&T, ProviderError> {
+    key.state(parse)
+        .ok_or_else(|| {
+            ProviderError::new(ErrorClass::Authentication, "the key's credentials failed")
+        })?
+        .as_ref()
+        .map_err(Clone::clone)
 }
 
 /// A header value marked sensitive (never printed by `http`'s `Debug`); `None` when `value`

@@ -20,8 +20,9 @@
 use std::{future::Future, pin::Pin, time::Duration};
 
 use super::{
-    ErrorClass, ProviderError, WireFormat, anthropic, gemini,
+    ErrorClass, ProviderError, WireFormat, anthropic, bedrock, gemini,
     openai::{self, OpenAiConfig},
+    vertex,
     wire::decode_in_pieces,
 };
 use crate::types::{ChatResponse, ContentPart, FinishReason, StreamEvent, ToolCall, Usage};
@@ -74,6 +75,19 @@ const WIRES: &[(&str, MakeWire)] = &[
     }),
     ("gemini", || {
         Box::new(gemini::GenerateContent::new(gemini::DEFAULT_BASE_URL))
+    }),
+    ("bedrock", || {
+        Box::new(bedrock::Converse::new(bedrock::default_endpoint(
+            "us-east-1",
+        )))
+    }),
+    // Vertex speaks Gemini's payloads for Gemini models (the table's model `m` is one).
+    ("gemini", || {
+        Box::new(vertex::VertexWire::new(
+            "https://us-central1-aiplatform.googleapis.com",
+            Some("p".into()),
+            "us-central1",
+        ))
     }),
 ];
 

@@ -140,12 +140,26 @@ impl<W: WireFormat> HttpProvider<W> {
         }
         self.wire.add_headers(headers);
         *request.body_mut() = Some(body.clone().into());
+        let unsigned = request.try_clone();
         self.auth.authorize(key, &mut request, body).await?;
-        let response = self
+        let retry = key.zip(request.try_clone()).zip(unsigned);
+        let mut response = self
             .client
             .execute(request)
             .await
             .map_err(|e| ProviderError::from_transport(&e))?;
+        // Credentials refused before their time (a revoked token): once more, fresh ones.
+        if response.status() == http::StatusCode::UNAUTHORIZED
+            && let Some(((key, sent), mut again)) = retry
+            && self.auth.refused(key, &sent).await
+        {
+            self.auth.authorize(Some(key), &mut again, body).await?;
+            response = self
+                .client
+                .execute(again)
+                .await
+                .map_err(|e| ProviderError::from_transport(&e))?;
+        }
         let status = response.status();
         if status.is_success() {
             return Ok(response);

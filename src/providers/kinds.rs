@@ -12,7 +12,7 @@ use std::{any::Any, collections::BTreeMap, fmt, sync::Arc};
 
 use serde::{Deserialize, de::DeserializeOwned};
 
-use super::{KeyRing, Provider, anthropic, compat, gemini, mock, openai};
+use super::{KeyRing, Provider, anthropic, bedrock, compat, gemini, mock, openai, vertex};
 
 /// Every kind with its own entry; the OpenAI-compatible presets of [`compat::PRESETS`] are
 /// added to these by [`kinds`].
@@ -23,6 +23,8 @@ pub const KINDS: &[&KindSpec] = &[
     &anthropic::SPEC,
     &gemini::SPEC,
     &mock::SPEC,
+    &bedrock::SPEC,
+    &vertex::SPEC,
 ];
 
 /// Whether a provider of a kind needs an API key.
@@ -549,6 +551,26 @@ pub fn discovered(name: &str, base_url: Option<String>, api_key: String) -> Disc
             api_key: Some(api_key),
             ..RawProvider::default()
         },
+    }
+}
+
+/// The configured base URL, which must be an http(s) URL, else `default()`: for kinds whose
+/// default depends on their own settings (a region) and so have no
+/// [`KindSpec::default_base_url`] (they set `http: false` and check here).
+pub fn base_url_or(
+    input: &KindInput<'_>,
+    default: impl FnOnce() -> String,
+) -> Result<String, SettingsIssue> {
+    let url = input.base_url;
+    if url.is_empty() {
+        Ok(default())
+    } else if url.starts_with("http://") || url.starts_with("https://") {
+        Ok(url.to_owned())
+    } else {
+        Err(SettingsIssue::new(
+            "base_url",
+            format!("`{url}` must start with http:// or https://"),
+        ))
     }
 }
 

@@ -11,18 +11,23 @@
 
 pub mod anthropic;
 pub mod auth;
+pub mod bedrock;
 pub mod compat;
 #[cfg(test)]
 pub(crate) mod conformance;
 pub mod error;
+pub mod eventstream;
 pub mod gemini;
+pub mod google_auth;
 pub mod http;
 pub mod keys;
 pub mod kinds;
 pub mod mock;
 pub mod openai;
+pub mod sigv4;
 pub mod sse;
 mod upstream;
+pub mod vertex;
 pub mod wire;
 
 use std::{collections::BTreeMap, pin::Pin, sync::Arc, time::Duration};

@@ -329,6 +329,87 @@ pub fn admin_client(channel: Channel) -> Admin {
     )
 }
 
+/// A system message with one text part.
+pub fn system(text: &str) -> pb::Message {
+    pb::Message {
+        role: pb::Role::System as i32,
+        content: vec![pb::ContentPart {
+            part: Some(pb::content_part::Part::Text(text.to_owned())),
+        }],
+        name: String::new(),
+    }
+}
+
+/// The registry's cost of a call to `provider/model` with this usage.
+pub fn registry_cost(model: &str, input: u64, output: u64) -> f64 {
+    let (provider, name) = model.split_once('/').unwrap();
+    let prices = llm_gateway::models::ModelRegistry::builtin()
+        .unwrap()
+        .get(provider, name)
+        .unwrap_or_else(|| panic!("{model} is not in the registry"))
+        .prices
+        .unwrap();
+    input as f64 * prices.input / 1e6 + output as f64 * prices.output / 1e6
+}
+
+/// The text deltas of a stream, concatenated.
+pub fn text_of(events: &[pb::chat_stream_response::Event]) -> String {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            pb::chat_stream_response::Event::Delta(pb::ContentDelta {
+                delta: Some(pb::content_delta::Delta::Text(t)),
+            }) => Some(t.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The tool-call deltas of a stream.
+pub fn tool_deltas(events: &[pb::chat_stream_response::Event]) -> Vec<&pb::ToolCallDelta> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            pb::chat_stream_response::Event::Delta(pb::ContentDelta {
+                delta: Some(pb::content_delta::Delta::ToolCall(d)),
+            }) => Some(d),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The tool calls of a reply.
+pub fn tool_calls(response: &pb::ChatResponse) -> Vec<&pb::ToolCall> {
+    response
+        .message
+        .as_ref()
+        .unwrap()
+        .content
+        .iter()
+        .filter_map(|p| match &p.part {
+            Some(pb::content_part::Part::ToolCall(c)) => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A stream's events and final status.
+pub async fn stream(
+    gateway: &Gateway,
+    req: pb::ChatRequest,
+) -> (
+    Vec<pb::chat_stream_response::Event>,
+    Result<(), tonic::Status>,
+) {
+    let stream = gateway
+        .client()
+        .chat_stream(req)
+        .await
+        .unwrap()
+        .into_inner();
+    collect_stream(stream).await
+}
+
 /// The gateway's `ListModels` answer.
 pub async fn list_models(gateway: &Gateway) -> pb::ListModelsResponse {
     gateway

@@ -11,6 +11,7 @@ mod authz;
 mod bad_input;
 mod chat;
 mod check_config;
+mod cloud;
 mod conn;
 mod errors;
 mod executor;

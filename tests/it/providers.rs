@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use llm_gateway::{
     mock_upstream::{MockSettings, MockUpstream, TOOL_ARGUMENTS},
-    models::ModelRegistry,
-    pb::{self, chat_stream_response::Event, content_delta::Delta, content_part::Part},
+    pb::{self, chat_stream_response::Event, content_part::Part},
 };
 use tonic::Code;
 use tonic_types::StatusExt;
@@ -21,16 +20,6 @@ const MODELS: [&str; 3] = [
     "gemini/gemini-2.5-flash",
 ];
 
-fn system(text: &str) -> pb::Message {
-    pb::Message {
-        role: pb::Role::System as i32,
-        content: vec![pb::ContentPart {
-            part: Some(Part::Text(text.to_owned())),
-        }],
-        name: String::new(),
-    }
-}
-
 /// The request every provider gets in the "same request, three providers" checks.
 fn shared_request(model: &str) -> pb::ChatRequest {
     pb::ChatRequest {
@@ -40,69 +29,6 @@ fn shared_request(model: &str) -> pb::ChatRequest {
         max_tokens: Some(64),
         ..Default::default()
     }
-}
-
-/// The registry's cost of a call to `provider/model` with this usage.
-fn registry_cost(model: &str, input: u64, output: u64) -> f64 {
-    let (provider, name) = model.split_once('/').unwrap();
-    let prices = ModelRegistry::builtin()
-        .unwrap()
-        .get(provider, name)
-        .unwrap_or_else(|| panic!("{model} is not in the registry"))
-        .prices
-        .unwrap();
-    input as f64 * prices.input / 1e6 + output as f64 * prices.output / 1e6
-}
-
-fn text_of(events: &[Event]) -> String {
-    events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Delta(pb::ContentDelta {
-                delta: Some(Delta::Text(t)),
-            }) => Some(t.as_str()),
-            _ => None,
-        })
-        .collect()
-}
-
-fn tool_deltas(events: &[Event]) -> Vec<&pb::ToolCallDelta> {
-    events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Delta(pb::ContentDelta {
-                delta: Some(Delta::ToolCall(d)),
-            }) => Some(d),
-            _ => None,
-        })
-        .collect()
-}
-
-fn tool_calls(response: &pb::ChatResponse) -> Vec<&pb::ToolCall> {
-    response
-        .message
-        .as_ref()
-        .unwrap()
-        .content
-        .iter()
-        .filter_map(|p| match &p.part {
-            Some(Part::ToolCall(c)) => Some(c),
-            _ => None,
-        })
-        .collect()
-}
-
-async fn stream(
-    gateway: &Gateway,
-    req: pb::ChatRequest,
-) -> (Vec<Event>, Result<(), tonic::Status>) {
-    let stream = gateway
-        .client()
-        .chat_stream(req)
-        .await
-        .unwrap()
-        .into_inner();
-    collect_stream(stream).await
 }
 
 #[tokio::test]

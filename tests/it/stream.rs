@@ -5,18 +5,6 @@ use tonic::Code;
 
 use crate::common::*;
 
-fn text_of(events: &[Event]) -> String {
-    events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Delta(pb::ContentDelta {
-                delta: Some(Delta::Text(t)),
-            }) => Some(t.as_str()),
-            _ => None,
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn stream_has_start_deltas_and_final_event_with_usage() {
     let (mock, gateway) = openai_pair().await;
