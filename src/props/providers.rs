@@ -11,10 +11,11 @@ use proptest::{collection::vec, prelude::*, sample::Index};
 use crate::{
     error::upstream_code,
     providers::{
-        ErrorClass, ProviderError, StreamDecoder, WireFormat, anthropic,
+        ErrorClass, ProviderError, StreamDecoder, WireFormat, anthropic, bedrock,
         conformance::{FIXTURES, fixture},
         gemini,
         openai::{self, OpenAiConfig},
+        vertex,
     },
     types::{ChatResponse, StreamEvent},
 };
@@ -82,6 +83,21 @@ fn wires() -> Vec<(&'static str, Box<dyn Wire>)> {
         (
             "gemini",
             Box::new(gemini::GenerateContent::new(gemini::DEFAULT_BASE_URL)),
+        ),
+        (
+            "bedrock",
+            Box::new(bedrock::Converse::new(bedrock::default_endpoint(
+                "us-east-1",
+            ))),
+        ),
+        // Vertex speaks Gemini's payloads for Gemini models (the fixtures' model `m` is one).
+        (
+            "gemini",
+            Box::new(vertex::VertexWire::new(
+                "https://us-central1-aiplatform.googleapis.com",
+                Some("p".into()),
+                "us-central1",
+            )),
         ),
     ]
 }
@@ -157,6 +173,9 @@ fn json() -> impl Strategy<Value = serde_json::Value> {
         Just("parts".to_owned()),
         Just("text".to_owned()),
         Just("tool_calls".to_owned()),
+        Just("output".to_owned()),
+        Just("stopReason".to_owned()),
+        Just("toolUse".to_owned()),
         "[a-z_]{1,10}",
     ];
     let leaf = prop_oneof![
