@@ -1,12 +1,13 @@
 //! Property tests for every decoder a caller or an upstream can reach: the request
-//! conversion (`server::convert`), the SSE framing (`providers::sse`) and each provider's
-//! response and stream-event parsers. Each asserts that no input panics and that every error
+//! conversion (`server::convert`), the HTTP front's request bodies (`server::http`), the SSE
+//! framing (`providers::sse`) and each provider's response and stream-event parsers. Each asserts that no input panics and that every error
 //! is classified (a caller's input is never INTERNAL; an upstream's is an upstream class).
 //!
 //! `cargo test` runs [`DEFAULT_CASES`] cases per property; CI raises it with
 //! `PROPTEST_CASES` (see `.ci/run`).
 
 mod convert;
+mod http;
 mod providers;
 mod sse;
 

@@ -114,14 +114,14 @@ fn pick(which: Index, prefix: &str) -> &'static str {
 
 /// A damage to real bytes: overwrite, insert, delete, or cut.
 #[derive(Debug, Clone)]
-enum Damage {
+pub(super) enum Damage {
     Set(Index, u8),
     Insert(Index, Vec<u8>),
     Delete(Index, usize),
     Cut(Index),
 }
 
-fn damage() -> impl Strategy<Value = Damage> {
+pub(super) fn damage() -> impl Strategy<Value = Damage> {
     prop_oneof![
         (any::<Index>(), any::<u8>()).prop_map(|(i, b)| Damage::Set(i, b)),
         (
@@ -140,7 +140,7 @@ fn damage() -> impl Strategy<Value = Damage> {
     ]
 }
 
-fn damaged(mut bytes: Vec<u8>, damages: &[Damage]) -> Vec<u8> {
+pub(super) fn damaged(mut bytes: Vec<u8>, damages: &[Damage]) -> Vec<u8> {
     for d in damages {
         let len = bytes.len();
         match d {

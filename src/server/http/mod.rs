@@ -256,7 +256,7 @@ async fn read_json<T: serde::de::DeserializeOwned>(
 }
 
 /// Parses strict JSON into `T`, ignoring unknown fields; the error names the field.
-fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, GatewayError> {
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, GatewayError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value: T = serde_path_to_error::deserialize(&mut de).map_err(|err| {
         let path = err.path().to_string();
