@@ -379,6 +379,10 @@ api_key = "sk-live-SECRETKEY1234567890"
         mock.openai_base_url()
     ))
     .await;
+    // Other tests register callsites on other threads while this one installs its scoped
+    // subscriber; a registration racing with it can cache a callsite as "never" for every
+    // subscriber. Re-evaluating the cache now, before the calls, closes that window.
+    tracing::callsite::rebuild_interest_cache();
     let prompt = "my confidential prompt text";
     let mut client = gateway.client();
     client
