@@ -32,26 +32,7 @@ fn valid_bodies(surface: &str) -> Vec<Value> {
     if surface == "openai" {
         vec![
             json!({"model": "mock/echo", "messages": [{"role": "user", "content": "hi"}]}),
-            json!({
-                "model": "mock/echo",
-                "messages": [
-                    {"role": "system", "content": "be brief"},
-                    {"role": "user", "content": [
-                        {"type": "text", "text": "what is this?"},
-                        {"type": "image_url", "image_url": {"url": "https://x.test/a.png", "detail": "low"}}
-                    ]},
-                    {"role": "assistant", "content": null, "tool_calls": [
-                        {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": "{\"q\":1}"}}
-                    ]},
-                    {"role": "tool", "tool_call_id": "c1", "content": "42"}
-                ],
-                "temperature": 0.5, "max_completion_tokens": 100, "stop": "END", "seed": 7,
-                "tools": [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}],
-                "tool_choice": {"type": "function", "function": {"name": "lookup"}},
-                "parallel_tool_calls": false,
-                "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}, "strict": true}},
-                "user": "u-1", "metadata": {"team": "search"}
-            }),
+            openai::tests::full_request(),
             json!({
                 "model": "mock/echo", "stream": true, "stream_options": {"include_usage": true},
                 "max_tokens": 16, "response_format": {"type": "json_object"}, "tool_choice": "auto",
@@ -61,25 +42,7 @@ fn valid_bodies(surface: &str) -> Vec<Value> {
     } else {
         vec![
             json!({"model": "mock/echo", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}),
-            json!({
-                "model": "mock/echo",
-                "max_tokens": 64,
-                "system": [{"type": "text", "text": "be brief"}],
-                "messages": [
-                    {"role": "user", "content": "weather?"},
-                    {"role": "assistant", "content": [
-                        {"type": "text", "text": "checking"},
-                        {"type": "tool_use", "id": "t1", "name": "weather", "input": {"city": "Oslo"}}
-                    ]},
-                    {"role": "user", "content": [
-                        {"type": "tool_result", "tool_use_id": "t1", "content": [{"type": "text", "text": "sunny"}]},
-                        {"type": "text", "text": "and tomorrow?"}
-                    ]}
-                ],
-                "tools": [{"name": "weather", "input_schema": {"type": "object"}}],
-                "tool_choice": {"type": "any", "disable_parallel_tool_use": true},
-                "metadata": {"user_id": "u1"}
-            }),
+            anthropic::tests::full_request(),
             json!({
                 "model": "mock/echo", "max_tokens": 32, "stream": true, "temperature": 0.2,
                 "system": "short answers", "stop_sequences": ["END"],

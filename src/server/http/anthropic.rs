@@ -653,7 +653,7 @@ impl Surface for Anthropic {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn parse(body: Value) -> Result<types::ChatRequest, GatewayError> {
@@ -661,9 +661,9 @@ mod tests {
         chat_request(req)
     }
 
-    #[test]
-    fn tool_results_become_a_tool_message() {
-        let req = parse(json!({
+    /// A request using most of the surface (`props::http` damages it too).
+    pub(crate) fn full_request() -> Value {
+        json!({
             "model": "mock/echo",
             "max_tokens": 64,
             "system": [{"type": "text", "text": "be brief"}],
@@ -681,8 +681,12 @@ mod tests {
             "tools": [{"name": "weather", "input_schema": {"type": "object"}}],
             "tool_choice": {"type": "any", "disable_parallel_tool_use": true},
             "metadata": {"user_id": "u1"}
-        }))
-        .unwrap();
+        })
+    }
+
+    #[test]
+    fn tool_results_become_a_tool_message() {
+        let req = parse(full_request()).unwrap();
         let roles: Vec<Role> = req.messages.iter().map(|m| m.role).collect();
         assert_eq!(
             roles,

@@ -749,7 +749,7 @@ pub(super) async fn not_found(headers: HeaderMap) -> Response {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn parse(body: Value) -> Result<types::ChatRequest, GatewayError> {
@@ -764,9 +764,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_full_request_converts() {
-        let req = parse(json!({
+    /// A request using most of the surface (`props::http` damages it too).
+    pub(crate) fn full_request() -> Value {
+        json!({
             "model": "mock/echo",
             "messages": [
                 {"role": "system", "content": "be brief"},
@@ -786,8 +786,12 @@ mod tests {
             "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}, "strict": true}},
             "user": "u-1", "metadata": {"team": "search"},
             "some_future_field": {"ignored": true}
-        }))
-        .unwrap();
+        })
+    }
+
+    #[test]
+    fn a_full_request_converts() {
+        let req = parse(full_request()).unwrap();
         assert_eq!(req.messages.len(), 4);
         assert_eq!(req.messages[0].role, Role::System);
         assert!(matches!(
