@@ -187,11 +187,42 @@ fn json_value() -> impl Strategy<Value = Value> {
     })
 }
 
-/// A top-level body: mostly an object with a model and messages, so conversion is reached.
+/// A message: mostly a role and content of the surfaces' shapes, with generated extras.
+fn message() -> impl Strategy<Value = Value> {
+    let role = prop::sample::select(vec!["user", "assistant", "system", "tool", "developer"]);
+    let kind = prop::sample::select(vec![
+        "text",
+        "image_url",
+        "image",
+        "tool_use",
+        "tool_result",
+    ]);
+    let part = (kind, "[ -~]{0,12}", json_value()).prop_map(|(kind, text, extra)| {
+        let mut part = match extra {
+            Value::Object(m) => m,
+            _ => serde_json::Map::new(),
+        };
+        part.insert("type".into(), Value::from(kind));
+        part.insert("text".into(), Value::from(text));
+        Value::Object(part)
+    });
+    let content = prop_oneof![
+        "[ -~]{0,12}".prop_map(Value::String),
+        vec(part, 0..3).prop_map(Value::Array),
+        json_value(),
+    ];
+    prop_oneof![
+        3 => (role, content).prop_map(|(role, content)| json!({"role": role, "content": content})),
+        1 => json_value(),
+    ]
+}
+
+/// A top-level body: an object with a model, messages and `max_tokens`, and generated
+/// extras, so that conversion is reached.
 fn body() -> impl Strategy<Value = Value> {
     (
         json_value(),
-        vec(json_value(), 0..4),
+        vec(message(), 0..4),
         prop::option::of(json_value()),
     )
         .prop_map(|(rest, messages, model)| {
@@ -203,7 +234,8 @@ fn body() -> impl Strategy<Value = Value> {
                 "model".into(),
                 model.unwrap_or_else(|| Value::from("mock/echo")),
             );
-            object.entry("messages").or_insert(Value::Array(messages));
+            object.insert("messages".into(), Value::Array(messages));
+            object.entry("max_tokens").or_insert(Value::from(16));
             Value::Object(object)
         })
 }
