@@ -7,6 +7,8 @@
 //!
 //! [`Provider::embed`]: crate::providers::Provider::embed
 
+use std::sync::Arc;
+
 use futures_util::FutureExt as _;
 use tokio::time::Instant;
 
@@ -17,7 +19,7 @@ use crate::{
     models::Cost,
     providers::embed::UNSUPPORTED_REASON,
     routing::{Plan, Skipped, Target},
-    telemetry::TraceContext,
+    telemetry::{TargetMetrics, TraceContext},
     types::{EmbedRequest, EmbedResponse, Route},
 };
 
@@ -32,6 +34,8 @@ pub struct EmbedAnswer {
     pub cost: Option<Cost>,
     /// The route taken.
     pub route: Route,
+    /// The metric handles of the target that answered (`None` when no target did).
+    pub metrics: Option<Arc<TargetMetrics>>,
 }
 
 /// `plan` without the targets that serve no embeddings (recorded as skipped); an error
@@ -49,6 +53,7 @@ pub fn embedding_plan(plan: &Plan) -> Result<Plan, GatewayError> {
         targets: Vec::with_capacity(plan.targets.len()),
         skipped: plan.skipped.clone(),
         execution: plan.execution.clone(),
+        counters: plan.counters.clone(),
     };
     let mut unsupported: Vec<String> = Vec::new();
     for target in &plan.targets {
@@ -109,6 +114,7 @@ impl Executor {
             provider: won.target.provider.name().to_owned(),
             response: won.value,
             route: won.route,
+            metrics: Some(won.target.metrics),
         })
     }
 }

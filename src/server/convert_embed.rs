@@ -111,6 +111,7 @@ pub fn embed_response(
         provider,
         cost: call_cost,
         route: call_route,
+        metrics: _,
     } = answer;
     pb::EmbedResponse {
         id,

@@ -52,6 +52,7 @@ impl Engine {
             match result {
                 Ok(answer) => {
                     tracing::debug!(provider = %answer.provider, model = %answer.response.model, "call succeeded");
+                    meter.set_target(answer.metrics.clone());
                     meter.finish(Outcome {
                         code: tonic::Code::Ok,
                         error_class: "",
