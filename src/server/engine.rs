@@ -9,6 +9,8 @@
 //! 5. routing to a plan; 6. the executor (fallback, hedging, deadline, commit point);
 //! 7. the meter and ledger record the outcome, labelled with the surface's `rpc` name.
 
+mod embed;
+
 use futures_util::{Stream, StreamExt};
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -121,6 +123,7 @@ impl Engine {
             match result {
                 Ok(answer) => {
                     tracing::debug!(provider = %answer.provider, model = %answer.response.model, "call succeeded");
+                    meter.set_target(answer.metrics.clone());
                     meter.finish(Outcome {
                         code: tonic::Code::Ok,
                         error_class: "",
@@ -166,6 +169,7 @@ impl Engine {
             }
         };
         let ttft = started.elapsed();
+        meter.set_target(Some(committed.target_metrics().clone()));
         meter.stream_opened();
         Ok(Box::pin(committed.map(move |event| match event {
             Ok(event) => {
@@ -206,7 +210,7 @@ impl Engine {
             Credential::Bearer(secret) => self.access.chat_caller_secret(secret)?,
         };
         let mut req = request()?;
-        let table = self.router.load();
+        let table = self.router.current();
         let Some(caller) = &caller else {
             meter.set_tags(&req.tags);
             let plan = table.plan(&req)?;
