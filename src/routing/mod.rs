@@ -922,6 +922,7 @@ mod tests {
             constraints: ConstraintSpec::default(),
             execution: ExecutionSpec::default(),
             variants: vec![],
+            cache: Default::default(),
         }
     }
 
