@@ -58,6 +58,7 @@ fn answer() -> Answer {
             output_usd: 0.000_007_2,
         }),
         route: route(),
+        metrics: None,
     }
 }
 

@@ -76,6 +76,7 @@ pub fn answer(entry: &Entry, route: Route) -> Answer {
         provider: entry.provider.clone(),
         cost: Some(ZERO_COST),
         route,
+        metrics: None,
     }
 }
 

@@ -163,6 +163,7 @@ impl Engine {
                 Ok(answer) => {
                     let hit = matches!(answer.route.cache, CacheOutcome::Hit { .. });
                     tracing::debug!(provider = %answer.provider, model = %answer.response.model, "call succeeded");
+                    meter.set_target(answer.metrics.clone());
                     meter.finish(Outcome {
                         code: tonic::Code::Ok,
                         error_class: "",
@@ -217,11 +218,12 @@ impl Engine {
                 }
                 cached = Some((call_cache, cache_stage::Collector::default()));
             }
-            let events: Events = Box::pin(
-                self.executor
-                    .chat_stream(&plan, &req, call.deadline, call.trace.as_ref())
-                    .await?,
-            );
+            let stream = self
+                .executor
+                .chat_stream(&plan, &req, call.deadline, call.trace.as_ref())
+                .await?;
+            meter.set_target(Some(stream.target_metrics().clone()));
+            let events: Events = Box::pin(stream);
             Ok((events, cached, false))
         }
         .instrument(span.clone())
@@ -283,7 +285,7 @@ impl Engine {
             Credential::Bearer(secret) => self.access.chat_caller_secret(secret)?,
         };
         let mut req = request()?;
-        let table = self.router.load();
+        let table = self.router.current();
         let mut permit = None;
         // Routed to the budget's fallback policy: the budget no longer refuses calls.
         let mut budget_fallback = false;
