@@ -16,6 +16,8 @@
 //!    partial or failed one);
 //! 8. the meter and ledger record the outcome, labelled with the surface's `rpc` name.
 
+mod embed;
+
 use futures_util::{Stream, StreamExt};
 use tokio::time::Instant;
 use tracing::Instrument;
