@@ -172,6 +172,7 @@ impl Reloader {
             tls,
             connections,
             http,
+            batch,
         } = &self.running;
         let mut report = ReloadReport::default();
         self.apply_providers(providers, new, &mut report);
@@ -213,6 +214,7 @@ impl Reloader {
         restart("metrics", *metrics != new.metrics);
         restart("ledger", *ledger != new.ledger);
         restart("auth", *auth != new.auth);
+        restart("batch", *batch != new.batch);
         restart("teams", *teams != new.teams);
         restart("http", *http != new.http);
         report
