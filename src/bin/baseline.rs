@@ -288,6 +288,14 @@ impl LlmGateway for Baseline {
         Ok(Response::new(pb::ListModelsResponse::default()))
     }
 
+    /// Not part of the baseline's benchmarks.
+    async fn embed(
+        &self,
+        _request: Request<pb::EmbedRequest>,
+    ) -> Result<Response<pb::EmbedResponse>, Status> {
+        Err(Status::unimplemented("the baseline forwards chat only"))
+    }
+
     async fn create_batch(
         &self,
         _request: Request<pb::CreateBatchRequest>,

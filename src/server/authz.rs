@@ -113,6 +113,7 @@ pub const METHODS: &[Method] = &[
     rpc(gateway!("Chat"), Requirement::Chat).metered("Chat"),
     rpc(gateway!("ChatStream"), Requirement::Chat).metered("ChatStream"),
     rpc(gateway!("ListModels"), Requirement::Chat),
+    rpc(gateway!("Embed"), Requirement::Chat).metered("Embed"),
     rpc(gateway!("CreateBatch"), Requirement::Chat),
     rpc(gateway!("GetBatch"), Requirement::Chat),
     rpc(gateway!("StreamBatchResults"), Requirement::Chat),
