@@ -634,3 +634,162 @@ impl BatchStore for SqliteBatchStore {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::NewRequest;
+
+    fn job(n: usize) -> NewJob {
+        NewJob {
+            owner: "key1".to_owned(),
+            tags: BTreeMap::from([("team".to_owned(), "search".to_owned())]),
+            timeout: std::time::Duration::from_secs(60),
+            requests: (0..n)
+                .map(|i| NewRequest {
+                    custom_id: format!("c{i}"),
+                    format: RequestFormat::Proto,
+                    body: vec![u8::try_from(i).unwrap()],
+                })
+                .collect(),
+        }
+    }
+
+    fn ok(payload: u8) -> ResultRecord {
+        ResultRecord {
+            code: 0,
+            cost: Some(CostSum {
+                total: 0.5,
+                input: 0.25,
+                output: 0.25,
+            }),
+            payload: vec![payload],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_is_claimed_once_and_answered_once() {
+        let store = SqliteBatchStore::open(Path::new(":memory:")).unwrap();
+        store.create_job("j", job(2), 1_000, 61_000).await.unwrap();
+        let first = store.claim("j", 1_000).await.unwrap().unwrap();
+        let second = store.claim("j", 1_000).await.unwrap().unwrap();
+        assert_eq!(
+            (first.index, first.runs, &first.custom_id[..]),
+            (0, 1, "c0")
+        );
+        assert_eq!(second.index, 1);
+        assert_eq!(store.claim("j", 1_000).await.unwrap(), None);
+        assert!(store.complete("j", 0, ok(7), 2_000).await.unwrap());
+        // A second result for the same request is refused and changes nothing.
+        assert!(!store.complete("j", 0, ok(8), 2_000).await.unwrap());
+        let results = store.results("j", 0, 10).await.unwrap();
+        assert_eq!(results.len(), 1);
+        assert_eq!((results[0].payload[0], results[0].runs), (7, 1));
+        let job = store.job("j").await.unwrap().unwrap();
+        assert_eq!(
+            (job.counts.succeeded, job.counts.running, job.counts.pending),
+            (1, 1, 0)
+        );
+        assert_eq!(job.cost.unwrap().total, 0.5);
+        assert_eq!(job.tags["team"], "search");
+    }
+
+    #[tokio::test]
+    async fn retries_wait_and_a_restart_releases_running_requests() {
+        let store = SqliteBatchStore::open(Path::new(":memory:")).unwrap();
+        store.create_job("j", job(2), 0, 60_000).await.unwrap();
+        let a = store.claim("j", 0).await.unwrap().unwrap();
+        store.retry_later("j", a.index, 5_000).await.unwrap();
+        // Not before its time: the other request comes first.
+        let b = store.claim("j", 1_000).await.unwrap().unwrap();
+        assert_eq!(b.index, 1);
+        assert_eq!(store.claim("j", 1_000).await.unwrap(), None);
+        let queue = store.queue("j").await.unwrap();
+        assert_eq!(
+            (queue.pending, queue.running, queue.next_ms),
+            (1, 1, Some(5_000))
+        );
+        let again = store.claim("j", 5_000).await.unwrap().unwrap();
+        assert_eq!((again.index, again.runs), (0, 2));
+        // A stopped gateway left both running: they are pending again, runs kept.
+        assert_eq!(store.release_running("j").await.unwrap(), 2);
+        let b = store.claim("j", 5_000).await.unwrap().unwrap();
+        let a = store.claim("j", 5_000).await.unwrap().unwrap();
+        assert_eq!([(b.index, b.runs), (a.index, a.runs)], [(1, 2), (0, 3)]);
+    }
+
+    #[tokio::test]
+    async fn unstarted_requests_get_their_results_and_offsets_page() {
+        let store = SqliteBatchStore::open(Path::new(":memory:")).unwrap();
+        store.create_job("j", job(3), 0, 60_000).await.unwrap();
+        let a = store.claim("j", 0).await.unwrap().unwrap();
+        let finished = store
+            .finish_pending(
+                "j",
+                Box::new(|id| ResultRecord {
+                    code: codes::CANCELLED,
+                    cost: None,
+                    payload: id.as_bytes().to_vec(),
+                }),
+                1,
+            )
+            .await
+            .unwrap();
+        assert_eq!(finished, 2);
+        assert!(store.complete("j", a.index, ok(0), 2).await.unwrap());
+        let all = store.results("j", 0, 10).await.unwrap();
+        assert_eq!(all.iter().map(|r| r.offset).collect::<Vec<_>>(), [0, 1, 2]);
+        assert_eq!(all[0].payload, b"c1");
+        let rest = store.results("j", 2, 10).await.unwrap();
+        assert_eq!((rest.len(), rest[0].offset), (1, 2));
+        let job = store.job("j").await.unwrap().unwrap();
+        assert_eq!((job.counts.cancelled, job.counts.succeeded), (2, 1));
+        assert_eq!(
+            store
+                .set_state("j", &[JobState::Running], JobState::Cancelled, Some(3))
+                .await
+                .unwrap(),
+            Some(JobState::Cancelled)
+        );
+        // An ended job does not move again.
+        assert_eq!(
+            store
+                .set_state("j", &[JobState::Running], JobState::Completed, Some(4))
+                .await
+                .unwrap(),
+            Some(JobState::Cancelled)
+        );
+        assert!(store.unfinished_jobs().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn jobs_list_newest_first_per_owner() {
+        let store = SqliteBatchStore::open(Path::new(":memory:")).unwrap();
+        for id in ["a", "b", "c"] {
+            store.create_job(id, job(1), 0, 1).await.unwrap();
+        }
+        let mut other = job(1);
+        other.owner = "key2".to_owned();
+        store.create_job("x", other, 0, 1).await.unwrap();
+        let page = store.list_jobs("key1", None, 2).await.unwrap();
+        let ids: Vec<&str> = page.iter().map(|(_, j)| j.id.as_str()).collect();
+        assert_eq!(ids, ["c", "b"]);
+        let next = store.list_jobs("key1", Some(page[1].0), 2).await.unwrap();
+        assert_eq!(next.len(), 1);
+        assert_eq!(next[0].1.id, "a");
+    }
+
+    #[test]
+    fn the_schema_is_versioned_and_reopening_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        drop(SqliteBatchStore::open(&path).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        let version: i64 = conn
+            .query_row("SELECT version FROM batch_schema", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
+        drop(conn);
+        SqliteBatchStore::open(&path).unwrap();
+    }
+}
