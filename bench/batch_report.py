@@ -127,6 +127,15 @@ def section(run_dir):
         f"{final.get('counts')}; cost {final.get('cost', {}).get('totalUsd', 0):.6f} USD. "
         f"Load average at the end {e.get('load_end', '?')}."
     )
+    split = [(by_provider.get(name, 0), rpm) for name, rpm in (("acct-a", rpm_a), ("acct-b", rpm_b))]
+    split_ideal = max(max(0, k - rpm) / (rpm / 60) for k, rpm in split)
+    lines.append("")
+    lines.append(
+        f"The weighted policy splits the requests at random ({split[0][0]:,} and "
+        f"{split[1][0]:,} here, not exactly 2:1): with this split the accounts' limits allow "
+        f"{split_ideal:.1f} s at best" + (f", so the runner took {wall / split_ideal:.2f}x of that."
+                                          if wall and split_ideal else ".")
+    )
     lines += ["", END]
     return "\n".join(lines)
 
