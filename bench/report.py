@@ -16,6 +16,8 @@ BEGIN = "<!-- analysis:begin -->"
 END = "<!-- analysis:end -->"
 EXEC_BEGIN = "<!-- executor:begin -->"
 EXEC_END = "<!-- executor:end -->"
+BATCH_BEGIN = "<!-- batch:begin -->"
+BATCH_END = "<!-- batch:end -->"
 
 
 def main():
@@ -479,6 +481,10 @@ def main():
         executor = old[old.index(EXEC_BEGIN) : old.index(EXEC_END) + len(EXEC_END)]
     if executor:
         w(executor)
+        w("")
+    # The batch scenario's section (bench/batch.sh writes it), kept as it is.
+    if BATCH_BEGIN in old and BATCH_END in old:
+        w(old[old.index(BATCH_BEGIN) : old.index(BATCH_END) + len(BATCH_END)])
         w("")
     w("## Analysis")
     w("")

@@ -103,6 +103,7 @@ struct RawConfig {
     http: RawHttpFront,
     #[serde(default)]
     shared: crate::shared::RawShared,
+    batch: crate::batch::RawBatch,
 }
 
 // -------------------------------------------------------------------------------------------
@@ -155,6 +156,8 @@ pub struct Config {
     pub http: HttpFrontSettings,
     /// `[shared]`: state shared by replicas, in Redis.
     pub shared: crate::shared::SharedSettings,
+    /// `[batch]`: batch jobs.
+    pub batch: crate::batch::BatchSettings,
 }
 
 /// Settings given on the command line or in the environment; they win over the file.
@@ -355,6 +358,7 @@ fn validate(
     let tls = raw.tls.and_then(|t| TlsConfig::from_raw(t, &mut issues));
     let connections = crate::server::settings::ConnSettings::checked(raw.connections, &mut issues);
     let shared = crate::shared::SharedSettings::from_raw(raw.shared, &mut issues);
+    let batch = crate::batch::BatchSettings::from_raw(raw.batch, &mut issues);
 
     if !issues.is_empty() {
         return Err(ConfigError::Invalid(issues.into_vec()));
@@ -379,6 +383,7 @@ fn validate(
         connections,
         http,
         shared,
+        batch,
     })
 }
 

@@ -13,6 +13,9 @@
 //! - [`config`]: loads the TOML file, interpolates `${VAR}`, applies overrides, assembles the
 //!   sections into [`config::Config`], checks cross-section rules, discovers zero-config
 //!   providers.
+//! - [`batch`]: batch jobs: durable jobs of many chat requests, run through the call
+//!   engine (behind its [`batch::Execute`] trait) with bounded concurrency, retries and a
+//!   deadline; its own storage trait and SQLite tables; `[batch]`.
 //! - [`store`]: durable state (policies, keys, usage) behind a trait; SQLite by default.
 //! - [`auth`]: gateway API keys: issuing, hashing, verifying, scopes.
 //! - [`executor`]: deadlines, fallback, hedging, the stream commit point, cancellation.
@@ -57,6 +60,7 @@
 //! server
 //! reload
 //! config
+//! batch
 //! store
 //! auth executor
 //! limits routing
@@ -74,6 +78,7 @@
 //! the ledger defines the sink the store implements.
 
 pub mod auth;
+pub mod batch;
 pub mod cache;
 pub mod codec;
 pub mod config;

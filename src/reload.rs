@@ -174,6 +174,7 @@ impl Reloader {
             connections,
             http,
             shared,
+            batch,
         } = &self.running;
         let mut report = ReloadReport::default();
         self.apply_providers(providers, new, &mut report);
@@ -216,6 +217,7 @@ impl Reloader {
         restart("ledger", *ledger != new.ledger);
         restart("cache", *cache != new.cache);
         restart("auth", *auth != new.auth);
+        restart("batch", *batch != new.batch);
         restart("teams", *teams != new.teams);
         restart("http", *http != new.http);
         restart("shared", *shared != new.shared);

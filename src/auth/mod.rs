@@ -291,6 +291,11 @@ impl KeyRing {
         self.by_id.store(Arc::new(map));
     }
 
+    /// The key with this id, as cached (revoked and expired ones included).
+    pub fn get(&self, id: &str) -> Option<Arc<KeyRecord>> {
+        self.by_id.load().get(id).cloned()
+    }
+
     /// Verifies a presented secret at `now_ms`.
     pub fn verify(&self, secret: &str, now_ms: i64) -> Result<Caller, GatewayError> {
         let bad = || GatewayError::Unauthenticated("the api key is not valid".to_owned());

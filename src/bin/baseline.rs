@@ -295,6 +295,49 @@ impl LlmGateway for Baseline {
     ) -> Result<Response<pb::EmbedResponse>, Status> {
         Err(Status::unimplemented("the baseline forwards chat only"))
     }
+
+    async fn create_batch(
+        &self,
+        _request: Request<pb::CreateBatchRequest>,
+    ) -> Result<Response<pb::CreateBatchResponse>, Status> {
+        Err(no_batches())
+    }
+
+    async fn get_batch(
+        &self,
+        _request: Request<pb::GetBatchRequest>,
+    ) -> Result<Response<pb::GetBatchResponse>, Status> {
+        Err(no_batches())
+    }
+
+    type StreamBatchResultsStream =
+        Pin<Box<dyn Stream<Item = Result<pb::StreamBatchResultsResponse, Status>> + Send>>;
+
+    async fn stream_batch_results(
+        &self,
+        _request: Request<pb::StreamBatchResultsRequest>,
+    ) -> Result<Response<Self::StreamBatchResultsStream>, Status> {
+        Err(no_batches())
+    }
+
+    async fn cancel_batch(
+        &self,
+        _request: Request<pb::CancelBatchRequest>,
+    ) -> Result<Response<pb::CancelBatchResponse>, Status> {
+        Err(no_batches())
+    }
+
+    async fn list_batches(
+        &self,
+        _request: Request<pb::ListBatchesRequest>,
+    ) -> Result<Response<pb::ListBatchesResponse>, Status> {
+        Err(no_batches())
+    }
+}
+
+/// The baseline forwards chat only.
+fn no_batches() -> Status {
+    Status::unimplemented("the baseline has no batch jobs")
 }
 
 type Body = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;

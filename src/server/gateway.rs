@@ -8,7 +8,7 @@ use futures_util::{Stream, StreamExt};
 use tonic::{Request, Response, Status, metadata::MetadataMap};
 
 use super::{
-    authz, convert, convert_embed,
+    authz, batch, convert, convert_embed,
     deadline::call_deadline,
     engine::{Call, Credential, Engine, trace_context},
     request_id::RequestId,
@@ -18,16 +18,24 @@ use crate::{
     pb::{self, llm_gateway_server::LlmGateway},
 };
 
-/// The gateway service: a thin adapter from gRPC to the shared [`Engine`].
+/// The gateway service: a thin adapter from gRPC to the shared [`Engine`] and the batch
+/// runner.
 #[derive(Clone)]
 pub struct GatewayService {
     engine: Engine,
+    batches: crate::batch::Batches,
 }
 
 impl GatewayService {
-    /// A service running calls on `engine`.
-    pub fn new(engine: Engine) -> Self {
-        Self { engine }
+    /// A service running calls on `engine` and batch jobs on `batches`.
+    pub fn new(engine: Engine, batches: crate::batch::Batches) -> Self {
+        Self { engine, batches }
+    }
+
+    /// The owner of the batch jobs the caller creates and sees.
+    fn batch_owner(extensions: &tonic::Extensions) -> Result<String, Status> {
+        let principal = authz::principal(extensions).map_err(GatewayError::into_status)?;
+        Ok(batch::owner(principal.key()))
     }
 
     /// What the engine needs to know about a call before reading it; the caller is the one
@@ -67,6 +75,8 @@ fn request_id(extensions: &tonic::Extensions) -> String {
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::ChatStreamResponse, Status>> + Send>>;
+type BatchResultStream =
+    Pin<Box<dyn Stream<Item = Result<pb::StreamBatchResultsResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl LlmGateway for GatewayService {
@@ -170,5 +180,78 @@ impl LlmGateway for GatewayService {
             models.sort_by(|a, b| a.id.cmp(&b.id));
         }
         Ok(Response::new(pb::ListModelsResponse { models }))
+    }
+
+    async fn create_batch(
+        &self,
+        request: Request<pb::CreateBatchRequest>,
+    ) -> Result<Response<pb::CreateBatchResponse>, Status> {
+        let owner = Self::batch_owner(request.extensions())?;
+        let job = batch::new_job(request.into_inner(), owner, &self.batches)
+            .map_err(GatewayError::into_status)?;
+        let job = self
+            .batches
+            .create(job)
+            .await
+            .map_err(GatewayError::into_status)?;
+        Ok(Response::new(pb::CreateBatchResponse {
+            batch: Some(batch::batch_out(job)),
+        }))
+    }
+
+    async fn get_batch(
+        &self,
+        request: Request<pb::GetBatchRequest>,
+    ) -> Result<Response<pb::GetBatchResponse>, Status> {
+        let owner = Self::batch_owner(request.extensions())?;
+        let job = self
+            .batches
+            .get(&owner, &request.into_inner().batch_id)
+            .await
+            .map_err(GatewayError::into_status)?;
+        Ok(Response::new(pb::GetBatchResponse {
+            batch: Some(batch::batch_out(job)),
+        }))
+    }
+
+    type StreamBatchResultsStream = BatchResultStream;
+
+    async fn stream_batch_results(
+        &self,
+        request: Request<pb::StreamBatchResultsRequest>,
+    ) -> Result<Response<Self::StreamBatchResultsStream>, Status> {
+        let owner = Self::batch_owner(request.extensions())?;
+        let results = batch::results(&self.batches, &owner, request.into_inner())
+            .await
+            .map_err(GatewayError::into_status)?;
+        Ok(Response::new(Box::pin(
+            results.map(|r| r.map_err(GatewayError::into_status)),
+        )))
+    }
+
+    async fn cancel_batch(
+        &self,
+        request: Request<pb::CancelBatchRequest>,
+    ) -> Result<Response<pb::CancelBatchResponse>, Status> {
+        let owner = Self::batch_owner(request.extensions())?;
+        let job = self
+            .batches
+            .cancel(&owner, &request.into_inner().batch_id)
+            .await
+            .map_err(GatewayError::into_status)?;
+        Ok(Response::new(pb::CancelBatchResponse {
+            batch: Some(batch::batch_out(job)),
+        }))
+    }
+
+    async fn list_batches(
+        &self,
+        request: Request<pb::ListBatchesRequest>,
+    ) -> Result<Response<pb::ListBatchesResponse>, Status> {
+        let owner = Self::batch_owner(request.extensions())?;
+        batch::list(&self.batches, &owner, request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(GatewayError::into_status)
     }
 }

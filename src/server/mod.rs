@@ -19,6 +19,7 @@
 pub mod access;
 pub mod admin;
 pub mod authz;
+pub mod batch;
 pub mod cache_stage;
 pub mod conn;
 pub mod convert;
@@ -377,7 +378,18 @@ pub async fn serve_with(
         meter,
     )
     .with_cache(response_cache);
-    let gateway = gateway::GatewayService::new(engine.clone());
+    let batch_store = crate::batch::sqlite::SqliteBatchStore::open(&config.store.path)
+        .map_err(|e| ServeError::Store(StoreError::Backend(e.to_string())))?;
+    let batches = crate::batch::Batches::new(
+        Arc::new(batch_store),
+        Arc::new(batch::EngineExec::new(engine.clone())),
+        config.batch.clone(),
+    );
+    batches
+        .resume()
+        .await
+        .map_err(|e| ServeError::Store(StoreError::Backend(e.to_string())))?;
+    let gateway = gateway::GatewayService::new(engine.clone(), batches.clone());
     let http_listener = match (options.http_listener, config.http.listen) {
         (Some(listener), _) => Some(listener),
         (None, Some(addr)) => Some(
@@ -521,6 +533,8 @@ pub async fn serve_with(
                 .await;
             // NOT_SERVING is in every Watch stream's channel: end them after it is sent.
             drain_streams.cancel();
+            // Batch jobs start nothing new; their results streams end (readers reconnect).
+            batches.stop_claiming();
             stop_accepting.cancel();
             match tokio::time::timeout(config.server.shutdown_grace, &mut server).await {
                 Ok(result) => {
@@ -540,6 +554,10 @@ pub async fn serve_with(
     // Dropping the server drops the services, and with them the ledger's senders: the writer
     // then drains what is queued and stops.
     drop(server);
+    // Batch requests still running get the grace period (the executor's hard stop may have
+    // ended them already), then go back to pending for the next start.
+    batches.shutdown(config.server.shutdown_grace).await;
+    drop(batches);
     stop_metrics.cancel();
     stop_background.cancel();
     background.close();

@@ -81,27 +81,35 @@ fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// Opens a connection to the store file at `path` (creating it and its directory when
+/// needed; `:memory:` is a private in-memory database) in WAL mode with
+/// `synchronous = FULL`. Other tables in the same file (batch jobs) open theirs here too.
+pub fn connect(path: &Path) -> Result<Connection, StoreError> {
+    let conn = if path == Path::new(":memory:") {
+        Connection::open_in_memory().map_err(backend)?
+    } else {
+        if let Some(dir) = path.parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| backend(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        Connection::open(path)
+            .map_err(|e| backend(format!("cannot open {}: {e}", path.display())))?
+    };
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(backend)?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(backend)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(backend)?;
+    Ok(conn)
+}
+
 impl SqliteStore {
     /// Opens (creating when needed) the store at `path`; `:memory:` keeps it in memory.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let conn = if path == Path::new(":memory:") {
-            Connection::open_in_memory().map_err(backend)?
-        } else {
-            if let Some(dir) = path.parent()
-                && !dir.as_os_str().is_empty()
-            {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| backend(format!("cannot create {}: {e}", dir.display())))?;
-            }
-            Connection::open(path)
-                .map_err(|e| backend(format!("cannot open {}: {e}", path.display())))?
-        };
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(backend)?;
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(backend)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(backend)?;
+        let conn = connect(path)?;
         let mut store = Self {
             conn: Arc::new(Mutex::new(conn)),
         };

@@ -10,6 +10,7 @@ mod admin;
 mod authz;
 mod bad_input;
 mod cache;
+mod batch;
 mod chat;
 mod check_config;
 mod cloud;

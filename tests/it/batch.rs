@@ -1,0 +1,548 @@
+//! Batch jobs: submit, stream, progress, cancel, deadline, retries, restart, ownership and
+//! bad input, through the generated client against the mock upstream.
+
+use std::collections::BTreeMap;
+
+use llm_gateway::{
+    mock_upstream::{MockSettings, MockUpstream},
+    pb::{self, llm_gateway_client::LlmGatewayClient},
+};
+use tonic::{Code, Request, transport::Channel};
+
+use crate::common::*;
+
+const MODEL: &str = "openai/gpt-4o-mini";
+
+fn item(custom_id: &str, model: &str, text: &str) -> pb::BatchRequestItem {
+    pb::BatchRequestItem {
+        custom_id: custom_id.to_owned(),
+        request: Some(request(model, text)),
+    }
+}
+
+fn job(items: Vec<pb::BatchRequestItem>) -> pb::CreateBatchRequest {
+    pb::CreateBatchRequest {
+        requests: items,
+        ..Default::default()
+    }
+}
+
+async fn create(client: &mut LlmGatewayClient<Channel>, req: pb::CreateBatchRequest) -> pb::Batch {
+    client
+        .create_batch(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .batch
+        .unwrap()
+}
+
+/// Every result of a job from `offset`, until the stream ends.
+async fn results(
+    client: &mut LlmGatewayClient<Channel>,
+    id: &str,
+    offset: u64,
+) -> Vec<pb::BatchResult> {
+    let mut stream = client
+        .stream_batch_results(pb::StreamBatchResultsRequest {
+            batch_id: id.to_owned(),
+            offset,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(msg) = stream.message().await.unwrap() {
+        out.push(msg.result.unwrap());
+    }
+    out
+}
+
+async fn get(client: &mut LlmGatewayClient<Channel>, id: &str) -> pb::Batch {
+    client
+        .get_batch(pb::GetBatchRequest {
+            batch_id: id.to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .batch
+        .unwrap()
+}
+
+fn reply(result: &pb::BatchResult) -> String {
+    match &result.outcome {
+        Some(pb::batch_result::Outcome::Response(r)) => reply_text(r),
+        other => panic!("{}: not a reply: {other:?}", result.custom_id),
+    }
+}
+
+fn error(result: &pb::BatchResult) -> &pb::BatchError {
+    match &result.outcome {
+        Some(pb::batch_result::Outcome::Error(e)) => e,
+        other => panic!("{}: not an error: {other:?}", result.custom_id),
+    }
+}
+
+/// How many results each custom id got.
+fn answers(results: &[pb::BatchResult]) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for r in results {
+        *seen.entry(r.custom_id.clone()).or_default() += 1;
+    }
+    seen
+}
+
+async fn pair(extra: &str) -> (MockUpstream, Gateway) {
+    let mock = MockUpstream::start(MockSettings::default()).await.unwrap();
+    let gateway = Gateway::start(&openai_toml(&mock, extra)).await;
+    (mock, gateway)
+}
+
+#[tokio::test]
+async fn a_job_runs_every_request_and_streams_each_result_once() {
+    let (_mock, gateway) = pair("").await;
+    let mut client = gateway.client();
+    let items: Vec<_> = (0..6)
+        .map(|i| item(&format!("req-{i}"), MODEL, &format!("question {i}")))
+        .collect();
+    let mut req = job(items);
+    req.tags.insert("feature".into(), "nightly".into());
+    let created = create(&mut client, req).await;
+    assert!(created.id.starts_with("batch_"), "{}", created.id);
+    assert_eq!(created.mode, pb::BatchMode::Gateway as i32);
+    assert_eq!(created.counts.unwrap().total, 6);
+
+    let all = results(&mut client, &created.id, 0).await;
+    assert_eq!(all.len(), 6);
+    assert!(
+        answers(&all).values().all(|n| *n == 1),
+        "{:?}",
+        answers(&all)
+    );
+    for (i, r) in all.iter().enumerate() {
+        assert_eq!(r.offset, i as u64);
+        assert_eq!(r.runs, 1);
+        let n = r.custom_id.strip_prefix("req-").unwrap();
+        assert_eq!(reply(r), format!("Mock reply to: question {n}"));
+        assert!(r.usage.unwrap().input_tokens > 0);
+        assert!(r.cost.unwrap().total_usd > 0.0);
+        assert_eq!(r.route.as_ref().unwrap().attempts[0].provider, "openai");
+        assert!(r.complete_time.is_some());
+    }
+
+    let done = get(&mut client, &created.id).await;
+    assert_eq!(done.state, pb::BatchState::Completed as i32);
+    let counts = done.counts.unwrap();
+    assert_eq!(
+        (counts.succeeded, counts.pending, counts.running),
+        (6, 0, 0)
+    );
+    let cost: f64 = all.iter().map(|r| r.cost.unwrap().total_usd).sum();
+    assert!((done.cost.unwrap().total_usd - cost).abs() < 1e-12);
+    assert!(done.end_time.is_some());
+    assert_eq!(done.tags["feature"], "nightly");
+
+    // A reader that received two continues with the rest, each once.
+    let rest = results(&mut client, &created.id, 2).await;
+    assert_eq!(
+        rest.iter().map(|r| &r.custom_id).collect::<Vec<_>>(),
+        all[2..].iter().map(|r| &r.custom_id).collect::<Vec<_>>()
+    );
+
+    // The ledger has one record per request, tagged with the job.
+    let mut admin = admin_client(gateway.channel.clone());
+    let records: Vec<_> = usage_records(&mut admin, 6)
+        .await
+        .into_iter()
+        .filter(|r| r.rpc == "Batch")
+        .collect();
+    assert_eq!(records.len(), 6);
+    for r in &records {
+        assert_eq!(r.tags["batch_job"], created.id);
+        assert_eq!(r.tags["feature"], "nightly");
+        assert_eq!(r.code, "OK");
+    }
+
+    let listed = client
+        .list_batches(pb::ListBatchesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.batches.len(), 1);
+    assert_eq!(listed.batches[0].id, created.id);
+}
+
+#[tokio::test]
+async fn a_jsonl_job_in_the_openai_batch_format_runs() {
+    let (mock, gateway) = pair("").await;
+    let mut client = gateway.client();
+    let jsonl = format!(
+        "{}\n\n{}\n",
+        r#"{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "first"}], "max_tokens": 20}}"#,
+        r#"{"custom_id": "b", "body": {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "second"}]}}"#
+    );
+    let created = create(
+        &mut client,
+        pb::CreateBatchRequest {
+            jsonl: jsonl.into_bytes(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let all = results(&mut client, &created.id, 0).await;
+    let mut replies: Vec<(String, String)> = all
+        .iter()
+        .map(|r| (r.custom_id.clone(), reply(r)))
+        .collect();
+    replies.sort();
+    assert_eq!(
+        replies,
+        [
+            ("a".to_owned(), "Mock reply to: first".to_owned()),
+            ("b".to_owned(), "Mock reply to: second".to_owned())
+        ]
+    );
+    assert_eq!(mock.stats().requests(), 2);
+}
+
+#[tokio::test]
+async fn cancel_stops_starting_requests_and_the_rest_end_cancelled() {
+    let (_mock, gateway) = pair("[batch]\njob_concurrency = 1").await;
+    let mut client = gateway.client();
+    let model = format!("{MODEL}+latency=300");
+    let items: Vec<_> = (0..10)
+        .map(|i| item(&format!("c{i}"), &model, "slow"))
+        .collect();
+    let created = create(&mut client, job(items)).await;
+    let cancelled = client
+        .cancel_batch(pb::CancelBatchRequest {
+            batch_id: created.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .batch
+        .unwrap();
+    assert!(
+        cancelled.state == pb::BatchState::Cancelling as i32
+            || cancelled.state == pb::BatchState::Cancelled as i32
+    );
+    let all = results(&mut client, &created.id, 0).await;
+    assert_eq!(all.len(), 10);
+    assert!(answers(&all).values().all(|n| *n == 1));
+    let never_started: Vec<_> = all
+        .iter()
+        .filter(|r| matches!(&r.outcome, Some(pb::batch_result::Outcome::Error(_))))
+        .collect();
+    assert!(!never_started.is_empty());
+    for r in &never_started {
+        let e = error(r);
+        assert_eq!(
+            (e.code, e.reason.as_str()),
+            (Code::Cancelled as i32, "CANCELLED")
+        );
+        assert_eq!(r.runs, 0);
+    }
+    let done = get(&mut client, &created.id).await;
+    assert_eq!(done.state, pb::BatchState::Cancelled as i32);
+    let counts = done.counts.unwrap();
+    assert_eq!(counts.cancelled as usize, never_started.len());
+    assert_eq!(counts.cancelled + counts.succeeded, 10);
+}
+
+#[tokio::test]
+async fn requests_not_started_by_the_deadline_end_deadline_exceeded() {
+    let (_mock, gateway) = pair("[batch]\njob_concurrency = 1").await;
+    let mut client = gateway.client();
+    let model = format!("{MODEL}+hang");
+    let items: Vec<_> = (0..3)
+        .map(|i| item(&format!("d{i}"), &model, "x"))
+        .collect();
+    let mut req = job(items);
+    req.timeout = Some(prost_types::Duration {
+        seconds: 0,
+        nanos: 500_000_000,
+    });
+    let created = create(&mut client, req).await;
+    let all = results(&mut client, &created.id, 0).await;
+    assert_eq!(all.len(), 3);
+    for r in &all {
+        let e = error(r);
+        assert_eq!(e.code, Code::DeadlineExceeded as i32, "{e:?}");
+    }
+    let done = get(&mut client, &created.id).await;
+    assert_eq!(done.state, pb::BatchState::Expired as i32);
+    assert_eq!(done.counts.unwrap().deadline_exceeded, 3);
+}
+
+#[tokio::test]
+async fn retryable_failures_are_retried_and_others_are_not() {
+    let (mock, gateway) = pair("[batch]\nmax_runs = 3\nretry_backoff = \"10ms\"").await;
+    let mut client = gateway.client();
+    let created = create(
+        &mut client,
+        job(vec![
+            item("down", &format!("{MODEL}+status=503"), "x"),
+            item("bad", &format!("{MODEL}+status=400"), "x"),
+        ]),
+    )
+    .await;
+    let all = results(&mut client, &created.id, 0).await;
+    let by_id: BTreeMap<_, _> = all.iter().map(|r| (r.custom_id.as_str(), r)).collect();
+    let down = by_id["down"];
+    assert_eq!(error(down).code, Code::Unavailable as i32);
+    assert_eq!(down.runs, 3);
+    assert!(down.route.is_some());
+    let bad = by_id["bad"];
+    assert_eq!(error(bad).code, Code::InvalidArgument as i32);
+    assert_eq!(bad.runs, 1);
+    // `bad` reached the upstream once, `down` more than once (once its target's circuit
+    // opens, a run is refused before the upstream, which is retryable too).
+    assert!(mock.stats().requests() >= 3, "{}", mock.stats().requests());
+    let counts = get(&mut client, &created.id).await.counts.unwrap();
+    assert_eq!(counts.failed, 2);
+}
+
+#[tokio::test]
+async fn a_job_survives_a_restart_and_every_request_is_answered_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockUpstream::start(MockSettings::default()).await.unwrap();
+    let toml = openai_toml(
+        &mock,
+        &format!(
+            "[store]\npath = \"{}\"\n[batch]\njob_concurrency = 2",
+            dir.path().join("gw.db").display()
+        ),
+    );
+    let mut first = Gateway::start(&toml).await;
+    let mut client = first.client();
+    let model = format!("{MODEL}+latency=50");
+    let items: Vec<_> = (0..40)
+        .map(|i| item(&format!("r{i}"), &model, &format!("q{i}")))
+        .collect();
+    let created = create(&mut client, job(items)).await;
+
+    // Read a few results, then stop the gateway midway.
+    let mut stream = client
+        .stream_batch_results(pb::StreamBatchResultsRequest {
+            batch_id: created.id.clone(),
+            offset: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut received = Vec::new();
+    while received.len() < 5 {
+        received.push(stream.message().await.unwrap().unwrap().result.unwrap());
+    }
+    first.signal_shutdown();
+    // The stream ends (UNAVAILABLE, or cleanly when the job had finished) at shutdown.
+    while let Ok(Some(msg)) = stream.message().await {
+        received.push(msg.result.unwrap());
+    }
+    first.take_handle().await.unwrap().unwrap();
+    assert!(
+        answers(&received).len() < 40,
+        "the job finished before the restart"
+    );
+
+    // A new gateway on the same store resumes the job; the reader continues at its offset.
+    let second = Gateway::start(&toml).await;
+    let mut client = second.client();
+    let rest = results(&mut client, &created.id, received.len() as u64).await;
+    let mut all = received.clone();
+    all.extend(rest);
+    assert_eq!(all.len(), 40);
+    let seen = answers(&all);
+    assert_eq!(seen.len(), 40);
+    assert!(seen.values().all(|n| *n == 1), "{seen:?}");
+    for r in &all {
+        let n = r.custom_id.strip_prefix('r').unwrap();
+        assert_eq!(reply(r), format!("Mock reply to: q{n}"));
+    }
+    // A fresh reader from 0 sees the same 40, in the same order.
+    let again = results(&mut client, &created.id, 0).await;
+    assert_eq!(
+        again.iter().map(|r| &r.custom_id).collect::<Vec<_>>(),
+        all.iter().map(|r| &r.custom_id).collect::<Vec<_>>()
+    );
+    let done = get(&mut client, &created.id).await;
+    assert_eq!(done.state, pb::BatchState::Completed as i32);
+    assert_eq!(done.counts.unwrap().succeeded, 40);
+}
+
+fn authed<T>(message: T, secret: &str) -> Request<T> {
+    let mut req = Request::new(message);
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {secret}").parse().unwrap());
+    req
+}
+
+#[tokio::test]
+async fn a_key_cannot_see_another_keys_job() {
+    let (_mock, gateway) = pair("[auth]\nrequire_keys = true").await;
+    let mut admin = admin_client(gateway.channel.clone());
+    let mut secrets = Vec::new();
+    for name in ["alice", "bob"] {
+        let created = admin
+            .create_key(pb::CreateKeyRequest {
+                key: Some(pb::Key {
+                    name: name.into(),
+                    owner: "team".into(),
+                    scopes: vec!["chat".into()],
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        secrets.push(created.secret);
+    }
+    let (alice, bob) = (&secrets[0], &secrets[1]);
+    let mut client = gateway.client();
+    let status = client
+        .create_batch(job(vec![item("a", MODEL, "x")]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    let created = client
+        .create_batch(authed(job(vec![item("a", MODEL, "x")]), alice))
+        .await
+        .unwrap()
+        .into_inner()
+        .batch
+        .unwrap();
+    let id = || created.id.clone();
+
+    let status = client
+        .get_batch(authed(pb::GetBatchRequest { batch_id: id() }, bob))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    let status = client
+        .cancel_batch(authed(pb::CancelBatchRequest { batch_id: id() }, bob))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    let status = client
+        .stream_batch_results(authed(
+            pb::StreamBatchResultsRequest {
+                batch_id: id(),
+                offset: 0,
+            },
+            bob,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    let listed = client
+        .list_batches(authed(pb::ListBatchesRequest::default(), bob))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.batches.is_empty());
+
+    // Alice sees hers, and its request ran as her key (team tag from its owner).
+    let mut stream = client
+        .stream_batch_results(authed(
+            pb::StreamBatchResultsRequest {
+                batch_id: id(),
+                offset: 0,
+            },
+            alice,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let result = stream.message().await.unwrap().unwrap().result.unwrap();
+    assert_eq!(reply(&result), "Mock reply to: x");
+    let records = usage_records(&mut admin, 1).await;
+    let record = records.iter().find(|r| r.rpc == "Batch").unwrap();
+    assert_eq!(record.key, "alice");
+    assert_eq!(record.tags["team"], "team");
+    let listed = client
+        .list_batches(authed(pb::ListBatchesRequest::default(), alice))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.batches.len(), 1);
+}
+
+#[tokio::test]
+async fn bad_input_is_invalid_argument_naming_the_request_or_line() {
+    let (mock, gateway) = pair("[batch]\nmax_requests = 3").await;
+    let mut client = gateway.client();
+    let mut refused = async |req: pb::CreateBatchRequest| {
+        let status = client.create_batch(req).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        (violated_fields(&status), status.message().to_owned())
+    };
+
+    let (fields, message) = refused(job(vec![])).await;
+    assert_eq!(fields, ["requests"]);
+    assert!(message.contains("at least one request"), "{message}");
+
+    let (fields, message) = refused(job(vec![
+        item("same", MODEL, "x"),
+        item("other", MODEL, "x"),
+        item("same", MODEL, "x"),
+    ]))
+    .await;
+    assert_eq!(fields, ["requests[2].custom_id"]);
+    assert!(message.contains("`same` is used twice"), "{message}");
+
+    let (fields, message) = refused(job((0..4)
+        .map(|i| item(&i.to_string(), MODEL, "x"))
+        .collect()))
+    .await;
+    assert_eq!(fields, ["requests"]);
+    assert!(
+        message.contains("4 requests is more than the 3"),
+        "{message}"
+    );
+
+    let mut no_messages = item("a", MODEL, "x");
+    no_messages.request.as_mut().unwrap().messages.clear();
+    let (fields, _) = refused(job(vec![no_messages, item("", MODEL, "x")])).await;
+    assert_eq!(
+        fields,
+        ["requests[0].request.messages", "requests[1].custom_id"]
+    );
+
+    let jsonl = concat!(
+        r#"{"custom_id": "a", "body": {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}}"#,
+        "\n{\"custom_id\": \"b\", \"body\": {\n"
+    );
+    let (fields, message) = refused(pb::CreateBatchRequest {
+        jsonl: jsonl.as_bytes().to_vec(),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(fields, ["jsonl line 2"]);
+    assert!(message.contains("not valid JSON"), "{message}");
+
+    let (fields, _) = refused(pb::CreateBatchRequest {
+        jsonl: br#"{"custom_id": "a", "url": "/v1/embeddings", "body": {"model": "openai/gpt-4o-mini", "messages": []}}"#.to_vec(),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(fields, ["jsonl line 1.url", "jsonl line 1.body.messages"]);
+
+    let (fields, _) = refused(pb::CreateBatchRequest {
+        requests: vec![item("a", MODEL, "x")],
+        jsonl: b"{}".to_vec(),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(fields, ["jsonl"]);
+
+    let status = client
+        .get_batch(pb::GetBatchRequest {
+            batch_id: "batch_nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    assert_eq!(mock.stats().requests(), 0);
+}
