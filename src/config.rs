@@ -103,6 +103,7 @@ struct RawConfig {
     http: RawHttpFront,
     #[serde(default)]
     shared: crate::shared::RawShared,
+    #[serde(default)]
     batch: crate::batch::RawBatch,
 }
 
