@@ -12,7 +12,7 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, Mutex, OnceLock, RwLock},
     time::Duration,
 };
 
@@ -26,6 +26,20 @@ mod latency;
 /// Observations of a target before its latency percentiles are trusted (for adaptive hedge
 /// delays and deadline reserves).
 pub const MIN_SAMPLES: usize = 20;
+
+/// Told when a target starts (or extends) a rest after a rate limit: provider, model, how
+/// long. The server publishes it to the other replicas (see `crate::shared::rests`).
+#[derive(Clone)]
+pub struct RestHook(pub Arc<RestFn>);
+
+/// What a [`RestHook`] calls.
+pub type RestFn = dyn Fn(&str, &str, Duration) + Send + Sync;
+
+impl std::fmt::Debug for RestHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RestHook")
+    }
+}
 
 /// Breaker and window settings (`[health]`).
 #[derive(Debug, Clone, PartialEq)]
@@ -202,6 +216,8 @@ pub struct TargetHealth {
     state: Mutex<State>,
     /// Provider and model, for metric labels.
     labels: (String, String),
+    /// The registry's rest hook, once set.
+    rest_hook: Arc<OnceLock<RestHook>>,
 }
 
 /// What one attempt did, for the statistics.
@@ -238,7 +254,17 @@ impl TargetHealth {
 
     /// A healthy target with the provider and model its metrics are labelled with.
     pub fn named(settings: Arc<HealthSettings>, provider: &str, model: &str) -> Self {
+        Self::hooked(settings, provider, model, Arc::default())
+    }
+
+    fn hooked(
+        settings: Arc<HealthSettings>,
+        provider: &str,
+        model: &str,
+        rest_hook: Arc<OnceLock<RestHook>>,
+    ) -> Self {
         Self {
+            rest_hook,
             labels: (provider.to_owned(), model.to_owned()),
             settings,
             state: Mutex::new(State {
@@ -304,6 +330,7 @@ impl TargetHealth {
         let settings = &self.settings;
         let mut state = self.lock();
         let before = Self::circuit(&state.breaker);
+        let mut rested = None;
         let sample = match result {
             AttemptResult::Success { latency, ttft } => {
                 let (size, age) = (settings.latency_window_size, settings.window_age);
@@ -316,7 +343,10 @@ impl TargetHealth {
             AttemptResult::Failure { .. } => Some(Sample { at: now, ok: false }),
             AttemptResult::RateLimited { rest } => {
                 let until = now + rest;
-                state.cooldown_until = Some(state.cooldown_until.map_or(until, |u| u.max(until)));
+                if state.cooldown_until.is_none_or(|u| u < until) {
+                    state.cooldown_until = Some(until);
+                    rested = Some(rest);
+                }
                 None
             }
             AttemptResult::Neutral => None,
@@ -390,6 +420,9 @@ impl TargetHealth {
         };
         let after = Self::circuit(&state.breaker);
         drop(state);
+        if let (Some(rest), Some(hook)) = (rested, self.rest_hook.get()) {
+            (hook.0)(&self.labels.0, &self.labels.1, rest);
+        }
         if before == after {
             return None;
         }
@@ -417,6 +450,14 @@ impl TargetHealth {
             Breaker::Open { .. } => CircuitState::Open,
             Breaker::HalfOpen { .. } => CircuitState::HalfOpen,
         }
+    }
+
+    /// Rests the target for `rest` from `now` because another replica saw it rate limited
+    /// (the rest hook is not told: the news came from there).
+    pub fn rest_from_peer(&self, rest: Duration, now: Instant) {
+        let until = now + rest;
+        let mut state = self.lock();
+        state.cooldown_until = Some(state.cooldown_until.map_or(until, |u| u.max(until)));
     }
 
     /// Records an attempt that ended without showing its latency (it was cancelled, or cut
@@ -549,6 +590,7 @@ impl Drop for AttemptGuard {
 pub struct HealthRegistry {
     settings: Arc<HealthSettings>,
     targets: RwLock<HashMap<String, HashMap<String, Arc<TargetHealth>>>>,
+    rest_hook: Arc<OnceLock<RestHook>>,
 }
 
 impl HealthRegistry {
@@ -557,7 +599,13 @@ impl HealthRegistry {
         Self {
             settings: Arc::new(settings),
             targets: RwLock::default(),
+            rest_hook: Arc::default(),
         }
+    }
+
+    /// Sets the hook told of every rest after a rate limit (once; later calls are ignored).
+    pub fn on_rest(&self, hook: RestHook) {
+        let _ = self.rest_hook.set(hook);
     }
 
     /// The health of `provider/model`, created when new.
@@ -575,7 +623,12 @@ impl HealthRegistry {
             .or_default()
             .entry(model.to_owned())
             .or_insert_with(|| {
-                Arc::new(TargetHealth::named(self.settings.clone(), provider, model))
+                Arc::new(TargetHealth::hooked(
+                    self.settings.clone(),
+                    provider,
+                    model,
+                    self.rest_hook.clone(),
+                ))
             })
             .clone()
     }
@@ -680,6 +733,38 @@ mod tests {
         assert!(matches!(h.admit(t0), Admission::CoolingDown(_)));
         assert_eq!(h.admit(t0 + Duration::from_secs(3)), Admission::Allowed);
         assert_eq!(h.snapshot(t0).circuit, CircuitState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_rest_hook_hears_each_new_or_longer_rest_and_peers_do_not_echo() {
+        let registry = HealthRegistry::new(HealthSettings::default());
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let sink = heard.clone();
+        registry.on_rest(RestHook(Arc::new(move |p, m, rest| {
+            sink.lock()
+                .unwrap()
+                .push((p.to_owned(), m.to_owned(), rest));
+        })));
+        let h = registry.get("openai", "gpt");
+        let t0 = Instant::now();
+        let limited = |secs| AttemptResult::RateLimited {
+            rest: Duration::from_secs(secs),
+        };
+        h.record(limited(10), t0);
+        // Within the rest already taken: nothing new to tell.
+        h.record(limited(5), t0);
+        h.record(limited(20), t0);
+        // A peer's rest is applied, not told back.
+        h.rest_from_peer(Duration::from_secs(60), t0);
+        assert!(matches!(
+            h.admit(t0 + Duration::from_secs(30)),
+            Admission::CoolingDown(_)
+        ));
+        let heard = heard.lock().unwrap().clone();
+        let secs: Vec<u64> = heard.iter().map(|(_, _, r)| r.as_secs()).collect();
+        assert_eq!(secs, [10, 20]);
+        assert_eq!(heard[0].0, "openai");
+        assert_eq!(heard[0].1, "gpt");
     }
 
     #[tokio::test(start_paused = true)]

@@ -287,14 +287,17 @@ pub async fn serve_with(
         background.spawn(state.clone().watch(interval, stop_background.clone()));
     }
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.store.path)?);
-    let router = Arc::new(Router::new(table));
-    let stop_metrics = CancellationToken::new();
-    let admin_token = admin_token(&config)?;
     let shared = crate::shared::Shared::connect(&config.shared).map_err(|e| {
         ServeError::Store(StoreError::Backend(format!(
             "cannot set up shared state: {e}"
         )))
     })?;
+    if let Some(shared) = &shared {
+        share_rests(shared, table.health(), &background, &stop_background);
+    }
+    let router = Arc::new(Router::new(table));
+    let stop_metrics = CancellationToken::new();
+    let admin_token = admin_token(&config)?;
     let limits = crate::limits::Limits::with_shared(shared.clone());
     limits.prepare().await;
     limits.background(&background, &stop_background);
@@ -657,6 +660,30 @@ fn write_private(path: &std::path::Path, contents: &str) -> std::io::Result<()> 
     let mut file = options.open(path)?;
     file.write_all(contents.as_bytes())?;
     file.sync_all()
+}
+
+/// Rests targets on every replica together: this replica's rests are published, the
+/// others' applied (see [`crate::shared::rests`]).
+fn share_rests(
+    shared: &Arc<crate::shared::Shared>,
+    health: &Arc<HealthRegistry>,
+    background: &tokio_util::task::TaskTracker,
+    stop: &CancellationToken,
+) {
+    let rests = crate::shared::rests::Rests::new(shared.clone());
+    let publisher = rests.clone();
+    health.on_rest(crate::health::RestHook(Arc::new(
+        move |provider, model, rest| {
+            publisher.publish(provider, model, rest);
+        },
+    )));
+    let registry = health.clone();
+    let apply: crate::shared::rests::Apply = Arc::new(move |provider, model, rest| {
+        registry
+            .get(provider, model)
+            .rest_from_peer(rest, tokio::time::Instant::now());
+    });
+    background.spawn(rests.run(apply, stop.clone()));
 }
 
 /// Seeds budget spend for the current UTC day and month from the usage ledger, so a

@@ -11,8 +11,13 @@
 //!   degraded, callers do not wait on Redis at all ([`Shared::is_degraded`]) and a background
 //!   probe ([`Shared::watch`]) pings it every 250 ms until it answers again.
 //!
+//! - [`rests`]: provider rest state (a target resting after a rate limit or Retry-After)
+//!   published to every replica.
+//!
 //! What uses it: rate limits, stream leases and budgets ([`crate::limits`]) and provider
 //! rests ([`crate::health`]). Circuit breakers and hedge budgets stay per replica.
+
+pub mod rests;
 
 use std::{
     sync::{
@@ -193,6 +198,7 @@ const WARN_INTERVAL: Duration = Duration::from_secs(10);
 /// The Redis connection shared by every shared feature of one replica.
 pub struct Shared {
     settings: SharedSettings,
+    client: redis::Client,
     conn: ConnectionManager,
     degraded: AtomicBool,
     last_warning: Mutex<Option<tokio::time::Instant>>,
@@ -225,9 +231,10 @@ impl Shared {
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(500))
             .set_pipeline_buffer_size(1024);
-        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
         Ok(Some(Arc::new(Shared {
             settings: settings.clone(),
+            client,
             conn,
             degraded: AtomicBool::new(false),
             last_warning: Mutex::new(None),
@@ -253,6 +260,11 @@ impl Shared {
     /// Whether the last operation failed and the probe has not seen Redis answer since.
     pub fn is_degraded(&self) -> bool {
         self.degraded.load(Ordering::Relaxed)
+    }
+
+    /// The client, for connections of their own (pub/sub).
+    pub fn client(&self) -> &redis::Client {
+        &self.client
     }
 
     /// A handle on the connection (cheap: a clone of the multiplexed connection).

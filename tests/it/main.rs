@@ -10,6 +10,7 @@ mod admin;
 mod authz;
 mod bad_input;
 mod batch;
+mod bench_shared;
 mod cache;
 mod chat;
 mod check_config;

@@ -337,3 +337,61 @@ async fn a_redis_restart_under_load_fails_no_call_in_fail_open_mode() {
         assert!(failed.is_empty(), "calls failed: {failed:?}");
     }
 }
+
+/// How long `replica` says `model` of openai rests, if it does.
+async fn cooldown(replica: &Gateway, model: &str) -> Option<prost_types::Duration> {
+    admin_client(replica.channel.clone())
+        .list_providers(pb::ListProvidersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .targets
+        .into_iter()
+        .find(|t| t.provider == "openai" && t.model == model)
+        .and_then(|t| t.cooldown_remaining)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retry_after_rests_the_target_on_every_replica() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let c = cluster(&redis, key("rests"), "").await;
+    // The first replica's call is answered 429 with Retry-After: 30.
+    let model = "gpt-4o-mini+status=429+retry_after=30";
+    let mut limited = request(&format!("openai/{model}"), "hello");
+    limited.max_tokens = Some(5);
+    let status = c.replicas[0]
+        .client()
+        .chat(authed(limited.clone(), &c.secret))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    let sent = c._mock.stats().requests();
+    // The others rest it too, without having called it.
+    for replica in &c.replicas[1..] {
+        let mut rest = None;
+        for _ in 0..300 {
+            rest = cooldown(replica, model).await;
+            if rest.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let rest = rest.expect("the rest reached the other replica");
+        assert!(rest.seconds > 20 && rest.seconds <= 30, "{rest:?}");
+        let status = replica
+            .client()
+            .chat(authed(limited.clone(), &c.secret))
+            .await
+            .unwrap_err();
+        // Skipped, not tried: the target rests here too.
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(status.message().contains("resting"), "{status:?}");
+    }
+    assert_eq!(
+        c._mock.stats().requests(),
+        sent,
+        "a resting target was called"
+    );
+}
