@@ -304,3 +304,79 @@ async fn an_upstream_error_keeps_its_class() {
     assert_eq!(status.code(), Code::Unavailable);
     assert_eq!(reason(&status), "INVALID_RESPONSE");
 }
+
+#[tokio::test]
+async fn the_http_front_serves_openai_embeddings_in_floats_and_base64() {
+    use base64::Engine as _;
+    let mock = MockUpstream::start(MockSettings::default()).await.unwrap();
+    let (gateway, base) = Gateway::start_http(&openai_toml(&mock, "")).await;
+    let client = llm_gateway::providers::http_client(&Default::default()).unwrap();
+    let post = |body: serde_json::Value| {
+        client
+            .post(format!("{base}/v1/embeddings"))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+    };
+    let response = post(serde_json::json!({
+        "model": "openai/text-embedding-3-small",
+        "input": ["red apple", "green apple"],
+        "dimensions": 32,
+        "metadata": {"team": "rag"},
+    }))
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers().contains_key("x-request-id"));
+    let body: serde_json::Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
+    assert_eq!(body["object"], "list");
+    assert_eq!(body["model"], "text-embedding-3-small");
+    assert_eq!(body["usage"]["prompt_tokens"], 4);
+    assert_eq!(body["data"][1]["index"], 1);
+    let second: Vec<f32> = serde_json::from_value(body["data"][1]["embedding"].clone()).unwrap();
+    assert_eq!(second, text_embedding("green apple", 32));
+
+    // What the official SDKs ask for by default.
+    let text = post(serde_json::json!({
+        "model": "openai/text-embedding-3-small",
+        "input": "red apple",
+        "encoding_format": "base64",
+    }))
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+    let body: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let packed = base64::engine::general_purpose::STANDARD
+        .decode(body["data"][0]["embedding"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(
+        from_le(&packed),
+        text_embedding("red apple", EMBEDDING_DIMENSIONS)
+    );
+
+    // Errors in OpenAI's shape, naming the field.
+    let response =
+        post(serde_json::json!({"model": "openai/text-embedding-3-small", "input": [[1, 2]]}))
+            .await
+            .unwrap();
+    assert_eq!(response.status(), 400);
+    let body: serde_json::Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
+    assert_eq!(body["error"]["param"], "input");
+    let response = post(serde_json::json!({"model": "anthropic/claude", "input": "x"}))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+
+    // Two served, two refused (the token array, the unknown provider).
+    let records = records(&gateway, 4).await;
+    let served: Vec<&pb::UsageRecord> = records.iter().filter(|r| r.code == "OK").collect();
+    assert_eq!(served.len(), 2);
+    assert!(served.iter().all(|r| r.rpc == "OpenAI.Embeddings"));
+    assert!(
+        served
+            .iter()
+            .any(|r| r.tags.get("team").map(String::as_str) == Some("rag"))
+    );
+}
