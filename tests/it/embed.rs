@@ -380,3 +380,34 @@ async fn the_http_front_serves_openai_embeddings_in_floats_and_base64() {
             .any(|r| r.tags.get("team").map(String::as_str) == Some("rag"))
     );
 }
+
+#[tokio::test]
+async fn gemini_batches_of_more_than_100_go_out_in_pieces_joined_in_order() {
+    let (mock, gateway) = all_providers_pair().await;
+    let texts: Vec<String> = (0..150).map(|i| format!("text number {i}")).collect();
+    let inputs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let answer = gateway
+        .client()
+        .embed(pb::EmbedRequest {
+            dimensions: Some(8),
+            ..embed_request("gemini/gemini-embedding-001", &inputs)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.provider, "gemini");
+    assert_eq!(answer.embeddings.len(), 150);
+    for (i, (embedding, text)) in answer.embeddings.iter().zip(&texts).enumerate() {
+        assert_eq!(embedding.index as usize, i);
+        assert_eq!(embedding.values, text_embedding(text, 8), "{i}");
+    }
+    // 100 + 50, each with the key in Gemini's header.
+    assert_eq!(mock.stats().requests(), 2);
+    assert_eq!(mock.stats().requests_with_key("gemini-test-secret"), 2);
+    let body = mock.stats().last_body().unwrap();
+    assert_eq!(body["requests"][0]["outputDimensionality"], 8);
+    // The Gemini API reports no usage for embeddings: unknown, not zero, and no cost.
+    let usage = answer.usage.unwrap();
+    assert_eq!(usage.source, pb::UsageSource::NotReported as i32);
+    assert!(answer.cost.is_none());
+}
