@@ -411,3 +411,94 @@ async fn gemini_batches_of_more_than_100_go_out_in_pieces_joined_in_order() {
     assert_eq!(usage.source, pb::UsageSource::NotReported as i32);
     assert!(answer.cost.is_none());
 }
+
+#[tokio::test]
+async fn bedrock_titan_and_cohere_embed_through_signed_invoke_model() {
+    use llm_gateway::mock_upstream::{MOCK_AWS_ACCESS_KEY_ID, MOCK_AWS_SECRET_ACCESS_KEY};
+    let mock = MockUpstream::start(MockSettings::default()).await.unwrap();
+    let gateway = Gateway::start(&format!(
+        r#"
+[providers.bedrock]
+kind = "bedrock"
+base_url = "{}"
+region = "us-east-1"
+api_key = "{MOCK_AWS_ACCESS_KEY_ID}:{MOCK_AWS_SECRET_ACCESS_KEY}"
+[providers.vertex]
+kind = "vertex"
+base_url = "{}"
+region = "us-central1"
+api_key = '{}'
+"#,
+        mock.bedrock_endpoint(),
+        mock.vertex_base_url(),
+        mock.vertex_service_account_json(),
+    ))
+    .await;
+    let mut client = gateway.client();
+    // Titan: one signed InvokeModel per text, token counts summed, priced.
+    let answer = client
+        .embed(pb::EmbedRequest {
+            dimensions: Some(256),
+            ..embed_request(
+                "bedrock/amazon.titan-embed-text-v2:0",
+                &["one two", "three"],
+            )
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.embeddings.len(), 2);
+    assert_eq!(answer.embeddings[0].values, text_embedding("one two", 256));
+    assert_eq!(answer.embeddings[1].values, text_embedding("three", 256));
+    assert_eq!(answer.usage.unwrap().input_tokens, 3);
+    let expected = registry_cost("bedrock/amazon.titan-embed-text-v2:0", 3, 0);
+    assert!((answer.cost.unwrap().total_usd - expected).abs() < 1e-15);
+    assert_eq!(mock.stats().requests(), 2);
+    let body = mock.stats().last_body().unwrap();
+    assert_eq!(body["dimensions"], 256);
+    let auth = mock.stats().last_headers().unwrap()["authorization"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(auth.contains("/us-east-1/bedrock/aws4_request"), "{auth}");
+
+    // Cohere: the batch in one request, no usage in the body.
+    let answer = client
+        .embed(embed_request(
+            "bedrock/cohere.embed-english-v3",
+            &["a b", "c"],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.embeddings[1].values, text_embedding("c", 1024));
+    assert_eq!(mock.stats().requests(), 3);
+    assert_eq!(
+        mock.stats().last_body().unwrap()["input_type"],
+        "search_document"
+    );
+    assert_eq!(
+        answer.usage.unwrap().source,
+        pb::UsageSource::NotReported as i32
+    );
+    let status = client
+        .embed(pb::EmbedRequest {
+            dimensions: Some(8),
+            ..embed_request("bedrock/cohere.embed-english-v3", &["a"])
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+
+    // Vertex serves no embeddings here.
+    let status = client
+        .embed(embed_request("vertex/gemini-2.5-flash", &["a"]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(
+        status.message().contains("(kind `vertex`)"),
+        "{}",
+        status.message()
+    );
+}
