@@ -91,6 +91,8 @@ struct RawConfig {
     #[serde(default)]
     ledger: RawLedger,
     #[serde(default)]
+    cache: crate::cache::RawCache,
+    #[serde(default)]
     auth: RawAuth,
     #[serde(default)]
     teams: BTreeMap<String, RawTeam>,
@@ -99,6 +101,8 @@ struct RawConfig {
     connections: crate::server::settings::ConnSettings,
     #[serde(default)]
     http: RawHttpFront,
+    #[serde(default)]
+    shared: crate::shared::RawShared,
 }
 
 // -------------------------------------------------------------------------------------------
@@ -137,6 +141,8 @@ pub struct Config {
     pub metrics: MetricsSettings,
     /// `[ledger]`.
     pub ledger: LedgerSettings,
+    /// `[cache]`: the response cache.
+    pub cache: crate::cache::CacheSettings,
     /// `[auth]`.
     pub auth: AuthSettings,
     /// `[teams.*]`: limits and budgets per team (a key's owner).
@@ -147,6 +153,8 @@ pub struct Config {
     pub connections: crate::server::settings::ConnSettings,
     /// `[http]`: the OpenAI- and Anthropic-compatible front.
     pub http: HttpFrontSettings,
+    /// `[shared]`: state shared by replicas, in Redis.
+    pub shared: crate::shared::SharedSettings,
 }
 
 /// Settings given on the command line or in the environment; they win over the file.
@@ -337,6 +345,7 @@ fn validate(
     executor.stream_idle_timeout = upstream.stream_idle_timeout;
     let metrics = MetricsSettings::from_raw(raw.metrics, &mut issues);
     let ledger = LedgerSettings::from_raw(raw.ledger, &mut issues);
+    let cache = crate::cache::CacheSettings::from_raw(raw.cache, &mut issues);
     let mut auth = AuthSettings::from_raw(raw.auth);
     // Keys are required whenever the data plane is reachable from other machines.
     auth.require_keys |= !server.listen.ip().is_loopback();
@@ -345,6 +354,7 @@ fn validate(
     let teams = crate::limits::teams_from_raw(raw.teams, &mut issues);
     let tls = raw.tls.and_then(|t| TlsConfig::from_raw(t, &mut issues));
     let connections = crate::server::settings::ConnSettings::checked(raw.connections, &mut issues);
+    let shared = crate::shared::SharedSettings::from_raw(raw.shared, &mut issues);
 
     if !issues.is_empty() {
         return Err(ConfigError::Invalid(issues.into_vec()));
@@ -362,11 +372,13 @@ fn validate(
         executor,
         metrics,
         ledger,
+        cache,
         auth,
         teams,
         tls,
         connections,
         http,
+        shared,
     })
 }
 

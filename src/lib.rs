@@ -17,11 +17,15 @@
 //! - [`auth`]: gateway API keys: issuing, hashing, verifying, scopes.
 //! - [`executor`]: deadlines, fallback, hedging, the stream commit point, cancellation.
 //! - [`limits`]: rate limits and budgets per key and per team.
+//! - [`cache`]: the response cache (exact and semantic), always within the caller's
+//!   tenant namespace; `[cache]` and a policy's `cache` block.
 //! - [`routing`]: the policy model and selection: from the caller's `model` to a
 //!   [`routing::Plan`].
 //! - [`error`]: [`error::GatewayError`] and its single mapping to gRPC statuses.
 //! - [`health`]: circuit breakers, rate-limit cooldowns, latency statistics per target.
 //! - [`ledger`]: the usage and cost ledger, writing to a [`ledger::UsageSink`].
+//! - [`shared`]: state shared by several replicas in Redis (`[shared]`): the client, its
+//!   fail-open/fail-closed mode, and provider rest state published to every replica.
 //! - [`providers`]: the [`providers::Provider`] trait and the provider kit: a wire format
 //!   per provider API (one file each), one HTTP adapter, pluggable auth and stream framing,
 //!   the kind registry that owns `[providers.*]` settings, the one error policy, provider
@@ -56,8 +60,10 @@
 //! store
 //! auth executor
 //! limits routing
+//! cache
 //! error mock_upstream
 //! health ledger providers
+//! shared
 //! models server::settings telemetry tls
 //! pb settings types
 //! codec
@@ -68,6 +74,7 @@
 //! the ledger defines the sink the store implements.
 
 pub mod auth;
+pub mod cache;
 pub mod codec;
 pub mod config;
 pub mod error;
@@ -85,6 +92,7 @@ pub mod reload;
 pub mod routing;
 pub mod server;
 pub mod settings;
+pub mod shared;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

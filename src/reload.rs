@@ -167,11 +167,13 @@ impl Reloader {
             executor,
             metrics,
             ledger,
+            cache,
             auth,
             teams,
             tls,
             connections,
             http,
+            shared,
         } = &self.running;
         let mut report = ReloadReport::default();
         self.apply_providers(providers, new, &mut report);
@@ -212,9 +214,11 @@ impl Reloader {
         restart("executor", executor_rest != new.executor);
         restart("metrics", *metrics != new.metrics);
         restart("ledger", *ledger != new.ledger);
+        restart("cache", *cache != new.cache);
         restart("auth", *auth != new.auth);
         restart("teams", *teams != new.teams);
         restart("http", *http != new.http);
+        restart("shared", *shared != new.shared);
         report
     }
 
