@@ -1,7 +1,8 @@
 //! The mock's AWS Bedrock runtime: `POST /model/{modelId}/converse` (JSON) and
 //! `/converse-stream` (`application/vnd.amazon.eventstream` frames with the real event
 //! sequence: `messageStart`, `contentBlockStart`/`Delta`/`Stop`..., `messageStop`,
-//! `metadata`), Bedrock's error shape (`x-amzn-ErrorType` and `{"message": ...}`).
+//! `metadata`), InvokeModel of Titan and Cohere embedding models (`/model/{modelId}/invoke`),
+//! Bedrock's error shape (`x-amzn-ErrorType` and `{"message": ...}`).
 //!
 //! Every request must carry a valid AWS Signature Version 4: the mock recomputes the
 //! signature from the request as received (its own implementation, on `ring`) with the
@@ -31,7 +32,7 @@ use super::{
     MockState, ResponseGuard, Scenario, TOOL_ARGUMENTS, broken_json, count_tokens,
     inject_faults_in, paced_response, reply_for, split_chunks,
 };
-use crate::providers::{eventstream::encode_message, sigv4::uri_encode};
+use crate::providers::{eventstream::encode_message, mock::text_embedding, sigv4::uri_encode};
 
 /// The access key id the mock knows from the start (test credentials, not a real key).
 pub const MOCK_AWS_ACCESS_KEY_ID: &str = "AKIDMOCKEXAMPLE";
@@ -342,6 +343,18 @@ fn admit(
     headers: &HeaderMap,
     body: &Bytes,
 ) -> Result<(Value, ResponseGuard), Box<Response>> {
+    admit_with(state, method, uri, headers, body, "messages")
+}
+
+/// [`admit`] for a body that must have the array or string field `required`.
+fn admit_with(
+    state: &MockState,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &Bytes,
+    required: &str,
+) -> Result<(Value, ResponseGuard), Box<Response>> {
     let parsed: Option<Value> = serde_json::from_slice(body).ok();
     state.stats.record(headers, parsed.clone());
     let guard = ResponseGuard::new(state.stats.clone());
@@ -360,12 +373,12 @@ fn admit(
         guard.complete();
         return Err(Box::new(SignatureError::UnknownKey.response()));
     }
-    let Some(body) = parsed.filter(|b| b["messages"].is_array()) else {
+    let Some(body) = parsed.filter(|b| b[required].is_array() || b[required].is_string()) else {
         guard.complete();
         return Err(Box::new(aws_error(
             400,
             "ValidationException",
-            "Malformed input request: messages is required (mock)",
+            &format!("Malformed input request: {required} is required (mock)"),
         )));
     };
     Ok((body, guard))
@@ -442,6 +455,7 @@ async fn converse(
     let stream = match action.as_str() {
         "converse" => false,
         "converse-stream" => true,
+        "invoke" => return invoke_embed(&state, &model, &method, &uri, &headers, &body).await,
         _ => return aws_error(404, "UnknownOperationException", "Unknown operation (mock)"),
     };
     let (body, guard) = match admit(&state, &method, &uri, &headers, &body) {
@@ -481,6 +495,57 @@ async fn converse(
     if !scenario.no_usage {
         response["usage"] = usage(&scenario, input_tokens(&body), count_tokens(&reply));
     }
+    guard.complete();
+    axum::Json(response).into_response()
+}
+
+/// InvokeModel of an embedding model, signature checked: Titan (`amazon.titan-embed-*`:
+/// `{"inputText", "dimensions"}` -> `{"embedding", "inputTextTokenCount"}`) or Cohere
+/// (`cohere.embed-*`: `{"texts", "input_type"}` -> `{"embeddings", "id", "response_type",
+/// "texts"}`), with [`text_embedding`] vectors (Titan: `dimensions`, else 1024; Cohere: 1024).
+async fn invoke_embed(
+    state: &MockState,
+    model: &str,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Response {
+    let cohere = model.contains("cohere.embed");
+    let required = if cohere { "texts" } else { "inputText" };
+    let (body, guard) = match admit_with(state, method, uri, headers, body, required) {
+        Ok(admitted) => admitted,
+        Err(response) => return *response,
+    };
+    let scenario = Scenario::parse(model, &state.settings);
+    scenario.wait().await;
+    if let Some(status) = scenario.status {
+        guard.complete();
+        return scripted_error(status, scenario.retry_after);
+    }
+    let response = if cohere {
+        let texts: Vec<&str> = body["texts"]
+            .as_array()
+            .map(|t| t.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        if texts.len() > 96 || body["input_type"].as_str().is_none() {
+            guard.complete();
+            return aws_error(400, "ValidationException", "Malformed input request (mock)");
+        }
+        let embeddings: Vec<Vec<f32>> = texts.iter().map(|t| text_embedding(t, 1024)).collect();
+        json!({"embeddings": embeddings, "id": "mock-embed-id", "response_type": "embeddings_floats", "texts": texts})
+    } else {
+        let text = body["inputText"].as_str().unwrap_or_default();
+        let dimensions = body["dimensions"]
+            .as_u64()
+            .and_then(|d| usize::try_from(d).ok())
+            .unwrap_or(1024);
+        let mut response = json!({"embedding": text_embedding(text, dimensions)});
+        if !scenario.no_usage {
+            response["inputTextTokenCount"] = json!(count_tokens(text));
+        }
+        response
+    };
     guard.complete();
     axum::Json(response).into_response()
 }

@@ -1,6 +1,7 @@
 //! The mock's Gemini endpoint: `POST /v1beta/models/{model}:generateContent` and
 //! `:streamGenerateContent` (SSE with `?alt=sse`, otherwise a JSON array of chunks), Google's
-//! error bodies, and `RESOURCE_EXHAUSTED` with a `RetryInfo` detail for rate limits.
+//! error bodies, and `RESOURCE_EXHAUSTED` with a `RetryInfo` detail for rate limits; and
+//! `:batchEmbedContents` (deterministic vectors, see `text_embedding`).
 
 use axum::{
     Router,
@@ -16,6 +17,7 @@ use super::{
     MockState, ResponseGuard, Scenario, TOOL_ARGUMENTS, broken_json, count_tokens, inject_faults,
     json_error, query_param, reply_for, split_chunks, sse_response,
 };
+use crate::providers::mock::{EMBEDDING_DIMENSIONS, text_embedding};
 
 pub(super) fn routes() -> Router<MockState> {
     // The colon is inside one path segment (`gemini-2.5-flash:generateContent`): capture the
@@ -144,6 +146,9 @@ pub(super) async fn models(
     let (model, stream) = match model_and_action.rsplit_once(':') {
         Some((model, "generateContent")) => (model, false),
         Some((model, "streamGenerateContent")) => (model, true),
+        Some((model, "batchEmbedContents")) => {
+            return batch_embed(&state, model, parsed.as_ref(), guard).await;
+        }
         _ => {
             guard.complete();
             return error_response(404, None);
@@ -219,6 +224,55 @@ pub(super) async fn models(
     );
     guard.complete();
     axum::Json(response).into_response()
+}
+
+/// `:batchEmbedContents`: [`text_embedding`] of each request's text (`outputDimensionality`,
+/// else 256), in request order, without usage (as the Gemini API answers). Every request
+/// must name `models/{model}` of the URL, as the API requires.
+async fn batch_embed(
+    state: &MockState,
+    model: &str,
+    body: Option<&Value>,
+    guard: ResponseGuard,
+) -> Response {
+    let requests = body.and_then(|b| b["requests"].as_array());
+    let texts: Option<Vec<(String, Option<u64>)>> = requests.and_then(|rs| {
+        rs.iter()
+            .map(|r| {
+                (r["model"].as_str() == Some(&format!("models/{model}"))).then(|| {
+                    (
+                        parts_text(&r["content"]),
+                        r["outputDimensionality"].as_u64(),
+                    )
+                })
+            })
+            .collect()
+    });
+    let Some(texts) = texts.filter(|t| !t.is_empty()) else {
+        guard.complete();
+        return error_response(400, None);
+    };
+    let scenario = Scenario::parse(model, &state.settings);
+    scenario.wait().await;
+    if let Some(status) = scenario.status {
+        guard.complete();
+        return error_response(status, scenario.retry_after);
+    }
+    if scenario.malformed {
+        guard.complete();
+        return broken_json("{\"embeddings\": [");
+    }
+    let embeddings: Vec<Value> = texts
+        .iter()
+        .map(|(text, dimensions)| {
+            let dimensions = dimensions
+                .and_then(|d| usize::try_from(d).ok())
+                .unwrap_or(EMBEDDING_DIMENSIONS);
+            json!({"values": text_embedding(text, dimensions)})
+        })
+        .collect();
+    guard.complete();
+    axum::Json(json!({"embeddings": embeddings})).into_response()
 }
 
 fn function_call(name: &str) -> Value {

@@ -9,9 +9,11 @@
 //!   with `encoding_format: base64`; `dimensions`).
 //! - Anthropic Messages: `POST /v1/messages` (JSON, and SSE with the real event sequence).
 //! - Google Gemini: `POST /v1beta/models/{model}:generateContent` and
-//!   `:streamGenerateContent` (`?alt=sse` for SSE, a JSON array without).
+//!   `:streamGenerateContent` (`?alt=sse` for SSE, a JSON array without); embeddings at
+//!   `:batchEmbedContents` (`outputDimensionality`).
 //! - AWS Bedrock Converse: `POST /model/{modelId}/converse` and `/converse-stream` (binary
-//!   event-stream frames), with every request's SigV4 signature checked (see `bedrock`).
+//!   event-stream frames), and InvokeModel of Titan and Cohere embedding models
+//!   (`/model/{modelId}/invoke`), with every request's SigV4 signature checked (see `bedrock`).
 //! - Google Vertex AI: an OAuth2 token endpoint (`POST /token`) checking service-account JWT
 //!   assertions, and `POST /v1/projects/{p}/locations/{r}/publishers/{google|anthropic}/models/...`
 //!   for Gemini and Claude, requiring its tokens (see `vertex`).

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     ErrorClass, HttpProvider, Provider, ProviderError, UpstreamError,
+    embed::{EmbedWire, check_count},
     eventstream::{EventStream, MessageDecoder, header_str},
     kinds::{
         BuildContext, Discovered, Env, KeyRequired, KindInput, KindSettings, KindSpec,
@@ -33,8 +34,8 @@ use super::{
     wire::{Turn, WireFormat, decode_event, decode_json, parse_url, split_system},
 };
 use crate::types::{
-    ChatRequest, ChatResponse, ContentPart, FinishReason, ImageSource, Message, ResponseFormat,
-    Role, StreamEvent, ToolCall, ToolCallDelta, ToolChoice, Usage,
+    ChatRequest, ChatResponse, ContentPart, EmbedRequest, EmbedResponse, FinishReason, ImageSource,
+    Message, ResponseFormat, Role, StreamEvent, ToolCall, ToolCallDelta, ToolChoice, Usage,
 };
 
 /// The provider kind.
@@ -110,6 +111,147 @@ impl WireFormat for Converse {
 
     fn error_body(&self, _status: u16, headers: &http::HeaderMap, body: &[u8]) -> UpstreamError {
         error_body(headers, body)
+    }
+
+    fn embeddings(&self) -> Option<&dyn EmbedWire> {
+        Some(self)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Embeddings (InvokeModel: `POST {endpoint}/model/{modelId}/invoke`)
+// ---------------------------------------------------------------------------------------------
+
+/// The most texts one Cohere Embed request on Bedrock may carry.
+pub const COHERE_MAX_TEXTS: usize = 96;
+
+/// The embedding model families InvokeModel bodies differ by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EmbedFamily {
+    /// Amazon Titan Text Embeddings (`amazon.titan-embed-*`): one text per request.
+    Titan,
+    /// Cohere Embed (`cohere.embed-*`): up to 96 texts per request.
+    Cohere,
+}
+
+/// The family of `model`, also behind a cross-region profile (`us.cohere.embed-...`).
+fn embed_family(model: &str) -> EmbedFamily {
+    if model.contains("cohere.embed") {
+        EmbedFamily::Cohere
+    } else {
+        EmbedFamily::Titan
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct WireTitanRequest<'a> {
+    input_text: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dimensions: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireTitanResponse {
+    embedding: Vec<f32>,
+    #[serde(default)]
+    input_text_token_count: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct WireCohereRequest<'a> {
+    texts: &'a [String],
+    input_type: &'static str,
+}
+
+#[derive(Deserialize)]
+struct WireCohereResponse {
+    embeddings: Vec<Vec<f32>>,
+}
+
+impl EmbedWire for Converse {
+    fn max_batch(&self, model: &str) -> usize {
+        match embed_family(model) {
+            EmbedFamily::Titan => 1,
+            EmbedFamily::Cohere => COHERE_MAX_TEXTS,
+        }
+    }
+
+    fn embed_endpoint(&self, model: &str) -> Result<reqwest::Url, ProviderError> {
+        if model.is_empty() {
+            return Err(invalid("the model name is empty"));
+        }
+        parse_url(&format!(
+            "{}/model/{}/invoke",
+            self.endpoint,
+            uri_encode(model, false)
+        ))
+    }
+
+    /// Titan: `{"inputText", "dimensions"}` (v2 takes 256, 512 or 1024; vectors come
+    /// normalized by default). Cohere: `{"texts", "input_type": "search_document"}`; Cohere
+    /// v3 has no `dimensions`, so one set is refused here rather than ignored.
+    fn build_embed(
+        &self,
+        model: &str,
+        request: &EmbedRequest,
+        inputs: &[String],
+    ) -> Result<Vec<u8>, ProviderError> {
+        let body = match embed_family(model) {
+            EmbedFamily::Titan => {
+                let [text] = inputs else {
+                    return Err(invalid("titan embeds one text per request"));
+                };
+                serde_json::to_vec(&WireTitanRequest {
+                    input_text: text,
+                    dimensions: request.dimensions,
+                })
+            }
+            EmbedFamily::Cohere => {
+                if request.dimensions.is_some() {
+                    return Err(invalid(
+                        "cohere embed models on bedrock have a fixed number of dimensions",
+                    ));
+                }
+                serde_json::to_vec(&WireCohereRequest {
+                    texts: inputs,
+                    input_type: "search_document",
+                })
+            }
+        };
+        body.map_err(|e| invalid(format!("could not encode the request: {e}")))
+    }
+
+    /// Titan reports `inputTextTokenCount`; Cohere's body has no usage.
+    fn parse_embed(
+        &self,
+        body: &[u8],
+        model: &str,
+        count: usize,
+    ) -> Result<EmbedResponse, ProviderError> {
+        let (embeddings, usage) = match embed_family(model) {
+            EmbedFamily::Titan => {
+                let wire: WireTitanResponse = decode_json(body)?;
+                (
+                    vec![wire.embedding],
+                    wire.input_text_token_count.map(|tokens| Usage {
+                        input_tokens: tokens,
+                        ..Usage::default()
+                    }),
+                )
+            }
+            EmbedFamily::Cohere => {
+                let wire: WireCohereResponse = decode_json(body)?;
+                (wire.embeddings, None)
+            }
+        };
+        check_count(embeddings.len(), count)?;
+        Ok(EmbedResponse {
+            model: model.to_owned(),
+            embeddings,
+            usage,
+        })
     }
 }
 
@@ -1373,5 +1515,71 @@ mod tests {
         let err = wire.classify(502, &http::HeaderMap::new(), b"<html>");
         assert_eq!(err.class, ErrorClass::ServerError);
         assert!(!err.message.contains("html"));
+    }
+
+    #[test]
+    fn builds_and_parses_documented_titan_and_cohere_embeddings() {
+        let wire = Converse::new("https://bedrock-runtime.us-east-1.amazonaws.com");
+        assert_eq!(
+            wire.embed_endpoint("amazon.titan-embed-text-v2:0")
+                .unwrap()
+                .as_str(),
+            "https://bedrock-runtime.us-east-1.amazonaws.com/model/amazon.titan-embed-text-v2%3A0/invoke"
+        );
+        assert_eq!(wire.max_batch("amazon.titan-embed-text-v2:0"), 1);
+        assert_eq!(wire.max_batch("cohere.embed-english-v3"), 96);
+        let request = EmbedRequest {
+            inputs: vec!["hello".into()],
+            dimensions: Some(512),
+            ..EmbedRequest::default()
+        };
+        let body: serde_json::Value = serde_json::from_slice(
+            &wire
+                .build_embed("amazon.titan-embed-text-v2:0", &request, &request.inputs)
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"inputText": "hello", "dimensions": 512})
+        );
+        // The documented V2 response (vector shortened).
+        let titan = br#"{"embedding": [0.25, -0.5], "inputTextTokenCount": 3, "embeddingsByType": {"float": [0.25, -0.5]}}"#;
+        let answer = wire
+            .parse_embed(titan, "amazon.titan-embed-text-v2:0", 1)
+            .unwrap();
+        assert_eq!(answer.embeddings, [vec![0.25, -0.5]]);
+        assert_eq!(answer.usage.unwrap().input_tokens, 3);
+
+        let cohere = EmbedRequest {
+            inputs: vec!["a".into(), "b".into()],
+            ..EmbedRequest::default()
+        };
+        let body: serde_json::Value = serde_json::from_slice(
+            &wire
+                .build_embed("cohere.embed-english-v3", &cohere, &cohere.inputs)
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"texts": ["a", "b"], "input_type": "search_document"})
+        );
+        let documented = br#"{"embeddings": [[0.1], [0.2]], "id": "e-1", "response_type": "embeddings_floats", "texts": ["a", "b"]}"#;
+        let answer = wire
+            .parse_embed(documented, "cohere.embed-english-v3", 2)
+            .unwrap();
+        assert_eq!(answer.embeddings, [vec![0.1], vec![0.2]]);
+        assert_eq!(answer.usage, None);
+        assert_eq!(
+            wire.parse_embed(documented, "cohere.embed-english-v3", 3)
+                .unwrap_err()
+                .class,
+            ErrorClass::InvalidResponse
+        );
+        let err = wire
+            .build_embed("cohere.embed-english-v3", &request, &request.inputs)
+            .unwrap_err();
+        assert_eq!(err.class, ErrorClass::InvalidRequest);
     }
 }

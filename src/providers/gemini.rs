@@ -23,6 +23,7 @@ use super::{
     ErrorClass, HttpProvider, Provider, ProviderError, UpstreamError,
     anthropic::parse_data_url,
     auth::ApiKeyHeader,
+    embed::{EmbedWire, check_count},
     kinds::{
         BuildContext, Discovered, Env, KeyRequired, KindInput, KindSettings, KindSpec,
         ProviderSettings, SettingsIssue, discovered, env_var, no_fields,
@@ -34,8 +35,8 @@ use super::{
     },
 };
 use crate::types::{
-    ChatRequest, ChatResponse, ContentPart, FinishReason, ImageSource, Message, ResponseFormat,
-    Role, StreamEvent, ToolCall, ToolCallDelta, ToolChoice, Usage,
+    ChatRequest, ChatResponse, ContentPart, EmbedRequest, EmbedResponse, FinishReason, ImageSource,
+    Message, ResponseFormat, Role, StreamEvent, ToolCall, ToolCallDelta, ToolChoice, Usage,
 };
 
 /// The provider kind.
@@ -256,6 +257,119 @@ impl WireFormat for GenerateContent {
 
     fn error_body(&self, _status: u16, _headers: &http::HeaderMap, body: &[u8]) -> UpstreamError {
         error_body(body)
+    }
+
+    fn embeddings(&self) -> Option<&dyn EmbedWire> {
+        Some(self)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Embeddings (`POST {base_url}/v1beta/models/{model}:batchEmbedContents`)
+// ---------------------------------------------------------------------------------------------
+
+/// The most texts one `batchEmbedContents` request may carry.
+pub const MAX_EMBED_INPUTS: usize = 100;
+
+#[derive(Serialize)]
+struct WireBatchEmbed<'a> {
+    requests: Vec<WireEmbedContent<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct WireEmbedContent<'a> {
+    model: &'a str,
+    content: WireEmbedText<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    output_dimensionality: Option<u32>,
+}
+
+#[derive(Serialize)]
+struct WireEmbedText<'a> {
+    parts: [WirePart<'a>; 1],
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireBatchEmbedResponse {
+    #[serde(default)]
+    embeddings: Vec<WireContentEmbedding>,
+    #[serde(default)]
+    usage_metadata: Option<WireEmbedUsage>,
+}
+
+#[derive(Deserialize)]
+struct WireContentEmbedding {
+    #[serde(default)]
+    values: Vec<f32>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireEmbedUsage {
+    #[serde(default)]
+    prompt_token_count: u64,
+}
+
+impl EmbedWire for GenerateContent {
+    fn max_batch(&self, _model: &str) -> usize {
+        MAX_EMBED_INPUTS
+    }
+
+    fn embed_endpoint(&self, model: &str) -> Result<reqwest::Url, ProviderError> {
+        let model = model.strip_prefix("models/").unwrap_or(model);
+        if !is_path_segment(model) {
+            return Err(invalid("the model name is not valid for gemini"));
+        }
+        parse_url(&format!(
+            "{}/v1beta/models/{model}:batchEmbedContents",
+            self.base_url
+        ))
+    }
+
+    /// One `EmbedContentRequest` per text, each naming the model (`models/{model}`) as the
+    /// API requires; `dimensions` is `outputDimensionality`.
+    fn build_embed(
+        &self,
+        model: &str,
+        request: &EmbedRequest,
+        inputs: &[String],
+    ) -> Result<Vec<u8>, ProviderError> {
+        let name = format!("models/{}", model.strip_prefix("models/").unwrap_or(model));
+        let wire = WireBatchEmbed {
+            requests: inputs
+                .iter()
+                .map(|text| WireEmbedContent {
+                    model: &name,
+                    content: WireEmbedText {
+                        parts: [WirePart::Text(text)],
+                    },
+                    output_dimensionality: request.dimensions,
+                })
+                .collect(),
+        };
+        serde_json::to_vec(&wire).map_err(|e| invalid(format!("could not encode the request: {e}")))
+    }
+
+    /// The vectors come in request order. The Gemini API reports no usage for embeddings;
+    /// `usageMetadata.promptTokenCount` is read when present.
+    fn parse_embed(
+        &self,
+        body: &[u8],
+        model: &str,
+        count: usize,
+    ) -> Result<EmbedResponse, ProviderError> {
+        let wire: WireBatchEmbedResponse = decode_json(body)?;
+        check_count(wire.embeddings.len(), count)?;
+        Ok(EmbedResponse {
+            model: model.strip_prefix("models/").unwrap_or(model).to_owned(),
+            embeddings: wire.embeddings.into_iter().map(|e| e.values).collect(),
+            usage: wire.usage_metadata.map(|u| Usage {
+                input_tokens: u.prompt_token_count,
+                ..Usage::default()
+            }),
+        })
     }
 }
 
@@ -1256,6 +1370,65 @@ mod tests {
         assert_eq!(
             map_error(429, &headers, plain).retry_after,
             Some(Duration::from_secs(3))
+        );
+    }
+
+    #[test]
+    fn builds_and_parses_documented_batch_embeddings() {
+        let wire = GenerateContent::new("https://generativelanguage.googleapis.com");
+        assert_eq!(
+            wire.embed_endpoint("models/gemini-embedding-001")
+                .unwrap()
+                .as_str(),
+            "https://generativelanguage.googleapis.com/v1beta/models/gemini-embedding-001:batchEmbedContents"
+        );
+        assert!(wire.embed_endpoint("a/b").is_err());
+        let request = EmbedRequest {
+            inputs: vec![
+                "What is the meaning of life?".into(),
+                "How much wood?".into(),
+            ],
+            dimensions: Some(768),
+            ..EmbedRequest::default()
+        };
+        let body: serde_json::Value = serde_json::from_slice(
+            &wire
+                .build_embed("gemini-embedding-001", &request, &request.inputs)
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"requests": [
+                {"model": "models/gemini-embedding-001",
+                 "content": {"parts": [{"text": "What is the meaning of life?"}]},
+                 "outputDimensionality": 768},
+                {"model": "models/gemini-embedding-001",
+                 "content": {"parts": [{"text": "How much wood?"}]},
+                 "outputDimensionality": 768},
+            ]})
+        );
+        // The documented response shape (vectors shortened): no usage.
+        let documented = br#"{"embeddings": [{"values": [0.1, -0.2]}, {"values": [0.3, 0.4]}]}"#;
+        let answer = wire
+            .parse_embed(documented, "gemini-embedding-001", 2)
+            .unwrap();
+        assert_eq!(answer.embeddings, [vec![0.1, -0.2], vec![0.3, 0.4]]);
+        assert_eq!(answer.usage, None);
+        assert_eq!(answer.model, "gemini-embedding-001");
+        let with_usage =
+            br#"{"embeddings": [{"values": [1.0]}], "usageMetadata": {"promptTokenCount": 7}}"#;
+        assert_eq!(
+            wire.parse_embed(with_usage, "m", 1)
+                .unwrap()
+                .usage
+                .unwrap()
+                .input_tokens,
+            7
+        );
+        assert_eq!(
+            wire.parse_embed(documented, "m", 3).unwrap_err().class,
+            ErrorClass::InvalidResponse
         );
     }
 }

@@ -304,3 +304,201 @@ async fn an_upstream_error_keeps_its_class() {
     assert_eq!(status.code(), Code::Unavailable);
     assert_eq!(reason(&status), "INVALID_RESPONSE");
 }
+
+#[tokio::test]
+async fn the_http_front_serves_openai_embeddings_in_floats_and_base64() {
+    use base64::Engine as _;
+    let mock = MockUpstream::start(MockSettings::default()).await.unwrap();
+    let (gateway, base) = Gateway::start_http(&openai_toml(&mock, "")).await;
+    let client = llm_gateway::providers::http_client(&Default::default()).unwrap();
+    let post = |body: serde_json::Value| {
+        client
+            .post(format!("{base}/v1/embeddings"))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+    };
+    let response = post(serde_json::json!({
+        "model": "openai/text-embedding-3-small",
+        "input": ["red apple", "green apple"],
+        "dimensions": 32,
+        "metadata": {"team": "rag"},
+    }))
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers().contains_key("x-request-id"));
+    let body: serde_json::Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
+    assert_eq!(body["object"], "list");
+    assert_eq!(body["model"], "text-embedding-3-small");
+    assert_eq!(body["usage"]["prompt_tokens"], 4);
+    assert_eq!(body["data"][1]["index"], 1);
+    let second: Vec<f32> = serde_json::from_value(body["data"][1]["embedding"].clone()).unwrap();
+    assert_eq!(second, text_embedding("green apple", 32));
+
+    // What the official SDKs ask for by default.
+    let text = post(serde_json::json!({
+        "model": "openai/text-embedding-3-small",
+        "input": "red apple",
+        "encoding_format": "base64",
+    }))
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+    let body: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let packed = base64::engine::general_purpose::STANDARD
+        .decode(body["data"][0]["embedding"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(
+        from_le(&packed),
+        text_embedding("red apple", EMBEDDING_DIMENSIONS)
+    );
+
+    // Errors in OpenAI's shape, naming the field.
+    let response =
+        post(serde_json::json!({"model": "openai/text-embedding-3-small", "input": [[1, 2]]}))
+            .await
+            .unwrap();
+    assert_eq!(response.status(), 400);
+    let body: serde_json::Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
+    assert_eq!(body["error"]["param"], "input");
+    let response = post(serde_json::json!({"model": "anthropic/claude", "input": "x"}))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+
+    // Two served, two refused (the token array, the unknown provider).
+    let records = records(&gateway, 4).await;
+    let served: Vec<&pb::UsageRecord> = records.iter().filter(|r| r.code == "OK").collect();
+    assert_eq!(served.len(), 2);
+    assert!(served.iter().all(|r| r.rpc == "OpenAI.Embeddings"));
+    assert!(
+        served
+            .iter()
+            .any(|r| r.tags.get("team").map(String::as_str) == Some("rag"))
+    );
+}
+
+#[tokio::test]
+async fn gemini_batches_of_more_than_100_go_out_in_pieces_joined_in_order() {
+    let (mock, gateway) = all_providers_pair().await;
+    let texts: Vec<String> = (0..150).map(|i| format!("text number {i}")).collect();
+    let inputs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let answer = gateway
+        .client()
+        .embed(pb::EmbedRequest {
+            dimensions: Some(8),
+            ..embed_request("gemini/gemini-embedding-001", &inputs)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.provider, "gemini");
+    assert_eq!(answer.embeddings.len(), 150);
+    for (i, (embedding, text)) in answer.embeddings.iter().zip(&texts).enumerate() {
+        assert_eq!(embedding.index as usize, i);
+        assert_eq!(embedding.values, text_embedding(text, 8), "{i}");
+    }
+    // 100 + 50, each with the key in Gemini's header.
+    assert_eq!(mock.stats().requests(), 2);
+    assert_eq!(mock.stats().requests_with_key("gemini-test-secret"), 2);
+    let body = mock.stats().last_body().unwrap();
+    assert_eq!(body["requests"][0]["outputDimensionality"], 8);
+    // The Gemini API reports no usage for embeddings: unknown, not zero, and no cost.
+    let usage = answer.usage.unwrap();
+    assert_eq!(usage.source, pb::UsageSource::NotReported as i32);
+    assert!(answer.cost.is_none());
+}
+
+#[tokio::test]
+async fn bedrock_titan_and_cohere_embed_through_signed_invoke_model() {
+    use llm_gateway::mock_upstream::{MOCK_AWS_ACCESS_KEY_ID, MOCK_AWS_SECRET_ACCESS_KEY};
+    let mock = MockUpstream::start(MockSettings::default()).await.unwrap();
+    let gateway = Gateway::start(&format!(
+        r#"
+[providers.bedrock]
+kind = "bedrock"
+base_url = "{}"
+region = "us-east-1"
+api_key = "{MOCK_AWS_ACCESS_KEY_ID}:{MOCK_AWS_SECRET_ACCESS_KEY}"
+[providers.vertex]
+kind = "vertex"
+base_url = "{}"
+region = "us-central1"
+api_key = '{}'
+"#,
+        mock.bedrock_endpoint(),
+        mock.vertex_base_url(),
+        mock.vertex_service_account_json(),
+    ))
+    .await;
+    let mut client = gateway.client();
+    // Titan: one signed InvokeModel per text, token counts summed, priced.
+    let answer = client
+        .embed(pb::EmbedRequest {
+            dimensions: Some(256),
+            ..embed_request(
+                "bedrock/amazon.titan-embed-text-v2:0",
+                &["one two", "three"],
+            )
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.embeddings.len(), 2);
+    assert_eq!(answer.embeddings[0].values, text_embedding("one two", 256));
+    assert_eq!(answer.embeddings[1].values, text_embedding("three", 256));
+    assert_eq!(answer.usage.unwrap().input_tokens, 3);
+    let expected = registry_cost("bedrock/amazon.titan-embed-text-v2:0", 3, 0);
+    assert!((answer.cost.unwrap().total_usd - expected).abs() < 1e-15);
+    assert_eq!(mock.stats().requests(), 2);
+    let body = mock.stats().last_body().unwrap();
+    assert_eq!(body["dimensions"], 256);
+    let auth = mock.stats().last_headers().unwrap()["authorization"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(auth.contains("/us-east-1/bedrock/aws4_request"), "{auth}");
+
+    // Cohere: the batch in one request, no usage in the body.
+    let answer = client
+        .embed(embed_request(
+            "bedrock/cohere.embed-english-v3",
+            &["a b", "c"],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.embeddings[1].values, text_embedding("c", 1024));
+    assert_eq!(mock.stats().requests(), 3);
+    assert_eq!(
+        mock.stats().last_body().unwrap()["input_type"],
+        "search_document"
+    );
+    assert_eq!(
+        answer.usage.unwrap().source,
+        pb::UsageSource::NotReported as i32
+    );
+    let status = client
+        .embed(pb::EmbedRequest {
+            dimensions: Some(8),
+            ..embed_request("bedrock/cohere.embed-english-v3", &["a"])
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+
+    // Vertex serves no embeddings here.
+    let status = client
+        .embed(embed_request("vertex/gemini-2.5-flash", &["a"]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(
+        status.message().contains("(kind `vertex`)"),
+        "{}",
+        status.message()
+    );
+}

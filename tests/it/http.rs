@@ -304,7 +304,7 @@ async fn openai_errors_have_the_sdk_statuses_and_shape() {
     assert_eq!(json_of(&body)["error"]["param"], "request-timeout");
 
     // Unknown path.
-    let (status, _, body) = post(&format!("{base}/v1/embeddings"), json!({}), &[]).await;
+    let (status, _, body) = post(&format!("{base}/v1/completions"), json!({}), &[]).await;
     assert_eq!(status, 404);
     assert!(json_of(&body)["error"]["message"].is_string());
 }

@@ -123,6 +123,32 @@ try:
 except openai.APIError as err:
     check("broken stream raises", True, type(err).__name__)
 
+# Embeddings: the SDK asks for base64 by default and decodes it; floats on request. The mock
+# upstream's vectors are deterministic and closer for texts sharing words.
+texts = ["reset my password", "how to reset a password", "quarterly revenue report"]
+r = client.embeddings.create(model="openai/text-embedding-3-small", input=texts)
+vectors = [d.embedding for d in sorted(r.data, key=lambda d: d.index)]
+check("embeddings batch", len(vectors) == 3 and all(len(v) == 256 for v in vectors))
+check("embeddings usage", r.usage.prompt_tokens == 11 and r.usage.total_tokens == 11, r.usage)
+dot = lambda a, b: sum(x * y for x, y in zip(a, b))
+check("embeddings are unit vectors", abs(dot(vectors[0], vectors[0]) - 1.0) < 1e-4)
+check("shared words are closer", dot(vectors[0], vectors[1]) > dot(vectors[0], vectors[2]) + 0.2)
+r = client.embeddings.create(
+    model="openai/text-embedding-3-small", input="reset my password", dimensions=16,
+    encoding_format="float",
+)
+check("embeddings dimensions, float", len(r.data[0].embedding) == 16)
+again = client.embeddings.create(
+    model="openai/text-embedding-3-small", input="reset my password", dimensions=16,
+)
+check("embeddings are deterministic, base64 = float",
+      all(abs(a - b) < 1e-6 for a, b in zip(again.data[0].embedding, r.data[0].embedding)))
+try:
+    client.embeddings.create(model="openai/text-embedding-3-small", input=[])
+    check("embeddings bad request", False)
+except openai.BadRequestError as err:
+    check("embeddings bad request", err.status_code == 400 and err.body["param"] == "input", err.body)
+
 models = client.models.list()
 check("models", any(m.id == "openai/gpt-4o-mini" for m in models.data))
 print("openai python sdk: all checks passed")

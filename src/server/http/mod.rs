@@ -1,7 +1,8 @@
 //! The HTTP front: OpenAI- and Anthropic-compatible endpoints on their own listener
 //! (`http.listen`), running every call on the same [`Engine`] as the gRPC service.
 //!
-//! - `POST /v1/chat/completions`, `GET /v1/models`: OpenAI's wire format ([`openai`]).
+//! - `POST /v1/chat/completions`, `GET /v1/models`: OpenAI's wire format ([`openai`]);
+//!   `POST /v1/embeddings` ([`embeddings`]).
 //! - `POST /v1/messages`: Anthropic's wire format ([`anthropic`]).
 //!
 //! What each request goes through here, before the engine takes over: the request id
@@ -13,6 +14,7 @@
 //! own JSON shape with the HTTP status its SDKs expect ([`status_of`]).
 
 pub mod anthropic;
+pub mod embeddings;
 pub mod openai;
 
 use std::{future::Future, time::Duration};
@@ -132,6 +134,7 @@ fn router(engine: Engine, settings: &HttpFrontSettings) -> Router {
             post(|State(front), headers, body| call::<openai::OpenAi>(front, headers, body)),
         )
         .route("/v1/models", get(openai::list_models))
+        .route("/v1/embeddings", post(embeddings::embeddings))
         .route(
             "/v1/messages",
             post(|State(front), headers, body| call::<anthropic::Anthropic>(front, headers, body)),

@@ -742,7 +742,7 @@ pub(super) async fn not_found(headers: HeaderMap) -> Response {
     error_response(
         GatewayError::NotFound {
             reason: "NOT_FOUND",
-            message: "no such endpoint; this gateway serves POST /v1/chat/completions, GET /v1/models and POST /v1/messages".to_owned(),
+            message: "no such endpoint; this gateway serves POST /v1/chat/completions, POST /v1/embeddings, GET /v1/models and POST /v1/messages".to_owned(),
         },
         &head.request_id,
     )
