@@ -7,6 +7,9 @@
 //! - `sse`: SSE decoding plus OpenAI chunk decoding of a realistic 200-chunk stream.
 //! - `executor`: routing plus the executor around a scripted instant fake provider, unary
 //!   and streaming (the gateway's own cost per call below the gRPC server).
+//! - `cache`: an exact response-cache hit, and a semantic nearest-prompt lookup in an index
+//!   of 10,000 prompts (`LLMGW_BENCH_SEMANTIC_ENTRIES=100000` for the goal's size; building
+//!   it takes a while).
 //!
 //! Run with `cargo bench --bench micro` (optionally a filter: `cargo bench --bench micro --
 //! sse`). The load scenarios (the gateway under gRPC load against the bare baseline) are in
@@ -17,6 +20,7 @@
     reason = "benchmark setup on fixed inputs; a failure means the benchmark itself is broken"
 )]
 
+mod cache;
 mod convert;
 mod executor;
 mod fixtures;
@@ -31,5 +35,6 @@ fn main() {
     openai::bench(&mut c);
     sse::bench(&mut c);
     executor::bench(&mut c);
+    cache::bench(&mut c);
     c.final_summary();
 }

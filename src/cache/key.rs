@@ -99,8 +99,23 @@ pub struct Scope<'a> {
 
 /// The key of `req` within `scope`.
 pub fn key(scope: &Scope<'_>, req: &ChatRequest) -> CacheKey {
+    digest(scope, req, true)
+}
+
+/// The semantic cache's partition of `req`: everything [`key`] covers but the messages,
+/// so a semantic hit always has the same model, policy version, tools, parameters and
+/// response format.
+pub fn partition(scope: &Scope<'_>, req: &ChatRequest) -> [u8; 32] {
+    digest(scope, req, false).digest
+}
+
+fn digest(scope: &Scope<'_>, req: &ChatRequest, with_messages: bool) -> CacheKey {
     let mut c = Canon(Context::new(&SHA256));
-    c.str("llm-gateway cache v1");
+    c.str(if with_messages {
+        "llm-gateway cache v1"
+    } else {
+        "llm-gateway semantic partition v1"
+    });
     c.str(scope.namespace);
     c.str(&req.model);
     c.u64(scope.version);
@@ -109,8 +124,13 @@ pub fn key(scope: &Scope<'_>, req: &ChatRequest) -> CacheKey {
         c.str(name);
         c.opt_str(*value);
     }
-    c.u64(req.messages.len() as u64);
-    for m in &req.messages {
+    let messages = if with_messages {
+        &req.messages[..]
+    } else {
+        &[]
+    };
+    c.u64(messages.len() as u64);
+    for m in messages {
         c.tag(match m.role {
             Role::System => 1,
             Role::Developer => 2,

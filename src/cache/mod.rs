@@ -15,6 +15,7 @@
 //! answer that finished normally (`STOP` or `TOOL_CALLS`), never a partial or failed stream.
 
 pub mod key;
+pub mod semantic;
 pub mod store;
 
 use std::{sync::Arc, time::Duration};
@@ -24,6 +25,7 @@ use tokio::time::Instant;
 
 pub use self::{
     key::{CacheKey, Scope},
+    semantic::{Embedder, SemanticIndex, Vector},
     store::{CacheStore, Entry, Invalidate, MemoryStore},
 };
 use crate::{
@@ -288,6 +290,7 @@ pub struct PolicyScope<'a> {
 pub struct ResponseCache {
     settings: CacheSettings,
     store: Arc<dyn CacheStore>,
+    semantic: Option<(SemanticIndex, Arc<dyn Embedder>)>,
 }
 
 impl ResponseCache {
@@ -299,7 +302,26 @@ impl ResponseCache {
 
     /// A cache over `store`.
     pub fn with_store(settings: CacheSettings, store: Arc<dyn CacheStore>) -> Self {
-        Self { settings, store }
+        Self {
+            settings,
+            store,
+            semantic: None,
+        }
+    }
+
+    /// Turns the semantic cache on (for policies in semantic mode), embedding prompts with
+    /// `embedder`.
+    pub fn with_embedder(mut self, embedder: Arc<dyn Embedder>) -> Self {
+        self.semantic = Some((
+            SemanticIndex::new(self.settings.semantic_max_entries),
+            embedder,
+        ));
+        self
+    }
+
+    /// The semantic index, when the semantic cache is on.
+    pub fn semantic_index(&self) -> Option<&SemanticIndex> {
+        self.semantic.as_ref().map(|(index, _)| index)
     }
 
     /// The settings.
@@ -339,14 +361,23 @@ impl ResponseCache {
                 outcome: CacheOutcome::Bypass,
             };
         }
-        let key = key::key(
-            &Scope {
-                namespace,
-                version: policy.as_ref().map_or(0, |p| p.version),
-                tags: policy.as_ref().map_or(&[], |p| &p.tags),
-            },
-            req,
-        );
+        let scope = Scope {
+            namespace,
+            version: policy.as_ref().map_or(0, |p| p.version),
+            tags: policy.as_ref().map_or(&[], |p| &p.tags),
+        };
+        let key = key::key(&scope, req);
+        let semantic = (spec.mode == CacheMode::Semantic
+            && self.semantic.is_some()
+            && (req.tools.is_empty() || spec.allow_tools))
+            .then(|| SemanticCall {
+                partition: key::partition(&scope, req),
+                text: prompt_text(req),
+                threshold: spec
+                    .similarity_threshold
+                    .unwrap_or(self.settings.semantic_threshold) as f32,
+                vector: None,
+            });
         CallCache {
             active: Some(Active {
                 cache: self.clone(),
@@ -354,6 +385,7 @@ impl ResponseCache {
                 lookup: !control.no_cache,
                 ttl: spec.ttl.unwrap_or(self.settings.ttl),
                 policy: policy.map(|p| p.name.into()),
+                semantic,
             }),
             outcome: CacheOutcome::Miss,
         }
@@ -361,8 +393,35 @@ impl ResponseCache {
 
     /// Removes the matching replies; returns how many.
     pub fn invalidate(&self, filter: &Invalidate) -> u64 {
-        self.store.invalidate(filter, Instant::now())
+        let removed = self.store.invalidate(filter, Instant::now());
+        if removed > 0
+            && let Some(index) = self.semantic_index()
+            && *filter == Invalidate::default()
+        {
+            index.clear();
+        }
+        removed
     }
+}
+
+/// The text the semantic cache embeds: every message's text, one per line.
+fn prompt_text(req: &ChatRequest) -> String {
+    let mut out = String::new();
+    for m in &req.messages {
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        out.push_str(&m.joined_text());
+    }
+    out
+}
+
+struct SemanticCall {
+    partition: [u8; 32],
+    text: String,
+    threshold: f32,
+    /// The prompt's embedding, once computed (for storing).
+    vector: Option<Vector>,
 }
 
 fn counter(outcome: &'static str, kind: &'static str) {
@@ -375,6 +434,7 @@ struct Active {
     lookup: bool,
     ttl: Duration,
     policy: Option<Arc<str>>,
+    semantic: Option<SemanticCall>,
 }
 
 /// What the cache does for one call: look up, then store the answer.
@@ -399,22 +459,55 @@ impl CallCache {
 
     /// The cached reply, when there is a live one (and the caller allowed the lookup).
     pub async fn lookup(&mut self) -> Option<Arc<Entry>> {
-        let active = self.active.as_ref()?;
-        if !active.lookup {
-            return None;
-        }
-        match active.cache.store.get(&active.key, Instant::now()) {
-            Some(entry) => {
+        let active = self.active.as_mut()?;
+        if active.lookup {
+            if let Some(entry) = active.cache.store.get(&active.key, Instant::now()) {
                 counter("hit", "exact");
                 self.outcome = CacheOutcome::Hit { similarity: None };
                 self.active = None;
-                Some(entry)
+                return Some(entry);
             }
-            None => {
-                counter("miss", "exact");
+            counter("miss", "exact");
+        }
+        // The semantic cache: embed the prompt (also with `no-cache`, to store it), then
+        // the nearest cached prompt of the partition.
+        let (Some(sem), Some((index, embedder))) =
+            (active.semantic.as_mut(), active.cache.semantic.as_ref())
+        else {
+            return None;
+        };
+        let vector = match embedder.embed(&sem.text).await {
+            Ok(v) => Vector::unit(&v),
+            Err(err) => {
+                tracing::warn!(error = %err, "semantic cache: the prompt could not be embedded");
                 None
             }
+        };
+        let Some(vector) = vector else {
+            active.semantic = None;
+            return None;
+        };
+        let now = Instant::now();
+        let found = if active.lookup {
+            index.nearest(&sem.partition, &vector, now)
+        } else {
+            None
+        };
+        sem.vector = Some(vector);
+        if let Some((key, similarity)) = found.filter(|(_, s)| *s >= sem.threshold)
+            && let Some(entry) = active.cache.store.get(&key, now)
+        {
+            counter("hit", "semantic");
+            self.outcome = CacheOutcome::Hit {
+                similarity: Some(similarity),
+            };
+            self.active = None;
+            return Some(entry);
         }
+        if active.lookup {
+            counter("miss", "semantic");
+        }
+        None
     }
 
     /// Stores a complete answer when it finished normally; returns the call's outcome.
@@ -434,6 +527,12 @@ impl CallCache {
             return self.outcome;
         }
         let now = Instant::now();
+        if let (Some(sem), Some((index, _))) = (active.semantic, active.cache.semantic.as_ref())
+            && let Some(vector) = sem.vector
+        {
+            index.insert(sem.partition, vector, active.key.clone(), now + active.ttl);
+            counter("store", "semantic");
+        }
         active.cache.store.put(
             active.key,
             Arc::new(Entry {

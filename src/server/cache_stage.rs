@@ -2,20 +2,62 @@
 //! policy scope a call has, a cached reply as an answer or as a replayed stream, and the
 //! collection of a streamed reply for storing.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use crate::{
     auth::Caller,
-    cache::{self, CacheControl, CallCache, Entry, PolicyScope, ResponseCache},
+    cache::{self, CacheControl, CallCache, Embedder, Entry, PolicyScope, ResponseCache},
     error::GatewayError,
-    executor::{Answer, CallEvent},
+    executor::{Answer, CallEvent, Executor},
     models::Cost,
-    routing::RoutingTable,
+    routing::{Router, RoutingTable},
     types::{
-        CacheOutcome, ChatRequest, ChatResponse, ContentPart, FinishReason, Route, ToolCall,
-        ToolCallDelta, Usage,
+        CacheOutcome, ChatRequest, ChatResponse, ContentPart, EmbedRequest, FinishReason, Message,
+        Role, Route, ToolCall, ToolCallDelta, Usage,
     },
 };
+
+/// How long the semantic cache waits for a prompt's embedding.
+pub const EMBED_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The semantic cache's embedder: `[cache].embedding_model` through the routing table and
+/// the executor (fallback and health like any call; not metered as a call of its own).
+pub struct GatewayEmbedder {
+    /// The routing table.
+    pub router: Arc<Router>,
+    /// Runs the embedding call.
+    pub executor: Executor,
+    /// `[cache].embedding_model`.
+    pub model: String,
+}
+
+#[async_trait::async_trait]
+impl Embedder for GatewayEmbedder {
+    async fn embed(&self, text: &str) -> Result<Vec<f32>, GatewayError> {
+        let view = ChatRequest {
+            model: self.model.clone(),
+            messages: vec![Message::text(Role::User, text)],
+            ..ChatRequest::default()
+        };
+        let plan = self.router.load().plan(&view)?;
+        let req = EmbedRequest {
+            model: self.model.clone(),
+            inputs: vec![text.to_owned()],
+            dimensions: None,
+            encoding: Default::default(),
+            tags: Default::default(),
+            user: None,
+        };
+        let deadline = tokio::time::Instant::now() + EMBED_TIMEOUT;
+        let answer = self.executor.embed(&plan, &req, deadline, None).await?;
+        answer
+            .response
+            .embeddings
+            .into_iter()
+            .next()
+            .ok_or_else(|| GatewayError::Internal("the embedding answer holds no vector".into()))
+    }
+}
 
 /// The caller's namespace: its key's owner (team), or the key when it has none, or the
 /// anonymous namespace.

@@ -309,7 +309,17 @@ pub async fn serve_with(
         config.auth.require_keys,
         config.teams.clone(),
     ));
-    let response_cache = Arc::new(crate::cache::ResponseCache::new(config.cache.clone()));
+    let hard_stop = CancellationToken::new();
+    let executor = Executor::new(config.executor.clone(), hard_stop.clone());
+    let mut response_cache = crate::cache::ResponseCache::new(config.cache.clone());
+    if !config.cache.embedding_model.is_empty() {
+        response_cache = response_cache.with_embedder(Arc::new(cache_stage::GatewayEmbedder {
+            router: router.clone(),
+            executor: executor.clone(),
+            model: config.cache.embedding_model.clone(),
+        }));
+    }
+    let response_cache = Arc::new(response_cache);
     let admin = admin::AdminService::new(
         access.clone(),
         router.clone(),
@@ -338,8 +348,6 @@ pub async fn serve_with(
         .map_err(|e| ServeError::Store(StoreError::Backend(format!("cannot load keys: {e}"))))?;
     let admin_service = LlmGatewayAdminServer::new(admin);
 
-    let hard_stop = CancellationToken::new();
-    let executor = Executor::new(config.executor.clone(), hard_stop.clone());
     // Metrics: the process-wide recorder, served on its own address.
     let metrics_handle = crate::telemetry::metrics_handle();
     let mut metrics_task = None;

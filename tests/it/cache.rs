@@ -447,3 +447,79 @@ async fn the_ledger_records_a_hit_with_zero_cost_and_what_it_saved() {
     assert_eq!(hit.policy, "cached");
     assert_eq!(hit.code, "OK");
 }
+
+const SEMANTIC: &str = r#"
+[cache]
+embedding_model = "openai/text-embedding-3-small"
+semantic_threshold = 0.9
+[policies.semantic]
+targets = [{ provider = "openai", model = "gpt-4o-mini" }]
+cache = { mode = "semantic" }
+[policies.semantic_tools]
+targets = [{ provider = "openai", model = "gpt-4o-mini" }]
+cache = { mode = "semantic", allow_tools = true }
+"#;
+
+fn similarity(response: &pb::ChatResponse) -> f32 {
+    response.route.as_ref().unwrap().cache_similarity
+}
+
+#[tokio::test]
+async fn semantic_hits_for_the_same_words_and_misses_for_unrelated_prompts() {
+    let (_mock, gateway) = setup(SEMANTIC).await;
+    let first = chat(
+        &gateway,
+        request("semantic", "What is the capital of France?"),
+    )
+    .await;
+    assert_eq!(outcome(&first), pb::CacheOutcome::Stored);
+    // Different bytes (no exact hit), the same words for the deterministic embedding.
+    let near = chat(
+        &gateway,
+        request("semantic", "what is the capital of FRANCE"),
+    )
+    .await;
+    assert_eq!(outcome(&near), pb::CacheOutcome::Hit);
+    assert!(similarity(&near) > 0.99, "{}", similarity(&near));
+    assert_eq!(reply_text(&near), reply_text(&first));
+    let far = chat(
+        &gateway,
+        request("semantic", "Tell me a long story about dragons"),
+    )
+    .await;
+    assert_eq!(outcome(&far), pb::CacheOutcome::Stored);
+    assert_eq!(similarity(&far), 0.0);
+
+    // A request with tools is not served semantically unless the policy allows it.
+    let with_tools = |model: &str, text: &str| {
+        let mut r = request(model, text);
+        r.tools = vec![weather_tool()];
+        r
+    };
+    chat(&gateway, with_tools("semantic", "weather in Paris?")).await;
+    let r = chat(&gateway, with_tools("semantic", "Weather in paris")).await;
+    assert_eq!(outcome(&r), pb::CacheOutcome::Stored);
+    chat(&gateway, with_tools("semantic_tools", "weather in Paris?")).await;
+    let r = chat(&gateway, with_tools("semantic_tools", "Weather in paris")).await;
+    assert_eq!(outcome(&r), pb::CacheOutcome::Hit);
+}
+
+#[tokio::test]
+async fn semantic_hits_stay_within_the_tenant() {
+    let (_mock, gateway) = setup(&format!("{SEMANTIC}\n[auth]\nrequire_keys = true\n")).await;
+    let mut admin = admin_client(gateway.channel.clone());
+    let a = create_key(&mut admin, "a-1", "a").await;
+    let b = create_key(&mut admin, "b-1", "b").await;
+    let as_key = |secret: &str, text: &str| {
+        with_metadata(
+            request("semantic", text),
+            "authorization",
+            &format!("Bearer {secret}"),
+        )
+    };
+    chat(&gateway, as_key(&a, "the quarterly numbers, please")).await;
+    let other = chat(&gateway, as_key(&b, "The quarterly numbers please")).await;
+    assert_eq!(outcome(&other), pb::CacheOutcome::Stored);
+    let same = chat(&gateway, as_key(&a, "The quarterly numbers please")).await;
+    assert_eq!(outcome(&same), pb::CacheOutcome::Hit);
+}
