@@ -6,6 +6,9 @@
 //! bound. One writer task drains the queue in batches (what gathered within
 //! [`BATCH_INTERVAL`] of the first record, up to [`MAX_BATCH`], in one transaction), prunes records older than the retention period every
 //! hour, and on shutdown writes what is queued within a bound, logging what it wrote and dropped.
+//! A batch the store refuses (a database restarting) is retried with backoff up to
+//! [`MAX_RETRY_BACKOFF`] while new records wait in the queue, so nothing queued is lost
+//! to an outage the queue can absorb.
 
 use std::{
     collections::BTreeMap,
@@ -280,7 +283,7 @@ async fn write_loop(
                         Err(_) => break,
                     }
                 }
-                write(&*store, &mut batch).await;
+                write_retrying(&*store, &mut batch, &stop).await;
             }
             _ = prune.tick() => {
                 let cutoff = now_ms() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
@@ -306,7 +309,37 @@ async fn write_loop(
     }
 }
 
-/// Writes and empties `batch`; returns how many records were written.
+/// Writes and empties `batch`, retrying while the store fails (it may be restarting): new
+/// records wait in the bounded queue meanwhile, and those it has no room for are dropped
+/// and counted by [`Ledger::record`]. On `stop` the batch goes back to the final flush.
+async fn write_retrying(
+    store: &dyn UsageSink,
+    batch: &mut Vec<UsageRecord>,
+    stop: &CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    while !batch.is_empty() {
+        match store.insert_usage(batch.clone()).await {
+            Ok(()) => {
+                metrics::counter!(names::LEDGER_WRITTEN).increment(batch.len() as u64);
+                batch.clear();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, records = batch.len(), retry_in = ?backoff, "writing usage records failed; retrying");
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_RETRY_BACKOFF);
+            }
+        }
+    }
+}
+
+/// The longest wait between two tries of a failed write.
+pub const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Writes and empties `batch` (one try); returns how many records were written.
 async fn write(store: &dyn UsageSink, batch: &mut Vec<UsageRecord>) -> u64 {
     if batch.is_empty() {
         return 0;

@@ -13,7 +13,8 @@
 //! - [`config`]: loads the TOML file, interpolates `${VAR}`, applies overrides, assembles the
 //!   sections into [`config::Config`], checks cross-section rules, discovers zero-config
 //!   providers.
-//! - [`store`]: durable state (policies, keys, usage) behind a trait; SQLite by default.
+//! - [`store`]: durable state (policies, keys, usage) behind a trait; SQLite by default,
+//!   PostgreSQL shared by several replicas (`store.url`) with a change feed.
 //! - [`auth`]: gateway API keys: issuing, hashing, verifying, scopes.
 //! - [`executor`]: deadlines, fallback, hedging, the stream commit point, cancellation.
 //! - [`limits`]: rate limits and budgets per key and per team.

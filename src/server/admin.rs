@@ -7,7 +7,7 @@
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, mpsc};
 use tonic::{Request, Response, Status};
 
 use super::{access::Access, convert, convert_admin};
@@ -15,8 +15,8 @@ use crate::{
     auth::{self, KeyRecord},
     error::{FieldViolation, GatewayError},
     pb::{self, llm_gateway_admin_server::LlmGatewayAdmin},
-    routing::{PolicyRecord, Router, policy},
-    store::{Store, StoreError},
+    routing::{PolicyRecord, PolicySource, Router, policy},
+    store::{Change, Store, StoreError},
 };
 
 /// Maximum page size of ListPolicies.
@@ -124,6 +124,50 @@ impl AdminService {
         let keys = self.store.list_keys().await.map_err(store_error)?;
         self.access.keys.replace(keys);
         Ok(())
+    }
+
+    /// Applies what other replicas change (see [`Store::follow_changes`]) to this one's
+    /// routing table and key cache until the feed ends. A policy notification whose version
+    /// the table already has is skipped (this replica's own writes); the others reload from
+    /// the store, serialized with this replica's writes so an older read never replaces a
+    /// newer snapshot. A failed reload keeps the last snapshot; the feed's resync after it
+    /// reconnects (or its periodic one) catches up.
+    pub async fn follow(self: Arc<Self>, mut changes: mpsc::Receiver<Change>) {
+        while let Some(first) = changes.recv().await {
+            let mut policies = false;
+            let mut keys = false;
+            let table = self.router.load();
+            let mut next = Some(first);
+            while let Some(change) = next {
+                match change {
+                    Change::Resync => {
+                        policies = true;
+                        keys = true;
+                    }
+                    Change::Policy { name, version } => {
+                        let have = table
+                            .policies()
+                            .get(&name)
+                            .filter(|r| r.source == PolicySource::Api)
+                            .map(|r| r.version);
+                        policies |= match (version, have) {
+                            (Some(new), Some(have)) => new > have,
+                            (None, None) => false,
+                            _ => true,
+                        };
+                    }
+                    Change::Key { .. } => keys = true,
+                }
+                next = changes.try_recv().ok();
+            }
+            let _write = self.writes.lock().await;
+            if policies && let Err(e) = self.reload().await {
+                tracing::warn!(error = %e, "cannot apply a policy change from the store; routing stays on the last snapshot");
+            }
+            if keys && let Err(e) = self.reload_keys().await {
+                tracing::warn!(error = %e, "cannot apply a key change from the store; the last key set stays");
+            }
+        }
     }
 
     fn key_out(&self, record: &KeyRecord) -> pb::Key {

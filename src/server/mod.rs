@@ -48,7 +48,7 @@ use crate::{
     },
     providers::{self, ProviderRegistry},
     routing::{PolicyRecord, PolicySource, Router, RoutingTable, policy},
-    store::{Store, StoreError, sqlite::SqliteStore},
+    store::{Store, StoreError, postgres::PgStore, sqlite::SqliteStore},
 };
 
 /// How long the usage ledger's final flush may take at shutdown.
@@ -283,7 +283,10 @@ pub async fn serve_with(
             .map_or(Duration::from_secs(5), |t| t.reload_interval);
         background.spawn(state.clone().watch(interval, stop_background.clone()));
     }
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.store.path)?);
+    let store: Arc<dyn Store> = match &config.store.url {
+        Some(url) => Arc::new(PgStore::connect(url).await?),
+        None => Arc::new(SqliteStore::open(&config.store.path)?),
+    };
     let router = Arc::new(Router::new(table));
     let stop_metrics = CancellationToken::new();
     let admin_token = admin_token(&config)?;
@@ -321,7 +324,15 @@ pub async fn serve_with(
         .reload_keys()
         .await
         .map_err(|e| ServeError::Store(StoreError::Backend(format!("cannot load keys: {e}"))))?;
-    let admin_service = LlmGatewayAdminServer::new(admin);
+    // Other replicas' writes reach this one's snapshot (a store only this process writes
+    // reports nothing, and both tasks end at once).
+    let admin = Arc::new(admin);
+    let (changes_tx, changes_rx) = tokio::sync::mpsc::channel(256);
+    let follow_store = store.clone();
+    let stop_follow = stop_background.clone();
+    background.spawn(async move { follow_store.follow_changes(changes_tx, stop_follow).await });
+    background.spawn(admin.clone().follow(changes_rx));
+    let admin_service = LlmGatewayAdminServer::from_arc(admin);
 
     let hard_stop = CancellationToken::new();
     let executor = Executor::new(config.executor.clone(), hard_stop.clone());
