@@ -22,6 +22,9 @@ use crate::{
 /// Maximum page size of ListPolicies.
 const MAX_PAGE: usize = 500;
 
+/// Records per ExportUsage message (and per page read from the store).
+const EXPORT_PAGE: usize = 500;
+
 /// A configured provider, as ListProviders shows it.
 #[derive(Debug, Clone)]
 pub struct ProviderInfo {
@@ -518,42 +521,44 @@ impl LlmGatewayAdmin for AdminService {
             if !violations.is_empty() {
                 return Err(GatewayError::InvalidArgument(violations));
             }
-            let records = self
+            // Aggregated by the database over the per-minute rollups.
+            let mut query = crate::ledger::UsageQuery {
+                from_ms: start,
+                to_ms: end,
+                group_by: Vec::new(),
+                filter: req.filter.into_iter().collect(),
+            };
+            let total = self
                 .store
-                .usage_between(start, end)
+                .usage_groups(&query)
                 .await
-                .map_err(|e| store_error(e.into()))?;
-            let matching: Vec<&crate::ledger::UsageRecord> = records
-                .iter()
-                .filter(|r| {
-                    req.filter
-                        .iter()
-                        .all(|(dim, value)| crate::ledger::dimension(r, dim) == Some(value.as_str()))
-                })
-                .collect();
-            let mut groups: BTreeMap<Vec<String>, Vec<&crate::ledger::UsageRecord>> = BTreeMap::new();
-            for r in &matching {
-                let key = req
-                    .group_by
-                    .iter()
-                    .map(|d| crate::ledger::dimension(r, d).unwrap_or("").to_owned())
+                .map_err(|e| store_error(e.into()))?
+                .pop()
+                .map(|g| g.totals)
+                .unwrap_or_default();
+            let mut out = Vec::new();
+            if !req.group_by.is_empty() {
+                query.group_by = req.group_by.clone();
+                let groups = self
+                    .store
+                    .usage_groups(&query)
+                    .await
+                    .map_err(|e| store_error(e.into()))?;
+                out = groups
+                    .into_iter()
+                    .map(|g| pb::UsageGroup {
+                        key: req.group_by.iter().cloned().zip(g.key).collect(),
+                        totals: Some(convert_admin::totals_out(&g.totals)),
+                    })
                     .collect();
-                groups.entry(key).or_default().push(r);
             }
-            let mut out: Vec<pb::UsageGroup> = groups
-                .into_iter()
-                .map(|(values, records)| pb::UsageGroup {
-                    key: req.group_by.iter().cloned().zip(values).collect(),
-                    totals: Some(convert_admin::totals_out(&crate::ledger::totals(records))),
-                })
-                .collect();
             out.sort_by(|a, b| {
                 let cost = |g: &pb::UsageGroup| g.totals.as_ref().map_or(0.0, |t| t.cost_usd);
                 cost(b).total_cmp(&cost(a))
             });
             Ok(Response::new(pb::GetUsageResponse {
-                groups: if req.group_by.is_empty() { Vec::new() } else { out },
-                total: Some(convert_admin::totals_out(&crate::ledger::totals(matching))),
+                groups: out,
+                total: Some(convert_admin::totals_out(&total)),
             }))
         }
         .await
@@ -568,20 +573,29 @@ impl LlmGatewayAdmin for AdminService {
     ) -> AdminResult<ExportStream> {
         let req = request.into_inner();
         let (start, end) = time_range(req.start_time, req.end_time).map_err(fail)?;
-        let records = self
-            .store
-            .usage_between(start, end)
-            .await
-            .map_err(|e| fail(store_error(e.into())))?;
-        let batches: Vec<Result<pb::ExportUsageResponse, Status>> = records
-            .chunks(500)
-            .map(|chunk| {
-                Ok(pb::ExportUsageResponse {
-                    records: chunk.iter().map(convert_admin::record_out).collect(),
-                })
-            })
-            .collect();
-        Ok(Response::new(Box::pin(futures_util::stream::iter(batches))))
+        // Page by page with a keyset cursor: one page in memory at a time, fetched when
+        // the caller has taken the previous one.
+        let store = self.store.clone();
+        let pages = futures_util::stream::unfold(Some(None), move |cursor| {
+            let store = store.clone();
+            async move {
+                let after = cursor?;
+                match store.usage_page(start, end, after, EXPORT_PAGE).await {
+                    Ok(page) if page.is_empty() => None,
+                    Ok(page) => {
+                        let next = (page.len() == EXPORT_PAGE)
+                            .then(|| page.last().map(|(id, r)| (r.time_ms, *id)));
+                        let records = page
+                            .iter()
+                            .map(|(_, r)| convert_admin::record_out(r))
+                            .collect();
+                        Some((Ok(pb::ExportUsageResponse { records }), next))
+                    }
+                    Err(e) => Some((Err(fail(store_error(e.into()))), None)),
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(pages)))
     }
 
     async fn create_key(

@@ -352,8 +352,12 @@ pub async fn serve_with(
     }
     let (ledger, ledger_writer) = match config.ledger.capacity {
         Some(capacity) => {
-            let (ledger, writer) =
-                crate::ledger::Ledger::start(store.clone(), capacity, config.ledger.retention);
+            let (ledger, writer) = crate::ledger::Ledger::start(
+                store.clone(),
+                capacity,
+                config.ledger.retention,
+                config.ledger.rollup_retention,
+            );
             (ledger, Some(writer))
         }
         None => (crate::ledger::Ledger::disabled(), None),
@@ -640,13 +644,14 @@ fn write_private(path: &std::path::Path, contents: &str) -> std::io::Result<()> 
     file.sync_all()
 }
 
-/// Seeds budget spend for the current UTC day and month from the usage ledger, so a
-/// restart does not reset budgets.
+/// Seeds budget spend for the current UTC day and month from the usage ledger's rollups
+/// (one row per day, key and team: bounded however busy the month was), so a restart does
+/// not reset budgets.
 async fn seed_spend(store: &dyn Store, limits: &crate::limits::Limits) {
     let now = access::now_ms();
     let (today, month) = crate::limits::periods(now);
     // The month started at most 31 days ago.
-    let records = match store.usage_between(now - 32 * 86_400_000, now + 1).await {
+    let days = match store.day_spend(now - 32 * 86_400_000).await {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "cannot read usage to seed budgets");
@@ -654,24 +659,23 @@ async fn seed_spend(store: &dyn Store, limits: &crate::limits::Limits) {
         }
     };
     let mut spend: std::collections::HashMap<String, (f64, f64)> = std::collections::HashMap::new();
-    for r in records {
-        let (day, rec_month) = crate::limits::periods(r.time_ms);
+    for d in days {
+        let (day, rec_month) = crate::limits::periods(d.day.saturating_mul(86_400_000));
         if rec_month != month {
             continue;
         }
-        let cost = r.cost_usd.unwrap_or(0.0);
         let mut add = |subject: String| {
             let entry = spend.entry(subject).or_default();
-            entry.1 += cost;
+            entry.1 += d.cost_usd;
             if day == today {
-                entry.0 += cost;
+                entry.0 += d.cost_usd;
             }
         };
-        if !r.key.is_empty() {
-            add(format!("key:{}", r.key));
+        if !d.key.is_empty() {
+            add(format!("key:{}", d.key));
         }
-        if let Some(team) = r.tags.get("team") {
-            add(format!("team:{team}"));
+        if !d.team.is_empty() {
+            add(format!("team:{}", d.team));
         }
     }
     for (subject, (day_usd, month_usd)) in spend {

@@ -17,13 +17,16 @@ use std::{str::FromStr, time::Duration};
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, NoTls, Row, Transaction};
+use tokio_postgres::{AsyncMessage, NoTls, Row, Transaction, types::ToSql};
 use tokio_util::sync::CancellationToken;
 
 use super::{Change, Store, StoreError};
 use crate::{
     auth::{KeyRecord, KeySpec},
-    ledger::{SinkError, UsageRecord, UsageSink},
+    ledger::{
+        self, DaySpend, Dialect, SinkError, SqlParam, UsageGroup, UsageQuery, UsageRecord,
+        UsageSink,
+    },
     routing::{PolicyRecord, PolicySource, policy::PolicySpec},
 };
 
@@ -85,6 +88,8 @@ const MIGRATIONS: &[&str] = &[
         error_class TEXT NOT NULL
     );
     CREATE INDEX usage_time ON usage (time_ms, id);",
+    // 2: per-minute usage rollups, filled from the records already stored.
+    ledger::ROLLUP_MIGRATION,
 ];
 
 /// Parses a `store.url`: a `postgres://` or `postgresql://` URL naming a host.
@@ -214,7 +219,16 @@ impl PgStore {
             )));
         }
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
-            tx.batch_execute(sql).await.map_err(pg)?;
+            if *sql == ledger::ROLLUP_MIGRATION {
+                tx.batch_execute(&ledger::rollup_table_sql(Dialect::Postgres))
+                    .await
+                    .map_err(pg)?;
+                tx.batch_execute(&ledger::rollup_backfill_sql(Dialect::Postgres))
+                    .await
+                    .map_err(pg)?;
+            } else {
+                tx.batch_execute(sql).await.map_err(pg)?;
+            }
             let version = i32::try_from(i + 1).unwrap_or(i32::MAX);
             tx.execute(
                 "INSERT INTO schema_migrations (version, applied_ms) VALUES ($1, $2)",
@@ -651,51 +665,144 @@ impl UsageSink for PgStore {
         for r in &records {
             cols.push(r).map_err(sink)?;
         }
-        let client = self.client().await.map_err(sink)?;
+        let mut client = self.client().await.map_err(sink)?;
+        let tx = client.transaction().await.map_err(|e| sink(pg(e)))?;
         // One statement for the whole batch: the columns travel as arrays.
-        client
-            .execute(
-                "INSERT INTO usage (time_ms, request_id, rpc, key, tags, policy, provider, model,
+        tx.execute(
+            "INSERT INTO usage (time_ms, request_id, rpc, key, tags, policy, provider, model,
                  attempts, input_tokens, output_tokens, cached_input_tokens, usage_reported,
                  cost_usd, latency_ms, ttft_ms, code, error_class)
                  SELECT * FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::TEXT[],
                  $5::TEXT[], $6::TEXT[], $7::TEXT[], $8::TEXT[], $9::INTEGER[], $10::BIGINT[],
                  $11::BIGINT[], $12::BIGINT[], $13::BOOLEAN[], $14::DOUBLE PRECISION[],
                  $15::DOUBLE PRECISION[], $16::DOUBLE PRECISION[], $17::TEXT[], $18::TEXT[])",
-                &[
-                    &cols.time_ms,
-                    &cols.request_id,
-                    &cols.rpc,
-                    &cols.key,
-                    &cols.tags,
-                    &cols.policy,
-                    &cols.provider,
-                    &cols.model,
-                    &cols.attempts,
-                    &cols.input_tokens,
-                    &cols.output_tokens,
-                    &cols.cached_input_tokens,
-                    &cols.usage_reported,
-                    &cols.cost_usd,
-                    &cols.latency_ms,
-                    &cols.ttft_ms,
-                    &cols.code,
-                    &cols.error_class,
-                ],
+            &[
+                &cols.time_ms,
+                &cols.request_id,
+                &cols.rpc,
+                &cols.key,
+                &cols.tags,
+                &cols.policy,
+                &cols.provider,
+                &cols.model,
+                &cols.attempts,
+                &cols.input_tokens,
+                &cols.output_tokens,
+                &cols.cached_input_tokens,
+                &cols.usage_reported,
+                &cols.cost_usd,
+                &cols.latency_ms,
+                &cols.ttft_ms,
+                &cols.code,
+                &cols.error_class,
+            ],
+        )
+        .await
+        .map_err(|e| sink(pg(e)))?;
+        // The rollups, in the same transaction. Rows come sorted by (minute, dimensions),
+        // so replicas writing the same rows lock them in one order (no deadlock).
+        let upsert = tx
+            .prepare(&ledger::rollup_upsert_sql(Dialect::Postgres))
+            .await
+            .map_err(|e| sink(pg(e)))?;
+        for rollup in ledger::rollups(&records) {
+            let params = rollup.params();
+            tx.execute(&upsert, &pg_params(&params))
+                .await
+                .map_err(|e| sink(pg(e)))?;
+        }
+        tx.commit().await.map_err(|e| sink(pg(e)))
+    }
+
+    async fn usage_groups(&self, query: &UsageQuery) -> Result<Vec<UsageGroup>, SinkError> {
+        let dims = query.group_by.len();
+        let (sql, params) = ledger::usage_sql(query, Dialect::Postgres)
+            .ok_or_else(|| SinkError("unknown usage dimension".to_owned()))?;
+        let client = self.client().await.map_err(sink)?;
+        let rows = client
+            .query(&sql, &pg_params(&params))
+            .await
+            .map_err(|e| sink(pg(e)))?;
+        Ok(rows
+            .iter()
+            .map(|row| {
+                let key = (0..dims).map(|i| row.get::<_, String>(i)).collect();
+                let mut counts = [0i64; 6];
+                for (j, c) in counts.iter_mut().enumerate() {
+                    *c = row.get(dims + j);
+                }
+                let histograms: Vec<i64> = (0..2 * ledger::BUCKETS)
+                    .map(|j| row.get(dims + 7 + j))
+                    .collect();
+                ledger::usage_group(key, counts, row.get(dims + 6), &histograms)
+            })
+            .collect())
+    }
+
+    async fn usage_page(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+        after: Option<(i64, i64)>,
+        limit: usize,
+    ) -> Result<Vec<(i64, UsageRecord)>, SinkError> {
+        let (after_time, after_id) = after.unwrap_or((i64::MIN, i64::MIN));
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let client = self.client().await.map_err(sink)?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT id, {USAGE_COLUMNS} FROM usage
+                     WHERE time_ms >= $1 AND time_ms < $2 AND (time_ms, id) > ($3, $4)
+                     ORDER BY time_ms, id LIMIT $5"
+                ),
+                &[&from_ms, &to_ms, &after_time, &after_id, &limit],
             )
             .await
             .map_err(|e| sink(pg(e)))?;
-        Ok(())
+        Ok(rows
+            .iter()
+            .map(|row| (row.get("id"), usage_from_row(row)))
+            .collect())
+    }
+
+    async fn day_spend(&self, from_ms: i64) -> Result<Vec<DaySpend>, SinkError> {
+        let (sql, params) = ledger::day_spend_sql(Dialect::Postgres, from_ms);
+        let client = self.client().await.map_err(sink)?;
+        let rows = client
+            .query(&sql, &pg_params(&params))
+            .await
+            .map_err(|e| sink(pg(e)))?;
+        Ok(rows
+            .iter()
+            .map(|row| DaySpend {
+                day: row.get(0),
+                key: row.get(1),
+                team: row.get(2),
+                cost_usd: row.get(3),
+            })
+            .collect())
+    }
+
+    async fn delete_rollups_before(&self, cutoff_ms: i64) -> Result<u64, SinkError> {
+        let client = self.client().await.map_err(sink)?;
+        client
+            .execute(
+                "DELETE FROM usage_minute WHERE minute_ms < $1",
+                &[&cutoff_ms],
+            )
+            .await
+            .map_err(|e| sink(pg(e)))
     }
 
     async fn usage_between(&self, from_ms: i64, to_ms: i64) -> Result<Vec<UsageRecord>, SinkError> {
         let client = self.client().await.map_err(sink)?;
         let rows = client
             .query(
-                "SELECT time_ms, request_id, rpc, key, tags, policy, provider, model, attempts,
-                 input_tokens, output_tokens, cached_input_tokens, usage_reported, cost_usd,
-                 latency_ms, ttft_ms, code, error_class
-                 FROM usage WHERE time_ms >= $1 AND time_ms < $2 ORDER BY time_ms, id",
+                &format!(
+                    "SELECT {USAGE_COLUMNS} FROM usage
+                     WHERE time_ms >= $1 AND time_ms < $2 ORDER BY time_ms, id"
+                ),
                 &[&from_ms, &to_ms],
             )
             .await
@@ -710,6 +817,22 @@ impl UsageSink for PgStore {
             .await
             .map_err(|e| sink(pg(e)))
     }
+}
+
+const USAGE_COLUMNS: &str = "time_ms, request_id, rpc, key, tags, policy, provider, model,
+    attempts, input_tokens, output_tokens, cached_input_tokens, usage_reported, cost_usd,
+    latency_ms, ttft_ms, code, error_class";
+
+/// Generated-query parameters as PostgreSQL parameters.
+fn pg_params(params: &[SqlParam]) -> Vec<&(dyn ToSql + Sync)> {
+    params
+        .iter()
+        .map(|p| match p {
+            SqlParam::Int(v) => v as &(dyn ToSql + Sync),
+            SqlParam::Text(v) => v as &(dyn ToSql + Sync),
+            SqlParam::Real(v) => v as &(dyn ToSql + Sync),
+        })
+        .collect()
 }
 
 fn usage_from_row(row: &Row) -> UsageRecord {
