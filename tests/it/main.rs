@@ -26,3 +26,4 @@ mod scale_pg;
 mod security;
 mod server;
 mod stream;
+mod usage_sink;
