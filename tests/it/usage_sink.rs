@@ -3,6 +3,9 @@
 //! ExportUsage's keyset pages, budget seeding's daily spend, retention per table, and the
 //! migration that fills rollups from records stored before it.
 
+// The measurement below reports its times on stderr.
+#![allow(clippy::print_stderr)]
+
 use std::{collections::BTreeMap, sync::Arc};
 
 use llm_gateway::{
@@ -210,4 +213,67 @@ async fn the_rollup_migration_fills_rollups_from_stored_records() {
         .unwrap();
     assert_eq!(latency[0].totals.latency_ms[0], Some(5.0));
     assert_eq!(latency[0].totals.ttft_ms[0], Some(2.0));
+}
+
+/// A bounded measurement, not a pass/fail timing: a day of rollups at 5,000 calls/s (200
+/// distinct dimension rows a minute, 1,500 calls each: 288,000 rows for 432M calls) and the
+/// time of GetUsage's queries over them. Run with `cargo test --test it -- --ignored
+/// get_usage_over_a_day`; the numbers are in BENCHMARKS.md.
+#[tokio::test]
+#[ignore = "a measurement (about 20 s); see BENCHMARKS.md"]
+async fn get_usage_over_a_day_of_rollups() {
+    let Some(url) = pg_server::database().await else {
+        return;
+    };
+    let store = PgStore::connect(&url).await.unwrap();
+    let client = pg_server::connect(&url).await;
+    let start = std::time::Instant::now();
+    client
+        .batch_execute(&format!(
+            "INSERT INTO usage_minute (minute_ms, key, policy, provider, model, rpc, code,
+               error_class, tags, calls, errors, input_tokens, output_tokens, cost_usd,
+               lat_3, lat_9, ttft_2)
+             SELECT {T0} + m * 60000, 'key-' || (c % 20), 'policy-' || (c % 5),
+               'prov-' || (c % 4), 'model-' || (c % 10), 'Chat',
+               CASE WHEN c % 50 = 0 THEN 'UNAVAILABLE' ELSE 'OK' END, 'class-' || (c % 50),
+               '{{\"team\":\"team-' || (c % 8) || '\"}}', 1500, 0, 150000, 75000, 3.0,
+               1200, 300, 1000
+             FROM generate_series(0, 1439) m, generate_series(0, 199) c;
+             ANALYZE usage_minute"
+        ))
+        .await
+        .unwrap();
+    eprintln!("generated 288,000 rollup rows in {:?}", start.elapsed());
+    let day = |group_by: &[&str], filter: &[(&str, &str)]| UsageQuery {
+        from_ms: T0,
+        to_ms: T0 + 1440 * MINUTE,
+        group_by: group_by.iter().map(|s| (*s).to_owned()).collect(),
+        filter: filter
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+    };
+    for (name, query, groups) in [
+        ("total", day(&[], &[]), 1),
+        ("by provider, model", day(&["provider", "model"], &[]), 20),
+        ("by tag:team", day(&["tag:team"], &[]), 8),
+        ("key-3 by model", day(&["model"], &[("key", "key-3")]), 1),
+    ] {
+        let mut times = Vec::new();
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            let got = store.usage_groups(&query).await.unwrap();
+            times.push(t.elapsed());
+            assert_eq!(got.len(), groups, "{name}");
+            let calls: u64 = got.iter().map(|g| g.totals.calls).sum();
+            let want = if name.starts_with("key-3") {
+                432_000_000 / 20
+            } else {
+                432_000_000
+            };
+            assert_eq!(calls, want, "{name}");
+        }
+        times.sort();
+        eprintln!("GetUsage {name}: median {:?} of 3", times[1]);
+    }
 }
