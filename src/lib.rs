@@ -18,6 +18,8 @@
 //! - [`auth`]: gateway API keys: issuing, hashing, verifying, scopes.
 //! - [`executor`]: deadlines, fallback, hedging, the stream commit point, cancellation.
 //! - [`limits`]: rate limits and budgets per key and per team.
+//! - [`cache`]: the response cache (exact and semantic), always within the caller's
+//!   tenant namespace; `[cache]` and a policy's `cache` block.
 //! - [`routing`]: the policy model and selection: from the caller's `model` to a
 //!   [`routing::Plan`].
 //! - [`error`]: [`error::GatewayError`] and its single mapping to gRPC statuses.
@@ -59,6 +61,7 @@
 //! store
 //! auth executor
 //! limits routing
+//! cache
 //! error mock_upstream
 //! health ledger providers
 //! shared
@@ -72,6 +75,7 @@
 //! the ledger defines the sink the store implements.
 
 pub mod auth;
+pub mod cache;
 pub mod codec;
 pub mod config;
 pub mod error;

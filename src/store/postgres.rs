@@ -90,6 +90,9 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX usage_time ON usage (time_ms, id);",
     // 2: per-minute usage rollups, filled from the records already stored.
     ledger::ROLLUP_MIGRATION,
+    // 3: the response cache's outcome and what a hit saved (SQLite migration 4).
+    "ALTER TABLE usage ADD COLUMN cache TEXT NOT NULL DEFAULT '';
+    ALTER TABLE usage ADD COLUMN cost_saved_usd DOUBLE PRECISION;",
 ];
 
 /// Parses a `store.url`: a `postgres://` or `postgresql://` URL naming a host.
@@ -671,11 +674,12 @@ impl UsageSink for PgStore {
         tx.execute(
             "INSERT INTO usage (time_ms, request_id, rpc, key, tags, policy, provider, model,
                  attempts, input_tokens, output_tokens, cached_input_tokens, usage_reported,
-                 cost_usd, latency_ms, ttft_ms, code, error_class)
+                 cost_usd, latency_ms, ttft_ms, code, error_class, cache, cost_saved_usd)
                  SELECT * FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::TEXT[],
                  $5::TEXT[], $6::TEXT[], $7::TEXT[], $8::TEXT[], $9::INTEGER[], $10::BIGINT[],
                  $11::BIGINT[], $12::BIGINT[], $13::BOOLEAN[], $14::DOUBLE PRECISION[],
-                 $15::DOUBLE PRECISION[], $16::DOUBLE PRECISION[], $17::TEXT[], $18::TEXT[])",
+                 $15::DOUBLE PRECISION[], $16::DOUBLE PRECISION[], $17::TEXT[], $18::TEXT[],
+                 $19::TEXT[], $20::DOUBLE PRECISION[])",
             &[
                 &cols.time_ms,
                 &cols.request_id,
@@ -695,6 +699,8 @@ impl UsageSink for PgStore {
                 &cols.ttft_ms,
                 &cols.code,
                 &cols.error_class,
+                &cols.cache,
+                &cols.cost_saved_usd,
             ],
         )
         .await
@@ -821,7 +827,7 @@ impl UsageSink for PgStore {
 
 const USAGE_COLUMNS: &str = "time_ms, request_id, rpc, key, tags, policy, provider, model,
     attempts, input_tokens, output_tokens, cached_input_tokens, usage_reported, cost_usd,
-    latency_ms, ttft_ms, code, error_class";
+    latency_ms, ttft_ms, code, error_class, cache, cost_saved_usd";
 
 /// Generated-query parameters as PostgreSQL parameters.
 fn pg_params(params: &[SqlParam]) -> Vec<&(dyn ToSql + Sync)> {
@@ -856,6 +862,8 @@ fn usage_from_row(row: &Row) -> UsageRecord {
         ttft_ms: row.get("ttft_ms"),
         code: row.get("code"),
         error_class: row.get("error_class"),
+        cache: row.get("cache"),
+        cost_saved_usd: row.get("cost_saved_usd"),
     }
 }
 
@@ -880,6 +888,8 @@ struct UsageColumns {
     ttft_ms: Vec<Option<f64>>,
     code: Vec<String>,
     error_class: Vec<String>,
+    cache: Vec<String>,
+    cost_saved_usd: Vec<Option<f64>>,
 }
 
 impl UsageColumns {
@@ -910,6 +920,8 @@ impl UsageColumns {
         self.ttft_ms.push(r.ttft_ms);
         self.code.push(r.code.clone());
         self.error_class.push(r.error_class.clone());
+        self.cache.push(r.cache.clone());
+        self.cost_saved_usd.push(r.cost_saved_usd);
         Ok(())
     }
 }

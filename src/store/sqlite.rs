@@ -63,7 +63,10 @@ const MIGRATIONS: &[&str] = &[
         version INTEGER NOT NULL,
         created_ms INTEGER NOT NULL
     ) STRICT;",
-    // 4: per-minute usage rollups, filled from the records already stored.
+    // 4: the response cache's outcome and what a hit saved.
+    "ALTER TABLE usage ADD COLUMN cache TEXT NOT NULL DEFAULT '';
+    ALTER TABLE usage ADD COLUMN cost_saved_usd REAL;",
+    // 5: per-minute usage rollups, filled from the records already stored.
     ledger::ROLLUP_MIGRATION,
 ];
 
@@ -444,8 +447,9 @@ impl UsageSink for SqliteStore {
                     .prepare_cached(
                         "INSERT INTO usage (time_ms, request_id, rpc, key, tags, policy, provider, model,
                          attempts, input_tokens, output_tokens, cached_input_tokens, usage_reported,
-                         cost_usd, latency_ms, ttft_ms, code, error_class)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+                         cost_usd, latency_ms, ttft_ms, code, error_class, cache, cost_saved_usd)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
+                         ?19, ?20)",
                     )
                     .map_err(backend)?;
                 for r in &records {
@@ -469,6 +473,8 @@ impl UsageSink for SqliteStore {
                         r.ttft_ms,
                         r.code,
                         r.error_class,
+                        r.cache,
+                        r.cost_saved_usd,
                     ])
                     .map_err(backend)?;
                 }
@@ -610,7 +616,7 @@ impl UsageSink for SqliteStore {
 
 const USAGE_COLUMNS: &str = "time_ms, request_id, rpc, key, tags, policy, provider, model,
     attempts, input_tokens, output_tokens, cached_input_tokens, usage_reported, cost_usd,
-    latency_ms, ttft_ms, code, error_class";
+    latency_ms, ttft_ms, code, error_class, cache, cost_saved_usd";
 
 /// A usage record from the [`USAGE_COLUMNS`] of `row`, starting at column `at`.
 fn usage_from_row(row: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<UsageRecord> {
@@ -634,6 +640,8 @@ fn usage_from_row(row: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<UsageR
         ttft_ms: row.get(at + 15)?,
         code: row.get(at + 16)?,
         error_class: row.get(at + 17)?,
+        cache: row.get(at + 18)?,
+        cost_saved_usd: row.get(at + 19)?,
     })
 }
 
@@ -735,6 +743,7 @@ mod tests {
             constraints: Default::default(),
             execution: Default::default(),
             variants: vec![],
+            cache: Default::default(),
         }
     }
 
