@@ -339,7 +339,7 @@ fn validate(
         m.check_prices(i, &mut issues);
     }
     let policies = crate::routing::policy::policies_from_raw(raw.policies, &mut issues);
-    let mut store = StoreSettings::from_raw(raw.store);
+    let mut store = StoreSettings::from_raw(raw.store, &mut issues);
     if let Some(dir) = &overrides.data_dir {
         store.path = dir.join("llm-gateway.db");
     }

@@ -6,6 +6,9 @@
 //! bound. One writer task drains the queue in batches (what gathered within
 //! [`BATCH_INTERVAL`] of the first record, up to [`MAX_BATCH`], in one transaction), prunes records older than the retention period every
 //! hour, and on shutdown writes what is queued within a bound, logging what it wrote and dropped.
+//! A batch the store refuses (a database restarting) is retried with backoff up to
+//! [`MAX_RETRY_BACKOFF`] while new records wait in the queue, so nothing queued is lost
+//! to an outage the queue can absorb.
 
 use std::{
     collections::BTreeMap,
@@ -35,8 +38,10 @@ pub struct RawLedger {
     pub enabled: Option<bool>,
     /// `ledger.queue_capacity`.
     pub queue_capacity: Option<usize>,
-    /// `ledger.retention`.
+    /// `ledger.retention`: how long raw records are kept.
     pub retention: Option<String>,
+    /// `ledger.rollup_retention`: how long per-minute rollups are kept.
+    pub rollup_retention: Option<String>,
 }
 
 /// The validated `[ledger]` section.
@@ -44,9 +49,14 @@ pub struct RawLedger {
 pub struct LedgerSettings {
     /// The queue capacity, or `None` when the ledger is off.
     pub capacity: Option<usize>,
-    /// How long usage records are kept.
+    /// How long raw usage records are kept (ExportUsage reads them).
     pub retention: Duration,
+    /// How long per-minute rollups are kept (GetUsage and budget seeding read them).
+    pub rollup_retention: Duration,
 }
+
+/// The shortest rollup retention: budget seeding reads the current month's rollups.
+pub const MIN_ROLLUP_RETENTION: Duration = Duration::from_secs(32 * 24 * 3600);
 
 impl LedgerSettings {
     /// Validates `[ledger]`.
@@ -61,6 +71,20 @@ impl LedgerSettings {
                 raw.retention.as_deref(),
                 Duration::from_secs(30 * 24 * 3600),
             ),
+            rollup_retention: {
+                let d = issues.duration(
+                    "ledger.rollup_retention",
+                    raw.rollup_retention.as_deref(),
+                    Duration::from_secs(400 * 24 * 3600),
+                );
+                if d < MIN_ROLLUP_RETENTION {
+                    issues.push(
+                        "ledger.rollup_retention",
+                        "must be at least 32d: budgets are seeded from the month's rollups at start",
+                    );
+                }
+                d
+            },
         }
     }
 }
@@ -123,6 +147,39 @@ pub trait UsageSink: Send + Sync + 'static {
 
     /// Deletes records older than `cutoff_ms`; returns how many.
     async fn delete_usage_before(&self, cutoff_ms: i64) -> Result<u64, SinkError>;
+
+    /// GetUsage: the query's groups, aggregated by the database over the per-minute
+    /// rollups ([`usage_sql`]). Sinks without rollups refuse.
+    async fn usage_groups(&self, query: &UsageQuery) -> Result<Vec<UsageGroup>, SinkError> {
+        let _ = query;
+        Err(SinkError("this usage sink keeps no rollups".to_owned()))
+    }
+
+    /// ExportUsage: up to `limit` records with `from_ms <= time_ms < to_ms` after the keyset
+    /// cursor `after` (`(time_ms, id)` of the last record of the previous page), oldest
+    /// first, each with its id.
+    async fn usage_page(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+        after: Option<(i64, i64)>,
+        limit: usize,
+    ) -> Result<Vec<(i64, UsageRecord)>, SinkError> {
+        let _ = (from_ms, to_ms, after, limit);
+        Err(SinkError("this usage sink cannot page".to_owned()))
+    }
+
+    /// Spend per UTC day, key and team since `from_ms`, from the rollups (budget seeding).
+    async fn day_spend(&self, from_ms: i64) -> Result<Vec<DaySpend>, SinkError> {
+        let _ = from_ms;
+        Err(SinkError("this usage sink keeps no rollups".to_owned()))
+    }
+
+    /// Deletes rollups of minutes before `cutoff_ms`; returns how many rows.
+    async fn delete_rollups_before(&self, cutoff_ms: i64) -> Result<u64, SinkError> {
+        let _ = cutoff_ms;
+        Ok(0)
+    }
 }
 
 /// Why a [`UsageSink`] failed: its backend's description.
@@ -175,6 +232,7 @@ impl Ledger {
         store: Arc<dyn UsageSink>,
         capacity: usize,
         retention: Duration,
+        rollup_retention: Duration,
     ) -> (Ledger, LedgerWriter) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let stop = CancellationToken::new();
@@ -182,7 +240,7 @@ impl Ledger {
         let handle = tokio::spawn(write_loop(
             store,
             rx,
-            retention,
+            [retention, rollup_retention],
             stop.clone(),
             flush.clone(),
         ));
@@ -261,7 +319,7 @@ fn now_ms() -> i64 {
 async fn write_loop(
     store: Arc<dyn UsageSink>,
     mut rx: mpsc::Receiver<UsageRecord>,
-    retention: Duration,
+    [retention, rollup_retention]: [Duration; 2],
     stop: CancellationToken,
     flush: Arc<FlushCounts>,
 ) {
@@ -284,14 +342,19 @@ async fn write_loop(
                         Err(_) => break,
                     }
                 }
-                write(&*store, &mut batch).await;
+                write_retrying(&*store, &mut batch, &stop).await;
             }
             _ = prune.tick() => {
-                let cutoff = now_ms() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
-                match store.delete_usage_before(cutoff).await {
+                let cutoff = |d: Duration| now_ms() - i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+                match store.delete_usage_before(cutoff(retention)).await {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(records = n, "pruned usage records past retention"),
                     Err(e) => tracing::warn!(error = %e, "pruning usage records failed"),
+                }
+                match store.delete_rollups_before(cutoff(rollup_retention)).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(rows = n, "pruned usage rollups past retention"),
+                    Err(e) => tracing::warn!(error = %e, "pruning usage rollups failed"),
                 }
             }
         }
@@ -310,7 +373,37 @@ async fn write_loop(
     }
 }
 
-/// Writes and empties `batch`; returns how many records were written.
+/// Writes and empties `batch`, retrying while the store fails (it may be restarting): new
+/// records wait in the bounded queue meanwhile, and those it has no room for are dropped
+/// and counted by [`Ledger::record`]. On `stop` the batch goes back to the final flush.
+async fn write_retrying(
+    store: &dyn UsageSink,
+    batch: &mut Vec<UsageRecord>,
+    stop: &CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    while !batch.is_empty() {
+        match store.insert_usage(batch.clone()).await {
+            Ok(()) => {
+                metrics::counter!(names::LEDGER_WRITTEN).increment(batch.len() as u64);
+                batch.clear();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, records = batch.len(), retry_in = ?backoff, "writing usage records failed; retrying");
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_RETRY_BACKOFF);
+            }
+        }
+    }
+}
+
+/// The longest wait between two tries of a failed write.
+pub const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Writes and empties `batch` (one try); returns how many records were written.
 async fn write(store: &dyn UsageSink, batch: &mut Vec<UsageRecord>) -> u64 {
     if batch.is_empty() {
         return 0;
@@ -419,11 +512,489 @@ pub fn totals<'a>(records: impl IntoIterator<Item = &'a UsageRecord>) -> Totals 
     t
 }
 
+/// Upper bounds (ms) of the latency and time-to-first-token histogram buckets that rollups
+/// keep; one more bucket holds what is above the last bound. A percentile over rollups is the
+/// upper bound of the bucket it falls in: at most 2.5x the true value (1-2-5 steps).
+pub const HISTOGRAM_BOUNDS_MS: [f64; 19] = [
+    0.5,
+    1.0,
+    2.0,
+    5.0,
+    10.0,
+    20.0,
+    50.0,
+    100.0,
+    200.0,
+    500.0,
+    1_000.0,
+    2_000.0,
+    5_000.0,
+    10_000.0,
+    20_000.0,
+    50_000.0,
+    100_000.0,
+    300_000.0,
+    1_800_000.0,
+];
+
+/// Buckets per histogram.
+pub const BUCKETS: usize = HISTOGRAM_BOUNDS_MS.len() + 1;
+
+/// The rollup period: rollups sum the records of one UTC minute.
+pub const ROLLUP_MS: i64 = 60_000;
+
+/// The dimensions of a rollup row, in column order (all text; `tags` is the JSON object).
+pub const ROLLUP_DIMENSIONS: [&str; 8] = [
+    "key",
+    "policy",
+    "provider",
+    "model",
+    "rpc",
+    "code",
+    "error_class",
+    "tags",
+];
+
+/// The integer sums of a rollup row, in column order (then `cost_usd`, then the histograms).
+pub const ROLLUP_COUNTS: [&str; 6] = [
+    "calls",
+    "errors",
+    "input_tokens",
+    "output_tokens",
+    "cached_input_tokens",
+    "calls_without_usage",
+];
+
+fn bucket(ms: f64) -> usize {
+    HISTOGRAM_BOUNDS_MS
+        .iter()
+        .position(|b| ms <= *b)
+        .unwrap_or(HISTOGRAM_BOUNDS_MS.len())
+}
+
+/// The rollup table's histogram columns: `lat_0.. lat_19, ttft_0 .. ttft_19`.
+pub fn histogram_columns() -> Vec<String> {
+    (0..BUCKETS)
+        .map(|i| format!("lat_{i}"))
+        .chain((0..BUCKETS).map(|i| format!("ttft_{i}")))
+        .collect()
+}
+
+/// One per-minute rollup row: the values of [`ROLLUP_DIMENSIONS`] and the minute's sums.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Rollup {
+    /// The minute's start, Unix ms.
+    pub minute_ms: i64,
+    /// The dimension values, in [`ROLLUP_DIMENSIONS`] order.
+    pub dimensions: [String; 8],
+    /// The sums of [`ROLLUP_COUNTS`], in order.
+    pub counts: [i64; 6],
+    /// The cost sum.
+    pub cost_usd: f64,
+    /// Calls per latency bucket, then per time-to-first-token bucket (`2 * BUCKETS`).
+    pub histograms: Vec<i64>,
+}
+
+impl Rollup {
+    /// The parameters of [`rollup_upsert_sql`] for this row, in order.
+    pub fn params(&self) -> Vec<SqlParam> {
+        std::iter::once(SqlParam::Int(self.minute_ms))
+            .chain(self.dimensions.iter().cloned().map(SqlParam::Text))
+            .chain(self.counts.iter().copied().map(SqlParam::Int))
+            .chain([SqlParam::Real(self.cost_usd)])
+            .chain(self.histograms.iter().copied().map(SqlParam::Int))
+            .collect()
+    }
+}
+
+/// The marker that stands for the rollup migration in a store's migration list: the
+/// store runs [`rollup_table_sql`] and [`rollup_backfill_sql`] of its dialect there.
+pub const ROLLUP_MIGRATION: &str = "-- the usage_minute rollups (ledger::rollup_table_sql)";
+
+/// The rollup deltas of a batch of records (one per minute and dimension values).
+pub fn rollups(records: &[UsageRecord]) -> Vec<Rollup> {
+    let mut out: BTreeMap<(i64, [String; 8]), Rollup> = BTreeMap::new();
+    for r in records {
+        let minute_ms = r.time_ms.div_euclid(ROLLUP_MS) * ROLLUP_MS;
+        let tags = serde_json::to_string(&r.tags).unwrap_or_else(|_| "{}".to_owned());
+        let dimensions = [
+            r.key.clone(),
+            r.policy.clone(),
+            r.provider.clone(),
+            r.model.clone(),
+            r.rpc.clone(),
+            r.code.clone(),
+            r.error_class.clone(),
+            tags,
+        ];
+        let row = out
+            .entry((minute_ms, dimensions.clone()))
+            .or_insert_with(|| Rollup {
+                minute_ms,
+                dimensions,
+                histograms: vec![0; 2 * BUCKETS],
+                ..Rollup::default()
+            });
+        let tokens = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        row.counts[0] += 1;
+        row.counts[1] += i64::from(r.code != "OK");
+        if r.usage_reported {
+            row.counts[2] += tokens(r.input_tokens);
+            row.counts[3] += tokens(r.output_tokens);
+            row.counts[4] += tokens(r.cached_input_tokens);
+        } else {
+            row.counts[5] += 1;
+        }
+        row.cost_usd += r.cost_usd.unwrap_or(0.0);
+        row.histograms[bucket(r.latency_ms)] += 1;
+        if let Some(ttft) = r.ttft_ms {
+            row.histograms[BUCKETS + bucket(ttft)] += 1;
+        }
+    }
+    out.into_values().collect()
+}
+
+/// The SQL dialect of a store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// SQLite (`?N` parameters, `json_extract`).
+    Sqlite,
+    /// PostgreSQL (`$N` parameters, `->>`).
+    Postgres,
+}
+
+/// A bound parameter of a generated query.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SqlParam {
+    /// An integer.
+    Int(i64),
+    /// A text.
+    Text(String),
+    /// A float.
+    Real(f64),
+}
+
+/// What GetUsage asks of the rollups: the minutes overlapping `[from_ms, to_ms)`, grouped by
+/// dimensions ([`valid_dimension`] names), filtered by dimension values.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct UsageQuery {
+    /// Start, Unix ms (rounded down to its minute).
+    pub from_ms: i64,
+    /// End, Unix ms (rounded up to a minute).
+    pub to_ms: i64,
+    /// Dimensions to group by.
+    pub group_by: Vec<String>,
+    /// Dimension values every counted record has.
+    pub filter: Vec<(String, String)>,
+}
+
+/// One group of a [`UsageQuery`]'s answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageGroup {
+    /// The value of each `group_by` dimension, in order.
+    pub key: Vec<String>,
+    /// The group's totals.
+    pub totals: Totals,
+}
+
+struct Sql {
+    dialect: Dialect,
+    params: Vec<SqlParam>,
+}
+
+impl Sql {
+    fn param(&mut self, p: SqlParam) -> String {
+        self.params.push(p);
+        match self.dialect {
+            Dialect::Sqlite => format!("?{}", self.params.len()),
+            Dialect::Postgres => format!("${}", self.params.len()),
+        }
+    }
+
+    /// The SQL expression of a dimension; `None` for an unknown one.
+    fn dimension(&mut self, name: &str) -> Option<String> {
+        if let Some(column) = ["provider", "model", "policy", "key", "rpc", "code"]
+            .into_iter()
+            .find(|c| *c == name)
+        {
+            return Some(column.to_owned());
+        }
+        let tag = name.strip_prefix("tag:").filter(|t| !t.is_empty())?;
+        Some(self.tag(tag))
+    }
+
+    fn tag(&mut self, tag: &str) -> String {
+        match self.dialect {
+            Dialect::Sqlite => {
+                let path = self.param(SqlParam::Text(format!(
+                    "$.\"{}\"",
+                    tag.replace('"', "\\\"")
+                )));
+                format!("COALESCE(json_extract(tags, {path}), '')")
+            }
+            Dialect::Postgres => {
+                let key = self.param(SqlParam::Text(tag.to_owned()));
+                format!("COALESCE(tags::jsonb ->> {key}::TEXT, '')")
+            }
+        }
+    }
+}
+
+/// The query of a [`UsageQuery`] over the `usage_minute` rollups, with its parameters. Its
+/// rows: one text column per `group_by` dimension, then the [`ROLLUP_COUNTS`] sums (BIGINT),
+/// the cost sum, and the histogram sums (BIGINT); read them with [`usage_group`].
+pub fn usage_sql(query: &UsageQuery, dialect: Dialect) -> Option<(String, Vec<SqlParam>)> {
+    let mut sql = Sql {
+        dialect,
+        params: Vec::new(),
+    };
+    let from = sql.param(SqlParam::Int(
+        query.from_ms.div_euclid(ROLLUP_MS) * ROLLUP_MS,
+    ));
+    let to = sql.param(SqlParam::Int(
+        query
+            .to_ms
+            .saturating_add(ROLLUP_MS - 1)
+            .div_euclid(ROLLUP_MS)
+            * ROLLUP_MS,
+    ));
+    let mut groups = Vec::new();
+    for dim in &query.group_by {
+        groups.push(sql.dimension(dim)?);
+    }
+    let mut filters = vec![format!("minute_ms >= {from}"), format!("minute_ms < {to}")];
+    for (dim, value) in &query.filter {
+        let expr = sql.dimension(dim)?;
+        let value = sql.param(SqlParam::Text(value.clone()));
+        filters.push(format!("{expr} = {value}"));
+    }
+    let sum = |c: &str| format!("CAST(COALESCE(SUM({c}), 0) AS BIGINT)");
+    let columns: Vec<String> = groups
+        .iter()
+        .cloned()
+        .chain(ROLLUP_COUNTS.iter().map(|c| sum(c)))
+        .chain(["COALESCE(SUM(cost_usd), 0.0)".to_owned()])
+        .chain(histogram_columns().iter().map(|c| sum(c)))
+        .collect();
+    let mut text = format!(
+        "SELECT {} FROM usage_minute WHERE {}",
+        columns.join(", "),
+        filters.join(" AND ")
+    );
+    if !groups.is_empty() {
+        let positions: Vec<String> = (1..=groups.len()).map(|i| i.to_string()).collect();
+        text.push_str(&format!(" GROUP BY {}", positions.join(", ")));
+    }
+    Some((text, sql.params))
+}
+
+/// A row of [`usage_sql`]: `dims` texts, then the sums.
+pub fn usage_group(
+    dims: Vec<String>,
+    counts: [i64; 6],
+    cost_usd: f64,
+    histograms: &[i64],
+) -> UsageGroup {
+    let n = |v: i64| u64::try_from(v).unwrap_or(0);
+    let (latency, ttft) = histograms.split_at(BUCKETS.min(histograms.len()));
+    UsageGroup {
+        key: dims,
+        totals: Totals {
+            calls: n(counts[0]),
+            errors: n(counts[1]),
+            input_tokens: n(counts[2]),
+            output_tokens: n(counts[3]),
+            cached_input_tokens: n(counts[4]),
+            calls_without_usage: n(counts[5]),
+            cost_usd,
+            latency_ms: [
+                histogram_percentile(latency, 50.0),
+                histogram_percentile(latency, 95.0),
+                histogram_percentile(latency, 99.0),
+            ],
+            ttft_ms: [
+                histogram_percentile(ttft, 50.0),
+                histogram_percentile(ttft, 95.0),
+            ],
+        },
+    }
+}
+
+/// The upper bound of the bucket holding the `p`th percentile (the last bound for the open
+/// bucket); `None` for an empty histogram.
+pub fn histogram_percentile(counts: &[i64], p: f64) -> Option<f64> {
+    let total: i64 = counts.iter().sum();
+    if total <= 0 {
+        return None;
+    }
+    let rank = ((p / 100.0) * total as f64).ceil().max(1.0) as i64;
+    let mut seen = 0;
+    for (i, c) in counts.iter().enumerate() {
+        seen += c;
+        if seen >= rank {
+            return HISTOGRAM_BOUNDS_MS
+                .get(i)
+                .or(HISTOGRAM_BOUNDS_MS.last())
+                .copied();
+        }
+    }
+    HISTOGRAM_BOUNDS_MS.last().copied()
+}
+
+/// The rollup table and its indexes. `int` and `real` are the dialect's type names. Frozen:
+/// it is a published migration of both stores.
+pub fn rollup_table_sql(dialect: Dialect) -> String {
+    let (int, real, strict) = match dialect {
+        Dialect::Sqlite => ("INTEGER", "REAL", " STRICT"),
+        Dialect::Postgres => ("BIGINT", "DOUBLE PRECISION", ""),
+    };
+    let mut columns = vec![format!("minute_ms {int} NOT NULL")];
+    columns.extend(
+        ROLLUP_DIMENSIONS
+            .iter()
+            .map(|d| format!("{d} TEXT NOT NULL")),
+    );
+    columns.extend(
+        ROLLUP_COUNTS
+            .iter()
+            .map(|c| format!("{c} {int} NOT NULL DEFAULT 0")),
+    );
+    columns.push(format!("cost_usd {real} NOT NULL DEFAULT 0"));
+    columns.extend(
+        histogram_columns()
+            .iter()
+            .map(|c| format!("{c} {int} NOT NULL DEFAULT 0")),
+    );
+    format!(
+        "CREATE TABLE usage_minute ({}){strict};
+        CREATE UNIQUE INDEX usage_minute_row ON usage_minute (minute_ms, {});",
+        columns.join(", "),
+        ROLLUP_DIMENSIONS.join(", ")
+    )
+}
+
+/// Adds rollup deltas to their rows (`INSERT ... ON CONFLICT DO UPDATE`), with the
+/// dialect's parameters: 1 minute, 8 dimensions, 6 counts, cost, 40 histogram buckets.
+pub fn rollup_upsert_sql(dialect: Dialect) -> String {
+    let p = |i: usize| match dialect {
+        Dialect::Sqlite => format!("?{i}"),
+        Dialect::Postgres => format!("${i}"),
+    };
+    let sums: Vec<String> = ROLLUP_COUNTS
+        .iter()
+        .map(|c| (*c).to_owned())
+        .chain(["cost_usd".to_owned()])
+        .chain(histogram_columns())
+        .collect();
+    let all: Vec<&str> = ["minute_ms"]
+        .into_iter()
+        .chain(ROLLUP_DIMENSIONS)
+        .chain(sums.iter().map(String::as_str))
+        .collect();
+    let values: Vec<String> = (1..=all.len()).map(p).collect();
+    let updates: Vec<String> = sums
+        .iter()
+        .map(|c| format!("{c} = usage_minute.{c} + excluded.{c}"))
+        .collect();
+    format!(
+        "INSERT INTO usage_minute ({}) VALUES ({}) ON CONFLICT (minute_ms, {}) DO UPDATE SET {}",
+        all.join(", "),
+        values.join(", "),
+        ROLLUP_DIMENSIONS.join(", "),
+        updates.join(", ")
+    )
+}
+
+/// Fills the rollups from the raw records already stored (the migration that adds them).
+/// Frozen like [`rollup_table_sql`].
+pub fn rollup_backfill_sql(dialect: Dialect) -> String {
+    let when = |cond: String| format!("SUM(CASE WHEN {cond} THEN 1 ELSE 0 END)");
+    let reported = match dialect {
+        Dialect::Sqlite => "usage_reported = 1",
+        Dialect::Postgres => "usage_reported",
+    };
+    let mut sums = vec![
+        "COUNT(*)".to_owned(),
+        when("code <> 'OK'".to_owned()),
+        format!("SUM(CASE WHEN {reported} THEN input_tokens ELSE 0 END)"),
+        format!("SUM(CASE WHEN {reported} THEN output_tokens ELSE 0 END)"),
+        format!("SUM(CASE WHEN {reported} THEN cached_input_tokens ELSE 0 END)"),
+        when(format!("NOT ({reported})")),
+        "SUM(COALESCE(cost_usd, 0))".to_owned(),
+    ];
+    for column in ["latency_ms", "ttft_ms"] {
+        for i in 0..BUCKETS {
+            let low = i
+                .checked_sub(1)
+                .and_then(|j| HISTOGRAM_BOUNDS_MS.get(j))
+                .map(|b| format!("{column} > {b:?}"));
+            let high = HISTOGRAM_BOUNDS_MS
+                .get(i)
+                .map(|b| format!("{column} <= {b:?}"));
+            let cond = match (low, high) {
+                (Some(l), Some(h)) => format!("{l} AND {h}"),
+                (None, Some(h)) => h,
+                (Some(l), None) => l,
+                (None, None) => "FALSE".to_owned(),
+            };
+            sums.push(when(cond));
+        }
+    }
+    let columns: Vec<String> = ["minute_ms"]
+        .into_iter()
+        .chain(ROLLUP_DIMENSIONS)
+        .map(str::to_owned)
+        .chain(ROLLUP_COUNTS.iter().map(|c| (*c).to_owned()))
+        .chain(["cost_usd".to_owned()])
+        .chain(histogram_columns())
+        .collect();
+    format!(
+        "INSERT INTO usage_minute ({}) SELECT (time_ms / {ROLLUP_MS}) * {ROLLUP_MS}, {}, {} FROM usage GROUP BY 1, {}",
+        columns.join(", "),
+        ROLLUP_DIMENSIONS.join(", "),
+        sums.join(", "),
+        ROLLUP_DIMENSIONS.join(", ")
+    )
+}
+
+/// The spend of one key and team on one UTC day (budget seeding reads these).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DaySpend {
+    /// The UTC day index (Unix ms / 86,400,000).
+    pub day: i64,
+    /// The key, or empty.
+    pub key: String,
+    /// The `team` tag, or empty.
+    pub team: String,
+    /// The cost.
+    pub cost_usd: f64,
+}
+
+/// The query of [`DaySpend`] rows since `from_ms`, over the rollups, with its parameters.
+/// Its rows: day (BIGINT), key, team, cost.
+pub fn day_spend_sql(dialect: Dialect, from_ms: i64) -> (String, Vec<SqlParam>) {
+    let mut sql = Sql {
+        dialect,
+        params: Vec::new(),
+    };
+    let from = sql.param(SqlParam::Int(from_ms));
+    let team = sql.tag("team");
+    (
+        format!(
+            "SELECT minute_ms / 86400000, key, {team}, COALESCE(SUM(cost_usd), 0.0) FROM usage_minute
+             WHERE minute_ms >= {from} GROUP BY 1, 2, 3"
+        ),
+        sql.params,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
 
     use super::*;
+
+    const HOUR: Duration = Duration::from_secs(3600);
 
     /// Records in memory.
     #[derive(Default)]
@@ -502,7 +1073,7 @@ mod tests {
     #[tokio::test]
     async fn queue_full_drops_and_shutdown_flushes() {
         let store = Arc::new(MemorySink::default());
-        let (ledger, writer) = Ledger::start(store.clone(), 4, Duration::from_secs(3600));
+        let (ledger, writer) = Ledger::start(store.clone(), 4, HOUR, HOUR);
         // A burst far larger than the queue, without yielding to the writer.
         for i in 0..1000 {
             ledger.record(record("a", "OK", 0.0, f64::from(i)));
@@ -523,7 +1094,7 @@ mod tests {
     #[tokio::test]
     async fn finish_does_not_wait_for_the_senders_and_counts_what_it_wrote() {
         let store = Arc::new(MemorySink::default());
-        let (ledger, writer) = Ledger::start(store.clone(), 64, Duration::from_secs(3600));
+        let (ledger, writer) = Ledger::start(store.clone(), 64, HOUR, HOUR);
         for i in 0..3 {
             ledger.record(record("a", "OK", 0.0, f64::from(i)));
         }
@@ -559,7 +1130,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_stuck_final_flush_is_bounded_and_counts_the_dropped() {
-        let (ledger, writer) = Ledger::start(Arc::new(StuckSink), 64, Duration::from_secs(3600));
+        let (ledger, writer) = Ledger::start(Arc::new(StuckSink), 64, HOUR, HOUR);
         for i in 0..5 {
             ledger.record(record("a", "OK", 0.0, f64::from(i)));
         }

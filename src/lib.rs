@@ -16,7 +16,8 @@
 //! - [`batch`]: batch jobs: durable jobs of many chat requests, run through the call
 //!   engine (behind its [`batch::Execute`] trait) with bounded concurrency, retries and a
 //!   deadline; its own storage trait and SQLite tables; `[batch]`.
-//! - [`store`]: durable state (policies, keys, usage) behind a trait; SQLite by default.
+//! - [`store`]: durable state (policies, keys, usage) behind a trait; SQLite by default,
+//!   PostgreSQL shared by several replicas (`store.url`) with a change feed.
 //! - [`auth`]: gateway API keys: issuing, hashing, verifying, scopes.
 //! - [`executor`]: deadlines, fallback, hedging, the stream commit point, cancellation.
 //! - [`limits`]: rate limits and budgets per key and per team.

@@ -80,7 +80,10 @@ fn main() -> ExitCode {
         for p in &config.policies {
             println!("  policy {}: {} target(s)", p.name, p.targets.len());
         }
-        println!("  store: {}", config.store.path.display());
+        match &config.store.url {
+            Some(url) => println!("  store: {}", llm_gateway::store::redacted_url(url)),
+            None => println!("  store: {}", config.store.path.display()),
+        }
         return ExitCode::SUCCESS;
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()

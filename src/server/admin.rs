@@ -7,7 +7,7 @@
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, mpsc};
 use tonic::{Request, Response, Status};
 
 use super::{access::Access, convert, convert_admin};
@@ -15,12 +15,15 @@ use crate::{
     auth::{self, KeyRecord},
     error::{FieldViolation, GatewayError},
     pb::{self, llm_gateway_admin_server::LlmGatewayAdmin},
-    routing::{PolicyRecord, Router, policy},
-    store::{Store, StoreError},
+    routing::{PolicyRecord, PolicySource, Router, policy},
+    store::{Change, Store, StoreError},
 };
 
 /// Maximum page size of ListPolicies.
 const MAX_PAGE: usize = 500;
+
+/// Records per ExportUsage message (and per page read from the store).
+const EXPORT_PAGE: usize = 500;
 
 /// A configured provider, as ListProviders shows it.
 #[derive(Debug, Clone)]
@@ -132,6 +135,50 @@ impl AdminService {
         let keys = self.store.list_keys().await.map_err(store_error)?;
         self.access.keys.replace(keys);
         Ok(())
+    }
+
+    /// Applies what other replicas change (see [`Store::follow_changes`]) to this one's
+    /// routing table and key cache until the feed ends. A policy notification whose version
+    /// the table already has is skipped (this replica's own writes); the others reload from
+    /// the store, serialized with this replica's writes so an older read never replaces a
+    /// newer snapshot. A failed reload keeps the last snapshot; the feed's resync after it
+    /// reconnects (or its periodic one) catches up.
+    pub async fn follow(self: Arc<Self>, mut changes: mpsc::Receiver<Change>) {
+        while let Some(first) = changes.recv().await {
+            let mut policies = false;
+            let mut keys = false;
+            let table = self.router.load();
+            let mut next = Some(first);
+            while let Some(change) = next {
+                match change {
+                    Change::Resync => {
+                        policies = true;
+                        keys = true;
+                    }
+                    Change::Policy { name, version } => {
+                        let have = table
+                            .policies()
+                            .get(&name)
+                            .filter(|r| r.source == PolicySource::Api)
+                            .map(|r| r.version);
+                        policies |= match (version, have) {
+                            (Some(new), Some(have)) => new > have,
+                            (None, None) => false,
+                            _ => true,
+                        };
+                    }
+                    Change::Key { .. } => keys = true,
+                }
+                next = changes.try_recv().ok();
+            }
+            let _write = self.writes.lock().await;
+            if policies && let Err(e) = self.reload().await {
+                tracing::warn!(error = %e, "cannot apply a policy change from the store; routing stays on the last snapshot");
+            }
+            if keys && let Err(e) = self.reload_keys().await {
+                tracing::warn!(error = %e, "cannot apply a key change from the store; the last key set stays");
+            }
+        }
     }
 
     fn key_out(&self, record: &KeyRecord) -> pb::Key {
@@ -482,42 +529,44 @@ impl LlmGatewayAdmin for AdminService {
             if !violations.is_empty() {
                 return Err(GatewayError::InvalidArgument(violations));
             }
-            let records = self
+            // Aggregated by the database over the per-minute rollups.
+            let mut query = crate::ledger::UsageQuery {
+                from_ms: start,
+                to_ms: end,
+                group_by: Vec::new(),
+                filter: req.filter.into_iter().collect(),
+            };
+            let total = self
                 .store
-                .usage_between(start, end)
+                .usage_groups(&query)
                 .await
-                .map_err(|e| store_error(e.into()))?;
-            let matching: Vec<&crate::ledger::UsageRecord> = records
-                .iter()
-                .filter(|r| {
-                    req.filter
-                        .iter()
-                        .all(|(dim, value)| crate::ledger::dimension(r, dim) == Some(value.as_str()))
-                })
-                .collect();
-            let mut groups: BTreeMap<Vec<String>, Vec<&crate::ledger::UsageRecord>> = BTreeMap::new();
-            for r in &matching {
-                let key = req
-                    .group_by
-                    .iter()
-                    .map(|d| crate::ledger::dimension(r, d).unwrap_or("").to_owned())
+                .map_err(|e| store_error(e.into()))?
+                .pop()
+                .map(|g| g.totals)
+                .unwrap_or_default();
+            let mut out = Vec::new();
+            if !req.group_by.is_empty() {
+                query.group_by = req.group_by.clone();
+                let groups = self
+                    .store
+                    .usage_groups(&query)
+                    .await
+                    .map_err(|e| store_error(e.into()))?;
+                out = groups
+                    .into_iter()
+                    .map(|g| pb::UsageGroup {
+                        key: req.group_by.iter().cloned().zip(g.key).collect(),
+                        totals: Some(convert_admin::totals_out(&g.totals)),
+                    })
                     .collect();
-                groups.entry(key).or_default().push(r);
             }
-            let mut out: Vec<pb::UsageGroup> = groups
-                .into_iter()
-                .map(|(values, records)| pb::UsageGroup {
-                    key: req.group_by.iter().cloned().zip(values).collect(),
-                    totals: Some(convert_admin::totals_out(&crate::ledger::totals(records))),
-                })
-                .collect();
             out.sort_by(|a, b| {
                 let cost = |g: &pb::UsageGroup| g.totals.as_ref().map_or(0.0, |t| t.cost_usd);
                 cost(b).total_cmp(&cost(a))
             });
             Ok(Response::new(pb::GetUsageResponse {
-                groups: if req.group_by.is_empty() { Vec::new() } else { out },
-                total: Some(convert_admin::totals_out(&crate::ledger::totals(matching))),
+                groups: out,
+                total: Some(convert_admin::totals_out(&total)),
             }))
         }
         .await
@@ -532,20 +581,29 @@ impl LlmGatewayAdmin for AdminService {
     ) -> AdminResult<ExportStream> {
         let req = request.into_inner();
         let (start, end) = time_range(req.start_time, req.end_time).map_err(fail)?;
-        let records = self
-            .store
-            .usage_between(start, end)
-            .await
-            .map_err(|e| fail(store_error(e.into())))?;
-        let batches: Vec<Result<pb::ExportUsageResponse, Status>> = records
-            .chunks(500)
-            .map(|chunk| {
-                Ok(pb::ExportUsageResponse {
-                    records: chunk.iter().map(convert_admin::record_out).collect(),
-                })
-            })
-            .collect();
-        Ok(Response::new(Box::pin(futures_util::stream::iter(batches))))
+        // Page by page with a keyset cursor: one page in memory at a time, fetched when
+        // the caller has taken the previous one.
+        let store = self.store.clone();
+        let pages = futures_util::stream::unfold(Some(None), move |cursor| {
+            let store = store.clone();
+            async move {
+                let after = cursor?;
+                match store.usage_page(start, end, after, EXPORT_PAGE).await {
+                    Ok(page) if page.is_empty() => None,
+                    Ok(page) => {
+                        let next = (page.len() == EXPORT_PAGE)
+                            .then(|| page.last().map(|(id, r)| (r.time_ms, *id)));
+                        let records = page
+                            .iter()
+                            .map(|(_, r)| convert_admin::record_out(r))
+                            .collect();
+                        Some((Ok(pb::ExportUsageResponse { records }), next))
+                    }
+                    Err(e) => Some((Err(fail(store_error(e.into()))), None)),
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(pages)))
     }
 
     async fn create_key(

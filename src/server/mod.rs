@@ -51,7 +51,7 @@ use crate::{
     },
     providers::{self, ProviderRegistry},
     routing::{PolicyRecord, PolicySource, Router, RoutingTable, policy},
-    store::{Store, StoreError, sqlite::SqliteStore},
+    store::{Store, StoreError, postgres::PgStore, sqlite::SqliteStore},
 };
 
 /// How long the usage ledger's final flush may take at shutdown.
@@ -286,7 +286,10 @@ pub async fn serve_with(
             .map_or(Duration::from_secs(5), |t| t.reload_interval);
         background.spawn(state.clone().watch(interval, stop_background.clone()));
     }
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.store.path)?);
+    let store: Arc<dyn Store> = match &config.store.url {
+        Some(url) => Arc::new(PgStore::connect(url).await?),
+        None => Arc::new(SqliteStore::open(&config.store.path)?),
+    };
     let shared = crate::shared::Shared::connect(&config.shared).map_err(|e| {
         ServeError::Store(StoreError::Backend(format!(
             "cannot set up shared state: {e}"
@@ -346,7 +349,15 @@ pub async fn serve_with(
         .reload_keys()
         .await
         .map_err(|e| ServeError::Store(StoreError::Backend(format!("cannot load keys: {e}"))))?;
-    let admin_service = LlmGatewayAdminServer::new(admin);
+    // Other replicas' writes reach this one's snapshot (a store only this process writes
+    // reports nothing, and both tasks end at once).
+    let admin = Arc::new(admin);
+    let (changes_tx, changes_rx) = tokio::sync::mpsc::channel(256);
+    let follow_store = store.clone();
+    let stop_follow = stop_background.clone();
+    background.spawn(async move { follow_store.follow_changes(changes_tx, stop_follow).await });
+    background.spawn(admin.clone().follow(changes_rx));
+    let admin_service = LlmGatewayAdminServer::from_arc(admin);
 
     // Metrics: the process-wide recorder, served on its own address.
     let metrics_handle = crate::telemetry::metrics_handle();
@@ -364,8 +375,12 @@ pub async fn serve_with(
     }
     let (ledger, ledger_writer) = match config.ledger.capacity {
         Some(capacity) => {
-            let (ledger, writer) =
-                crate::ledger::Ledger::start(store.clone(), capacity, config.ledger.retention);
+            let (ledger, writer) = crate::ledger::Ledger::start(
+                store.clone(),
+                capacity,
+                config.ledger.retention,
+                config.ledger.rollup_retention,
+            );
             (ledger, Some(writer))
         }
         None => (crate::ledger::Ledger::disabled(), None),
@@ -694,13 +709,14 @@ fn share_rests(
     background.spawn(rests.run(apply, stop.clone()));
 }
 
-/// Seeds budget spend for the current UTC day and month from the usage ledger, so a
-/// restart does not reset budgets.
+/// Seeds budget spend for the current UTC day and month from the usage ledger's rollups
+/// (one row per day, key and team: bounded however busy the month was), so a restart does
+/// not reset budgets.
 async fn seed_spend(store: &dyn Store, limits: &crate::limits::Limits) {
     let now = access::now_ms();
     let (today, month) = crate::limits::periods(now);
     // The month started at most 31 days ago.
-    let records = match store.usage_between(now - 32 * 86_400_000, now + 1).await {
+    let days = match store.day_spend(now - 32 * 86_400_000).await {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "cannot read usage to seed budgets");
@@ -708,24 +724,23 @@ async fn seed_spend(store: &dyn Store, limits: &crate::limits::Limits) {
         }
     };
     let mut spend: std::collections::HashMap<String, (f64, f64)> = std::collections::HashMap::new();
-    for r in records {
-        let (day, rec_month) = crate::limits::periods(r.time_ms);
+    for d in days {
+        let (day, rec_month) = crate::limits::periods(d.day.saturating_mul(86_400_000));
         if rec_month != month {
             continue;
         }
-        let cost = r.cost_usd.unwrap_or(0.0);
         let mut add = |subject: String| {
             let entry = spend.entry(subject).or_default();
-            entry.1 += cost;
+            entry.1 += d.cost_usd;
             if day == today {
-                entry.0 += cost;
+                entry.0 += d.cost_usd;
             }
         };
-        if !r.key.is_empty() {
-            add(format!("key:{}", r.key));
+        if !d.key.is_empty() {
+            add(format!("key:{}", d.key));
         }
-        if let Some(team) = r.tags.get("team") {
-            add(format!("team:{team}"));
+        if !d.team.is_empty() {
+            add(format!("team:{}", d.team));
         }
     }
     for (subject, (day_usd, month_usd)) in spend {

@@ -1,18 +1,24 @@
 //! Durable state behind a trait. The default is an embedded SQLite file in WAL mode with
-//! schema migrations ([`sqlite::SqliteStore`]); a shared database for several replicas can
-//! implement the same trait later.
+//! schema migrations ([`sqlite::SqliteStore`]); several replicas share one PostgreSQL
+//! database instead ([`postgres::PgStore`], `store.url`), and learn of each other's writes
+//! through [`Store::follow_changes`].
 //!
-//! What returns OK is on disk: writes commit with `synchronous = FULL`, so a policy whose
-//! Create/Update returned OK survives `kill -9` and restart.
+//! What returns OK is on disk: writes commit with `synchronous = FULL` (SQLite) or a
+//! committed transaction (PostgreSQL), so a policy whose Create/Update returned OK survives
+//! `kill -9` and restart.
 
+pub mod postgres;
 pub mod sqlite;
 
 use async_trait::async_trait;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     auth::{KeyRecord, KeySpec},
     ledger::{SinkError, UsageSink},
     routing::{PolicyRecord, policy::PolicySpec},
+    settings::Issues,
 };
 
 /// The default store file, relative to the working directory.
@@ -24,25 +30,85 @@ pub const DEFAULT_STORE_PATH: &str = ".llm-gateway/llm-gateway.db";
 pub struct RawStore {
     /// `store.path`.
     pub path: Option<String>,
+    /// `store.url`: a `postgres://` URL; exclusive with `store.path`.
+    pub url: Option<String>,
 }
 
 /// The validated `[store]` section.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct StoreSettings {
-    /// The store file (`:memory:` for none).
+    /// The store file (`:memory:` for none). With a `url` it only places the generated
+    /// admin token file.
     pub path: std::path::PathBuf,
+    /// The shared PostgreSQL database, when set (it may hold a password: `Debug` hides it).
+    pub url: Option<String>,
+}
+
+impl std::fmt::Debug for StoreSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreSettings")
+            .field("path", &self.path)
+            .field("url", &self.url.as_deref().map(redacted_url))
+            .finish()
+    }
+}
+
+/// `url` without its password (for logs and `--check-config`).
+pub fn redacted_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "<unparsable url>".to_owned();
+    };
+    let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((user, host)) => match user.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => format!("{scheme}://{user}@{host}{tail}"),
+        },
+        None => url.to_owned(),
+    }
 }
 
 impl StoreSettings {
-    /// `[store]`: the path, or [`DEFAULT_STORE_PATH`].
-    pub fn from_raw(raw: RawStore) -> Self {
+    /// `[store]`: the path, or [`DEFAULT_STORE_PATH`]; or a PostgreSQL URL.
+    pub fn from_raw(raw: RawStore, issues: &mut Issues) -> Self {
+        if let Some(url) = &raw.url {
+            if raw.path.is_some() {
+                issues.push(
+                    "store.url",
+                    "set either store.path (an embedded SQLite file) or store.url (a shared PostgreSQL database), not both",
+                );
+            } else if let Err(e) = postgres::parse_url(url) {
+                issues.push("store.url", e);
+            }
+        }
         Self {
             path: raw
                 .path
                 .unwrap_or_else(|| DEFAULT_STORE_PATH.to_owned())
                 .into(),
+            url: raw.url,
         }
     }
+}
+
+/// What another replica changed, as [`Store::follow_changes`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A policy was created or updated to `version`, or deleted (`None`).
+    Policy {
+        /// The policy.
+        name: String,
+        /// Its new version; `None` when it was deleted.
+        version: Option<u64>,
+    },
+    /// A key was created, updated or revoked.
+    Key {
+        /// The key.
+        name: String,
+    },
+    /// Changes may have been missed (the feed (re)connected, or the periodic safety net):
+    /// reload everything.
+    Resync,
 }
 
 /// Why a store operation failed.
@@ -131,4 +197,10 @@ pub trait Store: UsageSink + Send + Sync + 'static {
 
     /// Marks a key revoked.
     async fn revoke_key(&self, name: &str) -> Result<(), StoreError>;
+
+    /// Sends what other processes change to `changes` until `stop`. A store that only this
+    /// process writes (SQLite) has nothing to report and returns at once.
+    async fn follow_changes(&self, changes: mpsc::Sender<Change>, stop: CancellationToken) {
+        let _ = (changes, stop);
+    }
 }

@@ -13,7 +13,10 @@ use rusqlite::{Connection, OptionalExtension, params};
 use super::{Store, StoreError};
 use crate::{
     auth::{KeyRecord, KeySpec},
-    ledger::{SinkError, UsageRecord, UsageSink},
+    ledger::{
+        self, DaySpend, Dialect, SinkError, SqlParam, UsageGroup, UsageQuery, UsageRecord,
+        UsageSink,
+    },
     routing::{PolicyRecord, PolicySource, policy::PolicySpec},
 };
 
@@ -63,6 +66,8 @@ const MIGRATIONS: &[&str] = &[
     // 4: the response cache's outcome and what a hit saved.
     "ALTER TABLE usage ADD COLUMN cache TEXT NOT NULL DEFAULT '';
     ALTER TABLE usage ADD COLUMN cost_saved_usd REAL;",
+    // 5: per-minute usage rollups, filled from the records already stored.
+    ledger::ROLLUP_MIGRATION,
 ];
 
 /// The embedded store.
@@ -131,7 +136,14 @@ impl SqliteStore {
         }
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
             let tx = conn.transaction().map_err(backend)?;
-            tx.execute_batch(sql).map_err(backend)?;
+            if *sql == ledger::ROLLUP_MIGRATION {
+                tx.execute_batch(&ledger::rollup_table_sql(Dialect::Sqlite))
+                    .map_err(backend)?;
+                tx.execute(&ledger::rollup_backfill_sql(Dialect::Sqlite), [])
+                    .map_err(backend)?;
+            } else {
+                tx.execute_batch(sql).map_err(backend)?;
+            }
             tx.pragma_update(None, "user_version", i + 1)
                 .map_err(backend)?;
             tx.commit().map_err(backend)?;
@@ -474,8 +486,109 @@ impl UsageSink for SqliteStore {
                     ])
                     .map_err(backend)?;
                 }
+                // The rollups, in the same transaction: they never disagree with the records.
+                let mut upsert = tx
+                    .prepare_cached(&ledger::rollup_upsert_sql(Dialect::Sqlite))
+                    .map_err(backend)?;
+                for rollup in ledger::rollups(&records) {
+                    upsert
+                        .execute(rusqlite::params_from_iter(values(rollup.params())))
+                        .map_err(backend)?;
+                }
             }
             tx.commit().map_err(backend)
+        })
+        .await
+        .map_err(SinkError::from)
+    }
+
+    async fn usage_groups(&self, query: &UsageQuery) -> Result<Vec<UsageGroup>, SinkError> {
+        let dims = query.group_by.len();
+        let (sql, params) = ledger::usage_sql(query, Dialect::Sqlite)
+            .ok_or_else(|| SinkError("unknown usage dimension".to_owned()))?;
+        self.with_conn(move |conn| {
+            let mut stmt = conn.prepare(&sql).map_err(backend)?;
+            let rows = stmt
+                .query_map(rusqlite::params_from_iter(values(params)), |row| {
+                    let mut key = Vec::with_capacity(dims);
+                    for i in 0..dims {
+                        key.push(row.get::<_, String>(i)?);
+                    }
+                    let mut counts = [0i64; 6];
+                    for (j, c) in counts.iter_mut().enumerate() {
+                        *c = row.get(dims + j)?;
+                    }
+                    let cost: f64 = row.get(dims + 6)?;
+                    let mut histograms = vec![0i64; 2 * ledger::BUCKETS];
+                    for (j, h) in histograms.iter_mut().enumerate() {
+                        *h = row.get(dims + 7 + j)?;
+                    }
+                    Ok(ledger::usage_group(key, counts, cost, &histograms))
+                })
+                .map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+        .await
+        .map_err(SinkError::from)
+    }
+
+    async fn usage_page(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+        after: Option<(i64, i64)>,
+        limit: usize,
+    ) -> Result<Vec<(i64, UsageRecord)>, SinkError> {
+        let (after_time, after_id) = after.unwrap_or((i64::MIN, i64::MIN));
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.with_conn(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT id, {USAGE_COLUMNS} FROM usage
+                     WHERE time_ms >= ?1 AND time_ms < ?2 AND (time_ms, id) > (?3, ?4)
+                     ORDER BY time_ms, id LIMIT ?5"
+                ))
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map(
+                    params![from_ms, to_ms, after_time, after_id, limit],
+                    |row| Ok((row.get(0)?, usage_from_row(row, 1)?)),
+                )
+                .map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+        .await
+        .map_err(SinkError::from)
+    }
+
+    async fn day_spend(&self, from_ms: i64) -> Result<Vec<DaySpend>, SinkError> {
+        let (sql, params) = ledger::day_spend_sql(Dialect::Sqlite, from_ms);
+        self.with_conn(move |conn| {
+            let mut stmt = conn.prepare(&sql).map_err(backend)?;
+            let rows = stmt
+                .query_map(rusqlite::params_from_iter(values(params)), |row| {
+                    Ok(DaySpend {
+                        day: row.get(0)?,
+                        key: row.get(1)?,
+                        team: row.get(2)?,
+                        cost_usd: row.get(3)?,
+                    })
+                })
+                .map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+        .await
+        .map_err(SinkError::from)
+    }
+
+    async fn delete_rollups_before(&self, cutoff_ms: i64) -> Result<u64, SinkError> {
+        self.with_conn(move |conn| {
+            conn.execute(
+                "DELETE FROM usage_minute WHERE minute_ms < ?1",
+                params![cutoff_ms],
+            )
+            .map(|n| n as u64)
+            .map_err(backend)
         })
         .await
         .map_err(SinkError::from)
@@ -484,39 +597,13 @@ impl UsageSink for SqliteStore {
     async fn usage_between(&self, from_ms: i64, to_ms: i64) -> Result<Vec<UsageRecord>, SinkError> {
         self.with_conn(move |conn| {
             let mut stmt = conn
-                .prepare(
-                    "SELECT time_ms, request_id, rpc, key, tags, policy, provider, model, attempts,
-                     input_tokens, output_tokens, cached_input_tokens, usage_reported, cost_usd,
-                     latency_ms, ttft_ms, code, error_class, cache, cost_saved_usd
-                     FROM usage WHERE time_ms >= ?1 AND time_ms < ?2 ORDER BY time_ms, id",
-                )
+                .prepare(&format!(
+                    "SELECT {USAGE_COLUMNS} FROM usage
+                     WHERE time_ms >= ?1 AND time_ms < ?2 ORDER BY time_ms, id"
+                ))
                 .map_err(backend)?;
             let rows = stmt
-                .query_map(params![from_ms, to_ms], |row| {
-                    let tags: String = row.get(4)?;
-                    Ok(UsageRecord {
-                        time_ms: row.get(0)?,
-                        request_id: row.get(1)?,
-                        rpc: row.get(2)?,
-                        key: row.get(3)?,
-                        tags: serde_json::from_str(&tags).unwrap_or_default(),
-                        policy: row.get(5)?,
-                        provider: row.get(6)?,
-                        model: row.get(7)?,
-                        attempts: row.get(8)?,
-                        input_tokens: to_u64(row.get(9)?),
-                        output_tokens: to_u64(row.get(10)?),
-                        cached_input_tokens: to_u64(row.get(11)?),
-                        usage_reported: row.get(12)?,
-                        cost_usd: row.get(13)?,
-                        latency_ms: row.get(14)?,
-                        ttft_ms: row.get(15)?,
-                        code: row.get(16)?,
-                        error_class: row.get(17)?,
-                        cache: row.get(18)?,
-                        cost_saved_usd: row.get(19)?,
-                    })
-                })
+                .query_map(params![from_ms, to_ms], |row| usage_from_row(row, 0))
                 .map_err(backend)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(backend)
         })
@@ -533,6 +620,46 @@ impl UsageSink for SqliteStore {
         .await
         .map_err(SinkError::from)
     }
+}
+
+const USAGE_COLUMNS: &str = "time_ms, request_id, rpc, key, tags, policy, provider, model,
+    attempts, input_tokens, output_tokens, cached_input_tokens, usage_reported, cost_usd,
+    latency_ms, ttft_ms, code, error_class, cache, cost_saved_usd";
+
+/// A usage record from the [`USAGE_COLUMNS`] of `row`, starting at column `at`.
+fn usage_from_row(row: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<UsageRecord> {
+    let tags: String = row.get(at + 4)?;
+    Ok(UsageRecord {
+        time_ms: row.get(at)?,
+        request_id: row.get(at + 1)?,
+        rpc: row.get(at + 2)?,
+        key: row.get(at + 3)?,
+        tags: serde_json::from_str(&tags).unwrap_or_default(),
+        policy: row.get(at + 5)?,
+        provider: row.get(at + 6)?,
+        model: row.get(at + 7)?,
+        attempts: row.get(at + 8)?,
+        input_tokens: to_u64(row.get(at + 9)?),
+        output_tokens: to_u64(row.get(at + 10)?),
+        cached_input_tokens: to_u64(row.get(at + 11)?),
+        usage_reported: row.get(at + 12)?,
+        cost_usd: row.get(at + 13)?,
+        latency_ms: row.get(at + 14)?,
+        ttft_ms: row.get(at + 15)?,
+        code: row.get(at + 16)?,
+        error_class: row.get(at + 17)?,
+        cache: row.get(at + 18)?,
+        cost_saved_usd: row.get(at + 19)?,
+    })
+}
+
+/// Generated-query parameters as SQLite values.
+fn values(params: Vec<SqlParam>) -> impl Iterator<Item = rusqlite::types::Value> {
+    params.into_iter().map(|p| match p {
+        SqlParam::Int(v) => rusqlite::types::Value::Integer(v),
+        SqlParam::Text(v) => rusqlite::types::Value::Text(v),
+        SqlParam::Real(v) => rusqlite::types::Value::Real(v),
+    })
 }
 
 fn key_from_row(

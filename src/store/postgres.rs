@@ -1,0 +1,1001 @@
+//! The shared PostgreSQL store (`store.url = "postgres://..."`): several replicas keep their
+//! policies, keys and usage ledger in one database.
+//!
+//! - Connections come from a pool ([`POOL_SIZE`]); a database that cannot be reached fails
+//!   the operation with [`StoreError::Backend`] (admin writes answer UNAVAILABLE) within
+//!   [`CONNECT_TIMEOUT`].
+//! - Schema migrations are numbered and recorded in `schema_migrations`; they run in one
+//!   transaction under an advisory lock, so replicas starting at once migrate once.
+//! - Etag conflicts are decided by the database: an update is `UPDATE ... WHERE version =
+//!   expected`, so of concurrent updates with one etag exactly one matches a row.
+//! - Every write sends `NOTIFY llmgateway_changes` in its transaction (delivered on commit);
+//!   [`Store::follow_changes`] LISTENs on a connection of its own and reports what changed,
+//!   and a [`Change::Resync`] after every (re)connect and every [`RESYNC_INTERVAL`].
+
+use std::{str::FromStr, time::Duration};
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, NoTls, Row, Transaction, types::ToSql};
+use tokio_util::sync::CancellationToken;
+
+use super::{Change, Store, StoreError};
+use crate::{
+    auth::{KeyRecord, KeySpec},
+    ledger::{
+        self, DaySpend, Dialect, SinkError, SqlParam, UsageGroup, UsageQuery, UsageRecord,
+        UsageSink,
+    },
+    routing::{PolicyRecord, PolicySource, policy::PolicySpec},
+};
+
+/// Most connections one replica holds (the change listener has one more of its own).
+pub const POOL_SIZE: usize = 16;
+
+/// How long connecting (or waiting for a pooled connection) may take before an operation
+/// fails.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How often every replica reloads everything even without a notification (a safety net
+/// behind LISTEN/NOTIFY).
+pub const RESYNC_INTERVAL: Duration = Duration::from_secs(30);
+
+/// The NOTIFY channel of policy and key changes.
+pub const CHANNEL: &str = "llmgateway_changes";
+
+/// The advisory lock key migrations run under (any constant shared by every replica).
+const MIGRATION_LOCK: i64 = 0x6c6c_6d67_7721;
+
+/// Schema migrations, applied in order; never edit a published one, add a new one.
+const MIGRATIONS: &[&str] = &[
+    // 1: routing policies, gateway keys (only a hash of each secret), the usage ledger.
+    "CREATE TABLE policies (
+        name TEXT PRIMARY KEY,
+        doc TEXT NOT NULL,
+        version BIGINT NOT NULL,
+        created_ms BIGINT NOT NULL,
+        updated_ms BIGINT NOT NULL
+    );
+    CREATE TABLE keys (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        doc TEXT NOT NULL,
+        secret_hash BYTEA NOT NULL,
+        revoked BOOLEAN NOT NULL,
+        version BIGINT NOT NULL,
+        created_ms BIGINT NOT NULL
+    );
+    CREATE TABLE usage (
+        id BIGSERIAL PRIMARY KEY,
+        time_ms BIGINT NOT NULL,
+        request_id TEXT NOT NULL,
+        rpc TEXT NOT NULL,
+        key TEXT NOT NULL,
+        tags TEXT NOT NULL,
+        policy TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        model TEXT NOT NULL,
+        attempts INTEGER NOT NULL,
+        input_tokens BIGINT NOT NULL,
+        output_tokens BIGINT NOT NULL,
+        cached_input_tokens BIGINT NOT NULL,
+        usage_reported BOOLEAN NOT NULL,
+        cost_usd DOUBLE PRECISION,
+        latency_ms DOUBLE PRECISION NOT NULL,
+        ttft_ms DOUBLE PRECISION,
+        code TEXT NOT NULL,
+        error_class TEXT NOT NULL
+    );
+    CREATE INDEX usage_time ON usage (time_ms, id);",
+    // 2: per-minute usage rollups, filled from the records already stored.
+    ledger::ROLLUP_MIGRATION,
+    // 3: the response cache's outcome and what a hit saved (SQLite migration 4).
+    "ALTER TABLE usage ADD COLUMN cache TEXT NOT NULL DEFAULT '';
+    ALTER TABLE usage ADD COLUMN cost_saved_usd DOUBLE PRECISION;",
+];
+
+/// Parses a `store.url`: a `postgres://` or `postgresql://` URL naming a host.
+pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, String> {
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(format!(
+            "`{}` is not a postgres:// url",
+            super::redacted_url(url)
+        ));
+    }
+    let config = tokio_postgres::Config::from_str(url)
+        .map_err(|e| format!("`{}` is not usable: {e}", super::redacted_url(url)))?;
+    if config.get_hosts().is_empty() {
+        return Err(format!("`{}` names no host", super::redacted_url(url)));
+    }
+    Ok(config)
+}
+
+/// The PostgreSQL store.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: Pool,
+    config: tokio_postgres::Config,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("hosts", &self.config.get_hosts())
+            .field("dbname", &self.config.get_dbname())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A database error as a store error (the server's message, not just "db error").
+fn pg(e: tokio_postgres::Error) -> StoreError {
+    let message = match e.as_db_error() {
+        Some(db) => format!("postgresql: {} ({})", db.message(), db.code().code()),
+        None => match std::error::Error::source(&e) {
+            Some(source) => format!("postgresql: {e}: {source}"),
+            None => format!("postgresql: {e}"),
+        },
+    };
+    StoreError::Backend(message)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+impl PgStore {
+    /// Connects to the database at `url` and brings its schema up to date.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let mut config = parse_url(url).map_err(StoreError::Backend)?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("llm-gateway");
+        }
+        let manager = Manager::from_config(
+            config.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(CONNECT_TIMEOUT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .recycle_timeout(Some(CONNECT_TIMEOUT))
+            .build()
+            .map_err(|e| StoreError::Backend(format!("postgresql pool: {e}")))?;
+        let store = Self { pool, config };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn client(&self) -> Result<Object, StoreError> {
+        self.pool.get().await.map_err(|e| match e {
+            deadpool_postgres::PoolError::Backend(e) => pg(e),
+            other => StoreError::Backend(format!("postgresql: {other}")),
+        })
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg)?;
+        // Held until commit: a replica starting at the same time waits here, then finds
+        // the schema current.
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(pg)?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                version INTEGER PRIMARY KEY,
+                applied_ms BIGINT NOT NULL
+            )",
+        )
+        .await
+        .map_err(pg)?;
+        let current: i32 = tx
+            .query_one(
+                "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+                &[],
+            )
+            .await
+            .map_err(pg)?
+            .get(0);
+        let current = usize::try_from(current).unwrap_or(0);
+        if current > MIGRATIONS.len() {
+            return Err(StoreError::Backend(format!(
+                "the database has schema version {current}, newer than this gateway knows ({}); upgrade the gateway",
+                MIGRATIONS.len()
+            )));
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+            if *sql == ledger::ROLLUP_MIGRATION {
+                tx.batch_execute(&ledger::rollup_table_sql(Dialect::Postgres))
+                    .await
+                    .map_err(pg)?;
+                tx.batch_execute(&ledger::rollup_backfill_sql(Dialect::Postgres))
+                    .await
+                    .map_err(pg)?;
+            } else {
+                tx.batch_execute(sql).await.map_err(pg)?;
+            }
+            let version = i32::try_from(i + 1).unwrap_or(i32::MAX);
+            tx.execute(
+                "INSERT INTO schema_migrations (version, applied_ms) VALUES ($1, $2)",
+                &[&version, &now_ms()],
+            )
+            .await
+            .map_err(pg)?;
+            tracing::info!(version, "postgresql schema migrated");
+        }
+        tx.commit().await.map_err(pg)
+    }
+
+    /// The schema version the database is at.
+    pub async fn schema_version(&self) -> Result<u32, StoreError> {
+        let client = self.client().await?;
+        let v: i32 = client
+            .query_one(
+                "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+                &[],
+            )
+            .await
+            .map_err(pg)?
+            .get(0);
+        Ok(u32::try_from(v).unwrap_or(0))
+    }
+
+    /// One LISTEN session: reports notifications until the connection fails (returns) or
+    /// `stop` (returns `true`).
+    async fn listen_once(
+        &self,
+        changes: &mpsc::Sender<Change>,
+        stop: &CancellationToken,
+    ) -> Result<bool, StoreError> {
+        let (client, mut connection) = self.config.connect(NoTls).await.map_err(pg)?;
+        let (messages_tx, mut messages) = mpsc::unbounded_channel();
+        // The connection only makes progress while polled; the driver forwards what the
+        // server sends on its own and ends when the connection does.
+        let driver = async move {
+            loop {
+                match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                    Some(Ok(message)) => {
+                        if messages_tx.send(Ok(message)).is_err() {
+                            return;
+                        }
+                    }
+                    Some(Err(e)) => {
+                        let _ = messages_tx.send(Err(e));
+                        return;
+                    }
+                    None => return,
+                }
+            }
+        };
+        let listen = async {
+            client
+                .batch_execute(&format!("LISTEN {CHANNEL}"))
+                .await
+                .map_err(pg)?;
+            // Listening now: whatever changed before is caught by a full reload.
+            if changes.send(Change::Resync).await.is_err() {
+                return Ok(true);
+            }
+            let mut resync = tokio::time::interval(RESYNC_INTERVAL);
+            resync.tick().await;
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return Ok(true),
+                    _ = resync.tick() => {
+                        if changes.send(Change::Resync).await.is_err() {
+                            return Ok(true);
+                        }
+                    }
+                    message = messages.recv() => match message {
+                        Some(Ok(AsyncMessage::Notification(n))) => {
+                            if let Some(change) = parse_payload(n.payload())
+                                && changes.send(change).await.is_err()
+                            {
+                                return Ok(true);
+                            }
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => return Err(pg(e)),
+                        None => {
+                            return Err(StoreError::Backend(
+                                "postgresql: the listening connection closed".to_owned(),
+                            ));
+                        }
+                    },
+                }
+            }
+        };
+        tokio::select! {
+            result = listen => result,
+            () = driver => Err(StoreError::Backend(
+                "postgresql: the listening connection closed".to_owned(),
+            )),
+        }
+    }
+}
+
+/// `policy <version|deleted> <name>` or `key - <name>`.
+fn payload(kind: &str, version: Option<u64>, name: &str) -> String {
+    match version {
+        Some(v) => format!("{kind} {v} {name}"),
+        None => format!("{kind} deleted {name}"),
+    }
+}
+
+fn parse_payload(payload: &str) -> Option<Change> {
+    let mut parts = payload.splitn(3, ' ');
+    let (kind, version, name) = (parts.next()?, parts.next()?, parts.next()?);
+    match kind {
+        "policy" => Some(Change::Policy {
+            name: name.to_owned(),
+            version: version.parse().ok(),
+        }),
+        "key" => Some(Change::Key {
+            name: name.to_owned(),
+        }),
+        _ => None,
+    }
+}
+
+async fn notify(
+    tx: &Transaction<'_>,
+    kind: &str,
+    version: Option<u64>,
+    name: &str,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "SELECT pg_notify($1, $2)",
+        &[&CHANNEL, &payload(kind, version, name)],
+    )
+    .await
+    .map(|_| ())
+    .map_err(pg)
+}
+
+/// Why a write matched no row: another version is current (a conflict), or `missing`.
+async fn not_matched(
+    tx: &Transaction<'_>,
+    table: &str,
+    name: &str,
+    missing: StoreError,
+) -> StoreError {
+    let current = tx
+        .query_opt(
+            &format!("SELECT version FROM {table} WHERE name = $1"),
+            &[&name],
+        )
+        .await;
+    match current {
+        Ok(Some(row)) => StoreError::Conflict {
+            name: name.to_owned(),
+            current: to_u64(row.get(0)),
+        },
+        Ok(None) => missing,
+        Err(e) => pg(e),
+    }
+}
+
+fn policy_from_row(row: &Row) -> Result<PolicyRecord, StoreError> {
+    let doc: String = row.get("doc");
+    let spec: PolicySpec = serde_json::from_str(&doc)
+        .map_err(|e| StoreError::Backend(format!("stored policy is unreadable: {e}")))?;
+    Ok(PolicyRecord {
+        spec,
+        version: to_u64(row.get("version")),
+        created_ms: row.get("created_ms"),
+        updated_ms: row.get("updated_ms"),
+        source: PolicySource::Api,
+    })
+}
+
+fn key_from_row(row: &Row) -> Result<KeyRecord, StoreError> {
+    let doc: String = row.get("doc");
+    Ok(KeyRecord {
+        id: row.get("id"),
+        spec: serde_json::from_str(&doc)
+            .map_err(|e| StoreError::Backend(format!("stored key is unreadable: {e}")))?,
+        secret_hash: row.get("secret_hash"),
+        revoked: row.get("revoked"),
+        version: to_u64(row.get("version")),
+        created_ms: row.get("created_ms"),
+    })
+}
+
+const POLICY_COLUMNS: &str = "name, doc, version, created_ms, updated_ms";
+const KEY_COLUMNS: &str = "id, doc, secret_hash, revoked, version, created_ms";
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| StoreError::Backend(e.to_string()))
+}
+
+/// `SELECT columns FROM table ORDER BY name`, each row converted.
+async fn list<T>(
+    client: &Object,
+    columns: &str,
+    table: &str,
+    convert: fn(&Row) -> Result<T, StoreError>,
+) -> Result<Vec<T>, StoreError> {
+    let rows = client
+        .query(&format!("SELECT {columns} FROM {table} ORDER BY name"), &[])
+        .await
+        .map_err(pg)?;
+    rows.iter().map(convert).collect()
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn list_policies(&self) -> Result<Vec<PolicyRecord>, StoreError> {
+        let client = self.client().await?;
+        list(&client, POLICY_COLUMNS, "policies", policy_from_row).await
+    }
+
+    async fn get_policy(&self, name: &str) -> Result<Option<PolicyRecord>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                &format!("SELECT {POLICY_COLUMNS} FROM policies WHERE name = $1"),
+                &[&name],
+            )
+            .await
+            .map_err(pg)?;
+        row.as_ref().map(policy_from_row).transpose()
+    }
+
+    async fn create_policy(&self, spec: PolicySpec) -> Result<PolicyRecord, StoreError> {
+        let doc = to_json(&spec)?;
+        let now = now_ms();
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg)?;
+        let inserted = tx
+            .execute(
+                "INSERT INTO policies (name, doc, version, created_ms, updated_ms)
+                 VALUES ($1, $2, 1, $3, $3) ON CONFLICT (name) DO NOTHING",
+                &[&spec.name, &doc, &now],
+            )
+            .await
+            .map_err(pg)?;
+        if inserted == 0 {
+            return Err(StoreError::AlreadyExists(spec.name));
+        }
+        notify(&tx, "policy", Some(1), &spec.name).await?;
+        tx.commit().await.map_err(pg)?;
+        Ok(PolicyRecord {
+            spec,
+            version: 1,
+            created_ms: now,
+            updated_ms: now,
+            source: PolicySource::Api,
+        })
+    }
+
+    async fn update_policy(
+        &self,
+        spec: PolicySpec,
+        expected_version: u64,
+    ) -> Result<PolicyRecord, StoreError> {
+        let doc = to_json(&spec)?;
+        let now = now_ms();
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg)?;
+        // Concurrent updates of the row queue on its lock; after the winner commits the
+        // others re-check `version` against the new row and match nothing.
+        let row = tx
+            .query_opt(
+                "UPDATE policies SET doc = $2, version = version + 1, updated_ms = $3
+                 WHERE name = $1 AND version = $4 RETURNING created_ms, version",
+                &[&spec.name, &doc, &now, &to_i64(expected_version)],
+            )
+            .await
+            .map_err(pg)?;
+        let Some(row) = row else {
+            let missing = StoreError::NotFound(spec.name.clone());
+            return Err(not_matched(&tx, "policies", &spec.name, missing).await);
+        };
+        let version = to_u64(row.get(1));
+        notify(&tx, "policy", Some(version), &spec.name).await?;
+        tx.commit().await.map_err(pg)?;
+        Ok(PolicyRecord {
+            spec,
+            version,
+            created_ms: row.get(0),
+            updated_ms: now,
+            source: PolicySource::Api,
+        })
+    }
+
+    async fn delete_policy(
+        &self,
+        name: &str,
+        expected_version: Option<u64>,
+    ) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg)?;
+        let expected = expected_version.map(to_i64);
+        let deleted = tx
+            .execute(
+                "DELETE FROM policies WHERE name = $1 AND ($2::BIGINT IS NULL OR version = $2)",
+                &[&name, &expected],
+            )
+            .await
+            .map_err(pg)?;
+        if deleted == 0 {
+            let missing = StoreError::NotFound(name.to_owned());
+            return Err(not_matched(&tx, "policies", name, missing).await);
+        }
+        notify(&tx, "policy", None, name).await?;
+        tx.commit().await.map_err(pg)
+    }
+
+    async fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        let client = self.client().await?;
+        list(&client, KEY_COLUMNS, "keys", key_from_row).await
+    }
+
+    async fn create_key(
+        &self,
+        id: String,
+        spec: KeySpec,
+        secret_hash: Vec<u8>,
+    ) -> Result<KeyRecord, StoreError> {
+        let doc = to_json(&spec)?;
+        let now = now_ms();
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg)?;
+        let inserted = tx
+            .execute(
+                "INSERT INTO keys (id, name, doc, secret_hash, revoked, version, created_ms)
+                 VALUES ($1, $2, $3, $4, FALSE, 1, $5) ON CONFLICT DO NOTHING",
+                &[&id, &spec.name, &doc, &secret_hash, &now],
+            )
+            .await
+            .map_err(pg)?;
+        if inserted == 0 {
+            return Err(StoreError::Key(format!(
+                "a key named `{}` already exists",
+                spec.name
+            )));
+        }
+        notify(&tx, "key", Some(1), &spec.name).await?;
+        tx.commit().await.map_err(pg)?;
+        Ok(KeyRecord {
+            id,
+            spec,
+            secret_hash,
+            revoked: false,
+            version: 1,
+            created_ms: now,
+        })
+    }
+
+    async fn update_key(
+        &self,
+        spec: KeySpec,
+        expected_version: u64,
+    ) -> Result<KeyRecord, StoreError> {
+        let doc = to_json(&spec)?;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg)?;
+        let row = tx
+            .query_opt(
+                &format!(
+                    "UPDATE keys SET doc = $2, version = version + 1
+                     WHERE name = $1 AND version = $3 RETURNING {KEY_COLUMNS}"
+                ),
+                &[&spec.name, &doc, &to_i64(expected_version)],
+            )
+            .await
+            .map_err(pg)?;
+        let Some(row) = row else {
+            let missing = StoreError::Key(format!("no key named `{}`", spec.name));
+            return Err(not_matched(&tx, "keys", &spec.name, missing).await);
+        };
+        let record = key_from_row(&row)?;
+        notify(&tx, "key", Some(record.version), &spec.name).await?;
+        tx.commit().await.map_err(pg)?;
+        Ok(record)
+    }
+
+    async fn revoke_key(&self, name: &str) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg)?;
+        let row = tx
+            .query_opt(
+                "UPDATE keys SET revoked = TRUE, version = version + 1 WHERE name = $1
+                 RETURNING version",
+                &[&name],
+            )
+            .await
+            .map_err(pg)?;
+        let Some(row) = row else {
+            return Err(StoreError::Key(format!("no key named `{name}`")));
+        };
+        notify(&tx, "key", Some(to_u64(row.get(0))), name).await?;
+        tx.commit().await.map_err(pg)
+    }
+
+    async fn follow_changes(&self, changes: mpsc::Sender<Change>, stop: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let result = tokio::select! {
+                () = stop.cancelled() => return,
+                result = self.listen_once(&changes, &stop) => result,
+            };
+            match result {
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "postgresql change feed lost; reconnecting");
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+}
+
+fn sink(e: StoreError) -> SinkError {
+    SinkError::from(e)
+}
+
+/// The ledger's sink: usage records in the `usage` table.
+#[async_trait]
+impl UsageSink for PgStore {
+    async fn insert_usage(&self, records: Vec<UsageRecord>) -> Result<(), SinkError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut cols = UsageColumns::with_capacity(records.len());
+        for r in &records {
+            cols.push(r).map_err(sink)?;
+        }
+        let mut client = self.client().await.map_err(sink)?;
+        let tx = client.transaction().await.map_err(|e| sink(pg(e)))?;
+        // One statement for the whole batch: the columns travel as arrays.
+        tx.execute(
+            "INSERT INTO usage (time_ms, request_id, rpc, key, tags, policy, provider, model,
+                 attempts, input_tokens, output_tokens, cached_input_tokens, usage_reported,
+                 cost_usd, latency_ms, ttft_ms, code, error_class, cache, cost_saved_usd)
+                 SELECT * FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::TEXT[],
+                 $5::TEXT[], $6::TEXT[], $7::TEXT[], $8::TEXT[], $9::INTEGER[], $10::BIGINT[],
+                 $11::BIGINT[], $12::BIGINT[], $13::BOOLEAN[], $14::DOUBLE PRECISION[],
+                 $15::DOUBLE PRECISION[], $16::DOUBLE PRECISION[], $17::TEXT[], $18::TEXT[],
+                 $19::TEXT[], $20::DOUBLE PRECISION[])",
+            &[
+                &cols.time_ms,
+                &cols.request_id,
+                &cols.rpc,
+                &cols.key,
+                &cols.tags,
+                &cols.policy,
+                &cols.provider,
+                &cols.model,
+                &cols.attempts,
+                &cols.input_tokens,
+                &cols.output_tokens,
+                &cols.cached_input_tokens,
+                &cols.usage_reported,
+                &cols.cost_usd,
+                &cols.latency_ms,
+                &cols.ttft_ms,
+                &cols.code,
+                &cols.error_class,
+                &cols.cache,
+                &cols.cost_saved_usd,
+            ],
+        )
+        .await
+        .map_err(|e| sink(pg(e)))?;
+        // The rollups, in the same transaction. Rows come sorted by (minute, dimensions),
+        // so replicas writing the same rows lock them in one order (no deadlock).
+        let upsert = tx
+            .prepare(&ledger::rollup_upsert_sql(Dialect::Postgres))
+            .await
+            .map_err(|e| sink(pg(e)))?;
+        for rollup in ledger::rollups(&records) {
+            let params = rollup.params();
+            tx.execute(&upsert, &pg_params(&params))
+                .await
+                .map_err(|e| sink(pg(e)))?;
+        }
+        tx.commit().await.map_err(|e| sink(pg(e)))
+    }
+
+    async fn usage_groups(&self, query: &UsageQuery) -> Result<Vec<UsageGroup>, SinkError> {
+        let dims = query.group_by.len();
+        let (sql, params) = ledger::usage_sql(query, Dialect::Postgres)
+            .ok_or_else(|| SinkError("unknown usage dimension".to_owned()))?;
+        let client = self.client().await.map_err(sink)?;
+        let rows = client
+            .query(&sql, &pg_params(&params))
+            .await
+            .map_err(|e| sink(pg(e)))?;
+        Ok(rows
+            .iter()
+            .map(|row| {
+                let key = (0..dims).map(|i| row.get::<_, String>(i)).collect();
+                let mut counts = [0i64; 6];
+                for (j, c) in counts.iter_mut().enumerate() {
+                    *c = row.get(dims + j);
+                }
+                let histograms: Vec<i64> = (0..2 * ledger::BUCKETS)
+                    .map(|j| row.get(dims + 7 + j))
+                    .collect();
+                ledger::usage_group(key, counts, row.get(dims + 6), &histograms)
+            })
+            .collect())
+    }
+
+    async fn usage_page(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+        after: Option<(i64, i64)>,
+        limit: usize,
+    ) -> Result<Vec<(i64, UsageRecord)>, SinkError> {
+        let (after_time, after_id) = after.unwrap_or((i64::MIN, i64::MIN));
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let client = self.client().await.map_err(sink)?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT id, {USAGE_COLUMNS} FROM usage
+                     WHERE time_ms >= $1 AND time_ms < $2 AND (time_ms, id) > ($3, $4)
+                     ORDER BY time_ms, id LIMIT $5"
+                ),
+                &[&from_ms, &to_ms, &after_time, &after_id, &limit],
+            )
+            .await
+            .map_err(|e| sink(pg(e)))?;
+        Ok(rows
+            .iter()
+            .map(|row| (row.get("id"), usage_from_row(row)))
+            .collect())
+    }
+
+    async fn day_spend(&self, from_ms: i64) -> Result<Vec<DaySpend>, SinkError> {
+        let (sql, params) = ledger::day_spend_sql(Dialect::Postgres, from_ms);
+        let client = self.client().await.map_err(sink)?;
+        let rows = client
+            .query(&sql, &pg_params(&params))
+            .await
+            .map_err(|e| sink(pg(e)))?;
+        Ok(rows
+            .iter()
+            .map(|row| DaySpend {
+                day: row.get(0),
+                key: row.get(1),
+                team: row.get(2),
+                cost_usd: row.get(3),
+            })
+            .collect())
+    }
+
+    async fn delete_rollups_before(&self, cutoff_ms: i64) -> Result<u64, SinkError> {
+        let client = self.client().await.map_err(sink)?;
+        client
+            .execute(
+                "DELETE FROM usage_minute WHERE minute_ms < $1",
+                &[&cutoff_ms],
+            )
+            .await
+            .map_err(|e| sink(pg(e)))
+    }
+
+    async fn usage_between(&self, from_ms: i64, to_ms: i64) -> Result<Vec<UsageRecord>, SinkError> {
+        let client = self.client().await.map_err(sink)?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {USAGE_COLUMNS} FROM usage
+                     WHERE time_ms >= $1 AND time_ms < $2 ORDER BY time_ms, id"
+                ),
+                &[&from_ms, &to_ms],
+            )
+            .await
+            .map_err(|e| sink(pg(e)))?;
+        Ok(rows.iter().map(usage_from_row).collect())
+    }
+
+    async fn delete_usage_before(&self, cutoff_ms: i64) -> Result<u64, SinkError> {
+        let client = self.client().await.map_err(sink)?;
+        client
+            .execute("DELETE FROM usage WHERE time_ms < $1", &[&cutoff_ms])
+            .await
+            .map_err(|e| sink(pg(e)))
+    }
+}
+
+const USAGE_COLUMNS: &str = "time_ms, request_id, rpc, key, tags, policy, provider, model,
+    attempts, input_tokens, output_tokens, cached_input_tokens, usage_reported, cost_usd,
+    latency_ms, ttft_ms, code, error_class, cache, cost_saved_usd";
+
+/// Generated-query parameters as PostgreSQL parameters.
+fn pg_params(params: &[SqlParam]) -> Vec<&(dyn ToSql + Sync)> {
+    params
+        .iter()
+        .map(|p| match p {
+            SqlParam::Int(v) => v as &(dyn ToSql + Sync),
+            SqlParam::Text(v) => v as &(dyn ToSql + Sync),
+            SqlParam::Real(v) => v as &(dyn ToSql + Sync),
+        })
+        .collect()
+}
+
+fn usage_from_row(row: &Row) -> UsageRecord {
+    let tags: String = row.get("tags");
+    UsageRecord {
+        time_ms: row.get("time_ms"),
+        request_id: row.get("request_id"),
+        rpc: row.get("rpc"),
+        key: row.get("key"),
+        tags: serde_json::from_str(&tags).unwrap_or_default(),
+        policy: row.get("policy"),
+        provider: row.get("provider"),
+        model: row.get("model"),
+        attempts: u32::try_from(row.get::<_, i32>("attempts")).unwrap_or(0),
+        input_tokens: to_u64(row.get("input_tokens")),
+        output_tokens: to_u64(row.get("output_tokens")),
+        cached_input_tokens: to_u64(row.get("cached_input_tokens")),
+        usage_reported: row.get("usage_reported"),
+        cost_usd: row.get("cost_usd"),
+        latency_ms: row.get("latency_ms"),
+        ttft_ms: row.get("ttft_ms"),
+        code: row.get("code"),
+        error_class: row.get("error_class"),
+        cache: row.get("cache"),
+        cost_saved_usd: row.get("cost_saved_usd"),
+    }
+}
+
+/// A batch of usage records, column by column (the arrays of one `UNNEST` insert).
+#[derive(Default)]
+struct UsageColumns {
+    time_ms: Vec<i64>,
+    request_id: Vec<String>,
+    rpc: Vec<String>,
+    key: Vec<String>,
+    tags: Vec<String>,
+    policy: Vec<String>,
+    provider: Vec<String>,
+    model: Vec<String>,
+    attempts: Vec<i32>,
+    input_tokens: Vec<i64>,
+    output_tokens: Vec<i64>,
+    cached_input_tokens: Vec<i64>,
+    usage_reported: Vec<bool>,
+    cost_usd: Vec<Option<f64>>,
+    latency_ms: Vec<f64>,
+    ttft_ms: Vec<Option<f64>>,
+    code: Vec<String>,
+    error_class: Vec<String>,
+    cache: Vec<String>,
+    cost_saved_usd: Vec<Option<f64>>,
+}
+
+impl UsageColumns {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            time_ms: Vec::with_capacity(n),
+            ..Self::default()
+        }
+    }
+
+    fn push(&mut self, r: &UsageRecord) -> Result<(), StoreError> {
+        self.time_ms.push(r.time_ms);
+        self.request_id.push(r.request_id.clone());
+        self.rpc.push(r.rpc.clone());
+        self.key.push(r.key.clone());
+        self.tags.push(to_json(&r.tags)?);
+        self.policy.push(r.policy.clone());
+        self.provider.push(r.provider.clone());
+        self.model.push(r.model.clone());
+        self.attempts
+            .push(i32::try_from(r.attempts).unwrap_or(i32::MAX));
+        self.input_tokens.push(to_i64(r.input_tokens));
+        self.output_tokens.push(to_i64(r.output_tokens));
+        self.cached_input_tokens.push(to_i64(r.cached_input_tokens));
+        self.usage_reported.push(r.usage_reported);
+        self.cost_usd.push(r.cost_usd);
+        self.latency_ms.push(r.latency_ms);
+        self.ttft_ms.push(r.ttft_ms);
+        self.code.push(r.code.clone());
+        self.error_class.push(r.error_class.clone());
+        self.cache.push(r.cache.clone());
+        self.cost_saved_usd.push(r.cost_saved_usd);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_round_trip() {
+        assert_eq!(
+            parse_payload(&payload("policy", Some(3), "chat eu")),
+            Some(Change::Policy {
+                name: "chat eu".into(),
+                version: Some(3)
+            })
+        );
+        assert_eq!(
+            parse_payload(&payload("policy", None, "p")),
+            Some(Change::Policy {
+                name: "p".into(),
+                version: None
+            })
+        );
+        assert_eq!(
+            parse_payload(&payload("key", Some(1), "k")),
+            Some(Change::Key { name: "k".into() })
+        );
+        assert_eq!(parse_payload("bogus"), None);
+    }
+
+    #[test]
+    fn store_url_and_path_are_exclusive() {
+        use crate::{
+            settings::Issues,
+            store::{RawStore, StoreSettings},
+        };
+        let settings = |path: Option<&str>, url: Option<&str>| {
+            let mut issues = Issues::new();
+            let s = StoreSettings::from_raw(
+                RawStore {
+                    path: path.map(str::to_owned),
+                    url: url.map(str::to_owned),
+                },
+                &mut issues,
+            );
+            (s, issues.into_vec())
+        };
+        let (s, issues) = settings(None, Some("postgres://gw:pw@db:5432/gw"));
+        assert!(issues.is_empty(), "{issues:?}");
+        assert!(!format!("{s:?}").contains("pw@"), "{s:?}");
+        let (_, issues) = settings(Some("/x.db"), Some("postgres://db/gw"));
+        assert_eq!(issues.len(), 1);
+        assert_eq!(issues[0].field, "store.url");
+        let (_, issues) = settings(None, Some("redis://db"));
+        assert_eq!(issues[0].field, "store.url");
+        assert!(
+            issues[0].message.contains("not a postgres:// url"),
+            "{issues:?}"
+        );
+    }
+
+    #[test]
+    fn urls_are_checked_and_redacted() {
+        assert!(parse_url("postgres://u:pw@127.0.0.1:5432/db").is_ok());
+        let err = parse_url("mysql://u:secret@h/db").unwrap_err();
+        assert!(!err.contains("secret"), "{err}");
+        assert_eq!(
+            super::super::redacted_url("postgres://u:secret@h:1/db?x=1"),
+            "postgres://u:***@h:1/db?x=1"
+        );
+        assert_eq!(
+            super::super::redacted_url("postgres://h/db"),
+            "postgres://h/db"
+        );
+    }
+}
