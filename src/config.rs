@@ -99,6 +99,8 @@ struct RawConfig {
     connections: crate::server::settings::ConnSettings,
     #[serde(default)]
     http: RawHttpFront,
+    #[serde(default)]
+    guardrails: BTreeMap<String, crate::guard::RawProfile>,
 }
 
 // -------------------------------------------------------------------------------------------
@@ -147,6 +149,8 @@ pub struct Config {
     pub connections: crate::server::settings::ConnSettings,
     /// `[http]`: the OpenAI- and Anthropic-compatible front.
     pub http: HttpFrontSettings,
+    /// `[guardrails.*]`: guardrail profiles.
+    pub guardrails: crate::guard::GuardSettings,
 }
 
 /// Settings given on the command line or in the environment; they win over the file.
@@ -345,6 +349,7 @@ fn validate(
     let teams = crate::limits::teams_from_raw(raw.teams, &mut issues);
     let tls = raw.tls.and_then(|t| TlsConfig::from_raw(t, &mut issues));
     let connections = crate::server::settings::ConnSettings::checked(raw.connections, &mut issues);
+    let guardrails = crate::guard::GuardSettings::from_raw(raw.guardrails, &mut issues);
 
     if !issues.is_empty() {
         return Err(ConfigError::Invalid(issues.into_vec()));
@@ -367,6 +372,7 @@ fn validate(
         tls,
         connections,
         http,
+        guardrails,
     })
 }
 

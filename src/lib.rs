@@ -17,6 +17,8 @@
 //! - [`auth`]: gateway API keys: issuing, hashing, verifying, scopes.
 //! - [`executor`]: deadlines, fallback, hedging, the stream commit point, cancellation.
 //! - [`limits`]: rate limits and budgets per key and per team.
+//! - [`guard`]: guardrails: PII and secret detectors, block / redact / mask / tokenize,
+//!   the streaming-safe reply scanner, and the `[guardrails.*]` profiles.
 //! - [`routing`]: the policy model and selection: from the caller's `model` to a
 //!   [`routing::Plan`].
 //! - [`error`]: [`error::GatewayError`] and its single mapping to gRPC statuses.
@@ -55,7 +57,7 @@
 //! config
 //! store
 //! auth executor
-//! limits routing
+//! limits routing guard
 //! error mock_upstream
 //! health ledger providers
 //! models server::settings telemetry tls
@@ -72,6 +74,7 @@ pub mod codec;
 pub mod config;
 pub mod error;
 pub mod executor;
+pub mod guard;
 pub mod health;
 pub mod ledger;
 pub mod limits;

@@ -172,6 +172,7 @@ impl Reloader {
             tls,
             connections,
             http,
+            guardrails,
         } = &self.running;
         let mut report = ReloadReport::default();
         self.apply_providers(providers, new, &mut report);
@@ -215,6 +216,7 @@ impl Reloader {
         restart("auth", *auth != new.auth);
         restart("teams", *teams != new.teams);
         restart("http", *http != new.http);
+        restart("guardrails", *guardrails != new.guardrails);
         report
     }
 

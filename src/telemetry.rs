@@ -317,6 +317,9 @@ pub mod names {
     pub const CONNECTIONS_REFUSED: &str = "llm_gateway_connections_refused_total";
     /// Failed accepts per listener and kind: `fd_limit`, `memory` (accept pauses), `other`.
     pub const ACCEPT_ERRORS: &str = "llm_gateway_accept_errors_total";
+    /// Guardrail decisions by direction (`request`, `reply`), entity type and action
+    /// (counter).
+    pub const GUARDRAIL_DECISIONS: &str = "llm_gateway_guardrail_decisions_total";
 }
 
 /// Histogram buckets for latencies in seconds: 1 ms to 2 minutes.
@@ -424,6 +427,10 @@ fn describe() {
         "Client connections refused at max_connections."
     );
     describe_counter!(names::ACCEPT_ERRORS, "Failed accepts, by kind.");
+    describe_counter!(
+        names::GUARDRAIL_DECISIONS,
+        "Guardrail decisions, by direction, entity type and action."
+    );
 }
 
 /// Serves `GET /metrics` on `listener` until `shutdown` resolves; runs the exporter's upkeep.

@@ -138,6 +138,8 @@ pub struct RoutingTable {
     policies: HashMap<String, Arc<CompiledPolicy>>,
     records: BTreeMap<String, PolicyRecord>,
     default_execution: Arc<ExecutionSettings>,
+    /// The configured guardrail profiles' names (policies may name only these).
+    guardrails: Arc<std::collections::BTreeSet<String>>,
 }
 
 /// One candidate of an explained route.
@@ -236,6 +238,7 @@ impl RoutingTable {
             policies: HashMap::new(),
             records: BTreeMap::new(),
             default_execution: Arc::new(ExecutionSettings::default()),
+            guardrails: Arc::default(),
         };
         for provider in providers.iter() {
             let name = provider.name().to_owned();
@@ -268,6 +271,11 @@ impl RoutingTable {
             );
         }
         table
+    }
+
+    /// The guardrail profiles policies may name.
+    pub fn set_guardrails(&mut self, names: impl IntoIterator<Item = String>) {
+        self.guardrails = Arc::new(names.into_iter().collect());
     }
 
     /// Overrides or adds the registry entry of `model` at provider `name`.
@@ -842,6 +850,10 @@ impl PolicyContext for RoutingTable {
             .and_then(|i| i.prices)
             .map(|p| (p.input, p.output))
     }
+
+    fn has_guardrails(&self, profile: &str) -> bool {
+        self.guardrails.contains(profile)
+    }
 }
 
 /// Holds the current routing table; swaps are atomic and cheap to read.
@@ -922,6 +934,7 @@ mod tests {
             constraints: ConstraintSpec::default(),
             execution: ExecutionSpec::default(),
             variants: vec![],
+            guardrails: None,
         }
     }
 

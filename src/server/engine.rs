@@ -6,7 +6,10 @@
 //! 2. authentication: the presented gateway key, or none where none is required;
 //! 3. the surface's request is converted and validated (only once the caller is known);
 //! 4. the key's scope, forced tags, budget fallback and limits (rate, tokens, streams, budget);
-//! 5. routing to a plan; 6. the executor (fallback, hedging, deadline, commit point);
+//! 5. routing to a plan; then guardrails on the request (the key's forced profile, then
+//!    the policy's: [`super::guarding`]);
+//! 6. the executor (fallback, hedging, deadline, commit point); then guardrails on the
+//!    reply (the unary answer, or the stream as it goes);
 //! 7. the meter and ledger record the outcome, labelled with the surface's `rpc` name.
 
 use futures_util::{Stream, StreamExt};
@@ -16,12 +19,14 @@ use tracing::Instrument;
 use super::{
     access::{Access, now_ms},
     deadline::CallLimits,
+    guarding::{GuardStage, guard_stream},
     meter::{CallMeter, MeterConfig, Outcome},
 };
 use crate::{
     auth::Caller,
     error::GatewayError,
     executor::{Answer, CallEvent, Executor},
+    guard::Guarding,
     routing::{Plan, Router, RoutingTable, estimate_tokens},
     telemetry::{TraceContext, continue_traceparent},
     types::ChatRequest,
@@ -36,6 +41,7 @@ pub struct Engine {
     executor: Executor,
     limits: CallLimits,
     meter: MeterConfig,
+    guard: GuardStage,
 }
 
 /// What a surface knows about one call before it reads the request.
@@ -80,7 +86,14 @@ impl Engine {
             executor,
             limits,
             meter,
+            guard: GuardStage::default(),
         }
+    }
+
+    /// The engine with these guardrail profiles (`[guardrails.*]`).
+    pub fn with_guardrails(mut self, settings: Arc<crate::guard::GuardSettings>) -> Self {
+        self.guard = GuardStage::new(settings);
+        self
     }
 
     /// Call budget settings.
@@ -109,10 +122,16 @@ impl Engine {
         let span = tracing::info_span!("call", rpc = call.rpc, request_id = %call.request_id);
         async move {
             let result = async {
-                let (req, plan) = self.prepare(call.credential, request, &mut meter, false)?;
-                self.executor
+                let (req, plan, mut guarding) =
+                    self.prepare(call.credential, request, &mut meter, false)?;
+                let mut answer = self
+                    .executor
                     .chat(&plan, &req, call.deadline, call.trace.as_ref())
-                    .await
+                    .await?;
+                if guarding.is_active() {
+                    guarding.reply(&mut answer.response)?;
+                }
+                Ok(answer)
             }
             .await;
             match result {
@@ -146,10 +165,13 @@ impl Engine {
         let started = Instant::now();
         let span = tracing::info_span!("call", rpc = call.rpc, request_id = %call.request_id);
         let committed = async {
-            let (req, plan) = self.prepare(call.credential, request, &mut meter, true)?;
-            self.executor
-                .chat_stream(&plan, &req, call.deadline, call.trace.as_ref())
-                .await
+            let (req, plan, guarding) = self.prepare(call.credential, request, &mut meter, true)?;
+            let events: Events = Box::pin(
+                self.executor
+                    .chat_stream(&plan, &req, call.deadline, call.trace.as_ref())
+                    .await?,
+            );
+            Ok::<_, GatewayError>(guard_stream(events, guarding))
         }
         .instrument(span.clone())
         .await;
@@ -186,14 +208,15 @@ impl Engine {
         })))
     }
 
-    /// Authenticates, applies the key's scope, forced tags, limits and budget, and plans.
+    /// Authenticates, applies the key's scope, forced tags, limits and budget, plans, and
+    /// applies the call's guardrails to the request.
     fn prepare(
         &self,
         credential: Credential<'_>,
         request: impl FnOnce() -> Result<ChatRequest, GatewayError> + Send,
         meter: &mut CallMeter,
         stream: bool,
-    ) -> Result<(ChatRequest, Plan), GatewayError> {
+    ) -> Result<(ChatRequest, Plan, Guarding), GatewayError> {
         let caller = match credential {
             Credential::Verified(caller) => caller,
             Credential::Bearer(secret) => self.access.chat_caller_secret(secret)?,
@@ -254,7 +277,11 @@ impl Engine {
             }
             meter.set_permit(permit);
         }
-        Ok((req, plan))
+        let mut guarding = self.guard.for_call(caller.as_ref(), &table, &plan)?;
+        if guarding.is_active() {
+            guarding.request(&mut req)?;
+        }
+        Ok((req, plan, guarding))
     }
 }
 

@@ -26,6 +26,7 @@ pub mod deadline;
 pub mod engine;
 pub mod framing;
 pub mod gateway;
+pub mod guarding;
 pub mod http;
 pub mod meter;
 pub mod request_id;
@@ -144,6 +145,7 @@ pub fn routing_table(
         };
         table.set_model_info(&raw.provider, info);
     }
+    table.set_guardrails(config.guardrails.profiles.keys().cloned());
     Ok(table)
 }
 
@@ -364,7 +366,8 @@ pub async fn serve_with(
             margin: config.server.deadline_margin,
         },
         meter,
-    );
+    )
+    .with_guardrails(Arc::new(config.guardrails.clone()));
     let gateway = gateway::GatewayService::new(engine.clone());
     let http_listener = match (options.http_listener, config.http.listen) {
         (Some(listener), _) => Some(listener),

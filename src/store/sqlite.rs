@@ -608,6 +608,7 @@ mod tests {
             constraints: Default::default(),
             execution: Default::default(),
             variants: vec![],
+            guardrails: None,
         }
     }
 

@@ -15,6 +15,7 @@ mod cloud;
 mod conn;
 mod errors;
 mod executor;
+mod guard;
 mod http;
 mod keys;
 mod observability;
