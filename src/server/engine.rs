@@ -12,6 +12,8 @@
 //!    reply (the unary answer, or the stream as it goes);
 //! 7. the meter and ledger record the outcome, labelled with the surface's `rpc` name.
 
+mod embed;
+
 use futures_util::{Stream, StreamExt};
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -137,6 +139,7 @@ impl Engine {
             match result {
                 Ok(answer) => {
                     tracing::debug!(provider = %answer.provider, model = %answer.response.model, "call succeeded");
+                    meter.set_target(answer.metrics.clone());
                     meter.finish(Outcome {
                         code: tonic::Code::Ok,
                         error_class: "",
@@ -166,16 +169,16 @@ impl Engine {
         let span = tracing::info_span!("call", rpc = call.rpc, request_id = %call.request_id);
         let committed = async {
             let (req, plan, guarding) = self.prepare(call.credential, request, &mut meter, true)?;
-            let events: Events = Box::pin(
-                self.executor
-                    .chat_stream(&plan, &req, call.deadline, call.trace.as_ref())
-                    .await?,
-            );
-            Ok::<_, GatewayError>(guard_stream(events, guarding))
+            let stream = self
+                .executor
+                .chat_stream(&plan, &req, call.deadline, call.trace.as_ref())
+                .await?;
+            let metrics = stream.target_metrics().clone();
+            Ok::<_, GatewayError>((metrics, guard_stream(Box::pin(stream), guarding)))
         }
         .instrument(span.clone())
         .await;
-        let committed = match committed {
+        let (metrics, committed) = match committed {
             Ok(committed) => committed,
             Err(err) => {
                 let _entered = span.enter();
@@ -183,6 +186,7 @@ impl Engine {
             }
         };
         let ttft = started.elapsed();
+        meter.set_target(Some(metrics));
         meter.stream_opened();
         Ok(Box::pin(committed.map(move |event| match event {
             Ok(event) => {
@@ -222,7 +226,7 @@ impl Engine {
             Credential::Bearer(secret) => self.access.chat_caller_secret(secret)?,
         };
         let mut req = request()?;
-        let table = self.router.load();
+        let table = self.router.current();
         let mut permit = None;
         // Routed to the budget's fallback policy: the budget no longer refuses calls.
         let mut budget_fallback = false;

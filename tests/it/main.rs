@@ -13,6 +13,8 @@ mod chat;
 mod check_config;
 mod cloud;
 mod conn;
+mod deploy;
+mod embed;
 mod errors;
 mod executor;
 mod guard;
