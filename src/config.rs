@@ -101,6 +101,8 @@ struct RawConfig {
     http: RawHttpFront,
     #[serde(default)]
     guardrails: BTreeMap<String, crate::guard::RawProfile>,
+    #[serde(default)]
+    shared: crate::shared::RawShared,
 }
 
 // -------------------------------------------------------------------------------------------
@@ -151,6 +153,8 @@ pub struct Config {
     pub http: HttpFrontSettings,
     /// `[guardrails.*]`: guardrail profiles.
     pub guardrails: crate::guard::GuardSettings,
+    /// `[shared]`: state shared by replicas, in Redis.
+    pub shared: crate::shared::SharedSettings,
 }
 
 /// Settings given on the command line or in the environment; they win over the file.
@@ -350,6 +354,7 @@ fn validate(
     let tls = raw.tls.and_then(|t| TlsConfig::from_raw(t, &mut issues));
     let connections = crate::server::settings::ConnSettings::checked(raw.connections, &mut issues);
     let guardrails = crate::guard::GuardSettings::from_raw(raw.guardrails, &mut issues);
+    let shared = crate::shared::SharedSettings::from_raw(raw.shared, &mut issues);
 
     if !issues.is_empty() {
         return Err(ConfigError::Invalid(issues.into_vec()));
@@ -373,6 +378,7 @@ fn validate(
         connections,
         http,
         guardrails,
+        shared,
     })
 }
 

@@ -24,6 +24,8 @@
 //! - [`error`]: [`error::GatewayError`] and its single mapping to gRPC statuses.
 //! - [`health`]: circuit breakers, rate-limit cooldowns, latency statistics per target.
 //! - [`ledger`]: the usage and cost ledger, writing to a [`ledger::UsageSink`].
+//! - [`shared`]: state shared by several replicas in Redis (`[shared]`): the client, its
+//!   fail-open/fail-closed mode, and provider rest state published to every replica.
 //! - [`providers`]: the [`providers::Provider`] trait and the provider kit: a wire format
 //!   per provider API (one file each), one HTTP adapter, pluggable auth and stream framing,
 //!   the kind registry that owns `[providers.*]` settings, the one error policy, provider
@@ -60,6 +62,7 @@
 //! limits routing guard
 //! error mock_upstream
 //! health ledger providers
+//! shared
 //! models server::settings telemetry tls
 //! pb settings types
 //! codec
@@ -88,6 +91,7 @@ pub mod reload;
 pub mod routing;
 pub mod server;
 pub mod settings;
+pub mod shared;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

@@ -173,6 +173,7 @@ impl Reloader {
             connections,
             http,
             guardrails,
+            shared,
         } = &self.running;
         let mut report = ReloadReport::default();
         self.apply_providers(providers, new, &mut report);
@@ -217,6 +218,7 @@ impl Reloader {
         restart("teams", *teams != new.teams);
         restart("http", *http != new.http);
         restart("guardrails", *guardrails != new.guardrails);
+        restart("shared", *shared != new.shared);
         report
     }
 

@@ -320,6 +320,11 @@ pub mod names {
     /// Guardrail decisions by direction (`request`, `reply`), entity type and action
     /// (counter).
     pub const GUARDRAIL_DECISIONS: &str = "llm_gateway_guardrail_decisions_total";
+    /// Whether the shared state (Redis) is unreachable: 1 degraded, 0 fine (gauge).
+    pub const SHARED_STATE_DEGRADED: &str = "llm_gateway_shared_state_degraded";
+    /// Failed shared-state (Redis) operations by op: `admit`, `settle`, `renew`, `seed`,
+    /// `rest`, `settle_dropped` (counter).
+    pub const SHARED_STATE_ERRORS: &str = "llm_gateway_shared_state_errors_total";
 }
 
 /// Histogram buckets for latencies in seconds: 1 ms to 2 minutes.
@@ -430,6 +435,14 @@ fn describe() {
     describe_counter!(
         names::GUARDRAIL_DECISIONS,
         "Guardrail decisions, by direction, entity type and action."
+    );
+    describe_gauge!(
+        names::SHARED_STATE_DEGRADED,
+        "1 while the shared state (redis) is unreachable."
+    );
+    describe_counter!(
+        names::SHARED_STATE_ERRORS,
+        "Failed shared-state (redis) operations, by op."
     );
 }
 

@@ -5,6 +5,8 @@
 //! - `openai`: Chat Completions request building and response parsing
 //!   (`providers::openai::ChatCompletions` build_request, parse_response).
 //! - `sse`: SSE decoding plus OpenAI chunk decoding of a realistic 200-chunk stream.
+//! - `guard`: guardrail scanning per KiB of prompt with every detector, and the stream
+//!   scanner per chunk (`guard`, `guard::stream`).
 //! - `executor`: routing plus the executor around a scripted instant fake provider, unary
 //!   and streaming (the gateway's own cost per call below the gRPC server).
 //!
@@ -20,6 +22,7 @@
 mod convert;
 mod executor;
 mod fixtures;
+mod guard;
 mod openai;
 mod sse;
 
@@ -31,5 +34,6 @@ fn main() {
     openai::bench(&mut c);
     sse::bench(&mut c);
     executor::bench(&mut c);
+    guard::bench(&mut c);
     c.final_summary();
 }

@@ -29,6 +29,7 @@ use crate::{
     error::GatewayError,
     executor::{Answer, CallEvent, Executor},
     guard::Guarding,
+    limits::{Ask, BudgetCheck},
     routing::{Plan, Router, RoutingTable, estimate_tokens},
     telemetry::{TraceContext, continue_traceparent},
     types::ChatRequest,
@@ -124,8 +125,9 @@ impl Engine {
         let span = tracing::info_span!("call", rpc = call.rpc, request_id = %call.request_id);
         async move {
             let result = async {
-                let (req, plan, mut guarding) =
-                    self.prepare(call.credential, request, &mut meter, false)?;
+                let (req, plan, mut guarding) = self
+                    .prepare(call.credential, request, &mut meter, false)
+                    .await?;
                 let mut answer = self
                     .executor
                     .chat(&plan, &req, call.deadline, call.trace.as_ref())
@@ -168,7 +170,9 @@ impl Engine {
         let started = Instant::now();
         let span = tracing::info_span!("call", rpc = call.rpc, request_id = %call.request_id);
         let committed = async {
-            let (req, plan, guarding) = self.prepare(call.credential, request, &mut meter, true)?;
+            let (req, plan, guarding) = self
+                .prepare(call.credential, request, &mut meter, true)
+                .await?;
             let stream = self
                 .executor
                 .chat_stream(&plan, &req, call.deadline, call.trace.as_ref())
@@ -212,9 +216,10 @@ impl Engine {
         })))
     }
 
-    /// Authenticates, applies the key's scope, forced tags, limits and budget, plans, and
-    /// applies the call's guardrails to the request.
-    fn prepare(
+    /// Authenticates, applies the key's scope and forced tags, plans, and asks the limits
+    /// once (rates, stream slot and budget together: one round trip with shared limits);
+    /// a spent budget with a fallback policy plans again on that policy.
+    async fn prepare(
         &self,
         credential: Credential<'_>,
         request: impl FnOnce() -> Result<ChatRequest, GatewayError> + Send,
@@ -227,61 +232,67 @@ impl Engine {
         };
         let mut req = request()?;
         let table = self.router.current();
-        let mut permit = None;
-        // Routed to the budget's fallback policy: the budget no longer refuses calls.
-        let mut budget_fallback = false;
-        if let Some(caller) = &caller {
-            caller.force_tags(&mut req.tags);
-            meter.set_key(caller.name());
-            caller.may_call(&req.model, table.is_policy(&req.model))?;
-            let subjects = self.access.subjects(caller);
-            let fallback = &caller.key.spec.budget_fallback_policy;
-            let now = now_ms();
-            if !fallback.is_empty()
-                && subjects
-                    .iter()
-                    .any(|s| self.access.limits.budget_spent(s, now))
-            {
-                tracing::info!(key = caller.name(), policy = %fallback, "budget spent: routing to the fallback policy");
-                req.model.clone_from(fallback);
-                budget_fallback = true;
-            }
-            let (input, output) = estimate_tokens(&req);
-            permit = Some(
-                self.access
-                    .limits
-                    .admit(subjects, input + output, stream)
-                    .inspect_err(count_limited)?,
-            );
-        }
+        let Some(caller) = &caller else {
+            meter.set_tags(&req.tags);
+            let plan = table.plan(&req)?;
+            return self.guarded(req, plan, None, &table);
+        };
+        caller.force_tags(&mut req.tags);
+        meter.set_key(caller.name());
+        caller.may_call(&req.model, table.is_policy(&req.model))?;
         meter.set_tags(&req.tags);
         let mut plan = table.plan(&req)?;
-        if let Some(mut permit) = permit {
-            let (input, output) = estimate_tokens(&req);
-            let estimate = plan
-                .targets
+        let subjects = self.access.subjects(caller);
+        let (input, output) = estimate_tokens(&req);
+        let estimated_usd = if subjects.any_budget() {
+            plan.targets
                 .first()
                 .and_then(|t| t.info.as_ref())
                 .and_then(|i| i.prices)
                 .map_or(0.0, |p| {
                     (input as f64 * p.input + output as f64 * p.output) / 1e6
-                });
-            if !budget_fallback && let Err(err) = permit.reserve(estimate, now_ms()) {
-                // This call would pass the budget: the fallback policy, when there is one.
-                let fallback = caller
-                    .as_ref()
-                    .map(|c| c.key.spec.budget_fallback_policy.clone())
-                    .unwrap_or_default();
-                if fallback.is_empty() {
-                    count_limited(&err);
-                    return Err(err);
-                }
-                req.model = fallback;
-                plan = table.plan(&req)?;
-            }
-            meter.set_permit(permit);
+                })
+        } else {
+            0.0
+        };
+        let fallback = &caller.key.spec.budget_fallback_policy;
+        let ask = Ask {
+            subjects,
+            estimated_tokens: input + output,
+            stream,
+            estimated_usd,
+            budget: if fallback.is_empty() {
+                BudgetCheck::Reserve
+            } else {
+                BudgetCheck::FallbackWhenSpent
+            },
+        };
+        let permit = self
+            .access
+            .limits
+            .admit(ask, now_ms())
+            .await
+            .inspect_err(count_limited)?;
+        if permit.budget_spent() {
+            // Routed to the budget's fallback policy: the budget no longer refuses calls.
+            tracing::info!(key = caller.name(), policy = %fallback, "budget spent: routing to the fallback policy");
+            req.model.clone_from(fallback);
+            plan = table.plan(&req)?;
         }
-        let mut guarding = self.guard.for_call(caller.as_ref(), &table, &plan)?;
+        meter.set_permit(permit);
+        self.guarded(req, plan, Some(caller), &table)
+    }
+
+    /// Applies the call's guardrails (the key's forced profile, then the policy's) to the
+    /// request; the guarding goes on with the reply.
+    fn guarded(
+        &self,
+        mut req: ChatRequest,
+        plan: Plan,
+        caller: Option<&Caller>,
+        table: &RoutingTable,
+    ) -> Result<(ChatRequest, Plan, Guarding), GatewayError> {
+        let mut guarding = self.guard.for_call(caller, table, &plan)?;
         if guarding.is_active() {
             guarding.request(&mut req)?;
         }

@@ -290,7 +290,14 @@ pub async fn serve_with(
     let router = Arc::new(Router::new(table));
     let stop_metrics = CancellationToken::new();
     let admin_token = admin_token(&config)?;
-    let limits = crate::limits::Limits::new();
+    let shared = crate::shared::Shared::connect(&config.shared).map_err(|e| {
+        ServeError::Store(StoreError::Backend(format!(
+            "cannot set up shared state: {e}"
+        )))
+    })?;
+    let limits = crate::limits::Limits::with_shared(shared.clone());
+    limits.prepare().await;
+    limits.background(&background, &stop_background);
     seed_spend(&*store, &limits).await;
     let access = Arc::new(access::Access::new(
         Arc::new(crate::auth::KeyRing::new()),
@@ -668,6 +675,6 @@ async fn seed_spend(store: &dyn Store, limits: &crate::limits::Limits) {
         }
     }
     for (subject, (day_usd, month_usd)) in spend {
-        limits.seed_spend(&subject, now, day_usd, month_usd);
+        limits.seed_spend(&subject, now, day_usd, month_usd).await;
     }
 }

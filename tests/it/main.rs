@@ -23,6 +23,8 @@ mod keys;
 mod observability;
 mod providers;
 mod reasons;
+mod redis_server;
+mod scale_redis;
 mod security;
 mod server;
 mod stream;

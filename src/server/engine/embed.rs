@@ -41,7 +41,8 @@ impl Engine {
                     },
                     &mut meter,
                     false,
-                )?;
+                )
+                .await?;
                 let settings = settings.ok_or_else(|| {
                     GatewayError::Internal("the embedding request was not converted".to_owned())
                 })?;
