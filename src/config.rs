@@ -91,6 +91,8 @@ struct RawConfig {
     #[serde(default)]
     ledger: RawLedger,
     #[serde(default)]
+    cache: crate::cache::RawCache,
+    #[serde(default)]
     auth: RawAuth,
     #[serde(default)]
     teams: BTreeMap<String, RawTeam>,
@@ -141,6 +143,8 @@ pub struct Config {
     pub metrics: MetricsSettings,
     /// `[ledger]`.
     pub ledger: LedgerSettings,
+    /// `[cache]`: the response cache.
+    pub cache: crate::cache::CacheSettings,
     /// `[auth]`.
     pub auth: AuthSettings,
     /// `[teams.*]`: limits and budgets per team (a key's owner).
@@ -345,6 +349,7 @@ fn validate(
     executor.stream_idle_timeout = upstream.stream_idle_timeout;
     let metrics = MetricsSettings::from_raw(raw.metrics, &mut issues);
     let ledger = LedgerSettings::from_raw(raw.ledger, &mut issues);
+    let cache = crate::cache::CacheSettings::from_raw(raw.cache, &mut issues);
     let mut auth = AuthSettings::from_raw(raw.auth);
     // Keys are required whenever the data plane is reachable from other machines.
     auth.require_keys |= !server.listen.ip().is_loopback();
@@ -372,6 +377,7 @@ fn validate(
         executor,
         metrics,
         ledger,
+        cache,
         auth,
         teams,
         tls,

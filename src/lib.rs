@@ -19,6 +19,8 @@
 //! - [`limits`]: rate limits and budgets per key and per team.
 //! - [`guard`]: guardrails: PII and secret detectors, block / redact / mask / tokenize,
 //!   the streaming-safe reply scanner, and the `[guardrails.*]` profiles.
+//! - [`cache`]: the response cache (exact and semantic), always within the caller's
+//!   tenant namespace; `[cache]` and a policy's `cache` block.
 //! - [`routing`]: the policy model and selection: from the caller's `model` to a
 //!   [`routing::Plan`].
 //! - [`error`]: [`error::GatewayError`] and its single mapping to gRPC statuses.
@@ -60,6 +62,7 @@
 //! store
 //! auth executor
 //! limits routing guard
+//! cache
 //! error mock_upstream
 //! health ledger providers
 //! shared
@@ -73,6 +76,7 @@
 //! the ledger defines the sink the store implements.
 
 pub mod auth;
+pub mod cache;
 pub mod codec;
 pub mod config;
 pub mod error;

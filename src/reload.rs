@@ -167,6 +167,7 @@ impl Reloader {
             executor,
             metrics,
             ledger,
+            cache,
             auth,
             teams,
             tls,
@@ -214,6 +215,7 @@ impl Reloader {
         restart("executor", executor_rest != new.executor);
         restart("metrics", *metrics != new.metrics);
         restart("ledger", *ledger != new.ledger);
+        restart("cache", *cache != new.cache);
         restart("auth", *auth != new.auth);
         restart("teams", *teams != new.teams);
         restart("http", *http != new.http);

@@ -1051,6 +1051,7 @@ mod tests {
             execution: ExecutionSpec::default(),
             variants: vec![],
             guardrails: None,
+            cache: Default::default(),
         }
     }
 

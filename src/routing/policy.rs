@@ -69,6 +69,9 @@ pub struct PolicySpec {
     /// The guardrail profile (`[guardrails.NAME]`) applied to calls of this policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guardrails: Option<String>,
+    /// The response cache for calls of this policy (off unless set).
+    #[serde(default, skip_serializing_if = "crate::cache::CacheSpec::is_default")]
+    pub cache: crate::cache::CacheSpec,
 }
 
 /// One target of a policy.
@@ -730,6 +733,7 @@ pub fn validate(spec: &PolicySpec, ctx: &dyn PolicyContext, prefix: &str) -> Vec
             "must be between 1 and 10".to_owned(),
         );
     }
+    v.extend(spec.cache.validate(&format!("{prefix}.cache")));
     v
 }
 
@@ -780,6 +784,7 @@ mod tests {
             execution: ExecutionSpec::default(),
             variants: vec![],
             guardrails: None,
+            cache: Default::default(),
         };
         assert!(fields(&spec).is_empty());
     }
@@ -807,6 +812,7 @@ mod tests {
             },
             variants: vec![],
             guardrails: None,
+            cache: Default::default(),
         };
         spec.execution.hedging.mode = HedgingMode::Fixed;
         assert_eq!(
@@ -837,6 +843,7 @@ mod tests {
             execution: ExecutionSpec::default(),
             variants: vec![],
             guardrails: None,
+            cache: Default::default(),
         };
         assert_eq!(fields(&spec), vec!["policy.targets"]);
         let spec = PolicySpec {

@@ -7,10 +7,18 @@
 //! 3. the surface's request is converted and validated (only once the caller is known);
 //! 4. the key's scope, forced tags, budget fallback and limits (rate, tokens, streams, budget);
 //! 5. routing to a plan; then guardrails on the request (the key's forced profile, then
-//!    the policy's: [`super::guarding`]);
-//! 6. the executor (fallback, hedging, deadline, commit point); then guardrails on the
-//!    reply (the unary answer, or the stream as it goes);
-//! 7. the meter and ledger record the outcome, labelled with the surface's `rpc` name.
+//!    the policy's: [`super::guarding`]), so that nothing unguarded is looked up, stored or
+//!    sent;
+//! 6. the response cache ([`super::cache_stage`]): a live cached reply in the caller's
+//!    namespace ends the call here (a unary answer, or a replayed stream), with no upstream
+//!    attempt and zero cost; the call still counted against the request rate limit, its
+//!    token and budget reservations are given back;
+//! 7. the executor (fallback, hedging, deadline, commit point); a complete answer that
+//!    finished normally is stored in the cache (a stream: when its finish arrives, never a
+//!    partial or failed one);
+//! 8. guardrails on the reply (the unary answer, or the stream as it goes; cached replies
+//!    too, as stored before this step: tokenized values are restored per call);
+//! 9. the meter and ledger record the outcome, labelled with the surface's `rpc` name.
 
 mod embed;
 
@@ -20,19 +28,21 @@ use tracing::Instrument;
 
 use super::{
     access::{Access, now_ms},
+    cache_stage,
     deadline::CallLimits,
     guarding::{GuardStage, guard_stream},
     meter::{CallMeter, MeterConfig, Outcome},
 };
 use crate::{
     auth::Caller,
+    cache::{CacheControl, ResponseCache},
     error::GatewayError,
     executor::{Answer, CallEvent, Executor},
     guard::Guarding,
     limits::{Ask, BudgetCheck},
     routing::{Plan, Router, RoutingTable, estimate_tokens},
     telemetry::{TraceContext, continue_traceparent},
-    types::ChatRequest,
+    types::{CacheOutcome, ChatRequest, Usage},
 };
 use std::sync::Arc;
 
@@ -44,6 +54,7 @@ pub struct Engine {
     executor: Executor,
     limits: CallLimits,
     meter: MeterConfig,
+    cache: Option<Arc<ResponseCache>>,
     guard: GuardStage,
 }
 
@@ -59,6 +70,8 @@ pub struct Call<'a> {
     pub trace: Option<TraceContext>,
     /// Who is calling.
     pub credential: Credential<'a>,
+    /// The caller's `cache-control` directives.
+    pub cache_control: CacheControl,
 }
 
 /// The caller of a call, as the surface knows it.
@@ -89,6 +102,7 @@ impl Engine {
             executor,
             limits,
             meter,
+            cache: None,
             guard: GuardStage::default(),
         }
     }
@@ -96,6 +110,12 @@ impl Engine {
     /// The engine with these guardrail profiles (`[guardrails.*]`).
     pub fn with_guardrails(mut self, settings: Arc<crate::guard::GuardSettings>) -> Self {
         self.guard = GuardStage::new(settings);
+        self
+    }
+
+    /// Serves and stores replies with `cache`.
+    pub fn with_cache(mut self, cache: Arc<ResponseCache>) -> Self {
+        self.cache = Some(cache);
         self
     }
 
@@ -125,13 +145,39 @@ impl Engine {
         let span = tracing::info_span!("call", rpc = call.rpc, request_id = %call.request_id);
         async move {
             let result = async {
-                let (req, plan, mut guarding) = self
+                let (req, plan, namespace, mut guarding) = self
                     .prepare(call.credential, request, &mut meter, false)
                     .await?;
+                let mut cached = match &self.cache {
+                    Some(cache) => {
+                        let table = self.router.load();
+                        let mut cached =
+                            cache_stage::begin(cache, &table, &namespace, &req, call.cache_control);
+                        if let Some(entry) = cached.lookup().await {
+                            let route = cache_stage::hit_route(&req, &table, cached.outcome());
+                            meter.set_cache_hit(
+                                &entry.provider,
+                                &entry.response.model,
+                                entry.cost.map(|c| c.total_usd()),
+                            );
+                            let mut answer = cache_stage::answer(&entry, route);
+                            if guarding.is_active() {
+                                guarding.reply(&mut answer.response)?;
+                            }
+                            return Ok(answer);
+                        }
+                        Some(cached)
+                    }
+                    None => None,
+                };
                 let mut answer = self
                     .executor
                     .chat(&plan, &req, call.deadline, call.trace.as_ref())
                     .await?;
+                if let Some(cached) = cached.as_mut() {
+                    answer.route.cache =
+                        cached.store(&answer.response, &answer.provider, answer.cost);
+                }
                 if guarding.is_active() {
                     guarding.reply(&mut answer.response)?;
                 }
@@ -140,13 +186,19 @@ impl Engine {
             .await;
             match result {
                 Ok(answer) => {
+                    let hit = matches!(answer.route.cache, CacheOutcome::Hit { .. });
                     tracing::debug!(provider = %answer.provider, model = %answer.response.model, "call succeeded");
                     meter.set_target(answer.metrics.clone());
                     meter.finish(Outcome {
                         code: tonic::Code::Ok,
                         error_class: "",
                         route: Some(&answer.route),
-                        usage: answer.response.usage,
+                        // A hit used no upstream tokens.
+                        usage: if hit {
+                            Some(Usage::default())
+                        } else {
+                            answer.response.usage
+                        },
                         cost: answer.cost,
                         ttft: None,
                     });
@@ -170,19 +222,39 @@ impl Engine {
         let started = Instant::now();
         let span = tracing::info_span!("call", rpc = call.rpc, request_id = %call.request_id);
         let committed = async {
-            let (req, plan, guarding) = self
+            let (req, plan, namespace, guarding) = self
                 .prepare(call.credential, request, &mut meter, true)
                 .await?;
+            let mut cached = None;
+            if let Some(cache) = &self.cache {
+                let table = self.router.load();
+                let mut call_cache =
+                    cache_stage::begin(cache, &table, &namespace, &req, call.cache_control);
+                if let Some(entry) = call_cache.lookup().await {
+                    let route = cache_stage::hit_route(&req, &table, call_cache.outcome());
+                    meter.set_cache_hit(
+                        &entry.provider,
+                        &entry.response.model,
+                        entry.cost.map(|c| c.total_usd()),
+                    );
+                    let events: Events = Box::pin(futures_util::stream::iter(cache_stage::replay(
+                        &entry, route,
+                    )));
+                    return Ok((events, None, true, guarding));
+                }
+                cached = Some((call_cache, cache_stage::Collector::default()));
+            }
             let stream = self
                 .executor
                 .chat_stream(&plan, &req, call.deadline, call.trace.as_ref())
                 .await?;
-            let metrics = stream.target_metrics().clone();
-            Ok::<_, GatewayError>((metrics, guard_stream(Box::pin(stream), guarding)))
+            meter.set_target(Some(stream.target_metrics().clone()));
+            let events: Events = Box::pin(stream);
+            Ok((events, cached, false, guarding))
         }
         .instrument(span.clone())
         .await;
-        let (metrics, committed) = match committed {
+        let (committed, mut cached, hit, guarding) = match committed {
             Ok(committed) => committed,
             Err(err) => {
                 let _entered = span.enter();
@@ -190,9 +262,29 @@ impl Engine {
             }
         };
         let ttft = started.elapsed();
-        meter.set_target(Some(metrics));
         meter.stream_opened();
-        Ok(Box::pin(committed.map(move |event| match event {
+        // The cache stores the reply as it came (before the reply guardrails, which run on
+        // hits and misses alike).
+        let collected: Events = Box::pin(committed.map(move |event| {
+            let mut event = event?;
+            if let Some((_, collector)) = cached.as_mut() {
+                collector.push(&event);
+            }
+            if let CallEvent::Finish {
+                reason,
+                usage,
+                cost,
+                route,
+            } = &mut event
+                && let Some((mut call_cache, collector)) = cached.take()
+            {
+                let (response, provider) = collector.finish(*reason, *usage);
+                route.cache = call_cache.store(&response, &provider, *cost);
+            }
+            Ok(event)
+        }));
+        let guarded = guard_stream(collected, guarding);
+        Ok(Box::pin(guarded.map(move |event| match event {
             Ok(event) => {
                 if let CallEvent::Finish {
                     usage, cost, route, ..
@@ -202,7 +294,8 @@ impl Engine {
                         code: tonic::Code::Ok,
                         error_class: "",
                         route: Some(route),
-                        usage: *usage,
+                        // A hit used no upstream tokens.
+                        usage: if hit { Some(Usage::default()) } else { *usage },
                         cost: *cost,
                         ttft: Some(ttft),
                     });
@@ -225,7 +318,7 @@ impl Engine {
         request: impl FnOnce() -> Result<ChatRequest, GatewayError> + Send,
         meter: &mut CallMeter,
         stream: bool,
-    ) -> Result<(ChatRequest, Plan, Guarding), GatewayError> {
+    ) -> Result<(ChatRequest, Plan, Arc<str>, Guarding), GatewayError> {
         let caller = match credential {
             Credential::Verified(caller) => caller,
             Credential::Bearer(secret) => self.access.chat_caller_secret(secret)?,
@@ -235,7 +328,8 @@ impl Engine {
         let Some(caller) = &caller else {
             meter.set_tags(&req.tags);
             let plan = table.plan(&req)?;
-            return self.guarded(req, plan, None, &table);
+            let (req, plan, guarding) = self.guarded(req, plan, None, &table)?;
+            return Ok((req, plan, cache_stage::namespace(None), guarding));
         };
         caller.force_tags(&mut req.tags);
         meter.set_key(caller.name());
@@ -280,7 +374,8 @@ impl Engine {
             plan = table.plan(&req)?;
         }
         meter.set_permit(permit);
-        self.guarded(req, plan, Some(caller), &table)
+        let (req, plan, guarding) = self.guarded(req, plan, Some(caller), &table)?;
+        Ok((req, plan, cache_stage::namespace(Some(caller)), guarding))
     }
 
     /// Applies the call's guardrails (the key's forced profile, then the policy's) to the

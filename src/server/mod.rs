@@ -19,6 +19,7 @@
 pub mod access;
 pub mod admin;
 pub mod authz;
+pub mod cache_stage;
 pub mod conn;
 pub mod convert;
 pub mod convert_admin;
@@ -306,6 +307,7 @@ pub async fn serve_with(
         config.auth.require_keys,
         config.teams.clone(),
     ));
+    let response_cache = Arc::new(crate::cache::ResponseCache::new(config.cache.clone()));
     let admin = admin::AdminService::new(
         access.clone(),
         router.clone(),
@@ -321,7 +323,8 @@ pub async fn serve_with(
             })
             .collect(),
     )
-    .with_reloader(reloader);
+    .with_reloader(reloader)
+    .with_cache(response_cache.clone());
     admin.reload().await.map_err(|e| {
         ServeError::Store(StoreError::Backend(format!(
             "cannot load stored policies: {e}"
@@ -375,6 +378,7 @@ pub async fn serve_with(
         },
         meter,
     )
+    .with_cache(response_cache)
     .with_guardrails(Arc::new(config.guardrails.clone()));
     let gateway = gateway::GatewayService::new(engine.clone());
     let http_listener = match (options.http_listener, config.http.listen) {

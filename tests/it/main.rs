@@ -9,6 +9,7 @@ mod common;
 mod admin;
 mod authz;
 mod bad_input;
+mod cache;
 mod chat;
 mod check_config;
 mod cloud;

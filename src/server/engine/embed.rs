@@ -32,7 +32,7 @@ impl Engine {
                 let mut settings = None;
                 // The request guardrails ran over the inputs (the view's messages); an
                 // embedding has no text reply to scan.
-                let (view, plan, _guarding) = self.prepare(
+                let (view, plan, _namespace, _guarding) = self.prepare(
                     call.credential,
                     || {
                         let (view, rest) = routing_view(request()?);
