@@ -102,6 +102,8 @@ struct RawConfig {
     #[serde(default)]
     http: RawHttpFront,
     #[serde(default)]
+    guardrails: BTreeMap<String, crate::guard::RawProfile>,
+    #[serde(default)]
     shared: crate::shared::RawShared,
     #[serde(default)]
     batch: crate::batch::RawBatch,
@@ -155,6 +157,8 @@ pub struct Config {
     pub connections: crate::server::settings::ConnSettings,
     /// `[http]`: the OpenAI- and Anthropic-compatible front.
     pub http: HttpFrontSettings,
+    /// `[guardrails.*]`: guardrail profiles.
+    pub guardrails: crate::guard::GuardSettings,
     /// `[shared]`: state shared by replicas, in Redis.
     pub shared: crate::shared::SharedSettings,
     /// `[batch]`: batch jobs.
@@ -358,6 +362,7 @@ fn validate(
     let teams = crate::limits::teams_from_raw(raw.teams, &mut issues);
     let tls = raw.tls.and_then(|t| TlsConfig::from_raw(t, &mut issues));
     let connections = crate::server::settings::ConnSettings::checked(raw.connections, &mut issues);
+    let guardrails = crate::guard::GuardSettings::from_raw(raw.guardrails, &mut issues);
     let shared = crate::shared::SharedSettings::from_raw(raw.shared, &mut issues);
     let batch = crate::batch::BatchSettings::from_raw(raw.batch, &mut issues);
 
@@ -383,6 +388,7 @@ fn validate(
         tls,
         connections,
         http,
+        guardrails,
         shared,
         batch,
     })

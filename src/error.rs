@@ -124,9 +124,30 @@ pub enum GatewayError {
     /// The resource to create exists.
     #[error("{0}")]
     AlreadyExists(String),
+    /// A guardrail profile found entity types whose action is `block`.
+    #[error(
+        "blocked by guardrail profile {}: the {} contains {}",
+        quoted(.profiles), if *.reply { "reply" } else { "request" }, .entities.join(", ")
+    )]
+    GuardrailBlocked {
+        /// The profiles that applied.
+        profiles: Vec<String>,
+        /// The blocked entity types (never the matched text), sorted.
+        entities: Vec<String>,
+        /// Whether the reply (not the request) held them.
+        reply: bool,
+    },
     /// A bug.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+fn quoted(names: &[String]) -> String {
+    names
+        .iter()
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(" and ")
 }
 
 fn describe_violations(violations: &[FieldViolation]) -> String {
@@ -186,6 +207,9 @@ impl GatewayError {
             GatewayError::Unavailable { reason, .. } => (*reason, Code::Unavailable, Level::INFO),
             GatewayError::Aborted(_) => ("ABORTED", Code::Aborted, Level::INFO),
             GatewayError::AlreadyExists(_) => ("ALREADY_EXISTS", Code::AlreadyExists, Level::INFO),
+            GatewayError::GuardrailBlocked { .. } => {
+                ("GUARDRAIL_BLOCKED", Code::FailedPrecondition, Level::INFO)
+            }
             GatewayError::Internal(_) => ("INTERNAL", Code::Internal, Level::ERROR),
         };
         Classification {
@@ -211,6 +235,7 @@ impl GatewayError {
             | GatewayError::Unavailable { .. }
             | GatewayError::Aborted(_)
             | GatewayError::AlreadyExists(_)
+            | GatewayError::GuardrailBlocked { .. }
             | GatewayError::Internal(_) => None,
         }
     }
@@ -272,6 +297,12 @@ impl GatewayError {
                 }
             }
             GatewayError::DeadlineExceeded { route } => metadata = route_metadata(&route),
+            GatewayError::GuardrailBlocked {
+                profiles, entities, ..
+            } => {
+                metadata.insert("entities".to_owned(), entities.join(","));
+                metadata.insert("profiles".to_owned(), profiles.join(","));
+            }
             GatewayError::Unavailable { retry_after, .. } => {
                 if let Some(delay) = retry_after {
                     details.set_retry_info(Some(delay));

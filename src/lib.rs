@@ -21,6 +21,8 @@
 //! - [`auth`]: gateway API keys: issuing, hashing, verifying, scopes.
 //! - [`executor`]: deadlines, fallback, hedging, the stream commit point, cancellation.
 //! - [`limits`]: rate limits and budgets per key and per team.
+//! - [`guard`]: guardrails: PII and secret detectors, block / redact / mask / tokenize,
+//!   the streaming-safe reply scanner, and the `[guardrails.*]` profiles.
 //! - [`cache`]: the response cache (exact and semantic), always within the caller's
 //!   tenant namespace; `[cache]` and a policy's `cache` block.
 //! - [`routing`]: the policy model and selection: from the caller's `model` to a
@@ -64,7 +66,7 @@
 //! batch
 //! store
 //! auth executor
-//! limits routing
+//! limits routing guard
 //! cache
 //! error mock_upstream
 //! health ledger providers
@@ -85,6 +87,7 @@ pub mod codec;
 pub mod config;
 pub mod error;
 pub mod executor;
+pub mod guard;
 pub mod health;
 pub mod ledger;
 pub mod limits;

@@ -173,6 +173,7 @@ impl Reloader {
             tls,
             connections,
             http,
+            guardrails,
             shared,
             batch,
         } = &self.running;
@@ -220,6 +221,7 @@ impl Reloader {
         restart("batch", *batch != new.batch);
         restart("teams", *teams != new.teams);
         restart("http", *http != new.http);
+        restart("guardrails", *guardrails != new.guardrails);
         restart("shared", *shared != new.shared);
         report
     }

@@ -317,6 +317,9 @@ pub mod names {
     pub const CONNECTIONS_REFUSED: &str = "llm_gateway_connections_refused_total";
     /// Failed accepts per listener and kind: `fd_limit`, `memory` (accept pauses), `other`.
     pub const ACCEPT_ERRORS: &str = "llm_gateway_accept_errors_total";
+    /// Guardrail decisions by direction (`request`, `reply`), entity type and action
+    /// (counter).
+    pub const GUARDRAIL_DECISIONS: &str = "llm_gateway_guardrail_decisions_total";
     /// Whether the shared state (Redis) is unreachable: 1 degraded, 0 fine (gauge).
     pub const SHARED_STATE_DEGRADED: &str = "llm_gateway_shared_state_degraded";
     /// Failed shared-state (Redis) operations by op: `admit`, `settle`, `renew`, `seed`,
@@ -429,6 +432,10 @@ fn describe() {
         "Client connections refused at max_connections."
     );
     describe_counter!(names::ACCEPT_ERRORS, "Failed accepts, by kind.");
+    describe_counter!(
+        names::GUARDRAIL_DECISIONS,
+        "Guardrail decisions, by direction, entity type and action."
+    );
     describe_gauge!(
         names::SHARED_STATE_DEGRADED,
         "1 while the shared state (redis) is unreachable."

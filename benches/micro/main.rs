@@ -5,6 +5,8 @@
 //! - `openai`: Chat Completions request building and response parsing
 //!   (`providers::openai::ChatCompletions` build_request, parse_response).
 //! - `sse`: SSE decoding plus OpenAI chunk decoding of a realistic 200-chunk stream.
+//! - `guard`: guardrail scanning per KiB of prompt with every detector, and the stream
+//!   scanner per chunk (`guard`, `guard::stream`).
 //! - `executor`: routing plus the executor around a scripted instant fake provider, unary
 //!   and streaming (the gateway's own cost per call below the gRPC server).
 //! - `cache`: an exact response-cache hit, and a semantic nearest-prompt lookup in an index
@@ -24,6 +26,7 @@ mod cache;
 mod convert;
 mod executor;
 mod fixtures;
+mod guard;
 mod openai;
 mod sse;
 
@@ -36,5 +39,6 @@ fn main() {
     sse::bench(&mut c);
     executor::bench(&mut c);
     cache::bench(&mut c);
+    guard::bench(&mut c);
     c.final_summary();
 }

@@ -119,6 +119,9 @@ pub struct KeySpec {
     /// Policy to route to once a budget is spent (empty: reject).
     #[serde(default)]
     pub budget_fallback_policy: String,
+    /// Guardrail profile forced on every call of the key, whatever the policy (empty: none).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub guardrails: String,
 }
 
 /// A stored key.

@@ -144,6 +144,8 @@ pub struct RoutingTable {
     policies: HashMap<String, Arc<CompiledPolicy>>,
     records: BTreeMap<String, PolicyRecord>,
     default_execution: Arc<ExecutionSettings>,
+    /// The configured guardrail profiles' names (policies may name only these).
+    guardrails: Arc<std::collections::BTreeSet<String>>,
     /// The counters of plans of concrete models (no policy).
     default_counters: Arc<PolicyCounters>,
     /// One-target plan templates of the known concrete models (`provider/model` of every
@@ -258,6 +260,7 @@ impl RoutingTable {
             policies: HashMap::new(),
             records: BTreeMap::new(),
             default_execution: Arc::new(ExecutionSettings::default()),
+            guardrails: Arc::default(),
             default_counters: Arc::new(PolicyCounters::new("")),
             concrete: Arc::default(),
         };
@@ -293,6 +296,11 @@ impl RoutingTable {
         }
         table.build_concrete();
         table
+    }
+
+    /// The guardrail profiles policies may name.
+    pub fn set_guardrails(&mut self, names: impl IntoIterator<Item = String>) {
+        self.guardrails = Arc::new(names.into_iter().collect());
     }
 
     /// Resolves the one-target templates of every listed concrete model.
@@ -912,6 +920,10 @@ impl PolicyContext for RoutingTable {
             .and_then(|i| i.prices)
             .map(|p| (p.input, p.output))
     }
+
+    fn has_guardrails(&self, profile: &str) -> bool {
+        self.guardrails.contains(profile)
+    }
 }
 
 /// Holds the current routing table; swaps are atomic and cheap to read.
@@ -1038,6 +1050,7 @@ mod tests {
             constraints: ConstraintSpec::default(),
             execution: ExecutionSpec::default(),
             variants: vec![],
+            guardrails: None,
             cache: Default::default(),
         }
     }

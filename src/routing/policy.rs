@@ -66,6 +66,9 @@ pub struct PolicySpec {
     /// Variants chosen by request tags.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub variants: Vec<VariantSpec>,
+    /// The guardrail profile (`[guardrails.NAME]`) applied to calls of this policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guardrails: Option<String>,
     /// The response cache for calls of this policy (off unless set).
     #[serde(default, skip_serializing_if = "crate::cache::CacheSpec::is_default")]
     pub cache: crate::cache::CacheSpec,
@@ -437,6 +440,10 @@ pub trait PolicyContext {
     fn has_model(&self, provider: &str, model: &str) -> bool;
     /// The (input, output) prices of a model, when known.
     fn prices(&self, provider: &str, model: &str) -> Option<(f64, f64)>;
+    /// Whether a guardrail profile of this name is configured.
+    fn has_guardrails(&self, _profile: &str) -> bool {
+        true
+    }
 }
 
 /// Whether a target meets the constraints; `Err` names the first one it breaks.
@@ -499,6 +506,14 @@ pub fn validate(spec: &PolicySpec, ctx: &dyn PolicyContext, prefix: &str) -> Vec
             format!("{prefix}.name"),
             "must be 1 to 63 lowercase letters, digits, `.`, `_` or `-`, starting with a letter"
                 .to_owned(),
+        );
+    }
+    if let Some(profile) = &spec.guardrails
+        && !ctx.has_guardrails(profile)
+    {
+        add(
+            format!("{prefix}.guardrails"),
+            format!("`{profile}` is not a configured guardrail profile"),
         );
     }
     if spec.description.len() > 1024 {
@@ -768,6 +783,7 @@ mod tests {
             constraints: ConstraintSpec::default(),
             execution: ExecutionSpec::default(),
             variants: vec![],
+            guardrails: None,
             cache: Default::default(),
         };
         assert!(fields(&spec).is_empty());
@@ -795,6 +811,7 @@ mod tests {
                 ..ExecutionSpec::default()
             },
             variants: vec![],
+            guardrails: None,
             cache: Default::default(),
         };
         spec.execution.hedging.mode = HedgingMode::Fixed;
@@ -825,6 +842,7 @@ mod tests {
             constraints: ConstraintSpec::default(),
             execution: ExecutionSpec::default(),
             variants: vec![],
+            guardrails: None,
             cache: Default::default(),
         };
         assert_eq!(fields(&spec), vec!["policy.targets"]);

@@ -191,6 +191,7 @@ pub fn policy_in(p: pb::Policy, prefix: &str) -> (PolicySpec, Vec<FieldViolation
                 targets: var.targets.into_iter().map(target_in).collect(),
             })
             .collect(),
+        guardrails: Some(p.guardrails).filter(|g| !g.is_empty()),
         cache: cache_in(p.cache, &format!("{prefix}.cache"), &mut v),
     };
     (spec, v)
@@ -308,6 +309,7 @@ pub fn policy_out(r: &PolicyRecord) -> pb::Policy {
         create_time: Some(timestamp(r.created_ms)),
         update_time: Some(timestamp(r.updated_ms)),
         preset: String::new(),
+        guardrails: s.guardrails.clone().unwrap_or_default(),
         cache: cache_out(&s.cache),
     }
 }
@@ -448,6 +450,7 @@ pub fn key_in(
         daily_budget_usd: k.daily_budget_usd,
         monthly_budget_usd: k.monthly_budget_usd,
         budget_fallback_policy: k.budget_fallback_policy,
+        guardrails: k.guardrails,
     };
     violations.extend(crate::auth::validate(&spec, prefix));
     if violations.is_empty() {
@@ -480,5 +483,6 @@ pub fn key_out(r: &crate::auth::KeyRecord, spent_today: f64, spent_month: f64) -
         spent_this_month_usd: spent_month,
         etag: r.etag(),
         create_time: Some(timestamp(r.created_ms)),
+        guardrails: s.guardrails.clone(),
     }
 }

@@ -6,7 +6,9 @@
 //! 2. authentication: the presented gateway key, or none where none is required;
 //! 3. the surface's request is converted and validated (only once the caller is known);
 //! 4. the key's scope, forced tags, budget fallback and limits (rate, tokens, streams, budget);
-//! 5. routing to a plan;
+//! 5. routing to a plan; then guardrails on the request (the key's forced profile, then
+//!    the policy's: [`super::guarding`]), so that nothing unguarded is looked up, stored or
+//!    sent;
 //! 6. the response cache ([`super::cache_stage`]): a live cached reply in the caller's
 //!    namespace ends the call here (a unary answer, or a replayed stream), with no upstream
 //!    attempt and zero cost; the call still counted against the request rate limit, its
@@ -14,7 +16,9 @@
 //! 7. the executor (fallback, hedging, deadline, commit point); a complete answer that
 //!    finished normally is stored in the cache (a stream: when its finish arrives, never a
 //!    partial or failed one);
-//! 8. the meter and ledger record the outcome, labelled with the surface's `rpc` name.
+//! 8. guardrails on the reply (the unary answer, or the stream as it goes; cached replies
+//!    too, as stored before this step: tokenized values are restored per call);
+//! 9. the meter and ledger record the outcome, labelled with the surface's `rpc` name.
 
 mod embed;
 
@@ -26,6 +30,7 @@ use super::{
     access::{Access, now_ms},
     cache_stage,
     deadline::CallLimits,
+    guarding::{GuardStage, guard_stream},
     meter::{CallMeter, MeterConfig, Outcome},
 };
 use crate::{
@@ -33,6 +38,7 @@ use crate::{
     cache::{CacheControl, ResponseCache},
     error::GatewayError,
     executor::{Answer, CallEvent, Executor},
+    guard::Guarding,
     limits::{Ask, BudgetCheck},
     routing::{Plan, Router, RoutingTable, estimate_tokens},
     telemetry::{TraceContext, continue_traceparent},
@@ -49,6 +55,7 @@ pub struct Engine {
     limits: CallLimits,
     meter: MeterConfig,
     cache: Option<Arc<ResponseCache>>,
+    guard: GuardStage,
 }
 
 /// What a surface knows about one call before it reads the request.
@@ -96,7 +103,14 @@ impl Engine {
             limits,
             meter,
             cache: None,
+            guard: GuardStage::default(),
         }
+    }
+
+    /// The engine with these guardrail profiles (`[guardrails.*]`).
+    pub fn with_guardrails(mut self, settings: Arc<crate::guard::GuardSettings>) -> Self {
+        self.guard = GuardStage::new(settings);
+        self
     }
 
     /// Serves and stores replies with `cache`.
@@ -131,7 +145,7 @@ impl Engine {
         let span = tracing::info_span!("call", rpc = call.rpc, request_id = %call.request_id);
         async move {
             let result = async {
-                let (req, plan, namespace) = self
+                let (req, plan, namespace, mut guarding) = self
                     .prepare(call.credential, request, &mut meter, false)
                     .await?;
                 let mut cached = match &self.cache {
@@ -146,7 +160,11 @@ impl Engine {
                                 &entry.response.model,
                                 entry.cost.map(|c| c.total_usd()),
                             );
-                            return Ok(cache_stage::answer(&entry, route));
+                            let mut answer = cache_stage::answer(&entry, route);
+                            if guarding.is_active() {
+                                guarding.reply(&mut answer.response)?;
+                            }
+                            return Ok(answer);
                         }
                         Some(cached)
                     }
@@ -159,6 +177,9 @@ impl Engine {
                 if let Some(cached) = cached.as_mut() {
                     answer.route.cache =
                         cached.store(&answer.response, &answer.provider, answer.cost);
+                }
+                if guarding.is_active() {
+                    guarding.reply(&mut answer.response)?;
                 }
                 Ok(answer)
             }
@@ -201,7 +222,7 @@ impl Engine {
         let started = Instant::now();
         let span = tracing::info_span!("call", rpc = call.rpc, request_id = %call.request_id);
         let committed = async {
-            let (req, plan, namespace) = self
+            let (req, plan, namespace, guarding) = self
                 .prepare(call.credential, request, &mut meter, true)
                 .await?;
             let mut cached = None;
@@ -219,7 +240,7 @@ impl Engine {
                     let events: Events = Box::pin(futures_util::stream::iter(cache_stage::replay(
                         &entry, route,
                     )));
-                    return Ok((events, None, true));
+                    return Ok((events, None, true, guarding));
                 }
                 cached = Some((call_cache, cache_stage::Collector::default()));
             }
@@ -229,11 +250,11 @@ impl Engine {
                 .await?;
             meter.set_target(Some(stream.target_metrics().clone()));
             let events: Events = Box::pin(stream);
-            Ok((events, cached, false))
+            Ok((events, cached, false, guarding))
         }
         .instrument(span.clone())
         .await;
-        let (committed, mut cached, hit) = match committed {
+        let (committed, mut cached, hit, guarding) = match committed {
             Ok(committed) => committed,
             Err(err) => {
                 let _entered = span.enter();
@@ -242,22 +263,33 @@ impl Engine {
         };
         let ttft = started.elapsed();
         meter.stream_opened();
-        Ok(Box::pin(committed.map(move |event| match event {
-            Ok(mut event) => {
-                if let Some((_, collector)) = cached.as_mut() {
-                    collector.push(&event);
-                }
+        // The cache stores the reply as it came (before the reply guardrails, which run on
+        // hits and misses alike).
+        let collected: Events = Box::pin(committed.map(move |event| {
+            let mut event = event?;
+            if let Some((_, collector)) = cached.as_mut() {
+                collector.push(&event);
+            }
+            if let CallEvent::Finish {
+                reason,
+                usage,
+                cost,
+                route,
+            } = &mut event
+                && let Some((mut call_cache, collector)) = cached.take()
+            {
+                let (response, provider) = collector.finish(*reason, *usage);
+                route.cache = call_cache.store(&response, &provider, *cost);
+            }
+            Ok(event)
+        }));
+        let guarded = guard_stream(collected, guarding);
+        Ok(Box::pin(guarded.map(move |event| match event {
+            Ok(event) => {
                 if let CallEvent::Finish {
-                    reason,
-                    usage,
-                    cost,
-                    route,
-                } = &mut event
+                    usage, cost, route, ..
+                } = &event
                 {
-                    if let Some((mut call_cache, collector)) = cached.take() {
-                        let (response, provider) = collector.finish(*reason, *usage);
-                        route.cache = call_cache.store(&response, &provider, *cost);
-                    }
                     meter.finish(Outcome {
                         code: tonic::Code::Ok,
                         error_class: "",
@@ -286,7 +318,7 @@ impl Engine {
         request: impl FnOnce() -> Result<ChatRequest, GatewayError> + Send,
         meter: &mut CallMeter,
         stream: bool,
-    ) -> Result<(ChatRequest, Plan, Arc<str>), GatewayError> {
+    ) -> Result<(ChatRequest, Plan, Arc<str>, Guarding), GatewayError> {
         let caller = match credential {
             Credential::Verified(caller) => caller,
             Credential::Bearer(secret) => self.access.chat_caller_secret(secret)?,
@@ -296,7 +328,8 @@ impl Engine {
         let Some(caller) = &caller else {
             meter.set_tags(&req.tags);
             let plan = table.plan(&req)?;
-            return Ok((req, plan, cache_stage::namespace(None)));
+            let (req, plan, guarding) = self.guarded(req, plan, None, &table)?;
+            return Ok((req, plan, cache_stage::namespace(None), guarding));
         };
         caller.force_tags(&mut req.tags);
         meter.set_key(caller.name());
@@ -341,7 +374,24 @@ impl Engine {
             plan = table.plan(&req)?;
         }
         meter.set_permit(permit);
-        Ok((req, plan, cache_stage::namespace(Some(caller))))
+        let (req, plan, guarding) = self.guarded(req, plan, Some(caller), &table)?;
+        Ok((req, plan, cache_stage::namespace(Some(caller)), guarding))
+    }
+
+    /// Applies the call's guardrails (the key's forced profile, then the policy's) to the
+    /// request; the guarding goes on with the reply.
+    fn guarded(
+        &self,
+        mut req: ChatRequest,
+        plan: Plan,
+        caller: Option<&Caller>,
+        table: &RoutingTable,
+    ) -> Result<(ChatRequest, Plan, Guarding), GatewayError> {
+        let mut guarding = self.guard.for_call(caller, table, &plan)?;
+        if guarding.is_active() {
+            guarding.request(&mut req)?;
+        }
+        Ok((req, plan, guarding))
     }
 }
 

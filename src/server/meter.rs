@@ -347,9 +347,10 @@ mod tests {
             GatewayError::Aborted(_) => 10,
             GatewayError::AlreadyExists(_) => 11,
             GatewayError::Internal(_) => 12,
+            GatewayError::GuardrailBlocked { .. } => 13,
         }
     }
-    const VARIANTS: usize = 13;
+    const VARIANTS: usize = 14;
 
     fn upstream(class: ErrorClass, all_rate_limited: bool) -> GatewayError {
         GatewayError::Upstream {
@@ -460,6 +461,16 @@ mod tests {
                 C::Internal,
                 "INTERNAL",
                 Level::ERROR,
+            ),
+            (
+                GatewayError::GuardrailBlocked {
+                    profiles: vec!["pii".into()],
+                    entities: vec!["email".into()],
+                    reply: false,
+                },
+                C::FailedPrecondition,
+                "GUARDRAIL_BLOCKED",
+                Level::INFO,
             ),
         ];
         for (class, code, reason) in [

@@ -29,6 +29,7 @@ pub mod deadline;
 pub mod engine;
 pub mod framing;
 pub mod gateway;
+pub mod guarding;
 pub mod http;
 pub mod meter;
 pub mod request_id;
@@ -147,6 +148,7 @@ pub fn routing_table(
         };
         table.set_model_info(&raw.provider, info);
     }
+    table.set_guardrails(config.guardrails.profiles.keys().cloned());
     Ok(table)
 }
 
@@ -403,7 +405,8 @@ pub async fn serve_with(
         },
         meter,
     )
-    .with_cache(response_cache);
+    .with_cache(response_cache)
+    .with_guardrails(Arc::new(config.guardrails.clone()));
     let batch_store = crate::batch::sqlite::SqliteBatchStore::open(&config.store.path)
         .map_err(|e| ServeError::Store(StoreError::Backend(e.to_string())))?;
     let batches = crate::batch::Batches::new(

@@ -751,6 +751,7 @@ mod tests {
             constraints: Default::default(),
             execution: Default::default(),
             variants: vec![],
+            guardrails: None,
             cache: Default::default(),
         }
     }

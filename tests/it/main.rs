@@ -20,6 +20,7 @@ mod deploy;
 mod embed;
 mod errors;
 mod executor;
+mod guard;
 mod http;
 mod keys;
 mod observability;

@@ -30,7 +30,9 @@ impl Engine {
         async move {
             let result = async {
                 let mut settings = None;
-                let (view, plan, _namespace) = self.prepare(
+                // The request guardrails ran over the inputs (the view's messages); an
+                // embedding has no text reply to scan.
+                let (view, plan, _namespace, _guarding) = self.prepare(
                     call.credential,
                     || {
                         let (view, rest) = routing_view(request()?);
