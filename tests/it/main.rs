@@ -22,4 +22,5 @@ mod providers;
 mod reasons;
 mod security;
 mod server;
+mod smoothing;
 mod stream;
