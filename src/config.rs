@@ -87,6 +87,8 @@ struct RawConfig {
     #[serde(default)]
     executor: RawExecutor,
     #[serde(default)]
+    pacing: crate::pacing::RawPacing,
+    #[serde(default)]
     metrics: RawMetrics,
     #[serde(default)]
     ledger: RawLedger,
@@ -133,6 +135,8 @@ pub struct Config {
     pub health: HealthSettings,
     /// `[executor]`: fallback and hedging.
     pub executor: ExecutorSettings,
+    /// `[pacing]`: outbound smoothing.
+    pub pacing: crate::pacing::PacingSettings,
     /// `[metrics]`.
     pub metrics: MetricsSettings,
     /// `[ledger]`.
@@ -335,6 +339,7 @@ fn validate(
     let health = HealthSettings::from_raw(raw.health, &mut issues);
     let mut executor = ExecutorSettings::from_raw(raw.executor, &mut issues);
     executor.stream_idle_timeout = upstream.stream_idle_timeout;
+    let pacing = crate::pacing::PacingSettings::from_raw(raw.pacing, &mut issues);
     let metrics = MetricsSettings::from_raw(raw.metrics, &mut issues);
     let ledger = LedgerSettings::from_raw(raw.ledger, &mut issues);
     let mut auth = AuthSettings::from_raw(raw.auth);
@@ -360,6 +365,7 @@ fn validate(
         admin,
         health,
         executor,
+        pacing,
         metrics,
         ledger,
         auth,

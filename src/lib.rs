@@ -22,6 +22,9 @@
 //! - [`error`]: [`error::GatewayError`] and its single mapping to gRPC statuses.
 //! - [`health`]: circuit breakers, rate-limit cooldowns, latency statistics per target.
 //! - [`ledger`]: the usage and cost ledger, writing to a [`ledger::UsageSink`].
+//! - [`pacing`]: outbound smoothing: each provider account's requests and tokens per
+//!   minute (configured, and learned from the providers' headers) and the adaptive
+//!   concurrency limit per target; `[pacing]`.
 //! - [`providers`]: the [`providers::Provider`] trait and the provider kit: a wire format
 //!   per provider API (one file each), one HTTP adapter, pluggable auth and stream framing,
 //!   the kind registry that owns `[providers.*]` settings, the one error policy, provider
@@ -58,6 +61,7 @@
 //! limits routing
 //! error mock_upstream
 //! health ledger providers
+//! pacing
 //! models server::settings telemetry tls
 //! pb settings types
 //! codec
@@ -77,6 +81,7 @@ pub mod ledger;
 pub mod limits;
 pub mod mock_upstream;
 pub mod models;
+pub mod pacing;
 pub mod pb;
 #[cfg(test)]
 mod props;

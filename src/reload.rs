@@ -165,6 +165,7 @@ impl Reloader {
             admin,
             health,
             executor,
+            pacing,
             metrics,
             ledger,
             auth,
@@ -210,6 +211,7 @@ impl Reloader {
             ..executor.clone()
         };
         restart("executor", executor_rest != new.executor);
+        restart("pacing", *pacing != new.pacing);
         restart("metrics", *metrics != new.metrics);
         restart("ledger", *ledger != new.ledger);
         restart("auth", *auth != new.auth);
@@ -233,6 +235,7 @@ impl Reloader {
                 || fresh.settings != old.settings
                 || fresh.base_url != old.base_url
                 || fresh.models != old.models
+                || fresh.pacing != old.pacing
             {
                 report.restart_needed.push(format!("providers.{name}"));
             }

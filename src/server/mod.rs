@@ -107,12 +107,22 @@ pub enum ServeError {
 pub fn providers_from_config(config: &Config) -> Result<ProviderRegistry, ServeError> {
     let client = providers::http_client(&config.upstream.http)?;
     let mut registry = ProviderRegistry::new();
+    // One limiter for every provider account of this process.
+    let limiter: Arc<dyn crate::pacing::Limiter> = Arc::new(crate::pacing::LocalLimiter::new());
     for p in &config.providers {
         let keys = Arc::new(providers::KeyRing::new(
             &p.name,
             p.api_keys.clone(),
             config.upstream.key_auth_rest,
         ));
+        if config.pacing.enabled {
+            keys.set_pacer(Arc::new(crate::pacing::Pacer::new(
+                &p.name,
+                p.pacing,
+                &config.pacing,
+                limiter.clone(),
+            )));
+        }
         let provider = p.build(keys, &client);
         registry.insert(provider);
     }
