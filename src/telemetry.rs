@@ -496,6 +496,262 @@ impl<T: Clone> HandleCache<T> {
     }
 }
 
+/// A small lock-free map from a `&'static str` label (an rpc name) to handles: the first
+/// `N` labels each claim a slot, later ones fall back to a [`HandleCache`]. Reading a claimed
+/// slot is a few atomic loads and a string comparison, with no lock and no allocation.
+#[derive(Debug)]
+pub struct StaticSlots<T, const N: usize> {
+    slots: [std::sync::OnceLock<(&'static str, T)>; N],
+    overflow: HandleCache<T>,
+}
+
+impl<T: Clone, const N: usize> Default for StaticSlots<T, N> {
+    fn default() -> Self {
+        Self {
+            slots: std::array::from_fn(|_| std::sync::OnceLock::new()),
+            overflow: HandleCache::default(),
+        }
+    }
+}
+
+impl<T: Clone, const N: usize> StaticSlots<T, N> {
+    /// The handles for `label` when it has (or now claims) a slot, made with `make` on first
+    /// use; `None` when every slot is taken by other labels.
+    pub fn slot(&self, label: &'static str, make: impl Fn() -> T) -> Option<&T> {
+        for slot in &self.slots {
+            let (key, value) = slot.get_or_init(|| (label, make()));
+            if *key == label {
+                return Some(value);
+            }
+        }
+        None
+    }
+
+    /// The handles for `label`, made with `make` on first use.
+    pub fn get(&self, label: &'static str, make: impl Fn() -> T) -> T {
+        match self.slot(label, &make) {
+            Some(value) => value.clone(),
+            None => self.overflow.get(label, make),
+        }
+    }
+}
+
+/// The metric handles of one call label set (`rpc`, `code`, `policy`, `provider`, `model`
+/// and the configured tag labels): `llm_gateway_calls_total`, the call duration, time to
+/// first token, tokens and cost.
+#[derive(Clone)]
+pub struct CallHandles {
+    /// `llm_gateway_calls_total`.
+    pub calls: metrics::Counter,
+    /// `llm_gateway_call_duration_seconds`.
+    pub duration: metrics::Histogram,
+    /// `llm_gateway_time_to_first_token_seconds`.
+    pub ttft: metrics::Histogram,
+    /// `llm_gateway_tokens_total{type="input"}`.
+    pub input_tokens: metrics::Counter,
+    /// `llm_gateway_tokens_total{type="output"}`.
+    pub output_tokens: metrics::Counter,
+    /// `llm_gateway_tokens_total{type="cached_input"}`.
+    pub cached_tokens: metrics::Counter,
+    /// `llm_gateway_cost_usd`.
+    pub cost: metrics::Histogram,
+}
+
+impl CallHandles {
+    /// Registers the handles of one label set; `tags` are `(tag name, value)` pairs of the
+    /// configured tag labels (labelled `tag_<name>`).
+    pub fn register(
+        rpc: &'static str,
+        code: &'static str,
+        policy: &str,
+        provider: &str,
+        model: &str,
+        tags: &[(&str, &str)],
+    ) -> Self {
+        let target = |extra: Option<(&'static str, &'static str)>| {
+            let mut l = vec![
+                metrics::Label::new("policy", policy.to_owned()),
+                metrics::Label::new("provider", provider.to_owned()),
+                metrics::Label::new("model", model.to_owned()),
+            ];
+            l.extend(
+                tags.iter()
+                    .map(|(t, v)| metrics::Label::new(format!("tag_{t}"), (*v).to_owned())),
+            );
+            if let Some((k, v)) = extra {
+                l.push(metrics::Label::new(k, v));
+            }
+            l
+        };
+        let mut call = vec![
+            metrics::Label::new("rpc", rpc),
+            metrics::Label::new("code", code),
+        ];
+        call.extend(target(None));
+        CallHandles {
+            calls: metrics::counter!(names::CALLS, call.clone()),
+            duration: metrics::histogram!(names::CALL_DURATION, call),
+            ttft: metrics::histogram!(names::TIME_TO_FIRST_TOKEN, target(None)),
+            input_tokens: metrics::counter!(names::TOKENS, target(Some(("type", "input")))),
+            output_tokens: metrics::counter!(names::TOKENS, target(Some(("type", "output")))),
+            cached_tokens: metrics::counter!(names::TOKENS, target(Some(("type", "cached_input")))),
+            cost: metrics::histogram!(names::COST, target(None)),
+        }
+    }
+}
+
+/// The attempt outcomes whose handles a target keeps: the ones every call reports.
+const KEPT_OUTCOMES: [&str; 2] = ["succeeded", "cancelled"];
+
+/// The metric handles of one routable target (a provider and a model, resolved for a policy
+/// or as a concrete model), made once with the routing snapshot. Each handle is registered
+/// with the recorder on first use and then read without a lock or a string key: attempts by
+/// kind that succeeded or were cancelled, their durations, and the call handles of
+/// successful calls per rpc (calls without tag labels). Rarer label sets (failures, skips,
+/// tag labels) go through [`HandleCache`]s.
+///
+/// Handles are not registered up front so that `/metrics` shows only series that happened.
+pub struct TargetMetrics {
+    provider: std::sync::Arc<str>,
+    model: std::sync::Arc<str>,
+    policy: std::sync::Arc<str>,
+    attempts: [[std::sync::OnceLock<metrics::Counter>; KEPT_OUTCOMES.len()]; 4],
+    durations: [std::sync::OnceLock<metrics::Histogram>; KEPT_OUTCOMES.len()],
+    calls: StaticSlots<CallHandles, 4>,
+}
+
+impl std::fmt::Debug for TargetMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TargetMetrics({}/{})", self.provider, self.model)
+    }
+}
+
+fn kind_index(kind: crate::types::AttemptKind) -> usize {
+    use crate::types::AttemptKind as K;
+    match kind {
+        K::Primary => 0,
+        K::Fallback => 1,
+        K::Hedge => 2,
+        K::Retry => 3,
+    }
+}
+
+impl TargetMetrics {
+    /// The handles of `provider/model`, as routed by `policy` (empty for a concrete model).
+    pub fn new(provider: &str, model: std::sync::Arc<str>, policy: &str) -> Self {
+        Self {
+            provider: std::sync::Arc::from(provider),
+            model,
+            policy: std::sync::Arc::from(policy),
+            attempts: Default::default(),
+            durations: Default::default(),
+            calls: StaticSlots::default(),
+        }
+    }
+
+    /// The configured provider's name.
+    pub fn provider(&self) -> &std::sync::Arc<str> {
+        &self.provider
+    }
+
+    /// The model at the provider.
+    pub fn model(&self) -> &std::sync::Arc<str> {
+        &self.model
+    }
+
+    /// The policy the target was resolved for (empty for a concrete model).
+    pub fn policy(&self) -> &str {
+        &self.policy
+    }
+
+    /// The attempt counter and duration histogram of an attempt of `kind` that ended with
+    /// `outcome` (`succeeded`, `cancelled`, ...) and no error class; `None` for the outcomes
+    /// this target does not keep.
+    pub fn attempt(
+        &self,
+        kind: crate::types::AttemptKind,
+        outcome: &'static str,
+    ) -> Option<(&metrics::Counter, &metrics::Histogram)> {
+        let o = KEPT_OUTCOMES.iter().position(|k| *k == outcome)?;
+        let counter = self.attempts[kind_index(kind)][o].get_or_init(|| {
+            metrics::counter!(
+                names::ATTEMPTS,
+                "provider" => self.provider.to_string(),
+                "model" => self.model.to_string(),
+                "kind" => kind.label(),
+                "outcome" => outcome,
+                "error_class" => ""
+            )
+        });
+        let duration = self.durations[o].get_or_init(|| {
+            metrics::histogram!(
+                names::ATTEMPT_DURATION,
+                "provider" => self.provider.to_string(),
+                "model" => self.model.to_string(),
+                "outcome" => outcome
+            )
+        });
+        Some((counter, duration))
+    }
+
+    /// The call handles of a successful `rpc` call answered by this target, labelled with
+    /// its policy and no tag labels; `None` when its rpc slots are taken by others.
+    pub fn call_ok(&self, rpc: &'static str) -> Option<&CallHandles> {
+        self.calls.slot(rpc, || {
+            CallHandles::register(rpc, "OK", &self.policy, &self.provider, &self.model, &[])
+        })
+    }
+}
+
+/// The counters of one policy (hedges, fallbacks, deadline skips), made with the routing
+/// snapshot and registered on first use.
+#[derive(Debug, Default)]
+pub struct PolicyCounters {
+    policy: std::sync::Arc<str>,
+    hedges_started: std::sync::OnceLock<metrics::Counter>,
+    hedges_won: std::sync::OnceLock<metrics::Counter>,
+    fallbacks: std::sync::OnceLock<metrics::Counter>,
+    deadline_skips: std::sync::OnceLock<metrics::Counter>,
+}
+
+impl PolicyCounters {
+    /// The counters of `policy` (empty for a concrete model).
+    pub fn new(policy: &str) -> Self {
+        Self {
+            policy: std::sync::Arc::from(policy),
+            ..Self::default()
+        }
+    }
+
+    fn get<'a>(
+        &'a self,
+        slot: &'a std::sync::OnceLock<metrics::Counter>,
+        name: &'static str,
+    ) -> &'a metrics::Counter {
+        slot.get_or_init(|| metrics::counter!(name, "policy" => self.policy.to_string()))
+    }
+
+    /// `llm_gateway_hedges_started_total`.
+    pub fn hedges_started(&self) -> &metrics::Counter {
+        self.get(&self.hedges_started, names::HEDGES_STARTED)
+    }
+
+    /// `llm_gateway_hedges_won_total`.
+    pub fn hedges_won(&self) -> &metrics::Counter {
+        self.get(&self.hedges_won, names::HEDGES_WON)
+    }
+
+    /// `llm_gateway_fallbacks_total`.
+    pub fn fallbacks(&self) -> &metrics::Counter {
+        self.get(&self.fallbacks, names::FALLBACKS)
+    }
+
+    /// `llm_gateway_deadline_skips_total`.
+    pub fn deadline_skips(&self) -> &metrics::Counter {
+        self.get(&self.deadline_skips, names::DEADLINE_SKIPS)
+    }
+}
+
 /// The trace context of a call, propagated to upstream requests.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TraceContext {
@@ -616,6 +872,27 @@ mod tests {
         assert!(!red.contains("abcdefghijklmnop"), "{red}");
         assert!(!red.contains("SyA1234567890"), "{red}");
         assert!(red.contains("sk-1"), "short strings stay: {red}");
+    }
+
+    #[test]
+    fn static_slots_keep_each_label_apart_and_overflow() {
+        let slots: StaticSlots<&'static str, 2> = StaticSlots::default();
+        assert_eq!(slots.get("a", || "a"), "a");
+        assert_eq!(slots.get("b", || "b"), "b");
+        assert_eq!(slots.slot("c", || "c"), None, "both slots are taken");
+        assert_eq!(slots.get("c", || "c"), "c");
+        assert_eq!(slots.get("a", || "made again"), "a");
+        assert_eq!(slots.get("c", || "made again"), "c");
+    }
+
+    #[test]
+    fn a_target_keeps_handles_for_its_common_outcomes_only() {
+        let t = TargetMetrics::new("p", std::sync::Arc::from("m"), "");
+        use crate::types::AttemptKind;
+        assert!(t.attempt(AttemptKind::Primary, "succeeded").is_some());
+        assert!(t.attempt(AttemptKind::Hedge, "cancelled").is_some());
+        assert!(t.attempt(AttemptKind::Primary, "failed").is_none());
+        assert!(t.call_ok("Chat").is_some());
     }
 
     #[test]

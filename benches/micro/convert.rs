@@ -57,6 +57,7 @@ fn answer() -> Answer {
             output_usd: 0.000_007_2,
         }),
         route: route(),
+        metrics: None,
     }
 }
 

@@ -46,7 +46,10 @@
 mod stream;
 
 use std::{
-    sync::{Arc, Mutex},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -63,7 +66,7 @@ use crate::{
     providers::{ErrorClass, EventStream, ProviderError},
     routing::{Plan, Target, policy::Hedging},
     settings::Issues,
-    telemetry::{TRACE_CONTEXT, TraceContext, names},
+    telemetry::{TRACE_CONTEXT, TargetMetrics, TraceContext, names},
     types::{
         AttemptKind, AttemptOutcome, AttemptRecord, ChatRequest, ChatResponse, Route, StreamEvent,
         Usage,
@@ -161,19 +164,39 @@ impl ExecutorSettings {
 const HEDGE_MIN_SAMPLES: usize = crate::health::MIN_SAMPLES;
 
 /// The global hedging budget: a token bucket filled by ordinary attempts and drained by
-/// hedges, plus a failure-rate brake.
+/// hedges, plus a failure-rate brake. Lock-free: both values are `f64`s in atomics, updated
+/// with compare-and-swap.
 #[derive(Debug)]
 pub struct HedgeBudget {
     ratio: f64,
     burst: f64,
     pause_error_rate: f64,
-    state: Mutex<BudgetState>,
+    tokens: AtomicF64,
+    failure_rate: AtomicF64,
 }
 
+/// An `f64` in an `AtomicU64`.
 #[derive(Debug)]
-struct BudgetState {
-    tokens: f64,
-    failure_rate: f64,
+struct AtomicF64(AtomicU64);
+
+impl AtomicF64 {
+    fn new(v: f64) -> Self {
+        Self(AtomicU64::new(v.to_bits()))
+    }
+
+    fn load(&self) -> f64 {
+        f64::from_bits(self.0.load(Ordering::Relaxed))
+    }
+
+    /// Applies `f` atomically; `f` returning `None` leaves the value. Returns whether it
+    /// changed.
+    fn update(&self, mut f: impl FnMut(f64) -> Option<f64>) -> bool {
+        self.0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+                f(f64::from_bits(bits)).map(f64::to_bits)
+            })
+            .is_ok()
+    }
 }
 
 impl HedgeBudget {
@@ -183,39 +206,34 @@ impl HedgeBudget {
             ratio: settings.hedge_budget_ratio.max(0.0),
             burst: settings.hedge_budget_burst.max(1.0),
             pause_error_rate: settings.hedge_pause_error_rate,
-            state: Mutex::new(BudgetState {
-                tokens: settings.hedge_budget_burst.max(1.0),
-                failure_rate: 0.0,
-            }),
+            tokens: AtomicF64::new(settings.hedge_budget_burst.max(1.0)),
+            failure_rate: AtomicF64::new(0.0),
         }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, BudgetState> {
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// An ordinary (non-hedge) attempt started.
     fn deposit(&self) {
-        let mut s = self.lock();
-        s.tokens = (s.tokens + self.ratio).min(self.burst);
+        // A full bucket stays as it is without a write.
+        self.tokens
+            .update(|t| (t < self.burst).then(|| (t + self.ratio).min(self.burst)));
     }
 
     /// Takes a token for a hedge, if the budget and the failure rate allow.
     fn try_withdraw(&self) -> bool {
-        let mut s = self.lock();
-        if s.failure_rate > self.pause_error_rate || s.tokens < 1.0 {
+        if self.failure_rate.load() > self.pause_error_rate {
             return false;
         }
-        s.tokens -= 1.0;
-        true
+        self.tokens.update(|t| (t >= 1.0).then_some(t - 1.0))
     }
 
     /// An attempt ended: tracks the recent failure rate (an exponential moving average).
     fn observe(&self, failed: bool) {
-        let mut s = self.lock();
-        s.failure_rate = s.failure_rate * 0.9 + if failed { 0.1 } else { 0.0 };
+        // Without failures the average decays towards zero; once it is negligible, it is
+        // left alone (no write to the shared cache line on every success).
+        self.failure_rate.update(|r| {
+            let next = r * 0.9 + if failed { 0.1 } else { 0.0 };
+            (failed || r > 1e-6).then_some(if failed || next > 1e-6 { next } else { 0.0 })
+        });
     }
 }
 
@@ -240,6 +258,9 @@ pub struct Answer {
     pub cost: Option<Cost>,
     /// The route taken.
     pub route: Route,
+    /// The metric handles of the target that answered (`None` when no target did, e.g. an
+    /// answer from a cache).
+    pub metrics: Option<Arc<TargetMetrics>>,
 }
 
 /// The cost of `usage` on `target`, when both are known.
@@ -395,7 +416,7 @@ impl<'p> Race<'p> {
 
     fn skip(&mut self, target: &Target, kind: AttemptKind, reason: &'static str) {
         if reason == "DEADLINE" {
-            metrics::counter!(names::DEADLINE_SKIPS, "policy" => self.policy_label()).increment(1);
+            self.plan.counters.deadline_skips().increment(1);
         }
         self.route.attempts.push(AttemptRecord {
             provider: target.provider.name().to_owned(),
@@ -550,21 +571,16 @@ impl<'p> Race<'p> {
         self.next >= self.plan.targets.len()
     }
 
-    fn policy_label(&self) -> String {
-        self.plan.policy.as_deref().unwrap_or("").to_owned()
-    }
-
     fn begin(&mut self, target: Target, guard: AttemptGuard, kind: AttemptKind) -> usize {
         let started = Instant::now();
         self.started += 1;
         match kind {
             AttemptKind::Hedge => {
                 self.hedges += 1;
-                metrics::counter!(names::HEDGES_STARTED, "policy" => self.policy_label())
-                    .increment(1);
+                self.plan.counters.hedges_started().increment(1);
             }
             AttemptKind::Fallback => {
-                metrics::counter!(names::FALLBACKS, "policy" => self.policy_label()).increment(1);
+                self.plan.counters.fallbacks().increment(1);
             }
             AttemptKind::Primary | AttemptKind::Retry => {}
         }
@@ -602,7 +618,7 @@ impl<'p> Race<'p> {
                 record.time_to_first_token = Some(latency);
             } else {
                 // A committed stream is counted when it ends.
-                observe_attempt(record);
+                observe_attempt(record, &running.target.metrics);
             }
         }
         Some(running)
@@ -620,7 +636,7 @@ impl<'p> Race<'p> {
             if let Some(record) = self.route.attempts.get_mut(running.slot) {
                 record.outcome = AttemptOutcome::Cancelled;
                 record.latency = now.duration_since(running.started);
-                observe_attempt(record);
+                observe_attempt(record, &running.target.metrics);
             }
         }
     }
@@ -660,8 +676,21 @@ impl<'p> Race<'p> {
     }
 }
 
-/// Counts a finished upstream attempt.
-pub(crate) fn observe_attempt(record: &AttemptRecord) {
+/// Counts a finished upstream attempt of the target with `metrics`.
+pub(crate) fn observe_attempt(record: &AttemptRecord, metrics: &TargetMetrics) {
+    let (outcome, error_class) = match &record.outcome {
+        AttemptOutcome::Succeeded => ("succeeded", ""),
+        AttemptOutcome::Failed(reason) => ("failed", *reason),
+        AttemptOutcome::Cancelled => ("cancelled", ""),
+        AttemptOutcome::Skipped(reason) => ("skipped", *reason),
+    };
+    if error_class.is_empty()
+        && let Some((attempts, duration)) = metrics.attempt(record.kind, outcome)
+    {
+        attempts.increment(1);
+        duration.record(record.latency.as_secs_f64());
+        return;
+    }
     static HANDLES: std::sync::LazyLock<
         crate::telemetry::HandleCache<(metrics::Counter, metrics::Histogram)>,
     > = std::sync::LazyLock::new(Default::default);
@@ -873,8 +902,7 @@ impl Executor {
                         };
                         race.cancel_all();
                         if running.kind == AttemptKind::Hedge {
-                            metrics::counter!(names::HEDGES_WON, "policy" => race.policy_label())
-                                .increment(1);
+                            race.plan.counters.hedges_won().increment(1);
                         }
                         let guard = running.guard.take().ok_or_else(|| {
                             GatewayError::Internal("an attempt finished twice".to_owned())
@@ -992,6 +1020,7 @@ impl Executor {
             provider: won.target.provider.name().to_owned(),
             response: won.value,
             route: won.route,
+            metrics: Some(won.target.metrics),
         })
     }
 

@@ -10,6 +10,7 @@
 use std::{
     collections::VecDeque,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll, ready},
     time::Duration,
 };
@@ -25,6 +26,7 @@ use crate::{
     models::Cost,
     providers::{ErrorClass, EventStream, ProviderError},
     routing::Target,
+    telemetry::TargetMetrics,
     types::{
         AttemptKind, AttemptOutcome, AttemptRecord, FinishReason, Route, StreamEvent,
         ToolCallDelta, Usage,
@@ -118,6 +120,11 @@ impl CallStream {
         &self.c.target.model
     }
 
+    /// The metric handles of the target the call is committed to.
+    pub fn target_metrics(&self) -> &Arc<TargetMetrics> {
+        &self.c.target.metrics
+    }
+
     fn record(&mut self, outcome: AttemptOutcome) -> Route {
         let latency = self.c.attempt_started.elapsed();
         let health = match &outcome {
@@ -145,7 +152,7 @@ impl CallStream {
             latency,
             time_to_first_token: Some(self.c.time_to_first_token),
         };
-        super::observe_attempt(&record);
+        super::observe_attempt(&record, &self.c.target.metrics);
         match route.attempts.get_mut(self.c.slot) {
             Some(slot) => *slot = record,
             None => route.attempts.push(record),

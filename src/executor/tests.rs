@@ -17,6 +17,7 @@ use crate::{
     models::ModelInfo,
     providers::{EventStream, Provider},
     routing::policy::ExecutionSettings,
+    telemetry::{PolicyCounters, TargetMetrics},
     types::{ContentPart, FinishReason, Message, Role},
 };
 
@@ -170,6 +171,7 @@ impl Setup {
                 })
             }),
             health: self.health.get(&fake.name, "m"),
+            metrics: Arc::new(TargetMetrics::new(&fake.name, Arc::from("m"), "p")),
         }
     }
 }
@@ -180,6 +182,7 @@ fn plan(targets: Vec<Target>, execution: ExecutionSettings) -> Plan {
         targets,
         skipped: Vec::new(),
         execution: Arc::new(execution),
+        counters: Arc::new(PolicyCounters::new("p")),
     }
 }
 

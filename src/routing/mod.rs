@@ -29,6 +29,7 @@ use crate::{
     health::{Admission, HealthRegistry, TargetHealth},
     models::{ModelInfo, ModelRegistry},
     providers::{Provider, ProviderRegistry},
+    telemetry::{PolicyCounters, TargetMetrics},
     types::{ChatRequest, ContentPart},
 };
 
@@ -43,6 +44,8 @@ pub struct Target {
     pub info: Option<Arc<ModelInfo>>,
     /// Its health.
     pub health: Arc<TargetHealth>,
+    /// Its metric handles (and its names as `Arc<str>`), made with the routing snapshot.
+    pub metrics: Arc<TargetMetrics>,
 }
 
 impl std::fmt::Debug for Target {
@@ -73,6 +76,8 @@ pub struct Plan {
     pub skipped: Vec<Skipped>,
     /// How to run the call.
     pub execution: Arc<ExecutionSettings>,
+    /// The policy's hedge, fallback and deadline-skip counters.
+    pub counters: Arc<PolicyCounters>,
 }
 
 /// Where a policy comes from.
@@ -119,6 +124,7 @@ struct CompiledPolicy {
     targets: Vec<CompiledTarget>,
     variants: Vec<(BTreeMap<String, String>, Vec<CompiledTarget>)>,
     execution: Arc<ExecutionSettings>,
+    counters: Arc<PolicyCounters>,
 }
 
 #[derive(Clone)]
@@ -138,6 +144,22 @@ pub struct RoutingTable {
     policies: HashMap<String, Arc<CompiledPolicy>>,
     records: BTreeMap<String, PolicyRecord>,
     default_execution: Arc<ExecutionSettings>,
+    /// The counters of plans of concrete models (no policy).
+    default_counters: Arc<PolicyCounters>,
+    /// One-target plan templates of the known concrete models (`provider/model` of every
+    /// provider's allowlist, or its kind's registry models and the config's `[[models]]`),
+    /// made once per provider set: a call naming one clones its target instead of resolving it.
+    concrete: Arc<HashMap<String, ConcreteTarget>>,
+}
+
+/// A concrete model's target, resolved once; its health is looked up on first use, so that
+/// models nobody calls create no health state.
+struct ConcreteTarget {
+    provider: Arc<dyn Provider>,
+    model: Arc<str>,
+    info: Option<Arc<ModelInfo>>,
+    health: std::sync::OnceLock<Arc<TargetHealth>>,
+    metrics: Arc<TargetMetrics>,
 }
 
 /// One candidate of an explained route.
@@ -236,6 +258,8 @@ impl RoutingTable {
             policies: HashMap::new(),
             records: BTreeMap::new(),
             default_execution: Arc::new(ExecutionSettings::default()),
+            default_counters: Arc::new(PolicyCounters::new("")),
+            concrete: Arc::default(),
         };
         for provider in providers.iter() {
             let name = provider.name().to_owned();
@@ -267,7 +291,30 @@ impl RoutingTable {
                 },
             );
         }
+        table.build_concrete();
         table
+    }
+
+    /// Resolves the one-target templates of every listed concrete model.
+    fn build_concrete(&mut self) {
+        let mut concrete = HashMap::new();
+        for (provider, model, info) in self.models() {
+            let Some(entry) = self.providers.get(&provider) else {
+                continue;
+            };
+            let model: Arc<str> = Arc::from(model.as_str());
+            concrete.insert(
+                format!("{provider}/{model}"),
+                ConcreteTarget {
+                    provider: entry.provider.clone(),
+                    metrics: Arc::new(TargetMetrics::new(&provider, model.clone(), "")),
+                    model,
+                    info,
+                    health: std::sync::OnceLock::new(),
+                },
+            );
+        }
+        self.concrete = Arc::new(concrete);
     }
 
     /// Overrides or adds the registry entry of `model` at provider `name`.
@@ -276,6 +323,7 @@ impl RoutingTable {
             .entry(name.to_owned())
             .or_default()
             .insert(info.model.clone(), Arc::new(info));
+        self.build_concrete();
     }
 
     /// The registry entry of a model at a configured provider.
@@ -345,13 +393,16 @@ impl RoutingTable {
         out
     }
 
-    fn resolve(&self, provider: &str, model: &str) -> Option<Target> {
+    /// The target `provider/model` as routed by `policy` (empty for none).
+    fn resolve(&self, provider: &str, model: &str, policy: &str) -> Option<Target> {
         let entry = self.providers.get(provider)?;
+        let model: Arc<str> = Arc::from(model);
         Some(Target {
             provider: entry.provider.clone(),
-            model: Arc::from(model),
-            info: self.model_info(provider, model),
-            health: self.health.get(provider, model),
+            info: self.model_info(provider, &model),
+            health: self.health.get(provider, &model),
+            metrics: Arc::new(TargetMetrics::new(provider, model.clone(), policy)),
+            model,
         })
     }
 
@@ -368,7 +419,7 @@ impl RoutingTable {
                     .iter()
                     .map(|t| CompiledTarget {
                         spec: t.clone(),
-                        target: self.resolve(&t.provider, &t.model),
+                        target: self.resolve(&t.provider, &t.model, &spec.name),
                     })
                     .collect()
             };
@@ -382,6 +433,7 @@ impl RoutingTable {
                     .map(|v| (v.match_tags.clone(), compile(&v.targets)))
                     .collect(),
                 execution: Arc::new(spec.execution.resolve()),
+                counters: Arc::new(PolicyCounters::new(&spec.name)),
                 spec: spec.clone(),
             };
             table.policies.insert(spec.name.clone(), Arc::new(compiled));
@@ -396,6 +448,19 @@ impl RoutingTable {
         if let Some(policy) = self.policies.get(model) {
             let (ranked, _) = self.rank(policy, request, false)?;
             return Ok(ranked);
+        }
+        if let Some(t) = self.concrete.get(model) {
+            let target = Target {
+                provider: t.provider.clone(),
+                model: t.model.clone(),
+                info: t.info.clone(),
+                health: t
+                    .health
+                    .get_or_init(|| self.health.get(t.provider.name(), &t.model))
+                    .clone(),
+                metrics: t.metrics.clone(),
+            };
+            return self.concrete_plan(target);
         }
         let Some((provider_name, model_name)) = model.split_once('/') else {
             return Err(not_found(model));
@@ -420,17 +485,20 @@ impl RoutingTable {
                 ),
             });
         }
-        let target = Target {
-            provider: entry.provider.clone(),
-            model: Arc::from(model_name),
-            info: self.model_info(provider_name, model_name),
-            health: self.health.get(provider_name, model_name),
-        };
+        let target = self
+            .resolve(provider_name, model_name, "")
+            .ok_or_else(|| not_found(model))?;
+        self.concrete_plan(target)
+    }
+
+    /// The one-target plan of a concrete model, unless its target rests.
+    fn concrete_plan(&self, target: Target) -> Result<Plan, GatewayError> {
         let mut plan = Plan {
             policy: None,
             targets: Vec::with_capacity(1),
             skipped: Vec::new(),
             execution: self.default_execution.clone(),
+            counters: self.default_counters.clone(),
         };
         match target.health.peek(Instant::now()) {
             Admission::Allowed | Admission::Probe => plan.targets.push(target),
@@ -524,6 +592,7 @@ impl RoutingTable {
                         targets: Vec::new(),
                         skipped: Vec::new(),
                         execution: policy.execution.clone(),
+                        counters: policy.counters.clone(),
                     },
                     Some(Explanation {
                         policy: Some(policy.name.to_string()),
@@ -664,6 +733,7 @@ impl RoutingTable {
             targets: Vec::with_capacity(eligible.len()),
             skipped: Vec::new(),
             execution: policy.execution.clone(),
+            counters: policy.counters.clone(),
         };
         let mut resting = Vec::new();
         let mut chosen = Vec::new();
@@ -862,6 +932,12 @@ impl Router {
         self.table.load_full()
     }
 
+    /// The current table for the length of one call, without touching its reference count
+    /// (a guard; hold it briefly).
+    pub fn current(&self) -> arc_swap::Guard<Arc<RoutingTable>> {
+        self.table.load()
+    }
+
     /// Swaps in a new table.
     pub fn store(&self, table: RoutingTable) {
         self.table.store(Arc::new(table));
@@ -889,6 +965,46 @@ mod tests {
             &|_| None,
             Arc::new(HealthRegistry::new(HealthSettings::default())),
         )
+    }
+
+    /// A listed concrete model plans from its template (the same handles every call); an
+    /// unlisted one of a provider without an allowlist still routes, resolved per call.
+    #[test]
+    fn concrete_models_plan_from_their_templates() {
+        let mut providers = ProviderRegistry::new();
+        providers.insert(Arc::new(Mock::new("a")));
+        let health = Arc::new(HealthRegistry::new(HealthSettings::default()));
+        let table = RoutingTable::new(
+            &providers,
+            ModelRegistry::default(),
+            &|_| Some(vec!["m".to_owned()]),
+            health.clone(),
+        );
+        assert!(health.all().is_empty(), "no health state before a call");
+        let req = |model: &str| ChatRequest {
+            model: model.into(),
+            ..request(None)
+        };
+        let first = table.plan(&req("a/m")).unwrap();
+        let second = table.plan(&req("a/m")).unwrap();
+        let (t1, t2) = (&first.targets[0], &second.targets[0]);
+        assert!(Arc::ptr_eq(&t1.metrics, &t2.metrics));
+        assert!(Arc::ptr_eq(&t1.health, &t2.health));
+        assert!(Arc::ptr_eq(&t1.health, &health.get("a", "m")));
+        assert_eq!((&**t1.metrics.provider(), &*t1.model), ("a", "m"));
+        assert!(matches!(
+            table.plan(&req("a/other")),
+            Err(GatewayError::NotFound { .. })
+        ));
+
+        let open = table_with(&providers, health);
+        let plan = open.plan(&req("a/anything")).unwrap();
+        assert_eq!(&*plan.targets[0].model, "anything");
+        assert_eq!(plan.targets[0].metrics.policy(), "");
+    }
+
+    fn table_with(providers: &ProviderRegistry, health: Arc<HealthRegistry>) -> RoutingTable {
+        RoutingTable::new(providers, ModelRegistry::default(), &|_| None, health)
     }
 
     fn target(provider: &str, weight: u32, priority: i32, region: Option<&str>) -> TargetSpec {

@@ -533,6 +533,7 @@ pub fn chat_response(id: String, answer: Answer) -> pb::ChatResponse {
         provider,
         cost: call_cost,
         route: call_route,
+        ..
     } = answer;
     let content = response
         .content

@@ -118,6 +118,7 @@ impl Engine {
             match result {
                 Ok(answer) => {
                     tracing::debug!(provider = %answer.provider, model = %answer.response.model, "call succeeded");
+                    meter.set_target(answer.metrics.clone());
                     meter.finish(Outcome {
                         code: tonic::Code::Ok,
                         error_class: "",
@@ -161,6 +162,7 @@ impl Engine {
             }
         };
         let ttft = started.elapsed();
+        meter.set_target(Some(committed.target_metrics().clone()));
         meter.stream_opened();
         Ok(Box::pin(committed.map(move |event| match event {
             Ok(event) => {
@@ -199,7 +201,7 @@ impl Engine {
             Credential::Bearer(secret) => self.access.chat_caller_secret(secret)?,
         };
         let mut req = request()?;
-        let table = self.router.load();
+        let table = self.router.current();
         let mut permit = None;
         // Routed to the budget's fallback policy: the budget no longer refuses calls.
         let mut budget_fallback = false;

@@ -1,7 +1,7 @@
 //! Per-call accounting: metrics and the usage ledger record, written once when a call ends
 //! (successfully, with an error, or because the caller went away).
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{borrow::Cow, collections::BTreeMap, sync::Arc, time::Duration};
 
 use tokio::time::Instant;
 use tonic::Code;
@@ -11,7 +11,7 @@ use crate::{
     ledger::{Ledger, UsageRecord},
     limits::Permit,
     models::Cost,
-    telemetry::names,
+    telemetry::{CallHandles, HandleCache, StaticSlots, TargetMetrics, names},
     types::{AttemptOutcome, Route, Usage},
 };
 
@@ -69,6 +69,7 @@ pub struct CallMeter {
     stream: bool,
     key: String,
     permit: Option<Permit>,
+    target: Option<Arc<TargetMetrics>>,
 }
 
 fn code_name(code: Code) -> &'static str {
@@ -93,36 +94,41 @@ fn code_name(code: Code) -> &'static str {
     }
 }
 
-/// The metric handles of one label set.
-#[derive(Clone)]
-struct CallHandles {
-    calls: metrics::Counter,
-    duration: metrics::Histogram,
-    ttft: metrics::Histogram,
-    input_tokens: metrics::Counter,
-    output_tokens: metrics::Counter,
-    cached_tokens: metrics::Counter,
-    cost: metrics::Histogram,
-}
-
-fn inflight(rpc: &'static str) -> metrics::Gauge {
-    static GAUGES: std::sync::LazyLock<crate::telemetry::HandleCache<metrics::Gauge>> =
+fn inflight(rpc: &'static str) -> Cow<'static, metrics::Gauge> {
+    static GAUGES: std::sync::LazyLock<StaticSlots<metrics::Gauge, 8>> =
         std::sync::LazyLock::new(Default::default);
-    GAUGES.get(rpc, || metrics::gauge!(names::INFLIGHT, "rpc" => rpc))
+    let make = || metrics::gauge!(names::INFLIGHT, "rpc" => rpc);
+    match GAUGES.slot(rpc, make) {
+        Some(gauge) => Cow::Borrowed(gauge),
+        None => Cow::Owned(GAUGES.get(rpc, make)),
+    }
 }
 
-fn open_streams() -> metrics::Gauge {
-    static GAUGE: std::sync::LazyLock<crate::telemetry::HandleCache<metrics::Gauge>> =
-        std::sync::LazyLock::new(Default::default);
-    GAUGE.get("", || metrics::gauge!(names::OPEN_STREAMS))
+fn open_streams() -> &'static metrics::Gauge {
+    static GAUGE: std::sync::LazyLock<metrics::Gauge> =
+        std::sync::LazyLock::new(|| metrics::gauge!(names::OPEN_STREAMS));
+    &GAUGE
 }
 
-static HANDLES: std::sync::LazyLock<crate::telemetry::HandleCache<CallHandles>> =
+/// Call handles by label set, for the calls whose target keeps none for them (failures,
+/// tag labels).
+static HANDLES: std::sync::LazyLock<HandleCache<CallHandles>> =
     std::sync::LazyLock::new(Default::default);
 
 impl CallMeter {
-    /// The handles for this call's labels, registered once per label set.
-    fn handles(&self, provider: &str, model: &str, code: &'static str) -> CallHandles {
+    /// The handles for this call's labels: the answering target's own for a successful call
+    /// without tag labels, otherwise registered once per label set in a shared cache.
+    fn handles(&self, provider: &str, model: &str, code: &'static str) -> Cow<'_, CallHandles> {
+        if code == "OK"
+            && self.config.tag_labels.is_empty()
+            && let Some(target) = &self.target
+            && target.policy() == self.policy
+            && **target.provider() == *provider
+            && **target.model() == *model
+            && let Some(handles) = target.call_ok(self.rpc)
+        {
+            return Cow::Borrowed(handles);
+        }
         let tag_values: Vec<&str> = self
             .config
             .tag_labels
@@ -137,44 +143,16 @@ impl CallMeter {
             key.push('\u{1f}');
             key.push_str(v);
         }
-        HANDLES.get(&key, || {
-            let tags: Vec<metrics::Label> = self
+        Cow::Owned(HANDLES.get(&key, || {
+            let tags: Vec<(&str, &str)> = self
                 .config
                 .tag_labels
                 .iter()
-                .zip(&tag_values)
-                .map(|(t, v)| metrics::Label::new(format!("tag_{t}"), (*v).to_owned()))
+                .map(String::as_str)
+                .zip(tag_values.iter().copied())
                 .collect();
-            let target = |extra: Option<(&'static str, &'static str)>| {
-                let mut l = vec![
-                    metrics::Label::new("policy", self.policy.clone()),
-                    metrics::Label::new("provider", provider.to_owned()),
-                    metrics::Label::new("model", model.to_owned()),
-                ];
-                l.extend(tags.iter().cloned());
-                if let Some((k, v)) = extra {
-                    l.push(metrics::Label::new(k, v));
-                }
-                l
-            };
-            let mut call = vec![
-                metrics::Label::new("rpc", self.rpc),
-                metrics::Label::new("code", code),
-            ];
-            call.extend(target(None));
-            CallHandles {
-                calls: metrics::counter!(names::CALLS, call.clone()),
-                duration: metrics::histogram!(names::CALL_DURATION, call),
-                ttft: metrics::histogram!(names::TIME_TO_FIRST_TOKEN, target(None)),
-                input_tokens: metrics::counter!(names::TOKENS, target(Some(("type", "input")))),
-                output_tokens: metrics::counter!(names::TOKENS, target(Some(("type", "output")))),
-                cached_tokens: metrics::counter!(
-                    names::TOKENS,
-                    target(Some(("type", "cached_input")))
-                ),
-                cost: metrics::histogram!(names::COST, target(None)),
-            }
-        })
+            CallHandles::register(self.rpc, code, &self.policy, provider, model, &tags)
+        }))
     }
 
     /// Starts accounting for a call.
@@ -191,7 +169,13 @@ impl CallMeter {
             stream: false,
             key: String::new(),
             permit: None,
+            target: None,
         }
+    }
+
+    /// The target that answers the call (its metric handles).
+    pub fn set_target(&mut self, target: Option<Arc<TargetMetrics>>) {
+        self.target = target;
     }
 
     /// The request's tags (for the ledger and tag labels).
