@@ -100,6 +100,8 @@ struct RawConfig {
     #[serde(default)]
     connections: crate::server::settings::ConnSettings,
     #[serde(default)]
+    admission: crate::server::settings::AdmissionSettings,
+    #[serde(default)]
     http: RawHttpFront,
 }
 
@@ -149,6 +151,8 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// `[connections]`: the front door's connection limits.
     pub connections: crate::server::settings::ConnSettings,
+    /// `[admission]`: the bound on chat calls in flight at the front.
+    pub admission: crate::server::settings::AdmissionSettings,
     /// `[http]`: the OpenAI- and Anthropic-compatible front.
     pub http: HttpFrontSettings,
 }
@@ -350,6 +354,7 @@ fn validate(
     let teams = crate::limits::teams_from_raw(raw.teams, &mut issues);
     let tls = raw.tls.and_then(|t| TlsConfig::from_raw(t, &mut issues));
     let connections = crate::server::settings::ConnSettings::checked(raw.connections, &mut issues);
+    let admission = raw.admission.checked(&mut issues);
 
     if !issues.is_empty() {
         return Err(ConfigError::Invalid(issues.into_vec()));
@@ -372,6 +377,7 @@ fn validate(
         teams,
         tls,
         connections,
+        admission,
         http,
     })
 }

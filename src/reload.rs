@@ -172,6 +172,7 @@ impl Reloader {
             teams,
             tls,
             connections,
+            admission,
             http,
         } = &self.running;
         let mut report = ReloadReport::default();
@@ -188,6 +189,7 @@ impl Reloader {
         };
         restart("server.listen", server.listen != new.server.listen);
         restart("connections", connections != &new.connections);
+        restart("admission", admission != &new.admission);
         let server_rest = ServerSettings {
             listen: new.server.listen,
             ..server.clone()

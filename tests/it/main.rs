@@ -19,6 +19,7 @@ mod executor;
 mod http;
 mod keys;
 mod observability;
+mod overload;
 mod providers;
 mod reasons;
 mod security;
