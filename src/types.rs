@@ -367,3 +367,41 @@ pub struct Route {
     /// Attempts and skipped targets in order.
     pub attempts: Vec<AttemptRecord>,
 }
+
+/// How an embedding request wants its vectors back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EmbeddingEncoding {
+    /// A list of floats.
+    #[default]
+    Float,
+    /// Little-endian float32 bytes (base64 text on JSON surfaces).
+    Base64,
+}
+
+/// An embedding request as the gateway understands it, validated.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EmbedRequest {
+    /// The model or policy name the caller asked for.
+    pub model: String,
+    /// The texts to embed, in order; never empty, no text empty.
+    pub inputs: Vec<String>,
+    /// The number of dimensions wanted; `None` means the model's default.
+    pub dimensions: Option<u32>,
+    /// How the caller wants the vectors (providers may use either on their wire).
+    pub encoding: EmbeddingEncoding,
+    /// Attribution tags (never sent upstream).
+    pub tags: BTreeMap<String, String>,
+    /// Opaque end-user id.
+    pub user: Option<String>,
+}
+
+/// The embeddings of one request from one provider.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct EmbedResponse {
+    /// The model as the provider named it (falls back to the requested one).
+    pub model: String,
+    /// One vector per input, in input order.
+    pub embeddings: Vec<Vec<f32>>,
+    /// Usage (input tokens only); `None` when the provider reported none.
+    pub usage: Option<Usage>,
+}

@@ -287,6 +287,14 @@ impl LlmGateway for Baseline {
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
         Ok(Response::new(pb::ListModelsResponse::default()))
     }
+
+    /// Not part of the baseline's benchmarks.
+    async fn embed(
+        &self,
+        _request: Request<pb::EmbedRequest>,
+    ) -> Result<Response<pb::EmbedResponse>, Status> {
+        Err(Status::unimplemented("the baseline forwards chat only"))
+    }
 }
 
 type Body = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;

@@ -43,6 +43,7 @@
 //!
 //! Dropping the future of a call (the caller cancelled) drops every attempt.
 
+mod embed;
 mod stream;
 
 use std::{
@@ -58,6 +59,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+pub use self::embed::{EmbedAnswer, embedding_plan};
 pub use self::stream::{CallEvent, CallStream};
 use crate::{
     error::GatewayError,

@@ -4,7 +4,9 @@
 //!
 //! # Wire formats
 //! - OpenAI Chat Completions: `POST /v1/chat/completions`, and Azure OpenAI's
-//!   `POST /openai/deployments/{deployment}/chat/completions?api-version=...`.
+//!   `POST /openai/deployments/{deployment}/chat/completions?api-version=...`; embeddings at
+//!   `POST /v1/embeddings` and `.../deployments/{deployment}/embeddings` (floats, or base64
+//!   with `encoding_format: base64`; `dimensions`).
 //! - Anthropic Messages: `POST /v1/messages` (JSON, and SSE with the real event sequence).
 //! - Google Gemini: `POST /v1beta/models/{model}:generateContent` and
 //!   `:streamGenerateContent` (`?alt=sse` for SSE, a JSON array without).
@@ -36,6 +38,14 @@
 //! | `cached=N` | report N of the input tokens as read from the provider's prompt cache |
 //! | `echo_key` | answer 400 with a message quoting the request's API key and a bearer token |
 //!
+//! # Embeddings
+//! Every embeddings endpoint answers with [`text_embedding`] of each input text (the same
+//! function the in-process `mock` provider uses): a deterministic, L2-normalised, signed
+//! feature-hashing vector of the text's words and their character trigrams, 256 dimensions
+//! unless the request asks for others. The same text always gets the same vector, and texts
+//! sharing words have a higher cosine similarity than unrelated ones, so semantic-cache tests
+//! can rely on it. Usage is one token per word.
+//!
 //! [`MockStats`] counts requests, completions and cancellations (a request whose response
 //! was dropped before it completed, i.e. the client closed the connection), counts requests
 //! per API key, and keeps the last request's body and headers for assertions.
@@ -50,6 +60,7 @@
 mod anthropic;
 mod bedrock;
 
+pub use crate::providers::mock::{EMBEDDING_DIMENSIONS, text_embedding};
 pub use bedrock::{MOCK_AWS_ACCESS_KEY_ID, MOCK_AWS_SECRET_ACCESS_KEY};
 pub use vertex::{
     TEST_CLIENT_EMAIL as MOCK_VERTEX_CLIENT_EMAIL, TEST_PROJECT as MOCK_VERTEX_PROJECT,

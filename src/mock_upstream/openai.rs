@@ -1,6 +1,7 @@
 //! The mock's OpenAI Chat Completions endpoint: `POST /v1/chat/completions`, and the same
 //! behind Azure OpenAI's deployment URL
-//! (`POST /openai/deployments/{deployment}/chat/completions?api-version=...`).
+//! (`POST /openai/deployments/{deployment}/chat/completions?api-version=...`); and the
+//! embeddings endpoint, `POST /v1/embeddings` (Azure: `.../deployments/{deployment}/embeddings`).
 
 use axum::{
     Router,
@@ -10,11 +11,16 @@ use axum::{
     response::{IntoResponse, Response},
     routing::post,
 };
+use base64::Engine as _;
 use serde_json::{Value, json};
 
 use super::{
     MockState, ResponseGuard, Scenario, TOOL_ARGUMENTS, broken_json, count_tokens, inject_faults,
     json_error, query_param, reply_for, split_chunks, sse_response,
+};
+use crate::providers::{
+    embed::to_le_bytes,
+    mock::{EMBEDDING_DIMENSIONS, text_embedding},
 };
 
 pub(super) fn routes() -> Router<MockState> {
@@ -24,6 +30,110 @@ pub(super) fn routes() -> Router<MockState> {
             "/openai/deployments/{deployment}/chat/completions",
             post(azure_chat_completions),
         )
+        .route("/v1/embeddings", post(embeddings))
+        .route(
+            "/openai/deployments/{deployment}/embeddings",
+            post(azure_embeddings),
+        )
+}
+
+/// Azure OpenAI embeddings: the deployment in the path is the model.
+async fn azure_embeddings(
+    state: State<MockState>,
+    Path(deployment): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    match azure_body(&state, deployment, &uri, &headers, &body) {
+        Ok(body) => embeddings(state, headers, body).await,
+        Err(response) => *response,
+    }
+}
+
+/// `POST /v1/embeddings`: [`text_embedding`] of each input (`dimensions`, else 256), as
+/// floats or, with `encoding_format: base64`, as base64 little-endian float32 bytes; usage is
+/// one token per word. `status=`, `latency=`, `hang`, `malformed` and `no_usage` apply.
+async fn embeddings(State(state): State<MockState>, headers: HeaderMap, body: Bytes) -> Response {
+    let parsed: Option<Value> = serde_json::from_slice(&body).ok();
+    state.stats.record(&headers, parsed.clone());
+    let guard = ResponseGuard::new(state.stats.clone());
+    if state.refuses(&headers) {
+        guard.complete();
+        return error_response(401, None);
+    }
+    let inputs: Option<Vec<String>> = parsed.as_ref().and_then(|b| match &b["input"] {
+        Value::String(s) => Some(vec![s.clone()]),
+        Value::Array(items) => items
+            .iter()
+            .map(|i| i.as_str().map(str::to_owned))
+            .collect(),
+        _ => None,
+    });
+    let (Some(body), Some(inputs)) = (parsed, inputs) else {
+        guard.complete();
+        return error_response(400, None);
+    };
+    let scenario = Scenario::parse(body["model"].as_str().unwrap_or_default(), &state.settings);
+    scenario.wait().await;
+    if let Some(status) = scenario.status {
+        guard.complete();
+        return error_response(status, scenario.retry_after);
+    }
+    if scenario.malformed {
+        guard.complete();
+        return broken_json("{\"object\": \"list\", \"data\": [");
+    }
+    let dimensions = body["dimensions"]
+        .as_u64()
+        .and_then(|d| usize::try_from(d).ok())
+        .unwrap_or(EMBEDDING_DIMENSIONS);
+    let base64 = body["encoding_format"] == "base64";
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(index, text)| {
+            let vector = text_embedding(text, dimensions);
+            let embedding = if base64 {
+                json!(base64::engine::general_purpose::STANDARD.encode(to_le_bytes(&vector)))
+            } else {
+                json!(vector)
+            };
+            json!({"object": "embedding", "index": index, "embedding": embedding})
+        })
+        .collect();
+    let tokens: u64 = inputs.iter().map(|t| count_tokens(t)).sum();
+    let mut response = json!({"object": "list", "data": data, "model": scenario.model});
+    if !scenario.no_usage {
+        response["usage"] = json!({"prompt_tokens": tokens, "total_tokens": tokens});
+    }
+    guard.complete();
+    axum::Json(response).into_response()
+}
+
+/// The body of an Azure call with the deployment as its model, or Azure's 404 when the
+/// `api-version` is missing.
+fn azure_body(
+    state: &MockState,
+    deployment: String,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Bytes, Box<Response>> {
+    if query_param(uri, "api-version").is_none_or(str::is_empty) {
+        state.stats.record(headers, None);
+        ResponseGuard::new(state.stats.clone()).complete();
+        return Err(Box::new(json_error(
+            404,
+            json!({"error": {"code": "404", "message": "Resource not found"}}),
+            None,
+        )));
+    }
+    let mut parsed: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    if let Some(obj) = parsed.as_object_mut() {
+        obj.insert("model".into(), Value::String(deployment));
+    }
+    Ok(Bytes::from(serde_json::to_vec(&parsed).unwrap_or_default()))
 }
 
 /// Azure OpenAI: the deployment in the path is the model; `api-version` is required.
@@ -34,25 +144,10 @@ async fn azure_chat_completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if query_param(&uri, "api-version").is_none_or(str::is_empty) {
-        state.stats.record(&headers, None);
-        ResponseGuard::new(state.stats.clone()).complete();
-        return json_error(
-            404,
-            json!({"error": {"code": "404", "message": "Resource not found"}}),
-            None,
-        );
+    match azure_body(&state, deployment, &uri, &headers, &body) {
+        Ok(body) => chat_completions(state, headers, body).await,
+        Err(response) => *response,
     }
-    let mut parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    if let Some(obj) = parsed.as_object_mut() {
-        obj.insert("model".into(), Value::String(deployment));
-    }
-    chat_completions(
-        state,
-        headers,
-        Bytes::from(serde_json::to_vec(&parsed).unwrap_or_default()),
-    )
-    .await
 }
 
 fn last_user_text(body: &Value) -> String {

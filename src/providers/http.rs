@@ -10,15 +10,16 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 
 use super::{
     ErrorClass, EventStream, KeyRing, Provider, ProviderError,
     auth::Auth,
+    embed::{self, EmbedWire},
     keys::{Pick, ProviderKey},
     wire::{DecodedStream, WireFormat},
 };
-use crate::types::{ChatRequest, ChatResponse};
+use crate::types::{ChatRequest, ChatResponse, EmbedRequest, EmbedResponse};
 
 /// The most of an error body the gateway reads.
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -90,6 +91,16 @@ impl<W: WireFormat> HttpProvider<W> {
         body: Vec<u8>,
     ) -> Result<reqwest::Response, ProviderError> {
         let url = self.wire.endpoint(model, stream)?;
+        self.send_to(model, &url, body).await
+    }
+
+    /// [`HttpProvider::send`] to `url`.
+    async fn send_to(
+        &self,
+        model: &str,
+        url: &reqwest::Url,
+        body: Vec<u8>,
+    ) -> Result<reqwest::Response, ProviderError> {
         let body = Bytes::from(body);
         log_body("request", None, &body);
         let mut tried = Vec::new();
@@ -97,7 +108,7 @@ impl<W: WireFormat> HttpProvider<W> {
         let preferred = crate::pacing::current().and_then(|lease| lease.key);
         loop {
             let (key, index) = match self.keys.pick_preferred(&tried, preferred) {
-                Pick::NoKey => return self.attempt(model, &url, None, &body).await,
+                Pick::NoKey => return self.attempt(model, url, None, &body).await,
                 Pick::Key(key, index) => (key, index),
                 Pick::AllResting(err) => return Err(last_error.unwrap_or(err)),
                 Pick::Exhausted => {
@@ -106,7 +117,7 @@ impl<W: WireFormat> HttpProvider<W> {
                     }));
                 }
             };
-            match self.attempt(model, &url, Some(&key), &body).await {
+            match self.attempt(model, url, Some(&key), &body).await {
                 Err(err) if KeyRing::is_key_failure(&err) => {
                     self.keys.rest(&key, index, &err);
                     tried.push(key);
@@ -237,6 +248,23 @@ impl<W: WireFormat> HttpProvider<W> {
     }
 }
 
+impl<W: WireFormat> HttpProvider<W> {
+    /// One embedding request of `inputs` (a piece of `request.inputs`).
+    async fn embed_part(
+        &self,
+        wire: &dyn EmbedWire,
+        url: &reqwest::Url,
+        model: &str,
+        request: &EmbedRequest,
+        inputs: &[String],
+    ) -> Result<EmbedResponse, ProviderError> {
+        let body = wire.build_embed(model, request, inputs)?;
+        let response = self.send_to(model, url, body).await?;
+        let bytes = read_body(response).await?;
+        wire.parse_embed(&bytes, model, inputs.len())
+    }
+}
+
 #[async_trait]
 impl<W: WireFormat> Provider for HttpProvider<W> {
     fn name(&self) -> &str {
@@ -276,6 +304,31 @@ impl<W: WireFormat> Provider for HttpProvider<W> {
             let _held = &lease;
             event
         })))
+    }
+
+    fn supports_embeddings(&self) -> bool {
+        self.wire.embeddings().is_some()
+    }
+
+    /// One request per [`EmbedWire::max_batch`] inputs, a few at a time, joined in order.
+    async fn embed(
+        &self,
+        model: &str,
+        request: &EmbedRequest,
+    ) -> Result<EmbedResponse, ProviderError> {
+        let Some(wire) = self.wire.embeddings() else {
+            return Err(embed::unsupported(self.kind));
+        };
+        let url = wire.embed_endpoint(model)?;
+        let mut calls = Vec::new();
+        for inputs in request.inputs.chunks(wire.max_batch(model).max(1)) {
+            calls.push(self.embed_part(wire, &url, model, request, inputs));
+        }
+        let parts: Vec<EmbedResponse> = futures_util::stream::iter(calls)
+            .buffered(embed::MAX_PARALLEL_REQUESTS)
+            .try_collect()
+            .await?;
+        Ok(embed::join(parts, model))
     }
 }
 

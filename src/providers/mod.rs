@@ -15,6 +15,7 @@ pub mod bedrock;
 pub mod compat;
 #[cfg(test)]
 pub(crate) mod conformance;
+pub mod embed;
 pub mod error;
 pub mod eventstream;
 pub mod gemini;
@@ -42,7 +43,7 @@ pub use self::keys::KeyRing;
 pub use self::kinds::{ProviderConfig, RawProvider};
 pub use self::upstream::{RawUpstream, UpstreamSettings};
 pub use self::wire::{StreamDecoder, WireFormat};
-use crate::types::{ChatRequest, ChatResponse, StreamEvent};
+use crate::types::{ChatRequest, ChatResponse, EmbedRequest, EmbedResponse, StreamEvent};
 
 /// A stream of events from one provider. It ends after a `StreamEvent::Finish`, or with an
 /// error; ending without either is a bug the executor also guards against.
@@ -67,6 +68,22 @@ pub trait Provider: Send + Sync + 'static {
         model: &str,
         request: &ChatRequest,
     ) -> Result<EventStream, ProviderError>;
+
+    /// Whether the provider serves [`Provider::embed`]; the executor skips targets that do
+    /// not. The default: no embeddings.
+    fn supports_embeddings(&self) -> bool {
+        false
+    }
+
+    /// Embeds `request.inputs` with `model`, one vector per input in input order. The
+    /// default answers that this provider kind serves no embeddings.
+    async fn embed(
+        &self,
+        _model: &str,
+        _request: &EmbedRequest,
+    ) -> Result<EmbedResponse, ProviderError> {
+        Err(embed::unsupported(self.kind()))
+    }
 
     /// The provider's API keys, for a reload to swap; `None` when it uses none.
     fn keys(&self) -> Option<&Arc<KeyRing>> {

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     ErrorClass, HttpProvider, Provider, ProviderError, UpstreamError,
     auth::ApiKeyHeader,
+    embed::{EmbedWire, check_count, decode_base64_f32},
     kinds::{
         BuildContext, Discovered, Env, KeyRequired, KindInput, KindSettings, KindSpec,
         ProviderSettings, SettingsIssue, discovered, env_var,
@@ -23,8 +24,9 @@ use super::{
     wire::{WireFormat, decode_event, decode_json, is_path_segment, parse_url, reply_model},
 };
 use crate::types::{
-    ChatRequest, ChatResponse, ContentPart, FinishReason, ImageDetail, ImageSource, ResponseFormat,
-    Role, StreamEvent, ToolCall, ToolCallDelta, ToolChoice, Usage,
+    ChatRequest, ChatResponse, ContentPart, EmbedRequest, EmbedResponse, EmbeddingEncoding,
+    FinishReason, ImageDetail, ImageSource, ResponseFormat, Role, StreamEvent, ToolCall,
+    ToolCallDelta, ToolChoice, Usage,
 };
 
 /// The provider kind.
@@ -124,8 +126,13 @@ impl OpenAiConfig {
 
     /// The chat completions URL for `model`.
     pub fn url(&self, model: &str) -> Result<String, ProviderError> {
+        self.operation_url(model, "chat/completions")
+    }
+
+    /// The URL of `operation` (`chat/completions`, `embeddings`) for `model`.
+    pub fn operation_url(&self, model: &str, operation: &str) -> Result<String, ProviderError> {
         match &self.url_style {
-            UrlStyle::Base => Ok(format!("{}/chat/completions", self.base_url)),
+            UrlStyle::Base => Ok(format!("{}/{operation}", self.base_url)),
             UrlStyle::AzureDeployment { api_version } => {
                 // The deployment is one path segment; refuse what would change the URL.
                 if !is_path_segment(model) {
@@ -134,7 +141,7 @@ impl OpenAiConfig {
                     ));
                 }
                 Ok(format!(
-                    "{}/openai/deployments/{model}/chat/completions?api-version={api_version}",
+                    "{}/openai/deployments/{model}/{operation}?api-version={api_version}",
                     self.base_url
                 ))
             }
@@ -443,6 +450,126 @@ impl WireFormat for ChatCompletions {
 
     fn error_body(&self, _status: u16, _headers: &http::HeaderMap, body: &[u8]) -> UpstreamError {
         error_body(body)
+    }
+
+    fn embeddings(&self) -> Option<&dyn EmbedWire> {
+        Some(self)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Embeddings (`POST {base_url}/embeddings`, Azure: `.../deployments/{model}/embeddings`)
+// ---------------------------------------------------------------------------------------------
+
+/// The most inputs one OpenAI embeddings request may carry.
+pub const MAX_EMBED_INPUTS: usize = 2048;
+
+#[derive(Serialize)]
+struct WireEmbedRequest<'a> {
+    model: &'a str,
+    input: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    encoding_format: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dimensions: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<&'a str>,
+}
+
+#[derive(Deserialize)]
+struct WireEmbedResponse {
+    data: Vec<WireEmbedding>,
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    usage: Option<WireEmbedUsage>,
+}
+
+#[derive(Deserialize)]
+struct WireEmbedding {
+    #[serde(default)]
+    index: Option<usize>,
+    embedding: WireVector,
+}
+
+/// A vector as floats, or as base64 little-endian float32 bytes (`encoding_format: base64`).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum WireVector {
+    Floats(Vec<f32>),
+    Base64(String),
+}
+
+#[derive(Deserialize)]
+struct WireEmbedUsage {
+    #[serde(default)]
+    prompt_tokens: u64,
+}
+
+impl EmbedWire for ChatCompletions {
+    fn max_batch(&self, _model: &str) -> usize {
+        MAX_EMBED_INPUTS
+    }
+
+    fn embed_endpoint(&self, model: &str) -> Result<reqwest::Url, ProviderError> {
+        parse_url(&self.config.operation_url(model, "embeddings")?)
+    }
+
+    /// The caller's encoding goes upstream as is (float is the API's default and not sent,
+    /// so servers without base64 support are not asked for it).
+    fn build_embed(
+        &self,
+        model: &str,
+        request: &EmbedRequest,
+        inputs: &[String],
+    ) -> Result<Vec<u8>, ProviderError> {
+        let wire = WireEmbedRequest {
+            model,
+            input: inputs,
+            encoding_format: match request.encoding {
+                EmbeddingEncoding::Float => None,
+                EmbeddingEncoding::Base64 => Some("base64"),
+            },
+            dimensions: request.dimensions,
+            user: request.user.as_deref(),
+        };
+        serde_json::to_vec(&wire).map_err(|e| invalid(format!("could not encode the request: {e}")))
+    }
+
+    /// Vectors in `index` order (the API sends them so, but says so only by `index`).
+    fn parse_embed(
+        &self,
+        body: &[u8],
+        requested_model: &str,
+        count: usize,
+    ) -> Result<EmbedResponse, ProviderError> {
+        let wire: WireEmbedResponse = decode_json(body)?;
+        check_count(wire.data.len(), count)?;
+        let mut slots: Vec<Option<Vec<f32>>> = vec![None; count];
+        for (position, item) in wire.data.into_iter().enumerate() {
+            let index = item.index.unwrap_or(position);
+            let vector = match item.embedding {
+                WireVector::Floats(values) => values,
+                WireVector::Base64(text) => decode_base64_f32(&text)?,
+            };
+            match slots.get_mut(index) {
+                Some(slot @ None) => *slot = Some(vector),
+                _ => {
+                    return Err(ProviderError::new(
+                        ErrorClass::InvalidResponse,
+                        "the provider's embedding indexes are not 0 to n-1",
+                    ));
+                }
+            }
+        }
+        Ok(EmbedResponse {
+            model: reply_model(wire.model, requested_model),
+            embeddings: slots.into_iter().flatten().collect(),
+            usage: wire.usage.map(|u| Usage {
+                input_tokens: u.prompt_tokens,
+                ..Usage::default()
+            }),
+        })
     }
 }
 
@@ -1233,5 +1360,87 @@ mod tests {
             events.last(),
             Some(Ok(StreamEvent::Finish(FinishReason::Length)))
         ));
+    }
+
+    #[test]
+    fn builds_and_parses_documented_embeddings() {
+        let wire = ChatCompletions::new(config());
+        assert_eq!(
+            wire.embed_endpoint("text-embedding-3-small")
+                .unwrap()
+                .as_str(),
+            "https://api.openai.com/v1/embeddings"
+        );
+        let azure = ChatCompletions::new(OpenAiConfig::azure(
+            "https://r.openai.azure.com",
+            AZURE_DEFAULT_API_VERSION,
+        ));
+        assert_eq!(
+            azure.embed_endpoint("emb-prod").unwrap().as_str(),
+            "https://r.openai.azure.com/openai/deployments/emb-prod/embeddings?api-version=2024-10-21"
+        );
+        assert!(azure.embed_endpoint("a/b").is_err());
+        let request = EmbedRequest {
+            inputs: vec!["The food was delicious".into(), "and the waiter".into()],
+            dimensions: Some(256),
+            encoding: EmbeddingEncoding::Base64,
+            user: Some("u-1".into()),
+            ..EmbedRequest::default()
+        };
+        let body = json(
+            &wire
+                .build_embed("text-embedding-3-small", &request, &request.inputs)
+                .unwrap(),
+        );
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "model": "text-embedding-3-small",
+                "input": ["The food was delicious", "and the waiter"],
+                "encoding_format": "base64",
+                "dimensions": 256,
+                "user": "u-1",
+            })
+        );
+        // The API reference's example answer (vectors shortened), indexes out of order.
+        let documented = br#"{
+          "object": "list",
+          "data": [
+            {"object": "embedding", "embedding": [0.5, -0.25], "index": 1},
+            {"object": "embedding", "embedding": [0.0023064255, -0.009327292], "index": 0}
+          ],
+          "model": "text-embedding-3-small",
+          "usage": {"prompt_tokens": 8, "total_tokens": 8}
+        }"#;
+        let answer = wire
+            .parse_embed(documented, "text-embedding-3-small", 2)
+            .unwrap();
+        assert_eq!(
+            answer.embeddings,
+            [vec![0.0023064255, -0.009327292], vec![0.5, -0.25]]
+        );
+        assert_eq!(answer.usage.unwrap().input_tokens, 8);
+        // base64: little-endian float32 bytes.
+        let packed = br#"{"object":"list","data":[{"object":"embedding","index":0,"embedding":"AAAAPwAAgL8="}],"model":"m"}"#;
+        let answer = wire.parse_embed(packed, "m", 1).unwrap();
+        assert_eq!(answer.embeddings, [vec![0.5, -1.0]]);
+        assert_eq!(answer.usage, None);
+        for (bad, count) in [
+            (&documented[..], 3),
+            (
+                &br#"{"data":[{"index":0,"embedding":[1]},{"index":0,"embedding":[2]}]}"#[..],
+                2,
+            ),
+            (&br#"{"data":[{"index":5,"embedding":[1]}]}"#[..], 1),
+            (&br#"{"data":[{"index":0,"embedding":"%%"}]}"#[..], 1),
+            (&br#"{"data": [}"#[..], 1),
+        ] {
+            assert_eq!(
+                wire.parse_embed(bad, "m", count).unwrap_err().class,
+                ErrorClass::InvalidResponse,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 }

@@ -57,6 +57,12 @@ pub trait WireFormat: Send + Sync + 'static {
     /// class arbitration and what callers may see belong to the shared policy.
     fn error_body(&self, status: u16, headers: &http::HeaderMap, body: &[u8]) -> UpstreamError;
 
+    /// The API's embeddings operation, when it has one (errors are classified by
+    /// [`WireFormat::classify`] like chat's). The default: none.
+    fn embeddings(&self) -> Option<&dyn super::embed::EmbedWire> {
+        None
+    }
+
     /// Classifies an HTTP error answer with the one shared policy
     /// ([`super::error::classify_http`]).
     fn classify(&self, status: u16, headers: &http::HeaderMap, body: &[u8]) -> ProviderError {

@@ -113,6 +113,7 @@ pub const METHODS: &[Method] = &[
     rpc(gateway!("Chat"), Requirement::Chat).metered("Chat"),
     rpc(gateway!("ChatStream"), Requirement::Chat).metered("ChatStream"),
     rpc(gateway!("ListModels"), Requirement::Chat),
+    rpc(gateway!("Embed"), Requirement::Chat).metered("Embed"),
     rpc(admin!("CreatePolicy"), Requirement::Admin),
     rpc(admin!("UpdatePolicy"), Requirement::Admin),
     rpc(admin!("GetPolicy"), Requirement::Admin),

@@ -459,7 +459,8 @@ fn finish_reason(reason: FinishReason) -> i32 {
     }) as i32
 }
 
-fn usage(usage: Option<&Usage>) -> pb::Usage {
+/// Converts usage (`None`: not reported).
+pub fn usage(usage: Option<&Usage>) -> pb::Usage {
     match usage {
         Some(u) => pb::Usage {
             input_tokens: u.input_tokens,
@@ -477,7 +478,8 @@ fn usage(usage: Option<&Usage>) -> pb::Usage {
     }
 }
 
-fn cost(cost: Option<Cost>) -> Option<pb::Cost> {
+/// Converts a cost.
+pub fn cost(cost: Option<Cost>) -> Option<pb::Cost> {
     cost.map(|c| pb::Cost {
         total_usd: c.total_usd(),
         input_usd: c.input_usd,

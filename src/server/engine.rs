@@ -9,6 +9,8 @@
 //! 5. routing to a plan; 6. the executor (fallback, hedging, deadline, commit point);
 //! 7. the meter and ledger record the outcome, labelled with the surface's `rpc` name.
 
+mod embed;
+
 use futures_util::{Stream, StreamExt};
 use tokio::time::Instant;
 use tracing::Instrument;

@@ -8,7 +8,7 @@ use futures_util::{Stream, StreamExt};
 use tonic::{Request, Response, Status, metadata::MetadataMap};
 
 use super::{
-    authz, convert,
+    authz, convert, convert_embed,
     deadline::call_deadline,
     engine::{Call, Credential, Engine, trace_context},
     request_id::RequestId,
@@ -105,6 +105,30 @@ impl LlmGateway for GatewayService {
                 .map(|event| convert::stream_event(&id, event))
                 .map_err(GatewayError::into_status)
         }))))
+    }
+
+    async fn embed(
+        &self,
+        request: Request<pb::EmbedRequest>,
+    ) -> Result<Response<pb::EmbedResponse>, Status> {
+        let (metadata, extensions, message) = request.into_parts();
+        let call = self.call(&metadata, &extensions, "Embed")?;
+        let id = call.request_id.clone();
+        let mut encoding = Default::default();
+        match self
+            .engine
+            .embed(call, || {
+                let req = convert_embed::embed_request(message)?;
+                encoding = req.encoding;
+                Ok(req)
+            })
+            .await
+        {
+            Ok(answer) => Ok(Response::new(convert_embed::embed_response(
+                id, answer, encoding,
+            ))),
+            Err(err) => Err(err.into_status()),
+        }
     }
 
     async fn list_models(

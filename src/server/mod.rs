@@ -23,6 +23,7 @@ pub mod authz;
 pub mod conn;
 pub mod convert;
 pub mod convert_admin;
+pub mod convert_embed;
 pub mod deadline;
 pub mod engine;
 pub mod framing;

@@ -14,6 +14,7 @@ mod check_config;
 mod cloud;
 mod conn;
 mod deploy;
+mod embed;
 mod errors;
 mod executor;
 mod http;
