@@ -525,6 +525,32 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_examples_load() {
+        let readme = include_str!("../../README.md");
+        for heading in ["**Outbound smoothing.**", "**Overload protection.**"] {
+            let section = &readme[readme.find(heading).unwrap()..];
+            let start = section.find("```toml\n").unwrap() + "```toml\n".len();
+            let example = &section[start..start + section[start..].find("```").unwrap()];
+            let config = crate::config::Config::from_toml(
+                example,
+                std::path::Path::new("README.md"),
+                &crate::config::Overrides::default(),
+                &|name| name.starts_with("OPENAI_KEY").then(|| format!("sk-{name}")),
+            )
+            .unwrap_or_else(|e| panic!("{heading}: {e}"));
+            assert_eq!(config.pacing, PacingSettings::default());
+            assert_eq!(
+                config.admission,
+                crate::server::settings::AdmissionSettings::default()
+            );
+            if let Some(openai) = config.providers.iter().find(|p| p.name == "openai") {
+                assert_eq!(openai.pacing.requests_per_minute, Some(500));
+                assert_eq!(openai.api_keys.len(), 2);
+            }
+        }
+    }
+
+    #[test]
     fn settings_validate_and_name_fields() {
         let mut issues = Issues::new();
         let s = PacingSettings::from_raw(
