@@ -93,6 +93,8 @@ struct RawConfig {
     #[serde(default)]
     ledger: RawLedger,
     #[serde(default)]
+    cache: crate::cache::RawCache,
+    #[serde(default)]
     auth: RawAuth,
     #[serde(default)]
     teams: BTreeMap<String, RawTeam>,
@@ -103,6 +105,8 @@ struct RawConfig {
     admission: crate::server::settings::AdmissionSettings,
     #[serde(default)]
     http: RawHttpFront,
+    #[serde(default)]
+    shared: crate::shared::RawShared,
 }
 
 // -------------------------------------------------------------------------------------------
@@ -143,6 +147,8 @@ pub struct Config {
     pub metrics: MetricsSettings,
     /// `[ledger]`.
     pub ledger: LedgerSettings,
+    /// `[cache]`: the response cache.
+    pub cache: crate::cache::CacheSettings,
     /// `[auth]`.
     pub auth: AuthSettings,
     /// `[teams.*]`: limits and budgets per team (a key's owner).
@@ -155,6 +161,8 @@ pub struct Config {
     pub admission: crate::server::settings::AdmissionSettings,
     /// `[http]`: the OpenAI- and Anthropic-compatible front.
     pub http: HttpFrontSettings,
+    /// `[shared]`: state shared by replicas, in Redis.
+    pub shared: crate::shared::SharedSettings,
 }
 
 /// Settings given on the command line or in the environment; they win over the file.
@@ -346,6 +354,7 @@ fn validate(
     let pacing = crate::pacing::PacingSettings::from_raw(raw.pacing, &mut issues);
     let metrics = MetricsSettings::from_raw(raw.metrics, &mut issues);
     let ledger = LedgerSettings::from_raw(raw.ledger, &mut issues);
+    let cache = crate::cache::CacheSettings::from_raw(raw.cache, &mut issues);
     let mut auth = AuthSettings::from_raw(raw.auth);
     // Keys are required whenever the data plane is reachable from other machines.
     auth.require_keys |= !server.listen.ip().is_loopback();
@@ -355,6 +364,7 @@ fn validate(
     let tls = raw.tls.and_then(|t| TlsConfig::from_raw(t, &mut issues));
     let connections = crate::server::settings::ConnSettings::checked(raw.connections, &mut issues);
     let admission = raw.admission.checked(&mut issues);
+    let shared = crate::shared::SharedSettings::from_raw(raw.shared, &mut issues);
 
     if !issues.is_empty() {
         return Err(ConfigError::Invalid(issues.into_vec()));
@@ -373,12 +383,14 @@ fn validate(
         pacing,
         metrics,
         ledger,
+        cache,
         auth,
         teams,
         tls,
         connections,
         admission,
         http,
+        shared,
     })
 }
 

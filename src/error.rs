@@ -376,6 +376,7 @@ mod tests {
                 latency: Duration::from_millis(12),
                 time_to_first_token: None,
             }],
+            ..Route::default()
         };
         let err = ProviderError::new(ErrorClass::RateLimited, "the provider answered http 429")
             .with_retry_after(Some(Duration::from_secs(2)));

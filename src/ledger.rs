@@ -104,6 +104,10 @@ pub struct UsageRecord {
     pub code: String,
     /// Error class when the call failed.
     pub error_class: String,
+    /// What the response cache did (`hit`, `miss`, `stored`, `bypass`; empty: off).
+    pub cache: String,
+    /// For a cache hit: what the original call cost (the hit itself costs zero).
+    pub cost_saved_usd: Option<f64>,
 }
 
 /// What the ledger needs of durable storage: append usage records, read them back, prune

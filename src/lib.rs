@@ -17,6 +17,8 @@
 //! - [`auth`]: gateway API keys: issuing, hashing, verifying, scopes.
 //! - [`executor`]: deadlines, fallback, hedging, the stream commit point, cancellation.
 //! - [`limits`]: rate limits and budgets per key and per team.
+//! - [`cache`]: the response cache (exact and semantic), always within the caller's
+//!   tenant namespace; `[cache]` and a policy's `cache` block.
 //! - [`routing`]: the policy model and selection: from the caller's `model` to a
 //!   [`routing::Plan`].
 //! - [`error`]: [`error::GatewayError`] and its single mapping to gRPC statuses.
@@ -25,6 +27,8 @@
 //! - [`pacing`]: outbound smoothing: each provider account's requests and tokens per
 //!   minute (configured, and learned from the providers' headers) and the adaptive
 //!   concurrency limit per target; `[pacing]`.
+//! - [`shared`]: state shared by several replicas in Redis (`[shared]`): the client, its
+//!   fail-open/fail-closed mode, and provider rest state published to every replica.
 //! - [`providers`]: the [`providers::Provider`] trait and the provider kit: a wire format
 //!   per provider API (one file each), one HTTP adapter, pluggable auth and stream framing,
 //!   the kind registry that owns `[providers.*]` settings, the one error policy, provider
@@ -59,9 +63,11 @@
 //! store
 //! auth executor
 //! limits routing
+//! cache
 //! error mock_upstream
 //! health ledger providers
 //! pacing
+//! shared
 //! models server::settings telemetry tls
 //! pb settings types
 //! codec
@@ -72,6 +78,7 @@
 //! the ledger defines the sink the store implements.
 
 pub mod auth;
+pub mod cache;
 pub mod codec;
 pub mod config;
 pub mod error;
@@ -90,6 +97,7 @@ pub mod reload;
 pub mod routing;
 pub mod server;
 pub mod settings;
+pub mod shared;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

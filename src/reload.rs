@@ -168,12 +168,14 @@ impl Reloader {
             pacing,
             metrics,
             ledger,
+            cache,
             auth,
             teams,
             tls,
             connections,
             admission,
             http,
+            shared,
         } = &self.running;
         let mut report = ReloadReport::default();
         self.apply_providers(providers, new, &mut report);
@@ -216,9 +218,11 @@ impl Reloader {
         restart("pacing", *pacing != new.pacing);
         restart("metrics", *metrics != new.metrics);
         restart("ledger", *ledger != new.ledger);
+        restart("cache", *cache != new.cache);
         restart("auth", *auth != new.auth);
         restart("teams", *teams != new.teams);
         restart("http", *http != new.http);
+        restart("shared", *shared != new.shared);
         report
     }
 

@@ -317,6 +317,11 @@ pub mod names {
     pub const CONNECTIONS_REFUSED: &str = "llm_gateway_connections_refused_total";
     /// Failed accepts per listener and kind: `fd_limit`, `memory` (accept pauses), `other`.
     pub const ACCEPT_ERRORS: &str = "llm_gateway_accept_errors_total";
+    /// Whether the shared state (Redis) is unreachable: 1 degraded, 0 fine (gauge).
+    pub const SHARED_STATE_DEGRADED: &str = "llm_gateway_shared_state_degraded";
+    /// Failed shared-state (Redis) operations by op: `admit`, `settle`, `renew`, `seed`,
+    /// `rest`, `settle_dropped` (counter).
+    pub const SHARED_STATE_ERRORS: &str = "llm_gateway_shared_state_errors_total";
 }
 
 /// Histogram buckets for latencies in seconds: 1 ms to 2 minutes.
@@ -424,6 +429,14 @@ fn describe() {
         "Client connections refused at max_connections."
     );
     describe_counter!(names::ACCEPT_ERRORS, "Failed accepts, by kind.");
+    describe_gauge!(
+        names::SHARED_STATE_DEGRADED,
+        "1 while the shared state (redis) is unreachable."
+    );
+    describe_counter!(
+        names::SHARED_STATE_ERRORS,
+        "Failed shared-state (redis) operations, by op."
+    );
 }
 
 /// Serves `GET /metrics` on `listener` until `shutdown` resolves; runs the exporter's upkeep.

@@ -366,6 +366,40 @@ pub struct Route {
     pub policy: Option<String>,
     /// Attempts and skipped targets in order.
     pub attempts: Vec<AttemptRecord>,
+    /// What the response cache did for the call.
+    pub cache: CacheOutcome,
+}
+
+/// What the response cache did for one call.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum CacheOutcome {
+    /// The cache is off for this call (the policy, the model, or `[cache]`).
+    #[default]
+    Off,
+    /// Served from the cache: `similarity` is set for a semantic hit.
+    Hit {
+        /// Cosine similarity of the cached prompt, for a semantic hit.
+        similarity: Option<f32>,
+    },
+    /// Looked up, not found, and the answer was not stored (not cacheable, or `no-store`).
+    Miss,
+    /// The answer was stored (after a miss, or a `no-cache` call that skipped the lookup).
+    Stored,
+    /// Neither looked up nor stored: `no-store`, or the request is not cacheable.
+    Bypass,
+}
+
+impl CacheOutcome {
+    /// Metric and ledger label; empty when the cache is off.
+    pub fn label(self) -> &'static str {
+        match self {
+            CacheOutcome::Off => "",
+            CacheOutcome::Hit { .. } => "hit",
+            CacheOutcome::Miss => "miss",
+            CacheOutcome::Stored => "stored",
+            CacheOutcome::Bypass => "bypass",
+        }
+    }
 }
 
 /// How an embedding request wants its vectors back.

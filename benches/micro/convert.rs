@@ -27,6 +27,7 @@ fn route() -> Route {
             latency: Duration::from_millis(420),
             time_to_first_token: None,
         }],
+        ..Route::default()
     }
 }
 

@@ -11,19 +11,33 @@
 //!   for the calls in flight (the output estimate is `max_tokens`, or 256 when unset).
 //!   Crossing 50%, 80% and 100% of a budget is logged and counted in metrics.
 //!
-//! State is in memory, behind [`Limits`]; spend is seeded from the usage ledger at start, so
-//! a restart does not reset budgets. The interface takes and returns plain numbers so a
-//! shared store (several replicas enforcing one budget) can back it later.
+//! One call asks once ([`Limits::admit`]: rates, stream slot and budget together, so with
+//! Redis it is one round trip) and is settled once ([`Permit::settle`], or on drop).
+//!
+//! Two backends behind [`Limits`]:
+//! - `local` (always there): this replica's memory, under one lock. Alone on a single node;
+//!   with Redis, the fallback in `fail_open` mode and this replica's view of spend (seeded
+//!   from the ledger at start, updated from what Redis reports).
+//! - `remote` (with `shared.redis_url`): the same limits in Redis for every replica at
+//!   once: one Lua script per admission for all of the call's subjects, stream slots as
+//!   leases that expire when a replica stops renewing them, budgets reserved atomically and
+//!   reconciled after the call (see [`remote`]).
+//!
+//! The state of a subject lives under names built once per key ([`Limits::subjects`]),
+//! never per call.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use tokio::time::Instant;
 
-use crate::{error::GatewayError, settings::Issues, telemetry::names};
+use crate::{
+    error::GatewayError,
+    settings::Issues,
+    shared::{FailMode, Shared},
+};
+
+mod local;
+pub mod remote;
 
 /// A `[teams.NAME]` table as written in the config file.
 #[derive(Debug, Default, serde::Deserialize)]
@@ -43,8 +57,8 @@ pub struct RawTeam {
 pub fn teams_from_raw(
     raw: std::collections::BTreeMap<String, RawTeam>,
     issues: &mut Issues,
-) -> HashMap<String, TeamLimits> {
-    let mut teams = HashMap::new();
+) -> std::collections::HashMap<String, TeamLimits> {
+    let mut teams = std::collections::HashMap::new();
     for (name, t) in raw {
         for (field, value) in [
             ("daily_budget_usd", t.daily_budget_usd),
@@ -95,23 +109,6 @@ pub struct SubjectLimits {
     pub daily_budget_usd: f64,
     /// Monthly budget.
     pub monthly_budget_usd: f64,
-}
-
-#[derive(Debug)]
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
-
-#[derive(Debug, Default)]
-struct Spend {
-    day: i64,
-    day_usd: f64,
-    month: i64,
-    month_usd: f64,
-    reserved_usd: f64,
-    /// Highest threshold (in percent) already reported, per period.
-    alerted: [u32; 2],
 }
 
 const DAY_MS: i64 = 86_400_000;
@@ -190,25 +187,327 @@ impl Period {
     }
 }
 
-/// The in-memory state of all limits.
-#[derive(Debug, Default)]
-pub struct Limits {
-    buckets: Mutex<HashMap<String, Bucket>>,
-    streams: Mutex<HashMap<String, u32>>,
-    spend: Mutex<HashMap<String, Spend>>,
+/// One subject's limits with the names its state is kept under, built once per key
+/// ([`Limits::subjects`]), never per call.
+#[derive(Debug)]
+pub struct Subject {
+    /// The limits.
+    pub limits: SubjectLimits,
+    /// Its Redis keys, when Redis holds the shared state.
+    keys: Option<remote::Keys>,
 }
 
-fn exhausted(
-    subject: &str,
-    what: String,
-    retry_after: Duration,
-    reason: &'static str,
-) -> GatewayError {
-    GatewayError::ResourceExhausted {
-        reason,
-        subject: subject.to_owned(),
-        message: format!("{subject}: {what}"),
-        retry_after: Some(retry_after),
+/// The subjects of one caller (its key, then its team), cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Subjects(Arc<[Subject]>);
+
+impl Subjects {
+    /// The subjects, key first.
+    pub fn iter(&self) -> std::slice::Iter<'_, Subject> {
+        self.0.iter()
+    }
+
+    /// Whether any subject has a budget (then the call's cost is worth estimating).
+    pub fn any_budget(&self) -> bool {
+        self.iter()
+            .any(|s| s.limits.daily_budget_usd > 0.0 || s.limits.monthly_budget_usd > 0.0)
+    }
+}
+
+/// How a call's budget is checked at admission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetCheck {
+    /// Not at all (the call was routed to a budget fallback policy).
+    Skip,
+    /// Reserve the estimate; refuse the call when it would pass a budget.
+    Reserve,
+    /// Reserve the estimate; when the budget is spent (or the estimate would pass it),
+    /// admit the call without a reservation and say so ([`Permit::budget_spent`]), for a
+    /// key with a budget fallback policy.
+    FallbackWhenSpent,
+}
+
+/// What one call asks of the limits.
+#[derive(Debug, Clone)]
+pub struct Ask {
+    /// Whose limits apply.
+    pub subjects: Subjects,
+    /// Estimated input + output tokens.
+    pub estimated_tokens: u64,
+    /// Whether the call is a stream (takes a stream slot).
+    pub stream: bool,
+    /// The estimated cost on the plan's primary target, reserved against budgets.
+    pub estimated_usd: f64,
+    /// How the budget is checked.
+    pub budget: BudgetCheck,
+}
+
+/// What an admission decided besides "yes".
+#[derive(Debug, Clone, Copy)]
+struct Decision {
+    budget_spent: bool,
+    reserved_usd: f64,
+}
+
+/// Which rate limit refused a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Requests,
+    Tokens,
+    Streams,
+}
+
+/// Why an admission said no (the subject by index into the call's subjects).
+#[derive(Debug, Clone, Copy)]
+enum Refusal {
+    Rate {
+        subject: usize,
+        kind: Kind,
+        wait: Duration,
+    },
+    Budget {
+        subject: usize,
+        period: Period,
+        used: f64,
+    },
+}
+
+impl Refusal {
+    fn rate(subject: usize, kind: Kind, wait: Duration) -> Self {
+        Refusal::Rate {
+            subject,
+            kind,
+            wait,
+        }
+    }
+
+    fn error(self, subjects: &Subjects, now_ms: i64) -> GatewayError {
+        let index = match self {
+            Refusal::Rate { subject, .. } | Refusal::Budget { subject, .. } => subject,
+        };
+        let Some(s) = subjects.0.get(index) else {
+            return GatewayError::Internal(format!("limits refused subject #{index} of a call"));
+        };
+        let l = &s.limits;
+        let (what, retry_after, reason) = match self {
+            Refusal::Rate { kind, wait, .. } => match kind {
+                Kind::Requests => (
+                    format!(
+                        "the limit of {} requests per minute is reached",
+                        l.requests_per_minute
+                    ),
+                    wait,
+                    "RATE_LIMIT_REQUESTS",
+                ),
+                Kind::Tokens => (
+                    format!(
+                        "the limit of {} tokens per minute is reached",
+                        l.tokens_per_minute
+                    ),
+                    wait,
+                    "RATE_LIMIT_TOKENS",
+                ),
+                Kind::Streams => (
+                    format!(
+                        "the limit of {} concurrent streams is reached",
+                        l.max_concurrent_streams
+                    ),
+                    wait,
+                    "RATE_LIMIT_STREAMS",
+                ),
+            },
+            Refusal::Budget { period, used, .. } => {
+                let budget = match period {
+                    Period::Day => l.daily_budget_usd,
+                    Period::Month => l.monthly_budget_usd,
+                };
+                (
+                    format!(
+                        "the {} budget of ${budget} is spent (${used:.6} used); it resets at {}",
+                        period.name(),
+                        period.reset_at(now_ms)
+                    ),
+                    period.until_reset(now_ms),
+                    "BUDGET_EXCEEDED",
+                )
+            }
+        };
+        GatewayError::ResourceExhausted {
+            reason,
+            subject: l.subject.clone(),
+            message: format!("{}: {what}", l.subject),
+            retry_after: Some(retry_after),
+        }
+    }
+}
+
+/// Whether a call's estimate passes a budget: spend + reservations + the estimate above it,
+/// or (for a key with a fallback policy) the budget already used up by spend and
+/// reservations.
+fn over_budget(check: BudgetCheck, used: f64, reserved: f64, estimate: f64, budget: f64) -> bool {
+    used + reserved + estimate > budget
+        || (check == BudgetCheck::FallbackWhenSpent && used + reserved >= budget)
+}
+
+/// How a call ended, for its settlement.
+#[derive(Debug, Clone)]
+struct Settlement {
+    subjects: Subjects,
+    estimated_tokens: u64,
+    /// Reported tokens (`None`: no usage; the estimate stays taken).
+    actual_tokens: Option<u64>,
+    reserved_usd: f64,
+    cost_usd: f64,
+    stream: bool,
+}
+
+/// The state of every limit: this replica's memory, and Redis when configured.
+#[derive(Debug, Default)]
+pub struct Limits {
+    local: local::Local,
+    remote: Option<remote::Remote>,
+}
+
+/// Unix milliseconds now.
+fn unix_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+impl Limits {
+    /// Limits in this replica's memory only.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Limits in Redis when `shared` is given (the background tasks of
+    /// [`Limits::background`] must run then), else in memory.
+    pub fn with_shared(shared: Option<Arc<Shared>>) -> Arc<Self> {
+        Arc::new(Self {
+            local: local::Local::default(),
+            remote: shared.map(remote::Remote::new),
+        })
+    }
+
+    /// A caller's subjects, with the names of their state built once.
+    pub fn subjects(&self, list: Vec<SubjectLimits>) -> Subjects {
+        Subjects(
+            list.into_iter()
+                .map(|limits| Subject {
+                    keys: self.remote.as_ref().map(|r| r.keys(&limits.subject)),
+                    limits,
+                })
+                .collect(),
+        )
+    }
+
+    /// Admits a call: request and token rates, a stream slot for streams, and the budget,
+    /// all or nothing. With Redis this is one round trip; when Redis is unreachable, the
+    /// call is admitted by this replica's memory (`fail_open`) or refused with UNAVAILABLE
+    /// (`fail_closed`).
+    pub async fn admit(self: &Arc<Self>, ask: Ask, now_ms: i64) -> Result<Permit, GatewayError> {
+        let mut lease = None;
+        let decision = match &self.remote {
+            Some(remote) => match remote.admit(&ask).await {
+                Ok(Ok((decision, admitted))) => {
+                    lease = Some(admitted);
+                    Ok(decision)
+                }
+                Ok(Err(refusal)) => Err(refusal),
+                Err(_) if remote.mode() == FailMode::FailClosed => {
+                    return Err(GatewayError::Unavailable {
+                        reason: "SHARED_STATE_UNAVAILABLE",
+                        message: "the shared rate limit and budget store (redis) is unreachable and `shared.mode` is `fail_closed`; retry shortly".to_owned(),
+                        retry_after: Some(Duration::from_secs(1)),
+                    });
+                }
+                // fail_open: this replica's memory decides (the error is counted and logged).
+                Err(_) => self.local.admit(&ask, Instant::now(), now_ms),
+            },
+            None => self.local.admit(&ask, Instant::now(), now_ms),
+        };
+        let decision = decision.map_err(|r| r.error(&ask.subjects, now_ms))?;
+        Ok(Permit {
+            limits: self.clone(),
+            subjects: ask.subjects,
+            estimated_tokens: ask.estimated_tokens,
+            reserved_usd: decision.reserved_usd,
+            stream: ask.stream,
+            budget_spent: decision.budget_spent,
+            lease,
+            settled: false,
+        })
+    }
+
+    /// Seeds a subject's spend for the current day and month (from the ledger at start).
+    /// With Redis, only a period Redis holds nothing for is seeded: the first replica to
+    /// start after Redis lost its data (or ever) sets it, later ones find the shared total.
+    pub async fn seed_spend(&self, subject: &str, now_ms: i64, day_usd: f64, month_usd: f64) {
+        match &self.remote {
+            Some(remote) => {
+                if let Ok(totals) = remote.seed(subject, now_ms, day_usd, month_usd).await {
+                    self.local.seed(subject, now_ms, totals.0, totals.1);
+                    return;
+                }
+                self.local.seed(subject, now_ms, day_usd, month_usd);
+            }
+            None => self.local.seed(subject, now_ms, day_usd, month_usd),
+        }
+    }
+
+    /// Current (day, month) spend of a subject, as this replica knows it (with Redis: the
+    /// shared totals of its last settlement for the subject).
+    pub fn spent(&self, subject: &str, now_ms: i64) -> (f64, f64) {
+        self.local.spent(subject, now_ms)
+    }
+
+    /// With Redis: connects and loads the scripts before the first call (bounded by
+    /// `shared.connect_timeout`; Redis being down is not an error here).
+    pub async fn prepare(&self) {
+        if let Some(remote) = &self.remote {
+            remote.prepare().await;
+        }
+    }
+
+    /// Runs the background work of the Redis backend until `stop` (nothing without Redis):
+    /// the connection probe, lease renewal, and settlements (drained at stop).
+    pub fn background(
+        self: &Arc<Self>,
+        tracker: &tokio_util::task::TaskTracker,
+        stop: &tokio_util::sync::CancellationToken,
+    ) {
+        let Some(remote) = &self.remote else {
+            return;
+        };
+        tracker.spawn(remote.shared().clone().watch(stop.clone()));
+        let (limits, token) = (self.clone(), stop.clone());
+        tracker.spawn(async move {
+            if let Some(remote) = &limits.remote {
+                remote.renew(token).await;
+            }
+        });
+        let (limits, token) = (self.clone(), stop.clone());
+        tracker.spawn(async move {
+            if let Some(remote) = &limits.remote {
+                remote.settle_worker(&limits.local, token).await;
+            }
+        });
+    }
+
+    fn settle(&self, end: Settlement, lease: Option<remote::Lease>, now_ms: i64) {
+        match (&self.remote, lease) {
+            (Some(remote), Some(lease)) => remote.settle(Some(lease), end, &self.local, now_ms),
+            (Some(remote), None) => {
+                // Admitted by this replica's memory while Redis was unreachable: settled here,
+                // and the cost charged to the shared budget once Redis answers.
+                self.local.settle(&end, now_ms);
+                if end.cost_usd > 0.0 {
+                    remote.settle(None, end, &self.local, now_ms);
+                }
+            }
+            (None, _) => self.local.settle(&end, now_ms),
+        }
     }
 }
 
@@ -216,332 +515,46 @@ fn exhausted(
 #[derive(Debug)]
 pub struct Permit {
     limits: Arc<Limits>,
-    subjects: Vec<SubjectLimits>,
+    subjects: Subjects,
     estimated_tokens: u64,
     reserved_usd: f64,
     stream: bool,
+    budget_spent: bool,
+    /// The Redis lease (stream slot and reservation), when Redis admitted the call.
+    lease: Option<remote::Lease>,
     settled: bool,
 }
 
-impl Limits {
-    /// Empty state.
-    pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
-    }
-
-    /// Seeds a subject's spend for the current day and month (from the ledger at start).
-    pub fn seed_spend(&self, subject: &str, now_ms: i64, day_usd: f64, month_usd: f64) {
-        let (day, month) = periods(now_ms);
-        let mut spend = self
-            .spend
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let s = spend.entry(subject.to_owned()).or_default();
-        *s = Spend {
-            day,
-            day_usd,
-            month,
-            month_usd,
-            ..Spend::default()
-        };
-    }
-
-    /// Current (day, month) spend of a subject.
-    pub fn spent(&self, subject: &str, now_ms: i64) -> (f64, f64) {
-        let (day, month) = periods(now_ms);
-        let spend = self
-            .spend
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        spend.get(subject).map_or((0.0, 0.0), |s| {
-            (
-                if s.day == day { s.day_usd } else { 0.0 },
-                if s.month == month { s.month_usd } else { 0.0 },
-            )
-        })
-    }
-
-    /// Takes `amount` from a bucket of `per_minute` capacity, or says when to come back.
-    fn take(&self, name: &str, per_minute: f64, amount: f64, now: Instant) -> Result<(), Duration> {
-        let mut buckets = self
-            .buckets
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let bucket = buckets.entry(name.to_owned()).or_insert(Bucket {
-            tokens: per_minute,
-            at: now,
-        });
-        let rate = per_minute / 60.0;
-        let elapsed = now.duration_since(bucket.at).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * rate).min(per_minute);
-        bucket.at = now;
-        // A single request larger than the whole minute passes only on a full bucket.
-        let needed = amount.min(per_minute);
-        if bucket.tokens >= needed {
-            bucket.tokens -= amount;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64((needed - bucket.tokens) / rate))
-        }
-    }
-
-    fn give(&self, name: &str, amount: f64) {
-        let mut buckets = self
-            .buckets
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(bucket) = buckets.get_mut(name) {
-            bucket.tokens += amount;
-        }
-    }
-
-    /// Admits a call: request and token rates, and (for streams) a stream slot. Budgets are
-    /// checked with [`Permit::reserve`] once the plan is known.
-    pub fn admit(
-        self: &Arc<Self>,
-        subjects: Vec<SubjectLimits>,
-        estimated_tokens: u64,
-        stream: bool,
-    ) -> Result<Permit, GatewayError> {
-        let now = Instant::now();
-        let mut taken: Vec<(String, f64)> = Vec::new();
-        let undo = |taken: &[(String, f64)]| {
-            for (name, amount) in taken {
-                self.give(name, *amount);
-            }
-        };
-        for s in &subjects {
-            if s.requests_per_minute > 0 {
-                let name = format!("rpm:{}", s.subject);
-                match self.take(&name, f64::from(s.requests_per_minute), 1.0, now) {
-                    Ok(()) => taken.push((name, 1.0)),
-                    Err(wait) => {
-                        undo(&taken);
-                        return Err(exhausted(
-                            &s.subject,
-                            format!(
-                                "the limit of {} requests per minute is reached",
-                                s.requests_per_minute
-                            ),
-                            wait,
-                            "RATE_LIMIT_REQUESTS",
-                        ));
-                    }
-                }
-            }
-            if s.tokens_per_minute > 0 {
-                let name = format!("tpm:{}", s.subject);
-                let amount = estimated_tokens as f64;
-                match self.take(&name, s.tokens_per_minute as f64, amount, now) {
-                    Ok(()) => taken.push((name, amount)),
-                    Err(wait) => {
-                        undo(&taken);
-                        return Err(exhausted(
-                            &s.subject,
-                            format!(
-                                "the limit of {} tokens per minute is reached",
-                                s.tokens_per_minute
-                            ),
-                            wait,
-                            "RATE_LIMIT_TOKENS",
-                        ));
-                    }
-                }
-            }
-        }
-        if stream {
-            let mut streams = self
-                .streams
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some(s) = subjects.iter().find(|s| {
-                s.max_concurrent_streams > 0
-                    && streams.get(&s.subject).copied().unwrap_or(0) >= s.max_concurrent_streams
-            }) {
-                let subject = s.subject.clone();
-                let max = s.max_concurrent_streams;
-                drop(streams);
-                undo(&taken);
-                return Err(exhausted(
-                    &subject,
-                    format!("the limit of {max} concurrent streams is reached"),
-                    Duration::from_secs(1),
-                    "RATE_LIMIT_STREAMS",
-                ));
-            }
-            for s in &subjects {
-                *streams.entry(s.subject.clone()).or_default() += 1;
-            }
-        }
-        Ok(Permit {
-            limits: self.clone(),
-            subjects,
-            estimated_tokens,
-            reserved_usd: 0.0,
-            stream,
-            settled: false,
-        })
-    }
-
-    /// Whether a subject's budget is spent (for routing to a fallback policy).
-    pub fn budget_spent(&self, s: &SubjectLimits, now_ms: i64) -> bool {
-        let (day_usd, month_usd) = self.spent(&s.subject, now_ms);
-        let reserved = self.reserved(&s.subject);
-        (s.daily_budget_usd > 0.0 && day_usd + reserved >= s.daily_budget_usd)
-            || (s.monthly_budget_usd > 0.0 && month_usd + reserved >= s.monthly_budget_usd)
-    }
-
-    fn reserved(&self, subject: &str) -> f64 {
-        let spend = self
-            .spend
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        spend.get(subject).map_or(0.0, |s| s.reserved_usd)
-    }
-}
-
 impl Permit {
-    /// Reserves the estimated cost of the call against every budget; refuses the call when
-    /// that would pass one.
-    pub fn reserve(&mut self, estimated_usd: f64, now_ms: i64) -> Result<(), GatewayError> {
-        let (day, month) = periods(now_ms);
-        let mut spend = self
-            .limits
-            .spend
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for s in &self.subjects {
-            let entry = spend.entry(s.subject.clone()).or_default();
-            roll(entry, day, month);
-            let committed = entry.reserved_usd + estimated_usd;
-            // The month first: when both are spent, the caller must wait for the month.
-            for (period, budget, used) in [
-                (Period::Month, s.monthly_budget_usd, entry.month_usd),
-                (Period::Day, s.daily_budget_usd, entry.day_usd),
-            ] {
-                if budget > 0.0 && used + committed > budget {
-                    return Err(exhausted(
-                        &s.subject,
-                        format!(
-                            "the {} budget of ${budget} is spent (${used:.6} used); it resets at {}",
-                            period.name(),
-                            period.reset_at(now_ms)
-                        ),
-                        period.until_reset(now_ms),
-                        "BUDGET_EXCEEDED",
-                    ));
-                }
-            }
-        }
-        for s in &self.subjects {
-            spend.entry(s.subject.clone()).or_default().reserved_usd += estimated_usd;
-        }
-        self.reserved_usd = estimated_usd;
-        Ok(())
+    /// Whether a budget of the caller is spent (asked with
+    /// [`BudgetCheck::FallbackWhenSpent`]): route to the fallback policy.
+    pub fn budget_spent(&self) -> bool {
+        self.budget_spent
     }
 
-    /// Ends the call: reconciles tokens with real usage and replaces the cost reservation by
-    /// the real cost. Without usage (failed or cancelled calls), the token estimate stays
-    /// taken and nothing is charged.
+    /// Ends the call: reconciles tokens with real usage, replaces the cost reservation by
+    /// the real cost, and frees the stream slot. Without usage (failed or cancelled calls),
+    /// the token estimate stays taken and nothing is charged. Later calls do nothing.
     pub fn settle(&mut self, actual_tokens: Option<u64>, actual_usd: Option<f64>, now_ms: i64) {
         if self.settled {
             return;
         }
         self.settled = true;
-        if let Some(actual) = actual_tokens {
-            for s in &self.subjects {
-                if s.tokens_per_minute > 0 {
-                    self.limits.give(
-                        &format!("tpm:{}", s.subject),
-                        self.estimated_tokens as f64 - actual as f64,
-                    );
-                }
-            }
-        }
-        let (day, month) = periods(now_ms);
-        let cost = actual_usd.unwrap_or(0.0);
-        let mut spend = self
-            .limits
-            .spend
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for s in &self.subjects {
-            let entry = spend.entry(s.subject.clone()).or_default();
-            roll(entry, day, month);
-            entry.reserved_usd = (entry.reserved_usd - self.reserved_usd).max(0.0);
-            entry.day_usd += cost;
-            entry.month_usd += cost;
-            for (period, (limit, used, label)) in [
-                (s.daily_budget_usd, entry.day_usd, "day"),
-                (s.monthly_budget_usd, entry.month_usd, "month"),
-            ]
-            .into_iter()
-            .enumerate()
-            {
-                if limit <= 0.0 {
-                    continue;
-                }
-                let ratio = used / limit;
-                metrics::gauge!(names::BUDGET_USED, "subject" => s.subject.clone(), "period" => label)
-                    .set(ratio);
-                for threshold in [50u32, 80, 100] {
-                    if ratio * 100.0 >= f64::from(threshold) && entry.alerted[period] < threshold {
-                        entry.alerted[period] = threshold;
-                        tracing::warn!(
-                            subject = %s.subject,
-                            period = label,
-                            threshold_percent = threshold,
-                            spent_usd = used,
-                            budget_usd = limit,
-                            "budget threshold crossed"
-                        );
-                        metrics::counter!(
-                            names::BUDGET_ALERTS,
-                            "subject" => s.subject.clone(),
-                            "period" => label,
-                            "threshold" => threshold.to_string()
-                        )
-                        .increment(1);
-                    }
-                }
-            }
-        }
-    }
-}
-
-fn roll(entry: &mut Spend, day: i64, month: i64) {
-    if entry.day != day {
-        entry.day = day;
-        entry.day_usd = 0.0;
-        entry.alerted[0] = 0;
-    }
-    if entry.month != month {
-        entry.month = month;
-        entry.month_usd = 0.0;
-        entry.alerted[1] = 0;
+        let end = Settlement {
+            subjects: self.subjects.clone(),
+            estimated_tokens: self.estimated_tokens,
+            actual_tokens,
+            reserved_usd: self.reserved_usd,
+            cost_usd: actual_usd.unwrap_or(0.0),
+            stream: self.stream,
+        };
+        self.limits.settle(end, self.lease.take(), now_ms);
     }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        if !self.settled {
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-            self.settle(None, None, now_ms);
-        }
-        if self.stream {
-            let mut streams = self
-                .limits
-                .streams
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            for s in &self.subjects {
-                if let Some(n) = streams.get_mut(&s.subject) {
-                    *n = n.saturating_sub(1);
-                }
-            }
-        }
+        self.settle(None, None, unix_now_ms());
     }
 }
 
@@ -598,12 +611,23 @@ mod tests {
         assert_eq!(Period::Month.until_reset(last), Duration::from_millis(1));
     }
 
-    fn budget_refusal(daily: f64, monthly: f64, now: i64) -> (String, Option<Duration>) {
+    fn ask(s: SubjectLimits, tokens: u64, stream: bool, usd: f64) -> Ask {
+        Ask {
+            subjects: Limits::new().subjects(vec![s]),
+            estimated_tokens: tokens,
+            stream,
+            estimated_usd: usd,
+            budget: BudgetCheck::Reserve,
+        }
+    }
+
+    const NOW: i64 = 1_709_208_000_000;
+
+    async fn budget_refusal(daily: f64, monthly: f64, now: i64) -> (String, Option<Duration>) {
         let limits = Limits::new();
         let mut s = subject(0, 0, 0, daily);
         s.monthly_budget_usd = monthly;
-        let mut permit = limits.admit(vec![s], 1, false).unwrap();
-        match permit.reserve(5.0, now).unwrap_err() {
+        match limits.admit(ask(s, 1, false, 5.0), now).await.unwrap_err() {
             GatewayError::ResourceExhausted {
                 reason: "BUDGET_EXCEEDED",
                 message,
@@ -614,18 +638,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_refusal_says_when_the_refusing_budget_resets() {
+    #[tokio::test]
+    async fn a_refusal_says_when_the_refusing_budget_resets() {
         // 2026-12-15T06:00:00Z.
         let now = 1_797_314_400_000;
-        let (message, retry) = budget_refusal(0.0, 1.0, now);
+        let (message, retry) = budget_refusal(0.0, 1.0, now).await;
         assert!(message.contains("monthly budget of $1"), "{message}");
         assert!(
             message.contains("resets at 2027-01-01T00:00:00Z"),
             "{message}"
         );
         assert_eq!(retry, Some(Period::Month.until_reset(now)));
-        let (message, retry) = budget_refusal(1.0, 0.0, now);
+        let (message, retry) = budget_refusal(1.0, 0.0, now).await;
         assert!(message.contains("daily budget of $1"), "{message}");
         assert!(
             message.contains("resets at 2026-12-16T00:00:00Z"),
@@ -633,7 +657,7 @@ mod tests {
         );
         assert_eq!(retry, Some(Duration::from_secs(18 * 3600)));
         // Both spent: tomorrow would not help.
-        let (message, retry) = budget_refusal(1.0, 2.0, now);
+        let (message, retry) = budget_refusal(1.0, 2.0, now).await;
         assert!(message.contains("monthly"), "{message}");
         assert_eq!(retry, Some(Period::Month.until_reset(now)));
     }
@@ -641,14 +665,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn requests_per_minute_exceed_and_recover() {
         let limits = Limits::new();
+        let a = ask(subject(3, 0, 0, 0.0), 10, false, 0.0);
         for _ in 0..3 {
-            limits
-                .admit(vec![subject(3, 0, 0, 0.0)], 10, false)
-                .unwrap();
+            limits.admit(a.clone(), NOW).await.unwrap();
         }
-        let err = limits
-            .admit(vec![subject(3, 0, 0, 0.0)], 10, false)
-            .unwrap_err();
+        let err = limits.admit(a.clone(), NOW).await.unwrap_err();
         let GatewayError::ResourceExhausted {
             reason,
             retry_after,
@@ -660,56 +681,84 @@ mod tests {
         assert_eq!(*reason, "RATE_LIMIT_REQUESTS");
         assert_eq!(*retry_after, Some(Duration::from_secs(20)));
         tokio::time::advance(Duration::from_secs(20)).await;
-        limits
-            .admit(vec![subject(3, 0, 0, 0.0)], 10, false)
-            .unwrap();
+        limits.admit(a, NOW).await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]
     async fn tokens_per_minute_are_reconciled() {
         let limits = Limits::new();
+        let a = ask(subject(0, 1000, 0, 0.0), 600, false, 0.0);
         // Estimated 600 of 1000: a second estimate of 600 does not fit...
-        let mut p = limits
-            .admit(vec![subject(0, 1000, 0, 0.0)], 600, false)
-            .unwrap();
-        assert!(
-            limits
-                .admit(vec![subject(0, 1000, 0, 0.0)], 600, false)
-                .is_err()
-        );
+        let mut p = limits.admit(a.clone(), NOW).await.unwrap();
+        assert!(limits.admit(a.clone(), NOW).await.is_err());
         // ...until the first call reports it used only 100.
-        p.settle(Some(100), None, 0);
-        limits
-            .admit(vec![subject(0, 1000, 0, 0.0)], 600, false)
-            .unwrap();
+        p.settle(Some(100), None, NOW);
+        limits.admit(a, NOW).await.unwrap();
     }
 
     #[tokio::test]
     async fn concurrent_streams_are_capped() {
         let limits = Limits::new();
-        let a = limits.admit(vec![subject(0, 0, 1, 0.0)], 1, true).unwrap();
-        assert!(limits.admit(vec![subject(0, 0, 1, 0.0)], 1, true).is_err());
-        drop(a);
-        limits.admit(vec![subject(0, 0, 1, 0.0)], 1, true).unwrap();
+        let a = ask(subject(0, 0, 1, 0.0), 1, true, 0.0);
+        let first = limits.admit(a.clone(), NOW).await.unwrap();
+        assert!(limits.admit(a.clone(), NOW).await.is_err());
+        drop(first);
+        limits.admit(a, NOW).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_refused_call_takes_nothing() {
+        let limits = Limits::new();
+        // Two requests per minute, and a budget the second call's estimate passes.
+        let mut s = subject(2, 0, 0, 1.0);
+        s.monthly_budget_usd = 0.0;
+        let first = limits
+            .admit(ask(s.clone(), 1, false, 0.6), NOW)
+            .await
+            .unwrap();
+        assert!(
+            limits
+                .admit(ask(s.clone(), 1, false, 0.6), NOW)
+                .await
+                .is_err()
+        );
+        drop(first);
+        // The refused call took no request: one is left.
+        limits.admit(ask(s, 1, false, 0.1), NOW).await.unwrap();
     }
 
     #[tokio::test]
     async fn budget_reservations_bound_the_overspend() {
         let limits = Limits::new();
-        let now = 1_709_208_000_000;
-        let mut first = limits.admit(vec![subject(0, 0, 0, 1.0)], 1, false).unwrap();
-        first.reserve(0.6, now).unwrap();
-        let mut second = limits.admit(vec![subject(0, 0, 0, 1.0)], 1, false).unwrap();
+        let now = NOW;
+        let mut first = limits
+            .admit(ask(subject(0, 0, 0, 1.0), 1, false, 0.6), now)
+            .await
+            .unwrap();
         // 0.6 reserved + 0.6 would pass $1: refused while the first is in flight.
-        assert!(second.reserve(0.6, now).is_err());
+        assert!(
+            limits
+                .admit(ask(subject(0, 0, 0, 1.0), 1, false, 0.6), now)
+                .await
+                .is_err()
+        );
         first.settle(Some(10), Some(0.7), now);
         assert_eq!(limits.spent("key:k", now), (0.7, 0.7));
-        let mut third = limits.admit(vec![subject(0, 0, 0, 1.0)], 1, false).unwrap();
-        third.reserve(0.2, now).unwrap();
+        let mut third = limits
+            .admit(ask(subject(0, 0, 0, 1.0), 1, false, 0.2), now)
+            .await
+            .unwrap();
         third.settle(Some(10), Some(0.25), now);
-        assert!(limits.budget_spent(&subject(0, 0, 0, 0.9), now));
-        let mut fourth = limits.admit(vec![subject(0, 0, 0, 1.0)], 1, false).unwrap();
-        let err = fourth.reserve(0.1, now).unwrap_err();
+        // Spent (0.95 of 0.9): a key with a fallback policy is routed there.
+        let mut spent = ask(subject(0, 0, 0, 0.9), 1, false, 0.0);
+        spent.budget = BudgetCheck::FallbackWhenSpent;
+        // (Held: a permit dropped settles at the real time, a later day than `now`.)
+        let spent = limits.admit(spent, now).await.unwrap();
+        assert!(spent.budget_spent());
+        let err = limits
+            .admit(ask(subject(0, 0, 0, 1.0), 1, false, 0.1), now)
+            .await
+            .unwrap_err();
         assert!(matches!(
             err,
             GatewayError::ResourceExhausted {
@@ -719,6 +768,64 @@ mod tests {
         ));
         // The next UTC day starts afresh.
         let tomorrow = now + 86_400_000;
-        fourth.reserve(0.1, tomorrow).unwrap();
+        limits
+            .admit(ask(subject(0, 0, 0, 1.0), 1, false, 0.1), tomorrow)
+            .await
+            .unwrap();
+    }
+
+    /// A Redis URL nothing listens on.
+    fn unreachable(mode: FailMode) -> Arc<Limits> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let settings = crate::shared::SharedSettings {
+            redis_url: Some(format!("redis://127.0.0.1:{port}")),
+            mode,
+            ..crate::shared::SharedSettings::default()
+        };
+        Limits::with_shared(Shared::connect(&settings).unwrap())
+    }
+
+    #[tokio::test]
+    async fn redis_down_fails_open_to_local_limits() {
+        let limits = unreachable(FailMode::FailOpen);
+        let a = ask(subject(2, 0, 0, 0.0), 1, false, 0.0);
+        let a = Ask {
+            subjects: limits.subjects(a.subjects.iter().map(|s| s.limits.clone()).collect()),
+            ..a
+        };
+        let _one = limits.admit(a.clone(), NOW).await.unwrap();
+        let _two = limits.admit(a.clone(), NOW).await.unwrap();
+        // This replica's own limit still holds.
+        let err = limits.admit(a, NOW).await.unwrap_err();
+        assert!(matches!(
+            err,
+            GatewayError::ResourceExhausted {
+                reason: "RATE_LIMIT_REQUESTS",
+                ..
+            }
+        ));
+    }
+
+    #[tokio::test]
+    async fn redis_down_fails_closed_with_unavailable() {
+        let limits = unreachable(FailMode::FailClosed);
+        let subjects = limits.subjects(vec![subject(2, 0, 0, 0.0)]);
+        let a = Ask {
+            subjects,
+            ..ask(subject(2, 0, 0, 0.0), 1, false, 0.0)
+        };
+        let err = limits.admit(a, NOW).await.unwrap_err();
+        let GatewayError::Unavailable {
+            reason, message, ..
+        } = &err
+        else {
+            panic!("{err:?}");
+        };
+        assert_eq!(*reason, "SHARED_STATE_UNAVAILABLE");
+        assert!(message.contains("(redis) is unreachable"), "{message}");
     }
 }

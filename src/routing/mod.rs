@@ -1038,6 +1038,7 @@ mod tests {
             constraints: ConstraintSpec::default(),
             execution: ExecutionSpec::default(),
             variants: vec![],
+            cache: Default::default(),
         }
     }
 

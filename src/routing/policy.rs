@@ -66,6 +66,9 @@ pub struct PolicySpec {
     /// Variants chosen by request tags.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub variants: Vec<VariantSpec>,
+    /// The response cache for calls of this policy (off unless set).
+    #[serde(default, skip_serializing_if = "crate::cache::CacheSpec::is_default")]
+    pub cache: crate::cache::CacheSpec,
 }
 
 /// One target of a policy.
@@ -715,6 +718,7 @@ pub fn validate(spec: &PolicySpec, ctx: &dyn PolicyContext, prefix: &str) -> Vec
             "must be between 1 and 10".to_owned(),
         );
     }
+    v.extend(spec.cache.validate(&format!("{prefix}.cache")));
     v
 }
 
@@ -764,6 +768,7 @@ mod tests {
             constraints: ConstraintSpec::default(),
             execution: ExecutionSpec::default(),
             variants: vec![],
+            cache: Default::default(),
         };
         assert!(fields(&spec).is_empty());
     }
@@ -790,6 +795,7 @@ mod tests {
                 ..ExecutionSpec::default()
             },
             variants: vec![],
+            cache: Default::default(),
         };
         spec.execution.hedging.mode = HedgingMode::Fixed;
         assert_eq!(
@@ -819,6 +825,7 @@ mod tests {
             constraints: ConstraintSpec::default(),
             execution: ExecutionSpec::default(),
             variants: vec![],
+            cache: Default::default(),
         };
         assert_eq!(fields(&spec), vec!["policy.targets"]);
         let spec = PolicySpec {

@@ -1,13 +1,17 @@
 //! Who may call: gateway API keys, the break-glass admin token, and the limits and budgets
 //! that apply to a caller. Shared by the data-plane and admin handlers.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+};
 
 use super::authz::{Principal, Requirement};
 use crate::{
+    auth::KeyRecord,
     auth::{Caller, KeyRing, Scope, bearer_header, constant_time_eq},
     error::GatewayError,
-    limits::{Limits, SubjectLimits, TeamLimits},
+    limits::{Limits, SubjectLimits, Subjects, TeamLimits},
 };
 
 /// Unix milliseconds now.
@@ -29,6 +33,8 @@ pub struct Access {
     pub require_keys: bool,
     /// Team limits by team name.
     teams: HashMap<String, TeamLimits>,
+    /// Each key's subjects, built on first use and again when its record changes.
+    subjects: RwLock<HashMap<String, (Arc<KeyRecord>, Subjects)>>,
 }
 
 impl Access {
@@ -46,6 +52,7 @@ impl Access {
             break_glass,
             require_keys,
             teams,
+            subjects: RwLock::default(),
         }
     }
 
@@ -111,8 +118,28 @@ impl Access {
         Ok(Principal::Key(caller))
     }
 
-    /// The limits that apply to a caller: its key's, and its team's.
-    pub fn subjects(&self, caller: &Caller) -> Vec<SubjectLimits> {
+    /// The limits that apply to a caller: its key's, and its team's (built once per key
+    /// record, so a call formats no names).
+    pub fn subjects(&self, caller: &Caller) -> Subjects {
+        let name = &caller.key.spec.name;
+        if let Some((record, subjects)) = self
+            .subjects
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(name)
+            && Arc::ptr_eq(record, &caller.key)
+        {
+            return subjects.clone();
+        }
+        let subjects = self.limits.subjects(self.subject_limits(caller));
+        self.subjects
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(name.clone(), (caller.key.clone(), subjects.clone()));
+        subjects
+    }
+
+    fn subject_limits(&self, caller: &Caller) -> Vec<SubjectLimits> {
         let spec = &caller.key.spec;
         let mut out = vec![SubjectLimits {
             subject: format!("key:{}", spec.name),

@@ -42,6 +42,7 @@ pub struct AdminService {
     providers: Vec<ProviderInfo>,
     writes: Mutex<()>,
     reloader: Option<Arc<crate::reload::Reloader>>,
+    cache: Option<Arc<crate::cache::ResponseCache>>,
 }
 
 impl AdminService {
@@ -64,7 +65,14 @@ impl AdminService {
             providers,
             writes: Mutex::new(()),
             reloader: None,
+            cache: None,
         }
+    }
+
+    /// Serves `InvalidateCache` on `cache`.
+    pub fn with_cache(mut self, cache: Arc<crate::cache::ResponseCache>) -> Self {
+        self.cache = Some(cache);
+        self
     }
 
     /// Serves `ReloadConfig` with `reloader`.
@@ -696,6 +704,31 @@ impl LlmGatewayAdmin for AdminService {
             reloaded: report.reloaded,
             restart_needed: report.restart_needed,
         }))
+    }
+
+    async fn invalidate_cache(
+        &self,
+        request: Request<pb::InvalidateCacheRequest>,
+    ) -> AdminResult<pb::InvalidateCacheResponse> {
+        let r = request.into_inner();
+        let older_than = match r.older_than.map(std::time::Duration::try_from) {
+            None => None,
+            Some(Ok(d)) => Some(d),
+            Some(Err(_)) => {
+                return Err(fail(GatewayError::invalid(
+                    "older_than",
+                    "must not be negative",
+                )));
+            }
+        };
+        let filter = crate::cache::Invalidate {
+            namespace: Some(r.namespace).filter(|n| !n.is_empty()),
+            policy: Some(r.policy).filter(|p| !p.is_empty()),
+            older_than,
+        };
+        let removed = self.cache.as_ref().map_or(0, |c| c.invalidate(&filter));
+        tracing::info!(removed, ?filter, "response cache invalidated");
+        Ok(Response::new(pb::InvalidateCacheResponse { removed }))
     }
 }
 

@@ -122,6 +122,7 @@ pub const METHODS: &[Method] = &[
     rpc(admin!("ValidatePolicy"), Requirement::Admin),
     rpc(admin!("ExplainRoute"), Requirement::Admin),
     rpc(admin!("ListProviders"), Requirement::Admin),
+    rpc(admin!("InvalidateCache"), Requirement::Admin),
     rpc(admin!("GetUsage"), Requirement::UsageRead),
     rpc(admin!("ExportUsage"), Requirement::UsageRead),
     rpc(admin!("CreateKey"), Requirement::Admin),

@@ -10,8 +10,8 @@ use crate::{
     models::Cost,
     pb,
     types::{
-        self, AttemptKind, AttemptOutcome, ContentPart, FinishReason, ImageDetail, ImageSource,
-        ResponseFormat, Role, Route, ToolChoice, Usage,
+        self, AttemptKind, AttemptOutcome, CacheOutcome, ContentPart, FinishReason, ImageDetail,
+        ImageSource, ResponseFormat, Role, Route, ToolChoice, Usage,
     },
 };
 
@@ -496,7 +496,16 @@ fn duration(d: std::time::Duration) -> prost_types::Duration {
 
 /// Converts a route.
 pub fn route(route: Route) -> pb::Route {
+    let (cache, cache_similarity) = match route.cache {
+        CacheOutcome::Off => (pb::CacheOutcome::Unspecified, 0.0),
+        CacheOutcome::Hit { similarity } => (pb::CacheOutcome::Hit, similarity.unwrap_or(0.0)),
+        CacheOutcome::Miss => (pb::CacheOutcome::Miss, 0.0),
+        CacheOutcome::Stored => (pb::CacheOutcome::Stored, 0.0),
+        CacheOutcome::Bypass => (pb::CacheOutcome::Bypass, 0.0),
+    };
     pb::Route {
+        cache: cache as i32,
+        cache_similarity,
         policy: route.policy.unwrap_or_default(),
         attempts: route
             .attempts

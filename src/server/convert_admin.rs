@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::{
+    cache::{CacheMode, CacheSpec},
     error::FieldViolation,
     health::{CircuitState, HealthSnapshot},
     pb,
@@ -190,8 +191,48 @@ pub fn policy_in(p: pb::Policy, prefix: &str) -> (PolicySpec, Vec<FieldViolation
                 targets: var.targets.into_iter().map(target_in).collect(),
             })
             .collect(),
+        cache: cache_in(p.cache, &format!("{prefix}.cache"), &mut v),
     };
     (spec, v)
+}
+
+fn cache_in(c: Option<pb::PolicyCache>, field: &str, v: &mut Vec<FieldViolation>) -> CacheSpec {
+    let Some(c) = c else {
+        return CacheSpec::default();
+    };
+    let mode = match pb::CacheMode::try_from(c.mode) {
+        Ok(pb::CacheMode::Unspecified | pb::CacheMode::Off) => CacheMode::Off,
+        Ok(pb::CacheMode::Exact) => CacheMode::Exact,
+        Ok(pb::CacheMode::Semantic) => CacheMode::Semantic,
+        Err(_) => {
+            v.push(FieldViolation::new(
+                format!("{field}.mode"),
+                format!("unknown cache mode {}", c.mode),
+            ));
+            CacheMode::Off
+        }
+    };
+    CacheSpec {
+        mode,
+        ttl: duration_in(c.ttl, &format!("{field}.ttl"), v),
+        max_temperature: c.max_temperature,
+        allow_tools: c.allow_tools,
+        similarity_threshold: c.similarity_threshold,
+    }
+}
+
+fn cache_out(c: &CacheSpec) -> Option<pb::PolicyCache> {
+    (!c.is_default()).then(|| pb::PolicyCache {
+        mode: (match c.mode {
+            CacheMode::Off => pb::CacheMode::Off,
+            CacheMode::Exact => pb::CacheMode::Exact,
+            CacheMode::Semantic => pb::CacheMode::Semantic,
+        }) as i32,
+        ttl: c.ttl.map(duration_out),
+        max_temperature: c.max_temperature,
+        allow_tools: c.allow_tools,
+        similarity_threshold: c.similarity_threshold,
+    })
 }
 
 fn timestamp(ms: i64) -> prost_types::Timestamp {
@@ -267,6 +308,7 @@ pub fn policy_out(r: &PolicyRecord) -> pb::Policy {
         create_time: Some(timestamp(r.created_ms)),
         update_time: Some(timestamp(r.updated_ms)),
         preset: String::new(),
+        cache: cache_out(&s.cache),
     }
 }
 
@@ -368,6 +410,8 @@ pub fn record_out(r: &crate::ledger::UsageRecord) -> pb::UsageRecord {
         time_to_first_token: r.ttft_ms.map(ms_duration),
         code: r.code.clone(),
         error_class: r.error_class.clone(),
+        cache: r.cache.clone(),
+        cost_saved_usd: r.cost_saved_usd,
     }
 }
 

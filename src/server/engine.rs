@@ -6,8 +6,15 @@
 //! 2. authentication: the presented gateway key, or none where none is required;
 //! 3. the surface's request is converted and validated (only once the caller is known);
 //! 4. the key's scope, forced tags, budget fallback and limits (rate, tokens, streams, budget);
-//! 5. routing to a plan; 6. the executor (fallback, hedging, deadline, commit point);
-//! 7. the meter and ledger record the outcome, labelled with the surface's `rpc` name.
+//! 5. routing to a plan;
+//! 6. the response cache ([`super::cache_stage`]): a live cached reply in the caller's
+//!    namespace ends the call here (a unary answer, or a replayed stream), with no upstream
+//!    attempt and zero cost; the call still counted against the request rate limit, its
+//!    token and budget reservations are given back;
+//! 7. the executor (fallback, hedging, deadline, commit point); a complete answer that
+//!    finished normally is stored in the cache (a stream: when its finish arrives, never a
+//!    partial or failed one);
+//! 8. the meter and ledger record the outcome, labelled with the surface's `rpc` name.
 
 mod embed;
 
@@ -17,16 +24,19 @@ use tracing::Instrument;
 
 use super::{
     access::{Access, now_ms},
+    cache_stage,
     deadline::CallLimits,
     meter::{CallMeter, MeterConfig, Outcome},
 };
 use crate::{
     auth::Caller,
+    cache::{CacheControl, ResponseCache},
     error::GatewayError,
     executor::{Answer, CallEvent, Executor},
+    limits::{Ask, BudgetCheck},
     routing::{Plan, Router, RoutingTable, estimate_tokens},
     telemetry::{TraceContext, continue_traceparent},
-    types::ChatRequest,
+    types::{CacheOutcome, ChatRequest, Usage},
 };
 use std::sync::Arc;
 
@@ -38,6 +48,7 @@ pub struct Engine {
     executor: Executor,
     limits: CallLimits,
     meter: MeterConfig,
+    cache: Option<Arc<ResponseCache>>,
 }
 
 /// What a surface knows about one call before it reads the request.
@@ -52,6 +63,8 @@ pub struct Call<'a> {
     pub trace: Option<TraceContext>,
     /// Who is calling.
     pub credential: Credential<'a>,
+    /// The caller's `cache-control` directives.
+    pub cache_control: CacheControl,
 }
 
 /// The caller of a call, as the surface knows it.
@@ -82,7 +95,14 @@ impl Engine {
             executor,
             limits,
             meter,
+            cache: None,
         }
+    }
+
+    /// Serves and stores replies with `cache`.
+    pub fn with_cache(mut self, cache: Arc<ResponseCache>) -> Self {
+        self.cache = Some(cache);
+        self
     }
 
     /// Call budget settings.
@@ -111,21 +131,53 @@ impl Engine {
         let span = tracing::info_span!("call", rpc = call.rpc, request_id = %call.request_id);
         async move {
             let result = async {
-                let (req, plan) = self.prepare(call.credential, request, &mut meter, false)?;
-                self.executor
+                let (req, plan, namespace) = self
+                    .prepare(call.credential, request, &mut meter, false)
+                    .await?;
+                let mut cached = match &self.cache {
+                    Some(cache) => {
+                        let table = self.router.load();
+                        let mut cached =
+                            cache_stage::begin(cache, &table, &namespace, &req, call.cache_control);
+                        if let Some(entry) = cached.lookup().await {
+                            let route = cache_stage::hit_route(&req, &table, cached.outcome());
+                            meter.set_cache_hit(
+                                &entry.provider,
+                                &entry.response.model,
+                                entry.cost.map(|c| c.total_usd()),
+                            );
+                            return Ok(cache_stage::answer(&entry, route));
+                        }
+                        Some(cached)
+                    }
+                    None => None,
+                };
+                let mut answer = self
+                    .executor
                     .chat(&plan, &req, call.deadline, call.trace.as_ref())
-                    .await
+                    .await?;
+                if let Some(cached) = cached.as_mut() {
+                    answer.route.cache =
+                        cached.store(&answer.response, &answer.provider, answer.cost);
+                }
+                Ok(answer)
             }
             .await;
             match result {
                 Ok(answer) => {
+                    let hit = matches!(answer.route.cache, CacheOutcome::Hit { .. });
                     tracing::debug!(provider = %answer.provider, model = %answer.response.model, "call succeeded");
                     meter.set_target(answer.metrics.clone());
                     meter.finish(Outcome {
                         code: tonic::Code::Ok,
                         error_class: "",
                         route: Some(&answer.route),
-                        usage: answer.response.usage,
+                        // A hit used no upstream tokens.
+                        usage: if hit {
+                            Some(Usage::default())
+                        } else {
+                            answer.response.usage
+                        },
                         cost: answer.cost,
                         ttft: None,
                     });
@@ -149,14 +201,39 @@ impl Engine {
         let started = Instant::now();
         let span = tracing::info_span!("call", rpc = call.rpc, request_id = %call.request_id);
         let committed = async {
-            let (req, plan) = self.prepare(call.credential, request, &mut meter, true)?;
-            self.executor
+            let (req, plan, namespace) = self
+                .prepare(call.credential, request, &mut meter, true)
+                .await?;
+            let mut cached = None;
+            if let Some(cache) = &self.cache {
+                let table = self.router.load();
+                let mut call_cache =
+                    cache_stage::begin(cache, &table, &namespace, &req, call.cache_control);
+                if let Some(entry) = call_cache.lookup().await {
+                    let route = cache_stage::hit_route(&req, &table, call_cache.outcome());
+                    meter.set_cache_hit(
+                        &entry.provider,
+                        &entry.response.model,
+                        entry.cost.map(|c| c.total_usd()),
+                    );
+                    let events: Events = Box::pin(futures_util::stream::iter(cache_stage::replay(
+                        &entry, route,
+                    )));
+                    return Ok((events, None, true));
+                }
+                cached = Some((call_cache, cache_stage::Collector::default()));
+            }
+            let stream = self
+                .executor
                 .chat_stream(&plan, &req, call.deadline, call.trace.as_ref())
-                .await
+                .await?;
+            meter.set_target(Some(stream.target_metrics().clone()));
+            let events: Events = Box::pin(stream);
+            Ok((events, cached, false))
         }
         .instrument(span.clone())
         .await;
-        let committed = match committed {
+        let (committed, mut cached, hit) = match committed {
             Ok(committed) => committed,
             Err(err) => {
                 let _entered = span.enter();
@@ -164,19 +241,29 @@ impl Engine {
             }
         };
         let ttft = started.elapsed();
-        meter.set_target(Some(committed.target_metrics().clone()));
         meter.stream_opened();
         Ok(Box::pin(committed.map(move |event| match event {
-            Ok(event) => {
+            Ok(mut event) => {
+                if let Some((_, collector)) = cached.as_mut() {
+                    collector.push(&event);
+                }
                 if let CallEvent::Finish {
-                    usage, cost, route, ..
-                } = &event
+                    reason,
+                    usage,
+                    cost,
+                    route,
+                } = &mut event
                 {
+                    if let Some((mut call_cache, collector)) = cached.take() {
+                        let (response, provider) = collector.finish(*reason, *usage);
+                        route.cache = call_cache.store(&response, &provider, *cost);
+                    }
                     meter.finish(Outcome {
                         code: tonic::Code::Ok,
                         error_class: "",
                         route: Some(route),
-                        usage: *usage,
+                        // A hit used no upstream tokens.
+                        usage: if hit { Some(Usage::default()) } else { *usage },
                         cost: *cost,
                         ttft: Some(ttft),
                     });
@@ -190,75 +277,71 @@ impl Engine {
         })))
     }
 
-    /// Authenticates, applies the key's scope, forced tags, limits and budget, and plans.
-    fn prepare(
+    /// Authenticates, applies the key's scope and forced tags, plans, and asks the limits
+    /// once (rates, stream slot and budget together: one round trip with shared limits);
+    /// a spent budget with a fallback policy plans again on that policy.
+    async fn prepare(
         &self,
         credential: Credential<'_>,
         request: impl FnOnce() -> Result<ChatRequest, GatewayError> + Send,
         meter: &mut CallMeter,
         stream: bool,
-    ) -> Result<(ChatRequest, Plan), GatewayError> {
+    ) -> Result<(ChatRequest, Plan, Arc<str>), GatewayError> {
         let caller = match credential {
             Credential::Verified(caller) => caller,
             Credential::Bearer(secret) => self.access.chat_caller_secret(secret)?,
         };
         let mut req = request()?;
         let table = self.router.current();
-        let mut permit = None;
-        // Routed to the budget's fallback policy: the budget no longer refuses calls.
-        let mut budget_fallback = false;
-        if let Some(caller) = &caller {
-            caller.force_tags(&mut req.tags);
-            meter.set_key(caller.name());
-            caller.may_call(&req.model, table.is_policy(&req.model))?;
-            let subjects = self.access.subjects(caller);
-            let fallback = &caller.key.spec.budget_fallback_policy;
-            let now = now_ms();
-            if !fallback.is_empty()
-                && subjects
-                    .iter()
-                    .any(|s| self.access.limits.budget_spent(s, now))
-            {
-                tracing::info!(key = caller.name(), policy = %fallback, "budget spent: routing to the fallback policy");
-                req.model.clone_from(fallback);
-                budget_fallback = true;
-            }
-            let (input, output) = estimate_tokens(&req);
-            permit = Some(
-                self.access
-                    .limits
-                    .admit(subjects, input + output, stream)
-                    .inspect_err(count_limited)?,
-            );
-        }
+        let Some(caller) = &caller else {
+            meter.set_tags(&req.tags);
+            let plan = table.plan(&req)?;
+            return Ok((req, plan, cache_stage::namespace(None)));
+        };
+        caller.force_tags(&mut req.tags);
+        meter.set_key(caller.name());
+        caller.may_call(&req.model, table.is_policy(&req.model))?;
         meter.set_tags(&req.tags);
         let mut plan = table.plan(&req)?;
-        if let Some(mut permit) = permit {
-            let (input, output) = estimate_tokens(&req);
-            let estimate = plan
-                .targets
+        let subjects = self.access.subjects(caller);
+        let (input, output) = estimate_tokens(&req);
+        let estimated_usd = if subjects.any_budget() {
+            plan.targets
                 .first()
                 .and_then(|t| t.info.as_ref())
                 .and_then(|i| i.prices)
                 .map_or(0.0, |p| {
                     (input as f64 * p.input + output as f64 * p.output) / 1e6
-                });
-            if !budget_fallback && let Err(err) = permit.reserve(estimate, now_ms()) {
-                // This call would pass the budget: the fallback policy, when there is one.
-                let fallback = caller
-                    .as_ref()
-                    .map(|c| c.key.spec.budget_fallback_policy.clone())
-                    .unwrap_or_default();
-                if fallback.is_empty() {
-                    count_limited(&err);
-                    return Err(err);
-                }
-                req.model = fallback;
-                plan = table.plan(&req)?;
-            }
-            meter.set_permit(permit);
+                })
+        } else {
+            0.0
+        };
+        let fallback = &caller.key.spec.budget_fallback_policy;
+        let ask = Ask {
+            subjects,
+            estimated_tokens: input + output,
+            stream,
+            estimated_usd,
+            budget: if fallback.is_empty() {
+                BudgetCheck::Reserve
+            } else {
+                BudgetCheck::FallbackWhenSpent
+            },
+        };
+        let permit = self
+            .access
+            .limits
+            .admit(ask, now_ms())
+            .await
+            .inspect_err(count_limited)?;
+        if permit.budget_spent() {
+            // Routed to the budget's fallback policy: the budget no longer refuses calls.
+            tracing::info!(key = caller.name(), policy = %fallback, "budget spent: routing to the fallback policy");
+            req.model.clone_from(fallback);
+            plan = table.plan(&req)?;
         }
-        Ok((req, plan))
+        meter.set_permit(permit);
+        Ok((req, plan, cache_stage::namespace(Some(caller))))
     }
 }
 

@@ -49,6 +49,7 @@ impl GatewayService {
             deadline: call_deadline(metadata, self.engine.limits()),
             trace: trace_context(text("traceparent"), text("tracestate")),
             credential: Credential::Verified(caller),
+            cache_control: crate::cache::CacheControl::parse(text("cache-control")),
         })
     }
 }

@@ -70,6 +70,8 @@ pub struct CallMeter {
     key: String,
     permit: Option<Permit>,
     target: Option<Arc<TargetMetrics>>,
+    /// A reply served from the response cache: who made it, and what it cost then.
+    cached: Option<(String, String, Option<f64>)>,
 }
 
 fn code_name(code: Code) -> &'static str {
@@ -170,12 +172,19 @@ impl CallMeter {
             key: String::new(),
             permit: None,
             target: None,
+            cached: None,
         }
     }
 
     /// The target that answers the call (its metric handles).
     pub fn set_target(&mut self, target: Option<Arc<TargetMetrics>>) {
         self.target = target;
+    }
+
+    /// The reply came from the response cache: `provider` and `model` made it, for
+    /// `saved_usd` then; the call itself has no upstream attempt and zero cost.
+    pub fn set_cache_hit(&mut self, provider: &str, model: &str, saved_usd: Option<f64>) {
+        self.cached = Some((provider.to_owned(), model.to_owned(), saved_usd));
     }
 
     /// The request's tags (for the ledger and tag labels).
@@ -223,8 +232,14 @@ impl CallMeter {
                         .find(|a| !matches!(a.outcome, AttemptOutcome::Skipped(_)))
                 })
         });
-        let provider = last.map_or("", |a| a.provider.as_str()).to_owned();
-        let model = last.map_or("", |a| a.model.as_str()).to_owned();
+        let cached = self.cached.take();
+        let (provider, model) = match (&cached, last) {
+            (Some((p, m, _)), _) => (p.clone(), m.clone()),
+            (None, last) => (
+                last.map_or("", |a| a.provider.as_str()).to_owned(),
+                last.map_or("", |a| a.model.as_str()).to_owned(),
+            ),
+        };
         let attempts = route.map_or(0, |r| {
             r.attempts
                 .iter()
@@ -279,6 +294,8 @@ impl CallMeter {
             ttft_ms: outcome.ttft.map(|t| t.as_secs_f64() * 1000.0),
             code: code.to_owned(),
             error_class: outcome.error_class.to_owned(),
+            cache: route.map_or("", |r| r.cache.label()).to_owned(),
+            cost_saved_usd: cached.and_then(|(_, _, saved)| saved),
         });
     }
 }

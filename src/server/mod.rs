@@ -20,6 +20,7 @@ pub mod access;
 pub mod admin;
 pub mod admission;
 pub mod authz;
+pub mod cache_stage;
 pub mod conn;
 pub mod convert;
 pub mod convert_admin;
@@ -299,7 +300,14 @@ pub async fn serve_with(
     let router = Arc::new(Router::new(table));
     let stop_metrics = CancellationToken::new();
     let admin_token = admin_token(&config)?;
-    let limits = crate::limits::Limits::new();
+    let shared = crate::shared::Shared::connect(&config.shared).map_err(|e| {
+        ServeError::Store(StoreError::Backend(format!(
+            "cannot set up shared state: {e}"
+        )))
+    })?;
+    let limits = crate::limits::Limits::with_shared(shared.clone());
+    limits.prepare().await;
+    limits.background(&background, &stop_background);
     seed_spend(&*store, &limits).await;
     let access = Arc::new(access::Access::new(
         Arc::new(crate::auth::KeyRing::new()),
@@ -308,6 +316,7 @@ pub async fn serve_with(
         config.auth.require_keys,
         config.teams.clone(),
     ));
+    let response_cache = Arc::new(crate::cache::ResponseCache::new(config.cache.clone()));
     let admin = admin::AdminService::new(
         access.clone(),
         router.clone(),
@@ -323,7 +332,8 @@ pub async fn serve_with(
             })
             .collect(),
     )
-    .with_reloader(reloader);
+    .with_reloader(reloader)
+    .with_cache(response_cache.clone());
     admin.reload().await.map_err(|e| {
         ServeError::Store(StoreError::Backend(format!(
             "cannot load stored policies: {e}"
@@ -379,7 +389,8 @@ pub async fn serve_with(
             margin: config.server.deadline_margin,
         },
         meter,
-    );
+    )
+    .with_cache(response_cache);
     let gateway = gateway::GatewayService::new(engine.clone());
     let http_listener = match (options.http_listener, config.http.listen) {
         (Some(listener), _) => Some(listener),
@@ -686,6 +697,6 @@ async fn seed_spend(store: &dyn Store, limits: &crate::limits::Limits) {
         }
     }
     for (subject, (day_usd, month_usd)) in spend {
-        limits.seed_spend(&subject, now, day_usd, month_usd);
+        limits.seed_spend(&subject, now, day_usd, month_usd).await;
     }
 }

@@ -60,6 +60,9 @@ const MIGRATIONS: &[&str] = &[
         version INTEGER NOT NULL,
         created_ms INTEGER NOT NULL
     ) STRICT;",
+    // 4: the response cache's outcome and what a hit saved.
+    "ALTER TABLE usage ADD COLUMN cache TEXT NOT NULL DEFAULT '';
+    ALTER TABLE usage ADD COLUMN cost_saved_usd REAL;",
 ];
 
 /// The embedded store.
@@ -432,8 +435,9 @@ impl UsageSink for SqliteStore {
                     .prepare_cached(
                         "INSERT INTO usage (time_ms, request_id, rpc, key, tags, policy, provider, model,
                          attempts, input_tokens, output_tokens, cached_input_tokens, usage_reported,
-                         cost_usd, latency_ms, ttft_ms, code, error_class)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+                         cost_usd, latency_ms, ttft_ms, code, error_class, cache, cost_saved_usd)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
+                         ?19, ?20)",
                     )
                     .map_err(backend)?;
                 for r in &records {
@@ -457,6 +461,8 @@ impl UsageSink for SqliteStore {
                         r.ttft_ms,
                         r.code,
                         r.error_class,
+                        r.cache,
+                        r.cost_saved_usd,
                     ])
                     .map_err(backend)?;
                 }
@@ -473,7 +479,7 @@ impl UsageSink for SqliteStore {
                 .prepare(
                     "SELECT time_ms, request_id, rpc, key, tags, policy, provider, model, attempts,
                      input_tokens, output_tokens, cached_input_tokens, usage_reported, cost_usd,
-                     latency_ms, ttft_ms, code, error_class
+                     latency_ms, ttft_ms, code, error_class, cache, cost_saved_usd
                      FROM usage WHERE time_ms >= ?1 AND time_ms < ?2 ORDER BY time_ms, id",
                 )
                 .map_err(backend)?;
@@ -499,6 +505,8 @@ impl UsageSink for SqliteStore {
                         ttft_ms: row.get(15)?,
                         code: row.get(16)?,
                         error_class: row.get(17)?,
+                        cache: row.get(18)?,
+                        cost_saved_usd: row.get(19)?,
                     })
                 })
                 .map_err(backend)?;
@@ -608,6 +616,7 @@ mod tests {
             constraints: Default::default(),
             execution: Default::default(),
             variants: vec![],
+            cache: Default::default(),
         }
     }
 

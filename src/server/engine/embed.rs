@@ -30,7 +30,7 @@ impl Engine {
         async move {
             let result = async {
                 let mut settings = None;
-                let (view, plan) = self.prepare(
+                let (view, plan, _namespace) = self.prepare(
                     call.credential,
                     || {
                         let (view, rest) = routing_view(request()?);
@@ -39,7 +39,8 @@ impl Engine {
                     },
                     &mut meter,
                     false,
-                )?;
+                )
+                .await?;
                 let settings = settings.ok_or_else(|| {
                     GatewayError::Internal("the embedding request was not converted".to_owned())
                 })?;

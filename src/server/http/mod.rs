@@ -256,6 +256,10 @@ impl<'a> Head<'a> {
                 header_str(self.headers, "tracestate"),
             ),
             credential: Credential::Bearer(self.credential),
+            cache_control: crate::cache::CacheControl::parse(header_str(
+                self.headers,
+                "cache-control",
+            )),
         })
     }
 }
