@@ -87,6 +87,8 @@ struct RawConfig {
     #[serde(default)]
     executor: RawExecutor,
     #[serde(default)]
+    pacing: crate::pacing::RawPacing,
+    #[serde(default)]
     metrics: RawMetrics,
     #[serde(default)]
     ledger: RawLedger,
@@ -99,6 +101,8 @@ struct RawConfig {
     tls: Option<RawTls>,
     #[serde(default)]
     connections: crate::server::settings::ConnSettings,
+    #[serde(default)]
+    admission: crate::server::settings::AdmissionSettings,
     #[serde(default)]
     http: RawHttpFront,
     #[serde(default)]
@@ -141,6 +145,8 @@ pub struct Config {
     pub health: HealthSettings,
     /// `[executor]`: fallback and hedging.
     pub executor: ExecutorSettings,
+    /// `[pacing]`: outbound smoothing.
+    pub pacing: crate::pacing::PacingSettings,
     /// `[metrics]`.
     pub metrics: MetricsSettings,
     /// `[ledger]`.
@@ -155,6 +161,8 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// `[connections]`: the front door's connection limits.
     pub connections: crate::server::settings::ConnSettings,
+    /// `[admission]`: the bound on chat calls in flight at the front.
+    pub admission: crate::server::settings::AdmissionSettings,
     /// `[http]`: the OpenAI- and Anthropic-compatible front.
     pub http: HttpFrontSettings,
     /// `[guardrails.*]`: guardrail profiles.
@@ -351,6 +359,7 @@ fn validate(
     let health = HealthSettings::from_raw(raw.health, &mut issues);
     let mut executor = ExecutorSettings::from_raw(raw.executor, &mut issues);
     executor.stream_idle_timeout = upstream.stream_idle_timeout;
+    let pacing = crate::pacing::PacingSettings::from_raw(raw.pacing, &mut issues);
     let metrics = MetricsSettings::from_raw(raw.metrics, &mut issues);
     let ledger = LedgerSettings::from_raw(raw.ledger, &mut issues);
     let cache = crate::cache::CacheSettings::from_raw(raw.cache, &mut issues);
@@ -363,6 +372,7 @@ fn validate(
     let tls = raw.tls.and_then(|t| TlsConfig::from_raw(t, &mut issues));
     let connections = crate::server::settings::ConnSettings::checked(raw.connections, &mut issues);
     let guardrails = crate::guard::GuardSettings::from_raw(raw.guardrails, &mut issues);
+    let admission = raw.admission.checked(&mut issues);
     let shared = crate::shared::SharedSettings::from_raw(raw.shared, &mut issues);
     let batch = crate::batch::BatchSettings::from_raw(raw.batch, &mut issues);
 
@@ -380,6 +390,7 @@ fn validate(
         admin,
         health,
         executor,
+        pacing,
         metrics,
         ledger,
         cache,
@@ -387,6 +398,7 @@ fn validate(
         teams,
         tls,
         connections,
+        admission,
         http,
         guardrails,
         shared,

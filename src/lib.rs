@@ -30,6 +30,9 @@
 //! - [`error`]: [`error::GatewayError`] and its single mapping to gRPC statuses.
 //! - [`health`]: circuit breakers, rate-limit cooldowns, latency statistics per target.
 //! - [`ledger`]: the usage and cost ledger, writing to a [`ledger::UsageSink`].
+//! - [`pacing`]: outbound smoothing: each provider account's requests and tokens per
+//!   minute (configured, and learned from the providers' headers) and the adaptive
+//!   concurrency limit per target; `[pacing]`.
 //! - [`shared`]: state shared by several replicas in Redis (`[shared]`): the client, its
 //!   fail-open/fail-closed mode, and provider rest state published to every replica.
 //! - [`providers`]: the [`providers::Provider`] trait and the provider kit: a wire format
@@ -70,6 +73,7 @@
 //! cache
 //! error mock_upstream
 //! health ledger providers
+//! pacing
 //! shared
 //! models server::settings telemetry tls
 //! pb settings types
@@ -93,6 +97,7 @@ pub mod ledger;
 pub mod limits;
 pub mod mock_upstream;
 pub mod models;
+pub mod pacing;
 pub mod pb;
 #[cfg(test)]
 mod props;

@@ -165,6 +165,7 @@ impl Reloader {
             admin,
             health,
             executor,
+            pacing,
             metrics,
             ledger,
             cache,
@@ -172,6 +173,7 @@ impl Reloader {
             teams,
             tls,
             connections,
+            admission,
             http,
             guardrails,
             shared,
@@ -191,6 +193,7 @@ impl Reloader {
         };
         restart("server.listen", server.listen != new.server.listen);
         restart("connections", connections != &new.connections);
+        restart("admission", admission != &new.admission);
         let server_rest = ServerSettings {
             listen: new.server.listen,
             ..server.clone()
@@ -214,6 +217,7 @@ impl Reloader {
             ..executor.clone()
         };
         restart("executor", executor_rest != new.executor);
+        restart("pacing", *pacing != new.pacing);
         restart("metrics", *metrics != new.metrics);
         restart("ledger", *ledger != new.ledger);
         restart("cache", *cache != new.cache);
@@ -241,6 +245,7 @@ impl Reloader {
                 || fresh.settings != old.settings
                 || fresh.base_url != old.base_url
                 || fresh.models != old.models
+                || fresh.pacing != old.pacing
             {
                 report.restart_needed.push(format!("providers.{name}"));
             }

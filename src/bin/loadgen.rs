@@ -168,6 +168,8 @@ struct Outcome {
 /// Results of a set of calls.
 struct Stats {
     latency: Histogram<u64>,
+    /// Latency of failed calls (e.g. how fast an overloaded server refuses).
+    error_latency: Histogram<u64>,
     ttft: Histogram<u64>,
     ok: u64,
     errors: BTreeMap<String, u64>,
@@ -181,6 +183,7 @@ impl Stats {
     fn new() -> Self {
         Self {
             latency: histogram(),
+            error_latency: histogram(),
             ttft: histogram(),
             ok: 0,
             errors: BTreeMap::new(),
@@ -206,6 +209,7 @@ impl Stats {
                 }
             }
             Err(failure) => {
+                self.error_latency.saturating_record(micros(latency));
                 *self.errors.entry(failure.label.clone()).or_default() += 1;
                 self.examples.entry(failure.label).or_insert(failure.detail);
             }
@@ -867,6 +871,7 @@ async fn run(args: Args) -> Result<bool, String> {
         "elapsed_s": (elapsed * 1000.0).round() / 1000.0,
         "rps": rps.round(),
         "latency_us": percentiles(&stats.latency),
+        "error_latency_us": percentiles(&stats.error_latency),
         "ttft_us": if args.rpc == Rpc::Stream { percentiles(&stats.ttft) } else { Value::Null },
         "peak_inflight": ctx.peak_inflight.load(Ordering::Relaxed),
         "deadline_ms": args.deadline.map(|d| d.as_millis()),

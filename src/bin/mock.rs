@@ -41,6 +41,10 @@ struct Args {
     /// HTTP status of random errors.
     #[arg(long, default_value_t = 500)]
     error_status: u16,
+    /// Requests per minute each API key may send; past it the provider's 429 with its
+    /// rate-limit headers (0: unlimited).
+    #[arg(long, default_value_t = 0)]
+    requests_per_minute: u32,
     /// Write the test service account's key file (JSON, test-only credentials) for the Vertex
     /// endpoints to this path.
     #[arg(long)]
@@ -70,6 +74,7 @@ async fn main() -> ExitCode {
         chunk_delay: Duration::from_millis(args.chunk_delay_ms),
         error_rate: args.error_rate,
         error_status: args.error_status,
+        requests_per_minute: (args.requests_per_minute > 0).then_some(args.requests_per_minute),
     };
     let mock = match MockUpstream::start_on(listener, settings) {
         Ok(m) => m,

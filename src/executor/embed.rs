@@ -102,8 +102,10 @@ impl Executor {
         let attempt = |target: Target, _deadline: Instant| {
             async move { target.provider.embed(&target.model, request).await }.boxed()
         };
+        // Estimated input tokens (about 4 characters each), for pacing.
+        let tokens = request.inputs.iter().map(|t| t.len() as u64 / 4 + 1).sum();
         let won = self
-            .race(&plan, Mode::Unary, deadline, trace, &attempt)
+            .race(&plan, Mode::Unary, deadline, trace, tokens, &attempt)
             .await?;
         won.guard.finish(AttemptResult::Success {
             latency: won.started.elapsed(),

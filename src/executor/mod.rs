@@ -30,6 +30,11 @@
 //!   `health`), so percentile hedge delays and reserves are not biased low.
 //! - A target resting after a rate limit (its Retry-After) or with an open circuit is
 //!   skipped; other targets carry on.
+//! - Pacing ([`crate::pacing`]): an admitted target's provider account gives the attempt
+//!   its capacity (requests, the request's estimated tokens, a concurrency slot). When the
+//!   capacity arrives later, the attempt waits for it only if it can still start by the
+//!   deadline less what the target typically needs (as for a fallback); otherwise the
+//!   target is skipped at once (`NO_CAPACITY`, `CONCURRENCY_LIMIT`) and the next one tried.
 //! - Hedging: when the newest attempt has not answered after the hedge delay (fixed, or a
 //!   percentile of the target's observed latency), the next target starts in parallel. The
 //!   first success wins and the others are dropped at once, which closes their HTTP requests.
@@ -360,6 +365,12 @@ struct Race<'p> {
     primary_taken: bool,
     /// Index (into the attempt sequence) of the target the running attempts left time for.
     reserved_for: Option<usize>,
+    /// The request's estimated tokens (input and output), for pacing.
+    tokens: u64,
+    /// The pacing lease of the target `pick` just returned.
+    lease: Option<crate::pacing::Lease>,
+    /// The earliest time a target skipped by pacing has capacity again.
+    paced_until: Option<Instant>,
 }
 
 impl<'p> Race<'p> {
@@ -389,6 +400,9 @@ impl<'p> Race<'p> {
             deadline_skipped: false,
             primary_taken: false,
             reserved_for: None,
+            tokens: 0,
+            lease: None,
+            paced_until: None,
         };
         for skipped in &plan.skipped {
             // A target set aside ahead of every target in the plan was the primary.
@@ -483,11 +497,43 @@ impl<'p> Race<'p> {
                 continue;
             }
             match AttemptGuard::admit(&target.health, now) {
-                Ok(guard) => return Some((target, guard, kind)),
+                Ok(guard) => match self.pace(&target, now, floor) {
+                    Ok(()) => return Some((target, guard, kind)),
+                    Err(reason) => {
+                        guard.finish(AttemptResult::Neutral);
+                        self.skip(&target, kind, reason);
+                    }
+                },
                 Err(admission) => self.skip(&target, kind, skip_reason(admission)),
             }
         }
         None
+    }
+
+    /// Takes pacing capacity for an attempt on `target` (into `self.lease`): it may wait for
+    /// it only as long as it can still start by the deadline less what the target needs.
+    fn pace(&mut self, target: &Target, now: Instant, floor: Duration) -> Result<(), &'static str> {
+        self.lease = None;
+        let Some(ring) = target.provider.keys() else {
+            return Ok(());
+        };
+        let latest = self
+            .deadline
+            .checked_sub(self.needs(target, floor))
+            .unwrap_or(now)
+            .max(now);
+        match ring.pace(&target.model, self.tokens, now, latest) {
+            None => Ok(()),
+            Some(crate::pacing::Admit::Go(lease)) => {
+                self.lease = Some(lease);
+                Ok(())
+            }
+            Some(crate::pacing::Admit::Skip { reason, ready_at }) => {
+                let ready = ready_at.unwrap_or(now + DEFAULT_REST);
+                self.paced_until = Some(self.paced_until.map_or(ready, |p| p.min(ready)));
+                Err(reason)
+            }
+        }
     }
 
     /// The time the attempt about to start must leave free before the deadline, for the next
@@ -610,6 +656,14 @@ impl<'p> Race<'p> {
                 all_rate_limited: self.all_rate_limited,
                 route: self.route,
             },
+            None if self.paced_until.is_some() => GatewayError::Unavailable {
+                reason: "RATE_LIMITED",
+                message: "no upstream target has rate-limit capacity within the deadline"
+                    .to_owned(),
+                retry_after: self
+                    .paced_until
+                    .map(|at| at.saturating_duration_since(Instant::now())),
+            },
             None => GatewayError::Unavailable {
                 reason: "NO_TARGET",
                 message: "no upstream target could be tried within the deadline and limits"
@@ -723,9 +777,11 @@ impl Executor {
         mode: Mode,
         deadline: Instant,
         trace: Option<&TraceContext>,
+        tokens: u64,
         attempt: &(dyn Fn(Target, Instant) -> BoxFuture<'a, Result<T, ProviderError>> + Sync),
     ) -> Result<Won<T>, GatewayError> {
         let mut race = Race::new(plan, mode, deadline);
+        race.tokens = tokens;
         let deadline = race.deadline;
         let floor = self.settings.min_attempt_time;
         let attempt_timeout = plan.execution.attempt_timeout;
@@ -759,7 +815,12 @@ impl Executor {
                 Some(_) => race.reserved_for = None,
                 None => {}
             }
+            let lease = race.lease.take();
             let id = race.begin(target.clone(), guard, kind);
+            // An attempt that waits for pacing capacity starts its clock when it goes out.
+            if let Some((lease, Some(running))) = lease.as_ref().zip(race.running.get_mut(id)) {
+                running.started = running.started.max(lease.start_at);
+            }
             let span = tracing::info_span!(
                 "attempt",
                 provider = target.provider.name(),
@@ -767,7 +828,9 @@ impl Executor {
                 kind = kind.label(),
                 policy = race.plan.policy.as_deref().unwrap_or(""),
             );
-            let fut = attempt(target, attempt_deadline).instrument(span).boxed();
+            let fut = crate::pacing::run(lease, attempt(target, attempt_deadline))
+                .instrument(span)
+                .boxed();
             let fut = match trace {
                 Some(ctx) => TRACE_CONTEXT.scope(ctx.clone(), fut).boxed(),
                 None => fut,
@@ -942,7 +1005,14 @@ impl Executor {
             async move { target.provider.chat(&target.model, request).await }.boxed()
         };
         let won = self
-            .race(plan, Mode::Unary, deadline, trace, &attempt)
+            .race(
+                plan,
+                Mode::Unary,
+                deadline,
+                trace,
+                tokens(request),
+                &attempt,
+            )
             .await?;
         won.guard.finish(AttemptResult::Success {
             latency: won.started.elapsed(),
@@ -976,7 +1046,14 @@ impl Executor {
                 .boxed()
         };
         let won = self
-            .race(plan, Mode::Stream, deadline, trace, &attempt)
+            .race(
+                plan,
+                Mode::Stream,
+                deadline,
+                trace,
+                tokens(request),
+                &attempt,
+            )
             .await?;
         let (upstream, buffered) = won.value;
         Ok(CallStream::new(stream::Committed {
@@ -998,6 +1075,12 @@ impl Executor {
             hard_stop: self.hard_stop.clone(),
         }))
     }
+}
+
+/// The request's estimated tokens (input and expected output), for pacing.
+fn tokens(request: &ChatRequest) -> u64 {
+    let (input, output) = crate::routing::estimate_tokens(request);
+    input + output
 }
 
 /// Opens a stream and reads it up to and including the first content event (or the finish

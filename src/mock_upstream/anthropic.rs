@@ -62,7 +62,7 @@ fn input_tokens(body: &Value) -> u64 {
     system + messages
 }
 
-fn error_response(status: u16, retry_after: Option<u64>) -> Response {
+pub(super) fn error_response(status: u16, retry_after: Option<u64>) -> Response {
     let (kind, message) = match status {
         400 => ("invalid_request_error", "Invalid request (mock)"),
         401 => ("authentication_error", "invalid x-api-key"),

@@ -60,7 +60,7 @@ fn input_tokens(body: &Value) -> u64 {
     system + contents
 }
 
-fn error_response(status: u16, retry_after: Option<u64>) -> Response {
+pub(super) fn error_response(status: u16, retry_after: Option<u64>) -> Response {
     let (code, message) = match status {
         400 => ("INVALID_ARGUMENT", "Invalid JSON payload received (mock)."),
         401 => (

@@ -52,6 +52,10 @@
 //! was dropped before it completed, i.e. the client closed the connection), counts requests
 //! per API key, and keeps the last request's body and headers for assertions.
 //!
+//! [`MockSettings::requests_per_minute`] (and [`MockUpstream::limit_key`] per key) limits
+//! each key's requests per minute; past it the answer is the provider's 429 with its real
+//! rate-limit headers, which every answer of a limited key carries (see `ratelimit`).
+//!
 //! By default any API key is accepted; [`MockUpstream::accept_keys`] restricts them (others
 //! get the provider's 401), to test key rotation and refused keys.
 
@@ -65,7 +69,10 @@ pub use vertex::{
 };
 mod gemini;
 mod openai;
+mod ratelimit;
 mod vertex;
+
+pub use ratelimit::go_duration;
 
 use std::{
     net::SocketAddr,
@@ -106,6 +113,10 @@ pub struct MockSettings {
     pub error_rate: f64,
     /// Status used for random errors.
     pub error_status: u16,
+    /// Requests per minute each API key may send (OpenAI, Azure, Anthropic and Gemini
+    /// routes); past it the provider's 429 with its rate-limit headers (see `ratelimit`).
+    /// `None`: unlimited. [`MockUpstream::limit_key`] sets a key's own limit.
+    pub requests_per_minute: Option<u32>,
 }
 
 impl Default for MockSettings {
@@ -119,6 +130,7 @@ impl Default for MockSettings {
             chunk_delay: Duration::ZERO,
             error_rate: 0.0,
             error_status: 500,
+            requests_per_minute: None,
         }
     }
 }
@@ -353,6 +365,7 @@ pub(crate) struct MockState {
     accepted: AcceptedKeys,
     aws: Arc<bedrock::AwsCredentialStore>,
     vertex: Arc<vertex::VertexAuth>,
+    rates: Arc<ratelimit::RateLimits>,
 }
 
 impl MockState {
@@ -374,6 +387,7 @@ pub struct MockUpstream {
     accepted: AcceptedKeys,
     aws: Arc<bedrock::AwsCredentialStore>,
     vertex: Arc<vertex::VertexAuth>,
+    rates: Arc<ratelimit::RateLimits>,
     stop: CancellationToken,
 }
 
@@ -395,12 +409,14 @@ impl MockUpstream {
         let accepted = AcceptedKeys::default();
         let aws = Arc::new(bedrock::AwsCredentialStore::default());
         let vertex = Arc::new(vertex::VertexAuth::default());
+        let rates = Arc::new(ratelimit::RateLimits::new(settings.requests_per_minute));
         let app = router(MockState {
             settings: Arc::new(settings),
             stats: stats.clone(),
             accepted: accepted.clone(),
             aws: aws.clone(),
             vertex: vertex.clone(),
+            rates: rates.clone(),
         });
         let signal = stop.clone().cancelled_owned();
         tokio::spawn(async move {
@@ -418,6 +434,7 @@ impl MockUpstream {
             accepted,
             aws,
             vertex,
+            rates,
             stop,
         })
     }
@@ -499,6 +516,17 @@ impl MockUpstream {
         &self.stats
     }
 
+    /// Gives `key` its own requests-per-minute limit (`None`: back to
+    /// [`MockSettings::requests_per_minute`]); its bucket starts full.
+    pub fn limit_key(&self, key: &str, requests_per_minute: Option<u32>) {
+        self.rates.set(key, requests_per_minute);
+    }
+
+    /// Requests answered 429 because their key was past its requests-per-minute limit.
+    pub fn rate_limited(&self) -> u64 {
+        self.rates.limited()
+    }
+
     /// Accepts only these API keys from now on (others get the provider's 401); `None`
     /// accepts any (the default).
     pub fn accept_keys(&self, keys: Option<&[&str]>) {
@@ -523,6 +551,10 @@ pub(crate) fn router(state: MockState) -> Router {
         .merge(bedrock::routes())
         .merge(vertex::routes())
         .merge(gemini::routes())
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            ratelimit::enforce,
+        ))
         .with_state(state)
 }
 

@@ -189,7 +189,7 @@ fn input_tokens(body: &Value) -> u64 {
         .unwrap_or(0)
 }
 
-fn error_response(status: u16, retry_after: Option<u64>) -> Response {
+pub(super) fn error_response(status: u16, retry_after: Option<u64>) -> Response {
     let (kind, code, message) = match status {
         400 => (
             "invalid_request_error",

@@ -1,7 +1,10 @@
 //! The transport half of the provider kit: one generic adapter, [`HttpProvider`], that
 //! implements [`Provider`] for any [`WireFormat`] with any [`Auth`]. It owns what every HTTP
 //! provider shares: the pooled client, the key ring (rotation and rests), trace headers,
-//! redacted body logging, bounded error bodies, and turning a 2xx stream into events.
+//! redacted body logging, bounded error bodies, and turning a 2xx stream into events. It
+//! also feeds outbound pacing ([`crate::pacing`]): the key whose capacity the attempt's
+//! lease took goes first, and every answer's rate-limit headers, 429s and latency are
+//! reported to the provider's pacer.
 
 use std::sync::Arc;
 
@@ -88,12 +91,13 @@ impl<W: WireFormat> HttpProvider<W> {
         body: Vec<u8>,
     ) -> Result<reqwest::Response, ProviderError> {
         let url = self.wire.endpoint(model, stream)?;
-        self.send_to(&url, body).await
+        self.send_to(model, &url, body).await
     }
 
     /// [`HttpProvider::send`] to `url`.
     async fn send_to(
         &self,
+        model: &str,
         url: &reqwest::Url,
         body: Vec<u8>,
     ) -> Result<reqwest::Response, ProviderError> {
@@ -101,9 +105,10 @@ impl<W: WireFormat> HttpProvider<W> {
         log_body("request", None, &body);
         let mut tried = Vec::new();
         let mut last_error = None;
+        let preferred = crate::pacing::current().and_then(|lease| lease.key);
         loop {
-            let (key, index) = match self.keys.pick(&tried) {
-                Pick::NoKey => return self.attempt(url, None, &body).await,
+            let (key, index) = match self.keys.pick_preferred(&tried, preferred) {
+                Pick::NoKey => return self.attempt(model, url, None, &body).await,
                 Pick::Key(key, index) => (key, index),
                 Pick::AllResting(err) => return Err(last_error.unwrap_or(err)),
                 Pick::Exhausted => {
@@ -112,7 +117,7 @@ impl<W: WireFormat> HttpProvider<W> {
                     }));
                 }
             };
-            match self.attempt(url, Some(&key), &body).await {
+            match self.attempt(model, url, Some(&key), &body).await {
                 Err(err) if KeyRing::is_key_failure(&err) => {
                     self.keys.rest(&key, index, &err);
                     tried.push(key);
@@ -127,6 +132,7 @@ impl<W: WireFormat> HttpProvider<W> {
     /// bounded part of) the error body and classifies it.
     async fn attempt(
         &self,
+        model: &str,
         url: &reqwest::Url,
         key: Option<&ProviderKey>,
         body: &Bytes,
@@ -153,6 +159,7 @@ impl<W: WireFormat> HttpProvider<W> {
         let unsigned = request.try_clone();
         self.auth.authorize(key, &mut request, body).await?;
         let retry = key.zip(request.try_clone()).zip(unsigned);
+        let sent = tokio::time::Instant::now();
         let mut response = self
             .client
             .execute(request)
@@ -171,6 +178,13 @@ impl<W: WireFormat> HttpProvider<W> {
                 .map_err(|e| ProviderError::from_transport(&e))?;
         }
         let status = response.status();
+        self.learn(
+            model,
+            key,
+            status.as_u16(),
+            response.headers(),
+            sent.elapsed(),
+        );
         if status.is_success() {
             return Ok(response);
         }
@@ -182,12 +196,55 @@ impl<W: WireFormat> HttpProvider<W> {
         }
         log_body("error", Some(status.as_u16()), &body);
         let err = self.wire.classify(status.as_u16(), &headers, &body);
+        if err.class == ErrorClass::RateLimited
+            && let Some(pacer) = self.keys.pacer()
+        {
+            let mut observation = super::ratelimit::from_google_quota(&body);
+            observation.retry_after = Some(
+                err.retry_after
+                    .unwrap_or(super::keys::DEFAULT_RATE_LIMIT_REST),
+            );
+            let fingerprint = key.map_or(0, ProviderKey::fingerprint);
+            pacer.observe(
+                fingerprint,
+                model,
+                &observation,
+                tokio::time::Instant::now(),
+            );
+        }
         tracing::debug!(
             http_status = status.as_u16(),
             error_class = err.class.label(),
             "provider returned an error"
         );
         Err(err)
+    }
+
+    /// Reports an answer's rate-limit headers and its latency (or overload) to the pacer.
+    fn learn(
+        &self,
+        model: &str,
+        key: Option<&ProviderKey>,
+        status: u16,
+        headers: &http::HeaderMap,
+        latency: std::time::Duration,
+    ) {
+        let Some(pacer) = self.keys.pacer() else {
+            return;
+        };
+        let now = tokio::time::Instant::now();
+        let observation = super::ratelimit::from_headers(headers, std::time::SystemTime::now());
+        pacer.observe(
+            key.map_or(0, ProviderKey::fingerprint),
+            model,
+            &observation,
+            now,
+        );
+        match status {
+            200..=299 => pacer.signal(model, crate::pacing::Signal::Answered(latency), now),
+            429 | 503 | 529 => pacer.signal(model, crate::pacing::Signal::Overloaded, now),
+            _ => {}
+        }
     }
 }
 
@@ -202,7 +259,7 @@ impl<W: WireFormat> HttpProvider<W> {
         inputs: &[String],
     ) -> Result<EmbedResponse, ProviderError> {
         let body = wire.build_embed(model, request, inputs)?;
-        let response = self.send_to(url, body).await?;
+        let response = self.send_to(model, url, body).await?;
         let bytes = read_body(response).await?;
         wire.parse_embed(&bytes, model, inputs.len())
     }
@@ -240,10 +297,13 @@ impl<W: WireFormat> Provider for HttpProvider<W> {
     ) -> Result<EventStream, ProviderError> {
         let body = self.wire.build_request(model, request, true)?;
         let response = self.send(model, true, body).await?;
-        Ok(Box::pin(DecodedStream::new(
-            response,
-            self.wire.stream_decoder(model),
-        )))
+        let stream = DecodedStream::new(response, self.wire.stream_decoder(model));
+        // The stream holds the attempt's pacing lease (its concurrency slot) while it runs.
+        let lease = crate::pacing::current();
+        Ok(Box::pin(stream.map(move |event| {
+            let _held = &lease;
+            event
+        })))
     }
 
     fn supports_embeddings(&self) -> bool {

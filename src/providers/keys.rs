@@ -21,6 +21,7 @@ use arc_swap::ArcSwap;
 use tokio::time::Instant;
 
 use super::{ErrorClass, ProviderError};
+use crate::pacing::{Admit, Pacer};
 
 /// How long a key rests after a 429 without `Retry-After`.
 pub const DEFAULT_RATE_LIMIT_REST: Duration = Duration::from_secs(1);
@@ -35,6 +36,8 @@ const REST_REFUSED: u8 = 2;
 /// One provider API key and its rest state.
 pub struct ProviderKey {
     secret: String,
+    /// Names the key's account for pacing without revealing it (SHA-256 of the secret).
+    fingerprint: u64,
     /// Milliseconds since the ring's epoch until which the key rests.
     rest_until_ms: AtomicU64,
     /// Why it rests (`REST_*`).
@@ -46,7 +49,12 @@ pub struct ProviderKey {
 
 impl ProviderKey {
     fn new(secret: String) -> Self {
+        let digest = ring::digest::digest(&ring::digest::SHA256, secret.as_bytes());
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest.as_ref()[..8]);
         Self {
+            // Never 0: 0 is the account of a provider without keys.
+            fingerprint: u64::from_be_bytes(first).max(1),
             secret,
             rest_until_ms: AtomicU64::new(0),
             rest_reason: AtomicU8::new(REST_NONE),
@@ -57,6 +65,11 @@ impl ProviderKey {
     /// The secret, to put in a request header (and nowhere else).
     pub fn secret(&self) -> &str {
         &self.secret
+    }
+
+    /// The key's account name for pacing: the first 8 bytes of the secret's SHA-256.
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
     }
 
     /// The state an auth keeps for this key, made from the secret by `init` on first use.
@@ -100,6 +113,8 @@ pub struct KeyRing {
     set: ArcSwap<KeySet>,
     auth_rest_ms: AtomicU64,
     epoch: Instant,
+    /// The provider's outbound pacing, when on.
+    pacer: OnceLock<Arc<Pacer>>,
 }
 
 impl std::fmt::Debug for KeyRing {
@@ -130,6 +145,7 @@ impl KeyRing {
             }),
             auth_rest_ms: AtomicU64::new(duration_ms(auth_rest)),
             epoch: Instant::now(),
+            pacer: OnceLock::new(),
         }
     }
 
@@ -187,6 +203,52 @@ impl KeyRing {
 
     fn now_ms(&self) -> u64 {
         duration_ms(Instant::now().saturating_duration_since(self.epoch))
+    }
+
+    /// Paces the provider's calls with `pacer` (once; later calls keep the first).
+    pub fn set_pacer(&self, pacer: Arc<Pacer>) {
+        let _ = self.pacer.set(pacer);
+    }
+
+    /// The provider's pacing, when on.
+    pub fn pacer(&self) -> Option<&Arc<Pacer>> {
+        self.pacer.get()
+    }
+
+    /// Asks the provider's pacing to admit an attempt on `model` of `tokens` that must start
+    /// by `latest`, over the accounts of the keys that do not rest. `None` without pacing.
+    pub fn pace(&self, model: &str, tokens: u64, now: Instant, latest: Instant) -> Option<Admit> {
+        let pacer = self.pacer.get()?;
+        let set = self.set.load();
+        let at = self.now_ms();
+        let mut keys: Vec<u64> = set
+            .keys
+            .iter()
+            .filter(|k| k.rest_until_ms.load(Ordering::Relaxed) <= at)
+            .map(|k| k.fingerprint)
+            .collect();
+        if keys.is_empty() {
+            // Every key rests: the send reports why; pace as if on all of them.
+            keys = set.keys.iter().map(|k| k.fingerprint).collect();
+        }
+        Some(pacer.admit(&keys, model, tokens, now, latest))
+    }
+
+    /// Like [`KeyRing::pick`], but the key with fingerprint `preferred` first (the key whose
+    /// capacity pacing took), when it is in the set, not tried and not resting.
+    pub fn pick_preferred(&self, tried: &[Arc<ProviderKey>], preferred: Option<u64>) -> Pick {
+        if let Some(fp) = preferred {
+            let set = self.set.load();
+            let now = self.now_ms();
+            if let Some((index, key)) = set.keys.iter().enumerate().find(|(_, k)| {
+                k.fingerprint == fp
+                    && k.rest_until_ms.load(Ordering::Relaxed) <= now
+                    && !tried.iter().any(|t| Arc::ptr_eq(t, k))
+            }) {
+                return Pick::Key(key.clone(), index);
+            }
+        }
+        self.pick(tried)
     }
 
     /// The next key in turn that does not rest and is not in `tried`.

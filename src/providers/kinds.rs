@@ -258,6 +258,8 @@ pub struct RawProvider {
     pub api_key_files: Option<Vec<String>>,
     /// When set, only these models may be called through this provider.
     pub models: Option<Vec<String>>,
+    /// Each account's limits for outbound pacing (see [`crate::pacing`]).
+    pub pacing: Option<crate::pacing::RawAccountLimits>,
     /// The kind's own fields.
     #[serde(flatten)]
     pub extra: toml::Table,
@@ -279,6 +281,8 @@ pub struct ProviderConfig {
     pub models: Option<Vec<String>>,
     /// The kind's own settings.
     pub settings: ProviderSettings,
+    /// Each account's (key's, and model's) limits for outbound pacing.
+    pub pacing: crate::pacing::AccountLimits,
 }
 
 impl ProviderConfig {
@@ -296,6 +300,7 @@ impl ProviderConfig {
             api_keys: Vec::new(),
             models: None,
             settings: ProviderSettings::new(mock::MockSettings),
+            pacing: crate::pacing::AccountLimits::default(),
         }
     }
 
@@ -331,6 +336,7 @@ impl fmt::Debug for ProviderConfig {
             )
             .field("models", &self.models)
             .field("settings", &self.settings)
+            .field("pacing", &self.pacing)
             .finish()
     }
 }
@@ -453,6 +459,13 @@ pub fn validate(
             }
         }
     }
+    let pacing = crate::pacing::AccountLimits::from_raw(raw.pacing.clone())
+        .map_err(|problems| {
+            for (field, message) in problems {
+                issues.push(SettingsIssue::new(field, message));
+            }
+        })
+        .unwrap_or_default();
     let settings = (spec.parse)(&KindInput {
         name,
         kind: &spec,
@@ -468,6 +481,7 @@ pub fn validate(
         api_keys,
         models: raw.models,
         settings,
+        pacing,
     })
 }
 

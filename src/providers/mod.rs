@@ -25,6 +25,7 @@ pub mod keys;
 pub mod kinds;
 pub mod mock;
 pub mod openai;
+pub mod ratelimit;
 pub mod sigv4;
 pub mod sse;
 mod upstream;

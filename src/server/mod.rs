@@ -18,6 +18,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod admission;
 pub mod authz;
 pub mod batch;
 pub mod cache_stage;
@@ -111,12 +112,22 @@ pub enum ServeError {
 pub fn providers_from_config(config: &Config) -> Result<ProviderRegistry, ServeError> {
     let client = providers::http_client(&config.upstream.http)?;
     let mut registry = ProviderRegistry::new();
+    // One limiter for every provider account of this process.
+    let limiter: Arc<dyn crate::pacing::Limiter> = Arc::new(crate::pacing::LocalLimiter::new());
     for p in &config.providers {
         let keys = Arc::new(providers::KeyRing::new(
             &p.name,
             p.api_keys.clone(),
             config.upstream.key_auth_rest,
         ));
+        if config.pacing.enabled {
+            keys.set_pacer(Arc::new(crate::pacing::Pacer::new(
+                &p.name,
+                p.pacing,
+                &config.pacing,
+                limiter.clone(),
+            )));
+        }
         let provider = p.build(keys, &client);
         registry.insert(provider);
     }
@@ -394,6 +405,9 @@ pub async fn serve_with(
         tag_labels: config.metrics.tag_labels.clone().into(),
     };
     let authz = authz::AuthzLayer::new(access.clone(), meter.clone());
+    // The in-flight bound of chat calls, shared by the gRPC and HTTP fronts.
+    let admission = admission::Admission::new(config.admission.clone());
+    let admission_layer = admission::AdmissionLayer::new(admission.clone(), meter.clone());
     let engine = engine::Engine::new(
         router,
         executor,
@@ -447,11 +461,17 @@ pub async fn serve_with(
     // Long-lived admin streams (health Watch) end when the drain begins.
     let drain_streams = CancellationToken::new();
     let stream_layer = conn::StreamLayer::new(drain_streams.clone());
-    let mut builder = conn::apply(&config.connections, Server::builder().tcp_nodelay(true))
-        .layer(stream_layer.clone())
-        .layer(request_id::RequestIdLayer)
-        .layer(authz.clone())
-        .layer(framing::FramingLayer);
+    let mut builder = conn::apply(
+        &config.connections,
+        Server::builder()
+            .tcp_nodelay(true)
+            .max_concurrent_streams(config.admission.max_concurrent_streams),
+    )
+    .layer(stream_layer.clone())
+    .layer(request_id::RequestIdLayer)
+    .layer(authz.clone())
+    .layer(admission_layer)
+    .layer(framing::FramingLayer);
     let mut routes = builder
         .add_service(health_service.clone())
         .add_service(reflection_v1.clone())
@@ -515,8 +535,9 @@ pub async fn serve_with(
         }
         let settings = config.http.clone();
         let stop = stop_accepting.clone().cancelled_owned();
+        let admission = admission.clone();
         async move {
-            http::serve(listener, engine, &settings, stop)
+            http::serve(listener, engine, &settings, admission, stop)
                 .await
                 .map_err(ServeError::HttpFront)
         }

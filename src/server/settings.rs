@@ -285,3 +285,53 @@ impl ConnSettings {
         self
     }
 }
+
+/// Overload protection at the front (`[admission]`; see [`super::admission`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdmissionSettings {
+    /// Chat calls in flight at most (gRPC and HTTP fronts together); `0`: unbounded.
+    pub max_in_flight: usize,
+    /// Chat calls in flight at most per gateway key; `0`: unbounded.
+    pub max_in_flight_per_key: usize,
+    /// Calls that may wait for a free slot when all are taken; more are refused at once.
+    pub queue: usize,
+    /// The longest a call waits in that queue before it is refused.
+    #[serde(with = "humantime_serde")]
+    pub queue_timeout: Duration,
+    /// HTTP/2 streams per connection at most (the SETTINGS the gRPC listeners announce).
+    pub max_concurrent_streams: u32,
+    /// The `RetryInfo` delay a refused call is given.
+    #[serde(with = "humantime_serde")]
+    pub retry_after: Duration,
+}
+
+impl Default for AdmissionSettings {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 2048,
+            max_in_flight_per_key: 0,
+            queue: 256,
+            queue_timeout: Duration::from_millis(20),
+            max_concurrent_streams: 1024,
+            retry_after: Duration::from_secs(1),
+        }
+    }
+}
+
+impl AdmissionSettings {
+    /// The settings as parsed, with their problems pushed to `issues` (fields as
+    /// `admission.<name>`).
+    pub fn checked(self, issues: &mut Issues) -> Self {
+        if self.max_concurrent_streams == 0 {
+            issues.push("admission.max_concurrent_streams", "must be at least 1");
+        }
+        if self.queue > 0 && self.queue_timeout.is_zero() {
+            issues.push(
+                "admission.queue_timeout",
+                "must be greater than zero when queue is set",
+            );
+        }
+        self
+    }
+}

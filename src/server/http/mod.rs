@@ -17,7 +17,7 @@ pub mod anthropic;
 pub mod embeddings;
 pub mod openai;
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use axum::{
     Router,
@@ -32,6 +32,7 @@ use tonic::Code;
 use tonic_types::StatusExt;
 
 use super::{
+    admission::Admission,
     deadline::deadline_within,
     engine::{Call, Credential, Engine, Events, trace_context},
     request_id,
@@ -44,6 +45,7 @@ use crate::{error::GatewayError, executor::CallEvent};
 struct Front {
     engine: Engine,
     max_body_bytes: usize,
+    admission: Arc<Admission>,
 }
 
 /// One wire format on the shared call path: its request, its answers, stream events and
@@ -87,6 +89,18 @@ async fn call<S: Surface>(front: Front, headers: HeaderMap, body: Body) -> Respo
     if let Err(err) = S::check_headers(&headers) {
         return error_response::<S>(err, &id);
     }
+    // The in-flight bound, before the body is read; held until the answer is sent.
+    let key = match front.engine.access().chat_caller_secret(head.credential) {
+        Ok(caller) => caller.map(|c| c.name().to_owned()),
+        Err(_) => None,
+    };
+    let permit = match front.admission.admit(key.as_deref()).await {
+        Ok(permit) => permit,
+        Err(err) => {
+            err.log("call refused");
+            return error_response::<S>(err, &id);
+        }
+    };
     let request: S::Request = match read_json(body, front.max_body_bytes).await {
         Ok(r) => r,
         Err(err) => return error_response::<S>(err, &id),
@@ -115,19 +129,22 @@ async fn call<S: Surface>(front: Front, headers: HeaderMap, body: Body) -> Respo
         Ok(events) => events,
         Err(err) => return error_response::<S>(err, &id),
     };
-    let body = framed(events, move |item| match item {
-        Some(Ok(event)) => {
-            let finished = matches!(event, CallEvent::Finish { .. });
-            (S::event(&mut writer, event), finished)
+    let body = framed(events, move |item| {
+        let _held = &permit;
+        match item {
+            Some(Ok(event)) => {
+                let finished = matches!(event, CallEvent::Finish { .. });
+                (S::event(&mut writer, event), finished)
+            }
+            Some(Err(err)) => (vec![S::stream_error(&HttpError::from(err))], true),
+            None => (vec![S::stream_error(&HttpError::from(ended_early()))], true),
         }
-        Some(Err(err)) => (vec![S::stream_error(&HttpError::from(err))], true),
-        None => (vec![S::stream_error(&HttpError::from(ended_early()))], true),
     });
     sse_response(&id, body)
 }
 
 /// The routes of the HTTP front.
-fn router(engine: Engine, settings: &HttpFrontSettings) -> Router {
+fn router(engine: Engine, settings: &HttpFrontSettings, admission: Arc<Admission>) -> Router {
     Router::new()
         .route(
             "/v1/chat/completions",
@@ -143,6 +160,7 @@ fn router(engine: Engine, settings: &HttpFrontSettings) -> Router {
         .with_state(Front {
             engine,
             max_body_bytes: settings.max_body_bytes,
+            admission,
         })
 }
 
@@ -152,12 +170,13 @@ pub async fn serve(
     listener: TcpListener,
     engine: Engine,
     settings: &HttpFrontSettings,
+    admission: Arc<Admission>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, router(engine, settings))
+    axum::serve(listener, router(engine, settings, admission))
         .with_graceful_shutdown(shutdown)
         .await
 }

@@ -1,0 +1,201 @@
+//! The adaptive concurrency limit of one target (provider/model): AIMD.
+//!
+//! - Additive increase: every success that came back without a latency rise adds
+//!   `1 / limit` (one per window's worth of calls), while the limit was in use (at least half
+//!   of it in flight), up to `max`.
+//! - Multiplicative decrease: a 429 or overload halves the limit; a latency rise (the recent
+//!   average above `latency_factor` times the baseline) takes 10 % off. At most one decrease
+//!   per `cooldown`, so one burst of 429s counts once. Never below `min`.
+//!
+//! The baseline is a slow average of latencies that showed no rise, so an overload does not
+//! become the new normal.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::time::Instant;
+
+use super::AdaptiveSettings;
+
+/// Successes before the latency signal is trusted.
+const WARMUP: u32 = 20;
+
+#[derive(Debug)]
+struct State {
+    limit: f64,
+    in_flight: usize,
+    last_decrease: Option<Instant>,
+    /// Slow average latency (seconds) of calls without a rise.
+    baseline: Option<f64>,
+    /// Fast average latency (seconds).
+    recent: Option<f64>,
+    samples: u32,
+}
+
+/// One target's limit and the calls it has in flight.
+#[derive(Debug)]
+pub struct Adaptive {
+    settings: AdaptiveSettings,
+    state: Mutex<State>,
+}
+
+/// What an attempt's answer says about the target's load.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Signal {
+    /// It answered (status 2xx) after this long (to the response head).
+    Answered(Duration),
+    /// It said it was rate limited or overloaded (429, 503, 529).
+    Overloaded,
+}
+
+/// A slot in flight; dropping it frees the slot.
+#[derive(Debug)]
+pub struct Slot {
+    adaptive: Arc<Adaptive>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut s = self.adaptive.lock();
+        s.in_flight = s.in_flight.saturating_sub(1);
+    }
+}
+
+impl Adaptive {
+    /// A target's limit, starting at `settings.initial`.
+    pub fn new(settings: AdaptiveSettings) -> Self {
+        Self {
+            state: Mutex::new(State {
+                limit: f64::from(settings.initial),
+                in_flight: 0,
+                last_decrease: None,
+                baseline: None,
+                recent: None,
+                samples: 0,
+            }),
+            settings,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The current limit.
+    pub fn limit(&self) -> usize {
+        self.lock().limit.floor() as usize
+    }
+
+    /// Calls in flight.
+    pub fn in_flight(&self) -> usize {
+        self.lock().in_flight
+    }
+
+    /// Takes a slot when fewer than the limit are in flight.
+    pub fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
+        let mut s = self.lock();
+        if s.in_flight as f64 >= s.limit.floor().max(1.0) {
+            return None;
+        }
+        s.in_flight += 1;
+        Some(Slot {
+            adaptive: self.clone(),
+        })
+    }
+
+    /// Adjusts the limit after an answer.
+    pub fn observe(&self, signal: Signal, now: Instant) {
+        let (min, max) = (
+            f64::from(self.settings.min),
+            f64::from(self.settings.max.max(self.settings.min)),
+        );
+        let mut s = self.lock();
+        let may_decrease = s
+            .last_decrease
+            .is_none_or(|at| now.saturating_duration_since(at) >= self.settings.cooldown);
+        match signal {
+            Signal::Overloaded => {
+                if may_decrease {
+                    s.limit = (s.limit * 0.5).max(min);
+                    s.last_decrease = Some(now);
+                }
+            }
+            Signal::Answered(latency) => {
+                let latency = latency.as_secs_f64();
+                s.samples = s.samples.saturating_add(1);
+                let recent = s.recent.map_or(latency, |r| r * 0.8 + latency * 0.2);
+                s.recent = Some(recent);
+                let rose = s.samples > WARMUP
+                    && s.baseline
+                        .is_some_and(|b| recent > b * self.settings.latency_factor);
+                if rose {
+                    if may_decrease {
+                        s.limit = (s.limit * 0.9).max(min);
+                        s.last_decrease = Some(now);
+                    }
+                } else {
+                    s.baseline = Some(s.baseline.map_or(latency, |b| b * 0.99 + latency * 0.01));
+                    if s.in_flight as f64 * 2.0 >= s.limit {
+                        s.limit = (s.limit + 1.0 / s.limit.max(1.0)).min(max);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> AdaptiveSettings {
+        AdaptiveSettings {
+            initial: 8,
+            min: 1,
+            max: 16,
+            latency_factor: 2.0,
+            cooldown: Duration::from_secs(1),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn halves_on_overload_once_per_cooldown_and_grows_back_while_used() {
+        let a = Arc::new(Adaptive::new(settings()));
+        let slots: Vec<Slot> = (0..8).filter_map(|_| a.try_acquire()).collect();
+        assert_eq!(slots.len(), 8);
+        assert!(a.try_acquire().is_none());
+        let now = Instant::now();
+        a.observe(Signal::Overloaded, now);
+        a.observe(Signal::Overloaded, now);
+        assert_eq!(a.limit(), 4);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        a.observe(Signal::Overloaded, Instant::now());
+        assert_eq!(a.limit(), 2);
+        drop(slots);
+        assert_eq!(a.in_flight(), 0);
+        // Successes while the limit is in use add one per limit's worth.
+        let _held: Vec<Slot> = (0..2).filter_map(|_| a.try_acquire()).collect();
+        for _ in 0..5 {
+            a.observe(Signal::Answered(Duration::from_millis(10)), Instant::now());
+        }
+        assert!(a.limit() >= 3, "{}", a.limit());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_latency_rise_takes_a_tenth_off() {
+        let a = Arc::new(Adaptive::new(settings()));
+        for _ in 0..30 {
+            a.observe(Signal::Answered(Duration::from_millis(10)), Instant::now());
+        }
+        let before = a.limit();
+        for _ in 0..10 {
+            a.observe(Signal::Answered(Duration::from_millis(100)), Instant::now());
+        }
+        assert!(a.limit() < before, "{} {before}", a.limit());
+        assert!(a.limit() >= 1);
+    }
+}

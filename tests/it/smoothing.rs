@@ -1,0 +1,229 @@
+//! Outbound smoothing: the mock's per-key requests-per-minute limit, and the gateway pacing
+//! its calls inside the limits of every provider account.
+
+use std::time::Duration;
+
+use llm_gateway::{
+    mock_upstream::{MockSettings, MockUpstream},
+    pb,
+};
+use serde_json::json;
+use tonic::Request;
+
+use crate::common::{Gateway, request};
+
+/// Posts a chat body to the mock at `url` with `headers`; returns the status and headers.
+async fn post(
+    url: &str,
+    headers: &[(&str, &str)],
+    body: serde_json::Value,
+) -> (u16, reqwest::header::HeaderMap) {
+    let mut req = llm_gateway::providers::http_client(&Default::default())
+        .unwrap()
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body.to_string());
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = req.send().await.unwrap();
+    (resp.status().as_u16(), resp.headers().clone())
+}
+
+#[tokio::test]
+async fn the_mock_limits_each_key_and_answers_with_the_providers_headers() {
+    let mock = MockUpstream::start(MockSettings {
+        requests_per_minute: Some(2),
+        ..MockSettings::default()
+    })
+    .await
+    .unwrap();
+    mock.limit_key("sk-big", Some(600));
+    let openai = format!("{}/chat/completions", mock.openai_base_url());
+    let body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]});
+    let auth = [("authorization", "Bearer sk-small")];
+    for remaining in ["1", "0"] {
+        let (status, h) = post(&openai, &auth, body.clone()).await;
+        assert_eq!(status, 200);
+        assert_eq!(h["x-ratelimit-limit-requests"], "2");
+        assert_eq!(h["x-ratelimit-remaining-requests"], remaining);
+        assert!(
+            h["x-ratelimit-reset-requests"]
+                .to_str()
+                .unwrap()
+                .ends_with('s')
+        );
+    }
+    let (status, h) = post(&openai, &auth, body.clone()).await;
+    assert_eq!(status, 429);
+    assert_eq!(h["x-ratelimit-remaining-requests"], "0");
+    let retry: u64 = h["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=30).contains(&retry), "{retry}");
+    assert_eq!(mock.rate_limited(), 1);
+    // Another key has its own bucket.
+    let (status, h) = post(&openai, &[("authorization", "Bearer sk-big")], body.clone()).await;
+    assert_eq!(status, 200);
+    assert_eq!(h["x-ratelimit-limit-requests"], "600");
+
+    let anthropic = format!("{}/v1/messages", mock.anthropic_base_url());
+    let body = json!({"model": "claude-3-5-haiku", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]});
+    let auth = [("x-api-key", "sk-ant"), ("anthropic-version", "2023-06-01")];
+    for _ in 0..2 {
+        let (status, _) = post(&anthropic, &auth, body.clone()).await;
+        assert_eq!(status, 200);
+    }
+    let (status, h) = post(&anthropic, &auth, body).await;
+    assert_eq!(status, 429);
+    assert_eq!(h["anthropic-ratelimit-requests-limit"], "2");
+    assert_eq!(h["anthropic-ratelimit-requests-remaining"], "0");
+    let reset = h["anthropic-ratelimit-requests-reset"].to_str().unwrap();
+    let reset = humantime::parse_rfc3339(reset).unwrap();
+    assert!(reset > std::time::SystemTime::now() - Duration::from_secs(2));
+    assert!(h.contains_key("retry-after"));
+}
+
+/// A gateway with a `smooth` policy: provider `primary` (keys `sk-a`, `sk-b`), then `backup`
+/// (key `sk-c`), all on `mock`; `pacing` is each provider's pacing table.
+fn smoothing_toml(mock: &MockUpstream, pacing: &str) -> String {
+    format!(
+        r#"
+[server]
+deadline_margin = "250ms"
+[providers.primary]
+kind = "openai"
+base_url = "{url}"
+api_keys = ["sk-a", "sk-b"]
+{pacing}
+[providers.backup]
+kind = "openai"
+base_url = "{url}"
+api_key = "sk-c"
+{pacing}
+[policies.smooth]
+strategy = "priority"
+targets = [{{ provider = "primary", model = "m" }}, {{ provider = "backup", model = "m" }}]
+"#,
+        url = mock.openai_base_url()
+    )
+}
+
+fn within(req: pb::ChatRequest, deadline: Duration) -> Request<pb::ChatRequest> {
+    let mut req = Request::new(req);
+    req.set_timeout(deadline);
+    req
+}
+
+/// (provider, outcome, reason) of each attempt.
+fn trail(route: &pb::Route) -> Vec<(String, i32, String)> {
+    route
+        .attempts
+        .iter()
+        .map(|a| (a.provider.clone(), a.outcome, a.reason.clone()))
+        .collect()
+}
+
+/// A burst of 15 calls against accounts of 5 requests per minute each (two keys of the
+/// primary, one of the backup): the primary's load spreads over its two keys, the rest goes
+/// to the backup, and no call meets a 429.
+#[tokio::test]
+async fn a_burst_spreads_over_keys_and_targets_without_a_429() {
+    let mock = MockUpstream::start(MockSettings {
+        requests_per_minute: Some(5),
+        ..MockSettings::default()
+    })
+    .await
+    .unwrap();
+    let gateway = Gateway::start(&smoothing_toml(
+        &mock,
+        "pacing = { requests_per_minute = 5 }",
+    ))
+    .await;
+    let calls = (0..15).map(|i| {
+        let mut client = gateway.client();
+        async move {
+            client
+                .chat(within(
+                    request("smooth", &format!("call {i}")),
+                    Duration::from_secs(5),
+                ))
+                .await
+        }
+    });
+    let results = futures_util::future::join_all(calls).await;
+    let mut by_provider = std::collections::BTreeMap::<String, usize>::new();
+    for result in results {
+        let answer = result
+            .expect("no call fails while an account has capacity")
+            .into_inner();
+        *by_provider.entry(answer.provider).or_default() += 1;
+    }
+    assert_eq!(
+        mock.rate_limited(),
+        0,
+        "no request went past an account's limit"
+    );
+    assert_eq!(by_provider.get("primary"), Some(&10), "{by_provider:?}");
+    assert_eq!(by_provider.get("backup"), Some(&5), "{by_provider:?}");
+    assert_eq!(mock.stats().requests_with_key("sk-a"), 5);
+    assert_eq!(mock.stats().requests_with_key("sk-b"), 5);
+    // Every account is spent and a request frees up only after 12 s: a call that cannot
+    // wait that long fails at once with RetryInfo, and the mock sees nothing.
+    let status = gateway
+        .client()
+        .chat(within(
+            request("smooth", "one more"),
+            Duration::from_secs(2),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert_eq!(crate::common::reason(&status), "RATE_LIMITED");
+    let details = tonic_types::StatusExt::get_error_details(&status);
+    assert!(details.retry_info().is_some(), "{status:?}");
+    assert_eq!(mock.stats().requests(), 15);
+}
+
+/// Limits learned from the provider's headers alone (no configured limit): once the
+/// primary's headers say its key has nothing left, a call whose deadline cannot wait for
+/// the refill is routed to the backup at once, with the skip in its route.
+#[tokio::test]
+async fn a_call_that_cannot_wait_is_routed_on_at_once() {
+    let mock = MockUpstream::start(MockSettings::default()).await.unwrap();
+    mock.limit_key("sk-a", Some(2));
+    mock.limit_key("sk-b", Some(2));
+    let gateway = Gateway::start(&smoothing_toml(&mock, "")).await;
+    let mut client = gateway.client();
+    for i in 0..4 {
+        let answer = client
+            .chat(within(
+                request("smooth", &format!("{i}")),
+                Duration::from_secs(2),
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(answer.provider, "primary");
+    }
+    let answer = client
+        .chat(within(request("smooth", "next"), Duration::from_secs(2)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.provider, "backup");
+    assert_eq!(
+        trail(&answer.route.unwrap()),
+        vec![
+            (
+                "primary".to_owned(),
+                pb::AttemptOutcome::Skipped as i32,
+                "NO_CAPACITY".to_owned()
+            ),
+            (
+                "backup".to_owned(),
+                pb::AttemptOutcome::Succeeded as i32,
+                String::new()
+            ),
+        ]
+    );
+    assert_eq!(mock.rate_limited(), 0);
+}
