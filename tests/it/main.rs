@@ -13,6 +13,7 @@ mod chat;
 mod check_config;
 mod cloud;
 mod conn;
+mod console;
 mod deploy;
 mod errors;
 mod executor;

@@ -133,7 +133,7 @@ function svg(tag, attrs) {
 function lineChart(target, series, yFormat = (y) => y.toPrecision(3)) {
   const box = $(target);
   box.replaceChildren();
-  const W = 600, H = 180, L = 48, B = 20, T = 8, R = 8;
+  const W = 600, H = 180, L = 62, B = 20, T = 8, R = 8;
   const all = series.flatMap((s) => s.points);
   const chart = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img" });
   if (!all.length) {
@@ -154,7 +154,10 @@ function lineChart(target, series, yFormat = (y) => y.toPrecision(3)) {
   }
   for (const t of [t0, t1]) {
     const label = svg("text", { x: x(t), y: H - 6, "text-anchor": t === t0 ? "start" : "end" });
-    label.textContent = new Date(t).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+    const long = t1 - t0 > 6 * 3600 * 1000;
+    label.textContent = long
+      ? new Date(t).toLocaleString([], { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit" })
+      : new Date(t).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
     chart.append(label);
   }
   const legend = el("div", { class: "legend" });
@@ -575,6 +578,6 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#pg-run").addEventListener("click", runPlayground);
   window.addEventListener("hashchange", () => show(location.hash.slice(1) || "overview"));
   // Logged in already (a session cookie) when a cheap read succeeds.
-  const now = new Date().toISOString();
-  rpc(ADMIN, "GetUsage", { startTime: now, endTime: now }).then(() => show(location.hash.slice(1) || "overview"), () => showLogin(""));
+  const now = Date.now();
+  rpc(ADMIN, "GetUsage", { startTime: ts(now - 1000), endTime: ts(now) }).then(() => show(location.hash.slice(1) || "overview"), () => showLogin(""));
 });
