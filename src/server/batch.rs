@@ -112,6 +112,7 @@ fn retry_hint(err: &GatewayError) -> Option<Option<Duration>> {
         | GatewayError::Cancelled
         | GatewayError::Aborted(_)
         | GatewayError::AlreadyExists(_)
+        | GatewayError::GuardrailBlocked { .. }
         | GatewayError::Internal(_) => None,
     }
 }

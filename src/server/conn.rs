@@ -113,6 +113,32 @@ impl HandshakeFailure {
 /// Reads the HTTP/2 client preface and the first frame, which must be SETTINGS; returns
 /// every byte read (to replay).
 pub async fn read_preface<IO: AsyncRead + Unpin>(io: &mut IO) -> Result<Bytes, HandshakeFailure> {
+    match read_start(io, false).await? {
+        Start::Http2(replay) => Ok(replay),
+        Start::Http1(_) => Err(HandshakeFailure::NotHttp2),
+    }
+}
+
+/// How a connection began.
+#[derive(Debug)]
+enum Start {
+    /// The HTTP/2 preface and first SETTINGS frame (every byte read, to replay).
+    Http2(Bytes),
+    /// An HTTP/1.x request (the bytes read so far, to replay).
+    Http1(Bytes),
+}
+
+/// Whether bytes that are not the HTTP/2 preface begin an HTTP/1.x request: a method token
+/// (upper-case letters). The HTTP/1 server answers anything malformed after it with 400.
+fn http1_start(buf: &[u8]) -> bool {
+    buf.first().is_some_and(u8::is_ascii_uppercase)
+}
+
+/// [`read_preface`], or, when `http1` is set, the start of an HTTP/1.x request.
+async fn read_start<IO: AsyncRead + Unpin>(
+    io: &mut IO,
+    http1: bool,
+) -> Result<Start, HandshakeFailure> {
     let mut buf = BytesMut::with_capacity(512);
     let mut need = PREFACE.len() + FRAME_HEADER;
     let mut checked = false;
@@ -126,11 +152,14 @@ pub async fn read_preface<IO: AsyncRead + Unpin>(io: &mut IO) -> Result<Bytes, H
             // Reject a wrong preface as soon as its first bytes are in.
             let n = buf.len().min(PREFACE.len());
             if buf[..n] != PREFACE[..n] {
+                if http1 && http1_start(&buf) {
+                    return Ok(Start::Http1(buf.freeze()));
+                }
                 return Err(HandshakeFailure::NotHttp2);
             }
         }
         if checked {
-            return Ok(buf.freeze());
+            return Ok(Start::Http2(buf.freeze()));
         }
         let header = &buf[PREFACE.len()..PREFACE.len() + FRAME_HEADER];
         let len =
@@ -409,19 +438,72 @@ fn accept_error_kind(err: &io::Error) -> &'static str {
 /// handshaken when `tls` is set, past the HTTP/2 preface. Handshakes run concurrently so a
 /// slow or hostile client never stalls the loop. The accept task ends when the stream is
 /// dropped (which also aborts the handshakes in progress).
+///
+/// With `http1` set, a connection that starts an HTTP/1.x request instead of the HTTP/2
+/// preface is handed there (the console and the JSON mapping of the Admin API on the
+/// listener that carries the Admin API); otherwise it is closed (`not_http2`).
 pub fn incoming(
     listener: TcpListener,
     tls: Option<Arc<TlsState>>,
     settings: ConnSettings,
     name: &'static str,
+    http1: Option<Http1Sink>,
 ) -> BoxStream<'static, io::Result<Connection>> {
     let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Connection>>(64);
     let stop = CancellationToken::new();
-    let accept = tokio::spawn(accept_loop(listener, tls, settings, name, tx, stop.clone()));
+    let accept = tokio::spawn(accept_loop(
+        listener,
+        tls,
+        settings,
+        name,
+        (tx, http1),
+        stop.clone(),
+    ));
     Box::pin(Incoming {
         rx,
         _guard: AbortOnDrop(accept, stop),
     })
+}
+
+/// Where a listener hands its HTTP/1.x connections (see [`incoming`]).
+pub type Http1Sink = tokio::sync::mpsc::Sender<Connection>;
+
+/// The HTTP/1.x connections [`incoming`] hands over, as an [`axum::serve::Listener`].
+#[derive(Debug)]
+pub struct Http1Listener {
+    rx: tokio::sync::mpsc::Receiver<Connection>,
+    local: std::net::SocketAddr,
+}
+
+impl Http1Listener {
+    /// A sink for [`incoming`] and the listener that yields what it is sent; `local` is the
+    /// listener's address.
+    pub fn channel(local: std::net::SocketAddr) -> (Http1Sink, Self) {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        (tx, Self { rx, local })
+    }
+}
+
+impl axum::serve::Listener for Http1Listener {
+    type Io = Connection;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.rx.recv().await {
+                Some(conn) => {
+                    let peer = conn.tcp.remote_addr.unwrap_or(self.local);
+                    return (conn, peer);
+                }
+                // The accept loop ended: no more connections, ever.
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        Ok(self.local)
+    }
 }
 
 async fn accept_loop(
@@ -429,7 +511,10 @@ async fn accept_loop(
     tls: Option<Arc<TlsState>>,
     settings: ConnSettings,
     name: &'static str,
-    tx: tokio::sync::mpsc::Sender<io::Result<Connection>>,
+    (tx, http1): (
+        tokio::sync::mpsc::Sender<io::Result<Connection>>,
+        Option<Http1Sink>,
+    ),
     stop: CancellationToken,
 ) {
     let open = Arc::new(AtomicUsize::new(0));
@@ -480,14 +565,26 @@ async fn accept_loop(
                 };
                 let acceptor = tls.as_ref().map(|t| t.acceptor());
                 let tx = tx.clone();
+                let http1 = http1.clone();
                 let timeout = settings.handshake_timeout;
                 let idle = settings.idle_timeout;
                 handshakes.spawn(async move {
-                    match tokio::time::timeout(timeout, handshake(tcp, acceptor)).await {
-                        Ok(Ok((io, replay))) => {
+                    let start = handshake(tcp, acceptor, http1.is_some());
+                    match tokio::time::timeout(timeout, start).await {
+                        Ok(Ok((io, Start::Http2(replay)))) => {
                             let mut conn = Connection::new(io, replay, tcp_info, idle, max_age, name);
                             conn._slot = Some(slot);
                             let _ = tx.send(Ok(conn)).await;
+                        }
+                        Ok(Ok((io, Start::Http1(replay)))) => {
+                            // No idle limit here: the HTTP/1 server keeps its own keep-alive,
+                            // and these connections carry no HTTP/2 streams to count.
+                            let mut conn =
+                                Connection::new(io, replay, tcp_info, Duration::ZERO, max_age, name);
+                            conn._slot = Some(slot);
+                            if let Some(http1) = http1 {
+                                let _ = http1.send(conn).await;
+                            }
                         }
                         Ok(Err(failure)) => {
                             count_closed(name, failure.label());
@@ -507,7 +604,8 @@ async fn accept_loop(
 async fn handshake(
     tcp: TcpStream,
     tls: Option<tokio_rustls::TlsAcceptor>,
-) -> Result<(Conn, Bytes), HandshakeFailure> {
+    http1: bool,
+) -> Result<(Conn, Start), HandshakeFailure> {
     let mut io = match tls {
         Some(acceptor) => Conn::Tls(Box::new(
             acceptor
@@ -517,8 +615,10 @@ async fn handshake(
         )),
         None => Conn::Plain(tcp),
     };
-    let replay = read_preface(&mut io).await?;
-    Ok((io, replay))
+    // Over TLS, ALPN says which protocol follows; `http/1.1` is offered only where an HTTP/1
+    // server waits (see `tls`).
+    let start = read_start(&mut io, http1).await?;
+    Ok((io, start))
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>, CancellationToken);

@@ -23,6 +23,7 @@ pub mod authz;
 pub mod batch;
 pub mod cache_stage;
 pub mod conn;
+pub mod console;
 pub mod convert;
 pub mod convert_admin;
 pub mod convert_embed;
@@ -408,6 +409,7 @@ pub async fn serve_with(
     // The in-flight bound of chat calls, shared by the gRPC and HTTP fronts.
     let admission = admission::Admission::new(config.admission.clone());
     let admission_layer = admission::AdmissionLayer::new(admission.clone(), meter.clone());
+    let console_access = access.clone();
     let engine = engine::Engine::new(
         router,
         executor,
@@ -458,6 +460,40 @@ pub async fn serve_with(
     let gateway_service = LlmGatewayServer::new(gateway)
         .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(MAX_REQUEST_BYTES);
+    // The console and the JSON mapping call the services in process, through the same
+    // layers as a gRPC client's calls.
+    let console = config.admin.console.then(|| {
+        let grpc = tower::ServiceBuilder::new()
+            .layer(request_id::RequestIdLayer)
+            .layer(authz.clone())
+            .layer(admission_layer.clone())
+            .layer(framing::FramingLayer)
+            .service(
+                tonic::service::Routes::new(admin_service.clone())
+                    .add_service(gateway_service.clone()),
+            );
+        console::Console::new(tower::util::BoxCloneSyncService::new(grpc), console_access)
+    });
+    // HTTP/1.1 connections to the listener that carries the Admin API go to the console.
+    let admin_addr = match config.admin.listen {
+        Some(addr) => Some(addr),
+        None => local_addr,
+    };
+    let (console_sink, console_server) = match (console, admin_addr) {
+        (Some(console), Some(addr)) => {
+            let (sink, listener) = conn::Http1Listener::channel(addr);
+            tracing::info!(addr = %addr, "console on http://{addr}/console");
+            let stop = stop_accepting.clone().cancelled_owned();
+            let serve = async move {
+                // Serving only fails to accept, which this listener never does.
+                let _ = axum::serve(listener, console.router())
+                    .with_graceful_shutdown(stop)
+                    .await;
+            };
+            (Some(sink), Some(serve))
+        }
+        _ => (None, None),
+    };
     // Long-lived admin streams (health Watch) end when the drain begins.
     let drain_streams = CancellationToken::new();
     let stream_layer = conn::StreamLayer::new(drain_streams.clone());
@@ -503,6 +539,7 @@ pub async fn serve_with(
                     tls.clone(),
                     config.connections.clone(),
                     "admin",
+                    console_sink.clone(),
                 ),
                 stop_accepting.clone().cancelled_owned(),
             ))
@@ -516,7 +553,18 @@ pub async fn serve_with(
         }
     };
     let main_server = routes.serve_with_incoming_shutdown(
-        conn::incoming(listener, tls, config.connections.clone(), "grpc"),
+        conn::incoming(
+            listener,
+            tls,
+            config.connections.clone(),
+            "grpc",
+            config
+                .admin
+                .listen
+                .is_none()
+                .then_some(console_sink)
+                .flatten(),
+        ),
         stop_accepting.clone().cancelled_owned(),
     );
     let grpc_server = async move {
@@ -543,12 +591,20 @@ pub async fn serve_with(
         }
     });
     let server = async move {
+        let console = async move {
+            if let Some(console) = console_server {
+                console.await;
+            }
+        };
         match http_server {
             Some(http_server) => {
-                let (a, b) = tokio::join!(grpc_server, http_server);
+                let (a, b, ()) = tokio::join!(grpc_server, http_server, console);
                 a.and(b)
             }
-            None => grpc_server.await,
+            None => {
+                let (a, ()) = tokio::join!(grpc_server, console);
+                a
+            }
         }
     };
     // Boxed (not stack-pinned) so that it can be dropped before the ledger is flushed.

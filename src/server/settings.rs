@@ -101,15 +101,30 @@ pub struct RawAdmin {
     pub token: Option<String>,
     /// `admin.listen`.
     pub listen: Option<String>,
+    /// `admin.console`.
+    pub console: Option<bool>,
 }
 
 /// The validated `[admin]` section. `Debug` never shows the token.
-#[derive(Clone, PartialEq, Eq, Default)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct AdminSettings {
     /// The admin bearer token; `None` means one is generated in the data directory.
     pub token: Option<String>,
     /// A separate listen address for the admin service.
     pub listen: Option<SocketAddr>,
+    /// Whether the listener that carries the Admin API also serves the console and the JSON
+    /// mapping of the API to HTTP/1.1 clients (default on).
+    pub console: bool,
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        Self {
+            token: None,
+            listen: None,
+            console: true,
+        }
+    }
 }
 
 impl std::fmt::Debug for AdminSettings {
@@ -117,6 +132,7 @@ impl std::fmt::Debug for AdminSettings {
         f.debug_struct("AdminSettings")
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("listen", &self.listen)
+            .field("console", &self.console)
             .finish()
     }
 }
@@ -135,7 +151,11 @@ impl AdminSettings {
                 None
             }
         });
-        Self { token, listen }
+        Self {
+            token,
+            listen,
+            console: raw.console.unwrap_or(true),
+        }
     }
 }
 

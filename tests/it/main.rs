@@ -16,6 +16,7 @@ mod chat;
 mod check_config;
 mod cloud;
 mod conn;
+mod console;
 mod deploy;
 mod embed;
 mod errors;
