@@ -851,7 +851,7 @@ impl ChunkDecoder {
 impl EventDecoder for ChunkDecoder {
     fn decode(
         &mut self,
-        event: SseEvent,
+        event: &SseEvent,
         out: &mut VecDeque<StreamEvent>,
     ) -> Result<bool, ProviderError> {
         let data = event.data.trim();
