@@ -14,6 +14,10 @@
 #   bench/run.sh --before BIN    # also run an earlier revision's gateway binary (scenario 1
 #                                # and callgrind), side by side in the same run
 #   bench/run.sh --no-callgrind  # skip the instruction counts (valgrind)
+#   bench/run.sh --overhead-only # scenario 1, instructions and allocations only (no 10,000
+#                                # streams, tail, deadline or soak runs)
+#   bench/run.sh --no-wait       # do not wait for idle cores before each run (a machine
+#                                # that stays busy; the busy share is still recorded)
 #
 # Besides the load scenarios: instructions per call under callgrind (baseline, gateway, and
 # the --before binary) and allocations per call and per stream chunk (benches/e2e.rs).
@@ -32,6 +36,8 @@ ROUNDS=""
 OUT="$ROOT/BENCHMARKS.md"
 BEFORE=""
 CALLGRIND=1
+OVERHEAD_ONLY=0
+WAIT=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
@@ -41,7 +47,9 @@ while [ $# -gt 0 ]; do
     --rounds) ROUNDS="$2"; shift ;;
     --before) BEFORE="$2"; shift ;;
     --no-callgrind) CALLGRIND=0 ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    --overhead-only) OVERHEAD_ONLY=1 ;;
+    --no-wait) WAIT=0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "bench/run.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -84,6 +92,7 @@ print(round(100*(total-idle)/total))"
 # two minutes for the cores to be mostly idle before a run, then go ahead anyway.
 wait_quiet() {
   local busy
+  if [ "$WAIT" = 0 ]; then busy_pct; return; fi
   for _ in $(seq 24); do
     busy=$(busy_pct)
     [ "$busy" -le 20 ] && { echo "$busy"; return; }
@@ -127,6 +136,8 @@ fi
   echo "soak=$SOAK"
   echo "soak_warmup=${SOAK_WARMUP}s"
   echo "rounds=$ROUNDS"
+  echo "overhead_only=$OVERHEAD_ONLY"
+  echo "waited_for_quiet=$WAIT"
   echo "ulimit_n=$(ulimit -n)"
   echo "before=${BEFORE_REVISION:-$([ -n "$BEFORE" ] && echo "$BEFORE")}"
 } >"$RUN_DIR/machine.env"
@@ -401,6 +412,7 @@ stop "$GW_PID"; stop "$BL_PID"
 [ "$CALLGRIND" = 1 ] && scenario_callgrind
 scenario_allocations
 
+if [ "$OVERHEAD_ONLY" = 0 ]; then
 start_baseline s2
 scenario_many_streams baseline "$BL_PORT" "$BL_PID"
 stop "$BL_PID"
@@ -420,6 +432,7 @@ scenario_deadlines
 start_gateway s5
 scenario_soak
 stop "$GW_PID"
+fi
 
 stop "$MOCK_PID"
 echo "loadavg_end=$(cut -d' ' -f1-3 /proc/loadavg)" >>"$RUN_DIR/machine.env"
