@@ -234,7 +234,7 @@ def main():
         w("")
         if alloc:
             w(
-                "Allocations: `cargo bench --bench e2e -- --alloc-only` (the gateway in-process "
+                f"Allocations: `cargo {text('alloc', 'profile') or 'bench'} --bench e2e -- --alloc-only` (the gateway in-process "
                 "with the Prometheus recorder, the ledger and an info log subscriber; counted "
                 "only on the gateway's runtime threads): "
                 f"**{alloc['unary_allocs']:.1f} per unary call** ({alloc['unary_bytes']:,.0f} bytes), "
