@@ -11,6 +11,16 @@
 #   bench/run.sh --out FILE      # write the report elsewhere (default: BENCHMARKS.md)
 #   bench/run.sh --rounds N      # scenario 1 rounds (default 2, 1 with --quick); the report
 #                                # keeps each case's round with the most calls/s
+#   bench/run.sh --before BIN    # also run an earlier revision's gateway binary (scenario 1
+#                                # and callgrind), side by side in the same run
+#   bench/run.sh --no-callgrind  # skip the instruction counts (valgrind)
+#   bench/run.sh --overhead-only # scenario 1, instructions and allocations only (no 10,000
+#                                # streams, tail, deadline or soak runs)
+#   bench/run.sh --no-wait       # do not wait for idle cores before each run (a machine
+#                                # that stays busy; the busy share is still recorded)
+#
+# Besides the load scenarios: instructions per call under callgrind (baseline, gateway, and
+# the --before binary) and allocations per call and per stream chunk (benches/e2e.rs).
 #
 # Raw results (each load run's output and JSON line, the processes' logs, the gateway's
 # config) go to target/bench/<timestamp>/.
@@ -24,6 +34,10 @@ BUILD=1
 SOAK=""
 ROUNDS=""
 OUT="$ROOT/BENCHMARKS.md"
+BEFORE=""
+CALLGRIND=1
+OVERHEAD_ONLY=0
+WAIT=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
@@ -31,7 +45,11 @@ while [ $# -gt 0 ]; do
     --soak) SOAK="$2"; shift ;;
     --out) OUT="$2"; shift ;;
     --rounds) ROUNDS="$2"; shift ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    --before) BEFORE="$2"; shift ;;
+    --no-callgrind) CALLGRIND=0 ;;
+    --overhead-only) OVERHEAD_ONLY=1 ;;
+    --no-wait) WAIT=0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "bench/run.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -74,6 +92,7 @@ print(round(100*(total-idle)/total))"
 # two minutes for the cores to be mostly idle before a run, then go ahead anyway.
 wait_quiet() {
   local busy
+  if [ "$WAIT" = 0 ]; then busy_pct; return; fi
   for _ in $(seq 24); do
     busy=$(busy_pct)
     [ "$busy" -le 20 ] && { echo "$busy"; return; }
@@ -92,6 +111,9 @@ fi
 for b in llm-gateway llm-gateway-mock llm-gateway-baseline llm-gateway-load; do
   cp "$TARGET_DIR/release/$b" "$BIN/$b"
 done
+if [ -n "$BEFORE" ]; then
+  cp "$BEFORE" "$BIN/llm-gateway-before"
+fi
 
 # Many streams need many sockets: 10,000 calls mean 10,000 upstream connections.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
@@ -114,7 +136,10 @@ fi
   echo "soak=$SOAK"
   echo "soak_warmup=${SOAK_WARMUP}s"
   echo "rounds=$ROUNDS"
+  echo "overhead_only=$OVERHEAD_ONLY"
+  echo "waited_for_quiet=$WAIT"
   echo "ulimit_n=$(ulimit -n)"
+  echo "before=${BEFORE_REVISION:-$([ -n "$BEFORE" ] && echo "$BEFORE")}"
 } >"$RUN_DIR/machine.env"
 
 # --- the servers ----------------------------------------------------------------------------
@@ -146,6 +171,10 @@ path = "$RUN_DIR/gateway-$1.db"
 [metrics]
 listen = "127.0.0.1:$metrics_port"
 
+# The HTTP front is off: scenario 1 runs two gateways at once with --before.
+[http]
+listen = "off"
+
 [providers.openai]
 kind = "openai"
 api_key = "bench-not-a-key"
@@ -170,14 +199,14 @@ execution = { max_attempts = 2, hedging = { mode = "fixed", delay = "100ms" } }
 targets = [{ provider = "openai", model = "gpt-4o-mini+hang" }, { provider = "openai", model = "gpt-4o-mini" }]
 execution = { attempt_timeout = "100ms", max_attempts = 2 }
 EOF
-  start "gateway-$1" "$BIN/llm-gateway" --config "$GW_CONFIG"
+  start "gateway-$1" ${GW_WRAP:-} "$BIN/${GW_BIN:-llm-gateway}" --config "$GW_CONFIG"
   GW_PID=$STARTED
   wait_port "$GW_PORT"
 }
 
 start_baseline() {
   BL_PORT=$(free_port)
-  start "baseline-$1" "$BIN/llm-gateway-baseline" --listen "127.0.0.1:$BL_PORT" \
+  start "baseline-$1" ${GW_WRAP:-} "$BIN/llm-gateway-baseline" --listen "127.0.0.1:$BL_PORT" \
     --upstream "http://127.0.0.1:$MOCK_PORT/v1"
   BL_PID=$STARTED
   wait_port "$BL_PORT"
@@ -203,12 +232,18 @@ load() {
 # Each case runs for the baseline, then the gateway, `ROUNDS` times; the report takes the
 # best round per metric, for both alike.
 PROMPT="hello"
+SERVERS="baseline gateway"
+[ -n "$BEFORE" ] && SERVERS="baseline before gateway"
 scenario_overhead() {
   local t port pid round
   for round in $(seq "$ROUNDS"); do
     for rpc in chat stream; do
-      for t in baseline gateway; do
-        if [ "$t" = baseline ]; then port=$BL_PORT; pid=$BL_PID; else port=$GW_PORT; pid=$GW_PID; fi
+      for t in $SERVERS; do
+        case "$t" in
+          baseline) port=$BL_PORT; pid=$BL_PID ;;
+          before) port=$BF_PORT; pid=$BF_PID ;;
+          *) port=$GW_PORT; pid=$GW_PID ;;
+        esac
         load "s1-$rpc-c1-$t-r$round" --target "http://127.0.0.1:$port" --rpc "$rpc" \
           --prompt "$PROMPT" --concurrency 1 --requests 5000 --duration 15s --warmup 2s \
           --pid "$pid"
@@ -297,6 +332,69 @@ print(max(json.load(open(f))['rps'] for f in glob.glob('$RUNS/s1-chat-c64-gatewa
     --warmup "${SOAK_WARMUP}s" --drain 30s --pid "$GW_PID"
 }
 
+# --- instructions per call (callgrind) and allocations (benches/e2e.rs) ----------------------
+
+# Each server under callgrind (user-space instructions, steady on a busy machine): 300 warm-up
+# calls, counters zeroed, 1,000 calls at concurrency 4, dumped; the same for streams.
+CG_CALLS=1000
+callgrind_one() {
+  local t="$1" port pid out="$RUN_DIR/callgrind-$1.out"
+  GW_WRAP="valgrind --tool=callgrind --callgrind-out-file=$out"
+  if [ "$t" = baseline ]; then
+    start_baseline "cg"; port=$BL_PORT; pid=$BL_PID
+  else
+    if [ "$t" = before ]; then GW_BIN=llm-gateway-before start_gateway "cg-$t"
+    else start_gateway "cg-$t"; fi
+    port=$GW_PORT; pid=$GW_PID
+  fi
+  GW_WRAP=""
+  for rpc in chat stream; do
+    timeout 600 "$BIN/llm-gateway-load" --target "http://127.0.0.1:$port" --rpc "$rpc" \
+      --prompt "$PROMPT" --concurrency 4 --requests 300 --duration 300s --warmup 0s \
+      >"$RUNS/cg-$rpc-$t-warmup.out" 2>&1 || true
+    callgrind_control -z "$pid" >/dev/null 2>&1 || true
+    timeout 900 "$BIN/llm-gateway-load" --target "http://127.0.0.1:$port" --rpc "$rpc" \
+      --prompt "$PROMPT" --concurrency 4 --requests "$CG_CALLS" --duration 600s --warmup 0s \
+      >"$RUNS/cg-$rpc-$t.out" 2>&1 || true
+    callgrind_control -d "cg-$rpc" "$pid" >/dev/null 2>&1 || true
+    # The dump's totals line is the instructions since the zeroing.
+    python3 - "$out" "$rpc" "$CG_CALLS" "$RUNS/cg-$rpc-$t.json" <<'PY' || true
+import glob, json, sys
+base, rpc, calls, dest = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+for path in sorted(glob.glob(base + "*")):
+    text = open(path, errors="replace").read()
+    if f"Trigger: dump cg-{rpc}\n" not in text[:4000]:
+        continue
+    for line in text.splitlines():
+        if line.startswith("totals:") or line.startswith("summary:"):
+            ir = int(line.split()[1])
+            json.dump({"instructions": ir, "calls": calls, "per_call": ir / calls}, open(dest, "w"))
+            break
+PY
+  done
+  stop "$pid"
+}
+
+scenario_callgrind() {
+  if ! command -v valgrind >/dev/null || ! command -v callgrind_control >/dev/null; then
+    log "valgrind is not installed (Debian: apt-get install valgrind): no instruction counts"
+    return
+  fi
+  local t
+  for t in $SERVERS; do callgrind_one "$t"; done
+}
+
+# ALLOC_PROFILE=test counts in the unoptimized test build instead (no release build of the
+# bench needed; the counts differ little, inlining aside).
+scenario_allocations() {
+  local cmd=bench
+  [ "${ALLOC_PROFILE:-bench}" = test ] && cmd=test
+  echo "$cmd" >"$RUNS/alloc.profile"
+  log "allocations per call (cargo $cmd --bench e2e -- --alloc-only)"
+  LLMGW_ALLOC_OUT="$RUNS/alloc.json" timeout 900 cargo "$cmd" --quiet --bench e2e -- --alloc-only \
+    >"$RUNS/alloc.out" 2>&1 || log "the allocation benchmark failed: see $RUNS/alloc.out"
+}
+
 # --- run ------------------------------------------------------------------------------------
 
 log "results in $RUN_DIR"
@@ -308,11 +406,22 @@ rss_kib "$GW_PID" >"$RUNS/s5-idle-gateway.rss"
 start_baseline s1
 sleep 1
 rss_kib "$BL_PID" >"$RUNS/s5-idle-baseline.rss"
+if [ -n "$BEFORE" ]; then
+  SAVED_PORT=$GW_PORT SAVED_PID=$GW_PID
+  GW_BIN=llm-gateway-before start_gateway s1-before
+  BF_PORT=$GW_PORT BF_PID=$GW_PID
+  GW_PORT=$SAVED_PORT GW_PID=$SAVED_PID
+fi
 scenario_overhead
 sleep 1
 rss_kib "$GW_PID" >"$RUNS/s5-idle-after-load-gateway.rss"
 stop "$GW_PID"; stop "$BL_PID"
+[ -n "$BEFORE" ] && stop "$BF_PID"
 
+[ "$CALLGRIND" = 1 ] && scenario_callgrind
+scenario_allocations
+
+if [ "$OVERHEAD_ONLY" = 0 ]; then
 start_baseline s2
 scenario_many_streams baseline "$BL_PORT" "$BL_PID"
 stop "$BL_PID"
@@ -332,6 +441,7 @@ scenario_deadlines
 start_gateway s5
 scenario_soak
 stop "$GW_PID"
+fi
 
 stop "$MOCK_PID"
 echo "loadavg_end=$(cut -d' ' -f1-3 /proc/loadavg)" >>"$RUN_DIR/machine.env"

@@ -771,15 +771,20 @@ impl Executor {
     }
 
     /// Runs the race: returns the first success, or the call's error.
-    async fn race<'a, T: Send + 'a>(
+    async fn race<'a, T, F, Fut>(
         &self,
         plan: &'a Plan,
         mode: Mode,
         deadline: Instant,
         trace: Option<&TraceContext>,
         tokens: u64,
-        attempt: &(dyn Fn(Target, Instant) -> BoxFuture<'a, Result<T, ProviderError>> + Sync),
-    ) -> Result<Won<T>, GatewayError> {
+        attempt: &F,
+    ) -> Result<Won<T>, GatewayError>
+    where
+        T: Send + 'a,
+        F: Fn(Target, Instant) -> Fut + Sync,
+        Fut: std::future::Future<Output = Result<T, ProviderError>> + Send + 'a,
+    {
         let mut race = Race::new(plan, mode, deadline);
         race.tokens = tokens;
         let deadline = race.deadline;
@@ -828,16 +833,17 @@ impl Executor {
                 kind = kind.label(),
                 policy = race.plan.policy.as_deref().unwrap_or(""),
             );
-            let fut = crate::pacing::run(lease, attempt(target, attempt_deadline))
-                .instrument(span)
-                .boxed();
-            let fut = match trace {
-                Some(ctx) => TRACE_CONTEXT.scope(ctx.clone(), fut).boxed(),
-                None => fut,
-            };
+            let fut = crate::pacing::run(lease, attempt(target, attempt_deadline));
+            let trace = trace.cloned();
+            // One boxed future and one timer per attempt.
             in_flight.push(
                 async move {
-                    let result = match tokio::time::timeout_at(attempt_deadline, fut).await {
+                    let timed = tokio::time::timeout_at(attempt_deadline, fut);
+                    let result = match trace {
+                        Some(ctx) => TRACE_CONTEXT.scope(ctx, timed).await,
+                        None => timed.await,
+                    };
+                    let result = match result {
                         Ok(r) => r,
                         Err(_) if early => Err(ProviderError::new(
                             ErrorClass::Timeout,
@@ -850,6 +856,7 @@ impl Executor {
                     };
                     (id, result)
                 }
+                .instrument(span)
                 .boxed(),
             );
         };
@@ -1001,8 +1008,8 @@ impl Executor {
         deadline: Instant,
         trace: Option<&TraceContext>,
     ) -> Result<Answer, GatewayError> {
-        let attempt = |target: Target, _deadline: Instant| {
-            async move { target.provider.chat(&target.model, request).await }.boxed()
+        let attempt = |target: Target, _deadline: Instant| async move {
+            target.provider.chat(&target.model, request).await
         };
         let won = self
             .race(
@@ -1041,9 +1048,8 @@ impl Executor {
             .first_token_timeout
             .unwrap_or(self.settings.stream_idle_timeout);
         let idle = self.settings.stream_idle_timeout;
-        let attempt = |target: Target, _deadline: Instant| {
-            async move { open_until_first_content(&target, request, first_token_timeout, idle).await }
-                .boxed()
+        let attempt = |target: Target, _deadline: Instant| async move {
+            open_until_first_content(&target, request, first_token_timeout, idle).await
         };
         let won = self
             .race(
@@ -1091,31 +1097,35 @@ async fn open_until_first_content(
     first_token_timeout: Duration,
     idle_timeout: Duration,
 ) -> Result<(EventStream, Vec<StreamEvent>), ProviderError> {
-    let first_deadline = Instant::now() + first_token_timeout;
-    let mut upstream = tokio::time::timeout_at(
-        first_deadline,
-        target.provider.chat_stream(&target.model, request),
-    )
-    .await
-    .map_err(|_| {
+    let no_first_token = || {
         ProviderError::new(
             ErrorClass::Timeout,
             "the provider sent no first token within the first-token timeout",
         )
-    })??;
+    };
+    let first_deadline = Instant::now() + first_token_timeout;
+    // One timer, re-armed for each event before the first content.
+    let timer = tokio::time::sleep_until(first_deadline);
+    tokio::pin!(timer);
+    let mut upstream = tokio::select! {
+        biased;
+        opened = target.provider.chat_stream(&target.model, request) => opened?,
+        () = &mut timer => return Err(no_first_token()),
+    };
     let mut buffered = Vec::new();
     loop {
-        let wait = first_deadline.min(Instant::now() + idle_timeout);
-        match tokio::time::timeout_at(wait, upstream.next()).await {
-            Err(_) => {
-                return Err(ProviderError::new(
-                    ErrorClass::Timeout,
-                    "the provider sent no first token within the first-token timeout",
-                ));
-            }
-            Ok(None) => return Err(ProviderError::truncated()),
-            Ok(Some(Err(err))) => return Err(err),
-            Ok(Some(Ok(event))) => {
+        timer
+            .as_mut()
+            .reset(first_deadline.min(Instant::now() + idle_timeout));
+        let next = tokio::select! {
+            biased;
+            next = upstream.next() => next,
+            () = &mut timer => return Err(no_first_token()),
+        };
+        match next {
+            None => return Err(ProviderError::truncated()),
+            Some(Err(err)) => return Err(err),
+            Some(Ok(event)) => {
                 let commit = event.is_content() || matches!(event, StreamEvent::Finish(_));
                 buffered.push(event);
                 if commit {

@@ -87,16 +87,23 @@ pub struct CallStream {
     started: bool,
     done: bool,
     usage: Option<Usage>,
-    deadline: Pin<Box<Sleep>>,
-    idle: Pin<Box<Sleep>>,
+    /// One timer for both the deadline and the idle timeout, armed at the earlier of the
+    /// two. An event does not re-arm it (that would be a timer-wheel update per chunk): it
+    /// only notes its time, and the timer, when it fires, re-arms itself if an event came.
+    timer: Pin<Box<Sleep>>,
+    last_event: Instant,
+    /// Cancelled with the shutdown token: a child of it per call, so that polling it locks
+    /// this call's own waiter list, not the one every stream shares.
     stop: Pin<Box<WaitForCancellationFutureOwned>>,
 }
 
 impl CallStream {
     pub(super) fn new(mut c: Committed) -> Self {
-        let deadline = Box::pin(tokio::time::sleep_until(c.deadline));
-        let idle = Box::pin(tokio::time::sleep(c.idle_timeout));
-        let stop = Box::pin(c.hard_stop.clone().cancelled_owned());
+        let now = Instant::now();
+        let timer = Box::pin(tokio::time::sleep_until(
+            c.deadline.min(now + c.idle_timeout),
+        ));
+        let stop = Box::pin(c.hard_stop.child_token().cancelled_owned());
         let buffered = VecDeque::from(std::mem::take(&mut c.buffered));
         Self {
             c,
@@ -104,10 +111,15 @@ impl CallStream {
             started: false,
             done: false,
             usage: None,
-            deadline,
-            idle,
+            timer,
+            last_event: now,
             stop,
         }
+    }
+
+    fn deadline_passed(&mut self) -> Poll<Option<Result<CallEvent, GatewayError>>> {
+        let route = self.record(AttemptOutcome::Failed("DEADLINE_EXCEEDED"));
+        self.fail(GatewayError::DeadlineExceeded { route })
     }
 
     /// The provider the call is committed to.
@@ -232,28 +244,36 @@ impl Stream for CallStream {
         if this.stop.poll_unpin(cx).is_ready() {
             return this.fail(shutting_down());
         }
-        if this.deadline.as_mut().poll(cx).is_ready() {
-            let route = this.record(AttemptOutcome::Failed("DEADLINE_EXCEEDED"));
-            return this.fail(GatewayError::DeadlineExceeded { route });
-        }
         loop {
             match this.c.upstream.as_mut().poll_next(cx) {
                 Poll::Ready(Some(Ok(event))) => {
-                    let next_idle = Instant::now() + this.c.idle_timeout;
-                    this.idle.as_mut().reset(next_idle);
+                    let now = Instant::now();
+                    if now >= this.c.deadline {
+                        return this.deadline_passed();
+                    }
+                    this.last_event = now;
                     if let Some(out) = this.on_event(event) {
                         return Poll::Ready(Some(Ok(out)));
                     }
                 }
                 Poll::Ready(Some(Err(err))) => return this.upstream_failed(err),
                 Poll::Ready(None) => return this.upstream_failed(ProviderError::truncated()),
-                Poll::Pending => {
-                    ready!(this.idle.as_mut().poll(cx));
-                    return this.upstream_failed(ProviderError::new(
-                        ErrorClass::Timeout,
-                        "the provider's stream stalled past the idle timeout",
-                    ));
-                }
+                Poll::Pending => loop {
+                    ready!(this.timer.as_mut().poll(cx));
+                    let now = Instant::now();
+                    if now >= this.c.deadline {
+                        return this.deadline_passed();
+                    }
+                    let idle_end = this.last_event + this.c.idle_timeout;
+                    if now >= idle_end {
+                        return this.upstream_failed(ProviderError::new(
+                            ErrorClass::Timeout,
+                            "the provider's stream stalled past the idle timeout",
+                        ));
+                    }
+                    // Fired early: an event came since it was armed.
+                    this.timer.as_mut().reset(idle_end.min(this.c.deadline));
+                },
             }
         }
     }

@@ -50,7 +50,7 @@ fn decode(bytes: &[u8], cuts: &[usize]) -> (Vec<SseEvent>, Option<ProviderError>
         start = end.max(start);
         while let Some(item) = dec.next_event() {
             match item {
-                Ok(event) => events.push(event),
+                Ok(event) => events.push(event.clone()),
                 Err(err) => return (events, Some(err)),
             }
         }

@@ -708,7 +708,7 @@ impl MessageStreamDecoder {
 impl EventDecoder for MessageStreamDecoder {
     fn decode(
         &mut self,
-        event: SseEvent,
+        event: &SseEvent,
         out: &mut VecDeque<StreamEvent>,
     ) -> Result<bool, ProviderError> {
         let wire: WireEvent = decode_event(event.data.as_bytes())?;

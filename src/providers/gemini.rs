@@ -770,7 +770,7 @@ pub struct ChunkDecoder {
 impl EventDecoder for ChunkDecoder {
     fn decode(
         &mut self,
-        event: SseEvent,
+        event: &SseEvent,
         out: &mut VecDeque<StreamEvent>,
     ) -> Result<bool, ProviderError> {
         let chunk: WireResponse = decode_event(event.data.as_bytes())?;

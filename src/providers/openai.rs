@@ -910,9 +910,9 @@ fn finish_reason(reason: &str) -> FinishReason {
 // ---------------------------------------------------------------------------------------------
 
 #[derive(Deserialize)]
-struct WireChunk {
-    #[serde(default)]
-    choices: Vec<WireChunkChoice>,
+struct WireChunk<'a> {
+    #[serde(default, borrow)]
+    choices: Choices<'a>,
     #[serde(default)]
     usage: Option<WireUsage>,
     #[serde(default)]
@@ -920,11 +920,60 @@ struct WireChunk {
 }
 
 #[derive(Deserialize)]
-struct WireChunkChoice {
+struct WireChunkChoice<'a> {
     #[serde(default)]
     delta: Option<WireDelta>,
-    #[serde(default)]
-    finish_reason: Option<String>,
+    /// Borrowed from the event (it never has escapes).
+    #[serde(default, borrow)]
+    finish_reason: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// A chunk's `choices`: nearly always one, kept inline (no allocation per chunk); any
+/// further ones in a `Vec`.
+#[derive(Default)]
+struct Choices<'a> {
+    first: Option<WireChunkChoice<'a>>,
+    rest: Vec<WireChunkChoice<'a>>,
+}
+
+impl<'a> IntoIterator for Choices<'a> {
+    type Item = WireChunkChoice<'a>;
+    type IntoIter = std::iter::Chain<
+        std::option::IntoIter<WireChunkChoice<'a>>,
+        std::vec::IntoIter<WireChunkChoice<'a>>,
+    >;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.first.into_iter().chain(self.rest)
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Choices<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Seq<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Seq<'a> {
+            type Value = Choices<'a>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a list of choices")
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Choices<'a>, A::Error> {
+                let first = seq.next_element()?;
+                let mut rest = Vec::new();
+                if first.is_some() {
+                    while let Some(choice) = seq.next_element()? {
+                        rest.push(choice);
+                    }
+                }
+                Ok(Choices { first, rest })
+            }
+        }
+        deserializer.deserialize_seq(Seq(std::marker::PhantomData))
+    }
 }
 
 #[derive(Deserialize)]
@@ -978,7 +1027,7 @@ impl ChunkDecoder {
 impl EventDecoder for ChunkDecoder {
     fn decode(
         &mut self,
-        event: SseEvent,
+        event: &SseEvent,
         out: &mut VecDeque<StreamEvent>,
     ) -> Result<bool, ProviderError> {
         let data = event.data.trim();

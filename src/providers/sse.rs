@@ -19,14 +19,16 @@ pub struct SseEvent {
     pub data: String,
 }
 
-/// Incremental SSE parser.
+/// Incremental SSE parser. It reuses its buffers: the event it hands out is borrowed, and
+/// its strings keep their capacity for the next one.
 #[derive(Debug, Default)]
 pub struct SseDecoder {
     buf: Vec<u8>,
     pos: usize,
-    event: String,
-    data: String,
+    current: SseEvent,
     has_data: bool,
+    /// `current` was handed out: cleared when the next event starts.
+    dispatched: bool,
     skip_lf: bool,
 }
 
@@ -52,8 +54,13 @@ impl SseDecoder {
         self.buf.extend_from_slice(bytes);
     }
 
-    /// The next complete event, if the buffer holds one.
-    pub fn next_event(&mut self) -> Option<Result<SseEvent, ProviderError>> {
+    /// The next complete event, if the buffer holds one (borrowed until the next call).
+    pub fn next_event(&mut self) -> Option<Result<&SseEvent, ProviderError>> {
+        if self.dispatched {
+            self.dispatched = false;
+            self.current.event.clear();
+            self.current.data.clear();
+        }
         loop {
             if self.skip_lf && self.pos < self.buf.len() {
                 if self.buf[self.pos] == b'\n' {
@@ -63,7 +70,7 @@ impl SseDecoder {
             }
             let rest = &self.buf[self.pos..];
             let Some(end) = rest.iter().position(|&b| b == b'\n' || b == b'\r') else {
-                if rest.len() + self.data.len() > MAX_PENDING_BYTES {
+                if rest.len() + self.current.data.len() > MAX_PENDING_BYTES {
                     return Some(Err(ProviderError::malformed_event(
                         "an event exceeded the size limit",
                     )));
@@ -80,12 +87,10 @@ impl SseDecoder {
                 // Blank line: dispatch.
                 if self.has_data {
                     self.has_data = false;
-                    return Some(Ok(SseEvent {
-                        event: std::mem::take(&mut self.event),
-                        data: std::mem::take(&mut self.data),
-                    }));
+                    self.dispatched = true;
+                    return Some(Ok(&self.current));
                 }
-                self.event.clear();
+                self.current.event.clear();
                 continue;
             }
             if let Err(e) = self.field(line_start, line_end) {
@@ -107,14 +112,14 @@ impl SseDecoder {
         match name {
             "data" => {
                 if self.has_data {
-                    self.data.push('\n');
+                    self.current.data.push('\n');
                 }
-                self.data.push_str(value);
+                self.current.data.push_str(value);
                 self.has_data = true;
             }
             "event" => {
-                self.event.clear();
-                self.event.push_str(value);
+                self.current.event.clear();
+                self.current.event.push_str(value);
             }
             // `id`, `retry` and unknown fields carry nothing the gateway uses.
             _ => {}
@@ -130,7 +135,7 @@ pub trait EventDecoder: Send + Unpin + 'static {
     /// pushed by then).
     fn decode(
         &mut self,
-        event: SseEvent,
+        event: &SseEvent,
         out: &mut VecDeque<StreamEvent>,
     ) -> Result<bool, ProviderError>;
 
@@ -185,7 +190,7 @@ mod tests {
     fn all(dec: &mut SseDecoder) -> Vec<SseEvent> {
         let mut out = Vec::new();
         while let Some(ev) = dec.next_event() {
-            out.push(ev.unwrap());
+            out.push(ev.unwrap().clone());
         }
         out
     }
