@@ -321,6 +321,8 @@ async fn replicas_starting_at_once_migrate_once_and_the_store_decides_etags() {
         constraints: Default::default(),
         execution: Default::default(),
         variants: vec![],
+        cache: Default::default(),
+        guardrails: None,
     };
     assert_eq!(a.create_policy(spec("a")).await.unwrap().version, 1);
     assert_eq!(
