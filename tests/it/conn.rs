@@ -91,10 +91,13 @@ async fn half_a_preface_is_closed_at_the_handshake_timeout() {
 }
 
 #[tokio::test]
-async fn http1_is_refused_during_the_handshake() {
+async fn bytes_that_are_neither_http2_nor_http1_are_refused_during_the_handshake() {
+    // (HTTP/1.1 requests go to the console on this listener; tests/it/console.rs checks
+    // that they are refused like this with `admin.console = false`.)
     let (_mock, gateway) = gateway_with("handshake_timeout = \"1h\"").await;
     let mut conn = TcpStream::connect(addr(&gateway)).await.unwrap();
-    conn.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+    // A TLS ClientHello's first bytes on a plain-text listener.
+    conn.write_all(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
         .await
         .unwrap();
     read_until_closed(&mut conn).await;

@@ -188,7 +188,7 @@ async fn the_rollup_migration_fills_rollups_from_stored_records() {
     // Back to the schema before rollups, with the records kept.
     let client = pg_server::connect(&url).await;
     client
-        .batch_execute("DROP TABLE usage_minute; DELETE FROM schema_migrations WHERE version >= 2")
+        .batch_execute("DROP TABLE usage_minute; ALTER TABLE usage DROP COLUMN cache, DROP COLUMN cost_saved_usd; DELETE FROM schema_migrations WHERE version >= 2")
         .await
         .unwrap();
     let store = PgStore::connect(&url).await.unwrap();
