@@ -784,7 +784,16 @@ impl LlmGatewayAdmin for AdminService {
             policy: Some(r.policy).filter(|p| !p.is_empty()),
             older_than,
         };
-        let removed = self.cache.as_ref().map_or(0, |c| c.invalidate(&filter));
+        let removed = match &self.cache {
+            Some(cache) => cache.invalidate(&filter).await.map_err(|err| {
+                fail(GatewayError::Unavailable {
+                    reason: "SHARED_STATE_UNAVAILABLE",
+                    message: format!("the cache was not invalidated: {err}"),
+                    retry_after: None,
+                })
+            })?,
+            None => 0,
+        };
         tracing::info!(removed, ?filter, "response cache invalidated");
         Ok(Response::new(pb::InvalidateCacheResponse { removed }))
     }
