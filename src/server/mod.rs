@@ -311,6 +311,7 @@ pub async fn serve_with(
     })?;
     if let Some(shared) = &shared {
         share_rests(shared, table.health(), &background, &stop_background);
+        share_key_rests(shared, &providers, &background, &stop_background);
     }
     let router = Arc::new(Router::new(table));
     let stop_metrics = CancellationToken::new();
@@ -773,18 +774,52 @@ fn share_rests(
     background: &tokio_util::task::TaskTracker,
     stop: &CancellationToken,
 ) {
-    let rests = crate::shared::rests::Rests::new(shared.clone());
+    let rests = crate::shared::rests::Rests::new(shared.clone(), crate::shared::rests::TARGETS);
     let publisher = rests.clone();
     health.on_rest(crate::health::RestHook(Arc::new(
         move |provider, model, rest| {
-            publisher.publish(provider, model, rest);
+            publisher.publish(&[provider, model], rest);
         },
     )));
     let registry = health.clone();
-    let apply: crate::shared::rests::Apply = Arc::new(move |provider, model, rest| {
-        registry
-            .get(provider, model)
-            .rest_from_peer(rest, tokio::time::Instant::now());
+    let apply: crate::shared::rests::Apply = Arc::new(move |fields, rest| {
+        if let [provider, model] = fields {
+            registry
+                .get(provider, model)
+                .rest_from_peer(rest, tokio::time::Instant::now());
+        }
+    });
+    background.spawn(rests.run(apply, stop.clone()));
+}
+
+/// Rests refused or rate-limited provider API keys on every replica together: each ring's
+/// rests are published (by key fingerprint, never the secret), the others' applied to the
+/// key with that fingerprint (see [`crate::shared::rests::KEYS`]).
+fn share_key_rests(
+    shared: &Arc<crate::shared::Shared>,
+    providers: &ProviderRegistry,
+    background: &tokio_util::task::TaskTracker,
+    stop: &CancellationToken,
+) {
+    let rests = crate::shared::rests::Rests::new(shared.clone(), crate::shared::rests::KEYS);
+    for ring in providers.iter().filter_map(|p| p.keys()) {
+        let publisher = rests.clone();
+        ring.on_rest(providers::keys::KeyRestHook(Arc::new(
+            move |provider, fingerprint, reason, rest| {
+                let fingerprint = format!("{fingerprint:016x}");
+                publisher.publish(&[provider, &fingerprint, reason.label()], rest);
+            },
+        )));
+    }
+    let providers = providers.clone();
+    let apply: crate::shared::rests::Apply = Arc::new(move |fields, rest| {
+        if let [provider, fingerprint, reason] = fields
+            && let Ok(fingerprint) = u64::from_str_radix(fingerprint, 16)
+            && let Some(reason) = providers::keys::KeyRestReason::from_label(reason)
+            && let Some(ring) = providers.get(provider).and_then(|p| p.keys())
+        {
+            ring.rest_from_peer(fingerprint, reason, rest);
+        }
     });
     background.spawn(rests.run(apply, stop.clone()));
 }
