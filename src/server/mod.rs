@@ -300,9 +300,13 @@ pub async fn serve_with(
             .map_or(Duration::from_secs(5), |t| t.reload_interval);
         background.spawn(state.clone().watch(interval, stop_background.clone()));
     }
-    let store: Arc<dyn Store> = match &config.store.url {
-        Some(url) => Arc::new(PgStore::connect(url).await?),
-        None => Arc::new(SqliteStore::open(&config.store.path)?),
+    let (store, pg_pool): (Arc<dyn Store>, _) = match &config.store.url {
+        Some(url) => {
+            let pg = PgStore::connect(url).await?;
+            let pool = pg.pool();
+            (Arc::new(pg), Some(pool))
+        }
+        None => (Arc::new(SqliteStore::open(&config.store.path)?), None),
     };
     let shared = crate::shared::Shared::connect(&config.shared).map_err(|e| {
         ServeError::Store(StoreError::Backend(format!(
@@ -424,10 +428,23 @@ pub async fn serve_with(
     )
     .with_cache(response_cache)
     .with_guardrails(Arc::new(config.guardrails.clone()));
-    let batch_store = crate::batch::sqlite::SqliteBatchStore::open(&config.store.path)
-        .map_err(|e| ServeError::Store(StoreError::Backend(e.to_string())))?;
+    let batch_store: Arc<dyn crate::batch::BatchStore> = match pg_pool {
+        // A claim outlives the longest run (cut at request_timeout) and its recording.
+        Some(pool) => Arc::new(
+            crate::batch::postgres::PgBatchStore::open(
+                pool,
+                config.batch.request_timeout + Duration::from_secs(60),
+            )
+            .await
+            .map_err(|e| ServeError::Store(StoreError::Backend(e.to_string())))?,
+        ),
+        None => Arc::new(
+            crate::batch::sqlite::SqliteBatchStore::open(&config.store.path)
+                .map_err(|e| ServeError::Store(StoreError::Backend(e.to_string())))?,
+        ),
+    };
     let batches = crate::batch::Batches::new(
-        Arc::new(batch_store),
+        batch_store,
         Arc::new(batch::EngineExec::new(engine.clone())),
         config.batch.clone(),
     );

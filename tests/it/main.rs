@@ -10,6 +10,7 @@ mod admin;
 mod authz;
 mod bad_input;
 mod batch;
+mod batch_pg;
 mod bench_shared;
 mod cache;
 mod chat;
