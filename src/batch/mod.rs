@@ -352,6 +352,11 @@ pub trait BatchStore: Send + Sync + 'static {
     /// One job with its progress.
     async fn job(&self, id: &str) -> Result<Option<JobRecord>, BatchStoreError>;
 
+    /// A job's state alone (what [`BatchStore::job`] says, without counting).
+    async fn job_state(&self, id: &str) -> Result<Option<JobState>, BatchStoreError> {
+        Ok(self.job(id).await?.map(|job| job.state))
+    }
+
     /// An owner's jobs, newest first, `limit` of them after the cursor `after` (from a
     /// previous page); returns the cursor of the last one.
     async fn list_jobs(

@@ -406,6 +406,15 @@ impl BatchStore for PgBatchStore {
         Ok(load_job(&**client, id).await?.map(|(_, job)| job))
     }
 
+    async fn job_state(&self, id: &str) -> Result<Option<JobState>, BatchStoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt("SELECT state FROM batch_jobs WHERE id = $1", &[&id])
+            .await
+            .map_err(pg)?;
+        Ok(row.and_then(|r| JobState::from_i64(r.get(0))))
+    }
+
     async fn list_jobs(
         &self,
         owner: &str,

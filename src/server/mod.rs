@@ -452,6 +452,14 @@ pub async fn serve_with(
         .resume()
         .await
         .map_err(|e| ServeError::Store(StoreError::Backend(e.to_string())))?;
+    if config.store.url.is_some() {
+        // Replicas share the jobs: each runs those it does not run yet.
+        background.spawn(
+            batches
+                .clone()
+                .adopt(Duration::from_secs(2), stop_background.clone()),
+        );
+    }
     let gateway = gateway::GatewayService::new(engine.clone(), batches.clone());
     let http_listener = match (options.http_listener, config.http.listen) {
         (Some(listener), _) => Some(listener),

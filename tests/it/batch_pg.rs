@@ -1,6 +1,6 @@
-//! Batch jobs on PostgreSQL (`store.url`): a job created on one replica is read, streamed
-//! and finished on another, no request runs twice when two replicas run one job, and the
-//! store's claims are leases a dead replica's successor takes over.
+//! Batch jobs on PostgreSQL (`store.url`): a job created on one replica is read, streamed,
+//! cancelled and finished on another, no request runs twice when two replicas run one
+//! job, and the store's claims are leases a dead replica's successor takes over.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -185,14 +185,13 @@ async fn a_job_created_on_one_replica_is_streamed_and_finished_on_another() {
         &mock,
         &format!("[store]\nurl = \"{url}\"\n[batch]\njob_concurrency = 2"),
     );
-    let mut a = Gateway::start(&toml).await;
+    let (mut a, b) = tokio::join!(Gateway::start(&toml), Gateway::start(&toml));
     let model = format!("{MODEL}+latency=100");
     let items: Vec<_> = (0..60)
         .map(|i| item(&format!("r{i}"), &model, &format!("q{i}")))
         .collect();
     let created = create(&mut a.client(), job(items)).await;
-    // B starts while the job runs on A: it reports it and runs it too.
-    let b = Gateway::start(&toml).await;
+    // B reports the job A runs, streams its results, and takes it up (within 2 s).
     let mut client = b.client();
     let seen = get(&mut client, &created.id).await;
     assert_eq!(seen.counts.unwrap().total, 60);
@@ -208,7 +207,8 @@ async fn a_job_created_on_one_replica_is_streamed_and_finished_on_another() {
     while received.len() < 5 {
         received.push(stream.message().await.unwrap().unwrap().result.unwrap());
     }
-    // A goes away (its running requests finish within the grace); B finishes the job.
+    // A goes away (its running requests finish within the grace); B finishes the job
+    // without a restart.
     a.signal_shutdown();
     a.take_handle().await.unwrap().unwrap();
     while let Some(msg) = stream.message().await.unwrap() {
@@ -237,4 +237,44 @@ async fn a_job_created_on_one_replica_is_streamed_and_finished_on_another() {
         again.iter().map(|r| &r.custom_id).collect::<Vec<_>>(),
         received.iter().map(|r| &r.custom_id).collect::<Vec<_>>()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancel_on_another_replica_stops_the_job_everywhere() {
+    let Some(url) = pg_server::database().await else {
+        return;
+    };
+    let mock = MockUpstream::start(MockSettings::default()).await.unwrap();
+    let toml = openai_toml(
+        &mock,
+        &format!("[store]\nurl = \"{url}\"\n[batch]\njob_concurrency = 1"),
+    );
+    let (a, b) = tokio::join!(Gateway::start(&toml), Gateway::start(&toml));
+    let model = format!("{MODEL}+latency=200");
+    let items: Vec<_> = (0..30)
+        .map(|i| item(&format!("r{i}"), &model, &format!("q{i}")))
+        .collect();
+    let created = create(&mut a.client(), job(items)).await;
+    let cancelled = b
+        .client()
+        .cancel_batch(pb::CancelBatchRequest {
+            batch_id: created.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .batch
+        .unwrap();
+    assert_eq!(cancelled.state, pb::BatchState::Cancelling as i32);
+    // A hears of it from the store: what had not started ends CANCELLED, once each.
+    let all = results(&mut a.client(), &created.id, 0).await;
+    let answered = answers(&all);
+    assert_eq!(answered.len(), 30);
+    assert!(answered.values().all(|n| *n == 1), "{answered:?}");
+    let done = get(&mut b.client(), &created.id).await;
+    assert_eq!(done.state, pb::BatchState::Cancelled as i32);
+    let counts = done.counts.unwrap();
+    assert_eq!(counts.succeeded + counts.cancelled, 30, "{counts:?}");
+    assert!(counts.cancelled >= 25, "{counts:?}");
+    assert_eq!(mock.stats().requests(), u64::from(counts.succeeded));
 }
