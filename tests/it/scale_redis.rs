@@ -15,23 +15,23 @@ use tonic::{Code, Request, transport::Channel};
 
 use crate::{common::*, redis_server::RedisServer};
 
-struct Cluster {
+pub(crate) struct Cluster {
     _mock: MockUpstream,
     _dir: tempfile::TempDir,
-    replicas: Vec<Gateway>,
-    secret: String,
+    pub(crate) replicas: Vec<Gateway>,
+    pub(crate) secret: String,
     /// The replicas' config (for a replica run as a process).
     toml: String,
 }
 
-fn authed<T>(message: T, secret: &str) -> Request<T> {
+pub(crate) fn authed<T>(message: T, secret: &str) -> Request<T> {
     let mut req = Request::new(message);
     req.metadata_mut()
         .insert("authorization", format!("Bearer {secret}").parse().unwrap());
     req
 }
 
-fn small() -> pb::ChatRequest {
+pub(crate) fn small() -> pb::ChatRequest {
     let mut req = request("openai/gpt-4o-mini", "hello there");
     req.max_tokens = Some(5);
     req
@@ -59,7 +59,7 @@ api_key = "sk-upstream"
 }
 
 /// Three replicas sharing `redis`, with one key (`key`) created on the first.
-async fn cluster(redis: &RedisServer, key: pb::Key, shared: &str) -> Cluster {
+pub(crate) async fn cluster(redis: &RedisServer, key: pb::Key, shared: &str) -> Cluster {
     let mock = MockUpstream::start(MockSettings::default()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let toml = replica_toml(&mock, &dir.path().join("gw.db"), &redis.url(), shared);
@@ -83,7 +83,7 @@ async fn cluster(redis: &RedisServer, key: pb::Key, shared: &str) -> Cluster {
     }
 }
 
-fn key(name: &str) -> pb::Key {
+pub(crate) fn key(name: &str) -> pb::Key {
     pb::Key {
         name: name.into(),
         owner: "search".into(),
@@ -495,5 +495,67 @@ api_keys = ["sk-refused", "sk-limited", "sk-good"]
         (sent("sk-refused"), sent("sk-limited"), sent("sk-good")),
         (1, 2, good + 6),
         "replica B sent a key replica A saw refused or rate limited"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_overspend_across_three_replicas_stays_within_the_bound() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    // Calls reserve their estimate on the policy's first target (gpt-4o-mini, whose
+    // provider is down) and are served by the dearer fallback (gpt-4o): each costs more
+    // than it reserved, the case the bound is about. The extra sections follow [shared].
+    let extra = r#"timeout = "5s"
+[providers.down]
+kind = "openai"
+base_url = "http://127.0.0.1:1/v1"
+api_key = "sk-down"
+[policies.dear]
+targets = [{ provider = "down", model = "gpt-4o-mini" }, { provider = "openai", model = "gpt-4o" }]
+"#;
+    let budget = 0.00002;
+    let mut k = key("dear30");
+    k.daily_budget_usd = budget;
+    let c = cluster(&redis, k, extra).await;
+    let mut tasks = Vec::new();
+    for i in 0..30 {
+        let mut client = c.replicas[i % 3].client();
+        let secret = c.secret.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut req = request("dear", "hello there");
+            req.max_tokens = Some(5);
+            client.chat(authed(req, &secret)).await
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(answer) => {
+                ok += 1;
+                let route = answer.into_inner().route.unwrap();
+                assert_eq!(route.attempts.last().unwrap().model, "gpt-4o", "{route:?}");
+            }
+            Err(status) => assert_eq!(reason(&status), "BUDGET_EXCEEDED", "{status:?}"),
+        }
+    }
+    eventually("every reservation settled", || {
+        redis.command("HLEN llmgw:key:dear30:resv") == ":0"
+    })
+    .await;
+    let spent: f64 = redis
+        .command("HGET llmgw:key:dear30:spend d")
+        .parse()
+        .unwrap();
+    // The documented bound: budget + C x e, C = 30 calls in flight at most, e = what one
+    // call costs beyond its estimate (input: (16 + 11) / 4 = 6 tokens, output: max_tokens;
+    // the mock reports 2 input tokens and 5 output).
+    let estimate = registry_cost("openai/gpt-4o-mini", 6, 5);
+    let excess = registry_cost("openai/gpt-4o", 2, 5) - estimate;
+    let bound = budget + 30.0 * excess;
+    assert!(ok >= 1, "no call was admitted");
+    assert!(
+        spent > budget && spent <= bound,
+        "spent {spent} of a {budget} budget with {ok} calls admitted; bound {bound}"
     );
 }
