@@ -468,6 +468,11 @@ api_keys = ["sk-refused", "sk-limited", "sk-good"]
         let reply = redis.command(&format!("PTTL {}", key_rest("keyshare", secret)));
         reply.trim_start_matches(':').parse().unwrap()
     };
+    // Published from a task beside the call: wait for it, then read the expiries.
+    eventually("replica A published both rests", || {
+        ttl("sk-refused") > 0 && ttl("sk-limited") > 0
+    })
+    .await;
     assert!((250_000..=300_000).contains(&ttl("sk-refused")));
     assert!((1..=60_000).contains(&ttl("sk-limited")));
     assert_eq!(ttl("sk-good"), -2, "a key that did not fail is not rested");
