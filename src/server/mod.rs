@@ -290,9 +290,6 @@ pub async fn serve_with(
     ));
     let background = tokio_util::task::TaskTracker::new();
     let stop_background = CancellationToken::new();
-    if let Some(signal) = options.reload_signal {
-        background.spawn(reload_on(signal, reloader.clone(), stop_background.clone()));
-    }
     if let Some(state) = &tls {
         let interval = config
             .tls
@@ -381,8 +378,22 @@ pub async fn serve_with(
             })
             .collect(),
     )
-    .with_reloader(reloader)
+    .with_reloader(reloader.clone())
     .with_cache(response_cache.clone());
+    if let Some(signal) = options.reload_signal {
+        background.spawn(reload_on(
+            signal,
+            reloader,
+            admin.auditor().clone(),
+            stop_background.clone(),
+        ));
+    }
+    background.spawn(crate::audit::prune_loop(
+        admin.auditor().sink(),
+        config.audit.retention,
+        crate::audit::wall_clock_ms,
+        stop_background.clone(),
+    ));
     admin.reload().await.map_err(|e| {
         ServeError::Store(StoreError::Backend(format!(
             "cannot load stored policies: {e}"
@@ -692,6 +703,7 @@ pub async fn serve_with(
 async fn reload_on(
     signal: Arc<tokio::sync::Notify>,
     reloader: Arc<crate::reload::Reloader>,
+    auditor: crate::audit::Auditor,
     stop: CancellationToken,
 ) {
     loop {
@@ -699,8 +711,14 @@ async fn reload_on(
             () = stop.cancelled() => return,
             () = signal.notified() => {}
         }
-        if let Err(err) = reloader.reload().await {
-            tracing::error!(error = %err, "reload failed; the running configuration stays");
+        match reloader.reload().await {
+            Ok(report) => {
+                let entry = admin::reload_entry("signal:SIGHUP".to_owned(), &report);
+                let _ = auditor.record(entry).await;
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "reload failed; the running configuration stays")
+            }
         }
     }
 }

@@ -7,6 +7,7 @@
 mod common;
 
 mod admin;
+mod audit;
 mod authz;
 mod bad_input;
 mod batch;
