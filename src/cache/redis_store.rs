@@ -11,8 +11,9 @@
 //!   stored reply with a prompt embedding adds an `add` event (partition, key, policy,
 //!   times, the vector as little-endian f32), an invalidation an `inv` event (its filter
 //!   and time). Before each semantic lookup a replica reads the events it has not seen yet
-//!   (`XREAD`, at most [`SYNC_BATCH`] x [`SYNC_ROUNDS`] per lookup) and applies the other
-//!   replicas' in order. The stream is trimmed to about the index's bound (`MAXLEN ~`). A
+//!   (`XREAD`, at most [`SYNC_BATCH`] x [`SYNC_ROUNDS`] per lookup; one reader at a time, a
+//!   lookup that finds another reading does not wait) and applies the other replicas' in
+//!   order. The stream is trimmed to about the index's bound (`MAXLEN ~`). A
 //!   semantic hit is still a `GET` of the exact key, so a reply invalidated or expired in
 //!   Redis is never served, whatever an index holds.
 //! - Redis unreachable: a lookup is a miss, a store is dropped, the call goes on; the event
@@ -636,7 +637,11 @@ impl CacheStore for RedisStore {
     }
 
     async fn sync_index(&self, index: &SemanticIndex) {
-        let mut last = self.last_event.lock().await;
+        // One reader at a time; a lookup that finds another one reading goes on without
+        // waiting (at worst it misses the events of the last moment).
+        let Ok(mut last) = self.last_event.try_lock() else {
+            return;
+        };
         for _ in 0..SYNC_ROUNDS {
             let from = last.clone();
             let stream = self.stream.clone();
