@@ -920,7 +920,16 @@ impl LlmGatewayAdmin for AdminService {
             policy: Some(r.policy).filter(|p| !p.is_empty()),
             older_than,
         };
-        let removed = self.cache.as_ref().map_or(0, |c| c.invalidate(&filter));
+        let removed = match &self.cache {
+            Some(cache) => cache.invalidate(&filter).await.map_err(|err| {
+                fail(GatewayError::Unavailable {
+                    reason: "SHARED_STATE_UNAVAILABLE",
+                    message: format!("the cache was not invalidated: {err}"),
+                    retry_after: None,
+                })
+            })?,
+            None => 0,
+        };
         tracing::info!(removed, ?filter, "response cache invalidated");
         let mut selection = Vec::new();
         if let Some(ns) = &filter.namespace {

@@ -325,12 +325,41 @@ pub async fn serve_with(
     ));
     let hard_stop = CancellationToken::new();
     let executor = Executor::new(config.executor.clone(), hard_stop.clone());
-    let mut response_cache = crate::cache::ResponseCache::new(config.cache.clone());
+    let (ledger, ledger_writer) = match config.ledger.capacity {
+        Some(capacity) => {
+            let (ledger, writer) = crate::ledger::Ledger::start(
+                store.clone(),
+                capacity,
+                config.ledger.retention,
+                config.ledger.rollup_retention,
+            );
+            (ledger, Some(writer))
+        }
+        None => (crate::ledger::Ledger::disabled(), None),
+    };
+    crate::providers::set_body_logging(config.log.bodies);
+
+    let meter = meter::MeterConfig {
+        ledger,
+        tag_labels: config.metrics.tag_labels.clone().into(),
+    };
+    // With shared state, replies live in Redis (every replica serves every replica's).
+    let mut response_cache = match &shared {
+        Some(shared) => crate::cache::ResponseCache::with_store(
+            config.cache.clone(),
+            Arc::new(crate::cache::RedisStore::new(
+                shared.clone(),
+                config.cache.semantic_max_entries,
+            )),
+        ),
+        None => crate::cache::ResponseCache::new(config.cache.clone()),
+    };
     if !config.cache.embedding_model.is_empty() {
         response_cache = response_cache.with_embedder(Arc::new(cache_stage::GatewayEmbedder {
             router: router.clone(),
             executor: executor.clone(),
             model: config.cache.embedding_model.clone(),
+            meter: meter.clone(),
         }));
     }
     let response_cache = Arc::new(response_cache);
@@ -398,24 +427,6 @@ pub async fn serve_with(
             stop_metrics.clone().cancelled_owned(),
         )));
     }
-    let (ledger, ledger_writer) = match config.ledger.capacity {
-        Some(capacity) => {
-            let (ledger, writer) = crate::ledger::Ledger::start(
-                store.clone(),
-                capacity,
-                config.ledger.retention,
-                config.ledger.rollup_retention,
-            );
-            (ledger, Some(writer))
-        }
-        None => (crate::ledger::Ledger::disabled(), None),
-    };
-    crate::providers::set_body_logging(config.log.bodies);
-
-    let meter = meter::MeterConfig {
-        ledger,
-        tag_labels: config.metrics.tag_labels.clone().into(),
-    };
     let authz = authz::AuthzLayer::new(access.clone(), meter.clone());
     // The in-flight bound of chat calls, shared by the gRPC and HTTP fronts.
     let admission = admission::Admission::new(config.admission.clone());

@@ -13,6 +13,7 @@ mod bad_input;
 mod batch;
 mod bench_shared;
 mod cache;
+mod cache_shared;
 mod chat;
 mod check_config;
 mod cloud;
