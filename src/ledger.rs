@@ -132,6 +132,9 @@ pub struct UsageRecord {
     pub cache: String,
     /// For a cache hit: what the original call cost (the hit itself costs zero).
     pub cost_saved_usd: Option<f64>,
+    /// The call's guardrail decisions, `direction:entity:action=count` comma-separated
+    /// (e.g. `request:email:redact=2,reply:credit_card:block=1`); empty when none.
+    pub guardrails: String,
 }
 
 /// What the ledger needs of durable storage: append usage records, read them back, prune

@@ -491,13 +491,27 @@ pub fn json_escaped(value: &str, out: &mut String) {
     out.push_str(&quoted[1..quoted.len() - 1]);
 }
 
-/// Guardrail decisions of one call, by direction, entity type and action.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Tally(BTreeMap<(Direction, String, Action), u64>);
+/// Guardrail decisions of one call, by direction, entity type and action. Clones share
+/// the counts: the call's meter keeps one and reads what the request and reply stages
+/// decided when the call ends, however it ends.
+#[derive(Debug, Default, Clone)]
+pub struct Tally(Arc<std::sync::Mutex<Counts>>);
+
+/// Decisions by direction, entity type and action.
+type Counts = BTreeMap<(Direction, String, Action), u64>;
 
 impl Tally {
+    fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn count(&mut self, dir: Direction, entity: &str, action: Action) {
-        *self.0.entry((dir, entity.to_owned(), action)).or_insert(0) += 1;
+        *self
+            .counts()
+            .entry((dir, entity.to_owned(), action))
+            .or_insert(0) += 1;
         metrics::counter!(
             crate::telemetry::names::GUARDRAIL_DECISIONS,
             "direction" => dir.name(),
@@ -509,13 +523,14 @@ impl Tally {
 
     /// Whether nothing was decided.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.counts().is_empty()
     }
 
-    /// The ledger's form: `direction:entity:action=count`, comma-separated, sorted.
+    /// The ledger's form: `direction:entity:action=count`, comma-separated, requests first,
+    /// then by entity and action.
     pub fn summary(&self) -> String {
         let mut out = String::new();
-        for ((dir, entity, action), n) in &self.0 {
+        for ((dir, entity, action), n) in self.counts().iter() {
             if !out.is_empty() {
                 out.push(',');
             }

@@ -414,6 +414,7 @@ pub fn record_out(r: &crate::ledger::UsageRecord) -> pb::UsageRecord {
         error_class: r.error_class.clone(),
         cache: r.cache.clone(),
         cost_saved_usd: r.cost_saved_usd,
+        guardrails: r.guardrails.clone(),
     }
 }
 

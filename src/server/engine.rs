@@ -338,7 +338,7 @@ impl Engine {
         let Some(caller) = &caller else {
             meter.set_tags(&req.tags);
             let plan = table.plan(&req)?;
-            let (req, plan, guarding) = self.guarded(req, plan, None, &table)?;
+            let (req, plan, guarding) = self.guarded(req, plan, None, &table, meter)?;
             return Ok((req, plan, cache_stage::namespace(None), guarding));
         };
         caller.force_tags(&mut req.tags);
@@ -384,21 +384,23 @@ impl Engine {
             plan = table.plan(&req)?;
         }
         meter.set_permit(permit);
-        let (req, plan, guarding) = self.guarded(req, plan, Some(caller), &table)?;
+        let (req, plan, guarding) = self.guarded(req, plan, Some(caller), &table, meter)?;
         Ok((req, plan, cache_stage::namespace(Some(caller)), guarding))
     }
 
     /// Applies the call's guardrails (the key's forced profile, then the policy's) to the
-    /// request; the guarding goes on with the reply.
+    /// request; the guarding goes on with the reply. Its decisions go to the meter.
     fn guarded(
         &self,
         mut req: ChatRequest,
         plan: Plan,
         caller: Option<&Caller>,
         table: &RoutingTable,
+        meter: &mut CallMeter,
     ) -> Result<(ChatRequest, Plan, Guarding), GatewayError> {
         let mut guarding = self.guard.for_call(caller, table, &plan)?;
         if guarding.is_active() {
+            meter.set_guardrails(guarding.state.tally.clone());
             guarding.request(&mut req)?;
         }
         Ok((req, plan, guarding))

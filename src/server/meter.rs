@@ -72,6 +72,8 @@ pub struct CallMeter {
     target: Option<Arc<TargetMetrics>>,
     /// A reply served from the response cache: who made it, and what it cost then.
     cached: Option<(String, String, Option<f64>)>,
+    /// The call's guardrail decisions, read when it ends.
+    guardrails: Option<crate::guard::Tally>,
 }
 
 fn code_name(code: Code) -> &'static str {
@@ -173,6 +175,7 @@ impl CallMeter {
             permit: None,
             target: None,
             cached: None,
+            guardrails: None,
         }
     }
 
@@ -204,6 +207,11 @@ impl CallMeter {
     /// The gateway key that made the call (for attribution).
     pub fn set_key(&mut self, name: &str) {
         name.clone_into(&mut self.key);
+    }
+
+    /// The call's guardrail decisions (recorded in the ledger when the call ends).
+    pub fn set_guardrails(&mut self, tally: crate::guard::Tally) {
+        self.guardrails = Some(tally);
     }
 
     /// The call's limits permit, settled with the real usage and cost when the call ends.
@@ -305,6 +313,11 @@ impl CallMeter {
             error_class: outcome.error_class.to_owned(),
             cache: route.map_or("", |r| r.cache.label()).to_owned(),
             cost_saved_usd: cached.and_then(|(_, _, saved)| saved),
+            guardrails: self
+                .guardrails
+                .as_ref()
+                .map(crate::guard::Tally::summary)
+                .unwrap_or_default(),
         });
     }
 }

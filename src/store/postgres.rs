@@ -108,6 +108,8 @@ const MIGRATIONS: &[&str] = &[
         detail TEXT NOT NULL
     );
     CREATE INDEX IF NOT EXISTS audit_log_time ON audit_log (time_ms, id);",
+    // 5: each call's guardrail decisions (SQLite migration 7).
+    "ALTER TABLE usage ADD COLUMN IF NOT EXISTS guardrails TEXT NOT NULL DEFAULT '';",
 ];
 
 /// Parses a `store.url`: a `postgres://` or `postgresql://` URL naming a host.
@@ -694,12 +696,13 @@ impl UsageSink for PgStore {
         tx.execute(
             "INSERT INTO usage (time_ms, request_id, rpc, key, tags, policy, provider, model,
                  attempts, input_tokens, output_tokens, cached_input_tokens, usage_reported,
-                 cost_usd, latency_ms, ttft_ms, code, error_class, cache, cost_saved_usd)
+                 cost_usd, latency_ms, ttft_ms, code, error_class, cache, cost_saved_usd,
+                 guardrails)
                  SELECT * FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::TEXT[],
                  $5::TEXT[], $6::TEXT[], $7::TEXT[], $8::TEXT[], $9::INTEGER[], $10::BIGINT[],
                  $11::BIGINT[], $12::BIGINT[], $13::BOOLEAN[], $14::DOUBLE PRECISION[],
                  $15::DOUBLE PRECISION[], $16::DOUBLE PRECISION[], $17::TEXT[], $18::TEXT[],
-                 $19::TEXT[], $20::DOUBLE PRECISION[])",
+                 $19::TEXT[], $20::DOUBLE PRECISION[], $21::TEXT[])",
             &[
                 &cols.time_ms,
                 &cols.request_id,
@@ -721,6 +724,7 @@ impl UsageSink for PgStore {
                 &cols.error_class,
                 &cols.cache,
                 &cols.cost_saved_usd,
+                &cols.guardrails,
             ],
         )
         .await
@@ -925,7 +929,7 @@ impl AuditSink for PgStore {
 
 const USAGE_COLUMNS: &str = "time_ms, request_id, rpc, key, tags, policy, provider, model,
     attempts, input_tokens, output_tokens, cached_input_tokens, usage_reported, cost_usd,
-    latency_ms, ttft_ms, code, error_class, cache, cost_saved_usd";
+    latency_ms, ttft_ms, code, error_class, cache, cost_saved_usd, guardrails";
 
 /// Generated-query parameters as PostgreSQL parameters.
 fn pg_params(params: &[SqlParam]) -> Vec<&(dyn ToSql + Sync)> {
@@ -962,6 +966,7 @@ fn usage_from_row(row: &Row) -> UsageRecord {
         error_class: row.get("error_class"),
         cache: row.get("cache"),
         cost_saved_usd: row.get("cost_saved_usd"),
+        guardrails: row.get("guardrails"),
     }
 }
 
@@ -988,6 +993,7 @@ struct UsageColumns {
     error_class: Vec<String>,
     cache: Vec<String>,
     cost_saved_usd: Vec<Option<f64>>,
+    guardrails: Vec<String>,
 }
 
 impl UsageColumns {
@@ -1020,6 +1026,7 @@ impl UsageColumns {
         self.error_class.push(r.error_class.clone());
         self.cache.push(r.cache.clone());
         self.cost_saved_usd.push(r.cost_saved_usd);
+        self.guardrails.push(r.guardrails.clone());
         Ok(())
     }
 }

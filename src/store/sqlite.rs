@@ -82,6 +82,8 @@ const MIGRATIONS: &[&str] = &[
         detail TEXT NOT NULL
     ) STRICT;
     CREATE INDEX audit_log_time ON audit_log (time_ms, id);",
+    // 7: each call's guardrail decisions.
+    "ALTER TABLE usage ADD COLUMN guardrails TEXT NOT NULL DEFAULT '';",
 ];
 
 /// The embedded store.
@@ -469,9 +471,10 @@ impl UsageSink for SqliteStore {
                     .prepare_cached(
                         "INSERT INTO usage (time_ms, request_id, rpc, key, tags, policy, provider, model,
                          attempts, input_tokens, output_tokens, cached_input_tokens, usage_reported,
-                         cost_usd, latency_ms, ttft_ms, code, error_class, cache, cost_saved_usd)
+                         cost_usd, latency_ms, ttft_ms, code, error_class, cache, cost_saved_usd,
+                         guardrails)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
-                         ?19, ?20)",
+                         ?19, ?20, ?21)",
                     )
                     .map_err(backend)?;
                 for r in &records {
@@ -497,6 +500,7 @@ impl UsageSink for SqliteStore {
                         r.error_class,
                         r.cache,
                         r.cost_saved_usd,
+                        r.guardrails,
                     ])
                     .map_err(backend)?;
                 }
@@ -727,7 +731,7 @@ impl AuditSink for SqliteStore {
 
 const USAGE_COLUMNS: &str = "time_ms, request_id, rpc, key, tags, policy, provider, model,
     attempts, input_tokens, output_tokens, cached_input_tokens, usage_reported, cost_usd,
-    latency_ms, ttft_ms, code, error_class, cache, cost_saved_usd";
+    latency_ms, ttft_ms, code, error_class, cache, cost_saved_usd, guardrails";
 
 /// A usage record from the [`USAGE_COLUMNS`] of `row`, starting at column `at`.
 fn usage_from_row(row: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<UsageRecord> {
@@ -753,6 +757,7 @@ fn usage_from_row(row: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<UsageR
         error_class: row.get(at + 17)?,
         cache: row.get(at + 18)?,
         cost_saved_usd: row.get(at + 19)?,
+        guardrails: row.get(at + 20)?,
     })
 }
 

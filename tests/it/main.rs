@@ -24,6 +24,7 @@ mod deploy;
 mod embed;
 mod errors;
 mod executor;
+mod governance;
 mod guard;
 mod http;
 mod keys;

@@ -40,6 +40,11 @@ fn record(i: i64, provider: &str, team: &str, code: &str) -> UsageRecord {
         latency_ms: if i < 100 { 3.0 } else { 700.0 },
         ttft_ms: (i % 2 == 0).then_some(1.5),
         code: code.into(),
+        guardrails: if i % 7 == 0 {
+            "request:email:redact=1".into()
+        } else {
+            String::new()
+        },
         ..UsageRecord::default()
     }
 }
