@@ -132,6 +132,10 @@ pub struct UsageRecord {
     pub cache: String,
     /// For a cache hit: what the original call cost (the hit itself costs zero).
     pub cost_saved_usd: Option<f64>,
+    /// The policy version that served the call (0 for a concrete model).
+    pub policy_version: u64,
+    /// During a rollout: `baseline` or `canary`; empty otherwise.
+    pub rollout_arm: String,
 }
 
 /// What the ledger needs of durable storage: append usage records, read them back, prune

@@ -14,6 +14,7 @@ mod batch;
 mod bench_shared;
 mod cache;
 mod cache_shared;
+mod canary;
 mod chat;
 mod check_config;
 mod cloud;
