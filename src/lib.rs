@@ -15,7 +15,7 @@
 //!   providers.
 //! - [`batch`]: batch jobs: durable jobs of many chat requests, run through the call
 //!   engine (behind its [`batch::Execute`] trait) with bounded concurrency, retries and a
-//!   deadline; its own storage trait and SQLite tables; `[batch]`.
+//!   deadline; its own storage trait with SQLite and PostgreSQL tables; `[batch]`.
 //! - [`rollout`]: canary rollouts of staged policy updates: the rollout document, the
 //!   per-replica sequential test ([`rollout::stats`]) and the driver that advances steps
 //!   and rolls back.

@@ -325,6 +325,9 @@ pub mod names {
     /// Failed shared-state (Redis) operations by op: `admit`, `settle`, `renew`, `seed`,
     /// `rest`, `settle_dropped` (counter).
     pub const SHARED_STATE_ERRORS: &str = "llm_gateway_shared_state_errors_total";
+    /// Provider API key rests by provider, reason (`refused`, `rate_limited`) and source
+    /// (`local`: this replica saw the answer; `peer`: another replica did) (counter).
+    pub const PROVIDER_KEY_RESTS: &str = "llm_gateway_provider_key_rests_total";
 }
 
 /// Histogram buckets for latencies in seconds: 1 ms to 2 minutes.
@@ -443,6 +446,10 @@ fn describe() {
     describe_counter!(
         names::SHARED_STATE_ERRORS,
         "Failed shared-state (redis) operations, by op."
+    );
+    describe_counter!(
+        names::PROVIDER_KEY_RESTS,
+        "Provider API key rests, by provider, reason and source (local or peer)."
     );
 }
 
