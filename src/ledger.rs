@@ -135,6 +135,10 @@ pub struct UsageRecord {
     /// The call's guardrail decisions, `direction:entity:action=count` comma-separated
     /// (e.g. `request:email:redact=2,reply:credit_card:block=1`); empty when none.
     pub guardrails: String,
+    /// The policy version that served the call (0 for a concrete model).
+    pub policy_version: u64,
+    /// During a rollout: `baseline` or `canary`; empty otherwise.
+    pub rollout_arm: String,
 }
 
 /// What the ledger needs of durable storage: append usage records, read them back, prune

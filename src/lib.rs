@@ -16,6 +16,9 @@
 //! - [`batch`]: batch jobs: durable jobs of many chat requests, run through the call
 //!   engine (behind its [`batch::Execute`] trait) with bounded concurrency, retries and a
 //!   deadline; its own storage trait with SQLite and PostgreSQL tables; `[batch]`.
+//! - [`rollout`]: canary rollouts of staged policy updates: the rollout document, the
+//!   per-replica sequential test ([`rollout::stats`]) and the driver that advances steps
+//!   and rolls back.
 //! - [`store`]: durable state (policies, keys, usage) behind a trait; SQLite by default,
 //!   PostgreSQL shared by several replicas (`store.url`) with a change feed.
 //! - [`auth`]: gateway API keys: issuing, hashing, verifying, scopes.
@@ -68,7 +71,7 @@
 //! server
 //! reload
 //! config
-//! batch
+//! batch rollout
 //! store
 //! auth executor
 //! limits routing guard
@@ -106,6 +109,7 @@ pub mod pb;
 mod props;
 pub mod providers;
 pub mod reload;
+pub mod rollout;
 pub mod routing;
 pub mod server;
 pub mod settings;

@@ -368,6 +368,41 @@ pub struct Route {
     pub attempts: Vec<AttemptRecord>,
     /// What the response cache did for the call.
     pub cache: CacheOutcome,
+    /// The version of the policy that served the call (none for a concrete model).
+    pub revision: Option<PolicyRevision>,
+}
+
+/// The version of a policy that served a call, and its side of a staged rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PolicyRevision {
+    /// The policy version (its etag is `v{version}`; 32 bits keep a route, and with it
+    /// every error that carries one, small).
+    pub version: u32,
+    /// The side of a rollout, when one runs.
+    pub arm: RolloutArm,
+}
+
+/// A side of a staged policy rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RolloutArm {
+    /// No rollout runs.
+    #[default]
+    None,
+    /// The old version.
+    Baseline,
+    /// The new version being rolled out.
+    Canary,
+}
+
+impl RolloutArm {
+    /// Ledger label; empty without a rollout.
+    pub fn label(self) -> &'static str {
+        match self {
+            RolloutArm::None => "",
+            RolloutArm::Baseline => "baseline",
+            RolloutArm::Canary => "canary",
+        }
+    }
 }
 
 /// What the response cache did for one call.

@@ -183,6 +183,8 @@ fn plan(targets: Vec<Target>, execution: ExecutionSettings) -> Plan {
         skipped: Vec::new(),
         execution: Arc::new(execution),
         counters: Arc::new(PolicyCounters::new("p")),
+        revision: None,
+        observer: None,
     }
 }
 

@@ -30,7 +30,7 @@ use crate::{
     models::{ModelInfo, ModelRegistry},
     providers::{Provider, ProviderRegistry},
     telemetry::{PolicyCounters, TargetMetrics},
-    types::{ChatRequest, ContentPart},
+    types::{ChatRequest, ContentPart, PolicyRevision, RolloutArm},
 };
 
 /// One routable target: a provider and a model there.
@@ -78,6 +78,46 @@ pub struct Plan {
     pub execution: Arc<ExecutionSettings>,
     /// The policy's hedge, fallback and deadline-skip counters.
     pub counters: Arc<PolicyCounters>,
+    /// The policy version that made the plan, and its side of a rollout.
+    pub revision: Option<PolicyRevision>,
+    /// During a rollout: who hears how the call ended.
+    pub observer: Option<Arc<dyn RolloutObserver>>,
+}
+
+/// Hears how each call of a policy under rollout ended (the rollout module's sequential
+/// test implements it).
+pub trait RolloutObserver: Send + Sync {
+    /// A call on `arm` ended: `failed` for a failure of the version (not of the caller),
+    /// after `latency`.
+    fn observe(&self, arm: RolloutArm, failed: bool, latency: Duration);
+}
+
+impl std::fmt::Debug for dyn RolloutObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RolloutObserver")
+    }
+}
+
+/// A staged rollout of a policy, as the routing snapshot needs it: the old version and
+/// the new version's share of calls (the policy's record is the new version).
+#[derive(Clone)]
+pub struct RolloutSplit {
+    /// The old version.
+    pub baseline: PolicyRecord,
+    /// The new version's share, in millionths of the calls; the rollout changes it in
+    /// place (a step, a rollback) without a new snapshot.
+    pub share_ppm: Arc<std::sync::atomic::AtomicU32>,
+    /// What picks the version of a call: `user` or `tag:NAME`; none: the request id.
+    pub sticky: Option<String>,
+    /// Hears each call's outcome.
+    pub observer: Arc<dyn RolloutObserver>,
+}
+
+struct CompiledSplit {
+    baseline: Arc<CompiledPolicy>,
+    share_ppm: Arc<std::sync::atomic::AtomicU32>,
+    sticky: Option<StickyKey>,
+    observer: Arc<dyn RolloutObserver>,
 }
 
 /// Where a policy comes from.
@@ -119,6 +159,7 @@ struct CompiledTarget {
 
 struct CompiledPolicy {
     name: Arc<str>,
+    version: u64,
     spec: PolicySpec,
     sticky: Option<StickyKey>,
     targets: Vec<CompiledTarget>,
@@ -148,6 +189,8 @@ pub struct RoutingTable {
     guardrails: Arc<std::collections::BTreeSet<String>>,
     /// The counters of plans of concrete models (no policy).
     default_counters: Arc<PolicyCounters>,
+    /// Staged rollouts by policy name.
+    rollouts: HashMap<String, Arc<CompiledSplit>>,
     /// One-target plan templates of the known concrete models (`provider/model` of every
     /// provider's allowlist, or its kind's registry models and the config's `[[models]]`),
     /// made once per provider set: a call naming one clones its target instead of resolving it.
@@ -263,6 +306,7 @@ impl RoutingTable {
             guardrails: Arc::default(),
             default_counters: Arc::new(PolicyCounters::new("")),
             concrete: Arc::default(),
+            rollouts: HashMap::new(),
         };
         for provider in providers.iter() {
             let name = provider.name().to_owned();
@@ -420,34 +464,97 @@ impl RoutingTable {
         let mut table = self.clone();
         table.policies.clear();
         table.records.clear();
+        table.rollouts.clear();
         for record in records {
-            let spec = &record.spec;
-            let compile = |targets: &[TargetSpec]| -> Vec<CompiledTarget> {
-                targets
-                    .iter()
-                    .map(|t| CompiledTarget {
-                        spec: t.clone(),
-                        target: self.resolve(&t.provider, &t.model, &spec.name),
-                    })
-                    .collect()
-            };
-            let compiled = CompiledPolicy {
-                name: Arc::from(spec.name.as_str()),
-                sticky: spec.sticky_key.as_deref().and_then(parse_sticky_key),
-                targets: compile(&spec.targets),
-                variants: spec
-                    .variants
-                    .iter()
-                    .map(|v| (v.match_tags.clone(), compile(&v.targets)))
-                    .collect(),
-                execution: Arc::new(spec.execution.resolve()),
-                counters: Arc::new(PolicyCounters::new(&spec.name)),
-                spec: spec.clone(),
-            };
-            table.policies.insert(spec.name.clone(), Arc::new(compiled));
-            table.records.insert(spec.name.clone(), record);
+            let compiled = self.compile(&record);
+            table
+                .policies
+                .insert(record.spec.name.clone(), Arc::new(compiled));
+            table.records.insert(record.spec.name.clone(), record);
         }
         table
+    }
+
+    /// The table with these staged rollouts (replacing the current ones); a split whose
+    /// policy is not in the table is left out.
+    pub fn with_rollouts(mut self, splits: impl IntoIterator<Item = RolloutSplit>) -> RoutingTable {
+        self.rollouts.clear();
+        for split in splits {
+            let name = split.baseline.spec.name.clone();
+            if !self.policies.contains_key(&name) {
+                continue;
+            }
+            let compiled = CompiledSplit {
+                baseline: Arc::new(self.compile(&split.baseline)),
+                share_ppm: split.share_ppm,
+                sticky: split.sticky.as_deref().and_then(parse_sticky_key),
+                observer: split.observer,
+            };
+            self.rollouts.insert(name, Arc::new(compiled));
+        }
+        self
+    }
+
+    fn compile(&self, record: &PolicyRecord) -> CompiledPolicy {
+        let spec = &record.spec;
+        let compile = |targets: &[TargetSpec]| -> Vec<CompiledTarget> {
+            targets
+                .iter()
+                .map(|t| CompiledTarget {
+                    spec: t.clone(),
+                    target: self.resolve(&t.provider, &t.model, &spec.name),
+                })
+                .collect()
+        };
+        CompiledPolicy {
+            name: Arc::from(spec.name.as_str()),
+            version: record.version,
+            sticky: spec.sticky_key.as_deref().and_then(parse_sticky_key),
+            targets: compile(&spec.targets),
+            variants: spec
+                .variants
+                .iter()
+                .map(|v| (v.match_tags.clone(), compile(&v.targets)))
+                .collect(),
+            execution: Arc::new(spec.execution.resolve()),
+            counters: Arc::new(PolicyCounters::new(&spec.name)),
+            spec: spec.clone(),
+        }
+    }
+
+    /// Like [`RoutingTable::plan`] for the call `request_id`: during a staged rollout of
+    /// the policy, the call's version is picked by a stable hash of its sticky value (the
+    /// rollout's `sticky_key`) or else of `request_id` (random when empty), against the
+    /// new version's share. A key below the share stays on the new version as the share
+    /// grows.
+    pub fn plan_call(&self, request: &ChatRequest, request_id: &str) -> Result<Plan, GatewayError> {
+        let model = request.model.as_str();
+        let (Some(split), Some(policy)) = (self.rollouts.get(model), self.policies.get(model))
+        else {
+            return self.plan(request);
+        };
+        let share = split.share_ppm.load(std::sync::atomic::Ordering::Relaxed);
+        let sticky = match &split.sticky {
+            Some(StickyKey::User) => request.user.as_deref(),
+            Some(StickyKey::Tag(tag)) => request.tags.get(tag).map(String::as_str),
+            None => None,
+        };
+        let point = match sticky.filter(|v| !v.is_empty()).or(Some(request_id)) {
+            Some(key) if !key.is_empty() => stable_hash(&["rollout", model, key]) % 1_000_000,
+            _ => fastrand::u64(..1_000_000),
+        };
+        let (compiled, arm) = if point < u64::from(share) {
+            (&**policy, RolloutArm::Canary)
+        } else {
+            (&*split.baseline, RolloutArm::Baseline)
+        };
+        let (mut plan, _) = self.rank(compiled, request, false)?;
+        plan.revision = Some(PolicyRevision {
+            version: u32::try_from(compiled.version).unwrap_or(u32::MAX),
+            arm,
+        });
+        plan.observer = Some(split.observer.clone());
+        Ok(plan)
     }
 
     /// Resolves the caller's request into a plan.
@@ -507,6 +614,8 @@ impl RoutingTable {
             skipped: Vec::new(),
             execution: self.default_execution.clone(),
             counters: self.default_counters.clone(),
+            revision: None,
+            observer: None,
         };
         match target.health.peek(Instant::now()) {
             Admission::Allowed | Admission::Probe => plan.targets.push(target),
@@ -601,6 +710,8 @@ impl RoutingTable {
                         skipped: Vec::new(),
                         execution: policy.execution.clone(),
                         counters: policy.counters.clone(),
+                        revision: None,
+                        observer: None,
                     },
                     Some(Explanation {
                         policy: Some(policy.name.to_string()),
@@ -742,6 +853,11 @@ impl RoutingTable {
             skipped: Vec::new(),
             execution: policy.execution.clone(),
             counters: policy.counters.clone(),
+            revision: Some(PolicyRevision {
+                version: u32::try_from(policy.version).unwrap_or(u32::MAX),
+                arm: RolloutArm::None,
+            }),
+            observer: None,
         };
         let mut resting = Vec::new();
         let mut chosen = Vec::new();

@@ -16,6 +16,7 @@ use crate::{
     auth::{self, KeyRecord},
     error::{FieldViolation, GatewayError},
     pb::{self, llm_gateway_admin_server::LlmGatewayAdmin},
+    rollout::{self, Rollouts},
     routing::{PolicyRecord, PolicySource, Router, policy},
     store::{Change, Store, StoreError},
 };
@@ -48,6 +49,7 @@ pub struct AdminService {
     reloader: Option<Arc<crate::reload::Reloader>>,
     cache: Option<Arc<crate::cache::ResponseCache>>,
     auditor: Auditor,
+    rollouts: Arc<Rollouts>,
 }
 
 impl AdminService {
@@ -63,6 +65,9 @@ impl AdminService {
             access,
             router,
             auditor: Auditor::new(store.clone()),
+            rollouts: Arc::new(
+                Rollouts::new(store.clone()).with_auditor(Auditor::new(store.clone())),
+            ),
             store,
             config_policies: config_policies
                 .into_iter()
@@ -84,6 +89,11 @@ impl AdminService {
     /// Records a change (a failed write is logged by the auditor; the change stands).
     async fn audit(&self, entry: audit::Entry) {
         let _ = self.auditor.record(entry).await;
+    }
+
+    /// The staged rollouts this service stages and the snapshot follows.
+    pub fn rollouts(&self) -> &Arc<Rollouts> {
+        &self.rollouts
     }
 
     /// Serves `InvalidateCache` on `cache`.
@@ -115,7 +125,12 @@ impl AdminService {
         for (name, record) in &self.config_policies {
             all.insert(name.clone(), record.clone());
         }
-        let table = self.router.load().with_policies(all.into_values());
+        let splits = self.rollouts.sync(&all).await.map_err(store_error)?;
+        let table = self
+            .router
+            .load()
+            .with_policies(all.into_values())
+            .with_rollouts(splits);
         self.router.store(table);
         Ok(())
     }
@@ -182,6 +197,7 @@ impl AdminService {
                         };
                     }
                     Change::Key { .. } => keys = true,
+                    Change::Rollout { .. } => policies = true,
                 }
                 next = changes.try_recv().ok();
             }
@@ -203,6 +219,21 @@ impl AdminService {
         convert_admin::key_out(record, today, month)
     }
 
+    /// A stored policy for the API, with its rollout's state and running spec.
+    fn policy_out(&self, record: &PolicyRecord) -> pb::Policy {
+        let mut out = convert_admin::policy_out(record);
+        let name = &record.spec.name;
+        out.rollout_state = self
+            .rollouts
+            .state_of(name)
+            .map_or(0, convert_admin::rollout_state_out);
+        out.rollout = self
+            .rollouts
+            .active_spec(name)
+            .map(|s| convert_admin::rollout_spec_out(&s));
+        out
+    }
+
     fn read_only(&self, name: &str) -> Result<(), GatewayError> {
         if self.config_policies.contains_key(name) {
             return Err(GatewayError::FailedPrecondition {
@@ -222,6 +253,24 @@ fn actor<T>(request: &Request<T>) -> String {
         .extensions()
         .get::<Principal>()
         .map_or_else(|| "unknown".to_owned(), Principal::actor)
+}
+
+/// The audit entry of an admin call on a rollout.
+fn rollout_entry(actor: String, action: &str, view: &rollout::RolloutView) -> audit::Entry {
+    let r = &view.record;
+    audit::Entry::new(actor, action, "policy", &r.policy).with_detail(format!(
+        "rollout of v{} over v{}: {} at step {} ({}%){}",
+        r.canary_version,
+        r.baseline_version,
+        rollout::state_name(r.state),
+        r.step,
+        r.percent(),
+        if r.reason.is_empty() {
+            String::new()
+        } else {
+            format!("; {}", r.reason)
+        }
+    ))
 }
 
 /// The audit entry of a config reload made by `actor`.
@@ -391,7 +440,14 @@ impl LlmGatewayAdmin for AdminService {
                 ));
             }
             let version = parse_etag(&p.etag, "policy.etag")?;
-            let (spec, violations) = convert_admin::policy_in(p, "policy");
+            let mut p = p;
+            let staged = p.rollout.take();
+            let (spec, mut violations) = convert_admin::policy_in(p, "policy");
+            let staged = staged.map(|r| {
+                let (spec, problems) = convert_admin::rollout_spec_in(r, "policy.rollout");
+                violations.extend(problems);
+                spec
+            });
             self.read_only(&spec.name)?;
             self.check(&spec, violations)?;
             let _write = self.writes.lock().await;
@@ -401,16 +457,40 @@ impl LlmGatewayAdmin for AdminService {
                 .await
                 .map_err(store_error)?
                 .filter(|b| b.version == version);
-            let record = self
-                .store
-                .update_policy(spec, version)
-                .await
-                .map_err(store_error)?;
+            rollout::refuse_during_rollout(&self.rollouts, &spec.name).await?;
+            let record = match staged {
+                Some(staged) => {
+                    let current = self
+                        .store
+                        .get_policy(&spec.name)
+                        .await
+                        .map_err(store_error)?
+                        .ok_or_else(|| store_error(StoreError::NotFound(spec.name.clone())))?;
+                    if current.version != version {
+                        return Err(store_error(StoreError::Conflict {
+                            name: spec.name,
+                            current: current.version,
+                        }));
+                    }
+                    self.rollouts.stage(&current, spec, staged).await?
+                }
+                None => self
+                    .store
+                    .update_policy(spec, version)
+                    .await
+                    .map_err(store_error)?,
+            };
             self.reload().await?;
             tracing::info!(policy = %record.spec.name, etag = %record.etag(), "policy updated");
-            let detail = before.map_or_else(String::new, |b| {
+            let mut detail = before.map_or_else(String::new, |b| {
                 audit::changed_fields(&b.spec, &record.spec)
             });
+            if let Some(spec) = self.rollouts.active_spec(&record.spec.name) {
+                detail.push_str(&format!(
+                    "; staged as a rollout: steps {:?}%, {:?} each",
+                    spec.steps, spec.step_duration
+                ));
+            }
             self.audit(
                 audit::Entry::new(actor, "UpdatePolicy", "policy", &record.spec.name)
                     .with_etags(format!("v{version}"), record.etag())
@@ -418,7 +498,7 @@ impl LlmGatewayAdmin for AdminService {
             )
             .await;
             Ok(Response::new(pb::UpdatePolicyResponse {
-                policy: Some(convert_admin::policy_out(&record)),
+                policy: Some(self.policy_out(&record)),
             }))
         }
         .await
@@ -443,7 +523,7 @@ impl LlmGatewayAdmin for AdminService {
                 .map_err(store_error)?
                 .ok_or_else(|| store_error(StoreError::NotFound(name)))?;
             Ok(Response::new(pb::GetPolicyResponse {
-                policy: Some(convert_admin::policy_out(&record)),
+                policy: Some(self.policy_out(&record)),
             }))
         }
         .await
@@ -512,6 +592,7 @@ impl LlmGatewayAdmin for AdminService {
                 .get_policy(&req.name)
                 .await
                 .map_err(store_error)?;
+            rollout::refuse_during_rollout(&self.rollouts, &req.name).await?;
             self.store
                 .delete_policy(&req.name, expected)
                 .await
@@ -897,6 +978,86 @@ impl LlmGatewayAdmin for AdminService {
             reloaded: report.reloaded,
             restart_needed: report.restart_needed,
         }))
+    }
+
+    async fn get_rollout(
+        &self,
+        request: Request<pb::GetRolloutRequest>,
+    ) -> AdminResult<pb::GetRolloutResponse> {
+        async {
+            let policy = request.into_inner().policy;
+            let view = self.rollouts.view(&policy).await?;
+            Ok(Response::new(pb::GetRolloutResponse {
+                rollout: Some(convert_admin::rollout_out(&view)),
+            }))
+        }
+        .await
+        .map_err(fail)
+    }
+
+    async fn pause_rollout(
+        &self,
+        request: Request<pb::PauseRolloutRequest>,
+    ) -> AdminResult<pb::PauseRolloutResponse> {
+        async {
+            let actor = actor(&request);
+            let policy = request.into_inner().policy;
+            let _write = self.writes.lock().await;
+            let view = self.rollouts.pause(&policy).await?;
+            tracing::info!(policy = %policy, "rollout paused");
+            self.audit(rollout_entry(actor, "PauseRollout", &view))
+                .await;
+            Ok(Response::new(pb::PauseRolloutResponse {
+                rollout: Some(convert_admin::rollout_out(&view)),
+            }))
+        }
+        .await
+        .map_err(fail)
+    }
+
+    async fn resume_rollout(
+        &self,
+        request: Request<pb::ResumeRolloutRequest>,
+    ) -> AdminResult<pb::ResumeRolloutResponse> {
+        async {
+            let actor = actor(&request);
+            let policy = request.into_inner().policy;
+            let _write = self.writes.lock().await;
+            let view = self.rollouts.resume(&policy).await?;
+            tracing::info!(policy = %policy, "rollout resumed");
+            self.audit(rollout_entry(actor, "ResumeRollout", &view))
+                .await;
+            Ok(Response::new(pb::ResumeRolloutResponse {
+                rollout: Some(convert_admin::rollout_out(&view)),
+            }))
+        }
+        .await
+        .map_err(fail)
+    }
+
+    async fn abort_rollout(
+        &self,
+        request: Request<pb::AbortRolloutRequest>,
+    ) -> AdminResult<pb::AbortRolloutResponse> {
+        async {
+            let actor = actor(&request);
+            let req = request.into_inner();
+            let _write = self.writes.lock().await;
+            let view = self.rollouts.abort(&req.policy, &req.reason).await?;
+            self.reload().await?;
+            tracing::info!(policy = %req.policy, "rollout aborted");
+            let mut entry = rollout_entry(actor, "AbortRollout", &view);
+            entry = entry.with_etags(
+                format!("v{}", view.record.canary_version),
+                format!("v{}", view.record.canary_version + 1),
+            );
+            self.audit(entry).await;
+            Ok(Response::new(pb::AbortRolloutResponse {
+                rollout: Some(convert_admin::rollout_out(&view)),
+            }))
+        }
+        .await
+        .map_err(fail)
     }
 
     async fn invalidate_cache(

@@ -137,6 +137,10 @@ pub const METHODS: &[Method] = &[
     rpc(admin!("RevokeKey"), Requirement::Admin),
     rpc(admin!("ReloadConfig"), Requirement::Admin),
     rpc(admin!("ListAuditLog"), Requirement::Admin),
+    rpc(admin!("GetRollout"), Requirement::Admin),
+    rpc(admin!("PauseRollout"), Requirement::Admin),
+    rpc(admin!("ResumeRollout"), Requirement::Admin),
+    rpc(admin!("AbortRollout"), Requirement::Admin),
     rpc("/grpc.health.v1.Health/Check", Requirement::None).library(),
     rpc("/grpc.health.v1.Health/Watch", Requirement::None).library(),
     rpc(

@@ -11,7 +11,7 @@ use crate::{
     pb,
     types::{
         self, AttemptKind, AttemptOutcome, CacheOutcome, ContentPart, FinishReason, ImageDetail,
-        ImageSource, ResponseFormat, Role, Route, ToolChoice, Usage,
+        ImageSource, ResponseFormat, Role, RolloutArm, Route, ToolChoice, Usage,
     },
 };
 
@@ -506,6 +506,14 @@ pub fn route(route: Route) -> pb::Route {
     pb::Route {
         cache: cache as i32,
         cache_similarity,
+        policy_revision: route.revision.map(|r| pb::PolicyRevision {
+            version: u64::from(r.version),
+            arm: (match r.arm {
+                RolloutArm::None => pb::RolloutArm::Unspecified,
+                RolloutArm::Baseline => pb::RolloutArm::Baseline,
+                RolloutArm::Canary => pb::RolloutArm::Canary,
+            }) as i32,
+        }),
         policy: route.policy.unwrap_or_default(),
         attempts: route
             .attempts

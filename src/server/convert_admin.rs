@@ -7,6 +7,7 @@ use crate::{
     error::FieldViolation,
     health::{CircuitState, HealthSnapshot},
     pb,
+    rollout::{ArmStats, RolloutSpec, RolloutView, State},
     routing::{
         Candidate, Explanation, PolicyRecord, PolicySource,
         policy::{
@@ -311,6 +312,8 @@ pub fn policy_out(r: &PolicyRecord) -> pb::Policy {
         preset: String::new(),
         guardrails: s.guardrails.clone().unwrap_or_default(),
         cache: cache_out(&s.cache),
+        rollout: None,
+        rollout_state: 0,
     }
 }
 
@@ -415,6 +418,8 @@ pub fn record_out(r: &crate::ledger::UsageRecord) -> pb::UsageRecord {
         cache: r.cache.clone(),
         cost_saved_usd: r.cost_saved_usd,
         guardrails: r.guardrails.clone(),
+        policy_version: r.policy_version,
+        rollout_arm: r.rollout_arm.clone(),
     }
 }
 
@@ -500,5 +505,110 @@ pub fn audit_out(r: &crate::audit::Record) -> pb::AuditEntry {
         before_etag: e.before_etag.clone(),
         after_etag: e.after_etag.clone(),
         detail: e.detail.clone(),
+    }
+}
+
+/// A staged update's rollout spec from the API, defaults filled in, and its problems.
+pub fn rollout_spec_in(p: pb::RolloutSpec, field: &str) -> (RolloutSpec, Vec<FieldViolation>) {
+    let mut v = Vec::new();
+    let defaults = RolloutSpec::default();
+    let spec = RolloutSpec {
+        steps: if p.steps.is_empty() {
+            defaults.steps
+        } else {
+            p.steps
+        },
+        step_duration: duration_in(p.step_duration, &format!("{field}.step_duration"), &mut v)
+            .unwrap_or(defaults.step_duration),
+        error_rate_margin: if p.error_rate_margin == 0.0 {
+            defaults.error_rate_margin
+        } else {
+            p.error_rate_margin
+        },
+        latency_margin: if p.latency_margin == 0.0 {
+            defaults.latency_margin
+        } else {
+            p.latency_margin
+        },
+        min_calls_per_step: if p.min_calls_per_step == 0 {
+            defaults.min_calls_per_step
+        } else {
+            p.min_calls_per_step
+        },
+        confidence: if p.confidence == 0.0 {
+            defaults.confidence
+        } else {
+            p.confidence
+        },
+        sticky_key: (!p.sticky_key.is_empty()).then_some(p.sticky_key),
+    };
+    v.extend(spec.validate(field));
+    (spec, v)
+}
+
+/// A rollout spec for the API.
+pub fn rollout_spec_out(s: &RolloutSpec) -> pb::RolloutSpec {
+    pb::RolloutSpec {
+        steps: s.steps.clone(),
+        step_duration: Some(duration_out(s.step_duration)),
+        error_rate_margin: s.error_rate_margin,
+        latency_margin: s.latency_margin,
+        min_calls_per_step: s.min_calls_per_step,
+        confidence: s.confidence,
+        sticky_key: s.sticky_key.clone().unwrap_or_default(),
+    }
+}
+
+/// A rollout state for the API.
+pub fn rollout_state_out(s: State) -> i32 {
+    (match s {
+        State::Running => pb::RolloutState::Running,
+        State::Paused => pb::RolloutState::Paused,
+        State::Completed => pb::RolloutState::Completed,
+        State::RolledBack => pb::RolloutState::RolledBack,
+        State::Aborted => pb::RolloutState::Aborted,
+    }) as i32
+}
+
+fn arm_out(a: &ArmStats) -> pb::RolloutArmStats {
+    pb::RolloutArmStats {
+        version: a.version,
+        calls: a.counts.calls,
+        errors: a.counts.errors,
+        latency_p95: a.p95.map(duration_out),
+    }
+}
+
+/// A rollout with this replica's counts, for the API.
+pub fn rollout_out(v: &RolloutView) -> pb::Rollout {
+    let r = &v.record;
+    pb::Rollout {
+        policy: r.policy.clone(),
+        state: rollout_state_out(r.state),
+        spec: Some(rollout_spec_out(&r.spec)),
+        baseline_version: r.baseline_version,
+        canary_version: r.canary_version,
+        step: r.step,
+        canary_percent: r.percent(),
+        start_time: Some(timestamp(r.started_ms)),
+        end_time: r.ended_ms.map(timestamp),
+        history: r
+            .history
+            .iter()
+            .map(|h| pb::RolloutStep {
+                step: h.step,
+                percent: h.percent,
+                start_time: Some(timestamp(h.started_ms)),
+                end_time: h.ended_ms.map(timestamp),
+                outcome: h.outcome.clone(),
+                canary_calls: h.canary_calls,
+                canary_errors: h.canary_errors,
+            })
+            .collect(),
+        reason: r.reason.clone(),
+        baseline: Some(arm_out(&v.baseline)),
+        canary: Some(arm_out(&v.canary)),
+        error_rate_evidence: v.error_evidence,
+        latency_evidence: v.latency_evidence,
     }
 }

@@ -337,7 +337,8 @@ impl Engine {
         let table = self.router.current();
         let Some(caller) = &caller else {
             meter.set_tags(&req.tags);
-            let plan = table.plan(&req)?;
+            let plan = table.plan_call(&req, meter.request_id())?;
+            meter.set_rollout(&plan);
             let (req, plan, guarding) = self.guarded(req, plan, None, &table, meter)?;
             return Ok((req, plan, cache_stage::namespace(None), guarding));
         };
@@ -345,7 +346,7 @@ impl Engine {
         meter.set_key(caller.name());
         caller.may_call(&req.model, table.is_policy(&req.model))?;
         meter.set_tags(&req.tags);
-        let mut plan = table.plan(&req)?;
+        let mut plan = table.plan_call(&req, meter.request_id())?;
         let subjects = self.access.subjects(caller);
         let (input, output) = estimate_tokens(&req);
         let estimated_usd = if subjects.any_budget() {
@@ -381,9 +382,10 @@ impl Engine {
             // Routed to the budget's fallback policy: the budget no longer refuses calls.
             tracing::info!(key = caller.name(), policy = %fallback, "budget spent: routing to the fallback policy");
             req.model.clone_from(fallback);
-            plan = table.plan(&req)?;
+            plan = table.plan_call(&req, meter.request_id())?;
         }
         meter.set_permit(permit);
+        meter.set_rollout(&plan);
         let (req, plan, guarding) = self.guarded(req, plan, Some(caller), &table, meter)?;
         Ok((req, plan, cache_stage::namespace(Some(caller)), guarding))
     }

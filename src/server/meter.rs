@@ -11,8 +11,9 @@ use crate::{
     ledger::{Ledger, UsageRecord},
     limits::Permit,
     models::Cost,
+    routing::{Plan, RolloutObserver},
     telemetry::{CallHandles, HandleCache, StaticSlots, TargetMetrics, names},
-    types::{AttemptOutcome, Route, Usage},
+    types::{AttemptOutcome, PolicyRevision, Route, Usage},
 };
 
 /// What the meter needs from the gateway, shared by all calls.
@@ -74,6 +75,34 @@ pub struct CallMeter {
     cached: Option<(String, String, Option<f64>)>,
     /// The call's guardrail decisions, read when it ends.
     guardrails: Option<crate::guard::Tally>,
+    /// The policy version of the plan, and its rollout's observer.
+    revision: Option<PolicyRevision>,
+    observer: Option<Arc<dyn RolloutObserver>>,
+}
+
+/// How a call counts for a rollout's test: `Some(true)` failed for a reason of the
+/// version (the upstream, the deadline, a constraint), `Some(false)` succeeded, `None`
+/// not counted (the caller's fault, our own limits, cancelled).
+fn rollout_failure(code: Code) -> Option<bool> {
+    match code {
+        Code::Ok => Some(false),
+        Code::Unavailable
+        | Code::DeadlineExceeded
+        | Code::Internal
+        | Code::Unknown
+        | Code::DataLoss
+        | Code::FailedPrecondition => Some(true),
+        Code::Cancelled
+        | Code::InvalidArgument
+        | Code::NotFound
+        | Code::AlreadyExists
+        | Code::PermissionDenied
+        | Code::ResourceExhausted
+        | Code::Aborted
+        | Code::OutOfRange
+        | Code::Unimplemented
+        | Code::Unauthenticated => None,
+    }
 }
 
 fn code_name(code: Code) -> &'static str {
@@ -176,7 +205,20 @@ impl CallMeter {
             target: None,
             cached: None,
             guardrails: None,
+            revision: None,
+            observer: None,
         }
+    }
+
+    /// The call's request id.
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
+    /// The plan's policy version and, during a rollout, who hears how the call ended.
+    pub fn set_rollout(&mut self, plan: &Plan) {
+        self.revision = plan.revision;
+        self.observer.clone_from(&plan.observer);
     }
 
     /// The target that answers the call (its metric handles).
@@ -250,6 +292,12 @@ impl CallMeter {
                 })
         });
         let cached = self.cached.take();
+        let revision = route.and_then(|r| r.revision).or(self.revision);
+        if let (Some(observer), Some(revision), None) = (self.observer.take(), revision, &cached)
+            && let Some(failed) = rollout_failure(outcome.code)
+        {
+            observer.observe(revision.arm, failed, elapsed);
+        }
         let (provider, model) = match (&cached, last) {
             (Some((p, m, _)), _) => (p.clone(), m.clone()),
             (None, last) => (
@@ -318,6 +366,8 @@ impl CallMeter {
                 .as_ref()
                 .map(crate::guard::Tally::summary)
                 .unwrap_or_default(),
+            policy_version: revision.map_or(0, |r| u64::from(r.version)),
+            rollout_arm: revision.map_or("", |r| r.arm.label()).to_owned(),
         });
     }
 }

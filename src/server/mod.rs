@@ -412,10 +412,21 @@ pub async fn serve_with(
     // reports nothing, and both tasks end at once).
     let admin = Arc::new(admin);
     let (changes_tx, changes_rx) = tokio::sync::mpsc::channel(256);
+    // Staged rollouts: their driver moves steps on and asks for a new snapshot here.
+    admin.rollouts().notify_to(changes_tx.clone());
+    background.spawn(admin.rollouts().clone().run(stop_background.clone()));
     let follow_store = store.clone();
     let stop_follow = stop_background.clone();
     background.spawn(async move { follow_store.follow_changes(changes_tx, stop_follow).await });
-    background.spawn(admin.clone().follow(changes_rx));
+    // The rollouts' driver holds a sender too: the follower ends with the background tasks.
+    let follow_admin = admin.clone();
+    let stop_following = stop_background.clone();
+    background.spawn(async move {
+        tokio::select! {
+            () = follow_admin.follow(changes_rx) => {}
+            () = stop_following.cancelled() => {}
+        }
+    });
     let admin_service = LlmGatewayAdminServer::from_arc(admin);
 
     // Metrics: the process-wide recorder, served on its own address.

@@ -107,9 +107,26 @@ pub enum Change {
         /// The key.
         name: String,
     },
+    /// A policy's rollout document changed.
+    Rollout {
+        /// The policy.
+        policy: String,
+    },
     /// Changes may have been missed (the feed (re)connected, or the periodic safety net):
     /// reload everything.
     Resync,
+}
+
+/// A policy's latest rollout, as stored: the rollout module's JSON document and the
+/// row's version (compare-and-set).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutRow {
+    /// The policy.
+    pub policy: String,
+    /// The document.
+    pub doc: String,
+    /// Incremented on every write; 1 after the first.
+    pub version: u64,
 }
 
 /// Why a store operation failed.
@@ -213,6 +230,24 @@ pub trait Store: UsageSink + AuditSink + Send + Sync + 'static {
 
     /// Marks a key revoked.
     async fn revoke_key(&self, name: &str) -> Result<(), StoreError>;
+
+    /// Every policy's latest rollout.
+    async fn list_rollouts(&self) -> Result<Vec<RolloutRow>, StoreError>;
+
+    /// One policy's latest rollout.
+    async fn get_rollout(&self, policy: &str) -> Result<Option<RolloutRow>, StoreError>;
+
+    /// Writes `policy`'s rollout document if the stored row's version is `expected` (0:
+    /// none is stored) and returns the new row version; with `replace`, also replaces
+    /// the policy (if its version is the given one) in the same transaction and returns
+    /// it. A version mismatch of either is [`StoreError::Conflict`].
+    async fn put_rollout(
+        &self,
+        policy: &str,
+        doc: String,
+        expected: u64,
+        replace: Option<(PolicySpec, u64)>,
+    ) -> Result<(u64, Option<PolicyRecord>), StoreError>;
 
     /// Sends what other processes change to `changes` until `stop`. A store that only this
     /// process writes (SQLite) has nothing to report and returns at once.

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, NoTls, Row, Transaction, types::ToSql};
 use tokio_util::sync::CancellationToken;
 
-use super::{Change, Store, StoreError};
+use super::{Change, RolloutRow, Store, StoreError};
 use crate::{
     audit::{self, AuditError, AuditSink},
     auth::{KeyRecord, KeySpec},
@@ -110,6 +110,16 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX IF NOT EXISTS audit_log_time ON audit_log (time_ms, id);",
     // 5: each call's guardrail decisions (SQLite migration 7).
     "ALTER TABLE usage ADD COLUMN IF NOT EXISTS guardrails TEXT NOT NULL DEFAULT '';",
+    // 6: each policy's latest rollout; the policy version (and rollout arm) of a call
+    // (SQLite migration 8; IF NOT EXISTS: a database taken back to an older schema version
+    // re-runs it).
+    "CREATE TABLE IF NOT EXISTS rollouts (
+        policy TEXT PRIMARY KEY NOT NULL,
+        doc TEXT NOT NULL,
+        version BIGINT NOT NULL
+    );
+    ALTER TABLE usage ADD COLUMN IF NOT EXISTS policy_version BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE usage ADD COLUMN IF NOT EXISTS rollout_arm TEXT NOT NULL DEFAULT '';",
 ];
 
 /// Parses a `store.url`: a `postgres://` or `postgresql://` URL naming a host.
@@ -373,6 +383,9 @@ fn parse_payload(payload: &str) -> Option<Change> {
         "key" => Some(Change::Key {
             name: name.to_owned(),
         }),
+        "rollout" => Some(Change::Rollout {
+            policy: name.to_owned(),
+        }),
         _ => None,
     }
 }
@@ -412,6 +425,47 @@ async fn not_matched(
         },
         Ok(None) => missing,
         Err(e) => pg(e),
+    }
+}
+
+/// Replaces a policy inside `tx` if its version is `expected_version` (and notifies).
+async fn update_policy_in(
+    tx: &Transaction<'_>,
+    spec: PolicySpec,
+    expected_version: u64,
+) -> Result<PolicyRecord, StoreError> {
+    let doc = to_json(&spec)?;
+    let now = now_ms();
+    // Concurrent updates of the row queue on its lock; after the winner commits the
+    // others re-check `version` against the new row and match nothing.
+    let row = tx
+        .query_opt(
+            "UPDATE policies SET doc = $2, version = version + 1, updated_ms = $3
+             WHERE name = $1 AND version = $4 RETURNING created_ms, version",
+            &[&spec.name, &doc, &now, &to_i64(expected_version)],
+        )
+        .await
+        .map_err(pg)?;
+    let Some(row) = row else {
+        let missing = StoreError::NotFound(spec.name.clone());
+        return Err(not_matched(tx, "policies", &spec.name, missing).await);
+    };
+    let version = to_u64(row.get(1));
+    notify(tx, "policy", Some(version), &spec.name).await?;
+    Ok(PolicyRecord {
+        spec,
+        version,
+        created_ms: row.get(0),
+        updated_ms: now,
+        source: PolicySource::Api,
+    })
+}
+
+fn rollout_from_row(row: &Row) -> RolloutRow {
+    RolloutRow {
+        policy: row.get(0),
+        doc: row.get(1),
+        version: to_u64(row.get(2)),
     }
 }
 
@@ -513,34 +567,80 @@ impl Store for PgStore {
         spec: PolicySpec,
         expected_version: u64,
     ) -> Result<PolicyRecord, StoreError> {
-        let doc = to_json(&spec)?;
-        let now = now_ms();
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg)?;
-        // Concurrent updates of the row queue on its lock; after the winner commits the
-        // others re-check `version` against the new row and match nothing.
-        let row = tx
-            .query_opt(
-                "UPDATE policies SET doc = $2, version = version + 1, updated_ms = $3
-                 WHERE name = $1 AND version = $4 RETURNING created_ms, version",
-                &[&spec.name, &doc, &now, &to_i64(expected_version)],
+        let record = update_policy_in(&tx, spec, expected_version).await?;
+        tx.commit().await.map_err(pg)?;
+        Ok(record)
+    }
+
+    async fn list_rollouts(&self) -> Result<Vec<RolloutRow>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT policy, doc, version FROM rollouts ORDER BY policy",
+                &[],
             )
             .await
             .map_err(pg)?;
-        let Some(row) = row else {
-            let missing = StoreError::NotFound(spec.name.clone());
-            return Err(not_matched(&tx, "policies", &spec.name, missing).await);
+        Ok(rows.iter().map(rollout_from_row).collect())
+    }
+
+    async fn get_rollout(&self, policy: &str) -> Result<Option<RolloutRow>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT policy, doc, version FROM rollouts WHERE policy = $1",
+                &[&policy],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(row.as_ref().map(rollout_from_row))
+    }
+
+    async fn put_rollout(
+        &self,
+        policy: &str,
+        doc: String,
+        expected: u64,
+        replace: Option<(PolicySpec, u64)>,
+    ) -> Result<(u64, Option<PolicyRecord>), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg)?;
+        let written = if expected == 0 {
+            tx.execute(
+                "INSERT INTO rollouts (policy, doc, version) VALUES ($1, $2, 1)
+                 ON CONFLICT (policy) DO NOTHING",
+                &[&policy, &doc],
+            )
+            .await
+        } else {
+            tx.execute(
+                "UPDATE rollouts SET doc = $2, version = version + 1
+                 WHERE policy = $1 AND version = $3",
+                &[&policy, &doc, &to_i64(expected)],
+            )
+            .await
+        }
+        .map_err(pg)?;
+        if written == 0 {
+            let current = tx
+                .query_opt("SELECT version FROM rollouts WHERE policy = $1", &[&policy])
+                .await
+                .map_err(pg)?
+                .map_or(0, |row| to_u64(row.get(0)));
+            return Err(StoreError::Conflict {
+                name: policy.to_owned(),
+                current,
+            });
+        }
+        let record = match replace {
+            Some((spec, version)) => Some(update_policy_in(&tx, spec, version).await?),
+            None => None,
         };
-        let version = to_u64(row.get(1));
-        notify(&tx, "policy", Some(version), &spec.name).await?;
+        notify(&tx, "rollout", Some(expected + 1), policy).await?;
         tx.commit().await.map_err(pg)?;
-        Ok(PolicyRecord {
-            spec,
-            version,
-            created_ms: row.get(0),
-            updated_ms: now,
-            source: PolicySource::Api,
-        })
+        Ok((expected + 1, record))
     }
 
     async fn delete_policy(
@@ -697,12 +797,13 @@ impl UsageSink for PgStore {
             "INSERT INTO usage (time_ms, request_id, rpc, key, tags, policy, provider, model,
                  attempts, input_tokens, output_tokens, cached_input_tokens, usage_reported,
                  cost_usd, latency_ms, ttft_ms, code, error_class, cache, cost_saved_usd,
-                 guardrails)
+                 guardrails, policy_version, rollout_arm)
                  SELECT * FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::TEXT[],
                  $5::TEXT[], $6::TEXT[], $7::TEXT[], $8::TEXT[], $9::INTEGER[], $10::BIGINT[],
                  $11::BIGINT[], $12::BIGINT[], $13::BOOLEAN[], $14::DOUBLE PRECISION[],
                  $15::DOUBLE PRECISION[], $16::DOUBLE PRECISION[], $17::TEXT[], $18::TEXT[],
-                 $19::TEXT[], $20::DOUBLE PRECISION[], $21::TEXT[])",
+                 $19::TEXT[], $20::DOUBLE PRECISION[], $21::TEXT[], $22::BIGINT[],
+                 $23::TEXT[])",
             &[
                 &cols.time_ms,
                 &cols.request_id,
@@ -725,6 +826,8 @@ impl UsageSink for PgStore {
                 &cols.cache,
                 &cols.cost_saved_usd,
                 &cols.guardrails,
+                &cols.policy_version,
+                &cols.rollout_arm,
             ],
         )
         .await
@@ -929,7 +1032,8 @@ impl AuditSink for PgStore {
 
 const USAGE_COLUMNS: &str = "time_ms, request_id, rpc, key, tags, policy, provider, model,
     attempts, input_tokens, output_tokens, cached_input_tokens, usage_reported, cost_usd,
-    latency_ms, ttft_ms, code, error_class, cache, cost_saved_usd, guardrails";
+    latency_ms, ttft_ms, code, error_class, cache, cost_saved_usd, guardrails, policy_version,
+    rollout_arm";
 
 /// Generated-query parameters as PostgreSQL parameters.
 fn pg_params(params: &[SqlParam]) -> Vec<&(dyn ToSql + Sync)> {
@@ -967,6 +1071,8 @@ fn usage_from_row(row: &Row) -> UsageRecord {
         cache: row.get("cache"),
         cost_saved_usd: row.get("cost_saved_usd"),
         guardrails: row.get("guardrails"),
+        policy_version: to_u64(row.get("policy_version")),
+        rollout_arm: row.get("rollout_arm"),
     }
 }
 
@@ -994,6 +1100,8 @@ struct UsageColumns {
     cache: Vec<String>,
     cost_saved_usd: Vec<Option<f64>>,
     guardrails: Vec<String>,
+    policy_version: Vec<i64>,
+    rollout_arm: Vec<String>,
 }
 
 impl UsageColumns {
@@ -1027,6 +1135,8 @@ impl UsageColumns {
         self.cache.push(r.cache.clone());
         self.cost_saved_usd.push(r.cost_saved_usd);
         self.guardrails.push(r.guardrails.clone());
+        self.policy_version.push(to_i64(r.policy_version));
+        self.rollout_arm.push(r.rollout_arm.clone());
         Ok(())
     }
 }

@@ -10,7 +10,7 @@ use std::{
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{Store, StoreError};
+use super::{RolloutRow, Store, StoreError};
 use crate::{
     audit::{self, AuditError, AuditSink},
     auth::{KeyRecord, KeySpec},
@@ -84,6 +84,14 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX audit_log_time ON audit_log (time_ms, id);",
     // 7: each call's guardrail decisions.
     "ALTER TABLE usage ADD COLUMN guardrails TEXT NOT NULL DEFAULT '';",
+    // 8: each policy's latest rollout; the policy version (and rollout arm) of a call.
+    "CREATE TABLE rollouts (
+        policy TEXT PRIMARY KEY NOT NULL,
+        doc TEXT NOT NULL,
+        version INTEGER NOT NULL
+    ) STRICT;
+    ALTER TABLE usage ADD COLUMN policy_version INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE usage ADD COLUMN rollout_arm TEXT NOT NULL DEFAULT '';",
 ];
 
 /// The embedded store.
@@ -209,6 +217,55 @@ fn current_version(conn: &Connection, name: &str) -> Result<Option<u64>, StoreEr
     .map(|v| v.map(|v| u64::try_from(v).unwrap_or(0)))
 }
 
+/// Replaces a policy inside `tx` if its version is `expected_version`.
+fn update_policy_in(
+    tx: &rusqlite::Transaction<'_>,
+    spec: PolicySpec,
+    expected_version: u64,
+) -> Result<PolicyRecord, StoreError> {
+    let doc = serde_json::to_string(&spec).map_err(backend)?;
+    let now = now_ms();
+    let expected = i64::try_from(expected_version).unwrap_or(i64::MAX);
+    let updated = tx
+        .execute(
+            "UPDATE policies SET doc = ?2, version = version + 1, updated_ms = ?3
+             WHERE name = ?1 AND version = ?4",
+            params![spec.name, doc, now, expected],
+        )
+        .map_err(backend)?;
+    if updated == 0 {
+        return Err(match current_version(tx, &spec.name)? {
+            Some(current) => StoreError::Conflict {
+                name: spec.name,
+                current,
+            },
+            None => StoreError::NotFound(spec.name),
+        });
+    }
+    let created_ms: i64 = tx
+        .query_row(
+            "SELECT created_ms FROM policies WHERE name = ?1",
+            params![spec.name],
+            |row| row.get(0),
+        )
+        .map_err(backend)?;
+    Ok(PolicyRecord {
+        spec,
+        version: expected_version + 1,
+        created_ms,
+        updated_ms: now,
+        source: PolicySource::Api,
+    })
+}
+
+fn rollout_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RolloutRow> {
+    Ok(RolloutRow {
+        policy: row.get(0)?,
+        doc: row.get(1)?,
+        version: to_u64(row.get(2)?),
+    })
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn list_policies(&self) -> Result<Vec<PolicyRecord>, StoreError> {
@@ -291,41 +348,88 @@ impl Store for SqliteStore {
         expected_version: u64,
     ) -> Result<PolicyRecord, StoreError> {
         self.with_conn(move |conn| {
-            let doc = serde_json::to_string(&spec).map_err(backend)?;
-            let now = now_ms();
             let tx = conn.transaction().map_err(backend)?;
-            let expected = i64::try_from(expected_version).unwrap_or(i64::MAX);
-            let updated = tx
-                .execute(
-                    "UPDATE policies SET doc = ?2, version = version + 1, updated_ms = ?3
-                     WHERE name = ?1 AND version = ?4",
-                    params![spec.name, doc, now, expected],
-                )
+            let record = update_policy_in(&tx, spec, expected_version)?;
+            tx.commit().map_err(backend)?;
+            Ok(record)
+        })
+        .await
+    }
+
+    async fn list_rollouts(&self) -> Result<Vec<RolloutRow>, StoreError> {
+        self.with_conn(|conn| {
+            let mut stmt = conn
+                .prepare("SELECT policy, doc, version FROM rollouts ORDER BY policy")
                 .map_err(backend)?;
-            if updated == 0 {
-                return Err(match current_version(&tx, &spec.name)? {
-                    Some(current) => StoreError::Conflict {
-                        name: spec.name,
-                        current,
-                    },
-                    None => StoreError::NotFound(spec.name),
+            let rows = stmt
+                .query_map([], rollout_from_row)
+                .map_err(backend)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(backend)?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn get_rollout(&self, policy: &str) -> Result<Option<RolloutRow>, StoreError> {
+        let policy = policy.to_owned();
+        self.with_conn(move |conn| {
+            conn.query_row(
+                "SELECT policy, doc, version FROM rollouts WHERE policy = ?1",
+                params![policy],
+                rollout_from_row,
+            )
+            .optional()
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn put_rollout(
+        &self,
+        policy: &str,
+        doc: String,
+        expected: u64,
+        replace: Option<(PolicySpec, u64)>,
+    ) -> Result<(u64, Option<PolicyRecord>), StoreError> {
+        let policy = policy.to_owned();
+        self.with_conn(move |conn| {
+            let tx = conn.transaction().map_err(backend)?;
+            let expected_i = i64::try_from(expected).unwrap_or(i64::MAX);
+            let written = if expected == 0 {
+                tx.execute(
+                    "INSERT INTO rollouts (policy, doc, version) VALUES (?1, ?2, 1)
+                     ON CONFLICT (policy) DO NOTHING",
+                    params![policy, doc],
+                )
+            } else {
+                tx.execute(
+                    "UPDATE rollouts SET doc = ?2, version = version + 1
+                     WHERE policy = ?1 AND version = ?3",
+                    params![policy, doc, expected_i],
+                )
+            }
+            .map_err(backend)?;
+            if written == 0 {
+                let current: Option<i64> = tx
+                    .query_row(
+                        "SELECT version FROM rollouts WHERE policy = ?1",
+                        params![policy],
+                        |row| row.get(0),
+                    )
+                    .optional()
+                    .map_err(backend)?;
+                return Err(StoreError::Conflict {
+                    name: policy,
+                    current: current.map_or(0, to_u64),
                 });
             }
-            let created_ms: i64 = tx
-                .query_row(
-                    "SELECT created_ms FROM policies WHERE name = ?1",
-                    params![spec.name],
-                    |row| row.get(0),
-                )
-                .map_err(backend)?;
+            let record = match replace {
+                Some((spec, version)) => Some(update_policy_in(&tx, spec, version)?),
+                None => None,
+            };
             tx.commit().map_err(backend)?;
-            Ok(PolicyRecord {
-                spec,
-                version: expected_version + 1,
-                created_ms,
-                updated_ms: now,
-                source: PolicySource::Api,
-            })
+            Ok((expected + 1, record))
         })
         .await
     }
@@ -472,9 +576,9 @@ impl UsageSink for SqliteStore {
                         "INSERT INTO usage (time_ms, request_id, rpc, key, tags, policy, provider, model,
                          attempts, input_tokens, output_tokens, cached_input_tokens, usage_reported,
                          cost_usd, latency_ms, ttft_ms, code, error_class, cache, cost_saved_usd,
-                         guardrails)
+                         guardrails, policy_version, rollout_arm)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
-                         ?19, ?20, ?21)",
+                         ?19, ?20, ?21, ?22, ?23)",
                     )
                     .map_err(backend)?;
                 for r in &records {
@@ -501,6 +605,8 @@ impl UsageSink for SqliteStore {
                         r.cache,
                         r.cost_saved_usd,
                         r.guardrails,
+                        to_i64(r.policy_version),
+                        r.rollout_arm,
                     ])
                     .map_err(backend)?;
                 }
@@ -731,7 +837,8 @@ impl AuditSink for SqliteStore {
 
 const USAGE_COLUMNS: &str = "time_ms, request_id, rpc, key, tags, policy, provider, model,
     attempts, input_tokens, output_tokens, cached_input_tokens, usage_reported, cost_usd,
-    latency_ms, ttft_ms, code, error_class, cache, cost_saved_usd, guardrails";
+    latency_ms, ttft_ms, code, error_class, cache, cost_saved_usd, guardrails, policy_version,
+    rollout_arm";
 
 /// A usage record from the [`USAGE_COLUMNS`] of `row`, starting at column `at`.
 fn usage_from_row(row: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<UsageRecord> {
@@ -758,6 +865,8 @@ fn usage_from_row(row: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<UsageR
         cache: row.get(at + 18)?,
         cost_saved_usd: row.get(at + 19)?,
         guardrails: row.get(at + 20)?,
+        policy_version: to_u64(row.get(at + 21)?),
+        rollout_arm: row.get(at + 22)?,
     })
 }
 

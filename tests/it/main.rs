@@ -15,6 +15,7 @@ mod batch_pg;
 mod bench_shared;
 mod cache;
 mod cache_shared;
+mod canary;
 mod chat;
 mod check_config;
 mod cloud;
