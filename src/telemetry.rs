@@ -325,6 +325,10 @@ pub mod names {
     /// Failed shared-state (Redis) operations by op: `admit`, `settle`, `renew`, `seed`,
     /// `rest`, `settle_dropped` (counter).
     pub const SHARED_STATE_ERRORS: &str = "llm_gateway_shared_state_errors_total";
+    /// Pacing decisions made from this replica's own limits because the shared limiter
+    /// (Redis) was unreachable, by `mode` (`fail_open`: admitted locally, `fail_closed`:
+    /// refused) (counter).
+    pub const PACING_SHARED_FALLBACK: &str = "llm_gateway_pacing_shared_fallback_total";
 }
 
 /// Histogram buckets for latencies in seconds: 1 ms to 2 minutes.
@@ -443,6 +447,10 @@ fn describe() {
     describe_counter!(
         names::SHARED_STATE_ERRORS,
         "Failed shared-state (redis) operations, by op."
+    );
+    describe_counter!(
+        names::PACING_SHARED_FALLBACK,
+        "Pacing decisions made from local limits while redis was unreachable, by mode."
     );
 }
 
