@@ -6,6 +6,8 @@
 //!   jobs at start, and serves their progress and results.
 //! - [`BatchStore`]: what the runner needs of durable storage; [`sqlite::SqliteBatchStore`]
 //!   keeps its own tables in the gateway's SQLite file.
+//! - [`native`]: clients of the providers' native batch APIs (OpenAI Batch, Anthropic
+//!   Message Batches), one outcome per custom id; not yet chosen by the runner.
 //! - [`Execute`]: how one request runs. The server implements it over its call engine, so
 //!   this module never sees gRPC types: requests and results are opaque bytes to it.
 //!
@@ -15,6 +17,7 @@
 //! left running by a stopped gateway go back to pending and run again; a result is never
 //! written twice. `[batch]` holds the settings ([`BatchSettings`]).
 
+pub mod native;
 pub mod runner;
 pub mod sqlite;
 
