@@ -596,27 +596,26 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn without_redis_it_is_the_local_limiter() {
-        let l = SharedLimiter::new();
+        let (shared, local) = (SharedLimiter::new(), LocalLimiter::new());
         let a = AccountId {
             provider: "p".into(),
             key: 1,
             model: None,
         };
         let limits = AccountLimits {
-            requests_per_minute: Some(60),
+            requests_per_minute: Some(1),
             ..AccountLimits::default()
         };
         let now = Instant::now();
-        let far = now + Duration::from_secs(3600);
-        for _ in 0..60 {
+        for latest in [now, now] {
             assert_eq!(
-                l.reserve(&a, &limits, 0, now, far),
-                Reservation::Granted(now)
+                shared.reserve(&a, &limits, 0, now, latest),
+                local.reserve(&a, &limits, 0, now, latest)
             );
         }
         assert_eq!(
-            l.reserve(&a, &limits, 0, now, now),
-            Reservation::Refused(now + Duration::from_secs(1))
+            shared.ready_at(&a, &limits, 0, now),
+            now + Duration::from_secs(60)
         );
     }
 
