@@ -15,7 +15,7 @@
 //!   providers.
 //! - [`batch`]: batch jobs: durable jobs of many chat requests, run through the call
 //!   engine (behind its [`batch::Execute`] trait) with bounded concurrency, retries and a
-//!   deadline; its own storage trait and SQLite tables; `[batch]`.
+//!   deadline; its own storage trait with SQLite and PostgreSQL tables; `[batch]`.
 //! - [`store`]: durable state (policies, keys, usage) behind a trait; SQLite by default,
 //!   PostgreSQL shared by several replicas (`store.url`) with a change feed.
 //! - [`auth`]: gateway API keys: issuing, hashing, verifying, scopes.

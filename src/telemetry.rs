@@ -329,6 +329,9 @@ pub mod names {
     /// (Redis) was unreachable, by `mode` (`fail_open`: admitted locally, `fail_closed`:
     /// refused) (counter).
     pub const PACING_SHARED_FALLBACK: &str = "llm_gateway_pacing_shared_fallback_total";
+    /// Provider API key rests by provider, reason (`refused`, `rate_limited`) and source
+    /// (`local`: this replica saw the answer; `peer`: another replica did) (counter).
+    pub const PROVIDER_KEY_RESTS: &str = "llm_gateway_provider_key_rests_total";
 }
 
 /// Histogram buckets for latencies in seconds: 1 ms to 2 minutes.
@@ -447,6 +450,10 @@ fn describe() {
     describe_counter!(
         names::SHARED_STATE_ERRORS,
         "Failed shared-state (redis) operations, by op."
+    );
+    describe_counter!(
+        names::PROVIDER_KEY_RESTS,
+        "Provider API key rests, by provider, reason and source (local or peer)."
     );
     describe_counter!(
         names::PACING_SHARED_FALLBACK,

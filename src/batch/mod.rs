@@ -5,7 +5,8 @@
 //!   globally, retries with backoff within the job's deadline, cancel), resumes unfinished
 //!   jobs at start, and serves their progress and results.
 //! - [`BatchStore`]: what the runner needs of durable storage; [`sqlite::SqliteBatchStore`]
-//!   keeps its own tables in the gateway's SQLite file.
+//!   keeps its own tables in the gateway's SQLite file, [`postgres::PgBatchStore`] in the
+//!   shared PostgreSQL database (`store.url`), with claims as leases so replicas share jobs.
 //! - [`native`]: clients of the providers' native batch APIs (OpenAI Batch, Anthropic
 //!   Message Batches), one outcome per custom id; not yet chosen by the runner.
 //! - [`Execute`]: how one request runs. The server implements it over its call engine, so
@@ -18,6 +19,7 @@
 //! written twice. `[batch]` holds the settings ([`BatchSettings`]).
 
 pub mod native;
+pub mod postgres;
 pub mod runner;
 pub mod sqlite;
 
@@ -352,6 +354,11 @@ pub trait BatchStore: Send + Sync + 'static {
 
     /// One job with its progress.
     async fn job(&self, id: &str) -> Result<Option<JobRecord>, BatchStoreError>;
+
+    /// A job's state alone (what [`BatchStore::job`] says, without counting).
+    async fn job_state(&self, id: &str) -> Result<Option<JobState>, BatchStoreError> {
+        Ok(self.job(id).await?.map(|job| job.state))
+    }
 
     /// An owner's jobs, newest first, `limit` of them after the cursor `after` (from a
     /// previous page); returns the cursor of the last one.

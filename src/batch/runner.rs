@@ -158,6 +158,38 @@ impl Batches {
         Ok(ids.len())
     }
 
+    /// Every `interval` until `stop`, starts the unfinished jobs no task of this runner
+    /// runs: with a store shared by replicas, jobs created on another replica or left by
+    /// one that went away go on here without a restart (claims keep any request from
+    /// running twice).
+    pub async fn adopt(self, interval: Duration, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = self.inner.stop_claiming.cancelled() => return,
+                () = tokio::time::sleep(interval) => {}
+            }
+            let ids = match self.inner.store.unfinished_jobs().await {
+                Ok(ids) => ids,
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot list unfinished batch jobs");
+                    continue;
+                }
+            };
+            for id in ids {
+                let here = self
+                    .inner
+                    .jobs
+                    .lock()
+                    .is_ok_and(|jobs| jobs.contains_key(&id));
+                if !here && !self.inner.stop_claiming.is_cancelled() {
+                    tracing::info!(batch_job = %id, "running a batch job of the shared store here too");
+                    self.spawn(id);
+                }
+            }
+        }
+    }
+
     /// Stores a job and starts it. The requests must be valid already (the caller checks
     /// them with [`check_custom_ids`] and its own conversion); here the count and timeout
     /// are checked.
@@ -465,6 +497,11 @@ async fn drive(inner: &Arc<Inner>, id: &str, handle: &JobHandle) -> Result<(), B
             continue;
         }
         drop(permits);
+        // With a shared store, another replica may have cancelled or ended the job.
+        if !handle.cancel.is_cancelled() && store.job_state(id).await? != Some(JobState::Running) {
+            handle.cancel.cancel();
+            continue;
+        }
         let queue = store.queue(id).await?;
         if running.is_empty() && queue.running > 0 {
             // Marked running but not running here (a store write failed): pending again.

@@ -326,6 +326,22 @@ impl BatchStore for SqliteBatchStore {
             .await
     }
 
+    async fn job_state(&self, id: &str) -> Result<Option<JobState>, BatchStoreError> {
+        let id = id.to_owned();
+        self.with_conn(move |conn| {
+            let state: Option<i64> = conn
+                .query_row(
+                    "SELECT state FROM batch_jobs WHERE id = ?1",
+                    params![id],
+                    |row| row.get(0),
+                )
+                .optional()
+                .map_err(backend)?;
+            Ok(state.and_then(JobState::from_i64))
+        })
+        .await
+    }
+
     async fn list_jobs(
         &self,
         owner: &str,

@@ -6,7 +6,11 @@
 //! refused key picks from whatever set is current then, so a rotation never fails a call.
 //!
 //! Keys are never logged, never in errors and never in `Debug` output: a key is named by its
-//! position in the set (`key_index`).
+//! position in the set (`key_index`), and to other replicas by its fingerprint.
+//!
+//! With shared state, each rest is told to a [`KeyRestHook`] (the server publishes it) and
+//! peers' rests arrive through [`KeyRing::rest_from_peer`], so every replica rests a key
+//! together (see `crate::shared::rests`).
 
 use std::{
     any::Any,
@@ -32,6 +36,56 @@ pub const DEFAULT_AUTH_REST: Duration = Duration::from_secs(300);
 const REST_NONE: u8 = 0;
 const REST_RATE_LIMITED: u8 = 1;
 const REST_REFUSED: u8 = 2;
+
+/// Why a provider API key rests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyRestReason {
+    /// A 429 (or a rate limit the auth saw) for this key.
+    RateLimited,
+    /// A 401 or 403: the provider refused the key.
+    Refused,
+}
+
+impl KeyRestReason {
+    /// The label in metrics and in shared rests: `rate_limited` or `refused`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::RateLimited => "rate_limited",
+            Self::Refused => "refused",
+        }
+    }
+
+    /// The reason a label names.
+    pub fn from_label(label: &str) -> Option<Self> {
+        match label {
+            "rate_limited" => Some(Self::RateLimited),
+            "refused" => Some(Self::Refused),
+            _ => None,
+        }
+    }
+
+    fn code(self) -> u8 {
+        match self {
+            Self::RateLimited => REST_RATE_LIMITED,
+            Self::Refused => REST_REFUSED,
+        }
+    }
+}
+
+/// Told when one of a ring's keys starts a rest on this replica: provider, the key's
+/// [`ProviderKey::fingerprint`], why, how long. The server publishes it to the other
+/// replicas.
+#[derive(Clone)]
+pub struct KeyRestHook(pub Arc<KeyRestFn>);
+
+/// What a [`KeyRestHook`] calls.
+pub type KeyRestFn = dyn Fn(&str, u64, KeyRestReason, Duration) + Send + Sync;
+
+impl std::fmt::Debug for KeyRestHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyRestHook")
+    }
+}
 
 /// One provider API key and its rest state.
 pub struct ProviderKey {
@@ -115,6 +169,8 @@ pub struct KeyRing {
     epoch: Instant,
     /// The provider's outbound pacing, when on.
     pacer: OnceLock<Arc<Pacer>>,
+    /// Told of every rest this replica starts.
+    rest_hook: OnceLock<KeyRestHook>,
 }
 
 impl std::fmt::Debug for KeyRing {
@@ -146,6 +202,7 @@ impl KeyRing {
             auth_rest_ms: AtomicU64::new(duration_ms(auth_rest)),
             epoch: Instant::now(),
             pacer: OnceLock::new(),
+            rest_hook: OnceLock::new(),
         }
     }
 
@@ -213,6 +270,11 @@ impl KeyRing {
     /// The provider's pacing, when on.
     pub fn pacer(&self) -> Option<&Arc<Pacer>> {
         self.pacer.get()
+    }
+
+    /// Sets the hook told of every rest this replica starts (once; later calls are ignored).
+    pub fn on_rest(&self, hook: KeyRestHook) {
+        let _ = self.rest_hook.set(hook);
     }
 
     /// Asks the provider's pacing to admit an attempt on `model` of `tokens` that must start
@@ -313,17 +375,18 @@ impl KeyRing {
         }
         let (reason, rest) = match err.class {
             ErrorClass::RateLimited => (
-                REST_RATE_LIMITED,
+                KeyRestReason::RateLimited,
                 duration_ms(err.retry_after.unwrap_or(DEFAULT_RATE_LIMIT_REST)),
             ),
-            ErrorClass::Authentication | ErrorClass::Permission => {
-                (REST_REFUSED, self.auth_rest_ms.load(Ordering::Relaxed))
-            }
+            ErrorClass::Authentication | ErrorClass::Permission => (
+                KeyRestReason::Refused,
+                self.auth_rest_ms.load(Ordering::Relaxed),
+            ),
             _ => return,
         };
         key.rest_until_ms
             .store(self.now_ms().saturating_add(rest), Ordering::Relaxed);
-        key.rest_reason.store(reason, Ordering::Relaxed);
+        key.rest_reason.store(reason.code(), Ordering::Relaxed);
         tracing::warn!(
             provider = %self.provider,
             key_index = index,
@@ -331,6 +394,58 @@ impl KeyRing {
             rest_ms = rest,
             "provider api key rests; the others carry on"
         );
+        metrics::counter!(
+            crate::telemetry::names::PROVIDER_KEY_RESTS,
+            "provider" => self.provider.clone(),
+            "reason" => reason.label(),
+            "source" => "local"
+        )
+        .increment(1);
+        if let Some(hook) = self.rest_hook.get() {
+            (hook.0)(
+                &self.provider,
+                key.fingerprint,
+                reason,
+                Duration::from_millis(rest),
+            );
+        }
+    }
+
+    /// Rests the key with fingerprint `fingerprint` for `rest` from now because another
+    /// replica rested it (the hook is not told: the news came from there). A longer rest
+    /// already running stands; a key this replica does not have, or a ring of one key (which
+    /// never rests), is left alone.
+    pub fn rest_from_peer(&self, fingerprint: u64, reason: KeyRestReason, rest: Duration) {
+        let set = self.set.load();
+        if set.keys.len() < 2 {
+            return;
+        }
+        let Some((index, key)) = set
+            .keys
+            .iter()
+            .enumerate()
+            .find(|(_, k)| k.fingerprint == fingerprint)
+        else {
+            return;
+        };
+        let until = self.now_ms().saturating_add(duration_ms(rest));
+        if key.rest_until_ms.fetch_max(until, Ordering::Relaxed) < until {
+            key.rest_reason.store(reason.code(), Ordering::Relaxed);
+        }
+        tracing::info!(
+            provider = %self.provider,
+            key_index = index,
+            reason = reason.label(),
+            rest_ms = duration_ms(rest),
+            "provider api key rests: another replica saw it fail"
+        );
+        metrics::counter!(
+            crate::telemetry::names::PROVIDER_KEY_RESTS,
+            "provider" => self.provider.clone(),
+            "reason" => reason.label(),
+            "source" => "peer"
+        )
+        .increment(1);
     }
 }
 
@@ -415,6 +530,51 @@ mod tests {
         let k = picked(&single, &[]);
         single.rest(&k, 0, &ProviderError::new(ErrorClass::Authentication, "no"));
         assert_eq!(picked(&single, &[]).secret, "a");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rests_are_told_to_the_hook_and_peer_rests_end_after_their_time() {
+        let ring = KeyRing::new("p", keys(&["a", "b"]), Duration::from_secs(300));
+        let told = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = told.clone();
+        ring.on_rest(KeyRestHook(Arc::new(move |provider, fp, reason, rest| {
+            sink.lock()
+                .unwrap()
+                .push((provider.to_owned(), fp, reason, rest));
+        })));
+        let a = picked(&ring, &[]);
+        ring.rest(&a, 0, &ProviderError::new(ErrorClass::Permission, "no"));
+        assert_eq!(
+            told.lock().unwrap().as_slice(),
+            [(
+                "p".to_owned(),
+                a.fingerprint(),
+                KeyRestReason::Refused,
+                Duration::from_secs(300)
+            )]
+        );
+        // Another replica (its own ring, same secrets) rests `b` for 2 s after a 429.
+        let b_fp = ProviderKey::new("b".into()).fingerprint();
+        ring.rest_from_peer(b_fp, KeyRestReason::RateLimited, Duration::from_secs(2));
+        assert_eq!(told.lock().unwrap().len(), 1, "a peer's rest is not echoed");
+        match ring.pick(&[]) {
+            Pick::AllResting(err) => assert_eq!(err.retry_after, Some(Duration::from_secs(2))),
+            other => panic!("expected all resting, got {other:?}"),
+        }
+        // A shorter peer rest does not cut a longer one; an unknown key changes nothing.
+        ring.rest_from_peer(a.fingerprint(), KeyRestReason::RateLimited, Duration::ZERO);
+        ring.rest_from_peer(7, KeyRestReason::Refused, Duration::from_secs(600));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        for _ in 0..3 {
+            assert_eq!(picked(&ring, &[]).secret, "b");
+        }
+        tokio::time::advance(Duration::from_secs(298)).await;
+        let seen: Vec<String> = (0..2).map(|_| picked(&ring, &[]).secret.clone()).collect();
+        assert!(seen.contains(&"a".to_owned()), "{seen:?}");
+        assert_eq!(
+            KeyRestReason::from_label(KeyRestReason::Refused.label()),
+            Some(KeyRestReason::Refused)
+        );
     }
 
     #[tokio::test(start_paused = true)]

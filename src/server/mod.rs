@@ -301,9 +301,13 @@ pub async fn serve_with(
             .map_or(Duration::from_secs(5), |t| t.reload_interval);
         background.spawn(state.clone().watch(interval, stop_background.clone()));
     }
-    let store: Arc<dyn Store> = match &config.store.url {
-        Some(url) => Arc::new(PgStore::connect(url).await?),
-        None => Arc::new(SqliteStore::open(&config.store.path)?),
+    let (store, pg_pool): (Arc<dyn Store>, _) = match &config.store.url {
+        Some(url) => {
+            let pg = PgStore::connect(url).await?;
+            let pool = pg.pool();
+            (Arc::new(pg), Some(pool))
+        }
+        None => (Arc::new(SqliteStore::open(&config.store.path)?), None),
     };
     let shared = crate::shared::Shared::connect(&config.shared).map_err(|e| {
         ServeError::Store(StoreError::Backend(format!(
@@ -312,6 +316,7 @@ pub async fn serve_with(
     })?;
     if let Some(shared) = &shared {
         share_rests(shared, table.health(), &background, &stop_background);
+        share_key_rests(shared, &providers, &background, &stop_background);
         for pacer in providers.iter().filter_map(|p| p.keys()?.pacer()) {
             pacer.limiter().share(shared);
         }
@@ -452,10 +457,23 @@ pub async fn serve_with(
     )
     .with_cache(response_cache)
     .with_guardrails(Arc::new(config.guardrails.clone()));
-    let batch_store = crate::batch::sqlite::SqliteBatchStore::open(&config.store.path)
-        .map_err(|e| ServeError::Store(StoreError::Backend(e.to_string())))?;
+    let batch_store: Arc<dyn crate::batch::BatchStore> = match pg_pool {
+        // A claim outlives the longest run (cut at request_timeout) and its recording.
+        Some(pool) => Arc::new(
+            crate::batch::postgres::PgBatchStore::open(
+                pool,
+                config.batch.request_timeout + Duration::from_secs(60),
+            )
+            .await
+            .map_err(|e| ServeError::Store(StoreError::Backend(e.to_string())))?,
+        ),
+        None => Arc::new(
+            crate::batch::sqlite::SqliteBatchStore::open(&config.store.path)
+                .map_err(|e| ServeError::Store(StoreError::Backend(e.to_string())))?,
+        ),
+    };
     let batches = crate::batch::Batches::new(
-        Arc::new(batch_store),
+        batch_store,
         Arc::new(batch::EngineExec::new(engine.clone())),
         config.batch.clone(),
     );
@@ -463,6 +481,14 @@ pub async fn serve_with(
         .resume()
         .await
         .map_err(|e| ServeError::Store(StoreError::Backend(e.to_string())))?;
+    if config.store.url.is_some() {
+        // Replicas share the jobs: each runs those it does not run yet.
+        background.spawn(
+            batches
+                .clone()
+                .adopt(Duration::from_secs(2), stop_background.clone()),
+        );
+    }
     let gateway = gateway::GatewayService::new(engine.clone(), batches.clone());
     let http_listener = match (options.http_listener, config.http.listen) {
         (Some(listener), _) => Some(listener),
@@ -809,18 +835,52 @@ fn share_rests(
     background: &tokio_util::task::TaskTracker,
     stop: &CancellationToken,
 ) {
-    let rests = crate::shared::rests::Rests::new(shared.clone());
+    let rests = crate::shared::rests::Rests::new(shared.clone(), crate::shared::rests::TARGETS);
     let publisher = rests.clone();
     health.on_rest(crate::health::RestHook(Arc::new(
         move |provider, model, rest| {
-            publisher.publish(provider, model, rest);
+            publisher.publish(&[provider, model], rest);
         },
     )));
     let registry = health.clone();
-    let apply: crate::shared::rests::Apply = Arc::new(move |provider, model, rest| {
-        registry
-            .get(provider, model)
-            .rest_from_peer(rest, tokio::time::Instant::now());
+    let apply: crate::shared::rests::Apply = Arc::new(move |fields, rest| {
+        if let [provider, model] = fields {
+            registry
+                .get(provider, model)
+                .rest_from_peer(rest, tokio::time::Instant::now());
+        }
+    });
+    background.spawn(rests.run(apply, stop.clone()));
+}
+
+/// Rests refused or rate-limited provider API keys on every replica together: each ring's
+/// rests are published (by key fingerprint, never the secret), the others' applied to the
+/// key with that fingerprint (see [`crate::shared::rests::KEYS`]).
+fn share_key_rests(
+    shared: &Arc<crate::shared::Shared>,
+    providers: &ProviderRegistry,
+    background: &tokio_util::task::TaskTracker,
+    stop: &CancellationToken,
+) {
+    let rests = crate::shared::rests::Rests::new(shared.clone(), crate::shared::rests::KEYS);
+    for ring in providers.iter().filter_map(|p| p.keys()) {
+        let publisher = rests.clone();
+        ring.on_rest(providers::keys::KeyRestHook(Arc::new(
+            move |provider, fingerprint, reason, rest| {
+                let fingerprint = format!("{fingerprint:016x}");
+                publisher.publish(&[provider, &fingerprint, reason.label()], rest);
+            },
+        )));
+    }
+    let providers = providers.clone();
+    let apply: crate::shared::rests::Apply = Arc::new(move |fields, rest| {
+        if let [provider, fingerprint, reason] = fields
+            && let Ok(fingerprint) = u64::from_str_radix(fingerprint, 16)
+            && let Some(reason) = providers::keys::KeyRestReason::from_label(reason)
+            && let Some(ring) = providers.get(provider).and_then(|p| p.keys())
+        {
+            ring.rest_from_peer(fingerprint, reason, rest);
+        }
     });
     background.spawn(rests.run(apply, stop.clone()));
 }

@@ -11,11 +11,12 @@
 //!   degraded, callers do not wait on Redis at all ([`Shared::is_degraded`]) and a background
 //!   probe ([`Shared::watch`]) pings it every 250 ms until it answers again.
 //!
-//! - [`rests`]: provider rest state (a target resting after a rate limit or Retry-After)
-//!   published to every replica.
+//! - [`rests`]: provider rest state (a target resting after a rate limit or Retry-After, a
+//!   provider API key resting after a refusal or a rate limit) published to every replica.
 //!
-//! What uses it: rate limits, stream leases and budgets ([`crate::limits`]) and provider
-//! rests ([`crate::health`]). Circuit breakers and hedge budgets stay per replica.
+//! What uses it: rate limits, stream leases and budgets ([`crate::limits`]), target rests
+//! ([`crate::health`]) and key rests ([`crate::providers::keys`]). Circuit breakers and hedge
+//! budgets stay per replica.
 
 pub mod rests;
 

@@ -1,13 +1,19 @@
-//! Provider rest state shared by replicas: when one replica rests a target after a rate
-//! limit (429, Retry-After, overload), every replica rests it for the same time.
+//! Rest state shared by replicas: when one replica rests a target after a rate limit (429,
+//! Retry-After, overload), or rests one provider API key of several after a refusal or a
+//! key-scoped rate limit, every replica rests it for the same time.
 //!
-//! A rest is published twice: a key `P:rest:PROVIDER/MODEL` holding `PROVIDER\tMODEL` with
-//! the rest as its expiry (`PX`), and a message on the channel `P:rests`
-//! (`REPLICA\tPROVIDER\tMODEL\tREST_MS`). Each replica subscribes to the channel and rests
-//! the target on every message from another replica; after each (re)connect it reads the
-//! live rest keys (`SCAN`, `PTTL`), so a rest published while it was disconnected is not
-//! missed. Publishing is off the call path (a queue and a background task); when Redis is
-//! unreachable, rests stay per replica until it answers again.
+//! A rest is published twice: a key holding the rest's fields (tab-separated) with the rest
+//! as its expiry (`PX`), and a message on a channel (`REPLICA\tFIELDS...\tREST_MS`). Each
+//! replica subscribes to the channel and applies every message from another replica; after
+//! each (re)connect it reads the live rest keys (`SCAN`, `PTTL`), so a rest published while
+//! it was disconnected is not missed. Publishing is off the call path (a queue and a
+//! background task); when Redis is unreachable, rests stay per replica until it answers
+//! again. Two kinds ([`Kind`]), each with its own keys and channel:
+//!
+//! - [`TARGETS`]: key `P:rest:PROVIDER/MODEL`, fields `PROVIDER`, `MODEL`, channel `P:rests`.
+//! - [`KEYS`]: key `P:key-rest:PROVIDER/FINGERPRINT`, fields `PROVIDER`, `FINGERPRINT` (16
+//!   hex digits of the key secret's SHA-256, never the secret) and `REASON` (`refused` or
+//!   `rate_limited`), channel `P:key-rests`.
 
 use std::{sync::Arc, time::Duration};
 
@@ -17,18 +23,44 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Shared, SharedError};
 
-/// Applies a peer's rest to a target: provider, model, rest.
-pub type Apply = Arc<dyn Fn(&str, &str, Duration) + Send + Sync>;
+/// What is rested: the names of its keys and channel, and how many fields a rest has (the
+/// first two name what rests; the key is `P:KEY_NAME` + `FIELD1/FIELD2`).
+#[derive(Debug, Clone, Copy)]
+pub struct Kind {
+    /// The channel's name after the prefix.
+    channel: &'static str,
+    /// The rest keys' name after the prefix, before the fields.
+    key: &'static str,
+    /// Fields per rest (at least 2).
+    fields: usize,
+}
+
+/// Target rests: provider, model.
+pub const TARGETS: Kind = Kind {
+    channel: "rests",
+    key: "rest:",
+    fields: 2,
+};
+
+/// Provider API key rests: provider, key fingerprint (hex), reason.
+pub const KEYS: Kind = Kind {
+    channel: "key-rests",
+    key: "key-rest:",
+    fields: 3,
+};
+
+/// Applies a peer's rest: its fields (as many as the kind has) and how long.
+pub type Apply = Arc<dyn Fn(&[&str], Duration) + Send + Sync>;
 
 struct Rest {
-    provider: String,
-    model: String,
+    fields: Vec<String>,
     rest: Duration,
 }
 
-/// The rest publisher and subscriber of one replica.
+/// The rest publisher and subscriber of one replica, for one [`Kind`].
 pub struct Rests {
     shared: Arc<Shared>,
+    kind: Kind,
     channel: String,
     key_prefix: String,
     queue: mpsc::UnboundedSender<Rest>,
@@ -47,23 +79,27 @@ impl std::fmt::Debug for Rests {
 const RESUBSCRIBE_DELAY: Duration = Duration::from_millis(500);
 
 impl Rests {
-    /// Rests over `shared` (run [`Rests::run`] for them to flow).
-    pub fn new(shared: Arc<Shared>) -> Arc<Self> {
+    /// Rests of `kind` over `shared` (run [`Rests::run`] for them to flow).
+    pub fn new(shared: Arc<Shared>, kind: Kind) -> Arc<Self> {
         let (queue, receiver) = mpsc::unbounded_channel();
         Arc::new(Self {
-            channel: shared.key("rests"),
-            key_prefix: shared.key("rest:"),
+            channel: shared.key(kind.channel),
+            key_prefix: shared.key(kind.key),
+            kind,
             shared,
             queue,
             receiver: std::sync::Mutex::new(Some(receiver)),
         })
     }
 
-    /// Queues a rest of this replica for publication (never blocks).
-    pub fn publish(&self, provider: &str, model: &str, rest: Duration) {
+    /// Queues a rest of this replica for publication (never blocks). `fields` must be as
+    /// many as the kind has, none with a tab; otherwise the rest stays local.
+    pub fn publish(&self, fields: &[&str], rest: Duration) {
+        if fields.len() != self.kind.fields || fields.iter().any(|f| f.contains('\t')) {
+            return;
+        }
         let _ = self.queue.send(Rest {
-            provider: provider.to_owned(),
-            model: model.to_owned(),
+            fields: fields.iter().map(|f| (*f).to_owned()).collect(),
             rest,
         });
     }
@@ -98,14 +134,9 @@ impl Rests {
             let ms = u64::try_from(rest.rest.as_millis())
                 .unwrap_or(u64::MAX)
                 .max(1);
-            let key = format!("{}{}/{}", self.key_prefix, rest.provider, rest.model);
-            let message = format!(
-                "{}\t{}\t{}\t{ms}",
-                self.shared.replica_id(),
-                rest.provider,
-                rest.model
-            );
-            let value = format!("{}\t{}", rest.provider, rest.model);
+            let key = format!("{}{}/{}", self.key_prefix, rest.fields[0], rest.fields[1]);
+            let value = rest.fields.join("\t");
+            let message = format!("{}\t{value}\t{ms}", self.shared.replica_id());
             let channel = self.channel.clone();
             // A failure is counted and marks the connection degraded; the rest stays local.
             let _ = self
@@ -161,17 +192,15 @@ impl Rests {
             let Ok(payload) = message.get_payload::<String>() else {
                 continue;
             };
-            let mut fields = payload.split('\t');
-            let (Some(replica), Some(provider), Some(model), Some(ms)) =
-                (fields.next(), fields.next(), fields.next(), fields.next())
-            else {
+            let fields: Vec<&str> = payload.split('\t').collect();
+            let [replica, rest @ .., ms] = fields.as_slice() else {
                 continue;
             };
-            if replica == self.shared.replica_id() {
+            if *replica == self.shared.replica_id() || rest.len() != self.kind.fields {
                 continue;
             }
             if let Ok(ms) = ms.parse::<u64>() {
-                apply(provider, model, Duration::from_millis(ms));
+                apply(rest, Duration::from_millis(ms));
             }
         }
         Ok(())
@@ -200,10 +229,12 @@ impl Rests {
                     .arg(&key)
                     .query_async(&mut conn)
                     .await?;
-                if let (Some(value), Ok(ms)) = (value, u64::try_from(ttl))
-                    && let Some((provider, model)) = value.split_once('\t')
+                let Some(value) = value else { continue };
+                let fields: Vec<&str> = value.split('\t').collect();
+                if let Ok(ms) = u64::try_from(ttl)
+                    && fields.len() == self.kind.fields
                 {
-                    apply(provider, model, Duration::from_millis(ms));
+                    apply(&fields, Duration::from_millis(ms));
                 }
             }
             if next == 0 {

@@ -143,7 +143,7 @@ impl std::fmt::Debug for PgStore {
 }
 
 /// A database error as a store error (the server's message, not just "db error").
-fn pg(e: tokio_postgres::Error) -> StoreError {
+pub(crate) fn pg(e: tokio_postgres::Error) -> StoreError {
     let message = match e.as_db_error() {
         Some(db) => format!("postgresql: {} ({})", db.message(), db.code().code()),
         None => match std::error::Error::source(&e) {
@@ -196,6 +196,11 @@ impl PgStore {
         let store = Self { pool, config };
         store.migrate().await?;
         Ok(store)
+    }
+
+    /// The connection pool (the batch store shares it).
+    pub fn pool(&self) -> Pool {
+        self.pool.clone()
     }
 
     async fn client(&self) -> Result<Object, StoreError> {

@@ -11,23 +11,26 @@ use tonic::{Code, Request, transport::Channel};
 
 use crate::common::*;
 
-const MODEL: &str = "openai/gpt-4o-mini";
+pub(crate) const MODEL: &str = "openai/gpt-4o-mini";
 
-fn item(custom_id: &str, model: &str, text: &str) -> pb::BatchRequestItem {
+pub(crate) fn item(custom_id: &str, model: &str, text: &str) -> pb::BatchRequestItem {
     pb::BatchRequestItem {
         custom_id: custom_id.to_owned(),
         request: Some(request(model, text)),
     }
 }
 
-fn job(items: Vec<pb::BatchRequestItem>) -> pb::CreateBatchRequest {
+pub(crate) fn job(items: Vec<pb::BatchRequestItem>) -> pb::CreateBatchRequest {
     pb::CreateBatchRequest {
         requests: items,
         ..Default::default()
     }
 }
 
-async fn create(client: &mut LlmGatewayClient<Channel>, req: pb::CreateBatchRequest) -> pb::Batch {
+pub(crate) async fn create(
+    client: &mut LlmGatewayClient<Channel>,
+    req: pb::CreateBatchRequest,
+) -> pb::Batch {
     client
         .create_batch(req)
         .await
@@ -38,7 +41,7 @@ async fn create(client: &mut LlmGatewayClient<Channel>, req: pb::CreateBatchRequ
 }
 
 /// Every result of a job from `offset`, until the stream ends.
-async fn results(
+pub(crate) async fn results(
     client: &mut LlmGatewayClient<Channel>,
     id: &str,
     offset: u64,
@@ -58,7 +61,7 @@ async fn results(
     out
 }
 
-async fn get(client: &mut LlmGatewayClient<Channel>, id: &str) -> pb::Batch {
+pub(crate) async fn get(client: &mut LlmGatewayClient<Channel>, id: &str) -> pb::Batch {
     client
         .get_batch(pb::GetBatchRequest {
             batch_id: id.to_owned(),
@@ -70,7 +73,7 @@ async fn get(client: &mut LlmGatewayClient<Channel>, id: &str) -> pb::Batch {
         .unwrap()
 }
 
-fn reply(result: &pb::BatchResult) -> String {
+pub(crate) fn reply(result: &pb::BatchResult) -> String {
     match &result.outcome {
         Some(pb::batch_result::Outcome::Response(r)) => reply_text(r),
         other => panic!("{}: not a reply: {other:?}", result.custom_id),
@@ -85,7 +88,7 @@ fn error(result: &pb::BatchResult) -> &pb::BatchError {
 }
 
 /// How many results each custom id got.
-fn answers(results: &[pb::BatchResult]) -> BTreeMap<String, usize> {
+pub(crate) fn answers(results: &[pb::BatchResult]) -> BTreeMap<String, usize> {
     let mut seen = BTreeMap::new();
     for r in results {
         *seen.entry(r.custom_id.clone()).or_default() += 1;

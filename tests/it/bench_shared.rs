@@ -5,6 +5,10 @@
 //! and the Redis round trips per call (counted with `INFO commandstats`, asserted: one
 //! admission and one settlement script call per call, nothing else). Results go to
 //! BENCHMARKS.md by hand; this never asserts a time.
+//!
+//! `bench_three_replicas_on_one_redis`: calls/s of one and of three gateway replicas (in
+//! this process, gRPC over loopback, a gateway key with rate limits and a budget) against
+//! one Redis, with the Redis commands per call (`INFO commandstats` deltas).
 
 use std::{
     sync::Arc,
@@ -16,7 +20,7 @@ use llm_gateway::{
     shared::{Shared, SharedSettings},
 };
 
-use crate::redis_server::RedisServer;
+use crate::{redis_server::RedisServer, scale_redis};
 
 const CONCURRENCY: usize = 64;
 const PER_TASK: usize = 100;
@@ -180,4 +184,107 @@ async fn bench_shared_limits_at_concurrency_64() {
     stop.cancel();
     tracker.close();
     tracker.wait().await;
+}
+
+/// Calls of one round of the replica benchmark.
+const REPLICA_CALLS: usize = 3_000;
+
+/// One closed-loop round: [`CONCURRENCY`] callers spread round-robin over `replicas`, each
+/// making its share of `calls` chat calls (gateway key with rate limits and a budget, so
+/// each call is admitted and settled on Redis); the calls' latencies and the wall time.
+async fn replica_round(
+    replicas: &[crate::common::Gateway],
+    secret: &str,
+    calls: usize,
+) -> (Vec<Duration>, Duration) {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..CONCURRENCY {
+        let mut client = replicas[i % replicas.len()].client();
+        let secret = secret.to_owned();
+        let share = calls / CONCURRENCY + usize::from(i < calls % CONCURRENCY);
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::with_capacity(share);
+            for _ in 0..share {
+                let t = Instant::now();
+                client
+                    .chat(scale_redis::authed(scale_redis::small(), &secret))
+                    .await
+                    .unwrap();
+                out.push(t.elapsed());
+            }
+            out
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all.sort();
+    (all, started.elapsed())
+}
+
+/// Redis commands run between two `INFO commandstats` snapshots, by command (the
+/// snapshots' own INFO left out).
+fn command_delta(
+    before: &std::collections::HashMap<String, u64>,
+    after: &std::collections::HashMap<String, u64>,
+) -> Vec<(String, u64)> {
+    let mut delta: Vec<(String, u64)> = after
+        .iter()
+        .filter(|(name, _)| name.as_str() != "info")
+        .map(|(name, n)| (name.clone(), n - before.get(name).copied().unwrap_or(0)))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    delta.sort();
+    delta
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: run it on purpose (see the module docs)"]
+async fn bench_three_replicas_on_one_redis() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let mut key = scale_redis::key("bench3");
+    key.requests_per_minute = 100_000_000;
+    key.tokens_per_minute = 1_000_000_000_000;
+    key.daily_budget_usd = 1e9;
+    let c = scale_redis::cluster(&redis, key, "timeout = \"5s\"\nlease_ttl = \"600s\"").await;
+    let evalsha = || redis.command_calls().get("evalsha").copied().unwrap_or(0);
+    let settled = |from: u64, calls: usize| async move {
+        for _ in 0..500 {
+            if evalsha() - from >= 2 * calls as u64 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    // Warm-up (connections, scripts loaded), then one replica, then all three.
+    let from = evalsha();
+    replica_round(&c.replicas, &c.secret, REPLICA_CALLS / 10).await;
+    settled(from, REPLICA_CALLS / 10).await;
+    let mut report = Vec::new();
+    for n in [1, 3] {
+        let before = redis.command_calls();
+        let (cpu, redis_cpu_before) = (process_cpu(), redis_cpu(&redis));
+        let (lat, wall) = replica_round(&c.replicas[..n], &c.secret, REPLICA_CALLS).await;
+        let cpu = process_cpu() - cpu;
+        settled(before.get("evalsha").copied().unwrap_or(0), REPLICA_CALLS).await;
+        let delta = command_delta(&before, &redis.command_calls());
+        let total: u64 = delta.iter().map(|(_, n)| n).sum();
+        report.push(format!(
+            "{n} replica(s), {REPLICA_CALLS} calls at concurrency {CONCURRENCY}: {:.0} calls/s, p50 {:?} p99 {:?}, cpu {:.0} us/call (whole test process: client, mock, replicas) + {:.1} us/call in redis-server; redis commands per call {:.3} ({delta:?})",
+            REPLICA_CALLS as f64 / wall.as_secs_f64(),
+            pct(&lat, 50.0),
+            pct(&lat, 99.0),
+            cpu.as_secs_f64() * 1e6 / REPLICA_CALLS as f64,
+            (redis_cpu(&redis) - redis_cpu_before) * 1e6 / REPLICA_CALLS as f64,
+            total as f64 / REPLICA_CALLS as f64,
+        ));
+    }
+    #[expect(clippy::print_stderr, reason = "a benchmark reports its numbers")]
+    {
+        eprintln!("{}", report.join("\n"));
+    }
 }

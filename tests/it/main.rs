@@ -11,6 +11,7 @@ mod audit;
 mod authz;
 mod bad_input;
 mod batch;
+mod batch_pg;
 mod bench_shared;
 mod cache;
 mod cache_shared;

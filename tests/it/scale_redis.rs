@@ -15,23 +15,23 @@ use tonic::{Code, Request, transport::Channel};
 
 use crate::{common::*, redis_server::RedisServer};
 
-struct Cluster {
+pub(crate) struct Cluster {
     _mock: MockUpstream,
     _dir: tempfile::TempDir,
-    replicas: Vec<Gateway>,
-    secret: String,
+    pub(crate) replicas: Vec<Gateway>,
+    pub(crate) secret: String,
     /// The replicas' config (for a replica run as a process).
     toml: String,
 }
 
-fn authed<T>(message: T, secret: &str) -> Request<T> {
+pub(crate) fn authed<T>(message: T, secret: &str) -> Request<T> {
     let mut req = Request::new(message);
     req.metadata_mut()
         .insert("authorization", format!("Bearer {secret}").parse().unwrap());
     req
 }
 
-fn small() -> pb::ChatRequest {
+pub(crate) fn small() -> pb::ChatRequest {
     let mut req = request("openai/gpt-4o-mini", "hello there");
     req.max_tokens = Some(5);
     req
@@ -59,7 +59,7 @@ api_key = "sk-upstream"
 }
 
 /// Three replicas sharing `redis`, with one key (`key`) created on the first.
-async fn cluster(redis: &RedisServer, key: pb::Key, shared: &str) -> Cluster {
+pub(crate) async fn cluster(redis: &RedisServer, key: pb::Key, shared: &str) -> Cluster {
     let mock = MockUpstream::start(MockSettings::default()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let toml = replica_toml(&mock, &dir.path().join("gw.db"), &redis.url(), shared);
@@ -83,7 +83,7 @@ async fn cluster(redis: &RedisServer, key: pb::Key, shared: &str) -> Cluster {
     }
 }
 
-fn key(name: &str) -> pb::Key {
+pub(crate) fn key(name: &str) -> pb::Key {
     pb::Key {
         name: name.into(),
         owner: "search".into(),
@@ -393,5 +393,169 @@ async fn a_retry_after_rests_the_target_on_every_replica() {
         c._mock.stats().requests(),
         sent,
         "a resting target was called"
+    );
+}
+
+/// The sum of the samples of `name` in the process's metrics whose labels include each of
+/// `labels` (`key="value"`).
+fn metric(
+    handle: &metrics_exporter_prometheus::PrometheusHandle,
+    name: &str,
+    labels: &[&str],
+) -> f64 {
+    handle
+        .render()
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|w| l.contains(w)))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// The Redis key a provider API key's shared rest lives under (its fingerprint: the first 8
+/// bytes of the secret's SHA-256).
+fn key_rest(provider: &str, secret: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, secret.as_bytes());
+    let fp = u64::from_be_bytes(digest.as_ref()[..8].try_into().unwrap()).max(1);
+    format!("llmgw:key-rest:{provider}/{fp:016x}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_or_limited_provider_key_rests_on_every_replica() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    // The recorder is process-wide: the provider name is this test's own.
+    let metrics = llm_gateway::telemetry::metrics_handle().expect("the metrics recorder");
+    let mock = MockUpstream::start(MockSettings::default()).await.unwrap();
+    // One key is refused (401), one allows one request a minute (then 429 with
+    // Retry-After), one is fine.
+    mock.accept_keys(Some(&["sk-limited", "sk-good"]));
+    mock.limit_key("sk-limited", Some(1));
+    // Pacing off: it would learn the limited key's limit from its first answer's headers
+    // and never earn the 429 this test is about.
+    let toml = format!(
+        r#"
+[shared]
+redis_url = "{}"
+timeout = "5s"
+[pacing]
+enabled = false
+[providers.keyshare]
+kind = "openai"
+base_url = "{}"
+api_keys = ["sk-refused", "sk-limited", "sk-good"]
+"#,
+        redis.url(),
+        mock.openai_base_url()
+    );
+    let a = Gateway::start(&toml).await;
+    let b = Gateway::start(&toml).await;
+    let sent = |key: &str| mock.stats().requests_with_key(key);
+    // Replica A meets both: every call still succeeds on another key.
+    let mut calls = 0;
+    while sent("sk-refused") == 0 || mock.rate_limited() == 0 {
+        a.client()
+            .chat(request("keyshare/gpt-4o-mini", "hello"))
+            .await
+            .expect("another key carries the call");
+        calls += 1;
+        assert!(calls <= 6, "three keys in turn meet both within six calls");
+    }
+    assert_eq!((sent("sk-refused"), sent("sk-limited")), (1, 2));
+    // Published with the rest as the expiry: 300 s (upstream.key_auth_rest) for the refusal,
+    // the Retry-After (up to 60 s) for the limit.
+    let ttl = |secret: &str| -> i64 {
+        let reply = redis.command(&format!("PTTL {}", key_rest("keyshare", secret)));
+        reply.trim_start_matches(':').parse().unwrap()
+    };
+    assert!((250_000..=300_000).contains(&ttl("sk-refused")));
+    assert!((1..=60_000).contains(&ttl("sk-limited")));
+    assert_eq!(ttl("sk-good"), -2, "a key that did not fail is not rested");
+    // Replica B heard both (only B applies peer rests: A ignores its own messages).
+    eventually("replica B applied both rests", || {
+        ["reason=\"refused\"", "reason=\"rate_limited\""]
+            .iter()
+            .all(|reason| {
+                metric(
+                    &metrics,
+                    "llm_gateway_provider_key_rests_total",
+                    &["provider=\"keyshare\"", "source=\"peer\"", reason],
+                ) >= 1.0
+            })
+    })
+    .await;
+    let good = sent("sk-good");
+    for _ in 0..6 {
+        b.client()
+            .chat(request("keyshare/gpt-4o-mini", "hello"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        (sent("sk-refused"), sent("sk-limited"), sent("sk-good")),
+        (1, 2, good + 6),
+        "replica B sent a key replica A saw refused or rate limited"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_overspend_across_three_replicas_stays_within_the_bound() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    // Calls reserve their estimate on the policy's first target (gpt-4o-mini, whose
+    // provider is down) and are served by the dearer fallback (gpt-4o): each costs more
+    // than it reserved, the case the bound is about. The extra sections follow [shared].
+    let extra = r#"timeout = "5s"
+[providers.down]
+kind = "openai"
+base_url = "http://127.0.0.1:1/v1"
+api_key = "sk-down"
+[policies.dear]
+targets = [{ provider = "down", model = "gpt-4o-mini" }, { provider = "openai", model = "gpt-4o" }]
+"#;
+    let budget = 0.00002;
+    let mut k = key("dear30");
+    k.daily_budget_usd = budget;
+    let c = cluster(&redis, k, extra).await;
+    let mut tasks = Vec::new();
+    for i in 0..30 {
+        let mut client = c.replicas[i % 3].client();
+        let secret = c.secret.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut req = request("dear", "hello there");
+            req.max_tokens = Some(5);
+            client.chat(authed(req, &secret)).await
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(answer) => {
+                ok += 1;
+                let route = answer.into_inner().route.unwrap();
+                assert_eq!(route.attempts.last().unwrap().model, "gpt-4o", "{route:?}");
+            }
+            Err(status) => assert_eq!(reason(&status), "BUDGET_EXCEEDED", "{status:?}"),
+        }
+    }
+    eventually("every reservation settled", || {
+        redis.command("HLEN llmgw:key:dear30:resv") == ":0"
+    })
+    .await;
+    let spent: f64 = redis
+        .command("HGET llmgw:key:dear30:spend d")
+        .parse()
+        .unwrap();
+    // The documented bound: budget + C x e, C = 30 calls in flight at most, e = what one
+    // call costs beyond its estimate (input: (16 + 11) / 4 = 6 tokens, output: max_tokens;
+    // the mock reports 2 input tokens and 5 output).
+    let estimate = registry_cost("openai/gpt-4o-mini", 6, 5);
+    let excess = registry_cost("openai/gpt-4o", 2, 5) - estimate;
+    let bound = budget + 30.0 * excess;
+    assert!(ok >= 1, "no call was admitted");
+    assert!(
+        spent > budget && spent <= bound,
+        "spent {spent} of a {budget} budget with {ok} calls admitted; bound {bound}"
     );
 }

@@ -1,0 +1,280 @@
+//! Batch jobs on PostgreSQL (`store.url`): a job created on one replica is read, streamed,
+//! cancelled and finished on another, no request runs twice when two replicas run one
+//! job, and the store's claims are leases a dead replica's successor takes over.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use llm_gateway::{
+    batch::{
+        BatchStore, JobState, NewJob, NewRequest, RequestFormat, ResultRecord,
+        postgres::PgBatchStore,
+    },
+    mock_upstream::{MockSettings, MockUpstream},
+    pb,
+    store::postgres::PgStore,
+};
+
+use crate::{
+    batch::{MODEL, answers, create, get, item, job, reply, results},
+    common::*,
+    pg_server,
+};
+
+fn now_ms() -> i64 {
+    i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
+/// A replica's batch store on the database at `url`, its claims holding for a minute.
+async fn replica_store(url: &str) -> Arc<PgBatchStore> {
+    let pool = PgStore::connect(url).await.unwrap().pool();
+    Arc::new(
+        PgBatchStore::open(pool, Duration::from_secs(60))
+            .await
+            .unwrap(),
+    )
+}
+
+fn new_job(n: usize) -> NewJob {
+    NewJob {
+        owner: "key1".to_owned(),
+        tags: BTreeMap::new(),
+        timeout: Duration::from_secs(3600),
+        requests: (0..n)
+            .map(|i| NewRequest {
+                custom_id: format!("c{i}"),
+                format: RequestFormat::Proto,
+                body: vec![u8::try_from(i).unwrap()],
+            })
+            .collect(),
+    }
+}
+
+fn ok(index: u32) -> ResultRecord {
+    ResultRecord {
+        code: 0,
+        cost: None,
+        payload: index.to_be_bytes().to_vec(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_claim_each_request_once_and_record_results_in_one_order() {
+    let Some(url) = pg_server::database().await else {
+        return;
+    };
+    // Opened together: they migrate the fresh database at the same moment.
+    let (a, b) = tokio::join!(replica_store(&url), replica_store(&url));
+    a.create_job("j", new_job(40), now_ms(), now_ms() + 3_600_000)
+        .await
+        .unwrap();
+    // Eight claimers, four per replica, race for the 40 requests; each completes what it
+    // claims.
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+        tasks.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            while let Some(claimed) = store.claim("j", now_ms()).await.unwrap() {
+                assert_eq!(claimed.runs, 1);
+                mine.push(claimed.index);
+                assert!(
+                    store
+                        .complete("j", claimed.index, ok(claimed.index), now_ms())
+                        .await
+                        .unwrap()
+                );
+            }
+            mine
+        }));
+    }
+    let mut claimed = Vec::new();
+    for t in tasks {
+        claimed.extend(t.await.unwrap());
+    }
+    claimed.sort_unstable();
+    assert_eq!(claimed, (0..40).collect::<Vec<u32>>(), "claimed once each");
+    // Positions 0..40 without a gap or a repeat, each request once, read from either.
+    let all = b.results("j", 0, 100).await.unwrap();
+    assert_eq!(
+        all.iter().map(|r| r.offset).collect::<Vec<_>>(),
+        (0..40).collect::<Vec<u64>>()
+    );
+    let mut indexes: Vec<Vec<u8>> = all.iter().map(|r| r.payload.clone()).collect();
+    indexes.sort();
+    indexes.dedup();
+    assert_eq!(indexes.len(), 40);
+    assert_eq!(a.results("j", 38, 10).await.unwrap()[..], all[38..]);
+    let job = a.job("j").await.unwrap().unwrap();
+    assert_eq!((job.counts.succeeded, job.counts.pending), (40, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_live_claim_is_left_alone_and_a_dead_replicas_claim_is_taken_over() {
+    let Some(url) = pg_server::database().await else {
+        return;
+    };
+    let (a, b) = tokio::join!(replica_store(&url), replica_store(&url));
+    let dead = replica_store(&url).await;
+    a.create_job("k", new_job(3), now_ms(), now_ms() + 3_600_000)
+        .await
+        .unwrap();
+    // A holds request 0; a replica that died two minutes ago held request 1.
+    let held = a.claim("k", now_ms()).await.unwrap().unwrap();
+    let lost = dead.claim("k", now_ms() - 120_000).await.unwrap().unwrap();
+    assert_eq!((held.index, lost.index), (0, 1));
+    // B releases only the dead replica's request, then takes both free ones over.
+    assert_eq!(b.release_running("k").await.unwrap(), 1);
+    let mut took = Vec::new();
+    while let Some(c) = b.claim("k", now_ms()).await.unwrap() {
+        took.push((c.index, c.runs));
+    }
+    took.sort_unstable();
+    assert_eq!(took, [(1, 2), (2, 1)], "A's live claim is not taken");
+    // B's view: A's request is pending, to look at again within a second; B runs two.
+    let queue = b.queue("k").await.unwrap();
+    assert_eq!((queue.pending, queue.running), (1, 2));
+    assert!(queue.next_ms.unwrap() <= now_ms() + 1_000, "{queue:?}");
+    // Only the holder puts a request back.
+    b.retry_later("k", 0, 0).await.unwrap();
+    assert_eq!(a.queue("k").await.unwrap().running, 1);
+    // A cancel on any replica: nothing more starts anywhere, nothing is due.
+    b.set_state("k", &[JobState::Running], JobState::Cancelling, None)
+        .await
+        .unwrap();
+    a.retry_later("k", 0, 0).await.unwrap();
+    assert_eq!(a.claim("k", now_ms()).await.unwrap(), None);
+    assert_eq!(a.queue("k").await.unwrap().next_ms, None);
+    // The dead replica's late result still counts once; B's for the same request does
+    // not.
+    assert!(dead.complete("k", 1, ok(1), now_ms()).await.unwrap());
+    assert!(!b.complete("k", 1, ok(1), now_ms()).await.unwrap());
+    assert_eq!(
+        b.set_state(
+            "k",
+            &[JobState::Cancelling],
+            JobState::Cancelled,
+            Some(now_ms())
+        )
+        .await
+        .unwrap(),
+        Some(JobState::Cancelled)
+    );
+    assert_eq!(
+        a.set_state("k", &[JobState::Running], JobState::Completed, None)
+            .await
+            .unwrap(),
+        Some(JobState::Cancelled),
+        "an ended job does not move again"
+    );
+    assert!(a.unfinished_jobs().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_created_on_one_replica_is_streamed_and_finished_on_another() {
+    let Some(url) = pg_server::database().await else {
+        return;
+    };
+    let mock = MockUpstream::start(MockSettings::default()).await.unwrap();
+    let toml = openai_toml(
+        &mock,
+        &format!("[store]\nurl = \"{url}\"\n[batch]\njob_concurrency = 2"),
+    );
+    let (mut a, b) = tokio::join!(Gateway::start(&toml), Gateway::start(&toml));
+    let model = format!("{MODEL}+latency=100");
+    let items: Vec<_> = (0..60)
+        .map(|i| item(&format!("r{i}"), &model, &format!("q{i}")))
+        .collect();
+    let created = create(&mut a.client(), job(items)).await;
+    // B reports the job A runs, streams its results, and takes it up (within 2 s).
+    let mut client = b.client();
+    let seen = get(&mut client, &created.id).await;
+    assert_eq!(seen.counts.unwrap().total, 60);
+    let mut stream = client
+        .stream_batch_results(pb::StreamBatchResultsRequest {
+            batch_id: created.id.clone(),
+            offset: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut received = Vec::new();
+    while received.len() < 5 {
+        received.push(stream.message().await.unwrap().unwrap().result.unwrap());
+    }
+    // A goes away (its running requests finish within the grace); B finishes the job
+    // without a restart.
+    a.signal_shutdown();
+    a.take_handle().await.unwrap().unwrap();
+    while let Some(msg) = stream.message().await.unwrap() {
+        received.push(msg.result.unwrap());
+    }
+    assert_eq!(received.len(), 60);
+    let answered = answers(&received);
+    assert_eq!(answered.len(), 60);
+    assert!(answered.values().all(|n| *n == 1), "{answered:?}");
+    for r in &received {
+        let n = r.custom_id.strip_prefix('r').unwrap();
+        assert_eq!(reply(r), format!("Mock reply to: q{n}"));
+    }
+    assert_eq!(
+        mock.stats().requests(),
+        60,
+        "a request reached the upstream twice"
+    );
+    let done = get(&mut client, &created.id).await;
+    assert_eq!(done.state, pb::BatchState::Completed as i32);
+    assert_eq!(done.counts.unwrap().succeeded, 60);
+    // A replica started after the end reads the same results in the same order.
+    let c = Gateway::start(&toml).await;
+    let again = results(&mut c.client(), &created.id, 0).await;
+    assert_eq!(
+        again.iter().map(|r| &r.custom_id).collect::<Vec<_>>(),
+        received.iter().map(|r| &r.custom_id).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancel_on_another_replica_stops_the_job_everywhere() {
+    let Some(url) = pg_server::database().await else {
+        return;
+    };
+    let mock = MockUpstream::start(MockSettings::default()).await.unwrap();
+    let toml = openai_toml(
+        &mock,
+        &format!("[store]\nurl = \"{url}\"\n[batch]\njob_concurrency = 1"),
+    );
+    let (a, b) = tokio::join!(Gateway::start(&toml), Gateway::start(&toml));
+    let model = format!("{MODEL}+latency=200");
+    let items: Vec<_> = (0..30)
+        .map(|i| item(&format!("r{i}"), &model, &format!("q{i}")))
+        .collect();
+    let created = create(&mut a.client(), job(items)).await;
+    let cancelled = b
+        .client()
+        .cancel_batch(pb::CancelBatchRequest {
+            batch_id: created.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .batch
+        .unwrap();
+    assert_eq!(cancelled.state, pb::BatchState::Cancelling as i32);
+    // A hears of it from the store: what had not started ends CANCELLED, once each.
+    let all = results(&mut a.client(), &created.id, 0).await;
+    let answered = answers(&all);
+    assert_eq!(answered.len(), 30);
+    assert!(answered.values().all(|n| *n == 1), "{answered:?}");
+    let done = get(&mut b.client(), &created.id).await;
+    assert_eq!(done.state, pb::BatchState::Cancelled as i32);
+    let counts = done.counts.unwrap();
+    assert_eq!(counts.succeeded + counts.cancelled, 30, "{counts:?}");
+    assert!(counts.cancelled >= 25, "{counts:?}");
+    assert_eq!(mock.stats().requests(), u64::from(counts.succeeded));
+}
