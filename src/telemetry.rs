@@ -325,6 +325,10 @@ pub mod names {
     /// Failed shared-state (Redis) operations by op: `admit`, `settle`, `renew`, `seed`,
     /// `rest`, `settle_dropped` (counter).
     pub const SHARED_STATE_ERRORS: &str = "llm_gateway_shared_state_errors_total";
+    /// Pacing decisions made from this replica's own limits because the shared limiter
+    /// (Redis) was unreachable, by `mode` (`fail_open`: admitted locally, `fail_closed`:
+    /// refused) (counter).
+    pub const PACING_SHARED_FALLBACK: &str = "llm_gateway_pacing_shared_fallback_total";
     /// Provider API key rests by provider, reason (`refused`, `rate_limited`) and source
     /// (`local`: this replica saw the answer; `peer`: another replica did) (counter).
     pub const PROVIDER_KEY_RESTS: &str = "llm_gateway_provider_key_rests_total";
@@ -450,6 +454,10 @@ fn describe() {
     describe_counter!(
         names::PROVIDER_KEY_RESTS,
         "Provider API key rests, by provider, reason and source (local or peer)."
+    );
+    describe_counter!(
+        names::PACING_SHARED_FALLBACK,
+        "Pacing decisions made from local limits while redis was unreachable, by mode."
     );
 }
 

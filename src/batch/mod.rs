@@ -7,6 +7,8 @@
 //! - [`BatchStore`]: what the runner needs of durable storage; [`sqlite::SqliteBatchStore`]
 //!   keeps its own tables in the gateway's SQLite file, [`postgres::PgBatchStore`] in the
 //!   shared PostgreSQL database (`store.url`), with claims as leases so replicas share jobs.
+//! - [`native`]: clients of the providers' native batch APIs (OpenAI Batch, Anthropic
+//!   Message Batches), one outcome per custom id; not yet chosen by the runner.
 //! - [`Execute`]: how one request runs. The server implements it over its call engine, so
 //!   this module never sees gRPC types: requests and results are opaque bytes to it.
 //!
@@ -16,6 +18,7 @@
 //! left running by a stopped gateway go back to pending and run again; a result is never
 //! written twice. `[batch]` holds the settings ([`BatchSettings`]).
 
+pub mod native;
 pub mod postgres;
 pub mod runner;
 pub mod sqlite;

@@ -75,6 +75,7 @@ async fn main() -> ExitCode {
         error_rate: args.error_rate,
         error_status: args.error_status,
         requests_per_minute: (args.requests_per_minute > 0).then_some(args.requests_per_minute),
+        batch_delay: Duration::ZERO,
     };
     let mock = match MockUpstream::start_on(listener, settings) {
         Ok(m) => m,

@@ -834,7 +834,12 @@ impl Executor {
                 kind = kind.label(),
                 policy = race.plan.policy.as_deref().unwrap_or(""),
             );
-            let fut = crate::pacing::run(lease, attempt(target, attempt_deadline));
+            let fut = crate::pacing::run(lease, attempt(target, attempt_deadline), |_| {
+                ProviderError::new(
+                    ErrorClass::LocalResource,
+                    "no shared rate-limit capacity for this account within the deadline",
+                )
+            });
             let trace = trace.cloned();
             // One boxed future and one timer per attempt.
             in_flight.push(

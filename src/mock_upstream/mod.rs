@@ -14,6 +14,9 @@
 //! - AWS Bedrock Converse: `POST /model/{modelId}/converse` and `/converse-stream` (binary
 //!   event-stream frames), and InvokeModel of Titan and Cohere embedding models
 //!   (`/model/{modelId}/invoke`), with every request's SigV4 signature checked (see `bedrock`).
+//! - Native batches: OpenAI's Files and Batch API (`/v1/files`, `/v1/batches`) and
+//!   Anthropic's Message Batches (`/v1/messages/batches`), processed after
+//!   [`MockSettings::batch_delay`] (see `batches`).
 //! - Google Vertex AI: an OAuth2 token endpoint (`POST /token`) checking service-account JWT
 //!   assertions, and `POST /v1/projects/{p}/locations/{r}/publishers/{google|anthropic}/models/...`
 //!   for Gemini and Claude, requiring its tokens (see `vertex`).
@@ -60,6 +63,7 @@
 //! get the provider's 401), to test key rotation and refused keys.
 
 mod anthropic;
+mod batches;
 mod bedrock;
 
 pub use crate::providers::mock::{EMBEDDING_DIMENSIONS, text_embedding};
@@ -117,6 +121,9 @@ pub struct MockSettings {
     /// routes); past it the provider's 429 with its rate-limit headers (see `ratelimit`).
     /// `None`: unlimited. [`MockUpstream::limit_key`] sets a key's own limit.
     pub requests_per_minute: Option<u32>,
+    /// How long a native batch (OpenAI Batch, Anthropic Message Batches) takes before its
+    /// requests are processed and it ends (see `batches`).
+    pub batch_delay: Duration,
 }
 
 impl Default for MockSettings {
@@ -131,6 +138,7 @@ impl Default for MockSettings {
             error_rate: 0.0,
             error_status: 500,
             requests_per_minute: None,
+            batch_delay: Duration::ZERO,
         }
     }
 }
@@ -366,6 +374,7 @@ pub(crate) struct MockState {
     aws: Arc<bedrock::AwsCredentialStore>,
     vertex: Arc<vertex::VertexAuth>,
     rates: Arc<ratelimit::RateLimits>,
+    batches: Arc<batches::BatchStore>,
 }
 
 impl MockState {
@@ -417,6 +426,7 @@ impl MockUpstream {
             aws: aws.clone(),
             vertex: vertex.clone(),
             rates: rates.clone(),
+            batches: Arc::new(batches::BatchStore::new(addr)),
         });
         let signal = stop.clone().cancelled_owned();
         tokio::spawn(async move {
@@ -548,6 +558,7 @@ pub(crate) fn router(state: MockState) -> Router {
         .route("/mock/stats", get(stats_handler))
         .merge(openai::routes())
         .merge(anthropic::routes())
+        .merge(batches::routes())
         .merge(bedrock::routes())
         .merge(vertex::routes())
         .merge(gemini::routes())

@@ -226,7 +226,7 @@ fn tool_call(body: &Value) -> Option<(String, String)> {
     Some((name.to_owned(), TOOL_ARGUMENTS.to_owned()))
 }
 
-async fn chat_completions(
+pub(super) async fn chat_completions(
     State(state): State<MockState>,
     headers: HeaderMap,
     body: Bytes,

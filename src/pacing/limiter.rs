@@ -6,7 +6,7 @@
 //! below zero: a reservation made while the bucket is empty starts when the refill has paid
 //! for it, so waiting calls queue in order instead of racing for the next token.
 
-use std::{collections::HashMap, sync::Mutex, time::Duration};
+use std::{collections::HashMap, future::Future, pin::Pin, sync::Mutex, time::Duration};
 
 use tokio::time::Instant;
 
@@ -25,16 +25,59 @@ pub struct AccountId {
 }
 
 /// What a reservation found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub enum Reservation {
     /// Taken: the attempt may start at this time (now, or later when it waits for capacity).
     Granted(Instant),
     /// Not taken: capacity comes back only at this time, later than the caller can wait.
     Refused(Instant),
+    /// Not known here yet: the shared limiter asks Redis before the attempt starts
+    /// ([`Pending`]).
+    Pending(Pending),
 }
 
+/// A reservation the shared limiter completes with one Redis call, awaited where the attempt
+/// starts: the start time (`Ok`), or when capacity comes back (`Err`: later than the caller
+/// can wait).
+/// (In a mutex only so that a lease holding it may be shared: it is awaited once, by value.)
+pub struct Pending(Mutex<PendingFuture>);
+
+/// The future of a [`Pending`] reservation.
+pub type PendingFuture = Pin<Box<dyn Future<Output = Result<Instant, Instant>> + Send>>;
+
+impl Pending {
+    /// A pending reservation completed by `future`.
+    pub fn new(future: impl Future<Output = Result<Instant, Instant>> + Send + 'static) -> Self {
+        Self(Mutex::new(Box::pin(future)))
+    }
+
+    /// Completes it: the start time, or (`Err`) when capacity comes back.
+    pub async fn wait(self) -> Result<Instant, Instant> {
+        let future = self
+            .0
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        future.await
+    }
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pending")
+    }
+}
+
+impl PartialEq for Pending {
+    /// Two pending reservations are never known to be equal.
+    fn eq(&self, _: &Self) -> bool {
+        false
+    }
+}
+
+impl Eq for Pending {}
+
 /// Where account capacity is kept: in this process ([`LocalLimiter`]), or shared by every
-/// replica (a Redis implementation, once `src/shared` provides the client).
+/// replica ([`super::shared::SharedLimiter`], in Redis).
 pub trait Limiter: Send + Sync + std::fmt::Debug {
     /// When `account` could start a request of `tokens`, without taking anything.
     fn ready_at(
@@ -67,6 +110,9 @@ pub trait Limiter: Send + Sync + std::fmt::Debug {
 
     /// How full `account`'s request bucket is (0 to 1; 1 when unlimited), to spread load.
     fn headroom(&self, account: &AccountId, limits: &AccountLimits, now: Instant) -> f64;
+
+    /// Keeps capacity in Redis from now on (the shared limiter; others ignore it).
+    fn share(&self, _shared: &std::sync::Arc<crate::shared::Shared>) {}
 }
 
 /// A continuously refilled bucket.

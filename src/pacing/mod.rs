@@ -19,11 +19,14 @@
 //!   latency keeps the gateway under limits nobody told it. A target at its limit is
 //!   skipped (`CONCURRENCY_LIMIT`).
 //!
-//! Capacity lives behind the [`Limiter`] trait: [`LocalLimiter`] keeps it in this process.
-//! A limiter shared by replicas through Redis (`[shared]`) is not there yet.
+//! Capacity lives behind the [`Limiter`] trait: [`LocalLimiter`] keeps it in this process;
+//! with `[shared] redis_url`, [`SharedLimiter`] keeps it in Redis for every replica
+//! ([`shared`]: capacity leased in chunks, learned limits shared, local limits while Redis
+//! is unreachable).
 
 pub mod adaptive;
 pub mod limiter;
+pub mod shared;
 
 use std::{
     collections::HashMap,
@@ -35,7 +38,8 @@ use std::{
 use tokio::time::Instant;
 
 pub use self::adaptive::{Adaptive, Signal, Slot};
-pub use self::limiter::{AccountId, Limiter, LocalLimiter, Reservation};
+pub use self::limiter::{AccountId, Limiter, LocalLimiter, Pending, Reservation};
+pub use self::shared::SharedLimiter;
 use crate::settings::Issues;
 
 /// One rate-limit window as a provider reported it.
@@ -271,6 +275,8 @@ pub struct Lease {
     pub start_at: Instant,
     /// The fingerprint of the key whose capacity was taken (`None`: any key).
     pub key: Option<u64>,
+    /// A reservation the shared limiter completes before the attempt starts ([`run`]).
+    pending: Option<Pending>,
     _slot: Option<Slot>,
 }
 
@@ -290,6 +296,11 @@ impl Pacer {
             limiter,
             targets: Mutex::default(),
         }
+    }
+
+    /// Where the accounts' capacity is kept.
+    pub fn limiter(&self) -> &Arc<dyn Limiter> {
+        &self.limiter
     }
 
     /// The account of `key` and `model`.
@@ -367,6 +378,13 @@ impl Pacer {
             Reservation::Granted(start_at) => Admit::Go(Lease {
                 start_at,
                 key: (key != 0).then_some(key),
+                pending: None,
+                _slot: slot,
+            }),
+            Reservation::Pending(pending) => Admit::Go(Lease {
+                start_at: now,
+                key: (key != 0).then_some(key),
+                pending: Some(pending),
                 _slot: slot,
             }),
             Reservation::Refused(ready_at) => Admit::Skip {
@@ -403,11 +421,23 @@ tokio::task_local! {
 }
 
 /// Runs an attempt under its lease: waits until the lease's start, then runs `attempt` with
-/// the lease visible to the provider ([`current`]: which key to use).
-pub async fn run<F: Future>(lease: Option<Lease>, attempt: F) -> F::Output {
+/// the lease visible to the provider ([`current`]: which key to use). A lease the shared
+/// limiter could not complete in time ends as `refused(when capacity comes back)` without
+/// running `attempt`.
+pub async fn run<T, E, F: Future<Output = Result<T, E>>>(
+    lease: Option<Lease>,
+    attempt: F,
+    refused: impl FnOnce(Instant) -> E,
+) -> Result<T, E> {
     match lease {
         None => attempt.await,
-        Some(lease) => {
+        Some(mut lease) => {
+            if let Some(pending) = lease.pending.take() {
+                match pending.wait().await {
+                    Ok(start_at) => lease.start_at = start_at,
+                    Err(ready_at) => return Err(refused(ready_at)),
+                }
+            }
             if lease.start_at > Instant::now() {
                 tokio::time::sleep_until(lease.start_at).await;
             }
@@ -512,16 +542,42 @@ mod tests {
         let lease = Lease {
             start_at: start,
             key: Some(7),
+            pending: None,
             _slot: None,
         };
-        let key = run(Some(lease), async {
-            assert!(Instant::now() >= start);
-            current().and_then(|l| l.key)
+        let never = |_| -> () { unreachable!() };
+        let key = run(
+            Some(lease),
+            async {
+                assert!(Instant::now() >= start);
+                Ok(current().and_then(|l| l.key))
+            },
+            never,
+        )
+        .await;
+        assert_eq!(key, Ok(Some(7)));
+        assert!(current().is_none());
+        assert_eq!(run(None, async { Ok(1) }, never).await, Ok(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pending_lease_starts_when_it_completes_or_fails_without_running() {
+        let now = Instant::now();
+        let later = now + Duration::from_millis(200);
+        let lease = |result: Result<Instant, Instant>| Lease {
+            start_at: now,
+            key: None,
+            pending: Some(Pending::new(async move { result })),
+            _slot: None,
+        };
+        let started = run(Some(lease(Ok(later))), async { Ok(Instant::now()) }, |at| {
+            at
         })
         .await;
-        assert_eq!(key, Some(7));
-        assert!(current().is_none());
-        assert_eq!(run(None, async { 1 }).await, 1);
+        assert_eq!(started, Ok(later));
+        // Refused: the attempt does not run.
+        let refused = run(Some(lease(Err(later))), async { Ok(true) }, |at| at).await;
+        assert_eq!(refused, Err(later));
     }
 
     #[test]

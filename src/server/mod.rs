@@ -113,8 +113,12 @@ pub enum ServeError {
 pub fn providers_from_config(config: &Config) -> Result<ProviderRegistry, ServeError> {
     let client = providers::http_client(&config.upstream.http)?;
     let mut registry = ProviderRegistry::new();
-    // One limiter for every provider account of this process.
-    let limiter: Arc<dyn crate::pacing::Limiter> = Arc::new(crate::pacing::LocalLimiter::new());
+    // One limiter for every provider account of this process; with `[shared]`, one that
+    // keeps capacity in Redis once `serve_with` has the connection.
+    let limiter: Arc<dyn crate::pacing::Limiter> = match config.shared.redis_url {
+        Some(_) => Arc::new(crate::pacing::SharedLimiter::new()),
+        None => Arc::new(crate::pacing::LocalLimiter::new()),
+    };
     for p in &config.providers {
         let keys = Arc::new(providers::KeyRing::new(
             &p.name,
@@ -313,6 +317,9 @@ pub async fn serve_with(
     if let Some(shared) = &shared {
         share_rests(shared, table.health(), &background, &stop_background);
         share_key_rests(shared, &providers, &background, &stop_background);
+        for pacer in providers.iter().filter_map(|p| p.keys()?.pacer()) {
+            pacer.limiter().share(shared);
+        }
     }
     let router = Arc::new(Router::new(table));
     let stop_metrics = CancellationToken::new();

@@ -549,3 +549,97 @@ async fn bad_input_is_invalid_argument_naming_the_request_or_line() {
     assert_eq!(status.code(), Code::NotFound);
     assert_eq!(mock.stats().requests(), 0);
 }
+
+/// The native batch clients against the mock's OpenAI Batch and Anthropic Message Batches
+/// endpoints (real wire formats): every request gets one outcome per custom id, with the
+/// provider's answer and usage; an item the batch left unprocessed (`+batch_expire`) is
+/// reported expired, and a failed one with its status.
+#[tokio::test]
+async fn native_batches_answer_every_custom_id_in_the_providers_formats() {
+    use llm_gateway::batch::native::{NativeBatch, NativeKind, NativeOutcome};
+    use serde_json::json;
+    let mock = MockUpstream::start(MockSettings {
+        batch_delay: std::time::Duration::from_millis(50),
+        ..MockSettings::default()
+    })
+    .await
+    .unwrap();
+    let client = llm_gateway::providers::http_client(&Default::default()).unwrap();
+    let poll = std::time::Duration::from_millis(20);
+    let ids: Vec<String> = ["a", "b", "late", "bad"]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+
+    let openai = NativeBatch::new(
+        NativeKind::OpenAi,
+        mock.openai_base_url(),
+        "sk-test",
+        client.clone(),
+    );
+    let body = |model: &str, text: &str| json!({"model": model, "messages": [{"role": "user", "content": text}]});
+    let requests = vec![
+        (ids[0].clone(), body("gpt-4o-mini", "hello")),
+        (ids[1].clone(), body("gpt-4o-mini", "bye")),
+        (ids[2].clone(), body("gpt-4o-mini+batch_expire", "too late")),
+        (ids[3].clone(), body("gpt-4o-mini+status=400", "bad")),
+    ];
+    let id = openai.submit(&requests).await.unwrap();
+    assert!(id.starts_with("batch_"), "{id}");
+    let results = openai.wait(&id, &ids, poll).await.unwrap();
+    assert_eq!(openai.status(&id).await.unwrap().status, "expired");
+    let by_id: BTreeMap<_, _> = results.into_iter().collect();
+    let NativeOutcome::Succeeded(answer) = &by_id["a"] else {
+        panic!("{by_id:?}");
+    };
+    assert_eq!(answer["object"], "chat.completion");
+    assert!(answer["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+    assert!(matches!(by_id["b"], NativeOutcome::Succeeded(_)));
+    assert_eq!(by_id["late"], NativeOutcome::Expired);
+    assert!(
+        matches!(
+            &by_id["bad"],
+            NativeOutcome::Failed {
+                status: Some(400),
+                ..
+            }
+        ),
+        "{by_id:?}"
+    );
+
+    let anthropic = NativeBatch::new(
+        NativeKind::Anthropic,
+        mock.anthropic_base_url(),
+        "sk-ant-test",
+        client,
+    );
+    let params = |model: &str, text: &str| json!({"model": model, "max_tokens": 50, "messages": [{"role": "user", "content": text}]});
+    let requests = vec![
+        (ids[0].clone(), params("claude-3-5-haiku", "hello")),
+        (ids[1].clone(), params("claude-3-5-haiku", "bye")),
+        (
+            ids[2].clone(),
+            params("claude-3-5-haiku+batch_expire", "late"),
+        ),
+        (ids[3].clone(), params("claude-3-5-haiku+status=400", "bad")),
+    ];
+    let id = anthropic.submit(&requests).await.unwrap();
+    assert!(id.starts_with("msgbatch_"), "{id}");
+    let by_id: BTreeMap<_, _> = anthropic
+        .wait(&id, &ids, poll)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    let NativeOutcome::Succeeded(message) = &by_id["a"] else {
+        panic!("{by_id:?}");
+    };
+    assert_eq!(message["type"], "message");
+    assert!(message["usage"]["output_tokens"].as_u64().unwrap() > 0);
+    assert!(matches!(by_id["b"], NativeOutcome::Succeeded(_)));
+    assert_eq!(by_id["late"], NativeOutcome::Expired);
+    assert!(
+        matches!(&by_id["bad"], NativeOutcome::Failed { code, .. } if code == "invalid_request_error"),
+        "{by_id:?}"
+    );
+}

@@ -227,3 +227,144 @@ async fn a_call_that_cannot_wait_is_routed_on_at_once() {
     );
     assert_eq!(mock.rate_limited(), 0);
 }
+
+/// Two replicas on one Redis (`[shared]`), both calling provider `openai` with key
+/// `sk-shared` on `mock`; `pacing` is the provider's pacing table. A generous Redis timeout:
+/// on a loaded machine a timed-out lease would fall back to local limits.
+fn shared_toml(mock: &MockUpstream, redis_url: &str, pacing: &str) -> String {
+    format!(
+        r#"
+[shared]
+redis_url = "{redis_url}"
+timeout = "5s"
+[providers.openai]
+kind = "openai"
+base_url = "{url}"
+api_key = "sk-shared"
+{pacing}
+"#,
+        url = mock.openai_base_url()
+    )
+}
+
+/// A burst through two replicas sharing one provider key limited to 6 requests per minute:
+/// together they send the mock 6 calls and no more, so no 429 comes back; the calls that
+/// cannot wait for the refill fail at once with UNAVAILABLE. (Without sharing, each replica
+/// would send 6.)
+#[tokio::test]
+async fn two_replicas_share_a_provider_keys_limit() {
+    let Some(redis) = crate::redis_server::RedisServer::start() else {
+        return;
+    };
+    let mock = MockUpstream::start(MockSettings::default()).await.unwrap();
+    mock.limit_key("sk-shared", Some(6));
+    let toml = shared_toml(&mock, &redis.url(), "pacing = { requests_per_minute = 6 }");
+    let replicas = [Gateway::start(&toml).await, Gateway::start(&toml).await];
+    let calls = (0..12).map(|i| {
+        let mut client = replicas[i % 2].client();
+        async move {
+            client
+                .chat(within(
+                    request("openai/m", &format!("call {i}")),
+                    Duration::from_secs(2),
+                ))
+                .await
+        }
+    });
+    let results = futures_util::future::join_all(calls).await;
+    let answered = results.iter().filter(|r| r.is_ok()).count();
+    for status in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    }
+    assert_eq!(mock.rate_limited(), 0, "no call went past the shared limit");
+    assert_eq!(mock.stats().requests(), 6);
+    assert_eq!(answered, 6);
+}
+
+/// A limit learned by one replica from the provider's headers paces the other: replica A
+/// spends the key's 4 requests per minute (nothing configured), and replica B, which never
+/// saw a header, does not send the next call.
+#[tokio::test]
+async fn a_limit_one_replica_learned_paces_the_other() {
+    let Some(redis) = crate::redis_server::RedisServer::start() else {
+        return;
+    };
+    let mock = MockUpstream::start(MockSettings::default()).await.unwrap();
+    mock.limit_key("sk-shared", Some(4));
+    let toml = shared_toml(&mock, &redis.url(), "");
+    let (a, b) = (Gateway::start(&toml).await, Gateway::start(&toml).await);
+    let mut client = a.client();
+    for i in 0..4 {
+        client
+            .chat(within(
+                request("openai/m", &format!("{i}")),
+                Duration::from_secs(2),
+            ))
+            .await
+            .unwrap();
+    }
+    // Until A's observations are in Redis: the account's limit, and nothing left.
+    let give_up = std::time::Instant::now() + Duration::from_secs(30);
+    let hash = loop {
+        assert!(
+            std::time::Instant::now() < give_up,
+            "replica A's observations never reached redis"
+        );
+        let keys = redis.command("KEYS llmgw:pace:openai:*");
+        if let Some(key) = keys.lines().find(|l| l.starts_with("llmgw:pace:")) {
+            let (limit, left) = (
+                redis.command(&format!("HGET {key} lr")),
+                redis.command(&format!("HGET {key} r")),
+            );
+            if limit == "4" && left.parse::<f64>().is_ok_and(|r| r < 1.0) {
+                break key.to_owned();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(hash.ends_with(":m"), "per model: {hash}");
+    let status = b
+        .client()
+        .chat(within(request("openai/m", "next"), Duration::from_secs(2)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert_eq!(mock.stats().requests(), 4);
+    assert_eq!(mock.rate_limited(), 0);
+}
+
+/// Redis unreachable in `fail_open` mode: the replica paces the account by its own limit,
+/// so calls keep flowing and none goes past it.
+#[tokio::test]
+async fn without_redis_a_replica_paces_by_its_own_limits() {
+    let Some(mut redis) = crate::redis_server::RedisServer::start() else {
+        return;
+    };
+    let url = redis.url();
+    redis.stop();
+    let mock = MockUpstream::start(MockSettings::default()).await.unwrap();
+    mock.limit_key("sk-shared", Some(2));
+    let gateway = Gateway::start(&shared_toml(
+        &mock,
+        &url,
+        "pacing = { requests_per_minute = 2 }",
+    ))
+    .await;
+    let mut client = gateway.client();
+    let mut answered = 0;
+    for i in 0..3 {
+        match client
+            .chat(within(
+                request("openai/m", &format!("{i}")),
+                Duration::from_secs(2),
+            ))
+            .await
+        {
+            Ok(_) => answered += 1,
+            Err(status) => assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}"),
+        }
+    }
+    assert_eq!(answered, 2);
+    assert_eq!(mock.rate_limited(), 0);
+    assert_eq!(mock.stats().requests(), 2);
+}
