@@ -325,6 +325,11 @@ pub mod names {
     /// Failed shared-state (Redis) operations by op: `admit`, `settle`, `renew`, `seed`,
     /// `rest`, `settle_dropped` (counter).
     pub const SHARED_STATE_ERRORS: &str = "llm_gateway_shared_state_errors_total";
+    /// Shadow calls dropped, by policy and reason: `full` (the pool and its queue),
+    /// `rate`, `budget` (counter).
+    pub const SHADOW_DROPPED: &str = "llm_gateway_shadow_dropped_total";
+    /// Shadow calls made, by policy and gRPC code (counter).
+    pub const SHADOW_CALLS: &str = "llm_gateway_shadow_calls_total";
 }
 
 /// Histogram buckets for latencies in seconds: 1 ms to 2 minutes.
@@ -443,6 +448,14 @@ fn describe() {
     describe_counter!(
         names::SHARED_STATE_ERRORS,
         "Failed shared-state (redis) operations, by op."
+    );
+    describe_counter!(
+        names::SHADOW_DROPPED,
+        "Shadow calls dropped, by policy and reason."
+    );
+    describe_counter!(
+        names::SHADOW_CALLS,
+        "Shadow calls made, by policy and code."
     );
 }
 

@@ -368,6 +368,17 @@ pub struct Route {
     pub attempts: Vec<AttemptRecord>,
     /// What the response cache did for the call.
     pub cache: CacheOutcome,
+    /// The experiment arm the call was assigned to, if its policy runs an experiment.
+    pub arm: Option<std::sync::Arc<ArmRef>>,
+}
+
+/// An experiment and one of its arms.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ArmRef {
+    /// The experiment's name.
+    pub experiment: String,
+    /// The arm's name.
+    pub arm: String,
 }
 
 /// What the response cache did for one call.

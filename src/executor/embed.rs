@@ -54,6 +54,7 @@ pub fn embedding_plan(plan: &Plan) -> Result<Plan, GatewayError> {
         skipped: plan.skipped.clone(),
         execution: plan.execution.clone(),
         counters: plan.counters.clone(),
+        arm: plan.arm.clone(),
     };
     let mut unsupported: Vec<String> = Vec::new();
     for target in &plan.targets {

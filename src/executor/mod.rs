@@ -388,6 +388,7 @@ impl<'p> Race<'p> {
             route: Route {
                 policy: plan.policy.as_deref().map(str::to_owned),
                 attempts: Vec::with_capacity(plan.targets.len() + plan.skipped.len()),
+                arm: plan.arm.as_ref().map(|a| a.arm.clone()),
                 ..Route::default()
             },
             next: 0,

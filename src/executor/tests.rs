@@ -183,6 +183,7 @@ fn plan(targets: Vec<Target>, execution: ExecutionSettings) -> Plan {
         skipped: Vec::new(),
         execution: Arc::new(execution),
         counters: Arc::new(PolicyCounters::new("p")),
+        arm: None,
     }
 }
 

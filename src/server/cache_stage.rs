@@ -102,6 +102,7 @@ pub fn hit_route(req: &ChatRequest, table: &RoutingTable, outcome: CacheOutcome)
         policy: table.is_policy(&req.model).then(|| req.model.clone()),
         attempts: Vec::new(),
         cache: outcome,
+        arm: None,
     }
 }
 

@@ -507,6 +507,12 @@ pub fn route(route: Route) -> pb::Route {
         cache: cache as i32,
         cache_similarity,
         policy: route.policy.unwrap_or_default(),
+        experiment: route
+            .arm
+            .as_ref()
+            .map(|a| a.experiment.clone())
+            .unwrap_or_default(),
+        arm: route.arm.map(|a| a.arm.clone()).unwrap_or_default(),
         attempts: route
             .attempts
             .into_iter()

@@ -7,12 +7,12 @@ use tokio::time::Instant;
 use tonic::Code;
 
 use crate::{
-    error::GatewayError,
+    error::{GatewayError, code_name},
     ledger::{Ledger, UsageRecord},
     limits::Permit,
     models::Cost,
     telemetry::{CallHandles, HandleCache, StaticSlots, TargetMetrics, names},
-    types::{AttemptOutcome, Route, Usage},
+    types::{ArmRef, AttemptOutcome, Route, Usage},
 };
 
 /// What the meter needs from the gateway, shared by all calls.
@@ -72,28 +72,8 @@ pub struct CallMeter {
     target: Option<Arc<TargetMetrics>>,
     /// A reply served from the response cache: who made it, and what it cost then.
     cached: Option<(String, String, Option<f64>)>,
-}
-
-fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
+    /// The experiment arm, for a call that failed before it had a route.
+    arm: Option<Arc<ArmRef>>,
 }
 
 fn inflight(rpc: &'static str) -> Cow<'static, metrics::Gauge> {
@@ -173,6 +153,7 @@ impl CallMeter {
             permit: None,
             target: None,
             cached: None,
+            arm: None,
         }
     }
 
@@ -190,6 +171,11 @@ impl CallMeter {
     /// The request's tags (for the ledger and tag labels).
     pub fn set_tags(&mut self, tags: &BTreeMap<String, String>) {
         self.tags.clone_from(tags);
+    }
+
+    /// The call's experiment arm, when planning failed (a route carries it otherwise).
+    pub fn set_arm(&mut self, arm: Option<Arc<ArmRef>>) {
+        self.arm = arm;
     }
 
     /// The gateway key that made the call (for attribution).
@@ -247,6 +233,9 @@ impl CallMeter {
                 .count()
         });
         let code = code_name(outcome.code);
+        let arm = route
+            .and_then(|r| r.arm.clone())
+            .or_else(|| self.arm.take());
 
         let handles = self.handles(&provider, &model, code);
         handles.calls.increment(1);
@@ -296,6 +285,14 @@ impl CallMeter {
             error_class: outcome.error_class.to_owned(),
             cache: route.map_or("", |r| r.cache.label()).to_owned(),
             cost_saved_usd: cached.and_then(|(_, _, saved)| saved),
+            trial: crate::ledger::Trial {
+                experiment: arm
+                    .as_ref()
+                    .map(|a| a.experiment.clone())
+                    .unwrap_or_default(),
+                arm: arm.map(|a| a.arm.clone()).unwrap_or_default(),
+                ..crate::ledger::Trial::default()
+            },
         });
     }
 }

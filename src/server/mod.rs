@@ -27,6 +27,7 @@ pub mod console;
 pub mod convert;
 pub mod convert_admin;
 pub mod convert_embed;
+pub mod convert_trial;
 pub mod deadline;
 pub mod engine;
 pub mod framing;
@@ -410,6 +411,8 @@ pub async fn serve_with(
     let admission = admission::Admission::new(config.admission.clone());
     let admission_layer = admission::AdmissionLayer::new(admission.clone(), meter.clone());
     let console_access = access.clone();
+    let shadows =
+        crate::experiments::shadow::ShadowPool::new(executor.clone(), meter.ledger.clone());
     let engine = engine::Engine::new(
         router,
         executor,
@@ -422,7 +425,8 @@ pub async fn serve_with(
         meter,
     )
     .with_cache(response_cache)
-    .with_guardrails(Arc::new(config.guardrails.clone()));
+    .with_guardrails(Arc::new(config.guardrails.clone()))
+    .with_shadows(shadows.clone());
     let batch_store = crate::batch::sqlite::SqliteBatchStore::open(&config.store.path)
         .map_err(|e| ServeError::Store(StoreError::Backend(e.to_string())))?;
     let batches = crate::batch::Batches::new(
@@ -664,6 +668,8 @@ pub async fn serve_with(
     // ended them already), then go back to pending for the next start.
     batches.shutdown(config.server.shutdown_grace).await;
     drop(batches);
+    // Shadow calls still running are cancelled (they are never worth a wait).
+    shadows.close().await;
     stop_metrics.cancel();
     stop_background.cancel();
     background.close();

@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{Store, StoreError};
+use crate::experiments::report::{self, ExperimentReport};
 use crate::{
     auth::{KeyRecord, KeySpec},
     ledger::{
@@ -68,6 +69,15 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE usage ADD COLUMN cost_saved_usd REAL;",
     // 5: per-minute usage rollups, filled from the records already stored.
     ledger::ROLLUP_MIGRATION,
+    // experiments and shadow traffic: the arm of a call, a shadow's primary and comparison.
+    "ALTER TABLE usage ADD COLUMN experiment TEXT NOT NULL DEFAULT '';
+    ALTER TABLE usage ADD COLUMN arm TEXT NOT NULL DEFAULT '';
+    ALTER TABLE usage ADD COLUMN shadow_of TEXT NOT NULL DEFAULT '';
+    ALTER TABLE usage ADD COLUMN shadow_length_ratio REAL;
+    ALTER TABLE usage ADD COLUMN shadow_exact_match INTEGER;
+    ALTER TABLE usage ADD COLUMN shadow_json_agree INTEGER;
+    ALTER TABLE usage ADD COLUMN shadow_finish_reason TEXT NOT NULL DEFAULT '';
+    CREATE INDEX usage_experiment ON usage (experiment, time_ms) WHERE experiment <> '';",
 ];
 
 /// The embedded store.
@@ -195,6 +205,18 @@ fn current_version(conn: &Connection, name: &str) -> Result<Option<u64>, StoreEr
 
 #[async_trait]
 impl Store for SqliteStore {
+    async fn experiment_report(
+        &self,
+        name: &str,
+        from_ms: i64,
+        to_ms: i64,
+        defined: Option<Vec<String>>,
+    ) -> Result<Option<ExperimentReport>, StoreError> {
+        report::run(self, name, from_ms, to_ms, defined)
+            .await
+            .map_err(StoreError::Backend)
+    }
+
     async fn list_policies(&self) -> Result<Vec<PolicyRecord>, StoreError> {
         self.with_conn(|conn| {
             let mut stmt = conn
@@ -455,9 +477,11 @@ impl UsageSink for SqliteStore {
                     .prepare_cached(
                         "INSERT INTO usage (time_ms, request_id, rpc, key, tags, policy, provider, model,
                          attempts, input_tokens, output_tokens, cached_input_tokens, usage_reported,
-                         cost_usd, latency_ms, ttft_ms, code, error_class, cache, cost_saved_usd)
+                         cost_usd, latency_ms, ttft_ms, code, error_class, cache, cost_saved_usd,
+                         experiment, arm, shadow_of, shadow_length_ratio, shadow_exact_match,
+                         shadow_json_agree, shadow_finish_reason)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
-                         ?19, ?20)",
+                         ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27)",
                     )
                     .map_err(backend)?;
                 for r in &records {
@@ -483,6 +507,16 @@ impl UsageSink for SqliteStore {
                         r.error_class,
                         r.cache,
                         r.cost_saved_usd,
+                        r.trial.experiment,
+                        r.trial.arm,
+                        r.trial.shadow_of,
+                        r.trial.comparison.as_ref().and_then(|c| c.length_ratio),
+                        r.trial.comparison.as_ref().map(|c| c.exact_match),
+                        r.trial.comparison.as_ref().and_then(|c| c.json_agree),
+                        r.trial
+                            .comparison
+                            .as_ref()
+                            .map_or("", |c| c.finish_reason.as_str()),
                     ])
                     .map_err(backend)?;
                 }
@@ -624,7 +658,45 @@ impl UsageSink for SqliteStore {
 
 const USAGE_COLUMNS: &str = "time_ms, request_id, rpc, key, tags, policy, provider, model,
     attempts, input_tokens, output_tokens, cached_input_tokens, usage_reported, cost_usd,
-    latency_ms, ttft_ms, code, error_class, cache, cost_saved_usd";
+    latency_ms, ttft_ms, code, error_class, cache, cost_saved_usd, experiment, arm, shadow_of,
+    shadow_length_ratio, shadow_exact_match, shadow_json_agree, shadow_finish_reason";
+
+#[async_trait]
+impl report::Query for SqliteStore {
+    fn dialect(&self) -> Dialect {
+        Dialect::Sqlite
+    }
+
+    async fn rows(
+        &self,
+        sql: String,
+        params: Vec<SqlParam>,
+        kinds: Vec<report::Kind>,
+    ) -> Result<Vec<Vec<report::Value>>, String> {
+        self.with_conn(move |conn| {
+            let mut stmt = conn.prepare(&sql).map_err(backend)?;
+            let rows = stmt
+                .query_map(rusqlite::params_from_iter(values(params)), |row| {
+                    (0..kinds.len())
+                        .map(|i| {
+                            Ok(match row.get::<_, rusqlite::types::Value>(i)? {
+                                rusqlite::types::Value::Integer(v) => report::Value::Int(v),
+                                rusqlite::types::Value::Real(v) => report::Value::Real(v),
+                                rusqlite::types::Value::Text(v) => report::Value::Text(v),
+                                rusqlite::types::Value::Null | rusqlite::types::Value::Blob(_) => {
+                                    report::Value::Null
+                                }
+                            })
+                        })
+                        .collect::<rusqlite::Result<Vec<_>>>()
+                })
+                .map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+        .await
+        .map_err(|e| e.to_string())
+    }
+}
 
 /// A usage record from the [`USAGE_COLUMNS`] of `row`, starting at column `at`.
 fn usage_from_row(row: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<UsageRecord> {
@@ -650,6 +722,22 @@ fn usage_from_row(row: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<UsageR
         error_class: row.get(at + 17)?,
         cache: row.get(at + 18)?,
         cost_saved_usd: row.get(at + 19)?,
+        trial: ledger::Trial {
+            experiment: row.get(at + 20)?,
+            arm: row.get(at + 21)?,
+            shadow_of: row.get(at + 22)?,
+            comparison: row
+                .get::<_, Option<bool>>(at + 24)?
+                .map(|exact_match| -> rusqlite::Result<_> {
+                    Ok(ledger::Comparison {
+                        length_ratio: row.get(at + 23)?,
+                        exact_match,
+                        json_agree: row.get(at + 25)?,
+                        finish_reason: row.get(at + 26)?,
+                    })
+                })
+                .transpose()?,
+        },
     })
 }
 
@@ -752,6 +840,8 @@ mod tests {
             execution: Default::default(),
             variants: vec![],
             guardrails: None,
+            shadow: None,
+            experiment: None,
             cache: Default::default(),
         }
     }
