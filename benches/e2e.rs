@@ -4,6 +4,8 @@
 //!
 //! - `e2e/chat`, `e2e/chat_stream_4_chunks` (criterion): one call each, client and mock
 //!   included (they run on other runtimes; the time is the round trip on loopback).
+//!   `e2e/chat_cache_hit`: a unary call answered from the exact response cache (policy
+//!   `cached`; no upstream call after the first).
 //! - Allocations (`tracking-allocator`, counting only on the gateway's own runtime threads,
 //!   workers and blocking pool, so not the client's or the mock's): per unary call,
 //!   per stream, and per stream chunk (the difference between 4- and 44-chunk streams over
@@ -183,6 +185,11 @@ path = "{}"
 kind = "openai"
 api_key = "bench-not-a-key"
 base_url = "{}"
+
+# `e2e/chat_cache_hit`: exact cache, every call after the first a hit.
+[policies.cached]
+targets = [{{ provider = "openai", model = "gpt-4o-mini" }}]
+cache = {{ mode = "exact" }}
 "#,
         store.path().join("gateway.db").display(),
         mock.openai_base_url()
@@ -264,6 +271,14 @@ base_url = "{}"
                 rt.block_on(async {
                     let mut c = client.clone();
                     chat(&mut c).await;
+                });
+            });
+        });
+        g.bench_function("chat_cache_hit", |b| {
+            b.iter(|| {
+                rt.block_on(async {
+                    let mut c = client.clone();
+                    c.chat(request("cached")).await.expect("the call succeeds");
                 });
             });
         });

@@ -111,6 +111,8 @@ struct RawConfig {
     shared: crate::shared::RawShared,
     #[serde(default)]
     batch: crate::batch::RawBatch,
+    #[serde(default)]
+    audit: crate::audit::RawAudit,
 }
 
 // -------------------------------------------------------------------------------------------
@@ -171,6 +173,8 @@ pub struct Config {
     pub shared: crate::shared::SharedSettings,
     /// `[batch]`: batch jobs.
     pub batch: crate::batch::BatchSettings,
+    /// `[audit]`: the audit log of admin changes.
+    pub audit: crate::audit::AuditSettings,
 }
 
 /// Settings given on the command line or in the environment; they win over the file.
@@ -375,6 +379,7 @@ fn validate(
     let admission = raw.admission.checked(&mut issues);
     let shared = crate::shared::SharedSettings::from_raw(raw.shared, &mut issues);
     let batch = crate::batch::BatchSettings::from_raw(raw.batch, &mut issues);
+    let audit = crate::audit::AuditSettings::from_raw(raw.audit, &mut issues);
 
     if !issues.is_empty() {
         return Err(ConfigError::Invalid(issues.into_vec()));
@@ -403,6 +408,7 @@ fn validate(
         guardrails,
         shared,
         batch,
+        audit,
     })
 }
 

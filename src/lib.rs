@@ -34,6 +34,8 @@
 //! - [`error`]: [`error::GatewayError`] and its single mapping to gRPC statuses.
 //! - [`health`]: circuit breakers, rate-limit cooldowns, latency statistics per target.
 //! - [`ledger`]: the usage and cost ledger, writing to a [`ledger::UsageSink`].
+//! - [`audit`]: the audit log of admin changes (who, what, before/after etag), written to an
+//!   [`audit::AuditSink`] the store implements; `[audit]`.
 //! - [`pacing`]: outbound smoothing: each provider account's requests and tokens per
 //!   minute (configured, and learned from the providers' headers) and the adaptive
 //!   concurrency limit per target; `[pacing]`.
@@ -76,7 +78,7 @@
 //! limits routing guard
 //! cache experiments
 //! error mock_upstream
-//! health ledger providers
+//! health ledger providers audit
 //! pacing
 //! shared
 //! models server::settings telemetry tls
@@ -88,6 +90,7 @@
 //! sections of the modules below it and only `server` and `reload` see a whole `Config`;
 //! the ledger defines the sink the store implements.
 
+pub mod audit;
 pub mod auth;
 pub mod batch;
 pub mod cache;

@@ -178,6 +178,7 @@ impl Reloader {
             guardrails,
             shared,
             batch,
+            audit,
         } = &self.running;
         let mut report = ReloadReport::default();
         self.apply_providers(providers, new, &mut report);
@@ -227,6 +228,7 @@ impl Reloader {
         restart("http", *http != new.http);
         restart("guardrails", *guardrails != new.guardrails);
         restart("shared", *shared != new.shared);
+        restart("audit", *audit != new.audit);
         report
     }
 

@@ -5,6 +5,8 @@
 //! - `openai`: Chat Completions request building and response parsing
 //!   (`providers::openai::ChatCompletions` build_request, parse_response).
 //! - `sse`: SSE decoding plus OpenAI chunk decoding of a realistic 200-chunk stream.
+//! - `front`: the HTTP front's OpenAI and Anthropic stream writers on a 200-chunk stream,
+//!   beside the OpenAI writer's former JSON-tree-per-chunk construction.
 //! - `guard`: guardrail scanning per KiB of prompt with every detector, and the stream
 //!   scanner per chunk (`guard`, `guard::stream`).
 //! - `executor`: routing plus the executor around a scripted instant fake provider, unary
@@ -26,6 +28,7 @@ mod cache;
 mod convert;
 mod executor;
 mod fixtures;
+mod front;
 mod guard;
 mod openai;
 mod sse;
@@ -37,6 +40,7 @@ fn main() {
     convert::bench(&mut c);
     openai::bench(&mut c);
     sse::bench(&mut c);
+    front::bench(&mut c);
     executor::bench(&mut c);
     cache::bench(&mut c);
     guard::bench(&mut c);

@@ -7,7 +7,9 @@
 //! - [`ResponseCache::begin`] decides, for one call, whether to look up and whether to
 //!   store ([`CallCache`]); the engine (`server::engine`) asks it before execution and
 //!   hands it a successful, complete answer after.
-//! - Entries live in a [`store::CacheStore`]: in memory ([`store::MemoryStore`]) by default.
+//! - Entries live in a [`store::CacheStore`]: in memory ([`store::MemoryStore`]) by default,
+//!   in Redis ([`redis_store::RedisStore`]) when `[shared] redis_url` is set, so every
+//!   replica serves every replica's replies.
 //!
 //! What is cacheable: a call whose policy (or, for a concrete `provider/model`,
 //! `[cache].models`) has a mode other than `off`, whose temperature is at most the policy's
@@ -15,6 +17,7 @@
 //! answer that finished normally (`STOP` or `TOOL_CALLS`), never a partial or failed stream.
 
 pub mod key;
+pub mod redis_store;
 pub mod semantic;
 pub mod store;
 
@@ -25,8 +28,9 @@ use tokio::time::Instant;
 
 pub use self::{
     key::{CacheKey, Scope},
-    semantic::{Embedder, SemanticIndex, Vector},
-    store::{CacheStore, Entry, Invalidate, MemoryStore},
+    redis_store::RedisStore,
+    semantic::{Attribution, Embedder, Indexed, SemanticIndex, Vector},
+    store::{CacheStore, Entry, IndexedPrompt, Invalidate, MemoryStore, StoreUnavailable},
 };
 use crate::{
     error::FieldViolation,
@@ -36,7 +40,9 @@ use crate::{
 };
 
 /// Metric: cache events by outcome (`hit`, `miss`, `store`, `bypass`) and kind (`exact`,
-/// `semantic`). A stored call counts a `miss` (when it was looked up) and a `store`.
+/// `semantic`). A stored call counts a `miss` (when it was looked up) and a `store`. The
+/// shared store counts `unavailable` (kind `get`, `put`, `sync`, `invalidate`) for each
+/// operation Redis did not answer (a lookup then misses, a store is dropped).
 pub const CACHE_EVENTS: &str = "llm_gateway_cache_events_total";
 
 /// How a policy caches.
@@ -142,7 +148,7 @@ pub struct CacheSettings {
     pub embedding_model: String,
     /// Least cosine similarity a semantic hit needs (default 0.95).
     pub semantic_threshold: f64,
-    /// Most prompts in the semantic index (default 100,000).
+    /// Most prompts in the semantic index, all partitions together (default 100,000).
     pub semantic_max_entries: usize,
 }
 
@@ -391,16 +397,18 @@ impl ResponseCache {
         }
     }
 
-    /// Removes the matching replies; returns how many.
-    pub fn invalidate(&self, filter: &Invalidate) -> u64 {
-        let removed = self.store.invalidate(filter, Instant::now());
-        if removed > 0
-            && let Some(index) = self.semantic_index()
-            && *filter == Invalidate::default()
-        {
-            index.clear();
+    /// Removes the matching replies, and tombstones their prompts in the semantic index;
+    /// returns how many replies.
+    pub async fn invalidate(&self, filter: &Invalidate) -> Result<u64, StoreUnavailable> {
+        let now = Instant::now();
+        if let Some(index) = self.semantic_index() {
+            if *filter == Invalidate::default() {
+                index.clear();
+            } else {
+                index.invalidate(filter, now);
+            }
         }
-        removed
+        self.store.invalidate(filter, now).await
     }
 }
 
@@ -457,11 +465,12 @@ impl CallCache {
         self.outcome
     }
 
-    /// The cached reply, when there is a live one (and the caller allowed the lookup).
-    pub async fn lookup(&mut self) -> Option<Arc<Entry>> {
+    /// The cached reply, when there is a live one (and the caller allowed the lookup);
+    /// a semantic lookup's embedding call is made for `call`.
+    pub async fn lookup(&mut self, call: Attribution<'_>) -> Option<Arc<Entry>> {
         let active = self.active.as_mut()?;
         if active.lookup {
-            if let Some(entry) = active.cache.store.get(&active.key, Instant::now()) {
+            if let Some(entry) = active.cache.store.get(&active.key, Instant::now()).await {
                 counter("hit", "exact");
                 self.outcome = CacheOutcome::Hit { similarity: None };
                 self.active = None;
@@ -476,7 +485,7 @@ impl CallCache {
         else {
             return None;
         };
-        let vector = match embedder.embed(&sem.text).await {
+        let vector = match embedder.embed(&sem.text, call).await {
             Ok(v) => Vector::unit(&v),
             Err(err) => {
                 tracing::warn!(error = %err, "semantic cache: the prompt could not be embedded");
@@ -487,15 +496,15 @@ impl CallCache {
             active.semantic = None;
             return None;
         };
-        let now = Instant::now();
         let found = if active.lookup {
-            index.nearest(&sem.partition, &vector, now)
+            active.cache.store.sync_index(index).await;
+            index.nearest(&sem.partition, &vector, Instant::now())
         } else {
             None
         };
         sem.vector = Some(vector);
         if let Some((key, similarity)) = found.filter(|(_, s)| *s >= sem.threshold)
-            && let Some(entry) = active.cache.store.get(&key, now)
+            && let Some(entry) = active.cache.store.get(&key, Instant::now()).await
         {
             counter("hit", "semantic");
             self.outcome = CacheOutcome::Hit {
@@ -511,7 +520,7 @@ impl CallCache {
     }
 
     /// Stores a complete answer when it finished normally; returns the call's outcome.
-    pub fn store(
+    pub async fn store(
         &mut self,
         response: &ChatResponse,
         provider: &str,
@@ -527,25 +536,38 @@ impl CallCache {
             return self.outcome;
         }
         let now = Instant::now();
+        let mut prompt = None;
         if let (Some(sem), Some((index, _))) = (active.semantic, active.cache.semantic.as_ref())
             && let Some(vector) = sem.vector
         {
-            index.insert(sem.partition, vector, active.key.clone(), now + active.ttl);
+            index.insert_indexed(
+                sem.partition,
+                vector.clone(),
+                Indexed {
+                    key: active.key.clone(),
+                    policy: active.policy.clone(),
+                    stored: now,
+                    expires: now + active.ttl,
+                },
+            );
+            prompt = Some(IndexedPrompt {
+                partition: sem.partition,
+                vector,
+            });
             counter("store", "semantic");
         }
-        active.cache.store.put(
-            active.key,
-            Arc::new(Entry {
-                response: response.clone(),
-                provider: provider.to_owned(),
-                cost,
-                policy: active.policy,
-                stored: now,
-                expires: now + active.ttl,
-            }),
-        );
-        counter("store", "exact");
-        self.outcome = CacheOutcome::Stored;
+        let entry = Arc::new(Entry {
+            response: response.clone(),
+            provider: provider.to_owned(),
+            cost,
+            policy: active.policy,
+            stored: now,
+            expires: now + active.ttl,
+        });
+        if active.cache.store.put(active.key, entry, prompt).await {
+            counter("store", "exact");
+            self.outcome = CacheOutcome::Stored;
+        }
         self.outcome
     }
 }
@@ -570,6 +592,15 @@ mod tests {
         }
     }
 
+    fn who() -> Attribution<'static> {
+        static TAGS: std::collections::BTreeMap<String, String> = std::collections::BTreeMap::new();
+        Attribution {
+            request_id: "r",
+            key: "",
+            tags: &TAGS,
+        }
+    }
+
     fn answer() -> ChatResponse {
         ChatResponse {
             model: "echo".into(),
@@ -584,13 +615,16 @@ mod tests {
         let c = cache(CacheMode::Exact);
         let (a, b) = (namespace(Some("a"), None), namespace(Some("b"), None));
         let mut call = c.begin(&a, &req("x"), None, CacheControl::default());
-        assert!(call.lookup().await.is_none());
-        assert_eq!(call.store(&answer(), "mock", None), CacheOutcome::Stored);
+        assert!(call.lookup(who()).await.is_none());
+        assert_eq!(
+            call.store(&answer(), "mock", None).await,
+            CacheOutcome::Stored
+        );
         let mut again = c.begin(&a, &req("x"), None, CacheControl::default());
-        assert!(again.lookup().await.is_some());
+        assert!(again.lookup(who()).await.is_some());
         assert_eq!(again.outcome(), CacheOutcome::Hit { similarity: None });
         let mut other = c.begin(&b, &req("x"), None, CacheControl::default());
-        assert!(other.lookup().await.is_none());
+        assert!(other.lookup(who()).await.is_none());
     }
 
     #[tokio::test]
@@ -602,13 +636,19 @@ mod tests {
             finish_reason: FinishReason::Length,
             ..answer()
         };
-        assert_eq!(call.store(&truncated, "mock", None), CacheOutcome::Miss);
+        assert_eq!(
+            call.store(&truncated, "mock", None).await,
+            CacheOutcome::Miss
+        );
         let no_store = CacheControl::parse(Some("No-Store"));
         let mut call = c.begin(&ns, &req("x"), None, no_store);
         assert_eq!(call.outcome(), CacheOutcome::Bypass);
-        assert_eq!(call.store(&answer(), "mock", None), CacheOutcome::Bypass);
+        assert_eq!(
+            call.store(&answer(), "mock", None).await,
+            CacheOutcome::Bypass
+        );
         let mut call = c.begin(&ns, &req("x"), None, CacheControl::default());
-        assert!(call.lookup().await.is_none());
+        assert!(call.lookup(who()).await.is_none());
     }
 
     #[test]

@@ -7,27 +7,53 @@
 //! [`REBUILD_AT`] (or a quarter of the graph), the graph is rebuilt with them on a blocking
 //! thread while lookups go on with the old graph and the buffer. A lookup's cost is one
 //! HNSW search (logarithmic in the entries) and a scan of at most the buffer.
+//!
+//! Invalidation leaves tombstones: each prompt has a `dead` flag, set by
+//! [`SemanticIndex::invalidate`] in the graph and the buffer alike, so an invalidated prompt
+//! is never found again (a lookup skips it and takes the next live one); a partition whose
+//! prompts are a quarter dead is rebuilt without them. Memory is bounded across partitions:
+//! the index holds at most `max_entries` prompts (plus the inserts made while a trimming
+//! rebuild runs, never more than an eighth above): past it, the largest partition (or the
+//! one being inserted into) is rebuilt without its dead, expired and soonest-expiring
+//! prompts, and a partition left empty is dropped.
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
 };
 
 use instant_distance::{Builder, HnswMap, Point, Search};
 use tokio::time::Instant;
 
-use super::key::CacheKey;
+use super::{key::CacheKey, store::Invalidate};
 use crate::error::GatewayError;
 
 /// Buffered prompts that trigger a rebuild of a partition's graph (also once they are a
 /// quarter of it).
 pub const REBUILD_AT: usize = 512;
 
+/// Graph candidates a lookup looks at, nearest first, for a live one.
+const CANDIDATES: usize = 16;
+
+/// Who a semantic lookup's embedding call is made for (its ledger record).
+#[derive(Debug, Clone, Copy)]
+pub struct Attribution<'a> {
+    /// The chat call's request id.
+    pub request_id: &'a str,
+    /// The gateway key that made the call (empty without one).
+    pub key: &'a str,
+    /// The chat request's tags.
+    pub tags: &'a std::collections::BTreeMap<String, String>,
+}
+
 /// Embeds prompt text for the semantic cache.
 #[async_trait::async_trait]
 pub trait Embedder: Send + Sync + 'static {
-    /// The embedding of `text` (any length; it is normalized here).
-    async fn embed(&self, text: &str) -> Result<Vec<f32>, GatewayError>;
+    /// The embedding of `text` (any length; it is normalized here), made for `call`.
+    async fn embed(&self, text: &str, call: Attribution<'_>) -> Result<Vec<f32>, GatewayError>;
 }
 
 /// A unit-length vector.
@@ -48,6 +74,11 @@ impl Vector {
         }
         self.0.iter().zip(other.0.iter()).map(|(a, b)| a * b).sum()
     }
+
+    /// The components.
+    pub fn as_slice(&self) -> &[f32] {
+        &self.0
+    }
 }
 
 impl Point for Vector {
@@ -56,11 +87,31 @@ impl Point for Vector {
     }
 }
 
-/// What a vector points to: the exact key of the cached reply.
+/// A cached prompt, as the index keeps it.
+#[derive(Debug, Clone)]
+pub struct Indexed {
+    /// The exact key of the cached reply.
+    pub key: CacheKey,
+    /// The policy the reply was made for (for invalidation).
+    pub policy: Option<Arc<str>>,
+    /// When the reply was stored.
+    pub stored: Instant,
+    /// When it expires.
+    pub expires: Instant,
+}
+
+/// What a vector points to, with its tombstone (shared by every copy of the slot, so a
+/// prompt invalidated during a rebuild stays dead in the new graph).
 #[derive(Debug, Clone)]
 struct Slot {
-    key: CacheKey,
-    expires: Instant,
+    item: Indexed,
+    dead: Arc<AtomicBool>,
+}
+
+impl Slot {
+    fn live(&self, now: Instant) -> bool {
+        self.item.expires > now && !self.dead.load(Ordering::Relaxed)
+    }
 }
 
 #[derive(Default)]
@@ -68,12 +119,24 @@ struct Partition {
     graph: Option<Arc<HnswMap<Vector, Slot>>>,
     /// Added since the graph was built, oldest first.
     fresh: Vec<(Vector, Slot)>,
+    /// Tombstoned prompts not yet dropped by a rebuild.
+    dead: usize,
     building: bool,
 }
 
+impl Partition {
+    fn len(&self) -> usize {
+        self.fresh.len() + self.graph.as_ref().map_or(0, |g| g.values.len())
+    }
+}
+
+type Partitions = Mutex<HashMap<[u8; 32], Arc<Mutex<Partition>>>>;
+
 /// The index of every partition.
 pub struct SemanticIndex {
-    partitions: Mutex<HashMap<[u8; 32], Arc<Mutex<Partition>>>>,
+    partitions: Arc<Partitions>,
+    /// Prompts held in all partitions (dead ones until a rebuild drops them).
+    held: Arc<AtomicUsize>,
     max_entries: usize,
     rebuild_at: usize,
 }
@@ -82,11 +145,19 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Takes `n` from `held` (never below zero: a rebuild may finish after a [`SemanticIndex::clear`]).
+fn release(held: &AtomicUsize, n: usize) {
+    let _ = held.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |h| {
+        Some(h.saturating_sub(n))
+    });
+}
+
 impl SemanticIndex {
-    /// An index keeping at most `max_entries` prompts per partition (the newest).
+    /// An index keeping at most `max_entries` prompts in all (the newest).
     pub fn new(max_entries: usize) -> Self {
         Self {
-            partitions: Mutex::new(HashMap::new()),
+            partitions: Arc::default(),
+            held: Arc::default(),
             max_entries: max_entries.max(1),
             rebuild_at: REBUILD_AT,
         }
@@ -103,7 +174,7 @@ impl SemanticIndex {
     }
 
     /// The live cached prompt most similar to `query` in partition `id`, with its
-    /// similarity.
+    /// similarity; invalidated and expired prompts are skipped.
     pub fn nearest(&self, id: &[u8; 32], query: &Vector, now: Instant) -> Option<(CacheKey, f32)> {
         let partition = self.partition(id)?;
         let (graph, mut best) = {
@@ -111,37 +182,99 @@ impl SemanticIndex {
             let best = p
                 .fresh
                 .iter()
-                .filter(|(_, s)| s.expires > now)
+                .filter(|(_, s)| s.live(now))
                 .map(|(v, s)| (s, v.similarity(query)))
                 .max_by(|a, b| a.1.total_cmp(&b.1))
-                .map(|(s, sim)| (s.key.clone(), sim));
+                .map(|(s, sim)| (s.item.key.clone(), sim));
             (p.graph.clone(), best)
         };
         if let Some(graph) = graph {
             let mut search = Search::default();
-            // The few nearest, in order: the first live one.
-            for item in graph.search(query, &mut search).take(4) {
-                if item.value.expires <= now {
-                    continue;
-                }
+            // The nearest live one of the few nearest, in order.
+            if let Some(item) = graph
+                .search(query, &mut search)
+                .take(CANDIDATES)
+                .find(|item| item.value.live(now))
+            {
                 let sim = 1.0 - item.distance;
                 if best.as_ref().is_none_or(|(_, b)| sim > *b) {
-                    best = Some((item.value.key.clone(), sim));
+                    best = Some((item.value.item.key.clone(), sim));
                 }
-                break;
             }
         }
         best
     }
 
-    /// Adds a cached prompt; rebuilds the partition's graph in the background when its
-    /// buffer is full.
+    /// Adds a cached prompt expiring at `expires` (stored now, for no policy).
     pub fn insert(&self, id: [u8; 32], vector: Vector, key: CacheKey, expires: Instant) {
-        let partition = lock(&self.partitions).entry(id).or_default().clone();
+        self.insert_indexed(
+            id,
+            vector,
+            Indexed {
+                key,
+                policy: None,
+                stored: Instant::now(),
+                expires,
+            },
+        );
+    }
+
+    /// Adds a cached prompt; rebuilds the partition's graph in the background when its
+    /// buffer is full, and trims the index when it holds more than its bound.
+    pub fn insert_indexed(&self, id: [u8; 32], vector: Vector, item: Indexed) {
+        let hard_limit = self.max_entries.saturating_add(self.max_entries / 8);
+        if self.held.load(Ordering::Relaxed) >= hard_limit {
+            // Full even with the slack a running trim allows: not indexed.
+            return;
+        }
+        let (partition, full, len) = {
+            let mut parts = lock(&self.partitions);
+            let partition = parts.entry(id).or_default().clone();
+            // Locked before the map is let go, so a rebuild cannot drop it as empty first.
+            let mut p = lock(&partition);
+            drop(parts);
+            p.fresh.push((
+                vector,
+                Slot {
+                    item,
+                    dead: Arc::default(),
+                },
+            ));
+            self.held.fetch_add(1, Ordering::Relaxed);
+            let graph_len = p.graph.as_ref().map_or(0, |g| g.values.len());
+            let full = !p.building && p.fresh.len() >= self.rebuild_at.max(graph_len / 4);
+            let len = p.len();
+            drop(p);
+            (partition, full, len)
+        };
+        let held = self.held.load(Ordering::Relaxed);
+        if held > self.max_entries {
+            // Trim a little below the bound, so trims do not follow every insert.
+            let over = held - self.max_entries + self.max_entries / 16;
+            if len > over {
+                self.rebuild(id, partition, len - over);
+            } else if let Some((victim_id, victim, victim_len)) = self.largest() {
+                self.rebuild(victim_id, victim, victim_len.saturating_sub(over));
+            }
+        } else if full {
+            self.rebuild(id, partition, self.max_entries);
+        }
+    }
+
+    /// The partition holding the most prompts.
+    fn largest(&self) -> Option<([u8; 32], Arc<Mutex<Partition>>, usize)> {
+        lock(&self.partitions)
+            .iter()
+            .map(|(id, p)| (*id, p.clone(), lock(p).len()))
+            .max_by_key(|(_, _, len)| *len)
+    }
+
+    /// Rebuilds a partition's graph from its graph and buffer without dead and expired
+    /// prompts, keeping at most `cap` (the latest to expire, then the newest), on a blocking thread; a
+    /// partition left empty is dropped. Does nothing while one is running.
+    fn rebuild(&self, id: [u8; 32], partition: Arc<Mutex<Partition>>, cap: usize) {
         let mut p = lock(&partition);
-        p.fresh.push((vector, Slot { key, expires }));
-        let graph_len = p.graph.as_ref().map_or(0, |g| g.values.len());
-        if p.building || p.fresh.len() < self.rebuild_at.max(graph_len / 4) {
+        if p.building {
             return;
         }
         p.building = true;
@@ -157,20 +290,37 @@ impl SemanticIndex {
             .unwrap_or_default();
         points.extend(p.fresh.iter().cloned());
         drop(p);
-        let max = self.max_entries;
+        let (partitions, held) = (self.partitions.clone(), self.held.clone());
         let build = move || {
             let now = Instant::now();
-            points.retain(|(_, s)| s.expires > now);
-            points.sort_by_key(|(_, s)| s.expires);
-            let excess = points.len().saturating_sub(max);
+            let before = points.len();
+            points.retain(|(_, s)| s.live(now));
+            points.sort_by_key(|(_, s)| (s.item.expires, s.item.stored));
+            let excess = points.len().saturating_sub(cap);
             points.drain(..excess);
-            let (vectors, slots): (Vec<Vector>, Vec<Slot>) = points.into_iter().unzip();
-            let graph = Builder::default().seed(1).build(vectors, slots);
+            let kept = points.len();
+            let graph = (kept > 0).then(|| {
+                let (vectors, slots): (Vec<Vector>, Vec<Slot>) = points.into_iter().unzip();
+                Arc::new(Builder::default().seed(1).build(vectors, slots))
+            });
+            let mut parts = lock(&partitions);
             let mut p = lock(&partition);
-            p.graph = Some(Arc::new(graph));
+            p.graph = graph;
+            // The buffer only grows while a rebuild runs: its first `taken` are in the graph.
             let done = taken.min(p.fresh.len());
             p.fresh.drain(..done);
+            let dead = |s: &Slot| s.dead.load(Ordering::Relaxed);
+            p.dead = p.fresh.iter().filter(|(_, s)| dead(s)).count()
+                + p.graph
+                    .as_ref()
+                    .map_or(0, |g| g.values.iter().filter(|s| dead(s)).count());
             p.building = false;
+            release(&held, before - kept);
+            let empty = p.len() == 0;
+            drop(p);
+            if empty {
+                parts.remove(&id);
+            }
         };
         match tokio::runtime::Handle::try_current() {
             // Not work that must finish: a lost rebuild leaves the buffer to the next one.
@@ -179,26 +329,59 @@ impl SemanticIndex {
         }
     }
 
-    /// Forgets every prompt (after an invalidation; the entries themselves are gone from
-    /// the store, so a stale vector only costs a miss).
-    pub fn clear(&self) {
-        lock(&self.partitions).clear();
+    /// Tombstones the prompts `filter` matches (as of `now`); returns how many. A
+    /// partition a quarter dead is rebuilt without them.
+    pub fn invalidate(&self, filter: &Invalidate, now: Instant) -> usize {
+        let all: Vec<([u8; 32], Arc<Mutex<Partition>>)> = lock(&self.partitions)
+            .iter()
+            .map(|(id, p)| (*id, p.clone()))
+            .collect();
+        let mut total = 0;
+        for (id, partition) in all {
+            let rebuild = {
+                let mut p = lock(&partition);
+                let mut killed = 0;
+                let mut kill = |s: &Slot| {
+                    if !s.dead.load(Ordering::Relaxed) && filter.matches_prompt(&s.item, now) {
+                        s.dead.store(true, Ordering::Relaxed);
+                        killed += 1;
+                    }
+                };
+                p.fresh.iter().for_each(|(_, s)| kill(s));
+                if let Some(graph) = &p.graph {
+                    graph.values.iter().for_each(&mut kill);
+                }
+                p.dead += killed;
+                total += killed;
+                killed > 0 && p.dead * 4 >= p.len()
+            };
+            if rebuild {
+                self.rebuild(id, partition, self.max_entries);
+            }
+        }
+        total
     }
 
-    /// Prompts held, graph and buffers (for tests and benchmarks).
+    /// Forgets every prompt.
+    pub fn clear(&self) {
+        lock(&self.partitions).clear();
+        self.held.store(0, Ordering::Relaxed);
+    }
+
+    /// Prompts held, graphs and buffers, tombstoned ones not yet dropped included (for
+    /// tests and benchmarks).
     pub fn len(&self) -> usize {
-        lock(&self.partitions)
-            .values()
-            .map(|p| {
-                let p = lock(p);
-                p.fresh.len() + p.graph.as_ref().map_or(0, |g| g.values.len())
-            })
-            .sum()
+        lock(&self.partitions).values().map(|p| lock(p).len()).sum()
     }
 
     /// Whether no prompt is held.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Partitions held.
+    pub fn partitions(&self) -> usize {
+        lock(&self.partitions).len()
     }
 
     /// Whether a partition's graph is being rebuilt.
@@ -271,5 +454,80 @@ mod tests {
                 .nearest(&[1; 32], &vector(1, 8), Instant::now())
                 .is_none()
         );
+    }
+
+    fn key_in(ns: &str, n: u32) -> CacheKey {
+        CacheKey {
+            namespace: ns.into(),
+            ..key(n)
+        }
+    }
+
+    #[test]
+    fn invalidated_prompts_are_never_found_and_the_next_live_one_is() {
+        let index = SemanticIndex::new(10_000).rebuild_at(8);
+        let now = Instant::now();
+        let later = now + Duration::from_secs(60);
+        let item = |ns: &str, n: u32, policy: &str| Indexed {
+            key: key_in(ns, n),
+            policy: Some(policy.into()),
+            stored: now,
+            expires: later,
+        };
+        // Prompt 0 and a near copy of it (1), in the graph (rebuilt at 8) and the buffer.
+        let base = vector(0, 16);
+        let near: Vec<f32> = base.as_slice().iter().map(|x| x + 0.01).collect();
+        index.insert_indexed([1; 32], base.clone(), item("a", 0, "old"));
+        for n in 2..9 {
+            index.insert_indexed([1; 32], vector(n, 16), item("a", n, "other"));
+        }
+        index.insert_indexed([1; 32], Vector::unit(&near).unwrap(), item("a", 1, "new"));
+        assert_eq!(
+            index.nearest(&[1; 32], &base, now).unwrap().0,
+            key_in("a", 0)
+        );
+        let by_policy = Invalidate {
+            policy: Some("old".into()),
+            ..Invalidate::default()
+        };
+        assert_eq!(index.invalidate(&by_policy, now), 1);
+        let (found, sim) = index.nearest(&[1; 32], &base, now).unwrap();
+        assert_eq!(found, key_in("a", 1), "the dead prompt is skipped");
+        assert!(sim > 0.9, "{sim}");
+        // By namespace: another namespace's prompts stay.
+        index.insert_indexed([2; 32], base.clone(), item("b", 0, "old"));
+        let by_namespace = Invalidate {
+            namespace: Some("a".into()),
+            ..Invalidate::default()
+        };
+        assert_eq!(index.invalidate(&by_namespace, now), 8);
+        assert!(index.nearest(&[1; 32], &base, now).is_none());
+        assert!(index.nearest(&[2; 32], &base, now).is_some());
+        // A partition that died entirely is rebuilt away (no runtime: inline).
+        assert_eq!(index.partitions(), 1);
+        assert_eq!(index.len(), 1);
+    }
+
+    #[test]
+    fn the_index_holds_at_most_its_bound_across_partitions() {
+        let max = 64;
+        let index = SemanticIndex::new(max).rebuild_at(16);
+        let expires = Instant::now() + Duration::from_secs(60);
+        for n in 0..1_000u32 {
+            // Many small partitions and one big one.
+            let id = if n % 2 == 0 {
+                [0; 32]
+            } else {
+                [(n % 50) as u8 + 1; 32]
+            };
+            let expires = expires + Duration::from_millis(u64::from(n));
+            index.insert(id, vector(n, 8), key(n), expires);
+            assert!(index.len() <= max, "{} held after {n}", index.len());
+        }
+        // The newest prompt of the big partition is still found.
+        let (found, _) = index
+            .nearest(&[0; 32], &vector(998, 8), Instant::now())
+            .unwrap();
+        assert_eq!(found, key(998));
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::key::CacheKey;
+use super::{key::CacheKey, semantic::Indexed};
 use crate::{models::Cost, types::ChatResponse};
 
 /// One cached reply.
@@ -60,27 +60,56 @@ pub struct Invalidate {
 impl Invalidate {
     /// Whether `entry` (under `key`) matches.
     pub fn matches(&self, key: &CacheKey, entry: &Entry, now: Instant) -> bool {
-        self.namespace
-            .as_deref()
-            .is_none_or(|n| *key.namespace == *n)
-            && self
-                .policy
-                .as_deref()
-                .is_none_or(|p| entry.policy.as_deref() == Some(p))
+        self.holds(&key.namespace, entry.policy.as_deref(), entry.stored, now)
+    }
+
+    /// Whether a semantic index's prompt matches.
+    pub fn matches_prompt(&self, prompt: &Indexed, now: Instant) -> bool {
+        self.holds(
+            &prompt.key.namespace,
+            prompt.policy.as_deref(),
+            prompt.stored,
+            now,
+        )
+    }
+
+    fn holds(&self, namespace: &str, policy: Option<&str>, stored: Instant, now: Instant) -> bool {
+        self.namespace.as_deref().is_none_or(|n| namespace == n)
+            && self.policy.as_deref().is_none_or(|p| policy == Some(p))
             && self
                 .older_than
-                .is_none_or(|age| now.saturating_duration_since(entry.stored) >= age)
+                .is_none_or(|age| now.saturating_duration_since(stored) >= age)
     }
 }
 
+/// A shared store could not be reached (an invalidation that may have left entries).
+#[derive(Debug, thiserror::Error)]
+#[error("the shared cache store is unreachable: {0}")]
+pub struct StoreUnavailable(pub String);
+
+/// A prompt of the semantic index that goes with a stored reply (shared stores publish it
+/// to the other replicas' indexes).
+#[derive(Debug, Clone)]
+pub struct IndexedPrompt {
+    /// The index partition.
+    pub partition: [u8; 32],
+    /// The prompt's embedding.
+    pub vector: super::Vector,
+}
+
 /// Storage of cached replies, in memory or shared between replicas.
+#[async_trait::async_trait]
 pub trait CacheStore: Send + Sync + 'static {
-    /// The live entry under `key`.
-    fn get(&self, key: &CacheKey, now: Instant) -> Option<Arc<Entry>>;
-    /// Stores `entry` under `key`.
-    fn put(&self, key: CacheKey, entry: Arc<Entry>);
+    /// The live entry under `key` (`None` also when the store cannot be reached).
+    async fn get(&self, key: &CacheKey, now: Instant) -> Option<Arc<Entry>>;
+    /// Stores `entry` under `key`, with the semantic prompt that points to it, if any;
+    /// whether it was stored (`false`: the store could not be reached).
+    async fn put(&self, key: CacheKey, entry: Arc<Entry>, prompt: Option<IndexedPrompt>) -> bool;
     /// Removes the matching entries; returns how many.
-    fn invalidate(&self, filter: &Invalidate, now: Instant) -> u64;
+    async fn invalidate(&self, filter: &Invalidate, now: Instant) -> Result<u64, StoreUnavailable>;
+    /// Brings `index` up to date with the prompts and invalidations of other replicas
+    /// (nothing to do for a store only this replica uses).
+    async fn sync_index(&self, _index: &super::SemanticIndex) {}
 }
 
 #[derive(Clone)]
@@ -125,8 +154,9 @@ impl MemoryStore {
     }
 }
 
-impl CacheStore for MemoryStore {
-    fn get(&self, key: &CacheKey, now: Instant) -> Option<Arc<Entry>> {
+impl MemoryStore {
+    /// The live entry under `key`.
+    pub fn get_now(&self, key: &CacheKey, now: Instant) -> Option<Arc<Entry>> {
         let entry = self.cache.get(key)?;
         if entry.expires <= now {
             self.cache.remove(key);
@@ -135,15 +165,33 @@ impl CacheStore for MemoryStore {
         Some(entry)
     }
 
-    fn put(&self, key: CacheKey, entry: Arc<Entry>) {
+    /// Stores `entry` under `key`.
+    pub fn put_now(&self, key: CacheKey, entry: Arc<Entry>) {
         self.cache.insert(key, entry);
     }
 
-    fn invalidate(&self, filter: &Invalidate, now: Instant) -> u64 {
+    /// Removes the matching entries (and expired ones); returns how many matched.
+    pub fn invalidate_now(&self, filter: &Invalidate, now: Instant) -> u64 {
         let before = self.cache.len();
         self.cache
             .retain(|k, e| e.expires > now && !filter.matches(k, e, now));
         before.saturating_sub(self.cache.len()) as u64
+    }
+}
+
+#[async_trait::async_trait]
+impl CacheStore for MemoryStore {
+    async fn get(&self, key: &CacheKey, now: Instant) -> Option<Arc<Entry>> {
+        self.get_now(key, now)
+    }
+
+    async fn put(&self, key: CacheKey, entry: Arc<Entry>, _prompt: Option<IndexedPrompt>) -> bool {
+        self.put_now(key, entry);
+        true
+    }
+
+    async fn invalidate(&self, filter: &Invalidate, now: Instant) -> Result<u64, StoreUnavailable> {
+        Ok(self.invalidate_now(filter, now))
     }
 }
 
@@ -179,12 +227,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn entries_expire_after_their_ttl() {
         let store = MemoryStore::new(1 << 20, 100);
-        store.put(key("a", 1), entry(Duration::from_secs(60)));
-        assert!(store.get(&key("a", 1), Instant::now()).is_some());
+        store.put_now(key("a", 1), entry(Duration::from_secs(60)));
+        assert!(store.get_now(&key("a", 1), Instant::now()).is_some());
         tokio::time::advance(Duration::from_secs(59)).await;
-        assert!(store.get(&key("a", 1), Instant::now()).is_some());
+        assert!(store.get_now(&key("a", 1), Instant::now()).is_some());
         tokio::time::advance(Duration::from_secs(1)).await;
-        assert!(store.get(&key("a", 1), Instant::now()).is_none());
+        assert!(store.get_now(&key("a", 1), Instant::now()).is_none());
         assert!(store.is_empty(), "an expired entry is removed when read");
     }
 
@@ -192,7 +240,7 @@ mod tests {
     async fn the_entry_bound_holds() {
         let store = MemoryStore::new(1 << 20, 10);
         for n in 0..50 {
-            store.put(key("a", n), entry(Duration::from_secs(60)));
+            store.put_now(key("a", n), entry(Duration::from_secs(60)));
         }
         assert!(store.len() <= 10, "{} entries", store.len());
     }
@@ -200,27 +248,27 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn invalidation_by_namespace_policy_and_age() {
         let store = MemoryStore::new(1 << 20, 100);
-        store.put(key("a", 1), entry(Duration::from_secs(600)));
+        store.put_now(key("a", 1), entry(Duration::from_secs(600)));
         tokio::time::advance(Duration::from_secs(100)).await;
-        store.put(key("a", 2), entry(Duration::from_secs(600)));
-        store.put(key("b", 3), entry(Duration::from_secs(600)));
+        store.put_now(key("a", 2), entry(Duration::from_secs(600)));
+        store.put_now(key("b", 3), entry(Duration::from_secs(600)));
         let now = Instant::now();
         let older = Invalidate {
             older_than: Some(Duration::from_secs(50)),
             ..Invalidate::default()
         };
-        assert_eq!(store.invalidate(&older, now), 1);
+        assert_eq!(store.invalidate_now(&older, now), 1);
         let other_policy = Invalidate {
             policy: Some("other".into()),
             ..Invalidate::default()
         };
-        assert_eq!(store.invalidate(&other_policy, now), 0);
+        assert_eq!(store.invalidate_now(&other_policy, now), 0);
         let ns = Invalidate {
             namespace: Some("b".into()),
             policy: Some("chat".into()),
             ..Invalidate::default()
         };
-        assert_eq!(store.invalidate(&ns, now), 1);
-        assert!(store.get(&key("a", 2), now).is_some());
+        assert_eq!(store.invalidate_now(&ns, now), 1);
+        assert!(store.get_now(&key("a", 2), now).is_some());
     }
 }

@@ -10,8 +10,9 @@ use std::{collections::BTreeMap, sync::Arc};
 use tokio::sync::{Mutex, mpsc};
 use tonic::{Request, Response, Status};
 
-use super::{access::Access, convert, convert_admin};
+use super::{access::Access, authz::Principal, convert, convert_admin};
 use crate::{
+    audit::{self, Auditor},
     auth::{self, KeyRecord},
     error::{FieldViolation, GatewayError},
     pb::{self, llm_gateway_admin_server::LlmGatewayAdmin},
@@ -46,6 +47,7 @@ pub struct AdminService {
     writes: Mutex<()>,
     reloader: Option<Arc<crate::reload::Reloader>>,
     cache: Option<Arc<crate::cache::ResponseCache>>,
+    auditor: Auditor,
 }
 
 impl AdminService {
@@ -60,6 +62,7 @@ impl AdminService {
         Self {
             access,
             router,
+            auditor: Auditor::new(store.clone()),
             store,
             config_policies: config_policies
                 .into_iter()
@@ -70,6 +73,17 @@ impl AdminService {
             reloader: None,
             cache: None,
         }
+    }
+
+    /// The audit log: every change made through this service is recorded here, and other
+    /// control-plane components (rollouts) record theirs through it too.
+    pub fn auditor(&self) -> &Auditor {
+        &self.auditor
+    }
+
+    /// Records a change (a failed write is logged by the auditor; the change stands).
+    async fn audit(&self, entry: audit::Entry) {
+        let _ = self.auditor.record(entry).await;
     }
 
     /// Serves `InvalidateCache` on `cache`.
@@ -202,6 +216,37 @@ impl AdminService {
     }
 }
 
+/// The caller of an admin call, for the audit log (the authorization layer put it there).
+fn actor<T>(request: &Request<T>) -> String {
+    request
+        .extensions()
+        .get::<Principal>()
+        .map_or_else(|| "unknown".to_owned(), Principal::actor)
+}
+
+/// The audit entry of a config reload made by `actor`.
+pub fn reload_entry(actor: String, report: &crate::reload::ReloadReport) -> audit::Entry {
+    let mut detail = format!("reloaded: {}", list_or_none(&report.reloaded));
+    if !report.restart_needed.is_empty() {
+        detail.push_str(&format!(
+            "; restart needed: {}",
+            report.restart_needed.join(", ")
+        ));
+    }
+    audit::Entry::new(actor, "ReloadConfig", "config", "").with_detail(detail)
+}
+
+fn list_or_none(items: &[String]) -> String {
+    if items.is_empty() {
+        "nothing".to_owned()
+    } else {
+        items.join(", ")
+    }
+}
+
+/// Largest page of ListAuditLog.
+const MAX_AUDIT_PAGE: usize = 500;
+
 fn store_error(err: StoreError) -> GatewayError {
     match err {
         StoreError::AlreadyExists(name) => {
@@ -301,6 +346,7 @@ impl LlmGatewayAdmin for AdminService {
         request: Request<pb::CreatePolicyRequest>,
     ) -> AdminResult<pb::CreatePolicyResponse> {
         async {
+            let actor = actor(&request);
             let p = required_policy(request.into_inner().policy)?;
             let (spec, violations) = convert_admin::policy_in(p, "policy");
             self.check(&spec, violations)?;
@@ -314,6 +360,15 @@ impl LlmGatewayAdmin for AdminService {
             let record = self.store.create_policy(spec).await.map_err(store_error)?;
             self.reload().await?;
             tracing::info!(policy = %record.spec.name, etag = %record.etag(), "policy created");
+            self.audit(
+                audit::Entry::new(actor, "CreatePolicy", "policy", &record.spec.name)
+                    .with_etags("", record.etag())
+                    .with_detail(format!(
+                        "created with {} targets",
+                        record.spec.targets.len()
+                    )),
+            )
+            .await;
             Ok(Response::new(pb::CreatePolicyResponse {
                 policy: Some(convert_admin::policy_out(&record)),
             }))
@@ -327,6 +382,7 @@ impl LlmGatewayAdmin for AdminService {
         request: Request<pb::UpdatePolicyRequest>,
     ) -> AdminResult<pb::UpdatePolicyResponse> {
         async {
+            let actor = actor(&request);
             let p = required_policy(request.into_inner().policy)?;
             if p.etag.is_empty() {
                 return Err(GatewayError::invalid(
@@ -339,6 +395,12 @@ impl LlmGatewayAdmin for AdminService {
             self.read_only(&spec.name)?;
             self.check(&spec, violations)?;
             let _write = self.writes.lock().await;
+            let before = self
+                .store
+                .get_policy(&spec.name)
+                .await
+                .map_err(store_error)?
+                .filter(|b| b.version == version);
             let record = self
                 .store
                 .update_policy(spec, version)
@@ -346,6 +408,15 @@ impl LlmGatewayAdmin for AdminService {
                 .map_err(store_error)?;
             self.reload().await?;
             tracing::info!(policy = %record.spec.name, etag = %record.etag(), "policy updated");
+            let detail = before.map_or_else(String::new, |b| {
+                audit::changed_fields(&b.spec, &record.spec)
+            });
+            self.audit(
+                audit::Entry::new(actor, "UpdatePolicy", "policy", &record.spec.name)
+                    .with_etags(format!("v{version}"), record.etag())
+                    .with_detail(detail),
+            )
+            .await;
             Ok(Response::new(pb::UpdatePolicyResponse {
                 policy: Some(convert_admin::policy_out(&record)),
             }))
@@ -427,6 +498,7 @@ impl LlmGatewayAdmin for AdminService {
         request: Request<pb::DeletePolicyRequest>,
     ) -> AdminResult<pb::DeletePolicyResponse> {
         async {
+            let actor = actor(&request);
             let req = request.into_inner();
             self.read_only(&req.name)?;
             let expected = if req.etag.is_empty() {
@@ -435,12 +507,27 @@ impl LlmGatewayAdmin for AdminService {
                 Some(parse_etag(&req.etag, "etag")?)
             };
             let _write = self.writes.lock().await;
+            let before = self
+                .store
+                .get_policy(&req.name)
+                .await
+                .map_err(store_error)?;
             self.store
                 .delete_policy(&req.name, expected)
                 .await
                 .map_err(store_error)?;
             self.reload().await?;
             tracing::info!(policy = %req.name, "policy deleted");
+            let before_etag = expected.map_or_else(
+                || before.map(|b| b.etag()).unwrap_or_default(),
+                |v| format!("v{v}"),
+            );
+            self.audit(
+                audit::Entry::new(actor, "DeletePolicy", "policy", &req.name)
+                    .with_etags(before_etag, "")
+                    .with_detail("deleted"),
+            )
+            .await;
             Ok(Response::new(pb::DeletePolicyResponse {}))
         }
         .await
@@ -611,6 +698,7 @@ impl LlmGatewayAdmin for AdminService {
         request: Request<pb::CreateKeyRequest>,
     ) -> AdminResult<pb::CreateKeyResponse> {
         async {
+            let actor = actor(&request);
             let key = request
                 .into_inner()
                 .key
@@ -625,6 +713,19 @@ impl LlmGatewayAdmin for AdminService {
                 .map_err(store_error)?;
             self.reload_keys().await?;
             tracing::info!(key = %record.spec.name, owner = %record.spec.owner, "key created");
+            let scopes: Vec<&str> = record.spec.scopes.iter().map(|s| s.name()).collect();
+            let detail = format!(
+                "created key id {} (owner `{}`, scopes {})",
+                record.id,
+                record.spec.owner,
+                scopes.join(", ")
+            );
+            self.audit(
+                audit::Entry::new(actor, "CreateKey", "key", &record.spec.name)
+                    .with_etags("", record.etag())
+                    .with_detail(detail),
+            )
+            .await;
             Ok(Response::new(pb::CreateKeyResponse {
                 key: Some(self.key_out(&record)),
                 secret,
@@ -678,6 +779,7 @@ impl LlmGatewayAdmin for AdminService {
         request: Request<pb::UpdateKeyRequest>,
     ) -> AdminResult<pb::UpdateKeyResponse> {
         async {
+            let actor = actor(&request);
             let key = request
                 .into_inner()
                 .key
@@ -691,6 +793,13 @@ impl LlmGatewayAdmin for AdminService {
             let version = parse_etag(&key.etag, "key.etag")?;
             let spec = convert_admin::key_in(key, "key")?;
             let _write = self.writes.lock().await;
+            let before = self
+                .store
+                .list_keys()
+                .await
+                .map_err(store_error)?
+                .into_iter()
+                .find(|k| k.spec.name == spec.name && k.version == version);
             let record = self
                 .store
                 .update_key(spec, version)
@@ -698,6 +807,15 @@ impl LlmGatewayAdmin for AdminService {
                 .map_err(store_error)?;
             self.reload_keys().await?;
             tracing::info!(key = %record.spec.name, etag = %record.etag(), "key updated");
+            let detail = before.map_or_else(String::new, |b| {
+                audit::changed_fields(&b.spec, &record.spec)
+            });
+            self.audit(
+                audit::Entry::new(actor, "UpdateKey", "key", &record.spec.name)
+                    .with_etags(format!("v{version}"), record.etag())
+                    .with_detail(detail),
+            )
+            .await;
             Ok(Response::new(pb::UpdateKeyResponse {
                 key: Some(self.key_out(&record)),
             }))
@@ -711,11 +829,26 @@ impl LlmGatewayAdmin for AdminService {
         request: Request<pb::RevokeKeyRequest>,
     ) -> AdminResult<pb::RevokeKeyResponse> {
         async {
+            let actor = actor(&request);
             let name = request.into_inner().name;
             let _write = self.writes.lock().await;
+            let etag_of = |keys: Vec<KeyRecord>| {
+                keys.into_iter()
+                    .find(|k| k.spec.name == name)
+                    .map(|k| k.etag())
+                    .unwrap_or_default()
+            };
+            let before = etag_of(self.store.list_keys().await.map_err(store_error)?);
             self.store.revoke_key(&name).await.map_err(store_error)?;
             self.reload_keys().await?;
             tracing::info!(key = %name, "key revoked");
+            let after = etag_of(self.store.list_keys().await.map_err(store_error)?);
+            self.audit(
+                audit::Entry::new(actor, "RevokeKey", "key", &name)
+                    .with_etags(before, after)
+                    .with_detail("revoked"),
+            )
+            .await;
             Ok(Response::new(pb::RevokeKeyResponse {}))
         }
         .await
@@ -751,13 +884,15 @@ impl LlmGatewayAdmin for AdminService {
 
     async fn reload_config(
         &self,
-        _request: Request<pb::ReloadConfigRequest>,
+        request: Request<pb::ReloadConfigRequest>,
     ) -> AdminResult<pb::ReloadConfigResponse> {
+        let actor = actor(&request);
         let reloader = self
             .reloader
             .as_ref()
             .ok_or_else(|| fail(crate::reload::ReloadError::NoSource.into()))?;
         let report = reloader.reload().await.map_err(|e| fail(e.into()))?;
+        self.audit(reload_entry(actor, &report)).await;
         Ok(Response::new(pb::ReloadConfigResponse {
             reloaded: report.reloaded,
             restart_needed: report.restart_needed,
@@ -768,6 +903,7 @@ impl LlmGatewayAdmin for AdminService {
         &self,
         request: Request<pb::InvalidateCacheRequest>,
     ) -> AdminResult<pb::InvalidateCacheResponse> {
+        let actor = actor(&request);
         let r = request.into_inner();
         let older_than = match r.older_than.map(std::time::Duration::try_from) {
             None => None,
@@ -784,9 +920,105 @@ impl LlmGatewayAdmin for AdminService {
             policy: Some(r.policy).filter(|p| !p.is_empty()),
             older_than,
         };
-        let removed = self.cache.as_ref().map_or(0, |c| c.invalidate(&filter));
+        let removed = match &self.cache {
+            Some(cache) => cache.invalidate(&filter).await.map_err(|err| {
+                fail(GatewayError::Unavailable {
+                    reason: "SHARED_STATE_UNAVAILABLE",
+                    message: format!("the cache was not invalidated: {err}"),
+                    retry_after: None,
+                })
+            })?,
+            None => 0,
+        };
         tracing::info!(removed, ?filter, "response cache invalidated");
+        let mut selection = Vec::new();
+        if let Some(ns) = &filter.namespace {
+            selection.push(format!("namespace={ns}"));
+        }
+        if let Some(p) = &filter.policy {
+            selection.push(format!("policy={p}"));
+        }
+        if let Some(d) = filter.older_than {
+            selection.push(format!("older_than={}s", d.as_secs()));
+        }
+        let resource = if selection.is_empty() {
+            "all".to_owned()
+        } else {
+            selection.join(" ")
+        };
+        self.audit(
+            audit::Entry::new(actor, "InvalidateCache", "cache", resource)
+                .with_detail(format!("removed {removed} replies")),
+        )
+        .await;
         Ok(Response::new(pb::InvalidateCacheResponse { removed }))
+    }
+
+    async fn list_audit_log(
+        &self,
+        request: Request<pb::ListAuditLogRequest>,
+    ) -> AdminResult<pb::ListAuditLogResponse> {
+        async {
+            let req = request.into_inner();
+            let limit = match req.page_size {
+                0 => 50,
+                n => (n as usize).min(MAX_AUDIT_PAGE),
+            };
+            let before = if req.page_token.is_empty() {
+                None
+            } else {
+                Some(
+                    decode_token(&req.page_token)
+                        .and_then(|t| {
+                            let (time, id) = t.split_once(':')?;
+                            Some((time.parse().ok()?, id.parse().ok()?))
+                        })
+                        .ok_or_else(|| {
+                            GatewayError::invalid(
+                                "page_token",
+                                "is not a token from a previous page",
+                            )
+                        })?,
+                )
+            };
+            let from_ms = req.start_time.as_ref().map_or(i64::MIN, to_ms);
+            let to_ms = req.end_time.as_ref().map_or(i64::MAX, to_ms);
+            if from_ms >= to_ms {
+                return Err(GatewayError::invalid(
+                    "start_time",
+                    "must be before end_time",
+                ));
+            }
+            let query = audit::Query {
+                actor: req.actor,
+                resource_kind: req.resource_kind,
+                resource: req.resource,
+                from_ms,
+                to_ms,
+                before,
+                limit: limit + 1,
+            };
+            let mut records = self
+                .auditor
+                .list(&query)
+                .await
+                .map_err(|e| store_error(e.into()))?;
+            let next_page_token = if records.len() > limit {
+                records.truncate(limit);
+                records
+                    .last()
+                    .map(|r| encode_token(&format!("{}:{}", r.time_ms, r.id)))
+                    .unwrap_or_default()
+            } else {
+                String::new()
+            };
+            Ok(Response::new(pb::ListAuditLogResponse {
+                entries: records.iter().map(convert_admin::audit_out).collect(),
+                next_page_token,
+            }))
+        }
+        .await
+        .map_err(fail)
     }
 
     async fn get_experiment(

@@ -137,6 +137,7 @@ pub const METHODS: &[Method] = &[
     rpc(admin!("UpdateKey"), Requirement::Admin),
     rpc(admin!("RevokeKey"), Requirement::Admin),
     rpc(admin!("ReloadConfig"), Requirement::Admin),
+    rpc(admin!("ListAuditLog"), Requirement::Admin),
     rpc("/grpc.health.v1.Health/Check", Requirement::None).library(),
     rpc("/grpc.health.v1.Health/Watch", Requirement::None).library(),
     rpc(
@@ -171,6 +172,16 @@ pub enum Principal {
 }
 
 impl Principal {
+    /// Who the caller is, for the audit log: `admin-token`, `key:NAME` or `anonymous`
+    /// (never a secret).
+    pub fn actor(&self) -> String {
+        match self {
+            Principal::Anonymous => "anonymous".to_owned(),
+            Principal::Key(caller) => format!("key:{}", caller.name()),
+            Principal::AdminToken => "admin-token".to_owned(),
+        }
+    }
+
     /// The verified key, if the caller used one.
     pub fn key(&self) -> Option<&Caller> {
         match self {

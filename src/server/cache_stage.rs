@@ -6,11 +6,14 @@ use std::{sync::Arc, time::Duration};
 
 use crate::{
     auth::Caller,
-    cache::{self, CacheControl, CallCache, Embedder, Entry, PolicyScope, ResponseCache},
+    cache::{
+        self, Attribution, CacheControl, CallCache, Embedder, Entry, PolicyScope, ResponseCache,
+    },
     error::GatewayError,
     executor::{Answer, CallEvent, Executor},
     models::Cost,
     routing::{Router, RoutingTable},
+    server::meter::{CallMeter, MeterConfig, Outcome},
     types::{
         CacheOutcome, ChatRequest, ChatResponse, ContentPart, EmbedRequest, FinishReason, Message,
         Role, Route, ToolCall, ToolCallDelta, Usage,
@@ -20,8 +23,13 @@ use crate::{
 /// How long the semantic cache waits for a prompt's embedding.
 pub const EMBED_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The ledger's `rpc` of a semantic lookup's embedding call.
+pub const CACHE_EMBED_RPC: &str = "CacheEmbed";
+
 /// The semantic cache's embedder: `[cache].embedding_model` through the routing table and
-/// the executor (fallback and health like any call; not metered as a call of its own).
+/// the executor (fallback and health like any call), metered as a call of its own
+/// (`rpc` [`CACHE_EMBED_RPC`]: its metrics and a ledger record with its tokens and cost,
+/// under the chat call's request id, key and tags).
 pub struct GatewayEmbedder {
     /// The routing table.
     pub router: Arc<Router>,
@@ -29,27 +37,45 @@ pub struct GatewayEmbedder {
     pub executor: Executor,
     /// `[cache].embedding_model`.
     pub model: String,
+    /// Where the call is accounted.
+    pub meter: MeterConfig,
 }
 
 #[async_trait::async_trait]
 impl Embedder for GatewayEmbedder {
-    async fn embed(&self, text: &str) -> Result<Vec<f32>, GatewayError> {
-        let view = ChatRequest {
-            model: self.model.clone(),
-            messages: vec![Message::text(Role::User, text)],
-            ..ChatRequest::default()
+    async fn embed(&self, text: &str, call: Attribution<'_>) -> Result<Vec<f32>, GatewayError> {
+        let mut meter = CallMeter::start(&self.meter, CACHE_EMBED_RPC, call.request_id.to_owned());
+        if !call.key.is_empty() {
+            meter.set_key(call.key);
+        }
+        meter.set_tags(call.tags);
+        let result = async {
+            let view = ChatRequest {
+                model: self.model.clone(),
+                messages: vec![Message::text(Role::User, text)],
+                ..ChatRequest::default()
+            };
+            let plan = self.router.load().plan(&view)?;
+            let req = EmbedRequest {
+                model: self.model.clone(),
+                inputs: vec![text.to_owned()],
+                dimensions: None,
+                encoding: Default::default(),
+                tags: call.tags.clone(),
+                user: None,
+            };
+            let deadline = tokio::time::Instant::now() + EMBED_TIMEOUT;
+            self.executor.embed(&plan, &req, deadline, None).await
+        }
+        .await;
+        let answer = match result {
+            Ok(answer) => answer,
+            Err(err) => {
+                meter.finish(Outcome::failed(&err));
+                return Err(err);
+            }
         };
-        let plan = self.router.load().plan(&view)?;
-        let req = EmbedRequest {
-            model: self.model.clone(),
-            inputs: vec![text.to_owned()],
-            dimensions: None,
-            encoding: Default::default(),
-            tags: Default::default(),
-            user: None,
-        };
-        let deadline = tokio::time::Instant::now() + EMBED_TIMEOUT;
-        let answer = self.executor.embed(&plan, &req, deadline, None).await?;
+        super::engine::embed::finish(&mut meter, &answer);
         answer
             .response
             .embeddings

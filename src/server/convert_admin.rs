@@ -501,3 +501,18 @@ pub fn key_out(r: &crate::auth::KeyRecord, spent_today: f64, spent_month: f64) -
         guardrails: s.guardrails.clone(),
     }
 }
+
+/// An audit log entry as the Admin API shows it.
+pub fn audit_out(r: &crate::audit::Record) -> pb::AuditEntry {
+    let e = &r.entry;
+    pb::AuditEntry {
+        time: Some(timestamp(r.time_ms)),
+        actor: e.actor.clone(),
+        action: e.action.clone(),
+        resource_kind: e.resource_kind.clone(),
+        resource: e.resource.clone(),
+        before_etag: e.before_etag.clone(),
+        after_etag: e.after_etag.clone(),
+        detail: e.detail.clone(),
+    }
+}

@@ -20,7 +20,7 @@
 //!    too, as stored before this step: tokenized values are restored per call);
 //! 9. the meter and ledger record the outcome, labelled with the surface's `rpc` name.
 
-mod embed;
+pub(crate) mod embed;
 
 use futures_util::{Stream, StreamExt};
 use tokio::time::Instant;
@@ -168,7 +168,7 @@ impl Engine {
                         let table = self.router.load();
                         let mut cached =
                             cache_stage::begin(cache, &table, &namespace, &req, call.cache_control);
-                        if let Some(entry) = cached.lookup().await {
+                        if let Some(entry) = cached.lookup(meter.attribution()).await {
                             let mut route =
                                 cache_stage::hit_route(&req, &table, cached.outcome());
                             route.arm = plan.arm.as_ref().map(|a| a.arm.clone());
@@ -201,8 +201,9 @@ impl Engine {
                 }
                 let mut answer = result?;
                 if let Some(cached) = cached.as_mut() {
-                    answer.route.cache =
-                        cached.store(&answer.response, &answer.provider, answer.cost);
+                    answer.route.cache = cached
+                        .store(&answer.response, &answer.provider, answer.cost)
+                        .await;
                 }
                 if guarding.is_active() {
                     guarding.reply(&mut answer.response)?;
@@ -256,7 +257,7 @@ impl Engine {
                 let table = self.router.load();
                 let mut call_cache =
                     cache_stage::begin(cache, &table, &namespace, &req, call.cache_control);
-                if let Some(entry) = call_cache.lookup().await {
+                if let Some(entry) = call_cache.lookup(meter.attribution()).await {
                     let mut route = cache_stage::hit_route(&req, &table, call_cache.outcome());
                     route.arm = plan.arm.as_ref().map(|a| a.arm.clone());
                     meter.set_cache_hit(
@@ -295,37 +296,46 @@ impl Engine {
         meter.stream_opened();
         let request_id = call.request_id;
         // The cache stores the reply as it came (before the reply guardrails, which run on
-        // hits and misses alike).
-        let collected: Events = Box::pin(committed.map(move |event| {
-            let mut event = event?;
-            if let Some((_, collector)) = cached.as_mut() {
-                collector.push(&event);
+        // hits and misses alike), before the finish event goes on.
+        let collected: Events = Box::pin(committed.then(move |event| {
+            let mut finished = None;
+            if let Ok(event) = &event {
+                if let Some((_, collector)) = cached.as_mut() {
+                    collector.push(event);
+                }
+                if let CallEvent::Finish {
+                    reason,
+                    usage,
+                    cost,
+                    ..
+                } = event
+                    && let Some((call_cache, collector)) = cached.take()
+                {
+                    finished = Some((call_cache, collector.finish(*reason, *usage), *cost));
+                }
+                if let Some((_, collector)) = mirror.as_mut() {
+                    collector.push(event);
+                }
+                // The assembled primary reply goes to the shadow once the stream finished.
+                if let CallEvent::Finish { reason, usage, .. } = event
+                    && let Some((pending, collector)) = mirror.take()
+                {
+                    let (response, _) = collector.finish(*reason, *usage);
+                    pending.submit(Primary {
+                        request_id: &request_id,
+                        reply: Some(&response),
+                    });
+                }
             }
-            if let Some((_, collector)) = mirror.as_mut() {
-                collector.push(&event);
+            async move {
+                let mut event = event?;
+                if let Some((mut call_cache, (response, provider), cost)) = finished
+                    && let CallEvent::Finish { route, .. } = &mut event
+                {
+                    route.cache = call_cache.store(&response, &provider, cost).await;
+                }
+                Ok(event)
             }
-            // The assembled primary reply goes to the shadow once the stream finished.
-            if let CallEvent::Finish { reason, usage, .. } = &event
-                && let Some((pending, collector)) = mirror.take()
-            {
-                let (response, _) = collector.finish(*reason, *usage);
-                pending.submit(Primary {
-                    request_id: &request_id,
-                    reply: Some(&response),
-                });
-            }
-            if let CallEvent::Finish {
-                reason,
-                usage,
-                cost,
-                route,
-            } = &mut event
-                && let Some((mut call_cache, collector)) = cached.take()
-            {
-                let (response, provider) = collector.finish(*reason, *usage);
-                route.cache = call_cache.store(&response, &provider, *cost);
-            }
-            Ok(event)
         }));
         let guarded = guard_stream(collected, guarding);
         Ok(Box::pin(guarded.map(move |event| match event {

@@ -168,6 +168,15 @@ impl CallMeter {
         self.cached = Some((provider.to_owned(), model.to_owned(), saved_usd));
     }
 
+    /// Who the call is for (a semantic cache lookup's embedding call is recorded for it).
+    pub fn attribution(&self) -> crate::cache::Attribution<'_> {
+        crate::cache::Attribution {
+            request_id: &self.request_id,
+            key: &self.key,
+            tags: &self.tags,
+        }
+    }
+
     /// The request's tags (for the ledger and tag labels).
     pub fn set_tags(&mut self, tags: &BTreeMap<String, String>) {
         self.tags.clone_from(tags);

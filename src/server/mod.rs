@@ -291,9 +291,6 @@ pub async fn serve_with(
     ));
     let background = tokio_util::task::TaskTracker::new();
     let stop_background = CancellationToken::new();
-    if let Some(signal) = options.reload_signal {
-        background.spawn(reload_on(signal, reloader.clone(), stop_background.clone()));
-    }
     if let Some(state) = &tls {
         let interval = config
             .tls
@@ -329,12 +326,41 @@ pub async fn serve_with(
     ));
     let hard_stop = CancellationToken::new();
     let executor = Executor::new(config.executor.clone(), hard_stop.clone());
-    let mut response_cache = crate::cache::ResponseCache::new(config.cache.clone());
+    let (ledger, ledger_writer) = match config.ledger.capacity {
+        Some(capacity) => {
+            let (ledger, writer) = crate::ledger::Ledger::start(
+                store.clone(),
+                capacity,
+                config.ledger.retention,
+                config.ledger.rollup_retention,
+            );
+            (ledger, Some(writer))
+        }
+        None => (crate::ledger::Ledger::disabled(), None),
+    };
+    crate::providers::set_body_logging(config.log.bodies);
+
+    let meter = meter::MeterConfig {
+        ledger,
+        tag_labels: config.metrics.tag_labels.clone().into(),
+    };
+    // With shared state, replies live in Redis (every replica serves every replica's).
+    let mut response_cache = match &shared {
+        Some(shared) => crate::cache::ResponseCache::with_store(
+            config.cache.clone(),
+            Arc::new(crate::cache::RedisStore::new(
+                shared.clone(),
+                config.cache.semantic_max_entries,
+            )),
+        ),
+        None => crate::cache::ResponseCache::new(config.cache.clone()),
+    };
     if !config.cache.embedding_model.is_empty() {
         response_cache = response_cache.with_embedder(Arc::new(cache_stage::GatewayEmbedder {
             router: router.clone(),
             executor: executor.clone(),
             model: config.cache.embedding_model.clone(),
+            meter: meter.clone(),
         }));
     }
     let response_cache = Arc::new(response_cache);
@@ -353,8 +379,22 @@ pub async fn serve_with(
             })
             .collect(),
     )
-    .with_reloader(reloader)
+    .with_reloader(reloader.clone())
     .with_cache(response_cache.clone());
+    if let Some(signal) = options.reload_signal {
+        background.spawn(reload_on(
+            signal,
+            reloader,
+            admin.auditor().clone(),
+            stop_background.clone(),
+        ));
+    }
+    background.spawn(crate::audit::prune_loop(
+        admin.auditor().sink(),
+        config.audit.retention,
+        crate::audit::wall_clock_ms,
+        stop_background.clone(),
+    ));
     admin.reload().await.map_err(|e| {
         ServeError::Store(StoreError::Backend(format!(
             "cannot load stored policies: {e}"
@@ -388,24 +428,6 @@ pub async fn serve_with(
             stop_metrics.clone().cancelled_owned(),
         )));
     }
-    let (ledger, ledger_writer) = match config.ledger.capacity {
-        Some(capacity) => {
-            let (ledger, writer) = crate::ledger::Ledger::start(
-                store.clone(),
-                capacity,
-                config.ledger.retention,
-                config.ledger.rollup_retention,
-            );
-            (ledger, Some(writer))
-        }
-        None => (crate::ledger::Ledger::disabled(), None),
-    };
-    crate::providers::set_body_logging(config.log.bodies);
-
-    let meter = meter::MeterConfig {
-        ledger,
-        tag_labels: config.metrics.tag_labels.clone().into(),
-    };
     let authz = authz::AuthzLayer::new(access.clone(), meter.clone());
     // The in-flight bound of chat calls, shared by the gRPC and HTTP fronts.
     let admission = admission::Admission::new(config.admission.clone());
@@ -687,6 +709,7 @@ pub async fn serve_with(
 async fn reload_on(
     signal: Arc<tokio::sync::Notify>,
     reloader: Arc<crate::reload::Reloader>,
+    auditor: crate::audit::Auditor,
     stop: CancellationToken,
 ) {
     loop {
@@ -694,8 +717,14 @@ async fn reload_on(
             () = stop.cancelled() => return,
             () = signal.notified() => {}
         }
-        if let Err(err) = reloader.reload().await {
-            tracing::error!(error = %err, "reload failed; the running configuration stays");
+        match reloader.reload().await {
+            Ok(report) => {
+                let entry = admin::reload_entry("signal:SIGHUP".to_owned(), &report);
+                let _ = auditor.record(entry).await;
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "reload failed; the running configuration stays")
+            }
         }
     }
 }

@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    audit::{AuditError, AuditSink},
     auth::{KeyRecord, KeySpec},
     ledger::{SinkError, UsageSink},
     routing::{PolicyRecord, policy::PolicySpec},
@@ -151,9 +152,24 @@ impl From<SinkError> for StoreError {
     }
 }
 
-/// Durable storage of policies and keys, and the usage ledger's sink.
+impl From<StoreError> for AuditError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::Backend(message) => AuditError(message),
+            other => AuditError(other.to_string()),
+        }
+    }
+}
+
+impl From<AuditError> for StoreError {
+    fn from(err: AuditError) -> Self {
+        StoreError::Backend(err.0)
+    }
+}
+
+/// Durable storage of policies and keys, the usage ledger's sink and the audit log's.
 #[async_trait]
-pub trait Store: UsageSink + Send + Sync + 'static {
+pub trait Store: UsageSink + AuditSink + Send + Sync + 'static {
     /// Every stored policy, sorted by name.
     async fn list_policies(&self) -> Result<Vec<PolicyRecord>, StoreError>;
 

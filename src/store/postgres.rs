@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Change, Store, StoreError};
 use crate::experiments::report::{self, ExperimentReport};
 use crate::{
+    audit::{self, AuditError, AuditSink},
     auth::{KeyRecord, KeySpec},
     ledger::{
         self, DaySpend, Dialect, SinkError, SqlParam, UsageGroup, UsageQuery, UsageRecord,
@@ -94,8 +95,22 @@ const MIGRATIONS: &[&str] = &[
     // 3: the response cache's outcome and what a hit saved (SQLite migration 4).
     "ALTER TABLE usage ADD COLUMN cache TEXT NOT NULL DEFAULT '';
     ALTER TABLE usage ADD COLUMN cost_saved_usd DOUBLE PRECISION;",
-    // experiments and shadow traffic (as in SQLite): the arm of a call, a shadow's primary
-    // and comparison (IF NOT EXISTS: the migration may run again after a schema rollback).
+    // 4: the audit log of admin changes (SQLite migration 6). `IF NOT EXISTS`: a schema
+    // rolled back to an earlier version without dropping it migrates again.
+    "CREATE TABLE IF NOT EXISTS audit_log (
+        id BIGSERIAL PRIMARY KEY,
+        time_ms BIGINT NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        resource_kind TEXT NOT NULL,
+        resource TEXT NOT NULL,
+        before_etag TEXT NOT NULL,
+        after_etag TEXT NOT NULL,
+        detail TEXT NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS audit_log_time ON audit_log (time_ms, id);",
+    // 5: experiments and shadow traffic (SQLite migration 7): the arm of a call, a shadow's
+    // primary and comparison (IF NOT EXISTS: it may run again after a schema rollback).
     "ALTER TABLE usage ADD COLUMN IF NOT EXISTS experiment TEXT NOT NULL DEFAULT '';
     ALTER TABLE usage ADD COLUMN IF NOT EXISTS arm TEXT NOT NULL DEFAULT '';
     ALTER TABLE usage ADD COLUMN IF NOT EXISTS shadow_of TEXT NOT NULL DEFAULT '';
@@ -855,6 +870,84 @@ impl UsageSink for PgStore {
             .execute("DELETE FROM usage WHERE time_ms < $1", &[&cutoff_ms])
             .await
             .map_err(|e| sink(pg(e)))
+    }
+}
+
+/// The audit log's sink: entries in the `audit_log` table.
+#[async_trait]
+impl AuditSink for PgStore {
+    async fn append_audit(&self, time_ms: i64, e: audit::Entry) -> Result<i64, AuditError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "INSERT INTO audit_log (time_ms, actor, action, resource_kind, resource,
+                 before_etag, after_etag, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                 RETURNING id",
+                &[
+                    &time_ms,
+                    &e.actor,
+                    &e.action,
+                    &e.resource_kind,
+                    &e.resource,
+                    &e.before_etag,
+                    &e.after_etag,
+                    &e.detail,
+                ],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(row.get(0))
+    }
+
+    async fn list_audit(&self, q: &audit::Query) -> Result<Vec<audit::Record>, AuditError> {
+        let (before_time, before_id) = q.before.unwrap_or((i64::MAX, i64::MAX));
+        let limit = i64::try_from(q.limit).unwrap_or(i64::MAX);
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT id, time_ms, actor, action, resource_kind, resource, before_etag,
+                 after_etag, detail FROM audit_log
+                 WHERE time_ms >= $1 AND time_ms < $2 AND (time_ms, id) < ($3, $4)
+                 AND ($5 = '' OR actor = $5) AND ($6 = '' OR resource_kind = $6)
+                 AND ($7 = '' OR resource = $7)
+                 ORDER BY time_ms DESC, id DESC LIMIT $8",
+                &[
+                    &q.from_ms,
+                    &q.to_ms,
+                    &before_time,
+                    &before_id,
+                    &q.actor,
+                    &q.resource_kind,
+                    &q.resource,
+                    &limit,
+                ],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(rows
+            .iter()
+            .map(|row| audit::Record {
+                id: row.get("id"),
+                time_ms: row.get("time_ms"),
+                entry: audit::Entry {
+                    actor: row.get("actor"),
+                    action: row.get("action"),
+                    resource_kind: row.get("resource_kind"),
+                    resource: row.get("resource"),
+                    before_etag: row.get("before_etag"),
+                    after_etag: row.get("after_etag"),
+                    detail: row.get("detail"),
+                },
+            })
+            .collect())
+    }
+
+    async fn delete_audit_before(&self, cutoff_ms: i64) -> Result<u64, AuditError> {
+        let client = self.client().await?;
+        client
+            .execute("DELETE FROM audit_log WHERE time_ms < $1", &[&cutoff_ms])
+            .await
+            .map_err(|e| AuditError::from(pg(e)))
     }
 }
 

@@ -13,6 +13,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use super::{Store, StoreError};
 use crate::experiments::report::{self, ExperimentReport};
 use crate::{
+    audit::{self, AuditError, AuditSink},
     auth::{KeyRecord, KeySpec},
     ledger::{
         self, DaySpend, Dialect, SinkError, SqlParam, UsageGroup, UsageQuery, UsageRecord,
@@ -69,7 +70,20 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE usage ADD COLUMN cost_saved_usd REAL;",
     // 5: per-minute usage rollups, filled from the records already stored.
     ledger::ROLLUP_MIGRATION,
-    // experiments and shadow traffic: the arm of a call, a shadow's primary and comparison.
+    // 6: the audit log of admin changes.
+    "CREATE TABLE audit_log (
+        id INTEGER PRIMARY KEY,
+        time_ms INTEGER NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        resource_kind TEXT NOT NULL,
+        resource TEXT NOT NULL,
+        before_etag TEXT NOT NULL,
+        after_etag TEXT NOT NULL,
+        detail TEXT NOT NULL
+    ) STRICT;
+    CREATE INDEX audit_log_time ON audit_log (time_ms, id);",
+    // 7: experiments and shadow traffic: the arm of a call, a shadow's primary and comparison.
     "ALTER TABLE usage ADD COLUMN experiment TEXT NOT NULL DEFAULT '';
     ALTER TABLE usage ADD COLUMN arm TEXT NOT NULL DEFAULT '';
     ALTER TABLE usage ADD COLUMN shadow_of TEXT NOT NULL DEFAULT '';
@@ -653,6 +667,95 @@ impl UsageSink for SqliteStore {
         })
         .await
         .map_err(SinkError::from)
+    }
+}
+
+/// The audit log's sink: entries in the `audit_log` table.
+#[async_trait]
+impl AuditSink for SqliteStore {
+    async fn append_audit(&self, time_ms: i64, e: audit::Entry) -> Result<i64, AuditError> {
+        self.with_conn(move |conn| {
+            conn.execute(
+                "INSERT INTO audit_log (time_ms, actor, action, resource_kind, resource,
+                 before_etag, after_etag, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    time_ms,
+                    e.actor,
+                    e.action,
+                    e.resource_kind,
+                    e.resource,
+                    e.before_etag,
+                    e.after_etag,
+                    e.detail
+                ],
+            )
+            .map_err(backend)?;
+            Ok(conn.last_insert_rowid())
+        })
+        .await
+        .map_err(AuditError::from)
+    }
+
+    async fn list_audit(&self, q: &audit::Query) -> Result<Vec<audit::Record>, AuditError> {
+        let q = q.clone();
+        self.with_conn(move |conn| {
+            let (before_time, before_id) = q.before.unwrap_or((i64::MAX, i64::MAX));
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT id, time_ms, actor, action, resource_kind, resource, before_etag,
+                     after_etag, detail FROM audit_log
+                     WHERE time_ms >= ?1 AND time_ms < ?2 AND (time_ms, id) < (?3, ?4)
+                     AND (?5 = '' OR actor = ?5) AND (?6 = '' OR resource_kind = ?6)
+                     AND (?7 = '' OR resource = ?7)
+                     ORDER BY time_ms DESC, id DESC LIMIT ?8",
+                )
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map(
+                    params![
+                        q.from_ms,
+                        q.to_ms,
+                        before_time,
+                        before_id,
+                        q.actor,
+                        q.resource_kind,
+                        q.resource,
+                        i64::try_from(q.limit).unwrap_or(i64::MAX)
+                    ],
+                    |row| {
+                        Ok(audit::Record {
+                            id: row.get(0)?,
+                            time_ms: row.get(1)?,
+                            entry: audit::Entry {
+                                actor: row.get(2)?,
+                                action: row.get(3)?,
+                                resource_kind: row.get(4)?,
+                                resource: row.get(5)?,
+                                before_etag: row.get(6)?,
+                                after_etag: row.get(7)?,
+                                detail: row.get(8)?,
+                            },
+                        })
+                    },
+                )
+                .map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+        .await
+        .map_err(AuditError::from)
+    }
+
+    async fn delete_audit_before(&self, cutoff_ms: i64) -> Result<u64, AuditError> {
+        self.with_conn(move |conn| {
+            conn.execute(
+                "DELETE FROM audit_log WHERE time_ms < ?1",
+                params![cutoff_ms],
+            )
+            .map(|n| n as u64)
+            .map_err(backend)
+        })
+        .await
+        .map_err(AuditError::from)
     }
 }
 

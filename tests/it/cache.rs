@@ -23,7 +23,7 @@ async fn setup(extra: &str) -> (MockUpstream, Gateway) {
     (mock, gateway)
 }
 
-fn outcome(response: &pb::ChatResponse) -> pb::CacheOutcome {
+pub fn outcome(response: &pb::ChatResponse) -> pb::CacheOutcome {
     response.route.as_ref().unwrap().cache()
 }
 
@@ -295,7 +295,7 @@ async fn cache_control_no_cache_and_no_store() {
     assert_eq!(mock.stats().requests(), 4);
 }
 
-async fn create_key(admin: &mut Admin, name: &str, owner: &str) -> String {
+pub async fn create_key(admin: &mut Admin, name: &str, owner: &str) -> String {
     admin
         .create_key(pb::CreateKeyRequest {
             key: Some(pb::Key {
@@ -309,6 +309,16 @@ async fn create_key(admin: &mut Admin, name: &str, owner: &str) -> String {
         .unwrap()
         .into_inner()
         .secret
+}
+
+/// `InvalidateCache` with `req`: how many replies it removed.
+pub async fn invalidate(admin: &mut Admin, req: pb::InvalidateCacheRequest) -> u64 {
+    admin
+        .invalidate_cache(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .removed
 }
 
 #[tokio::test]
@@ -522,4 +532,65 @@ async fn semantic_hits_stay_within_the_tenant() {
     assert_eq!(outcome(&other), pb::CacheOutcome::Stored);
     let same = chat(&gateway, as_key(&a, "The quarterly numbers please")).await;
     assert_eq!(outcome(&same), pb::CacheOutcome::Hit);
+}
+
+#[tokio::test]
+async fn an_invalidated_prompt_is_never_served_and_the_next_live_one_is() {
+    let (_mock, gateway) = setup(SEMANTIC).await;
+    let mut admin = admin_client(gateway.channel.clone());
+    let words = "alpha bravo charlie delta echo foxtrot golf hotel india juliet";
+    let first = chat(&gateway, request("semantic", words)).await;
+    assert_eq!(outcome(&first), pb::CacheOutcome::Stored);
+    let by_policy = pb::InvalidateCacheRequest {
+        policy: "semantic".into(),
+        ..Default::default()
+    };
+    assert_eq!(invalidate(&mut admin, by_policy).await, 1);
+    // A longer prompt: the invalidated one (its nearest) is not served.
+    let longer = chat(&gateway, request("semantic", &format!("{words} kilo"))).await;
+    assert_eq!(outcome(&longer), pb::CacheOutcome::Stored);
+    // The first prompt's words again: the invalidated prompt is the nearest, but dead; the
+    // next live one is served.
+    let query = chat(&gateway, request("semantic", &words.to_uppercase())).await;
+    assert_eq!(outcome(&query), pb::CacheOutcome::Hit);
+    assert_eq!(reply_text(&query), reply_text(&longer));
+    let sim = similarity(&query);
+    assert!(
+        sim > 0.9 && sim < 0.999,
+        "the longer prompt's similarity: {sim}"
+    );
+}
+
+#[tokio::test]
+async fn the_semantic_lookups_embedding_call_is_in_the_ledger() {
+    let (mock, gateway) = setup(&format!("{SEMANTIC}\n[auth]\nrequire_keys = true\n")).await;
+    let mut admin = admin_client(gateway.channel.clone());
+    let secret = create_key(&mut admin, "search-1", "search").await;
+    let mut req = request("semantic", "How tall is the Eiffel tower?");
+    req.tags.insert("feature".into(), "faq".into());
+    let mut req = with_metadata(req, "x-request-id", "req-embed-1");
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {secret}").parse().unwrap());
+    let answer = chat(&gateway, req).await;
+    assert_eq!(outcome(&answer), pb::CacheOutcome::Stored);
+    assert_eq!(mock.stats().requests(), 2, "one embedding, one chat");
+    let records = usage_records(&mut admin, 2).await;
+    let embed = records
+        .iter()
+        .find(|r| r.rpc == "CacheEmbed")
+        .unwrap_or_else(|| panic!("no CacheEmbed record in {records:?}"));
+    let chat_record = records.iter().find(|r| r.rpc == "Chat").unwrap();
+    assert_eq!(embed.request_id, "req-embed-1");
+    assert_eq!(embed.request_id, chat_record.request_id);
+    assert_eq!(embed.key, "search-1");
+    assert_eq!(embed.tags.get("feature").map(String::as_str), Some("faq"));
+    assert_eq!(embed.tags, chat_record.tags);
+    assert_eq!(
+        (embed.provider.as_str(), embed.model.as_str()),
+        ("openai", "text-embedding-3-small")
+    );
+    assert!(embed.input_tokens > 0, "{embed:?}");
+    assert_eq!(embed.output_tokens, 0);
+    assert!(embed.cost_usd.is_some_and(|c| c > 0.0), "{embed:?}");
+    assert_eq!(embed.code, "OK");
 }

@@ -7,11 +7,13 @@
 mod common;
 
 mod admin;
+mod audit;
 mod authz;
 mod bad_input;
 mod batch;
 mod bench_shared;
 mod cache;
+mod cache_shared;
 mod chat;
 mod check_config;
 mod cloud;

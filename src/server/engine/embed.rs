@@ -55,15 +55,7 @@ impl Engine {
             match result {
                 Ok(answer) => {
                     tracing::debug!(provider = %answer.provider, model = %answer.response.model, "call succeeded");
-                    meter.set_target(answer.metrics.clone());
-                    meter.finish(Outcome {
-                        code: tonic::Code::Ok,
-                        error_class: "",
-                        route: Some(&answer.route),
-                        usage: answer.response.usage,
-                        cost: answer.cost,
-                        ttft: None,
-                    });
+                    finish(&mut meter, &answer);
                     Ok(answer)
                 }
                 Err(err) => Err(fail(&mut meter, err)),
@@ -72,6 +64,20 @@ impl Engine {
         .instrument(span)
         .await
     }
+}
+
+/// Accounts for a successful embedding call (also the semantic cache's own, in
+/// [`crate::server::cache_stage`]).
+pub fn finish(meter: &mut CallMeter, answer: &EmbedAnswer) {
+    meter.set_target(answer.metrics.clone());
+    meter.finish(Outcome {
+        code: tonic::Code::Ok,
+        error_class: "",
+        route: Some(&answer.route),
+        usage: answer.response.usage,
+        cost: answer.cost,
+        ttft: None,
+    });
 }
 
 /// The chat request access and routing see (the inputs moved into it), and the rest of the

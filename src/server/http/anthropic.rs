@@ -514,11 +514,19 @@ impl EventWriter {
         self.next_index - 1
     }
 
-    fn delta(index: u32, delta: Value) -> Bytes {
-        event(
-            "content_block_delta",
-            &json!({"type": "content_block_delta", "index": index, "delta": delta}),
-        )
+    /// A `content_block_delta` frame whose delta is `{"type": kind, field: text}`, written
+    /// straight to its buffer (the per-chunk path: no JSON tree).
+    fn delta(index: u32, kind: &str, field: &str, text: &str) -> Bytes {
+        use std::io::Write as _;
+        let mut out = Vec::with_capacity(text.len() + 112);
+        // Writes to a Vec and serializing a string cannot fail.
+        let _ = write!(
+            out,
+            "event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"index\":{index},\"delta\":{{\"type\":\"{kind}\",\"{field}\":"
+        );
+        let _ = serde_json::to_writer(&mut out, text);
+        out.extend_from_slice(b"}}\n\n");
+        Bytes::from(out)
     }
 
     /// The events for one call event.
@@ -535,7 +543,7 @@ impl EventWriter {
             )),
             CallEvent::Text(t) => {
                 let i = self.ensure(Block::Text, json!({"type": "text", "text": ""}), &mut out);
-                out.push(Self::delta(i, json!({"type": "text_delta", "text": t})));
+                out.push(Self::delta(i, "text_delta", "text", &t));
             }
             CallEvent::Reasoning(t) => {
                 let i = self.ensure(
@@ -543,10 +551,7 @@ impl EventWriter {
                     json!({"type": "thinking", "thinking": ""}),
                     &mut out,
                 );
-                out.push(Self::delta(
-                    i,
-                    json!({"type": "thinking_delta", "thinking": t}),
-                ));
+                out.push(Self::delta(i, "thinking_delta", "thinking", &t));
             }
             CallEvent::ToolCall(c) => {
                 let start = json!({
@@ -559,7 +564,9 @@ impl EventWriter {
                 if !c.arguments.is_empty() {
                     out.push(Self::delta(
                         i,
-                        json!({"type": "input_json_delta", "partial_json": c.arguments}),
+                        "input_json_delta",
+                        "partial_json",
+                        &c.arguments,
                     ));
                 }
             }
@@ -755,7 +762,7 @@ pub(crate) mod tests {
                 model: "echo".into(),
             },
             CallEvent::Text("hi".into()),
-            CallEvent::Text(" there".into()),
+            CallEvent::Text(" th\"ere\n".into()),
             CallEvent::ToolCall(types::ToolCallDelta {
                 index: 0,
                 id: Some("t1".into()),
@@ -796,6 +803,20 @@ pub(crate) mod tests {
                 "message_delta",
                 "message_stop",
             ]
+        );
+        let data = |i: usize| -> Value {
+            let s = std::str::from_utf8(&all[i]).unwrap();
+            serde_json::from_str(s.lines().nth(1).unwrap().trim_start_matches("data: ")).unwrap()
+        };
+        assert_eq!(
+            data(3),
+            json!({"type": "content_block_delta", "index": 0,
+                   "delta": {"type": "text_delta", "text": " th\"ere\n"}})
+        );
+        assert_eq!(
+            data(6),
+            json!({"type": "content_block_delta", "index": 1,
+                   "delta": {"type": "input_json_delta", "partial_json": "{}"}})
         );
         let last_delta = std::str::from_utf8(&all[8]).unwrap();
         assert!(last_delta.contains(r#""stop_reason":"tool_use""#));

@@ -564,67 +564,151 @@ pub fn completion(id: &str, answer: &Answer) -> Value {
     })
 }
 
-/// Turns call events into Chat Completions chunks.
+/// Turns call events into Chat Completions chunks, written straight to their SSE frames.
+///
+/// Every chunk of a stream shares its head (`id`, `object`, `created`, `model`), so the head is
+/// serialized once (when the model is known) and each delta costs one buffer: no JSON tree, no
+/// copies of the id or the model per chunk.
 pub struct ChunkWriter {
     id: String,
     created: u64,
     model: String,
     include_usage: bool,
+    /// `data: {"id":..,"object":..,"created":..,"model":..,"choices":[` for this stream.
+    head: Vec<u8>,
+}
+
+/// A chunk's delta for text (or reasoning text): `{"content": ..}`.
+#[derive(serde::Serialize)]
+struct TextDelta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reasoning_content: Option<&'a str>,
+}
+
+/// A streamed tool call fragment.
+#[derive(serde::Serialize)]
+struct ToolCallDeltaOut<'a> {
+    index: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    kind: Option<&'static str>,
+    function: FunctionDeltaOut<'a>,
+}
+
+#[derive(serde::Serialize)]
+struct FunctionDeltaOut<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
+    arguments: &'a str,
+}
+
+#[derive(serde::Serialize)]
+struct ToolCallsDelta<'a> {
+    tool_calls: [ToolCallDeltaOut<'a>; 1],
 }
 
 impl ChunkWriter {
     /// A writer for the stream of call `id`.
     pub fn new(id: &str, include_usage: bool) -> Self {
-        Self {
+        let mut writer = Self {
             id: format!("chatcmpl-{id}"),
             created: unix_now(),
             model: String::new(),
             include_usage,
+            head: Vec::new(),
+        };
+        writer.set_head();
+        writer
+    }
+
+    fn set_head(&mut self) {
+        #[derive(serde::Serialize)]
+        struct Head<'a> {
+            id: &'a str,
+            object: &'static str,
+            created: u64,
+            model: &'a str,
         }
+        let mut head = b"data: ".to_vec();
+        // Plain strings and numbers always serialize.
+        let _ = serde_json::to_writer(
+            &mut head,
+            &Head {
+                id: &self.id,
+                object: "chat.completion.chunk",
+                created: self.created,
+                model: &self.model,
+            },
+        );
+        // Reopen the object: `{...}` -> `{...,"choices":[`.
+        head.pop();
+        head.extend_from_slice(b",\"choices\":[");
+        self.head = head;
     }
 
-    fn chunk(&self, delta: Value, finish: Option<&str>) -> Value {
-        json!({
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}],
-        })
+    /// One chunk's frame: the head, one choice with `delta`, and the finish reason.
+    fn chunk<D: serde::Serialize>(&self, delta: &D, finish: Option<&str>) -> Bytes {
+        let mut out = Vec::with_capacity(self.head.len() + 96);
+        out.extend_from_slice(&self.head);
+        out.extend_from_slice(b"{\"index\":0,\"delta\":");
+        // Plain strings and numbers always serialize.
+        let _ = serde_json::to_writer(&mut out, delta);
+        out.extend_from_slice(b",\"finish_reason\":");
+        let _ = serde_json::to_writer(&mut out, &finish);
+        out.extend_from_slice(b",\"logprobs\":null}]}\n\n");
+        Bytes::from(out)
     }
 
-    /// The chunks (as SSE `data:` payloads) for one event.
-    pub fn event(&mut self, event: CallEvent) -> Vec<Value> {
+    /// The SSE frames for one event (the last event's frames end with `data: [DONE]`).
+    pub fn event(&mut self, event: CallEvent) -> Vec<Bytes> {
         match event {
             CallEvent::Start { model, .. } => {
                 self.model = model;
-                vec![self.chunk(json!({"role": "assistant", "content": ""}), None)]
+                self.set_head();
+                vec![self.chunk(&json!({"role": "assistant", "content": ""}), None)]
             }
-            CallEvent::Text(t) => vec![self.chunk(json!({"content": t}), None)],
-            CallEvent::Reasoning(t) => vec![self.chunk(json!({"reasoning_content": t}), None)],
+            CallEvent::Text(t) => vec![self.chunk(
+                &TextDelta {
+                    content: Some(&t),
+                    reasoning_content: None,
+                },
+                None,
+            )],
+            CallEvent::Reasoning(t) => vec![self.chunk(
+                &TextDelta {
+                    content: None,
+                    reasoning_content: Some(&t),
+                },
+                None,
+            )],
             CallEvent::ToolCall(c) => {
-                let mut call = json!({"index": c.index, "function": {"arguments": c.arguments}});
-                if let Some(id) = c.id {
-                    call["id"] = Value::String(id);
-                    call["type"] = Value::String("function".to_owned());
-                }
-                if let Some(name) = c.name {
-                    call["function"]["name"] = Value::String(name);
-                }
-                vec![self.chunk(json!({"tool_calls": [call]}), None)]
+                let call = ToolCallDeltaOut {
+                    index: c.index,
+                    id: c.id.as_deref(),
+                    kind: c.id.as_ref().map(|_| "function"),
+                    function: FunctionDeltaOut {
+                        name: c.name.as_deref(),
+                        arguments: &c.arguments,
+                    },
+                };
+                vec![self.chunk(&ToolCallsDelta { tool_calls: [call] }, None)]
             }
             CallEvent::Finish { reason, usage, .. } => {
-                let mut out = vec![self.chunk(json!({}), Some(finish_reason(reason)))];
+                let mut out = vec![self.chunk(&json!({}), Some(finish_reason(reason)))];
                 if self.include_usage {
-                    out.push(json!({
+                    out.push(sse_data(&json!({
                         "id": self.id,
                         "object": "chat.completion.chunk",
                         "created": self.created,
                         "model": self.model,
                         "choices": [],
                         "usage": usage_json(usage.as_ref()),
-                    }));
+                    })));
                 }
+                out.push(Bytes::from_static(b"data: [DONE]\n\n"));
                 out
             }
         }
@@ -690,12 +774,7 @@ impl Surface for OpenAi {
     }
 
     fn event(writer: &mut ChunkWriter, event: CallEvent) -> Vec<Bytes> {
-        let finished = matches!(event, CallEvent::Finish { .. });
-        let mut out: Vec<Bytes> = writer.event(event).iter().map(sse_data).collect();
-        if finished {
-            out.push(Bytes::from_static(b"data: [DONE]\n\n"));
-        }
-        out
+        writer.event(event)
     }
 
     fn error_body(err: &HttpError) -> Value {
@@ -850,25 +929,92 @@ pub(crate) mod tests {
         );
     }
 
+    /// The JSON payloads of SSE frames (`[DONE]` as a string).
+    fn payloads(frames: Vec<Bytes>) -> Vec<Value> {
+        frames
+            .iter()
+            .map(|f| {
+                let s = std::str::from_utf8(f).unwrap();
+                let data = s
+                    .strip_prefix("data: ")
+                    .unwrap()
+                    .strip_suffix("\n\n")
+                    .unwrap();
+                serde_json::from_str(data).unwrap_or_else(|_| Value::String(data.to_owned()))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn text_chunks_are_whole_json_with_escapes() {
+        let mut w = ChunkWriter::new("r\"1", false);
+        let mut all = w.event(CallEvent::Start {
+            provider: "mock".into(),
+            model: "m\"x".into(),
+        });
+        all.extend(w.event(CallEvent::Text("a \"quote\"\n\u{1F600}".into())));
+        all.extend(w.event(CallEvent::Reasoning("why".into())));
+        all.extend(w.event(CallEvent::Finish {
+            reason: FinishReason::Stop,
+            usage: None,
+            cost: None,
+            route: types::Route::default(),
+        }));
+        let p = payloads(all);
+        assert_eq!(p.len(), 5);
+        for chunk in &p[..4] {
+            assert_eq!(chunk["id"], "chatcmpl-r\"1");
+            assert_eq!(chunk["object"], "chat.completion.chunk");
+            assert_eq!(chunk["model"], "m\"x");
+            assert!(chunk["created"].as_u64().unwrap() > 0);
+            assert_eq!(chunk["choices"][0]["index"], 0);
+            assert_eq!(chunk["choices"][0]["logprobs"], Value::Null);
+        }
+        assert_eq!(
+            p[1]["choices"][0]["delta"],
+            json!({"content": "a \"quote\"\n\u{1F600}"})
+        );
+        assert_eq!(p[1]["choices"][0]["finish_reason"], Value::Null);
+        assert_eq!(
+            p[2]["choices"][0]["delta"],
+            json!({"reasoning_content": "why"})
+        );
+        assert_eq!(p[3]["choices"][0]["finish_reason"], "stop");
+        assert_eq!(p[4], "[DONE]");
+    }
+
     #[test]
     fn a_stream_is_chunks_then_usage() {
         let mut w = ChunkWriter::new("r1", true);
-        let start = w.event(CallEvent::Start {
+        let start = payloads(w.event(CallEvent::Start {
             provider: "mock".into(),
             model: "echo".into(),
-        });
+        }));
         assert_eq!(start[0]["choices"][0]["delta"]["role"], "assistant");
         assert_eq!(start[0]["model"], "echo");
-        let call = w.event(CallEvent::ToolCall(types::ToolCallDelta {
+        let call = payloads(w.event(CallEvent::ToolCall(types::ToolCallDelta {
             index: 1,
             id: Some("c1".into()),
             name: Some("lookup".into()),
             arguments: "{".into(),
-        }));
+        })));
         let tc = &call[0]["choices"][0]["delta"]["tool_calls"][0];
         assert_eq!(tc["index"], 1);
+        assert_eq!(tc["id"], "c1");
+        assert_eq!(tc["type"], "function");
         assert_eq!(tc["function"]["name"], "lookup");
-        let end = w.event(CallEvent::Finish {
+        assert_eq!(tc["function"]["arguments"], "{");
+        let more = payloads(w.event(CallEvent::ToolCall(types::ToolCallDelta {
+            index: 1,
+            id: None,
+            name: None,
+            arguments: "}".into(),
+        })));
+        assert_eq!(
+            more[0]["choices"][0]["delta"]["tool_calls"][0],
+            json!({"index": 1, "function": {"arguments": "}"}})
+        );
+        let end = payloads(w.event(CallEvent::Finish {
             reason: FinishReason::ToolCalls,
             usage: Some(Usage {
                 input_tokens: 3,
@@ -877,9 +1023,10 @@ pub(crate) mod tests {
             }),
             cost: None,
             route: types::Route::default(),
-        });
+        }));
         assert_eq!(end[0]["choices"][0]["finish_reason"], "tool_calls");
         assert_eq!(end[1]["choices"], json!([]));
         assert_eq!(end[1]["usage"]["total_tokens"], 5);
+        assert_eq!(end[2], "[DONE]");
     }
 }
