@@ -349,7 +349,7 @@ pub fn upstream_code(class: ErrorClass, all_rate_limited: bool) -> Code {
 fn route_metadata(route: &Route) -> HashMap<String, String> {
     let mut meta = HashMap::with_capacity(route.attempts.len() + 2);
     if let Some(policy) = &route.policy {
-        meta.insert("policy".to_owned(), policy.clone());
+        meta.insert("policy".to_owned(), policy.to_string());
     }
     meta.insert("attempts".to_owned(), route.attempts.len().to_string());
     for (i, a) in route.attempts.iter().enumerate() {
@@ -372,6 +372,29 @@ fn route_metadata(route: &Route) -> HashMap<String, String> {
         );
     }
     meta
+}
+
+/// The ledger and metric name of a gRPC code, e.g. `OK`, `UNAVAILABLE`.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
 }
 
 #[cfg(test)]

@@ -139,6 +139,39 @@ pub struct UsageRecord {
     pub policy_version: u64,
     /// During a rollout: `baseline` or `canary`; empty otherwise.
     pub rollout_arm: String,
+    /// The experiment arm and shadow link of the call (empty for most calls).
+    pub trial: Trial,
+}
+
+/// The `rpc` of shadow calls' records: GetUsage and budget seeding leave them out unless a
+/// query filters on `rpc` itself.
+pub const SHADOW_RPC: &str = "Shadow";
+
+/// Where a call stands in an experiment, and for a shadow call its primary.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Trial {
+    /// The experiment the call (or its primary) was assigned in, or empty.
+    pub experiment: String,
+    /// The arm, or empty.
+    pub arm: String,
+    /// For a shadow call: the primary call's request id; empty otherwise.
+    pub shadow_of: String,
+    /// For a shadow call whose primary and own reply both exist: how they compare.
+    pub comparison: Option<Comparison>,
+}
+
+/// A cheap comparison of a shadow reply with its primary's.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Comparison {
+    /// Shadow reply length / primary reply length in characters (`None` when the primary
+    /// reply is empty and the shadow's is not).
+    pub length_ratio: Option<f64>,
+    /// The replies are equal.
+    pub exact_match: bool,
+    /// In JSON mode: both parse and are equal as JSON values; `None` outside JSON mode.
+    pub json_agree: Option<bool>,
+    /// The shadow's finish reason (`stop`, `length`, ...).
+    pub finish_reason: String,
 }
 
 /// What the ledger needs of durable storage: append usage records, read them back, prune
@@ -770,6 +803,10 @@ pub fn usage_sql(query: &UsageQuery, dialect: Dialect) -> Option<(String, Vec<Sq
         groups.push(sql.dimension(dim)?);
     }
     let mut filters = vec![format!("minute_ms >= {from}"), format!("minute_ms < {to}")];
+    if !query.filter.iter().any(|(dim, _)| dim == "rpc") {
+        let shadow = sql.param(SqlParam::Text(SHADOW_RPC.to_owned()));
+        filters.push(format!("rpc <> {shadow}"));
+    }
     for (dim, value) in &query.filter {
         let expr = sql.dimension(dim)?;
         let value = sql.param(SqlParam::Text(value.clone()));
@@ -985,11 +1022,12 @@ pub fn day_spend_sql(dialect: Dialect, from_ms: i64) -> (String, Vec<SqlParam>) 
         params: Vec::new(),
     };
     let from = sql.param(SqlParam::Int(from_ms));
+    let shadow = sql.param(SqlParam::Text(SHADOW_RPC.to_owned()));
     let team = sql.tag("team");
     (
         format!(
             "SELECT minute_ms / 86400000, key, {team}, COALESCE(SUM(cost_usd), 0.0) FROM usage_minute
-             WHERE minute_ms >= {from} GROUP BY 1, 2, 3"
+             WHERE minute_ms >= {from} AND rpc <> {shadow} GROUP BY 1, 2, 3"
         ),
         sql.params,
     )

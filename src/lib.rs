@@ -26,6 +26,10 @@
 //! - [`limits`]: rate limits and budgets per key and per team.
 //! - [`guard`]: guardrails: PII and secret detectors, block / redact / mask / tokenize,
 //!   the streaming-safe reply scanner, and the `[guardrails.*]` profiles.
+//! - [`experiments`]: shadow traffic and A/B experiments: the deterministic arm assignment,
+//!   the shadow reply comparison, GetExperiment's statistics, and the bounded shadow pool
+//!   (`experiments::shadow`, which runs calls on the executor); the policy blocks are
+//!   [`routing::experiment`].
 //! - [`cache`]: the response cache (exact and semantic), always within the caller's
 //!   tenant namespace; `[cache]` and a policy's `cache` block.
 //! - [`routing`]: the policy model and selection: from the caller's `model` to a
@@ -72,10 +76,10 @@
 //! reload
 //! config
 //! batch rollout
-//! store
+//! store experiments::shadow
 //! auth executor
 //! limits routing guard
-//! cache
+//! cache experiments
 //! error mock_upstream
 //! health ledger providers audit
 //! pacing
@@ -97,6 +101,7 @@ pub mod codec;
 pub mod config;
 pub mod error;
 pub mod executor;
+pub mod experiments;
 pub mod guard;
 pub mod health;
 pub mod ledger;

@@ -332,6 +332,11 @@ pub mod names {
     /// Provider API key rests by provider, reason (`refused`, `rate_limited`) and source
     /// (`local`: this replica saw the answer; `peer`: another replica did) (counter).
     pub const PROVIDER_KEY_RESTS: &str = "llm_gateway_provider_key_rests_total";
+    /// Shadow calls dropped, by policy and reason: `full` (the pool and its queue),
+    /// `rate`, `budget` (counter).
+    pub const SHADOW_DROPPED: &str = "llm_gateway_shadow_dropped_total";
+    /// Shadow calls made, by policy and gRPC code (counter).
+    pub const SHADOW_CALLS: &str = "llm_gateway_shadow_calls_total";
 }
 
 /// Histogram buckets for latencies in seconds: 1 ms to 2 minutes.
@@ -458,6 +463,14 @@ fn describe() {
     describe_counter!(
         names::PACING_SHARED_FALLBACK,
         "Pacing decisions made from local limits while redis was unreachable, by mode."
+    );
+    describe_counter!(
+        names::SHADOW_DROPPED,
+        "Shadow calls dropped, by policy and reason."
+    );
+    describe_counter!(
+        names::SHADOW_CALLS,
+        "Shadow calls made, by policy and code."
     );
 }
 

@@ -362,12 +362,14 @@ pub struct AttemptRecord {
 /// The route of one call.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Route {
-    /// The policy used, if any.
-    pub policy: Option<String>,
+    /// The policy used, if any (shared with the plan: no copy per call).
+    pub policy: Option<std::sync::Arc<str>>,
     /// Attempts and skipped targets in order.
     pub attempts: Vec<AttemptRecord>,
     /// What the response cache did for the call.
     pub cache: CacheOutcome,
+    /// The experiment arm the call was assigned to, if its policy runs an experiment.
+    pub arm: Option<std::sync::Arc<ArmRef>>,
     /// The version of the policy that served the call (none for a concrete model).
     pub revision: Option<PolicyRevision>,
 }
@@ -403,6 +405,15 @@ impl RolloutArm {
             RolloutArm::Canary => "canary",
         }
     }
+}
+
+/// An experiment and one of its arms.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ArmRef {
+    /// The experiment's name.
+    pub experiment: String,
+    /// The arm's name.
+    pub arm: String,
 }
 
 /// What the response cache did for one call.

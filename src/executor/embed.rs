@@ -56,6 +56,7 @@ pub fn embedding_plan(plan: &Plan) -> Result<Plan, GatewayError> {
         counters: plan.counters.clone(),
         revision: plan.revision,
         observer: plan.observer.clone(),
+        arm: plan.arm.clone(),
     };
     let mut unsupported: Vec<String> = Vec::new();
     for target in &plan.targets {

@@ -386,9 +386,10 @@ impl<'p> Race<'p> {
             call_started,
             deadline,
             route: Route {
-                policy: plan.policy.as_deref().map(str::to_owned),
+                policy: plan.policy.clone(),
                 attempts: Vec::with_capacity(plan.targets.len() + plan.skipped.len()),
                 revision: plan.revision,
+                arm: plan.arm.as_ref().map(|a| a.arm.clone()),
                 ..Route::default()
             },
             next: 0,

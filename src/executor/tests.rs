@@ -185,6 +185,7 @@ fn plan(targets: Vec<Target>, execution: ExecutionSettings) -> Plan {
         counters: Arc::new(PolicyCounters::new("p")),
         revision: None,
         observer: None,
+        arm: None,
     }
 }
 

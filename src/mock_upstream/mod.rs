@@ -42,6 +42,7 @@
 //! | `no_usage` | report no usage |
 //! | `cached=N` | report N of the input tokens as read from the provider's prompt cache |
 //! | `echo_key` | answer 400 with a message quoting the request's API key and a bearer token |
+//! | `reply=TEXT` | answer with TEXT instead of the usual reply (OpenAI routes; TEXT has no `+`) |
 //!
 //! # Embeddings
 //! Every embeddings endpoint answers with [`text_embedding`] of each input text (the same
@@ -177,6 +178,8 @@ pub struct Scenario {
     /// Answer 400 with a message echoing the credential the request carried and a bearer
     /// token (as some providers do), see [`echoed_credentials`].
     pub echo_key: bool,
+    /// Answer with this text instead of [`reply_for`] (OpenAI routes; `reply=TEXT`).
+    pub reply: Option<String>,
 }
 
 impl Scenario {
@@ -216,6 +219,7 @@ impl Scenario {
                 "no_usage" => s.no_usage = true,
                 "cached" => s.cached = num,
                 "echo_key" => s.echo_key = true,
+                "reply" => s.reply = Some(value.to_owned()),
                 _ => {}
             }
         }

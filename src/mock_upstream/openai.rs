@@ -258,7 +258,10 @@ pub(super) async fn chat_completions(
         guard.complete();
         return error_response(status, scenario.retry_after);
     }
-    let reply = reply_for(&last_user_text(&body));
+    let reply = scenario
+        .reply
+        .clone()
+        .unwrap_or_else(|| reply_for(&last_user_text(&body)));
     let input = input_tokens(&body);
     let usage = json!({
         "prompt_tokens": input,

@@ -9,6 +9,7 @@
 //! The table is an immutable snapshot held in a [`Router`]: an admin change builds a new
 //! table and swaps it in atomically; calls in flight keep the plan they started with.
 
+pub mod experiment;
 pub mod policy;
 
 use std::{
@@ -78,6 +79,8 @@ pub struct Plan {
     pub execution: Arc<ExecutionSettings>,
     /// The policy's hedge, fallback and deadline-skip counters.
     pub counters: Arc<PolicyCounters>,
+    /// The experiment arm the call was assigned to, when its policy runs an experiment.
+    pub arm: Option<Arc<experiment::ArmChoice>>,
     /// The policy version that made the plan, and its side of a rollout.
     pub revision: Option<PolicyRevision>,
     /// During a rollout: who hears how the call ended.
@@ -166,6 +169,7 @@ struct CompiledPolicy {
     variants: Vec<(BTreeMap<String, String>, Vec<CompiledTarget>)>,
     execution: Arc<ExecutionSettings>,
     counters: Arc<PolicyCounters>,
+    experiment: Option<experiment::CompiledExperiment<CompiledTarget>>,
 }
 
 #[derive(Clone)]
@@ -518,6 +522,10 @@ impl RoutingTable {
                 .collect(),
             execution: Arc::new(spec.execution.resolve()),
             counters: Arc::new(PolicyCounters::new(&spec.name)),
+            experiment: spec
+                .experiment
+                .as_ref()
+                .map(|e| experiment::CompiledExperiment::new(e, compile)),
             spec: spec.clone(),
         }
     }
@@ -616,6 +624,7 @@ impl RoutingTable {
             counters: self.default_counters.clone(),
             revision: None,
             observer: None,
+            arm: None,
         };
         match target.health.peek(Instant::now()) {
             Admission::Allowed | Admission::Probe => plan.targets.push(target),
@@ -660,10 +669,13 @@ impl RoutingTable {
             .variants
             .iter()
             .position(|(tags, _)| tags.iter().all(|(k, v)| request.tags.get(k) == Some(v)));
-        let targets = match variant {
-            Some(i) => &policy.variants[i].1,
-            None => &policy.targets,
+        let arm = policy.experiment.as_ref().and_then(|e| e.assign(request));
+        let targets = match (arm, variant) {
+            (Some((_, own)), _) if !own.is_empty() => own,
+            (_, Some(i)) => &policy.variants[i].1,
+            (_, None) => &policy.targets,
         };
+        let arm = arm.map(|(choice, _)| choice.clone());
         let (input_tokens, output_tokens) = estimate_tokens(request);
         let mut excluded: Vec<Candidate> = Vec::new();
         // Constraints: fail closed.
@@ -712,6 +724,7 @@ impl RoutingTable {
                         counters: policy.counters.clone(),
                         revision: None,
                         observer: None,
+                        arm,
                     },
                     Some(Explanation {
                         policy: Some(policy.name.to_string()),
@@ -858,6 +871,7 @@ impl RoutingTable {
                 arm: RolloutArm::None,
             }),
             observer: None,
+            arm,
         };
         let mut resting = Vec::new();
         let mut chosen = Vec::new();
@@ -1167,6 +1181,8 @@ mod tests {
             execution: ExecutionSpec::default(),
             variants: vec![],
             guardrails: None,
+            shadow: None,
+            experiment: None,
             cache: Default::default(),
         }
     }

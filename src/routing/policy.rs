@@ -72,6 +72,12 @@ pub struct PolicySpec {
     /// The response cache for calls of this policy (off unless set).
     #[serde(default, skip_serializing_if = "crate::cache::CacheSpec::is_default")]
     pub cache: crate::cache::CacheSpec,
+    /// Shadow traffic: mirror a share of the calls to candidate targets (off unless set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<super::experiment::ShadowSpec>,
+    /// An experiment assigning callers to arms (none unless set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub experiment: Option<super::experiment::ExperimentSpec>,
 }
 
 /// One target of a policy.
@@ -734,6 +740,7 @@ pub fn validate(spec: &PolicySpec, ctx: &dyn PolicyContext, prefix: &str) -> Vec
         );
     }
     v.extend(spec.cache.validate(&format!("{prefix}.cache")));
+    v.extend(super::experiment::validate(spec, ctx, prefix));
     v
 }
 
@@ -785,6 +792,8 @@ mod tests {
             variants: vec![],
             guardrails: None,
             cache: Default::default(),
+            shadow: None,
+            experiment: None,
         };
         assert!(fields(&spec).is_empty());
     }
@@ -813,6 +822,8 @@ mod tests {
             variants: vec![],
             guardrails: None,
             cache: Default::default(),
+            shadow: None,
+            experiment: None,
         };
         spec.execution.hedging.mode = HedgingMode::Fixed;
         assert_eq!(
@@ -844,6 +855,8 @@ mod tests {
             variants: vec![],
             guardrails: None,
             cache: Default::default(),
+            shadow: None,
+            experiment: None,
         };
         assert_eq!(fields(&spec), vec!["policy.targets"]);
         let spec = PolicySpec {

@@ -1181,6 +1181,35 @@ impl LlmGatewayAdmin for AdminService {
         .await
         .map_err(fail)
     }
+
+    async fn get_experiment(
+        &self,
+        request: Request<pb::GetExperimentRequest>,
+    ) -> AdminResult<pb::GetExperimentResponse> {
+        async {
+            let req = request.into_inner();
+            if req.name.is_empty() {
+                return Err(GatewayError::invalid("name", "must not be empty"));
+            }
+            let (start, end) = time_range(req.start_time, req.end_time)?;
+            let defined = self.router.load().experiment_arms(&req.name);
+            let report = self
+                .store
+                .experiment_report(&req.name, start, end, defined)
+                .await
+                .map_err(store_error)?
+                .ok_or_else(|| GatewayError::NotFound {
+                    reason: "EXPERIMENT_NOT_FOUND",
+                    message: format!(
+                        "no policy runs experiment `{}` and the range holds no calls of it",
+                        req.name
+                    ),
+                })?;
+            Ok(Response::new(super::convert_trial::report_out(&report)))
+        }
+        .await
+        .map_err(fail)
+    }
 }
 
 #[cfg(test)]

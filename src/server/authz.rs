@@ -130,6 +130,7 @@ pub const METHODS: &[Method] = &[
     rpc(admin!("InvalidateCache"), Requirement::Admin),
     rpc(admin!("GetUsage"), Requirement::UsageRead),
     rpc(admin!("ExportUsage"), Requirement::UsageRead),
+    rpc(admin!("GetExperiment"), Requirement::UsageRead),
     rpc(admin!("CreateKey"), Requirement::Admin),
     rpc(admin!("ListKeys"), Requirement::Admin),
     rpc(admin!("GetKey"), Requirement::Admin),

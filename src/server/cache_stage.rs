@@ -125,10 +125,13 @@ pub fn begin(
 /// The route of a reply served from the cache: no attempts.
 pub fn hit_route(req: &ChatRequest, table: &RoutingTable, outcome: CacheOutcome) -> Route {
     Route {
-        policy: table.is_policy(&req.model).then(|| req.model.clone()),
+        policy: table
+            .is_policy(&req.model)
+            .then(|| std::sync::Arc::from(req.model.as_str())),
         attempts: Vec::new(),
         cache: outcome,
         revision: None,
+        arm: None,
     }
 }
 

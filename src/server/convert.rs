@@ -514,7 +514,13 @@ pub fn route(route: Route) -> pb::Route {
                 RolloutArm::Canary => pb::RolloutArm::Canary,
             }) as i32,
         }),
-        policy: route.policy.unwrap_or_default(),
+        policy: route.policy.as_deref().unwrap_or_default().to_owned(),
+        experiment: route
+            .arm
+            .as_ref()
+            .map(|a| a.experiment.clone())
+            .unwrap_or_default(),
+        arm: route.arm.map(|a| a.arm.clone()).unwrap_or_default(),
         attempts: route
             .attempts
             .into_iter()

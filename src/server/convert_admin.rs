@@ -17,7 +17,7 @@ use crate::{
     },
 };
 
-fn duration_in(
+pub(super) fn duration_in(
     d: Option<prost_types::Duration>,
     field: &str,
     v: &mut Vec<FieldViolation>,
@@ -40,7 +40,7 @@ pub fn duration_out(d: Duration) -> prost_types::Duration {
     }
 }
 
-fn target_in(t: pb::PolicyTarget) -> TargetSpec {
+pub(super) fn target_in(t: pb::PolicyTarget) -> TargetSpec {
     TargetSpec {
         provider: t.provider,
         model: t.model,
@@ -51,7 +51,7 @@ fn target_in(t: pb::PolicyTarget) -> TargetSpec {
     }
 }
 
-fn target_out(t: &TargetSpec) -> pb::PolicyTarget {
+pub(super) fn target_out(t: &TargetSpec) -> pb::PolicyTarget {
     pb::PolicyTarget {
         provider: t.provider.clone(),
         model: t.model.clone(),
@@ -194,6 +194,8 @@ pub fn policy_in(p: pb::Policy, prefix: &str) -> (PolicySpec, Vec<FieldViolation
             .collect(),
         guardrails: Some(p.guardrails).filter(|g| !g.is_empty()),
         cache: cache_in(p.cache, &format!("{prefix}.cache"), &mut v),
+        shadow: super::convert_trial::shadow_in(p.shadow, &format!("{prefix}.shadow"), &mut v),
+        experiment: p.experiment.map(super::convert_trial::experiment_in),
     };
     (spec, v)
 }
@@ -314,6 +316,11 @@ pub fn policy_out(r: &PolicyRecord) -> pb::Policy {
         cache: cache_out(&s.cache),
         rollout: None,
         rollout_state: 0,
+        shadow: s.shadow.as_ref().map(super::convert_trial::shadow_out),
+        experiment: s
+            .experiment
+            .as_ref()
+            .map(super::convert_trial::experiment_out),
     }
 }
 
@@ -420,6 +427,14 @@ pub fn record_out(r: &crate::ledger::UsageRecord) -> pb::UsageRecord {
         guardrails: r.guardrails.clone(),
         policy_version: r.policy_version,
         rollout_arm: r.rollout_arm.clone(),
+        shadow_of: r.trial.shadow_of.clone(),
+        experiment: r.trial.experiment.clone(),
+        arm: r.trial.arm.clone(),
+        shadow: r
+            .trial
+            .comparison
+            .as_ref()
+            .map(super::convert_trial::comparison_out),
     }
 }
 

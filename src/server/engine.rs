@@ -38,6 +38,7 @@ use crate::{
     cache::{CacheControl, ResponseCache},
     error::GatewayError,
     executor::{Answer, CallEvent, Executor},
+    experiments::shadow::{Mirror, Primary, ShadowPool},
     guard::Guarding,
     limits::{Ask, BudgetCheck},
     routing::{Plan, Router, RoutingTable, estimate_tokens},
@@ -56,6 +57,7 @@ pub struct Engine {
     meter: MeterConfig,
     cache: Option<Arc<ResponseCache>>,
     guard: GuardStage,
+    shadows: Option<ShadowPool>,
 }
 
 /// What a surface knows about one call before it reads the request.
@@ -104,7 +106,20 @@ impl Engine {
             meter,
             cache: None,
             guard: GuardStage::default(),
+            shadows: None,
         }
+    }
+
+    /// Mirrors sampled calls of policies with a `shadow` block on `pool`.
+    pub fn with_shadows(mut self, pool: ShadowPool) -> Self {
+        self.shadows = Some(pool);
+        self
+    }
+
+    /// Whether to mirror this call (see [`ShadowPool::sample`]).
+    fn mirror(&self, plan: &Plan, req: &ChatRequest) -> Option<Mirror> {
+        let pool = self.shadows.as_ref()?;
+        pool.sample(&self.router.load(), plan, req)
     }
 
     /// The engine with these guardrail profiles (`[guardrails.*]`).
@@ -154,7 +169,9 @@ impl Engine {
                         let mut cached =
                             cache_stage::begin(cache, &table, &namespace, &req, call.cache_control);
                         if let Some(entry) = cached.lookup(meter.attribution()).await {
-                            let route = cache_stage::hit_route(&req, &table, cached.outcome());
+                            let mut route =
+                                cache_stage::hit_route(&req, &table, cached.outcome());
+                            route.arm = plan.arm.as_ref().map(|a| a.arm.clone());
                             meter.set_cache_hit(
                                 &entry.provider,
                                 &entry.response.model,
@@ -170,10 +187,19 @@ impl Engine {
                     }
                     None => None,
                 };
-                let mut answer = self
+                let mirror = self.mirror(&plan, &req);
+                let result = self
                     .executor
                     .chat(&plan, &req, call.deadline, call.trace.as_ref())
-                    .await?;
+                    .await;
+                // Off the caller's path: the shadow runs on its own pool.
+                if let Some(mirror) = mirror {
+                    mirror.submit(Primary {
+                        request_id: &call.request_id,
+                        reply: result.as_ref().ok().map(|a| &a.response),
+                    });
+                }
+                let mut answer = result?;
                 if let Some(cached) = cached.as_mut() {
                     answer.route.cache = cached
                         .store(&answer.response, &answer.provider, answer.cost)
@@ -232,7 +258,8 @@ impl Engine {
                 let mut call_cache =
                     cache_stage::begin(cache, &table, &namespace, &req, call.cache_control);
                 if let Some(entry) = call_cache.lookup(meter.attribution()).await {
-                    let route = cache_stage::hit_route(&req, &table, call_cache.outcome());
+                    let mut route = cache_stage::hit_route(&req, &table, call_cache.outcome());
+                    route.arm = plan.arm.as_ref().map(|a| a.arm.clone());
                     meter.set_cache_hit(
                         &entry.provider,
                         &entry.response.model,
@@ -241,21 +268,24 @@ impl Engine {
                     let events: Events = Box::pin(futures_util::stream::iter(cache_stage::replay(
                         &entry, route,
                     )));
-                    return Ok((events, None, true, guarding));
+                    return Ok((events, None, true, guarding, None));
                 }
                 cached = Some((call_cache, cache_stage::Collector::default()));
             }
+            let mirror = self
+                .mirror(&plan, &req)
+                .map(|m| (m, cache_stage::Collector::default()));
             let stream = self
                 .executor
                 .chat_stream(&plan, &req, call.deadline, call.trace.as_ref())
                 .await?;
             meter.set_target(Some(stream.target_metrics().clone()));
             let events: Events = Box::pin(stream);
-            Ok((events, cached, false, guarding))
+            Ok((events, cached, false, guarding, mirror))
         }
         .instrument(span.clone())
         .await;
-        let (committed, mut cached, hit, guarding) = match committed {
+        let (committed, mut cached, hit, guarding, mut mirror) = match committed {
             Ok(committed) => committed,
             Err(err) => {
                 let _entered = span.enter();
@@ -264,6 +294,7 @@ impl Engine {
         };
         let ttft = started.elapsed();
         meter.stream_opened();
+        let request_id = call.request_id;
         // The cache stores the reply as it came (before the reply guardrails, which run on
         // hits and misses alike), before the finish event goes on.
         let collected: Events = Box::pin(committed.then(move |event| {
@@ -281,6 +312,19 @@ impl Engine {
                     && let Some((call_cache, collector)) = cached.take()
                 {
                     finished = Some((call_cache, collector.finish(*reason, *usage), *cost));
+                }
+                if let Some((_, collector)) = mirror.as_mut() {
+                    collector.push(event);
+                }
+                // The assembled primary reply goes to the shadow once the stream finished.
+                if let CallEvent::Finish { reason, usage, .. } = event
+                    && let Some((pending, collector)) = mirror.take()
+                {
+                    let (response, _) = collector.finish(*reason, *usage);
+                    pending.submit(Primary {
+                        request_id: &request_id,
+                        reply: Some(&response),
+                    });
                 }
             }
             async move {
@@ -336,8 +380,9 @@ impl Engine {
         let mut req = request()?;
         let table = self.router.current();
         let Some(caller) = &caller else {
+            let plan = plan(&table, &req, meter)?;
+            apply_arm(&mut req, &plan);
             meter.set_tags(&req.tags);
-            let plan = table.plan_call(&req, meter.request_id())?;
             meter.set_rollout(&plan);
             let (req, plan, guarding) = self.guarded(req, plan, None, &table, meter)?;
             return Ok((req, plan, cache_stage::namespace(None), guarding));
@@ -346,7 +391,7 @@ impl Engine {
         meter.set_key(caller.name());
         caller.may_call(&req.model, table.is_policy(&req.model))?;
         meter.set_tags(&req.tags);
-        let mut plan = table.plan_call(&req, meter.request_id())?;
+        let mut plan = plan(&table, &req, meter)?;
         let subjects = self.access.subjects(caller);
         let (input, output) = estimate_tokens(&req);
         let estimated_usd = if subjects.any_budget() {
@@ -382,7 +427,11 @@ impl Engine {
             // Routed to the budget's fallback policy: the budget no longer refuses calls.
             tracing::info!(key = caller.name(), policy = %fallback, "budget spent: routing to the fallback policy");
             req.model.clone_from(fallback);
-            plan = table.plan_call(&req, meter.request_id())?;
+            plan = self::plan(&table, &req, meter)?;
+        }
+        if plan.arm.is_some() {
+            apply_arm(&mut req, &plan);
+            meter.set_tags(&req.tags);
         }
         meter.set_permit(permit);
         meter.set_rollout(&plan);
@@ -416,6 +465,24 @@ pub fn trace_context(traceparent: Option<&str>, tracestate: Option<&str>) -> Opt
         traceparent: continue_traceparent(traceparent?)?,
         tracestate: tracestate.map(str::to_owned),
     })
+}
+
+/// Plans the call; a call that cannot be planned still counts for its experiment arm.
+fn plan(
+    table: &RoutingTable,
+    req: &ChatRequest,
+    meter: &mut CallMeter,
+) -> Result<Plan, GatewayError> {
+    table
+        .plan_call(req, meter.request_id())
+        .inspect_err(|_| meter.set_arm(table.assigned_arm(req)))
+}
+
+/// Applies the parameters and tags of the call's experiment arm, if any.
+fn apply_arm(req: &mut ChatRequest, plan: &Plan) {
+    if let Some(arm) = &plan.arm {
+        arm.apply(req);
+    }
 }
 
 fn count_limited(err: &GatewayError) {

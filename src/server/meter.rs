@@ -7,13 +7,13 @@ use tokio::time::Instant;
 use tonic::Code;
 
 use crate::{
-    error::GatewayError,
+    error::{GatewayError, code_name},
     ledger::{Ledger, UsageRecord},
     limits::Permit,
     models::Cost,
     routing::{Plan, RolloutObserver},
     telemetry::{CallHandles, HandleCache, StaticSlots, TargetMetrics, names},
-    types::{AttemptOutcome, PolicyRevision, Route, Usage},
+    types::{ArmRef, AttemptOutcome, PolicyRevision, Route, Usage},
 };
 
 /// What the meter needs from the gateway, shared by all calls.
@@ -78,6 +78,8 @@ pub struct CallMeter {
     /// The policy version of the plan, and its rollout's observer.
     revision: Option<PolicyRevision>,
     observer: Option<Arc<dyn RolloutObserver>>,
+    /// The experiment arm, for a call that failed before it had a route.
+    arm: Option<Arc<ArmRef>>,
 }
 
 /// How a call counts for a rollout's test: `Some(true)` failed for a reason of the
@@ -102,28 +104,6 @@ fn rollout_failure(code: Code) -> Option<bool> {
         | Code::OutOfRange
         | Code::Unimplemented
         | Code::Unauthenticated => None,
-    }
-}
-
-fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }
 
@@ -207,6 +187,7 @@ impl CallMeter {
             guardrails: None,
             revision: None,
             observer: None,
+            arm: None,
         }
     }
 
@@ -244,6 +225,11 @@ impl CallMeter {
     /// The request's tags (for the ledger and tag labels).
     pub fn set_tags(&mut self, tags: &BTreeMap<String, String>) {
         self.tags.clone_from(tags);
+    }
+
+    /// The call's experiment arm, when planning failed (a route carries it otherwise).
+    pub fn set_arm(&mut self, arm: Option<Arc<ArmRef>>) {
+        self.arm = arm;
     }
 
     /// The gateway key that made the call (for attribution).
@@ -312,6 +298,9 @@ impl CallMeter {
                 .count()
         });
         let code = code_name(outcome.code);
+        let arm = route
+            .and_then(|r| r.arm.clone())
+            .or_else(|| self.arm.take());
 
         let handles = self.handles(&provider, &model, code);
         handles.calls.increment(1);
@@ -368,6 +357,14 @@ impl CallMeter {
                 .unwrap_or_default(),
             policy_version: revision.map_or(0, |r| u64::from(r.version)),
             rollout_arm: revision.map_or("", |r| r.arm.label()).to_owned(),
+            trial: crate::ledger::Trial {
+                experiment: arm
+                    .as_ref()
+                    .map(|a| a.experiment.clone())
+                    .unwrap_or_default(),
+                arm: arm.map(|a| a.arm.clone()).unwrap_or_default(),
+                ..crate::ledger::Trial::default()
+            },
         });
     }
 }

@@ -27,6 +27,7 @@ pub mod console;
 pub mod convert;
 pub mod convert_admin;
 pub mod convert_embed;
+pub mod convert_trial;
 pub mod deadline;
 pub mod engine;
 pub mod framing;
@@ -455,6 +456,8 @@ pub async fn serve_with(
     let admission = admission::Admission::new(config.admission.clone());
     let admission_layer = admission::AdmissionLayer::new(admission.clone(), meter.clone());
     let console_access = access.clone();
+    let shadows =
+        crate::experiments::shadow::ShadowPool::new(executor.clone(), meter.ledger.clone());
     let engine = engine::Engine::new(
         router,
         executor,
@@ -467,7 +470,8 @@ pub async fn serve_with(
         meter,
     )
     .with_cache(response_cache)
-    .with_guardrails(Arc::new(config.guardrails.clone()));
+    .with_guardrails(Arc::new(config.guardrails.clone()))
+    .with_shadows(shadows.clone());
     let batch_store: Arc<dyn crate::batch::BatchStore> = match pg_pool {
         // A claim outlives the longest run (cut at request_timeout) and its recording.
         Some(pool) => Arc::new(
@@ -730,6 +734,8 @@ pub async fn serve_with(
     // ended them already), then go back to pending for the next start.
     batches.shutdown(config.server.shutdown_grace).await;
     drop(batches);
+    // Shadow calls still running are cancelled (they are never worth a wait).
+    shadows.close().await;
     stop_metrics.cancel();
     stop_background.cancel();
     background.close();

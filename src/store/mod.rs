@@ -254,4 +254,20 @@ pub trait Store: UsageSink + AuditSink + Send + Sync + 'static {
     async fn follow_changes(&self, changes: mpsc::Sender<Change>, stop: CancellationToken) {
         let _ = (changes, stop);
     }
+
+    /// GetExperiment: the report of experiment `name` over `[from_ms, to_ms)`, computed in
+    /// the database ([`crate::experiments::report::run`]); `defined` are the arms of the
+    /// policy running it now. `None` when it has neither arms nor records.
+    async fn experiment_report(
+        &self,
+        name: &str,
+        from_ms: i64,
+        to_ms: i64,
+        defined: Option<Vec<String>>,
+    ) -> Result<Option<crate::experiments::report::ExperimentReport>, StoreError> {
+        let _ = (name, from_ms, to_ms, defined);
+        Err(StoreError::Backend(
+            "this store cannot report experiments".to_owned(),
+        ))
+    }
 }

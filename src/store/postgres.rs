@@ -21,6 +21,7 @@ use tokio_postgres::{AsyncMessage, NoTls, Row, Transaction, types::ToSql};
 use tokio_util::sync::CancellationToken;
 
 use super::{Change, RolloutRow, Store, StoreError};
+use crate::experiments::report::{self, ExperimentReport};
 use crate::{
     audit::{self, AuditError, AuditSink},
     auth::{KeyRecord, KeySpec},
@@ -120,6 +121,16 @@ const MIGRATIONS: &[&str] = &[
     );
     ALTER TABLE usage ADD COLUMN IF NOT EXISTS policy_version BIGINT NOT NULL DEFAULT 0;
     ALTER TABLE usage ADD COLUMN IF NOT EXISTS rollout_arm TEXT NOT NULL DEFAULT '';",
+    // 7: experiments and shadow traffic (SQLite migration 9): the arm of a call, a shadow's
+    // primary and comparison (IF NOT EXISTS: it may run again after a schema rollback).
+    "ALTER TABLE usage ADD COLUMN IF NOT EXISTS experiment TEXT NOT NULL DEFAULT '';
+    ALTER TABLE usage ADD COLUMN IF NOT EXISTS arm TEXT NOT NULL DEFAULT '';
+    ALTER TABLE usage ADD COLUMN IF NOT EXISTS shadow_of TEXT NOT NULL DEFAULT '';
+    ALTER TABLE usage ADD COLUMN IF NOT EXISTS shadow_length_ratio DOUBLE PRECISION;
+    ALTER TABLE usage ADD COLUMN IF NOT EXISTS shadow_exact_match BOOLEAN;
+    ALTER TABLE usage ADD COLUMN IF NOT EXISTS shadow_json_agree BOOLEAN;
+    ALTER TABLE usage ADD COLUMN IF NOT EXISTS shadow_finish_reason TEXT NOT NULL DEFAULT '';
+    CREATE INDEX IF NOT EXISTS usage_experiment ON usage (experiment, time_ms) WHERE experiment <> '';",
 ];
 
 /// Parses a `store.url`: a `postgres://` or `postgresql://` URL naming a host.
@@ -518,6 +529,18 @@ async fn list<T>(
 
 #[async_trait]
 impl Store for PgStore {
+    async fn experiment_report(
+        &self,
+        name: &str,
+        from_ms: i64,
+        to_ms: i64,
+        defined: Option<Vec<String>>,
+    ) -> Result<Option<ExperimentReport>, StoreError> {
+        report::run(self, name, from_ms, to_ms, defined)
+            .await
+            .map_err(StoreError::Backend)
+    }
+
     async fn list_policies(&self) -> Result<Vec<PolicyRecord>, StoreError> {
         let client = self.client().await?;
         list(&client, POLICY_COLUMNS, "policies", policy_from_row).await
@@ -797,13 +820,15 @@ impl UsageSink for PgStore {
             "INSERT INTO usage (time_ms, request_id, rpc, key, tags, policy, provider, model,
                  attempts, input_tokens, output_tokens, cached_input_tokens, usage_reported,
                  cost_usd, latency_ms, ttft_ms, code, error_class, cache, cost_saved_usd,
-                 guardrails, policy_version, rollout_arm)
+                 guardrails, policy_version, rollout_arm, experiment, arm, shadow_of,
+                 shadow_length_ratio, shadow_exact_match, shadow_json_agree, shadow_finish_reason)
                  SELECT * FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::TEXT[],
                  $5::TEXT[], $6::TEXT[], $7::TEXT[], $8::TEXT[], $9::INTEGER[], $10::BIGINT[],
                  $11::BIGINT[], $12::BIGINT[], $13::BOOLEAN[], $14::DOUBLE PRECISION[],
                  $15::DOUBLE PRECISION[], $16::DOUBLE PRECISION[], $17::TEXT[], $18::TEXT[],
                  $19::TEXT[], $20::DOUBLE PRECISION[], $21::TEXT[], $22::BIGINT[],
-                 $23::TEXT[])",
+                 $23::TEXT[], $24::TEXT[], $25::TEXT[], $26::TEXT[], $27::DOUBLE PRECISION[],
+                 $28::BOOLEAN[], $29::BOOLEAN[], $30::TEXT[])",
             &[
                 &cols.time_ms,
                 &cols.request_id,
@@ -828,6 +853,13 @@ impl UsageSink for PgStore {
                 &cols.guardrails,
                 &cols.policy_version,
                 &cols.rollout_arm,
+                &cols.experiment,
+                &cols.arm,
+                &cols.shadow_of,
+                &cols.shadow_length_ratio,
+                &cols.shadow_exact_match,
+                &cols.shadow_json_agree,
+                &cols.shadow_finish_reason,
             ],
         )
         .await
@@ -1033,7 +1065,51 @@ impl AuditSink for PgStore {
 const USAGE_COLUMNS: &str = "time_ms, request_id, rpc, key, tags, policy, provider, model,
     attempts, input_tokens, output_tokens, cached_input_tokens, usage_reported, cost_usd,
     latency_ms, ttft_ms, code, error_class, cache, cost_saved_usd, guardrails, policy_version,
-    rollout_arm";
+    rollout_arm, experiment, arm, shadow_of, shadow_length_ratio, shadow_exact_match,
+    shadow_json_agree, shadow_finish_reason";
+
+#[async_trait]
+impl report::Query for PgStore {
+    fn dialect(&self) -> Dialect {
+        Dialect::Postgres
+    }
+
+    async fn rows(
+        &self,
+        sql: String,
+        params: Vec<SqlParam>,
+        kinds: Vec<report::Kind>,
+    ) -> Result<Vec<Vec<report::Value>>, String> {
+        let client = self.client().await.map_err(|e| e.to_string())?;
+        let rows = client
+            .query(&sql, &pg_params(&params))
+            .await
+            .map_err(|e| pg(e).to_string())?;
+        let value = |row: &Row, i: usize, kind: report::Kind| {
+            Ok(match kind {
+                report::Kind::Int => row
+                    .try_get::<_, Option<i64>>(i)?
+                    .map_or(report::Value::Null, report::Value::Int),
+                report::Kind::Real => row
+                    .try_get::<_, Option<f64>>(i)?
+                    .map_or(report::Value::Null, report::Value::Real),
+                report::Kind::Text => row
+                    .try_get::<_, Option<String>>(i)?
+                    .map_or(report::Value::Null, report::Value::Text),
+            })
+        };
+        rows.iter()
+            .map(|row| {
+                kinds
+                    .iter()
+                    .enumerate()
+                    .map(|(i, kind)| value(row, i, *kind))
+                    .collect::<Result<Vec<_>, tokio_postgres::Error>>()
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| pg(e).to_string())
+    }
+}
 
 /// Generated-query parameters as PostgreSQL parameters.
 fn pg_params(params: &[SqlParam]) -> Vec<&(dyn ToSql + Sync)> {
@@ -1073,6 +1149,19 @@ fn usage_from_row(row: &Row) -> UsageRecord {
         guardrails: row.get("guardrails"),
         policy_version: to_u64(row.get("policy_version")),
         rollout_arm: row.get("rollout_arm"),
+        trial: ledger::Trial {
+            experiment: row.get("experiment"),
+            arm: row.get("arm"),
+            shadow_of: row.get("shadow_of"),
+            comparison: row
+                .get::<_, Option<bool>>("shadow_exact_match")
+                .map(|exact_match| ledger::Comparison {
+                    length_ratio: row.get("shadow_length_ratio"),
+                    exact_match,
+                    json_agree: row.get("shadow_json_agree"),
+                    finish_reason: row.get("shadow_finish_reason"),
+                }),
+        },
     }
 }
 
@@ -1102,6 +1191,13 @@ struct UsageColumns {
     guardrails: Vec<String>,
     policy_version: Vec<i64>,
     rollout_arm: Vec<String>,
+    experiment: Vec<String>,
+    arm: Vec<String>,
+    shadow_of: Vec<String>,
+    shadow_length_ratio: Vec<Option<f64>>,
+    shadow_exact_match: Vec<Option<bool>>,
+    shadow_json_agree: Vec<Option<bool>>,
+    shadow_finish_reason: Vec<String>,
 }
 
 impl UsageColumns {
@@ -1137,6 +1233,17 @@ impl UsageColumns {
         self.guardrails.push(r.guardrails.clone());
         self.policy_version.push(to_i64(r.policy_version));
         self.rollout_arm.push(r.rollout_arm.clone());
+        let t = &r.trial;
+        self.experiment.push(t.experiment.clone());
+        self.arm.push(t.arm.clone());
+        self.shadow_of.push(t.shadow_of.clone());
+        let c = t.comparison.as_ref();
+        self.shadow_length_ratio
+            .push(c.and_then(|c| c.length_ratio));
+        self.shadow_exact_match.push(c.map(|c| c.exact_match));
+        self.shadow_json_agree.push(c.and_then(|c| c.json_agree));
+        self.shadow_finish_reason
+            .push(c.map_or_else(String::new, |c| c.finish_reason.clone()));
         Ok(())
     }
 }

@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{RolloutRow, Store, StoreError};
+use crate::experiments::report::{self, ExperimentReport};
 use crate::{
     audit::{self, AuditError, AuditSink},
     auth::{KeyRecord, KeySpec},
@@ -92,6 +93,15 @@ const MIGRATIONS: &[&str] = &[
     ) STRICT;
     ALTER TABLE usage ADD COLUMN policy_version INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE usage ADD COLUMN rollout_arm TEXT NOT NULL DEFAULT '';",
+    // 9: experiments and shadow traffic: the arm of a call, a shadow's primary and comparison.
+    "ALTER TABLE usage ADD COLUMN experiment TEXT NOT NULL DEFAULT '';
+    ALTER TABLE usage ADD COLUMN arm TEXT NOT NULL DEFAULT '';
+    ALTER TABLE usage ADD COLUMN shadow_of TEXT NOT NULL DEFAULT '';
+    ALTER TABLE usage ADD COLUMN shadow_length_ratio REAL;
+    ALTER TABLE usage ADD COLUMN shadow_exact_match INTEGER;
+    ALTER TABLE usage ADD COLUMN shadow_json_agree INTEGER;
+    ALTER TABLE usage ADD COLUMN shadow_finish_reason TEXT NOT NULL DEFAULT '';
+    CREATE INDEX usage_experiment ON usage (experiment, time_ms) WHERE experiment <> '';",
 ];
 
 /// The embedded store.
@@ -268,6 +278,18 @@ fn rollout_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RolloutRow> {
 
 #[async_trait]
 impl Store for SqliteStore {
+    async fn experiment_report(
+        &self,
+        name: &str,
+        from_ms: i64,
+        to_ms: i64,
+        defined: Option<Vec<String>>,
+    ) -> Result<Option<ExperimentReport>, StoreError> {
+        report::run(self, name, from_ms, to_ms, defined)
+            .await
+            .map_err(StoreError::Backend)
+    }
+
     async fn list_policies(&self) -> Result<Vec<PolicyRecord>, StoreError> {
         self.with_conn(|conn| {
             let mut stmt = conn
@@ -576,9 +598,10 @@ impl UsageSink for SqliteStore {
                         "INSERT INTO usage (time_ms, request_id, rpc, key, tags, policy, provider, model,
                          attempts, input_tokens, output_tokens, cached_input_tokens, usage_reported,
                          cost_usd, latency_ms, ttft_ms, code, error_class, cache, cost_saved_usd,
-                         guardrails, policy_version, rollout_arm)
+                         guardrails, policy_version, rollout_arm, experiment, arm, shadow_of,
+                         shadow_length_ratio, shadow_exact_match, shadow_json_agree, shadow_finish_reason)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
-                         ?19, ?20, ?21, ?22, ?23)",
+                         ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30)",
                     )
                     .map_err(backend)?;
                 for r in &records {
@@ -607,6 +630,16 @@ impl UsageSink for SqliteStore {
                         r.guardrails,
                         to_i64(r.policy_version),
                         r.rollout_arm,
+                        r.trial.experiment,
+                        r.trial.arm,
+                        r.trial.shadow_of,
+                        r.trial.comparison.as_ref().and_then(|c| c.length_ratio),
+                        r.trial.comparison.as_ref().map(|c| c.exact_match),
+                        r.trial.comparison.as_ref().and_then(|c| c.json_agree),
+                        r.trial
+                            .comparison
+                            .as_ref()
+                            .map_or("", |c| c.finish_reason.as_str()),
                     ])
                     .map_err(backend)?;
                 }
@@ -838,7 +871,45 @@ impl AuditSink for SqliteStore {
 const USAGE_COLUMNS: &str = "time_ms, request_id, rpc, key, tags, policy, provider, model,
     attempts, input_tokens, output_tokens, cached_input_tokens, usage_reported, cost_usd,
     latency_ms, ttft_ms, code, error_class, cache, cost_saved_usd, guardrails, policy_version,
-    rollout_arm";
+    rollout_arm, experiment, arm, shadow_of, shadow_length_ratio, shadow_exact_match,
+    shadow_json_agree, shadow_finish_reason";
+
+#[async_trait]
+impl report::Query for SqliteStore {
+    fn dialect(&self) -> Dialect {
+        Dialect::Sqlite
+    }
+
+    async fn rows(
+        &self,
+        sql: String,
+        params: Vec<SqlParam>,
+        kinds: Vec<report::Kind>,
+    ) -> Result<Vec<Vec<report::Value>>, String> {
+        self.with_conn(move |conn| {
+            let mut stmt = conn.prepare(&sql).map_err(backend)?;
+            let rows = stmt
+                .query_map(rusqlite::params_from_iter(values(params)), |row| {
+                    (0..kinds.len())
+                        .map(|i| {
+                            Ok(match row.get::<_, rusqlite::types::Value>(i)? {
+                                rusqlite::types::Value::Integer(v) => report::Value::Int(v),
+                                rusqlite::types::Value::Real(v) => report::Value::Real(v),
+                                rusqlite::types::Value::Text(v) => report::Value::Text(v),
+                                rusqlite::types::Value::Null | rusqlite::types::Value::Blob(_) => {
+                                    report::Value::Null
+                                }
+                            })
+                        })
+                        .collect::<rusqlite::Result<Vec<_>>>()
+                })
+                .map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+        .await
+        .map_err(|e| e.to_string())
+    }
+}
 
 /// A usage record from the [`USAGE_COLUMNS`] of `row`, starting at column `at`.
 fn usage_from_row(row: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<UsageRecord> {
@@ -867,6 +938,22 @@ fn usage_from_row(row: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<UsageR
         guardrails: row.get(at + 20)?,
         policy_version: to_u64(row.get(at + 21)?),
         rollout_arm: row.get(at + 22)?,
+        trial: ledger::Trial {
+            experiment: row.get(at + 23)?,
+            arm: row.get(at + 24)?,
+            shadow_of: row.get(at + 25)?,
+            comparison: row
+                .get::<_, Option<bool>>(at + 27)?
+                .map(|exact_match| -> rusqlite::Result<_> {
+                    Ok(ledger::Comparison {
+                        length_ratio: row.get(at + 26)?,
+                        exact_match,
+                        json_agree: row.get(at + 28)?,
+                        finish_reason: row.get(at + 29)?,
+                    })
+                })
+                .transpose()?,
+        },
     })
 }
 
@@ -969,6 +1056,8 @@ mod tests {
             execution: Default::default(),
             variants: vec![],
             guardrails: None,
+            shadow: None,
+            experiment: None,
             cache: Default::default(),
         }
     }

@@ -220,7 +220,9 @@ fn the_table_follows_the_rules() {
         let want = match service {
             "llmgateway.v1.LlmGateway" => Requirement::Chat,
             "llmgateway.v1.LlmGatewayAdmin"
-                if m.path.ends_with("/GetUsage") || m.path.ends_with("/ExportUsage") =>
+                if m.path.ends_with("/GetUsage")
+                    || m.path.ends_with("/ExportUsage")
+                    || m.path.ends_with("/GetExperiment") =>
             {
                 Requirement::UsageRead
             }

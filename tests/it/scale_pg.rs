@@ -323,6 +323,8 @@ async fn replicas_starting_at_once_migrate_once_and_the_store_decides_etags() {
         variants: vec![],
         cache: Default::default(),
         guardrails: None,
+        shadow: None,
+        experiment: None,
     };
     assert_eq!(a.create_policy(spec("a")).await.unwrap().version, 1);
     assert_eq!(

@@ -45,6 +45,22 @@ fn record(i: i64, provider: &str, team: &str, code: &str) -> UsageRecord {
         } else {
             String::new()
         },
+        // The experiment and shadow columns round-trip (rpc stays `Chat`: totals unchanged).
+        trial: llm_gateway::ledger::Trial {
+            experiment: "exp".into(),
+            arm: if i % 2 == 0 { "a" } else { "b" }.into(),
+            shadow_of: if i % 5 == 0 {
+                format!("p{i}")
+            } else {
+                String::new()
+            },
+            comparison: (i % 5 == 0).then(|| llm_gateway::ledger::Comparison {
+                length_ratio: (i % 10 == 0).then_some(0.5),
+                exact_match: i % 10 == 0,
+                json_agree: (i % 3 == 0).then_some(i % 2 == 0),
+                finish_reason: "stop".into(),
+            }),
+        },
         ..UsageRecord::default()
     }
 }
