@@ -8,24 +8,32 @@
 # Writes the numbers into BENCHMARKS.md between the `<!-- overload -->` markers.
 # Loopback only, bounded (about 20 s of load); stops everything it starts.
 #
-#   bench/overload.sh            # release binaries (builds them)
-#   bench/overload.sh --debug    # debug binaries as built by `cargo build`
+#   flock /work/coord/release.lock bench/overload.sh   # bench-profile binaries (builds them
+#                                   # with `cargo bench --no-run`: the pre-built release deps)
+#   bench/overload.sh --no-build    # the binaries already in target/release
+#   bench/overload.sh --debug       # debug binaries as built by `cargo build`
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 PROFILE=release
 DURATION=8s
+BUILD=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --debug) PROFILE=debug ;;
+    --no-build) BUILD=0 ;;
     --duration) DURATION="$2"; shift ;;
     *) echo "bench/overload.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
 done
 BIN="${CARGO_TARGET_DIR:-$ROOT/target}/$PROFILE"
-if [ "$PROFILE" = release ]; then
-  cargo build --release --quiet --bin llm-gateway --bin llm-gateway-mock --bin llm-gateway-load
+if [ "$BUILD" = 0 ]; then
+  :
+elif [ "$PROFILE" = release ]; then
+  # The bench profile (never `cargo build --release`: another profile, a full rebuild).
+  # Building a bench builds the crate's binaries too, into target/release.
+  cargo bench --quiet --bench e2e --no-run
 else
   cargo build --quiet --bin llm-gateway --bin llm-gateway-mock --bin llm-gateway-load
 fi
@@ -88,7 +96,7 @@ lines = [
     "<!-- overload -->",
     "### Overload protection (bench/overload.sh)",
     "",
-    f"{datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC, {profile} binaries, {os.cpu_count()} cores "
+    f"{datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC, {'bench-profile (release)' if profile == 'release' else profile} binaries, {os.cpu_count()} cores "
     f"shared with other work, `[admission] max_in_flight = 20, queue = 0`, mock at 100 ms "
     f"(capacity 20 in flight), closed loop, 4 connections, {duration} measured after 2 s warm-up.",
     "",
