@@ -153,8 +153,19 @@ impl Default for HttpSettings {
 
 /// Builds the one shared HTTP client: pooled, TCP no-delay, rustls with the ring provider
 /// and the platform's trust store. No overall timeout: the executor bounds every attempt
-/// with the call's deadline.
+/// with the call's deadline. Over https it offers HTTP/2 and HTTP/1.1 by ALPN, so providers
+/// that speak HTTP/2 multiplex every call of a host on a few connections.
 pub fn http_client(settings: &HttpSettings) -> Result<reqwest::Client, reqwest::Error> {
+    client_builder(settings).build()
+}
+
+/// The client for providers with `http2_prior_knowledge`: HTTP/2 without negotiation (h2c),
+/// so concurrent calls share connections instead of holding one each.
+pub fn h2c_client(settings: &HttpSettings) -> Result<reqwest::Client, reqwest::Error> {
+    client_builder(settings).http2_prior_knowledge().build()
+}
+
+fn client_builder(settings: &HttpSettings) -> reqwest::ClientBuilder {
     // Installing the process-wide crypto provider fails only when one is already installed,
     // which is fine.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -166,5 +177,4 @@ pub fn http_client(settings: &HttpSettings) -> Result<reqwest::Client, reqwest::
         .user_agent(concat!("llm-gateway/", env!("CARGO_PKG_VERSION")))
         // Provider APIs do not redirect; following one could send a key elsewhere.
         .redirect(reqwest::redirect::Policy::none())
-        .build()
 }
