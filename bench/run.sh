@@ -18,6 +18,7 @@
 #                                # streams, tail, deadline or soak runs)
 #   bench/run.sh --no-wait       # do not wait for idle cores before each run (a machine
 #                                # that stays busy; the busy share is still recorded)
+#   bench/run.sh --streams-only  # scenario 2 only (the 10,000 streams, both variants)
 #   bench/run.sh --upstream-h2c  # the gateway and the baseline talk HTTP/2 (h2c) to the mock,
 #                                # as over TLS to providers that negotiate HTTP/2; default
 #                                # HTTP/1.1, one upstream connection per call in flight
@@ -42,6 +43,7 @@ CALLGRIND=1
 OVERHEAD_ONLY=0
 WAIT=1
 H2C=0
+STREAMS_ONLY=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
@@ -54,7 +56,8 @@ while [ $# -gt 0 ]; do
     --overhead-only) OVERHEAD_ONLY=1 ;;
     --no-wait) WAIT=0 ;;
     --upstream-h2c) H2C=1 ;;
-    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+    --streams-only) STREAMS_ONLY=1 ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "bench/run.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -406,6 +409,7 @@ scenario_allocations() {
 
 log "results in $RUN_DIR"
 
+if [ "$STREAMS_ONLY" = 0 ]; then
 # Fresh processes per scenario, so that each one's RSS and CPU are its own.
 start_gateway s1
 sleep 1
@@ -428,6 +432,8 @@ stop "$GW_PID"; stop "$BL_PID"
 [ "$CALLGRIND" = 1 ] && scenario_callgrind
 scenario_allocations
 
+fi
+
 if [ "$OVERHEAD_ONLY" = 0 ]; then
 start_baseline s2
 scenario_many_streams baseline "$BL_PORT" "$BL_PID"
@@ -442,12 +448,14 @@ start_gateway s2b
 scenario_many_slow_streams gateway "$GW_PORT" "$GW_PID"
 stop "$GW_PID"
 
+if [ "$STREAMS_ONLY" = 0 ]; then
 scenario_tail_cutting
 scenario_deadlines
 
 start_gateway s5
 scenario_soak
 stop "$GW_PID"
+fi
 fi
 
 stop "$MOCK_PID"

@@ -160,8 +160,8 @@ pub struct BuildContext<'a> {
     pub name: &'a str,
     /// Its key ring (possibly empty), which a reload swaps in place.
     pub keys: Arc<KeyRing>,
-    /// The shared HTTP client.
-    pub client: &'a reqwest::Client,
+    /// The shared HTTP clients (see [`super::lanes`]).
+    pub client: &'a super::Upstream,
 }
 
 /// A kind's validated settings.
@@ -311,7 +311,7 @@ impl ProviderConfig {
     }
 
     /// Builds the provider with `keys`.
-    pub fn build(&self, keys: Arc<KeyRing>, client: &reqwest::Client) -> Arc<dyn Provider> {
+    pub fn build(&self, keys: Arc<KeyRing>, client: &super::Upstream) -> Arc<dyn Provider> {
         self.settings.build(BuildContext {
             name: &self.name,
             keys,

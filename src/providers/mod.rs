@@ -23,6 +23,7 @@ pub mod google_auth;
 pub mod http;
 pub mod keys;
 pub mod kinds;
+pub mod lanes;
 pub mod mock;
 pub mod openai;
 pub mod ratelimit;
@@ -41,6 +42,7 @@ pub use self::error::{ErrorClass, ProviderError, UpstreamError};
 pub use self::http::{HttpProvider, set_body_logging};
 pub use self::keys::KeyRing;
 pub use self::kinds::{ProviderConfig, RawProvider};
+pub use self::lanes::Upstream;
 pub use self::upstream::{RawUpstream, UpstreamSettings};
 pub use self::wire::{StreamDecoder, WireFormat};
 use crate::types::{ChatRequest, ChatResponse, EmbedRequest, EmbedResponse, StreamEvent};
@@ -139,6 +141,9 @@ pub struct HttpSettings {
     pub pool_idle_timeout: Duration,
     /// Idle connections kept per host.
     pub pool_max_idle_per_host: usize,
+    /// Calls in flight one upstream connection carries over HTTP/2 before calls move to
+    /// another connection (see [`lanes`]).
+    pub streams_per_connection: usize,
 }
 
 impl Default for HttpSettings {
@@ -147,6 +152,7 @@ impl Default for HttpSettings {
             connect_timeout: Duration::from_secs(5),
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle_per_host: 256,
+            streams_per_connection: 100,
         }
     }
 }

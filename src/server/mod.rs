@@ -112,9 +112,9 @@ pub enum ServeError {
 /// Builds the configured providers, sharing one HTTP client. Each HTTP provider gets a
 /// [`providers::KeyRing`] with its keys, which a reload swaps in place.
 pub fn providers_from_config(config: &Config) -> Result<ProviderRegistry, ServeError> {
-    let client = providers::http_client(&config.upstream.http)?;
+    let client = providers::Upstream::new(&config.upstream.http, false)?;
     let h2c = match config.providers.iter().any(|p| p.http2_prior_knowledge) {
-        true => Some(providers::h2c_client(&config.upstream.http)?),
+        true => Some(providers::Upstream::new(&config.upstream.http, true)?),
         false => None,
     };
     let mut registry = ProviderRegistry::new();
