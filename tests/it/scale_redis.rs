@@ -177,11 +177,11 @@ async fn a_budget_is_enforced_once_under_30_concurrent_callers_on_three_replicas
     );
     // Settlements are written after the calls: wait until no reservation is left.
     eventually("every reservation settled", || {
-        redis.command("HLEN llmgw:key:tight30:resv") == ":0"
+        redis.leased("llmgw:key:tight30:limits", "r") == 0.0
     })
     .await;
     let spent: f64 = redis
-        .command("HGET llmgw:key:tight30:spend d")
+        .command("HGET llmgw:key:tight30:limits d")
         .parse()
         .unwrap();
     // The documented bound: the budget plus what calls in flight cost beyond their
@@ -251,7 +251,7 @@ async fn a_replica_killed_mid_stream_frees_its_stream_lease_within_the_lease_ttl
         .await
         .unwrap_err();
     assert_eq!(reason(&status), "RATE_LIMIT_STREAMS", "{status:?}");
-    assert_eq!(redis.command("ZCARD llmgw:key:onestream:streams"), ":1");
+    assert_eq!(redis.leased("llmgw:key:onestream:limits", "s"), 1.0);
     // kill -9: no shutdown, no release; only the lease's expiry frees the slot.
     child.start_kill().unwrap();
     child.wait().await.unwrap();
@@ -545,11 +545,11 @@ targets = [{ provider = "down", model = "gpt-4o-mini" }, { provider = "openai", 
         }
     }
     eventually("every reservation settled", || {
-        redis.command("HLEN llmgw:key:dear30:resv") == ":0"
+        redis.leased("llmgw:key:dear30:limits", "r") == 0.0
     })
     .await;
     let spent: f64 = redis
-        .command("HGET llmgw:key:dear30:spend d")
+        .command("HGET llmgw:key:dear30:limits d")
         .parse()
         .unwrap();
     // The documented bound: budget + C x e, C = 30 calls in flight at most, e = what one
