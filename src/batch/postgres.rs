@@ -30,6 +30,8 @@ use async_trait::async_trait;
 use deadpool_postgres::{Object, Pool};
 use tokio_postgres::{Row, Transaction};
 
+use crate::store::postgres::{Schema, migrate};
+
 use super::{
     BatchStore, BatchStoreError, Claimed, CostSum, Counts, JobRecord, JobState, NewJob, Queue,
     RequestFormat, ResultFor, ResultRecord, StoredResult, codes,
@@ -162,43 +164,16 @@ impl PgBatchStore {
 
     async fn migrate(&self) -> Result<(), BatchStoreError> {
         let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(pg)?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        let schema = Schema {
+            what: "the batch tables",
+            table: "batch_schema_migrations",
+            version_type: "BIGINT",
+            lock: MIGRATION_LOCK,
+            migrations: MIGRATIONS,
+        };
+        migrate(&mut client, &schema, |sql| vec![sql.to_owned()])
             .await
-            .map_err(pg)?;
-        tx.batch_execute(
-            "CREATE TABLE IF NOT EXISTS batch_schema_migrations (
-                version BIGINT PRIMARY KEY,
-                applied_ms BIGINT NOT NULL
-            )",
-        )
-        .await
-        .map_err(pg)?;
-        let current: i64 = tx
-            .query_one(
-                "SELECT COALESCE(MAX(version), 0) FROM batch_schema_migrations",
-                &[],
-            )
-            .await
-            .map_err(pg)?
-            .get(0);
-        let current = usize::try_from(current).unwrap_or(0);
-        if current > MIGRATIONS.len() {
-            return Err(BatchStoreError(format!(
-                "the batch tables have schema version {current}, newer than this gateway knows ({}); upgrade the gateway",
-                MIGRATIONS.len()
-            )));
-        }
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
-            tx.batch_execute(sql).await.map_err(pg)?;
-            tx.execute(
-                "INSERT INTO batch_schema_migrations (version, applied_ms) VALUES ($1, $2)",
-                &[&to_i64(i + 1), &now_ms()],
-            )
-            .await
-            .map_err(pg)?;
-        }
-        tx.commit().await.map_err(pg)
+            .map_err(|e| BatchStoreError(e.to_string()))
     }
 }
 
