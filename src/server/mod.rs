@@ -892,7 +892,13 @@ fn share_key_rests(
         ring.on_rest(providers::keys::KeyRestHook(Arc::new(
             move |provider, fingerprint, reason, rest| {
                 let fingerprint = format!("{fingerprint:016x}");
-                publisher.publish(&[provider, &fingerprint, reason.label()], rest);
+                let fields = [provider, &fingerprint, reason.label()];
+                if rest.is_zero() && reason == providers::keys::KeyRestReason::Refused {
+                    // A reload ended the refusal here: end it everywhere.
+                    publisher.end(&fields);
+                } else {
+                    publisher.publish(&fields, rest);
+                }
             },
         )));
     }
@@ -903,7 +909,11 @@ fn share_key_rests(
             && let Some(reason) = providers::keys::KeyRestReason::from_label(reason)
             && let Some(ring) = providers.get(provider).and_then(|p| p.keys())
         {
-            ring.rest_from_peer(fingerprint, reason, rest);
+            if rest.is_zero() && reason == providers::keys::KeyRestReason::Refused {
+                ring.end_refusal_from_peer(fingerprint);
+            } else {
+                ring.rest_from_peer(fingerprint, reason, rest);
+            }
         }
     });
     background.spawn(rests.run(apply, stop.clone()));
