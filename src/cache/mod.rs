@@ -16,6 +16,7 @@
 //! `max_temperature` (when set), without `cache-control: no-store`; what is stored: an
 //! answer that finished normally (`STOP` or `TOOL_CALLS`), never a partial or failed stream.
 
+mod hnsw;
 pub mod key;
 pub mod redis_store;
 pub mod semantic;
