@@ -56,11 +56,20 @@ pub struct Attribution<'a> {
     pub tags: &'a std::collections::BTreeMap<String, String>,
 }
 
+/// A prompt's embedding, and what the call that made it cost.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Embedding {
+    /// The vector (any length; the cache normalizes it).
+    pub vector: Vec<f32>,
+    /// The embedding call's cost, when known (charged to the chat call's budget).
+    pub cost_usd: Option<f64>,
+}
+
 /// Embeds prompt text for the semantic cache.
 #[async_trait::async_trait]
 pub trait Embedder: Send + Sync + 'static {
-    /// The embedding of `text` (any length; it is normalized here), made for `call`.
-    async fn embed(&self, text: &str, call: Attribution<'_>) -> Result<Vec<f32>, GatewayError>;
+    /// The embedding of `text`, made for `call`.
+    async fn embed(&self, text: &str, call: Attribution<'_>) -> Result<Embedding, GatewayError>;
 }
 
 /// A unit-length vector.
