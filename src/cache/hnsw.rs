@@ -455,17 +455,23 @@ mod tests {
             .unwrap()
     }
 
-    #[test]
-    fn a_search_finds_what_an_exact_scan_finds() {
-        let mut rng = fastrand::Rng::with_seed(3);
-        let dims = 32;
+    /// A graph of `n` random unit vectors, inserted one by one.
+    fn graph_of(rng: &mut fastrand::Rng, dims: usize, n: usize) -> (Graph, Vec<Vec<f32>>) {
         let mut graph = Graph::new(dims);
-        let vectors: Vec<Vec<f32>> = (0..2_000).map(|_| unit(&mut rng, dims)).collect();
+        let vectors: Vec<Vec<f32>> = (0..n).map(|_| unit(rng, dims)).collect();
         for v in &vectors {
             let code = Code::new(v);
             let plan = graph.plan(&code, Graph::random_level());
             graph.insert(&code, &plan);
         }
+        (graph, vectors)
+    }
+
+    #[test]
+    fn a_search_finds_what_an_exact_scan_finds() {
+        let mut rng = fastrand::Rng::with_seed(3);
+        let dims = 32;
+        let (graph, vectors) = graph_of(&mut rng, dims, 2_000);
         assert_eq!(graph.len(), 2_000);
         // Every stored vector finds itself; random queries mostly find the exact nearest.
         for (n, v) in vectors.iter().enumerate().step_by(97) {
@@ -490,13 +496,7 @@ mod tests {
     fn a_replaced_node_is_found_by_its_new_vector() {
         let mut rng = fastrand::Rng::with_seed(5);
         let dims = 16;
-        let mut graph = Graph::new(dims);
-        let vectors: Vec<Vec<f32>> = (0..500).map(|_| unit(&mut rng, dims)).collect();
-        for v in &vectors {
-            let code = Code::new(v);
-            let plan = graph.plan(&code, Graph::random_level());
-            graph.insert(&code, &plan);
-        }
+        let (mut graph, _) = graph_of(&mut rng, dims, 500);
         for id in [0u32, 17, 250, 499] {
             let v = unit(&mut rng, dims);
             let code = Code::new(&v);

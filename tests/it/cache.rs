@@ -599,20 +599,17 @@ async fn the_semantic_lookups_embedding_call_is_in_the_ledger() {
 async fn the_semantic_lookups_embedding_call_is_charged_to_the_keys_budget() {
     let (_mock, gateway) = setup(&format!("{SEMANTIC}\n[auth]\nrequire_keys = true\n")).await;
     let mut admin = admin_client(gateway.channel.clone());
-    let secret = admin
-        .create_key(pb::CreateKeyRequest {
-            key: Some(pb::Key {
-                name: "budgeted".into(),
-                owner: "search".into(),
-                scopes: vec!["chat".into()],
-                daily_budget_usd: 1.0,
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .secret;
+    let secret = create_key_secret(
+        &mut admin,
+        pb::Key {
+            name: "budgeted".into(),
+            owner: "search".into(),
+            scopes: vec!["chat".into()],
+            daily_budget_usd: 1.0,
+            ..Default::default()
+        },
+    )
+    .await;
     let as_key = |text: &str| {
         with_metadata(
             request("semantic", text),
@@ -634,16 +631,7 @@ async fn the_semantic_lookups_embedding_call_is_charged_to_the_keys_budget() {
     assert_eq!(embeds.len(), 2, "{records:?}");
     assert!(embeds.iter().all(|c| *c > 0.0), "{embeds:?}");
     let ledger: f64 = records.iter().filter_map(|r| r.cost_usd).sum();
-    let spent = admin
-        .get_key(pb::GetKeyRequest {
-            name: "budgeted".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .key
-        .unwrap()
-        .spent_today_usd;
+    let spent = spent_today_usd(&mut admin, "budgeted").await;
     assert!(
         (spent - ledger).abs() < 1e-12,
         "the budget was charged {spent}, the ledger's calls cost {ledger}: {records:?}"

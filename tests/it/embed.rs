@@ -508,22 +508,19 @@ async fn a_keys_models_rate_limit_and_budget_apply_to_embed() {
     let mock = MockUpstream::start(MockSettings::default()).await.unwrap();
     let gateway = Gateway::start(&openai_toml(&mock, "[auth]\nrequire_keys = true\n")).await;
     let mut admin = admin_client(gateway.channel.clone());
-    let secret = admin
-        .create_key(pb::CreateKeyRequest {
-            key: Some(pb::Key {
-                name: "embedder".into(),
-                owner: "search".into(),
-                scopes: vec!["chat".into()],
-                allowed_models: vec!["openai/text-embedding-3-small".into()],
-                requests_per_minute: 2,
-                daily_budget_usd: 1.0,
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .secret;
+    let secret = create_key_secret(
+        &mut admin,
+        pb::Key {
+            name: "embedder".into(),
+            owner: "search".into(),
+            scopes: vec!["chat".into()],
+            allowed_models: vec!["openai/text-embedding-3-small".into()],
+            requests_per_minute: 2,
+            daily_budget_usd: 1.0,
+            ..Default::default()
+        },
+    )
+    .await;
     let authed = |req: pb::EmbedRequest| {
         let mut req = tonic::Request::new(req);
         req.metadata_mut()
@@ -562,16 +559,7 @@ async fn a_keys_models_rate_limit_and_budget_apply_to_embed() {
         .sum();
     let expected = 2.0 * registry_cost("openai/text-embedding-3-small", 3, 0);
     assert!((ledger - expected).abs() < 1e-15, "{records:?}");
-    let spent = admin
-        .get_key(pb::GetKeyRequest {
-            name: "embedder".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .key
-        .unwrap()
-        .spent_today_usd;
+    let spent = spent_today_usd(&mut admin, "embedder").await;
     assert!(
         (spent - ledger).abs() < 1e-15,
         "spent {spent}, ledger {ledger}"
