@@ -16,6 +16,7 @@
 //! `max_temperature` (when set), without `cache-control: no-store`; what is stored: an
 //! answer that finished normally (`STOP` or `TOOL_CALLS`), never a partial or failed stream.
 
+mod hnsw;
 pub mod key;
 pub mod redis_store;
 pub mod semantic;
@@ -29,7 +30,7 @@ use tokio::time::Instant;
 pub use self::{
     key::{CacheKey, Scope},
     redis_store::RedisStore,
-    semantic::{Attribution, Embedder, Indexed, SemanticIndex, Vector},
+    semantic::{Attribution, Embedder, Embedding, Indexed, SemanticIndex, Vector},
     store::{CacheStore, Entry, IndexedPrompt, Invalidate, MemoryStore, StoreUnavailable},
 };
 use crate::{
@@ -346,6 +347,7 @@ impl ResponseCache {
         let off = CallCache {
             active: None,
             outcome: CacheOutcome::Off,
+            embedding_usd: 0.0,
         };
         if !self.settings.enabled {
             return off;
@@ -365,6 +367,7 @@ impl ResponseCache {
             return CallCache {
                 active: None,
                 outcome: CacheOutcome::Bypass,
+                embedding_usd: 0.0,
             };
         }
         let scope = Scope {
@@ -394,6 +397,7 @@ impl ResponseCache {
                 semantic,
             }),
             outcome: CacheOutcome::Miss,
+            embedding_usd: 0.0,
         }
     }
 
@@ -449,6 +453,8 @@ struct Active {
 pub struct CallCache {
     active: Option<Active>,
     outcome: CacheOutcome,
+    /// What the semantic lookup's embedding call cost.
+    embedding_usd: f64,
 }
 
 impl CallCache {
@@ -457,7 +463,14 @@ impl CallCache {
         CallCache {
             active: None,
             outcome: CacheOutcome::Off,
+            embedding_usd: 0.0,
         }
+    }
+
+    /// What the semantic lookup's embedding call cost (0 without one): charged to the
+    /// call's budget with the call's own cost.
+    pub fn embedding_cost_usd(&self) -> f64 {
+        self.embedding_usd
     }
 
     /// What the cache did so far.
@@ -486,7 +499,10 @@ impl CallCache {
             return None;
         };
         let vector = match embedder.embed(&sem.text, call).await {
-            Ok(v) => Vector::unit(&v),
+            Ok(embedding) => {
+                self.embedding_usd += embedding.cost_usd.unwrap_or(0.0);
+                Vector::unit(&embedding.vector)
+            }
             Err(err) => {
                 tracing::warn!(error = %err, "semantic cache: the prompt could not be embedded");
                 None

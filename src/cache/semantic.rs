@@ -2,41 +2,48 @@
 //! request but its messages, see [`super::key::partition`]), the unit-length embeddings of
 //! cached prompts, searched for the nearest one by cosine similarity.
 //!
-//! Each partition is an HNSW graph (`instant-distance`, built from a batch) plus a small
-//! buffer of the prompts added since, scanned exactly. When the buffer holds more than
-//! [`REBUILD_AT`] (or a quarter of the graph), the graph is rebuilt with them on a blocking
-//! thread while lookups go on with the old graph and the buffer. A lookup's cost is one
-//! HNSW search (logarithmic in the entries) and a scan of at most the buffer.
+//! Each partition is one HNSW graph ([`super::hnsw`]) that takes every insert at once (no
+//! batch rebuild, no unindexed buffer). A lookup quantizes the query to int8, searches the
+//! graph with [`EF_SEARCH`] candidates under the partition's read lock, and re-ranks the
+//! [`RERANK`] nearest live ones with the exact f32 vectors (a dot product: the vectors are
+//! unit length). An insert plans its links under the read lock and links under the write
+//! lock, so lookups wait only for the linking.
 //!
 //! Invalidation leaves tombstones: each prompt has a `dead` flag, set by
-//! [`SemanticIndex::invalidate`] in the graph and the buffer alike, so an invalidated prompt
-//! is never found again (a lookup skips it and takes the next live one); a partition whose
-//! prompts are a quarter dead is rebuilt without them. Memory is bounded across partitions:
-//! the index holds at most `max_entries` prompts (plus the inserts made while a trimming
-//! rebuild runs, never more than an eighth above): past it, the largest partition (or the
-//! one being inserted into) is rebuilt without its dead, expired and soonest-expiring
-//! prompts, and a partition left empty is dropped.
+//! [`SemanticIndex::invalidate`], so an invalidated prompt is never found again (a lookup
+//! skips it and takes the next live one). Dead and expired prompts' nodes are re-used by
+//! the partition's next inserts; a partition a quarter dead (or whose nodes were all
+//! re-used once since its graph was built) is rebuilt without them on a blocking thread,
+//! while lookups and inserts go on in the old graph (inserts made meanwhile are replayed
+//! into the new one), and a partition left empty is dropped. Memory is bounded across
+//! partitions: past `max_entries` prompts, an insert takes the place of the soonest to
+//! expire in the largest partition (its own, or a tombstone there that a rebuild drops
+//! once a sixteenth of that partition is dead); the index never holds more than an
+//! eighth above the bound (inserts beyond it are not indexed).
 
 use std::{
-    collections::HashMap,
+    cmp::Reverse,
+    collections::{BinaryHeap, HashMap},
     sync::{
-        Arc, Mutex, PoisonError,
+        Arc, Mutex, PoisonError, RwLock,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
 };
 
-use instant_distance::{Builder, HnswMap, Point, Search};
 use tokio::time::Instant;
 
-use super::{key::CacheKey, store::Invalidate};
+use super::{
+    hnsw::{Code, Graph, Plan},
+    key::CacheKey,
+    store::Invalidate,
+};
 use crate::error::GatewayError;
 
-/// Buffered prompts that trigger a rebuild of a partition's graph (also once they are a
-/// quarter of it).
-pub const REBUILD_AT: usize = 512;
+/// Graph candidates a lookup keeps (HNSW's `ef`).
+pub const EF_SEARCH: usize = 48;
 
-/// Graph candidates a lookup looks at, nearest first, for a live one.
-const CANDIDATES: usize = 16;
+/// Live graph candidates a lookup re-ranks with the exact vectors, nearest first.
+pub const RERANK: usize = 8;
 
 /// Who a semantic lookup's embedding call is made for (its ledger record).
 #[derive(Debug, Clone, Copy)]
@@ -49,21 +56,50 @@ pub struct Attribution<'a> {
     pub tags: &'a std::collections::BTreeMap<String, String>,
 }
 
+/// A prompt's embedding, and what the call that made it cost.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Embedding {
+    /// The vector (any length; the cache normalizes it).
+    pub vector: Vec<f32>,
+    /// The embedding call's cost, when known (charged to the chat call's budget).
+    pub cost_usd: Option<f64>,
+}
+
 /// Embeds prompt text for the semantic cache.
 #[async_trait::async_trait]
 pub trait Embedder: Send + Sync + 'static {
-    /// The embedding of `text` (any length; it is normalized here), made for `call`.
-    async fn embed(&self, text: &str, call: Attribution<'_>) -> Result<Vec<f32>, GatewayError>;
+    /// The embedding of `text`, made for `call`.
+    async fn embed(&self, text: &str, call: Attribution<'_>) -> Result<Embedding, GatewayError>;
 }
 
 /// A unit-length vector.
 #[derive(Debug, Clone)]
 pub struct Vector(Arc<[f32]>);
 
+/// The dot product, with 16 independent sums (a single running sum is a chain of
+/// dependent float additions the compiler may not reorder, so it never vectorizes).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    let mut sums = [0f32; LANES];
+    for (x, y) in ca.zip(cb) {
+        for ((s, x), y) in sums.iter_mut().zip(x).zip(y) {
+            *s += x * y;
+        }
+    }
+    sums.iter().sum::<f32>() + tail
+}
+
 impl Vector {
     /// `v` scaled to unit length; `None` for a zero or non-finite vector.
     pub fn unit(v: &[f32]) -> Option<Self> {
-        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        let norm = dot(v, v).sqrt();
         (norm.is_finite() && norm > 0.0).then(|| Vector(v.iter().map(|x| x / norm).collect()))
     }
 
@@ -72,18 +108,12 @@ impl Vector {
         if self.0.len() != other.0.len() {
             return 0.0;
         }
-        self.0.iter().zip(other.0.iter()).map(|(a, b)| a * b).sum()
+        dot(&self.0, &other.0)
     }
 
     /// The components.
     pub fn as_slice(&self) -> &[f32] {
         &self.0
-    }
-}
-
-impl Point for Vector {
-    fn distance(&self, other: &Self) -> f32 {
-        1.0 - self.similarity(other)
     }
 }
 
@@ -100,49 +130,172 @@ pub struct Indexed {
     pub expires: Instant,
 }
 
-/// What a vector points to, with its tombstone (shared by every copy of the slot, so a
-/// prompt invalidated during a rebuild stays dead in the new graph).
+/// A graph node's prompt, with its exact vector and its tombstone (shared with the copy a
+/// running rebuild holds, so a prompt invalidated meanwhile stays dead in the new graph).
 #[derive(Debug, Clone)]
 struct Slot {
     item: Indexed,
+    vector: Vector,
     dead: Arc<AtomicBool>,
+    /// Bumped each time the node is re-used (marks its older `expiry` entries stale).
+    generation: u32,
 }
 
 impl Slot {
+    fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::Relaxed)
+    }
+
     fn live(&self, now: Instant) -> bool {
-        self.item.expires > now && !self.dead.load(Ordering::Relaxed)
+        self.item.expires > now && !self.is_dead()
     }
 }
 
-#[derive(Default)]
-struct Partition {
-    graph: Option<Arc<HnswMap<Vector, Slot>>>,
-    /// Added since the graph was built, oldest first.
-    fresh: Vec<(Vector, Slot)>,
-    /// Tombstoned prompts not yet dropped by a rebuild.
-    dead: usize,
-    building: bool,
+/// One partition: a graph whose node `i` holds `slots[i]`.
+struct Inner {
+    graph: Graph,
+    slots: Vec<Slot>,
+    /// The nodes by expiry, soonest first: (expires, stored, node, generation); an entry of
+    /// another generation than its node's, or of a dead node, is stale.
+    expiry: BinaryHeap<Reverse<(Instant, Instant, u32, u32)>>,
+    /// Tombstoned nodes, to re-use.
+    free: Vec<u32>,
+    /// Nodes re-used since the graph was built.
+    replaced: usize,
+    /// While a rebuild runs: the slots it started from (later ones are replayed into the
+    /// new graph); no node is re-used meanwhile.
+    building: Option<usize>,
+    /// Bumped when a rebuild swaps the graph (an insert planned on the old one plans again).
+    epoch: u64,
+    /// Dropped from the index, empty: an insert that holds it goes back to the map.
+    removed: bool,
 }
 
-impl Partition {
-    fn len(&self) -> usize {
-        self.fresh.len() + self.graph.as_ref().map_or(0, |g| g.values.len())
+impl Inner {
+    fn new(dims: usize) -> Self {
+        Self {
+            graph: Graph::new(dims),
+            slots: Vec::new(),
+            expiry: BinaryHeap::new(),
+            free: Vec::new(),
+            replaced: 0,
+            building: None,
+            epoch: 0,
+            removed: false,
+        }
+    }
+
+    fn append(&mut self, code: &Code, plan: &Plan, slot: Slot) {
+        let id = self.graph.insert(code, plan);
+        let item = &slot.item;
+        self.expiry
+            .push(Reverse((item.expires, item.stored, id, slot.generation)));
+        self.slots.push(slot);
+    }
+
+    /// Plans and appends `slot` (for a graph no lookup sees yet).
+    fn add(&mut self, slot: Slot) {
+        let code = Code::new(slot.vector.as_slice());
+        let plan = self.graph.plan(&code, Graph::random_level());
+        self.append(&code, &plan, slot);
+    }
+
+    /// Re-uses node `id` for another prompt.
+    fn put(&mut self, id: u32, code: &Code, plan: &Plan, vector: Vector, item: Indexed) {
+        self.graph.replace(id, code, plan);
+        let slot = &mut self.slots[id as usize];
+        let generation = slot.generation.wrapping_add(1);
+        self.expiry
+            .push(Reverse((item.expires, item.stored, id, generation)));
+        *slot = Slot {
+            item,
+            vector,
+            dead: Arc::default(),
+            generation,
+        };
+        self.replaced += 1;
+    }
+
+    /// The live node that expires next, and when (left in `expiry`).
+    fn soonest(&mut self) -> Option<(u32, Instant)> {
+        while let Some(&Reverse((expires, _, id, generation))) = self.expiry.peek() {
+            let slot = &self.slots[id as usize];
+            if slot.generation == generation && !slot.is_dead() {
+                return Some((id, expires));
+            }
+            self.expiry.pop();
+        }
+        None
+    }
+
+    /// The live node that expires next, taken out of `expiry` (to re-use or tombstone).
+    fn take_soonest(&mut self) -> Option<u32> {
+        let (id, _) = self.soonest()?;
+        self.expiry.pop();
+        Some(id)
+    }
+
+    /// A node to re-use now: a tombstoned or an expired one (none while a rebuild runs).
+    fn reusable(&mut self, now: Instant) -> Option<u32> {
+        if self.building.is_some() {
+            return None;
+        }
+        if let Some(id) = self.free.pop() {
+            return Some(id);
+        }
+        match self.soonest() {
+            Some((_, expires)) if expires <= now => self.take_soonest(),
+            _ => None,
+        }
+    }
+
+    /// Whether [`Inner::reusable`] would likely find a node.
+    fn has_reusable(&self, now: Instant) -> bool {
+        self.building.is_none()
+            && (!self.free.is_empty()
+                || self
+                    .expiry
+                    .peek()
+                    .is_some_and(|Reverse((expires, ..))| *expires <= now))
+    }
+
+    /// Tombstones the live node that expires next (its node is re-used by the next insert,
+    /// or dropped by a rebuild).
+    fn evict(&mut self) {
+        if let Some(id) = self.take_soonest() {
+            self.slots[id as usize].dead.store(true, Ordering::Relaxed);
+            self.free.push(id);
+        }
+    }
+
+    /// Prompts held that are not tombstoned.
+    fn alive(&self) -> usize {
+        self.slots.len() - self.free.len()
     }
 }
 
-type Partitions = Mutex<HashMap<[u8; 32], Arc<Mutex<Partition>>>>;
+type Part = Arc<RwLock<Inner>>;
+type Partitions = Mutex<HashMap<[u8; 32], Part>>;
 
 /// The index of every partition.
 pub struct SemanticIndex {
     partitions: Arc<Partitions>,
-    /// Prompts held in all partitions (dead ones until a rebuild drops them).
+    /// Nodes in all partitions (tombstoned ones until re-used or dropped by a rebuild).
     held: Arc<AtomicUsize>,
     max_entries: usize,
-    rebuild_at: usize,
+    ef_search: usize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Takes `n` from `held` (never below zero: a rebuild may finish after a [`SemanticIndex::clear`]).
@@ -153,23 +306,23 @@ fn release(held: &AtomicUsize, n: usize) {
 }
 
 impl SemanticIndex {
-    /// An index keeping at most `max_entries` prompts in all (the newest).
+    /// An index keeping at most `max_entries` prompts in all (the latest to expire).
     pub fn new(max_entries: usize) -> Self {
         Self {
             partitions: Arc::default(),
             held: Arc::default(),
             max_entries: max_entries.max(1),
-            rebuild_at: REBUILD_AT,
+            ef_search: EF_SEARCH,
         }
     }
 
-    /// Rebuilds a graph once `n` prompts are buffered (default [`REBUILD_AT`]).
-    pub fn rebuild_at(mut self, n: usize) -> Self {
-        self.rebuild_at = n.max(1);
+    /// Keeps `ef` graph candidates per lookup (default [`EF_SEARCH`]; for benchmarks).
+    pub fn ef_search(mut self, ef: usize) -> Self {
+        self.ef_search = ef.max(1);
         self
     }
 
-    fn partition(&self, id: &[u8; 32]) -> Option<Arc<Mutex<Partition>>> {
+    fn partition(&self, id: &[u8; 32]) -> Option<Part> {
         lock(&self.partitions).get(id).cloned()
     }
 
@@ -177,32 +330,19 @@ impl SemanticIndex {
     /// similarity; invalidated and expired prompts are skipped.
     pub fn nearest(&self, id: &[u8; 32], query: &Vector, now: Instant) -> Option<(CacheKey, f32)> {
         let partition = self.partition(id)?;
-        let (graph, mut best) = {
-            let p = lock(&partition);
-            let best = p
-                .fresh
-                .iter()
-                .filter(|(_, s)| s.live(now))
-                .map(|(v, s)| (s, v.similarity(query)))
-                .max_by(|a, b| a.1.total_cmp(&b.1))
-                .map(|(s, sim)| (s.item.key.clone(), sim));
-            (p.graph.clone(), best)
-        };
-        if let Some(graph) = graph {
-            let mut search = Search::default();
-            // The nearest live one of the few nearest, in order.
-            if let Some(item) = graph
-                .search(query, &mut search)
-                .take(CANDIDATES)
-                .find(|item| item.value.live(now))
-            {
-                let sim = 1.0 - item.distance;
-                if best.as_ref().is_none_or(|(_, b)| sim > *b) {
-                    best = Some((item.value.item.key.clone(), sim));
-                }
-            }
+        let p = read(&partition);
+        if p.graph.dims() != query.as_slice().len() {
+            return None;
         }
-        best
+        let found = p.graph.search(&Code::new(query.as_slice()), self.ef_search);
+        found
+            .iter()
+            .map(|n| &p.slots[n.id as usize])
+            .filter(|s| s.live(now))
+            .take(RERANK)
+            .map(|s| (s, s.vector.similarity(query)))
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(s, sim)| (s.item.key.clone(), sim))
     }
 
     /// Adds a cached prompt expiring at `expires` (stored now, for no policy).
@@ -219,111 +359,144 @@ impl SemanticIndex {
         );
     }
 
-    /// Adds a cached prompt; rebuilds the partition's graph in the background when its
-    /// buffer is full, and trims the index when it holds more than its bound.
+    /// Adds a cached prompt to its partition's graph, in the place of a dead or expired one
+    /// when there is one; past the bound, in the place of the soonest to expire of the
+    /// largest partition. A vector of another dimension than the partition's is not indexed.
     pub fn insert_indexed(&self, id: [u8; 32], vector: Vector, item: Indexed) {
+        let dims = vector.as_slice().len();
+        let code = Code::new(vector.as_slice());
+        let now = Instant::now();
         let hard_limit = self.max_entries.saturating_add(self.max_entries / 8);
-        if self.held.load(Ordering::Relaxed) >= hard_limit {
-            // Full even with the slack a running trim allows: not indexed.
-            return;
-        }
-        let (partition, full, len) = {
-            let mut parts = lock(&self.partitions);
-            let partition = parts.entry(id).or_default().clone();
-            // Locked before the map is let go, so a rebuild cannot drop it as empty first.
-            let mut p = lock(&partition);
-            drop(parts);
-            p.fresh.push((
-                vector,
-                Slot {
-                    item,
-                    dead: Arc::default(),
-                },
-            ));
-            self.held.fetch_add(1, Ordering::Relaxed);
-            let graph_len = p.graph.as_ref().map_or(0, |g| g.values.len());
-            let full = !p.building && p.fresh.len() >= self.rebuild_at.max(graph_len / 4);
-            let len = p.len();
-            drop(p);
-            (partition, full, len)
-        };
-        let held = self.held.load(Ordering::Relaxed);
-        if held > self.max_entries {
-            // Trim a little below the bound, so trims do not follow every insert.
-            let over = held - self.max_entries + self.max_entries / 16;
-            if len > over {
-                self.rebuild(id, partition, len - over);
-            } else if let Some((victim_id, victim, victim_len)) = self.largest() {
-                self.rebuild(victim_id, victim, victim_len.saturating_sub(over));
+        let mut prompt = Some((vector, item));
+        // Again only when a rebuild dropped the partition (empty) before it was locked.
+        loop {
+            let partition = lock(&self.partitions)
+                .entry(id)
+                .or_insert_with(|| Arc::new(RwLock::new(Inner::new(dims))))
+                .clone();
+            let mut evict_own = false;
+            if self.held.load(Ordering::Relaxed) >= self.max_entries
+                && !read(&partition).has_reusable(now)
+            {
+                match self.largest() {
+                    Some((victim_id, victim)) if victim_id != id => self.evict(victim_id, victim),
+                    _ => evict_own = true,
+                }
             }
-        } else if full {
-            self.rebuild(id, partition, self.max_entries);
+            let level = Graph::random_level();
+            let (epoch, plan) = {
+                let p = read(&partition);
+                if p.graph.dims() != dims {
+                    return;
+                }
+                (p.epoch, p.graph.plan(&code, level))
+            };
+            let mut p = write(&partition);
+            if p.removed {
+                continue;
+            }
+            let plan = if p.epoch == epoch {
+                plan
+            } else {
+                p.graph.plan(&code, level)
+            };
+            let Some((vector, item)) = prompt.take() else {
+                return;
+            };
+            let node = p.reusable(now).or_else(|| {
+                (evict_own && p.building.is_none())
+                    .then(|| p.take_soonest())
+                    .flatten()
+            });
+            let rebuild = match node {
+                Some(node) => {
+                    p.put(node, &code, &plan, vector, item);
+                    p.replaced >= p.slots.len().max(64)
+                }
+                None if self.held.load(Ordering::Relaxed) >= hard_limit => false,
+                None => {
+                    let slot = Slot {
+                        item,
+                        vector,
+                        dead: Arc::default(),
+                        generation: 0,
+                    };
+                    p.append(&code, &plan, slot);
+                    self.held.fetch_add(1, Ordering::Relaxed);
+                    false
+                }
+            };
+            drop(p);
+            if rebuild {
+                self.rebuild(id, partition);
+            }
+            return;
         }
     }
 
-    /// The partition holding the most prompts.
-    fn largest(&self) -> Option<([u8; 32], Arc<Mutex<Partition>>, usize)> {
+    /// The partition holding the most live prompts.
+    fn largest(&self) -> Option<([u8; 32], Part)> {
         lock(&self.partitions)
             .iter()
-            .map(|(id, p)| (*id, p.clone(), lock(p).len()))
-            .max_by_key(|(_, _, len)| *len)
+            .map(|(id, p)| (*id, p.clone(), read(p).alive()))
+            .max_by_key(|(_, _, alive)| *alive)
+            .map(|(id, p, _)| (id, p))
     }
 
-    /// Rebuilds a partition's graph from its graph and buffer without dead and expired
-    /// prompts, keeping at most `cap` (the latest to expire, then the newest), on a blocking thread; a
-    /// partition left empty is dropped. Does nothing while one is running.
-    fn rebuild(&self, id: [u8; 32], partition: Arc<Mutex<Partition>>, cap: usize) {
-        let mut p = lock(&partition);
-        if p.building {
-            return;
+    /// Tombstones the prompt of `partition` that expires next; rebuilds the partition once
+    /// a sixteenth of it is dead.
+    fn evict(&self, id: [u8; 32], partition: Part) {
+        let compact = {
+            let mut p = write(&partition);
+            p.evict();
+            p.building.is_none() && p.free.len() * 16 >= p.slots.len()
+        };
+        if compact {
+            self.rebuild(id, partition);
         }
-        p.building = true;
-        let taken = p.fresh.len();
-        let mut points: Vec<(Vector, Slot)> = p
-            .graph
-            .as_ref()
-            .map(|g| {
-                g.iter()
-                    .map(|(pid, v)| (v.clone(), g.values[pid.into_inner() as usize].clone()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        points.extend(p.fresh.iter().cloned());
-        drop(p);
+    }
+
+    /// Rebuilds a partition's graph without its dead and expired prompts on a blocking
+    /// thread (inserts made meanwhile are replayed into it); a partition left empty is
+    /// dropped. Does nothing while one is running.
+    fn rebuild(&self, id: [u8; 32], partition: Part) {
+        let (slots, taken, dims) = {
+            let mut p = write(&partition);
+            if p.building.is_some() {
+                return;
+            }
+            let taken = p.slots.len();
+            p.building = Some(taken);
+            (p.slots.clone(), taken, p.graph.dims())
+        };
         let (partitions, held) = (self.partitions.clone(), self.held.clone());
         let build = move || {
             let now = Instant::now();
-            let before = points.len();
-            points.retain(|(_, s)| s.live(now));
-            points.sort_by_key(|(_, s)| (s.item.expires, s.item.stored));
-            let excess = points.len().saturating_sub(cap);
-            points.drain(..excess);
-            let kept = points.len();
-            let graph = (kept > 0).then(|| {
-                let (vectors, slots): (Vec<Vector>, Vec<Slot>) = points.into_iter().unzip();
-                Arc::new(Builder::default().seed(1).build(vectors, slots))
-            });
+            let mut fresh = Inner::new(dims);
+            for slot in slots.into_iter().filter(|s| s.live(now)) {
+                fresh.add(slot);
+            }
             let mut parts = lock(&partitions);
-            let mut p = lock(&partition);
-            p.graph = graph;
-            // The buffer only grows while a rebuild runs: its first `taken` are in the graph.
-            let done = taken.min(p.fresh.len());
-            p.fresh.drain(..done);
-            let dead = |s: &Slot| s.dead.load(Ordering::Relaxed);
-            p.dead = p.fresh.iter().filter(|(_, s)| dead(s)).count()
-                + p.graph
-                    .as_ref()
-                    .map_or(0, |g| g.values.iter().filter(|s| dead(s)).count());
-            p.building = false;
-            release(&held, before - kept);
-            let empty = p.len() == 0;
-            drop(p);
-            if empty {
-                parts.remove(&id);
+            let mut p = write(&partition);
+            for slot in p.slots[taken..].iter().filter(|s| s.live(now)) {
+                fresh.add(slot.clone());
+            }
+            // Invalidated while the graph was built (the tombstones are shared).
+            fresh.free = (0..fresh.slots.len() as u32)
+                .filter(|&n| fresh.slots[n as usize].is_dead())
+                .collect();
+            fresh.epoch = p.epoch + 1;
+            release(&held, p.slots.len().saturating_sub(fresh.slots.len()));
+            *p = fresh;
+            if p.slots.is_empty() {
+                p.removed = true;
+                if parts.get(&id).is_some_and(|q| Arc::ptr_eq(q, &partition)) {
+                    parts.remove(&id);
+                }
             }
         };
         match tokio::runtime::Handle::try_current() {
-            // Not work that must finish: a lost rebuild leaves the buffer to the next one.
+            // Not work that must finish: a lost rebuild leaves the old graph in place.
             Ok(handle) => drop(handle.spawn_blocking(build)),
             Err(_) => build(),
         }
@@ -332,31 +505,28 @@ impl SemanticIndex {
     /// Tombstones the prompts `filter` matches (as of `now`); returns how many. A
     /// partition a quarter dead is rebuilt without them.
     pub fn invalidate(&self, filter: &Invalidate, now: Instant) -> usize {
-        let all: Vec<([u8; 32], Arc<Mutex<Partition>>)> = lock(&self.partitions)
+        let all: Vec<([u8; 32], Part)> = lock(&self.partitions)
             .iter()
             .map(|(id, p)| (*id, p.clone()))
             .collect();
         let mut total = 0;
         for (id, partition) in all {
             let rebuild = {
-                let mut p = lock(&partition);
+                let mut p = write(&partition);
+                let Inner { slots, free, .. } = &mut *p;
                 let mut killed = 0;
-                let mut kill = |s: &Slot| {
-                    if !s.dead.load(Ordering::Relaxed) && filter.matches_prompt(&s.item, now) {
+                for (n, s) in slots.iter().enumerate() {
+                    if !s.is_dead() && filter.matches_prompt(&s.item, now) {
                         s.dead.store(true, Ordering::Relaxed);
+                        free.push(n as u32);
                         killed += 1;
                     }
-                };
-                p.fresh.iter().for_each(|(_, s)| kill(s));
-                if let Some(graph) = &p.graph {
-                    graph.values.iter().for_each(&mut kill);
                 }
-                p.dead += killed;
                 total += killed;
-                killed > 0 && p.dead * 4 >= p.len()
+                killed > 0 && p.building.is_none() && p.free.len() * 4 >= p.slots.len()
             };
             if rebuild {
-                self.rebuild(id, partition, self.max_entries);
+                self.rebuild(id, partition);
             }
         }
         total
@@ -368,10 +538,13 @@ impl SemanticIndex {
         self.held.store(0, Ordering::Relaxed);
     }
 
-    /// Prompts held, graphs and buffers, tombstoned ones not yet dropped included (for
-    /// tests and benchmarks).
+    /// Prompts held, tombstoned ones not yet re-used or dropped included (for tests and
+    /// benchmarks).
     pub fn len(&self) -> usize {
-        lock(&self.partitions).values().map(|p| lock(p).len()).sum()
+        lock(&self.partitions)
+            .values()
+            .map(|p| read(p).slots.len())
+            .sum()
     }
 
     /// Whether no prompt is held.
@@ -386,7 +559,9 @@ impl SemanticIndex {
 
     /// Whether a partition's graph is being rebuilt.
     pub fn building(&self) -> bool {
-        lock(&self.partitions).values().any(|p| lock(p).building)
+        lock(&self.partitions)
+            .values()
+            .any(|p| read(p).building.is_some())
     }
 }
 
@@ -412,8 +587,8 @@ mod tests {
     }
 
     #[test]
-    fn the_nearest_prompt_is_found_in_the_buffer_and_the_graph() {
-        let index = SemanticIndex::new(10_000).rebuild_at(40);
+    fn the_nearest_prompt_is_found() {
+        let index = SemanticIndex::new(10_000);
         let expires = Instant::now() + Duration::from_secs(60);
         for n in 0..130 {
             index.insert([1; 32], vector(n, 32), key(n), expires);
@@ -456,6 +631,50 @@ mod tests {
         );
     }
 
+    #[test]
+    fn expired_and_invalidated_prompts_give_their_nodes_to_new_ones() {
+        // No runtime: rebuilds run inline.
+        let index = SemanticIndex::new(1_000);
+        let ttl = Duration::from_secs(60);
+        for n in 0..20 {
+            // Expired as soon as stored.
+            index.insert([1; 32], vector(n, 16), key(n), Instant::now());
+        }
+        for n in 20..40 {
+            index.insert([1; 32], vector(n, 16), key(n), Instant::now() + ttl);
+        }
+        assert_eq!(index.len(), 20, "the expired prompts' nodes are re-used");
+        for n in [20, 29, 39] {
+            let (found, sim) = index
+                .nearest(&[1; 32], &vector(n, 16), Instant::now())
+                .unwrap();
+            assert_eq!(found, key(n));
+            assert!(sim > 0.999, "{sim}");
+        }
+        let all = Invalidate {
+            namespace: Some("t".into()),
+            ..Invalidate::default()
+        };
+        // One tombstone (of 20) is no reason to rebuild; its node is re-used next.
+        index.insert([2; 32], vector(99, 16), key(99), Instant::now() + ttl);
+        assert_eq!(index.invalidate(&all, Instant::now()), 21);
+        assert_eq!(
+            index.partitions(),
+            0,
+            "both partitions died and were dropped"
+        );
+        index.insert([1; 32], vector(50, 16), key(50), Instant::now() + ttl);
+        assert_eq!(index.len(), 1);
+        // Another dimension than the partition's is not indexed, nor found.
+        index.insert([1; 32], vector(51, 8), key(51), Instant::now() + ttl);
+        assert_eq!(index.len(), 1);
+        assert!(
+            index
+                .nearest(&[1; 32], &vector(51, 8), Instant::now())
+                .is_none()
+        );
+    }
+
     fn key_in(ns: &str, n: u32) -> CacheKey {
         CacheKey {
             namespace: ns.into(),
@@ -465,7 +684,7 @@ mod tests {
 
     #[test]
     fn invalidated_prompts_are_never_found_and_the_next_live_one_is() {
-        let index = SemanticIndex::new(10_000).rebuild_at(8);
+        let index = SemanticIndex::new(10_000);
         let now = Instant::now();
         let later = now + Duration::from_secs(60);
         let item = |ns: &str, n: u32, policy: &str| Indexed {
@@ -474,7 +693,7 @@ mod tests {
             stored: now,
             expires: later,
         };
-        // Prompt 0 and a near copy of it (1), in the graph (rebuilt at 8) and the buffer.
+        // Prompt 0 and a near copy of it (1).
         let base = vector(0, 16);
         let near: Vec<f32> = base.as_slice().iter().map(|x| x + 0.01).collect();
         index.insert_indexed([1; 32], base.clone(), item("a", 0, "old"));
@@ -511,7 +730,7 @@ mod tests {
     #[test]
     fn the_index_holds_at_most_its_bound_across_partitions() {
         let max = 64;
-        let index = SemanticIndex::new(max).rebuild_at(16);
+        let index = SemanticIndex::new(max);
         let expires = Instant::now() + Duration::from_secs(60);
         for n in 0..1_000u32 {
             // Many small partitions and one big one.
@@ -522,7 +741,12 @@ mod tests {
             };
             let expires = expires + Duration::from_millis(u64::from(n));
             index.insert(id, vector(n, 8), key(n), expires);
-            assert!(index.len() <= max, "{} held after {n}", index.len());
+            // Tombstones wait for a rebuild: at most an eighth over the bound.
+            assert!(
+                index.len() <= max + max / 8,
+                "{} held after {n}",
+                index.len()
+            );
         }
         // The newest prompt of the big partition is still found.
         let (found, _) = index

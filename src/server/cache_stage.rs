@@ -7,7 +7,8 @@ use std::{sync::Arc, time::Duration};
 use crate::{
     auth::Caller,
     cache::{
-        self, Attribution, CacheControl, CallCache, Embedder, Entry, PolicyScope, ResponseCache,
+        self, Attribution, CacheControl, CallCache, Embedder, Embedding, Entry, PolicyScope,
+        ResponseCache,
     },
     error::GatewayError,
     executor::{Answer, CallEvent, Executor},
@@ -29,7 +30,8 @@ pub const CACHE_EMBED_RPC: &str = "CacheEmbed";
 /// The semantic cache's embedder: `[cache].embedding_model` through the routing table and
 /// the executor (fallback and health like any call), metered as a call of its own
 /// (`rpc` [`CACHE_EMBED_RPC`]: its metrics and a ledger record with its tokens and cost,
-/// under the chat call's request id, key and tags).
+/// under the chat call's request id, key and tags); the chat call charges its cost to
+/// the key's budget ([`CallCache::embedding_cost_usd`]).
 pub struct GatewayEmbedder {
     /// The routing table.
     pub router: Arc<Router>,
@@ -43,7 +45,7 @@ pub struct GatewayEmbedder {
 
 #[async_trait::async_trait]
 impl Embedder for GatewayEmbedder {
-    async fn embed(&self, text: &str, call: Attribution<'_>) -> Result<Vec<f32>, GatewayError> {
+    async fn embed(&self, text: &str, call: Attribution<'_>) -> Result<Embedding, GatewayError> {
         let mut meter = CallMeter::start(&self.meter, CACHE_EMBED_RPC, call.request_id.to_owned());
         if !call.key.is_empty() {
             meter.set_key(call.key);
@@ -76,12 +78,16 @@ impl Embedder for GatewayEmbedder {
             }
         };
         super::engine::embed::finish(&mut meter, &answer);
-        answer
+        let vector = answer
             .response
             .embeddings
             .into_iter()
             .next()
-            .ok_or_else(|| GatewayError::Internal("the embedding answer holds no vector".into()))
+            .ok_or_else(|| GatewayError::Internal("the embedding answer holds no vector".into()))?;
+        Ok(Embedding {
+            vector,
+            cost_usd: answer.cost.map(|c| c.total_usd()),
+        })
     }
 }
 

@@ -12,7 +12,8 @@
 //! 6. the response cache ([`super::cache_stage`]): a live cached reply in the caller's
 //!    namespace ends the call here (a unary answer, or a replayed stream), with no upstream
 //!    attempt and zero cost; the call still counted against the request rate limit, its
-//!    token and budget reservations are given back;
+//!    token and budget reservations are given back; a semantic lookup's embedding call
+//!    (a ledger record of its own) is charged to the call's budgets when the call ends;
 //! 7. the executor (fallback, hedging, deadline, commit point); a complete answer that
 //!    finished normally is stored in the cache (a stream: when its finish arrives, never a
 //!    partial or failed one);
@@ -168,7 +169,9 @@ impl Engine {
                         let table = self.router.load();
                         let mut cached =
                             cache_stage::begin(cache, &table, &namespace, &req, call.cache_control);
-                        if let Some(entry) = cached.lookup(meter.attribution()).await {
+                        let found = cached.lookup(meter.attribution()).await;
+                        meter.charge_also(cached.embedding_cost_usd());
+                        if let Some(entry) = found {
                             let mut route =
                                 cache_stage::hit_route(&req, &table, cached.outcome());
                             route.arm = plan.arm.as_ref().map(|a| a.arm.clone());
@@ -257,7 +260,9 @@ impl Engine {
                 let table = self.router.load();
                 let mut call_cache =
                     cache_stage::begin(cache, &table, &namespace, &req, call.cache_control);
-                if let Some(entry) = call_cache.lookup(meter.attribution()).await {
+                let found = call_cache.lookup(meter.attribution()).await;
+                meter.charge_also(call_cache.embedding_cost_usd());
+                if let Some(entry) = found {
                     let mut route = cache_stage::hit_route(&req, &table, call_cache.outcome());
                     route.arm = plan.arm.as_ref().map(|a| a.arm.clone());
                     meter.set_cache_hit(

@@ -70,6 +70,9 @@ pub struct CallMeter {
     stream: bool,
     key: String,
     permit: Option<Permit>,
+    /// Cost charged to the permit's budgets beside the call's own (the semantic cache's
+    /// embedding call, recorded in the ledger as a call of its own).
+    also_charged_usd: f64,
     target: Option<Arc<TargetMetrics>>,
     /// A reply served from the response cache: who made it, and what it cost then.
     cached: Option<(String, String, Option<f64>)>,
@@ -182,6 +185,7 @@ impl CallMeter {
             stream: false,
             key: String::new(),
             permit: None,
+            also_charged_usd: 0.0,
             target: None,
             cached: None,
             guardrails: None,
@@ -245,6 +249,12 @@ impl CallMeter {
     /// The call's limits permit, settled with the real usage and cost when the call ends.
     pub fn set_permit(&mut self, permit: Permit) {
         self.permit = Some(permit);
+    }
+
+    /// Charges `usd` to the call's budgets with the call's own cost when it ends (the cost
+    /// of the semantic cache's embedding call made for it).
+    pub fn charge_also(&mut self, usd: f64) {
+        self.also_charged_usd += usd;
     }
 
     /// The stream is open (counted in `llm_gateway_open_streams` until the meter ends).
@@ -320,9 +330,16 @@ impl CallMeter {
         }
 
         if let Some(permit) = self.permit.as_mut() {
+            let own = outcome.cost.map(|c| c.total_usd());
+            let also = self.also_charged_usd;
+            let charged = if also > 0.0 {
+                Some(own.unwrap_or(0.0) + also)
+            } else {
+                own
+            };
             permit.settle(
                 outcome.usage.map(|u| u.total_tokens()),
-                outcome.cost.map(|c| c.total_usd()),
+                charged,
                 super::access::now_ms(),
             );
         }

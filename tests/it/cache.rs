@@ -594,3 +594,46 @@ async fn the_semantic_lookups_embedding_call_is_in_the_ledger() {
     assert!(embed.cost_usd.is_some_and(|c| c > 0.0), "{embed:?}");
     assert_eq!(embed.code, "OK");
 }
+
+#[tokio::test]
+async fn the_semantic_lookups_embedding_call_is_charged_to_the_keys_budget() {
+    let (_mock, gateway) = setup(&format!("{SEMANTIC}\n[auth]\nrequire_keys = true\n")).await;
+    let mut admin = admin_client(gateway.channel.clone());
+    let secret = create_key_secret(
+        &mut admin,
+        pb::Key {
+            name: "budgeted".into(),
+            owner: "search".into(),
+            scopes: vec!["chat".into()],
+            daily_budget_usd: 1.0,
+            ..Default::default()
+        },
+    )
+    .await;
+    let as_key = |text: &str| {
+        with_metadata(
+            request("semantic", text),
+            "authorization",
+            &format!("Bearer {secret}"),
+        )
+    };
+    let stored = chat(&gateway, as_key("How tall is the Eiffel tower?")).await;
+    assert_eq!(outcome(&stored), pb::CacheOutcome::Stored);
+    // A hit costs nothing itself, but its embedding call does.
+    let hit = chat(&gateway, as_key("HOW TALL is the Eiffel tower?")).await;
+    assert_eq!(outcome(&hit), pb::CacheOutcome::Hit);
+    let records = usage_records(&mut admin, 4).await;
+    let embeds: Vec<f64> = records
+        .iter()
+        .filter(|r| r.rpc == "CacheEmbed")
+        .filter_map(|r| r.cost_usd)
+        .collect();
+    assert_eq!(embeds.len(), 2, "{records:?}");
+    assert!(embeds.iter().all(|c| *c > 0.0), "{embeds:?}");
+    let ledger: f64 = records.iter().filter_map(|r| r.cost_usd).sum();
+    let spent = spent_today_usd(&mut admin, "budgeted").await;
+    assert!(
+        (spent - ledger).abs() < 1e-12,
+        "the budget was charged {spent}, the ledger's calls cost {ledger}: {records:?}"
+    );
+}

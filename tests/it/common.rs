@@ -511,3 +511,25 @@ pub async fn usage_records(admin: &mut Admin, at_least: usize) -> Vec<pb::UsageR
     }
     records
 }
+
+/// Creates `key` through the Admin API; its secret.
+pub async fn create_key_secret(admin: &mut Admin, key: pb::Key) -> String {
+    admin
+        .create_key(pb::CreateKeyRequest { key: Some(key) })
+        .await
+        .unwrap()
+        .into_inner()
+        .secret
+}
+
+/// What key `name` spent today, as GetKey reports it.
+pub async fn spent_today_usd(admin: &mut Admin, name: &str) -> f64 {
+    admin
+        .get_key(pb::GetKeyRequest { name: name.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap()
+        .spent_today_usd
+}

@@ -502,3 +502,66 @@ api_key = '{}'
         status.message()
     );
 }
+
+#[tokio::test]
+async fn a_keys_models_rate_limit_and_budget_apply_to_embed() {
+    let mock = MockUpstream::start(MockSettings::default()).await.unwrap();
+    let gateway = Gateway::start(&openai_toml(&mock, "[auth]\nrequire_keys = true\n")).await;
+    let mut admin = admin_client(gateway.channel.clone());
+    let secret = create_key_secret(
+        &mut admin,
+        pb::Key {
+            name: "embedder".into(),
+            owner: "search".into(),
+            scopes: vec!["chat".into()],
+            allowed_models: vec!["openai/text-embedding-3-small".into()],
+            requests_per_minute: 2,
+            daily_budget_usd: 1.0,
+            ..Default::default()
+        },
+    )
+    .await;
+    let authed = |req: pb::EmbedRequest| {
+        let mut req = tonic::Request::new(req);
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {secret}").parse().unwrap());
+        req
+    };
+    let small = || embed_request("openai/text-embedding-3-small", &["reset my password"]);
+    let mut client = gateway.client();
+    let status = client.embed(small()).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    let other = embed_request("openai/text-embedding-3-large", &["reset my password"]);
+    let status = client.embed(authed(other)).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(
+        status.message().contains("text-embedding-3-large"),
+        "{status:?}"
+    );
+    // Two a minute: the refused calls above took none.
+    for _ in 0..2 {
+        client.embed(authed(small())).await.unwrap();
+    }
+    let status = client.embed(authed(small())).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(reason(&status), "RATE_LIMIT_REQUESTS");
+    assert_eq!(
+        mock.stats().requests(),
+        2,
+        "refused calls reach no upstream"
+    );
+    // The two calls' cost is the key's spend, as the ledger has it.
+    let records = records(&gateway, 2).await;
+    let ledger: f64 = records
+        .iter()
+        .filter(|r| r.rpc == "Embed" && r.code == "OK")
+        .filter_map(|r| r.cost_usd)
+        .sum();
+    let expected = 2.0 * registry_cost("openai/text-embedding-3-small", 3, 0);
+    assert!((ledger - expected).abs() < 1e-15, "{records:?}");
+    let spent = spent_today_usd(&mut admin, "embedder").await;
+    assert!(
+        (spent - ledger).abs() < 1e-15,
+        "spent {spent}, ledger {ledger}"
+    );
+}
