@@ -462,6 +462,12 @@ pub trait BatchStore: Send + Sync + 'static {
         ended_ms: Option<i64>,
     ) -> Result<Option<JobState>, BatchStoreError>;
 
+    /// Bumped when another replica may have recorded results or changed a job's state
+    /// (results streams wake on it); `None` for a store only this process writes.
+    fn remote_changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+
     /// A job's results from `offset`, at most `limit`, in completion order.
     async fn results(
         &self,

@@ -333,10 +333,13 @@ impl Batches {
             offset: u64,
             buffer: VecDeque<StoredResult>,
             changes: watch::Receiver<u64>,
+            /// Changes made by other replicas (a shared store).
+            remote: Option<watch::Receiver<u64>>,
             done: bool,
         }
         let state = State {
             changes: self.inner.changed.subscribe(),
+            remote: self.inner.store.remote_changes(),
             inner: self.inner.clone(),
             id,
             offset,
@@ -352,6 +355,9 @@ impl Batches {
                     return None;
                 }
                 st.changes.borrow_and_update();
+                if let Some(remote) = &mut st.remote {
+                    remote.borrow_and_update();
+                }
                 // The state first: a job ends only after its last result is written, so an
                 // ended job's results are all readable below.
                 let ended = match st.inner.store.job(&st.id).await {
@@ -373,8 +379,21 @@ impl Batches {
                     Ok(_) if ended => return None,
                     Ok(_) => {
                         // A missed wake-up costs at most this long.
-                        let wait =
-                            tokio::time::timeout(Duration::from_secs(5), st.changes.changed());
+                        let (changes, remote) = (&mut st.changes, &mut st.remote);
+                        let remote = async move {
+                            if let Some(remote) = remote
+                                && remote.changed().await.is_ok()
+                            {
+                                return;
+                            }
+                            std::future::pending::<()>().await;
+                        };
+                        let wait = tokio::time::timeout(Duration::from_secs(5), async move {
+                            tokio::select! {
+                                _ = changes.changed() => {}
+                                () = remote => {}
+                            }
+                        });
                         tokio::select! {
                             _ = wait => {}
                             () = st.inner.stop_claiming.cancelled() => {

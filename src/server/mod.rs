@@ -481,15 +481,22 @@ pub async fn serve_with(
     .with_guardrails(Arc::new(config.guardrails.clone()))
     .with_shadows(shadows.clone());
     let batch_store: Arc<dyn crate::batch::BatchStore> = match pg_pool {
-        // A claim outlives the longest run (cut at request_timeout) and its recording.
-        Some(pool) => Arc::new(
-            crate::batch::postgres::PgBatchStore::open(
-                pool,
-                config.batch.request_timeout + Duration::from_secs(60),
-            )
-            .await
-            .map_err(|e| ServeError::Store(StoreError::Backend(e.to_string())))?,
-        ),
+        // Claims are leases renewed by the store's heartbeat; one job's bound holds over
+        // every replica.
+        Some(pool) => {
+            let options = crate::batch::postgres::PgBatchOptions {
+                job_concurrency: config.batch.job_concurrency,
+                ..Default::default()
+            };
+            let url = config.store.url.as_deref().unwrap_or_default();
+            let store = Arc::new(
+                crate::batch::postgres::PgBatchStore::open(pool, url, options)
+                    .await
+                    .map_err(|e| ServeError::Store(StoreError::Backend(e.to_string())))?,
+            );
+            background.spawn(store.clone().run(stop_background.clone()));
+            store
+        }
         None => Arc::new(
             crate::batch::sqlite::SqliteBatchStore::open(&config.store.path)
                 .map_err(|e| ServeError::Store(StoreError::Backend(e.to_string())))?,
@@ -896,7 +903,13 @@ fn share_key_rests(
         ring.on_rest(providers::keys::KeyRestHook(Arc::new(
             move |provider, fingerprint, reason, rest| {
                 let fingerprint = format!("{fingerprint:016x}");
-                publisher.publish(&[provider, &fingerprint, reason.label()], rest);
+                let fields = [provider, &fingerprint, reason.label()];
+                if rest.is_zero() && reason == providers::keys::KeyRestReason::Refused {
+                    // A reload ended the refusal here: end it everywhere.
+                    publisher.end(&fields);
+                } else {
+                    publisher.publish(&fields, rest);
+                }
             },
         )));
     }
@@ -907,7 +920,11 @@ fn share_key_rests(
             && let Some(reason) = providers::keys::KeyRestReason::from_label(reason)
             && let Some(ring) = providers.get(provider).and_then(|p| p.keys())
         {
-            ring.rest_from_peer(fingerprint, reason, rest);
+            if rest.is_zero() && reason == providers::keys::KeyRestReason::Refused {
+                ring.end_refusal_from_peer(fingerprint);
+            } else {
+                ring.rest_from_peer(fingerprint, reason, rest);
+            }
         }
     });
     background.spawn(rests.run(apply, stop.clone()));
