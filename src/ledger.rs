@@ -653,25 +653,38 @@ pub const ROLLUP_MIGRATION: &str = "-- the usage_minute rollups (ledger::rollup_
 
 /// The rollup deltas of a batch of records (one per minute and dimension values).
 pub fn rollups(records: &[UsageRecord]) -> Vec<Rollup> {
-    let mut out: BTreeMap<(i64, [String; 8]), Rollup> = BTreeMap::new();
+    // Keyed by borrowed dimensions (the same order as the owned ones: tags last), so a
+    // record that adds to an existing row copies no string.
+    let mut out: BTreeMap<(i64, [&str; 7], String), Rollup> = BTreeMap::new();
     for r in records {
         let minute_ms = r.time_ms.div_euclid(ROLLUP_MS) * ROLLUP_MS;
-        let tags = serde_json::to_string(&r.tags).unwrap_or_else(|_| "{}".to_owned());
+        let tags = match r.tags.is_empty() {
+            true => "{}".to_owned(),
+            false => serde_json::to_string(&r.tags).unwrap_or_else(|_| "{}".to_owned()),
+        };
         let dimensions = [
-            r.key.clone(),
-            r.policy.clone(),
-            r.provider.clone(),
-            r.model.clone(),
-            r.rpc.clone(),
-            r.code.clone(),
-            r.error_class.clone(),
-            tags,
+            r.key.as_str(),
+            &r.policy,
+            &r.provider,
+            &r.model,
+            &r.rpc,
+            &r.code,
+            &r.error_class,
         ];
         let row = out
-            .entry((minute_ms, dimensions.clone()))
-            .or_insert_with(|| Rollup {
+            .entry((minute_ms, dimensions, tags))
+            .or_insert_with_key(|(_, d, tags)| Rollup {
                 minute_ms,
-                dimensions,
+                dimensions: [
+                    d[0].to_owned(),
+                    d[1].to_owned(),
+                    d[2].to_owned(),
+                    d[3].to_owned(),
+                    d[4].to_owned(),
+                    d[5].to_owned(),
+                    d[6].to_owned(),
+                    tags.clone(),
+                ],
                 histograms: vec![0; 2 * BUCKETS],
                 ..Rollup::default()
             });
@@ -915,6 +928,16 @@ pub fn rollup_table_sql(dialect: Dialect) -> String {
         columns.join(", "),
         ROLLUP_DIMENSIONS.join(", ")
     )
+}
+
+/// [`rollup_upsert_sql`], built once per dialect (every batch the writer stores uses it).
+pub fn rollup_upsert(dialect: Dialect) -> &'static str {
+    static SQLITE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    static POSTGRES: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    match dialect {
+        Dialect::Sqlite => SQLITE.get_or_init(|| rollup_upsert_sql(dialect)),
+        Dialect::Postgres => POSTGRES.get_or_init(|| rollup_upsert_sql(dialect)),
+    }
 }
 
 /// Adds rollup deltas to their rows (`INSERT ... ON CONFLICT DO UPDATE`), with the

@@ -752,24 +752,31 @@ impl Executor {
 
     /// The hedge delay for the attempt `target` just started, if another hedge may follow.
     fn hedge_delay(&self, race: &Race<'_>, target: &Target) -> Option<Duration> {
-        let (delay, max_extra) = match race.plan.execution.hedging {
-            Hedging::Off => return None,
-            Hedging::Fixed { delay, max_extra } => (delay, max_extra),
+        // The cheap checks first: a one-target plan (every concrete model) never hedges,
+        // and reading a percentile is a pass over the target's histogram.
+        if race.plan.targets.len() < 2 {
+            return None;
+        }
+        match race.plan.execution.hedging {
+            Hedging::Off => None,
+            Hedging::Fixed { delay, max_extra } => (race.hedges < max_extra).then_some(delay),
             Hedging::Percentile {
                 percentile,
                 fallback_delay,
                 max_extra,
             } => {
+                if race.hedges >= max_extra {
+                    return None;
+                }
                 let observed = match race.mode {
                     Mode::Unary => target
                         .health
                         .latency_percentile(percentile, HEDGE_MIN_SAMPLES),
                     Mode::Stream => target.health.ttft_percentile(percentile, HEDGE_MIN_SAMPLES),
                 };
-                (observed.unwrap_or(fallback_delay), max_extra)
+                Some(observed.unwrap_or(fallback_delay))
             }
-        };
-        (race.hedges < max_extra && race.plan.targets.len() > 1).then_some(delay)
+        }
     }
 
     /// Runs the race: returns the first success, or the call's error.

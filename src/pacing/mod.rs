@@ -350,9 +350,13 @@ impl Pacer {
             None => None,
         };
         let keys: &[u64] = if keys.is_empty() { &[0] } else { keys };
-        // The account that can start soonest; ties go to the one with the most left.
-        let mut best: Option<(Instant, f64, u64)> = None;
-        for &key in keys {
+        // The account that can start soonest; ties go to the one with the most left. With
+        // one account (one key, the common case) there is nothing to compare.
+        let mut best: Option<(Instant, f64, u64)> = match keys {
+            [only] => Some((now, 0.0, *only)),
+            _ => None,
+        };
+        for &key in keys.iter().filter(|_| keys.len() > 1) {
             let account = self.account(key, model);
             let ready = self.limiter.ready_at(&account, &self.limits, tokens, now);
             let room = self.limiter.headroom(&account, &self.limits, now);

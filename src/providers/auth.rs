@@ -33,6 +33,12 @@ pub trait Auth: Send + Sync + 'static {
     async fn refused(&self, _key: &ProviderKey, _request: &reqwest::Request) -> bool {
         false
     }
+
+    /// Whether [`Auth::refused`] may return `true`: only then does a request keep a copy of
+    /// itself for the second send.
+    fn renews(&self) -> bool {
+        false
+    }
 }
 
 /// A header carrying the key, optionally after a prefix: `Authorization: Bearer <key>`,

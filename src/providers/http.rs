@@ -174,9 +174,13 @@ impl<W: WireFormat> HttpProvider<W> {
         }
         self.wire.add_headers(headers);
         *request.body_mut() = Some(body.clone().into());
-        let unsigned = request.try_clone();
+        // Copies for a second send only where the auth can renew refused credentials.
+        let renews = key.is_some() && self.auth.renews();
+        let unsigned = renews.then(|| request.try_clone()).flatten();
         self.auth.authorize(key, &mut request, body).await?;
-        let retry = key.zip(request.try_clone()).zip(unsigned);
+        let retry = key
+            .zip(renews.then(|| request.try_clone()).flatten())
+            .zip(unsigned);
         let sent = tokio::time::Instant::now();
         let mut response = client
             .execute(request)

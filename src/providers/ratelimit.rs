@@ -15,9 +15,11 @@
 
 use std::time::{Duration, SystemTime};
 
+use http::HeaderName;
+
 use crate::pacing::{Observation, Window};
 
-fn header<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
+fn header<'a>(headers: &'a http::HeaderMap, name: &HeaderName) -> Option<&'a str> {
     headers.get(name)?.to_str().ok().map(str::trim)
 }
 
@@ -60,21 +62,55 @@ pub fn parse_go_duration(value: &str) -> Option<Duration> {
     (total.is_finite() && total <= 86_400.0 * 366.0).then(|| Duration::from_secs_f64(total))
 }
 
-fn openai_window(headers: &http::HeaderMap, what: &str) -> Option<Window> {
+/// The three headers of one window: limit, remaining, reset.
+type WindowHeaders = [HeaderName; 3];
+
+static OPENAI_REQUESTS: WindowHeaders = [
+    HeaderName::from_static("x-ratelimit-limit-requests"),
+    HeaderName::from_static("x-ratelimit-remaining-requests"),
+    HeaderName::from_static("x-ratelimit-reset-requests"),
+];
+static OPENAI_TOKENS: WindowHeaders = [
+    HeaderName::from_static("x-ratelimit-limit-tokens"),
+    HeaderName::from_static("x-ratelimit-remaining-tokens"),
+    HeaderName::from_static("x-ratelimit-reset-tokens"),
+];
+static ANTHROPIC_REQUESTS: WindowHeaders = [
+    HeaderName::from_static("anthropic-ratelimit-requests-limit"),
+    HeaderName::from_static("anthropic-ratelimit-requests-remaining"),
+    HeaderName::from_static("anthropic-ratelimit-requests-reset"),
+];
+static ANTHROPIC_TOKENS: WindowHeaders = [
+    HeaderName::from_static("anthropic-ratelimit-tokens-limit"),
+    HeaderName::from_static("anthropic-ratelimit-tokens-remaining"),
+    HeaderName::from_static("anthropic-ratelimit-tokens-reset"),
+];
+static ANTHROPIC_INPUT_TOKENS: WindowHeaders = [
+    HeaderName::from_static("anthropic-ratelimit-input-tokens-limit"),
+    HeaderName::from_static("anthropic-ratelimit-input-tokens-remaining"),
+    HeaderName::from_static("anthropic-ratelimit-input-tokens-reset"),
+];
+
+fn openai_window(headers: &http::HeaderMap, names: &WindowHeaders) -> Option<Window> {
+    let [limit, remaining, reset] = names;
     let window = Window {
-        limit: number(header(headers, &format!("x-ratelimit-limit-{what}"))),
-        remaining: number(header(headers, &format!("x-ratelimit-remaining-{what}"))),
-        reset: header(headers, &format!("x-ratelimit-reset-{what}")).and_then(parse_go_duration),
+        limit: number(header(headers, limit)),
+        remaining: number(header(headers, remaining)),
+        reset: header(headers, reset).and_then(parse_go_duration),
     };
     (window != Window::default()).then_some(window)
 }
 
-fn anthropic_window(headers: &http::HeaderMap, what: &str, now: SystemTime) -> Option<Window> {
-    let name = |field: &str| format!("anthropic-ratelimit-{what}-{field}");
+fn anthropic_window(
+    headers: &http::HeaderMap,
+    names: &WindowHeaders,
+    now: SystemTime,
+) -> Option<Window> {
+    let [limit, remaining, reset] = names;
     let window = Window {
-        limit: number(header(headers, &name("limit"))),
-        remaining: number(header(headers, &name("remaining"))),
-        reset: header(headers, &name("reset"))
+        limit: number(header(headers, limit)),
+        remaining: number(header(headers, remaining)),
+        reset: header(headers, reset)
             .and_then(|v| humantime::parse_rfc3339_weak(v).ok())
             .map(|at| at.duration_since(now).unwrap_or(Duration::ZERO)),
     };
@@ -82,14 +118,27 @@ fn anthropic_window(headers: &http::HeaderMap, what: &str, now: SystemTime) -> O
 }
 
 /// What an answer's headers say about the account's windows (at wall-clock `now`, for
-/// Anthropic's absolute resets).
+/// Anthropic's absolute resets). Answers without rate-limit headers (most, off the big
+/// providers) cost one pass over their few header names.
 pub fn from_headers(headers: &http::HeaderMap, now: SystemTime) -> Observation {
+    let (mut openai, mut anthropic) = (false, false);
+    for name in headers.keys() {
+        let name = name.as_str();
+        openai |= name.starts_with("x-ratelimit-");
+        anthropic |= name.starts_with("anthropic-ratelimit-");
+    }
+    let openai_window =
+        |names: &'static WindowHeaders| openai.then(|| openai_window(headers, names)).flatten();
+    let anthropic_window = |names: &'static WindowHeaders| {
+        anthropic
+            .then(|| anthropic_window(headers, names, now))
+            .flatten()
+    };
     Observation {
-        requests: openai_window(headers, "requests")
-            .or_else(|| anthropic_window(headers, "requests", now)),
-        tokens: openai_window(headers, "tokens")
-            .or_else(|| anthropic_window(headers, "tokens", now))
-            .or_else(|| anthropic_window(headers, "input-tokens", now)),
+        requests: openai_window(&OPENAI_REQUESTS).or_else(|| anthropic_window(&ANTHROPIC_REQUESTS)),
+        tokens: openai_window(&OPENAI_TOKENS)
+            .or_else(|| anthropic_window(&ANTHROPIC_TOKENS))
+            .or_else(|| anthropic_window(&ANTHROPIC_INPUT_TOKENS)),
         retry_after: None,
     }
 }

@@ -69,7 +69,7 @@ impl SseDecoder {
                 self.skip_lf = false;
             }
             let rest = &self.buf[self.pos..];
-            let Some(end) = rest.iter().position(|&b| b == b'\n' || b == b'\r') else {
+            let Some(end) = memchr::memchr2(b'\n', b'\r', rest) else {
                 if rest.len() + self.current.data.len() > MAX_PENDING_BYTES {
                     return Some(Err(ProviderError::malformed_event(
                         "an event exceeded the size limit",

@@ -298,6 +298,10 @@ impl Auth for ServiceAccountAuth {
         Ok(())
     }
 
+    fn renews(&self) -> bool {
+        true
+    }
+
     async fn refused(&self, key: &ProviderKey, request: &reqwest::Request) -> bool {
         let Ok(source) = key_source(key) else {
             return false;

@@ -909,7 +909,7 @@ impl UsageSink for PgStore {
         // The rollups, in the same transaction. Rows come sorted by (minute, dimensions),
         // so replicas writing the same rows lock them in one order (no deadlock).
         let upsert = tx
-            .prepare(&ledger::rollup_upsert_sql(Dialect::Postgres))
+            .prepare(ledger::rollup_upsert(Dialect::Postgres))
             .await
             .map_err(|e| sink(pg(e)))?;
         for rollup in ledger::rollups(&records) {

@@ -645,7 +645,7 @@ impl UsageSink for SqliteStore {
                 }
                 // The rollups, in the same transaction: they never disagree with the records.
                 let mut upsert = tx
-                    .prepare_cached(&ledger::rollup_upsert_sql(Dialect::Sqlite))
+                    .prepare_cached(ledger::rollup_upsert(Dialect::Sqlite))
                     .map_err(backend)?;
                 for rollup in ledger::rollups(&records) {
                     upsert
