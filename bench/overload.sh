@@ -70,14 +70,15 @@ TOML
 "$BIN/llm-gateway-mock" --listen "127.0.0.1:$MOCK" --latency-ms 100 >"$RUN/mock.log" 2>&1 &
 PIDS+=($!)
 env -u OPENAI_API_KEY "$BIN/llm-gateway" --config "$RUN/gateway.toml" >"$RUN/gw.log" 2>&1 &
-PIDS+=($!)
+GW_PID=$!
+PIDS+=($GW_PID)
 for _ in $(seq 100); do
   python3 -c "import socket; socket.create_connection(('127.0.0.1',$GRPC),0.2)" 2>/dev/null && break
   sleep 0.1
 done
 load() {
   "$BIN/llm-gateway-load" --target "http://127.0.0.1:$GRPC" --model openai/gpt-4o-mini \
-    --connections 4 --duration "$DURATION" --warmup 2s "$@" | tail -1 || true
+    --connections 4 --duration "$DURATION" --warmup 2s --pid "$GW_PID" "$@" | tail -1 || true
 }
 load --concurrency 10 --label unloaded >"$RUN/unloaded.json"
 load --concurrency 200 --label overload-closed >"$RUN/closed.json"
@@ -99,8 +100,8 @@ lines = [
     "Closed loop: each caller calls again at once, also after a refusal. Open loop: calls on a fixed "
     "schedule of 2,000/s (10x the capacity), whatever the answers.",
     "",
-    "| run | load | ok | refused (RESOURCE_EXHAUSTED) | other errors | ok p50 | ok p99 | refused p50 | refused p99 | refused max |",
-    "|---|---|---|---|---|---|---|---|---|---|",
+    "| run | load | ok | refused (RESOURCE_EXHAUSTED) | other errors | ok p50 | ok p99 | refused p50 | refused p99 | refused max | gateway CPU per call |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
 ]
 for name, r in (("unloaded", unloaded), ("10x, closed loop", closed), ("10x, open loop", opened)):
     e = r.get("error_latency_us") or {}
@@ -109,7 +110,8 @@ for name, r in (("unloaded", unloaded), ("10x, closed loop", closed), ("10x, ope
     shape = f"{r['concurrency']} callers" if r.get("concurrency") else f"{r['rate']:.0f} calls/s"
     lines.append(
         f"| {name} | {shape} | {r['ok']} | {rex} | {oth} | {fmt(r['latency_us']['p50'])} "
-        f"| {fmt(r['latency_us']['p99'])} | {fmt(e.get('p50'))} | {fmt(e.get('p99'))} | {fmt(e.get('max'))} |"
+        f"| {fmt(r['latency_us']['p99'])} | {fmt(e.get('p50'))} | {fmt(e.get('p99'))} | {fmt(e.get('max'))} "
+        f"| {(r.get('cpu') or {}).get('us_per_call', '-')} us |"
     )
 met = lambda b: "met" if b else "MISSED"
 lines.append("")
@@ -124,6 +126,13 @@ for name, r in (("closed loop", closed), ("open loop", opened)):
         f"refused with a status: {refused}, other errors: {other or 'none'}: {met(refused > 0 and not other)}; "
         f"refused p99 {err.get('p99', 0)/1000:.3f} ms (goal < 1 ms): {met(err.get('p99', 10**9) < 1000)}",
     ]
+# CPU of one refusal: the open-loop run's gateway CPU less its admitted calls at the
+# unloaded CPU per call, over its refusals.
+ucpu, ocpu = (unloaded.get("cpu") or {}), (opened.get("cpu") or {})
+orefused = opened["errors"].get("ResourceExhausted", 0)
+if ucpu and ocpu and orefused:
+    per_refusal = (ocpu["seconds"] - opened["ok"] * ucpu["us_per_call"] / 1e6) * 1e6 / orefused
+    lines.append(f"- gateway CPU per refusal (open loop, admitted calls at the unloaded CPU per call taken out): {per_refusal:.1f} us")
 lines += ["<!-- /overload -->"]
 section = "\n".join(lines)
 print(section)

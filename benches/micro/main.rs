@@ -15,6 +15,8 @@
 //!   of 10,000 prompts (`LLMGW_BENCH_SEMANTIC_ENTRIES=100000` for the goal's size; building
 //!   it takes a while).
 //!
+//! - `admission`: an overload refusal past the in-flight bound, to its HTTP response.
+//!
 //! Run with `cargo bench --bench micro` (optionally a filter: `cargo bench --bench micro --
 //! sse`). The load scenarios (the gateway under gRPC load against the bare baseline) are in
 //! `bench/run.sh`.
@@ -24,6 +26,7 @@
     reason = "benchmark setup on fixed inputs; a failure means the benchmark itself is broken"
 )]
 
+mod admission;
 mod cache;
 mod convert;
 mod executor;
@@ -44,5 +47,6 @@ fn main() {
     executor::bench(&mut c);
     cache::bench(&mut c);
     guard::bench(&mut c);
+    admission::bench(&mut c);
     c.final_summary();
 }

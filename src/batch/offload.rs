@@ -5,7 +5,7 @@
 //! 1. Every pending request moves to the native state ([`BatchStore::native_requests`]);
 //!    those whose target has a native batch API ([`Execute::native_request`]) are grouped
 //!    by provider account into batches of at most [`MAX_PER_BATCH`], the others go back to
-//!    pending for the real-time path.
+//!    pending for the real-time path, which runs beside the provider batches.
 //! 2. Each batch is recorded in the job's native document ([`Submission`], stored with the
 //!    job) before it is submitted, and again with the provider's batch id once accepted: a
 //!    restart polls the same provider batch instead of submitting again. (A stop between
@@ -93,14 +93,21 @@ async fn save(
     Ok(())
 }
 
-/// Runs the native part of `job` until every provider batch of it is done; `Ok(false)`
-/// when the runner stopped first (shutdown).
-pub(super) async fn run(
+/// A job's requests in the native state and its provider batches, after [`take`].
+pub(super) struct Taken {
+    requests: HashMap<u32, Claimed>,
+    subs: Vec<Submission>,
+}
+
+/// Takes `job`'s pending requests for provider batches (the first time only) and records
+/// the batches to submit; the requests that cannot go native are pending again. Runs before
+/// the real-time path starts claiming.
+pub(super) async fn take(
     inner: &Arc<Inner>,
     job: &JobRecord,
     cancel: &CancellationToken,
     deadline: Instant,
-) -> Result<bool, BatchStoreError> {
+) -> Result<Taken, BatchStoreError> {
     let store = &inner.store;
     let id = job.id.as_str();
     let stored = submissions(&job.native)?;
@@ -149,7 +156,21 @@ pub(super) async fn run(
     if !realtime.is_empty() {
         store.native_release(id, &realtime, false).await?;
     }
+    Ok(Taken { requests, subs })
+}
 
+/// Runs the native part of `job` until every provider batch of it is done; `Ok(false)`
+/// when the runner stopped first (shutdown).
+pub(super) async fn run(
+    inner: &Arc<Inner>,
+    job: &JobRecord,
+    taken: Taken,
+    cancel: &CancellationToken,
+    deadline: Instant,
+) -> Result<bool, BatchStoreError> {
+    let Taken { requests, mut subs } = taken;
+    let store = &inner.store;
+    let id = job.id.as_str();
     // Submit what has no provider batch yet.
     for sub in subs.iter_mut().filter(|s| s.id.is_none() && !s.done) {
         if cancel.is_cancelled() || Instant::now() >= deadline {

@@ -9,8 +9,10 @@
 //! claiming, running requests get the grace period, then are interrupted and go back to
 //! pending for the next start.
 //!
-//! A job in [`BatchMode::Native`] first runs its native part ([`super::offload`]); what
-//! that leaves pending then runs here in real time.
+//! A job in [`BatchMode::Native`] first hands its requests to its native part
+//! ([`super::offload`]); the requests that cannot go native, and those the provider
+//! batches leave unanswered, run here in real time meanwhile. The job ends once both are
+//! done.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -474,15 +476,46 @@ async fn drive(inner: &Arc<Inner>, id: &str, handle: &JobHandle) -> Result<(), B
     }
     let job = Arc::new(job);
     let deadline = instant_at(job.deadline_ms);
-    if job.mode == BatchMode::Native && !offload::run(inner, &job, &handle.cancel, deadline).await?
-    {
-        return Ok(());
+    if job.mode != BatchMode::Native {
+        return realtime(inner, &job, handle, deadline, None).await;
     }
+    // Native: the requests are taken for provider batches first; the provider batches then
+    // run beside the real-time path, which runs the rest (and what they leave unanswered).
+    let taken = offload::take(inner, &job, &handle.cancel, deadline).await?;
+    let (tx, rx) = watch::channel(None);
+    let native = async {
+        let ran = offload::run(inner, &job, taken, &handle.cancel, deadline).await;
+        tx.send_replace(Some(matches!(ran, Ok(true))));
+        ran
+    };
+    let (native, realtime) =
+        tokio::join!(native, realtime(inner, &job, handle, deadline, Some(rx)));
+    native?;
+    realtime
+}
+
+/// The real-time path of a job until it ends. With `native` (a native job): whether its
+/// native part ended (`Some(true)`), or stopped (`Some(false)`: shutdown or a store
+/// failure; the job resumes at the next start); the job ends only after it.
+async fn realtime(
+    inner: &Arc<Inner>,
+    job: &Arc<JobRecord>,
+    handle: &JobHandle,
+    deadline: Instant,
+    mut native: Option<watch::Receiver<Option<bool>>>,
+) -> Result<(), BatchStoreError> {
+    let store = &inner.store;
+    let id = job.id.as_str();
+    let native_state = |native: &Option<watch::Receiver<Option<bool>>>| {
+        native.as_ref().map_or(Some(true), |rx| *rx.borrow())
+    };
+    // Requests the native part gives back wake the loop.
+    let mut changes = inner.changed.subscribe();
     let per_job = Arc::new(Semaphore::new(inner.settings.job_concurrency));
     let mut running: JoinSet<()> = JoinSet::new();
     loop {
         while running.try_join_next().is_some() {}
-        if inner.stop_claiming.is_cancelled() {
+        if inner.stop_claiming.is_cancelled() || native_state(&native) == Some(false) {
             while running.join_next().await.is_some() {}
             return Ok(());
         }
@@ -494,16 +527,25 @@ async fn drive(inner: &Arc<Inner>, id: &str, handle: &JobHandle) -> Result<(), B
             } else {
                 Unstarted::Expired
             };
-            let exec = inner.exec.clone();
-            let finished = store
-                .finish_pending(
-                    id,
-                    Box::new(move |custom_id| exec.unstarted(custom_id, why)),
-                    now_ms(),
-                )
-                .await?;
+            let unstarted = || {
+                let exec = inner.exec.clone();
+                let result: super::ResultFor =
+                    Box::new(move |custom_id| exec.unstarted(custom_id, why));
+                result
+            };
+            let mut finished = store.finish_pending(id, unstarted(), now_ms()).await?;
             inner.changed.send_modify(|n| *n += 1);
             while running.join_next().await.is_some() {}
+            if let Some(rx) = native.as_mut() {
+                // The provider batches are being cancelled; what they did not run comes
+                // back pending and ends here too.
+                let ended = rx.wait_for(Option::is_some).await.map(|v| *v);
+                if ended.ok().flatten() != Some(true) {
+                    return Ok(());
+                }
+                finished += store.finish_pending(id, unstarted(), now_ms()).await?;
+                inner.changed.send_modify(|n| *n += 1);
+            }
             if inner.stop_claiming.is_cancelled() {
                 return Ok(());
             }
@@ -554,7 +596,8 @@ async fn drive(inner: &Arc<Inner>, id: &str, handle: &JobHandle) -> Result<(), B
             store.release_running(id).await?;
             continue;
         }
-        if queue.pending == 0 && queue.running == 0 && running.is_empty() {
+        let native_done = native_state(&native) == Some(true);
+        if queue.pending == 0 && queue.running == 0 && running.is_empty() && native_done {
             store
                 .set_state(
                     id,
@@ -570,11 +613,20 @@ async fn drive(inner: &Arc<Inner>, id: &str, handle: &JobHandle) -> Result<(), B
             .next_ms
             .map_or(deadline, |ms| instant_at(ms).min(deadline))
             .max(Instant::now() + Duration::from_millis(10));
+        changes.borrow_and_update();
+        let native_ends = async {
+            match native.as_mut() {
+                Some(rx) => drop(rx.changed().await),
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             Some(_) = running.join_next(), if !running.is_empty() => {}
             () = tokio::time::sleep_until(wake) => {}
             () = handle.cancel.cancelled() => {}
             () = inner.stop_claiming.cancelled() => {}
+            _ = changes.changed(), if !native_done => {}
+            () = native_ends, if !native_done => {}
         }
     }
 }

@@ -925,3 +925,60 @@ async fn cancel_reaches_the_providers_batch() {
     assert_eq!(mock.native_batches().cancelled, 1);
     assert_eq!(mock.stats().requests(), 0);
 }
+
+/// In a native job, a request whose target has no native batch API runs in real time at
+/// once, while the provider batch of the others is still running.
+#[tokio::test]
+async fn requests_without_a_native_api_run_in_real_time_beside_the_provider_batch() {
+    let mock = MockUpstream::start(MockSettings {
+        batch_delay: std::time::Duration::from_secs(3600),
+        ..MockSettings::default()
+    })
+    .await
+    .unwrap();
+    let toml = openai_toml(
+        &mock,
+        &format!(
+            "[batch]\nnative_poll_interval = \"20ms\"\n[providers.compat]\nkind = \"openai-compatible\"\nbase_url = \"{}\"\napi_key = \"sk-c\"",
+            mock.openai_base_url()
+        ),
+    );
+    let gateway = Gateway::start(&toml).await;
+    let mut client = gateway.client();
+    let created = create(
+        &mut client,
+        in_mode(
+            job(vec![
+                item("native", MODEL, "batched"),
+                item("compat", "compat/gpt-4o-mini", "now"),
+            ]),
+            pb::BatchMode::Native,
+            1,
+        ),
+    )
+    .await;
+    let mut stream = client
+        .stream_batch_results(pb::StreamBatchResultsRequest {
+            batch_id: created.id.clone(),
+            offset: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // The provider batch cannot end yet: the first result is the real-time one.
+    let first = stream.message().await.unwrap().unwrap().result.unwrap();
+    assert_eq!(first.custom_id, "compat");
+    assert_eq!(first.mode, pb::BatchMode::Gateway as i32);
+    assert_eq!(reply(&first), "Mock reply to: now");
+    let job = get(&mut client, &created.id).await;
+    assert_eq!(job.state, pb::BatchState::Running as i32);
+    assert_eq!(job.native_batches[0].requests, 1);
+    mock.finish_native_batches();
+    let second = stream.message().await.unwrap().unwrap().result.unwrap();
+    assert_eq!(second.custom_id, "native");
+    assert_eq!(second.mode, pb::BatchMode::Native as i32);
+    assert!(stream.message().await.unwrap().is_none());
+    let done = get(&mut client, &created.id).await;
+    assert_eq!(done.state, pb::BatchState::Completed as i32);
+    assert_eq!(done.counts.unwrap().succeeded, 2);
+}
