@@ -470,7 +470,10 @@ pub async fn serve_with(
         meter,
     )
     .with_cache(response_cache)
-    .with_guardrails(Arc::new(config.guardrails.clone()))
+    .with_guardrails(
+        Arc::new(config.guardrails.clone()),
+        providers::http_client(&config.upstream.http)?,
+    )
     .with_shadows(shadows.clone());
     let batch_store: Arc<dyn crate::batch::BatchStore> = match pg_pool {
         // A claim outlives the longest run (cut at request_timeout) and its recording.
