@@ -123,6 +123,8 @@ def main():
         f"end {machine.get('loadavg_end', '?')} |"
     )
     w(f"| Open files limit | {machine.get('ulimit_n', '?')} |")
+    upstream = "HTTP/2 (h2c)" if machine.get("upstream_h2c") == "1" else "HTTP/1.1"
+    w(f"| Upstream protocol (gateway and baseline to the mock) | {upstream} |")
     w("")
     w(
         "Everything runs on this machine over 127.0.0.1: the mock upstream, the server under "

@@ -18,6 +18,10 @@
 #                                # streams, tail, deadline or soak runs)
 #   bench/run.sh --no-wait       # do not wait for idle cores before each run (a machine
 #                                # that stays busy; the busy share is still recorded)
+#   bench/run.sh --streams-only  # scenario 2 only (the 10,000 streams, both variants)
+#   bench/run.sh --upstream-h2c  # the gateway and the baseline talk HTTP/2 (h2c) to the mock,
+#                                # as over TLS to providers that negotiate HTTP/2; default
+#                                # HTTP/1.1, one upstream connection per call in flight
 #
 # Besides the load scenarios: instructions per call under callgrind (baseline, gateway, and
 # the --before binary) and allocations per call and per stream chunk (benches/e2e.rs).
@@ -38,6 +42,8 @@ BEFORE=""
 CALLGRIND=1
 OVERHEAD_ONLY=0
 WAIT=1
+H2C=0
+STREAMS_ONLY=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
@@ -49,7 +55,9 @@ while [ $# -gt 0 ]; do
     --no-callgrind) CALLGRIND=0 ;;
     --overhead-only) OVERHEAD_ONLY=1 ;;
     --no-wait) WAIT=0 ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    --upstream-h2c) H2C=1 ;;
+    --streams-only) STREAMS_ONLY=1 ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "bench/run.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -138,6 +146,7 @@ fi
   echo "rounds=$ROUNDS"
   echo "overhead_only=$OVERHEAD_ONLY"
   echo "waited_for_quiet=$WAIT"
+  echo "upstream_h2c=$H2C"
   echo "ulimit_n=$(ulimit -n)"
   echo "before=${BEFORE_REVISION:-$([ -n "$BEFORE" ] && echo "$BEFORE")}"
 } >"$RUN_DIR/machine.env"
@@ -179,6 +188,7 @@ listen = "off"
 kind = "openai"
 api_key = "bench-not-a-key"
 base_url = "http://127.0.0.1:$MOCK_PORT/v1"
+http2_prior_knowledge = $([ "$H2C" = 1 ] && echo true || echo false)
 
 # Scenario 3: two targets on the heavy-tailed mock, without and with hedging.
 [providers.tail-a]
@@ -207,7 +217,7 @@ EOF
 start_baseline() {
   BL_PORT=$(free_port)
   start "baseline-$1" ${GW_WRAP:-} "$BIN/llm-gateway-baseline" --listen "127.0.0.1:$BL_PORT" \
-    --upstream "http://127.0.0.1:$MOCK_PORT/v1"
+    --upstream "http://127.0.0.1:$MOCK_PORT/v1" $([ "$H2C" = 1 ] && echo --upstream-h2c)
   BL_PID=$STARTED
   wait_port "$BL_PORT"
 }
@@ -399,6 +409,7 @@ scenario_allocations() {
 
 log "results in $RUN_DIR"
 
+if [ "$STREAMS_ONLY" = 0 ]; then
 # Fresh processes per scenario, so that each one's RSS and CPU are its own.
 start_gateway s1
 sleep 1
@@ -421,6 +432,8 @@ stop "$GW_PID"; stop "$BL_PID"
 [ "$CALLGRIND" = 1 ] && scenario_callgrind
 scenario_allocations
 
+fi
+
 if [ "$OVERHEAD_ONLY" = 0 ]; then
 start_baseline s2
 scenario_many_streams baseline "$BL_PORT" "$BL_PID"
@@ -435,12 +448,14 @@ start_gateway s2b
 scenario_many_slow_streams gateway "$GW_PORT" "$GW_PID"
 stop "$GW_PID"
 
+if [ "$STREAMS_ONLY" = 0 ]; then
 scenario_tail_cutting
 scenario_deadlines
 
 start_gateway s5
 scenario_soak
 stop "$GW_PID"
+fi
 fi
 
 stop "$MOCK_PID"

@@ -802,6 +802,7 @@ mod tests {
             connect_timeout = "3s"
             pool_idle_timeout = "80s"
             pool_max_idle_per_host = 17
+            streams_per_connection = 64
             stream_idle_timeout = "45s"
             key_auth_rest = "2m"
             [log]
@@ -867,9 +868,10 @@ mod tests {
             (
                 up.http.connect_timeout,
                 up.http.pool_idle_timeout,
-                up.http.pool_max_idle_per_host
+                up.http.pool_max_idle_per_host,
+                up.http.streams_per_connection
             ),
-            (s(3), s(80), 17)
+            (s(3), s(80), 17, 64)
         );
         assert_eq!((up.stream_idle_timeout, up.key_auth_rest), (s(45), s(120)));
         assert_eq!(config.executor.stream_idle_timeout, s(45));

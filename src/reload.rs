@@ -248,6 +248,7 @@ impl Reloader {
                 || fresh.base_url != old.base_url
                 || fresh.models != old.models
                 || fresh.pacing != old.pacing
+                || fresh.http2_prior_knowledge != old.http2_prior_knowledge
             {
                 report.restart_needed.push(format!("providers.{name}"));
             }

@@ -33,6 +33,10 @@ struct Args {
     /// Base URL of the OpenAI-compatible upstream (the mock).
     #[arg(long, default_value = "http://127.0.0.1:8089/v1")]
     upstream: String,
+    /// Speak HTTP/2 without negotiation (h2c) to the upstream, as the gateway does for a
+    /// provider with `http2_prior_knowledge`.
+    #[arg(long)]
+    upstream_h2c: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -431,13 +435,15 @@ async fn main() -> ExitCode {
     let args = Args::parse();
     // The same client settings as the gateway's: pooled, no-delay, rustls with ring.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let client = match reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder()
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(5))
         .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(256)
-        .build()
-    {
+        .pool_max_idle_per_host(256);
+    if args.upstream_h2c {
+        builder = builder.http2_prior_knowledge();
+    }
+    let client = match builder.build() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("llm-gateway-baseline: cannot build the http client: {e}");

@@ -256,6 +256,7 @@ pub struct MockStats {
     requests: AtomicU64,
     completed: AtomicU64,
     cancelled: AtomicU64,
+    connections: AtomicU64,
     changed: Notify,
     last_body: Mutex<Option<serde_json::Value>>,
     last_headers: Mutex<Option<http::HeaderMap>>,
@@ -276,6 +277,11 @@ impl MockStats {
     /// Responses dropped before completion (the client went away).
     pub fn cancelled(&self) -> u64 {
         self.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// TCP connections accepted (HTTP/2 callers multiplex many requests on one).
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::SeqCst)
     }
 
     /// The last request body.
@@ -328,6 +334,7 @@ impl MockStats {
             "requests": self.requests(),
             "completed": self.completed(),
             "cancelled": self.cancelled(),
+            "connections": self.connections(),
         })
     }
 }
@@ -438,10 +445,12 @@ impl MockUpstream {
             batches: Arc::new(batches::BatchStore::new(addr)),
         });
         let signal = stop.clone().cancelled_owned();
+        let counted = stats.clone();
         tokio::spawn(async move {
             // No Nagle: small SSE writes must leave at once.
-            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let listener = axum::serve::ListenerExt::tap_io(listener, move |tcp| {
                 let _ = tcp.set_nodelay(true);
+                counted.connections.fetch_add(1, Ordering::SeqCst);
             });
             let _ = axum::serve(listener, app)
                 .with_graceful_shutdown(signal)

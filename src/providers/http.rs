@@ -21,6 +21,13 @@ use super::{
 };
 use crate::types::{ChatRequest, ChatResponse, EmbedRequest, EmbedResponse};
 
+/// A 2xx answer and the lane place its body holds.
+struct Sent {
+    response: reqwest::Response,
+    /// Held while the body is read (dropped with the answer).
+    lane: super::lanes::LaneGuard,
+}
+
 /// The most of an error body the gateway reads.
 const MAX_ERROR_BODY: usize = 64 * 1024;
 
@@ -50,7 +57,7 @@ pub struct HttpProvider<W> {
     wire: W,
     auth: Arc<dyn Auth>,
     keys: Arc<KeyRing>,
-    client: reqwest::Client,
+    client: super::Upstream,
 }
 
 impl<W: WireFormat> HttpProvider<W> {
@@ -62,7 +69,7 @@ impl<W: WireFormat> HttpProvider<W> {
         wire: W,
         auth: Arc<dyn Auth>,
         keys: Arc<KeyRing>,
-        client: reqwest::Client,
+        client: super::Upstream,
     ) -> Self {
         Self {
             name: name.into(),
@@ -83,13 +90,9 @@ impl<W: WireFormat> HttpProvider<W> {
     /// refused (401/403) or rate limited (429), by the provider or by the auth, rests, and the
     /// request goes out again with the next key of the current set, each key at most once.
     /// When every key rests, fails with the class of the rest (RATE_LIMITED or
-    /// AUTHENTICATION) without calling the provider.
-    async fn send(
-        &self,
-        model: &str,
-        stream: bool,
-        body: Vec<u8>,
-    ) -> Result<reqwest::Response, ProviderError> {
+    /// AUTHENTICATION) without calling the provider. The answer holds its place in an
+    /// upstream lane until it is dropped.
+    async fn send(&self, model: &str, stream: bool, body: Vec<u8>) -> Result<Sent, ProviderError> {
         let url = self.wire.endpoint(model, stream)?;
         self.send_to(model, &url, body).await
     }
@@ -97,6 +100,20 @@ impl<W: WireFormat> HttpProvider<W> {
     /// [`HttpProvider::send`] to `url`.
     async fn send_to(
         &self,
+        model: &str,
+        url: &reqwest::Url,
+        body: Vec<u8>,
+    ) -> Result<Sent, ProviderError> {
+        let lane = self.client.lane();
+        let client = lane.client();
+        let response = self.send_with(client, model, url, body).await?;
+        Ok(Sent { response, lane })
+    }
+
+    /// [`HttpProvider::send_to`] over `client`.
+    async fn send_with(
+        &self,
+        client: &reqwest::Client,
         model: &str,
         url: &reqwest::Url,
         body: Vec<u8>,
@@ -108,7 +125,7 @@ impl<W: WireFormat> HttpProvider<W> {
         let preferred = crate::pacing::current().and_then(|lease| lease.key);
         loop {
             let (key, index) = match self.keys.pick_preferred(&tried, preferred) {
-                Pick::NoKey => return self.attempt(model, url, None, &body).await,
+                Pick::NoKey => return self.attempt(client, model, url, None, &body).await,
                 Pick::Key(key, index) => (key, index),
                 Pick::AllResting(err) => return Err(last_error.unwrap_or(err)),
                 Pick::Exhausted => {
@@ -117,7 +134,7 @@ impl<W: WireFormat> HttpProvider<W> {
                     }));
                 }
             };
-            match self.attempt(model, url, Some(&key), &body).await {
+            match self.attempt(client, model, url, Some(&key), &body).await {
                 Err(err) if KeyRing::is_key_failure(&err) => {
                     self.keys.rest(&key, index, &err);
                     tried.push(key);
@@ -132,6 +149,7 @@ impl<W: WireFormat> HttpProvider<W> {
     /// bounded part of) the error body and classifies it.
     async fn attempt(
         &self,
+        client: &reqwest::Client,
         model: &str,
         url: &reqwest::Url,
         key: Option<&ProviderKey>,
@@ -160,8 +178,7 @@ impl<W: WireFormat> HttpProvider<W> {
         self.auth.authorize(key, &mut request, body).await?;
         let retry = key.zip(request.try_clone()).zip(unsigned);
         let sent = tokio::time::Instant::now();
-        let mut response = self
-            .client
+        let mut response = client
             .execute(request)
             .await
             .map_err(|e| ProviderError::from_transport(&e))?;
@@ -171,8 +188,7 @@ impl<W: WireFormat> HttpProvider<W> {
             && self.auth.refused(key, &sent).await
         {
             self.auth.authorize(Some(key), &mut again, body).await?;
-            response = self
-                .client
+            response = client
                 .execute(again)
                 .await
                 .map_err(|e| ProviderError::from_transport(&e))?;
@@ -259,8 +275,8 @@ impl<W: WireFormat> HttpProvider<W> {
         inputs: &[String],
     ) -> Result<EmbedResponse, ProviderError> {
         let body = wire.build_embed(model, request, inputs)?;
-        let response = self.send_to(model, url, body).await?;
-        let bytes = read_body(response).await?;
+        let sent = self.send_to(model, url, body).await?;
+        let bytes = read_body(sent.response).await?;
         wire.parse_embed(&bytes, model, inputs.len())
     }
 }
@@ -285,8 +301,8 @@ impl<W: WireFormat> Provider for HttpProvider<W> {
         request: &ChatRequest,
     ) -> Result<ChatResponse, ProviderError> {
         let body = self.wire.build_request(model, request, false)?;
-        let response = self.send(model, false, body).await?;
-        let bytes = read_body(response).await?;
+        let sent = self.send(model, false, body).await?;
+        let bytes = read_body(sent.response).await?;
         self.wire.parse_response(&bytes, model)
     }
 
@@ -296,12 +312,13 @@ impl<W: WireFormat> Provider for HttpProvider<W> {
         request: &ChatRequest,
     ) -> Result<EventStream, ProviderError> {
         let body = self.wire.build_request(model, request, true)?;
-        let response = self.send(model, true, body).await?;
+        let Sent { response, lane } = self.send(model, true, body).await?;
         let stream = DecodedStream::new(response, self.wire.stream_decoder(model));
-        // The stream holds the attempt's pacing lease (its concurrency slot) while it runs.
+        // The stream holds the attempt's pacing lease (its concurrency slot) and its place
+        // in the upstream lane while it runs.
         let lease = crate::pacing::current();
         Ok(Box::pin(stream.map(move |event| {
-            let _held = &lease;
+            let _held = (&lease, &lane);
             event
         })))
     }

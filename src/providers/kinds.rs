@@ -160,8 +160,8 @@ pub struct BuildContext<'a> {
     pub name: &'a str,
     /// Its key ring (possibly empty), which a reload swaps in place.
     pub keys: Arc<KeyRing>,
-    /// The shared HTTP client.
-    pub client: &'a reqwest::Client,
+    /// The shared HTTP clients (see [`super::lanes`]).
+    pub client: &'a super::Upstream,
 }
 
 /// A kind's validated settings.
@@ -260,6 +260,8 @@ pub struct RawProvider {
     pub models: Option<Vec<String>>,
     /// Each account's limits for outbound pacing (see [`crate::pacing`]).
     pub pacing: Option<crate::pacing::RawAccountLimits>,
+    /// Speak HTTP/2 without negotiation to an `http://` base URL (h2c, e.g. a mesh sidecar).
+    pub http2_prior_knowledge: Option<bool>,
     /// The kind's own fields.
     #[serde(flatten)]
     pub extra: toml::Table,
@@ -283,6 +285,9 @@ pub struct ProviderConfig {
     pub settings: ProviderSettings,
     /// Each account's (key's, and model's) limits for outbound pacing.
     pub pacing: crate::pacing::AccountLimits,
+    /// Calls go over HTTP/2 without negotiation (h2c) to an `http://` base URL; `https://`
+    /// URLs negotiate HTTP/2 through TLS (ALPN) anyway.
+    pub http2_prior_knowledge: bool,
 }
 
 impl ProviderConfig {
@@ -301,11 +306,12 @@ impl ProviderConfig {
             models: None,
             settings: ProviderSettings::new(mock::MockSettings),
             pacing: crate::pacing::AccountLimits::default(),
+            http2_prior_knowledge: false,
         }
     }
 
     /// Builds the provider with `keys`.
-    pub fn build(&self, keys: Arc<KeyRing>, client: &reqwest::Client) -> Arc<dyn Provider> {
+    pub fn build(&self, keys: Arc<KeyRing>, client: &super::Upstream) -> Arc<dyn Provider> {
         self.settings.build(BuildContext {
             name: &self.name,
             keys,
@@ -337,6 +343,7 @@ impl fmt::Debug for ProviderConfig {
             .field("models", &self.models)
             .field("settings", &self.settings)
             .field("pacing", &self.pacing)
+            .field("http2_prior_knowledge", &self.http2_prior_knowledge)
             .finish()
     }
 }
@@ -421,6 +428,17 @@ pub fn validate(
             format!("`{base_url}` must start with http:// or https://"),
         ));
     }
+    let http2_prior_knowledge = raw.http2_prior_knowledge.unwrap_or(false);
+    if http2_prior_knowledge && !base_url.starts_with("http://") {
+        issues.push(SettingsIssue::new(
+            "http2_prior_knowledge",
+            if spec.http {
+                "applies only to an http:// base_url: over https, HTTP/2 is negotiated through TLS (ALPN) already"
+            } else {
+                "applies only to a provider with an http:// base_url"
+            },
+        ));
+    }
     let mut api_keys = provider_keys(&raw, issues);
     if api_keys.is_empty()
         && let Some(key) = spec
@@ -482,6 +500,7 @@ pub fn validate(
         models: raw.models,
         settings,
         pacing,
+        http2_prior_knowledge,
     })
 }
 
@@ -635,5 +654,26 @@ mod tests {
         assert_ne!(a.settings, openai.settings);
         assert_eq!(a.allowed_models(), Some(vec!["echo".to_owned()]));
         assert_eq!(openai.allowed_models(), None);
+    }
+
+    #[test]
+    fn http2_prior_knowledge_is_only_for_plain_http() {
+        let with = |url: &str| {
+            let raw = RawProvider {
+                base_url: Some(url.to_owned()),
+                api_key: Some("sk-1".into()),
+                http2_prior_knowledge: Some(true),
+                ..RawProvider::default()
+            };
+            let mut issues = Vec::new();
+            let config = validate("openai", raw, &|_| None, &mut issues);
+            (config.map(|c| c.http2_prior_knowledge), issues)
+        };
+        let (plain, issues) = with("http://127.0.0.1:8000/v1");
+        assert_eq!((plain, issues.len()), (Some(true), 0), "{issues:?}");
+        let (_, issues) = with("https://api.openai.com/v1");
+        assert_eq!(issues.len(), 1, "{issues:?}");
+        assert_eq!(issues[0].field, "http2_prior_knowledge");
+        assert!(issues[0].message.contains("ALPN"), "{issues:?}");
     }
 }

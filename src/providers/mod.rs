@@ -23,6 +23,7 @@ pub mod google_auth;
 pub mod http;
 pub mod keys;
 pub mod kinds;
+pub mod lanes;
 pub mod mock;
 pub mod openai;
 pub mod ratelimit;
@@ -41,6 +42,7 @@ pub use self::error::{ErrorClass, ProviderError, UpstreamError};
 pub use self::http::{HttpProvider, set_body_logging};
 pub use self::keys::KeyRing;
 pub use self::kinds::{ProviderConfig, RawProvider};
+pub use self::lanes::Upstream;
 pub use self::upstream::{RawUpstream, UpstreamSettings};
 pub use self::wire::{StreamDecoder, WireFormat};
 use crate::types::{ChatRequest, ChatResponse, EmbedRequest, EmbedResponse, StreamEvent};
@@ -139,6 +141,9 @@ pub struct HttpSettings {
     pub pool_idle_timeout: Duration,
     /// Idle connections kept per host.
     pub pool_max_idle_per_host: usize,
+    /// Calls in flight one upstream connection carries over HTTP/2 before calls move to
+    /// another connection (see [`lanes`]).
+    pub streams_per_connection: usize,
 }
 
 impl Default for HttpSettings {
@@ -147,14 +152,26 @@ impl Default for HttpSettings {
             connect_timeout: Duration::from_secs(5),
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle_per_host: 256,
+            streams_per_connection: 100,
         }
     }
 }
 
 /// Builds the one shared HTTP client: pooled, TCP no-delay, rustls with the ring provider
 /// and the platform's trust store. No overall timeout: the executor bounds every attempt
-/// with the call's deadline.
+/// with the call's deadline. Over https it offers HTTP/2 and HTTP/1.1 by ALPN, so providers
+/// that speak HTTP/2 multiplex every call of a host on a few connections.
 pub fn http_client(settings: &HttpSettings) -> Result<reqwest::Client, reqwest::Error> {
+    client_builder(settings).build()
+}
+
+/// The client for providers with `http2_prior_knowledge`: HTTP/2 without negotiation (h2c),
+/// so concurrent calls share connections instead of holding one each.
+pub fn h2c_client(settings: &HttpSettings) -> Result<reqwest::Client, reqwest::Error> {
+    client_builder(settings).http2_prior_knowledge().build()
+}
+
+fn client_builder(settings: &HttpSettings) -> reqwest::ClientBuilder {
     // Installing the process-wide crypto provider fails only when one is already installed,
     // which is fine.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -166,5 +183,4 @@ pub fn http_client(settings: &HttpSettings) -> Result<reqwest::Client, reqwest::
         .user_agent(concat!("llm-gateway/", env!("CARGO_PKG_VERSION")))
         // Provider APIs do not redirect; following one could send a key elsewhere.
         .redirect(reqwest::redirect::Policy::none())
-        .build()
 }

@@ -16,6 +16,8 @@ pub struct RawUpstream {
     pub pool_idle_timeout: Option<String>,
     /// `upstream.pool_max_idle_per_host`.
     pub pool_max_idle_per_host: Option<usize>,
+    /// `upstream.streams_per_connection`.
+    pub streams_per_connection: Option<usize>,
     /// `upstream.stream_idle_timeout`.
     pub stream_idle_timeout: Option<String>,
     /// `upstream.key_auth_rest`.
@@ -62,6 +64,17 @@ impl UpstreamSettings {
                 pool_max_idle_per_host: raw
                     .pool_max_idle_per_host
                     .unwrap_or(d.http.pool_max_idle_per_host),
+                streams_per_connection: match raw.streams_per_connection {
+                    None => d.http.streams_per_connection,
+                    Some(n @ 1..=100_000) => n,
+                    Some(n) => {
+                        issues.push(
+                            "upstream.streams_per_connection",
+                            format!("must be 1 to 100000, got {n}"),
+                        );
+                        d.http.streams_per_connection
+                    }
+                },
             },
             stream_idle_timeout: issues.duration(
                 "upstream.stream_idle_timeout",

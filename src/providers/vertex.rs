@@ -342,7 +342,7 @@ impl KindSettings for VertexSettings {
             ctx.name,
             KIND,
             VertexWire::new(&self.base_url, self.project.clone(), &self.region),
-            Arc::new(ServiceAccountAuth::new(ctx.client.clone())),
+            Arc::new(ServiceAccountAuth::new(ctx.client.primary())),
             ctx.keys,
             ctx.client.clone(),
         ))

@@ -112,7 +112,11 @@ pub enum ServeError {
 /// Builds the configured providers, sharing one HTTP client. Each HTTP provider gets a
 /// [`providers::KeyRing`] with its keys, which a reload swaps in place.
 pub fn providers_from_config(config: &Config) -> Result<ProviderRegistry, ServeError> {
-    let client = providers::http_client(&config.upstream.http)?;
+    let client = providers::Upstream::new(&config.upstream.http, false)?;
+    let h2c = match config.providers.iter().any(|p| p.http2_prior_knowledge) {
+        true => Some(providers::Upstream::new(&config.upstream.http, true)?),
+        false => None,
+    };
     let mut registry = ProviderRegistry::new();
     // One limiter for every provider account of this process; with `[shared]`, one that
     // keeps capacity in Redis once `serve_with` has the connection.
@@ -134,7 +138,10 @@ pub fn providers_from_config(config: &Config) -> Result<ProviderRegistry, ServeE
                 limiter.clone(),
             )));
         }
-        let provider = p.build(keys, &client);
+        let provider = match (&h2c, p.http2_prior_knowledge) {
+            (Some(h2c), true) => p.build(keys, h2c),
+            _ => p.build(keys, &client),
+        };
         registry.insert(provider);
     }
     Ok(registry)

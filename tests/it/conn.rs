@@ -447,3 +447,54 @@ listen = "off"
     child.wait().await.unwrap();
     drain_log.abort();
 }
+
+/// Twenty streams at once, each ~1 s long, through a gateway whose provider speaks HTTP/1.1
+/// or, with `http2_prior_knowledge`, HTTP/2 (h2c): how many upstream connections they took.
+async fn upstream_connections_for_overlapping_streams(
+    provider: &str,
+    streams_per_connection: usize,
+) -> u64 {
+    let mock = MockUpstream::start(MockSettings::default()).await.unwrap();
+    let toml = openai_toml(&mock, provider).replace(
+        "[upstream]\n",
+        &format!("[upstream]\nstreams_per_connection = {streams_per_connection}\n"),
+    );
+    let gateway = Gateway::start(&toml).await;
+    let calls = (0..20).map(|i| {
+        let mut client = gateway.client();
+        async move {
+            let stream = client
+                .chat_stream(request(
+                    "openai/gpt-4o-mini+chunks=10+chunk_delay=100",
+                    &format!("stream {i}"),
+                ))
+                .await
+                .unwrap()
+                .into_inner();
+            let (events, status) = collect_stream(stream).await;
+            status.expect("the stream completes");
+            assert!(matches!(events.last(), Some(Event::Finish(_))));
+        }
+    });
+    futures_util::future::join_all(calls).await;
+    mock.stats().connections()
+}
+
+#[tokio::test]
+async fn h2c_providers_multiplex_concurrent_calls_on_one_connection() {
+    let h1 = upstream_connections_for_overlapping_streams("", 100).await;
+    let h2c =
+        upstream_connections_for_overlapping_streams("http2_prior_knowledge = true", 100).await;
+    assert_eq!(h2c, 1, "every stream shares the one HTTP/2 connection");
+    // Over HTTP/1.1 a stream holds its connection to the end, so overlapping ones need more.
+    assert!(h1 > 1, "HTTP/1.1 took {h1} connection(s)");
+}
+
+#[tokio::test]
+async fn past_streams_per_connection_h2c_calls_open_another_connection() {
+    // Twenty overlapping streams, five per connection: four connections, none waiting for
+    // a stream of another to end.
+    let connections =
+        upstream_connections_for_overlapping_streams("http2_prior_knowledge = true", 5).await;
+    assert_eq!(connections, 4);
+}
