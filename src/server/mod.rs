@@ -347,11 +347,12 @@ pub async fn serve_with(
     let executor = Executor::new(config.executor.clone(), hard_stop.clone());
     let (ledger, ledger_writer) = match config.ledger.capacity {
         Some(capacity) => {
-            let (ledger, writer) = crate::ledger::Ledger::start(
+            let (ledger, writer) = crate::ledger::Ledger::start_with_tenants(
                 store.clone(),
                 capacity,
                 config.ledger.retention,
                 config.ledger.rollup_retention,
+                config.ledger.tenant_retention.clone(),
             );
             (ledger, Some(writer))
         }

@@ -982,6 +982,21 @@ impl UsageSink for PgStore {
             .await
             .map_err(|e| sink(pg(e)))
     }
+
+    async fn delete_tenant_usage_before(
+        &self,
+        tenant: &str,
+        cutoff_ms: i64,
+    ) -> Result<u64, SinkError> {
+        let client = self.client().await.map_err(sink)?;
+        client
+            .execute(
+                "DELETE FROM usage WHERE time_ms < $1 AND (tags::jsonb) ->> 'team' = $2",
+                &[&cutoff_ms, &tenant],
+            )
+            .await
+            .map_err(|e| sink(pg(e)))
+    }
 }
 
 /// The audit log's sink: entries in the `audit_log` table.

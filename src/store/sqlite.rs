@@ -777,6 +777,24 @@ impl UsageSink for SqliteStore {
         .await
         .map_err(SinkError::from)
     }
+
+    async fn delete_tenant_usage_before(
+        &self,
+        tenant: &str,
+        cutoff_ms: i64,
+    ) -> Result<u64, SinkError> {
+        let tenant = tenant.to_owned();
+        self.with_conn(move |conn| {
+            conn.execute(
+                "DELETE FROM usage WHERE time_ms < ?1 AND json_extract(tags, '$.team') = ?2",
+                params![cutoff_ms, tenant],
+            )
+            .map(|n| n as u64)
+            .map_err(backend)
+        })
+        .await
+        .map_err(SinkError::from)
+    }
 }
 
 /// The audit log's sink: entries in the `audit_log` table.
