@@ -161,6 +161,35 @@ pub struct UsageRecord {
     pub rollout_arm: String,
     /// The experiment arm and shadow link of the call (empty for most calls).
     pub trial: Trial,
+    /// The call's redacted prompt and reply, when its key keeps content (stored apart, in
+    /// `usage_content`, until it expires).
+    pub content: Option<Box<Content>>,
+}
+
+/// The kept content of one call: prompt and reply, every built-in entity type redacted.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Content {
+    /// The request's messages as sent, `role: text` per line.
+    pub prompt: String,
+    /// The reply's text (empty when the call failed).
+    pub reply: String,
+    /// The key's owning team.
+    pub tenant: String,
+    /// When it is deleted, Unix milliseconds.
+    pub expires_ms: i64,
+}
+
+/// Kept content as read back (GetUsageContent).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct StoredContent {
+    /// The call's request id.
+    pub request_id: String,
+    /// When the call ended, Unix milliseconds.
+    pub time_ms: i64,
+    /// The key's name.
+    pub key: String,
+    /// The content.
+    pub content: Content,
 }
 
 /// The `rpc` of shadow calls' records: GetUsage and budget seeding leave them out unless a
@@ -251,6 +280,22 @@ pub trait UsageSink: Send + Sync + 'static {
     /// Deletes rollups of minutes before `cutoff_ms`; returns how many rows.
     async fn delete_rollups_before(&self, cutoff_ms: i64) -> Result<u64, SinkError> {
         let _ = cutoff_ms;
+        Ok(0)
+    }
+
+    /// The kept content of the call `request_id` that has not expired at `now_ms`.
+    async fn usage_content(
+        &self,
+        request_id: &str,
+        now_ms: i64,
+    ) -> Result<Vec<StoredContent>, SinkError> {
+        let _ = (request_id, now_ms);
+        Err(SinkError("this usage sink keeps no content".to_owned()))
+    }
+
+    /// Deletes kept content that expired before `now_ms`; returns how many.
+    async fn delete_expired_content(&self, now_ms: i64) -> Result<u64, SinkError> {
+        let _ = now_ms;
         Ok(0)
     }
 }
@@ -447,6 +492,11 @@ async fn write_loop(
                     Ok(0) => {}
                     Ok(n) => tracing::info!(rows = n, "pruned usage rollups past retention"),
                     Err(e) => tracing::warn!(error = %e, "pruning usage rollups failed"),
+                }
+                match store.delete_expired_content(now_ms()).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(records = n, "pruned expired usage content"),
+                    Err(e) => tracing::warn!(error = %e, "pruning usage content failed"),
                 }
                 for (tenant, keep) in &tenant_retention {
                     match store.delete_tenant_usage_before(tenant, cutoff(*keep)).await {

@@ -517,6 +517,74 @@ impl Vault {
 /// The longest placeholder, in characters (`[` + label + `_` + number + `]`).
 pub const MAX_TOKEN_LEN: usize = 56;
 
+/// Every built-in detector with `redact`: what kept content goes through.
+static REDACT_ALL: std::sync::LazyLock<Option<Profile>> = std::sync::LazyLock::new(|| {
+    let raw = RawProfile {
+        default_action: Some("redact".to_owned()),
+        ..RawProfile::default()
+    };
+    Profile::from_raw("redact-all", raw, &mut crate::settings::Issues::new())
+});
+
+/// `text` with every built-in entity type redacted (`[EMAIL]`, ...), not counted as a
+/// decision; empty if the detectors cannot be built (never: they are fixed), so nothing
+/// unredacted is ever kept.
+pub fn redact_all(text: &str) -> String {
+    let Some(p) = &*REDACT_ALL else {
+        return String::new();
+    };
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    for f in p.detector.find(text, 0) {
+        let Some(e) = p.entities.get(f.entity) else {
+            continue;
+        };
+        out.push_str(&text[at..f.range.start]);
+        out.push('[');
+        out.push_str(&e.label);
+        out.push(']');
+        at = f.range.end;
+    }
+    out.push_str(&text[at..]);
+    out
+}
+
+/// The request's messages as kept content: `role: text` per message (text parts, tool-call
+/// arguments and tool results).
+pub fn transcript(req: &ChatRequest) -> String {
+    let mut out = String::new();
+    for m in &req.messages {
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        out.push_str(role_name(m.role));
+        out.push_str(": ");
+        for part in &m.content {
+            match part {
+                ContentPart::Text(t) => out.push_str(t),
+                ContentPart::ToolCall(c) => out.push_str(&c.arguments),
+                ContentPart::ToolResult(r) => out.push_str(&r.content),
+                ContentPart::Image(_) => out.push_str("[image]"),
+            }
+        }
+    }
+    out
+}
+
+/// A reply's text as kept content (text parts and tool-call arguments).
+pub fn reply_transcript(response: &ChatResponse) -> String {
+    let mut out = String::new();
+    for part in &response.content {
+        match part {
+            ContentPart::Text(t) => out.push_str(t),
+            ContentPart::ToolCall(c) => out.push_str(&c.arguments),
+            ContentPart::ToolResult(r) => out.push_str(&r.content),
+            ContentPart::Image(_) => {}
+        }
+    }
+    out
+}
+
 /// Writes `value` as is.
 pub fn plain(value: &str, out: &mut String) {
     out.push_str(value);

@@ -43,7 +43,7 @@ use crate::{
     limits::{Ask, BudgetCheck},
     routing::{Plan, Router, RoutingTable, estimate_tokens},
     telemetry::{TraceContext, continue_traceparent},
-    types::{CacheOutcome, ChatRequest, Usage},
+    types::{CacheOutcome, ChatRequest, ToolCallDelta, Usage},
 };
 use std::sync::Arc;
 
@@ -226,6 +226,9 @@ impl Engine {
                 Ok(answer) => {
                     let hit = matches!(answer.route.cache, CacheOutcome::Hit { .. });
                     tracing::debug!(provider = %answer.provider, model = %answer.response.model, "call succeeded");
+                    if meter.keeps_content() {
+                        meter.set_reply(&crate::guard::reply_transcript(&answer.response));
+                    }
                     meter.set_target(answer.metrics.clone());
                     meter.finish(Outcome {
                         code: tonic::Code::Ok,
@@ -349,12 +352,25 @@ impl Engine {
             }
         }));
         let guarded = guard_stream(collected, guarding, &self.guard, call.deadline);
+        // Kept content: the reply as it went out.
+        let mut reply = meter.keeps_content().then(String::new);
         Ok(Box::pin(guarded.map(move |event| match event {
             Ok(event) => {
+                if let (
+                    Some(reply),
+                    CallEvent::Text(t) | CallEvent::ToolCall(ToolCallDelta { arguments: t, .. }),
+                ) = (reply.as_mut(), &event)
+                    && reply.len() < super::meter::MAX_KEPT * 2
+                {
+                    reply.push_str(t);
+                }
                 if let CallEvent::Finish {
                     usage, cost, route, ..
                 } = &event
                 {
+                    if let Some(reply) = reply.take() {
+                        meter.set_reply(&reply);
+                    }
                     meter.finish(Outcome {
                         code: tonic::Code::Ok,
                         error_class: "",
@@ -403,6 +419,9 @@ impl Engine {
         };
         caller.force_tags(&mut req.tags);
         meter.set_key(caller.name());
+        if let Some(keep) = caller.key.spec.content_retention() {
+            meter.keep_content(keep, &caller.key.spec.owner);
+        }
         caller.may_call(&req.model, table.is_policy(&req.model))?;
         meter.set_tags(&req.tags);
         let mut plan = plan(&table, &req, meter)?;
@@ -476,6 +495,9 @@ impl Engine {
             self.guard
                 .request(&mut guarding, &mut req, deadline)
                 .await?;
+        }
+        if meter.keeps_content() {
+            meter.set_prompt(&crate::guard::transcript(&req));
         }
         Ok((req, plan, guarding))
     }
