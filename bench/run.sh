@@ -18,7 +18,10 @@
 #                                # streams, tail, deadline or soak runs)
 #   bench/run.sh --no-wait       # do not wait for idle cores before each run (a machine
 #                                # that stays busy; the busy share is still recorded)
-#   bench/run.sh --streams-only  # scenario 2 only (the 10,000 streams, both variants)
+#   bench/run.sh --only LIST     # only these parts, comma-separated: overhead (scenario 1
+#                                # and memory), callgrind, alloc, streams (scenario 2, both
+#                                # variants), tail, deadlines, soak; the report marks the
+#                                # rest not measured (use --out to keep BENCHMARKS.md)
 #   bench/run.sh --upstream-h2c  # the gateway and the baseline talk HTTP/2 (h2c) to the mock,
 #                                # as over TLS to providers that negotiate HTTP/2; default
 #                                # HTTP/1.1, one upstream connection per call in flight
@@ -43,7 +46,7 @@ CALLGRIND=1
 OVERHEAD_ONLY=0
 WAIT=1
 H2C=0
-STREAMS_ONLY=0
+ONLY=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
@@ -56,8 +59,8 @@ while [ $# -gt 0 ]; do
     --overhead-only) OVERHEAD_ONLY=1 ;;
     --no-wait) WAIT=0 ;;
     --upstream-h2c) H2C=1 ;;
-    --streams-only) STREAMS_ONLY=1 ;;
-    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+    --only) ONLY=",$2,"; shift ;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
     *) echo "bench/run.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -147,6 +150,7 @@ fi
   echo "overhead_only=$OVERHEAD_ONLY"
   echo "waited_for_quiet=$WAIT"
   echo "upstream_h2c=$H2C"
+  echo "only=$ONLY"
   echo "ulimit_n=$(ulimit -n)"
   echo "before=${BEFORE_REVISION:-$([ -n "$BEFORE" ] && echo "$BEFORE")}"
 } >"$RUN_DIR/machine.env"
@@ -409,7 +413,14 @@ scenario_allocations() {
 
 log "results in $RUN_DIR"
 
-if [ "$STREAMS_ONLY" = 0 ]; then
+# want PART: whether this run includes PART (--only, --overhead-only).
+want() {
+  if [ -n "$ONLY" ]; then case "$ONLY" in *",$1,"*) return 0 ;; *) return 1 ;; esac; fi
+  case "$1" in overhead|callgrind|alloc) return 0 ;; esac
+  [ "$OVERHEAD_ONLY" = 0 ]
+}
+
+if want overhead; then
 # Fresh processes per scenario, so that each one's RSS and CPU are its own.
 start_gateway s1
 sleep 1
@@ -428,13 +439,12 @@ sleep 1
 rss_kib "$GW_PID" >"$RUNS/s5-idle-after-load-gateway.rss"
 stop "$GW_PID"; stop "$BL_PID"
 [ -n "$BEFORE" ] && stop "$BF_PID"
-
-[ "$CALLGRIND" = 1 ] && scenario_callgrind
-scenario_allocations
-
 fi
 
-if [ "$OVERHEAD_ONLY" = 0 ]; then
+if [ "$CALLGRIND" = 1 ] && want callgrind; then scenario_callgrind; fi
+if want alloc; then scenario_allocations; fi
+
+if want streams; then
 start_baseline s2
 scenario_many_streams baseline "$BL_PORT" "$BL_PID"
 stop "$BL_PID"
@@ -447,15 +457,15 @@ stop "$BL_PID"
 start_gateway s2b
 scenario_many_slow_streams gateway "$GW_PORT" "$GW_PID"
 stop "$GW_PID"
+fi
 
-if [ "$STREAMS_ONLY" = 0 ]; then
-scenario_tail_cutting
-scenario_deadlines
+if want tail; then scenario_tail_cutting; fi
+if want deadlines; then scenario_deadlines; fi
 
+if want soak; then
 start_gateway s5
 scenario_soak
 stop "$GW_PID"
-fi
 fi
 
 stop "$MOCK_PID"

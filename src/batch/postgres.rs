@@ -7,13 +7,27 @@
 //!   lock of their own, so the store's numbered migrations and these never collide. It
 //!   shares the store's connection pool.
 //! - **Claims are leases.** A request is claimed by one `UPDATE` of the row picked with
-//!   `FOR UPDATE SKIP LOCKED`: replicas running the same job never wait on each other and
-//!   never take the same request. The claim records this store's replica id and a lease
-//!   ([`PgBatchStore::open`]'s `lease`, longer than a run may take); a request whose lease
-//!   ran out (its replica died) is claimable again. Only the replica holding a request puts
-//!   it back to pending ([`BatchStore::retry_later`], [`BatchStore::release_running`]; the
-//!   latter also releases expired leases), so a replica that starts, or finds nothing of
-//!   its own running, never takes a request another replica is running.
+//!   `FOR UPDATE SKIP LOCKED`: replicas running the same job never take the same request.
+//!   The claim records this store's replica id and a lease ([`PgBatchOptions::lease`],
+//!   30 s by default) that [`PgBatchStore::run`] renews every third of it for every request
+//!   this replica runs (one `UPDATE`); a request whose lease ran out (its replica died, or
+//!   lost the database for longer than the lease) is claimable again, so a `kill -9`ed
+//!   replica's requests run again elsewhere within about one lease. Only the replica
+//!   holding a request puts it back to pending ([`BatchStore::retry_later`],
+//!   [`BatchStore::release_running`]; the latter also releases expired leases), so a
+//!   replica that starts, or finds nothing of its own running, never takes a request
+//!   another replica is running.
+//! - **`batch.job_concurrency` holds over all replicas.** A claim first locks the job's
+//!   row (claims of one job are serialized, briefly) and takes a request only while fewer
+//!   than the bound of the job's requests are running under a live lease, on any replica.
+//!   At the bound, [`BatchStore::queue`] makes pending requests due within a second (a
+//!   slot freed by another replica is seen that late; one freed here at once).
+//! - **Results reach every replica's streams at once.** Recording results and changing a
+//!   job's state `NOTIFY` channel `llmgw_batch` in the same transaction; [`PgBatchStore::run`]
+//!   `LISTEN`s on a connection of its own and wakes this replica's results streams
+//!   ([`BatchStore::remote_changes`]). After the listening connection fails it reconnects
+//!   (and wakes every stream once to catch what it missed); the runner's 5 s poll stays as
+//!   the fallback meanwhile.
 //! - Nothing starts once the job is not [`JobState::Running`] (a cancel on any replica).
 //! - **Results in completion order.** Recording a result bumps the job row's result count
 //!   in the same transaction (a row lock: one job's results are recorded one at a time),
@@ -24,15 +38,19 @@
 //!   waits for them instead of ending the job, ends it soon after them, and takes them
 //!   over when their lease runs out). A job that is no longer running has nothing due.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use deadpool_postgres::{Object, Pool};
-use tokio_postgres::{Row, Transaction};
+use tokio::sync::watch;
+use tokio_postgres::{AsyncMessage, NoTls, Row, Transaction};
+use tokio_util::sync::CancellationToken;
+
+use crate::store::postgres::{Schema, migrate};
 
 use super::{
-    BatchStore, BatchStoreError, Claimed, CostSum, Counts, JobRecord, JobState, NewJob, Queue,
-    RequestFormat, ResultFor, ResultRecord, StoredResult, codes,
+    BatchMode, BatchStore, BatchStoreError, Claimed, CostSum, Counts, JobRecord, JobState, NewJob,
+    Queue, RequestFormat, ResultFor, ResultRecord, StoredResult, codes,
 };
 
 /// The advisory lock key the batch migrations run under (not the store's).
@@ -41,6 +59,9 @@ const MIGRATION_LOCK: i64 = 0x6c6c_6d67_7762;
 /// How often a replica looks again at a job whose remaining requests other replicas run
 /// (it cannot hear their results; this bounds how late it ends the job after them).
 const FOREIGN_POLL_MS: i64 = 1_000;
+
+/// The channel results and state changes are announced on (payload: the job id).
+const CHANNEL: &str = "llmgw_batch";
 
 /// Requests inserted per statement when a job is created.
 const INSERT_CHUNK: usize = 2_000;
@@ -91,20 +112,51 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (job_id, pos),
         UNIQUE (job_id, idx)
     );",
+    // 2: the heartbeat renews one replica's running requests.
+    "CREATE INDEX batch_requests_claimed ON batch_requests (claimed_by) WHERE state = 1;",
+    // 3: how a job runs (1 real time, 2 native) and its native batches document; requests in
+    // state 3 are in a provider's native batch (see `super::offload`).
+    "ALTER TABLE batch_jobs ADD COLUMN mode BIGINT NOT NULL DEFAULT 1;
+    ALTER TABLE batch_jobs ADD COLUMN native TEXT NOT NULL DEFAULT '';",
 ];
 
 const PENDING: i64 = 0;
 const RUNNING: i64 = 1;
 const DONE: i64 = 2;
+const NATIVE: i64 = 3;
+
+/// How one replica's PostgreSQL batch store claims requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgBatchOptions {
+    /// How long a claim holds without a renewal ([`PgBatchStore::run`] renews every third
+    /// of it).
+    pub lease: Duration,
+    /// Requests of one job running at once over all replicas (`batch.job_concurrency`).
+    pub job_concurrency: usize,
+}
+
+impl Default for PgBatchOptions {
+    fn default() -> Self {
+        Self {
+            lease: Duration::from_secs(30),
+            job_concurrency: 64,
+        }
+    }
+}
 
 /// The PostgreSQL batch store of one replica.
-#[derive(Clone)]
 pub struct PgBatchStore {
     pool: Pool,
+    /// Where the listening connection connects.
+    config: tokio_postgres::Config,
     /// Names this replica's claims.
     replica: String,
-    /// How long a claim holds without its replica.
+    /// How long a claim holds without a renewal.
     lease_ms: i64,
+    /// Requests of one job running at once over all replicas.
+    job_concurrency: i64,
+    /// Bumped on every notification heard (results streams wait on it).
+    changes: watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for PgBatchStore {
@@ -112,6 +164,7 @@ impl std::fmt::Debug for PgBatchStore {
         f.debug_struct("PgBatchStore")
             .field("replica", &self.replica)
             .field("lease_ms", &self.lease_ms)
+            .field("job_concurrency", &self.job_concurrency)
             .finish_non_exhaustive()
     }
 }
@@ -139,18 +192,115 @@ fn to_i64(n: impl TryInto<i64>) -> i64 {
 }
 
 impl PgBatchStore {
-    /// The batch tables in the database behind `pool`, migrated; claims of this replica
-    /// hold for `lease` without it (make it longer than one run may take).
-    pub async fn open(pool: Pool, lease: Duration) -> Result<Self, BatchStoreError> {
+    /// The batch tables in the database behind `pool` (at `url`, for the listening
+    /// connection), migrated. Run [`PgBatchStore::run`] beside it: without it, claims are
+    /// not renewed and expire after `options.lease`.
+    pub async fn open(
+        pool: Pool,
+        url: &str,
+        options: PgBatchOptions,
+    ) -> Result<Self, BatchStoreError> {
+        let config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| backend(format!("store.url is not a postgresql url: {e}")))?;
         let mut replica = [0u8; 8];
         crate::auth::secure_random(&mut replica).map_err(backend)?;
         let store = Self {
             pool,
+            config,
             replica: crate::auth::hex(&replica),
-            lease_ms: to_i64(lease.as_millis()),
+            lease_ms: to_i64(options.lease.as_millis()).max(1),
+            job_concurrency: to_i64(options.job_concurrency).max(1),
+            changes: watch::Sender::new(0),
         };
         store.migrate().await?;
         Ok(store)
+    }
+
+    /// Renews the lease of every request this replica runs, to `now_ms` + the lease;
+    /// returns how many.
+    pub async fn renew(&self, now_ms: i64) -> Result<u64, BatchStoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE batch_requests SET lease_until_ms = $3
+                 WHERE claimed_by = $1 AND state = $2",
+                &[
+                    &self.replica,
+                    &RUNNING,
+                    &now_ms.saturating_add(self.lease_ms),
+                ],
+            )
+            .await
+            .map_err(pg)
+    }
+
+    /// This replica's background work until `stop`: the heartbeat (every third of the
+    /// lease, [`PgBatchStore::renew`]) and the `LISTEN` session that wakes results streams
+    /// (reconnecting after a failure).
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let heartbeat = async {
+            let period = Duration::from_millis(u64::try_from(self.lease_ms / 3).unwrap_or(1));
+            let mut tick = tokio::time::interval(period.max(Duration::from_millis(1)));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if let Err(err) = self.renew(now_ms()).await {
+                    tracing::warn!(error = %err, "cannot renew this replica's batch claims");
+                }
+            }
+        };
+        let listen = async {
+            loop {
+                if let Err(err) = self.listen_once().await {
+                    tracing::warn!(error = %err, "batch notifications: listening connection lost; results streams poll meanwhile");
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        };
+        tokio::select! {
+            () = stop.cancelled() => {}
+            () = heartbeat => {}
+            () = listen => {}
+        }
+    }
+
+    /// One `LISTEN` session: wakes the results streams on each notification, and once when
+    /// listening starts (for what was missed before); returns when the connection fails.
+    async fn listen_once(&self) -> Result<(), BatchStoreError> {
+        let (client, mut connection) = self.config.connect(NoTls).await.map_err(pg)?;
+        let (messages_tx, mut messages) = tokio::sync::mpsc::unbounded_channel();
+        // The connection only makes progress while polled: the driver forwards what the
+        // server sends and ends with the connection.
+        let driver = async move {
+            while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                let failed = message.is_err();
+                if messages_tx.send(message).is_err() || failed {
+                    return;
+                }
+            }
+        };
+        let listen = async {
+            client
+                .batch_execute(&format!("LISTEN {CHANNEL}"))
+                .await
+                .map_err(pg)?;
+            self.changes.send_modify(|n| *n += 1);
+            loop {
+                match messages.recv().await {
+                    Some(Ok(AsyncMessage::Notification(_))) => {
+                        self.changes.send_modify(|n| *n += 1);
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(pg(e)),
+                    None => return Ok(()),
+                }
+            }
+        };
+        tokio::select! {
+            result = listen => result,
+            () = driver => Ok(()),
+        }
     }
 
     async fn client(&self) -> Result<Object, BatchStoreError> {
@@ -162,43 +312,16 @@ impl PgBatchStore {
 
     async fn migrate(&self) -> Result<(), BatchStoreError> {
         let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(pg)?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        let schema = Schema {
+            what: "the batch tables",
+            table: "batch_schema_migrations",
+            version_type: "BIGINT",
+            lock: MIGRATION_LOCK,
+            migrations: MIGRATIONS,
+        };
+        migrate(&mut client, &schema, |sql| vec![sql.to_owned()])
             .await
-            .map_err(pg)?;
-        tx.batch_execute(
-            "CREATE TABLE IF NOT EXISTS batch_schema_migrations (
-                version BIGINT PRIMARY KEY,
-                applied_ms BIGINT NOT NULL
-            )",
-        )
-        .await
-        .map_err(pg)?;
-        let current: i64 = tx
-            .query_one(
-                "SELECT COALESCE(MAX(version), 0) FROM batch_schema_migrations",
-                &[],
-            )
-            .await
-            .map_err(pg)?
-            .get(0);
-        let current = usize::try_from(current).unwrap_or(0);
-        if current > MIGRATIONS.len() {
-            return Err(BatchStoreError(format!(
-                "the batch tables have schema version {current}, newer than this gateway knows ({}); upgrade the gateway",
-                MIGRATIONS.len()
-            )));
-        }
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
-            tx.batch_execute(sql).await.map_err(pg)?;
-            tx.execute(
-                "INSERT INTO batch_schema_migrations (version, applied_ms) VALUES ($1, $2)",
-                &[&to_i64(i + 1), &now_ms()],
-            )
-            .await
-            .map_err(pg)?;
-        }
-        tx.commit().await.map_err(pg)
+            .map_err(|e| BatchStoreError(e.to_string()))
     }
 }
 
@@ -209,7 +332,8 @@ async fn load_job(
 ) -> Result<Option<(i64, JobRecord)>, BatchStoreError> {
     let Some(row) = client
         .query_opt(
-            "SELECT seq, owner, state, tags, created_ms, deadline_ms, ended_ms, total
+            "SELECT seq, owner, state, tags, created_ms, deadline_ms, ended_ms, total, mode,
+                    native
              FROM batch_jobs WHERE id = $1",
             &[&id],
         )
@@ -229,7 +353,7 @@ async fn load_job(
     };
     for r in client
         .query(
-            "SELECT state, count(*) FROM batch_requests WHERE job_id = $1 AND state < 2
+            "SELECT state, count(*) FROM batch_requests WHERE job_id = $1 AND state <> 2
              GROUP BY state",
             &[&id],
         )
@@ -278,6 +402,8 @@ async fn load_job(
             ended_ms: row.get(6),
             counts,
             cost,
+            mode: BatchMode::from_i64(row.get(8)),
+            native: row.get(9),
         },
     )))
 }
@@ -339,6 +465,18 @@ async fn insert_results(
     )
     .await
     .map_err(pg)?;
+    notify(tx, job_id).await
+}
+
+/// Announces a change of `job_id` to every replica when `tx` commits.
+async fn notify(
+    client: &impl tokio_postgres::GenericClient,
+    job_id: &str,
+) -> Result<(), BatchStoreError> {
+    client
+        .execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &job_id])
+        .await
+        .map_err(pg)?;
     Ok(())
 }
 
@@ -368,8 +506,8 @@ impl BatchStore for PgBatchStore {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg)?;
         tx.execute(
-            "INSERT INTO batch_jobs (id, owner, state, tags, created_ms, deadline_ms, total)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO batch_jobs (id, owner, state, tags, created_ms, deadline_ms, total, mode)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             &[
                 &id,
                 &job.owner,
@@ -378,6 +516,7 @@ impl BatchStore for PgBatchStore {
                 &created_ms,
                 &deadline_ms,
                 &to_i64(job.requests.len()),
+                &(job.mode as i64),
             ],
         )
         .await
@@ -462,17 +601,32 @@ impl BatchStore for PgBatchStore {
     }
 
     async fn claim(&self, job_id: &str, now_ms: i64) -> Result<Option<Claimed>, BatchStoreError> {
-        let client = self.client().await?;
-        let row = client
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg)?;
+        // The job's row first: claims of one job are decided one at a time, so the count
+        // of live claims below is the one the next claim sees.
+        if tx
+            .query_opt(
+                "SELECT 1 FROM batch_jobs WHERE id = $1 AND state = $2 FOR UPDATE",
+                &[&job_id, &(JobState::Running as i64)],
+            )
+            .await
+            .map_err(pg)?
+            .is_none()
+        {
+            return Ok(None);
+        }
+        let row = tx
             .query_opt(
                 "UPDATE batch_requests r
                  SET state = $3, runs = r.runs + 1, claimed_by = $4, lease_until_ms = $5
                  FROM (
                      SELECT q.job_id, q.idx FROM batch_requests q
-                     JOIN batch_jobs j ON j.id = q.job_id AND j.state = $6
                      WHERE q.job_id = $1
-                       AND ((q.state = $7 AND q.not_before_ms <= $2)
+                       AND ((q.state = $6 AND q.not_before_ms <= $2)
                             OR (q.state = $3 AND q.lease_until_ms <= $2))
+                       AND (SELECT count(*) FROM batch_requests l
+                            WHERE l.job_id = $1 AND l.state = $3 AND l.lease_until_ms > $2) < $7
                      ORDER BY q.not_before_ms, q.idx
                      LIMIT 1
                      FOR UPDATE OF q SKIP LOCKED
@@ -485,12 +639,13 @@ impl BatchStore for PgBatchStore {
                     &RUNNING,
                     &self.replica,
                     &now_ms.saturating_add(self.lease_ms),
-                    &(JobState::Running as i64),
                     &PENDING,
+                    &self.job_concurrency,
                 ],
             )
             .await
             .map_err(pg)?;
+        tx.commit().await.map_err(pg)?;
         row.as_ref().map(claimed_from_row).transpose()
     }
 
@@ -506,8 +661,12 @@ impl BatchStore for PgBatchStore {
                  FROM (
                      SELECT state = $2 AND claimed_by = $3 AND lease_until_ms > $4 AS mine,
                             CASE WHEN state = $2 THEN LEAST(lease_until_ms, $4 + $7)
+                                 WHEN live.n >= $8 THEN GREATEST(not_before_ms, $4 + $7)
                                  ELSE not_before_ms END AS due
-                     FROM batch_requests WHERE job_id = $1 AND state < $5
+                     FROM batch_requests,
+                          (SELECT count(*) AS n FROM batch_requests
+                           WHERE job_id = $1 AND state = $2 AND lease_until_ms > $4) live
+                     WHERE job_id = $1 AND state < $5
                  ) q",
                 &[
                     &job_id,
@@ -517,6 +676,7 @@ impl BatchStore for PgBatchStore {
                     &DONE,
                     &(JobState::Running as i64),
                     &FOREIGN_POLL_MS,
+                    &self.job_concurrency,
                 ],
             )
             .await
@@ -640,7 +800,15 @@ impl BatchStore for PgBatchStore {
             .await
             .map_err(pg)?;
         let state: Option<i64> = row.get(0);
-        Ok(state.and_then(JobState::from_i64))
+        let state = state.and_then(JobState::from_i64);
+        if state == Some(to) {
+            notify(&**client, job_id).await?;
+        }
+        Ok(state)
+    }
+
+    fn remote_changes(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.changes.subscribe())
     }
 
     async fn results(
@@ -667,5 +835,64 @@ impl BatchStore for PgBatchStore {
                 payload: r.get(3),
             })
             .collect())
+    }
+
+    async fn native_requests(
+        &self,
+        job_id: &str,
+        take_pending: bool,
+    ) -> Result<Vec<Claimed>, BatchStoreError> {
+        let client = self.client().await?;
+        if take_pending {
+            client
+                .execute(
+                    "UPDATE batch_requests SET state = $2, runs = runs + 1
+                     WHERE job_id = $1 AND state = $3",
+                    &[&job_id, &NATIVE, &PENDING],
+                )
+                .await
+                .map_err(pg)?;
+        }
+        let rows = client
+            .query(
+                "SELECT idx, custom_id, format, body, runs FROM batch_requests
+                 WHERE job_id = $1 AND state = $2 ORDER BY idx",
+                &[&job_id, &NATIVE],
+            )
+            .await
+            .map_err(pg)?;
+        rows.iter().map(claimed_from_row).collect()
+    }
+
+    async fn native_release(
+        &self,
+        job_id: &str,
+        indexes: &[u32],
+        sent: bool,
+    ) -> Result<(), BatchStoreError> {
+        let indexes: Vec<i64> = indexes.iter().map(|i| i64::from(*i)).collect();
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE batch_requests SET state = $3, not_before_ms = 0,
+                   runs = GREATEST(runs - $5, 0)
+                 WHERE job_id = $1 AND idx = ANY($2) AND state = $4",
+                &[&job_id, &indexes, &PENDING, &NATIVE, &i64::from(!sent)],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(())
+    }
+
+    async fn set_native(&self, job_id: &str, document: String) -> Result<(), BatchStoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE batch_jobs SET native = $2 WHERE id = $1",
+                &[&job_id, &document],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(())
     }
 }

@@ -1,35 +1,47 @@
 //! The Redis backend: the limits of every replica in one place.
 //!
-//! Keys per subject (`P` = `shared.key_prefix`, `S` = `key:NAME` or `team:NAME`), built once
-//! per key:
+//! One hash per subject (`P` = `shared.key_prefix`, `S` = `key:NAME` or `team:NAME`), its
+//! name built once per key: `P:S:limits`, with the fields
 //!
-//! | key | type | holds |
-//! |---|---|---|
-//! | `P:S:rpm`, `P:S:tpm` | hash `t`, `at` | a token bucket: level and when (Redis ms); expires 2 min after its last use (it is full by then) |
-//! | `P:S:streams` | sorted set | stream leases: member = lease id, score = expiry (Redis ms) |
-//! | `P:S:spend` | hash `day`, `d`, `month`, `m`, `r` | spend of the UTC day and month (index, USD), and the sum of live reservations |
-//! | `P:S:resv`, `P:S:resvx` | hash, sorted set | each live reservation's amount, and its expiry |
+//! | field | holds |
+//! |---|---|
+//! | `rt`, `ra` | the requests bucket: level, and when (Redis ms) |
+//! | `tt`, `ta` | the tokens bucket: level, and when |
+//! | `day`, `d`, `month`, `m` | spend of the UTC day and month (index, USD) |
+//! | `x:R`, `s:R`, `r:R` | replica `R`'s lease: when it expires (Redis ms), its open streams, the sum of its live budget reservations (USD) |
+//! | `e` | when the hash expires (Redis ms), so that `PEXPIRE` runs about once per half of it, not per call |
 //!
-//! - Admission ([`ADMIT`]) is one `EVALSHA` for all of a call's subjects: it sweeps expired
-//!   leases and reservations, checks every limit, and takes all of them or none. Redis's own
-//!   clock (`TIME`) times buckets and leases, so replicas' clocks do not matter there; the
-//!   budget period (UTC day and month) comes from the replica.
-//! - A stream slot and a budget reservation are leases: their expiry is `shared.lease_ttl`
-//!   ahead, and the replica renews every live lease each third of that ([`RENEW`], one
-//!   call for all). A replica that dies (`kill -9`) stops renewing; the next admission
-//!   after the TTL sweeps its leases away.
-//! - Settlement ([`SETTLE`]) runs off the call path, in a background worker: it gives back
-//!   unused estimated tokens, removes the reservation, adds the real cost to the day and
-//!   month, frees the stream slot, and reports the totals, which become this replica's view
-//!   of the subject's spend. When Redis cannot be reached, the settlement is kept (up to
-//!   10,000) and sent once it answers again; the reservation expires with its lease.
+//! The hash expires 35 days after its last write for a subject with a budget (the month's
+//! spend must outlive the month), else 2 minutes (a bucket is full by then).
+//!
+//! - Admission ([`ADMIT`]) is one `EVALSHA` for all of a call's subjects: it reads each
+//!   subject's hash once (`HMGET` of the buckets, or `HGETALL` when a stream slot or a
+//!   budget is checked, to sum the live leases of every replica), checks every limit, and
+//!   takes all of them or none with one `HSET` per subject. Redis's own clock (`TIME`) times
+//!   buckets and leases, so replicas' clocks do not matter there; the budget period (UTC day
+//!   and month) comes from the replica.
+//! - Stream slots and budget reservations are leased per replica and subject: `s:R` and
+//!   `r:R` count while `x:R` is ahead of Redis's clock. The replica renews `x:R` every
+//!   third of `shared.lease_ttl` for each subject it holds something of ([`RENEW`], one call
+//!   for all). A replica that dies (`kill -9`) stops renewing; the first admission after the
+//!   TTL that reads the hash deletes the dead replica's fields, freeing its slots and
+//!   reservations. (A replica cut off from Redis for longer than the TTL loses its leases the
+//!   same way; its calls then settle against nothing, so the reservation count never goes
+//!   below zero.)
+//! - Settlement ([`SETTLE`]) runs off the call path, in a background worker: one `HMGET` and
+//!   one `HSET` per subject give back unused estimated tokens, take back the reservation, add
+//!   the real cost to the day and month, free the stream slot, and report the totals, which
+//!   become this replica's view of the subject's spend. When Redis cannot be reached, the
+//!   settlement is kept (up to 10,000) and sent once it answers again; the reservation
+//!   expires with the lease.
+//!
+//! Commands per call inside the scripts, for a key and its team with rates and budgets: 5
+//! in the admission (`TIME`, 2 `HGETALL`, 2 `HSET`), 5 in the settlement (`TIME`, 2 `HMGET`,
+//! 2 `HSET`), plus a `PEXPIRE` per subject about once per half expiry.
 
 use std::{
     collections::{HashMap, VecDeque},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -42,10 +54,10 @@ use crate::shared::{FailMode, Shared, SharedError};
 
 /// Admission for all of a call's subjects; see the module docs.
 ///
-/// KEYS: 6 per subject (rpm, tpm, streams, spend, resv, resvx). ARGV: subjects, estimated
-/// tokens, stream (0/1), estimated USD, budget check (0 skip, 1 reserve, 2 fallback when
-/// spent), lease id, lease TTL ms, day index, month index; then 5 per subject: rpm, tpm,
-/// max streams, daily budget, monthly budget.
+/// KEYS: one hash per subject. ARGV: subjects, estimated tokens, stream (0/1), estimated
+/// USD, budget check (0 skip, 1 reserve, 2 fallback when spent), replica id, lease TTL ms,
+/// day index, month index; then 5 per subject: rpm, tpm, max streams, daily budget, monthly
+/// budget.
 ///
 /// Returns `{"0", spent (0/1)}` when admitted, `{"1".."3", subject, wait ms}` for the
 /// requests, tokens or streams limit, `{"4"|"5", subject, used}` for the month or day
@@ -58,14 +70,13 @@ local tokens = tonumber(ARGV[2])
 local stream = ARGV[3] == '1'
 local usd = tonumber(ARGV[4])
 local check = tonumber(ARGV[5])
-local id = ARGV[6]
+local rep = ARGV[6]
 local ttl = tonumber(ARGV[7])
 local day, month = ARGV[8], ARGV[9]
-local function level(key, cap)
-  local h = redis.call('HMGET', key, 't', 'at')
-  if not h[1] then return cap end
-  local elapsed = math.max(0, now - tonumber(h[2]))
-  return math.min(cap, tonumber(h[1]) + elapsed * cap / 60000)
+local xf, sf, rf = 'x:' .. rep, 's:' .. rep, 'r:' .. rep
+local function level(v, at, cap)
+  if not v then return cap end
+  return math.min(cap, tonumber(v) + math.max(0, now - tonumber(at)) * cap / 60000)
 end
 local function wait(cap, have, amount)
   local needed = math.min(amount, cap)
@@ -74,69 +85,93 @@ local function wait(cap, have, amount)
 end
 local plan = {}
 local spent = 0
-for i = 0, n - 1 do
-  local k, a = i * 6, 10 + i * 5
+for i = 1, n do
+  local key, a = KEYS[i], 10 + (i - 1) * 5
   local rpm, tpm, streams = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
   local daily, monthly = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
-  local p = {}
+  local budget = daily > 0 or monthly > 0
+  local p = {budget = budget}
+  local h = {}
+  local leases = (stream and streams > 0) or (check > 0 and budget)
+  if leases then
+    local all = redis.call('HGETALL', key)
+    for j = 1, #all, 2 do h[all[j]] = all[j + 1] end
+  elseif rpm > 0 or tpm > 0 then
+    local v = redis.call('HMGET', key, 'rt', 'ra', 'tt', 'ta', 'e')
+    h = {rt = v[1], ra = v[2], tt = v[3], ta = v[4], e = v[5]}
+  end
+  p.e = h.e
   if rpm > 0 then
-    p.rpm = level(KEYS[k + 1], rpm)
+    p.rpm = level(h.rt, h.ra, rpm)
     local w = wait(rpm, p.rpm, 1)
-    if w then return {'1', tostring(i), tostring(w)} end
+    if w then return {'1', tostring(i - 1), tostring(w)} end
   end
   if tpm > 0 then
-    p.tpm = level(KEYS[k + 2], tpm)
+    p.tpm = level(h.tt, h.ta, tpm)
     local w = wait(tpm, p.tpm, tokens)
-    if w then return {'2', tostring(i), tostring(w)} end
+    if w then return {'2', tostring(i - 1), tostring(w)} end
   end
-  if stream and streams > 0 then
-    redis.call('ZREMRANGEBYSCORE', KEYS[k + 3], '-inf', now)
-    if redis.call('ZCARD', KEYS[k + 3]) >= streams then return {'3', tostring(i), '1000'} end
-    p.stream = true
-  end
-  if check > 0 and (daily > 0 or monthly > 0) then
-    local h = redis.call('HMGET', KEYS[k + 4], 'day', 'd', 'month', 'm', 'r')
-    local d = (h[1] == day) and tonumber(h[2]) or 0
-    local m = (h[3] == month) and tonumber(h[4]) or 0
-    local r = tonumber(h[5] or '0')
-    local dead = redis.call('ZRANGEBYSCORE', KEYS[k + 6], '-inf', now, 'LIMIT', 0, 200)
-    if #dead > 0 then
-      local amounts = redis.call('HMGET', KEYS[k + 5], unpack(dead))
-      for j = 1, #dead do r = r - (tonumber(amounts[j]) or 0) end
-      if r < 1e-12 then r = 0 end
-      redis.call('HDEL', KEYS[k + 5], unpack(dead))
-      redis.call('ZREM', KEYS[k + 6], unpack(dead))
-      redis.call('HSET', KEYS[k + 4], 'r', tostring(r))
-    end
-    for _, b in ipairs({{monthly, m, '4'}, {daily, d, '5'}}) do
-      local budget, used = b[1], b[2]
-      if budget > 0 and (used + r + usd > budget or (check == 2 and used + r >= budget)) then
-        if check == 2 then spent = 1 else return {b[3], tostring(i), tostring(used)} end
+  if leases then
+    local s, r, dead = 0, 0, {}
+    for f, v in pairs(h) do
+      if string.sub(f, 1, 2) == 'x:' then
+        local who = string.sub(f, 3)
+        if f ~= xf and tonumber(v) < now then
+          dead[#dead + 1] = f
+          dead[#dead + 1] = 's:' .. who
+          dead[#dead + 1] = 'r:' .. who
+        else
+          s = s + (tonumber(h['s:' .. who]) or 0)
+          r = r + (tonumber(h['r:' .. who]) or 0)
+        end
       end
     end
-    p.reserve = true
+    if #dead > 0 then redis.call('HDEL', key, unpack(dead)) end
+    p.s, p.r = tonumber(h[sf]) or 0, tonumber(h[rf]) or 0
+    if stream and streams > 0 then
+      if s >= streams then return {'3', tostring(i - 1), '1000'} end
+      p.stream = true
+    end
+    if check > 0 and budget then
+      local d = (h.day == day) and tonumber(h.d) or 0
+      local m = (h.month == month) and tonumber(h.m) or 0
+      for _, b in ipairs({{monthly, m, '4'}, {daily, d, '5'}}) do
+        local limit, used = b[1], b[2]
+        if limit > 0 and (used + r + usd > limit or (check == 2 and used + r >= limit)) then
+          if check == 2 then spent = 1 else return {b[3], tostring(i - 1), tostring(used)} end
+        end
+      end
+      p.reserve = true
+    end
   end
   plan[i] = p
 end
-for i = 0, n - 1 do
-  local k, p = i * 6, plan[i]
+for i = 1, n do
+  local key, p = KEYS[i], plan[i]
+  local f = {}
   if p.rpm then
-    redis.call('HSET', KEYS[k + 1], 't', tostring(p.rpm - 1), 'at', now)
-    redis.call('PEXPIRE', KEYS[k + 1], 120000)
+    f[#f + 1] = 'rt'; f[#f + 1] = tostring(p.rpm - 1); f[#f + 1] = 'ra'; f[#f + 1] = now
   end
   if p.tpm then
-    redis.call('HSET', KEYS[k + 2], 't', tostring(p.tpm - tokens), 'at', now)
-    redis.call('PEXPIRE', KEYS[k + 2], 120000)
+    f[#f + 1] = 'tt'; f[#f + 1] = tostring(p.tpm - tokens); f[#f + 1] = 'ta'; f[#f + 1] = now
   end
+  local lease = false
   if p.stream then
-    redis.call('ZADD', KEYS[k + 3], now + ttl, id)
-    redis.call('PEXPIRE', KEYS[k + 3], 2 * ttl)
+    f[#f + 1] = sf; f[#f + 1] = p.s + 1; lease = true
   end
   if p.reserve and spent == 0 and usd > 0 then
-    redis.call('HINCRBYFLOAT', KEYS[k + 4], 'r', tostring(usd))
-    redis.call('HSET', KEYS[k + 5], id, tostring(usd))
-    redis.call('ZADD', KEYS[k + 6], now + ttl, id)
-    for j = 4, 6 do redis.call('PEXPIRE', KEYS[k + j], 3024000000) end
+    f[#f + 1] = rf; f[#f + 1] = tostring(p.r + usd); lease = true
+  end
+  if lease then
+    f[#f + 1] = xf; f[#f + 1] = now + ttl
+  end
+  if #f > 0 then
+    local keep = p.budget and 3024000000 or math.max(120000, 2 * ttl)
+    if not p.e or tonumber(p.e) < now + keep / 2 then
+      f[#f + 1] = 'e'; f[#f + 1] = now + keep
+      redis.call('PEXPIRE', key, keep)
+    end
+    redis.call('HSET', key, unpack(f))
   end
 end
 return {'0', tostring(spent)}
@@ -144,50 +179,61 @@ return {'0', tostring(spent)}
 
 /// Settlement; see the module docs.
 ///
-/// KEYS: 6 per subject, as for [`ADMIT`]. ARGV: subjects, lease id (empty: none), tokens to
-/// give back (estimate - actual; empty: no usage), cost USD, day index, month index, stream
-/// (0/1); then 2 per subject: tpm, max streams.
+/// KEYS: one hash per subject. ARGV: subjects, replica id, tokens to give back (estimate -
+/// actual; empty: no usage), cost USD, day index, month index; then 4 per subject: tpm,
+/// stream slot held (0/1), USD reserved, budget (0/1).
 ///
 /// Returns the day and month spend of each subject after the settlement, as strings.
 pub const SETTLE: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = 0
 local n = tonumber(ARGV[1])
-local id = ARGV[2]
+local rep = ARGV[2]
 local give = tonumber(ARGV[3])
 local cost = tonumber(ARGV[4])
 local day, month = ARGV[5], ARGV[6]
-local stream = ARGV[7] == '1'
+local sf, rf = 's:' .. rep, 'r:' .. rep
 local out = {}
-for i = 0, n - 1 do
-  local k, a = i * 6, 8 + i * 2
-  local tpm, streams = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
-  if give and give ~= 0 and tpm > 0 then
-    local h = redis.call('HMGET', KEYS[k + 2], 't', 'at')
-    if h[1] then
-      local elapsed = math.max(0, now - tonumber(h[2]))
-      local level = math.min(tpm, tonumber(h[1]) + elapsed * tpm / 60000) + give
-      redis.call('HSET', KEYS[k + 2], 't', tostring(level), 'at', now)
-      redis.call('PEXPIRE', KEYS[k + 2], 120000)
+for i = 1, n do
+  local key, a = KEYS[i], 7 + (i - 1) * 4
+  local tpm, held, resv = tonumber(ARGV[a]), ARGV[a + 1] == '1', tonumber(ARGV[a + 2])
+  local budget = ARGV[a + 3] == '1'
+  local h = redis.call('HMGET', key, 'tt', 'ta', 'day', 'd', 'month', 'm', sf, rf, 'e')
+  local f = {}
+  if give and give ~= 0 and tpm > 0 and h[1] then
+    if now == 0 then
+      local t = redis.call('TIME')
+      now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
     end
+    local elapsed = math.max(0, now - tonumber(h[2]))
+    local level = math.min(tpm, tonumber(h[1]) + elapsed * tpm / 60000) + give
+    f[#f + 1] = 'tt'; f[#f + 1] = tostring(level); f[#f + 1] = 'ta'; f[#f + 1] = now
   end
-  if id ~= '' and stream and streams > 0 then redis.call('ZREM', KEYS[k + 3], id) end
-  local h = redis.call('HMGET', KEYS[k + 4], 'day', 'd', 'month', 'm')
-  local d = (h[1] == day) and tonumber(h[2]) or 0
-  local m = (h[3] == month) and tonumber(h[4]) or 0
-  if id ~= '' then
-    local amount = redis.call('HGET', KEYS[k + 5], id)
-    if amount then
-      redis.call('HDEL', KEYS[k + 5], id)
-      redis.call('ZREM', KEYS[k + 6], id)
-      local r = redis.call('HINCRBYFLOAT', KEYS[k + 4], 'r', tostring(-tonumber(amount)))
-      if tonumber(r) < 1e-12 then redis.call('HSET', KEYS[k + 4], 'r', '0') end
-    end
+  if held and h[7] then
+    f[#f + 1] = sf; f[#f + 1] = math.max(0, tonumber(h[7]) - 1)
   end
-  if cost > 0 or h[1] ~= day or h[3] ~= month then
+  if resv > 0 and h[8] then
+    local r = tonumber(h[8]) - resv
+    if r < 1e-12 then r = 0 end
+    f[#f + 1] = rf; f[#f + 1] = tostring(r)
+  end
+  local d = (h[3] == day) and tonumber(h[4]) or 0
+  local m = (h[5] == month) and tonumber(h[6]) or 0
+  if cost > 0 or h[3] ~= day or h[5] ~= month then
     d, m = d + cost, m + cost
-    redis.call('HSET', KEYS[k + 4], 'day', day, 'd', tostring(d), 'month', month, 'm', tostring(m))
-    redis.call('PEXPIRE', KEYS[k + 4], 3024000000)
+    f[#f + 1] = 'day'; f[#f + 1] = day; f[#f + 1] = 'd'; f[#f + 1] = tostring(d)
+    f[#f + 1] = 'month'; f[#f + 1] = month; f[#f + 1] = 'm'; f[#f + 1] = tostring(m)
+  end
+  if #f > 0 then
+    if now == 0 then
+      local t = redis.call('TIME')
+      now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    end
+    local keep = budget and 3024000000 or 120000
+    if not h[9] or tonumber(h[9]) < now + keep / 2 then
+      f[#f + 1] = 'e'; f[#f + 1] = now + keep
+      redis.call('PEXPIRE', key, keep)
+    end
+    redis.call('HSET', key, unpack(f))
   end
   out[#out + 1] = tostring(d)
   out[#out + 1] = tostring(m)
@@ -195,50 +241,41 @@ end
 return out
 ";
 
-/// Lease renewal: KEYS are sorted sets, ARGV[1] the TTL in ms, ARGV[i + 1] the member of
-/// KEYS[i]. Members already gone (settled, swept) stay gone.
+/// Lease renewal: KEYS are subject hashes, ARGV[1] the TTL in ms, ARGV[2] the replica id.
+/// A lease already swept (by another replica after the TTL) stays gone.
 pub const RENEW: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[1])
+local xf = 'x:' .. ARGV[2]
 for i = 1, #KEYS do
-  if redis.call('ZADD', KEYS[i], 'XX', 'CH', now + ttl, ARGV[i + 1]) > 0 then
-    redis.call('PEXPIRE', KEYS[i], 2 * ttl)
+  if redis.call('HEXISTS', KEYS[i], xf) == 1 then
+    redis.call('HSET', KEYS[i], xf, now + tonumber(ARGV[1]))
   end
 end
 return #KEYS
 ";
 
-/// Seeding from the ledger: a period the spend hash does not hold yet is set to the seed.
-/// KEYS[1] spend; ARGV day index, day USD, month index, month USD. Returns the day and
-/// month totals after.
+/// Seeding from the ledger: a period the hash does not hold yet is set to the seed.
+/// KEYS[1] the subject's hash; ARGV day index, day USD, month index, month USD. Returns the
+/// day and month totals after.
 pub const SEED: &str = r"
 local h = redis.call('HMGET', KEYS[1], 'day', 'd', 'month', 'm')
 local d, m = tonumber(h[2]) or 0, tonumber(h[4]) or 0
 if h[1] ~= ARGV[1] then d = tonumber(ARGV[2]); redis.call('HSET', KEYS[1], 'day', ARGV[1], 'd', ARGV[2]) end
 if h[3] ~= ARGV[3] then m = tonumber(ARGV[4]); redis.call('HSET', KEYS[1], 'month', ARGV[3], 'm', ARGV[4]) end
+local t = redis.call('TIME')
+redis.call('HSET', KEYS[1], 'e', tonumber(t[1]) * 1000 + 3024000000)
 redis.call('PEXPIRE', KEYS[1], 3024000000)
 return {tostring(d), tostring(m)}
 ";
-
-/// The Redis keys of one subject (see the module docs).
+/// The Redis hash of one subject (see the module docs).
 #[derive(Debug)]
-pub struct Keys([String; 6]);
+pub struct Keys(String);
 
-/// A call's lease: the member of its stream slot and reservation.
+/// A call admitted by Redis (what it holds follows from its settlement: a stream slot when
+/// it is a stream, a reservation when it reserved).
 #[derive(Debug)]
-pub struct Lease {
-    no: u64,
-    id: String,
-}
-
-/// What is renewed for a live lease.
-#[derive(Debug)]
-struct Live {
-    id: String,
-    /// The sorted sets holding the lease (stream slots, reservations).
-    sets: Vec<String>,
-}
+pub struct Lease(());
 
 /// A settlement waiting for the worker.
 #[derive(Debug)]
@@ -258,8 +295,9 @@ pub struct Remote {
     settle: Script,
     renew: Script,
     seed: Script,
-    next: AtomicU64,
-    live: Mutex<HashMap<u64, Live>>,
+    /// Per subject hash: how many of this replica's calls hold a lease there (renewed while
+    /// above zero).
+    live: Mutex<HashMap<String, u64>>,
     jobs: mpsc::UnboundedSender<Job>,
     receiver: Mutex<Option<mpsc::UnboundedReceiver<Job>>>,
 }
@@ -277,6 +315,15 @@ fn parse_f64(v: Option<&String>) -> Result<f64, SharedError> {
         .ok_or_else(|| SharedError::Reply(format!("expected a number, got {v:?}")))
 }
 
+/// Which of a call's subjects it holds a lease of: a stream slot, a reservation.
+fn leased(s: &super::Subject, stream: bool, reserved: bool) -> (bool, bool) {
+    let l = &s.limits;
+    (
+        stream && l.max_concurrent_streams > 0,
+        reserved && (l.daily_budget_usd > 0.0 || l.monthly_budget_usd > 0.0),
+    )
+}
+
 impl Remote {
     /// A backend on `shared`.
     pub fn new(shared: Arc<Shared>) -> Self {
@@ -287,7 +334,6 @@ impl Remote {
             settle: Script::new(SETTLE),
             renew: Script::new(RENEW),
             seed: Script::new(SEED),
-            next: AtomicU64::new(1),
             live: Mutex::new(HashMap::new()),
             jobs,
             receiver: Mutex::new(Some(receiver)),
@@ -324,24 +370,16 @@ impl Remote {
         self.shared.settings().mode
     }
 
-    /// The keys of `subject`.
+    /// The hash of `subject`.
     pub fn keys(&self, subject: &str) -> Keys {
-        let key = |what: &str| self.shared.key(&format!("{subject}:{what}"));
-        Keys([
-            key("rpm"),
-            key("tpm"),
-            key("streams"),
-            key("spend"),
-            key("resv"),
-            key("resvx"),
-        ])
+        Keys(self.shared.key(&format!("{subject}:limits")))
     }
 
     fn ttl_ms(&self) -> u64 {
         u64::try_from(self.shared.settings().lease_ttl.as_millis()).unwrap_or(u64::MAX)
     }
 
-    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Live>> {
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
         self.live
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -352,8 +390,6 @@ impl Remote {
         &self,
         ask: &Ask,
     ) -> Result<Result<(Decision, Lease), Refusal>, SharedError> {
-        let no = self.next.fetch_add(1, Ordering::Relaxed);
-        let id = format!("{}:{no}", self.shared.replica_id());
         let now_ms = super::unix_now_ms();
         let (day, month) = periods(now_ms);
         let check = match ask.budget {
@@ -367,13 +403,13 @@ impl Remote {
             .arg(u8::from(ask.stream))
             .arg(ask.estimated_usd)
             .arg(check)
-            .arg(&id)
+            .arg(self.shared.replica_id())
             .arg(self.ttl_ms())
             .arg(day)
             .arg(month);
         for s in ask.subjects.iter() {
-            for key in s.keys.iter().flat_map(|k| k.0.iter()) {
-                inv.key(key);
+            if let Some(keys) = &s.keys {
+                inv.key(&keys.0);
             }
             let l = &s.limits;
             inv.arg(l.requests_per_minute)
@@ -416,40 +452,53 @@ impl Remote {
         }
         let budget_spent = field(1).is_some_and(|s| s == "1");
         let reserved = !budget_spent && ask.budget != BudgetCheck::Skip && ask.estimated_usd > 0.0;
-        let mut sets = Vec::new();
-        for s in ask.subjects.iter() {
-            let (Some(keys), l) = (&s.keys, &s.limits) else {
-                continue;
-            };
-            if ask.stream && l.max_concurrent_streams > 0 {
-                sets.push(keys.0[2].clone());
-            }
-            if reserved && (l.daily_budget_usd > 0.0 || l.monthly_budget_usd > 0.0) {
-                sets.push(keys.0[5].clone());
-            }
-        }
-        if !sets.is_empty() {
-            self.live().insert(
-                no,
-                Live {
-                    id: id.clone(),
-                    sets,
-                },
-            );
-        }
+        self.count(ask.subjects.iter(), ask.stream, reserved, true);
         Ok(Ok((
             Decision {
                 budget_spent,
                 reserved_usd: if reserved { ask.estimated_usd } else { 0.0 },
             },
-            Lease { no, id },
+            Lease(()),
         )))
+    }
+
+    /// Counts this replica's leases of `subjects` up (admitted) or down (settled).
+    fn count<'a>(
+        &self,
+        subjects: impl Iterator<Item = &'a super::Subject>,
+        stream: bool,
+        reserved: bool,
+        up: bool,
+    ) {
+        let mut live = None;
+        for s in subjects {
+            let (Some(keys), (slot, resv)) = (&s.keys, leased(s, stream, reserved)) else {
+                continue;
+            };
+            if !slot && !resv {
+                continue;
+            }
+            let live = live.get_or_insert_with(|| self.live());
+            if up {
+                *live.entry(keys.0.clone()).or_insert(0) += 1;
+            } else if let Some(n) = live.get_mut(&keys.0) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    live.remove(&keys.0);
+                }
+            }
+        }
     }
 
     /// Queues a settlement (the lease stops being renewed now).
     pub(super) fn settle(&self, lease: Option<Lease>, end: Settlement, local: &Local, now_ms: i64) {
-        if let Some(lease) = &lease {
-            self.live().remove(&lease.no);
+        if lease.is_some() {
+            self.count(
+                end.subjects.iter(),
+                end.stream,
+                end.reserved_usd > 0.0,
+                false,
+            );
         }
         let job = Job { lease, end, now_ms };
         if let Err(mpsc::error::SendError(job)) = self.jobs.send(job) {
@@ -467,20 +516,26 @@ impl Remote {
             .actual_tokens
             .map(|actual| (end.estimated_tokens as f64 - actual as f64).to_string())
             .unwrap_or_default();
+        let held = job.lease.is_some();
         let mut inv = self.settle.prepare_invoke();
         inv.arg(end.subjects.0.len())
-            .arg(job.lease.as_ref().map_or("", |l| l.id.as_str()))
+            .arg(self.shared.replica_id())
             .arg(give)
             .arg(end.cost_usd)
             .arg(day)
-            .arg(month)
-            .arg(u8::from(end.stream && job.lease.is_some()));
+            .arg(month);
         for s in end.subjects.iter() {
-            for key in s.keys.iter().flat_map(|k| k.0.iter()) {
-                inv.key(key);
+            if let Some(keys) = &s.keys {
+                inv.key(&keys.0);
             }
-            inv.arg(s.limits.tokens_per_minute)
-                .arg(s.limits.max_concurrent_streams);
+            let (slot, resv) = leased(s, end.stream && held, held && end.reserved_usd > 0.0);
+            let l = &s.limits;
+            inv.arg(l.tokens_per_minute)
+                .arg(u8::from(slot))
+                .arg(if resv { end.reserved_usd } else { 0.0 })
+                .arg(u8::from(
+                    l.daily_budget_usd > 0.0 || l.monthly_budget_usd > 0.0,
+                ));
         }
         self.shared
             .run("settle", |mut conn| async move {
@@ -555,16 +610,12 @@ impl Remote {
             if self.shared.is_degraded() {
                 continue;
             }
-            let leases: Vec<(String, String)> = self
-                .live()
-                .values()
-                .flat_map(|l| l.sets.iter().map(|s| (s.clone(), l.id.clone())))
-                .collect();
-            for chunk in leases.chunks(500) {
+            let keys: Vec<String> = self.live().keys().cloned().collect();
+            for chunk in keys.chunks(500) {
                 let mut inv = self.renew.prepare_invoke();
-                inv.arg(self.ttl_ms());
-                for (set, id) in chunk {
-                    inv.key(set).arg(id);
+                inv.arg(self.ttl_ms()).arg(self.shared.replica_id());
+                for key in chunk {
+                    inv.key(key);
                 }
                 let renewed = self
                     .shared
@@ -589,7 +640,7 @@ impl Remote {
         month_usd: f64,
     ) -> Result<(f64, f64), SharedError> {
         let (day, month) = periods(now_ms);
-        let key = self.keys(subject).0[3].clone();
+        let key = self.keys(subject).0;
         let reply: Vec<String> = self
             .shared
             .run("seed", |mut conn| async move {

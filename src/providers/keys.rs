@@ -73,8 +73,9 @@ impl KeyRestReason {
 }
 
 /// Told when one of a ring's keys starts a rest on this replica: provider, the key's
-/// [`ProviderKey::fingerprint`], why, how long. The server publishes it to the other
-/// replicas.
+/// [`ProviderKey::fingerprint`], why, how long; and when a reload ended a key's refusal
+/// rest ([`KeyRestReason::Refused`] for [`Duration::ZERO`]). The server publishes both to
+/// the other replicas.
 #[derive(Clone)]
 pub struct KeyRestHook(pub Arc<KeyRestFn>);
 
@@ -233,10 +234,21 @@ impl KeyRing {
     }
 
     /// Swaps in a new key set. Keys present before keep their rate-limit rest; rests after a
-    /// refusal end (a reload is the operator saying "try again"). Calls in flight keep the
-    /// key they hold.
+    /// refusal end (a reload is the operator saying "try again"), here and, through the
+    /// rest hook, on the other replicas. Calls in flight keep the key they hold.
     pub fn replace(&self, keys: Vec<String>, auth_rest: Duration) {
         let old = self.set.load_full();
+        let now = self.now_ms();
+        let ended: Vec<u64> = old
+            .keys
+            .iter()
+            .filter(|k| {
+                k.rest_reason.load(Ordering::Relaxed) == REST_REFUSED
+                    && k.rest_until_ms.load(Ordering::Relaxed) > now
+                    && keys.contains(&k.secret)
+            })
+            .map(|k| k.fingerprint)
+            .collect();
         let keys = keys
             .into_iter()
             .map(
@@ -256,6 +268,47 @@ impl KeyRing {
             keys,
             next: AtomicUsize::new(0),
         }));
+        if let Some(hook) = self.rest_hook.get() {
+            for fingerprint in ended {
+                (hook.0)(
+                    &self.provider,
+                    fingerprint,
+                    KeyRestReason::Refused,
+                    Duration::ZERO,
+                );
+            }
+        }
+    }
+
+    /// Ends the refusal rest of the key with fingerprint `fingerprint` because a reload on
+    /// another replica ended it there; a rate-limit rest stands.
+    pub fn end_refusal_from_peer(&self, fingerprint: u64) {
+        let set = self.set.load();
+        let Some((index, key)) = set
+            .keys
+            .iter()
+            .enumerate()
+            .find(|(_, k)| k.fingerprint == fingerprint)
+        else {
+            return;
+        };
+        if key
+            .rest_reason
+            .compare_exchange(
+                REST_REFUSED,
+                REST_NONE,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            )
+            .is_ok()
+        {
+            key.rest_until_ms.store(0, Ordering::Relaxed);
+            tracing::info!(
+                provider = %self.provider,
+                key_index = index,
+                "provider api key refusal rest ended: another replica reloaded its keys"
+            );
+        }
     }
 
     fn now_ms(&self) -> u64 {

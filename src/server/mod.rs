@@ -463,6 +463,7 @@ pub async fn serve_with(
     // The in-flight bound of chat calls, shared by the gRPC and HTTP fronts.
     let admission = admission::Admission::new(config.admission.clone());
     let admission_layer = admission::AdmissionLayer::new(admission.clone(), meter.clone());
+    let batch_meter = meter.clone();
     let console_access = access.clone();
     let shadows =
         crate::experiments::shadow::ShadowPool::new(executor.clone(), meter.ledger.clone());
@@ -484,15 +485,22 @@ pub async fn serve_with(
     )
     .with_shadows(shadows.clone());
     let batch_store: Arc<dyn crate::batch::BatchStore> = match pg_pool {
-        // A claim outlives the longest run (cut at request_timeout) and its recording.
-        Some(pool) => Arc::new(
-            crate::batch::postgres::PgBatchStore::open(
-                pool,
-                config.batch.request_timeout + Duration::from_secs(60),
-            )
-            .await
-            .map_err(|e| ServeError::Store(StoreError::Backend(e.to_string())))?,
-        ),
+        // Claims are leases renewed by the store's heartbeat; one job's bound holds over
+        // every replica.
+        Some(pool) => {
+            let options = crate::batch::postgres::PgBatchOptions {
+                job_concurrency: config.batch.job_concurrency,
+                ..Default::default()
+            };
+            let url = config.store.url.as_deref().unwrap_or_default();
+            let store = Arc::new(
+                crate::batch::postgres::PgBatchStore::open(pool, url, options)
+                    .await
+                    .map_err(|e| ServeError::Store(StoreError::Backend(e.to_string())))?,
+            );
+            background.spawn(store.clone().run(stop_background.clone()));
+            store
+        }
         None => Arc::new(
             crate::batch::sqlite::SqliteBatchStore::open(&config.store.path)
                 .map_err(|e| ServeError::Store(StoreError::Backend(e.to_string())))?,
@@ -500,7 +508,10 @@ pub async fn serve_with(
     };
     let batches = crate::batch::Batches::new(
         batch_store,
-        Arc::new(batch::EngineExec::new(engine.clone())),
+        Arc::new(
+            batch::EngineExec::new(engine.clone())
+                .with_native(batch::NativeAccounts::from_config(&config)?, batch_meter),
+        ),
         config.batch.clone(),
     );
     batches
@@ -896,7 +907,13 @@ fn share_key_rests(
         ring.on_rest(providers::keys::KeyRestHook(Arc::new(
             move |provider, fingerprint, reason, rest| {
                 let fingerprint = format!("{fingerprint:016x}");
-                publisher.publish(&[provider, &fingerprint, reason.label()], rest);
+                let fields = [provider, &fingerprint, reason.label()];
+                if rest.is_zero() && reason == providers::keys::KeyRestReason::Refused {
+                    // A reload ended the refusal here: end it everywhere.
+                    publisher.end(&fields);
+                } else {
+                    publisher.publish(&fields, rest);
+                }
             },
         )));
     }
@@ -907,7 +924,11 @@ fn share_key_rests(
             && let Some(reason) = providers::keys::KeyRestReason::from_label(reason)
             && let Some(ring) = providers.get(provider).and_then(|p| p.keys())
         {
-            ring.rest_from_peer(fingerprint, reason, rest);
+            if rest.is_zero() && reason == providers::keys::KeyRestReason::Refused {
+                ring.end_refusal_from_peer(fingerprint);
+            } else {
+                ring.rest_from_peer(fingerprint, reason, rest);
+            }
         }
     });
     background.spawn(rests.run(apply, stop.clone()));

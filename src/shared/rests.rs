@@ -8,7 +8,8 @@
 //! each (re)connect it reads the live rest keys (`SCAN`, `PTTL`), so a rest published while
 //! it was disconnected is not missed. Publishing is off the call path (a queue and a
 //! background task); when Redis is unreachable, rests stay per replica until it answers
-//! again. Two kinds ([`Kind`]), each with its own keys and channel:
+//! again. A rest may also end early ([`Rests::end`]: its key deleted, a message with a rest
+//! of 0 ms). Two kinds ([`Kind`]), each with its own keys and channel:
 //!
 //! - [`TARGETS`]: key `P:rest:PROVIDER/MODEL`, fields `PROVIDER`, `MODEL`, channel `P:rests`.
 //! - [`KEYS`]: key `P:key-rest:PROVIDER/FINGERPRINT`, fields `PROVIDER`, `FINGERPRINT` (16
@@ -55,6 +56,8 @@ pub type Apply = Arc<dyn Fn(&[&str], Duration) + Send + Sync>;
 struct Rest {
     fields: Vec<String>,
     rest: Duration,
+    /// The rest ends now (its key is deleted; peers are told with a rest of 0 ms).
+    end: bool,
 }
 
 /// The rest publisher and subscriber of one replica, for one [`Kind`].
@@ -101,6 +104,21 @@ impl Rests {
         let _ = self.queue.send(Rest {
             fields: fields.iter().map(|f| (*f).to_owned()).collect(),
             rest,
+            end: false,
+        });
+    }
+
+    /// Queues the end of a rest of this replica for publication: its key is deleted, and
+    /// the other replicas' `apply` is called with a rest of zero (the kind's apply decides
+    /// what that ends).
+    pub fn end(&self, fields: &[&str]) {
+        if fields.len() != self.kind.fields || fields.iter().any(|f| f.contains('\t')) {
+            return;
+        }
+        let _ = self.queue.send(Rest {
+            fields: fields.iter().map(|f| (*f).to_owned()).collect(),
+            rest: Duration::ZERO,
+            end: true,
         });
     }
 
@@ -131,9 +149,13 @@ impl Rests {
                 () = stop.cancelled() => None,
             };
             let Some(rest) = rest else { return };
-            let ms = u64::try_from(rest.rest.as_millis())
-                .unwrap_or(u64::MAX)
-                .max(1);
+            let ms = if rest.end {
+                0
+            } else {
+                u64::try_from(rest.rest.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .max(1)
+            };
             let key = format!("{}{}/{}", self.key_prefix, rest.fields[0], rest.fields[1]);
             let value = rest.fields.join("\t");
             let message = format!("{}\t{value}\t{ms}", self.shared.replica_id());
@@ -142,14 +164,18 @@ impl Rests {
             let _ = self
                 .shared
                 .run("rest", |mut conn| async move {
-                    redis::pipe()
-                        .cmd("SET")
-                        .arg(&key)
-                        .arg(&value)
-                        .arg("PX")
-                        .arg(ms)
-                        .ignore()
-                        .cmd("PUBLISH")
+                    let mut pipe = redis::pipe();
+                    if rest.end {
+                        pipe.cmd("DEL").arg(&key).ignore();
+                    } else {
+                        pipe.cmd("SET")
+                            .arg(&key)
+                            .arg(&value)
+                            .arg("PX")
+                            .arg(ms)
+                            .ignore();
+                    }
+                    pipe.cmd("PUBLISH")
                         .arg(&channel)
                         .arg(&message)
                         .ignore()

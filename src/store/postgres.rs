@@ -178,6 +178,80 @@ impl std::fmt::Debug for PgStore {
     }
 }
 
+/// A list of numbered schema migrations and where their version is recorded.
+pub(crate) struct Schema<'a> {
+    /// What the schema belongs to, for the error when the database is newer
+    /// (`the database`, `the batch tables`).
+    pub what: &'a str,
+    /// The table recording applied versions.
+    pub table: &'a str,
+    /// Its `version` column's type, as first created (`INTEGER`, `BIGINT`).
+    pub version_type: &'a str,
+    /// The advisory lock key the migrations run under.
+    pub lock: i64,
+    /// The migrations, applied in order (version = position + 1).
+    pub migrations: &'a [&'a str],
+}
+
+/// Applies the migrations of `schema` not yet recorded, in one transaction under its
+/// advisory lock: replicas starting at once wait for each other and migrate once.
+/// `statements` turns a migration into what runs (usually itself; a migration whose SQL
+/// is generated names it).
+pub(crate) async fn migrate(
+    client: &mut Object,
+    schema: &Schema<'_>,
+    statements: impl Fn(&str) -> Vec<String>,
+) -> Result<(), StoreError> {
+    let Schema {
+        what,
+        table,
+        version_type,
+        lock,
+        migrations,
+    } = schema;
+    let tx = client.transaction().await.map_err(pg)?;
+    // Held until commit: a replica starting at the same time waits here, then finds the
+    // schema current.
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[lock])
+        .await
+        .map_err(pg)?;
+    tx.batch_execute(&format!(
+        "CREATE TABLE IF NOT EXISTS {table} (
+            version {version_type} PRIMARY KEY,
+            applied_ms BIGINT NOT NULL
+        )"
+    ))
+    .await
+    .map_err(pg)?;
+    let current: i64 = tx
+        .query_one(
+            &format!("SELECT COALESCE(MAX(version), 0)::BIGINT FROM {table}"),
+            &[],
+        )
+        .await
+        .map_err(pg)?
+        .get(0);
+    let current = usize::try_from(current).unwrap_or(0);
+    if current > migrations.len() {
+        return Err(StoreError::Backend(format!(
+            "{what} at schema version {current} is newer than this gateway knows ({}); upgrade the gateway",
+            migrations.len()
+        )));
+    }
+    let insert = format!("INSERT INTO {table} (version, applied_ms) VALUES ($1::BIGINT, $2)");
+    for (i, sql) in migrations.iter().enumerate().skip(current) {
+        for statement in statements(sql) {
+            tx.batch_execute(&statement).await.map_err(pg)?;
+        }
+        let version = i64::try_from(i + 1).unwrap_or(i64::MAX);
+        tx.execute(&insert, &[&version, &now_ms()])
+            .await
+            .map_err(pg)?;
+        tracing::info!(table, version, "postgresql schema migrated");
+    }
+    tx.commit().await.map_err(pg)
+}
+
 /// A database error as a store error (the server's message, not just "db error").
 pub(crate) fn pg(e: tokio_postgres::Error) -> StoreError {
     let message = match e.as_db_error() {
@@ -248,56 +322,24 @@ impl PgStore {
 
     async fn migrate(&self) -> Result<(), StoreError> {
         let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(pg)?;
-        // Held until commit: a replica starting at the same time waits here, then finds
-        // the schema current.
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-            .await
-            .map_err(pg)?;
-        tx.batch_execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (
-                version INTEGER PRIMARY KEY,
-                applied_ms BIGINT NOT NULL
-            )",
-        )
-        .await
-        .map_err(pg)?;
-        let current: i32 = tx
-            .query_one(
-                "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
-                &[],
-            )
-            .await
-            .map_err(pg)?
-            .get(0);
-        let current = usize::try_from(current).unwrap_or(0);
-        if current > MIGRATIONS.len() {
-            return Err(StoreError::Backend(format!(
-                "the database has schema version {current}, newer than this gateway knows ({}); upgrade the gateway",
-                MIGRATIONS.len()
-            )));
-        }
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
-            if *sql == ledger::ROLLUP_MIGRATION {
-                tx.batch_execute(&ledger::rollup_table_sql(Dialect::Postgres))
-                    .await
-                    .map_err(pg)?;
-                tx.batch_execute(&ledger::rollup_backfill_sql(Dialect::Postgres))
-                    .await
-                    .map_err(pg)?;
+        let schema = Schema {
+            what: "the database",
+            table: "schema_migrations",
+            version_type: "INTEGER",
+            lock: MIGRATION_LOCK,
+            migrations: MIGRATIONS,
+        };
+        migrate(&mut client, &schema, |sql| {
+            if sql == ledger::ROLLUP_MIGRATION {
+                vec![
+                    ledger::rollup_table_sql(Dialect::Postgres),
+                    ledger::rollup_backfill_sql(Dialect::Postgres),
+                ]
             } else {
-                tx.batch_execute(sql).await.map_err(pg)?;
+                vec![sql.to_owned()]
             }
-            let version = i32::try_from(i + 1).unwrap_or(i32::MAX);
-            tx.execute(
-                "INSERT INTO schema_migrations (version, applied_ms) VALUES ($1, $2)",
-                &[&version, &now_ms()],
-            )
-            .await
-            .map_err(pg)?;
-            tracing::info!(version, "postgresql schema migrated");
-        }
-        tx.commit().await.map_err(pg)
+        })
+        .await
     }
 
     /// The schema version the database is at.

@@ -1,13 +1,16 @@
 //! Batch jobs on PostgreSQL (`store.url`): a job created on one replica is read, streamed,
 //! cancelled and finished on another, no request runs twice when two replicas run one
-//! job, and the store's claims are leases a dead replica's successor takes over.
+//! job, and the store's claims are leases a dead replica's successor takes over: renewed
+//! by a heartbeat while the replica lives, retaken soon after it dies; one job's
+//! concurrency bound holds over all replicas; a replica hears of results recorded
+//! elsewhere through LISTEN/NOTIFY.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use llm_gateway::{
     batch::{
         BatchStore, JobState, NewJob, NewRequest, RequestFormat, ResultRecord,
-        postgres::PgBatchStore,
+        postgres::{PgBatchOptions, PgBatchStore},
     },
     mock_upstream::{MockSettings, MockUpstream},
     pb,
@@ -32,12 +35,30 @@ fn now_ms() -> i64 {
 
 /// A replica's batch store on the database at `url`, its claims holding for a minute.
 async fn replica_store(url: &str) -> Arc<PgBatchStore> {
+    let options = PgBatchOptions {
+        lease: Duration::from_secs(60),
+        job_concurrency: 64,
+    };
+    store_with(url, options).await
+}
+
+async fn store_with(url: &str, options: PgBatchOptions) -> Arc<PgBatchStore> {
     let pool = PgStore::connect(url).await.unwrap().pool();
-    Arc::new(
-        PgBatchStore::open(pool, Duration::from_secs(60))
-            .await
-            .unwrap(),
-    )
+    Arc::new(PgBatchStore::open(pool, url, options).await.unwrap())
+}
+
+/// The lease of request `idx` of job `job`, read from the database.
+async fn lease_until(url: &str, job: &str, idx: i64) -> i64 {
+    let pool = PgStore::connect(url).await.unwrap().pool();
+    let client = pool.get().await.unwrap();
+    client
+        .query_one(
+            "SELECT lease_until_ms FROM batch_requests WHERE job_id = $1 AND idx = $2",
+            &[&job, &idx],
+        )
+        .await
+        .unwrap()
+        .get(0)
 }
 
 fn new_job(n: usize) -> NewJob {
@@ -45,6 +66,7 @@ fn new_job(n: usize) -> NewJob {
         owner: "key1".to_owned(),
         tags: BTreeMap::new(),
         timeout: Duration::from_secs(3600),
+        mode: Default::default(),
         requests: (0..n)
             .map(|i| NewRequest {
                 custom_id: format!("c{i}"),
@@ -277,4 +299,160 @@ async fn a_cancel_on_another_replica_stops_the_job_everywhere() {
     assert_eq!(counts.succeeded + counts.cancelled, 30, "{counts:?}");
     assert!(counts.cancelled >= 25, "{counts:?}");
     assert_eq!(mock.stats().requests(), u64::from(counts.succeeded));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn job_concurrency_holds_over_all_replicas() {
+    let Some(url) = pg_server::database().await else {
+        return;
+    };
+    let options = PgBatchOptions {
+        lease: Duration::from_secs(60),
+        job_concurrency: 3,
+    };
+    let (a, b) = tokio::join!(store_with(&url, options.clone()), store_with(&url, options));
+    a.create_job("c", new_job(10), now_ms(), now_ms() + 3_600_000)
+        .await
+        .unwrap();
+    // Eight claimers on two replicas race: three claims in all, not three per replica.
+    let now = now_ms();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+        tasks.push(tokio::spawn(
+            async move { store.claim("c", now).await.unwrap() },
+        ));
+    }
+    let mut claimed = Vec::new();
+    for t in tasks {
+        claimed.extend(t.await.unwrap());
+    }
+    assert_eq!(claimed.len(), 3, "{claimed:?}");
+    // At the bound, the pending requests are looked at again later, not at once.
+    let queue = a.queue("c").await.unwrap();
+    assert_eq!(queue.pending + queue.running, 10);
+    assert!(queue.next_ms.unwrap() > now_ms(), "{queue:?}");
+    // A result (recorded by whichever replica) frees a slot for any replica.
+    let first = &claimed[0];
+    assert!(
+        a.complete("c", first.index, ok(first.index), now_ms())
+            .await
+            .unwrap()
+    );
+    assert!(b.claim("c", now_ms()).await.unwrap().is_some());
+    assert!(a.claim("c", now_ms()).await.unwrap().is_none());
+    // Claims whose lease ran out (their replicas died) do not count: an hour later, three
+    // of them are taken over (runs 2), and the bound still holds.
+    let later = now_ms() + 3_600_000 - 1;
+    let mut retaken = Vec::new();
+    while let Some(c) = b.claim("c", later).await.unwrap() {
+        retaken.push(c.runs);
+    }
+    assert_eq!(retaken, [2, 2, 2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_heartbeat_keeps_a_claim_and_a_dead_replicas_claim_is_retaken_after_one_lease() {
+    let Some(url) = pg_server::database().await else {
+        return;
+    };
+    // Deterministic first: the lease is 30 s from the claim, renewals push it on, and only
+    // once it ran out may another replica take the request.
+    let options = PgBatchOptions {
+        lease: Duration::from_secs(30),
+        job_concurrency: 64,
+    };
+    let (a, b) = tokio::join!(store_with(&url, options.clone()), store_with(&url, options));
+    a.create_job("h", new_job(1), now_ms(), now_ms() + 3_600_000)
+        .await
+        .unwrap();
+    let t = now_ms();
+    assert_eq!(a.claim("h", t).await.unwrap().unwrap().runs, 1);
+    assert_eq!(b.claim("h", t + 20_000).await.unwrap(), None);
+    assert_eq!(a.renew(t + 25_000).await.unwrap(), 1);
+    assert_eq!(b.claim("h", t + 40_000).await.unwrap(), None);
+    let retaken = b.claim("h", t + 55_000).await.unwrap().unwrap();
+    assert_eq!(retaken.runs, 2, "retaken once A's renewed lease ran out");
+    // A (presumed dead) renews nothing of it any more.
+    assert_eq!(a.renew(t + 56_000).await.unwrap(), 0);
+
+    // Then the heartbeat itself, on a short lease: while A's task runs, the lease moves
+    // on; after A stops (as a kill -9 would), B retakes the request on its own.
+    let short = PgBatchOptions {
+        lease: Duration::from_millis(300),
+        job_concurrency: 64,
+    };
+    let (a, b) = tokio::join!(store_with(&url, short.clone()), store_with(&url, short));
+    a.create_job("k9", new_job(1), now_ms(), now_ms() + 3_600_000)
+        .await
+        .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let heartbeat = tokio::spawn(a.clone().run(stop.clone()));
+    a.claim("k9", now_ms()).await.unwrap().unwrap();
+    let first = lease_until(&url, "k9", 0).await;
+    let mut renewed = false;
+    for _ in 0..500 {
+        if lease_until(&url, "k9", 0).await > first {
+            renewed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(renewed, "the heartbeat never renewed the claim");
+    stop.cancel();
+    heartbeat.await.unwrap();
+    let mut taken = None;
+    for _ in 0..500 {
+        if let Some(c) = b.claim("k9", now_ms()).await.unwrap() {
+            taken = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        taken
+            .expect("the dead replica's claim was never retaken")
+            .runs,
+        2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_hears_of_results_and_state_changes_recorded_on_another() {
+    let Some(url) = pg_server::database().await else {
+        return;
+    };
+    let (a, b) = tokio::join!(replica_store(&url), replica_store(&url));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let listener = tokio::spawn(b.clone().run(stop.clone()));
+    let mut changes = b.remote_changes().unwrap();
+    // Listening: the session's start wakes the streams once.
+    tokio::time::timeout(Duration::from_secs(20), changes.changed())
+        .await
+        .expect("the listening session never started")
+        .unwrap();
+    changes.borrow_and_update();
+    a.create_job("n", new_job(2), now_ms(), now_ms() + 3_600_000)
+        .await
+        .unwrap();
+    let claimed = a.claim("n", now_ms()).await.unwrap().unwrap();
+    a.complete("n", claimed.index, ok(claimed.index), now_ms())
+        .await
+        .unwrap();
+    // Not the 5 s poll: the notification of A's commit wakes B (bounded wait, not timed).
+    tokio::time::timeout(Duration::from_secs(20), changes.changed())
+        .await
+        .expect("no notification of a result recorded on another replica")
+        .unwrap();
+    changes.borrow_and_update();
+    assert_eq!(b.results("n", 0, 10).await.unwrap().len(), 1);
+    a.set_state("n", &[JobState::Running], JobState::Cancelling, None)
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(20), changes.changed())
+        .await
+        .expect("no notification of a state change on another replica")
+        .unwrap();
+    stop.cancel();
+    listener.await.unwrap();
 }

@@ -1,7 +1,8 @@
 //! Benchmark (ignored by `cargo test`; run with
 //! `cargo test --test it -- --ignored bench_shared --nocapture`): what shared limits and
-//! budgets on Redis add to a call at concurrency 64 (each call spending 20 ms upstream
-//! between admission and settlement), beside the in-memory limits,
+//! budgets on Redis add to a call at concurrency 64 and at concurrency 1 (each call
+//! spending 20 ms upstream between admission and settlement), beside the in-memory limits,
+//! the Redis commands the scripts run per call,
 //! and the Redis round trips per call (counted with `INFO commandstats`, asserted: one
 //! admission and one settlement script call per call, nothing else). Results go to
 //! BENCHMARKS.md by hand; this never asserts a time.
@@ -64,15 +65,31 @@ fn process_cpu() -> Duration {
 /// Admission latencies at concurrency 64, each call holding its permit for [`UPSTREAM`]
 /// (as a real call would) before it settles.
 async fn run(limits: &Arc<Limits>) -> (Vec<Duration>, Duration, Duration) {
+    run_at(limits, CONCURRENCY, PER_TASK, false).await
+}
+
+/// [`run`] with `concurrency` callers making `per_task` calls each; `stagger`: caller `i`
+/// starts `i / concurrency` of [`UPSTREAM`] late, so that admissions arrive spread out
+/// (steady traffic) instead of all callers asking in the same instant (a burst every
+/// [`UPSTREAM`], as they move in lockstep).
+async fn run_at(
+    limits: &Arc<Limits>,
+    concurrency: usize,
+    per_task: usize,
+    stagger: bool,
+) -> (Vec<Duration>, Duration, Duration) {
     let subjects = limits.subjects(subjects());
     let cpu = process_cpu();
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..CONCURRENCY {
+    for i in 0..concurrency {
         let (limits, subjects) = (limits.clone(), subjects.clone());
         tasks.push(tokio::spawn(async move {
-            let mut out = Vec::with_capacity(PER_TASK);
-            for _ in 0..PER_TASK {
+            if stagger {
+                tokio::time::sleep(UPSTREAM * i as u32 / concurrency as u32).await;
+            }
+            let mut out = Vec::with_capacity(per_task);
+            for _ in 0..per_task {
                 let t = Instant::now();
                 let ask = Ask {
                     subjects: subjects.clone(),
@@ -111,6 +128,17 @@ fn redis_cpu(redis: &RedisServer) -> f64 {
         .sum()
 }
 
+/// Microseconds Redis spent in `EVALSHA` so far (`INFO commandstats`).
+fn evalsha_usec(redis: &RedisServer) -> f64 {
+    redis
+        .command("INFO commandstats")
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:"))
+        .and_then(|l| l.split(',').find_map(|f| f.strip_prefix("usec=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a benchmark: run it on purpose (see the module docs)"]
 async fn bench_shared_limits_at_concurrency_64() {
@@ -143,19 +171,28 @@ async fn bench_shared_limits_at_concurrency_64() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let before = evalsha();
+    let stats_before = redis.command_calls();
+    let usec_before = evalsha_usec(&redis);
     let redis_cpu_before = redis_cpu(&redis);
     let (mut l, l_wall, l_cpu) = run(&local).await;
     let (mut s, s_wall, s_cpu) = run(&shared).await;
     // Settlements land after the calls.
-    let mut after = 0;
-    for _ in 0..500 {
-        after = evalsha();
-        if after - before >= 2 * calls {
-            break;
+    let settled = |before: u64, calls: u64| async move {
+        let mut after = 0;
+        for _ in 0..500 {
+            after = evalsha();
+            if after - before >= 2 * calls {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        after
+    };
+    let after = settled(before, calls).await;
     let redis_cpu_used = redis_cpu(&redis) - redis_cpu_before;
+    let stats_after = redis.command_calls();
+    let commands = command_delta(&stats_before, &stats_after);
+    let script_usec = (evalsha_usec(&redis) - usec_before) / (2 * calls) as f64;
     assert_eq!(
         after - before,
         2 * calls,
@@ -163,11 +200,33 @@ async fn bench_shared_limits_at_concurrency_64() {
     );
     l.sort();
     s.sort();
+    // Concurrency 1: the round trip alone, no queue at Redis.
+    let calls_c1 = PER_TASK as u64 * 2;
+    let (mut l1, _, _) = run_at(&local, 1, PER_TASK * 2, false).await;
+    let before_c1 = evalsha();
+    let redis_cpu_c1 = redis_cpu(&redis);
+    let (mut s1, _, _) = run_at(&shared, 1, PER_TASK * 2, false).await;
+    settled(before_c1, calls_c1).await;
+    let redis_cpu_c1 = redis_cpu(&redis) - redis_cpu_c1;
+    l1.sort();
+    s1.sort();
+    // Concurrency 64, callers staggered over the upstream time.
+    let (mut l2, _, _) = run_at(&local, CONCURRENCY, PER_TASK, true).await;
+    let before_st = evalsha();
+    let (mut s2, _, _) = run_at(&shared, CONCURRENCY, PER_TASK, true).await;
+    settled(before_st, calls).await;
+    l2.sort();
+    s2.sort();
     let per_call = |d: Duration| d.as_secs_f64() * 1e6 / calls as f64;
+    let total: u64 = commands
+        .iter()
+        .filter(|(name, _)| name != "evalsha")
+        .map(|(_, n)| n)
+        .sum();
     #[expect(clippy::print_stderr, reason = "a benchmark reports its numbers")]
     {
         eprintln!(
-            "calls {calls} at concurrency {CONCURRENCY}\nlocal: p50 {:?} p99 {:?}, {:.0} calls/s, cpu {:.1} us/call\nredis: p50 {:?} p99 {:?}, {:.0} calls/s, cpu {:.1} us/call here + {:.1} us/call in redis-server\nadded by redis: p50 {:?} p99 {:?}; redis round trips per call: 1 admission (+1 settlement off the call path)",
+            "calls {calls} at concurrency {CONCURRENCY}\nlocal: p50 {:?} p99 {:?}, {:.0} calls/s, cpu {:.1} us/call\nredis: p50 {:?} p99 {:?}, {:.0} calls/s, cpu {:.1} us/call here + {:.1} us/call in redis-server\nadded by redis: p50 {:?} p99 {:?}; redis round trips per call: 1 admission (+1 settlement off the call path)\ncommands inside the scripts per call (admission + settlement): {:.2} ({commands:?}); redis's own time per script call (INFO commandstats usec_per_call of evalsha): {script_usec:.1} us\nconcurrency 1, {calls_c1} calls: local p50 {:?} p99 {:?}; redis p50 {:?} p99 {:?}, {:.1} us/call in redis-server; added p50 {:?} p99 {:?}\nconcurrency 64, callers staggered: local p50 {:?} p99 {:?}; redis p50 {:?} p99 {:?}; added p50 {:?} p99 {:?}",
             pct(&l, 50.0),
             pct(&l, 99.0),
             calls as f64 / l_wall.as_secs_f64(),
@@ -179,6 +238,20 @@ async fn bench_shared_limits_at_concurrency_64() {
             redis_cpu_used * 1e6 / calls as f64,
             pct(&s, 50.0).saturating_sub(pct(&l, 50.0)),
             pct(&s, 99.0).saturating_sub(pct(&l, 99.0)),
+            total as f64 / calls as f64,
+            pct(&l1, 50.0),
+            pct(&l1, 99.0),
+            pct(&s1, 50.0),
+            pct(&s1, 99.0),
+            redis_cpu_c1 * 1e6 / calls_c1 as f64,
+            pct(&s1, 50.0).saturating_sub(pct(&l1, 50.0)),
+            pct(&s1, 99.0).saturating_sub(pct(&l1, 99.0)),
+            pct(&l2, 50.0),
+            pct(&l2, 99.0),
+            pct(&s2, 50.0),
+            pct(&s2, 99.0),
+            pct(&s2, 50.0).saturating_sub(pct(&l2, 50.0)),
+            pct(&s2, 99.0).saturating_sub(pct(&l2, 99.0)),
         );
     }
     stop.cancel();

@@ -174,6 +174,32 @@ impl RedisServer {
             .collect()
     }
 
+    /// The fields of a hash (`HGETALL key`).
+    pub fn hash(&self, key: &str) -> HashMap<String, String> {
+        let reply = command(self.port, &format!("HGETALL {key}")).unwrap();
+        let mut lines = reply.split("\r\n");
+        let n: usize = lines
+            .next()
+            .and_then(|l| l.strip_prefix('*'))
+            .and_then(|l| l.parse().ok())
+            .unwrap_or_else(|| panic!("HGETALL {key}: {reply:?}"));
+        let values: Vec<&str> = lines.skip(1).step_by(2).take(n).collect();
+        assert_eq!(values.len(), n, "HGETALL {key}: {reply:?}");
+        values
+            .chunks(2)
+            .map(|kv| (kv[0].to_owned(), kv[1].to_owned()))
+            .collect()
+    }
+
+    /// The sum over replicas of a subject's lease field (`s` streams, `r` reserved USD).
+    pub fn leased(&self, key: &str, what: &str) -> f64 {
+        self.hash(key)
+            .iter()
+            .filter(|(f, _)| f.strip_prefix(what).is_some_and(|r| r.starts_with(':')))
+            .map(|(_, v)| v.parse::<f64>().unwrap())
+            .sum()
+    }
+
     /// The reply to one inline command (e.g. `ZCARD key`), as text.
     pub fn command(&self, cmd: &str) -> String {
         command(self.port, cmd).unwrap()

@@ -177,11 +177,11 @@ async fn a_budget_is_enforced_once_under_30_concurrent_callers_on_three_replicas
     );
     // Settlements are written after the calls: wait until no reservation is left.
     eventually("every reservation settled", || {
-        redis.command("HLEN llmgw:key:tight30:resv") == ":0"
+        redis.leased("llmgw:key:tight30:limits", "r") == 0.0
     })
     .await;
     let spent: f64 = redis
-        .command("HGET llmgw:key:tight30:spend d")
+        .command("HGET llmgw:key:tight30:limits d")
         .parse()
         .unwrap();
     // The documented bound: the budget plus what calls in flight cost beyond their
@@ -251,7 +251,7 @@ async fn a_replica_killed_mid_stream_frees_its_stream_lease_within_the_lease_ttl
         .await
         .unwrap_err();
     assert_eq!(reason(&status), "RATE_LIMIT_STREAMS", "{status:?}");
-    assert_eq!(redis.command("ZCARD llmgw:key:onestream:streams"), ":1");
+    assert_eq!(redis.leased("llmgw:key:onestream:limits", "s"), 1.0);
     // kill -9: no shutdown, no release; only the lease's expiry frees the slot.
     child.start_kill().unwrap();
     child.wait().await.unwrap();
@@ -545,11 +545,11 @@ targets = [{ provider = "down", model = "gpt-4o-mini" }, { provider = "openai", 
         }
     }
     eventually("every reservation settled", || {
-        redis.command("HLEN llmgw:key:dear30:resv") == ":0"
+        redis.leased("llmgw:key:dear30:limits", "r") == 0.0
     })
     .await;
     let spent: f64 = redis
-        .command("HGET llmgw:key:dear30:spend d")
+        .command("HGET llmgw:key:dear30:limits d")
         .parse()
         .unwrap();
     // The documented bound: budget + C x e, C = 30 calls in flight at most, e = what one
@@ -562,5 +562,98 @@ targets = [{ provider = "down", model = "gpt-4o-mini" }, { provider = "openai", 
     assert!(
         spent > budget && spent <= bound,
         "spent {spent} of a {budget} budget with {ok} calls admitted; bound {bound}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reload_that_changes_the_keys_ends_a_refusal_rest_on_every_replica() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let metrics = llm_gateway::telemetry::metrics_handle().expect("the metrics recorder");
+    let mock = MockUpstream::start(MockSettings::default()).await.unwrap();
+    // `sk-fixed` is refused until the operator fixes it upstream and reloads.
+    mock.accept_keys(Some(&["sk-fine"]));
+    let toml = |keys: &str| {
+        format!(
+            r#"
+[shared]
+redis_url = "{}"
+timeout = "5s"
+[pacing]
+enabled = false
+[providers.keyreload]
+kind = "openai"
+base_url = "{}"
+api_keys = [{keys}]
+"#,
+            redis.url(),
+            mock.openai_base_url()
+        )
+    };
+    let a_toml = std::sync::Arc::new(std::sync::Mutex::new(toml(r#""sk-fixed", "sk-fine""#)));
+    let source_toml = a_toml.clone();
+    let source: llm_gateway::reload::ConfigSource =
+        std::sync::Arc::new(move || Ok(Gateway::config(&source_toml.lock().unwrap())));
+    let reload = std::sync::Arc::new(tokio::sync::Notify::new());
+    let options = llm_gateway::server::ServeOptions {
+        config_source: Some(source),
+        reload_signal: Some(reload.clone()),
+        ..Default::default()
+    };
+    let initial = Gateway::config(&a_toml.lock().unwrap());
+    let a = Gateway::start_with(initial, options).await;
+    let b = Gateway::start(&toml(r#""sk-fixed", "sk-fine""#)).await;
+    let sent = |key: &str| mock.stats().requests_with_key(key);
+    while sent("sk-fixed") == 0 {
+        a.client()
+            .chat(request("keyreload/gpt-4o-mini", "hello"))
+            .await
+            .expect("the other key carries the call");
+    }
+    eventually("replica B applied the refusal", || {
+        metric(
+            &metrics,
+            "llm_gateway_provider_key_rests_total",
+            &[
+                "provider=\"keyreload\"",
+                "source=\"peer\"",
+                "reason=\"refused\"",
+            ],
+        ) >= 1.0
+    })
+    .await;
+    for _ in 0..4 {
+        b.client()
+            .chat(request("keyreload/gpt-4o-mini", "hello"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(sent("sk-fixed"), 1, "replica B sent the refused key");
+    // Fixed upstream; replica A reloads a changed key set (one key added).
+    mock.accept_keys(Some(&["sk-fixed", "sk-fine", "sk-new"]));
+    *a_toml.lock().unwrap() = toml(r#""sk-fixed", "sk-fine", "sk-new""#);
+    reload.notify_one();
+    // Replica B, whose config did not change, tries the key again (its rest was 300 s).
+    let mut tried = false;
+    for _ in 0..200 {
+        b.client()
+            .chat(request("keyreload/gpt-4o-mini", "hello"))
+            .await
+            .unwrap();
+        if sent("sk-fixed") > 1 {
+            tried = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert!(
+        tried,
+        "replica B kept resting the key after replica A's reload"
+    );
+    // And the rest key is gone, so a replica that (re)subscribes later does not rest it.
+    assert_eq!(
+        redis.command(&format!("EXISTS {}", key_rest("keyreload", "sk-fixed"))),
+        ":0"
     );
 }
