@@ -375,7 +375,14 @@ fn validate(
     let teams = crate::limits::teams_from_raw(raw.teams, &mut issues);
     let tls = raw.tls.and_then(|t| TlsConfig::from_raw(t, &mut issues));
     let connections = crate::server::settings::ConnSettings::checked(raw.connections, &mut issues);
-    let guardrails = crate::guard::GuardSettings::from_raw(raw.guardrails, &mut issues);
+    let guardrails = crate::guard::GuardSettings::from_raw(
+        raw.guardrails,
+        &|name| {
+            let p = providers.iter().find(|p| p.name == name)?;
+            Some((p.base_url.clone(), p.api_key().map(str::to_owned)))
+        },
+        &mut issues,
+    );
     let admission = raw.admission.checked(&mut issues);
     let shared = crate::shared::SharedSettings::from_raw(raw.shared, &mut issues);
     let batch = crate::batch::BatchSettings::from_raw(raw.batch, &mut issues);

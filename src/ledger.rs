@@ -42,6 +42,10 @@ pub struct RawLedger {
     pub retention: Option<String>,
     /// `ledger.rollup_retention`: how long per-minute rollups are kept.
     pub rollup_retention: Option<String>,
+    /// `ledger.tenant_retention`: team -> how long its raw records are kept (shorter than
+    /// `retention`).
+    #[serde(default)]
+    pub tenant_retention: BTreeMap<String, String>,
 }
 
 /// The validated `[ledger]` section.
@@ -53,6 +57,8 @@ pub struct LedgerSettings {
     pub retention: Duration,
     /// How long per-minute rollups are kept (GetUsage and budget seeding read them).
     pub rollup_retention: Duration,
+    /// Per tenant (the `team` tag, a key's owner): how long its raw records are kept.
+    pub tenant_retention: BTreeMap<String, Duration>,
 }
 
 /// The shortest rollup retention: budget seeding reads the current month's rollups.
@@ -61,16 +67,30 @@ pub const MIN_ROLLUP_RETENTION: Duration = Duration::from_secs(32 * 24 * 3600);
 impl LedgerSettings {
     /// Validates `[ledger]`.
     pub fn from_raw(raw: RawLedger, issues: &mut Issues) -> Self {
+        let retention = issues.duration(
+            "ledger.retention",
+            raw.retention.as_deref(),
+            Duration::from_secs(30 * 24 * 3600),
+        );
+        let mut tenant_retention = BTreeMap::new();
+        for (team, value) in &raw.tenant_retention {
+            let field = format!("ledger.tenant_retention.{team}");
+            let d = issues.duration(&field, Some(value), retention);
+            if d > retention {
+                issues.push(
+                    field,
+                    "must not be longer than ledger.retention (which prunes every tenant)",
+                );
+            }
+            tenant_retention.insert(team.clone(), d);
+        }
         Self {
+            tenant_retention,
             capacity: raw
                 .enabled
                 .unwrap_or(true)
                 .then_some(raw.queue_capacity.unwrap_or(10_000).max(1)),
-            retention: issues.duration(
-                "ledger.retention",
-                raw.retention.as_deref(),
-                Duration::from_secs(30 * 24 * 3600),
-            ),
+            retention,
             rollup_retention: {
                 let d = issues.duration(
                     "ledger.rollup_retention",
@@ -141,6 +161,35 @@ pub struct UsageRecord {
     pub rollout_arm: String,
     /// The experiment arm and shadow link of the call (empty for most calls).
     pub trial: Trial,
+    /// The call's redacted prompt and reply, when its key keeps content (stored apart, in
+    /// `usage_content`, until it expires).
+    pub content: Option<Box<Content>>,
+}
+
+/// The kept content of one call: prompt and reply, every built-in entity type redacted.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Content {
+    /// The request's messages as sent, `role: text` per line.
+    pub prompt: String,
+    /// The reply's text (empty when the call failed).
+    pub reply: String,
+    /// The key's owning team.
+    pub tenant: String,
+    /// When it is deleted, Unix milliseconds.
+    pub expires_ms: i64,
+}
+
+/// Kept content as read back (GetUsageContent).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct StoredContent {
+    /// The call's request id.
+    pub request_id: String,
+    /// When the call ended, Unix milliseconds.
+    pub time_ms: i64,
+    /// The key's name.
+    pub key: String,
+    /// The content.
+    pub content: Content,
 }
 
 /// The `rpc` of shadow calls' records: GetUsage and budget seeding leave them out unless a
@@ -188,6 +237,19 @@ pub trait UsageSink: Send + Sync + 'static {
     /// Deletes records older than `cutoff_ms`; returns how many.
     async fn delete_usage_before(&self, cutoff_ms: i64) -> Result<u64, SinkError>;
 
+    /// Deletes the records of `tenant` (the `team` tag) older than `cutoff_ms`; returns how
+    /// many.
+    async fn delete_tenant_usage_before(
+        &self,
+        tenant: &str,
+        cutoff_ms: i64,
+    ) -> Result<u64, SinkError> {
+        let _ = (tenant, cutoff_ms);
+        Err(SinkError(
+            "this usage sink cannot prune per tenant".to_owned(),
+        ))
+    }
+
     /// GetUsage: the query's groups, aggregated by the database over the per-minute
     /// rollups ([`usage_sql`]). Sinks without rollups refuse.
     async fn usage_groups(&self, query: &UsageQuery) -> Result<Vec<UsageGroup>, SinkError> {
@@ -218,6 +280,22 @@ pub trait UsageSink: Send + Sync + 'static {
     /// Deletes rollups of minutes before `cutoff_ms`; returns how many rows.
     async fn delete_rollups_before(&self, cutoff_ms: i64) -> Result<u64, SinkError> {
         let _ = cutoff_ms;
+        Ok(0)
+    }
+
+    /// The kept content of the call `request_id` that has not expired at `now_ms`.
+    async fn usage_content(
+        &self,
+        request_id: &str,
+        now_ms: i64,
+    ) -> Result<Vec<StoredContent>, SinkError> {
+        let _ = (request_id, now_ms);
+        Err(SinkError("this usage sink keeps no content".to_owned()))
+    }
+
+    /// Deletes kept content that expired before `now_ms`; returns how many.
+    async fn delete_expired_content(&self, now_ms: i64) -> Result<u64, SinkError> {
+        let _ = now_ms;
         Ok(0)
     }
 }
@@ -274,6 +352,23 @@ impl Ledger {
         retention: Duration,
         rollup_retention: Duration,
     ) -> (Ledger, LedgerWriter) {
+        Self::start_with_tenants(
+            store,
+            capacity,
+            retention,
+            rollup_retention,
+            BTreeMap::new(),
+        )
+    }
+
+    /// [`Ledger::start`], also pruning each tenant's records past its own retention.
+    pub fn start_with_tenants(
+        store: Arc<dyn UsageSink>,
+        capacity: usize,
+        retention: Duration,
+        rollup_retention: Duration,
+        tenant_retention: BTreeMap<String, Duration>,
+    ) -> (Ledger, LedgerWriter) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let stop = CancellationToken::new();
         let flush = Arc::new(FlushCounts::default());
@@ -281,6 +376,7 @@ impl Ledger {
             store,
             rx,
             [retention, rollup_retention],
+            tenant_retention,
             stop.clone(),
             flush.clone(),
         ));
@@ -360,6 +456,7 @@ async fn write_loop(
     store: Arc<dyn UsageSink>,
     mut rx: mpsc::Receiver<UsageRecord>,
     [retention, rollup_retention]: [Duration; 2],
+    tenant_retention: BTreeMap<String, Duration>,
     stop: CancellationToken,
     flush: Arc<FlushCounts>,
 ) {
@@ -395,6 +492,18 @@ async fn write_loop(
                     Ok(0) => {}
                     Ok(n) => tracing::info!(rows = n, "pruned usage rollups past retention"),
                     Err(e) => tracing::warn!(error = %e, "pruning usage rollups failed"),
+                }
+                match store.delete_expired_content(now_ms()).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(records = n, "pruned expired usage content"),
+                    Err(e) => tracing::warn!(error = %e, "pruning usage content failed"),
+                }
+                for (tenant, keep) in &tenant_retention {
+                    match store.delete_tenant_usage_before(tenant, cutoff(*keep)).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(tenant = %tenant, records = n, "pruned a tenant's usage records past its retention"),
+                        Err(e) => tracing::warn!(tenant = %tenant, error = %e, "pruning a tenant's usage records failed"),
+                    }
                 }
             }
         }

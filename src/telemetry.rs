@@ -320,6 +320,9 @@ pub mod names {
     /// Guardrail decisions by direction (`request`, `reply`), entity type and action
     /// (counter).
     pub const GUARDRAIL_DECISIONS: &str = "llm_gateway_guardrail_decisions_total";
+    /// External guardrail checks' latency by check (`hook`, `moderation`) and phase
+    /// (histogram, seconds).
+    pub const GUARDRAIL_CHECK_SECONDS: &str = "llm_gateway_guardrail_check_seconds";
     /// Whether the shared state (Redis) is unreachable: 1 degraded, 0 fine (gauge).
     pub const SHARED_STATE_DEGRADED: &str = "llm_gateway_shared_state_degraded";
     /// Failed shared-state (Redis) operations by op: `admit`, `settle`, `renew`, `seed`,
@@ -447,6 +450,11 @@ fn describe() {
     describe_counter!(
         names::GUARDRAIL_DECISIONS,
         "Guardrail decisions, by direction, entity type and action."
+    );
+    describe_histogram!(
+        names::GUARDRAIL_CHECK_SECONDS,
+        Unit::Seconds,
+        "External guardrail checks' latency, by check and phase."
     );
     describe_gauge!(
         names::SHARED_STATE_DEGRADED,

@@ -374,6 +374,102 @@ pub struct Route {
     pub revision: Option<PolicyRevision>,
 }
 
+/// The external guardrail checks (HTTP hooks, moderation calls) of a call, in the order they
+/// ran; shown in the call's route. One pointer while there are none (it travels in every
+/// answer and finish event).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct GuardVerdicts(Option<Box<VerdictList>>);
+
+#[derive(Debug, Clone, PartialEq, Default)]
+struct VerdictList(Vec<GuardVerdict>);
+
+impl GuardVerdicts {
+    /// Appends `more`.
+    pub fn extend(&mut self, more: impl IntoIterator<Item = GuardVerdict>) {
+        let mut more = more.into_iter().peekable();
+        if more.peek().is_some() {
+            self.0.get_or_insert_with(Box::default).0.extend(more);
+        }
+    }
+
+    /// The verdicts in order.
+    pub fn iter(&self) -> std::slice::Iter<'_, GuardVerdict> {
+        self.0.as_ref().map_or(&[][..], |v| &v.0[..]).iter()
+    }
+
+    /// The verdicts, owned.
+    pub fn into_vec(self) -> Vec<GuardVerdict> {
+        self.0.map(|v| v.0).unwrap_or_default()
+    }
+}
+
+/// One external guardrail check of a call and what it decided.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GuardVerdict {
+    /// The guardrail profile it belongs to.
+    pub profile: String,
+    /// What kind of check: an HTTP hook or a moderation call.
+    pub check: GuardCheck,
+    /// Whether it looked at the request (false: the reply).
+    pub request: bool,
+    /// What it decided.
+    pub decision: GuardDecision,
+    /// How long it took (zero when it did not start).
+    pub latency: std::time::Duration,
+    /// For a block: the moderation categories over their thresholds, or the hook's reason;
+    /// for a failed check: what failed (`timeout`, `status 500`, ...). Never the text.
+    pub detail: String,
+}
+
+/// The kind of an external guardrail check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuardCheck {
+    /// An HTTP hook.
+    Hook,
+    /// A provider's moderation endpoint.
+    Moderation,
+}
+
+/// What an external guardrail check decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum GuardDecision {
+    /// The text may pass.
+    Allow,
+    /// The call is refused.
+    Block,
+    /// The hook rewrote the text.
+    Rewrite,
+    /// The check failed (or could not start in the call's time) and its profile fails
+    /// open: the text passed unchecked.
+    FailedOpen,
+    /// The check failed (or could not start in the call's time) and its profile fails
+    /// closed: the call is refused.
+    FailedClosed,
+}
+
+impl GuardDecision {
+    /// The name (metric label and ledger action).
+    pub fn name(self) -> &'static str {
+        match self {
+            GuardDecision::Allow => "allow",
+            GuardDecision::Block => "block",
+            GuardDecision::Rewrite => "rewrite",
+            GuardDecision::FailedOpen => "fail_open",
+            GuardDecision::FailedClosed => "fail_closed",
+        }
+    }
+}
+
+impl GuardCheck {
+    /// The name (metric label and ledger entity).
+    pub fn name(self) -> &'static str {
+        match self {
+            GuardCheck::Hook => "hook",
+            GuardCheck::Moderation => "moderation",
+        }
+    }
+}
+
 /// The version of a policy that served a call, and its side of a staged rollout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PolicyRevision {

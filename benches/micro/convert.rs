@@ -59,6 +59,7 @@ fn answer() -> Answer {
         }),
         route: route(),
         metrics: None,
+        guardrails: Default::default(),
     }
 }
 
@@ -92,6 +93,7 @@ pub fn bench(c: &mut Criterion) {
                 usage: Some(usage()),
                 cost: None,
                 route: route(),
+                guardrails: Default::default(),
             },
             |e| convert::stream_event("4f9c2a1be07d3c55", black_box(e)),
             BatchSize::SmallInput,

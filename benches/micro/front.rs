@@ -26,6 +26,7 @@ fn events() -> Vec<CallEvent> {
         usage: None,
         cost: None,
         route: Route::default(),
+        guardrails: Default::default(),
     });
     events
 }

@@ -122,6 +122,35 @@ pub struct KeySpec {
     /// Guardrail profile forced on every call of the key, whatever the policy (empty: none).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub guardrails: String,
+    /// Whether the ledger keeps the calls' prompts and replies (redacted).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep_content: bool,
+    /// How long kept content stays, in milliseconds (0: the default, 30 days).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub content_retention_ms: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+/// How long kept content stays when a key does not say.
+pub const DEFAULT_CONTENT_RETENTION_MS: u64 = 30 * 86_400_000;
+
+/// The longest a key may keep content.
+pub const MAX_CONTENT_RETENTION_MS: u64 = 400 * 86_400_000;
+
+impl KeySpec {
+    /// How long the key's calls' content is kept, when it keeps any.
+    pub fn content_retention(&self) -> Option<std::time::Duration> {
+        self.keep_content.then(|| {
+            std::time::Duration::from_millis(if self.content_retention_ms == 0 {
+                DEFAULT_CONTENT_RETENTION_MS
+            } else {
+                self.content_retention_ms
+            })
+        })
+    }
 }
 
 /// A stored key.
@@ -362,6 +391,14 @@ pub fn validate(spec: &KeySpec, prefix: &str) -> Vec<crate::error::FieldViolatio
                 "must be zero or more",
             ));
         }
+    }
+    if spec.content_retention_ms != 0
+        && !(3_600_000..=MAX_CONTENT_RETENTION_MS).contains(&spec.content_retention_ms)
+    {
+        v.push(FieldViolation::new(
+            format!("{prefix}.content_retention"),
+            "must be 1 hour to 400 days",
+        ));
     }
     if spec.forced_tags.len() > 16 {
         v.push(FieldViolation::new(

@@ -263,6 +263,8 @@ pub struct Answer {
     /// The metric handles of the target that answered (`None` when no target did, e.g. an
     /// answer from a cache).
     pub metrics: Option<Arc<TargetMetrics>>,
+    /// The external guardrail checks of the call (set by the server's guard stage).
+    pub guardrails: crate::types::GuardVerdicts,
 }
 
 /// The cost of `usage` on `target`, when both are known.
@@ -1045,6 +1047,7 @@ impl Executor {
             response: won.value,
             route: won.route,
             metrics: Some(won.target.metrics),
+            guardrails: Default::default(),
         })
     }
 

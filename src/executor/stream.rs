@@ -59,6 +59,8 @@ pub enum CallEvent {
         cost: Option<Cost>,
         /// The route taken.
         route: Route,
+        /// The external guardrail checks of the call (set by the server's guard stage).
+        guardrails: crate::types::GuardVerdicts,
     },
 }
 
@@ -212,6 +214,7 @@ impl CallStream {
                     usage: self.usage,
                     cost: cost_of(&self.c.target, self.usage.as_ref()),
                     route,
+                    guardrails: Default::default(),
                 })
             }
             StreamEvent::Text(t) => Some(CallEvent::Text(t)),

@@ -15,6 +15,7 @@
 //! the call's ledger record.
 
 pub mod detect;
+pub mod external;
 pub mod stream;
 
 use std::{
@@ -27,7 +28,7 @@ use serde::Deserialize;
 
 use crate::{
     error::GatewayError,
-    types::{ChatRequest, ChatResponse, ContentPart},
+    types::{ChatRequest, ChatResponse, ContentPart, GuardVerdict, Role},
 };
 use detect::{Builtin, Detector, Extra, Finding};
 
@@ -56,6 +57,10 @@ pub struct RawProfile {
     pub deny: Vec<String>,
     /// The action for deny-list terms (default `block`).
     pub deny_action: Option<String>,
+    /// An external HTTP hook (see [`external`]).
+    pub hook: Option<external::RawHook>,
+    /// A provider's moderation endpoint (see [`external`]).
+    pub moderation: Option<external::RawModeration>,
 }
 
 /// A configured pattern.
@@ -83,6 +88,8 @@ pub enum Action {
     Tokenize,
     /// Count only.
     Log,
+    /// An external check's decision (never configured on an entity type).
+    External(crate::types::GuardDecision),
 }
 
 impl Action {
@@ -106,6 +113,7 @@ impl Action {
             Action::Mask => "mask",
             Action::Tokenize => "tokenize",
             Action::Log => "log",
+            Action::External(d) => d.name(),
         }
     }
 }
@@ -147,12 +155,13 @@ pub struct Profile {
     mask_keep: usize,
     requests: bool,
     replies: bool,
+    external: Vec<external::External>,
     raw: RawProfile,
 }
 
 impl PartialEq for Profile {
     fn eq(&self, other: &Self) -> bool {
-        self.name == other.name && self.raw == other.raw
+        self.name == other.name && self.raw == other.raw && self.external == other.external
     }
 }
 
@@ -166,10 +175,21 @@ fn valid_entity_name(name: &str) -> bool {
 }
 
 impl Profile {
-    /// Compiles `[guardrails.NAME]`; problems go to `issues` under `guardrails.NAME.`.
+    /// Compiles `[guardrails.NAME]` without providers (a moderation check names an
+    /// unknown one); problems go to `issues` under `guardrails.NAME.`.
     pub fn from_raw(
         name: &str,
         raw: RawProfile,
+        issues: &mut crate::settings::Issues,
+    ) -> Option<Profile> {
+        Self::from_raw_with(name, raw, &|_| None, issues)
+    }
+
+    /// Compiles `[guardrails.NAME]`, looking moderation providers up in `providers`.
+    pub fn from_raw_with(
+        name: &str,
+        raw: RawProfile,
+        providers: external::ProviderLookup<'_>,
         issues: &mut crate::settings::Issues,
     ) -> Option<Profile> {
         let at = format!("guardrails.{name}");
@@ -298,6 +318,22 @@ impl Profile {
                 });
             }
         }
+        let mut externals = Vec::new();
+        if let Some(hook) = &raw.hook {
+            externals.extend(external::External::hook(
+                &format!("{at}.hook"),
+                hook,
+                &mut problems,
+            ));
+        }
+        if let Some(m) = &raw.moderation {
+            externals.extend(external::External::moderation(
+                &format!("{at}.moderation"),
+                m,
+                providers,
+                &mut problems,
+            ));
+        }
         let detector = match Detector::new(&builtins, &extra) {
             Ok(d) => Some(d),
             Err(e) => {
@@ -318,6 +354,7 @@ impl Profile {
             mask_keep: raw.mask_keep.unwrap_or(4),
             requests: raw.requests.unwrap_or(true),
             replies: raw.replies.unwrap_or(true),
+            external: externals,
             raw,
         })
     }
@@ -367,7 +404,7 @@ impl Profile {
                     state.blocked.insert(e.name.to_string());
                     out.push_str(value);
                 }
-                Action::Log => out.push_str(value),
+                Action::Log | Action::External(_) => out.push_str(value),
                 Action::Redact => {
                     out.push('[');
                     out.push_str(&e.label);
@@ -480,6 +517,74 @@ impl Vault {
 /// The longest placeholder, in characters (`[` + label + `_` + number + `]`).
 pub const MAX_TOKEN_LEN: usize = 56;
 
+/// Every built-in detector with `redact`: what kept content goes through.
+static REDACT_ALL: std::sync::LazyLock<Option<Profile>> = std::sync::LazyLock::new(|| {
+    let raw = RawProfile {
+        default_action: Some("redact".to_owned()),
+        ..RawProfile::default()
+    };
+    Profile::from_raw("redact-all", raw, &mut crate::settings::Issues::new())
+});
+
+/// `text` with every built-in entity type redacted (`[EMAIL]`, ...), not counted as a
+/// decision; empty if the detectors cannot be built (never: they are fixed), so nothing
+/// unredacted is ever kept.
+pub fn redact_all(text: &str) -> String {
+    let Some(p) = &*REDACT_ALL else {
+        return String::new();
+    };
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    for f in p.detector.find(text, 0) {
+        let Some(e) = p.entities.get(f.entity) else {
+            continue;
+        };
+        out.push_str(&text[at..f.range.start]);
+        out.push('[');
+        out.push_str(&e.label);
+        out.push(']');
+        at = f.range.end;
+    }
+    out.push_str(&text[at..]);
+    out
+}
+
+/// The request's messages as kept content: `role: text` per message (text parts, tool-call
+/// arguments and tool results).
+pub fn transcript(req: &ChatRequest) -> String {
+    let mut out = String::new();
+    for m in &req.messages {
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        out.push_str(role_name(m.role));
+        out.push_str(": ");
+        for part in &m.content {
+            match part {
+                ContentPart::Text(t) => out.push_str(t),
+                ContentPart::ToolCall(c) => out.push_str(&c.arguments),
+                ContentPart::ToolResult(r) => out.push_str(&r.content),
+                ContentPart::Image(_) => out.push_str("[image]"),
+            }
+        }
+    }
+    out
+}
+
+/// A reply's text as kept content (text parts and tool-call arguments).
+pub fn reply_transcript(response: &ChatResponse) -> String {
+    let mut out = String::new();
+    for part in &response.content {
+        match part {
+            ContentPart::Text(t) => out.push_str(t),
+            ContentPart::ToolCall(c) => out.push_str(&c.arguments),
+            ContentPart::ToolResult(r) => out.push_str(&r.content),
+            ContentPart::Image(_) => {}
+        }
+    }
+    out
+}
+
 /// Writes `value` as is.
 pub fn plain(value: &str, out: &mut String) {
     out.push_str(value);
@@ -577,9 +682,10 @@ pub struct GuardSettings {
 }
 
 impl GuardSettings {
-    /// `[guardrails.*]`.
+    /// `[guardrails.*]`; moderation checks look their provider up in `providers`.
     pub fn from_raw(
         raw: BTreeMap<String, RawProfile>,
+        providers: external::ProviderLookup<'_>,
         issues: &mut crate::settings::Issues,
     ) -> Self {
         let mut profiles = BTreeMap::new();
@@ -592,7 +698,7 @@ impl GuardSettings {
                 continue;
             }
             let mut own = crate::settings::Issues::new();
-            let compiled = Profile::from_raw(&name, profile, &mut own);
+            let compiled = Profile::from_raw_with(&name, profile, providers, &mut own);
             for issue in own.into_vec() {
                 issues.push(issue.field, issue.message);
             }
@@ -625,6 +731,41 @@ pub struct Guarding {
     pub profiles: Vec<Arc<Profile>>,
     /// Tokens and decisions.
     pub state: CallState,
+    /// The external checks' verdicts so far (for the route).
+    pub verdicts: Vec<GuardVerdict>,
+    /// The call, when a profile has external checks.
+    pub info: Option<Arc<external::CallInfo>>,
+}
+
+/// What external checks need besides the texts.
+#[derive(Debug, Clone, Copy)]
+pub struct ExternalContext<'a> {
+    /// The client they use.
+    pub client: &'a reqwest::Client,
+    /// The call.
+    pub info: &'a external::CallInfo,
+    /// When the call's time runs out.
+    pub deadline: tokio::time::Instant,
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::System => "system",
+        Role::Developer => "developer",
+        Role::User => "user",
+        Role::Assistant => "assistant",
+        Role::Tool => "tool",
+    }
+}
+
+/// The checked slot of a content part: its kind and text.
+fn slot(part: &mut ContentPart) -> Option<(&'static str, &mut String)> {
+    match part {
+        ContentPart::Text(t) => Some(("text", t)),
+        ContentPart::ToolCall(c) => Some(("tool_call", &mut c.arguments)),
+        ContentPart::ToolResult(r) => Some(("tool_result", &mut r.content)),
+        ContentPart::Image(_) => None,
+    }
 }
 
 impl Guarding {
@@ -633,7 +774,143 @@ impl Guarding {
         Self {
             profiles,
             state: CallState::default(),
+            verdicts: Vec::new(),
+            info: None,
         }
+    }
+
+    /// A guarding for a stream's external checks beside this one (which goes on scanning):
+    /// the same profiles, decisions counted in the same tally; it takes the verdicts and
+    /// the call's info.
+    pub fn split_external(&mut self) -> Guarding {
+        Guarding {
+            profiles: self.profiles.clone(),
+            state: CallState {
+                tally: self.state.tally.clone(),
+                ..CallState::default()
+            },
+            verdicts: std::mem::take(&mut self.verdicts),
+            info: self.info.take(),
+        }
+    }
+
+    /// Whether an external check runs in this phase (`true`: the request).
+    pub fn has_external(&self, request: bool) -> bool {
+        self.profiles
+            .iter()
+            .any(|p| p.external.iter().any(|e| e.runs(request)))
+    }
+
+    /// Runs every external check of this phase over `texts` (role, kind, text), in profile
+    /// order; a rewrite replaces the texts for the next check. `streamed`: the reply went
+    /// out already.
+    async fn external(
+        &mut self,
+        request: bool,
+        streamed: bool,
+        texts: &mut [(&'static str, &'static str, &mut String)],
+        cx: ExternalContext<'_>,
+    ) -> Result<(), GatewayError> {
+        let dir = if request {
+            Direction::Request
+        } else {
+            Direction::Reply
+        };
+        for profile in &self.profiles {
+            for ext in profile.external.iter().filter(|e| e.runs(request)) {
+                let view: Vec<external::Text<'_>> = texts
+                    .iter()
+                    .map(|(role, kind, text)| external::Text {
+                        role,
+                        kind,
+                        text: text.as_str(),
+                    })
+                    .collect();
+                let (outcome, verdict) = external::run(
+                    ext,
+                    &profile.name,
+                    request,
+                    streamed,
+                    &view,
+                    cx.info,
+                    cx.client,
+                    cx.deadline,
+                )
+                .await;
+                self.state.tally.count(
+                    dir,
+                    verdict.check.name(),
+                    Action::External(verdict.decision),
+                );
+                self.verdicts.push(verdict);
+                match outcome {
+                    external::Outcome::Pass => {}
+                    external::Outcome::Rewrite(new) => {
+                        for ((_, _, slot), new) in texts.iter_mut().zip(new) {
+                            **slot = new;
+                        }
+                    }
+                    external::Outcome::Refuse(err) => return Err(err),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the external checks of the request phase over the request's texts (after the
+    /// profiles' own detectors rewrote them).
+    pub async fn external_request(
+        &mut self,
+        req: &mut ChatRequest,
+        cx: ExternalContext<'_>,
+    ) -> Result<(), GatewayError> {
+        if !self.has_external(true) {
+            return Ok(());
+        }
+        let mut texts: Vec<(&'static str, &'static str, &mut String)> = Vec::new();
+        for message in &mut req.messages {
+            let role = role_name(message.role);
+            for part in &mut message.content {
+                if let Some((kind, text)) = slot(part) {
+                    texts.push((role, kind, text));
+                }
+            }
+        }
+        self.external(true, false, &mut texts, cx).await
+    }
+
+    /// Runs the external checks of the response phase over a complete reply.
+    pub async fn external_reply(
+        &mut self,
+        response: &mut ChatResponse,
+        cx: ExternalContext<'_>,
+    ) -> Result<(), GatewayError> {
+        if !self.has_external(false) {
+            return Ok(());
+        }
+        let mut texts: Vec<(&'static str, &'static str, &mut String)> = response
+            .content
+            .iter_mut()
+            .filter_map(slot)
+            .map(|(kind, text)| ("assistant", kind, text))
+            .collect();
+        self.external(false, false, &mut texts, cx).await
+    }
+
+    /// Runs the external checks of the response phase over a streamed reply's text (sent
+    /// already: a block ends the stream, a rewrite is a failure of the check).
+    pub async fn external_streamed(
+        &mut self,
+        text: &mut String,
+        reasoning: &mut String,
+        cx: ExternalContext<'_>,
+    ) -> Result<(), GatewayError> {
+        let mut texts: Vec<(&'static str, &'static str, &mut String)> =
+            vec![("assistant", "text", text)];
+        if !reasoning.is_empty() {
+            texts.push(("assistant", "reasoning", reasoning));
+        }
+        self.external(false, true, &mut texts, cx).await
     }
 
     /// Whether any profile applies.
@@ -849,7 +1126,7 @@ mod tests {
         )
         .unwrap();
         let mut issues = crate::settings::Issues::new();
-        let s = GuardSettings::from_raw(raw, &mut issues);
+        let s = GuardSettings::from_raw(raw, &|_| None, &mut issues);
         assert!(s.profiles.is_empty());
         let fields: Vec<String> = issues.into_vec().into_iter().map(|i| i.field).collect();
         assert_eq!(

@@ -21,6 +21,10 @@
 //!   assertions, and `POST /v1/projects/{p}/locations/{r}/publishers/{google|anthropic}/models/...`
 //!   for Gemini and Claude, requiring its tokens (see `vertex`).
 //!
+//! - Guardrails: OpenAI's moderation endpoint `POST /v1/moderations` (`flag:CATEGORY` in an
+//!   input flags it) and a guardrail hook `POST /guard/hook` speaking the gateway's hook
+//!   contract (see `guard`).
+//!
 //! # Behaviour
 //! Instance-wide defaults come from [`MockSettings`]. A request can script its own behaviour
 //! through `+`-separated directives appended to the model name, e.g.
@@ -73,6 +77,7 @@ pub use vertex::{
     TEST_CLIENT_EMAIL as MOCK_VERTEX_CLIENT_EMAIL, TEST_PROJECT as MOCK_VERTEX_PROJECT,
 };
 mod gemini;
+mod guard;
 mod openai;
 mod ratelimit;
 mod vertex;
@@ -585,6 +590,7 @@ pub(crate) fn router(state: MockState) -> Router {
     Router::new()
         .route("/mock/stats", get(stats_handler))
         .merge(openai::routes())
+        .merge(guard::routes())
         .merge(anthropic::routes())
         .merge(batches::routes())
         .merge(bedrock::routes())

@@ -1210,6 +1210,28 @@ impl LlmGatewayAdmin for AdminService {
         .await
         .map_err(fail)
     }
+
+    async fn get_usage_content(
+        &self,
+        request: Request<pb::GetUsageContentRequest>,
+    ) -> AdminResult<pb::GetUsageContentResponse> {
+        async {
+            let req = request.into_inner();
+            if req.request_id.is_empty() {
+                return Err(GatewayError::invalid("request_id", "must not be empty"));
+            }
+            let kept = self
+                .store
+                .usage_content(&req.request_id, super::access::now_ms())
+                .await
+                .map_err(|e| store_error(e.into()))?;
+            Ok(Response::new(pb::GetUsageContentResponse {
+                contents: kept.iter().map(convert_admin::content_out).collect(),
+            }))
+        }
+        .await
+        .map_err(fail)
+    }
 }
 
 #[cfg(test)]

@@ -131,6 +131,7 @@ pub const METHODS: &[Method] = &[
     rpc(admin!("GetUsage"), Requirement::UsageRead),
     rpc(admin!("ExportUsage"), Requirement::UsageRead),
     rpc(admin!("GetExperiment"), Requirement::UsageRead),
+    rpc(admin!("GetUsageContent"), Requirement::Admin),
     rpc(admin!("CreateKey"), Requirement::Admin),
     rpc(admin!("ListKeys"), Requirement::Admin),
     rpc(admin!("GetKey"), Requirement::Admin),

@@ -619,6 +619,7 @@ impl Execute for EngineExec {
             cost,
             route,
             metrics: Some(target.metrics.clone()),
+            guardrails: Default::default(),
         };
         NativeDone::Done(answer_result(
             &request.custom_id,

@@ -155,6 +155,7 @@ pub fn answer(entry: &Entry, route: Route) -> Answer {
         cost: Some(ZERO_COST),
         route,
         metrics: None,
+        guardrails: Default::default(),
     }
 }
 
@@ -187,6 +188,7 @@ pub fn replay(entry: &Entry, route: Route) -> Vec<Result<CallEvent, GatewayError
         usage: entry.response.usage,
         cost: Some(ZERO_COST),
         route,
+        guardrails: Default::default(),
     }));
     events
 }

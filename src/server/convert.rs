@@ -494,6 +494,39 @@ fn duration(d: std::time::Duration) -> prost_types::Duration {
     }
 }
 
+/// Converts an external guardrail verdict.
+fn verdict(v: crate::types::GuardVerdict) -> pb::GuardrailVerdict {
+    use crate::types::{GuardCheck, GuardDecision};
+    pb::GuardrailVerdict {
+        profile: v.profile,
+        check: (match v.check {
+            GuardCheck::Hook => pb::GuardrailCheck::Hook,
+            GuardCheck::Moderation => pb::GuardrailCheck::Moderation,
+        }) as i32,
+        phase: (if v.request {
+            pb::GuardrailPhase::Request
+        } else {
+            pb::GuardrailPhase::Response
+        }) as i32,
+        decision: (match v.decision {
+            GuardDecision::Allow => pb::GuardrailDecision::Allow,
+            GuardDecision::Block => pb::GuardrailDecision::Block,
+            GuardDecision::Rewrite => pb::GuardrailDecision::Rewrite,
+            GuardDecision::FailedOpen => pb::GuardrailDecision::FailedOpen,
+            GuardDecision::FailedClosed => pb::GuardrailDecision::FailedClosed,
+        }) as i32,
+        latency_us: u64::try_from(v.latency.as_micros()).unwrap_or(u64::MAX),
+        detail: v.detail,
+    }
+}
+
+/// Converts a route with the call's external guardrail verdicts.
+pub fn route_with(call_route: Route, guardrails: crate::types::GuardVerdicts) -> pb::Route {
+    let mut r = route(call_route);
+    r.guardrails = guardrails.into_vec().into_iter().map(verdict).collect();
+    r
+}
+
 /// Converts a route.
 pub fn route(route: Route) -> pb::Route {
     let (cache, cache_similarity) = match route.cache {
@@ -521,6 +554,7 @@ pub fn route(route: Route) -> pb::Route {
             .map(|a| a.experiment.clone())
             .unwrap_or_default(),
         arm: route.arm.map(|a| a.arm.clone()).unwrap_or_default(),
+        guardrails: Vec::new(),
         attempts: route
             .attempts
             .into_iter()
@@ -558,6 +592,7 @@ pub fn chat_response(id: String, answer: Answer) -> pb::ChatResponse {
         provider,
         cost: call_cost,
         route: call_route,
+        guardrails,
         ..
     } = answer;
     let content = response
@@ -589,7 +624,7 @@ pub fn chat_response(id: String, answer: Answer) -> pb::ChatResponse {
         finish_reason: finish_reason(response.finish_reason),
         usage: Some(usage(response.usage.as_ref())),
         cost: cost(call_cost),
-        route: Some(route(call_route)),
+        route: Some(route_with(call_route, guardrails)),
     }
 }
 
@@ -622,11 +657,12 @@ pub fn stream_event(id: &str, event: CallEvent) -> pb::ChatStreamResponse {
             usage: call_usage,
             cost: call_cost,
             route: call_route,
+            guardrails,
         } => Event::Finish(pb::StreamFinish {
             finish_reason: finish_reason(reason),
             usage: Some(usage(call_usage.as_ref())),
             cost: cost(call_cost),
-            route: Some(route(call_route)),
+            route: Some(route_with(call_route, guardrails)),
         }),
     };
     pb::ChatStreamResponse { event: Some(event) }

@@ -472,6 +472,15 @@ pub fn key_in(
         monthly_budget_usd: k.monthly_budget_usd,
         budget_fallback_policy: k.budget_fallback_policy,
         guardrails: k.guardrails,
+        keep_content: k.keep_content,
+        content_retention_ms: duration_in(
+            k.content_retention,
+            &format!("{prefix}.content_retention"),
+            &mut violations,
+        )
+        .map_or(0, |d| {
+            u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+        }),
     };
     violations.extend(crate::auth::validate(&spec, prefix));
     if violations.is_empty() {
@@ -505,6 +514,21 @@ pub fn key_out(r: &crate::auth::KeyRecord, spent_today: f64, spent_month: f64) -
         etag: r.etag(),
         create_time: Some(timestamp(r.created_ms)),
         guardrails: s.guardrails.clone(),
+        keep_content: s.keep_content,
+        content_retention: s.content_retention().map(duration_out),
+    }
+}
+
+/// Kept content as the Admin API shows it.
+pub fn content_out(c: &crate::ledger::StoredContent) -> pb::UsageContent {
+    pb::UsageContent {
+        request_id: c.request_id.clone(),
+        time: Some(timestamp(c.time_ms)),
+        key: c.key.clone(),
+        tenant: c.content.tenant.clone(),
+        prompt: c.content.prompt.clone(),
+        reply: c.content.reply.clone(),
+        expire_time: Some(timestamp(c.content.expires_ms)),
     }
 }
 

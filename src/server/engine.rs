@@ -44,7 +44,7 @@ use crate::{
     limits::{Ask, BudgetCheck},
     routing::{Plan, Router, RoutingTable, estimate_tokens},
     telemetry::{TraceContext, continue_traceparent},
-    types::{CacheOutcome, ChatRequest, Usage},
+    types::{CacheOutcome, ChatRequest, ToolCallDelta, Usage},
 };
 use std::sync::Arc;
 
@@ -123,9 +123,14 @@ impl Engine {
         pool.sample(&self.router.load(), plan, req)
     }
 
-    /// The engine with these guardrail profiles (`[guardrails.*]`).
-    pub fn with_guardrails(mut self, settings: Arc<crate::guard::GuardSettings>) -> Self {
-        self.guard = GuardStage::new(settings);
+    /// The engine with these guardrail profiles (`[guardrails.*]`); their external checks
+    /// use `client`.
+    pub fn with_guardrails(
+        mut self,
+        settings: Arc<crate::guard::GuardSettings>,
+        client: reqwest::Client,
+    ) -> Self {
+        self.guard = GuardStage::new(settings, client);
         self
     }
 
@@ -162,7 +167,7 @@ impl Engine {
         async move {
             let result = async {
                 let (req, plan, namespace, mut guarding) = self
-                    .prepare(call.credential, request, &mut meter, false)
+                    .prepare(call.credential, request, &mut meter, false, call.deadline)
                     .await?;
                 let mut cached = match &self.cache {
                     Some(cache) => {
@@ -183,6 +188,9 @@ impl Engine {
                             let mut answer = cache_stage::answer(&entry, route);
                             if guarding.is_active() {
                                 guarding.reply(&mut answer.response)?;
+                                self.guard
+                                    .reply(&mut guarding, &mut answer, call.deadline)
+                                    .await?;
                             }
                             return Ok(answer);
                         }
@@ -210,6 +218,9 @@ impl Engine {
                 }
                 if guarding.is_active() {
                     guarding.reply(&mut answer.response)?;
+                    self.guard
+                        .reply(&mut guarding, &mut answer, call.deadline)
+                        .await?;
                 }
                 Ok(answer)
             }
@@ -218,6 +229,9 @@ impl Engine {
                 Ok(answer) => {
                     let hit = matches!(answer.route.cache, CacheOutcome::Hit { .. });
                     tracing::debug!(provider = %answer.provider, model = %answer.response.model, "call succeeded");
+                    if meter.keeps_content() {
+                        meter.set_reply(&crate::guard::reply_transcript(&answer.response));
+                    }
                     meter.set_target(answer.metrics.clone());
                     meter.finish(Outcome {
                         code: tonic::Code::Ok,
@@ -253,7 +267,7 @@ impl Engine {
         let span = tracing::info_span!("call", rpc = call.rpc, request_id = %call.request_id);
         let committed = async {
             let (req, plan, namespace, guarding) = self
-                .prepare(call.credential, request, &mut meter, true)
+                .prepare(call.credential, request, &mut meter, true, call.deadline)
                 .await?;
             let mut cached = None;
             if let Some(cache) = &self.cache {
@@ -342,13 +356,26 @@ impl Engine {
                 Ok(event)
             }
         }));
-        let guarded = guard_stream(collected, guarding);
+        let guarded = guard_stream(collected, guarding, &self.guard, call.deadline);
+        // Kept content: the reply as it went out.
+        let mut reply = meter.keeps_content().then(String::new);
         Ok(Box::pin(guarded.map(move |event| match event {
             Ok(event) => {
+                if let (
+                    Some(reply),
+                    CallEvent::Text(t) | CallEvent::ToolCall(ToolCallDelta { arguments: t, .. }),
+                ) = (reply.as_mut(), &event)
+                    && reply.len() < super::meter::MAX_KEPT * 2
+                {
+                    reply.push_str(t);
+                }
                 if let CallEvent::Finish {
                     usage, cost, route, ..
                 } = &event
                 {
+                    if let Some(reply) = reply.take() {
+                        meter.set_reply(&reply);
+                    }
                     meter.finish(Outcome {
                         code: tonic::Code::Ok,
                         error_class: "",
@@ -377,6 +404,7 @@ impl Engine {
         request: impl FnOnce() -> Result<ChatRequest, GatewayError> + Send,
         meter: &mut CallMeter,
         stream: bool,
+        deadline: Instant,
     ) -> Result<(ChatRequest, Plan, Arc<str>, Guarding), GatewayError> {
         let caller = match credential {
             Credential::Verified(caller) => caller,
@@ -389,11 +417,16 @@ impl Engine {
             apply_arm(&mut req, &plan);
             meter.set_tags(&req.tags);
             meter.set_rollout(&plan);
-            let (req, plan, guarding) = self.guarded(req, plan, None, &table, meter)?;
+            let (req, plan, guarding) = self
+                .guarded(req, plan, None, &table, meter, deadline)
+                .await?;
             return Ok((req, plan, cache_stage::namespace(None), guarding));
         };
         caller.force_tags(&mut req.tags);
         meter.set_key(caller.name());
+        if let Some(keep) = caller.key.spec.content_retention() {
+            meter.keep_content(keep, &caller.key.spec.owner);
+        }
         caller.may_call(&req.model, table.is_policy(&req.model))?;
         meter.set_tags(&req.tags);
         let mut plan = plan(&table, &req, meter)?;
@@ -440,24 +473,36 @@ impl Engine {
         }
         meter.set_permit(permit);
         meter.set_rollout(&plan);
-        let (req, plan, guarding) = self.guarded(req, plan, Some(caller), &table, meter)?;
+        let (req, plan, guarding) = self
+            .guarded(req, plan, Some(caller), &table, meter, deadline)
+            .await?;
         Ok((req, plan, cache_stage::namespace(Some(caller)), guarding))
     }
 
     /// Applies the call's guardrails (the key's forced profile, then the policy's) to the
-    /// request; the guarding goes on with the reply. Its decisions go to the meter.
-    fn guarded(
+    /// request: their detectors, then their external checks; the guarding goes on with the
+    /// reply. Its decisions go to the meter.
+    async fn guarded(
         &self,
         mut req: ChatRequest,
         plan: Plan,
         caller: Option<&Caller>,
         table: &RoutingTable,
         meter: &mut CallMeter,
+        deadline: Instant,
     ) -> Result<(ChatRequest, Plan, Guarding), GatewayError> {
-        let mut guarding = self.guard.for_call(caller, table, &plan)?;
+        let mut guarding = self
+            .guard
+            .for_call(caller, table, &plan, &req, meter.request_id())?;
         if guarding.is_active() {
             meter.set_guardrails(guarding.state.tally.clone());
             guarding.request(&mut req)?;
+            self.guard
+                .request(&mut guarding, &mut req, deadline)
+                .await?;
+        }
+        if meter.keeps_content() {
+            meter.set_prompt(&crate::guard::transcript(&req));
         }
         Ok((req, plan, guarding))
     }

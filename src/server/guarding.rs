@@ -1,7 +1,9 @@
 //! The guard stage of the call engine ([`super::engine`]): which guardrail profiles apply to
 //! a call (the key's forced profile first, then the policy's), and the reply stream passed
 //! through [`crate::guard::stream::StreamScanner`]s (text, reasoning, and each tool call's
-//! arguments apart), flushed before the finish event.
+//! arguments apart), flushed before the finish event; and the profiles' external checks
+//! ([`crate::guard::external`]): on the request after its detectors, on a unary reply, and
+//! on a stream's whole reply text before its finish event, their verdicts in the route.
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -10,28 +12,75 @@ use std::{
     task::{Context, Poll, ready},
 };
 
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
+use tokio::time::Instant;
 
 use super::engine::Events;
 use crate::{
     auth::Caller,
     error::GatewayError,
+    executor::Answer,
     executor::CallEvent,
-    guard::{GuardSettings, Guarding, json_escaped, plain, stream::StreamScanner},
+    guard::{
+        ExternalContext, GuardSettings, Guarding, external::CallInfo, json_escaped, plain,
+        stream::StreamScanner,
+    },
     routing::{Plan, RoutingTable},
-    types::ToolCallDelta,
+    types::{ChatRequest, ToolCallDelta},
 };
 
 /// The configured profiles, looked up per call.
 #[derive(Clone, Default)]
 pub struct GuardStage {
     settings: Arc<GuardSettings>,
+    /// For external checks.
+    client: reqwest::Client,
 }
 
 impl GuardStage {
-    /// A stage over these profiles.
-    pub fn new(settings: Arc<GuardSettings>) -> Self {
-        Self { settings }
+    /// A stage over these profiles; external checks use `client`.
+    pub fn new(settings: Arc<GuardSettings>, client: reqwest::Client) -> Self {
+        Self { settings, client }
+    }
+
+    /// Runs the request's external checks (after the detectors ran).
+    pub async fn request(
+        &self,
+        guarding: &mut Guarding,
+        req: &mut ChatRequest,
+        deadline: Instant,
+    ) -> Result<(), GatewayError> {
+        let Some(info) = guarding.info.clone() else {
+            return Ok(());
+        };
+        let cx = ExternalContext {
+            client: &self.client,
+            info: &info,
+            deadline,
+        };
+        guarding.external_request(req, cx).await
+    }
+
+    /// Runs a unary reply's external checks (after the detectors ran) and puts every
+    /// verdict of the call in its route.
+    pub async fn reply(
+        &self,
+        guarding: &mut Guarding,
+        answer: &mut Answer,
+        deadline: Instant,
+    ) -> Result<(), GatewayError> {
+        if let Some(info) = guarding.info.clone() {
+            let cx = ExternalContext {
+                client: &self.client,
+                info: &info,
+                deadline,
+            };
+            guarding.external_reply(&mut answer.response, cx).await?;
+        }
+        answer
+            .guardrails
+            .extend(std::mem::take(&mut guarding.verdicts));
+        Ok(())
     }
 
     /// The guardrails of one call: the key's forced profile, then its policy's. A profile
@@ -41,6 +90,8 @@ impl GuardStage {
         caller: Option<&Caller>,
         table: &RoutingTable,
         plan: &Plan,
+        req: &ChatRequest,
+        request_id: &str,
     ) -> Result<Guarding, GatewayError> {
         let mut names: Vec<&str> = Vec::new();
         if let Some(caller) = caller
@@ -67,12 +118,131 @@ impl GuardStage {
                 }
             }
         }
-        Ok(Guarding::new(profiles))
+        let mut guarding = Guarding::new(profiles);
+        if guarding.has_external(true) || guarding.has_external(false) {
+            guarding.info = Some(Arc::new(CallInfo {
+                request_id: request_id.to_owned(),
+                policy: plan.policy.clone(),
+                model: req.model.clone(),
+                key: caller.map(|c| c.name().to_owned()),
+                tenant: caller
+                    .map(|c| c.key.spec.owner.clone())
+                    .filter(|o| !o.is_empty()),
+            }));
+        }
+        Ok(guarding)
     }
 }
 
+/// The most reply text a stream keeps for its response-phase external checks; what comes
+/// after is not checked.
+const MAX_CHECKED_REPLY: usize = 1 << 20;
+
 /// The committed stream with its reply scanned; unchanged when nothing watches replies.
-pub fn guard_stream(events: Events, guarding: Guarding) -> Events {
+/// With external checks, their verdicts go into the finish event's route, and those of the
+/// response phase run over the whole reply text before it.
+pub fn guard_stream(
+    events: Events,
+    mut guarding: Guarding,
+    stage: &GuardStage,
+    deadline: Instant,
+) -> Events {
+    if !guarding.is_active() {
+        return events;
+    }
+    let external = guarding.info.is_some().then(|| guarding.split_external());
+    let events = scan_stream(events, guarding);
+    match external {
+        Some(external) => external_stream(events, external, stage.client.clone(), deadline),
+        None => events,
+    }
+}
+
+struct ExternalState {
+    inner: Events,
+    guarding: Guarding,
+    client: reqwest::Client,
+    deadline: Instant,
+    text: String,
+    reasoning: String,
+    done: bool,
+}
+
+fn keep(into: &mut String, text: &str) {
+    if into.len() + text.len() <= MAX_CHECKED_REPLY {
+        into.push_str(text);
+    }
+}
+
+/// Runs the response phase's external checks at the finish event; every verdict goes into
+/// its route.
+fn external_stream(
+    inner: Events,
+    guarding: Guarding,
+    client: reqwest::Client,
+    deadline: Instant,
+) -> Events {
+    let state = ExternalState {
+        inner,
+        guarding,
+        client,
+        deadline,
+        text: String::new(),
+        reasoning: String::new(),
+        done: false,
+    };
+    Box::pin(futures_util::stream::unfold(state, |mut st| async move {
+        if st.done {
+            return None;
+        }
+        let event = match st.inner.next().await? {
+            Ok(CallEvent::Text(t)) => {
+                keep(&mut st.text, &t);
+                Ok(CallEvent::Text(t))
+            }
+            Ok(CallEvent::Reasoning(t)) => {
+                keep(&mut st.reasoning, &t);
+                Ok(CallEvent::Reasoning(t))
+            }
+            Ok(CallEvent::Finish {
+                reason,
+                usage,
+                cost,
+                route,
+                mut guardrails,
+            }) => {
+                let checked = match st.guarding.info.clone() {
+                    Some(info) if st.guarding.has_external(false) => {
+                        let cx = ExternalContext {
+                            client: &st.client,
+                            info: &info,
+                            deadline: st.deadline,
+                        };
+                        st.guarding
+                            .external_streamed(&mut st.text, &mut st.reasoning, cx)
+                            .await
+                    }
+                    _ => Ok(()),
+                };
+                guardrails.extend(std::mem::take(&mut st.guarding.verdicts));
+                checked.map(|()| CallEvent::Finish {
+                    reason,
+                    usage,
+                    cost,
+                    route,
+                    guardrails,
+                })
+            }
+            other => other,
+        };
+        st.done = event.is_err();
+        Some((event, st))
+    }))
+}
+
+/// The stream with its reply scanned by the profiles' detectors; unchanged when nothing
+/// watches replies.
+fn scan_stream(events: Events, guarding: Guarding) -> Events {
     if !guarding.is_active() || !guarding.watches_replies() {
         return events;
     }

@@ -58,6 +58,22 @@ impl<'a> Outcome<'a> {
     }
 }
 
+/// The most bytes of a prompt or a reply the ledger keeps (after redaction).
+pub const MAX_KEPT: usize = 1 << 20;
+
+/// `text` redacted, then cut to [`MAX_KEPT`] bytes (on a character boundary).
+fn kept(text: &str) -> String {
+    let mut out = crate::guard::redact_all(text);
+    if out.len() > MAX_KEPT {
+        let mut at = MAX_KEPT;
+        while !out.is_char_boundary(at) {
+            at -= 1;
+        }
+        out.truncate(at);
+    }
+    out
+}
+
 /// Accounts for one call; see the module docs.
 pub struct CallMeter {
     config: MeterConfig,
@@ -83,6 +99,8 @@ pub struct CallMeter {
     observer: Option<Arc<dyn RolloutObserver>>,
     /// The experiment arm, for a call that failed before it had a route.
     arm: Option<Arc<ArmRef>>,
+    /// Kept content (keys with `keep_content`): how long, and the redacted prompt and reply.
+    content: Option<(std::time::Duration, crate::ledger::Content)>,
 }
 
 /// How a call counts for a rollout's test: `Some(true)` failed for a reason of the
@@ -192,6 +210,37 @@ impl CallMeter {
             revision: None,
             observer: None,
             arm: None,
+            content: None,
+        }
+    }
+
+    /// Keeps the call's content (redacted) for `retention`, owned by `tenant`.
+    pub fn keep_content(&mut self, retention: std::time::Duration, tenant: &str) {
+        self.content = Some((
+            retention,
+            crate::ledger::Content {
+                tenant: tenant.to_owned(),
+                ..crate::ledger::Content::default()
+            },
+        ));
+    }
+
+    /// Whether the call's content is kept.
+    pub fn keeps_content(&self) -> bool {
+        self.content.is_some()
+    }
+
+    /// The prompt as sent (redacted here, then cut to [`MAX_KEPT`]), when content is kept.
+    pub fn set_prompt(&mut self, prompt: &str) {
+        if let Some((_, c)) = &mut self.content {
+            c.prompt = kept(prompt);
+        }
+    }
+
+    /// The reply (redacted here, then cut to [`MAX_KEPT`]), when content is kept.
+    pub fn set_reply(&mut self, reply: &str) {
+        if let Some((_, c)) = &mut self.content {
+            c.reply = kept(reply);
         }
     }
 
@@ -344,10 +393,22 @@ impl CallMeter {
             );
         }
         let usage = outcome.usage.unwrap_or_default();
+        let time_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        // Content of a call that got as far as sending its prompt.
+        let content = self
+            .content
+            .take()
+            .filter(|(_, c)| !c.prompt.is_empty())
+            .map(|(keep, mut c)| {
+                c.expires_ms =
+                    time_ms.saturating_add(i64::try_from(keep.as_millis()).unwrap_or(i64::MAX));
+                Box::new(c)
+            });
         self.config.ledger.record(UsageRecord {
-            time_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+            time_ms,
+            content,
             request_id: std::mem::take(&mut self.request_id),
             rpc: self.rpc.to_owned(),
             key: std::mem::take(&mut self.key),

@@ -347,11 +347,12 @@ pub async fn serve_with(
     let executor = Executor::new(config.executor.clone(), hard_stop.clone());
     let (ledger, ledger_writer) = match config.ledger.capacity {
         Some(capacity) => {
-            let (ledger, writer) = crate::ledger::Ledger::start(
+            let (ledger, writer) = crate::ledger::Ledger::start_with_tenants(
                 store.clone(),
                 capacity,
                 config.ledger.retention,
                 config.ledger.rollup_retention,
+                config.ledger.tenant_retention.clone(),
             );
             (ledger, Some(writer))
         }
@@ -478,7 +479,10 @@ pub async fn serve_with(
         meter,
     )
     .with_cache(response_cache)
-    .with_guardrails(Arc::new(config.guardrails.clone()))
+    .with_guardrails(
+        Arc::new(config.guardrails.clone()),
+        providers::http_client(&config.upstream.http)?,
+    )
     .with_shadows(shadows.clone());
     let batch_store: Arc<dyn crate::batch::BatchStore> = match pg_pool {
         // Claims are leases renewed by the store's heartbeat; one job's bound holds over

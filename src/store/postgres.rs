@@ -131,6 +131,19 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE usage ADD COLUMN IF NOT EXISTS shadow_json_agree BOOLEAN;
     ALTER TABLE usage ADD COLUMN IF NOT EXISTS shadow_finish_reason TEXT NOT NULL DEFAULT '';
     CREATE INDEX IF NOT EXISTS usage_experiment ON usage (experiment, time_ms) WHERE experiment <> '';",
+    // Kept content (keys with `keep_content`, SQLite's usage_content migration): redacted
+    // prompt and reply until they expire.
+    "CREATE TABLE IF NOT EXISTS usage_content (
+        request_id TEXT NOT NULL,
+        time_ms BIGINT NOT NULL,
+        key TEXT NOT NULL,
+        tenant TEXT NOT NULL,
+        prompt TEXT NOT NULL,
+        reply TEXT NOT NULL,
+        expires_ms BIGINT NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS usage_content_request ON usage_content (request_id);
+    CREATE INDEX IF NOT EXISTS usage_content_expires ON usage_content (expires_ms);",
 ];
 
 /// Parses a `store.url`: a `postgres://` or `postgresql://` URL naming a host.
@@ -906,6 +919,25 @@ impl UsageSink for PgStore {
         )
         .await
         .map_err(|e| sink(pg(e)))?;
+        for r in &records {
+            if let Some(c) = &r.content {
+                tx.execute(
+                    "INSERT INTO usage_content (request_id, time_ms, key, tenant, prompt, reply,
+                     expires_ms) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    &[
+                        &r.request_id,
+                        &r.time_ms,
+                        &r.key,
+                        &c.tenant,
+                        &c.prompt,
+                        &c.reply,
+                        &c.expires_ms,
+                    ],
+                )
+                .await
+                .map_err(|e| sink(pg(e)))?;
+            }
+        }
         // The rollups, in the same transaction. Rows come sorted by (minute, dimensions),
         // so replicas writing the same rows lock them in one order (no deadlock).
         let upsert = tx
@@ -1021,6 +1053,62 @@ impl UsageSink for PgStore {
         let client = self.client().await.map_err(sink)?;
         client
             .execute("DELETE FROM usage WHERE time_ms < $1", &[&cutoff_ms])
+            .await
+            .map_err(|e| sink(pg(e)))
+    }
+
+    async fn usage_content(
+        &self,
+        request_id: &str,
+        now_ms: i64,
+    ) -> Result<Vec<ledger::StoredContent>, SinkError> {
+        let client = self.client().await.map_err(sink)?;
+        let rows = client
+            .query(
+                "SELECT request_id, time_ms, key, tenant, prompt, reply, expires_ms
+                 FROM usage_content WHERE request_id = $1 AND expires_ms > $2 ORDER BY time_ms",
+                &[&request_id, &now_ms],
+            )
+            .await
+            .map_err(|e| sink(pg(e)))?;
+        Ok(rows
+            .iter()
+            .map(|row| ledger::StoredContent {
+                request_id: row.get(0),
+                time_ms: row.get(1),
+                key: row.get(2),
+                content: ledger::Content {
+                    tenant: row.get(3),
+                    prompt: row.get(4),
+                    reply: row.get(5),
+                    expires_ms: row.get(6),
+                },
+            })
+            .collect())
+    }
+
+    async fn delete_expired_content(&self, now_ms: i64) -> Result<u64, SinkError> {
+        let client = self.client().await.map_err(sink)?;
+        client
+            .execute(
+                "DELETE FROM usage_content WHERE expires_ms <= $1",
+                &[&now_ms],
+            )
+            .await
+            .map_err(|e| sink(pg(e)))
+    }
+
+    async fn delete_tenant_usage_before(
+        &self,
+        tenant: &str,
+        cutoff_ms: i64,
+    ) -> Result<u64, SinkError> {
+        let client = self.client().await.map_err(sink)?;
+        client
+            .execute(
+                "DELETE FROM usage WHERE time_ms < $1 AND (tags::jsonb) ->> 'team' = $2",
+                &[&cutoff_ms, &tenant],
+            )
             .await
             .map_err(|e| sink(pg(e)))
     }
@@ -1204,6 +1292,7 @@ fn usage_from_row(row: &Row) -> UsageRecord {
                     finish_reason: row.get("shadow_finish_reason"),
                 }),
         },
+        content: None,
     }
 }
 

@@ -102,6 +102,18 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE usage ADD COLUMN shadow_json_agree INTEGER;
     ALTER TABLE usage ADD COLUMN shadow_finish_reason TEXT NOT NULL DEFAULT '';
     CREATE INDEX usage_experiment ON usage (experiment, time_ms) WHERE experiment <> '';",
+    // Kept content (keys with `keep_content`): redacted prompt and reply until they expire.
+    "CREATE TABLE usage_content (
+        request_id TEXT NOT NULL,
+        time_ms INTEGER NOT NULL,
+        key TEXT NOT NULL,
+        tenant TEXT NOT NULL,
+        prompt TEXT NOT NULL,
+        reply TEXT NOT NULL,
+        expires_ms INTEGER NOT NULL
+    );
+    CREATE INDEX usage_content_request ON usage_content (request_id);
+    CREATE INDEX usage_content_expires ON usage_content (expires_ms);",
 ];
 
 /// The embedded store.
@@ -643,6 +655,27 @@ impl UsageSink for SqliteStore {
                     ])
                     .map_err(backend)?;
                 }
+                let mut content = tx
+                    .prepare_cached(
+                        "INSERT INTO usage_content (request_id, time_ms, key, tenant, prompt, reply,
+                         expires_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    )
+                    .map_err(backend)?;
+                for r in &records {
+                    if let Some(c) = &r.content {
+                        content
+                            .execute(params![
+                                r.request_id,
+                                r.time_ms,
+                                r.key,
+                                c.tenant,
+                                c.prompt,
+                                c.reply,
+                                c.expires_ms
+                            ])
+                            .map_err(backend)?;
+                    }
+                }
                 // The rollups, in the same transaction: they never disagree with the records.
                 let mut upsert = tx
                     .prepare_cached(ledger::rollup_upsert(Dialect::Sqlite))
@@ -773,6 +806,71 @@ impl UsageSink for SqliteStore {
             conn.execute("DELETE FROM usage WHERE time_ms < ?1", params![cutoff_ms])
                 .map(|n| n as u64)
                 .map_err(backend)
+        })
+        .await
+        .map_err(SinkError::from)
+    }
+
+    async fn usage_content(
+        &self,
+        request_id: &str,
+        now_ms: i64,
+    ) -> Result<Vec<ledger::StoredContent>, SinkError> {
+        let request_id = request_id.to_owned();
+        self.with_conn(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT request_id, time_ms, key, tenant, prompt, reply, expires_ms
+                     FROM usage_content WHERE request_id = ?1 AND expires_ms > ?2 ORDER BY time_ms",
+                )
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map(params![request_id, now_ms], |row| {
+                    Ok(ledger::StoredContent {
+                        request_id: row.get(0)?,
+                        time_ms: row.get(1)?,
+                        key: row.get(2)?,
+                        content: ledger::Content {
+                            tenant: row.get(3)?,
+                            prompt: row.get(4)?,
+                            reply: row.get(5)?,
+                            expires_ms: row.get(6)?,
+                        },
+                    })
+                })
+                .map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+        .await
+        .map_err(SinkError::from)
+    }
+
+    async fn delete_expired_content(&self, now_ms: i64) -> Result<u64, SinkError> {
+        self.with_conn(move |conn| {
+            conn.execute(
+                "DELETE FROM usage_content WHERE expires_ms <= ?1",
+                params![now_ms],
+            )
+            .map(|n| n as u64)
+            .map_err(backend)
+        })
+        .await
+        .map_err(SinkError::from)
+    }
+
+    async fn delete_tenant_usage_before(
+        &self,
+        tenant: &str,
+        cutoff_ms: i64,
+    ) -> Result<u64, SinkError> {
+        let tenant = tenant.to_owned();
+        self.with_conn(move |conn| {
+            conn.execute(
+                "DELETE FROM usage WHERE time_ms < ?1 AND json_extract(tags, '$.team') = ?2",
+                params![cutoff_ms, tenant],
+            )
+            .map(|n| n as u64)
+            .map_err(backend)
         })
         .await
         .map_err(SinkError::from)
@@ -954,6 +1052,7 @@ fn usage_from_row(row: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<UsageR
                 })
                 .transpose()?,
         },
+        content: None,
     })
 }
 

@@ -28,6 +28,7 @@ mod executor;
 mod experiments;
 mod governance;
 mod guard;
+mod guard_hooks;
 mod http;
 mod keys;
 mod observability;

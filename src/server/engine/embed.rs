@@ -41,6 +41,7 @@ impl Engine {
                     },
                     &mut meter,
                     false,
+                    call.deadline,
                 )
                 .await?;
                 let settings = settings.ok_or_else(|| {

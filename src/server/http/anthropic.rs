@@ -774,6 +774,7 @@ pub(crate) mod tests {
                 usage: None,
                 cost: None,
                 route: types::Route::default(),
+                guardrails: Default::default(),
             },
         ] {
             all.extend(w.event(e));

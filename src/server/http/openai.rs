@@ -959,6 +959,7 @@ pub(crate) mod tests {
             usage: None,
             cost: None,
             route: types::Route::default(),
+            guardrails: Default::default(),
         }));
         let p = payloads(all);
         assert_eq!(p.len(), 5);
@@ -1023,6 +1024,7 @@ pub(crate) mod tests {
             }),
             cost: None,
             route: types::Route::default(),
+            guardrails: Default::default(),
         }));
         assert_eq!(end[0]["choices"][0]["finish_reason"], "tool_calls");
         assert_eq!(end[1]["choices"], json!([]));
