@@ -8,7 +8,9 @@
 //!   keeps its own tables in the gateway's SQLite file, [`postgres::PgBatchStore`] in the
 //!   shared PostgreSQL database (`store.url`), with claims as leases so replicas share jobs.
 //! - [`native`]: clients of the providers' native batch APIs (OpenAI Batch, Anthropic
-//!   Message Batches), one outcome per custom id; not yet chosen by the runner.
+//!   Message Batches), one outcome per custom id; [`offload`] runs a job's requests
+//!   through them (a job's [`BatchMode`]), with the provider batch ids stored so a restart
+//!   polls the same batches, and a fallback to the runner's real-time path.
 //! - [`Execute`]: how one request runs. The server implements it over its call engine, so
 //!   this module never sees gRPC types: requests and results are opaque bytes to it.
 //!
@@ -19,6 +21,7 @@
 //! written twice. `[batch]` holds the settings ([`BatchSettings`]).
 
 pub mod native;
+pub mod offload;
 pub mod postgres;
 pub mod runner;
 pub mod sqlite;
@@ -55,6 +58,8 @@ pub struct RawBatch {
     pub max_timeout: Option<String>,
     /// `batch.request_timeout`: the budget of one run of one request.
     pub request_timeout: Option<String>,
+    /// `batch.native_poll_interval`: how often a native provider batch is polled.
+    pub native_poll_interval: Option<String>,
 }
 
 /// The validated `[batch]` section.
@@ -78,6 +83,8 @@ pub struct BatchSettings {
     pub max_timeout: Duration,
     /// The budget of one run of one request (the job's deadline cuts it shorter).
     pub request_timeout: Duration,
+    /// How often a native provider batch is polled.
+    pub native_poll_interval: Duration,
 }
 
 impl Default for BatchSettings {
@@ -136,6 +143,11 @@ impl BatchSettings {
                 raw.request_timeout.as_deref(),
                 Duration::from_secs(300),
             ),
+            native_poll_interval: issues.duration(
+                "batch.native_poll_interval",
+                raw.native_poll_interval.as_deref(),
+                Duration::from_secs(30),
+            ),
         };
         if settings.default_timeout > settings.max_timeout {
             issues.push(
@@ -184,6 +196,31 @@ impl JobState {
     }
 }
 
+/// How a job runs (stored; never renumber).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BatchMode {
+    /// Every request in real time through the call engine.
+    #[default]
+    Realtime = 1,
+    /// Requests whose target has a native batch API through it (see [`offload`]); the
+    /// others, and those it could not answer, in real time.
+    Native = 2,
+    /// Asked for at creation only: native when the job's timeout leaves room for the
+    /// provider's completion window and every request can go native, else real time.
+    Auto = 3,
+}
+
+impl BatchMode {
+    /// The mode stored as `n` (an unknown one runs in real time).
+    pub fn from_i64(n: i64) -> BatchMode {
+        match n {
+            2 => BatchMode::Native,
+            3 => BatchMode::Auto,
+            _ => BatchMode::Realtime,
+        }
+    }
+}
+
 /// How a request's bytes are encoded (stored; never renumber). The batch module does not
 /// read them; [`Execute`] does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -225,6 +262,8 @@ pub struct NewJob {
     pub tags: BTreeMap<String, String>,
     /// How long it may run.
     pub timeout: Duration,
+    /// How to run it ([`BatchMode::Auto`] is resolved before it is stored).
+    pub mode: BatchMode,
     /// The requests, in submission order.
     pub requests: Vec<NewRequest>,
 }
@@ -280,6 +319,11 @@ pub struct JobRecord {
     pub counts: Counts,
     /// The cost of the results so far, when any has one.
     pub cost: Option<CostSum>,
+    /// How it runs: [`BatchMode::Realtime`] or [`BatchMode::Native`].
+    pub mode: BatchMode,
+    /// Its native batches: a document [`offload`] reads and writes (empty until the
+    /// native part starts).
+    pub native: String,
 }
 
 /// A request claimed to run.
@@ -431,6 +475,29 @@ pub trait BatchStore: Send + Sync + 'static {
         offset: u64,
         limit: usize,
     ) -> Result<Vec<StoredResult>, BatchStoreError>;
+
+    /// Every request of a job in the native state (being run by a provider's native
+    /// batch); with `take_pending`, first moves every pending request to it (runs + 1).
+    /// Requests in the native state are neither claimed nor released by a restart; they
+    /// leave it by [`BatchStore::complete`] or [`BatchStore::native_release`].
+    async fn native_requests(
+        &self,
+        job_id: &str,
+        take_pending: bool,
+    ) -> Result<Vec<Claimed>, BatchStoreError>;
+
+    /// Puts requests of the native state back to pending (to run in real time). `sent`:
+    /// a provider batch had them (their native run counts); otherwise the run
+    /// [`BatchStore::native_requests`] counted is taken back.
+    async fn native_release(
+        &self,
+        job_id: &str,
+        indexes: &[u32],
+        sent: bool,
+    ) -> Result<(), BatchStoreError>;
+
+    /// Replaces the job's native batches document ([`JobRecord::native`]).
+    async fn set_native(&self, job_id: &str, document: String) -> Result<(), BatchStoreError>;
 }
 
 /// Why a request ends without running.
@@ -474,6 +541,54 @@ pub trait Execute: Send + Sync + 'static {
 
     /// The result of a request that never started.
     fn unstarted(&self, custom_id: &str, why: Unstarted) -> ResultRecord;
+
+    /// How a request of `owner` would go in a provider's native batch: `None` when its
+    /// target has no native batch API (or the request cannot go in one). The default:
+    /// never.
+    fn native_request(
+        &self,
+        _owner: &str,
+        _format: RequestFormat,
+        _body: &[u8],
+    ) -> Option<NativeRequest> {
+        None
+    }
+
+    /// The native batch client of `account` (a [`NativeRequest::account`]).
+    fn native_client(&self, _account: &str) -> Option<native::NativeBatch> {
+        None
+    }
+
+    /// The result of `request` of `job` as the native batch of `account` answered it.
+    async fn native_result(
+        &self,
+        job: &JobRecord,
+        request: &Claimed,
+        account: &str,
+        outcome: native::NativeOutcome,
+    ) -> NativeDone {
+        let _ = (job, account, outcome);
+        NativeDone::Realtime(self.unstarted(&request.custom_id, Unstarted::Expired))
+    }
+}
+
+/// A request as a native batch sends it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NativeRequest {
+    /// Which provider account's batch API takes it (the configured provider's name).
+    pub account: String,
+    /// The request in the provider's format (a batch line's `body` / `params`).
+    pub body: serde_json::Value,
+}
+
+/// What becomes of a request a native batch answered.
+#[derive(Debug)]
+pub enum NativeDone {
+    /// Its final result.
+    Done(ResultRecord),
+    /// The native batch could not answer it (expired, failed retryably): it runs in real
+    /// time while the job's deadline allows, else ends with this result.
+    Realtime(ResultRecord),
 }
 
 /// The gRPC code numbers the runner counts by.

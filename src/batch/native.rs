@@ -12,6 +12,10 @@
 //!   `results_url` (a line per request: `succeeded` with the message, `errored`, `expired`,
 //!   `canceled`).
 //!
+//! A batch is cancelled with `POST {base}/batches/{id}/cancel` (OpenAI: `cancelling`, then
+//! `cancelled`) or `POST {base}/v1/messages/batches/{id}/cancel` (Anthropic: `canceling`,
+//! then `ended` with the unprocessed requests `canceled`).
+//!
 //! [`NativeBatch`] does those calls and reads every line into a [`NativeOutcome`] per custom
 //! id; a request a batch left without a line is reported as [`NativeOutcome::Missing`], so
 //! every request gets exactly one outcome. Request bodies are the provider's own format
@@ -23,6 +27,10 @@ use serde_json::{Value, json};
 
 /// What a native batch costs relative to the same calls made one by one.
 pub const NATIVE_PRICE_FACTOR: f64 = 0.5;
+
+/// How long both providers may take to end a batch (OpenAI's `completion_window = "24h"`,
+/// Anthropic's 24-hour expiry).
+pub const COMPLETION_WINDOW: Duration = Duration::from_secs(24 * 3600);
 
 /// Which native API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -221,6 +229,18 @@ impl NativeBatch {
                     .ok_or(NativeError::Decode("message batch create"))
             }
         }
+    }
+
+    /// Asks the provider to cancel batch `id`; it ends soon after (poll it), with the
+    /// requests it had not run reported canceled.
+    pub async fn cancel(&self, id: &str) -> Result<(), NativeError> {
+        let url = match self.kind {
+            NativeKind::OpenAi => format!("{}/batches/{id}/cancel", self.base_url),
+            NativeKind::Anthropic => format!("{}/v1/messages/batches/{id}/cancel", self.base_url),
+        };
+        Self::json(self.request(reqwest::Method::POST, &url), "batch cancel")
+            .await
+            .map(drop)
     }
 
     async fn get(&self, id: &str) -> Result<Value, NativeError> {

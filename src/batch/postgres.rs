@@ -49,8 +49,8 @@ use tokio_util::sync::CancellationToken;
 use crate::store::postgres::{Schema, migrate};
 
 use super::{
-    BatchStore, BatchStoreError, Claimed, CostSum, Counts, JobRecord, JobState, NewJob, Queue,
-    RequestFormat, ResultFor, ResultRecord, StoredResult, codes,
+    BatchMode, BatchStore, BatchStoreError, Claimed, CostSum, Counts, JobRecord, JobState, NewJob,
+    Queue, RequestFormat, ResultFor, ResultRecord, StoredResult, codes,
 };
 
 /// The advisory lock key the batch migrations run under (not the store's).
@@ -114,11 +114,16 @@ const MIGRATIONS: &[&str] = &[
     );",
     // 2: the heartbeat renews one replica's running requests.
     "CREATE INDEX batch_requests_claimed ON batch_requests (claimed_by) WHERE state = 1;",
+    // 3: how a job runs (1 real time, 2 native) and its native batches document; requests in
+    // state 3 are in a provider's native batch (see `super::offload`).
+    "ALTER TABLE batch_jobs ADD COLUMN mode BIGINT NOT NULL DEFAULT 1;
+    ALTER TABLE batch_jobs ADD COLUMN native TEXT NOT NULL DEFAULT '';",
 ];
 
 const PENDING: i64 = 0;
 const RUNNING: i64 = 1;
 const DONE: i64 = 2;
+const NATIVE: i64 = 3;
 
 /// How one replica's PostgreSQL batch store claims requests.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -327,7 +332,8 @@ async fn load_job(
 ) -> Result<Option<(i64, JobRecord)>, BatchStoreError> {
     let Some(row) = client
         .query_opt(
-            "SELECT seq, owner, state, tags, created_ms, deadline_ms, ended_ms, total
+            "SELECT seq, owner, state, tags, created_ms, deadline_ms, ended_ms, total, mode,
+                    native
              FROM batch_jobs WHERE id = $1",
             &[&id],
         )
@@ -347,7 +353,7 @@ async fn load_job(
     };
     for r in client
         .query(
-            "SELECT state, count(*) FROM batch_requests WHERE job_id = $1 AND state < 2
+            "SELECT state, count(*) FROM batch_requests WHERE job_id = $1 AND state <> 2
              GROUP BY state",
             &[&id],
         )
@@ -396,6 +402,8 @@ async fn load_job(
             ended_ms: row.get(6),
             counts,
             cost,
+            mode: BatchMode::from_i64(row.get(8)),
+            native: row.get(9),
         },
     )))
 }
@@ -498,8 +506,8 @@ impl BatchStore for PgBatchStore {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg)?;
         tx.execute(
-            "INSERT INTO batch_jobs (id, owner, state, tags, created_ms, deadline_ms, total)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO batch_jobs (id, owner, state, tags, created_ms, deadline_ms, total, mode)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             &[
                 &id,
                 &job.owner,
@@ -508,6 +516,7 @@ impl BatchStore for PgBatchStore {
                 &created_ms,
                 &deadline_ms,
                 &to_i64(job.requests.len()),
+                &(job.mode as i64),
             ],
         )
         .await
@@ -826,5 +835,64 @@ impl BatchStore for PgBatchStore {
                 payload: r.get(3),
             })
             .collect())
+    }
+
+    async fn native_requests(
+        &self,
+        job_id: &str,
+        take_pending: bool,
+    ) -> Result<Vec<Claimed>, BatchStoreError> {
+        let client = self.client().await?;
+        if take_pending {
+            client
+                .execute(
+                    "UPDATE batch_requests SET state = $2, runs = runs + 1
+                     WHERE job_id = $1 AND state = $3",
+                    &[&job_id, &NATIVE, &PENDING],
+                )
+                .await
+                .map_err(pg)?;
+        }
+        let rows = client
+            .query(
+                "SELECT idx, custom_id, format, body, runs FROM batch_requests
+                 WHERE job_id = $1 AND state = $2 ORDER BY idx",
+                &[&job_id, &NATIVE],
+            )
+            .await
+            .map_err(pg)?;
+        rows.iter().map(claimed_from_row).collect()
+    }
+
+    async fn native_release(
+        &self,
+        job_id: &str,
+        indexes: &[u32],
+        sent: bool,
+    ) -> Result<(), BatchStoreError> {
+        let indexes: Vec<i64> = indexes.iter().map(|i| i64::from(*i)).collect();
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE batch_requests SET state = $3, not_before_ms = 0,
+                   runs = GREATEST(runs - $5, 0)
+                 WHERE job_id = $1 AND idx = ANY($2) AND state = $4",
+                &[&job_id, &indexes, &PENDING, &NATIVE, &i64::from(!sent)],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(())
+    }
+
+    async fn set_native(&self, job_id: &str, document: String) -> Result<(), BatchStoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE batch_jobs SET native = $2 WHERE id = $1",
+                &[&job_id, &document],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(())
     }
 }

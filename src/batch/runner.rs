@@ -8,6 +8,9 @@
 //! both cases the requests already running finish first. At shutdown the tasks stop
 //! claiming, running requests get the grace period, then are interrupted and go back to
 //! pending for the next start.
+//!
+//! A job in [`BatchMode::Native`] first runs its native part ([`super::offload`]); what
+//! that leaves pending then runs here in real time.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -24,8 +27,8 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
-    BatchSettings, BatchStore, BatchStoreError, Claimed, Execute, JobRecord, JobState, NewJob,
-    RunOutcome, StoredResult, Unstarted,
+    BatchMode, BatchSettings, BatchStore, BatchStoreError, Claimed, Execute, JobRecord, JobState,
+    NewJob, RunOutcome, StoredResult, Unstarted, native::COMPLETION_WINDOW, offload,
 };
 use crate::error::{FieldViolation, GatewayError};
 
@@ -36,7 +39,7 @@ pub const MAX_CUSTOM_ID_BYTES: usize = 256;
 const RESULT_PAGE: usize = 256;
 
 /// Unix milliseconds now.
-fn now_ms() -> i64 {
+pub(super) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -97,17 +100,17 @@ struct JobHandle {
     cancel: CancellationToken,
 }
 
-struct Inner {
-    store: Arc<dyn BatchStore>,
-    exec: Arc<dyn Execute>,
-    settings: BatchSettings,
+pub(super) struct Inner {
+    pub(super) store: Arc<dyn BatchStore>,
+    pub(super) exec: Arc<dyn Execute>,
+    pub(super) settings: BatchSettings,
     global: Arc<Semaphore>,
     jobs: Mutex<HashMap<String, JobHandle>>,
     /// Bumped on every result and state change; result streams wait on it.
-    changed: watch::Sender<u64>,
+    pub(super) changed: watch::Sender<u64>,
     tasks: TaskTracker,
     /// Set at shutdown: no job claims another request.
-    stop_claiming: CancellationToken,
+    pub(super) stop_claiming: CancellationToken,
     /// Set when the shutdown grace ends: running requests stop and go back to pending.
     interrupt: CancellationToken,
 }
@@ -192,8 +195,8 @@ impl Batches {
 
     /// Stores a job and starts it. The requests must be valid already (the caller checks
     /// them with [`check_custom_ids`] and its own conversion); here the count and timeout
-    /// are checked.
-    pub async fn create(&self, job: NewJob) -> Result<JobRecord, GatewayError> {
+    /// are checked, and [`BatchMode::Auto`] is resolved.
+    pub async fn create(&self, mut job: NewJob) -> Result<JobRecord, GatewayError> {
         let settings = &self.inner.settings;
         let mut problems = Vec::new();
         if job.requests.is_empty() {
@@ -225,17 +228,21 @@ impl Batches {
         if !problems.is_empty() {
             return Err(GatewayError::InvalidArgument(problems));
         }
+        if job.mode == BatchMode::Auto {
+            job.mode = self.auto_mode(&job);
+        }
         let id = new_job_id()?;
         let created_ms = now_ms();
         let deadline_ms =
             created_ms.saturating_add(i64::try_from(job.timeout.as_millis()).unwrap_or(i64::MAX));
         let total = job.requests.len();
+        let mode = job.mode;
         self.inner
             .store
             .create_job(&id, job, created_ms, deadline_ms)
             .await
             .map_err(|e| store_failure(&e))?;
-        tracing::info!(batch_job = %id, requests = total, "batch job created");
+        tracing::info!(batch_job = %id, requests = total, mode = ?mode, "batch job created");
         self.spawn(id.clone());
         self.inner
             .store
@@ -243,6 +250,22 @@ impl Batches {
             .await
             .map_err(|e| store_failure(&e))?
             .ok_or_else(|| not_found(&id))
+    }
+
+    /// [`BatchMode::Auto`]: native when the job's timeout leaves room for the providers'
+    /// completion window and every request can go in a native batch, else real time.
+    fn auto_mode(&self, job: &NewJob) -> BatchMode {
+        let exec = &self.inner.exec;
+        if job.timeout >= COMPLETION_WINDOW
+            && job
+                .requests
+                .iter()
+                .all(|r| exec.native_request(&job.owner, r.format, &r.body).is_some())
+        {
+            BatchMode::Native
+        } else {
+            BatchMode::Realtime
+        }
     }
 
     /// The job `id`, when `owner` owns it (NOT_FOUND otherwise, so that ids of other keys'
@@ -451,6 +474,10 @@ async fn drive(inner: &Arc<Inner>, id: &str, handle: &JobHandle) -> Result<(), B
     }
     let job = Arc::new(job);
     let deadline = instant_at(job.deadline_ms);
+    if job.mode == BatchMode::Native && !offload::run(inner, &job, &handle.cancel, deadline).await?
+    {
+        return Ok(());
+    }
     let per_job = Arc::new(Semaphore::new(inner.settings.job_concurrency));
     let mut running: JoinSet<()> = JoinSet::new();
     loop {

@@ -13,8 +13,8 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
-    BatchStore, BatchStoreError, Claimed, CostSum, Counts, JobRecord, JobState, NewJob, Queue,
-    RequestFormat, ResultFor, ResultRecord, StoredResult, codes,
+    BatchMode, BatchStore, BatchStoreError, Claimed, CostSum, Counts, JobRecord, JobState, NewJob,
+    Queue, RequestFormat, ResultFor, ResultRecord, StoredResult, codes,
 };
 
 /// Schema versions, applied in order; never edit a published one, add a new one.
@@ -58,11 +58,16 @@ const MIGRATIONS: &[&str] = &[
         UNIQUE (job_id, idx)
     ) STRICT;
     CREATE INDEX batch_results_job ON batch_results (job_id, seq);",
+    // 2: how a job runs (1 real time, 2 native) and its native batches document; requests
+    // in state 3 are in a provider's native batch.
+    "ALTER TABLE batch_jobs ADD COLUMN mode INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE batch_jobs ADD COLUMN native TEXT NOT NULL DEFAULT '';",
 ];
 
 const PENDING: i64 = 0;
 const RUNNING: i64 = 1;
 const DONE: i64 = 2;
+const NATIVE: i64 = 3;
 
 /// The SQLite batch store.
 #[derive(Clone)]
@@ -137,25 +142,31 @@ fn to_u32(n: i64) -> u32 {
 fn load_job(conn: &Connection, id: &str) -> Result<Option<(i64, JobRecord)>, BatchStoreError> {
     let row = conn
         .query_row(
-            "SELECT seq, owner, state, tags, created_ms, deadline_ms, ended_ms, total
+            "SELECT seq, owner, state, tags, created_ms, deadline_ms, ended_ms, total, mode,
+                    native
              FROM batch_jobs WHERE id = ?1",
             params![id],
             |row| {
                 Ok((
-                    row.get::<_, i64>(0)?,
-                    row.get::<_, String>(1)?,
-                    row.get::<_, i64>(2)?,
-                    row.get::<_, String>(3)?,
-                    row.get::<_, i64>(4)?,
-                    row.get::<_, i64>(5)?,
-                    row.get::<_, Option<i64>>(6)?,
-                    row.get::<_, i64>(7)?,
+                    (
+                        row.get::<_, i64>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, i64>(2)?,
+                        row.get::<_, String>(3)?,
+                        row.get::<_, i64>(4)?,
+                        row.get::<_, i64>(5)?,
+                        row.get::<_, Option<i64>>(6)?,
+                        row.get::<_, i64>(7)?,
+                    ),
+                    (row.get::<_, i64>(8)?, row.get::<_, String>(9)?),
                 ))
             },
         )
         .optional()
         .map_err(backend)?;
-    let Some((seq, owner, state, tags, created_ms, deadline_ms, ended_ms, total)) = row else {
+    let Some(((seq, owner, state, tags, created_ms, deadline_ms, ended_ms, total), (mode, native))) =
+        row
+    else {
         return Ok(None);
     };
     let state = JobState::from_i64(state)
@@ -168,7 +179,7 @@ fn load_job(conn: &Connection, id: &str) -> Result<Option<(i64, JobRecord)>, Bat
     };
     let mut stmt = conn
         .prepare_cached(
-            "SELECT state, count(*) FROM batch_requests WHERE job_id = ?1 AND state < 2
+            "SELECT state, count(*) FROM batch_requests WHERE job_id = ?1 AND state <> 2
              GROUP BY state",
         )
         .map_err(backend)?;
@@ -231,6 +242,8 @@ fn load_job(conn: &Connection, id: &str) -> Result<Option<(i64, JobRecord)>, Bat
             ended_ms,
             counts,
             cost,
+            mode: BatchMode::from_i64(mode),
+            native,
         },
     )))
 }
@@ -282,8 +295,9 @@ impl BatchStore for SqliteBatchStore {
             let tags = serde_json::to_string(&job.tags).map_err(backend)?;
             let tx = conn.transaction().map_err(backend)?;
             tx.execute(
-                "INSERT INTO batch_jobs (id, owner, state, tags, created_ms, deadline_ms, total)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO batch_jobs
+                   (id, owner, state, tags, created_ms, deadline_ms, total, mode)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 params![
                     id,
                     job.owner,
@@ -292,6 +306,7 @@ impl BatchStore for SqliteBatchStore {
                     created_ms,
                     deadline_ms,
                     i64::try_from(job.requests.len()).unwrap_or(i64::MAX),
+                    job.mode as i64,
                 ],
             )
             .map_err(backend)?;
@@ -649,6 +664,104 @@ impl BatchStore for SqliteBatchStore {
         })
         .await
     }
+
+    async fn native_requests(
+        &self,
+        job_id: &str,
+        take_pending: bool,
+    ) -> Result<Vec<Claimed>, BatchStoreError> {
+        let job_id = job_id.to_owned();
+        self.with_conn(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(backend)?;
+            if take_pending {
+                tx.execute(
+                    "UPDATE batch_requests SET state = ?2, runs = runs + 1
+                     WHERE job_id = ?1 AND state = ?3",
+                    params![job_id, NATIVE, PENDING],
+                )
+                .map_err(backend)?;
+            }
+            let rows: Vec<(i64, String, i64, Vec<u8>, i64)> = {
+                let mut stmt = tx
+                    .prepare(
+                        "SELECT idx, custom_id, format, body, runs FROM batch_requests
+                         WHERE job_id = ?1 AND state = ?2 ORDER BY idx",
+                    )
+                    .map_err(backend)?;
+                let rows = stmt
+                    .query_map(params![job_id, NATIVE], |row| {
+                        Ok((
+                            row.get(0)?,
+                            row.get(1)?,
+                            row.get(2)?,
+                            row.get(3)?,
+                            row.get(4)?,
+                        ))
+                    })
+                    .map_err(backend)?;
+                rows.collect::<Result<_, _>>().map_err(backend)?
+            };
+            tx.commit().map_err(backend)?;
+            rows.into_iter()
+                .map(|(index, custom_id, format, body, runs)| {
+                    Ok(Claimed {
+                        index: to_u32(index),
+                        custom_id,
+                        format: RequestFormat::from_i64(format).ok_or_else(|| {
+                            backend(format!("request {index} has an unknown format"))
+                        })?,
+                        body,
+                        runs: to_u32(runs),
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn native_release(
+        &self,
+        job_id: &str,
+        indexes: &[u32],
+        sent: bool,
+    ) -> Result<(), BatchStoreError> {
+        let job_id = job_id.to_owned();
+        let indexes = indexes.to_vec();
+        self.with_conn(move |conn| {
+            let tx = conn.transaction().map_err(backend)?;
+            {
+                let mut update = tx
+                    .prepare(
+                        "UPDATE batch_requests SET state = ?3, not_before_ms = 0,
+                           runs = max(runs - ?5, 0)
+                         WHERE job_id = ?1 AND idx = ?2 AND state = ?4",
+                    )
+                    .map_err(backend)?;
+                for index in indexes {
+                    update
+                        .execute(params![job_id, index, PENDING, NATIVE, i64::from(!sent)])
+                        .map_err(backend)?;
+                }
+            }
+            tx.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn set_native(&self, job_id: &str, document: String) -> Result<(), BatchStoreError> {
+        let job_id = job_id.to_owned();
+        self.with_conn(move |conn| {
+            conn.execute(
+                "UPDATE batch_jobs SET native = ?2 WHERE id = ?1",
+                params![job_id, document],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
 }
 
 #[cfg(test)]
@@ -661,6 +774,7 @@ mod tests {
             owner: "key1".to_owned(),
             tags: BTreeMap::from([("team".to_owned(), "search".to_owned())]),
             timeout: std::time::Duration::from_secs(60),
+            mode: BatchMode::Realtime,
             requests: (0..n)
                 .map(|i| NewRequest {
                     custom_id: format!("c{i}"),

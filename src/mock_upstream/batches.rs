@@ -12,6 +12,11 @@
 //!   `request_counts`, `results_url`), `GET /v1/messages/batches/{id}/results` (lines
 //!   `{custom_id, result: {type: succeeded|errored|expired|canceled, ...}}`).
 //!
+//! Cancel: `POST /v1/batches/{id}/cancel` (`cancelling`, then `cancelled`; the requests not
+//! processed have no line) and `POST /v1/messages/batches/{id}/cancel` (`canceling`, then
+//! `ended` with those requests `canceled`). A cancel ends the batch's wait at once.
+//! [`NativeCounts`] counts batches created and cancel calls.
+//!
 //! A request whose model carries the directive `+batch_expire` is not processed: it ends
 //! expired (OpenAI: an error-file line with code `batch_expired`, and the batch `expired`;
 //! Anthropic: result type `expired`). Other directives work as for the chat endpoints
@@ -22,6 +27,8 @@ use std::{
     sync::Mutex,
     time::{SystemTime, UNIX_EPOCH},
 };
+
+use tokio_util::sync::CancellationToken;
 
 use axum::{
     Router,
@@ -52,6 +59,20 @@ struct Store {
     files: HashMap<String, Vec<u8>>,
     openai: HashMap<String, Value>,
     anthropic: HashMap<String, (Value, Vec<Value>)>,
+    /// Each batch's cancel, which ends its wait.
+    cancels: HashMap<String, CancellationToken>,
+    /// Ends every batch's wait (they are processed at once): [`BatchStore::finish_all`].
+    finish: CancellationToken,
+    counts: NativeCounts,
+}
+
+/// What the native batch endpoints were asked, over both providers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NativeCounts {
+    /// Batches created.
+    pub created: u64,
+    /// Cancel calls.
+    pub cancelled: u64,
 }
 
 impl BatchStore {
@@ -73,6 +94,45 @@ impl BatchStore {
         f(&mut store)
     }
 
+    /// What the endpoints were asked so far.
+    pub(crate) fn counts(&self) -> NativeCounts {
+        self.with(|s| s.counts)
+    }
+
+    /// Processes every batch now, without waiting out `batch_delay` (those created later
+    /// too).
+    pub(crate) fn finish_all(&self) {
+        self.with(|s| s.finish.cancel());
+    }
+
+    /// Waits out `batch_delay`, or until the batch is cancelled or [`Self::finish_all`].
+    async fn wait(&self, delay: std::time::Duration, cancel: &CancellationToken) {
+        let finish = self.with(|s| s.finish.clone());
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = cancel.cancelled() => {}
+            () = finish.cancelled() => {}
+        }
+    }
+
+    /// Registers a new batch `id`: its cancel token.
+    fn created(&self, id: &str) -> CancellationToken {
+        let token = CancellationToken::new();
+        self.with(|s| {
+            s.counts.created += 1;
+            s.cancels.insert(id.to_owned(), token.clone());
+        });
+        token
+    }
+
+    /// Cancels batch `id`; whether it exists.
+    fn cancel(&self, id: &str) -> bool {
+        self.with(|s| {
+            s.counts.cancelled += 1;
+            s.cancels.get(id).map(CancellationToken::cancel).is_some()
+        })
+    }
+
     fn id(&self, prefix: &str) -> String {
         self.with(|s| {
             s.next += 1;
@@ -87,8 +147,10 @@ pub(super) fn routes() -> Router<MockState> {
         .route("/v1/files/{id}/content", get(file_content))
         .route("/v1/batches", post(create_openai))
         .route("/v1/batches/{id}", get(get_openai))
+        .route("/v1/batches/{id}/cancel", post(cancel_openai))
         .route("/v1/messages/batches", post(create_anthropic))
         .route("/v1/messages/batches/{id}", get(get_anthropic))
+        .route("/v1/messages/batches/{id}/cancel", post(cancel_anthropic))
         .route("/v1/messages/batches/{id}/results", get(anthropic_results))
 }
 
@@ -245,20 +307,35 @@ async fn create_openai(State(state): State<MockState>, body: Bytes) -> Response 
     state
         .batches
         .with(|s| s.openai.insert(id.clone(), batch.clone()));
-    tokio::spawn(process_openai(state.clone(), id, lines));
+    let cancel = state.batches.created(&id);
+    tokio::spawn(process_openai(state.clone(), id, lines, cancel));
     axum::Json(batch).into_response()
 }
 
-async fn process_openai(state: MockState, id: String, lines: Vec<Value>) {
+async fn process_openai(
+    state: MockState,
+    id: String,
+    lines: Vec<Value>,
+    cancel: CancellationToken,
+) {
     state.batches.with(|s| {
         if let Some(b) = s.openai.get_mut(&id) {
             b["status"] = "in_progress".into();
             b["in_progress_at"] = unix_now().into();
         }
     });
-    tokio::time::sleep(state.settings.batch_delay).await;
+    state
+        .batches
+        .wait(state.settings.batch_delay, &cancel)
+        .await;
     let (mut output, mut errors) = (String::new(), String::new());
     let (mut completed, mut failed, mut expired) = (0u64, 0u64, 0u64);
+    // A cancelled batch processes nothing more: those requests get no line.
+    let lines = if cancel.is_cancelled() {
+        &[][..]
+    } else {
+        &lines[..]
+    };
     for (n, line) in lines.iter().enumerate() {
         let custom_id = &line["custom_id"];
         let line_id = format!("batch_req_{n:06}");
@@ -298,7 +375,10 @@ async fn process_openai(state: MockState, id: String, lines: Vec<Value>) {
             b["error_file_id"] = error_id.into();
             b["request_counts"]["completed"] = completed.into();
             b["request_counts"]["failed"] = (failed + expired).into();
-            if expired > 0 {
+            if cancel.is_cancelled() {
+                b["status"] = "cancelled".into();
+                b["cancelled_at"] = now.into();
+            } else if expired > 0 {
                 b["status"] = "expired".into();
                 b["expired_at"] = now.into();
             } else {
@@ -307,6 +387,42 @@ async fn process_openai(state: MockState, id: String, lines: Vec<Value>) {
             }
         }
     });
+}
+
+async fn cancel_openai(State(state): State<MockState>, Path(id): Path<String>) -> Response {
+    if !state.batches.cancel(&id) {
+        return openai_error(404, &format!("no such batch: {id}"));
+    }
+    let batch = state.batches.with(|s| {
+        let b = s.openai.get_mut(&id)?;
+        if b["status"] == "validating" || b["status"] == "in_progress" {
+            b["status"] = "cancelling".into();
+            b["cancelling_at"] = unix_now().into();
+        }
+        Some(b.clone())
+    });
+    match batch {
+        Some(batch) => axum::Json(batch).into_response(),
+        None => openai_error(404, &format!("no such batch: {id}")),
+    }
+}
+
+async fn cancel_anthropic(State(state): State<MockState>, Path(id): Path<String>) -> Response {
+    if !state.batches.cancel(&id) {
+        return anthropic_error(404, &format!("no such message batch: {id}"));
+    }
+    let batch = state.batches.with(|s| {
+        let (b, _) = s.anthropic.get_mut(&id)?;
+        if b["processing_status"] == "in_progress" {
+            b["processing_status"] = "canceling".into();
+            b["cancel_initiated_at"] = rfc3339_now().into();
+        }
+        Some(b.clone())
+    });
+    match batch {
+        Some(batch) => axum::Json(batch).into_response(),
+        None => anthropic_error(404, &format!("no such message batch: {id}")),
+    }
 }
 
 async fn get_openai(State(state): State<MockState>, Path(id): Path<String>) -> Response {
@@ -339,16 +455,32 @@ async fn create_anthropic(State(state): State<MockState>, body: Bytes) -> Respon
     state
         .batches
         .with(|s| s.anthropic.insert(id.clone(), (batch.clone(), Vec::new())));
-    tokio::spawn(process_anthropic(state.clone(), id, requests.clone()));
+    let cancel = state.batches.created(&id);
+    tokio::spawn(process_anthropic(
+        state.clone(),
+        id,
+        requests.clone(),
+        cancel,
+    ));
     axum::Json(batch).into_response()
 }
 
-async fn process_anthropic(state: MockState, id: String, requests: Vec<Value>) {
-    tokio::time::sleep(state.settings.batch_delay).await;
+async fn process_anthropic(
+    state: MockState,
+    id: String,
+    requests: Vec<Value>,
+    cancel: CancellationToken,
+) {
+    state
+        .batches
+        .wait(state.settings.batch_delay, &cancel)
+        .await;
     let mut results = Vec::new();
     let mut counts: HashMap<&str, u64> = HashMap::new();
     for r in &requests {
-        let result = if expires(&r["params"]) {
+        let result = if cancel.is_cancelled() {
+            json!({"type": "canceled"})
+        } else if expires(&r["params"]) {
             json!({"type": "expired"})
         } else {
             match answer(&state, true, &r["params"]).await {
@@ -359,6 +491,7 @@ async fn process_anthropic(state: MockState, id: String, requests: Vec<Value>) {
         let kind = match result["type"].as_str() {
             Some("succeeded") => "succeeded",
             Some("expired") => "expired",
+            Some("canceled") => "canceled",
             _ => "errored",
         };
         *counts.entry(kind).or_default() += 1;
@@ -370,7 +503,7 @@ async fn process_anthropic(state: MockState, id: String, requests: Vec<Value>) {
     );
     state.batches.with(|s| {
         if let Some((b, stored)) = s.anthropic.get_mut(&id) {
-            for kind in ["succeeded", "errored", "expired"] {
+            for kind in ["succeeded", "errored", "expired", "canceled"] {
                 b["request_counts"][kind] = counts.get(kind).copied().unwrap_or(0).into();
             }
             b["request_counts"]["processing"] = 0.into();

@@ -408,8 +408,11 @@ pub struct MockUpstream {
     aws: Arc<bedrock::AwsCredentialStore>,
     vertex: Arc<vertex::VertexAuth>,
     rates: Arc<ratelimit::RateLimits>,
+    batches: Arc<batches::BatchStore>,
     stop: CancellationToken,
 }
+
+pub use batches::NativeCounts;
 
 impl MockUpstream {
     /// Starts a mock on `127.0.0.1:0`.
@@ -430,6 +433,7 @@ impl MockUpstream {
         let aws = Arc::new(bedrock::AwsCredentialStore::default());
         let vertex = Arc::new(vertex::VertexAuth::default());
         let rates = Arc::new(ratelimit::RateLimits::new(settings.requests_per_minute));
+        let native = Arc::new(batches::BatchStore::new(addr));
         let app = router(MockState {
             settings: Arc::new(settings),
             stats: stats.clone(),
@@ -437,7 +441,7 @@ impl MockUpstream {
             aws: aws.clone(),
             vertex: vertex.clone(),
             rates: rates.clone(),
-            batches: Arc::new(batches::BatchStore::new(addr)),
+            batches: native.clone(),
         });
         let signal = stop.clone().cancelled_owned();
         let counted = stats.clone();
@@ -458,8 +462,19 @@ impl MockUpstream {
             aws,
             vertex,
             rates,
+            batches: native,
             stop,
         })
+    }
+
+    /// What the native batch endpoints were asked (batches created, cancels).
+    pub fn native_batches(&self) -> NativeCounts {
+        self.batches.counts()
+    }
+
+    /// Ends the wait of every native batch, now and later: they are processed at once.
+    pub fn finish_native_batches(&self) {
+        self.batches.finish_all();
     }
 
     /// The listen address.

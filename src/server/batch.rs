@@ -2,8 +2,20 @@
 //! `CancelBatch` and `ListBatches` handlers' work (called from [`super::gateway`]), the
 //! conversion of jobs and results to protobuf, and [`EngineExec`], which runs each request
 //! of a job through the shared call [`Engine`] (rpc label `Batch`), exactly as `Chat` does.
+//!
+//! Native mode: [`NativeAccounts`] are the configured `openai` and `anthropic` providers,
+//! whose native batch APIs take a job's requests in their own wire format (the same
+//! `build_request` as a real-time call). A request goes native when its plan's first target
+//! is such an account, its key may call the model, and neither the key nor the policy has
+//! guardrails (their scans run in the call path, which a native batch bypasses; so do the
+//! response cache and the key's rate limits). An answered request is priced at
+//! [`NATIVE_PRICE_FACTOR`] of the target's prices, in its result and in the usage ledger
+//! (rpc `Batch`, tags `batch_job` and `batch_mode = native`).
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::Duration,
+};
 
 use futures_util::{Stream, StreamExt};
 use prost::Message as _;
@@ -15,16 +27,30 @@ use super::{
     convert,
     engine::{Call, Credential, Engine},
     http::{openai, parse_json},
+    meter::{CallMeter, MeterConfig, Outcome},
 };
 use crate::{
     auth::{Caller, Scope},
     batch::{
-        Batches, Claimed, CostSum, Execute, JobRecord, JobState, NewJob, NewRequest, RequestFormat,
-        ResultRecord, RunOutcome, StoredResult, Unstarted, runner,
+        BatchMode, Batches, Claimed, CostSum, Execute, JobRecord, JobState, NativeDone,
+        NativeRequest, NewJob, NewRequest, RequestFormat, ResultRecord, RunOutcome, StoredResult,
+        Unstarted,
+        native::{NATIVE_PRICE_FACTOR, NativeBatch, NativeKind, NativeOutcome},
+        offload, runner,
     },
+    config::Config,
     error::{FieldViolation, GatewayError},
+    executor::{Answer, cost_of},
+    models::Cost,
     pb,
-    types::ChatRequest,
+    providers::{
+        self, ErrorClass, ProviderError,
+        anthropic::{self as anthropic_wire, AnthropicSettings},
+        openai::{self as openai_wire, OpenAiSettings},
+        wire::WireFormat,
+    },
+    routing::Target,
+    types::{AttemptKind, AttemptOutcome, AttemptRecord, ChatRequest, ChatResponse, Route},
 };
 
 /// The `rpc` label (metrics, usage ledger) of the calls a batch job makes.
@@ -36,15 +62,208 @@ pub const JOB_TAG: &str = "batch_job";
 /// Most problems one CreateBatch error lists.
 const MAX_VIOLATIONS: usize = 50;
 
-/// Runs requests of batch jobs through the call engine.
+/// The tag a natively answered request carries in the usage ledger (`native`).
+pub const MODE_TAG: &str = "batch_mode";
+
+/// Runs requests of batch jobs through the call engine, or natively.
 pub struct EngineExec {
     engine: Engine,
+    native: NativeAccounts,
+    meter: Option<MeterConfig>,
 }
 
 impl EngineExec {
-    /// Runs requests on `engine`.
+    /// Runs requests on `engine` (no native batches).
     pub fn new(engine: Engine) -> Self {
-        Self { engine }
+        Self {
+            engine,
+            native: NativeAccounts::default(),
+            meter: None,
+        }
+    }
+
+    /// Sends requests of native jobs to `accounts`, recording their answers with `meter`.
+    pub fn with_native(mut self, accounts: NativeAccounts, meter: MeterConfig) -> Self {
+        self.native = accounts;
+        self.meter = Some(meter);
+        self
+    }
+}
+
+/// How one account's wire format reads and writes native batch lines.
+#[derive(Debug, Clone)]
+enum NativeWire {
+    OpenAi(openai_wire::ChatCompletions),
+    Anthropic(anthropic_wire::Messages),
+}
+
+impl NativeWire {
+    fn build(&self, model: &str, req: &ChatRequest) -> Option<serde_json::Value> {
+        let bytes = match self {
+            NativeWire::OpenAi(w) => w.build_request(model, req, false),
+            NativeWire::Anthropic(w) => w.build_request(model, req, false),
+        }
+        .ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    fn parse(&self, body: &serde_json::Value, model: &str) -> Result<ChatResponse, ProviderError> {
+        let bytes = body.to_string();
+        match self {
+            NativeWire::OpenAi(w) => w.parse_response(bytes.as_bytes(), model),
+            NativeWire::Anthropic(w) => w.parse_response(bytes.as_bytes(), model),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct NativeAccount {
+    client: NativeBatch,
+    wire: NativeWire,
+}
+
+/// The provider accounts with a native batch API, by configured provider name: kinds
+/// `openai` and `anthropic` with an API key (their first key).
+#[derive(Debug, Clone, Default)]
+pub struct NativeAccounts(HashMap<String, NativeAccount>);
+
+impl NativeAccounts {
+    /// The accounts of `config`'s providers.
+    pub fn from_config(config: &Config) -> Result<Self, reqwest::Error> {
+        let client = providers::http_client(&config.upstream.http)?;
+        let mut accounts = HashMap::new();
+        for p in &config.providers {
+            let Some(key) = p.api_key() else { continue };
+            let (kind, wire) = if p.kind == openai_wire::KIND
+                && let Some(s) = p.settings.get::<OpenAiSettings>()
+            {
+                (
+                    NativeKind::OpenAi,
+                    NativeWire::OpenAi(openai_wire::ChatCompletions::new(s.config.clone())),
+                )
+            } else if p.kind == anthropic_wire::KIND
+                && let Some(s) = p.settings.get::<AnthropicSettings>()
+            {
+                (
+                    NativeKind::Anthropic,
+                    NativeWire::Anthropic(anthropic_wire::Messages::new(s.0.clone())),
+                )
+            } else {
+                continue;
+            };
+            let base_url = match &wire {
+                NativeWire::OpenAi(w) => w.config().base_url.clone(),
+                NativeWire::Anthropic(_) => p.base_url.clone(),
+            };
+            accounts.insert(
+                p.name.clone(),
+                NativeAccount {
+                    client: NativeBatch::new(kind, base_url, key, client.clone()),
+                    wire,
+                },
+            );
+        }
+        Ok(Self(accounts))
+    }
+}
+
+/// The provider error class of a native batch item's HTTP status.
+fn native_class(status: Option<u16>) -> ErrorClass {
+    match status {
+        Some(400 | 422) => ErrorClass::InvalidRequest,
+        Some(401) => ErrorClass::Authentication,
+        Some(403) => ErrorClass::Permission,
+        Some(404) => ErrorClass::ModelNotFound,
+        Some(408) => ErrorClass::Timeout,
+        Some(429) => ErrorClass::RateLimited,
+        Some(503 | 529) => ErrorClass::Overloaded,
+        _ => ErrorClass::ServerError,
+    }
+}
+
+/// A route of one native attempt at `provider`/`model`.
+fn native_route(
+    policy: Option<std::sync::Arc<str>>,
+    provider: &str,
+    model: &str,
+    outcome: AttemptOutcome,
+) -> Route {
+    Route {
+        policy,
+        attempts: vec![AttemptRecord {
+            provider: provider.to_owned(),
+            model: model.to_owned(),
+            kind: AttemptKind::Primary,
+            outcome,
+            start_offset: Duration::ZERO,
+            latency: Duration::ZERO,
+            time_to_first_token: None,
+        }],
+        ..Route::default()
+    }
+}
+
+impl EngineExec {
+    /// The request's caller, the request with the job's tags, and its plan's target at
+    /// `account` (the first one for a new request).
+    fn native_target(
+        &self,
+        owner: &str,
+        format: RequestFormat,
+        body: &[u8],
+        account: Option<&str>,
+    ) -> Option<(Option<Caller>, ChatRequest, crate::routing::Plan, Target)> {
+        let caller = job_caller(&self.engine, owner).ok()?;
+        let req = decode(format, body).ok()?;
+        let table = self.engine.table();
+        if let Some(caller) = &caller {
+            caller
+                .may_call(&req.model, table.is_policy(&req.model))
+                .ok()?;
+            if !caller.key.spec.guardrails.is_empty() {
+                return None;
+            }
+        }
+        let plan = table.plan(&req).ok()?;
+        if plan.arm.is_some()
+            || plan.policy.as_ref().is_some_and(|p| {
+                table
+                    .policies()
+                    .get(&**p)
+                    .is_some_and(|r| r.spec.guardrails.is_some())
+            })
+        {
+            return None;
+        }
+        let target = match account {
+            None => plan.targets.first()?.clone(),
+            Some(account) => plan
+                .targets
+                .iter()
+                .chain(plan.skipped.iter().map(|s| &s.target))
+                .find(|t| t.provider.name() == account)?
+                .clone(),
+        };
+        Some((caller, req, plan, target))
+    }
+
+    /// Records a native answer in the usage ledger.
+    fn record_native(
+        &self,
+        job: &JobRecord,
+        request: &Claimed,
+        caller: Option<&Caller>,
+        tags: &BTreeMap<String, String>,
+        outcome: Outcome<'_>,
+    ) {
+        let Some(meter) = &self.meter else { return };
+        let request_id = format!("{}.{}.{}", job.id, request.index, request.runs);
+        let mut meter = CallMeter::start(meter, RPC, request_id);
+        if let Some(caller) = caller {
+            meter.set_key(caller.name());
+        }
+        meter.set_tags(tags);
+        meter.finish(outcome);
     }
 }
 
@@ -125,7 +344,35 @@ fn cost_sum(cost: Option<&pb::Cost>) -> Option<CostSum> {
     })
 }
 
+/// The result of a request answered in `mode`.
+fn answer_result(
+    custom_id: &str,
+    request_id: String,
+    answer: Answer,
+    mode: pb::BatchMode,
+) -> ResultRecord {
+    let response = convert::chat_response(request_id, answer);
+    let result = pb::BatchResult {
+        custom_id: custom_id.to_owned(),
+        usage: response.usage,
+        cost: response.cost,
+        route: response.route.clone(),
+        outcome: Some(pb::batch_result::Outcome::Response(response)),
+        mode: mode as i32,
+        ..pb::BatchResult::default()
+    };
+    ResultRecord {
+        code: 0,
+        cost: cost_sum(result.cost.as_ref()),
+        payload: result.encode_to_vec(),
+    }
+}
+
 fn error_result(custom_id: &str, err: &GatewayError) -> ResultRecord {
+    error_result_in(custom_id, err, pb::BatchMode::Gateway)
+}
+
+fn error_result_in(custom_id: &str, err: &GatewayError, mode: pb::BatchMode) -> ResultRecord {
     let class = err.classify();
     let result = pb::BatchResult {
         custom_id: custom_id.to_owned(),
@@ -135,6 +382,7 @@ fn error_result(custom_id: &str, err: &GatewayError) -> ResultRecord {
             message: err.to_string(),
         })),
         route: err.route().cloned().map(convert::route),
+        mode: mode as i32,
         ..pb::BatchResult::default()
     };
     ResultRecord {
@@ -178,22 +426,12 @@ impl Execute for EngineExec {
             () = stop.cancelled() => return RunOutcome::Interrupted,
         };
         match answer {
-            Ok(answer) => {
-                let response = convert::chat_response(request_id, answer);
-                let result = pb::BatchResult {
-                    custom_id: request.custom_id.clone(),
-                    usage: response.usage,
-                    cost: response.cost,
-                    route: response.route.clone(),
-                    outcome: Some(pb::batch_result::Outcome::Response(response)),
-                    ..pb::BatchResult::default()
-                };
-                RunOutcome::Done(ResultRecord {
-                    code: 0,
-                    cost: cost_sum(result.cost.as_ref()),
-                    payload: result.encode_to_vec(),
-                })
-            }
+            Ok(answer) => RunOutcome::Done(answer_result(
+                &request.custom_id,
+                request_id,
+                answer,
+                pb::BatchMode::Gateway,
+            )),
             Err(err) if err.reason() == "SHUTTING_DOWN" => RunOutcome::Interrupted,
             Err(err) => {
                 let result = error_result(&request.custom_id, &err);
@@ -232,6 +470,162 @@ impl Execute for EngineExec {
             cost: None,
             payload: result.encode_to_vec(),
         }
+    }
+
+    fn native_request(
+        &self,
+        owner: &str,
+        format: RequestFormat,
+        body: &[u8],
+    ) -> Option<NativeRequest> {
+        let (_, req, _, target) = self.native_target(owner, format, body, None)?;
+        let account = self.native.0.get(target.provider.name())?;
+        Some(NativeRequest {
+            account: target.provider.name().to_owned(),
+            body: account.wire.build(&target.model, &req)?,
+        })
+    }
+
+    fn native_client(&self, account: &str) -> Option<NativeBatch> {
+        self.native.0.get(account).map(|a| a.client.clone())
+    }
+
+    async fn native_result(
+        &self,
+        job: &JobRecord,
+        request: &Claimed,
+        account: &str,
+        outcome: NativeOutcome,
+    ) -> NativeDone {
+        let native = pb::BatchMode::Native;
+        let found = self.native_target(&job.owner, request.format, &request.body, Some(account));
+        let (Some(wire), Some((caller, mut req, plan, target))) =
+            (self.native.0.get(account).map(|a| &a.wire), found)
+        else {
+            // The account or the request's route changed since submission.
+            let err = GatewayError::Unavailable {
+                reason: "NATIVE_BATCH_UNAVAILABLE",
+                message: format!(
+                    "the native batch of `{account}` can no longer be read for this request"
+                ),
+                retry_after: None,
+            };
+            return NativeDone::Realtime(error_result_in(&request.custom_id, &err, native));
+        };
+        with_job_tags(&mut req, job);
+        if let Some(caller) = &caller {
+            caller.force_tags(&mut req.tags);
+        }
+        req.tags.insert(MODE_TAG.to_owned(), "native".to_owned());
+        let failed = |class: ErrorClass, message: String, status: Option<u16>| {
+            let mut error = ProviderError::new(class, message);
+            if let Some(status) = status {
+                error = error.with_status(status);
+            }
+            GatewayError::Upstream {
+                route: native_route(
+                    plan.policy.clone(),
+                    account,
+                    &target.model,
+                    AttemptOutcome::Failed(class.reason()),
+                ),
+                error,
+                all_rate_limited: class == ErrorClass::RateLimited,
+            }
+        };
+        let body = match outcome {
+            NativeOutcome::Succeeded(body) => body,
+            NativeOutcome::Failed {
+                status,
+                code,
+                message,
+            } => {
+                let retryable = NativeOutcome::Failed {
+                    status,
+                    code: String::new(),
+                    message: String::new(),
+                }
+                .is_retryable();
+                let err = failed(
+                    native_class(status),
+                    format!("the native batch answered `{code}`: {message}"),
+                    status,
+                );
+                let result = error_result_in(&request.custom_id, &err, native);
+                if retryable {
+                    return NativeDone::Realtime(result);
+                }
+                self.record_native(
+                    job,
+                    request,
+                    caller.as_ref(),
+                    &req.tags,
+                    Outcome::failed(&err),
+                );
+                return NativeDone::Done(result);
+            }
+            NativeOutcome::Expired | NativeOutcome::Canceled | NativeOutcome::Missing => {
+                let err = failed(
+                    ErrorClass::ServerError,
+                    "the native batch ended without running this request".to_owned(),
+                    None,
+                );
+                return NativeDone::Realtime(error_result_in(&request.custom_id, &err, native));
+            }
+        };
+        let response = match wire.parse(&body, &target.model) {
+            Ok(response) => response,
+            Err(error) => {
+                let err = failed(error.class, error.to_string(), None);
+                self.record_native(
+                    job,
+                    request,
+                    caller.as_ref(),
+                    &req.tags,
+                    Outcome::failed(&err),
+                );
+                return NativeDone::Done(error_result_in(&request.custom_id, &err, native));
+            }
+        };
+        let cost = cost_of(&target, response.usage.as_ref()).map(|c| Cost {
+            input_usd: c.input_usd * NATIVE_PRICE_FACTOR,
+            output_usd: c.output_usd * NATIVE_PRICE_FACTOR,
+        });
+        let mut route = native_route(
+            plan.policy.clone(),
+            account,
+            &target.model,
+            AttemptOutcome::Succeeded,
+        );
+        route.revision = plan.revision;
+        self.record_native(
+            job,
+            request,
+            caller.as_ref(),
+            &req.tags,
+            Outcome {
+                code: tonic::Code::Ok,
+                error_class: "",
+                route: Some(&route),
+                usage: response.usage,
+                cost,
+                ttft: None,
+            },
+        );
+        let request_id = format!("{}.{}.{}", job.id, request.index, request.runs);
+        let answer = Answer {
+            response,
+            provider: account.to_owned(),
+            cost,
+            route,
+            metrics: Some(target.metrics.clone()),
+        };
+        NativeDone::Done(answer_result(
+            &request.custom_id,
+            request_id,
+            answer,
+            native,
+        ))
     }
 }
 
@@ -423,6 +817,20 @@ pub fn new_job(
         Some(d) => duration_in(d, "timeout")?,
         None => settings.default_timeout,
     };
+    let mode = match pb::BatchMode::try_from(req.mode) {
+        Ok(pb::BatchMode::Unspecified | pb::BatchMode::Gateway) => BatchMode::Realtime,
+        Ok(pb::BatchMode::Native) => BatchMode::Native,
+        Ok(pb::BatchMode::Auto) => BatchMode::Auto,
+        Err(_) => {
+            return Err(GatewayError::invalid(
+                "mode",
+                format!(
+                    "{} is not a BatchMode (BATCH_MODE_GATEWAY, BATCH_MODE_NATIVE or BATCH_MODE_AUTO)",
+                    req.mode
+                ),
+            ));
+        }
+    };
     let requests = if req.jsonl.is_empty() {
         from_items(req.requests, &mut problems)
     } else {
@@ -441,6 +849,7 @@ pub fn new_job(
         owner,
         tags,
         timeout,
+        mode,
         requests: requests.into_iter().map(|(_, r)| r).collect(),
     })
 }
@@ -469,10 +878,25 @@ fn state_out(state: JobState) -> pb::BatchState {
 /// A job as the API shows it.
 pub fn batch_out(job: JobRecord) -> pb::Batch {
     let c = job.counts;
+    let native_batches = offload::submissions(&job.native)
+        .unwrap_or_default()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|s| pb::NativeBatch {
+            provider: s.account,
+            id: s.id.unwrap_or_default(),
+            requests: u32::try_from(s.indexes.len()).unwrap_or(u32::MAX),
+            done: s.done,
+        })
+        .collect();
     pb::Batch {
         id: job.id,
         state: state_out(job.state) as i32,
-        mode: pb::BatchMode::Gateway as i32,
+        mode: match job.mode {
+            BatchMode::Native => pb::BatchMode::Native,
+            BatchMode::Realtime | BatchMode::Auto => pb::BatchMode::Gateway,
+        } as i32,
+        native_batches,
         counts: Some(pb::BatchCounts {
             total: c.total,
             pending: c.pending,

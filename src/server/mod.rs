@@ -462,6 +462,7 @@ pub async fn serve_with(
     // The in-flight bound of chat calls, shared by the gRPC and HTTP fronts.
     let admission = admission::Admission::new(config.admission.clone());
     let admission_layer = admission::AdmissionLayer::new(admission.clone(), meter.clone());
+    let batch_meter = meter.clone();
     let console_access = access.clone();
     let shadows =
         crate::experiments::shadow::ShadowPool::new(executor.clone(), meter.ledger.clone());
@@ -503,7 +504,10 @@ pub async fn serve_with(
     };
     let batches = crate::batch::Batches::new(
         batch_store,
-        Arc::new(batch::EngineExec::new(engine.clone())),
+        Arc::new(
+            batch::EngineExec::new(engine.clone())
+                .with_native(batch::NativeAccounts::from_config(&config)?, batch_meter),
+        ),
         config.batch.clone(),
     );
     batches

@@ -643,3 +643,285 @@ async fn native_batches_answer_every_custom_id_in_the_providers_formats() {
         "{by_id:?}"
     );
 }
+
+/// A mock whose native batches wait `delay` (or until `finish_native_batches`), and a
+/// gateway polling them every 20 ms.
+async fn native_pair(delay: std::time::Duration, extra: &str) -> (MockUpstream, Gateway) {
+    let mock = MockUpstream::start(MockSettings {
+        batch_delay: delay,
+        ..MockSettings::default()
+    })
+    .await
+    .unwrap();
+    let toml = openai_toml(
+        &mock,
+        &format!("[batch]\nnative_poll_interval = \"20ms\"\nretry_backoff = \"10ms\"\n{extra}"),
+    );
+    let gateway = Gateway::start(&toml).await;
+    (mock, gateway)
+}
+
+fn in_mode(
+    mut req: pb::CreateBatchRequest,
+    mode: pb::BatchMode,
+    hours: i64,
+) -> pb::CreateBatchRequest {
+    req.mode = mode as i32;
+    req.timeout = Some(prost_types::Duration {
+        seconds: hours * 3600,
+        nanos: 0,
+    });
+    req
+}
+
+/// Waits until the job's provider batch is accepted; returns the job.
+async fn submitted(client: &mut LlmGatewayClient<Channel>, id: &str) -> pb::Batch {
+    for _ in 0..500 {
+        let job = get(client, id).await;
+        if job.native_batches.first().is_some_and(|b| !b.id.is_empty()) {
+            return job;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("the job's native batch was never submitted");
+}
+
+#[tokio::test]
+async fn a_native_job_answers_each_custom_id_once_at_the_discounted_price() {
+    let (mock, gateway) = native_pair(std::time::Duration::from_millis(50), "").await;
+    let mut client = gateway.client();
+    // The same request in real time, for its full price.
+    let realtime = create(&mut client, job(vec![item("rt", MODEL, "question 0")])).await;
+    let full = results(&mut client, &realtime.id, 0).await[0].cost.unwrap();
+    assert!(full.total_usd > 0.0);
+
+    let items: Vec<_> = (0..4)
+        .map(|i| item(&format!("n{i}"), MODEL, &format!("question {i}")))
+        .collect();
+    let mut req = in_mode(job(items), pb::BatchMode::Native, 1);
+    req.tags.insert("feature".into(), "nightly".into());
+    let created = create(&mut client, req).await;
+    assert_eq!(created.mode, pb::BatchMode::Native as i32);
+    let all = results(&mut client, &created.id, 0).await;
+    assert_eq!(all.len(), 4);
+    assert!(
+        answers(&all).values().all(|n| *n == 1),
+        "{:?}",
+        answers(&all)
+    );
+    for r in &all {
+        let n = r.custom_id.strip_prefix('n').unwrap();
+        assert_eq!(reply(r), format!("Mock reply to: question {n}"));
+        assert_eq!(r.mode, pb::BatchMode::Native as i32, "{r:?}");
+        assert_eq!(r.runs, 1);
+        assert_eq!(r.route.as_ref().unwrap().attempts[0].provider, "openai");
+        assert!(r.usage.unwrap().output_tokens > 0);
+    }
+    let n0 = all
+        .iter()
+        .find(|r| r.custom_id == "n0")
+        .unwrap()
+        .cost
+        .unwrap();
+    assert!(
+        (n0.total_usd - full.total_usd * 0.5).abs() < 1e-12,
+        "{n0:?} vs {full:?}"
+    );
+    assert!((n0.input_usd - full.input_usd * 0.5).abs() < 1e-12);
+
+    let done = get(&mut client, &created.id).await;
+    assert_eq!(done.state, pb::BatchState::Completed as i32);
+    assert_eq!(done.mode, pb::BatchMode::Native as i32);
+    assert_eq!(done.counts.unwrap().succeeded, 4);
+    assert_eq!(done.native_batches.len(), 1);
+    let native = &done.native_batches[0];
+    assert!(native.id.starts_with("batch_"), "{native:?}");
+    assert_eq!(
+        (native.provider.as_str(), native.requests, native.done),
+        ("openai", 4, true)
+    );
+    let cost: f64 = all.iter().map(|r| r.cost.unwrap().total_usd).sum();
+    assert!((done.cost.unwrap().total_usd - cost).abs() < 1e-12);
+    assert_eq!(mock.native_batches().created, 1);
+
+    // The ledger has each native answer at the discounted cost, tagged with job and mode.
+    let mut admin = admin_client(gateway.channel.clone());
+    let records: Vec<_> = usage_records(&mut admin, 5)
+        .await
+        .into_iter()
+        .filter(|r| r.tags.get("batch_job") == Some(&created.id))
+        .collect();
+    assert_eq!(records.len(), 4);
+    for r in &records {
+        assert_eq!((r.rpc.as_str(), r.code.as_str()), ("Batch", "OK"));
+        assert_eq!(r.tags["batch_mode"], "native");
+        assert_eq!(r.tags["feature"], "nightly");
+        assert_eq!(r.provider, "openai");
+        assert!(r.output_tokens > 0);
+    }
+    let ledger_cost: f64 = records.iter().map(|r| r.cost_usd.unwrap()).sum();
+    assert!((ledger_cost - cost).abs() < 1e-9, "{ledger_cost} vs {cost}");
+}
+
+#[tokio::test]
+async fn auto_runs_in_real_time_when_the_deadline_is_short_and_natively_when_it_is_not() {
+    let (mock, gateway) = native_pair(std::time::Duration::from_millis(20), "").await;
+    let mut client = gateway.client();
+    let short = create(
+        &mut client,
+        in_mode(job(vec![item("a", MODEL, "x")]), pb::BatchMode::Auto, 1),
+    )
+    .await;
+    assert_eq!(short.mode, pb::BatchMode::Gateway as i32);
+    let all = results(&mut client, &short.id, 0).await;
+    assert_eq!(all[0].mode, pb::BatchMode::Gateway as i32);
+    assert_eq!(reply(&all[0]), "Mock reply to: x");
+    assert!(get(&mut client, &short.id).await.native_batches.is_empty());
+    assert_eq!(mock.native_batches().created, 0);
+
+    // A timeout that leaves room for the 24-hour window: native.
+    let long = create(
+        &mut client,
+        in_mode(job(vec![item("a", MODEL, "x")]), pb::BatchMode::Auto, 25),
+    )
+    .await;
+    assert_eq!(long.mode, pb::BatchMode::Native as i32);
+    let all = results(&mut client, &long.id, 0).await;
+    assert_eq!(all[0].mode, pb::BatchMode::Native as i32);
+    assert_eq!(mock.native_batches().created, 1);
+}
+
+#[tokio::test]
+async fn expired_native_items_run_in_real_time() {
+    let (mock, gateway) = native_pair(std::time::Duration::from_millis(20), "").await;
+    let mut client = gateway.client();
+    let created = create(
+        &mut client,
+        in_mode(
+            job(vec![
+                item("a", MODEL, "first"),
+                item("late", &format!("{MODEL}+batch_expire"), "second"),
+                item("bad", &format!("{MODEL}+status=400"), "third"),
+            ]),
+            pb::BatchMode::Native,
+            1,
+        ),
+    )
+    .await;
+    let all = results(&mut client, &created.id, 0).await;
+    assert_eq!(all.len(), 3);
+    assert!(
+        answers(&all).values().all(|n| *n == 1),
+        "{:?}",
+        answers(&all)
+    );
+    let by_id: BTreeMap<_, _> = all.iter().map(|r| (r.custom_id.as_str(), r)).collect();
+    assert_eq!(by_id["a"].mode, pb::BatchMode::Native as i32);
+    assert_eq!(reply(by_id["a"]), "Mock reply to: first");
+    // The item the native batch left expired ran in real time: its second run.
+    let late = by_id["late"];
+    assert_eq!(late.mode, pb::BatchMode::Gateway as i32);
+    assert_eq!(reply(late), "Mock reply to: second");
+    assert_eq!(late.runs, 2);
+    // A request the provider refused is not run again.
+    let bad = by_id["bad"];
+    assert_eq!(bad.mode, pb::BatchMode::Native as i32);
+    assert_eq!(error(bad).code, Code::InvalidArgument as i32, "{bad:?}");
+    assert_eq!(bad.runs, 1);
+    let done = get(&mut client, &created.id).await;
+    assert_eq!(done.state, pb::BatchState::Completed as i32);
+    let counts = done.counts.unwrap();
+    assert_eq!((counts.succeeded, counts.failed), (2, 1));
+    assert_eq!(mock.native_batches().created, 1);
+}
+
+#[tokio::test]
+async fn a_restart_resumes_polling_the_same_native_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("path = \"{}\"", dir.path().join("gw.db").display());
+    restart_resumes_the_native_batch(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restart_resumes_polling_the_same_native_batch_on_postgresql() {
+    let Some(url) = crate::pg_server::database().await else {
+        return;
+    };
+    restart_resumes_the_native_batch(&format!("url = \"{url}\"")).await;
+}
+
+/// A native job's gateway stops while its provider batch runs; the next start on the same
+/// `[store]` polls that batch and records each result once.
+async fn restart_resumes_the_native_batch(store: &str) {
+    // The provider batch ends only when the test says so.
+    let mock = MockUpstream::start(MockSettings {
+        batch_delay: std::time::Duration::from_secs(3600),
+        ..MockSettings::default()
+    })
+    .await
+    .unwrap();
+    let toml = openai_toml(
+        &mock,
+        &format!("[store]\n{store}\n[batch]\nnative_poll_interval = \"20ms\""),
+    );
+    let mut first = Gateway::start(&toml).await;
+    let mut client = first.client();
+    let items: Vec<_> = (0..5)
+        .map(|i| item(&format!("r{i}"), MODEL, &format!("q{i}")))
+        .collect();
+    let created = create(&mut client, in_mode(job(items), pb::BatchMode::Native, 1)).await;
+    let before = submitted(&mut client, &created.id).await;
+    assert_eq!(before.counts.unwrap().running, 5);
+    first.signal_shutdown();
+    first.take_handle().await.unwrap().unwrap();
+
+    let second = Gateway::start(&toml).await;
+    let mut client = second.client();
+    mock.finish_native_batches();
+    let all = results(&mut client, &created.id, 0).await;
+    assert_eq!(all.len(), 5);
+    let seen = answers(&all);
+    assert!(
+        seen.len() == 5 && seen.values().all(|n| *n == 1),
+        "{seen:?}"
+    );
+    for r in &all {
+        assert_eq!(r.mode, pb::BatchMode::Native as i32);
+        let n = r.custom_id.strip_prefix('r').unwrap();
+        assert_eq!(reply(r), format!("Mock reply to: q{n}"));
+    }
+    let done = get(&mut client, &created.id).await;
+    assert_eq!(done.state, pb::BatchState::Completed as i32);
+    // The same provider batch, submitted once.
+    assert_eq!(done.native_batches[0].id, before.native_batches[0].id);
+    assert_eq!(mock.native_batches().created, 1);
+}
+
+#[tokio::test]
+async fn cancel_reaches_the_providers_batch() {
+    let (mock, gateway) = native_pair(std::time::Duration::from_secs(3600), "").await;
+    let mut client = gateway.client();
+    let items: Vec<_> = (0..3).map(|i| item(&format!("c{i}"), MODEL, "x")).collect();
+    let created = create(&mut client, in_mode(job(items), pb::BatchMode::Native, 1)).await;
+    submitted(&mut client, &created.id).await;
+    client
+        .cancel_batch(pb::CancelBatchRequest {
+            batch_id: created.id.clone(),
+        })
+        .await
+        .unwrap();
+    let all = results(&mut client, &created.id, 0).await;
+    assert_eq!(all.len(), 3);
+    for r in &all {
+        let e = error(r);
+        assert_eq!(
+            (e.code, e.reason.as_str()),
+            (Code::Cancelled as i32, "CANCELLED")
+        );
+    }
+    let done = get(&mut client, &created.id).await;
+    assert_eq!(done.state, pb::BatchState::Cancelled as i32);
+    assert_eq!(done.counts.unwrap().cancelled, 3);
+    assert_eq!(mock.native_batches().cancelled, 1);
+    assert_eq!(mock.stats().requests(), 0);
+}

@@ -66,6 +66,7 @@ fn new_job(n: usize) -> NewJob {
         owner: "key1".to_owned(),
         tags: BTreeMap::new(),
         timeout: Duration::from_secs(3600),
+        mode: Default::default(),
         requests: (0..n)
             .map(|i| NewRequest {
                 custom_id: format!("c{i}"),

@@ -368,3 +368,73 @@ async fn without_redis_a_replica_paces_by_its_own_limits() {
     assert_eq!(mock.rate_limited(), 0);
     assert_eq!(mock.stats().requests(), 2);
 }
+
+/// Benchmark: Redis round trips per call of the shared outbound limiter. Calls go out at a
+/// fixed rate (each on its own task, so a slow one does not hold the next back) to one
+/// provider key paced at `requests_per_minute = 60000` (the mock limits the key the same,
+/// so every answer carries rate-limit headers and the replicas learn from them too); the
+/// `EVALSHA` count from `INFO commandstats` covers both scripts (capacity leases and the
+/// learned-limit writes, at most 4 per second per account). Numbers go to BENCHMARKS.md.
+///
+/// `cargo test --test it -- --ignored shared_limiter_round_trips_per_call --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: run it on purpose (see its docs)"]
+#[expect(clippy::print_stderr, reason = "a benchmark reports its numbers")]
+async fn shared_limiter_round_trips_per_call() {
+    let Some(redis) = crate::redis_server::RedisServer::start() else {
+        return;
+    };
+    let mock = MockUpstream::start(MockSettings::default()).await.unwrap();
+    mock.limit_key("sk-shared", Some(60_000));
+    let toml = shared_toml(
+        &mock,
+        &redis.url(),
+        "pacing = { requests_per_minute = 60000 }",
+    );
+    let replicas = [Gateway::start(&toml).await, Gateway::start(&toml).await];
+    let evalsha = || redis.command_calls().get("evalsha").copied().unwrap_or(0);
+    eprintln!(
+        "| replicas | offered calls/s | calls | achieved calls/s | EVALSHA | EVALSHA per call |"
+    );
+    eprintln!("|---|---|---|---|---|---|");
+    for (used, rate, calls) in [
+        (1, 2, 20),
+        (1, 20, 100),
+        (1, 100, 300),
+        (1, 400, 800),
+        (2, 100, 300),
+    ] {
+        let before = evalsha();
+        let started = std::time::Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..calls {
+            tick.tick().await;
+            let mut client = replicas[i % used].client();
+            tasks.spawn(async move {
+                client
+                    .chat(within(
+                        request("openai/m", &format!("{i}")),
+                        Duration::from_secs(10),
+                    ))
+                    .await
+                    .is_ok()
+            });
+        }
+        let mut ok = 0;
+        while let Some(done) = tasks.join_next().await {
+            ok += usize::from(done.unwrap());
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        // The learned-limit writes are off the call path: let the last ones land.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let trips = evalsha() - before;
+        assert_eq!(ok, calls, "every call is answered");
+        eprintln!(
+            "| {used} | {rate} | {calls} | {:.0} | {trips} | {:.3} |",
+            calls as f64 / elapsed,
+            trips as f64 / calls as f64
+        );
+    }
+    assert_eq!(mock.rate_limited(), 0);
+}
