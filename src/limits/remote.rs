@@ -127,7 +127,7 @@ for i = 1, n do
       end
     end
     if #dead > 0 then redis.call('HDEL', key, unpack(dead)) end
-    p.s, p.r = tonumber(h[sf]) or 0, tonumber(h[rf]) or 0
+    p.s, p.r, p.x = tonumber(h[sf]) or 0, tonumber(h[rf]) or 0, h[xf]
     if stream and streams > 0 then
       if s >= streams then return {'3', tostring(i - 1), '1000'} end
       p.stream = true
@@ -162,7 +162,8 @@ for i = 1, n do
   if p.reserve and spent == 0 and usd > 0 then
     f[#f + 1] = rf; f[#f + 1] = tostring(p.r + usd); lease = true
   end
-  if lease then
+  -- The lease's expiry, unless it is far enough ahead for the renewal to come first.
+  if lease and (not p.x or tonumber(p.x) < now + ttl * 2 / 3) then
     f[#f + 1] = xf; f[#f + 1] = now + ttl
   end
   if #f > 0 then
@@ -220,8 +221,9 @@ for i = 1, n do
   local m = (h[5] == month) and tonumber(h[6]) or 0
   if cost > 0 or h[3] ~= day or h[5] ~= month then
     d, m = d + cost, m + cost
-    f[#f + 1] = 'day'; f[#f + 1] = day; f[#f + 1] = 'd'; f[#f + 1] = tostring(d)
-    f[#f + 1] = 'month'; f[#f + 1] = month; f[#f + 1] = 'm'; f[#f + 1] = tostring(m)
+    if h[3] ~= day then f[#f + 1] = 'day'; f[#f + 1] = day end
+    if h[5] ~= month then f[#f + 1] = 'month'; f[#f + 1] = month end
+    f[#f + 1] = 'd'; f[#f + 1] = tostring(d); f[#f + 1] = 'm'; f[#f + 1] = tostring(m)
   end
   if #f > 0 then
     if now == 0 then
