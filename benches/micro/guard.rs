@@ -121,7 +121,7 @@ pub fn bench(c: &mut Criterion) {
         black_box(s.finish(&mut g).expect("nothing blocked"));
     }
     eprintln!(
-        "guard/stream: per chunk p50 {:.2} us, p99 {:.2} us, max {:.1} us; stream start (scanner + first chunk) p50 {:.2} us, p99 {:.2} us({} chunks x 500 streams)",
+        "guard/stream: per chunk p50 {:.2} us, p99 {:.2} us, max {:.1} us; stream start (scanner + first chunk) p50 {:.2} us, p99 {:.2} us ({} chunks x 500 streams)",
         per_chunk.value_at_quantile(0.5) as f64 / 1e3,
         per_chunk.value_at_quantile(0.99) as f64 / 1e3,
         per_chunk.max() as f64 / 1e3,
