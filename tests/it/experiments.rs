@@ -169,10 +169,17 @@ targets = [{{ provider = "openai", model = "gpt-4o-mini" }}]
     let ok: u64 = seen.values().map(|s| s.calls - s.errors).sum();
     let mut admin = admin_client(gateway.channel.clone());
     let mut records = Vec::new();
-    for _ in 0..200 {
+    // Wait for every primary and for the compared shadow of every successful primary
+    // (shadows of failed primaries are recorded too, but not compared, so counting all
+    // shadows can stop the wait before the compared ones are in).
+    for _ in 0..500 {
         records = usage_records(&mut admin, 0).await;
         let primaries = records.iter().filter(|r| r.rpc != "Shadow").count();
-        if primaries == calls && records.len() >= calls + ok as usize {
+        let compared = records
+            .iter()
+            .filter(|r| r.rpc == "Shadow" && r.shadow.is_some())
+            .count();
+        if primaries == calls && compared >= ok as usize {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
