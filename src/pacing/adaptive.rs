@@ -9,6 +9,10 @@
 //!
 //! The baseline is a slow average of latencies that showed no rise, so an overload does not
 //! become the new normal.
+//!
+//! With `initial` 0 (the default) a target has no limit until its first decrease: a burst to
+//! a healthy provider is never refused for a limit nobody set; the first overload signal sets
+//! the limit from the calls then in flight and decreases from there.
 
 use std::{
     sync::{Arc, Mutex},
@@ -25,6 +29,9 @@ const WARMUP: u32 = 20;
 #[derive(Debug)]
 struct State {
     limit: f64,
+    /// Whether the limit applies (from the start with a configured `initial`, else from the
+    /// first decrease).
+    engaged: bool,
     in_flight: usize,
     last_decrease: Option<Instant>,
     /// Slow average latency (seconds) of calls without a rise.
@@ -68,7 +75,8 @@ impl Adaptive {
     pub fn new(settings: AdaptiveSettings) -> Self {
         Self {
             state: Mutex::new(State {
-                limit: f64::from(settings.initial),
+                limit: f64::from(settings.initial.max(1)),
+                engaged: settings.initial > 0,
                 in_flight: 0,
                 last_decrease: None,
                 baseline: None,
@@ -85,9 +93,13 @@ impl Adaptive {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The current limit.
+    /// The current limit (`max` while none applies yet).
     pub fn limit(&self) -> usize {
-        self.lock().limit.floor() as usize
+        let s = self.lock();
+        match s.engaged {
+            true => s.limit.floor() as usize,
+            false => self.settings.max as usize,
+        }
     }
 
     /// Calls in flight.
@@ -98,7 +110,7 @@ impl Adaptive {
     /// Takes a slot when fewer than the limit are in flight.
     pub fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
         let mut s = self.lock();
-        if s.in_flight as f64 >= s.limit.floor().max(1.0) {
+        if s.engaged && s.in_flight as f64 >= s.limit.floor().max(1.0) {
             return None;
         }
         s.in_flight += 1;
@@ -117,9 +129,17 @@ impl Adaptive {
         let may_decrease = s
             .last_decrease
             .is_none_or(|at| now.saturating_duration_since(at) >= self.settings.cooldown);
+        // The first decrease of an unlimited target starts from what it carries now.
+        let engage = |s: &mut State| {
+            if !s.engaged {
+                s.engaged = true;
+                s.limit = (s.in_flight as f64).clamp(min, max);
+            }
+        };
         match signal {
             Signal::Overloaded => {
                 if may_decrease {
+                    engage(&mut s);
                     s.limit = (s.limit * 0.5).max(min);
                     s.last_decrease = Some(now);
                 }
@@ -134,12 +154,13 @@ impl Adaptive {
                         .is_some_and(|b| recent > b * self.settings.latency_factor);
                 if rose {
                     if may_decrease {
+                        engage(&mut s);
                         s.limit = (s.limit * 0.9).max(min);
                         s.last_decrease = Some(now);
                     }
                 } else {
                     s.baseline = Some(s.baseline.map_or(latency, |b| b * 0.99 + latency * 0.01));
-                    if s.in_flight as f64 * 2.0 >= s.limit {
+                    if s.engaged && s.in_flight as f64 * 2.0 >= s.limit {
                         s.limit = (s.limit + 1.0 / s.limit.max(1.0)).min(max);
                     }
                 }
@@ -197,5 +218,23 @@ mod tests {
         }
         assert!(a.limit() < before, "{} {before}", a.limit());
         assert!(a.limit() >= 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_an_initial_limit_a_burst_passes_until_the_first_overload() {
+        let a = Arc::new(Adaptive::new(AdaptiveSettings {
+            initial: 0,
+            max: 4096,
+            ..settings()
+        }));
+        let slots: Vec<Slot> = (0..5_000).filter_map(|_| a.try_acquire()).collect();
+        assert_eq!(slots.len(), 5_000, "no limit applies before a signal");
+        assert_eq!(a.limit(), 4096);
+        // The first overload starts the limit from the calls in flight (within max), halved.
+        a.observe(Signal::Overloaded, Instant::now());
+        assert_eq!(a.limit(), 2048);
+        assert!(a.try_acquire().is_none());
+        drop(slots);
+        assert!(a.try_acquire().is_some());
     }
 }

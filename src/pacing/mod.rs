@@ -132,7 +132,9 @@ impl AccountLimits {
 /// The adaptive concurrency limit's settings (`[pacing]`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdaptiveSettings {
-    /// The limit a target starts with.
+    /// The limit a target starts with; 0: none until the target first signals overload (a
+    /// 429 or 503/529, or a latency rise), when the limit starts from the calls it then has
+    /// in flight.
     pub initial: u32,
     /// The least it goes down to.
     pub min: u32,
@@ -159,7 +161,7 @@ impl Default for PacingSettings {
         Self {
             enabled: true,
             adaptive: Some(AdaptiveSettings {
-                initial: 256,
+                initial: 0,
                 min: 4,
                 max: 4096,
                 latency_factor: 5.0,
@@ -206,11 +208,12 @@ impl PacingSettings {
         };
         let min = count("min_concurrency", raw.min_concurrency, da.min);
         let max = count("max_concurrency", raw.max_concurrency, da.max);
-        let initial = count("initial_concurrency", raw.initial_concurrency, da.initial);
-        if min > max || !(min..=max).contains(&initial) {
+        // 0 is allowed here: no limit until the first overload signal.
+        let initial = raw.initial_concurrency.unwrap_or(da.initial);
+        if min > max || (initial != 0 && !(min..=max).contains(&initial)) {
             issues.push(
                 "pacing.initial_concurrency",
-                "must be between min_concurrency and max_concurrency",
+                "must be 0 (no limit until the first overload) or between min_concurrency and max_concurrency",
             );
         }
         let latency_factor = match raw.latency_factor {
