@@ -188,6 +188,14 @@ listen = "127.0.0.1:$metrics_port"
 [http]
 listen = "off"
 
+# Scenario 2 opens 10,000 streams at once to one target: the bound on calls in flight (2,048
+# by default) and the adaptive concurrency limit (which a burst's own latency rise on these 2
+# cores engages) would refuse most of them, and the scenario measures what 10,000 cost.
+[admission]
+max_in_flight = 0
+[pacing]
+adaptive_concurrency = false
+
 [providers.openai]
 kind = "openai"
 api_key = "bench-not-a-key"
