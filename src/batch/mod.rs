@@ -600,3 +600,15 @@ pub mod codes {
     /// DEADLINE_EXCEEDED.
     pub const DEADLINE_EXCEEDED: i32 = 4;
 }
+
+/// How both batch stores record a request's state (a column value: never renumber).
+pub(crate) mod request_state {
+    /// Waiting to run.
+    pub const PENDING: i64 = 0;
+    /// Claimed and running.
+    pub const RUNNING: i64 = 1;
+    /// Answered.
+    pub const DONE: i64 = 2;
+    /// Inside a provider's native batch.
+    pub const NATIVE: i64 = 3;
+}

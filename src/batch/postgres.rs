@@ -120,10 +120,7 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE batch_jobs ADD COLUMN native TEXT NOT NULL DEFAULT '';",
 ];
 
-const PENDING: i64 = 0;
-const RUNNING: i64 = 1;
-const DONE: i64 = 2;
-const NATIVE: i64 = 3;
+use super::request_state::{DONE, NATIVE, PENDING, RUNNING};
 
 /// How one replica's PostgreSQL batch store claims requests.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -64,10 +64,7 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE batch_jobs ADD COLUMN native TEXT NOT NULL DEFAULT '';",
 ];
 
-const PENDING: i64 = 0;
-const RUNNING: i64 = 1;
-const DONE: i64 = 2;
-const NATIVE: i64 = 3;
+use super::request_state::{DONE, NATIVE, PENDING, RUNNING};
 
 /// The SQLite batch store.
 #[derive(Clone)]
