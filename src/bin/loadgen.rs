@@ -159,6 +159,9 @@ impl Failure {
 /// What one call produced.
 struct Outcome {
     result: Result<(), Failure>,
+    /// When the call was sent (in the open loop, at or after its intended time: tokio's
+    /// timer has a 1 ms tick, and the generator shares the machine's cores).
+    sent: Instant,
     /// When the first content (or the finish of an empty reply) arrived (streams only).
     first: Option<Instant>,
     /// When the call ended.
@@ -170,6 +173,11 @@ struct Stats {
     latency: Histogram<u64>,
     /// Latency of failed calls (e.g. how fast an overloaded server refuses).
     error_latency: Histogram<u64>,
+    /// Latency of failed calls from when each was sent (the server's share: without the
+    /// open loop's lag between a call's intended time and its send).
+    error_service: Histogram<u64>,
+    /// The open loop's lag between a call's intended time and its send.
+    send_lag: Histogram<u64>,
     ttft: Histogram<u64>,
     ok: u64,
     errors: BTreeMap<String, u64>,
@@ -184,6 +192,8 @@ impl Stats {
         Self {
             latency: histogram(),
             error_latency: histogram(),
+            error_service: histogram(),
+            send_lag: histogram(),
             ttft: histogram(),
             ok: 0,
             errors: BTreeMap::new(),
@@ -194,6 +204,8 @@ impl Stats {
 
     fn record(&mut self, start: Instant, outcome: Outcome, deadline: Option<Duration>) {
         let latency = outcome.done.saturating_duration_since(start);
+        self.send_lag
+            .saturating_record(micros(outcome.sent.saturating_duration_since(start)));
         if let Some(d) = deadline {
             let overrun = i64::try_from(micros(latency)).unwrap_or(i64::MAX)
                 - i64::try_from(micros(d)).unwrap_or(i64::MAX);
@@ -210,6 +222,9 @@ impl Stats {
             }
             Err(failure) => {
                 self.error_latency.saturating_record(micros(latency));
+                self.error_service.saturating_record(micros(
+                    outcome.done.saturating_duration_since(outcome.sent),
+                ));
                 *self.errors.entry(failure.label.clone()).or_default() += 1;
                 self.examples.entry(failure.label).or_insert(failure.detail);
             }
@@ -332,6 +347,7 @@ struct Ctx {
 }
 
 async fn call(ctx: &Ctx, mut client: Client) -> Outcome {
+    let sent = Instant::now();
     let n = ctx.inflight.fetch_add(1, Ordering::Relaxed) + 1;
     ctx.peak_inflight.fetch_max(n, Ordering::Relaxed);
     let mut request = tonic::Request::new(ctx.request.clone());
@@ -360,11 +376,13 @@ async fn call(ctx: &Ctx, mut client: Client) -> Outcome {
     match result {
         Ok(first) => Outcome {
             result: Ok(()),
+            sent,
             first,
             done,
         },
         Err(failure) => Outcome {
             result: Err(failure),
+            sent,
             first: None,
             done,
         },
@@ -872,6 +890,8 @@ async fn run(args: Args) -> Result<bool, String> {
         "rps": rps.round(),
         "latency_us": percentiles(&stats.latency),
         "error_latency_us": percentiles(&stats.error_latency),
+        "error_service_us": percentiles(&stats.error_service),
+        "send_lag_us": percentiles(&stats.send_lag),
         "ttft_us": if args.rpc == Rpc::Stream { percentiles(&stats.ttft) } else { Value::Null },
         "peak_inflight": ctx.peak_inflight.load(Ordering::Relaxed),
         "deadline_ms": args.deadline.map(|d| d.as_millis()),

@@ -10,9 +10,11 @@
 //! The baseline is a slow average of latencies that showed no rise, so an overload does not
 //! become the new normal.
 //!
-//! With `initial` 0 (the default) a target has no limit until its first decrease: a burst to
-//! a healthy provider is never refused for a limit nobody set; the first overload signal sets
-//! the limit from the calls then in flight and decreases from there.
+//! With `initial` 0 (the default) a target has no limit until the provider itself signals
+//! overload (429, 503, 529): a burst to a healthy provider is never refused for a limit nobody
+//! set; that first signal sets the limit from the calls then in flight and halves it. A
+//! latency rise alone never engages the limit (the rise may be the gateway's own load, and on a
+//! one-target plan a refusal helps no one); it only tightens a limit already in force.
 
 use std::{
     sync::{Arc, Mutex},
@@ -153,8 +155,10 @@ impl Adaptive {
                     && s.baseline
                         .is_some_and(|b| recent > b * self.settings.latency_factor);
                 if rose {
-                    if may_decrease {
-                        engage(&mut s);
+                    // A latency rise alone never engages a limit: it may be the gateway's
+                    // own load (a burst on these cores), and refusing then helps no one. It
+                    // only tightens a limit a provider's own signal (429, 503/529) set.
+                    if may_decrease && s.engaged {
                         s.limit = (s.limit * 0.9).max(min);
                         s.last_decrease = Some(now);
                     }
@@ -236,5 +240,34 @@ mod tests {
         assert!(a.try_acquire().is_none());
         drop(slots);
         assert!(a.try_acquire().is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_latency_rise_alone_never_engages_a_limit_nobody_set() {
+        let a = Arc::new(Adaptive::new(AdaptiveSettings {
+            initial: 0,
+            max: 4096,
+            ..settings()
+        }));
+        let slots: Vec<Slot> = (0..300).filter_map(|_| a.try_acquire()).collect();
+        for _ in 0..30 {
+            a.observe(Signal::Answered(Duration::from_millis(10)), Instant::now());
+        }
+        // The gateway's own burst makes every answer 10x slower: no limit follows.
+        for _ in 0..50 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            a.observe(Signal::Answered(Duration::from_millis(100)), Instant::now());
+        }
+        assert_eq!(a.limit(), 4096);
+        assert!(a.try_acquire().is_some(), "nothing is refused");
+        // Once the provider itself says it is overloaded, the limit applies, and a latency
+        // rise then tightens it.
+        a.observe(Signal::Overloaded, Instant::now());
+        let engaged = a.limit();
+        assert!(engaged < 301, "{engaged}");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        a.observe(Signal::Answered(Duration::from_millis(100)), Instant::now());
+        assert!(a.limit() < engaged, "{} {engaged}", a.limit());
+        drop(slots);
     }
 }

@@ -133,8 +133,8 @@ impl AccountLimits {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdaptiveSettings {
     /// The limit a target starts with; 0: none until the target first signals overload (a
-    /// 429 or 503/529, or a latency rise), when the limit starts from the calls it then has
-    /// in flight.
+    /// 429 or 503/529; a latency rise alone does not), when the limit starts from the calls it
+    /// then has in flight.
     pub initial: u32,
     /// The least it goes down to.
     pub min: u32,
