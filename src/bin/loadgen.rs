@@ -569,30 +569,50 @@ async fn open_loop(
     };
     let stats = Arc::new(Mutex::new(Stats::new()));
     let permits = Arc::new(Semaphore::new(max_inflight.max(1)));
-    let mut tasks = JoinSet::new();
-    let mut failed_early = 0;
     let start = Instant::now();
-    for i in 0..total {
-        let intended = start + interval.mul_f64(i as f64);
-        tokio::time::sleep_until(intended).await;
-        // Waiting for a permit delays the send, not the intended time: the wait is latency.
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            break;
-        };
-        let client = clients[usize::try_from(i).unwrap_or(0) % clients.len()].clone();
-        let ctx = ctx.clone();
-        let stats = stats.clone();
-        tasks.spawn(async move {
-            let outcome = call(&ctx, client).await;
-            drop(permit);
-            if let Ok(mut s) = stats.lock() {
-                s.record(intended, outcome, ctx.deadline);
+    // The schedule is kept by a thread of its own with the OS's sleep (about 50-100 us late),
+    // not tokio's timer, whose 1 ms tick would make every call up to 1 ms late: that lag is
+    // counted as latency (from the intended time), and would hide a sub-millisecond answer.
+    let handle = tokio::runtime::Handle::current();
+    let clients = clients.to_vec();
+    let (ctx, stats_) = (ctx.clone(), stats.clone());
+    let pacer = std::thread::spawn(move || {
+        let mut tasks = JoinSet::new();
+        let mut failed_early = 0;
+        for i in 0..total {
+            let intended = start + interval.mul_f64(i as f64);
+            let wait = intended.saturating_duration_since(Instant::now());
+            if !wait.is_zero() {
+                std::thread::sleep(wait);
             }
-        });
-        while let Some(joined) = tasks.try_join_next() {
-            failed_early += u64::from(joined.is_err());
+            // Waiting for a permit delays the send, not the intended time: the wait is latency.
+            let Ok(permit) = handle.block_on(permits.clone().acquire_owned()) else {
+                break;
+            };
+            let client = clients[usize::try_from(i).unwrap_or(0) % clients.len()].clone();
+            let ctx = ctx.clone();
+            let stats = stats_.clone();
+            tasks.spawn_on(
+                async move {
+                    let outcome = call(&ctx, client).await;
+                    drop(permit);
+                    if let Ok(mut s) = stats.lock() {
+                        s.record(intended, outcome, ctx.deadline);
+                    }
+                },
+                &handle,
+            );
+            while let Some(joined) = tasks.try_join_next() {
+                failed_early += u64::from(joined.is_err());
+            }
         }
-    }
+        (tasks, failed_early)
+    });
+    let (mut tasks, failed_early) = tokio::task::spawn_blocking(move || pacer.join())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_else(|| (JoinSet::new(), 0));
     let (_, failed, unfinished) = drain(&mut tasks, Instant::now() + drain_for).await;
     let failed = failed + failed_early;
     let mut stats = stats
