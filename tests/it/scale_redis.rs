@@ -11,7 +11,7 @@ use llm_gateway::{
     mock_upstream::{MockSettings, MockUpstream},
     pb::{self, llm_gateway_client::LlmGatewayClient},
 };
-use tonic::{Code, Request, transport::Channel};
+use tonic::{Code, Request};
 
 use crate::{common::*, redis_server::RedisServer};
 
@@ -192,41 +192,6 @@ async fn a_budget_is_enforced_once_under_30_concurrent_callers_on_three_replicas
     );
 }
 
-/// Starts `llm-gateway` as a child process with `toml`; returns it and a channel to it.
-async fn replica_process(dir: &std::path::Path, toml: &str) -> (tokio::process::Child, Channel) {
-    let config_path = dir.join("replica.toml");
-    std::fs::write(&config_path, format!("{toml}\n[http]\nlisten = \"off\"\n")).unwrap();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_llm-gateway"))
-        .arg("--config")
-        .arg(&config_path)
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--admin-token")
-        .arg(ADMIN_TOKEN)
-        .arg("--log-level")
-        .arg("warn")
-        .arg("--metrics-listen")
-        .arg("off")
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    for _ in 0..400 {
-        if let Ok(channel) = Channel::from_shared(format!("http://127.0.0.1:{port}"))
-            .unwrap()
-            .connect()
-            .await
-        {
-            return (child, channel);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the replica process did not start");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_killed_mid_stream_frees_its_stream_lease_within_the_lease_ttl() {
     let Some(redis) = RedisServer::start() else {
@@ -236,7 +201,7 @@ async fn a_replica_killed_mid_stream_frees_its_stream_lease_within_the_lease_ttl
     k.max_concurrent_streams = 1;
     let c = cluster(&redis, k, "lease_ttl = \"1s\"").await;
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, channel) = replica_process(dir.path(), &c.toml).await;
+    let (mut child, channel) = gateway_process(dir.path(), &c.toml).await;
     // A stream that sends its first chunk and then nothing: it holds its slot.
     let mut stalled = request("openai/gpt-4o-mini+stall", "hello");
     stalled.max_tokens = Some(5);
