@@ -622,3 +622,82 @@ api_keys = [{keys}]
         ":0"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unused_tokens_given_back_at_settlement_admit_more_calls_on_redis() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let settings = llm_gateway::shared::SharedSettings {
+        redis_url: Some(redis.url()),
+        timeout: Duration::from_secs(5),
+        ..Default::default()
+    };
+    let limits = llm_gateway::limits::Limits::with_shared(
+        llm_gateway::shared::Shared::connect(&settings).unwrap(),
+    );
+    limits.prepare().await;
+    let tracker = tokio_util::task::TaskTracker::new();
+    let stop = tokio_util::sync::CancellationToken::new();
+    limits.background(&tracker, &stop);
+    // 60 tokens a minute (one a second refills), each call estimated at 20 tokens.
+    let subjects = limits.subjects(vec![llm_gateway::limits::SubjectLimits {
+        subject: "key:giveback".into(),
+        requests_per_minute: 0,
+        tokens_per_minute: 60,
+        max_concurrent_streams: 0,
+        daily_budget_usd: 0.0,
+        monthly_budget_usd: 0.0,
+    }]);
+    let ask = || llm_gateway::limits::Ask {
+        subjects: subjects.clone(),
+        estimated_tokens: 20,
+        stream: false,
+        estimated_usd: 0.0,
+        budget: llm_gateway::limits::BudgetCheck::Skip,
+    };
+    let now = || {
+        i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis(),
+        )
+        .unwrap()
+    };
+    let mut permits = Vec::new();
+    for _ in 0..3 {
+        permits.push(limits.admit(ask(), now()).await.unwrap());
+    }
+    let status = limits.admit(ask(), now()).await.unwrap_err().into_status();
+    assert_eq!(reason(&status), "RATE_LIMIT_TOKENS", "{status:?}");
+    let field = |name: &str| -> f64 {
+        redis.hash("llmgw:key:giveback:limits")[name]
+            .parse()
+            .unwrap()
+    };
+    let (before, at) = (field("tt"), field("ta"));
+    // Two calls used 5 tokens each: 15 each go back, added to the stored level as is (the
+    // refill since `ta` is the same either way, capped when read).
+    for permit in permits.iter_mut().take(2) {
+        permit.settle(Some(5), None, now());
+    }
+    eventually("both settlements landed", || field("tt") > before + 29.0).await;
+    assert_eq!(field("tt"), before + 30.0);
+    assert_eq!(field("ta"), at);
+    // A call that used more than its estimate (30 of 20) takes the 10 more at settlement,
+    // from the level refilled until then (one token a second).
+    permits[2].settle(Some(30), None, now());
+    eventually("the overrun was charged", || field("ta") != at).await;
+    let refilled = (before + 30.0 + (field("ta") - at) / 1000.0).min(60.0);
+    assert!(
+        (field("tt") - (refilled - 10.0)).abs() < 1e-6,
+        "{} != {refilled} - 10",
+        field("tt")
+    );
+    // What came back admits another call of 20 at once.
+    limits.admit(ask(), now()).await.unwrap();
+    stop.cancel();
+    tracker.close();
+    tracker.wait().await;
+}
