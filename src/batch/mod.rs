@@ -36,6 +36,11 @@ use crate::settings::Issues;
 
 pub use runner::Batches;
 
+/// `batch.lease` when unset.
+const LEASE_DEFAULT: Duration = Duration::from_secs(30);
+/// The shortest `batch.lease`: the heartbeat (a third of it) must outrun a busy database.
+const LEASE_MIN: Duration = Duration::from_secs(1);
+
 /// `[batch]` as written in the config file.
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -60,6 +65,9 @@ pub struct RawBatch {
     pub request_timeout: Option<String>,
     /// `batch.native_poll_interval`: how often a native provider batch is polled.
     pub native_poll_interval: Option<String>,
+    /// `batch.lease`: how long a replica's claim on a request holds without a renewal
+    /// (with `store.url`; renewed every third of it).
+    pub lease: Option<String>,
 }
 
 /// The validated `[batch]` section.
@@ -85,6 +93,10 @@ pub struct BatchSettings {
     pub request_timeout: Duration,
     /// How often a native provider batch is polled.
     pub native_poll_interval: Duration,
+    /// How long a replica's claim on a request holds without a renewal (PostgreSQL store
+    /// only; the heartbeat renews every third of it). A killed replica's requests run
+    /// elsewhere within about this long.
+    pub lease: Duration,
 }
 
 impl Default for BatchSettings {
@@ -148,7 +160,11 @@ impl BatchSettings {
                 raw.native_poll_interval.as_deref(),
                 Duration::from_secs(30),
             ),
+            lease: issues.duration("batch.lease", raw.lease.as_deref(), LEASE_DEFAULT),
         };
+        if settings.lease < LEASE_MIN {
+            issues.push("batch.lease", "must be at least 1s");
+        }
         if settings.default_timeout > settings.max_timeout {
             issues.push(
                 "batch.default_timeout",
@@ -611,4 +627,50 @@ pub(crate) mod request_state {
     pub const DONE: i64 = 2;
     /// Inside a provider's native batch.
     pub const NATIVE: i64 = 3;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(toml: &str) -> Result<BatchSettings, Vec<String>> {
+        let raw: RawBatch = toml::from_str(toml).unwrap();
+        let mut issues = Issues::new();
+        let s = BatchSettings::from_raw(raw, &mut issues);
+        if issues.is_empty() {
+            Ok(s)
+        } else {
+            Err(issues
+                .into_vec()
+                .into_iter()
+                .map(|i| format!("{}: {}", i.field, i.message))
+                .collect())
+        }
+    }
+
+    #[test]
+    fn lease_defaults_to_30s_and_takes_a_duration() {
+        assert_eq!(settings("").unwrap().lease, Duration::from_secs(30));
+        assert_eq!(
+            settings("lease = \"1s\"").unwrap().lease,
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            settings("lease = \"2m\"").unwrap().lease,
+            Duration::from_secs(120)
+        );
+    }
+
+    #[test]
+    fn a_lease_under_1s_or_not_a_duration_is_a_config_error() {
+        for (toml, message) in [
+            ("lease = \"999ms\"", "batch.lease: must be at least 1s"),
+            ("lease = \"0s\"", "batch.lease: must be greater than zero"),
+            ("lease = \"soon\"", "batch.lease: `soon` is not a duration"),
+        ] {
+            let errors = settings(toml).unwrap_err();
+            assert_eq!(errors.len(), 1, "{toml}: {errors:?}");
+            assert!(errors[0].starts_with(message), "{toml}: {errors:?}");
+        }
+    }
 }

@@ -8,7 +8,7 @@
 //!   shares the store's connection pool.
 //! - **Claims are leases.** A request is claimed by one `UPDATE` of the row picked with
 //!   `FOR UPDATE SKIP LOCKED`: replicas running the same job never take the same request.
-//!   The claim records this store's replica id and a lease ([`PgBatchOptions::lease`],
+//!   The claim records this store's replica id and a lease ([`PgBatchOptions::lease`], `batch.lease`,
 //!   30 s by default) that [`PgBatchStore::run`] renews every third of it for every request
 //!   this replica runs (one `UPDATE`); a request whose lease ran out (its replica died, or
 //!   lost the database for longer than the lease) is claimable again, so a `kill -9`ed

@@ -36,8 +36,14 @@
 //!   expires with the lease.
 //!
 //! Commands per call inside the scripts, for a key and its team with rates and budgets: 5
-//! in the admission (`TIME`, 2 `HGETALL`, 2 `HSET`), 5 in the settlement (`TIME`, 2 `HMGET`,
-//! 2 `HSET`), plus a `PEXPIRE` per subject about once per half expiry.
+//! in the admission (`TIME`, 2 `HGETALL`, 2 `HSET`), 4 in the settlement (2 `HMGET`, 2
+//! `HSET`; `TIME` only when more tokens were used than estimated, or the expiry is due),
+//! plus a `PEXPIRE` per subject about once per half expiry. Each command inside a script
+//! costs Redis a few microseconds (more with more fields), so the scripts read and write
+//! every field of a subject at once, pass numbers to `HSET` as numbers (formatted by Redis,
+//! `%.17g`, not by Lua's `tostring`), and skip the clock where it is not needed: unused
+//! tokens given back are added to the stored level (the same as adding them to the level
+//! refilled until now, since the refill is capped when read).
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -74,15 +80,7 @@ local rep = ARGV[6]
 local ttl = tonumber(ARGV[7])
 local day, month = ARGV[8], ARGV[9]
 local xf, sf, rf = 'x:' .. rep, 's:' .. rep, 'r:' .. rep
-local function level(v, at, cap)
-  if not v then return cap end
-  return math.min(cap, tonumber(v) + math.max(0, now - tonumber(at)) * cap / 60000)
-end
-local function wait(cap, have, amount)
-  local needed = math.min(amount, cap)
-  if have >= needed then return nil end
-  return math.ceil((needed - have) * 60000 / cap)
-end
+local min, max = math.min, math.max
 local plan = {}
 local spent = 0
 for i = 1, n do
@@ -91,32 +89,54 @@ for i = 1, n do
   local daily, monthly = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
   local budget = daily > 0 or monthly > 0
   local p = {budget = budget}
-  local h = {}
+  local h
+  -- With leases: every field once (HGETALL), the other replicas' expiries collected on
+  -- the way (a field `x:R` is the only one starting with `x`).
   local leases = (stream and streams > 0) or (check > 0 and budget)
+  local others
   if leases then
     local all = redis.call('HGETALL', key)
-    for j = 1, #all, 2 do h[all[j]] = all[j + 1] end
+    h = {}
+    for j = 1, #all, 2 do
+      local f = all[j]
+      h[f] = all[j + 1]
+      if string.byte(f, 1) == 120 and f ~= xf then
+        if not others then others = {} end
+        others[#others + 1] = f
+      end
+    end
   elseif rpm > 0 or tpm > 0 then
     local v = redis.call('HMGET', key, 'rt', 'ra', 'tt', 'ta', 'e')
     h = {rt = v[1], ra = v[2], tt = v[3], ta = v[4], e = v[5]}
+  else
+    h = {}
   end
   p.e = h.e
   if rpm > 0 then
-    p.rpm = level(h.rt, h.ra, rpm)
-    local w = wait(rpm, p.rpm, 1)
-    if w then return {'1', tostring(i - 1), tostring(w)} end
+    local v = h.rt
+    local level = rpm
+    if v then level = min(rpm, tonumber(v) + max(0, now - tonumber(h.ra)) * rpm / 60000) end
+    if level < 1 then return {'1', tostring(i - 1), tostring(math.ceil((1 - level) * 60000 / rpm))} end
+    p.rpm = level
   end
   if tpm > 0 then
-    p.tpm = level(h.tt, h.ta, tpm)
-    local w = wait(tpm, p.tpm, tokens)
-    if w then return {'2', tostring(i - 1), tostring(w)} end
+    local v = h.tt
+    local level = tpm
+    if v then level = min(tpm, tonumber(v) + max(0, now - tonumber(h.ta)) * tpm / 60000) end
+    local needed = min(tokens, tpm)
+    if level < needed then return {'2', tostring(i - 1), tostring(math.ceil((needed - level) * 60000 / tpm))} end
+    p.tpm = level
   end
   if leases then
-    local s, r, dead = 0, 0, {}
-    for f, v in pairs(h) do
-      if string.sub(f, 1, 2) == 'x:' then
+    local s = tonumber(h[sf]) or 0
+    local r = tonumber(h[rf]) or 0
+    p.s, p.r, p.x = s, r, h[xf]
+    if others then
+      local dead
+      for _, f in ipairs(others) do
         local who = string.sub(f, 3)
-        if f ~= xf and tonumber(v) < now then
+        if tonumber(h[f]) < now then
+          dead = dead or {}
           dead[#dead + 1] = f
           dead[#dead + 1] = 's:' .. who
           dead[#dead + 1] = 'r:' .. who
@@ -125,9 +145,8 @@ for i = 1, n do
           r = r + (tonumber(h['r:' .. who]) or 0)
         end
       end
+      if dead then redis.call('HDEL', key, unpack(dead)) end
     end
-    if #dead > 0 then redis.call('HDEL', key, unpack(dead)) end
-    p.s, p.r, p.x = tonumber(h[sf]) or 0, tonumber(h[rf]) or 0, h[xf]
     if stream and streams > 0 then
       if s >= streams then return {'3', tostring(i - 1), '1000'} end
       p.stream = true
@@ -135,11 +154,11 @@ for i = 1, n do
     if check > 0 and budget then
       local d = (h.day == day) and tonumber(h.d) or 0
       local m = (h.month == month) and tonumber(h.m) or 0
-      for _, b in ipairs({{monthly, m, '4'}, {daily, d, '5'}}) do
-        local limit, used = b[1], b[2]
-        if limit > 0 and (used + r + usd > limit or (check == 2 and used + r >= limit)) then
-          if check == 2 then spent = 1 else return {b[3], tostring(i - 1), tostring(used)} end
-        end
+      if monthly > 0 and (m + r + usd > monthly or (check == 2 and m + r >= monthly)) then
+        if check == 2 then spent = 1 else return {'4', tostring(i - 1), tostring(m)} end
+      end
+      if daily > 0 and (d + r + usd > daily or (check == 2 and d + r >= daily)) then
+        if check == 2 then spent = 1 else return {'5', tostring(i - 1), tostring(d)} end
       end
       p.reserve = true
     end
@@ -148,28 +167,28 @@ for i = 1, n do
 end
 for i = 1, n do
   local key, p = KEYS[i], plan[i]
-  local f = {}
+  local f, k = {}, 0
   if p.rpm then
-    f[#f + 1] = 'rt'; f[#f + 1] = tostring(p.rpm - 1); f[#f + 1] = 'ra'; f[#f + 1] = now
+    f[k + 1] = 'rt'; f[k + 2] = p.rpm - 1; f[k + 3] = 'ra'; f[k + 4] = now; k = k + 4
   end
   if p.tpm then
-    f[#f + 1] = 'tt'; f[#f + 1] = tostring(p.tpm - tokens); f[#f + 1] = 'ta'; f[#f + 1] = now
+    f[k + 1] = 'tt'; f[k + 2] = p.tpm - tokens; f[k + 3] = 'ta'; f[k + 4] = now; k = k + 4
   end
   local lease = false
   if p.stream then
-    f[#f + 1] = sf; f[#f + 1] = p.s + 1; lease = true
+    f[k + 1] = sf; f[k + 2] = p.s + 1; k = k + 2; lease = true
   end
   if p.reserve and spent == 0 and usd > 0 then
-    f[#f + 1] = rf; f[#f + 1] = tostring(p.r + usd); lease = true
+    f[k + 1] = rf; f[k + 2] = p.r + usd; k = k + 2; lease = true
   end
   -- The lease's expiry, unless it is far enough ahead for the renewal to come first.
   if lease and (not p.x or tonumber(p.x) < now + ttl * 2 / 3) then
-    f[#f + 1] = xf; f[#f + 1] = now + ttl
+    f[k + 1] = xf; f[k + 2] = now + ttl; k = k + 2
   end
-  if #f > 0 then
-    local keep = p.budget and 3024000000 or math.max(120000, 2 * ttl)
+  if k > 0 then
+    local keep = p.budget and 3024000000 or max(120000, 2 * ttl)
     if not p.e or tonumber(p.e) < now + keep / 2 then
-      f[#f + 1] = 'e'; f[#f + 1] = now + keep
+      f[k + 1] = 'e'; f[k + 2] = now + keep
       redis.call('PEXPIRE', key, keep)
     end
     redis.call('HSET', key, unpack(f))
@@ -181,58 +200,67 @@ return {'0', tostring(spent)}
 /// Settlement; see the module docs.
 ///
 /// KEYS: one hash per subject. ARGV: subjects, replica id, tokens to give back (estimate -
-/// actual; empty: no usage), cost USD, day index, month index; then 4 per subject: tpm,
-/// stream slot held (0/1), USD reserved, budget (0/1).
+/// actual; empty: no usage), cost USD, day index, month index, the replica's clock (Unix
+/// ms, only to decide whether to refresh the expiry); then 4 per subject: tpm, stream slot
+/// held (0/1), USD reserved, budget (0/1).
 ///
 /// Returns the day and month spend of each subject after the settlement, as strings.
 pub const SETTLE: &str = r"
-local now = 0
 local n = tonumber(ARGV[1])
 local rep = ARGV[2]
 local give = tonumber(ARGV[3])
 local cost = tonumber(ARGV[4])
 local day, month = ARGV[5], ARGV[6]
+local clock = tonumber(ARGV[7])
 local sf, rf = 's:' .. rep, 'r:' .. rep
+local now
 local out = {}
 for i = 1, n do
-  local key, a = KEYS[i], 7 + (i - 1) * 4
+  local key, a = KEYS[i], 8 + (i - 1) * 4
   local tpm, held, resv = tonumber(ARGV[a]), ARGV[a + 1] == '1', tonumber(ARGV[a + 2])
   local budget = ARGV[a + 3] == '1'
   local h = redis.call('HMGET', key, 'tt', 'ta', 'day', 'd', 'month', 'm', sf, rf, 'e')
-  local f = {}
+  local f, k = {}, 0
   if give and give ~= 0 and tpm > 0 and h[1] then
-    if now == 0 then
-      local t = redis.call('TIME')
-      now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    if give > 0 then
+      -- Tokens given back: adding them to the stored level is the same as adding them to
+      -- the level refilled until now (the refill is capped when read).
+      f[1] = 'tt'; f[2] = tonumber(h[1]) + give; k = 2
+    else
+      if not now then
+        local t = redis.call('TIME')
+        now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+      end
+      local level = math.min(tpm, tonumber(h[1]) + math.max(0, now - tonumber(h[2])) * tpm / 60000) + give
+      f[1] = 'tt'; f[2] = level; f[3] = 'ta'; f[4] = now; k = 4
     end
-    local elapsed = math.max(0, now - tonumber(h[2]))
-    local level = math.min(tpm, tonumber(h[1]) + elapsed * tpm / 60000) + give
-    f[#f + 1] = 'tt'; f[#f + 1] = tostring(level); f[#f + 1] = 'ta'; f[#f + 1] = now
   end
   if held and h[7] then
-    f[#f + 1] = sf; f[#f + 1] = math.max(0, tonumber(h[7]) - 1)
+    f[k + 1] = sf; f[k + 2] = math.max(0, tonumber(h[7]) - 1); k = k + 2
   end
   if resv > 0 and h[8] then
     local r = tonumber(h[8]) - resv
     if r < 1e-12 then r = 0 end
-    f[#f + 1] = rf; f[#f + 1] = tostring(r)
+    f[k + 1] = rf; f[k + 2] = r; k = k + 2
   end
   local d = (h[3] == day) and tonumber(h[4]) or 0
   local m = (h[5] == month) and tonumber(h[6]) or 0
   if cost > 0 or h[3] ~= day or h[5] ~= month then
     d, m = d + cost, m + cost
-    if h[3] ~= day then f[#f + 1] = 'day'; f[#f + 1] = day end
-    if h[5] ~= month then f[#f + 1] = 'month'; f[#f + 1] = month end
-    f[#f + 1] = 'd'; f[#f + 1] = tostring(d); f[#f + 1] = 'm'; f[#f + 1] = tostring(m)
+    if h[3] ~= day then f[k + 1] = 'day'; f[k + 2] = day; k = k + 2 end
+    if h[5] ~= month then f[k + 1] = 'month'; f[k + 2] = month; k = k + 2 end
+    f[k + 1] = 'd'; f[k + 2] = d; f[k + 3] = 'm'; f[k + 4] = m; k = k + 4
   end
-  if #f > 0 then
-    if now == 0 then
-      local t = redis.call('TIME')
-      now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-    end
+  if k > 0 then
+    -- Admissions refresh the expiry; here only when the hash is new or its expiry looks
+    -- near on this replica's clock (then set on Redis's clock, as everywhere).
     local keep = budget and 3024000000 or 120000
-    if not h[9] or tonumber(h[9]) < now + keep / 2 then
-      f[#f + 1] = 'e'; f[#f + 1] = now + keep
+    if not h[9] or tonumber(h[9]) < clock + keep / 2 then
+      if not now then
+        local t = redis.call('TIME')
+        now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+      end
+      f[k + 1] = 'e'; f[k + 2] = now + keep
       redis.call('PEXPIRE', key, keep)
     end
     redis.call('HSET', key, unpack(f))
@@ -525,7 +553,8 @@ impl Remote {
             .arg(give)
             .arg(end.cost_usd)
             .arg(day)
-            .arg(month);
+            .arg(month)
+            .arg(job.now_ms);
         for s in end.subjects.iter() {
             if let Some(keys) = &s.keys {
                 inv.key(&keys.0);

@@ -489,8 +489,8 @@ pub async fn serve_with(
         // every replica.
         Some(pool) => {
             let options = crate::batch::postgres::PgBatchOptions {
+                lease: config.batch.lease,
                 job_concurrency: config.batch.job_concurrency,
-                ..Default::default()
             };
             let url = config.store.url.as_deref().unwrap_or_default();
             let store = Arc::new(

@@ -3,7 +3,8 @@
 //! job, and the store's claims are leases a dead replica's successor takes over: renewed
 //! by a heartbeat while the replica lives, retaken soon after it dies; one job's
 //! concurrency bound holds over all replicas; a replica hears of results recorded
-//! elsewhere through LISTEN/NOTIFY.
+//! elsewhere through LISTEN/NOTIFY; a gateway process killed with `-9` mid-job leaves
+//! its requests to another within a few leases (`batch.lease`).
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -13,7 +14,7 @@ use llm_gateway::{
         postgres::{PgBatchOptions, PgBatchStore},
     },
     mock_upstream::{MockSettings, MockUpstream},
-    pb,
+    pb::{self, llm_gateway_client::LlmGatewayClient},
     store::postgres::PgStore,
 };
 
@@ -455,4 +456,73 @@ async fn a_replica_hears_of_results_and_state_changes_recorded_on_another() {
         .unwrap();
     stop.cancel();
     listener.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_process_killed_mid_job_leaves_its_requests_to_the_other_within_a_few_leases() {
+    let Some(url) = pg_server::database().await else {
+        return;
+    };
+    // Two real gateway processes with 1 s leases (renewed every 333 ms), four requests of
+    // the job at once over both, each taking 500 ms upstream.
+    let mock = MockUpstream::start(MockSettings::default()).await.unwrap();
+    let toml = openai_toml(
+        &mock,
+        &format!("[store]\nurl = \"{url}\"\n[batch]\njob_concurrency = 4\nlease = \"1s\""),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, a_channel) = gateway_process(dir.path(), &toml).await;
+    let model = format!("{MODEL}+latency=500");
+    let items: Vec<_> = (0..24)
+        .map(|i| item(&format!("r{i}"), &model, &format!("q{i}")))
+        .collect();
+    // The job's own deadline is the bound: 20 s, far under the default 30 s lease. Requests
+    // a dead replica held that were not retaken in time would end DEADLINE_EXCEEDED.
+    let mut req = job(items);
+    req.timeout = Some(prost_types::Duration {
+        seconds: 20,
+        nanos: 0,
+    });
+    let created = create(&mut LlmGatewayClient::new(a_channel.clone()), req).await;
+    // A runs the job alone until it has answered some and holds claims on more.
+    let mut a_client = LlmGatewayClient::new(a_channel);
+    loop {
+        let counts = get(&mut a_client, &created.id).await.counts.unwrap();
+        if counts.succeeded >= 4 && counts.running > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // kill -9 mid-job: no shutdown, no release; A's claims hold until their leases run out.
+    a.start_kill().unwrap();
+    a.wait().await.unwrap();
+    let (_b, b_channel) = gateway_process(dir.path(), &toml).await;
+    let mut client = LlmGatewayClient::new(b_channel);
+    let all = tokio::time::timeout(
+        Duration::from_secs(120),
+        results(&mut client, &created.id, 0),
+    )
+    .await
+    .expect("the job never ended on the surviving replica");
+    // Every custom_id has exactly one result, a reply: none expired waiting for A's claims.
+    assert_eq!(all.len(), 24);
+    let answered = answers(&all);
+    assert_eq!(answered.len(), 24);
+    assert!(answered.values().all(|n| *n == 1), "{answered:?}");
+    for r in &all {
+        let n = r.custom_id.strip_prefix('r').unwrap();
+        assert_eq!(reply(r), format!("Mock reply to: q{n}"));
+    }
+    // The requests A held when it died were run again by B (their second claim); those
+    // are the only ones that reached the upstream twice.
+    let retaken = all.iter().filter(|r| r.runs == 2).count();
+    assert!(
+        (1..=4).contains(&retaken),
+        "A held claims when it was killed: {retaken}"
+    );
+    assert!(all.iter().all(|r| r.runs <= 2));
+    assert!(mock.stats().requests() >= 24 + u64::try_from(retaken).unwrap());
+    let done = get(&mut client, &created.id).await;
+    assert_eq!(done.state, pb::BatchState::Completed as i32);
+    assert_eq!(done.counts.unwrap().succeeded, 24);
 }

@@ -7,6 +7,17 @@
 //! admission and one settlement script call per call, nothing else). Results go to
 //! BENCHMARKS.md by hand; this never asserts a time.
 //!
+//! The same run measures the floor: a bare round trip (`PING`, and an `EVALSHA` of a
+//! script that returns at once) on the gateway's own connection type at concurrency 1 and
+//! 64, printed beside what our scripts add, since on a shared machine most of the added
+//! time is processes waking each other, not our scripts.
+//!
+//! Pinning (opt-in): `LLMGW_BENCH_REDIS_CPU=1` starts the test's redis-server under
+//! `taskset -c 1`, so that Redis has a core of its own as on its own host; run the test
+//! binary itself on the other core, e.g.
+//! `LLMGW_BENCH_REDIS_CPU=1 taskset -c 0 cargo test --test it -- --ignored bench_shared --nocapture`
+//! (cargo's child processes inherit the affinity; the value is any `taskset -c` CPU list).
+//!
 //! `bench_three_replicas_on_one_redis`: calls/s of one and of three gateway replicas (in
 //! this process, gRPC over loopback, a gateway key with rate limits and a budget) against
 //! one Redis, with the Redis commands per call (`INFO commandstats` deltas).
@@ -113,6 +124,75 @@ async fn run_at(
     (all, started.elapsed(), process_cpu() - cpu)
 }
 
+/// A bare round trip for the floor: what Redis and the connection cost with nothing of ours
+/// in between.
+#[derive(Debug, Clone, Copy)]
+enum Bare {
+    /// `PING`.
+    Ping,
+    /// `EVALSHA` of a script that returns at once, with the admission's two keys and 19
+    /// arguments (so the request is as large as an admission's).
+    Evalsha,
+}
+
+/// The floor, measured in the same run and in the same pattern as [`run_at`]
+/// (`concurrency` callers, `per_task` round trips each, [`UPSTREAM`] between two), on the
+/// gateway's own Redis connection type: [`Shared::run`] over its multiplexed
+/// `ConnectionManager`. Sorted latencies.
+async fn floor_at(
+    shared: &Arc<Shared>,
+    bare: Bare,
+    concurrency: usize,
+    per_task: usize,
+) -> Vec<Duration> {
+    let script = Arc::new(redis::Script::new("return 1"));
+    script.load_async(&mut shared.connection()).await.unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (shared, script) = (shared.clone(), script.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::with_capacity(per_task);
+            for _ in 0..per_task {
+                let t = Instant::now();
+                match bare {
+                    Bare::Ping => {
+                        let pong: String = shared
+                            .run("bench", |mut conn| async move {
+                                Ok(redis::cmd("PING").query_async(&mut conn).await?)
+                            })
+                            .await
+                            .unwrap();
+                        assert_eq!(pong, "PONG");
+                    }
+                    Bare::Evalsha => {
+                        let mut inv = script.key("llmgw:key:bench:limits");
+                        inv.key("llmgw:team:bench:limits");
+                        for i in 0..19 {
+                            inv.arg(i);
+                        }
+                        let one: i64 = shared
+                            .run("bench", |mut conn| async move {
+                                Ok(inv.invoke_async(&mut conn).await?)
+                            })
+                            .await
+                            .unwrap();
+                        assert_eq!(one, 1);
+                    }
+                }
+                out.push(t.elapsed());
+                tokio::time::sleep(UPSTREAM).await;
+            }
+            out
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all.sort();
+    all
+}
+
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 * p / 100.0) as usize).min(sorted.len() - 1)]
 }
@@ -152,7 +232,8 @@ async fn bench_shared_limits_at_concurrency_64() {
         lease_ttl: Duration::from_secs(600),
         ..SharedSettings::default()
     };
-    let shared = Limits::with_shared(Shared::connect(&settings).unwrap());
+    let connection = Shared::connect(&settings).unwrap().unwrap();
+    let shared = Limits::with_shared(Some(connection.clone()));
     shared.prepare().await;
     let tracker = tokio_util::task::TaskTracker::new();
     let stop = tokio_util::sync::CancellationToken::new();
@@ -217,6 +298,59 @@ async fn bench_shared_limits_at_concurrency_64() {
     settled(before_st, calls).await;
     l2.sort();
     s2.sort();
+    // The floor, last (its EVALSHAs would disturb the counts above): a bare round trip on
+    // the same connection type, at concurrency 1 and 64, in the same pattern.
+    let floor_usec_before = evalsha_usec(&redis);
+    let floor_evals_before = evalsha();
+    let mut floors = Vec::new();
+    for (bare, c, n) in [
+        (Bare::Ping, 1, PER_TASK * 2),
+        (Bare::Evalsha, 1, PER_TASK * 2),
+        (Bare::Ping, CONCURRENCY, PER_TASK),
+        (Bare::Evalsha, CONCURRENCY, PER_TASK),
+    ] {
+        floors.push(((bare, c), floor_at(&connection, bare, c, n).await));
+    }
+    let floor_script_usec =
+        (evalsha_usec(&redis) - floor_usec_before) / (evalsha() - floor_evals_before).max(1) as f64;
+    let floor = |bare: &str, c: usize| {
+        &floors
+            .iter()
+            .find(|((b, cc), _)| format!("{b:?}") == bare && *cc == c)
+            .unwrap()
+            .1
+    };
+    let side_by_side = |added: Duration, bare: &[Duration]| {
+        format!(
+            "added p50 {added:?} beside a bare EVALSHA round trip p50 {:?} ({:.1}x)",
+            pct(bare, 50.0),
+            added.as_secs_f64() / pct(bare, 50.0).as_secs_f64().max(1e-9)
+        )
+    };
+    let floor_report = format!(
+        "floor (a bare round trip, same connection type, same pattern, measured in this run; redis-server pinned: {}):\n  concurrency 1: PING p50 {:?} p99 {:?}; EVALSHA (returns at once) p50 {:?} p99 {:?}\n  concurrency 64: PING p50 {:?} p99 {:?}; EVALSHA (returns at once) p50 {:?} p99 {:?}\n  redis's own time per bare EVALSHA: {floor_script_usec:.1} us (ours: {script_usec:.1} us)\nside by side: concurrency 64 lockstep: {}; staggered: {}; concurrency 1: {}",
+        crate::redis_server::pinned_cpu().unwrap_or_else(|| "no".to_owned()),
+        pct(floor("Ping", 1), 50.0),
+        pct(floor("Ping", 1), 99.0),
+        pct(floor("Evalsha", 1), 50.0),
+        pct(floor("Evalsha", 1), 99.0),
+        pct(floor("Ping", CONCURRENCY), 50.0),
+        pct(floor("Ping", CONCURRENCY), 99.0),
+        pct(floor("Evalsha", CONCURRENCY), 50.0),
+        pct(floor("Evalsha", CONCURRENCY), 99.0),
+        side_by_side(
+            pct(&s, 50.0).saturating_sub(pct(&l, 50.0)),
+            floor("Evalsha", CONCURRENCY)
+        ),
+        side_by_side(
+            pct(&s2, 50.0).saturating_sub(pct(&l2, 50.0)),
+            floor("Evalsha", CONCURRENCY)
+        ),
+        side_by_side(
+            pct(&s1, 50.0).saturating_sub(pct(&l1, 50.0)),
+            floor("Evalsha", 1)
+        ),
+    );
     let per_call = |d: Duration| d.as_secs_f64() * 1e6 / calls as f64;
     let total: u64 = commands
         .iter()
@@ -253,6 +387,7 @@ async fn bench_shared_limits_at_concurrency_64() {
             pct(&s2, 50.0).saturating_sub(pct(&l2, 50.0)),
             pct(&s2, 99.0).saturating_sub(pct(&l2, 99.0)),
         );
+        eprintln!("{floor_report}");
     }
     stop.cancel();
     tracker.close();

@@ -168,6 +168,43 @@ api_key = "sk-test-secret"
     )
 }
 
+/// Starts the `llm-gateway` binary as a child process with `toml` (its config file in
+/// `dir`, no HTTP listener); returns it (killed when dropped) and a channel to it.
+pub async fn gateway_process(dir: &Path, toml: &str) -> (tokio::process::Child, Channel) {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let config_path = dir.join(format!("gateway-{port}.toml"));
+    std::fs::write(&config_path, format!("{toml}\n[http]\nlisten = \"off\"\n")).unwrap();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_llm-gateway"))
+        .arg("--config")
+        .arg(&config_path)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--admin-token")
+        .arg(ADMIN_TOKEN)
+        .arg("--log-level")
+        .arg("warn")
+        .arg("--metrics-listen")
+        .arg("off")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // A debug binary on a loaded machine takes a while (up to 40 s here).
+    for _ in 0..800 {
+        if let Ok(channel) = Channel::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect()
+            .await
+        {
+            return (child, channel);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the gateway process did not start");
+}
+
 /// A mock upstream and a gateway in front of it.
 pub async fn openai_pair() -> (MockUpstream, Gateway) {
     let mock = MockUpstream::start(MockSettings::default()).await.unwrap();

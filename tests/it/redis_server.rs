@@ -3,6 +3,11 @@
 //!
 //! Missing binary: [`RedisServer::start`] returns `None` after a loud line naming the
 //! package, unless `LLMGW_REQUIRE_ENGINES=1` (scripts/test sets it), where it fails.
+//!
+//! Benchmarks only: `LLMGW_BENCH_REDIS_CPU=LIST` (e.g. `1`) starts redis-server under
+//! `taskset -c LIST`, so that it has a core of its own as on its own host; run the test
+//! binary under `taskset -c` of the other cores (e.g. `taskset -c 0 cargo test ...`).
+//! Never set by the tests themselves, and nothing of it is in the server.
 
 use std::{
     collections::HashMap,
@@ -34,6 +39,14 @@ fn binary() -> Option<PathBuf> {
             let path = path.trim();
             (!path.is_empty()).then(|| PathBuf::from(path))
         })
+}
+
+/// The CPU list redis-server is pinned to (`LLMGW_BENCH_REDIS_CPU`), if any.
+pub fn pinned_cpu() -> Option<String> {
+    std::env::var("LLMGW_BENCH_REDIS_CPU")
+        .ok()
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
 }
 
 fn free_port() -> u16 {
@@ -107,7 +120,16 @@ impl RedisServer {
 
     /// Starts redis-server on `self.port`; whether it answers PING.
     fn spawn(&mut self) -> bool {
-        let child = Command::new(binary().unwrap())
+        let mut cmd = match pinned_cpu() {
+            Some(cpus) => {
+                // taskset execs redis-server: the child's pid stays redis-server's.
+                let mut cmd = Command::new("taskset");
+                cmd.args(["-c", &cpus]).arg(binary().unwrap());
+                cmd
+            }
+            None => Command::new(binary().unwrap()),
+        };
+        let child = cmd
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1"])
             .args(["--save", ""])

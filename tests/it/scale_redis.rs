@@ -11,7 +11,7 @@ use llm_gateway::{
     mock_upstream::{MockSettings, MockUpstream},
     pb::{self, llm_gateway_client::LlmGatewayClient},
 };
-use tonic::{Code, Request, transport::Channel};
+use tonic::{Code, Request};
 
 use crate::{common::*, redis_server::RedisServer};
 
@@ -192,41 +192,6 @@ async fn a_budget_is_enforced_once_under_30_concurrent_callers_on_three_replicas
     );
 }
 
-/// Starts `llm-gateway` as a child process with `toml`; returns it and a channel to it.
-async fn replica_process(dir: &std::path::Path, toml: &str) -> (tokio::process::Child, Channel) {
-    let config_path = dir.join("replica.toml");
-    std::fs::write(&config_path, format!("{toml}\n[http]\nlisten = \"off\"\n")).unwrap();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_llm-gateway"))
-        .arg("--config")
-        .arg(&config_path)
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--admin-token")
-        .arg(ADMIN_TOKEN)
-        .arg("--log-level")
-        .arg("warn")
-        .arg("--metrics-listen")
-        .arg("off")
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    for _ in 0..400 {
-        if let Ok(channel) = Channel::from_shared(format!("http://127.0.0.1:{port}"))
-            .unwrap()
-            .connect()
-            .await
-        {
-            return (child, channel);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the replica process did not start");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_killed_mid_stream_frees_its_stream_lease_within_the_lease_ttl() {
     let Some(redis) = RedisServer::start() else {
@@ -236,7 +201,7 @@ async fn a_replica_killed_mid_stream_frees_its_stream_lease_within_the_lease_ttl
     k.max_concurrent_streams = 1;
     let c = cluster(&redis, k, "lease_ttl = \"1s\"").await;
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, channel) = replica_process(dir.path(), &c.toml).await;
+    let (mut child, channel) = gateway_process(dir.path(), &c.toml).await;
     // A stream that sends its first chunk and then nothing: it holds its slot.
     let mut stalled = request("openai/gpt-4o-mini+stall", "hello");
     stalled.max_tokens = Some(5);
@@ -656,4 +621,83 @@ api_keys = [{keys}]
         redis.command(&format!("EXISTS {}", key_rest("keyreload", "sk-fixed"))),
         ":0"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unused_tokens_given_back_at_settlement_admit_more_calls_on_redis() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let settings = llm_gateway::shared::SharedSettings {
+        redis_url: Some(redis.url()),
+        timeout: Duration::from_secs(5),
+        ..Default::default()
+    };
+    let limits = llm_gateway::limits::Limits::with_shared(
+        llm_gateway::shared::Shared::connect(&settings).unwrap(),
+    );
+    limits.prepare().await;
+    let tracker = tokio_util::task::TaskTracker::new();
+    let stop = tokio_util::sync::CancellationToken::new();
+    limits.background(&tracker, &stop);
+    // 60 tokens a minute (one a second refills), each call estimated at 20 tokens.
+    let subjects = limits.subjects(vec![llm_gateway::limits::SubjectLimits {
+        subject: "key:giveback".into(),
+        requests_per_minute: 0,
+        tokens_per_minute: 60,
+        max_concurrent_streams: 0,
+        daily_budget_usd: 0.0,
+        monthly_budget_usd: 0.0,
+    }]);
+    let ask = || llm_gateway::limits::Ask {
+        subjects: subjects.clone(),
+        estimated_tokens: 20,
+        stream: false,
+        estimated_usd: 0.0,
+        budget: llm_gateway::limits::BudgetCheck::Skip,
+    };
+    let now = || {
+        i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis(),
+        )
+        .unwrap()
+    };
+    let mut permits = Vec::new();
+    for _ in 0..3 {
+        permits.push(limits.admit(ask(), now()).await.unwrap());
+    }
+    let status = limits.admit(ask(), now()).await.unwrap_err().into_status();
+    assert_eq!(reason(&status), "RATE_LIMIT_TOKENS", "{status:?}");
+    let field = |name: &str| -> f64 {
+        redis.hash("llmgw:key:giveback:limits")[name]
+            .parse()
+            .unwrap()
+    };
+    let (before, at) = (field("tt"), field("ta"));
+    // Two calls used 5 tokens each: 15 each go back, added to the stored level as is (the
+    // refill since `ta` is the same either way, capped when read).
+    for permit in permits.iter_mut().take(2) {
+        permit.settle(Some(5), None, now());
+    }
+    eventually("both settlements landed", || field("tt") > before + 29.0).await;
+    assert_eq!(field("tt"), before + 30.0);
+    assert_eq!(field("ta"), at);
+    // A call that used more than its estimate (30 of 20) takes the 10 more at settlement,
+    // from the level refilled until then (one token a second).
+    permits[2].settle(Some(30), None, now());
+    eventually("the overrun was charged", || field("ta") != at).await;
+    let refilled = (before + 30.0 + (field("ta") - at) / 1000.0).min(60.0);
+    assert!(
+        (field("tt") - (refilled - 10.0)).abs() < 1e-6,
+        "{} != {refilled} - 10",
+        field("tt")
+    );
+    // What came back admits another call of 20 at once.
+    limits.admit(ask(), now()).await.unwrap();
+    stop.cancel();
+    tracker.close();
+    tracker.wait().await;
 }
