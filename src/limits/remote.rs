@@ -271,15 +271,27 @@ end
 return out
 ";
 
-/// Lease renewal: KEYS are subject hashes, ARGV[1] the TTL in ms, ARGV[2] the replica id.
-/// A lease already swept (by another replica after the TTL) stays gone.
+/// Lease renewal: KEYS are subject hashes, ARGV[1] the TTL in ms, ARGV[2] the replica id,
+/// ARGV[3] the least expiry (ms) a hash with a live lease keeps. A lease already swept (by
+/// another replica after the TTL) stays gone.
+///
+/// The hash's own expiry is pushed out too when it is nearer than that: a stream that runs
+/// longer than the hash's expiry (2 minutes for a subject without a budget) with no other
+/// admission on its subject would otherwise lose its slot with the hash, and the subject
+/// could then open one stream too many.
 pub const RENEW: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local xf = 'x:' .. ARGV[2]
+local keep = tonumber(ARGV[3])
 for i = 1, #KEYS do
   if redis.call('HEXISTS', KEYS[i], xf) == 1 then
-    redis.call('HSET', KEYS[i], xf, now + tonumber(ARGV[1]))
+    if redis.call('PTTL', KEYS[i]) < keep then
+      redis.call('PEXPIRE', KEYS[i], keep)
+      redis.call('HSET', KEYS[i], xf, now + tonumber(ARGV[1]), 'e', now + keep)
+    else
+      redis.call('HSET', KEYS[i], xf, now + tonumber(ARGV[1]))
+    end
   end
 end
 return #KEYS
@@ -644,7 +656,11 @@ impl Remote {
             let keys: Vec<String> = self.live().keys().cloned().collect();
             for chunk in keys.chunks(500) {
                 let mut inv = self.renew.prepare_invoke();
-                inv.arg(self.ttl_ms()).arg(self.shared.replica_id());
+                // As the admission keeps a hash without a budget: 2 minutes, or 2 TTLs.
+                let keep = self.ttl_ms().max(60_000) * 2;
+                inv.arg(self.ttl_ms())
+                    .arg(self.shared.replica_id())
+                    .arg(keep);
                 for key in chunk {
                     inv.key(key);
                 }

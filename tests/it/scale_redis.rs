@@ -248,6 +248,47 @@ async fn a_replica_killed_mid_stream_frees_its_stream_lease_within_the_lease_ttl
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_that_outlives_its_subjects_hash_expiry_keeps_its_slot() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let mut k = key("longstream");
+    k.max_concurrent_streams = 1;
+    let c = cluster(&redis, k, "lease_ttl = \"1s\"").await;
+    let hash = "llmgw:key:longstream:limits";
+    let mut stalled = request("openai/gpt-4o-mini+stall", "hello");
+    stalled.max_tokens = Some(5);
+    let _held = c.replicas[0]
+        .client()
+        .chat_stream(authed(stalled, &c.secret))
+        .await
+        .expect("the stream opened");
+    assert_eq!(redis.leased(hash, "s"), 1.0);
+    // The hash's expiry comes before the stream ends (here: in 1.5 s, as after 2 minutes of
+    // a long stream with no other admission on the key). The renewals (every third of the
+    // lease TTL) must push it out, or the slot goes with the hash.
+    assert_eq!(redis.command(&format!("PEXPIRE {hash} 1500")), ":1");
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    assert_eq!(
+        redis.leased(hash, "s"),
+        1.0,
+        "the slot was lost with the hash"
+    );
+    let ttl: i64 = redis
+        .command(&format!("PTTL {hash}"))
+        .trim_start_matches(':')
+        .parse()
+        .unwrap();
+    assert!(ttl > 60_000, "the renewal pushed the expiry out: {ttl} ms");
+    let status = c.replicas[1]
+        .client()
+        .chat_stream(authed(small(), &c.secret))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status), "RATE_LIMIT_STREAMS", "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_redis_restart_under_load_fails_no_call_in_fail_open_mode() {
     let Some(mut redis) = RedisServer::start() else {
         return;
