@@ -452,13 +452,31 @@ pub fn luhn(digits: &[u8]) -> bool {
     sum.is_multiple_of(10)
 }
 
+/// The digits of `s` (their values) in a buffer on the stack, and how many there are;
+/// `None` when there are more than `N`.
+fn digits<const N: usize>(s: &str) -> Option<([u8; N], usize)> {
+    let mut out = [0u8; N];
+    let mut n = 0;
+    for b in s.bytes().filter(u8::is_ascii_digit) {
+        *out.get_mut(n)? = b - b'0';
+        n += 1;
+    }
+    Some((out, n))
+}
+
+/// Whether the non-digits of `s` are all the same byte (or there are none).
+fn one_separator(s: &str) -> bool {
+    let mut seps = s.bytes().filter(|b| !b.is_ascii_digit());
+    let first = seps.next();
+    seps.all(|b| Some(b) == first)
+}
+
 fn card_ok(s: &str) -> bool {
-    let digits: Vec<u8> = s
-        .bytes()
-        .filter(u8::is_ascii_digit)
-        .map(|b| b - b'0')
-        .collect();
-    let n = digits.len();
+    // The pattern allows at most 19 digits.
+    let Some((buf, n)) = digits::<19>(s) else {
+        return false;
+    };
+    let digits = &buf[..n];
     let prefix = |k: usize| {
         digits
             .iter()
@@ -483,21 +501,15 @@ fn card_ok(s: &str) -> bool {
         _ => false,
     };
     // Separators, when present, must be one kind.
-    let seps: Vec<u8> = s.bytes().filter(|b| !b.is_ascii_digit()).collect();
-    issuer && seps.windows(2).all(|w| w[0] == w[1]) && luhn(&digits)
+    issuer && one_separator(s) && luhn(digits)
 }
 
 fn ssn_ok(s: &str) -> bool {
-    let d: Vec<u32> = s
-        .bytes()
-        .filter(u8::is_ascii_digit)
-        .map(|b| u32::from(b - b'0'))
-        .collect();
-    if d.len() != 9 {
+    let Some((buf, 9)) = digits::<9>(s) else {
         return false;
-    }
-    let seps: Vec<u8> = s.bytes().filter(|b| !b.is_ascii_digit()).collect();
-    if seps.first() != seps.last() {
+    };
+    let d = buf.map(u32::from);
+    if !one_separator(s) {
         return false;
     }
     let area = d[0] * 100 + d[1] * 10 + d[2];
