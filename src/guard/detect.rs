@@ -180,7 +180,8 @@ pub struct Classes {
     pub digits: bool,
     /// `[A-Z0-9 -]` runs: IBANs, PEM headers.
     pub upper: bool,
-    /// Bytes to hold for configured patterns and deny-list terms (their longest match).
+    /// The longest match of configured patterns and deny-list terms: the window a stream
+    /// scanner looks back over for a tail that may still grow into one of them.
     pub fixed: usize,
 }
 

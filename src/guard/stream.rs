@@ -4,9 +4,10 @@
 //! [`StreamScanner`] holds back only the tail that may still grow into a match, and lets
 //! everything before it go at once: every built-in pattern is made of one character class
 //! ([`super::detect::Classes`]), so the tail to hold is the trailing run of each class (for a
-//! reply of prose, the last word); configured patterns and deny-list terms hold their
-//! longest match less one byte. A match found before the cut is final (no later text can
-//! change it), so it is rewritten and sent; the rest waits for the next piece or the finish.
+//! reply of prose, the last word); for configured patterns and deny-list terms, the tail
+//! from which their anchored lazy DFA is still alive (within their longest match of the
+//! end). A match found before the cut is final (no later text can change it), so it is
+//! rewritten and sent; the rest waits for the next piece or the finish (never a timer).
 //! A PEM private-key header whose END line has not come yet swallows what follows up to it.
 //! Placeholders of tokenized values are restored the same way (a `[` may begin one).
 //! What is held never exceeds [`MAX_HOLD`] bytes.
