@@ -1039,6 +1039,7 @@ mod tests {
     /// `cargo test --lib guard::tests::scan_timing -- --ignored --nocapture`.
     #[test]
     #[ignore = "prints timings; not a check"]
+    #[expect(clippy::print_stderr, reason = "the timings are its output")]
     fn scan_timing() {
         let p = profile("default_action = \"redact\"");
         for (kib, n) in [(1, 2000), (16, 200)] {

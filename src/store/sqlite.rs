@@ -738,13 +738,16 @@ impl UsageSink for SqliteStore {
                         .execute(rusqlite::params_from_iter(values(rollup.params())))
                         .map_err(backend)?;
                 }
-                let mut guardrails = tx
-                    .prepare_cached(ledger::guardrail_rollup_upsert(Dialect::Sqlite))
-                    .map_err(backend)?;
-                for rollup in ledger::guardrail_rollups(&records) {
-                    guardrails
-                        .execute(rusqlite::params_from_iter(values(rollup.params())))
+                let guardrails = ledger::guardrail_rollups(&records);
+                if !guardrails.is_empty() {
+                    let mut upsert = tx
+                        .prepare_cached(ledger::guardrail_rollup_upsert(Dialect::Sqlite))
                         .map_err(backend)?;
+                    for rollup in guardrails {
+                        upsert
+                            .execute(rusqlite::params_from_iter(values(rollup.params())))
+                            .map_err(backend)?;
+                    }
                 }
             }
             tx.commit().map_err(backend)

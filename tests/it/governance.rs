@@ -552,7 +552,7 @@ fn groups(
         .groups
         .iter()
         .map(|g| {
-            let t = g.totals.clone().unwrap_or_default();
+            let t = g.totals.unwrap_or_default();
             (
                 group_by.iter().map(|d| g.key[*d].clone()).collect(),
                 t.calls,
