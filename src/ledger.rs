@@ -593,6 +593,9 @@ pub struct Totals {
     pub latency_ms: [Option<f64>; 3],
     /// TTFT p50/p95 in ms.
     pub ttft_ms: [Option<f64>; 2],
+    /// Guardrail decisions (the sum of their counts) of a query naming a guardrail
+    /// dimension; 0 otherwise.
+    pub guardrail_decisions: u64,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
@@ -619,12 +622,56 @@ pub fn dimension<'a>(record: &'a UsageRecord, name: &str) -> Option<&'a str> {
     })
 }
 
-/// Whether `name` is a dimension [`dimension`] knows.
+/// Whether `name` is a GetUsage dimension: one [`dimension`] knows, or one of
+/// [`GUARDRAIL_DIMENSIONS`] (a record may have several values of those).
 pub fn valid_dimension(name: &str) -> bool {
     matches!(
         name,
         "provider" | "model" | "policy" | "key" | "rpc" | "code"
-    ) || name.strip_prefix("tag:").is_some_and(|t| !t.is_empty())
+    ) || guardrail_dimension(name).is_some()
+        || name.strip_prefix("tag:").is_some_and(|t| !t.is_empty())
+}
+
+/// The GetUsage dimensions of guardrail decisions, in the order of their columns in
+/// `usage_guardrail_minute` (`phase`, `entity`, `action`) and of the bits of its
+/// `grouping` column (1, 2, 4).
+pub const GUARDRAIL_DIMENSIONS: [&str; 3] =
+    ["guardrail_phase", "guardrail_entity", "guardrail_action"];
+
+/// The columns of [`GUARDRAIL_DIMENSIONS`] in `usage_guardrail_minute`.
+const GUARDRAIL_COLUMNS: [&str; 3] = ["phase", "entity", "action"];
+
+/// The position of a guardrail dimension in [`GUARDRAIL_DIMENSIONS`].
+fn guardrail_dimension(name: &str) -> Option<usize> {
+    GUARDRAIL_DIMENSIONS.iter().position(|d| *d == name)
+}
+
+/// The `grouping` bits of the guardrail dimensions a query names (in `group_by` or
+/// `filter`).
+fn guardrail_grouping<'a>(names: impl IntoIterator<Item = &'a str>) -> i64 {
+    names
+        .into_iter()
+        .filter_map(guardrail_dimension)
+        .fold(0, |bits, i| bits | (1 << i))
+}
+
+/// One guardrail decision of a record's `guardrails`: phase (`request`/`reply`), entity,
+/// action, count.
+pub type Decision<'a> = (&'a str, &'a str, &'a str, u64);
+
+/// Parses a record's `guardrails` (`phase:entity:action=count`, comma-separated); entries
+/// not of that form are left out.
+pub fn parse_guardrails(text: &str) -> Vec<Decision<'_>> {
+    text.split(',')
+        .filter_map(|entry| {
+            let (decision, count) = entry.rsplit_once('=')?;
+            let (phase, rest) = decision.split_once(':')?;
+            let (entity, action) = rest.rsplit_once(':')?;
+            let count = count.parse().ok()?;
+            (!phase.is_empty() && !entity.is_empty() && !action.is_empty())
+                .then_some((phase, entity, action, count))
+        })
+        .collect()
 }
 
 /// Aggregates records.
@@ -767,53 +814,71 @@ pub fn rollups(records: &[UsageRecord]) -> Vec<Rollup> {
     let mut out: BTreeMap<(i64, [&str; 7], String), Rollup> = BTreeMap::new();
     for r in records {
         let minute_ms = r.time_ms.div_euclid(ROLLUP_MS) * ROLLUP_MS;
-        let tags = match r.tags.is_empty() {
-            true => "{}".to_owned(),
-            false => serde_json::to_string(&r.tags).unwrap_or_else(|_| "{}".to_owned()),
-        };
-        let dimensions = [
-            r.key.as_str(),
-            &r.policy,
-            &r.provider,
-            &r.model,
-            &r.rpc,
-            &r.code,
-            &r.error_class,
-        ];
         let row = out
-            .entry((minute_ms, dimensions, tags))
-            .or_insert_with_key(|(_, d, tags)| Rollup {
-                minute_ms,
-                dimensions: [
-                    d[0].to_owned(),
-                    d[1].to_owned(),
-                    d[2].to_owned(),
-                    d[3].to_owned(),
-                    d[4].to_owned(),
-                    d[5].to_owned(),
-                    d[6].to_owned(),
-                    tags.clone(),
-                ],
-                histograms: vec![0; 2 * BUCKETS],
-                ..Rollup::default()
-            });
-        let tokens = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-        row.counts[0] += 1;
-        row.counts[1] += i64::from(r.code != "OK");
-        if r.usage_reported {
-            row.counts[2] += tokens(r.input_tokens);
-            row.counts[3] += tokens(r.output_tokens);
-            row.counts[4] += tokens(r.cached_input_tokens);
-        } else {
-            row.counts[5] += 1;
-        }
-        row.cost_usd += r.cost_usd.unwrap_or(0.0);
-        row.histograms[bucket(r.latency_ms)] += 1;
-        if let Some(ttft) = r.ttft_ms {
-            row.histograms[BUCKETS + bucket(ttft)] += 1;
-        }
+            .entry((minute_ms, borrowed_dimensions(r), tags_json(r)))
+            .or_insert_with_key(|(_, d, tags)| empty_rollup(minute_ms, d, tags));
+        add_call(row, r);
     }
     out.into_values().collect()
+}
+
+/// A record's `tags` dimension: the JSON object.
+fn tags_json(r: &UsageRecord) -> String {
+    match r.tags.is_empty() {
+        true => "{}".to_owned(),
+        false => serde_json::to_string(&r.tags).unwrap_or_else(|_| "{}".to_owned()),
+    }
+}
+
+/// A record's [`ROLLUP_DIMENSIONS`] but the tags.
+fn borrowed_dimensions(r: &UsageRecord) -> [&str; 7] {
+    [
+        r.key.as_str(),
+        &r.policy,
+        &r.provider,
+        &r.model,
+        &r.rpc,
+        &r.code,
+        &r.error_class,
+    ]
+}
+
+/// A rollup row with nothing counted yet.
+fn empty_rollup(minute_ms: i64, d: &[&str; 7], tags: &str) -> Rollup {
+    Rollup {
+        minute_ms,
+        dimensions: [
+            d[0].to_owned(),
+            d[1].to_owned(),
+            d[2].to_owned(),
+            d[3].to_owned(),
+            d[4].to_owned(),
+            d[5].to_owned(),
+            d[6].to_owned(),
+            tags.to_owned(),
+        ],
+        histograms: vec![0; 2 * BUCKETS],
+        ..Rollup::default()
+    }
+}
+
+/// Adds one call to a rollup row.
+fn add_call(row: &mut Rollup, r: &UsageRecord) {
+    let tokens = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    row.counts[0] += 1;
+    row.counts[1] += i64::from(r.code != "OK");
+    if r.usage_reported {
+        row.counts[2] += tokens(r.input_tokens);
+        row.counts[3] += tokens(r.output_tokens);
+        row.counts[4] += tokens(r.cached_input_tokens);
+    } else {
+        row.counts[5] += 1;
+    }
+    row.cost_usd += r.cost_usd.unwrap_or(0.0);
+    row.histograms[bucket(r.latency_ms)] += 1;
+    if let Some(ttft) = r.ttft_ms {
+        row.histograms[BUCKETS + bucket(ttft)] += 1;
+    }
 }
 
 /// The SQL dialect of a store.
@@ -848,6 +913,10 @@ pub struct UsageQuery {
     pub group_by: Vec<String>,
     /// Dimension values every counted record has.
     pub filter: Vec<(String, String)>,
+    /// Count only the calls that had a guardrail decision (matching the filter), each once,
+    /// with their decisions, even when no guardrail dimension is named (the total of a
+    /// query grouped by one).
+    pub guardrail_calls: bool,
 }
 
 /// One group of a [`UsageQuery`]'s answer.
@@ -881,6 +950,9 @@ impl Sql {
         {
             return Some(column.to_owned());
         }
+        if let Some(i) = guardrail_dimension(name) {
+            return GUARDRAIL_COLUMNS.get(i).map(|c| (*c).to_owned());
+        }
         let tag = name.strip_prefix("tag:").filter(|t| !t.is_empty())?;
         Some(self.tag(tag))
     }
@@ -902,9 +974,13 @@ impl Sql {
     }
 }
 
-/// The query of a [`UsageQuery`] over the `usage_minute` rollups, with its parameters. Its
-/// rows: one text column per `group_by` dimension, then the [`ROLLUP_COUNTS`] sums (BIGINT),
-/// the cost sum, and the histogram sums (BIGINT); read them with [`usage_group`].
+/// The query of a [`UsageQuery`] over the per-minute rollups, with its parameters: over
+/// `usage_minute`, or over `usage_guardrail_minute` when it names a guardrail dimension (or
+/// asks for [`UsageQuery::guardrail_calls`]), at the `grouping` of the guardrail dimensions
+/// it names, so each group counts a call once. Its rows: one text column per `group_by`
+/// dimension, then the [`ROLLUP_COUNTS`] sums (BIGINT), the cost sum, the histogram sums
+/// (BIGINT), and the guardrail decisions (BIGINT; 0 over `usage_minute`); read them with
+/// [`usage_group`]. `None` when it names an unknown dimension.
 pub fn usage_sql(query: &UsageQuery, dialect: Dialect) -> Option<(String, Vec<SqlParam>)> {
     let mut sql = Sql {
         dialect,
@@ -934,6 +1010,23 @@ pub fn usage_sql(query: &UsageQuery, dialect: Dialect) -> Option<(String, Vec<Sq
         let value = sql.param(SqlParam::Text(value.clone()));
         filters.push(format!("{expr} = {value}"));
     }
+    let grouping = guardrail_grouping(
+        query
+            .group_by
+            .iter()
+            .chain(query.filter.iter().map(|(dim, _)| dim))
+            .map(String::as_str),
+    );
+    let (table, decisions) = if grouping != 0 || query.guardrail_calls {
+        let bits = sql.param(SqlParam::Int(grouping));
+        filters.push(format!("grouped_by = {bits}"));
+        (
+            GUARDRAIL_TABLE,
+            "CAST(COALESCE(SUM(decisions), 0) AS BIGINT)",
+        )
+    } else {
+        ("usage_minute", "CAST(0 AS BIGINT)")
+    };
     let sum = |c: &str| format!("CAST(COALESCE(SUM({c}), 0) AS BIGINT)");
     let columns: Vec<String> = groups
         .iter()
@@ -941,9 +1034,10 @@ pub fn usage_sql(query: &UsageQuery, dialect: Dialect) -> Option<(String, Vec<Sq
         .chain(ROLLUP_COUNTS.iter().map(|c| sum(c)))
         .chain(["COALESCE(SUM(cost_usd), 0.0)".to_owned()])
         .chain(histogram_columns().iter().map(|c| sum(c)))
+        .chain([decisions.to_owned()])
         .collect();
     let mut text = format!(
-        "SELECT {} FROM usage_minute WHERE {}",
+        "SELECT {} FROM {table} WHERE {}",
         columns.join(", "),
         filters.join(" AND ")
     );
@@ -954,12 +1048,18 @@ pub fn usage_sql(query: &UsageQuery, dialect: Dialect) -> Option<(String, Vec<Sq
     Some((text, sql.params))
 }
 
+/// Whether a query's `group_by` or `filter` names a guardrail dimension.
+pub fn names_guardrails<'a>(names: impl IntoIterator<Item = &'a str>) -> bool {
+    guardrail_grouping(names) != 0
+}
+
 /// A row of [`usage_sql`]: `dims` texts, then the sums.
 pub fn usage_group(
     dims: Vec<String>,
     counts: [i64; 6],
     cost_usd: f64,
     histograms: &[i64],
+    guardrail_decisions: i64,
 ) -> UsageGroup {
     let n = |v: i64| u64::try_from(v).unwrap_or(0);
     let (latency, ttft) = histograms.split_at(BUCKETS.min(histograms.len()));
@@ -982,6 +1082,7 @@ pub fn usage_group(
                 histogram_percentile(ttft, 50.0),
                 histogram_percentile(ttft, 95.0),
             ],
+            guardrail_decisions: n(guardrail_decisions),
         },
     }
 }
@@ -1133,6 +1234,180 @@ pub fn rollup_backfill_sql(dialect: Dialect) -> String {
     )
 }
 
+/// The table of the guardrail rollups.
+pub const GUARDRAIL_TABLE: &str = "usage_guardrail_minute";
+
+/// The marker that stands for the guardrail rollup migration in a store's migration list:
+/// the store runs [`guardrail_rollup_table_sql`] there, then fills the table from the raw
+/// records it still keeps with [`guardrail_rollups`] (the same code as the live writes).
+pub const GUARDRAIL_ROLLUP_MIGRATION: &str =
+    "-- the usage_guardrail_minute rollups (ledger::guardrail_rollup_table_sql)";
+
+/// The columns of a guardrail rollup row between the usage dimensions and the sums: the
+/// grouping bits (which of phase, entity, action the row keeps; the others are empty),
+/// then phase, entity, action.
+const GUARDRAIL_KEY_COLUMNS: [&str; 4] = ["grouped_by", "phase", "entity", "action"];
+
+/// The guardrail rollup table and its index (`IF NOT EXISTS`: a schema taken back to an
+/// older version migrates again and keeps the rows; the backfill only fills an empty
+/// table). Frozen once published, like [`rollup_table_sql`].
+pub fn guardrail_rollup_table_sql(dialect: Dialect) -> String {
+    let (int, real, strict) = match dialect {
+        Dialect::Sqlite => ("INTEGER", "REAL", " STRICT"),
+        Dialect::Postgres => ("BIGINT", "DOUBLE PRECISION", ""),
+    };
+    let mut columns = vec![format!("minute_ms {int} NOT NULL")];
+    columns.extend(
+        ROLLUP_DIMENSIONS
+            .iter()
+            .map(|d| format!("{d} TEXT NOT NULL")),
+    );
+    columns.push(format!("grouped_by {int} NOT NULL"));
+    columns.extend(
+        GUARDRAIL_COLUMNS
+            .iter()
+            .map(|c| format!("{c} TEXT NOT NULL")),
+    );
+    columns.extend(
+        ROLLUP_COUNTS
+            .iter()
+            .map(|c| format!("{c} {int} NOT NULL DEFAULT 0")),
+    );
+    columns.push(format!("decisions {int} NOT NULL DEFAULT 0"));
+    columns.push(format!("cost_usd {real} NOT NULL DEFAULT 0"));
+    columns.extend(
+        histogram_columns()
+            .iter()
+            .map(|c| format!("{c} {int} NOT NULL DEFAULT 0")),
+    );
+    format!(
+        "CREATE TABLE IF NOT EXISTS {GUARDRAIL_TABLE} ({}){strict};
+        CREATE UNIQUE INDEX IF NOT EXISTS {GUARDRAIL_TABLE}_row ON {GUARDRAIL_TABLE} (minute_ms, {}, {});",
+        columns.join(", "),
+        ROLLUP_DIMENSIONS.join(", "),
+        GUARDRAIL_KEY_COLUMNS.join(", ")
+    )
+}
+
+/// [`guardrail_rollup_upsert_sql`], built once per dialect.
+pub fn guardrail_rollup_upsert(dialect: Dialect) -> &'static str {
+    static SQLITE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    static POSTGRES: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    match dialect {
+        Dialect::Sqlite => SQLITE.get_or_init(|| guardrail_rollup_upsert_sql(dialect)),
+        Dialect::Postgres => POSTGRES.get_or_init(|| guardrail_rollup_upsert_sql(dialect)),
+    }
+}
+
+/// Adds guardrail rollup deltas to their rows, with the parameters of
+/// [`GuardrailRollup::params`].
+pub fn guardrail_rollup_upsert_sql(dialect: Dialect) -> String {
+    let p = |i: usize| match dialect {
+        Dialect::Sqlite => format!("?{i}"),
+        Dialect::Postgres => format!("${i}"),
+    };
+    let sums: Vec<String> = ROLLUP_COUNTS
+        .iter()
+        .map(|c| (*c).to_owned())
+        .chain(["decisions".to_owned(), "cost_usd".to_owned()])
+        .chain(histogram_columns())
+        .collect();
+    let keys: Vec<&str> = ROLLUP_DIMENSIONS
+        .into_iter()
+        .chain(GUARDRAIL_KEY_COLUMNS)
+        .collect();
+    let all: Vec<&str> = ["minute_ms"]
+        .into_iter()
+        .chain(keys.iter().copied())
+        .chain(sums.iter().map(String::as_str))
+        .collect();
+    let values: Vec<String> = (1..=all.len()).map(p).collect();
+    let updates: Vec<String> = sums
+        .iter()
+        .map(|c| format!("{c} = {GUARDRAIL_TABLE}.{c} + excluded.{c}"))
+        .collect();
+    format!(
+        "INSERT INTO {GUARDRAIL_TABLE} ({}) VALUES ({}) ON CONFLICT (minute_ms, {}) DO UPDATE SET {}",
+        all.join(", "),
+        values.join(", "),
+        keys.join(", "),
+        updates.join(", ")
+    )
+}
+
+/// One per-minute guardrail rollup row: the calls (with the usage dimensions of
+/// `rollup`) that had a decision with these phase, entity and action values, each call
+/// once, and the sum of those decisions' counts. `grouped_by` says which of the three the
+/// row keeps (bits 1, 2, 4); the others are empty, so a query grouped by fewer of them
+/// still counts a call once per group.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct GuardrailRollup {
+    /// The usage dimensions and sums, as in `usage_minute`.
+    pub rollup: Rollup,
+    /// Which of phase, entity, action the row keeps.
+    pub grouped_by: i64,
+    /// Phase, entity, action (empty where `grouped_by` leaves it out).
+    pub decision: [String; 3],
+    /// The sum of the decision counts.
+    pub decisions: i64,
+}
+
+impl GuardrailRollup {
+    /// The parameters of [`guardrail_rollup_upsert_sql`] for this row, in order.
+    pub fn params(&self) -> Vec<SqlParam> {
+        let r = &self.rollup;
+        std::iter::once(SqlParam::Int(r.minute_ms))
+            .chain(r.dimensions.iter().cloned().map(SqlParam::Text))
+            .chain([SqlParam::Int(self.grouped_by)])
+            .chain(self.decision.iter().cloned().map(SqlParam::Text))
+            .chain(r.counts.iter().copied().map(SqlParam::Int))
+            .chain([SqlParam::Int(self.decisions), SqlParam::Real(r.cost_usd)])
+            .chain(r.histograms.iter().copied().map(SqlParam::Int))
+            .collect()
+    }
+}
+
+/// The guardrail rollup deltas of a batch of records: for each record with decisions,
+/// for each of the 8 groupings, one row per distinct projection of its decisions.
+pub fn guardrail_rollups(records: &[UsageRecord]) -> Vec<GuardrailRollup> {
+    type Key<'a> = (i64, [&'a str; 7], String, i64, [&'a str; 3]);
+    let mut out: BTreeMap<Key<'_>, GuardrailRollup> = BTreeMap::new();
+    for r in records {
+        let decisions = parse_guardrails(&r.guardrails);
+        if decisions.is_empty() {
+            continue;
+        }
+        let minute_ms = r.time_ms.div_euclid(ROLLUP_MS) * ROLLUP_MS;
+        let tags = tags_json(r);
+        let dimensions = borrowed_dimensions(r);
+        for grouped_by in 0..8i64 {
+            let mut projected: BTreeMap<[&str; 3], i64> = BTreeMap::new();
+            for (phase, entity, action, n) in &decisions {
+                let mut key = [*phase, *entity, *action];
+                for (i, part) in key.iter_mut().enumerate() {
+                    if grouped_by & (1 << i) == 0 {
+                        *part = "";
+                    }
+                }
+                *projected.entry(key).or_insert(0) += i64::try_from(*n).unwrap_or(i64::MAX);
+            }
+            for (decision, n) in projected {
+                let row = out
+                    .entry((minute_ms, dimensions, tags.clone(), grouped_by, decision))
+                    .or_insert_with(|| GuardrailRollup {
+                        rollup: empty_rollup(minute_ms, &dimensions, &tags),
+                        grouped_by,
+                        decision: decision.map(str::to_owned),
+                        decisions: 0,
+                    });
+                add_call(&mut row.rollup, r);
+                row.decisions = row.decisions.saturating_add(n);
+            }
+        }
+    }
+    out.into_values().collect()
+}
+
 /// The spend of one key and team on one UTC day (budget seeding reads these).
 #[derive(Debug, Clone, PartialEq)]
 pub struct DaySpend {
@@ -1245,6 +1520,175 @@ mod tests {
         assert_eq!(dimension(&records[0], "tag:team"), Some("search"));
         assert_eq!(dimension(&records[0], "tag:none"), Some(""));
         assert_eq!(dimension(&records[0], "bogus"), None);
+    }
+
+    #[test]
+    fn guardrail_decisions_parse_and_skip_what_is_malformed() {
+        assert_eq!(
+            parse_guardrails("request:email:redact=2,reply:credit_card:block=1"),
+            [
+                ("request", "email", "redact", 2),
+                ("reply", "credit_card", "block", 1)
+            ]
+        );
+        assert_eq!(parse_guardrails(""), []);
+        assert_eq!(
+            parse_guardrails(
+                "request:email=2,x,request::log=1,request:hook:allow=z,reply:hook:allow=1"
+            ),
+            [("reply", "hook", "allow", 1)]
+        );
+    }
+
+    #[test]
+    fn guardrail_rollups_count_each_call_once_per_group_at_every_grouping() {
+        let mut a = record("p", "FAILED_PRECONDITION", 0.5, 3.0);
+        a.guardrails =
+            "request:credit_card:block=1,request:email:redact=2,reply:email:redact=1".into();
+        let mut b = record("p", "OK", 0.25, 3.0);
+        b.guardrails = "request:email:redact=1".into();
+        let plain = record("p", "OK", 1.0, 3.0);
+        let rows = guardrail_rollups(&[a, b, plain]);
+        let at = |grouped_by: i64| -> BTreeMap<[String; 3], (i64, i64, i64)> {
+            // Summed over the usage dimensions (the two calls' codes differ).
+            let mut out = BTreeMap::new();
+            for r in rows.iter().filter(|r| r.grouped_by == grouped_by) {
+                let e: &mut (i64, i64, i64) = out.entry(r.decision.clone()).or_default();
+                e.0 += r.rollup.counts[0];
+                e.1 += r.rollup.counts[1];
+                e.2 += r.decisions;
+            }
+            out
+        };
+        let k = |p: &str, e: &str, a: &str| [p.to_owned(), e.to_owned(), a.to_owned()];
+        // Every grouping: the call without decisions is in none.
+        assert_eq!(at(0), [(k("", "", ""), (2, 1, 5))].into());
+        assert_eq!(
+            at(2),
+            [
+                (k("", "credit_card", ""), (1, 1, 1)),
+                // `a` had two email decisions (request and reply): one call, 3 decisions.
+                (k("", "email", ""), (2, 1, 4)),
+            ]
+            .into()
+        );
+        assert_eq!(
+            at(7),
+            [
+                (k("reply", "email", "redact"), (1, 1, 1)),
+                (k("request", "credit_card", "block"), (1, 1, 1)),
+                (k("request", "email", "redact"), (2, 1, 3)),
+            ]
+            .into()
+        );
+        assert_eq!(
+            at(1),
+            [
+                (k("reply", "", ""), (1, 1, 1)),
+                (k("request", "", ""), (2, 1, 4))
+            ]
+            .into()
+        );
+        let email = rows
+            .iter()
+            .find(|r| r.grouped_by == 2 && r.decision[1] == "email" && r.rollup.counts[1] == 1)
+            .unwrap();
+        assert!((email.rollup.cost_usd - 0.5).abs() < 1e-9);
+        assert_eq!(email.rollup.dimensions[2], "p");
+        assert_eq!(email.params().len(), 1 + 8 + 4 + 6 + 2 + 2 * BUCKETS);
+        assert_eq!(
+            guardrail_rollup_upsert_sql(Dialect::Postgres)
+                .matches('$')
+                .count(),
+            email.params().len()
+        );
+    }
+
+    #[test]
+    fn usage_sql_reads_the_guardrail_rollups_when_a_guardrail_dimension_is_named() {
+        let query = UsageQuery {
+            from_ms: 0,
+            to_ms: ROLLUP_MS,
+            group_by: vec!["guardrail_entity".into(), "provider".into()],
+            filter: vec![("guardrail_action".into(), "redact".into())],
+            guardrail_calls: false,
+        };
+        let (text, params) = usage_sql(&query, Dialect::Sqlite).unwrap();
+        assert!(text.starts_with("SELECT entity, provider, "), "{text}");
+        assert!(
+            text.contains(" FROM usage_guardrail_minute WHERE "),
+            "{text}"
+        );
+        assert!(text.contains("action = ?4"), "{text}");
+        assert!(text.contains("grouped_by = ?5"), "{text}");
+        assert!(text.contains("SUM(decisions)"), "{text}");
+        assert!(text.ends_with(" GROUP BY 1, 2"), "{text}");
+        // entity (2) | action (4)
+        assert_eq!(params[4], SqlParam::Int(6));
+        assert_eq!(params[3], SqlParam::Text("redact".into()));
+
+        // Without a guardrail dimension: the usage rollups, no decisions.
+        let plain = UsageQuery {
+            group_by: vec!["provider".into()],
+            ..query.clone()
+        };
+        let plain = UsageQuery {
+            filter: Vec::new(),
+            ..plain
+        };
+        let (text, _) = usage_sql(&plain, Dialect::Postgres).unwrap();
+        assert!(text.contains(" FROM usage_minute WHERE "), "{text}");
+        assert!(text.contains("CAST(0 AS BIGINT)"), "{text}");
+        assert!(!text.contains("grouped_by"), "{text}");
+        // The total of a query grouped by a guardrail dimension: calls with any decision.
+        let total = UsageQuery {
+            group_by: Vec::new(),
+            filter: Vec::new(),
+            guardrail_calls: true,
+            ..query.clone()
+        };
+        let (text, params) = usage_sql(&total, Dialect::Postgres).unwrap();
+        assert!(
+            text.contains(" FROM usage_guardrail_minute WHERE "),
+            "{text}"
+        );
+        assert!(text.contains("grouped_by = $4"), "{text}");
+        assert_eq!(params[3], SqlParam::Int(0));
+        assert!(!text.contains("GROUP BY"), "{text}");
+
+        for bad in ["guardrail", "guardrail_decision", "guardrail_entity "] {
+            assert!(!valid_dimension(bad), "{bad}");
+            let q = UsageQuery {
+                group_by: vec![bad.into()],
+                ..query.clone()
+            };
+            assert_eq!(usage_sql(&q, Dialect::Sqlite), None, "{bad}");
+        }
+        for good in GUARDRAIL_DIMENSIONS {
+            assert!(valid_dimension(good));
+        }
+        assert!(names_guardrails(["code", "guardrail_phase"]));
+        assert!(!names_guardrails(["code", "tag:guardrail_phase"]));
+    }
+
+    #[test]
+    fn guardrail_table_and_upsert_agree_on_columns() {
+        for dialect in [Dialect::Sqlite, Dialect::Postgres] {
+            let table = guardrail_rollup_table_sql(dialect);
+            let upsert = guardrail_rollup_upsert_sql(dialect);
+            let inserted = upsert
+                .split_once('(')
+                .and_then(|(_, rest)| rest.split_once(')'))
+                .map(|(cols, _)| cols.split(", ").collect::<Vec<_>>())
+                .unwrap();
+            for column in &inserted {
+                assert!(table.contains(&format!("{column} ")), "{column} in {table}");
+            }
+            assert!(upsert.contains(
+                "ON CONFLICT (minute_ms, key, policy, provider, model, rpc, code, error_class, tags, grouped_by, phase, entity, action)"
+            ), "{upsert}");
+            assert!(table.contains("(minute_ms, key, policy, provider, model, rpc, code, error_class, tags, grouped_by, phase, entity, action)"), "{table}");
+        }
     }
 
     #[tokio::test]

@@ -10,7 +10,7 @@
 
 use std::{ops::Range, sync::Arc};
 
-use regex_automata::{Anchored, Input, PatternID, meta};
+use regex_automata::{Anchored, Input, PatternID, hybrid, meta};
 
 /// A built-in entity type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -180,7 +180,8 @@ pub struct Classes {
     pub digits: bool,
     /// `[A-Z0-9 -]` runs: IBANs, PEM headers.
     pub upper: bool,
-    /// Bytes to hold for configured patterns and deny-list terms (their longest match).
+    /// The longest match of configured patterns and deny-list terms: the window a stream
+    /// scanner looks back over for a tail that may still grow into one of them.
     pub fixed: usize,
 }
 
@@ -197,6 +198,10 @@ pub struct Finding {
 #[derive(Debug, Clone)]
 pub struct Detector {
     re: Option<Arc<meta::Regex>>,
+    /// The configured patterns (and deny terms) alone, anchored: a stream scanner walks it
+    /// over its tail to hold only what may still grow into their match. `None` without
+    /// configured patterns, or if it cannot be built (then it holds their longest match).
+    extra: Option<Arc<hybrid::dfa::DFA>>,
     patterns: Vec<PatternInfo>,
     /// What a stream scanner must hold back.
     pub classes: Classes,
@@ -260,6 +265,21 @@ impl Detector {
                 check: Check::None,
             });
         }
+        let extra_sources: Vec<&str> = extra.iter().map(|e| e.regex.as_str()).collect();
+        let extra_dfa = (!extra_sources.is_empty())
+            .then(|| {
+                hybrid::dfa::DFA::builder()
+                    .configure(
+                        hybrid::dfa::DFA::config()
+                            // Gives up (and the scanner holds) on non-ASCII near a `\b`.
+                            .unicode_word_boundary(true)
+                            .cache_capacity(1 << 20),
+                    )
+                    .build_many(&extra_sources)
+                    .ok()
+            })
+            .flatten()
+            .map(Arc::new);
         let re = if sources.is_empty() {
             None
         } else {
@@ -271,9 +291,36 @@ impl Detector {
         };
         Ok(Self {
             re,
+            extra: extra_dfa,
             patterns,
             classes,
         })
+    }
+
+    /// Where a stream scanner's hold for the configured patterns begins in `text` (not
+    /// before `from`): the earliest position, within their longest match of the end,
+    /// from which the text so far may still grow into one of their matches; `text.len()`
+    /// when none may. `cache` is the caller's (made on first use).
+    pub(crate) fn extra_hold(
+        &self,
+        text: &str,
+        from: usize,
+        cache: &mut Option<hybrid::dfa::Cache>,
+    ) -> usize {
+        let len = text.len();
+        let fixed = self.classes.fixed;
+        let Some(dfa) = &self.extra else {
+            // Without the walk: their longest match less one byte.
+            return len.saturating_sub(fixed.saturating_sub(1)).max(from);
+        };
+        let cache = cache.get_or_insert_with(|| dfa.create_cache());
+        // A match as long as the longest may start `fixed` bytes back and still wait for
+        // the byte after it (a `\b`).
+        let start = len.saturating_sub(fixed).max(from);
+        (start..len)
+            .filter(|p| text.is_char_boundary(*p))
+            .find(|p| may_grow(dfa, cache, text, *p))
+            .unwrap_or(len)
     }
 
     /// Every finding in `text[from..]` (`text[..from]` is context for boundaries), in order,
@@ -334,6 +381,25 @@ impl Detector {
             range,
         })
     }
+}
+
+/// Whether `text[at..]` is the start of a possible match of `dfa` (anchored at `at`): the
+/// walk over it to the end of the text does not die. Whatever the DFA cannot decide (a
+/// full cache, a byte it gives up on) counts as may.
+fn may_grow(dfa: &hybrid::dfa::DFA, cache: &mut hybrid::dfa::Cache, text: &str, at: usize) -> bool {
+    let input = Input::new(text).range(at..).anchored(Anchored::Yes);
+    let Ok(mut sid) = dfa.start_state_forward(cache, &input) else {
+        return true;
+    };
+    for b in &text.as_bytes()[at..] {
+        match dfa.next_state(cache, sid, *b) {
+            Ok(next) if next.is_dead() => return false,
+            Ok(next) if next.is_quit() => return true,
+            Ok(next) => sid = next,
+            Err(_) => return true,
+        }
+    }
+    !sid.is_dead()
 }
 
 /// The longest match a configured pattern may have.
@@ -452,13 +518,31 @@ pub fn luhn(digits: &[u8]) -> bool {
     sum.is_multiple_of(10)
 }
 
+/// The digits of `s` (their values) in a buffer on the stack, and how many there are;
+/// `None` when there are more than `N`.
+fn digits<const N: usize>(s: &str) -> Option<([u8; N], usize)> {
+    let mut out = [0u8; N];
+    let mut n = 0;
+    for b in s.bytes().filter(u8::is_ascii_digit) {
+        *out.get_mut(n)? = b - b'0';
+        n += 1;
+    }
+    Some((out, n))
+}
+
+/// Whether the non-digits of `s` are all the same byte (or there are none).
+fn one_separator(s: &str) -> bool {
+    let mut seps = s.bytes().filter(|b| !b.is_ascii_digit());
+    let first = seps.next();
+    seps.all(|b| Some(b) == first)
+}
+
 fn card_ok(s: &str) -> bool {
-    let digits: Vec<u8> = s
-        .bytes()
-        .filter(u8::is_ascii_digit)
-        .map(|b| b - b'0')
-        .collect();
-    let n = digits.len();
+    // The pattern allows at most 19 digits.
+    let Some((buf, n)) = digits::<19>(s) else {
+        return false;
+    };
+    let digits = &buf[..n];
     let prefix = |k: usize| {
         digits
             .iter()
@@ -483,21 +567,15 @@ fn card_ok(s: &str) -> bool {
         _ => false,
     };
     // Separators, when present, must be one kind.
-    let seps: Vec<u8> = s.bytes().filter(|b| !b.is_ascii_digit()).collect();
-    issuer && seps.windows(2).all(|w| w[0] == w[1]) && luhn(&digits)
+    issuer && one_separator(s) && luhn(digits)
 }
 
 fn ssn_ok(s: &str) -> bool {
-    let d: Vec<u32> = s
-        .bytes()
-        .filter(u8::is_ascii_digit)
-        .map(|b| u32::from(b - b'0'))
-        .collect();
-    if d.len() != 9 {
+    let Some((buf, 9)) = digits::<9>(s) else {
         return false;
-    }
-    let seps: Vec<u8> = s.bytes().filter(|b| !b.is_ascii_digit()).collect();
-    if seps.first() != seps.last() {
+    };
+    let d = buf.map(u32::from);
+    if !one_separator(s) {
         return false;
     }
     let area = d[0] * 100 + d[1] * 10 + d[2];

@@ -392,11 +392,17 @@ impl Profile {
     ) -> String {
         let mut out = String::with_capacity(region.end - region.start);
         let mut at = region.start;
+        // Decisions per entity, counted (and put in the metrics) once per entity type at
+        // the end rather than once per finding: no lock, key or label per finding.
+        let mut decided = [0u64; LOCAL_COUNTS];
         for f in findings {
             let Some(e) = self.action(f.entity, dir) else {
                 continue;
             };
-            state.tally.count(dir, &e.name, e.action);
+            match decided.get_mut(f.entity) {
+                Some(n) => *n += 1,
+                None => state.tally.add(dir, &e.name, e.action, 1),
+            }
             let value = &text[f.range.clone()];
             out.push_str(&text[at..f.range.start]);
             match e.action {
@@ -420,6 +426,13 @@ impl Profile {
             }
             at = f.range.end;
         }
+        for (entity, n) in decided.into_iter().enumerate() {
+            if n > 0
+                && let Some(e) = self.action(entity, dir)
+            {
+                state.tally.add(dir, &e.name, e.action, n);
+            }
+        }
         out.push_str(&text[at..region.end]);
         out
     }
@@ -441,6 +454,10 @@ impl Profile {
         Cow::Owned(self.render(text, 0..text.len(), &findings, dir, state))
     }
 }
+
+/// Entity types whose decisions [`Profile::render`] counts locally (the rest, rare, are
+/// counted one by one).
+const LOCAL_COUNTS: usize = 16;
 
 /// `*` for every letter and digit but the last `keep` characters.
 fn mask(value: &str, keep: usize, out: &mut String) {
@@ -602,8 +619,9 @@ pub fn json_escaped(value: &str, out: &mut String) {
 #[derive(Debug, Default, Clone)]
 pub struct Tally(Arc<std::sync::Mutex<Counts>>);
 
-/// Decisions by direction, entity type and action.
-type Counts = BTreeMap<(Direction, String, Action), u64>;
+/// Decisions by direction, entity type and action (the entity's name shared with its
+/// profile: counting allocates nothing once a key is there).
+type Counts = BTreeMap<(Direction, Arc<str>, Action), u64>;
 
 impl Tally {
     fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
@@ -612,18 +630,19 @@ impl Tally {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn count(&mut self, dir: Direction, entity: &str, action: Action) {
+    /// Counts `n` decisions of one kind, in the tally and the metrics.
+    fn add(&mut self, dir: Direction, entity: &Arc<str>, action: Action, n: u64) {
         *self
             .counts()
-            .entry((dir, entity.to_owned(), action))
-            .or_insert(0) += 1;
+            .entry((dir, entity.clone(), action))
+            .or_insert(0) += n;
         metrics::counter!(
             crate::telemetry::names::GUARDRAIL_DECISIONS,
             "direction" => dir.name(),
-            "entity" => entity.to_owned(),
+            "entity" => entity.clone(),
             "action" => action.name(),
         )
-        .increment(1);
+        .increment(n);
     }
 
     /// Whether nothing was decided.
@@ -837,10 +856,11 @@ impl Guarding {
                     cx.deadline,
                 )
                 .await;
-                self.state.tally.count(
+                self.state.tally.add(
                     dir,
-                    verdict.check.name(),
+                    &Arc::from(verdict.check.name()),
                     Action::External(verdict.decision),
+                    1,
                 );
                 self.verdicts.push(verdict);
                 match outcome {
@@ -997,6 +1017,45 @@ mod tests {
 
     fn text_of(req: &ChatRequest) -> String {
         req.messages[0].joined_text()
+    }
+
+    /// The bench's prompt (benches/micro/guard.rs): prose with a few entities, `kib` KiB.
+    fn bench_prompt(kib: usize) -> String {
+        let para = "The customer wrote in about their order and asked us to update the shipping \
+            address before Friday. They can be reached at jane.doe@example.com or on \
+            +44 20 7946 0958, and paid with 4111 1111 1111 1111. Please check the logs on host \
+            10.0.0.12 (request id 7f3a9c21, version 2.14.3) and summarize the issue in three \
+            short bullet points, keeping a friendly tone for the reply to the customer. ";
+        let mut text = String::new();
+        while text.len() < kib * 1024 {
+            text.push_str(para);
+        }
+        text.truncate(kib * 1024);
+        text
+    }
+
+    /// Times the bench's whole-text scans in this (debug) build, a hint only: the release
+    /// numbers come from `cargo bench --bench micro -- guard`. Run with
+    /// `cargo test --lib guard::tests::scan_timing -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "prints timings; not a check"]
+    #[expect(clippy::print_stderr, reason = "the timings are its output")]
+    fn scan_timing() {
+        let p = profile("default_action = \"redact\"");
+        for (kib, n) in [(1, 2000), (16, 200)] {
+            let text = bench_prompt(kib);
+            let started = std::time::Instant::now();
+            let mut len = 0;
+            for _ in 0..n {
+                let mut state = CallState::default();
+                len += p.rewrite(&text, Direction::Request, &mut state).len();
+            }
+            let per_call = started.elapsed().as_secs_f64() * 1e6 / f64::from(n);
+            eprintln!(
+                "{kib} KiB: {per_call:.2} us per call, {:.2} us/KiB ({len})",
+                per_call / kib as f64
+            );
+        }
     }
 
     #[test]

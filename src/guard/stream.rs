@@ -4,9 +4,10 @@
 //! [`StreamScanner`] holds back only the tail that may still grow into a match, and lets
 //! everything before it go at once: every built-in pattern is made of one character class
 //! ([`super::detect::Classes`]), so the tail to hold is the trailing run of each class (for a
-//! reply of prose, the last word); configured patterns and deny-list terms hold their
-//! longest match less one byte. A match found before the cut is final (no later text can
-//! change it), so it is rewritten and sent; the rest waits for the next piece or the finish.
+//! reply of prose, the last word); for configured patterns and deny-list terms, the tail
+//! from which their anchored lazy DFA is still alive (within their longest match of the
+//! end). A match found before the cut is final (no later text can change it), so it is
+//! rewritten and sent; the rest waits for the next piece or the finish (never a timer).
 //! A PEM private-key header whose END line has not come yet swallows what follows up to it.
 //! Placeholders of tokenized values are restored the same way (a `[` may begin one).
 //! What is held never exceeds [`MAX_HOLD`] bytes.
@@ -57,11 +58,13 @@ struct Stage {
     ctx: usize,
     /// Inside a PEM block being removed: wait for its END line.
     in_pem: bool,
+    /// The lazy DFA cache of the configured patterns' hold (made on first use).
+    extra: Option<regex_automata::hybrid::dfa::Cache>,
 }
 
 impl Stage {
     /// Where the held tail begins (in `buf`).
-    fn cut(&self, c: Classes) -> usize {
+    fn cut(&mut self, c: Classes) -> usize {
         let b = self.buf.as_bytes();
         let len = b.len();
         let run = |pred: fn(u8) -> bool| {
@@ -89,8 +92,12 @@ impl Stage {
             }
             cut = cut.min(s);
         }
-        if c.fixed > 1 {
-            cut = cut.min(len.saturating_sub(c.fixed - 1).max(self.ctx));
+        if c.fixed > 0 {
+            let hold = self
+                .profile
+                .detector()
+                .extra_hold(&self.buf, self.ctx, &mut self.extra);
+            cut = cut.min(hold);
         }
         if len - cut > MAX_HOLD {
             cut = len;
@@ -202,6 +209,7 @@ impl StreamScanner {
                     buf: String::new(),
                     ctx: 0,
                     in_pem: false,
+                    extra: None,
                 })
                 .collect(),
             held: String::new(),
@@ -328,6 +336,48 @@ mod tests {
         );
         assert_eq!(s.push(" you? Fine", &mut g).unwrap(), "are you? ");
         assert_eq!(s.finish(&mut g).unwrap(), "Fine");
+    }
+
+    const CONFIGURED: &str = r#"
+deny = ["project titan"]
+deny_action = "redact"
+patterns = [{ name = "employee_id", regex = "EMP-[0-9]{6}", action = "redact" }]
+"#;
+
+    #[test]
+    fn a_configured_pattern_never_slips_through() {
+        every_split(
+            CONFIGURED,
+            "id EMP-123456, not EMP-12345 nor EMP-1234567; project titan, project titanic.",
+        );
+    }
+
+    /// The hold for configured patterns and deny terms is only the tail that may still
+    /// grow into their match, not their longest match whatever the text.
+    #[test]
+    fn only_a_tail_that_may_start_a_configured_match_is_held() {
+        let mut g = guarding(CONFIGURED);
+        let mut s = StreamScanner::new(&g, plain);
+        // Nothing here can begin `EMP-` or `project titan`: it all goes at once.
+        assert_eq!(
+            s.push("see you at the meeting", &mut g).unwrap(),
+            "see you at the meeting"
+        );
+        assert!(!s.holds());
+        assert_eq!(s.push(" about proj", &mut g).unwrap(), " about ");
+        assert_eq!(s.push("ect tit", &mut g).unwrap(), "");
+        // `titanic` is not the term: released as soon as that is clear.
+        assert_eq!(
+            s.push("anic and E", &mut g).unwrap(),
+            "project titanic and "
+        );
+        assert_eq!(s.push("MP-12", &mut g).unwrap(), "");
+        assert_eq!(s.push("3456 ok", &mut g).unwrap(), "[EMPLOYEE_ID] ok");
+        assert!(!s.holds());
+        assert_eq!(s.push("; project titan", &mut g).unwrap(), "; ");
+        // The term is complete but a word character may still follow it.
+        assert!(s.holds());
+        assert_eq!(s.finish(&mut g).unwrap(), "[DENY_LIST]");
     }
 
     #[test]

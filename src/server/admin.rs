@@ -27,6 +27,9 @@ const MAX_PAGE: usize = 500;
 /// Records per ExportUsage message (and per page read from the store).
 const EXPORT_PAGE: usize = 500;
 
+/// The GetUsage dimensions, for the message that refuses another.
+const USAGE_DIMENSIONS: &str = "provider, model, policy, key, rpc, code, guardrail_phase, guardrail_entity, guardrail_action, tag:NAME";
+
 /// A configured provider, as ListProviders shows it.
 #[derive(Debug, Clone)]
 pub struct ProviderInfo {
@@ -682,7 +685,7 @@ impl LlmGatewayAdmin for AdminService {
                 if !crate::ledger::valid_dimension(dim) {
                     violations.push(FieldViolation::new(
                         format!("group_by[{i}]"),
-                        format!("`{dim}` is not one of provider, model, policy, key, rpc, code, tag:NAME"),
+                        format!("`{dim}` is not one of {USAGE_DIMENSIONS}"),
                     ));
                 }
             }
@@ -690,7 +693,7 @@ impl LlmGatewayAdmin for AdminService {
                 if !crate::ledger::valid_dimension(dim) {
                     violations.push(FieldViolation::new(
                         format!("filter[{dim}]"),
-                        "is not one of provider, model, policy, key, rpc, code, tag:NAME",
+                        format!("`{dim}` is not one of {USAGE_DIMENSIONS}"),
                     ));
                 }
             }
@@ -698,11 +701,16 @@ impl LlmGatewayAdmin for AdminService {
                 return Err(GatewayError::InvalidArgument(violations));
             }
             // Aggregated by the database over the per-minute rollups.
+            // Grouped by a guardrail dimension, the total counts the calls that had a
+            // decision (matching the filter), each once, like the groups.
             let mut query = crate::ledger::UsageQuery {
                 from_ms: start,
                 to_ms: end,
                 group_by: Vec::new(),
                 filter: req.filter.into_iter().collect(),
+                guardrail_calls: crate::ledger::names_guardrails(
+                    req.group_by.iter().map(String::as_str),
+                ),
             };
             let total = self
                 .store

@@ -398,6 +398,7 @@ pub fn totals_out(t: &crate::ledger::Totals) -> pb::UsageTotals {
         latency_p99: t.latency_ms[2].map(ms_duration),
         time_to_first_token_p50: t.ttft_ms[0].map(ms_duration),
         time_to_first_token_p95: t.ttft_ms[1].map(ms_duration),
+        guardrail_decisions: t.guardrail_decisions,
     }
 }
 

@@ -144,6 +144,9 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX IF NOT EXISTS usage_content_request ON usage_content (request_id);
     CREATE INDEX IF NOT EXISTS usage_content_expires ON usage_content (expires_ms);",
+    // Per-minute rollups by guardrail decision, filled from the records still kept (the
+    // SQLite migration of the same name).
+    ledger::GUARDRAIL_ROLLUP_MIGRATION,
 ];
 
 /// Parses a `store.url`: a `postgres://` or `postgresql://` URL naming a host.
@@ -241,7 +244,11 @@ pub(crate) async fn migrate(
     let insert = format!("INSERT INTO {table} (version, applied_ms) VALUES ($1::BIGINT, $2)");
     for (i, sql) in migrations.iter().enumerate().skip(current) {
         for statement in statements(sql) {
-            tx.batch_execute(&statement).await.map_err(pg)?;
+            if statement == GUARDRAIL_BACKFILL {
+                backfill_guardrail_rollups(&tx).await?;
+            } else {
+                tx.batch_execute(&statement).await.map_err(pg)?;
+            }
         }
         let version = i64::try_from(i + 1).unwrap_or(i64::MAX);
         tx.execute(&insert, &[&version, &now_ms()])
@@ -250,6 +257,58 @@ pub(crate) async fn migrate(
         tracing::info!(table, version, "postgresql schema migrated");
     }
     tx.commit().await.map_err(pg)
+}
+
+/// The statement that stands for the guardrail rollup backfill (done in Rust, in the
+/// migration's transaction).
+const GUARDRAIL_BACKFILL: &str = "-- backfill the guardrail rollups";
+
+/// Raw records read per page by the guardrail rollup backfill.
+const BACKFILL_PAGE: i64 = 5000;
+
+/// Fills the guardrail rollups, when empty, from the raw records that have decisions, a
+/// page at a time (the rollups add up, so the pages may split a minute), with the live
+/// writes' code.
+async fn backfill_guardrail_rollups(tx: &Transaction<'_>) -> Result<(), StoreError> {
+    let filled: bool = tx
+        .query_one(
+            &format!("SELECT EXISTS (SELECT 1 FROM {})", ledger::GUARDRAIL_TABLE),
+            &[],
+        )
+        .await
+        .map_err(pg)?
+        .get(0);
+    if filled {
+        return Ok(());
+    }
+    let select = tx
+        .prepare(&format!(
+            "SELECT id, {USAGE_COLUMNS} FROM usage WHERE guardrails <> '' AND id > $1
+             ORDER BY id LIMIT $2"
+        ))
+        .await
+        .map_err(pg)?;
+    let upsert = tx
+        .prepare(ledger::guardrail_rollup_upsert(Dialect::Postgres))
+        .await
+        .map_err(pg)?;
+    let mut after = i64::MIN;
+    loop {
+        let rows = tx
+            .query(&select, &[&after, &BACKFILL_PAGE])
+            .await
+            .map_err(pg)?;
+        let Some(last) = rows.last() else {
+            return Ok(());
+        };
+        after = last.get("id");
+        let records: Vec<UsageRecord> = rows.iter().map(usage_from_row).collect();
+        for rollup in ledger::guardrail_rollups(&records) {
+            tx.execute(&upsert, &pg_params(&rollup.params()))
+                .await
+                .map_err(pg)?;
+        }
+    }
 }
 
 /// A database error as a store error (the server's message, not just "db error").
@@ -334,6 +393,11 @@ impl PgStore {
                 vec![
                     ledger::rollup_table_sql(Dialect::Postgres),
                     ledger::rollup_backfill_sql(Dialect::Postgres),
+                ]
+            } else if sql == ledger::GUARDRAIL_ROLLUP_MIGRATION {
+                vec![
+                    ledger::guardrail_rollup_table_sql(Dialect::Postgres),
+                    GUARDRAIL_BACKFILL.to_owned(),
                 ]
             } else {
                 vec![sql.to_owned()]
@@ -950,6 +1014,18 @@ impl UsageSink for PgStore {
                 .await
                 .map_err(|e| sink(pg(e)))?;
         }
+        let guardrails = ledger::guardrail_rollups(&records);
+        if !guardrails.is_empty() {
+            let upsert = tx
+                .prepare(ledger::guardrail_rollup_upsert(Dialect::Postgres))
+                .await
+                .map_err(|e| sink(pg(e)))?;
+            for rollup in guardrails {
+                tx.execute(&upsert, &pg_params(&rollup.params()))
+                    .await
+                    .map_err(|e| sink(pg(e)))?;
+            }
+        }
         tx.commit().await.map_err(|e| sink(pg(e)))
     }
 
@@ -973,7 +1049,8 @@ impl UsageSink for PgStore {
                 let histograms: Vec<i64> = (0..2 * ledger::BUCKETS)
                     .map(|j| row.get(dims + 7 + j))
                     .collect();
-                ledger::usage_group(key, counts, row.get(dims + 6), &histograms)
+                let decisions = row.get(dims + 7 + 2 * ledger::BUCKETS);
+                ledger::usage_group(key, counts, row.get(dims + 6), &histograms, decisions)
             })
             .collect())
     }
@@ -1025,13 +1102,17 @@ impl UsageSink for PgStore {
 
     async fn delete_rollups_before(&self, cutoff_ms: i64) -> Result<u64, SinkError> {
         let client = self.client().await.map_err(sink)?;
-        client
-            .execute(
-                "DELETE FROM usage_minute WHERE minute_ms < $1",
-                &[&cutoff_ms],
-            )
-            .await
-            .map_err(|e| sink(pg(e)))
+        let mut n = 0;
+        for table in ["usage_minute", ledger::GUARDRAIL_TABLE] {
+            n += client
+                .execute(
+                    &format!("DELETE FROM {table} WHERE minute_ms < $1"),
+                    &[&cutoff_ms],
+                )
+                .await
+                .map_err(|e| sink(pg(e)))?;
+        }
+        Ok(n)
     }
 
     async fn usage_between(&self, from_ms: i64, to_ms: i64) -> Result<Vec<UsageRecord>, SinkError> {
@@ -1103,14 +1184,27 @@ impl UsageSink for PgStore {
         tenant: &str,
         cutoff_ms: i64,
     ) -> Result<u64, SinkError> {
-        let client = self.client().await.map_err(sink)?;
-        client
+        let mut client = self.client().await.map_err(sink)?;
+        let tx = client.transaction().await.map_err(|e| sink(pg(e)))?;
+        let n = tx
             .execute(
                 "DELETE FROM usage WHERE time_ms < $1 AND (tags::jsonb) ->> 'team' = $2",
                 &[&cutoff_ms, &tenant],
             )
             .await
-            .map_err(|e| sink(pg(e)))
+            .map_err(|e| sink(pg(e)))?;
+        // The tenant's guardrail rollups too: they say what kinds of data it sent.
+        tx.execute(
+            &format!(
+                "DELETE FROM {} WHERE minute_ms < $1 AND (tags::jsonb) ->> 'team' = $2",
+                ledger::GUARDRAIL_TABLE
+            ),
+            &[&cutoff_ms, &tenant],
+        )
+        .await
+        .map_err(|e| sink(pg(e)))?;
+        tx.commit().await.map_err(|e| sink(pg(e)))?;
+        Ok(n)
     }
 }
 

@@ -114,6 +114,8 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX usage_content_request ON usage_content (request_id);
     CREATE INDEX usage_content_expires ON usage_content (expires_ms);",
+    // Per-minute rollups by guardrail decision, filled from the records still kept.
+    ledger::GUARDRAIL_ROLLUP_MIGRATION,
 ];
 
 /// The embedded store.
@@ -187,6 +189,10 @@ impl SqliteStore {
                     .map_err(backend)?;
                 tx.execute(&ledger::rollup_backfill_sql(Dialect::Sqlite), [])
                     .map_err(backend)?;
+            } else if *sql == ledger::GUARDRAIL_ROLLUP_MIGRATION {
+                tx.execute_batch(&ledger::guardrail_rollup_table_sql(Dialect::Sqlite))
+                    .map_err(backend)?;
+                backfill_guardrail_rollups(&tx)?;
             } else {
                 tx.execute_batch(sql).map_err(backend)?;
             }
@@ -596,6 +602,53 @@ impl Store for SqliteStore {
     }
 }
 
+/// Fills the guardrail rollups, when empty, from the raw records that have decisions, a
+/// page at a time (the rollups add up, so the pages may split a minute).
+fn backfill_guardrail_rollups(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreError> {
+    let filled: bool = tx
+        .query_row(
+            &format!("SELECT EXISTS (SELECT 1 FROM {})", ledger::GUARDRAIL_TABLE),
+            [],
+            |row| row.get(0),
+        )
+        .map_err(backend)?;
+    if filled {
+        return Ok(());
+    }
+    let mut select = tx
+        .prepare(&format!(
+            "SELECT id, {USAGE_COLUMNS} FROM usage WHERE guardrails <> '' AND id > ?1
+             ORDER BY id LIMIT {BACKFILL_PAGE}"
+        ))
+        .map_err(backend)?;
+    let mut upsert = tx
+        .prepare(ledger::guardrail_rollup_upsert(Dialect::Sqlite))
+        .map_err(backend)?;
+    let mut after = i64::MIN;
+    loop {
+        let page = select
+            .query_map(params![after], |row| {
+                Ok((row.get::<_, i64>(0)?, usage_from_row(row, 1)?))
+            })
+            .map_err(backend)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(backend)?;
+        let Some((last, _)) = page.last() else {
+            return Ok(());
+        };
+        after = *last;
+        let records: Vec<UsageRecord> = page.into_iter().map(|(_, r)| r).collect();
+        for rollup in ledger::guardrail_rollups(&records) {
+            upsert
+                .execute(rusqlite::params_from_iter(values(rollup.params())))
+                .map_err(backend)?;
+        }
+    }
+}
+
+/// Raw records read per page by the guardrail rollup backfill.
+const BACKFILL_PAGE: usize = 5000;
+
 /// The ledger's sink: usage records in the `usage` table.
 #[async_trait]
 impl UsageSink for SqliteStore {
@@ -685,6 +738,17 @@ impl UsageSink for SqliteStore {
                         .execute(rusqlite::params_from_iter(values(rollup.params())))
                         .map_err(backend)?;
                 }
+                let guardrails = ledger::guardrail_rollups(&records);
+                if !guardrails.is_empty() {
+                    let mut upsert = tx
+                        .prepare_cached(ledger::guardrail_rollup_upsert(Dialect::Sqlite))
+                        .map_err(backend)?;
+                    for rollup in guardrails {
+                        upsert
+                            .execute(rusqlite::params_from_iter(values(rollup.params())))
+                            .map_err(backend)?;
+                    }
+                }
             }
             tx.commit().map_err(backend)
         })
@@ -713,7 +777,14 @@ impl UsageSink for SqliteStore {
                     for (j, h) in histograms.iter_mut().enumerate() {
                         *h = row.get(dims + 7 + j)?;
                     }
-                    Ok(ledger::usage_group(key, counts, cost, &histograms))
+                    let decisions: i64 = row.get(dims + 7 + 2 * ledger::BUCKETS)?;
+                    Ok(ledger::usage_group(
+                        key,
+                        counts,
+                        cost,
+                        &histograms,
+                        decisions,
+                    ))
                 })
                 .map_err(backend)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(backend)
@@ -773,12 +844,18 @@ impl UsageSink for SqliteStore {
 
     async fn delete_rollups_before(&self, cutoff_ms: i64) -> Result<u64, SinkError> {
         self.with_conn(move |conn| {
-            conn.execute(
-                "DELETE FROM usage_minute WHERE minute_ms < ?1",
-                params![cutoff_ms],
-            )
-            .map(|n| n as u64)
-            .map_err(backend)
+            let tx = conn.transaction().map_err(backend)?;
+            let mut n = 0;
+            for table in ["usage_minute", ledger::GUARDRAIL_TABLE] {
+                n += tx
+                    .execute(
+                        &format!("DELETE FROM {table} WHERE minute_ms < ?1"),
+                        params![cutoff_ms],
+                    )
+                    .map_err(backend)? as u64;
+            }
+            tx.commit().map_err(backend)?;
+            Ok(n)
         })
         .await
         .map_err(SinkError::from)
@@ -865,12 +942,24 @@ impl UsageSink for SqliteStore {
     ) -> Result<u64, SinkError> {
         let tenant = tenant.to_owned();
         self.with_conn(move |conn| {
-            conn.execute(
-                "DELETE FROM usage WHERE time_ms < ?1 AND json_extract(tags, '$.team') = ?2",
+            let tx = conn.transaction().map_err(backend)?;
+            let n = tx
+                .execute(
+                    "DELETE FROM usage WHERE time_ms < ?1 AND json_extract(tags, '$.team') = ?2",
+                    params![cutoff_ms, tenant],
+                )
+                .map_err(backend)? as u64;
+            // The tenant's guardrail rollups too: they say what kinds of data it sent.
+            tx.execute(
+                &format!(
+                    "DELETE FROM {} WHERE minute_ms < ?1 AND json_extract(tags, '$.team') = ?2",
+                    ledger::GUARDRAIL_TABLE
+                ),
                 params![cutoff_ms, tenant],
             )
-            .map(|n| n as u64)
-            .map_err(backend)
+            .map_err(backend)?;
+            tx.commit().map_err(backend)?;
+            Ok(n)
         })
         .await
         .map_err(SinkError::from)

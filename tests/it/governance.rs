@@ -82,9 +82,28 @@ fn aged_records() -> Vec<llm_gateway::ledger::UsageRecord> {
             rpc: "Chat".into(),
             tags: [("team".to_owned(), team.to_owned())].into(),
             code: "OK".into(),
+            guardrails: "request:email:redact=1".into(),
             ..Default::default()
         })
         .collect()
+}
+
+/// Calls per team in the guardrail rollups.
+async fn guardrail_calls_by_team(sink: &dyn llm_gateway::ledger::UsageSink) -> Vec<(String, u64)> {
+    let mut out: Vec<(String, u64)> = sink
+        .usage_groups(&llm_gateway::ledger::UsageQuery {
+            from_ms: 0,
+            to_ms: i64::MAX / 2,
+            group_by: vec!["tag:team".into(), "guardrail_entity".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|g| (g.key.join("/"), g.totals.calls))
+        .collect();
+    out.sort();
+    out
 }
 
 /// The ledger's pruning keeps each tenant's records for its own retention (`short`: 7
@@ -120,6 +139,140 @@ async fn tenant_retention_prunes(sink: std::sync::Arc<dyn llm_gateway::ledger::U
     assert_eq!(left, ["long-1", "long-10", "short-1"]);
     drop(ledger);
     writer.finish(Duration::from_secs(5)).await;
+    // The tenant's guardrail rollups went with its records; the others keep theirs.
+    assert_eq!(
+        guardrail_calls_by_team(&*sink).await,
+        [("long/email".to_owned(), 2), ("short/email".to_owned(), 1)]
+    );
+    // The rollup pruning covers them too.
+    assert!(sink.delete_rollups_before(i64::MAX / 2).await.unwrap() > 0);
+    assert_eq!(guardrail_calls_by_team(&*sink).await, []);
+}
+
+/// Records with guardrail decisions over three minutes.
+fn decided_records() -> Vec<llm_gateway::ledger::UsageRecord> {
+    (0..30)
+        .map(|i| llm_gateway::ledger::UsageRecord {
+            time_ms: 1_700_000_000_000 + i * 7_000,
+            request_id: format!("r{i}"),
+            rpc: "Chat".into(),
+            provider: ["a", "b"][(i % 2) as usize].into(),
+            tags: [(
+                "team".to_owned(),
+                ["x", "y", "z"][(i % 3) as usize].to_owned(),
+            )]
+            .into(),
+            code: if i % 5 == 0 {
+                "FAILED_PRECONDITION"
+            } else {
+                "OK"
+            }
+            .into(),
+            latency_ms: i as f64,
+            guardrails: match i % 4 {
+                0 => "request:credit_card:block=1,request:email:redact=2",
+                1 => "reply:email:redact=1",
+                2 => "request:ip_address:log=3",
+                _ => "",
+            }
+            .into(),
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// Every guardrail grouping of the records, read back.
+async fn guardrail_answers(
+    sink: &dyn llm_gateway::ledger::UsageSink,
+) -> Vec<Vec<llm_gateway::ledger::UsageGroup>> {
+    let mut out = Vec::new();
+    for group_by in [
+        &["guardrail_phase", "guardrail_entity", "guardrail_action"][..],
+        &["guardrail_entity", "provider"][..],
+        &["guardrail_phase", "tag:team"][..],
+        &["guardrail_action"][..],
+    ] {
+        let mut groups = sink
+            .usage_groups(&llm_gateway::ledger::UsageQuery {
+                from_ms: 0,
+                to_ms: i64::MAX / 2,
+                group_by: group_by.iter().map(|d| (*d).to_owned()).collect(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        groups.sort_by(|a, b| a.key.cmp(&b.key));
+        out.push(groups);
+    }
+    out
+}
+
+/// The migration's backfill gives the rollups the live writes gave: `reset` takes the
+/// store back to before the guardrail rollup migration, `reopen` migrates it again.
+async fn backfill_matches_live_writes<S, F>(sink: S, reset: impl AsyncFnOnce(), reopen: F)
+where
+    S: llm_gateway::ledger::UsageSink,
+    F: AsyncFnOnce() -> S,
+{
+    sink.insert_usage(decided_records()).await.unwrap();
+    let live = guardrail_answers(&sink).await;
+    assert_eq!(live[0].len(), 4, "{live:#?}");
+    assert_eq!(
+        live[0].iter().map(|g| g.totals.calls).sum::<u64>(),
+        // block and redact of i % 4 == 0 (8 calls), reply redact (8), log (7).
+        8 + 8 + 8 + 7,
+        "{live:#?}"
+    );
+    drop(sink);
+    reset().await;
+    let again = reopen().await;
+    assert_eq!(guardrail_answers(&again).await, live);
+}
+
+#[tokio::test]
+async fn sqlite_backfills_the_guardrail_rollups() {
+    use llm_gateway::store::sqlite::SqliteStore;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let open = || SqliteStore::open(&path).unwrap();
+    backfill_matches_live_writes(
+        open(),
+        async || {
+            let conn = rusqlite::Connection::open(&path).unwrap();
+            let version: i64 = conn
+                .pragma_query_value(None, "user_version", |row| row.get(0))
+                .unwrap();
+            conn.execute_batch("DROP TABLE usage_guardrail_minute")
+                .unwrap();
+            conn.pragma_update(None, "user_version", version - 1)
+                .unwrap();
+        },
+        async || open(),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn postgres_backfills_the_guardrail_rollups() {
+    use llm_gateway::store::postgres::PgStore;
+    let Some(url) = crate::pg_server::database().await else {
+        return;
+    };
+    backfill_matches_live_writes(
+        PgStore::connect(&url).await.unwrap(),
+        async || {
+            crate::pg_server::connect(&url)
+                .await
+                .batch_execute(
+                    "DROP TABLE usage_guardrail_minute;
+                     DELETE FROM schema_migrations WHERE version = (SELECT MAX(version) FROM schema_migrations)",
+                )
+                .await
+                .unwrap();
+        },
+        async || PgStore::connect(&url).await.unwrap(),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -360,4 +513,170 @@ async fn postgres_keeps_content_until_it_expires() {
         .await
         .unwrap();
     content_expires(std::sync::Arc::new(store)).await;
+}
+
+const REDACT_AND_BLOCK: &str = r#"
+[guardrails.pii]
+actions = { email = "redact", credit_card = "block" }
+
+[policies.guarded]
+targets = [{ provider = "openai", model = "gpt-4o-mini" }]
+guardrails = "pii"
+"#;
+
+/// GetUsage of `admin` over everything so far.
+async fn usage(
+    admin: &mut Admin,
+    group_by: &[&str],
+    filter: &[(&str, &str)],
+) -> Result<llm_gateway::pb::GetUsageResponse, tonic::Status> {
+    admin
+        .get_usage(llm_gateway::pb::GetUsageRequest {
+            group_by: group_by.iter().map(|d| (*d).to_owned()).collect(),
+            filter: filter
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ..Default::default()
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// (group key values in `group_by` order, calls, errors, decisions), sorted.
+fn groups(
+    response: &llm_gateway::pb::GetUsageResponse,
+    group_by: &[&str],
+) -> Vec<(Vec<String>, u64, u64, u64)> {
+    let mut out: Vec<_> = response
+        .groups
+        .iter()
+        .map(|g| {
+            let t = g.totals.unwrap_or_default();
+            (
+                group_by.iter().map(|d| g.key[*d].clone()).collect(),
+                t.calls,
+                t.errors,
+                t.guardrail_decisions,
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Real calls through a profile that redacts emails and blocks cards, then GetUsage by
+/// guardrail decision: each group counts the calls that had that decision, once each, with
+/// the decisions' counts; filters narrow them; an unknown dimension is refused.
+async fn usage_by_guardrail_decision(gateway: &Gateway) {
+    let mut client = gateway.client();
+    // request:email:redact=2
+    client
+        .chat(request(
+            "guarded",
+            "mail a.b@example.com and c.d@example.com",
+        ))
+        .await
+        .unwrap();
+    // request:credit_card:block=1
+    let blocked = client
+        .chat(request("guarded", "card 4111 1111 1111 1111"))
+        .await
+        .unwrap_err();
+    assert_eq!(blocked.code(), Code::FailedPrecondition);
+    // request:credit_card:block=1,request:email:redact=1
+    let blocked = client
+        .chat(request(
+            "guarded",
+            "e.f@example.com pays with 4111 1111 1111 1111",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(blocked.code(), Code::FailedPrecondition);
+    // No decision.
+    client.chat(request("guarded", "hello")).await.unwrap();
+
+    let mut admin = admin_client(gateway.channel.clone());
+    let records = usage_records(&mut admin, 4).await;
+    assert_eq!(records.len(), 4, "{records:#?}");
+
+    let by = ["guardrail_entity", "guardrail_action"];
+    let got = usage(&mut admin, &by, &[]).await.unwrap();
+    assert_eq!(
+        groups(&got, &by),
+        [
+            (vec!["credit_card".into(), "block".into()], 2, 2, 2),
+            (vec!["email".into(), "redact".into()], 2, 1, 3),
+        ],
+        "{got:#?}"
+    );
+    // The total: the three calls with a decision, each once, and all five decisions.
+    let total = got.total.unwrap();
+    assert_eq!(
+        (total.calls, total.errors, total.guardrail_decisions),
+        (3, 2, 5)
+    );
+
+    // Grouped by phase alone, the call with an email and a card counts once.
+    let by_phase = ["guardrail_phase"];
+    let got = usage(&mut admin, &by_phase, &[]).await.unwrap();
+    assert_eq!(groups(&got, &by_phase), [(vec!["request".into()], 3, 2, 5)]);
+
+    // A filter: blocked decisions, by code.
+    let by_code = ["code"];
+    let got = usage(&mut admin, &by_code, &[("guardrail_action", "block")])
+        .await
+        .unwrap();
+    assert_eq!(
+        groups(&got, &by_code),
+        [(vec!["FAILED_PRECONDITION".into()], 2, 2, 2)]
+    );
+    let total = got.total.unwrap();
+    assert_eq!((total.calls, total.guardrail_decisions), (2, 2));
+    let got = usage(
+        &mut admin,
+        &["guardrail_action"],
+        &[("guardrail_entity", "email"), ("code", "OK")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        groups(&got, &["guardrail_action"]),
+        [(vec!["redact".into()], 1, 0, 2)]
+    );
+
+    // Without a guardrail dimension: every call, no decisions.
+    let total = usage(&mut admin, &[], &[]).await.unwrap().total.unwrap();
+    assert_eq!((total.calls, total.guardrail_decisions), (4, 0));
+
+    for (group_by, filter) in [
+        (&["guardrail_type"][..], &[][..]),
+        (&[][..], &[("guardrail", "block")][..]),
+    ] {
+        let err = usage(&mut admin, group_by, filter).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains("guardrail_entity"), "{err:?}");
+    }
+}
+
+#[tokio::test]
+async fn sqlite_usage_groups_by_guardrail_decision() {
+    let mock = MockUpstream::start(MockSettings::default()).await.unwrap();
+    let gateway = Gateway::start(&openai_toml(&mock, REDACT_AND_BLOCK)).await;
+    usage_by_guardrail_decision(&gateway).await;
+}
+
+#[tokio::test]
+async fn postgres_usage_groups_by_guardrail_decision() {
+    let Some(url) = crate::pg_server::database().await else {
+        return;
+    };
+    let mock = MockUpstream::start(MockSettings::default()).await.unwrap();
+    let mut config = Gateway::config(&openai_toml(
+        &mock,
+        &format!("[store]\nurl = \"{url}\"\n{REDACT_AND_BLOCK}"),
+    ));
+    config.store.path = ":memory:".into();
+    let gateway = Gateway::start_config(config).await;
+    usage_by_guardrail_decision(&gateway).await;
 }

@@ -93,6 +93,7 @@ async fn check(sink: Arc<dyn UsageSink>) {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect(),
+        ..Default::default()
     };
     let total = sink.usage_groups(&range(&[], &[])).await.unwrap();
     assert_eq!(total.len(), 1);
@@ -134,7 +135,7 @@ async fn check(sink: Arc<dyn UsageSink>) {
         from_ms: T0 + MINUTE,
         to_ms: T0 + 2 * MINUTE,
         group_by: vec!["tag:none".into()],
-        filter: Vec::new(),
+        ..Default::default()
     };
     let groups = sink.usage_groups(&minute).await.unwrap();
     assert_eq!(groups.len(), 1);
@@ -218,7 +219,7 @@ async fn the_rollup_migration_fills_rollups_from_stored_records() {
             from_ms: T0,
             to_ms: T0 + 3 * MINUTE,
             group_by: vec!["tag:team".into()],
-            filter: Vec::new(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -273,6 +274,7 @@ async fn get_usage_over_a_day_of_rollups() {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect(),
+        ..Default::default()
     };
     for (name, query, groups) in [
         ("total", day(&[], &[]), 1),
