@@ -197,6 +197,7 @@ pub struct Reach {
 
 impl Reach {
     /// One pass of `ef` candidates, unbounded.
+    #[cfg(test)]
     pub fn exhaustive(ef: usize) -> Self {
         Self {
             first_ef: ef,
@@ -304,6 +305,7 @@ impl Graph {
     }
 
     /// The about `ef` nodes nearest to `q`, nearest first.
+    #[cfg(test)]
     pub fn search(&self, q: &Code, ef: usize) -> Vec<Near> {
         self.search_reach(q, Reach::exhaustive(ef), |_| false).near
     }

@@ -30,7 +30,10 @@ use tokio::time::Instant;
 pub use self::{
     key::{CacheKey, Scope},
     redis_store::RedisStore,
-    semantic::{Attribution, Embedder, Embedding, Indexed, Lookup, SemanticIndex, Vector},
+    semantic::{
+        Attribution, EF_SEARCH, Embedder, Embedding, FIRST_EF, Indexed, Lookup, SemanticIndex,
+        Vector, WIDEN_MARGIN,
+    },
     store::{CacheStore, Entry, IndexedPrompt, Invalidate, MemoryStore, StoreUnavailable},
 };
 use crate::{

@@ -840,6 +840,104 @@ mod tests {
         );
     }
 
+    /// Visits and latency (debug: a hint only) of threshold lookups in a large index, by
+    /// first pass, on random and clustered data: `LLMGW_SEMANTIC_ENTRIES` prompts (default
+    /// 20,000) of 384 dims. `cargo test --lib lookup_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "minutes in a debug build; prints numbers, for tuning"]
+    #[expect(clippy::print_stderr, reason = "the numbers are the point")]
+    fn lookup_cost_at_scale() {
+        let entries: u64 = std::env::var("LLMGW_SEMANTIC_ENTRIES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20_000);
+        let (dims, threshold, queries) = (384, 0.95, 300u64);
+        let noisy = |seed: u64, base: &Vector, amount: f32| {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let v: Vec<f32> = base
+                .as_slice()
+                .iter()
+                .map(|x| x + (rng.f32() - 0.5) * amount)
+                .collect();
+            Vector::unit(&v).unwrap()
+        };
+        let expires = Instant::now() + Duration::from_secs(3_600);
+        for clustered in [false, true] {
+            // Clustered: 1,000 centres, each prompt a centre plus noise (cosine ~0.7).
+            let make = |n: u64| {
+                if clustered {
+                    noisy(n, &vector(900_000 + (n % 1_000) as u32, dims), 0.177)
+                } else {
+                    vector(n as u32, dims)
+                }
+            };
+            let vectors: Vec<Vector> = (0..entries).map(make).collect();
+            let mut indexes: Vec<(usize, SemanticIndex)> = [EF_SEARCH, 24, 16]
+                .into_iter()
+                .map(|first| (first, SemanticIndex::new(usize::MAX).first_ef(first)))
+                .collect();
+            let built = std::time::Instant::now();
+            // One graph, shared: the first pass is a lookup setting only.
+            for (n, v) in vectors.iter().enumerate() {
+                indexes[0]
+                    .1
+                    .insert([1; 32], v.clone(), key(n as u32), expires);
+            }
+            let seconds = built.elapsed().as_secs_f64();
+            let graph = indexes[0].1.partition(&[1; 32]).unwrap();
+            for (_, index) in &mut indexes[1..] {
+                lock(&index.partitions).insert([1; 32], graph.clone());
+            }
+            let miss = |n: u64| {
+                if clustered {
+                    noisy(n, &vector(800_000 + n as u32, dims), 0.177)
+                } else {
+                    vector(700_000 + n as u32, dims)
+                }
+            };
+            let near = |n: u64| {
+                let i = fastrand::Rng::with_seed(n).usize(..vectors.len());
+                (i, noisy(600_000 + n, &vectors[i], 0.045))
+            };
+            eprintln!("clustered {clustered}: {entries} prompts indexed in {seconds:.1} s");
+            for (first, index) in &indexes {
+                for kind in ["miss", "near"] {
+                    let (mut visits, mut micros, mut hits, mut widened) =
+                        (Vec::new(), Vec::new(), 0, 0);
+                    for n in 0..queries {
+                        let (target, query) = if kind == "miss" {
+                            (None, miss(n))
+                        } else {
+                            let (i, q) = near(n);
+                            (Some(i), q)
+                        };
+                        let started = std::time::Instant::now();
+                        let found = index.lookup(&[1; 32], &query, threshold, Instant::now());
+                        micros.push(started.elapsed().as_micros());
+                        visits.push(found.visits);
+                        widened += usize::from(found.widened);
+                        let (k, sim) = found.best.unwrap();
+                        if sim >= threshold {
+                            // Never a false hit: a miss query is near nothing.
+                            assert!(target.is_some(), "a hit for a miss query");
+                            hits += usize::from(target.is_some_and(|i| k == key(i as u32)));
+                        }
+                    }
+                    visits.sort_unstable();
+                    micros.sort_unstable();
+                    let q = |p: f64| ((queries - 1) as f64 * p) as usize;
+                    eprintln!(
+                        "  first ef {first:2}, {kind}: distances p50 {} p99 {}, debug us p50 {} p99 {}, widened {widened}, hits {hits}/{queries}",
+                        visits[q(0.5)],
+                        visits[q(0.99)],
+                        micros[q(0.5)],
+                        micros[q(0.99)],
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn the_index_holds_at_most_its_bound_across_partitions() {
         let max = 64;
