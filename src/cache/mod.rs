@@ -30,7 +30,10 @@ use tokio::time::Instant;
 pub use self::{
     key::{CacheKey, Scope},
     redis_store::RedisStore,
-    semantic::{Attribution, Embedder, Embedding, Indexed, SemanticIndex, Vector},
+    semantic::{
+        Attribution, EF_SEARCH, Embedder, Embedding, FIRST_EF, Indexed, Lookup, SemanticIndex,
+        Vector, WIDEN_MARGIN,
+    },
     store::{CacheStore, Entry, IndexedPrompt, Invalidate, MemoryStore, StoreUnavailable},
 };
 use crate::{
@@ -514,7 +517,9 @@ impl CallCache {
         };
         let found = if active.lookup {
             active.cache.store.sync_index(index).await;
-            index.nearest(&sem.partition, &vector, Instant::now())
+            index
+                .lookup(&sem.partition, &vector, sem.threshold, Instant::now())
+                .best
         } else {
             None
         };
