@@ -1153,31 +1153,38 @@ pub fn rollup_upsert(dialect: Dialect) -> &'static str {
 /// Adds rollup deltas to their rows (`INSERT ... ON CONFLICT DO UPDATE`), with the
 /// dialect's parameters: 1 minute, 8 dimensions, 6 counts, cost, 40 histogram buckets.
 pub fn rollup_upsert_sql(dialect: Dialect) -> String {
-    let p = |i: usize| match dialect {
-        Dialect::Sqlite => format!("?{i}"),
-        Dialect::Postgres => format!("${i}"),
-    };
     let sums: Vec<String> = ROLLUP_COUNTS
         .iter()
         .map(|c| (*c).to_owned())
         .chain(["cost_usd".to_owned()])
         .chain(histogram_columns())
         .collect();
+    add_to_rows_sql(dialect, "usage_minute", &ROLLUP_DIMENSIONS, &sums)
+}
+
+/// `INSERT INTO table (minute_ms, keys.., sums..) VALUES (..) ON CONFLICT (minute_ms, keys..)
+/// DO UPDATE SET sum = table.sum + excluded.sum, ..`, with the dialect's parameters in
+/// column order: the upsert of both rollup tables.
+fn add_to_rows_sql(dialect: Dialect, table: &str, keys: &[&str], sums: &[String]) -> String {
+    let p = |i: usize| match dialect {
+        Dialect::Sqlite => format!("?{i}"),
+        Dialect::Postgres => format!("${i}"),
+    };
     let all: Vec<&str> = ["minute_ms"]
         .into_iter()
-        .chain(ROLLUP_DIMENSIONS)
+        .chain(keys.iter().copied())
         .chain(sums.iter().map(String::as_str))
         .collect();
     let values: Vec<String> = (1..=all.len()).map(p).collect();
     let updates: Vec<String> = sums
         .iter()
-        .map(|c| format!("{c} = usage_minute.{c} + excluded.{c}"))
+        .map(|c| format!("{c} = {table}.{c} + excluded.{c}"))
         .collect();
     format!(
-        "INSERT INTO usage_minute ({}) VALUES ({}) ON CONFLICT (minute_ms, {}) DO UPDATE SET {}",
+        "INSERT INTO {table} ({}) VALUES ({}) ON CONFLICT (minute_ms, {}) DO UPDATE SET {}",
         all.join(", "),
         values.join(", "),
-        ROLLUP_DIMENSIONS.join(", "),
+        keys.join(", "),
         updates.join(", ")
     )
 }
@@ -1302,10 +1309,6 @@ pub fn guardrail_rollup_upsert(dialect: Dialect) -> &'static str {
 /// Adds guardrail rollup deltas to their rows, with the parameters of
 /// [`GuardrailRollup::params`].
 pub fn guardrail_rollup_upsert_sql(dialect: Dialect) -> String {
-    let p = |i: usize| match dialect {
-        Dialect::Sqlite => format!("?{i}"),
-        Dialect::Postgres => format!("${i}"),
-    };
     let sums: Vec<String> = ROLLUP_COUNTS
         .iter()
         .map(|c| (*c).to_owned())
@@ -1316,23 +1319,7 @@ pub fn guardrail_rollup_upsert_sql(dialect: Dialect) -> String {
         .into_iter()
         .chain(GUARDRAIL_KEY_COLUMNS)
         .collect();
-    let all: Vec<&str> = ["minute_ms"]
-        .into_iter()
-        .chain(keys.iter().copied())
-        .chain(sums.iter().map(String::as_str))
-        .collect();
-    let values: Vec<String> = (1..=all.len()).map(p).collect();
-    let updates: Vec<String> = sums
-        .iter()
-        .map(|c| format!("{c} = {GUARDRAIL_TABLE}.{c} + excluded.{c}"))
-        .collect();
-    format!(
-        "INSERT INTO {GUARDRAIL_TABLE} ({}) VALUES ({}) ON CONFLICT (minute_ms, {}) DO UPDATE SET {}",
-        all.join(", "),
-        values.join(", "),
-        keys.join(", "),
-        updates.join(", ")
-    )
+    add_to_rows_sql(dialect, GUARDRAIL_TABLE, &keys, &sums)
 }
 
 /// One per-minute guardrail rollup row: the calls (with the usage dimensions of

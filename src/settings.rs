@@ -20,6 +20,22 @@ pub struct ConfigIssue {
     pub message: String,
 }
 
+/// Tests' helper: a section's settings from its TOML text, or its problems as
+/// `field: message` lines.
+#[cfg(test)]
+pub(crate) fn from_toml<R: serde::de::DeserializeOwned, S>(
+    toml_text: &str,
+    from_raw: impl FnOnce(R, &mut Issues) -> S,
+) -> Result<S, Vec<String>> {
+    let raw: R = toml::from_str(toml_text).unwrap();
+    let mut issues = Issues::new();
+    let settings = from_raw(raw, &mut issues);
+    match issues.is_empty() {
+        true => Ok(settings),
+        false => Err(issues.into_vec().iter().map(ToString::to_string).collect()),
+    }
+}
+
 /// The problems found while validating, in the order found.
 #[derive(Debug, Default)]
 pub struct Issues(Vec<ConfigIssue>);

@@ -634,18 +634,7 @@ mod tests {
     use super::*;
 
     fn settings(toml: &str) -> Result<BatchSettings, Vec<String>> {
-        let raw: RawBatch = toml::from_str(toml).unwrap();
-        let mut issues = Issues::new();
-        let s = BatchSettings::from_raw(raw, &mut issues);
-        if issues.is_empty() {
-            Ok(s)
-        } else {
-            Err(issues
-                .into_vec()
-                .into_iter()
-                .map(|i| format!("{}: {}", i.field, i.message))
-                .collect())
-        }
+        crate::settings::from_toml(toml, BatchSettings::from_raw)
     }
 
     #[test]

@@ -1019,45 +1019,6 @@ mod tests {
         req.messages[0].joined_text()
     }
 
-    /// The bench's prompt (benches/micro/guard.rs): prose with a few entities, `kib` KiB.
-    fn bench_prompt(kib: usize) -> String {
-        let para = "The customer wrote in about their order and asked us to update the shipping \
-            address before Friday. They can be reached at jane.doe@example.com or on \
-            +44 20 7946 0958, and paid with 4111 1111 1111 1111. Please check the logs on host \
-            10.0.0.12 (request id 7f3a9c21, version 2.14.3) and summarize the issue in three \
-            short bullet points, keeping a friendly tone for the reply to the customer. ";
-        let mut text = String::new();
-        while text.len() < kib * 1024 {
-            text.push_str(para);
-        }
-        text.truncate(kib * 1024);
-        text
-    }
-
-    /// Times the bench's whole-text scans in this (debug) build, a hint only: the release
-    /// numbers come from `cargo bench --bench micro -- guard`. Run with
-    /// `cargo test --lib guard::tests::scan_timing -- --ignored --nocapture`.
-    #[test]
-    #[ignore = "prints timings; not a check"]
-    #[expect(clippy::print_stderr, reason = "the timings are its output")]
-    fn scan_timing() {
-        let p = profile("default_action = \"redact\"");
-        for (kib, n) in [(1, 2000), (16, 200)] {
-            let text = bench_prompt(kib);
-            let started = std::time::Instant::now();
-            let mut len = 0;
-            for _ in 0..n {
-                let mut state = CallState::default();
-                len += p.rewrite(&text, Direction::Request, &mut state).len();
-            }
-            let per_call = started.elapsed().as_secs_f64() * 1e6 / f64::from(n);
-            eprintln!(
-                "{kib} KiB: {per_call:.2} us per call, {:.2} us/KiB ({len})",
-                per_call / kib as f64
-            );
-        }
-    }
-
     #[test]
     fn redact_mask_and_log() {
         let p = profile(

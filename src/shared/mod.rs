@@ -352,18 +352,7 @@ mod tests {
     use super::*;
 
     fn settings(toml: &str) -> Result<SharedSettings, Vec<String>> {
-        let raw: RawShared = toml::from_str(toml).unwrap();
-        let mut issues = Issues::new();
-        let s = SharedSettings::from_raw(raw, &mut issues);
-        if issues.is_empty() {
-            Ok(s)
-        } else {
-            Err(issues
-                .into_vec()
-                .into_iter()
-                .map(|i| format!("{}: {}", i.field, i.message))
-                .collect())
-        }
+        crate::settings::from_toml(toml, SharedSettings::from_raw)
     }
 
     #[test]

@@ -24,16 +24,6 @@ use crate::{
     pg_server,
 };
 
-fn now_ms() -> i64 {
-    i64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis(),
-    )
-    .unwrap()
-}
-
 /// A replica's batch store on the database at `url`, its claims holding for a minute.
 async fn replica_store(url: &str) -> Arc<PgBatchStore> {
     let options = PgBatchOptions {

@@ -570,3 +570,14 @@ pub async fn spent_today_usd(admin: &mut Admin, name: &str) -> f64 {
         .unwrap()
         .spent_today_usd
 }
+
+/// Unix ms now.
+pub(crate) fn now_ms() -> i64 {
+    i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}

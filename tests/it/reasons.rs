@@ -130,17 +130,6 @@ async fn ledger_records_the_reason_the_caller_saw() {
     assert_eq!(record("r-limited").key, "narrow");
 }
 
-/// Unix ms now.
-fn now_ms() -> i64 {
-    i64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis(),
-    )
-    .unwrap()
-}
-
 #[tokio::test]
 async fn a_monthly_budget_refusal_points_to_the_first_of_next_month() {
     use llm_gateway::limits::Period;

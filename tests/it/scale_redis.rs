@@ -697,20 +697,15 @@ async fn unused_tokens_given_back_at_settlement_admit_more_calls_on_redis() {
         estimated_usd: 0.0,
         budget: llm_gateway::limits::BudgetCheck::Skip,
     };
-    let now = || {
-        i64::try_from(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_millis(),
-        )
-        .unwrap()
-    };
     let mut permits = Vec::new();
     for _ in 0..3 {
-        permits.push(limits.admit(ask(), now()).await.unwrap());
+        permits.push(limits.admit(ask(), now_ms()).await.unwrap());
     }
-    let status = limits.admit(ask(), now()).await.unwrap_err().into_status();
+    let status = limits
+        .admit(ask(), now_ms())
+        .await
+        .unwrap_err()
+        .into_status();
     assert_eq!(reason(&status), "RATE_LIMIT_TOKENS", "{status:?}");
     let field = |name: &str| -> f64 {
         redis.hash("llmgw:key:giveback:limits")[name]
@@ -721,14 +716,14 @@ async fn unused_tokens_given_back_at_settlement_admit_more_calls_on_redis() {
     // Two calls used 5 tokens each: 15 each go back, added to the stored level as is (the
     // refill since `ta` is the same either way, capped when read).
     for permit in permits.iter_mut().take(2) {
-        permit.settle(Some(5), None, now());
+        permit.settle(Some(5), None, now_ms());
     }
     eventually("both settlements landed", || field("tt") > before + 29.0).await;
     assert_eq!(field("tt"), before + 30.0);
     assert_eq!(field("ta"), at);
     // A call that used more than its estimate (30 of 20) takes the 10 more at settlement,
     // from the level refilled until then (one token a second).
-    permits[2].settle(Some(30), None, now());
+    permits[2].settle(Some(30), None, now_ms());
     eventually("the overrun was charged", || field("ta") != at).await;
     let refilled = (before + 30.0 + (field("ta") - at) / 1000.0).min(60.0);
     assert!(
@@ -737,7 +732,7 @@ async fn unused_tokens_given_back_at_settlement_admit_more_calls_on_redis() {
         field("tt")
     );
     // What came back admits another call of 20 at once.
-    limits.admit(ask(), now()).await.unwrap();
+    limits.admit(ask(), now_ms()).await.unwrap();
     stop.cancel();
     tracker.close();
     tracker.wait().await;
