@@ -3,7 +3,9 @@
 # (`[admission] max_in_flight = 20, queue = 0`) in front of the mock upstream at a constant
 # 100 ms, so its capacity is 20 calls in flight (200 calls/s). 4 connections: an unloaded run
 # with 10 callers, an overload run with 200 callers in a closed loop (a refused caller calls
-# again at once), and an open-loop run of 2,000 calls/s (10x the capacity).
+# again at once), and an open-loop run of 2,000 calls/s (10x the capacity); then the floor:
+# the same open loop against the bare baseline answering every call with RESOURCE_EXHAUSTED
+# (`llm-gateway-baseline --refuse-all`), what a refusal costs on this stack and machine.
 # Goals: the admitted calls' p99 under overload within 2x of the unloaded p99;
 # every refused call refused with a status (RESOURCE_EXHAUSTED), p99 and max < 1 ms.
 # Writes the numbers into BENCHMARKS.md between the `<!-- overload -->` markers.
@@ -88,17 +90,42 @@ for _ in $(seq 100); do
   python3 -c "import socket; socket.create_connection(('127.0.0.1',$GRPC),0.2)" 2>/dev/null && break
   sleep 0.1
 done
+TARGET_PORT=$GRPC; TARGET_PID=$GW_PID
 load() {
-  "${GEN_PIN[@]}" "$BIN/llm-gateway-load" --target "http://127.0.0.1:$GRPC" --model openai/gpt-4o-mini \
-    --connections 4 --duration "$DURATION" --warmup 2s --pid "$GW_PID" "$@" | tail -1 || true
+  "${GEN_PIN[@]}" "$BIN/llm-gateway-load" --target "http://127.0.0.1:$TARGET_PORT" --model openai/gpt-4o-mini \
+    --connections 4 --duration "$DURATION" --warmup 2s --pid "$TARGET_PID" "$@" | tail -1 || true
 }
 load --concurrency 10 --label unloaded >"$RUN/unloaded.json"
 load --concurrency 200 --label overload-closed >"$RUN/closed.json"
-load --rate 2000 --label overload-open >"$RUN/open.json"
-python3 - "$RUN/unloaded.json" "$RUN/closed.json" "$RUN/open.json" "$PROFILE" "$DURATION" "$(git rev-parse --short HEAD)" "$(cut -d' ' -f1-3 /proc/loadavg)" "$PINNING" <<'PY'
+# The open loop in rounds, each beside the floor: the bare baseline answering every call at
+# once with RESOURCE_EXHAUSTED (pinned like the gateway), what a refusal costs on this stack
+# and machine (tonic + hyper + the kernel's wake-ups). Alternating rounds, since this VM's
+# wake-up noise moves the tail from minute to minute.
+FLOOR=$(free_port)
+"${SUT_PIN[@]}" "$BIN/llm-gateway-baseline" --listen "127.0.0.1:$FLOOR" --refuse-all >"$RUN/floor.log" 2>&1 &
+FLOOR_PID=$!
+PIDS+=($FLOOR_PID)
+for _ in $(seq 100); do
+  python3 -c "import socket; socket.create_connection(('127.0.0.1',$FLOOR),0.2)" 2>/dev/null && break
+  sleep 0.1
+done
+for round in 1 2 3; do
+  TARGET_PORT=$GRPC; TARGET_PID=$GW_PID
+  load --rate 2000 --label overload-open >"$RUN/open-$round.json"
+  TARGET_PORT=$FLOOR; TARGET_PID=$FLOOR_PID
+  load --rate 2000 --label floor-open >"$RUN/floor-$round.json"
+done
+python3 - "$RUN" "$PROFILE" "$DURATION" "$(git rev-parse --short HEAD)" "$(cut -d' ' -f1-3 /proc/loadavg)" "$PINNING" <<'PY'
 import json, re, sys, os, datetime
-unloaded, closed, opened = (json.load(open(p)) for p in sys.argv[1:4])
-profile, duration, rev, load, pinning = sys.argv[4:9]
+run = sys.argv[1]
+rd = lambda name: json.load(open(os.path.join(run, name)))
+unloaded, closed = rd("unloaded.json"), rd("closed.json")
+opens = [rd(f"open-{i}.json") for i in (1, 2, 3)]
+floors = [rd(f"floor-{i}.json") for i in (1, 2, 3)]
+p99 = lambda r: (r.get("error_latency_us") or {}).get("p99") or 10**9
+# The gateway's round with the median refused p99 stands for the open loop below.
+opened = sorted(opens, key=p99)[1]
+profile, duration, rev, load, pinning = sys.argv[2:7]
 u99 = unloaded["latency_us"]["p99"]
 fmt = lambda us: "-" if us is None else f"{us/1000:.3f} ms"
 lines = [
@@ -118,7 +145,10 @@ lines = [
     "| run | load | ok | refused (RESOURCE_EXHAUSTED) | other errors | ok p50 | ok p99 | refused p50 | refused p99 | refused max | refused p99 from send | send lag p99 | gateway CPU per call |",
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
 ]
-for name, r in (("unloaded", unloaded), ("10x, closed loop", closed), ("10x, open loop", opened)):
+rows = [("unloaded", unloaded), ("10x, closed loop", closed)]
+for i, (o, f) in enumerate(zip(opens, floors), 1):
+    rows += [(f"10x, open loop, round {i}", o), (f"floor: bare tonic refusing every call, round {i}", f)]
+for name, r in rows:
     e = r.get("error_latency_us") or {}
     es = r.get("error_service_us") or {}
     lag = r.get("send_lag_us") or {}
@@ -126,8 +156,8 @@ for name, r in (("unloaded", unloaded), ("10x, closed loop", closed), ("10x, ope
     oth = sum(v for k, v in r["errors"].items() if k != "ResourceExhausted")
     shape = f"{r['concurrency']} callers" if r.get("concurrency") else f"{r['rate']:.0f} calls/s"
     lines.append(
-        f"| {name} | {shape} | {r['ok']} | {rex} | {oth} | {fmt(r['latency_us']['p50'])} "
-        f"| {fmt(r['latency_us']['p99'])} | {fmt(e.get('p50'))} | {fmt(e.get('p99'))} | {fmt(e.get('max'))} "
+        f"| {name} | {shape} | {r['ok']} | {rex} | {oth} | {fmt((r['latency_us'] or {}).get('p50'))} "
+        f"| {fmt((r['latency_us'] or {}).get('p99'))} | {fmt(e.get('p50'))} | {fmt(e.get('p99'))} | {fmt(e.get('max'))} "
         f"| {fmt(es.get('p99'))} | {fmt(lag.get('p99'))} "
         f"| {(r.get('cpu') or {}).get('us_per_call', '-')} us |"
     )
@@ -153,6 +183,17 @@ orefused = opened["errors"].get("ResourceExhausted", 0)
 if ucpu and ocpu and orefused:
     per_refusal = (ocpu["seconds"] - opened["ok"] * ucpu["us_per_call"] / 1e6) * 1e6 / orefused
     lines.append(f"- gateway CPU per refusal (open loop, admitted calls at the unloaded CPU per call taken out): {per_refusal:.1f} us")
+med = lambda xs: sorted(xs)[len(xs) // 2]
+svc = lambda r: (r.get("error_service_us") or {}).get("p99") or 10**9
+g99, f99 = med([p99(r) for r in opens]), med([p99(r) for r in floors])
+gs99, fs99 = med([svc(r) for r in opens]), med([svc(r) for r in floors])
+fcpu = med([(r.get("cpu") or {}).get("us_per_call", 0) for r in floors])
+lines.append(
+    f"- the floor (a bare tonic server refusing every call at once, the same open loop and pinning, "
+    f"rounds alternating with the gateway's): median of the rounds' refused p99 {fmt(f99)} "
+    f"({fmt(fs99)} from send), CPU {fcpu} us per refusal; the gateway's median {fmt(g99)} ({fmt(gs99)} "
+    f"from send): gateway / floor = {g99 / f99:.2f}x ({gs99 / fs99:.2f}x from send)"
+)
 lines += ["<!-- /overload -->"]
 section = "\n".join(lines)
 print(section)

@@ -37,6 +37,11 @@ struct Args {
     /// provider with `http2_prior_knowledge`.
     #[arg(long)]
     upstream_h2c: bool,
+    /// Answer every call at once with RESOURCE_EXHAUSTED, without calling the upstream: the
+    /// floor of a refusal on this stack (tonic + hyper on this machine), which
+    /// bench/overload.sh measures beside the gateway's refusals.
+    #[arg(long)]
+    refuse_all: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -188,6 +193,7 @@ fn unavailable(what: &str) -> Status {
 struct Baseline {
     client: reqwest::Client,
     url: String,
+    refuse_all: bool,
 }
 
 impl Baseline {
@@ -216,6 +222,9 @@ impl LlmGateway for Baseline {
         &self,
         request: Request<pb::ChatRequest>,
     ) -> Result<Response<pb::ChatResponse>, Status> {
+        if self.refuse_all {
+            return Err(Status::resource_exhausted("the baseline refuses every call"));
+        }
         let req = request.into_inner();
         let body = serde_json::to_vec(&wire_request(&req, false))
             .map_err(|_| Status::internal("cannot encode"))?;
@@ -467,6 +476,7 @@ async fn main() -> ExitCode {
     let service = Baseline {
         client,
         url: format!("{}/chat/completions", args.upstream.trim_end_matches('/')),
+        refuse_all: args.refuse_all,
     };
     eprintln!(
         "llm-gateway-baseline listening on {addr}, upstream {}",
