@@ -223,7 +223,9 @@ impl LlmGateway for Baseline {
         request: Request<pb::ChatRequest>,
     ) -> Result<Response<pb::ChatResponse>, Status> {
         if self.refuse_all {
-            return Err(Status::resource_exhausted("the baseline refuses every call"));
+            return Err(Status::resource_exhausted(
+                "the baseline refuses every call",
+            ));
         }
         let req = request.into_inner();
         let body = serde_json::to_vec(&wire_request(&req, false))

@@ -61,7 +61,8 @@ pub struct RolloutSpec {
     pub step_duration: Duration,
     /// Allowed error-rate increase (fraction).
     pub error_rate_margin: f64,
-    /// Allowed slowdown at the old version's p95 (fraction).
+    /// Allowed slowdown at the old version's p95 (fraction; a call counts as slower only
+    /// when it is also at least [`stats::LATENCY_SLACK`] slower).
     pub latency_margin: f64,
     /// New-version calls a step needs before it may end.
     pub min_calls_per_step: u64,

@@ -171,6 +171,12 @@ impl Counts {
     }
 }
 
+/// How much slower than the old version's p95 a new-version call must be, besides the
+/// relative margin, to count as slow: a fraction of a sub-millisecond p95 is scheduling
+/// noise (a cache hit or a local mock answers in microseconds), not a slower version.
+/// Negligible beside a model call's hundreds of milliseconds.
+pub const LATENCY_SLACK: Duration = Duration::from_millis(2);
+
 /// The rollback test of one rollout: both arms' observations, pairs, and both tests.
 #[derive(Debug, Clone)]
 pub struct Sequential {
@@ -249,8 +255,9 @@ impl Sequential {
             self.errors
                 .push(f64::from(u8::from(canary.failed)) - f64::from(u8::from(baseline.failed)));
             if let Some(t) = threshold {
-                let slow_canary =
-                    canary.latency.as_secs_f64() > t.as_secs_f64() * (1.0 + self.latency_margin);
+                let slow_canary = canary.latency.as_secs_f64()
+                    > t.as_secs_f64() * (1.0 + self.latency_margin)
+                    && canary.latency > t + LATENCY_SLACK;
                 let slow_baseline = baseline.latency > t;
                 self.latency
                     .push(f64::from(u8::from(slow_canary)) - f64::from(u8::from(slow_baseline)));
