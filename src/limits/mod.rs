@@ -12,7 +12,8 @@
 //!   Crossing 50%, 80% and 100% of a budget is logged and counted in metrics.
 //!
 //! One call asks once ([`Limits::admit`]: rates, stream slot and budget together, so with
-//! Redis it is one round trip) and is settled once ([`Permit::settle`], or on drop).
+//! Redis it is at most one round trip, and none while the replica holds credit: see
+//! [`credit`]) and is settled once ([`Permit::settle`], or on drop).
 //!
 //! Two backends behind [`Limits`]:
 //! - `local` (always there): this replica's memory, under one lock. Alone on a single node;
@@ -36,6 +37,7 @@ use crate::{
     shared::{FailMode, Shared},
 };
 
+mod credit;
 mod local;
 pub mod remote;
 

@@ -14,6 +14,11 @@
 //! The hash expires 35 days after its last write for a subject with a budget (the month's
 //! spend must outlive the month), else 2 minutes (a bucket is full by then).
 //!
+//! - Credit ([`credit`](super::credit), `shared.credit_window`): an admission may also take
+//!   a block of requests, tokens and reserved USD for its replica, out of which later calls
+//!   are admitted without a round trip until the window ends; what is left goes back
+//!   ([`RELEASE`]). A block is taken by one call at a time per subject, in a task of its
+//!   own (a caller that goes away does not lose it), and taken again before it runs low.
 //! - Admission ([`ADMIT`]) is one `EVALSHA` for all of a call's subjects: it reads each
 //!   subject's hash once (`HMGET` of the buckets, or `HGETALL` when a stream slot or a
 //!   budget is checked, to sum the live leases of every replica), checks every limit, and
@@ -52,22 +57,34 @@ use std::{
 };
 
 use redis::Script;
-use tokio::sync::mpsc;
+use tokio::{sync::mpsc, time::Instant};
 use tokio_util::sync::CancellationToken;
 
-use super::{Ask, BudgetCheck, Decision, Kind, Period, Refusal, Settlement, local::Local, periods};
+use super::{
+    Ask, BudgetCheck, Decision, Kind, Period, Refusal, Settlement,
+    credit::{self, Left},
+    local::Local,
+    periods,
+};
 use crate::shared::{FailMode, Shared, SharedError};
 
 /// Admission for all of a call's subjects; see the module docs.
 ///
 /// KEYS: one hash per subject. ARGV: subjects, estimated tokens, stream (0/1), estimated
 /// USD, budget check (0 skip, 1 reserve, 2 fallback when spent), replica id, lease TTL ms,
-/// day index, month index; then 5 per subject: rpm, tpm, max streams, daily budget, monthly
-/// budget.
+/// day index, month index, the credit window ms (0: no credit); then 5 per subject: rpm,
+/// tpm, max streams, daily budget, monthly budget.
 ///
-/// Returns `{"0", spent (0/1)}` when admitted, `{"1".."3", subject, wait ms}` for the
-/// requests, tokens or streams limit, `{"4"|"5", subject, used}` for the month or day
-/// budget (subjects 0-based).
+/// Returns `{"0", spent (0/1), then per subject the credit taken: requests, tokens, USD}`
+/// when admitted, `{"1".."3", subject, wait ms}` for the requests, tokens or streams
+/// limit, `{"4"|"5", subject, used}` for the month or day budget (subjects 0-based).
+///
+/// Credit (see [`credit`](super::credit)): with a window `W`, an admitted call also takes
+/// for its replica, per subject, `floor(min(limit x W / 1 min, (level after the call -
+/// limit / 2) / 8))` requests and as many tokens by the same rule (none below 1), and of a
+/// budget it checked `min(budget / 64, (budget / 2 - spend - reservations - estimate) /
+/// 8)` USD as a reservation (none when that is not above zero): credit comes only from
+/// the upper half of a bucket or budget, so near a limit every call asks Redis.
 pub const ADMIT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -79,16 +96,17 @@ local check = tonumber(ARGV[5])
 local rep = ARGV[6]
 local ttl = tonumber(ARGV[7])
 local day, month = ARGV[8], ARGV[9]
+local win = tonumber(ARGV[10])
 local xf, sf, rf = 'x:' .. rep, 's:' .. rep, 'r:' .. rep
 local min, max = math.min, math.max
 local plan = {}
 local spent = 0
 for i = 1, n do
-  local key, a = KEYS[i], 10 + (i - 1) * 5
+  local key, a = KEYS[i], 11 + (i - 1) * 5
   local rpm, tpm, streams = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
   local daily, monthly = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
   local budget = daily > 0 or monthly > 0
-  local p = {budget = budget}
+  local p = {budget = budget, rpmax = rpm, tpmax = tpm, daily = daily, monthly = monthly}
   local h
   -- With leases: every field once (HGETALL), the other replicas' expiries collected on
   -- the way (a field `x:R` is the only one starting with `x`).
@@ -161,26 +179,47 @@ for i = 1, n do
         if check == 2 then spent = 1 else return {'5', tostring(i - 1), tostring(d)} end
       end
       p.reserve = true
+      p.d, p.m, p.rall = d, m, r
     end
   end
   plan[i] = p
 end
+local out = {'0', tostring(spent)}
 for i = 1, n do
   local key, p = KEYS[i], plan[i]
   local f, k = {}, 0
+  local cr, ct, cu = 0, 0, 0
   if p.rpm then
-    f[k + 1] = 'rt'; f[k + 2] = p.rpm - 1; f[k + 3] = 'ra'; f[k + 4] = now; k = k + 4
+    if win > 0 then
+      cr = math.floor(min(p.rpmax * win / 60000, (p.rpm - 1 - p.rpmax / 2) / 8))
+      if cr < 1 then cr = 0 end
+    end
+    f[k + 1] = 'rt'; f[k + 2] = p.rpm - 1 - cr; f[k + 3] = 'ra'; f[k + 4] = now; k = k + 4
   end
   if p.tpm then
-    f[k + 1] = 'tt'; f[k + 2] = p.tpm - tokens; f[k + 3] = 'ta'; f[k + 4] = now; k = k + 4
+    if win > 0 then
+      ct = math.floor(min(p.tpmax * win / 60000, (p.tpm - tokens - p.tpmax / 2) / 8))
+      if ct < 1 then ct = 0 end
+    end
+    f[k + 1] = 'tt'; f[k + 2] = p.tpm - tokens - ct; f[k + 3] = 'ta'; f[k + 4] = now; k = k + 4
   end
   local lease = false
   if p.stream then
     f[k + 1] = sf; f[k + 2] = p.s + 1; k = k + 2; lease = true
   end
-  if p.reserve and spent == 0 and usd > 0 then
-    f[k + 1] = rf; f[k + 2] = p.r + usd; k = k + 2; lease = true
+  if p.reserve and spent == 0 and win > 0 then
+    local room = math.huge
+    local used = p.rall + usd
+    if p.daily > 0 then room = min(room, p.daily / 64, (p.daily / 2 - p.d - used) / 8) end
+    if p.monthly > 0 then room = min(room, p.monthly / 64, (p.monthly / 2 - p.m - used) / 8) end
+    if room > 0 and room < math.huge then cu = room end
   end
+  if p.reserve and spent == 0 and usd + cu > 0 then
+    f[k + 1] = rf; f[k + 2] = p.r + usd + cu; k = k + 2; lease = true
+  end
+  out[#out + 1] = tostring(cr)
+  out[#out + 1] = tostring(ct)
+  out[#out + 1] = string.format('%.17g', cu)
   -- The lease's expiry, unless it is far enough ahead for the renewal to come first.
   if lease and (not p.x or tonumber(p.x) < now + ttl * 2 / 3) then
     f[k + 1] = xf; f[k + 2] = now + ttl; k = k + 2
@@ -194,7 +233,7 @@ for i = 1, n do
     redis.call('HSET', key, unpack(f))
   end
 end
-return {'0', tostring(spent)}
+return out
 ";
 
 /// Settlement; see the module docs.
@@ -310,9 +349,37 @@ redis.call('HSET', KEYS[1], 'e', tonumber(t[1]) * 1000 + 3024000000)
 redis.call('PEXPIRE', KEYS[1], 3024000000)
 return {tostring(d), tostring(m)}
 ";
-/// The Redis hash of one subject (see the module docs).
+/// Credit given back ([`credit`](super::credit)): KEYS are subject hashes; ARGV[1] the
+/// replica id, then 5 per subject: rpm, tpm, requests, tokens, USD. Requests and tokens go
+/// back into the buckets (capped at the limit: the same as adding them to the level
+/// refilled until now, since the refill is capped when read), the USD out of the replica's
+/// reservations.
+pub const RELEASE: &str = r"
+local rf = 'r:' .. ARGV[1]
+for i = 1, #KEYS do
+  local a = 2 + (i - 1) * 5
+  local rpm, tpm = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  local req, tok, usd = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+  local h = redis.call('HMGET', KEYS[i], 'rt', 'tt', rf)
+  local f, k = {}, 0
+  if req > 0 and h[1] then f[1] = 'rt'; f[2] = math.min(rpm, tonumber(h[1]) + req); k = 2 end
+  if tok > 0 and h[2] then f[k + 1] = 'tt'; f[k + 2] = math.min(tpm, tonumber(h[2]) + tok); k = k + 2 end
+  if usd > 0 and h[3] then
+    local r = tonumber(h[3]) - usd
+    if r < 1e-12 then r = 0 end
+    f[k + 1] = rf; f[k + 2] = r; k = k + 2
+  end
+  if k > 0 then redis.call('HSET', KEYS[i], unpack(f)) end
+end
+return #KEYS
+";
+
+/// The Redis hash of one subject (see the module docs), and this replica's credit there.
 #[derive(Debug)]
-pub struct Keys(String);
+pub struct Keys {
+    name: String,
+    credit: credit::Cell,
+}
 
 /// A call admitted by Redis (what it holds follows from its settlement: a stream slot when
 /// it is a stream, a reservation when it reserved).
@@ -327,6 +394,22 @@ struct Job {
     now_ms: i64,
 }
 
+/// Credit going back to Redis.
+#[derive(Debug)]
+struct Release {
+    key: String,
+    rpm: f64,
+    tpm: f64,
+    left: Left,
+}
+
+/// What the background worker does.
+#[derive(Debug)]
+enum Work {
+    Settle(Job),
+    Release(Release),
+}
+
 /// Settlements kept while Redis is unreachable.
 const MAX_PENDING: usize = 10_000;
 
@@ -337,11 +420,14 @@ pub struct Remote {
     settle: Script,
     renew: Script,
     seed: Script,
+    release: Script,
+    /// Per subject hash: this replica's credit there (see [`credit`](super::credit)).
+    credits: Mutex<HashMap<String, credit::Cell>>,
     /// Per subject hash: how many of this replica's calls hold a lease there (renewed while
     /// above zero).
     live: Mutex<HashMap<String, u64>>,
-    jobs: mpsc::UnboundedSender<Job>,
-    receiver: Mutex<Option<mpsc::UnboundedReceiver<Job>>>,
+    jobs: mpsc::UnboundedSender<Work>,
+    receiver: Mutex<Option<mpsc::UnboundedReceiver<Work>>>,
 }
 
 impl std::fmt::Debug for Remote {
@@ -355,6 +441,142 @@ impl std::fmt::Debug for Remote {
 fn parse_f64(v: Option<&String>) -> Result<f64, SharedError> {
     v.and_then(|s| s.parse().ok())
         .ok_or_else(|| SharedError::Reply(format!("expected a number, got {v:?}")))
+}
+
+/// The admission of `ask` (see [`ADMIT`]), asking for a block of credit when `window` is
+/// not zero.
+fn invocation<'a>(
+    script: &'a Script,
+    ask: &Ask,
+    replica: &str,
+    ttl_ms: u64,
+    window: Duration,
+    now_ms: i64,
+) -> redis::ScriptInvocation<'a> {
+    let (day, month) = periods(now_ms);
+    let check = match ask.budget {
+        BudgetCheck::Skip => 0,
+        BudgetCheck::Reserve => 1,
+        BudgetCheck::FallbackWhenSpent => 2,
+    };
+    let mut inv = script.prepare_invoke();
+    inv.arg(ask.subjects.0.len())
+        .arg(ask.estimated_tokens)
+        .arg(u8::from(ask.stream))
+        .arg(ask.estimated_usd)
+        .arg(check)
+        .arg(replica)
+        .arg(ttl_ms)
+        .arg(day)
+        .arg(month)
+        .arg(u64::try_from(window.as_millis()).unwrap_or(u64::MAX));
+    for s in ask.subjects.iter() {
+        if let Some(keys) = &s.keys {
+            inv.key(&keys.name);
+        }
+        let l = &s.limits;
+        inv.arg(l.requests_per_minute)
+            .arg(l.tokens_per_minute)
+            .arg(l.max_concurrent_streams)
+            .arg(l.daily_budget_usd)
+            .arg(l.monthly_budget_usd);
+    }
+    inv
+}
+
+/// An admission that asks for a block of credit, run in a task of its own.
+struct Grant {
+    shared: Arc<Shared>,
+    script: Script,
+    ask: Ask,
+    replica: String,
+    ttl_ms: u64,
+    window: Duration,
+    now_ms: i64,
+    /// Not for a call: what the admission takes for the call becomes credit too.
+    topup: bool,
+}
+
+impl Grant {
+    /// The round trip; the credit it brings is added to the subjects' cells, and the cells
+    /// are free for the next grant whatever happens.
+    async fn run(self) -> Result<Vec<String>, SharedError> {
+        struct Clear<'a>(&'a Ask);
+        impl Drop for Clear<'_> {
+            fn drop(&mut self) {
+                for keys in self.0.subjects.iter().filter_map(|s| s.keys.as_ref()) {
+                    credit::lock(&keys.credit).granting = false;
+                }
+            }
+        }
+        let _clear = Clear(&self.ask);
+        let inv = invocation(
+            &self.script,
+            &self.ask,
+            &self.replica,
+            self.ttl_ms,
+            self.window,
+            self.now_ms,
+        );
+        let reply: Vec<String> = self
+            .shared
+            .run("admit", |mut conn| async move {
+                Ok(inv.invoke_async(&mut conn).await?)
+            })
+            .await?;
+        if reply.first().is_some_and(|c| c == "0") {
+            let spent = reply.get(1).is_some_and(|s| s == "1");
+            let until = Instant::now() + self.window;
+            for (i, s) in self.ask.subjects.iter().enumerate() {
+                let Some(keys) = &s.keys else { continue };
+                let at = |j: usize| {
+                    reply
+                        .get(2 + 3 * i + j)
+                        .and_then(|v| v.parse::<f64>().ok())
+                        .filter(|v| v.is_finite() && *v > 0.0)
+                        .unwrap_or(0.0)
+                };
+                let (mut requests, mut tokens, mut usd) = (at(0), at(1), at(2));
+                let l = &s.limits;
+                let budget = l.daily_budget_usd > 0.0 || l.monthly_budget_usd > 0.0;
+                let block = Left {
+                    requests,
+                    tokens,
+                    usd,
+                };
+                if self.topup {
+                    // The admission took the call's share as it would for a call: one
+                    // request, the estimated tokens, and (reserved) the estimated USD.
+                    if l.requests_per_minute > 0 {
+                        requests += 1.0;
+                    }
+                    if l.tokens_per_minute > 0 {
+                        tokens += self.ask.estimated_tokens as f64;
+                    }
+                    if budget && self.ask.budget != BudgetCheck::Skip && !spent {
+                        usd += self.ask.estimated_usd.max(0.0);
+                    }
+                }
+                let mut c = credit::lock(&keys.credit);
+                c.rpm = f64::from(l.requests_per_minute);
+                c.tpm = l.tokens_per_minute as f64;
+                c.requests += requests;
+                c.tokens += tokens;
+                c.usd += usd;
+                if budget && self.ask.budget != BudgetCheck::Skip && !spent {
+                    // Checked just now: below half (a block), or not (none: every call with
+                    // a budget check asks Redis until the next block).
+                    c.budget_ok = block.usd > 0.0;
+                }
+                if requests > 0.0 || tokens > 0.0 || usd > 0.0 {
+                    c.until = Some(until);
+                    c.block = block;
+                    c.window = self.window;
+                }
+            }
+        }
+        Ok(reply)
+    }
 }
 
 /// Which of a call's subjects it holds a lease of: a stream slot, a reservation.
@@ -376,6 +598,8 @@ impl Remote {
             settle: Script::new(SETTLE),
             renew: Script::new(RENEW),
             seed: Script::new(SEED),
+            release: Script::new(RELEASE),
+            credits: Mutex::new(HashMap::new()),
             live: Mutex::new(HashMap::new()),
             jobs,
             receiver: Mutex::new(Some(receiver)),
@@ -388,7 +612,13 @@ impl Remote {
         let settings = self.shared.settings();
         let load = async {
             let mut conn = self.shared.connection();
-            for script in [&self.admit, &self.settle, &self.renew, &self.seed] {
+            for script in [
+                &self.admit,
+                &self.settle,
+                &self.renew,
+                &self.seed,
+                &self.release,
+            ] {
                 script.load_async(&mut conn).await?;
             }
             Ok::<_, SharedError>(())
@@ -412,9 +642,18 @@ impl Remote {
         self.shared.settings().mode
     }
 
-    /// The hash of `subject`.
+    /// The hash of `subject`, with this replica's credit there (the same cell for every
+    /// `Keys` of one subject, so a reload of the keys keeps it).
     pub fn keys(&self, subject: &str) -> Keys {
-        Keys(self.shared.key(&format!("{subject}:limits")))
+        let name = self.shared.key(&format!("{subject}:limits"));
+        let credit = self.credits().entry(name.clone()).or_default().clone();
+        Keys { name, credit }
+    }
+
+    fn credits(&self) -> std::sync::MutexGuard<'_, HashMap<String, credit::Cell>> {
+        self.credits
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn ttl_ms(&self) -> u64 {
@@ -427,45 +666,63 @@ impl Remote {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// One round trip: admitted (with the lease to settle), refused, or Redis failed.
+    /// The credit window (zero: no credit).
+    fn window(&self) -> Duration {
+        self.shared.settings().credit_window
+    }
+
+    /// Admitted out of this replica's credit ([`credit`](super::credit)), or one round trip:
+    /// admitted (with the lease to settle), refused, or Redis failed.
     pub(super) async fn admit(
         &self,
         ask: &Ask,
     ) -> Result<Result<(Decision, Lease), Refusal>, SharedError> {
-        let now_ms = super::unix_now_ms();
-        let (day, month) = periods(now_ms);
-        let check = match ask.budget {
-            BudgetCheck::Skip => 0,
-            BudgetCheck::Reserve => 1,
-            BudgetCheck::FallbackWhenSpent => 2,
-        };
-        let mut inv = self.admit.prepare_invoke();
-        inv.arg(ask.subjects.0.len())
-            .arg(ask.estimated_tokens)
-            .arg(u8::from(ask.stream))
-            .arg(ask.estimated_usd)
-            .arg(check)
-            .arg(self.shared.replica_id())
-            .arg(self.ttl_ms())
-            .arg(day)
-            .arg(month);
-        for s in ask.subjects.iter() {
-            if let Some(keys) = &s.keys {
-                inv.key(&keys.0);
+        let window = self.window();
+        let now = Instant::now();
+        if let Some(low) = (!window.is_zero())
+            .then(|| credit::take(ask, |s| s.keys.as_ref().map(|k| &k.credit), now))
+            .flatten()
+        {
+            if low && self.claim_grant(ask, now) {
+                // A new block before this one runs out, off the call path: an admission of
+                // the same ask whose own share becomes credit too.
+                tokio::spawn(self.grant(ask, window, true).run());
             }
-            let l = &s.limits;
-            inv.arg(l.requests_per_minute)
-                .arg(l.tokens_per_minute)
-                .arg(l.max_concurrent_streams)
-                .arg(l.daily_budget_usd)
-                .arg(l.monthly_budget_usd);
+            // The call's estimate is drawn from the reserved block: its settlement takes
+            // it out of the reservation, as for a call Redis admitted.
+            let reserved = ask.budget != BudgetCheck::Skip && ask.estimated_usd > 0.0;
+            self.count(ask.subjects.iter(), ask.stream, reserved, true);
+            return Ok(Ok((
+                Decision {
+                    budget_spent: false,
+                    reserved_usd: if reserved { ask.estimated_usd } else { 0.0 },
+                },
+                Lease(()),
+            )));
         }
-        let reply: Vec<String> = self
-            .shared
-            .run("admit", |mut conn| async move {
-                Ok(inv.invoke_async(&mut conn).await?)
-            })
-            .await?;
+        let now_ms = super::unix_now_ms();
+        let reply = if !window.is_zero() && self.claim_grant(ask, now) {
+            // Asking for a block: the round trip runs in a task of its own, so that a caller
+            // that goes away mid-call does not lose the credit Redis gave (the reservation
+            // of a lost block would stand until the lease expired).
+            tokio::spawn(self.grant(ask, window, false).run())
+                .await
+                .map_err(|e| SharedError::Reply(format!("admit: the grant task failed: {e}")))??
+        } else {
+            let inv = invocation(
+                &self.admit,
+                ask,
+                self.shared.replica_id(),
+                self.ttl_ms(),
+                Duration::ZERO,
+                now_ms,
+            );
+            self.shared
+                .run("admit", |mut conn| async move {
+                    Ok(inv.invoke_async(&mut conn).await?)
+                })
+                .await?
+        };
         let field = |i: usize| reply.get(i);
         let index = || -> Result<usize, SharedError> {
             field(1)
@@ -504,6 +761,56 @@ impl Remote {
         )))
     }
 
+    /// An admission of `ask` that asks for a block (`topup`: for credit, not for a call).
+    fn grant(&self, ask: &Ask, window: Duration, topup: bool) -> Grant {
+        Grant {
+            shared: self.shared.clone(),
+            script: self.admit.clone(),
+            ask: ask.clone(),
+            replica: self.shared.replica_id().to_owned(),
+            ttl_ms: self.ttl_ms(),
+            window,
+            now_ms: super::unix_now_ms(),
+            topup,
+        }
+    }
+
+    /// Before a round trip: sends back what expired credit of the call's subjects left, and
+    /// marks them as taking a block unless another call is taking one (true then).
+    fn claim_grant(&self, ask: &Ask, now: Instant) -> bool {
+        let mut free = true;
+        for s in ask.subjects.iter() {
+            let Some(keys) = &s.keys else { continue };
+            let mut c = credit::lock(&keys.credit);
+            if c.expired(now) {
+                let left = c.take_left();
+                self.give_back(&keys.name, &c, left);
+            }
+            free &= !c.granting;
+        }
+        if free {
+            for keys in ask.subjects.iter().filter_map(|s| s.keys.as_ref()) {
+                credit::lock(&keys.credit).granting = true;
+            }
+        }
+        free
+    }
+
+    /// Queues `left` of a subject's credit to go back to Redis.
+    fn give_back(&self, key: &str, c: &credit::Credit, left: Left) {
+        if left.is_empty() {
+            return;
+        }
+        let release = Release {
+            key: key.to_owned(),
+            rpm: c.rpm,
+            tpm: c.tpm,
+            left,
+        };
+        // Without the worker (shutdown), the reservation expires with the lease.
+        let _ = self.jobs.send(Work::Release(release));
+    }
+
     /// Counts this replica's leases of `subjects` up (admitted) or down (settled).
     fn count<'a>(
         &self,
@@ -522,11 +829,11 @@ impl Remote {
             }
             let live = live.get_or_insert_with(|| self.live());
             if up {
-                *live.entry(keys.0.clone()).or_insert(0) += 1;
-            } else if let Some(n) = live.get_mut(&keys.0) {
+                *live.entry(keys.name.clone()).or_insert(0) += 1;
+            } else if let Some(n) = live.get_mut(&keys.name) {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
-                    live.remove(&keys.0);
+                    live.remove(&keys.name);
                 }
             }
         }
@@ -543,7 +850,7 @@ impl Remote {
             );
         }
         let job = Job { lease, end, now_ms };
-        if let Err(mpsc::error::SendError(job)) = self.jobs.send(job) {
+        if let Err(mpsc::error::SendError(Work::Settle(job))) = self.jobs.send(Work::Settle(job)) {
             // The worker is gone (shutdown): this replica's view keeps the cost.
             if job.lease.is_some() {
                 mirror(local, &job, None);
@@ -569,7 +876,7 @@ impl Remote {
             .arg(job.now_ms);
         for s in end.subjects.iter() {
             if let Some(keys) = &s.keys {
-                inv.key(&keys.0);
+                inv.key(&keys.name);
             }
             let (slot, resv) = leased(s, end.stream && held, held && end.reserved_usd > 0.0);
             let l = &s.limits;
@@ -587,8 +894,9 @@ impl Remote {
             .await
     }
 
-    /// Settles queued calls until `stop` (then drains the queue once); a settlement Redis
-    /// could not take is kept and retried once Redis answers again.
+    /// Settles queued calls and gives back expired credit until `stop` (then drains the
+    /// queue once and gives back all credit); work Redis could not take is kept and retried
+    /// once Redis answers again.
     pub(super) async fn settle_worker(&self, local: &Local, stop: CancellationToken) {
         let Some(mut rx) = self
             .receiver
@@ -598,15 +906,16 @@ impl Remote {
         else {
             return;
         };
-        let mut pending: VecDeque<Job> = VecDeque::new();
+        let mut pending: VecDeque<Work> = VecDeque::new();
         let mut retry = tokio::time::interval(Duration::from_millis(250));
         loop {
-            let job = tokio::select! {
-                job = rx.recv() => job,
+            let work = tokio::select! {
+                work = rx.recv() => work,
                 _ = retry.tick() => {
-                    while !self.shared.is_degraded() && let Some(job) = pending.pop_front() {
-                        if self.try_settle(&job, local).await.is_err() {
-                            pending.push_front(job);
+                    self.sweep(Some(Instant::now()));
+                    while !self.shared.is_degraded() && let Some(work) = pending.pop_front() {
+                        if self.try_work(&work, local).await.is_err() {
+                            pending.push_front(work);
                             break;
                         }
                     }
@@ -614,32 +923,81 @@ impl Remote {
                 }
                 () = stop.cancelled() => None,
             };
-            let Some(job) = job else { break };
-            if self.shared.is_degraded() || self.try_settle(&job, local).await.is_err() {
+            let Some(work) = work else { break };
+            if self.shared.is_degraded() || self.try_work(&work, local).await.is_err() {
                 // Redis did not take it: this replica counts the cost now (a call admitted
                 // here already did), Redis later.
-                if job.lease.is_some() {
-                    mirror(local, &job, None);
+                if let Work::Settle(job) = &work
+                    && job.lease.is_some()
+                {
+                    mirror(local, job, None);
                 }
                 if pending.len() >= MAX_PENDING {
                     pending.pop_front();
                     metrics::counter!(crate::telemetry::names::SHARED_STATE_ERRORS, "op" => "settle_dropped").increment(1);
                 }
-                pending.push_back(job);
+                pending.push_back(work);
             }
         }
+        self.sweep(None);
         rx.close();
-        while let Ok(job) = rx.try_recv() {
-            if self.try_settle(&job, local).await.is_err() && job.lease.is_some() {
-                mirror(local, &job, None);
+        while let Ok(work) = rx.try_recv() {
+            if self.try_work(&work, local).await.is_err()
+                && let Work::Settle(job) = &work
+                && job.lease.is_some()
+            {
+                mirror(local, job, None);
             }
         }
     }
 
-    async fn try_settle(&self, job: &Job, local: &Local) -> Result<(), SharedError> {
-        let totals = self.run_settle(job).await?;
-        mirror(local, job, Some(&totals));
-        Ok(())
+    /// Gives back the credit that expired by `now` (`None`: all of it), and forgets the
+    /// cells of subjects no key has any more.
+    fn sweep(&self, now: Option<Instant>) {
+        let mut back = Vec::new();
+        self.credits().retain(|key, cell| {
+            let mut c = credit::lock(cell);
+            if !c.granting && now.is_none_or(|now| c.expired(now)) {
+                let left = c.take_left();
+                if !left.is_empty() {
+                    back.push(Release {
+                        key: key.clone(),
+                        rpm: c.rpm,
+                        tpm: c.tpm,
+                        left,
+                    });
+                }
+            }
+            c.until.is_some() || c.granting || Arc::strong_count(cell) > 1
+        });
+        for release in back {
+            let _ = self.jobs.send(Work::Release(release));
+        }
+    }
+
+    async fn try_work(&self, work: &Work, local: &Local) -> Result<(), SharedError> {
+        match work {
+            Work::Settle(job) => {
+                let totals = self.run_settle(job).await?;
+                mirror(local, job, Some(&totals));
+                Ok(())
+            }
+            Work::Release(r) => {
+                let mut inv = self.release.key(&r.key);
+                inv.arg(self.shared.replica_id())
+                    .arg(r.rpm)
+                    .arg(r.tpm)
+                    .arg(r.left.requests)
+                    .arg(r.left.tokens)
+                    .arg(r.left.usd);
+                self.shared
+                    .run("release", |mut conn| async move {
+                        Ok(inv.invoke_async::<i64>(&mut conn).await?)
+                    })
+                    .await
+                    .map(|_| ())
+            }
+        }
     }
 
     /// Renews this replica's live leases every third of the lease TTL until `stop`.
@@ -653,7 +1011,16 @@ impl Remote {
             if self.shared.is_degraded() {
                 continue;
             }
-            let keys: Vec<String> = self.live().keys().cloned().collect();
+            // Live leases, and the blocks of credit that hold a reservation.
+            let mut keys: Vec<String> = self.live().keys().cloned().collect();
+            keys.extend(
+                self.credits()
+                    .iter()
+                    .filter(|(_, c)| credit::lock(c).usd > 0.0)
+                    .map(|(k, _)| k.clone()),
+            );
+            keys.sort_unstable();
+            keys.dedup();
             for chunk in keys.chunks(500) {
                 let mut inv = self.renew.prepare_invoke();
                 // As the admission keeps a hash without a budget: 2 minutes, or 2 TTLs.
@@ -687,7 +1054,7 @@ impl Remote {
         month_usd: f64,
     ) -> Result<(f64, f64), SharedError> {
         let (day, month) = periods(now_ms);
-        let key = self.keys(subject).0;
+        let key = self.keys(subject).name;
         let reply: Vec<String> = self
             .shared
             .run("seed", |mut conn| async move {

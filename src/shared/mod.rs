@@ -61,6 +61,10 @@ pub struct RawShared {
     pub lease_ttl: Option<String>,
     /// `shared.key_prefix`: the prefix of every Redis key and channel (default `llmgw`).
     pub key_prefix: Option<String>,
+    /// `shared.credit_window`: how long a replica may hold a block of credit taken from the
+    /// shared limits, admitting calls without a round trip (default 500ms; `0s`: none,
+    /// every call asks Redis).
+    pub credit_window: Option<String>,
 }
 
 /// The validated `[shared]` section.
@@ -78,6 +82,8 @@ pub struct SharedSettings {
     pub lease_ttl: Duration,
     /// Key and channel prefix.
     pub key_prefix: String,
+    /// How long a block of credit lives (zero: no credit).
+    pub credit_window: Duration,
 }
 
 impl Default for SharedSettings {
@@ -89,6 +95,7 @@ impl Default for SharedSettings {
             connect_timeout: Duration::from_secs(1),
             lease_ttl: Duration::from_secs(15),
             key_prefix: "llmgw".to_owned(),
+            credit_window: Duration::from_millis(500),
         }
     }
 }
@@ -102,6 +109,7 @@ impl std::fmt::Debug for SharedSettings {
             .field("connect_timeout", &self.connect_timeout)
             .field("lease_ttl", &self.lease_ttl)
             .field("key_prefix", &self.key_prefix)
+            .field("credit_window", &self.credit_window)
             .finish()
     }
 }
@@ -157,6 +165,15 @@ impl SharedSettings {
         if lease_ttl < Duration::from_millis(300) {
             issues.push("shared.lease_ttl", "must be at least 300ms");
         }
+        let credit_window = issues.duration(
+            "shared.credit_window",
+            raw.credit_window.as_deref(),
+            d.credit_window,
+        );
+        if credit_window > Duration::from_secs(60) {
+            // A block is at most one window of a rate: a minute's worth is the whole limit.
+            issues.push("shared.credit_window", "must be at most 1m (0s: no credit)");
+        }
         Self {
             redis_url,
             mode,
@@ -168,6 +185,7 @@ impl SharedSettings {
             ),
             lease_ttl,
             key_prefix,
+            credit_window,
         }
     }
 }
@@ -360,19 +378,20 @@ mod tests {
         let s = settings("").unwrap();
         assert_eq!(s, SharedSettings::default());
         let s = settings(
-            "redis_url = \"redis://127.0.0.1:6380/2\"\nmode = \"fail_closed\"\ntimeout = \"20ms\"\nlease_ttl = \"3s\"\nkey_prefix = \"gw\"",
+            "redis_url = \"redis://127.0.0.1:6380/2\"\nmode = \"fail_closed\"\ntimeout = \"20ms\"\nlease_ttl = \"3s\"\nkey_prefix = \"gw\"\ncredit_window = \"0s\"",
         )
         .unwrap();
         assert_eq!(s.mode, FailMode::FailClosed);
         assert_eq!(s.timeout, Duration::from_millis(20));
         assert_eq!(s.lease_ttl, Duration::from_secs(3));
         assert_eq!(s.key_prefix, "gw");
+        assert_eq!(s.credit_window, Duration::ZERO);
     }
 
     #[test]
     fn bad_fields_are_named() {
         let errors = settings(
-            "redis_url = \"http://x\"\nmode = \"open\"\nlease_ttl = \"10ms\"\nkey_prefix = \"a b\"",
+            "redis_url = \"http://x\"\nmode = \"open\"\nlease_ttl = \"10ms\"\nkey_prefix = \"a b\"\ncredit_window = \"2m\"",
         )
         .unwrap_err();
         for field in [
@@ -380,6 +399,7 @@ mod tests {
             "shared.mode",
             "shared.lease_ttl",
             "shared.key_prefix",
+            "shared.credit_window",
         ] {
             assert!(errors.iter().any(|e| e.starts_with(field)), "{errors:?}");
         }

@@ -5,7 +5,10 @@
 //! the Redis commands the scripts run per call,
 //! and the Redis round trips per call (counted with `INFO commandstats`, asserted: one
 //! admission and one settlement script call per call, nothing else). Results go to
-//! BENCHMARKS.md by hand; this never asserts a time.
+//! BENCHMARKS.md by hand; this never asserts a time. That first part runs with
+//! `shared.credit_window = 0s` (every admission asks Redis); the same patterns then run
+//! with credit (the default window), where most calls are admitted out of the replica's
+//! block and the scripts per call are counted.
 //!
 //! The same run measures the floor: a bare round trip (`PING`, and an `EVALSHA` of a
 //! script that returns at once) on the gateway's own connection type at concurrency 1 and
@@ -230,6 +233,8 @@ async fn bench_shared_limits_at_concurrency_64() {
         timeout: Duration::from_secs(5),
         // No renewal inside the run: only admissions and settlements reach Redis.
         lease_ttl: Duration::from_secs(600),
+        // First without credit: every call asks Redis (the credit run comes after).
+        credit_window: Duration::ZERO,
         ..SharedSettings::default()
     };
     let connection = Shared::connect(&settings).unwrap().unwrap();
@@ -298,6 +303,60 @@ async fn bench_shared_limits_at_concurrency_64() {
     settled(before_st, calls).await;
     l2.sort();
     s2.sort();
+    // With credit (the default window), the same three patterns: most calls are admitted
+    // out of this replica's block, and only their settlement goes to Redis.
+    let credited = Limits::with_shared(Some(
+        Shared::connect(&SharedSettings {
+            credit_window: SharedSettings::default().credit_window,
+            ..settings.clone()
+        })
+        .unwrap()
+        .unwrap(),
+    ));
+    credited.prepare().await;
+    credited.background(&tracker, &stop);
+    let quiet = || async {
+        let mut last = evalsha();
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = evalsha();
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        last
+    };
+    run(&credited).await;
+    let mut credit = Vec::new();
+    for (c, n, stagger) in [
+        (CONCURRENCY, PER_TASK, false),
+        (1, PER_TASK * 2, false),
+        (CONCURRENCY, PER_TASK, true),
+    ] {
+        let before = quiet().await;
+        let (local_lat, _, _) = run_at(&local, c, n, stagger).await;
+        let (mut lat, wall, cpu) = run_at(&credited, c, n, stagger).await;
+        let scripts = quiet().await - before;
+        let calls = (c * n) as u64;
+        let mut local_lat = local_lat;
+        local_lat.sort();
+        lat.sort();
+        credit.push(format!(
+            "  concurrency {c}{}: p50 {:?} p99 {:?} (local p50 {:?} p99 {:?}); added p50 {:?} p99 {:?}; {:.0} calls/s, cpu {:.1} us/call; scripts per call {:.3} (1 settlement + {:.4} admissions and give-backs)",
+            if stagger { " staggered" } else { "" },
+            pct(&lat, 50.0),
+            pct(&lat, 99.0),
+            pct(&local_lat, 50.0),
+            pct(&local_lat, 99.0),
+            pct(&lat, 50.0).saturating_sub(pct(&local_lat, 50.0)),
+            pct(&lat, 99.0).saturating_sub(pct(&local_lat, 99.0)),
+            calls as f64 / wall.as_secs_f64(),
+            cpu.as_secs_f64() * 1e6 / calls as f64,
+            scripts as f64 / calls as f64,
+            scripts.saturating_sub(calls) as f64 / calls as f64,
+        ));
+    }
     // The floor, last (its EVALSHAs would disturb the counts above): a bare round trip on
     // the same connection type, at concurrency 1 and 64, in the same pattern.
     let floor_usec_before = evalsha_usec(&redis);
@@ -388,6 +447,11 @@ async fn bench_shared_limits_at_concurrency_64() {
             pct(&s2, 99.0).saturating_sub(pct(&l2, 99.0)),
         );
         eprintln!("{floor_report}");
+        eprintln!(
+            "with credit (shared.credit_window {:?}):\n{}",
+            SharedSettings::default().credit_window,
+            credit.join("\n")
+        );
     }
     stop.cancel();
     tracker.close();

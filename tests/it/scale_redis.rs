@@ -737,3 +737,155 @@ async fn unused_tokens_given_back_at_settlement_admit_more_calls_on_redis() {
     tracker.close();
     tracker.wait().await;
 }
+
+/// Limits on `redis` with a credit window, their background tasks running.
+async fn credit_limits(
+    redis: &RedisServer,
+    window: Duration,
+) -> (
+    std::sync::Arc<llm_gateway::limits::Limits>,
+    String,
+    tokio_util::task::TaskTracker,
+    tokio_util::sync::CancellationToken,
+) {
+    let settings = llm_gateway::shared::SharedSettings {
+        redis_url: Some(redis.url()),
+        timeout: Duration::from_secs(5),
+        credit_window: window,
+        ..Default::default()
+    };
+    let shared = llm_gateway::shared::Shared::connect(&settings)
+        .unwrap()
+        .unwrap();
+    let replica = shared.replica_id().to_owned();
+    let limits = llm_gateway::limits::Limits::with_shared(Some(shared));
+    limits.prepare().await;
+    let tracker = tokio_util::task::TaskTracker::new();
+    let stop = tokio_util::sync::CancellationToken::new();
+    limits.background(&tracker, &stop);
+    (limits, replica, tracker, stop)
+}
+
+fn limited(
+    subject: &str,
+    rpm: u32,
+    daily_budget_usd: f64,
+) -> Vec<llm_gateway::limits::SubjectLimits> {
+    vec![llm_gateway::limits::SubjectLimits {
+        subject: subject.into(),
+        requests_per_minute: rpm,
+        tokens_per_minute: 0,
+        max_concurrent_streams: 0,
+        daily_budget_usd,
+        monthly_budget_usd: 0.0,
+    }]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credit_admits_a_busy_keys_calls_without_a_round_trip_and_gives_back_what_is_left() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let (limits, replica, tracker, stop) = credit_limits(&redis, Duration::from_millis(300)).await;
+    let subjects = limits.subjects(limited("key:credit", 120_000, 10.0));
+    let ask = || llm_gateway::limits::Ask {
+        subjects: subjects.clone(),
+        estimated_tokens: 10,
+        stream: false,
+        estimated_usd: 0.001,
+        budget: llm_gateway::limits::BudgetCheck::Reserve,
+    };
+    let field = |name: &str| -> f64 {
+        redis
+            .hash("llmgw:key:credit:limits")
+            .get(name)
+            .map_or(0.0, |v| v.parse().unwrap())
+    };
+    let mut first = limits.admit(ask(), now_ms()).await.unwrap();
+    // The first call took itself and a block: 600 requests (a 300 ms window of 2,000 a
+    // second), and $10 / 64 reserved beside its own $0.001.
+    let (rt, ra) = (field("rt"), field("ra"));
+    assert_eq!(rt, 120_000.0 - 1.0 - 600.0);
+    let block = 10.0 / 64.0;
+    let reserved = format!("r:{replica}");
+    assert!((field(&reserved) - (0.001 + block)).abs() < 1e-9);
+    first.settle(Some(10), Some(0.001), now_ms());
+    let calls = redis.command_calls().get("evalsha").copied().unwrap_or(0);
+    // The next 99 come out of the block: the bucket is not touched.
+    for _ in 0..99 {
+        let mut permit = limits.admit(ask(), now_ms()).await.unwrap();
+        permit.settle(Some(10), Some(0.001), now_ms());
+    }
+    eventually("the settlements landed", || (field("d") - 0.1).abs() < 1e-9).await;
+    assert_eq!(
+        (field("rt"), field("ra")),
+        (rt, ra),
+        "no admission reached redis"
+    );
+    let scripts = redis.command_calls().get("evalsha").copied().unwrap_or(0) - calls;
+    assert!(
+        (99..=101).contains(&scripts),
+        "{scripts} scripts for 99 settlements (plus at most a give-back)"
+    );
+    // What the calls drew is out of the reservation; what is left of the block goes back
+    // once the window ends: the requests to the bucket, the reservation to zero.
+    eventually("the block went back", || field(&reserved) == 0.0).await;
+    assert_eq!(field("rt"), rt + 600.0 - 99.0);
+    assert!((field("d") - 0.1).abs() < 1e-9);
+    stop.cancel();
+    tracker.close();
+    tracker.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credit_on_two_replicas_admits_the_limit_and_not_one_call_more() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    // A long window: no block expires during the test, so no credit is stranded.
+    let (a, _, ta, sa) = credit_limits(&redis, Duration::from_secs(10)).await;
+    let (b, _, tb, sb) = credit_limits(&redis, Duration::from_secs(10)).await;
+    let subjects = [
+        a.subjects(limited("key:exact", 1_200, 0.0)),
+        b.subjects(limited("key:exact", 1_200, 0.0)),
+    ];
+    let started = std::time::Instant::now();
+    let (mut admitted, mut permits) = (0u64, Vec::new());
+    loop {
+        let mut refused = 0;
+        for (limits, subjects) in [&a, &b].into_iter().zip(&subjects) {
+            let ask = llm_gateway::limits::Ask {
+                subjects: subjects.clone(),
+                estimated_tokens: 10,
+                stream: false,
+                estimated_usd: 0.0,
+                budget: llm_gateway::limits::BudgetCheck::Reserve,
+            };
+            match limits.admit(ask, now_ms()).await {
+                Ok(permit) => {
+                    admitted += 1;
+                    permits.push(permit);
+                }
+                Err(e) => {
+                    assert_eq!(reason(&e.into_status()), "RATE_LIMIT_REQUESTS");
+                    refused += 1;
+                }
+            }
+        }
+        if refused == 2 {
+            break;
+        }
+    }
+    // 1,200 a minute is 20 a second of refill while the test ran.
+    let refill = (started.elapsed().as_secs_f64() * 20.0).ceil() as u64;
+    assert!(
+        (1_200..=1_200 + refill + 1).contains(&admitted),
+        "admitted {admitted} of a 1,200 rpm limit on two replicas with credit (refill {refill})"
+    );
+    drop(permits);
+    for (stop, tracker) in [(sa, ta), (sb, tb)] {
+        stop.cancel();
+        tracker.close();
+        tracker.wait().await;
+    }
+}
