@@ -165,7 +165,7 @@ impl SharedSettings {
         if lease_ttl < Duration::from_millis(300) {
             issues.push("shared.lease_ttl", "must be at least 300ms");
         }
-        let credit_window = issues.duration(
+        let credit_window = issues.duration_or_zero(
             "shared.credit_window",
             raw.credit_window.as_deref(),
             d.credit_window,
