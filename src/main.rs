@@ -3,6 +3,12 @@
 
 use std::{path::PathBuf, process::ExitCode, sync::Arc};
 
+/// mimalloc instead of glibc's malloc: per-thread free lists without arena locks, and memory
+/// that goes back to the OS, for a server that allocates and frees per call on every core
+/// (measured in BENCHMARKS.md, issue 16).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::Parser;
 use llm_gateway::{
     config::{Config, Overrides},
@@ -47,6 +53,11 @@ struct Args {
     reason = "the binary reports config problems and summaries to the terminal"
 )]
 fn main() -> ExitCode {
+    // No transparent huge pages for this process: with the kernel's THP set to `always`, the
+    // allocator's arenas are backed by 2 MiB pages, which doubled idle RSS (20 -> 37 MiB)
+    // for no measured speed-up (BENCHMARKS.md, issue 16). Best effort: an old kernel says no.
+    #[cfg(target_os = "linux")]
+    let _ = rustix::thread::disable_transparent_huge_pages(true);
     let args = Args::parse();
     let overrides = Overrides {
         listen: args.listen,
