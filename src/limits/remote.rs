@@ -413,6 +413,9 @@ enum Work {
 /// Settlements kept while Redis is unreachable.
 const MAX_PENDING: usize = 10_000;
 
+/// Most settlements (and give-backs) sent in one round trip.
+const PIPELINE: usize = 64;
+
 /// The Redis backend.
 pub struct Remote {
     shared: Arc<Shared>,
@@ -858,7 +861,8 @@ impl Remote {
         }
     }
 
-    async fn run_settle(&self, job: &Job) -> Result<Vec<String>, SharedError> {
+    /// The settlement script call of `job`.
+    fn settle_invocation(&self, job: &Job) -> redis::ScriptInvocation<'_> {
         let end = &job.end;
         let (day, month) = periods(job.now_ms);
         let give = end
@@ -887,11 +891,84 @@ impl Remote {
                     l.daily_budget_usd > 0.0 || l.monthly_budget_usd > 0.0,
                 ));
         }
-        self.shared
+        inv
+    }
+
+    /// The give-back script call of `r`.
+    fn release_invocation(&self, r: &Release) -> redis::ScriptInvocation<'_> {
+        let mut inv = self.release.key(&r.key);
+        inv.arg(self.shared.replica_id())
+            .arg(r.rpm)
+            .arg(r.tpm)
+            .arg(r.left.requests)
+            .arg(r.left.tokens)
+            .arg(r.left.usd);
+        inv
+    }
+
+    fn invocation_of(&self, work: &Work) -> redis::ScriptInvocation<'_> {
+        match work {
+            Work::Settle(job) => self.settle_invocation(job),
+            Work::Release(r) => self.release_invocation(r),
+        }
+    }
+
+    /// Sends `batch` in one round trip (a pipeline of script calls); returns the work Redis
+    /// did not take. A script Redis does not know (it restarted) fails alone and is retried
+    /// on its own, which loads it.
+    async fn try_batch(&self, batch: Vec<Work>, local: &Local) -> Vec<Work> {
+        if batch.len() == 1 {
+            return match self.try_work(&batch[0], local).await {
+                Ok(()) => Vec::new(),
+                Err(_) => batch,
+            };
+        }
+        let invocations: Vec<_> = batch.iter().map(|w| self.invocation_of(w)).collect();
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for inv in &invocations {
+            pipe.invoke_script(inv);
+        }
+        let replies: Result<Vec<redis::RedisResult<redis::Value>>, SharedError> = self
+            .shared
             .run("settle", |mut conn| async move {
-                Ok(inv.invoke_async(&mut conn).await?)
+                Ok(pipe.query_async(&mut conn).await?)
             })
-            .await
+            .await;
+        drop(invocations);
+        let Ok(replies) = replies else {
+            return batch;
+        };
+        let mut failed = Vec::new();
+        let mut replies = replies.into_iter();
+        for work in batch {
+            match replies.next() {
+                Some(Ok(value)) => {
+                    if let Work::Settle(job) = &work {
+                        match redis::from_redis_value::<Vec<String>>(value) {
+                            Ok(totals) => mirror(local, job, Some(&totals)),
+                            Err(_) => mirror(local, job, None),
+                        }
+                    }
+                }
+                Some(Err(e))
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    // Not run: once more on its own (which loads the script).
+                    if self.try_work(&work, local).await.is_err() {
+                        failed.push(work);
+                    }
+                }
+                // Run and failed (a bug or a foreign value under our keys): not retried, so
+                // that nothing is charged twice.
+                Some(Err(e)) => {
+                    let err = SharedError::Reply(format!("a settlement script failed: {e}"));
+                    self.shared.failed("settle", &err);
+                }
+                None => failed.push(work),
+            }
+        }
+        failed
     }
 
     /// Settles queued calls and gives back expired credit until `stop` (then drains the
@@ -924,7 +1001,19 @@ impl Remote {
                 () = stop.cancelled() => None,
             };
             let Some(work) = work else { break };
-            if self.shared.is_degraded() || self.try_work(&work, local).await.is_err() {
+            // What queued meanwhile goes along, in one round trip.
+            let mut batch = vec![work];
+            while batch.len() < PIPELINE
+                && let Ok(work) = rx.try_recv()
+            {
+                batch.push(work);
+            }
+            let failed = if self.shared.is_degraded() {
+                batch
+            } else {
+                self.try_batch(batch, local).await
+            };
+            for work in failed {
                 // Redis did not take it: this replica counts the cost now (a call admitted
                 // here already did), Redis later.
                 if let Work::Settle(job) = &work
@@ -978,18 +1067,18 @@ impl Remote {
     async fn try_work(&self, work: &Work, local: &Local) -> Result<(), SharedError> {
         match work {
             Work::Settle(job) => {
-                let totals = self.run_settle(job).await?;
+                let inv = self.settle_invocation(job);
+                let totals: Vec<String> = self
+                    .shared
+                    .run("settle", |mut conn| async move {
+                        Ok(inv.invoke_async(&mut conn).await?)
+                    })
+                    .await?;
                 mirror(local, job, Some(&totals));
                 Ok(())
             }
             Work::Release(r) => {
-                let mut inv = self.release.key(&r.key);
-                inv.arg(self.shared.replica_id())
-                    .arg(r.rpm)
-                    .arg(r.tpm)
-                    .arg(r.left.requests)
-                    .arg(r.left.tokens)
-                    .arg(r.left.usd);
+                let inv = self.release_invocation(r);
                 self.shared
                     .run("release", |mut conn| async move {
                         Ok(inv.invoke_async::<i64>(&mut conn).await?)

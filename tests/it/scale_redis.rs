@@ -889,3 +889,41 @@ async fn credit_on_two_replicas_admits_the_limit_and_not_one_call_more() {
         tracker.wait().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settlements_sent_together_land_exactly_once_even_after_redis_forgot_the_scripts() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let (limits, _, tracker, stop) = credit_limits(&redis, Duration::from_secs(10)).await;
+    let subjects = limits.subjects(limited("key:batch", 120_000, 10.0));
+    let mut permits = Vec::new();
+    for _ in 0..50 {
+        let ask = llm_gateway::limits::Ask {
+            subjects: subjects.clone(),
+            estimated_tokens: 10,
+            stream: false,
+            estimated_usd: 0.001,
+            budget: llm_gateway::limits::BudgetCheck::Reserve,
+        };
+        permits.push(limits.admit(ask, now_ms()).await.unwrap());
+    }
+    // Redis restarted without its script cache: the first pipeline's calls fail with
+    // NOSCRIPT before they run, and go again one by one.
+    assert_eq!(redis.command("SCRIPT FLUSH"), "+OK");
+    for permit in &mut permits {
+        permit.settle(Some(10), Some(0.002), now_ms());
+    }
+    let spent = || -> f64 {
+        redis
+            .hash("llmgw:key:batch:limits")
+            .get("d")
+            .map_or(0.0, |v| v.parse().unwrap())
+    };
+    eventually("every settlement landed", || (spent() - 0.1).abs() < 1e-9).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!((spent() - 0.1).abs() < 1e-9, "charged twice: {}", spent());
+    stop.cancel();
+    tracker.close();
+    tracker.wait().await;
+}
