@@ -328,6 +328,9 @@ pub mod names {
     /// Failed shared-state (Redis) operations by op: `admit`, `settle`, `renew`, `seed`,
     /// `rest`, `settle_dropped` (counter).
     pub const SHARED_STATE_ERRORS: &str = "llm_gateway_shared_state_errors_total";
+    /// Calls admitted by the shared (Redis) limits, by `via`: `credit` (out of this
+    /// replica's block, no round trip) or `redis` (a round trip) (counter).
+    pub const SHARED_LIMIT_ADMISSIONS: &str = "llm_gateway_shared_limit_admissions_total";
     /// Pacing decisions made from this replica's own limits because the shared limiter
     /// (Redis) was unreachable, by `mode` (`fail_open`: admitted locally, `fail_closed`:
     /// refused) (counter).
@@ -463,6 +466,10 @@ fn describe() {
     describe_counter!(
         names::SHARED_STATE_ERRORS,
         "Failed shared-state (redis) operations, by op."
+    );
+    describe_counter!(
+        names::SHARED_LIMIT_ADMISSIONS,
+        "Calls admitted by the shared limits, by via (credit: no round trip; redis)."
     );
     describe_counter!(
         names::PROVIDER_KEY_RESTS,

@@ -431,6 +431,9 @@ pub struct Remote {
     live: Mutex<HashMap<String, u64>>,
     jobs: mpsc::UnboundedSender<Work>,
     receiver: Mutex<Option<mpsc::UnboundedReceiver<Work>>>,
+    /// Calls admitted out of credit, and with a round trip (registered once).
+    via_credit: metrics::Counter,
+    via_redis: metrics::Counter,
 }
 
 impl std::fmt::Debug for Remote {
@@ -606,6 +609,8 @@ impl Remote {
             live: Mutex::new(HashMap::new()),
             jobs,
             receiver: Mutex::new(Some(receiver)),
+            via_credit: metrics::counter!(crate::telemetry::names::SHARED_LIMIT_ADMISSIONS, "via" => "credit"),
+            via_redis: metrics::counter!(crate::telemetry::names::SHARED_LIMIT_ADMISSIONS, "via" => "redis"),
         }
     }
 
@@ -695,6 +700,7 @@ impl Remote {
             // it out of the reservation, as for a call Redis admitted.
             let reserved = ask.budget != BudgetCheck::Skip && ask.estimated_usd > 0.0;
             self.count(ask.subjects.iter(), ask.stream, reserved, true);
+            self.via_credit.increment(1);
             return Ok(Ok((
                 Decision {
                     budget_spent: false,
@@ -755,6 +761,7 @@ impl Remote {
         let budget_spent = field(1).is_some_and(|s| s == "1");
         let reserved = !budget_spent && ask.budget != BudgetCheck::Skip && ask.estimated_usd > 0.0;
         self.count(ask.subjects.iter(), ask.stream, reserved, true);
+        self.via_redis.increment(1);
         Ok(Ok((
             Decision {
                 budget_spent,

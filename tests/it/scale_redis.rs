@@ -927,3 +927,37 @@ async fn settlements_sent_together_land_exactly_once_even_after_redis_forgot_the
     tracker.close();
     tracker.wait().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_keys_calls_are_admitted_out_of_credit_and_counted_so() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    // The recorder is process-wide (other tests count too): the deltas are at least ours.
+    let metrics = llm_gateway::telemetry::metrics_handle().expect("the metrics recorder");
+    let mut k = key("busy");
+    k.requests_per_minute = 1_000_000;
+    k.daily_budget_usd = 1000.0;
+    let c = cluster(&redis, k, "").await;
+    let via = |how: &str| {
+        metric(
+            &metrics,
+            "llm_gateway_shared_limit_admissions_total",
+            &[&format!("via=\"{how}\"")],
+        )
+    };
+    let (credit, redis_before) = (via("credit"), via("redis"));
+    let mut client = c.replicas[0].client();
+    for _ in 0..20 {
+        client.chat(authed(small(), &c.secret)).await.unwrap();
+    }
+    assert!(
+        via("redis") - redis_before >= 1.0,
+        "the first call asks redis"
+    );
+    assert!(
+        via("credit") - credit >= 15.0,
+        "most of 20 calls came out of credit: {}",
+        via("credit") - credit
+    );
+}
