@@ -961,3 +961,51 @@ async fn a_busy_keys_calls_are_admitted_out_of_credit_and_counted_so() {
         via("credit") - credit
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_replicas_block_of_credit_is_freed_when_its_lease_expires() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    // Replica A takes a block and dies at once: no renewal, no give-back (its background
+    // tasks never run, as after `kill -9`).
+    let settings = llm_gateway::shared::SharedSettings {
+        redis_url: Some(redis.url()),
+        timeout: Duration::from_secs(5),
+        lease_ttl: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let shared = llm_gateway::shared::Shared::connect(&settings)
+        .unwrap()
+        .unwrap();
+    let dead = shared.replica_id().to_owned();
+    let a = llm_gateway::limits::Limits::with_shared(Some(shared));
+    a.prepare().await;
+    let ask = |limits: &llm_gateway::limits::Limits| llm_gateway::limits::Ask {
+        subjects: limits.subjects(limited("key:dead", 120_000, 10.0)),
+        estimated_tokens: 10,
+        stream: false,
+        estimated_usd: 0.001,
+        budget: llm_gateway::limits::BudgetCheck::Reserve,
+    };
+    std::mem::forget(a.admit(ask(&a), now_ms()).await.unwrap());
+    let fields = || redis.hash("llmgw:key:dead:limits");
+    let reserved: f64 = fields()[&format!("r:{dead}")].parse().unwrap();
+    assert!(
+        (reserved - (0.001 + 10.0 / 64.0)).abs() < 1e-9,
+        "{reserved}"
+    );
+    // After the lease TTL the first admission of another replica that reads the hash
+    // deletes the dead replica's lease and reservation, block included.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let (b, _, tracker, stop) = credit_limits(&redis, Duration::from_millis(500)).await;
+    b.admit(ask(&b), now_ms()).await.unwrap();
+    let after = fields();
+    assert!(
+        !after.contains_key(&format!("r:{dead}")) && !after.contains_key(&format!("x:{dead}")),
+        "{after:?}"
+    );
+    stop.cancel();
+    tracker.close();
+    tracker.wait().await;
+}
