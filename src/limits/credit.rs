@@ -49,8 +49,6 @@ pub(super) struct Credit {
     pub tpm: f64,
     /// The last block taken (requests, tokens, USD): credit below a quarter of it is low.
     pub block: Left,
-    /// When the last block was taken for how long: credit in the last third is low.
-    pub window: std::time::Duration,
 }
 
 /// What a block gives back when it expires.
@@ -96,8 +94,9 @@ pub(super) fn lock(cell: &Cell) -> MutexGuard<'_, Credit> {
     cell.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// What a call needs of one subject's credit.
-fn needs(s: &Subject, ask: &Ask) -> (f64, f64, Option<f64>) {
+/// What a call needs of one subject's credit (what an admission takes for it): requests,
+/// tokens, and USD when the budget is checked.
+pub(super) fn needs(s: &Subject, ask: &Ask) -> (f64, f64, Option<f64>) {
     let l = &s.limits;
     let budget = l.daily_budget_usd > 0.0 || l.monthly_budget_usd > 0.0;
     (
@@ -113,12 +112,14 @@ fn needs(s: &Subject, ask: &Ask) -> (f64, f64, Option<f64>) {
 
 /// Admits `ask` out of the credit of its subjects, all or none: `Some` when admitted (the
 /// credit is taken), with whether the credit runs low (then a new block is worth taking
-/// before it runs out: under a quarter of the last block left, or a third of its window).
+/// before it runs out: under a quarter of the last block left, or the last third of the
+/// `window` the blocks are taken for).
 /// Calls that need a stream slot, or with more than two subjects (a key and its team), are
 /// never admitted here.
 pub(super) fn take<'a>(
     ask: &'a Ask,
     cell_of: impl Fn(&'a Subject) -> Option<&'a Cell>,
+    window: std::time::Duration,
     now: Instant,
 ) -> Option<bool> {
     if ask.stream
@@ -158,8 +159,7 @@ pub(super) fn take<'a>(
             low |= (requests > 0.0 && c.requests < c.block.requests / 4.0)
                 || (tokens > 0.0 && c.tokens < c.block.tokens / 4.0)
                 || (usd.is_some() && c.usd < c.block.usd / 4.0)
-                || c.until
-                    .is_some_and(|t| t.duration_since(now) < c.window / 3);
+                || c.until.is_some_and(|t| t.duration_since(now) < window / 3);
         }
     }
     Some(low)
@@ -189,6 +189,9 @@ mod tests {
         }
     }
 
+    /// The window the test blocks were taken for (the credit below lasts 100 ms, more than a third).
+    const W: Duration = Duration::from_millis(240);
+
     #[test]
     fn credit_admits_all_or_nothing_and_only_while_it_lasts() {
         let limits = Limits::default();
@@ -202,31 +205,31 @@ mod tests {
             c.budget_ok = true;
             c.until = Some(now + Duration::from_millis(100));
         }
-        assert_eq!(take(&a, |_| Some(&cell), now), Some(false));
-        assert!(take(&a, |_| Some(&cell), now).is_some());
+        assert_eq!(take(&a, |_| Some(&cell), W, now), Some(false));
+        assert!(take(&a, |_| Some(&cell), W, now).is_some());
         // The USD is gone (two of 0.25): nothing is taken, not even the request.
-        assert!(take(&a, |_| Some(&cell), now).is_none());
+        assert!(take(&a, |_| Some(&cell), W, now).is_none());
         assert_eq!(lock(&cell).requests, 1.0);
         // A call routed past its budget does not need USD.
-        assert!(take(&ask(&limits, BudgetCheck::Skip), |_| Some(&cell), now).is_some());
+        assert!(take(&ask(&limits, BudgetCheck::Skip), |_| Some(&cell), W, now).is_some());
         // Expired credit admits nothing; a stream that needs a slot never uses credit.
         lock(&cell).requests = 5.0;
         let skip = ask(&limits, BudgetCheck::Skip);
-        assert!(take(&skip, |_| Some(&cell), now + Duration::from_millis(100)).is_none());
+        assert!(take(&skip, |_| Some(&cell), W, now + Duration::from_millis(100)).is_none());
         let mut stream = skip.clone();
         stream.stream = true;
-        assert!(take(&stream, |_| Some(&cell), now).is_none());
+        assert!(take(&stream, |_| Some(&cell), W, now).is_none());
         // A budget not checked below half when the block was taken admits nothing.
         lock(&cell).budget_ok = false;
         lock(&cell).usd = 1.0;
-        assert!(take(&a, |_| Some(&cell), now).is_none());
+        assert!(take(&a, |_| Some(&cell), W, now).is_none());
         // Under a quarter of the last block left: low (worth a new block before it runs out).
         {
             let mut c = lock(&cell);
             c.budget_ok = true;
             c.block.requests = 24.0;
         }
-        assert_eq!(take(&a, |_| Some(&cell), now), Some(true));
+        assert_eq!(take(&a, |_| Some(&cell), W, now), Some(true));
         assert_eq!(lock(&cell).take_left().requests, 4.0);
         assert!(lock(&cell).take_left().is_empty());
     }

@@ -542,34 +542,29 @@ impl Grant {
                         .filter(|v| v.is_finite() && *v > 0.0)
                         .unwrap_or(0.0)
                 };
-                let (mut requests, mut tokens, mut usd) = (at(0), at(1), at(2));
-                let l = &s.limits;
-                let budget = l.daily_budget_usd > 0.0 || l.monthly_budget_usd > 0.0;
                 let block = Left {
-                    requests,
-                    tokens,
-                    usd,
+                    requests: at(0),
+                    tokens: at(1),
+                    usd: at(2),
                 };
+                let (mut requests, mut tokens, mut usd) = (block.requests, block.tokens, block.usd);
+                // What the admission took for the call; the budget only when reserved.
+                let (share_requests, share_tokens, share_usd) = credit::needs(s, &self.ask);
+                let share_usd = share_usd.filter(|_| !spent);
                 if self.topup {
-                    // The admission took the call's share as it would for a call: one
-                    // request, the estimated tokens, and (reserved) the estimated USD.
-                    if l.requests_per_minute > 0 {
-                        requests += 1.0;
-                    }
-                    if l.tokens_per_minute > 0 {
-                        tokens += self.ask.estimated_tokens as f64;
-                    }
-                    if budget && self.ask.budget != BudgetCheck::Skip && !spent {
-                        usd += self.ask.estimated_usd.max(0.0);
-                    }
+                    // Not for a call: its share becomes credit too.
+                    requests += share_requests;
+                    tokens += share_tokens;
+                    usd += share_usd.unwrap_or(0.0);
                 }
+                let l = &s.limits;
                 let mut c = credit::lock(&keys.credit);
                 c.rpm = f64::from(l.requests_per_minute);
                 c.tpm = l.tokens_per_minute as f64;
                 c.requests += requests;
                 c.tokens += tokens;
                 c.usd += usd;
-                if budget && self.ask.budget != BudgetCheck::Skip && !spent {
+                if share_usd.is_some() {
                     // Checked just now: below half (a block), or not (none: every call with
                     // a budget check asks Redis until the next block).
                     c.budget_ok = block.usd > 0.0;
@@ -577,7 +572,6 @@ impl Grant {
                 if requests > 0.0 || tokens > 0.0 || usd > 0.0 {
                     c.until = Some(until);
                     c.block = block;
-                    c.window = self.window;
                 }
             }
         }
@@ -688,7 +682,7 @@ impl Remote {
         let window = self.window();
         let now = Instant::now();
         if let Some(low) = (!window.is_zero())
-            .then(|| credit::take(ask, |s| s.keys.as_ref().map(|k| &k.credit), now))
+            .then(|| credit::take(ask, |s| s.keys.as_ref().map(|k| &k.credit), window, now))
             .flatten()
         {
             if low && self.claim_grant(ask, now) {
@@ -793,8 +787,7 @@ impl Remote {
             let Some(keys) = &s.keys else { continue };
             let mut c = credit::lock(&keys.credit);
             if c.expired(now) {
-                let left = c.take_left();
-                self.give_back(&keys.name, &c, left);
+                self.give_back(&keys.name, &mut c);
             }
             free &= !c.granting;
         }
@@ -806,8 +799,9 @@ impl Remote {
         free
     }
 
-    /// Queues `left` of a subject's credit to go back to Redis.
-    fn give_back(&self, key: &str, c: &credit::Credit, left: Left) {
+    /// Empties a subject's credit and queues what was left to go back to Redis.
+    fn give_back(&self, key: &str, c: &mut credit::Credit) {
+        let left = c.take_left();
         if left.is_empty() {
             return;
         }
@@ -839,7 +833,14 @@ impl Remote {
             }
             let live = live.get_or_insert_with(|| self.live());
             if up {
-                *live.entry(keys.name.clone()).or_insert(0) += 1;
+                // Credit admits calls without a round trip: no key copy for a subject
+                // already counted.
+                match live.get_mut(&keys.name) {
+                    Some(n) => *n += 1,
+                    None => {
+                        live.insert(keys.name.clone(), 1);
+                    }
+                }
             } else if let Some(n) = live.get_mut(&keys.name) {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
@@ -1050,25 +1051,13 @@ impl Remote {
     /// Gives back the credit that expired by `now` (`None`: all of it), and forgets the
     /// cells of subjects no key has any more.
     fn sweep(&self, now: Option<Instant>) {
-        let mut back = Vec::new();
         self.credits().retain(|key, cell| {
             let mut c = credit::lock(cell);
             if !c.granting && now.is_none_or(|now| c.expired(now)) {
-                let left = c.take_left();
-                if !left.is_empty() {
-                    back.push(Release {
-                        key: key.clone(),
-                        rpm: c.rpm,
-                        tpm: c.tpm,
-                        left,
-                    });
-                }
+                self.give_back(key, &mut c);
             }
             c.until.is_some() || c.granting || Arc::strong_count(cell) > 1
         });
-        for release in back {
-            let _ = self.jobs.send(Work::Release(release));
-        }
     }
 
     async fn try_work(&self, work: &Work, local: &Local) -> Result<(), SharedError> {
